@@ -1,0 +1,1 @@
+"""verl_mega.hybrid_engine"""

@@ -1,0 +1,64 @@
+"""torch.distributed set-up: one entry point for torchrun, SLURM and a plain single process.
+
+- Under torchrun (RANK/WORLD_SIZE/MASTER_ADDR in the environment) the default group is created
+  from the environment; under `srun` without torchrun, SLURM_PROCID/SLURM_NTASKS are mapped to it.
+- A plain `python` process gets a world of size 1 over an in-memory store, so the same code
+  (which always passes explicit groups) runs unchanged.
+- Backend: NCCL when CUDA is available, gloo otherwise. Every group gets a timeout
+  (`VERL_MEGA_DIST_TIMEOUT` seconds, default 600) so a dead peer ends the job with an error
+  instead of a silent hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def default_timeout_s() -> float:
+    """Collective timeout in seconds: $VERL_MEGA_DIST_TIMEOUT or 600."""
+    return float(os.environ.get("VERL_MEGA_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+
+
+def _timeout(timeout_s: float | None) -> datetime.timedelta:
+    return datetime.timedelta(seconds=timeout_s if timeout_s is not None else default_timeout_s())
+
+
+def _from_slurm() -> None:
+    """Map SLURM task variables to torchrun's names when launched by `srun python ...`."""
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+
+
+def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> None:
+    """Initialise the default process group if it is not yet (idempotent)."""
+    if dist.is_initialized():
+        return
+    _from_slurm()
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, timeout=_timeout(timeout_s))
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=_timeout(timeout_s))
+
+
+def new_group(ranks: list[int], timeout_s: float | None = None) -> dist.ProcessGroup:
+    """A process group over `ranks` with the collective timeout (collective over the world)."""
+    return dist.new_group(ranks=list(ranks), timeout=_timeout(timeout_s))
+
+
+def device() -> torch.device:
+    """The device this rank computes on: its CUDA device under NCCL, else CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

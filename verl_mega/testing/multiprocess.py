@@ -1,0 +1,72 @@
+"""Run a function on `world_size` CPU ranks (gloo) and collect each rank's return value.
+
+Used by the distributed tests: `results = run_distributed(fn, 4, arg1, arg2)` spawns 4 processes
+with torchrun's environment variables set, calls `fn(*args)` in each (it may build a `Layout`),
+and returns the list of per-rank results (anything `torch.save` can store). An exception on any
+rank fails the call with that rank's traceback; a rank that does not finish within `timeout_s`
+fails it too (no silent hangs).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str, fn, args, env: dict) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **env})
+    torch.set_num_threads(1)
+    try:
+        result = fn(*args)
+        torch.save({"ok": True, "result": result}, os.path.join(out_dir, f"rank{rank}.pt"))
+    except BaseException:  # noqa: BLE001 - forwarded to the parent with the traceback
+        torch.save({"ok": False, "error": traceback.format_exc()}, os.path.join(out_dir, f"rank{rank}.pt"))
+        raise
+    finally:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int, *args, timeout_s: float = 300.0, env: dict | None = None) -> list:
+    """Call `fn(*args)` on `world_size` spawned gloo ranks; return the list of results by rank."""
+    env = {"VERL_MEGA_DIST_TIMEOUT": "120", **(env or {})}
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.start_processes(_worker, args=(world_size, free_port(), out_dir, fn, args, env),
+                                 nprocs=world_size, join=False, start_method="spawn")
+        import time
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not ctx.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"distributed test did not finish within {timeout_s:.0f} s")
+        except mp.ProcessRaisedException as exc:
+            errors = []
+            for r in range(world_size):
+                path = os.path.join(out_dir, f"rank{r}.pt")
+                if os.path.exists(path):
+                    rec = torch.load(path, weights_only=False)
+                    if not rec["ok"]:
+                        errors.append(f"--- rank {r} ---\n{rec['error']}")
+            raise RuntimeError("distributed test failed:\n" + "\n".join(errors or [str(exc)])) from None
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+        results = []
+        for r in range(world_size):
+            rec = torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
+            results.append(rec["result"])
+        return results
