@@ -1,0 +1,92 @@
+"""Config loading: a dataclass schema, a YAML file on top, then `a.b=3` command-line overrides.
+
+Reference: OmegaConf structured configs (https://omegaconf.readthedocs.io/en/2.3_branch/structured_config.html),
+as Hydra and verl use them. The schema is a (nested) dataclass with defaults; `load_config` merges
+YAML and dotlist overrides onto it and returns a plain instance of the schema class.
+
+Errors are user errors, so they are `ValueError`s naming the key (and the file): an unknown key
+(a typo in YAML or on the command line), a value of the wrong type, a required (`MISSING`) field
+left unset. Simplification: no Hydra config groups/defaults lists, no interpolation resolvers
+beyond OmegaConf's built-in `${a.b}`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+
+T = TypeVar("T")
+
+
+def _first_line(e: OmegaConfBaseException) -> str:
+    """OmegaConf's message without its appended full_key/object_type block."""
+    return str(e).strip().splitlines()[0]
+
+
+def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    """Merge `other` onto the structured `base`, turning OmegaConf's errors into named ValueErrors."""
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as e:
+        raise ValueError(f"{source}: unknown config key '{e.full_key}' (not in the schema)") from None
+    except ValidationError as e:
+        raise ValueError(f"{source}: bad value for config key '{e.full_key}': {_first_line(e)}") from None
+    except OmegaConfBaseException as e:
+        raise ValueError(f"{source}: cannot merge config at key '{getattr(e, 'full_key', '?')}': {e}") from None
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    """Dotlist overrides (`a.b=3`, values parsed as YAML) into a config; a malformed item is a ValueError."""
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if "=" not in item or not key.strip():
+            raise ValueError(f"config override {item!r} must look like key.path=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ValueError(f"cannot parse config overrides {list(overrides)}: {e}") from None
+
+
+def load_config(schema_cls: type[T], yaml_path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Build a `schema_cls` instance: dataclass defaults < YAML file < dotlist overrides.
+
+    Args:
+        schema_cls: a dataclass (nested dataclasses allowed) giving keys, types and defaults.
+        yaml_path: optional YAML file whose keys must all exist in the schema.
+        overrides: strings like `"trainer.lr=1e-5"`, applied last.
+    Returns:
+        an instance of `schema_cls` (nested fields are instances of their dataclasses).
+    Raises:
+        ValueError naming the key (and file) for an unknown key, a wrong type, or a missing value.
+    """
+    if not dataclasses.is_dataclass(schema_cls):
+        raise ValueError(f"schema_cls must be a dataclass, got {schema_cls!r}")
+    cfg = OmegaConf.structured(schema_cls)
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        loaded = OmegaConf.load(path)
+        if not isinstance(loaded, DictConfig):
+            raise ValueError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+        cfg = _merge(cfg, loaded, str(path))
+    if overrides:
+        cfg = _merge(cfg, _parse_overrides(overrides), "command-line override")
+    try:
+        return OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:
+        raise ValueError(f"required config key '{e.full_key}' has no value") from None
+    except ValidationError as e:
+        raise ValueError(f"bad value for config key '{e.full_key}': {_first_line(e)}") from None
+
+
+def to_yaml(cfg: Any) -> str:
+    """The YAML text of a config (a dataclass instance or an OmegaConf config); loads back with `load_config`."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        cfg = OmegaConf.structured(cfg)
+    return OmegaConf.to_yaml(cfg)
