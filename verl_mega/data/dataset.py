@@ -1,0 +1,176 @@
+"""RL prompt dataset: verl's parquet format (or jsonl with the same keys), validated, templated, tokenized.
+
+Reference: verl's `RLHFDataset` (`verl/utils/dataset/rl_dataset.py`) and its data preprocessing
+scripts (`examples/data_preprocess/gsm8k.py`): one row per prompt with columns
+    prompt        list of chat messages [{"role": ..., "content": ...}]
+    data_source   e.g. "openai/gsm8k" (selects the rule reward)
+    reward_model  {"ground_truth": ..., "style": "rule"}
+    extra_info    free-form dict (split, index, ...)
+jsonl rows may also give `prompt` as a plain string (one user turn) or `messages` instead of
+`prompt`, and `ground_truth` at top level.
+
+Every row is checked up front; a malformed row is a `ValueError` naming the file and row, or, with
+`skip_malformed=True`, skipped and counted in `dataset.skipped`. Prompts longer than
+`max_prompt_length` tokens are dropped and counted in `dataset.filtered` (verl's
+`filter_overlong_prompts`), or else truncated / rejected per `truncation`.
+
+Simplifications: the whole file is read and tokenized at construction (fine for RL prompt sets of
+up to a few hundred thousand rows); no multimodal fields.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+
+def _read_rows(path: Path) -> list[Any]:
+    """Rows of a .parquet or .jsonl file; an unparsable jsonl line is returned as a _BadRow."""
+    if path.suffix == ".parquet":
+        return pq.read_table(path).to_pylist()
+    if path.suffix in (".jsonl", ".json"):
+        rows: list[Any] = []
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    rows.append(_BadRow(f"invalid JSON ({e.msg} at column {e.colno})"))
+        return rows
+    raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use .parquet or .jsonl)")
+
+
+class _BadRow:
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _messages(row: dict, prompt_key: str) -> list[dict[str, str]]:
+    """The chat messages of a row; ValueError (without location) saying what is wrong."""
+    key = prompt_key if prompt_key in row else "messages" if "messages" in row else None
+    if key is None:
+        raise ValueError(f"no {prompt_key!r} (or 'messages') field; fields: {sorted(row)}")
+    prompt = row[key]
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        raise ValueError(f"{key!r} must be a non-empty list of chat messages or a string, got {prompt!r:.80}")
+    for j, m in enumerate(prompt):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise ValueError(f"{key!r} message {j} must be a dict with string 'role' and 'content', got {m!r:.80}")
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def _plain_template(messages: list[dict[str, str]]) -> str:
+    """`role: content` lines, then `assistant: ` as the generation prompt (for tokenizers without a template)."""
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+
+class RLDataset:
+    """Prompts of one or more parquet/jsonl files as tokenized items.
+
+    Item (dict): prompt_ids list[int], prompt_text str, messages / prompt (the chat messages),
+    data_source str | None, ground_truth, reward_model dict, extra_info dict, index (row in its file).
+
+    Attributes: `skipped` (malformed rows skipped), `filtered` (overlong prompts dropped).
+    """
+
+    def __init__(
+        self,
+        path: str | Path | Sequence[str | Path],
+        tokenizer: Any,
+        *,
+        prompt_key: str = "prompt",
+        max_prompt_length: int | None = None,
+        filter_overlong: bool = True,
+        truncation: str = "error",
+        skip_malformed: bool = False,
+        apply_chat_template: bool = True,
+    ):
+        """
+        Args:
+            path: a .parquet/.jsonl file or a list of them (concatenated in order).
+            tokenizer: an HF tokenizer (encode, apply_chat_template, chat_template).
+            max_prompt_length: prompt token limit; None = no limit.
+            filter_overlong: drop (and count) longer prompts; if False, apply `truncation`:
+                "error" (ValueError naming the row), "left" (keep the last tokens) or "right".
+            skip_malformed: skip (and count) malformed rows instead of raising.
+            apply_chat_template: use the tokenizer's chat template (when it has one); else plain text.
+        """
+        if truncation not in ("error", "left", "right"):
+            raise ValueError(f"truncation must be 'error', 'left' or 'right', got {truncation!r}")
+        self.tokenizer = tokenizer
+        self.prompt_key, self.max_prompt_length = prompt_key, max_prompt_length
+        self.filter_overlong, self.truncation = filter_overlong, truncation
+        self.skip_malformed, self.apply_chat_template = skip_malformed, apply_chat_template
+        self.skipped = self.filtered = 0
+        paths = [path] if isinstance(path, (str, Path)) else list(path)
+        self.items: list[dict[str, Any]] = []
+        for p in map(Path, paths):
+            if not p.is_file():
+                raise ValueError(f"dataset file {p} does not exist")
+            for i, row in enumerate(_read_rows(p)):
+                item = self._build(p, i, row)
+                if item is not None:
+                    self.items.append(item)
+
+    def _malformed(self, path: Path, i: int, reason: str) -> None:
+        if not self.skip_malformed:
+            raise ValueError(f"{path}: row {i}: {reason}")
+        self.skipped += 1
+
+    def _text(self, messages: list[dict[str, str]], raw_prompt: Any) -> tuple[str, bool]:
+        """(prompt text, whether a chat template produced it)."""
+        if self.apply_chat_template and getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), True
+        if not self.apply_chat_template and isinstance(raw_prompt, str):
+            return raw_prompt, False  # base-model prompt: the string as given
+        return _plain_template(messages), False
+
+    def _build(self, path: Path, i: int, row: Any) -> dict[str, Any] | None:
+        """Validate and tokenize one row; None if it is skipped or filtered."""
+        if isinstance(row, _BadRow) or not isinstance(row, dict):
+            return self._malformed(path, i, row.reason if isinstance(row, _BadRow) else f"not an object: {row!r:.80}")
+        try:
+            messages = _messages(row, self.prompt_key)
+            reward_model = row.get("reward_model") or {}
+            extra_info = row.get("extra_info") or {}
+            if not isinstance(reward_model, dict) or not isinstance(extra_info, dict):
+                raise ValueError("'reward_model' and 'extra_info' must be dicts")
+            if row.get("data_source") is not None and not isinstance(row["data_source"], str):
+                raise ValueError(f"'data_source' must be a string, got {row['data_source']!r:.80}")
+        except ValueError as e:
+            return self._malformed(path, i, str(e))
+        text, templated = self._text(messages, row.get(self.prompt_key, row.get("messages")))
+        ids = list(self.tokenizer.encode(text, add_special_tokens=not templated))
+        limit = self.max_prompt_length
+        if limit is not None and len(ids) > limit:
+            if self.filter_overlong:
+                self.filtered += 1
+                return None
+            if self.truncation == "error":
+                raise ValueError(f"{path}: row {i}: prompt has {len(ids)} tokens > max_prompt_length={limit}")
+            ids = ids[-limit:] if self.truncation == "left" else ids[:limit]
+        return dict(
+            prompt_ids=ids,
+            prompt_text=text,
+            messages=messages,
+            prompt=messages,
+            data_source=row.get("data_source"),
+            ground_truth=row.get("ground_truth", reward_model.get("ground_truth")),
+            reward_model=reward_model,
+            extra_info=extra_info,
+            index=i,
+        )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        return self.items[k]

@@ -1,0 +1,152 @@
+"""Prompt batches for the RL loop: seeded shuffling, data-parallel sharding, resumable position; left padding.
+
+Reference: torch's `DistributedSampler` (per-epoch seeded permutation, padding so every rank gets
+the same number of samples) and torchdata's `StatefulDataLoader` (`state_dict` for checkpoint
+resume). Items are small dicts of token ids, so batches are plain Python lists built in-process:
+no worker processes, nothing to pickle.
+
+Batch k of an epoch on rank r is items perm[(k*dp_size + r)*batch_size : ... + batch_size] of that
+epoch's permutation, i.e. `batch_size` is the per-rank batch and one step consumes
+`batch_size * dp_size` prompts. The order is a pure function of (seed, epoch), so all ranks agree
+without communication and a resumed run continues with exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from verl_mega.data.dataset import RLDataset
+
+
+class PromptLoader:
+    """Iterable of batches (lists of dataset items) with `state_dict()` / `load_state_dict()`.
+
+    Iterating yields the rest of the current epoch and then moves to the next epoch, so
+    `for epoch in range(E): for batch in loader: ...` walks E epochs, resumable at any batch.
+    """
+
+    def __init__(
+        self,
+        dataset: Sequence[dict],
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank}, dp_size={dp_size}")
+        if len(dataset) == 0:
+            raise ValueError("dataset is empty (all rows filtered or skipped?)")
+        self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
+        self.drop_last, self.dp_rank, self.dp_size = drop_last, dp_rank, dp_size
+        self.epoch = 0
+        self.index = 0  # batches of the current epoch already yielded
+        if len(self) == 0:
+            raise ValueError(
+                f"dataset of {len(dataset)} prompts gives no full batch of {batch_size} x dp_size {dp_size} "
+                "(lower batch_size or set drop_last=False)"
+            )
+
+    def __len__(self) -> int:
+        """Batches per epoch (the same on every rank)."""
+        step = self.batch_size * self.dp_size
+        n = len(self.dataset)
+        return n // step if self.drop_last else math.ceil(n / step)
+
+    def _order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.dataset)))
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(len(self.dataset), generator=g).tolist()
+
+    def _batch_indices(self, order: list[int], k: int) -> list[int]:
+        """This rank's dataset indices of batch k; a short last global batch is split evenly, wrapping
+        around to the epoch's start to pad it (as DistributedSampler does) so ranks stay in step."""
+        step = self.batch_size * self.dp_size
+        chunk = order[k * step : (k + 1) * step]
+        if len(chunk) < step:
+            per_rank = math.ceil(len(chunk) / self.dp_size)
+            chunk = (chunk + order * math.ceil(step / len(order)))[: per_rank * self.dp_size]
+            return chunk[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
+        return chunk[self.dp_rank * self.batch_size : (self.dp_rank + 1) * self.batch_size]
+
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        order = self._order(self.epoch)
+        while self.index < len(self):
+            k = self.index
+            self.index += 1  # advance first: a checkpoint taken after this batch resumes at the next
+            yield [self.dataset[i] for i in self._batch_indices(order, k)]
+        self.epoch += 1
+        self.index = 0
+
+    def state_dict(self) -> dict[str, int]:
+        """Position to resume from: {"epoch", "index" (batches done in the epoch), "seed", "dataset_len"}."""
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "dataset_len": len(self.dataset)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at a position saved by `state_dict` (same dataset and seed required)."""
+        if state.get("dataset_len", len(self.dataset)) != len(self.dataset) or state.get("seed", self.seed) != self.seed:
+            raise ValueError(
+                f"loader state is for a dataset of {state.get('dataset_len')} prompts with seed {state.get('seed')}, "
+                f"this loader has {len(self.dataset)} prompts with seed {self.seed}"
+            )
+        if not 0 <= state["index"] <= len(self):
+            raise ValueError(f"loader state index {state['index']} outside [0, {len(self)}]")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def get_dataloader(
+    path_or_dataset: str | Path | Sequence[str | Path] | Sequence[dict],
+    tokenizer: Any,
+    batch_size: int,
+    *,
+    shuffle: bool = True,
+    seed: int = 0,
+    drop_last: bool = True,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    **dataset_kwargs: Any,
+) -> PromptLoader:
+    """A PromptLoader over an RLDataset built from `path_or_dataset` (or over a dataset given directly).
+
+    `dataset_kwargs` go to RLDataset (prompt_key, max_prompt_length, filter_overlong, ...).
+    `batch_size` is per data-parallel rank; pass this rank's `dp_rank` and the `dp_size`.
+    """
+    if isinstance(path_or_dataset, (str, Path)) or (
+        isinstance(path_or_dataset, (list, tuple)) and path_or_dataset and isinstance(path_or_dataset[0], (str, Path))
+    ):
+        dataset = RLDataset(path_or_dataset, tokenizer, **dataset_kwargs)
+    else:
+        if dataset_kwargs:
+            raise ValueError(f"dataset options {sorted(dataset_kwargs)} given with an already-built dataset")
+        dataset = path_or_dataset
+    return PromptLoader(
+        dataset, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, dp_rank=dp_rank, dp_size=dp_size
+    )
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists to one length (prompts end where generation starts).
+
+    Returns:
+        input_ids [B, S] long (pad_id on the left), attention_mask [B, S] long (1 on real tokens),
+        S = the longest sequence.
+    """
+    if len(sequences) == 0:
+        raise ValueError("left_pad needs at least one sequence")
+    tensors = [torch.as_tensor(list(s), dtype=torch.long) for s in sequences]
+    input_ids = torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=pad_id, padding_side="left")
+    lengths = torch.tensor([len(t) for t in tensors])
+    seq = input_ids.shape[1]
+    attention_mask = (torch.arange(seq)[None, :] >= (seq - lengths)[:, None]).long()  # [B, S]
+    return input_ids, attention_mask
