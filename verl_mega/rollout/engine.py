@@ -67,7 +67,8 @@ class GenerationEngine:
     """Generate with a one-stage decoder model; see the module docstring.
 
     model: `DecoderModel` with embedding and head (`forward(ids, position_ids, attn_mask=...,
-    kv_cache=...)` -> local vocab-shard logits [B, S, V_pad / tp]; `true_vocab_size` attribute).
+    kv_cache=..., return_hidden=True)` -> final-normed hidden [B, S, H]; `output_weight()` -> local
+    LM-head shard [V_pad / tp, H]; `true_vocab_size`; `config.num_layers`).
     tp_group: the model's tensor-parallel group (None = single rank). Every rank of it must call
     `generate` with the same arguments (same tokens come out everywhere).
     max_batch: most rows decoded together (larger requests run in chunks); max_seq_len: most cache
@@ -77,7 +78,7 @@ class GenerationEngine:
     def __init__(self, model: torch.nn.Module, tp_group: dist.ProcessGroup | None = None, *,
                  max_batch: int = 64, max_seq_len: int = 2048, eos_token_ids=(), pad_token_id: int = 0,
                  use_cuda_graph: bool | None = None, kv_len_bucket: int = 128, sync_every: int | None = None,
-                 prefill_tokens: int = 8192):
+                 prefill_tokens: int = 16384):
         if max_batch < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch must be >= 1 and max_seq_len >= 2, got {max_batch}, {max_seq_len}")
         self.model = model
@@ -211,7 +212,7 @@ class GenerationEngine:
         """Run the left-padded prompts through the model, filling cache slots [0, p_len).
 
         Resets the decode state of rows [0, bb) and returns the last-position logits [b, V].
-        Rows are processed in slices of about `prefill_tokens` tokens to bound the logits memory.
+        Rows are processed in slices of about `prefill_tokens` tokens to bound activation memory.
         """
         b, dev = len(rows), self.device
         ids = torch.full((b, p_len), self.pad_token_id, dtype=torch.long)
@@ -235,8 +236,9 @@ class GenerationEngine:
         for s in range(0, b, step):
             e = min(b, s + step)
             self.cache.set_view(e - s, p_len, write_index, row_start=s)
-            out = self.model(ids[s:e], positions[s:e], attn_mask=attn[s:e], kv_cache=self.cache)  # [rows, P, V_local]
-            self._logits[s:e].copy_(gather_vocab_logits(out[:, -1], self.tp_group, self.true_vocab_size))
+            hidden = self.model(ids[s:e], positions[s:e], attn_mask=attn[s:e], kv_cache=self.cache,
+                                return_hidden=True)  # [rows, P, H]
+            self._logits[s:e].copy_(self._head_logits(hidden[:, -1]))
         return self._logits
 
     # ------------------------------------------------------------------ decode step
@@ -248,8 +250,18 @@ class GenerationEngine:
         self.cache.set_view(bb, kv_len, self._write_pos)
         self._slot_mask[:bb].index_fill_(1, self._write_pos, True)
         attn = self._slot_mask[:bb, None, None, :kv_len]  # [bb, 1, 1, kv_len]
-        out = self.model(self._tokens[:bb], self._positions[:bb], attn_mask=attn, kv_cache=self.cache)
-        self._logits[:bb].copy_(gather_vocab_logits(out[:, -1], self.tp_group, self.true_vocab_size))
+        hidden = self.model(self._tokens[:bb], self._positions[:bb], attn_mask=attn, kv_cache=self.cache,
+                            return_hidden=True)  # [bb, 1, H]
+        self._logits[:bb].copy_(self._head_logits(hidden[:, -1]))
+
+    def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head on final-normed hidden states [b, H] only -> full-vocab logits [b, V] float32.
+
+        Applying the head to the last position alone (not the model's [b, S, V/tp] output) keeps
+        prefill memory at O(b * V) instead of O(b * S * V).
+        """
+        local = torch.matmul(hidden, self.model.output_weight().t())  # [b, V_pad / tp]; as megatron's column linear
+        return gather_vocab_logits(local, self.tp_group, self.true_vocab_size)
 
     def _decode(self, bb: int, kv_len: int) -> torch.Tensor:
         """Run a decode step (graph replay when enabled) and return the logits buffer [max_batch, V]."""
