@@ -1,0 +1,368 @@
+"""Llama / Qwen2 / Qwen3 decoder built from megatron-core tensor-parallel layers; one module = one pipeline stage.
+
+Follows transformers' `LlamaForCausalLM` / `Qwen2ForCausalLM` / `Qwen3ForCausalLM` numerically
+(RMSNorm in fp32, RoPE cos/sin computed in fp32, SDPA attention, SwiGLU MLP), with the linear layers
+and the embedding replaced by megatron-core's `ColumnParallelLinear` / `RowParallelLinear` /
+`VocabParallelEmbedding` (Megatron-LM TP: column-split q/k/v/gate/up, row-split o/down, vocab-split
+embedding and LM head). TP enters only through the `tp_group` handed to those layers; which layers a
+stage owns and which groups it uses is decided in `parallelize.py`.
+
+Deliberate choices:
+- q/k/v and gate/up are separate parameters (no fused QKV): a TP shard of each is one contiguous
+  slice of the HF tensor, so shards of different TP sizes relate by plain concatenation along the
+  partition dim (HybridEngine resharding, HF loading).
+- Megatron's weight initialisation is never used (it needs megatron's global state/CUDA RNG tracker
+  on GPU). `init_weights(seed)` instead draws every *full* tensor from a generator seeded by
+  (seed, HF name) and keeps this rank's slice, so a random model is identical across (tp, pp).
+- Vocabulary is padded (see `ModelConfig.padded_vocab_size`); padded embedding/head rows are zero.
+- Tied embeddings with the head on another stage: the last stage holds its own copy (Megatron
+  style); both copies carry `shared_embedding = True` and the training engine keeps them in sync.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import zlib
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+with warnings.catch_warnings():  # megatron warns at import that TE/Apex are absent; we use neither
+    warnings.simplefilter("ignore")
+    from megatron.core.model_parallel_config import ModelParallelConfig
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, set_tensor_model_parallel_attributes)
+
+from verl_mega.models.config import ModelConfig
+
+INIT_STD = 0.02
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim, computed in fp32 (as transformers' LlamaRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse RoPE frequencies [head_dim/2] (fp32) for rope_theta and the optional llama3/linear scaling."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"]
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between.
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for given position ids. inv_freq is kept out of the buffers so `.to(bf16)` never rounds it."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self._inv_freq = rope_inv_freq(config)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [B, S] -> (cos, sin), each [B, S, head_dim] in `dtype`."""
+        if self._inv_freq.device != position_ids.device:
+            self._inv_freq = self._inv_freq.to(position_ids.device)
+        freqs = position_ids[..., None].float() * self._inv_freq  # [B, S, head_dim/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, head_dim]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, heads, S, head_dim] by cos/sin [B, S, head_dim] (rotate-half convention)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def _mark_tp(param: torch.Tensor | None, dim: int) -> None:
+    """Set megatron's TP attributes where megatron did not (it only sets them when it initialises)."""
+    if param is not None and not hasattr(param, "tensor_model_parallel"):
+        set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
+
+
+def _column(in_f: int, out_f: int, bias: bool, mp: ModelParallelConfig, tp_group, **kw) -> ColumnParallelLinear:
+    layer = ColumnParallelLinear(in_f, out_f, config=mp, init_method=nn.init.zeros_, bias=bias,
+                                 gather_output=False, tp_group=tp_group, **kw)
+    _mark_tp(layer.weight, 0)
+    return layer
+
+
+def _row(in_f: int, out_f: int, mp: ModelParallelConfig, tp_group) -> RowParallelLinear:
+    layer = RowParallelLinear(in_f, out_f, config=mp, init_method=nn.init.zeros_, bias=False,
+                              input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
+    _mark_tp(layer.weight, 1)
+    return layer
+
+
+class Attention(nn.Module):
+    """GQA self-attention over this rank's heads (num_heads/tp query heads, num_kv_heads/tp kv heads)."""
+
+    def __init__(self, config: ModelConfig, tp: int, mp: ModelParallelConfig, tp_group, layer_idx: int, device=None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_heads // tp
+        self.num_kv_heads = config.num_kv_heads // tp
+        h, d, bias = config.hidden_size, config.head_dim, config.attention_bias
+        self.q_proj = _column(h, config.num_heads * d, bias, mp, tp_group)
+        self.k_proj = _column(h, config.num_kv_heads * d, bias, mp, tp_group)
+        self.v_proj = _column(h, config.num_kv_heads * d, bias, mp, tp_group)
+        self.o_proj = _row(config.num_heads * d, h, mp, tp_group)
+        self.q_norm = self.k_norm = None
+        if config.qk_norm:
+            self.q_norm = RMSNorm(d, config.rms_norm_eps, mp.params_dtype, device)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps, mp.params_dtype, device)
+
+    def _heads(self, proj: nn.Module, x: torch.Tensor, n: int, norm: RMSNorm | None) -> torch.Tensor:
+        b, s, _ = x.shape
+        y = proj(x)[0].view(b, s, n, self.head_dim)  # [batch, seq, heads, head_dim]
+        if norm is not None:
+            y = norm(y)
+        return y.transpose(1, 2)  # [batch, heads, seq, head_dim]
+
+    def forward(self, x, cos, sin, mask, kv_cache=None) -> torch.Tensor:
+        """x [B, S, H] -> [B, S, H]; mask: bool [B, 1, S, S_kv] (True = attend) or None for plain causal."""
+        b, s, _ = x.shape
+        q = apply_rope(self._heads(self.q_proj, x, self.num_heads, self.q_norm), cos, sin)
+        k = apply_rope(self._heads(self.k_proj, x, self.num_kv_heads, self.k_norm), cos, sin)
+        v = self._heads(self.v_proj, x, self.num_kv_heads, None)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # [batch, kv_heads, seq_kv, head_dim]
+        if self.num_kv_heads != self.num_heads:  # expand kv heads so every SDPA backend (with a mask) applies
+            rep, s_kv = self.num_heads // self.num_kv_heads, k.shape[2]
+            k = k[:, :, None].expand(b, self.num_kv_heads, rep, s_kv, self.head_dim).reshape(b, self.num_heads, s_kv, self.head_dim)
+            v = v[:, :, None].expand(b, self.num_kv_heads, rep, s_kv, self.head_dim).reshape(b, self.num_heads, s_kv, self.head_dim)
+        causal = mask is None and s > 1 and k.shape[2] == s
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # [batch, heads, seq, head_dim]
+        out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)  # [batch, seq, heads*head_dim]
+        return self.o_proj(out)[0]
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate/up column-split, down row-split."""
+
+    def __init__(self, config: ModelConfig, mp: ModelParallelConfig, tp_group):
+        super().__init__()
+        self.gate_proj = _column(config.hidden_size, config.intermediate_size, False, mp, tp_group)
+        self.up_proj = _column(config.hidden_size, config.intermediate_size, False, mp, tp_group)
+        self.down_proj = _row(config.intermediate_size, config.hidden_size, mp, tp_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)[0]) * self.up_proj(x)[0])[0]
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer block; `layer_idx` is the global layer index (the key of the KV cache)."""
+
+    def __init__(self, config: ModelConfig, tp: int, mp: ModelParallelConfig, tp_group, layer_idx: int, device=None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, mp.params_dtype, device)
+        self.self_attn = Attention(config, tp, mp, tp_group, layer_idx, device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, mp.params_dtype, device)
+        self.mlp = MLP(config, mp, tp_group)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, S] (long) for a 1/0 padding mask [B, S]: 0 at the first real token, as transformers
+    does for left padding; pad positions get 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def build_attention_mask(attention_mask: torch.Tensor | None, attn_mask: torch.Tensor | None,
+                         q_len: int, has_cache: bool) -> torch.Tensor | None:
+    """Boolean mask [B, 1, S_q, S_kv] (True = attend) or None (plain causal, no padding).
+
+    `attention_mask` [B, S_kv] is a 1/0 padding mask over all keys (cache + new tokens); the new
+    queries are its last `q_len` positions and attend causally. An explicit `attn_mask` is used as is.
+    Query rows that attend to nothing (pad positions) are opened to every key so SDPA yields finite
+    garbage instead of NaN; such rows are never read.
+    """
+    if attn_mask is not None:
+        mask = attn_mask.bool()
+    elif attention_mask is not None:
+        kv_len = attention_mask.shape[-1]
+        rows = torch.arange(q_len, device=attention_mask.device)[:, None] + (kv_len - q_len)
+        causal = torch.arange(kv_len, device=attention_mask.device)[None, :] <= rows  # [S_q, S_kv]
+        mask = causal[None, None] & attention_mask.bool()[:, None, None, :]  # [batch, 1, S_q, S_kv]
+    else:
+        if has_cache and q_len > 1:
+            raise ValueError("with a kv_cache and more than one new token, pass attention_mask or attn_mask")
+        return None
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
+class DecoderModel(nn.Module):
+    """One pipeline stage of the decoder: optional embedding, layers [layer_range), optional norm + head.
+
+    Parameter names follow HF without the "model." prefix and with stage-local layer numbers
+    (`hf_name()` maps them). TP-sharded parameters carry megatron's `tensor_model_parallel`,
+    `partition_dim` (0 for q/k/v/gate/up/embedding/lm_head, 1 for o/down) and `partition_stride`;
+    replicated ones (norms, value head) do not.
+
+    Attributes: `config`, `tp`, `tp_rank`, `layer_range`, `has_embedding`, `has_head`, `value_head`
+    (nn.Linear(H, 1) or None), `padded_vocab_size`, `true_vocab_size`, `vocab_start_index`.
+    """
+
+    def __init__(self, config: ModelConfig, tp_group: dist.ProcessGroup, *, layer_range: tuple[int, int],
+                 has_embedding: bool, has_head: bool, value_head: bool = False,
+                 params_dtype: torch.dtype = torch.float32, device=None, init_seed: int | None = 0):
+        """`init_seed`: draw random weights (see init_weights); None leaves them uninitialised (to be loaded).
+        `device`: None/CPU allocates on CPU; a CUDA device allocates on the current CUDA device."""
+        super().__init__()
+        self.tp = tp_group.size()
+        self.tp_rank = tp_group.rank()
+        config.check_tp(self.tp)
+        start, end = layer_range
+        if not 0 <= start <= end <= config.num_layers:
+            raise ValueError(f"layer_range {layer_range} is outside [0, {config.num_layers}]")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        on_cpu = device.type == "cpu"
+        mp = ModelParallelConfig(tensor_model_parallel_size=self.tp, use_cpu_initialization=on_cpu,
+                                 perform_initialization=False, params_dtype=params_dtype)
+        self.config, self.tp_group = config, tp_group
+        self.layer_range, self.has_embedding, self.has_head = (start, end), has_embedding, has_head
+        self.padded_vocab_size = config.padded_vocab_size(self.tp)
+        self.true_vocab_size = config.vocab_size
+        self.vocab_start_index = self.tp_rank * (self.padded_vocab_size // self.tp)
+        self.rotary = RotaryEmbedding(config)
+        self.embed_tokens = self.norm = self.lm_head = self.value_head = None
+        if has_embedding:
+            self.embed_tokens = VocabParallelEmbedding(self.padded_vocab_size, config.hidden_size,
+                                                       init_method=nn.init.zeros_, config=mp, tp_group=tp_group)
+            _mark_tp(self.embed_tokens.weight, 0)
+        self.layers = nn.ModuleList(DecoderLayer(config, self.tp, mp, tp_group, i, device) for i in range(start, end))
+        self._head_is_embedding = False
+        if has_head:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype, device)
+            if value_head:
+                self.value_head = nn.Linear(config.hidden_size, 1, dtype=params_dtype, device=device)
+            else:
+                self._head_is_embedding = config.tie_word_embeddings and has_embedding
+                self.lm_head = _column(config.hidden_size, self.padded_vocab_size, False, mp, tp_group,
+                                       skip_weight_param_allocation=self._head_is_embedding)
+        if config.tie_word_embeddings and not value_head and has_embedding != has_head:
+            (self.embed_tokens.weight if has_embedding else self.lm_head.weight).shared_embedding = True
+        if not on_cpu:
+            self.to(device)  # CPU-built replicated params (norms, value head) follow the CUDA ones
+        if init_seed is not None:
+            self.init_weights(init_seed)
+        elif self.value_head is not None:
+            self.init_weights(0, only=("value_head.",))
+
+    # ------------------------------------------------------------------ naming / weights
+    def hf_name(self, name: str) -> str:
+        """HF checkpoint name of a local parameter name (global layer index, "model." prefix; value head = "score")."""
+        if name.startswith("layers."):
+            idx, rest = name[len("layers."):].split(".", 1)
+            return f"model.layers.{int(idx) + self.layer_range[0]}.{rest}"
+        if name.startswith("lm_head."):
+            return name
+        if name.startswith("value_head."):
+            return "score." + name[len("value_head."):]
+        return "model." + name
+
+    def full_shape(self, param: torch.Tensor) -> tuple[int, ...]:
+        """Shape of the unsharded tensor a (possibly TP-sharded) parameter is a slice of (vocab padded)."""
+        shape = list(param.shape)
+        if getattr(param, "tensor_model_parallel", False):
+            shape[param.partition_dim] *= self.tp
+        return tuple(shape)
+
+    def shard_slice(self, param: torch.Tensor) -> tuple[slice, ...]:
+        """Index of this rank's shard inside the full (padded) tensor."""
+        index = [slice(None)] * param.dim()
+        if getattr(param, "tensor_model_parallel", False):
+            d = param.partition_dim
+            index[d] = slice(self.tp_rank * param.shape[d], (self.tp_rank + 1) * param.shape[d])
+        return tuple(index)
+
+    def is_vocab_param(self, name: str) -> bool:
+        """True for the parameters whose dim 0 is the (padded) vocabulary."""
+        return name in ("embed_tokens.weight", "lm_head.weight")
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, only: tuple[str, ...] | None = None) -> None:
+        """Random weights identical for every (tp, pp): each full tensor is drawn from a CPU generator
+        seeded by (seed, HF name) and this rank keeps its slice. Norm weights 1; others N(0, 0.02);
+        padded vocab rows 0. `only`: restrict to local names with these prefixes."""
+        for name, param in self.named_parameters():
+            if only is not None and not name.startswith(only):
+                continue
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+                continue
+            hf = self.hf_name(name)
+            if self.config.tie_word_embeddings and hf == "lm_head.weight":
+                hf = "model.embed_tokens.weight"  # the head copy on the last stage equals the embedding
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(hf.encode()))
+            full = torch.randn(self.full_shape(param), generator=gen) * INIT_STD
+            if self.is_vocab_param(name):
+                full[self.true_vocab_size:] = 0.0
+            param.copy_(full[self.shard_slice(param)])
+
+    def output_weight(self) -> torch.Tensor:
+        """Local LM-head weight shard [V_pad/tp, H] (the embedding weight when tied on a single stage)."""
+        if self.lm_head is None:
+            raise ValueError("output_weight(): this stage has no LM head (not the last stage, or a value model)")
+        return self.embed_tokens.weight if self._head_is_embedding else self.lm_head.weight
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, inputs: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                *, attn_mask: torch.Tensor | None = None, kv_cache=None, return_hidden: bool = False) -> torch.Tensor:
+        """Run this stage.
+
+        inputs: input_ids [B, S] (long) on the first stage, hidden states [B, S, H] on the others.
+        position_ids: [B, S] (see `position_ids_from_mask` for left padding).
+        attention_mask: [B, S_kv] 1/0 padding mask (left padding fine), combined with causal masking;
+            S_kv = cached + new tokens. Or `attn_mask`: explicit bool [B, 1, S, S_kv], True = attend.
+            Neither: plain causal attention.
+        kv_cache: object owned by the caller with `update(layer_idx, k, v) -> (k_all, v_all)`: k, v are
+            this step's keys/values [B, num_kv_heads/tp, S, head_dim] after RoPE, `layer_idx` the
+            global layer index; it returns the keys/values to attend over [B, num_kv_heads/tp, S_kv, head_dim].
+        Returns: non-last stage: hidden [B, S, H]. Last stage: this rank's vocab shard of the logits
+            [B, S, V_pad/tp] (params dtype; padded columns included — slice with vocab_start_index /
+            true_vocab_size), or the final-normed hidden [B, S, H] if return_hidden, or values [B, S]
+            (fp32) for a value model.
+        """
+        hidden = self.embed_tokens(inputs) if self.has_embedding else inputs  # [batch, seq, hidden]
+        cos, sin = self.rotary(position_ids, hidden.dtype)
+        mask = build_attention_mask(attention_mask, attn_mask, hidden.shape[1], kv_cache is not None)
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, mask, kv_cache)
+        if not self.has_head:
+            return hidden
+        hidden = self.norm(hidden)
+        if self.value_head is not None:
+            return self.value_head(hidden).squeeze(-1).float()  # [batch, seq]
+        if return_hidden:
+            return hidden
+        return self.lm_head(hidden, weight=self.output_weight() if self._head_is_embedding else None)[0]

@@ -1,0 +1,44 @@
+"""Layout -> pipeline stage: which layers this rank owns, whether it embeds / has the head, which TP group.
+
+TorchTitan-style split: the model file knows nothing of pipelines; this module decides the stage.
+Layers are split contiguously and balanced, earlier stages taking the extra layers (as Megatron's
+uniform split does when the count divides, and a deterministic rule when it does not).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from verl_mega.models.config import ModelConfig
+from verl_mega.models.decoder import DecoderModel
+from verl_mega.parallel.layout import Layout
+
+
+def stage_layer_range(num_layers: int, pp: int, pp_rank: int) -> tuple[int, int]:
+    """[start, end) global layer indices of pipeline stage `pp_rank` out of `pp`.
+
+    Contiguous and balanced; the first `num_layers % pp` stages take one extra layer.
+    Raises ValueError when there are fewer layers than stages.
+    """
+    if pp < 1 or not 0 <= pp_rank < pp:
+        raise ValueError(f"pipeline rank {pp_rank} is not in [0, pp={pp})")
+    if num_layers < pp:
+        raise ValueError(f"num_layers={num_layers} is smaller than pipeline_parallel_size={pp}; "
+                         f"every stage needs at least one layer")
+    base, extra = divmod(num_layers, pp)
+    start = pp_rank * base + min(pp_rank, extra)
+    return start, start + base + (1 if pp_rank < extra else 0)
+
+
+def build_stage(config: ModelConfig, layout: Layout, *, value_head: bool = False,
+                params_dtype: torch.dtype = torch.float32, device=None, init_seed: int | None = 0) -> DecoderModel:
+    """This rank's stage of the model under `layout` (its layers, embedding on the first stage, norm +
+    LM head (or value head) on the last, TP over `layout.tp_group`).
+
+    `init_seed` as in DecoderModel (None: leave uninitialised for loading). `device` None -> CPU.
+    """
+    config.check_tp(layout.tp)
+    start, end = stage_layer_range(config.num_layers, layout.pp, layout.pp_rank)
+    return DecoderModel(config, layout.tp_group, layer_range=(start, end), has_embedding=layout.is_first_stage,
+                        has_head=layout.is_last_stage, value_head=value_head, params_dtype=params_dtype,
+                        device=device, init_seed=init_seed)
