@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from verl_mega.models.decoder import position_ids_from_mask
 from verl_mega.rollout.kv_cache import StaticKVCache
 from verl_mega.rollout.sampling import SamplingParams, gather_vocab_logits, sample_tokens
 
@@ -168,7 +169,7 @@ class GenerationEngine:
             response_ids[i, :len(toks)] = torch.tensor(toks, dtype=torch.long)
             response_mask[i, :len(toks)] = 1
             logprobs[i, :len(lps)] = torch.tensor(lps, dtype=torch.float32)
-        prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # [N, P]
+        prompt_pos = position_ids_from_mask(prompt_mask)  # [N, P]
         response_pos = prompt_pos[:, -1:] + 1 + torch.arange(r_len)  # [N, R]
         return GenerationOutput(
             prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
@@ -221,7 +222,7 @@ class GenerationEngine:
             ids[i, p_len - len(r):] = torch.tensor(r)
             mask[i, p_len - len(r):] = True
         ids, mask = ids.to(dev), mask.to(dev)
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # [b, P]
+        positions = position_ids_from_mask(mask)  # [b, P]
         self._slot_mask[:bb].zero_()
         self._slot_mask[:b, :p_len] = mask
         self._tokens[:bb].fill_(self.pad_token_id)

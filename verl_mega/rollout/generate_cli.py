@@ -1,0 +1,151 @@
+"""`verl-mega generate`: batched generation for a jsonl file of prompts with a Hugging Face model.
+
+    verl-mega generate --model HF_DIR --prompts IN.jsonl --out OUT.jsonl [--tp N] [--max-new-tokens K]
+        [--temperature T] [--top-p P] [--top-k K] [--n N] [--seed S] [--batch-size B]
+        [--dtype float32|bfloat16|float16] [--no-cuda-graph]
+    torchrun --nproc_per_node 2 -m verl_mega.cli generate ... --tp 2
+
+Input: one JSON object per line with "prompt" (text) or "messages" (a chat message list; the
+tokenizer's chat template is applied with the generation prompt). Output: each input object plus
+"response" (text, special tokens skipped) and "response_ids" (token ids, the stop token included);
+with --n > 1, "responses" (list of n texts) and "response_ids" (list of n id lists) instead.
+Output lines follow input order.
+
+Under torchrun the world is split into world/tp data-parallel replicas, each generating a
+contiguous share of the prompts; global rank 0 gathers and writes the file. Batch b (of
+--batch-size prompts) of a replica is sampled with seed --seed + b, so sampled outputs depend on
+the number of replicas (greedy, --temperature 0, does not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="verl-mega generate", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="local Hugging Face model directory (config, weights, tokenizer)")
+    p.add_argument("--prompts", required=True, help="input jsonl: one object per line with 'prompt' or 'messages'")
+    p.add_argument("--out", required=True, help="output jsonl path (written by global rank 0)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (the world is split into world/tp replicas)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens generated per response")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--n", type=int, default=1, help="responses per prompt")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per engine call (rows = batch-size * n)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="parameter dtype (default bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on GPU (no CUDA graphs)")
+    return p
+
+
+def read_prompts(path: str) -> list[dict]:
+    """Parse the jsonl file; ValueError names the file and line of a malformed or prompt-less line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompts file {path} does not exist")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            if isinstance(rec.get("prompt"), str):
+                pass
+            elif isinstance(rec.get("messages"), list) and rec["messages"]:
+                if not all(isinstance(m, dict) and "role" in m and "content" in m for m in rec["messages"]):
+                    raise ValueError(f"{path}:{lineno}: every entry of 'messages' needs 'role' and 'content'")
+            else:
+                raise ValueError(f"{path}:{lineno}: needs a 'prompt' string or a non-empty 'messages' list")
+            records.append(rec)
+    if not records:
+        raise ValueError(f"{path} holds no prompts")
+    return records
+
+
+def _check_args(args) -> None:
+    for name in ("tp", "max_new_tokens", "n", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def _generate_share(actor, records: list[dict], args) -> list[list[dict]]:
+    """This replica's results: for each of its records, the list of n sample dicts."""
+    from verl_mega.rollout.frontend import generate
+
+    prompts = [r["prompt"] if isinstance(r.get("prompt"), str) else r["messages"] for r in records]
+    out = []
+    for b, start in enumerate(range(0, len(prompts), args.batch_size)):
+        samples = generate(actor, prompts[start:start + args.batch_size], max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, n=args.n,
+                           seed=args.seed + b, max_batch=args.batch_size * args.n,
+                           use_cuda_graph=False if args.no_cuda_graph else None)
+        out += [samples[i * args.n:(i + 1) * args.n] for i in range(len(samples) // args.n)]
+    return out
+
+
+def _output_line(record: dict, samples: list[dict], n: int) -> dict:
+    if n == 1:
+        return {**record, "response": samples[0]["response"], "response_ids": samples[0]["response_ids"]}
+    return {**record, "responses": [s["response"] for s in samples], "response_ids": [s["response_ids"] for s in samples]}
+
+
+def run(args) -> int:
+    """Load the model, generate this replica's share, gather on rank 0 and write the output."""
+    from verl_mega.models.actor import get_actor_model
+
+    _check_args(args)
+    records = read_prompts(args.prompts)  # every rank validates before any collective
+    dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
+    actor = get_actor_model(args.model, torch_dtype=dtype, tensor_parallel_size=args.tp, pipeline_parallel_size=1)
+    layout = actor.layout
+    share = -(-len(records) // layout.dp)
+    mine = records[layout.dp_rank * share:(layout.dp_rank + 1) * share]
+    t0 = time.perf_counter()
+    results = _generate_share(actor, mine, args) if mine else []
+    elapsed = time.perf_counter() - t0
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object((layout.dp_rank, layout.tp_rank, results), gathered, dst=0)
+    if dist.get_rank() != 0:
+        return 0
+    ordered = [res for dp_rank, tp_rank, res in sorted(gathered) if tp_rank == 0]
+    all_results = [r for res in ordered for r in res]
+    assert len(all_results) == len(records), (len(all_results), len(records))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        for rec, samples in zip(records, all_results):
+            f.write(json.dumps(_output_line(rec, samples, args.n), ensure_ascii=False) + "\n")
+    tokens = sum(len(s["response_ids"]) for samples in all_results for s in samples)
+    print(f"verl-mega generate: {len(records)} prompts x {args.n} -> {args.out} ({tokens} tokens, "
+          f"{elapsed:.1f} s on rank 0's replica)", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `verl-mega generate`; returns the exit status (2 for bad input)."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse already printed the message
+        return int(exc.code or 0)
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"verl-mega generate: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
