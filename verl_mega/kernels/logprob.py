@@ -1,0 +1,254 @@
+"""Fused vocab-parallel log-prob + entropy of the LM head, without materialising the logits.
+
+For hidden states h [N, H] and this rank's vocab shard W [V_local, H] (rows
+[vocab_start, vocab_start + V_local) of the vocabulary), with z = h @ W.T / T over the *full*
+vocabulary (shards combined over `tp_group`, padding ids >= true_vocab_size excluded):
+
+    logprob_i = z_{i, y_i} - lse_i,         lse_i = log sum_j exp(z_ij)
+    entropy_i = lse_i - sum_j p_ij z_ij,    p_ij = exp(z_ij - lse_i)
+
+Forward: per-row statistics (max m, s = sum e^(z-m), u = sum e^(z-m)(z-m), label logit) over the
+local shard, then one MAX and one SUM all-reduce of [N]-sized vectors over `tp_group`.
+Backward (recomputed chunk by chunk over the local vocab; nothing [N, V_local] is kept):
+
+    dL/dz_ij = g_lp_i (1[j = y_i] - p_ij) - g_ent_i p_ij (z_ij - E_p[z]_i)
+    grad_h = sum_chunks (dL/dz / T) @ W_chunk   (then all-reduced over tp_group: h is replicated)
+    grad_W_chunk = (dL/dz / T).T @ h            (written once per chunk: no accumulation)
+
+Chunks run over the vocabulary rather than the tokens so that grad_W needs no fp32 accumulator
+([V, H] fp32 would cost more memory than the logits chunk); grad_h [N, H] is accumulated in fp32.
+
+Paths (`impl`, see `dispatch.py`): "triton" = `logprob_triton` (GEMM with fused online-softmax
+epilogue in forward, GEMM with fused gradient epilogue + cuBLAS grad GEMMs in backward; also runs
+on CPU under TRITON_INTERPRET=1); "torch" = the same chunked algorithm with torch matmuls in fp32.
+Reference: `logprob_reference.reference_logprob_entropy`. Simplifications: hidden must be
+replicated over tp_group (no sequence-parallel input); labels must be valid ids (no ignore_index).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from verl_mega.kernels.dispatch import resolve_impl
+
+NEG = -1.0e30  # finite "minus infinity" for empty statistics (see logprob_triton)
+GRAD_CHUNK_BYTES = 256 * 2**20  # budget of the [N, chunk] gradient buffer when chunk_size is None
+
+
+@dataclass(frozen=True)
+class _Spec:
+    group: object  # tp process group or None
+    tp: int
+    vocab_start: int
+    n_valid: int  # local columns that are real vocabulary (the rest is padding)
+    inv_temp: float
+    chunk_size: int | None
+    path: str  # "triton" | "torch"
+    compute_entropy: bool
+
+
+def fused_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, tp_group=None,
+                          vocab_start: int | None = None, true_vocab_size: int | None = None,
+                          temperature: float = 1.0, compute_entropy: bool = True, chunk_size: int | None = None,
+                          impl: str = "auto"):
+    """Log-prob of `labels` and entropy under softmax(hidden @ weight.T / temperature), vocab-parallel.
+
+    hidden [..., H] (replicated over tp_group; its gradient is summed over the group),
+    weight [V_local, H] this rank's vocab rows (same dtype as hidden), labels [...] global ids.
+    vocab_start: first global id of this shard (default tp_rank * V_local);
+    true_vocab_size: ids >= it are padding (default V_local * tp); chunk_size: vocab columns per
+    backward chunk (default: a [N, chunk] buffer of ~256 MiB). Returns (logprob [...] fp32,
+    entropy [...] fp32 or None); differentiable w.r.t. hidden and weight.
+    """
+    spec = _make_spec(hidden, weight, labels, tp_group, vocab_start, true_vocab_size, temperature,
+                      compute_entropy, chunk_size, impl)
+    lead = hidden.shape[:-1]
+    logprob, entropy = _FusedLogProbEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                                  labels.reshape(-1), spec)
+    return logprob.view(lead), (entropy.view(lead) if compute_entropy else None)
+
+
+def _make_spec(hidden, weight, labels, tp_group, vocab_start, true_vocab_size, temperature, compute_entropy,
+               chunk_size, impl) -> _Spec:
+    if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden [..., H] and weight [V_local, H] disagree: {tuple(hidden.shape)} vs "
+                         f"{tuple(weight.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
+    if labels.shape != hidden.shape[:-1] or labels.dtype.is_floating_point:
+        raise ValueError(f"labels must be integer ids of shape {tuple(hidden.shape[:-1])}, got "
+                         f"{labels.dtype} {tuple(labels.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+    v_local = weight.shape[0]
+    if vocab_start is None:
+        vocab_start = (dist.get_rank(tp_group) if tp > 1 else 0) * v_local
+    vocab = v_local * tp if true_vocab_size is None else true_vocab_size
+    n_valid = max(0, min(v_local, vocab - vocab_start))
+    if vocab_start < 0 or (tp == 1 and n_valid == 0):
+        raise ValueError(f"vocab_start={vocab_start} leaves no vocabulary on this shard (true_vocab_size={vocab})")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= vocab):
+        raise ValueError(f"labels must lie in [0, true_vocab_size={vocab}), got [{int(labels.min())}, "
+                         f"{int(labels.max())}]")
+    return _Spec(tp_group, tp, vocab_start, n_valid, 1.0 / temperature, chunk_size,
+                 resolve_impl(impl, hidden), compute_entropy)
+
+
+class _FusedLogProbEntropy(torch.autograd.Function):
+    """(hidden [N, H], weight [V_local, H], labels [N]) -> (logprob [N], entropy [N]), fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, spec: _Spec):
+        h, w = hidden.contiguous(), weight.contiguous()
+        local = labels.to(torch.int64) - spec.vocab_start  # the label's local column (out of range: elsewhere)
+        stats = _local_stats(h, w[:spec.n_valid], local, spec)
+        lse, ez, zt = _combine_over_group(*stats, spec)
+        ctx.spec = spec
+        ctx.save_for_backward(h, w, local, lse, ez)
+        ctx.set_materialize_grads(False)
+        return zt - lse, lse - ez
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        h, w, local, lse, ez = ctx.saved_tensors
+        spec = ctx.spec
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
+        g_ent = g_ent.float().contiguous() if (g_ent is not None and spec.compute_entropy) else None
+        grad_h, grad_w = _backward_chunks(h, w, local, lse, ez, g_lp, g_ent, spec, need_h, need_w)
+        if grad_h is not None:
+            if spec.tp > 1:
+                dist.all_reduce(grad_h, group=spec.group)
+            grad_h = grad_h.to(h.dtype)
+        return grad_h, grad_w, None, None
+
+
+def _local_stats(h, w, local, spec: _Spec):
+    """(m, s, u, zt) fp32 [N] over this shard's valid columns w [n_valid, H]."""
+    if spec.path == "triton":
+        from verl_mega.kernels import logprob_triton
+        if w.shape[0] == 0:
+            n = h.shape[0]
+            return (torch.full((n,), NEG, device=h.device), *torch.zeros(3, n, device=h.device))
+        return logprob_triton.forward_stats(h, w, _to_int32(local), w.shape[0], spec.inv_temp)
+    return _torch_stats(h, w, local, spec)
+
+
+def _torch_stats(h, w, local, spec: _Spec):
+    """Chunked torch version of the forward statistics (fp32 matmuls, online rescaling)."""
+    n, v = h.shape[0], w.shape[0]
+    m = torch.full((n,), NEG, device=h.device)
+    s, u, zt = torch.zeros(3, n, device=h.device)
+    hf = h.float()
+    chunk = _chunk(spec, n, v, 4)
+    for c0 in range(0, v, chunk):
+        z = (hf @ w[c0:c0 + chunk].float().t()) * spec.inv_temp  # [N, chunk]
+        m_c = z.amax(dim=1)
+        d = z - m_c[:, None]
+        e = d.exp()
+        s_c, u_c = e.sum(dim=1), (e * d).sum(dim=1)
+        m_new = torch.maximum(m, m_c)
+        a, b = (m - m_new).exp(), (m_c - m_new).exp()
+        u = a * (u + (m - m_new) * s) + b * (u_c + (m_c - m_new) * s_c)
+        s = a * s + b * s_c
+        m = m_new
+        col = local - c0
+        here = (col >= 0) & (col < z.shape[1])
+        zt = torch.where(here, z.gather(1, col.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1), zt)
+    return m, s, u, zt
+
+
+def _combine_over_group(m, s, u, zt, spec: _Spec):
+    """Merge per-shard statistics over tp_group; returns (lse, E_p[z], label logit), fp32 [N]."""
+    if spec.tp > 1:
+        m_all = m.clone()
+        dist.all_reduce(m_all, op=dist.ReduceOp.MAX, group=spec.group)
+        scale = (m - m_all).exp()
+        parts = torch.stack([s * scale, (u + (m - m_all) * s) * scale, zt])  # [3, N]
+        dist.all_reduce(parts, group=spec.group)
+        m, (s, u, zt) = m_all, parts
+    lse = m + s.log()
+    return lse, m + u / s, zt
+
+
+def _backward_chunks(h, w, local, lse, ez, g_lp, g_ent, spec: _Spec, need_h: bool, need_w: bool):
+    """Recompute the logits chunk by chunk over the valid local vocab; return (grad_h fp32, grad_w)."""
+    n, hid = h.shape
+    v = spec.n_valid
+    # On CUDA the Triton path keeps the gradient chunk in the input dtype and lets cuBLAS run the
+    # GEMMs in bf16/fp16 with fp32 accumulation; elsewhere everything is fp32.
+    low = spec.path == "triton" and h.is_cuda
+    gdtype = h.dtype if low else torch.float32
+    hc = h if low else h.float()
+    chunk = _chunk(spec, n, max(v, 1), torch.finfo(gdtype).bits // 8)
+    buf = torch.empty(n, min(chunk, max(v, 1)), dtype=gdtype, device=h.device)  # [N, chunk]
+    grad_h = torch.zeros(n, hid, dtype=torch.float32, device=h.device) if need_h else None
+    grad_w = torch.empty_like(w) if need_w else None
+    if need_w and v < w.shape[0]:
+        grad_w[v:].zero_()  # padding rows
+    for c0 in range(0, v, chunk):
+        wc = w[c0:min(c0 + chunk, v)]
+        g = buf[:, :wc.shape[0]]
+        if spec.path == "triton":
+            from verl_mega.kernels import logprob_triton
+            logprob_triton.grad_logits(h, wc, g, lse, ez, g_lp, g_ent, _to_int32(local - c0), wc.shape[0],
+                                       spec.inv_temp)
+        else:
+            _torch_grad_logits(hc, wc, g, lse, ez, g_lp, g_ent, local - c0, spec.inv_temp)
+        wc = wc if low else wc.float()
+        if need_h:
+            _addmm_fp32(grad_h, g, wc)
+        if need_w:
+            if low:
+                torch.mm(g.t(), hc, out=grad_w[c0:c0 + wc.shape[0]])
+            else:
+                grad_w[c0:c0 + wc.shape[0]] = (g.t() @ hc).to(w.dtype)
+    return grad_h, grad_w
+
+
+def _torch_grad_logits(hf, wc, out, lse, ez, g_lp, g_ent, col, inv_temp):
+    """out [N, chunk] = dL/d(raw logits) for the columns wc (torch, fp32)."""
+    z = (hf @ wc.float().t()) * inv_temp  # [N, chunk]
+    p = (z - lse[:, None]).exp()
+    g = -g_lp[:, None] * p
+    if g_ent is not None:
+        g -= g_ent[:, None] * p * (z - ez[:, None])
+    rows = torch.nonzero((col >= 0) & (col < z.shape[1])).squeeze(1)
+    g[rows, col[rows]] += g_lp[rows]
+    out.copy_(g * inv_temp)
+
+
+_OUT_DTYPE_MM = [True]  # does torch.addmm accept out_dtype= here? (CUDA, torch >= 2.8)
+
+
+def _addmm_fp32(acc, a, b):
+    """acc += a @ b with fp32 accumulation into the fp32 `acc`, whatever the dtype of a and b."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if _OUT_DTYPE_MM[0]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError):
+            _OUT_DTYPE_MM[0] = False
+    acc += a @ b  # fallback: the chunk's product is rounded to the input dtype before accumulating
+
+
+def _chunk(spec: _Spec, n: int, v: int, elem_bytes: int) -> int:
+    if spec.chunk_size is not None:
+        return spec.chunk_size
+    chunk = GRAD_CHUNK_BYTES // (max(n, 1) * elem_bytes)
+    return max(256, min(v, chunk // 256 * 256))
+
+
+def _to_int32(x: torch.Tensor) -> torch.Tensor:
+    """Local label columns for the kernels; anything off this shard/chunk becomes -1."""
+    big = torch.iinfo(torch.int32).max
+    return torch.where((x >= 0) & (x < big), x, -1).to(torch.int32)
