@@ -78,7 +78,7 @@ class GenerationEngine:
 
     def __init__(self, model: torch.nn.Module, tp_group: dist.ProcessGroup | None = None, *,
                  max_batch: int = 64, max_seq_len: int = 2048, eos_token_ids=(), pad_token_id: int = 0,
-                 use_cuda_graph: bool | None = None, kv_len_bucket: int = 128, sync_every: int | None = None,
+                 use_cuda_graph: bool | None = None, kv_len_bucket: int = 64, sync_every: int | None = None,
                  prefill_tokens: int = 16384):
         if max_batch < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch must be >= 1 and max_seq_len >= 2, got {max_batch}, {max_seq_len}")

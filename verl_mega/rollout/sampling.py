@@ -109,10 +109,13 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams,
         tokens = torch.argmax(logits, dim=-1)
         logprobs = torch.log_softmax(logits, dim=-1)
     else:
-        scaled = logits / params.temperature
+        scaled = logits / params.temperature if params.temperature != 1.0 else logits
         logprobs = torch.log_softmax(scaled, dim=-1)
-        probs = torch.softmax(truncate_logits(scaled, params.top_k, params.top_p), dim=-1)
+        if params.top_k == 0 and params.top_p == 1.0:
+            probs = logprobs.exp()  # untruncated: reuse the log-softmax (fewer passes over [B, V])
+        else:
+            probs = torch.softmax(truncate_logits(scaled, params.top_k, params.top_p), dim=-1)
         race = torch.empty_like(probs).exponential_(generator=generator)  # E ~ Exp(1)
-        tokens = torch.argmax(probs / race, dim=-1)
+        tokens = torch.argmax(probs.div_(race), dim=-1)
     chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1)  # [B]
     return tokens, chosen
