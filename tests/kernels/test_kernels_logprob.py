@@ -123,7 +123,9 @@ def _tp_worker(impls, cases):
 def test_tp2_over_gloo_matches_unsharded_reference():
     # Case 1: padding on rank 1 only; case 2: rank 1 holds only padding columns (n_valid = 0).
     cases = [(19, 32, 80, 150, 0.8), (9, 16, 40, 37, 1.0)]
-    results = run_distributed(_tp_worker, 2, ["torch", "triton"], cases, env={"TRITON_INTERPRET": "1"})
+    # gloo ranks on CPU tensors, Triton in the interpreter (also on a GPU machine: the GPU is hidden).
+    env = {"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    results = run_distributed(_tp_worker, 2, ["torch", "triton"], cases, env=env)
     for rank_results in results:
         assert len(rank_results) == 6
         for impl, case, err in rank_results:

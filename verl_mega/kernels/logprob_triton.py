@@ -78,7 +78,7 @@ def _logits_tile(h_ptr, w_ptr, N, V, H: tl.constexpr, stride_h, stride_w, pid_m,
 
 @triton.jit
 def _fwd_kernel(h_ptr, w_ptr, lab_ptr, m_ptr, s_ptr, u_ptr, zt_ptr,
-                N, V, H: tl.constexpr, stride_h, stride_w, n_valid, inv_temp,
+                N, N_BUCKET, V, H: tl.constexpr, stride_h, stride_w, n_valid, inv_temp,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 GROUP_M: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     pid_m, pid_n = _tile_ids(N, V, BLOCK_M, BLOCK_N, GROUP_M)
@@ -128,7 +128,7 @@ def _combine_kernel(m_ptr, s_ptr, u_ptr, out_m, out_s, out_u, N, T: tl.constexpr
 
 @triton.jit
 def _bwd_kernel(h_ptr, w_ptr, g_ptr, lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_ptr,
-                N, V, H: tl.constexpr, stride_h, stride_w, stride_g, n_valid, inv_temp,
+                N, N_BUCKET, V, H: tl.constexpr, stride_h, stride_w, stride_g, n_valid, inv_temp,
                 HAS_ENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     pid_m, pid_n = _tile_ids(N, V, BLOCK_M, BLOCK_N, GROUP_M)
@@ -151,14 +151,17 @@ def _bwd_kernel(h_ptr, w_ptr, g_ptr, lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_ptr
 
 
 def _configs():
-    cfg = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (256, 128, 64, 8, 3),
-           (64, 256, 64, 4, 4)]
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); the 2-3 stage 128x128 tiles leave room for two
+    # programs per SM, so that one's softmax epilogue overlaps the other's main loop.
+    cfg = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 2), (128, 128, 64, 4, 3),
+           (256, 128, 64, 8, 3), (64, 256, 64, 4, 3)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in cfg]
 
 
-_fwd_tuned = triton.autotune(_configs(), key=["H"])(_fwd_kernel)
-_bwd_tuned = triton.autotune(_configs(), key=["H", "HAS_ENT"])(_bwd_kernel)
+# Tuned per hidden size and power-of-two bucket of the token count (N_BUCKET is otherwise unused).
+_fwd_tuned = triton.autotune(_configs(), key=["H", "N_BUCKET"])(_fwd_kernel)
+_bwd_tuned = triton.autotune(_configs(), key=["H", "N_BUCKET", "HAS_ENT"])(_bwd_kernel)
 _INTERP_TILE = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}
 
 
@@ -188,7 +191,7 @@ def forward_stats(hidden: torch.Tensor, weight: torch.Tensor, labels_local: torc
     dev = hidden.device
     parts = torch.empty(3, max_tiles, N, device=dev, dtype=torch.float32)  # [stat, tile, row]
     zt = torch.zeros(N, device=dev, dtype=torch.float32)
-    args = (hidden, weight, labels_local, parts[0], parts[1], parts[2], zt, N, V, H,
+    args = (hidden, weight, labels_local, parts[0], parts[1], parts[2], zt, N, triton.next_power_of_2(N), V, H,
             hidden.stride(0), weight.stride(0), n_valid, inv_temp)
     block_n = _launch(_fwd_kernel, _fwd_tuned, N, V, args, {})
     tiles = triton.cdiv(V, block_n)
@@ -211,6 +214,6 @@ def grad_logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, l
     V = weight.shape[0]
     has_ent = g_ent is not None
     args = (hidden, weight, out, lse, ez if has_ent else lse, g_lp, g_ent if has_ent else g_lp, labels_local,
-            N, V, H, hidden.stride(0), weight.stride(0), out.stride(0), n_valid, inv_temp)
+            N, triton.next_power_of_2(N), V, H, hidden.stride(0), weight.stride(0), out.stride(0), n_valid, inv_temp)
     _launch(_bwd_kernel, _bwd_tuned, N, V, args, {"HAS_ENT": has_ent})
     return out
