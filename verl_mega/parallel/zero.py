@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from verl_mega.trainer.optim import OptimConfig, make_adamw, make_scheduler
+from verl_mega.trainer.optim import OptimConfig, make_adamw, make_scheduler, set_schedule_step
 
 
 def partition_params(numels: list[int], dp: int) -> list[int]:
@@ -56,6 +56,7 @@ class ZeroOptimizer:
         self.aliased = self.buffer.dtype == torch.float32
         self.masters = [self._view_of(p) if self.aliased else self._view_of(p).detach().float().clone()
                         for p in self.owned]
+        self.config = config
         self.optimizer = make_adamw(self.masters, config)
         self.scheduler = make_scheduler(self.optimizer, config)
 
@@ -117,6 +118,10 @@ class ZeroOptimizer:
                 master.copy_(p.data)
 
     # ------------------------------------------------------------------ per-parameter state (checkpoints)
+    def set_schedule_step(self, step: int) -> None:
+        """Move the LR schedule to optimizer step `step` (after loading a checkpoint)."""
+        set_schedule_step(self.optimizer, self.scheduler, self.config, step)
+
     def master_of(self, p: torch.nn.Parameter) -> torch.Tensor:
         """fp32 master weight of an owned parameter."""
         if id(p) not in self._owned_index:

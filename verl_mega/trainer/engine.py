@@ -84,6 +84,7 @@ class TrainEngine:
         self.comm = PipeComm(layout, self.device) if layout.pp > 1 else None
         self.step = 0  # optimizer_step() calls so far
         self.skipped_steps = 0  # steps skipped for a non-finite grad norm
+        self.adam_steps = 0  # updates applied (AdamW step count, LR-schedule position)
         self._grads_synced = False
 
     # ------------------------------------------------------------------ training
@@ -138,6 +139,7 @@ class TrainEngine:
         if math.isfinite(norm_value):
             clip_grads_(masters, self.optim_config.clip_grad, norm)
             self.zero.step()
+            self.adam_steps += 1
         else:
             self.skipped_steps += 1
         self.zero_grad()

@@ -76,3 +76,12 @@ def make_adamw(params: list[torch.Tensor], config: OptimConfig) -> torch.optim.A
 def make_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR applying `lr_factor`."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
+
+
+def set_schedule_step(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                      config: OptimConfig, step: int) -> None:
+    """Put the schedule at optimizer step `step` (after loading a checkpoint): sets every group's lr."""
+    scheduler.last_epoch = step
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lr_factor(config, step)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
