@@ -65,7 +65,7 @@ class HFActor:
         input_ids [B, S] (left padding fine), attention_mask [B, S] 1/0 (default all ones); every
         rank of a pipeline must pass the same batch. Logits at pad positions are meaningless.
         """
-        if self.model.value_head is not None:
+        if self.model.is_value_model:
             raise ValueError("logits(): this is a value model; use values()")
         layout = self.layout
         b, s = input_ids.shape
@@ -85,7 +85,7 @@ class HFActor:
     @torch.no_grad()
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Values [B, S] (fp32) of a value model (value_head=True) on every rank."""
-        if self.model.value_head is None and self.layout.is_last_stage:
+        if not self.model.is_value_model:
             raise ValueError("values(): this model has no value head (load with value_head=True)")
         out = self._run_stages(input_ids, attention_mask)
         full = out.contiguous() if out is not None else torch.empty(input_ids.shape, dtype=torch.float32, device=self.device)

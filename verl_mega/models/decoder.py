@@ -229,7 +229,8 @@ class DecoderModel(nn.Module):
     replicated ones (norms, value head) do not.
 
     Attributes: `config`, `tp`, `tp_rank`, `layer_range`, `has_embedding`, `has_head`, `value_head`
-    (nn.Linear(H, 1) or None), `padded_vocab_size`, `true_vocab_size`, `vocab_start_index`.
+    (nn.Linear(H, 1) on the last stage of a value model, else None), `is_value_model` (every stage),
+    `padded_vocab_size`, `true_vocab_size`, `vocab_start_index`.
     """
 
     def __init__(self, config: ModelConfig, tp_group: dist.ProcessGroup, *, layer_range: tuple[int, int],
@@ -250,6 +251,7 @@ class DecoderModel(nn.Module):
                                  perform_initialization=False, params_dtype=params_dtype)
         self.config, self.tp_group = config, tp_group
         self.layer_range, self.has_embedding, self.has_head = (start, end), has_embedding, has_head
+        self.is_value_model = value_head  # on every stage (the value head itself only on the last)
         self.padded_vocab_size = config.padded_vocab_size(self.tp)
         self.true_vocab_size = config.vocab_size
         self.vocab_start_index = self.tp_rank * (self.padded_vocab_size // self.tp)

@@ -174,7 +174,7 @@ def _write_dir(tensors: dict[str, torch.Tensor], out_dir: str, config: ModelConf
     hf = config.to_hf_dict()
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     hf["dtype"] = hf["torch_dtype"] = dtype
-    if model.value_head is not None:
+    if model.is_value_model:
         hf["architectures"] = [hf["architectures"][0].replace("ForCausalLM", "ForTokenClassification")]
         hf["id2label"], hf["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
     with open(os.path.join(out_dir, "config.json"), "w") as f:

@@ -2,7 +2,8 @@
 
 `load_tokenizer(path)` returns
 - a transformers tokenizer (`AutoTokenizer.from_pretrained(path, local_files_only=True)`) when the
-  directory has `tokenizer.json` or `tokenizer_config.json` (chat template included);
+  directory has `tokenizer.json` or `tokenizer_config.json` (chat template included); a tokenizer
+  saved as the generic fast class is loaded with that class (transformers 5 would swap in the model type's class);
 - a `SentencePieceTokenizer` when it only has a sentencepiece model (`tokenizer.model` or another
   `*.model`), or when `path` is such a file;
 - None when there is no tokenizer.
@@ -14,6 +15,7 @@ ChatML rendering unless a Jinja template string is given) and `save_pretrained`.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -98,6 +100,18 @@ class SentencePieceTokenizer:
         shutil.copyfile(self.model_file, os.path.join(out_dir, "tokenizer.model"))
 
 
+_GENERIC_FAST = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _declared_class(path: str) -> str | None:
+    """`tokenizer_class` of tokenizer_config.json, if any."""
+    config = os.path.join(path, "tokenizer_config.json")
+    if not os.path.exists(config):
+        return None
+    with open(config) as f:
+        return json.load(f).get("tokenizer_class")
+
+
 def _sentencepiece_file(path: str) -> str | None:
     if os.path.isfile(path):
         return path if path.endswith(".model") else None
@@ -114,8 +128,12 @@ def load_tokenizer(path: str | os.PathLike):
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer path {path} does not exist")
     if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+        if _declared_class(path) in _GENERIC_FAST and os.path.exists(os.path.join(path, "tokenizer.json")):
+            # transformers 5 would swap in the model type's tokenizer class (e.g. Qwen2Tokenizer, which
+            # rebuilds its own pre-tokenizer); a generic fast tokenizer must be used exactly as saved.
+            return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     sp_file = _sentencepiece_file(path)
     return SentencePieceTokenizer(sp_file) if sp_file else None
