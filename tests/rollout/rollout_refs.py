@@ -6,13 +6,15 @@ import torch
 TEXT_PROMPTS = ["Hello there, how", "a", "The quick brown fox jumps", "42 + 7 ="]
 CHAT_PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color"}]
 NEVER = 10_000  # an "EOS" id outside the vocabulary: rows never stop early
+PAD = 0  # the tiny tokenizer's <pad>
 
 
 def tokenize(path, prompts) -> list[list[int]]:
-    """Token ids as a user would get them: tokenizer(text), or the chat template for message lists."""
-    from transformers import AutoTokenizer
+    """Token ids as a user would get them: tokenizer(text), or the chat template for message lists
+    (with the repo's tokenizer loader, as `verl-mega generate` uses)."""
+    from verl_mega.models.tokenizer import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = load_tokenizer(path)
     out = []
     for p in prompts:
         if isinstance(p, str):
@@ -26,13 +28,14 @@ def tokenize(path, prompts) -> list[list[int]]:
 def hf_greedy(path, prompt_ids, eos_token_id, max_new_tokens) -> list[list[int]]:
     """transformers' greedy generate over the batch, left-padded; each row's response up to and
     including EOS (HF pads finished rows with pad_token_id)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    batch = tok.pad({"input_ids": prompt_ids}, return_tensors="pt", padding_side="left")
+    p_len = max(len(p) for p in prompt_ids)
+    batch = {"input_ids": torch.tensor([[PAD] * (p_len - len(p)) + p for p in prompt_ids]),
+             "attention_mask": torch.tensor([[0] * (p_len - len(p)) + [1] * len(p) for p in prompt_ids])}
     out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                         pad_token_id=tok.pad_token_id, top_k=None, top_p=None, temperature=None)
+                         pad_token_id=PAD, top_k=None, top_p=None, temperature=None)
     stops = set(eos_token_id) if isinstance(eos_token_id, list) else {eos_token_id}
     responses = []
     for row in out[:, batch["input_ids"].shape[1]:].tolist():

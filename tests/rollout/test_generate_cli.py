@@ -38,12 +38,12 @@ def _args(hf_dir, inp, out, *extra):
 
 
 def test_cli_tp1_greedy_matches_transformers(hf_dir, cli_case):
-    from transformers import AutoTokenizer
+    from verl_mega.models.tokenizer import load_tokenizer
 
     out = os.path.join(cli_case["dir"], "out_tp1.jsonl")
     assert main(_args(hf_dir, cli_case["in"], out, "--temperature", "0", "--batch-size", "3")) == 0
     lines = _read(out)
-    tok = AutoTokenizer.from_pretrained(hf_dir)
+    tok = load_tokenizer(hf_dir)
     assert [line["response_ids"] for line in lines] == cli_case["ref"]
     for rec, line in zip(cli_case["records"], lines):
         assert {k: line[k] for k in rec} == rec  # input fields kept, order kept

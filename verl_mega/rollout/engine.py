@@ -74,12 +74,16 @@ class GenerationEngine:
     `generate` with the same arguments (same tokens come out everywhere).
     max_batch: most rows decoded together (larger requests run in chunks); max_seq_len: most cache
     slots per row (prompt + new tokens). use_cuda_graph: None = on for CUDA models, off on CPU.
+    kv_len_bucket: decode attends over the used cache slots rounded up to this multiple.
+    compile_decode: run the decode forward through `torch.compile` (fuses the many small
+    elementwise kernels of a decode step; one compilation per (batch bucket, kv_len bucket), so
+    prefer a larger kv_len_bucket). Opt-in: compilation takes tens of seconds per shape.
     """
 
     def __init__(self, model: torch.nn.Module, tp_group: dist.ProcessGroup | None = None, *,
                  max_batch: int = 64, max_seq_len: int = 2048, eos_token_ids=(), pad_token_id: int = 0,
                  use_cuda_graph: bool | None = None, kv_len_bucket: int = 64, sync_every: int | None = None,
-                 prefill_tokens: int = 16384):
+                 prefill_tokens: int = 16384, compile_decode: bool = False):
         if max_batch < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch must be >= 1 and max_seq_len >= 2, got {max_batch}, {max_seq_len}")
         self.model = model
@@ -107,6 +111,7 @@ class GenerationEngine:
         self._logits = torch.zeros(max_batch, self.true_vocab_size, dtype=torch.float32, device=dev)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._graph_pool = None
+        self._model_step = torch.compile(self._model_step_eager) if compile_decode else self._model_step_eager
 
     # ------------------------------------------------------------------ public
     @torch.no_grad()
@@ -251,9 +256,12 @@ class GenerationEngine:
         self.cache.set_view(bb, kv_len, self._write_pos)
         self._slot_mask[:bb].index_fill_(1, self._write_pos, True)
         attn = self._slot_mask[:bb, None, None, :kv_len]  # [bb, 1, 1, kv_len]
-        hidden = self.model(self._tokens[:bb], self._positions[:bb], attn_mask=attn, kv_cache=self.cache,
-                            return_hidden=True)  # [bb, 1, H]
-        self._logits[:bb].copy_(self._head_logits(hidden[:, -1]))
+        self._logits[:bb].copy_(self._model_step(self._tokens[:bb], self._positions[:bb], attn))
+
+    def _model_step_eager(self, tokens: torch.Tensor, positions: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Model forward of one decode step (cache view already set) -> full-vocab logits [bb, V]."""
+        hidden = self.model(tokens, positions, attn_mask=attn, kv_cache=self.cache, return_hidden=True)  # [bb, 1, H]
+        return self._head_logits(hidden[:, -1])
 
     def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head on final-normed hidden states [b, H] only -> full-vocab logits [b, V] float32.
