@@ -111,6 +111,7 @@ class GenerationEngine:
         self._logits = torch.zeros(max_batch, self.true_vocab_size, dtype=torch.float32, device=dev)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._graph_pool = None
+        self._graph_weights: tuple[int, ...] = ()  # parameter addresses the captured graphs read
         self._model_step = torch.compile(self._model_step_eager) if compile_decode else self._model_step_eager
 
     # ------------------------------------------------------------------ public
@@ -129,6 +130,10 @@ class GenerationEngine:
         stops = set(int(t) for t in stop_token_ids) | (set() if ignore_eos else set(self.eos_token_ids))
         stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(seed)
+        weights = tuple(p.data_ptr() for p in self.model.parameters())
+        if weights != self._graph_weights:  # re-allocated weights (e.g. resharded): graphs would read stale memory
+            self._graphs.clear()
+            self._graph_weights = weights
         results = []
         for start in range(0, len(rows), self.max_batch):
             results += self._generate_chunk(rows[start:start + self.max_batch], max_new_tokens, params,
