@@ -42,7 +42,6 @@ from verl_mega.parallel.dist import new_group
 from verl_mega.parallel.grad_clip import clip_grads_, counts_for_norm, global_grad_norm
 from verl_mega.parallel.layout import Layout, layout_group_ranks
 from verl_mega.parallel.p2p import PipeComm
-from verl_mega.parallel.vocab_parallel import vocab_parallel_log_probs
 from verl_mega.parallel.zero import ZeroOptimizer
 from verl_mega.trainer.optim import OptimConfig
 
@@ -230,6 +229,8 @@ def causal_lm_microbatches(input_ids: torch.Tensor, attention_mask: torch.Tensor
 def next_token_loss(engine: TrainEngine, temperature: float = 1.0) -> Callable:
     """loss_fn for `forward_backward`: (-sum of log p(label) over loss_mask, {}) from the last stage's
     final hidden states, with the vocabulary split over tp (`vocab_parallel_log_probs`)."""
+    from verl_mega.parallel.vocab_parallel import vocab_parallel_log_probs  # imports megatron-core: only when used
+
     model, tp_group = engine.model, engine.layout.tp_group
 
     def loss_fn(hidden: torch.Tensor, mb: dict) -> tuple[torch.Tensor, dict]:
