@@ -124,6 +124,14 @@ def bench_logprob(n, hid, v, quick: bool) -> dict:
     with torch.no_grad():
         res["ours_fwd_ms"] = time_ms(lambda: fused_logprob_entropy(h, w, labels))
     res.update(_breakdown(h.detach(), w.detach(), labels))
+    if not quick:
+        sweep = {}
+        for chunk in (4096, 8192, 16384):
+            def run(c=chunk):
+                lp, ent = fused_logprob_entropy(h, w, labels, chunk_size=c)
+                return torch.autograd.grad([lp, ent], [h, w], [g_lp, g_ent])
+            sweep[chunk] = time_ms(run, warmup=1, reps=3)
+        res["ours_ms_by_chunk"] = sweep
     return res
 
 
@@ -157,6 +165,10 @@ def _breakdown(h, w, labels) -> dict:
     t = time_ms(lambda: logprob_triton.grad_logits(h, wc, buf, lse, ez, g, g, local, chunk, 1.0))
     out["bwd_kernel_ms_all_chunks"] = t * nchunks
     out["bwd_config"] = str(logprob_triton._bwd_tuned.best_config)
+    for name, kern in (("fwd", logprob_triton._fwd_tuned), ("bwd", logprob_triton._bwd_tuned)):
+        timings = getattr(kern, "configs_timings", None) or {}
+        out[f"{name}_autotune_ms"] = {str(c): round(float(t[0] if isinstance(t, (list, tuple)) else t), 4)
+                                      for c, t in timings.items()}
     acc = torch.zeros(n, h.shape[1], device="cuda")
     gw = torch.empty_like(wc)
     out["grad_h_gemm_ms_all_chunks"] = time_ms(lambda: logprob_mod._addmm_fp32(acc, buf, wc)) * nchunks

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-GRPO, GRPO_NO_STD, RLOO, CENTER = 0, 1, 2, 3  # _group_kernel modes
+# _group_kernel modes (the same codes as advantage._GRPO etc.)
+GRPO, GRPO_NO_STD, RLOO, CENTER = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 
 
 @triton.jit

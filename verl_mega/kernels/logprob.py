@@ -60,7 +60,9 @@ def fused_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     weight [V_local, H] this rank's vocab rows (same dtype as hidden), labels [...] global ids.
     vocab_start: first global id of this shard (default tp_rank * V_local);
     true_vocab_size: ids >= it are padding (default V_local * tp); chunk_size: vocab columns per
-    backward chunk (default: a [N, chunk] buffer of ~256 MiB). Returns (logprob [...] fp32,
+    backward chunk (default: a [N, chunk] buffer of ~256 MiB; rounded up to a multiple of 16 on the
+    Triton path, which also needs H * itemsize to be a multiple of 16 bytes, else "auto" takes the
+    torch path). Returns (logprob [...] fp32,
     entropy [...] fp32 or None); differentiable w.r.t. hidden and weight.
     """
     spec = _make_spec(hidden, weight, labels, tp_group, vocab_start, true_vocab_size, temperature,
@@ -93,11 +95,18 @@ def _make_spec(hidden, weight, labels, tp_group, vocab_start, true_vocab_size, t
     n_valid = max(0, min(v_local, vocab - vocab_start))
     if vocab_start < 0 or (tp == 1 and n_valid == 0):
         raise ValueError(f"vocab_start={vocab_start} leaves no vocabulary on this shard (true_vocab_size={vocab})")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= vocab):
-        raise ValueError(f"labels must lie in [0, true_vocab_size={vocab}), got [{int(labels.min())}, "
-                         f"{int(labels.max())}]")
-    return _Spec(tp_group, tp, vocab_start, n_valid, 1.0 / temperature, chunk_size,
-                 resolve_impl(impl, hidden), compute_entropy)
+    if labels.numel():
+        lo, hi = (int(x) for x in torch.stack(torch.aminmax(labels)).tolist())  # one device sync
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"labels must lie in [0, true_vocab_size={vocab}), got [{lo}, {hi}]")
+    path = resolve_impl(impl, hidden)
+    if path == "triton" and (hidden.shape[-1] * hidden.element_size()) % 16:
+        if impl == "triton":
+            raise ValueError(f"impl='triton' needs hidden rows of a multiple of 16 bytes (TMA), got H={hidden.shape[-1]}")
+        path = "torch"  # auto: TMA descriptors need 16-byte aligned rows
+    if path == "triton" and chunk_size is not None:
+        chunk_size = -(-chunk_size // 16) * 16  # the gradient chunk's rows must stay 16-byte aligned too
+    return _Spec(tp_group, tp, vocab_start, n_valid, 1.0 / temperature, chunk_size, path, compute_entropy)
 
 
 class _FusedLogProbEntropy(torch.autograd.Function):
@@ -105,7 +114,7 @@ class _FusedLogProbEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, spec: _Spec):
-        h, w = hidden.contiguous(), weight.contiguous()
+        h, w = _aligned(hidden), _aligned(weight)
         local = labels.to(torch.int64) - spec.vocab_start  # the label's local column (out of range: elsewhere)
         stats = _local_stats(h, w[:spec.n_valid], local, spec)
         lse, ez, zt = _combine_over_group(*stats, spec)
@@ -246,6 +255,12 @@ def _chunk(spec: _Spec, n: int, v: int, elem_bytes: int) -> int:
         return spec.chunk_size
     chunk = GRAD_CHUNK_BYTES // (max(n, 1) * elem_bytes)
     return max(256, min(v, chunk // 256 * 256))
+
+
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """Contiguous, with a 16-byte aligned start (TMA descriptors need it; a fresh allocation has it)."""
+    x = x.contiguous()
+    return x if x.data_ptr() % 16 == 0 else x.clone()
 
 
 def _to_int32(x: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,9 @@ Two GEMM kernels with fused epilogues over tiles of logits `z = hidden @ weight.
 
 - `_fwd_kernel`: one program per [BLOCK_M rows, BLOCK_N vocab] tile computes the tile's logits in
   registers (bf16 `tl.dot`, fp32 accumulation) and writes only per-tile softmax statistics:
-  max m, sum-exp s = sum e^(z-m), u = sum e^(z-m)(z-m), and the label's logit where the label falls
-  in the tile. No logits reach memory. `_combine_kernel` then merges the tiles of each row.
+  max m, sum-exp s = sum e^(z-m), u = sum e^(z-m)(z-m). No logits reach memory.
+  `_combine_kernel` then merges the tiles of each row, and `_target_kernel` computes the label's
+  logit as one fp32 dot product per row (cheaper than a search for the label in every tile).
 - `_bwd_kernel`: recomputes a tile of logits for one vocab chunk and writes the gradient w.r.t. the
   raw logits, g = (g_lp (onehot - p) - g_ent p (z - E[z])) / T, in the input dtype; the two
   gradient GEMMs (g @ W, g.T @ hidden) are left to cuBLAS.
@@ -23,10 +24,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from verl_mega.kernels.dispatch import interpret_mode
 
-NEG = -1.0e30  # "minus infinity" for masked logits: finite, so NEG - NEG = 0, not NaN
+NEG = tl.constexpr(-1.0e30)  # "minus infinity" for masked logits: finite, so NEG - NEG = 0, not NaN
 
 
 @triton.jit
@@ -44,26 +46,13 @@ def _tile_ids(N, V, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
-def _logits_tile(h_ptr, w_ptr, N, V, H: tl.constexpr, stride_h, stride_w, pid_m, pid_n,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-                 IEEE: tl.constexpr):
-    """fp32 tile hidden[rows] @ weight[cols].T; out-of-range rows/cols read wrapped (valid) memory."""
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm_in = tl.max_contiguous(tl.multiple_of(rm % N, BLOCK_M), BLOCK_M)
-    rn_in = tl.max_contiguous(tl.multiple_of(rn % V, BLOCK_N), BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    a_ptrs = h_ptr + rm_in[:, None].to(tl.int64) * stride_h + rk[None, :]
-    b_ptrs = w_ptr + rn_in[:, None].to(tl.int64) * stride_w + rk[None, :]
+def _logits_tile(a_desc, b_desc, pid_m, pid_n, H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """fp32 tile hidden[rows] @ weight[cols].T via TMA loads (out-of-range rows, cols, k read as 0)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(H, BLOCK_K)):
-        if H % BLOCK_K == 0:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            k_in = (k * BLOCK_K + rk) < H
-            a = tl.load(a_ptrs, mask=k_in[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_in[None, :], other=0.0)
+    for k in range(0, H, BLOCK_K):
+        a = a_desc.load([pid_m * BLOCK_M, k])
+        b = b_desc.load([pid_n * BLOCK_N, k])
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -71,36 +60,49 @@ def _logits_tile(h_ptr, w_ptr, N, V, H: tl.constexpr, stride_h, stride_w, pid_m,
             acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
         else:
             acc = tl.dot(a, tl.trans(b), acc)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     return acc, rm, rn
 
 
 @triton.jit
-def _fwd_kernel(h_ptr, w_ptr, lab_ptr, m_ptr, s_ptr, u_ptr, zt_ptr,
-                N, N_BUCKET, V, H: tl.constexpr, stride_h, stride_w, n_valid, inv_temp,
+def _fwd_kernel(a_desc, b_desc, m_ptr, s_ptr, u_ptr, N, N_BUCKET, V, H: tl.constexpr, n_valid, inv_temp,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 GROUP_M: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     pid_m, pid_n = _tile_ids(N, V, BLOCK_M, BLOCK_N, GROUP_M)
-    acc, rm, rn = _logits_tile(h_ptr, w_ptr, N, V, H, stride_h, stride_w, pid_m, pid_n,
-                               BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
+    acc, rm, rn = _logits_tile(a_desc, b_desc, pid_m, pid_n, H, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
+    # Kept to three row reductions: this epilogue is not hidden behind the main loop.
     valid = (rn < n_valid)[None, :]
     z = tl.where(valid, acc * inv_temp, NEG)
     m = tl.max(z, axis=1)
     d = z - m[:, None]
     e = tl.where(valid, tl.exp(d), 0.0)
     s = tl.sum(e, axis=1)
-    u = tl.sum(tl.where(valid, e * d, 0.0), axis=1)
+    u = tl.sum(e * d, axis=1)  # e = 0 on masked columns (d is finite there: no 0 * inf)
     row_in = rm < N
     out = pid_n * N + rm
     tl.store(m_ptr + out, m, mask=row_in)
     tl.store(s_ptr + out, s, mask=row_in)
     tl.store(u_ptr + out, u, mask=row_in)
-    lab = tl.load(lab_ptr + rm, mask=row_in, other=-1)  # local column of the label, or out of range
-    hit = (rn[None, :] == lab[:, None]) & valid
-    zt = tl.sum(tl.where(hit, z, 0.0), axis=1)
-    has = tl.max(hit.to(tl.int32), axis=1) > 0
-    tl.store(zt_ptr + rm, zt, mask=row_in & has)
+
+
+@triton.jit
+def _target_kernel(h_ptr, w_ptr, lab_ptr, out_ptr, N, H: tl.constexpr, stride_h, stride_w, inv_temp,
+                   BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[i] = hidden[i] . weight[label_i] * inv_temp (fp32) where label_i is on this shard, else 0."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_in = rows < N
+    lab = tl.load(lab_ptr + rows, mask=row_in, other=-1)
+    here = row_in & (lab >= 0)
+    cols = tl.arange(0, BLOCK_H)
+    acc = tl.zeros((BLOCK_R,), tl.float32)
+    for k in range(0, H, BLOCK_H):
+        kin = (k + cols) < H
+        msk = here[:, None] & kin[None, :]
+        h = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + k + cols[None, :], mask=msk, other=0.0)
+        w = tl.load(w_ptr + lab[:, None].to(tl.int64) * stride_w + k + cols[None, :], mask=msk, other=0.0)
+        acc += tl.sum(h.to(tl.float32) * w.to(tl.float32), axis=1)
+    tl.store(out_ptr + rows, acc * inv_temp, mask=row_in)
 
 
 @triton.jit
@@ -127,13 +129,12 @@ def _combine_kernel(m_ptr, s_ptr, u_ptr, out_m, out_s, out_u, N, T: tl.constexpr
 
 
 @triton.jit
-def _bwd_kernel(h_ptr, w_ptr, g_ptr, lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_ptr,
-                N, N_BUCKET, V, H: tl.constexpr, stride_h, stride_w, stride_g, n_valid, inv_temp,
+def _bwd_kernel(a_desc, b_desc, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_ptr,
+                N, N_BUCKET, V, H: tl.constexpr, n_valid, inv_temp,
                 HAS_ENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     pid_m, pid_n = _tile_ids(N, V, BLOCK_M, BLOCK_N, GROUP_M)
-    acc, rm, rn = _logits_tile(h_ptr, w_ptr, N, V, H, stride_h, stride_w, pid_m, pid_n,
-                               BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
+    acc, rm, rn = _logits_tile(a_desc, b_desc, pid_m, pid_n, H, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
     row_in = rm < N
     z = acc * inv_temp
     lse = tl.load(lse_ptr + rm, mask=row_in, other=0.0)
@@ -146,33 +147,64 @@ def _bwd_kernel(h_ptr, w_ptr, g_ptr, lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_ptr
         gent = tl.load(gent_ptr + rm, mask=row_in, other=0.0)
         g -= gent[:, None] * p * (z - ez[:, None])
     g = tl.where((rn < n_valid)[None, :], g * inv_temp, 0.0)
-    g_ptrs = g_ptr + rm[:, None].to(tl.int64) * stride_g + rn[None, :]
-    tl.store(g_ptrs, g.to(g_ptr.dtype.element_ty), mask=row_in[:, None] & (rn < V)[None, :])
+    g_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], g.to(g_desc.dtype))  # rows >= N, cols >= V: dropped
 
 
 def _configs():
-    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); the 2-3 stage 128x128 tiles leave room for two
-    # programs per SM, so that one's softmax epilogue overlaps the other's main loop.
-    cfg = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 2), (128, 128, 64, 4, 3),
-           (256, 128, 64, 8, 3), (64, 256, 64, 4, 3)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in cfg]
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). The 128x128 tiles with 3 stages leave room for two
+    # programs per SM, so that one's softmax epilogue can overlap the other's main loop.
+    cfg = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 4, 3),
+           (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (64, 256, 64, 4, 3), (128, 128, 128, 8, 2),
+           (64, 64, 32, 4, 3)]  # the last one for fp32 inputs (full-precision dots, no tensor-core tiles)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s,
+                          pre_hook=_set_block_shapes) for bm, bn, bk, w, s in cfg]
+
+
+def _set_block_shapes(nargs):
+    """TMA descriptors carry the tile shape: set it for the config about to run."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bm, bk]
+    nargs["b_desc"].block_shape = [bn, bk]
+    if "g_desc" in nargs:
+        nargs["g_desc"].block_shape = [bm, bn]
+
+
+def _prune(configs, named_args, **kwargs):
+    """fp32 inputs take small tiles; small token counts (tests, short micro-batches) one mid-size tile."""
+    def shape(c):
+        return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages
+    if kwargs.get("IEEE"):
+        return [c for c in configs if shape(c) == (64, 64, 32, 4, 3)]
+    configs = [c for c in configs if shape(c) != (64, 64, 32, 4, 3)]
+    if named_args["N_BUCKET"] <= 1024:
+        return [c for c in configs if shape(c) == (128, 128, 64, 8, 3)]
+    return configs
 
 
 # Tuned per hidden size and power-of-two bucket of the token count (N_BUCKET is otherwise unused).
-_fwd_tuned = triton.autotune(_configs(), key=["H", "N_BUCKET"])(_fwd_kernel)
-_bwd_tuned = triton.autotune(_configs(), key=["H", "N_BUCKET", "HAS_ENT"])(_bwd_kernel)
-_INTERP_TILE = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}
+_TUNE = dict(configs=_configs(), prune_configs_by={"early_config_prune": _prune})
+_fwd_tuned = triton.autotune(key=["H", "N_BUCKET", "IEEE"], **_TUNE)(_fwd_kernel)
+_bwd_tuned = triton.autotune(key=["H", "N_BUCKET", "IEEE", "HAS_ENT"], **_TUNE)(_bwd_kernel)
+_INTERP_TILE = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}  # interpreter: fixed tiles
 
 
-def _launch(kernel_fixed, kernel_tuned, N, V, args, kwargs):
-    """Launch with fixed small tiles under the interpreter, autotuned tiles on GPU."""
-    if interpret_mode():
-        grid = (triton.cdiv(N, _INTERP_TILE["BLOCK_M"]) * triton.cdiv(V, _INTERP_TILE["BLOCK_N"]),)
-        kernel_fixed[grid](*args, **kwargs, **_INTERP_TILE, UPCAST=True, IEEE=False)
-        return _INTERP_TILE["BLOCK_N"]
+def _launch(kernel, kernel_tuned, N, V, tensors, args, kwargs):
+    """Launch with fixed small tiles under the interpreter, autotuned tiles on GPU.
+
+    tensors: (hidden, weight[, grad_out]) become TMA descriptors (their block shape set per config).
+    Returns the BLOCK_N used."""
+    interp = interpret_mode()
+    tile = _INTERP_TILE if interp else {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}  # GPU: set by pre_hook
+    descs = [TensorDescriptor.from_tensor(tensors[0], [tile["BLOCK_M"], tile["BLOCK_K"]]),
+             TensorDescriptor.from_tensor(tensors[1], [tile["BLOCK_N"], tile["BLOCK_K"]])]
+    if len(tensors) > 2:
+        descs.append(TensorDescriptor.from_tensor(tensors[2], [tile["BLOCK_M"], tile["BLOCK_N"]]))
+    if interp:
+        grid = (triton.cdiv(N, tile["BLOCK_M"]) * triton.cdiv(V, tile["BLOCK_N"]),)
+        kernel[grid](*descs, *args, **kwargs, **tile, UPCAST=True, IEEE=False)
+        return tile["BLOCK_N"]
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(V, meta["BLOCK_N"]),)  # noqa: E731
-    kernel_tuned[grid](*args, **kwargs, UPCAST=False, IEEE=args[0].dtype == torch.float32)
+    kernel_tuned[grid](*descs, *args, **kwargs, UPCAST=False, IEEE=tensors[0].dtype == torch.float32)
     return kernel_tuned.best_config.kwargs["BLOCK_N"]
 
 
@@ -181,25 +213,25 @@ def forward_stats(hidden: torch.Tensor, weight: torch.Tensor, labels_local: torc
     """Per-row softmax statistics of z = hidden @ weight.T * inv_temp over the first n_valid columns.
 
     hidden [N, H], weight [V, H] (contiguous, same dtype), labels_local [N] int32 (the label's local
-    column; any value outside [0, V) means "not on this shard"). Returns fp32 [N] tensors
+    column; anything outside [0, n_valid) means "not on this shard"). Returns fp32 [N] tensors
     (m, s, u, zt): max, sum e^(z-m), sum e^(z-m)(z-m), and the label's logit (0 when not here).
     """
     N, H = hidden.shape
     V = weight.shape[0]
+    dev = hidden.device
     # Upper bound on the tile count (smallest BLOCK_N of any config); unused rows stay untouched.
     max_tiles = triton.cdiv(V, 64 if interpret_mode() else 128)
-    dev = hidden.device
     parts = torch.empty(3, max_tiles, N, device=dev, dtype=torch.float32)  # [stat, tile, row]
-    zt = torch.zeros(N, device=dev, dtype=torch.float32)
-    args = (hidden, weight, labels_local, parts[0], parts[1], parts[2], zt, N, triton.next_power_of_2(N), V, H,
-            hidden.stride(0), weight.stride(0), n_valid, inv_temp)
-    block_n = _launch(_fwd_kernel, _fwd_tuned, N, V, args, {})
-    tiles = triton.cdiv(V, block_n)
-    out = torch.empty(3, N, device=dev, dtype=torch.float32)
+    args = (parts[0], parts[1], parts[2], N, triton.next_power_of_2(N), V, H, n_valid, inv_temp)
+    tiles = triton.cdiv(V, _launch(_fwd_kernel, _fwd_tuned, N, V, (hidden, weight), args, {}))
+    out = torch.empty(4, N, device=dev, dtype=torch.float32)  # m, s, u, zt
     block = 128
     _combine_kernel[(triton.cdiv(N, block),)](parts[0], parts[1], parts[2], out[0], out[1], out[2], N, tiles,
                                                BLOCK=block)
-    return out[0], out[1], out[2], zt
+    labels_here = torch.where(labels_local < n_valid, labels_local, -1)
+    _target_kernel[(triton.cdiv(N, 16),)](hidden, weight, labels_here, out[3], N, H, hidden.stride(0),
+                                          weight.stride(0), inv_temp, BLOCK_R=16, BLOCK_H=128)
+    return out[0], out[1], out[2], out[3]
 
 
 def grad_logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -213,7 +245,7 @@ def grad_logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, l
     N, H = hidden.shape
     V = weight.shape[0]
     has_ent = g_ent is not None
-    args = (hidden, weight, out, lse, ez if has_ent else lse, g_lp, g_ent if has_ent else g_lp, labels_local,
-            N, triton.next_power_of_2(N), V, H, hidden.stride(0), weight.stride(0), out.stride(0), n_valid, inv_temp)
-    _launch(_bwd_kernel, _bwd_tuned, N, V, args, {"HAS_ENT": has_ent})
+    args = (lse, ez if has_ent else lse, g_lp, g_ent if has_ent else g_lp, labels_local,
+            N, triton.next_power_of_2(N), V, H, n_valid, inv_temp)
+    _launch(_bwd_kernel, _bwd_tuned, N, V, (hidden, weight, out), args, {"HAS_ENT": has_ent})
     return out
