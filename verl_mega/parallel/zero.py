@@ -20,10 +20,10 @@ are all-reduced, not reduce-scattered.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
-
-from verl_mega.trainer.optim import OptimConfig, make_adamw, make_scheduler, set_schedule_step
 
 
 def partition_params(numels: list[int], dp: int) -> list[int]:
@@ -40,10 +40,12 @@ class ZeroOptimizer:
     """AdamW over fp32 master weights of the parameters this dp rank owns, plus the dp param all-gather.
 
     params: the stage's parameters (all of one dtype, e.g. bf16 or fp32), each with `main_grad`
-    (set by DataParallelGrads) when `step()` runs. dp_group / dp_rank: the data-parallel group.
+    (set by DataParallelGrads) when `step()` runs. dp_group: the data-parallel group.
+    make_optimizer: builds the optimizer over the owned fp32 masters (e.g. `optim.make_adamw`).
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], dp_group, config: OptimConfig):
+    def __init__(self, params: list[torch.nn.Parameter], dp_group,
+                 make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer]):
         dtypes = {p.dtype for p in params}
         if len(dtypes) > 1:
             raise ValueError(f"all parameters of a stage must share one dtype, got {sorted(map(str, dtypes))}")
@@ -56,9 +58,7 @@ class ZeroOptimizer:
         self.aliased = self.buffer.dtype == torch.float32
         self.masters = [self._view_of(p) if self.aliased else self._view_of(p).detach().float().clone()
                         for p in self.owned]
-        self.config = config
-        self.optimizer = make_adamw(self.masters, config)
-        self.scheduler = make_scheduler(self.optimizer, config)
+        self.optimizer = make_optimizer(self.masters)
 
     def _build_param_buffer(self, dtype: torch.dtype) -> None:
         """Flat buffer of dp equal regions; move each parameter's data into its owner's region."""
@@ -94,10 +94,9 @@ class ZeroOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
-        """AdamW on the owned masters (grads attached), LR schedule step, refresh params, all-gather over dp."""
+        """Optimizer step on the owned masters (grads attached), refresh params, all-gather over dp."""
         self.attach_grads()
         self.optimizer.step()
-        self.scheduler.step()
         for master, p in zip(self.masters, self.owned):
             master.grad = None
             if not self.aliased:
@@ -118,9 +117,6 @@ class ZeroOptimizer:
                 master.copy_(p.data)
 
     # ------------------------------------------------------------------ per-parameter state (checkpoints)
-    def set_schedule_step(self, step: int) -> None:
-        """Move the LR schedule to optimizer step `step` (after loading a checkpoint)."""
-        set_schedule_step(self.optimizer, self.scheduler, self.config, step)
 
     def master_of(self, p: torch.nn.Parameter) -> torch.Tensor:
         """fp32 master weight of an owned parameter."""

@@ -37,6 +37,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
+from verl_mega.trainer.optim import set_schedule_step
+
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 CLIENT_STATE = "client_state.pt"
@@ -164,7 +166,7 @@ def apply_engine_state(engine, state: dict) -> None:
             if adam_steps > 0 and f"optim/{key}/exp_avg" in state:
                 moments = [_local_value(state[f"optim/{key}/{n}"], p, layout, key) for n in ("exp_avg", "exp_avg_sq")]
                 zero.set_adam_state(p, *moments, step=adam_steps)
-    zero.set_schedule_step(adam_steps)
+    set_schedule_step(zero.optimizer, engine.scheduler, engine.optim_config, adam_steps)
     engine.adam_steps = adam_steps
     rank = dist.get_rank()
     if f"rng/rank{rank}/cpu" in state:

@@ -43,7 +43,7 @@ from verl_mega.parallel.grad_clip import clip_grads_, counts_for_norm, global_gr
 from verl_mega.parallel.layout import Layout, layout_group_ranks
 from verl_mega.parallel.p2p import PipeComm
 from verl_mega.parallel.zero import ZeroOptimizer
-from verl_mega.trainer.optim import OptimConfig
+from verl_mega.trainer.optim import OptimConfig, make_adamw, make_scheduler
 
 
 def default_forward_step(model, microbatch: dict, input_tensor: torch.Tensor | None) -> torch.Tensor:
@@ -77,7 +77,8 @@ class TrainEngine:
                     dist.broadcast(p.data, src=layout.first_stage_rank, group=self.shared_group)
         self.grads = DataParallelGrads(params, layout.dp_group, bucket_mb=bucket_mb,
                                        shared_group=self.shared_group, shared_params=shared)
-        self.zero = ZeroOptimizer(params, layout.dp_group, optim_config)
+        self.zero = ZeroOptimizer(params, layout.dp_group, lambda masters: make_adamw(masters, optim_config))
+        self.scheduler = make_scheduler(self.zero.optimizer, optim_config)
         self._norm_flags = [counts_for_norm(p, tp_rank=layout.tp_rank, is_first_stage=layout.is_first_stage)
                             for p in self.zero.owned]
         self.comm = PipeComm(layout, self.device) if layout.pp > 1 else None
@@ -138,6 +139,7 @@ class TrainEngine:
         if math.isfinite(norm_value):
             clip_grads_(masters, self.optim_config.clip_grad, norm)
             self.zero.step()
+            self.scheduler.step()
             self.adam_steps += 1
         else:
             self.skipped_steps += 1
