@@ -1,0 +1,110 @@
+"""`RLBatch`: what flows through the dataflow stages of one RL step — prompts in, tensors and metrics out.
+
+Rows are responses, ordered prompt-major: rows i*n .. i*n+n-1 answer prompt i (the GRPO group).
+A full sequence is [prompt | response]: the prompt left-padded to P tokens, the response
+right-padded to R tokens, so every row's response starts at column P and the log-prob of
+response token t is predicted by the hidden state at column P + t - 1.
+
+Each stage fills some fields (None until then); `microbatches()` cuts row subsets into the
+dicts of tensors the training engine consumes. Reference: verl's `DataProto` (a TensorDict
+plus non-tensor lists), reduced to a dataclass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from verl_mega.data.loader import left_pad
+
+# tensors a micro-batch needs for a forward pass (the rest are added by name)
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "position_ids", "responses", "response_mask")
+
+
+@dataclass
+class RLBatch:
+    """One step's data. B = len(samples) prompts, N = B * n rows, P / R = prompt / response columns."""
+
+    samples: list[dict]  # B prompt samples (dataset items or user dicts: prompt, ground_truth, extra_info ...)
+    prompt_ids: list[list[int]]  # B token-id prompts
+    n: int = 1  # responses per prompt
+    step: int = 0  # global step this batch belongs to (seeds sampling and shuffling)
+    # --- rollout
+    input_ids: torch.Tensor | None = None  # [N, P + R] long
+    attention_mask: torch.Tensor | None = None  # [N, P + R] long, 1 = token
+    position_ids: torch.Tensor | None = None  # [N, P + R] long
+    responses: torch.Tensor | None = None  # [N, R] long, right-padded
+    response_mask: torch.Tensor | None = None  # [N, R] float, 1 = generated token (stop token included)
+    rollout_logprobs: torch.Tensor | None = None  # [N, R] float, the sampler's log-probs
+    response_texts: list[str] | None = None  # N decoded responses (special tokens skipped)
+    # --- reward
+    scores: torch.Tensor | None = None  # [N] float, outcome reward per response
+    reward_failures: int = 0  # reward calls that raised / returned a non-number
+    reward_timeouts: int = 0  # reward calls past the time limit
+    reward_errors: list[str] = field(default_factory=list)  # first few failure messages
+    # --- log-probs
+    old_logprobs: torch.Tensor | None = None  # [N, R] actor log-probs before the update
+    ref_logprobs: torch.Tensor | None = None  # [N, R] reference policy log-probs (KL)
+    values: torch.Tensor | None = None  # [N, R] critic values (PPO)
+    # --- advantage
+    token_rewards: torch.Tensor | None = None  # [N, R] rewards on tokens (outcome on the last token, minus KL)
+    advantages: torch.Tensor | None = None  # [N, R]
+    returns: torch.Tensor | None = None  # [N, R]
+    # --- bookkeeping
+    metrics: dict[str, float] = field(default_factory=dict)  # filled by the stages; the step's result
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage / phase
+    extras: dict[str, Any] = field(default_factory=dict)  # free space for user stages
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.prompt_ids) * self.n
+
+    @property
+    def row_samples(self) -> list[dict]:
+        """The sample of every row (prompt-major)."""
+        return [s for s in self.samples for _ in range(self.n)]
+
+    def set_rollout(self, responses: list[list[int]], logprobs: list[list[float]], pad_id: int) -> None:
+        """Fill the sequence tensors from N response token lists (and their sampler log-probs)."""
+        if len(responses) != self.num_rows:
+            raise ValueError(f"got {len(responses)} responses for {self.num_prompts} prompts x n={self.n}")
+        prompts = [p for p in self.prompt_ids for _ in range(self.n)]
+        prompt_ids, prompt_mask = left_pad(prompts, pad_id)  # [N, P]
+        r_len = max(1, max(len(r) for r in responses))
+        resp = torch.full((len(responses), r_len), pad_id, dtype=torch.long)
+        resp_mask = torch.zeros(len(responses), r_len)
+        lps = torch.zeros(len(responses), r_len)
+        for i, (r, lp) in enumerate(zip(responses, logprobs)):
+            resp[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            resp_mask[i, :len(r)] = 1.0
+            lps[i, :len(lp)] = torch.tensor(lp, dtype=torch.float32)
+        self.input_ids = torch.cat([prompt_ids, resp], dim=1)  # [N, P + R]
+        self.attention_mask = torch.cat([prompt_mask, resp_mask.long()], dim=1)
+        self.position_ids = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        self.responses, self.response_mask, self.rollout_logprobs = resp, resp_mask, lps
+
+    def microbatches(self, size: int, rows: torch.Tensor | None = None, keys: tuple[str, ...] = (),
+                     device: torch.device | None = None) -> list[dict[str, torch.Tensor]]:
+        """Dicts of the sequence tensors (+ `keys`) for `rows` (default all), `size` rows each (last may be smaller)."""
+        if self.input_ids is None:
+            raise ValueError("microbatches(): the batch has no sequences yet (run the Rollout stage first)")
+        rows = torch.arange(self.num_rows) if rows is None else rows
+        missing = [k for k in keys if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"microbatches(): batch fields {missing} are not set by any earlier stage")
+        tensors = {k: getattr(self, k) for k in SEQUENCE_KEYS + tuple(keys)}
+        out = []
+        for start in range(0, len(rows), size):
+            idx = rows[start:start + size]
+            out.append({k: v[idx].to(device) if device is not None else v[idx] for k, v in tensors.items()})
+        return out
+
+    def tensor_fields(self) -> dict[str, torch.Tensor]:
+        """All tensor-valued fields that are set (for inspection and tests)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}

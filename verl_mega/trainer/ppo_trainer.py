@@ -1,0 +1,241 @@
+"""`PPOTrainer`: PPO / GRPO / RLOO / REINFORCE++ on an `HFActor`, one RL step = one pass of the stage pipeline.
+
+    actor = get_actor_model("path/to/hf_dir")
+    trainer = PPOTrainer(actor=actor, reward_fn=lambda response: float("120" in response),
+                         rollout_batch_size=1, num_epochs=1)
+    metrics = trainer.step([{"prompt": [{"role": "user", "content": "What is 10*12?"}]}])
+    trainer.fit(get_dataloader("train.parquet", actor.tokenizer, 8), steps=100)
+
+The step reads like the algorithm:
+
+    self.pipeline = Rollout() >> Reward() >> LogProbs() >> Advantage() >> Update() >> Metrics()
+
+Every rank runs the same code (SPMD): one plain python process on CPU, or torchrun with the actor
+loaded under a (tp, pp, dp) layout (`get_actor_model(path, tensor_parallel_size=..., ...)`, or the
+config's `parallel` section when `actor` is a path). Keyword arguments override the matching
+fields of `config` (a `TrainerConfig`). `batch` / dataloader batches are this data-parallel rank's
+prompts.
+
+Roles: the critic (PPO only) is the actor's HF directory with a value head, in its own TrainEngine;
+the reference (only when kl_coef > 0) is a frozen copy of the actor. Reference: verl's
+`RayPPOTrainer.fit` (single-controller) rewritten as an SPMD loop of named stages (HybridFlow).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Callable, Iterable
+
+import torch
+
+from verl_mega.algorithms.kl import AdaptiveKLController, FixedKLController
+from verl_mega.models import HFActor, get_actor_model
+from verl_mega.parallel.dist import device as comm_device
+from verl_mega.rewards.base import RewardFunction, RuleBasedReward
+from verl_mega.rollout.engine import GenerationEngine
+from verl_mega.rollout.frontend import encode_prompts, stop_ids
+from verl_mega.trainer import checkpointing
+from verl_mega.trainer.batch import RLBatch
+from verl_mega.trainer.config import TrainerConfig, check_config
+from verl_mega.trainer.engine import TrainEngine
+from verl_mega.trainer.metrics import MetricsLogger, bar_postfix, progress_bar
+from verl_mega.trainer.optim import OptimConfig
+from verl_mega.trainer.roles import FrozenModel, build_critic, build_reference
+from verl_mega.trainer.stages import Advantage, LogProbs, Metrics, Pipeline, Reward, Rollout, Update
+
+log = logging.getLogger("verl_mega.trainer")
+
+# PPOTrainer keyword -> (config section, field)
+_KWARG_FIELDS = {
+    "rollout_batch_size": ("trainer", "rollout_batch_size"), "num_epochs": ("trainer", "num_epochs"),
+    "micro_batch_size": ("trainer", "micro_batch_size"), "mini_batch_size": ("trainer", "mini_batch_size"),
+    "algorithm": ("algorithm", "name"), "kl_coef": ("algorithm", "kl_coef"), "n_samples": ("rollout", "n_samples"),
+    "max_new_tokens": ("rollout", "max_new_tokens"), "temperature": ("rollout", "temperature"), "lr": ("optim", "lr"),
+}
+
+
+def default_pipeline() -> Pipeline:
+    """rollout >> reward >> logprob >> advantage >> update >> metrics."""
+    return Rollout() >> Reward() >> LogProbs() >> Advantage() >> Update() >> Metrics()
+
+
+class PPOTrainer:
+    """RL trainer over named dataflow stages (see module docstring); `.pipeline` may be replaced.
+
+    Args:
+        actor: an `HFActor` (from `get_actor_model`) or a HF directory path (loaded with config.parallel).
+        reward_fn: `fn(response) -> float` or verl's `compute_score(data_source, solution_str, ground_truth,
+            extra_info)`; default: the GSM8K/MATH rule checkers by `data_source`.
+        critic: PPO critic: an `HFActor` loaded with value_head=True, a HF path, or None (the actor's weights).
+        reference: reference policy for the KL term: an `HFActor`, a HF path, or None (a frozen copy of the actor).
+        config: a `TrainerConfig`; the other keywords override its fields when given (not None).
+    """
+
+    def __init__(self, actor: HFActor | str, reward_fn: Callable | None = None, *, rollout_batch_size: int | None = None,
+                 num_epochs: int | None = None, algorithm: str | None = None, n_samples: int | None = None,
+                 critic=None, reference=None, lr: float | None = None, kl_coef: float | None = None,
+                 max_new_tokens: int | None = None, temperature: float | None = None,
+                 micro_batch_size: int | None = None, mini_batch_size: int | None = None,
+                 config: TrainerConfig | None = None):
+        cfg = copy.deepcopy(config) if config is not None else TrainerConfig()
+        given = dict(rollout_batch_size=rollout_batch_size, num_epochs=num_epochs, algorithm=algorithm,
+                     n_samples=n_samples, lr=lr, kl_coef=kl_coef, max_new_tokens=max_new_tokens,
+                     temperature=temperature, micro_batch_size=micro_batch_size, mini_batch_size=mini_batch_size)
+        for key, value in given.items():
+            if value is not None:
+                section, name = _KWARG_FIELDS[key]
+                setattr(getattr(cfg, section), name, value)
+        if isinstance(actor, (str, os.PathLike)):
+            actor = get_actor_model(actor, torch_dtype=cfg.model.dtype, tensor_parallel_size=cfg.parallel.tp,
+                                    pipeline_parallel_size=cfg.parallel.pp)
+        if not isinstance(actor, HFActor):
+            raise ValueError(f"actor must be an HFActor (get_actor_model) or a HF directory path, got {type(actor).__name__}")
+        cfg.model.path = actor.path
+        cfg.parallel.tp, cfg.parallel.pp = actor.layout.tp, actor.layout.pp
+        if cfg.trainer.mini_batch_size is not None:
+            cfg.trainer.mini_batch_size = min(cfg.trainer.mini_batch_size, cfg.trainer.rollout_batch_size)
+        check_config(cfg)
+        self.config, self.actor, self.layout = cfg, actor, actor.layout
+        self.device = actor.device if actor.device.type != "cpu" else comm_device()
+        self.tokenizer = actor.tokenizer
+        self.eos_ids, self.pad_id = stop_ids(actor)
+        self.actor_engine = TrainEngine(actor.model, self.layout, self._optim(cfg.optim.lr), param_dtype=actor.dtype)
+        from verl_mega.hybrid_engine.reshard import HybridEngine
+
+        self.hybrid = HybridEngine(actor.model, self.layout, actor.config, cfg.parallel.tp_g or self.layout.tp)
+        self.reference = self._reference(reference) if cfg.algorithm.kl_coef > 0 else None
+        self.critic_engine = self._critic(critic) if cfg.algorithm.name in ("ppo", "gae") else None
+        self.reward_fn = RewardFunction(reward_fn if reward_fn is not None else RuleBasedReward())
+        a = cfg.algorithm
+        self.kl_ctl = (AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target and a.kl_in_reward
+                       else FixedKLController(a.kl_coef)) if a.kl_coef > 0 else None
+        self.pipeline = default_pipeline()
+        self.global_step = 0  # RL steps done
+        self._gen_engine: GenerationEngine | None = None
+        self._gen_key = None
+
+    # ------------------------------------------------------------------ construction helpers
+    def _optim(self, lr: float) -> OptimConfig:
+        o = self.config.optim
+        return OptimConfig(lr=lr, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps, schedule=o.schedule,
+                           min_lr=min(o.min_lr, lr), total_steps=self.config.trainer.total_steps,
+                           clip_grad=o.clip_grad)
+
+    def _reference(self, reference) -> FrozenModel:
+        if isinstance(reference, HFActor):
+            return FrozenModel(reference.model, self.layout)
+        return build_reference(self.actor, reference or self.config.model.reference_path)
+
+    def _critic(self, critic) -> TrainEngine:
+        optim = self._optim(self.config.optim.critic_lr)
+        if isinstance(critic, HFActor):
+            if not critic.model.is_value_model:
+                raise ValueError("critic must be loaded with value_head=True (get_actor_model(path, value_head=True))")
+            return TrainEngine(critic.model, self.layout, optim, param_dtype=critic.dtype)
+        return build_critic(self.actor, optim, critic or self.config.model.critic_path)
+
+    def generation_engine(self, model, inference_layout, rows: int, seq_len: int) -> GenerationEngine:
+        """A rollout engine for `rows` sequences of up to `seq_len` tokens on the inference model; reused
+        while it is big enough and the weights' storage has not moved (captured CUDA graphs read it)."""
+        key = (id(model), tuple(p.data_ptr() for p in model.parameters()))
+        engine = self._gen_engine
+        if engine is None or self._gen_key != key or engine.max_batch < min(rows, self.config.rollout.max_batch) \
+                or engine.max_seq_len < seq_len:
+            if engine is not None:
+                engine.release()
+            r = self.config.rollout
+            self._gen_engine = GenerationEngine(
+                model, inference_layout.tp_g_group, max_batch=min(rows, r.max_batch), max_seq_len=-(-seq_len // 64) * 64,
+                eos_token_ids=self.eos_ids, pad_token_id=self.pad_id, use_cuda_graph=r.cuda_graph and model_on_cuda(model))
+            self._gen_key = key
+        return self._gen_engine
+
+    # ------------------------------------------------------------------ one step
+    def make_batch(self, samples: list[dict]) -> RLBatch:
+        """An RLBatch from samples: dataset items (with `prompt_ids`) or dicts with `prompt` (text or chat messages)."""
+        if not samples:
+            raise ValueError("step() needs at least one sample")
+        prompts = []
+        for i, s in enumerate(samples):
+            if not isinstance(s, dict):
+                raise ValueError(f"sample {i} must be a dict with 'prompt' (or 'prompt_ids'), got {type(s).__name__}")
+            if "prompt_ids" in s:
+                prompts.append(list(s["prompt_ids"]))
+            elif "prompt" in s:
+                if self.tokenizer is None:
+                    raise ValueError(f"the actor at {self.actor.path} has no tokenizer: give samples 'prompt_ids'")
+                prompts += encode_prompts(self.tokenizer, [s["prompt"]])
+            else:
+                raise ValueError(f"sample {i} has neither 'prompt' nor 'prompt_ids'; keys: {sorted(s)}")
+        longest = max(len(p) for p in prompts)
+        if longest > self.config.data.max_prompt_length:
+            raise ValueError(f"a prompt has {longest} tokens > data.max_prompt_length={self.config.data.max_prompt_length}")
+        return RLBatch(samples=list(samples), prompt_ids=prompts, n=self.config.rollout.n_samples, step=self.global_step)
+
+    def step(self, samples: list[dict]) -> dict[str, float]:
+        """One RL step on this rank's prompts; returns the metrics (the same on every rank)."""
+        batch = self.pipeline(self.make_batch(samples), self)
+        self.global_step += 1
+        if batch.reward_failures or batch.reward_timeouts:
+            log.warning("step %d: %d reward failures, %d timeouts; first: %s", self.global_step,
+                        batch.reward_failures, batch.reward_timeouts, (batch.reward_errors or ["?"])[0])
+        self.last_batch = batch
+        return dict(batch.metrics)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, dataloader: Iterable[list[dict]], steps: int | None = None, *, output_dir: str | None = None,
+            save_every: int | None = None, resume: bool | None = None) -> list[dict[str, float]]:
+        """Run RL steps over `dataloader` (re-iterated epoch after epoch) until `steps` (default
+        config.trainer.total_steps) steps are done; logs metrics (JSONL, TensorBoard, tqdm), saves
+        checkpoints every `save_every` steps (and at the end), resumes from the latest checkpoint.
+        Returns the metrics of the steps run by this call."""
+        t = self.config.trainer
+        steps = t.total_steps if steps is None else steps
+        output_dir = output_dir or t.output_dir
+        save_every = t.save_every if save_every is None else save_every
+        ckpt_root = os.path.join(output_dir, "checkpoints")
+        if (t.resume if resume is None else resume) and checkpointing.latest_checkpoint(ckpt_root):
+            self.load_checkpoint(ckpt_root, dataloader)
+        rank0 = self.layout.rank == 0
+        logger = MetricsLogger(output_dir, enabled=rank0, tensorboard=t.tensorboard)
+        bar = progress_bar(steps, self.global_step, rank0 and t.progress_bar)
+        history = []
+        try:
+            while self.global_step < steps:
+                ran = False
+                for samples in dataloader:
+                    ran = True
+                    metrics = self.step(samples)
+                    history.append(metrics)
+                    if self.global_step % t.log_every == 0:
+                        logger.log(self.global_step, metrics)
+                    bar.set_postfix(bar_postfix(metrics))
+                    bar.update(1)
+                    if save_every and self.global_step % save_every == 0:
+                        self.save_checkpoint(ckpt_root, dataloader)
+                    if self.global_step >= steps:
+                        break
+                if not ran:
+                    raise ValueError("the dataloader yielded no batch")
+            if t.save_final and history and not (save_every and self.global_step % save_every == 0):
+                self.save_checkpoint(ckpt_root, dataloader)
+        finally:
+            bar.close()
+            logger.close()
+        return history
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, root: str, dataloader=None) -> str:
+        """Save actor (+ critic) engine states, the step, the KL coefficient and the dataloader position
+        under `root` (actor/step_N, critic/step_N); collective. Returns the actor checkpoint directory."""
+        return checkpointing.save(self, root, dataloader)
+
+    def load_checkpoint(self, root: str, dataloader=None) -> int | None:
+        """Restore the newest checkpoint under `root` (any layout: DCP reshards); returns its step or None."""
+        return checkpointing.load(self, root, dataloader)
+
+
+def model_on_cuda(model: torch.nn.Module) -> bool:
+    return next(model.parameters()).device.type == "cuda"

@@ -1,0 +1,57 @@
+"""The models of an RL run besides the actor: a frozen reference policy and a critic, on the actor's layout.
+
+- `FrozenModel`: a stage that is only ever run forward (the reference policy). It has the
+  `forward_only(microbatches, output_fn)` of `TrainEngine` (same pipeline schedule) but no
+  optimizer, gradients or fp32 master copy.
+- `build_reference`: a frozen copy of the actor (same stage, same weights, requires_grad off), or a
+  separate HF directory.
+- `build_critic`: the actor's HF directory (or another) loaded with a value head, wrapped in its own
+  `TrainEngine` (verl initialises the critic from the actor's weights too).
+
+All are collective over the layout (every rank builds its own stage).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from verl_mega.models import build_stage, get_actor_model
+from verl_mega.parallel import pipeline
+from verl_mega.parallel.p2p import PipeComm
+from verl_mega.trainer.engine import TrainEngine, default_forward_step
+from verl_mega.trainer.optim import OptimConfig
+
+
+class FrozenModel:
+    """Forward-only runner of one pipeline stage (no optimizer); `.model` is the stage."""
+
+    def __init__(self, model: torch.nn.Module, layout):
+        self.model = model.requires_grad_(False).eval()
+        self.layout = layout
+        self.device = next(model.parameters()).device
+        self.comm = PipeComm(layout, self.device) if layout.pp > 1 else None
+
+    @torch.no_grad()
+    def forward_only(self, microbatches: list[dict], output_fn: Callable, *,
+                     forward_step: Callable | None = None) -> list[dict[str, torch.Tensor]]:
+        """As `TrainEngine.forward_only`: per-micro-batch dicts of `output_fn(output, mb)` on every rank."""
+        return pipeline.forward_only(self.model, microbatches, forward_step=forward_step or default_forward_step,
+                                     output_fn=output_fn, comm=self.comm)
+
+
+def build_reference(actor, path: str | None = None) -> FrozenModel:
+    """A frozen reference policy: `path`'s weights if given, else a copy of the actor's current weights."""
+    if path is not None:
+        ref = get_actor_model(path, torch_dtype=actor.dtype, layout=actor.layout)
+        return FrozenModel(ref.model, actor.layout)
+    model = build_stage(actor.config, actor.layout, params_dtype=actor.dtype, device=actor.device, init_seed=None)
+    model.load_state_dict(actor.model.state_dict())
+    return FrozenModel(model, actor.layout)
+
+
+def build_critic(actor, optim_config: OptimConfig, path: str | None = None) -> TrainEngine:
+    """A critic `TrainEngine`: `path` (default the actor's HF directory) loaded with a value head."""
+    critic = get_actor_model(path or actor.path, torch_dtype=actor.dtype, layout=actor.layout, value_head=True)
+    return TrainEngine(critic.model, actor.layout, optim_config, param_dtype=actor.dtype)

@@ -1,0 +1,400 @@
+"""Dataflow stages of an RL step, composed with `>>`:
+
+    pipeline = Rollout() >> Reward() >> LogProbs() >> Advantage() >> Update() >> Metrics()
+    batch = pipeline(batch, trainer)
+
+A stage is any callable `(batch: RLBatch, ctx) -> RLBatch`; `Stage` subclasses add `>>` and a name,
+and a plain function can take any place (`pipeline.replace("reward", my_fn)` or `Rollout() >> my_fn`).
+`ctx` is the trainer (`PPOTrainer`), read for: `config` (TrainerConfig), `layout`, `device`,
+`tokenizer`, `pad_id`, `hybrid` (HybridEngine), `generation_engine(model, inference_layout, rows, seq_len)`,
+`reward_fn`, `actor_engine`, `reference` (or None), `critic_engine` (or None), `kl_ctl`.
+
+Every rank runs every stage (SPMD). Rewards are computed on the first rank of each model-parallel
+group and broadcast inside it, so a flaky reward (timeout on one rank only) cannot make the ranks of
+a replica disagree. Metrics are per data-parallel rank until `Metrics` averages them over dp.
+
+Reference: HybridFlow's (verl's) PPO dataflow — generate, reward, old/ref log-probs + values,
+advantages, actor/critic update.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from verl_mega.algorithms.advantages import get_advantage_estimator, outcome_to_token_rewards
+from verl_mega.algorithms.kl import apply_kl_penalty, kl_loss, kl_penalty
+from verl_mega.algorithms.losses import entropy_bonus, policy_loss, value_loss
+from verl_mega.kernels import fused_logprob_entropy
+from verl_mega.parallel.layout import layout_group_ranks
+from verl_mega.rewards.base import compute_rewards
+from verl_mega.trainer.batch import RLBatch
+
+StageFn = Callable[[RLBatch, object], RLBatch]
+
+
+def stage_name(stage) -> str:
+    return getattr(stage, "name", None) or getattr(stage, "__name__", None) or type(stage).__name__.lower()
+
+
+class Stage:
+    """Base of the named stages: `__call__(batch, ctx) -> batch` and `>>` composition."""
+
+    name = "stage"
+
+    def __call__(self, batch: RLBatch, ctx) -> RLBatch:
+        raise NotImplementedError
+
+    def __rshift__(self, other: StageFn) -> "Pipeline":
+        return Pipeline([self, other])
+
+    def __rrshift__(self, other: StageFn) -> "Pipeline":
+        return Pipeline([other, self])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Pipeline(Stage):
+    """Stages run in order; each stage's wall time lands in `batch.timings[name]`."""
+
+    name = "pipeline"
+
+    def __init__(self, stages: list[StageFn]):
+        self.stages: list[StageFn] = []
+        for s in stages:
+            if not callable(s):
+                raise ValueError(f"a pipeline stage must be callable (batch, ctx) -> batch, got {type(s).__name__}")
+            self.stages += s.stages if isinstance(s, Pipeline) else [s]
+
+    def __rshift__(self, other: StageFn) -> "Pipeline":
+        return Pipeline([*self.stages, other])
+
+    def __rrshift__(self, other: StageFn) -> "Pipeline":
+        return Pipeline([other, *self.stages])
+
+    def __call__(self, batch: RLBatch, ctx) -> RLBatch:
+        for s in self.stages:
+            start = time.perf_counter()
+            out = s(batch, ctx)
+            if not isinstance(out, RLBatch):
+                raise ValueError(f"stage {stage_name(s)!r} returned {type(out).__name__}; a stage must return the RLBatch")
+            batch = out
+            batch.timings[stage_name(s)] = batch.timings.get(stage_name(s), 0.0) + time.perf_counter() - start
+        return batch
+
+    def names(self) -> list[str]:
+        return [stage_name(s) for s in self.stages]
+
+    def replace(self, name: str, stage: StageFn) -> "Pipeline":
+        """A copy with the stage called `name` swapped for `stage` (ValueError if there is none)."""
+        if name not in self.names():
+            raise ValueError(f"no stage named {name!r} in the pipeline; stages: {self.names()}")
+        return Pipeline([stage if stage_name(s) == name else s for s in self.stages])
+
+    def __repr__(self) -> str:
+        return " >> ".join(repr(s) if isinstance(s, Stage) else stage_name(s) for s in self.stages)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _mp_source_rank(layout) -> int:
+    """Global rank of the first member of this rank's model-parallel (tp x pp) group."""
+    return next(g[0] for g in layout_group_ranks(layout.tp, layout.pp, layout.dp)["mp"] if layout.rank in g)
+
+
+def response_logprobs(hidden: torch.Tensor, mb: dict, model, tp_group, temperature: float,
+                      compute_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and entropies) [b, R] of the response tokens from the last stage's final hidden [b, S, H].
+
+    Response token t sits at column P + t and is predicted at column P + t - 1 (see batch.py); the
+    fused vocab-parallel kernel never materialises the [b, R, V] logits.
+    """
+    resp = mb["responses"].to(hidden.device)
+    b, r = resp.shape
+    h = hidden[:, -r - 1:-1]  # [batch, R, hidden]
+    lp, ent = fused_logprob_entropy(h.reshape(b * r, -1), model.output_weight(), resp.reshape(-1), tp_group=tp_group,
+                                    vocab_start=model.vocab_start_index, true_vocab_size=model.true_vocab_size,
+                                    temperature=temperature, compute_entropy=compute_entropy)
+    return lp.float().view(b, r), (ent.float().view(b, r) if compute_entropy else None)
+
+
+def response_values(values: torch.Tensor, mb: dict) -> torch.Tensor:
+    """Critic values [b, R] of the states before each response token from the value model's [b, S] output."""
+    r = mb["responses"].shape[1]
+    return values[:, -r - 1:-1].float()
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((x * mask).sum() / mask.sum().clamp(min=1))
+
+
+# ----------------------------------------------------------------------------- stages
+class Rollout(Stage):
+    """HybridEngine to the inference layout -> GenerationEngine (n samples per prompt) -> back to training.
+
+    Prompts are split over the micro-DP replicas of the generation layout and the responses
+    all-gathered back, so every rank of a model-parallel group ends with the same rows.
+    """
+
+    name = "rollout"
+
+    def __call__(self, batch: RLBatch, ctx) -> RLBatch:
+        cfg = ctx.config.rollout
+        start = time.perf_counter()
+        model = ctx.hybrid.to_inference()
+        inf = ctx.hybrid.inference_layout
+        reshard_s = time.perf_counter() - start
+        try:
+            share = -(-batch.num_prompts // inf.micro_dp)
+            mine = batch.prompt_ids[inf.micro_dp_rank * share:(inf.micro_dp_rank + 1) * share]
+            local: tuple[list, list] = ([], [])
+            gen_start = time.perf_counter()
+            if mine:
+                engine = ctx.generation_engine(model, inf, len(mine) * batch.n,
+                                                max(map(len, mine)) + cfg.max_new_tokens)
+                seed = (ctx.config.trainer.seed * 1_000_003 + batch.step * 7919 + ctx.layout.dp_rank * 131
+                        + inf.micro_dp_rank) % 2**62
+                out = engine.generate(mine, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                      top_k=cfg.top_k, top_p=cfg.top_p, n=batch.n, seed=seed)
+                resp = out.responses()
+                local = (resp, [lp[:len(r)].tolist() for lp, r in zip(out.response_logprobs, resp)])
+            gen_s = time.perf_counter() - gen_start
+            if inf.micro_dp > 1:
+                gathered: list = [None] * inf.micro_dp
+                dist.all_gather_object(gathered, local, group=inf.micro_dp_group)
+            else:
+                gathered = [local]
+        finally:
+            back = time.perf_counter()
+            ctx.hybrid.to_train()
+            reshard_s += time.perf_counter() - back
+        responses = [r for g in gathered for r in g[0]]
+        logprobs = [lp for g in gathered for lp in g[1]]
+        batch.set_rollout(responses, logprobs, ctx.pad_id)
+        batch.response_texts = [ctx.tokenizer.decode(r, skip_special_tokens=True) if ctx.tokenizer is not None
+                                else " ".join(map(str, r)) for r in responses]
+        batch.timings["generate"] = gen_s
+        batch.timings["reshard"] = reshard_s
+        return batch
+
+
+class Reward(Stage):
+    """Score every response with `ctx.reward_fn` (failures and timeouts score 0 and are counted)."""
+
+    name = "reward"
+
+    def __call__(self, batch: RLBatch, ctx) -> RLBatch:
+        layout = ctx.layout
+        src = _mp_source_rank(layout)
+        box = [None]
+        if layout.rank == src:
+            res = compute_rewards(ctx.reward_fn, batch.response_texts, batch.row_samples,
+                                  timeout_s=ctx.config.trainer.reward_timeout_s)
+            box = [(res.scores, res.failures, res.timeouts, res.errors)]
+        if layout.tp * layout.pp > 1:
+            dist.broadcast_object_list(box, src=src, group=layout.mp_group)
+        scores, batch.reward_failures, batch.reward_timeouts, batch.reward_errors = box[0]
+        batch.scores = scores.float()
+        return batch
+
+
+class LogProbs(Stage):
+    """Old actor log-probs, reference log-probs (if a reference exists) and critic values (if a critic exists)."""
+
+    name = "logprob"
+
+    def __call__(self, batch: RLBatch, ctx) -> RLBatch:
+        temp = ctx.config.rollout.temperature
+        mbs = batch.microbatches(ctx.config.trainer.micro_batch_size, device=ctx.device)
+        batch.old_logprobs = self._logprobs(ctx.actor_engine, mbs, ctx.layout.tp_group, temp)
+        if ctx.reference is not None:
+            batch.ref_logprobs = self._logprobs(ctx.reference, mbs, ctx.layout.tp_group, temp)
+        if ctx.critic_engine is not None:
+            outs = ctx.critic_engine.forward_only(mbs, lambda v, mb: {"values": response_values(v, mb)})
+            batch.values = torch.cat([o["values"].cpu() for o in outs])
+        return batch
+
+    @staticmethod
+    def _logprobs(engine, mbs, tp_group, temperature: float) -> torch.Tensor:
+        model = engine.model
+
+        def output_fn(hidden, mb):
+            return {"logprobs": response_logprobs(hidden, mb, model, tp_group, temperature, False)[0]}
+
+        return torch.cat([o["logprobs"].cpu() for o in engine.forward_only(mbs, output_fn)])
+
+
+class Advantage(Stage):
+    """Token rewards (outcome on the last token, optionally minus coef * KL) -> advantages and returns."""
+
+    name = "advantage"
+
+    def __call__(self, batch: RLBatch, ctx) -> RLBatch:
+        a = ctx.config.algorithm
+        mask = batch.response_mask
+        rewards = outcome_to_token_rewards(batch.scores, mask)
+        if a.kl_coef > 0 and a.kl_in_reward:
+            rewards, kl_mean = apply_kl_penalty(rewards, batch.old_logprobs, batch.ref_logprobs, mask,
+                                                ctx.kl_ctl.value, a.kl_estimator)
+            batch.metrics["kl_in_reward"] = float(kl_mean)
+            ctx.kl_ctl.update(float(kl_mean), batch.num_rows)
+        estimator = get_advantage_estimator("gae" if a.name == "ppo" else a.name)
+        batch.token_rewards = rewards
+        batch.advantages, batch.returns = estimator(
+            rewards, mask, values=batch.values, group_size=batch.n, gamma=a.gamma, lam=a.lam,
+            norm_by_std=a.norm_adv_by_std, whiten=a.whiten_gae)
+        return batch
+
+
+class Update(Stage):
+    """PPO epochs over shuffled mini-batches: actor (clipped policy loss, entropy bonus, KL loss) and critic."""
+
+    name = "update"
+
+    def __call__(self, batch: RLBatch, ctx) -> RLBatch:
+        t = ctx.config.trainer
+        rows_per_update = (t.mini_batch_size or batch.num_prompts) * batch.n
+        keys = ["old_logprobs", "advantages"] + (["ref_logprobs"] if self._kl_loss(ctx) else [])
+        if ctx.critic_engine is not None:
+            keys += ["values", "returns"]
+        gen = torch.Generator().manual_seed(t.seed * 1_000_003 + batch.step)  # same order on every rank of a replica
+        actor_stats: list[dict] = []
+        critic_stats: list[dict] = []
+        for _ in range(t.num_epochs):
+            order = torch.randperm(batch.num_rows, generator=gen)
+            for start in range(0, batch.num_rows, rows_per_update):
+                mbs = batch.microbatches(t.micro_batch_size, order[start:start + rows_per_update], tuple(keys),
+                                         device=ctx.device)
+                actor_stats.append(self._actor_update(mbs, ctx))
+                if ctx.critic_engine is not None:
+                    critic_stats.append(self._critic_update(mbs, ctx))
+        batch.metrics.update(_mean_dicts(actor_stats, prefix="actor/"))
+        batch.metrics.update(_mean_dicts(critic_stats, prefix="critic/"))
+        return batch
+
+    @staticmethod
+    def _kl_loss(ctx) -> bool:
+        a = ctx.config.algorithm
+        return a.kl_coef > 0 and not a.kl_in_reward
+
+    @staticmethod
+    def _normaliser(engine, mbs, agg: str) -> dict:
+        """Engine arguments making loss_sum / normaliser the aggregation's mean over the global mini-batch."""
+        if agg == "token-mean":
+            return {"loss_mask_key": "response_mask"}
+        for mb in mbs:
+            mb["sequence_count"] = (mb["response_mask"].sum(-1) > 0).float()
+        return {"loss_normalizer": engine.global_token_count(mbs, "sequence_count")}
+
+    def _actor_update(self, mbs: list[dict], ctx) -> dict[str, float]:
+        a, temp = ctx.config.algorithm, ctx.config.rollout.temperature
+        engine = ctx.actor_engine
+        model, tp_group, use_kl = engine.model, ctx.layout.tp_group, self._kl_loss(ctx)
+
+        def loss_fn(hidden, mb):
+            mask = mb["response_mask"]
+            lp, ent = response_logprobs(hidden, mb, model, tp_group, temp, True)
+            loss, stats = policy_loss(lp, mb["old_logprobs"], mb["advantages"], mask, clip_low=a.clip_ratio_low,
+                                      clip_high=a.clip_ratio_high, dual_clip=a.dual_clip, agg=a.loss_agg,
+                                      denominator=1.0)
+            metrics = {"pg_clipfrac": stats["clipfrac"], "ppo_kl": stats["approx_kl"],
+                       "dual_clipfrac": stats["dual_clipfrac"], "entropy": entropy_bonus(ent.detach(), mask)}
+            if a.entropy_coef:
+                loss = loss - a.entropy_coef * entropy_bonus(ent, mask, a.loss_agg, denominator=1.0)
+            if use_kl:
+                kl = kl_loss(lp, mb["ref_logprobs"], mask, a.kl_estimator, a.loss_agg, denominator=1.0)
+                loss = loss + ctx.kl_ctl.value * kl
+                metrics["kl_loss"] = kl_loss(lp.detach(), mb["ref_logprobs"], mask, a.kl_estimator)
+            return loss, metrics
+
+        stats = engine.forward_backward(mbs, loss_fn, **self._normaliser(engine, mbs, a.loss_agg))
+        stats.update(engine.optimizer_step())
+        return stats
+
+    def _critic_update(self, mbs: list[dict], ctx) -> dict[str, float]:
+        a, engine = ctx.config.algorithm, ctx.critic_engine
+
+        def loss_fn(values, mb):
+            v = response_values(values, mb)
+            loss, clipfrac = value_loss(v, mb["values"], mb["returns"], mb["response_mask"], clip=a.value_clip,
+                                        agg=a.loss_agg, denominator=1.0)
+            return loss, {"vf_clipfrac": clipfrac, "values": _masked_mean(v.detach(), mb["response_mask"])}
+
+        stats = engine.forward_backward(mbs, loss_fn, **self._normaliser(engine, mbs, a.loss_agg))
+        stats.update(engine.optimizer_step())
+        return stats
+
+
+def _mean_dicts(dicts: list[dict], prefix: str) -> dict[str, float]:
+    if not dicts:
+        return {}
+    return {prefix + k: sum(float(d[k]) for d in dicts) / len(dicts) for k in dicts[0]}
+
+
+class Metrics(Stage):
+    """Step metrics (rewards, lengths, KL, timings, throughput), averaged over data-parallel ranks."""
+
+    name = "metrics"
+
+    def __call__(self, batch: RLBatch, ctx) -> RLBatch:
+        mask = batch.response_mask
+        lengths = mask.sum(-1)
+        m = batch.metrics
+        m.update({
+            "reward_mean": float(batch.scores.mean()),
+            "reward_std": float(batch.scores.std()) if batch.num_rows > 1 else 0.0,
+            "response_length": float(lengths.mean()),
+            "response_length_max": float(lengths.max()),
+            "response_clip_frac": float((lengths >= ctx.config.rollout.max_new_tokens).float().mean()),
+            "advantage_mean": _masked_mean(batch.advantages, mask) if batch.advantages is not None else 0.0,
+        })
+        if batch.old_logprobs is not None:
+            # how far the training forward is from the sampler (numerics, or a stale inference model)
+            m["rollout_logprob_diff"] = _masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(), mask)
+            m["logprob_mean"] = _masked_mean(batch.old_logprobs, mask)
+        if batch.ref_logprobs is not None:
+            m["kl_ref"] = _masked_mean(kl_penalty(batch.old_logprobs, batch.ref_logprobs, "low_var_kl"), mask)
+        if ctx.kl_ctl is not None:
+            m["kl_coef"] = float(ctx.kl_ctl.value)
+        for k in ("loss", "grad_norm", "lr", "entropy", "pg_clipfrac", "ppo_kl"):
+            if "actor/" + k in m:
+                m[k] = m["actor/" + k]
+        m["kl"] = m.get("kl_ref", m.get("ppo_kl", 0.0))
+        m["clip_frac"] = m.get("pg_clipfrac", 0.0)
+        counts = {"reward_failures": float(batch.reward_failures), "reward_timeouts": float(batch.reward_timeouts),
+                  "response_tokens": float(lengths.sum()), "prompt_tokens": float(batch.attention_mask.sum() - lengths.sum())}
+        batch.metrics = _reduce_over_dp(m, counts, ctx)
+        batch.metrics.update(_timing_metrics(batch, ctx))
+        return batch
+
+
+def _reduce_over_dp(means: dict[str, float], sums: dict[str, float], ctx) -> dict[str, float]:
+    """Average `means` and sum `sums` over the data-parallel group (same keys on every rank)."""
+    layout = ctx.layout
+    keys_m, keys_s = sorted(means), sorted(sums)
+    if layout.dp > 1:
+        t = torch.tensor([means[k] for k in keys_m] + [sums[k] for k in keys_s], dtype=torch.float64,
+                         device=ctx.device)
+        dist.all_reduce(t, group=layout.dp_group)
+        vals = t.tolist()
+        out = {k: v / layout.dp for k, v in zip(keys_m, vals)}
+        out.update(dict(zip(keys_s, vals[len(keys_m):])))
+        return out
+    return {**means, **sums}
+
+
+def _timing_metrics(batch: RLBatch, ctx) -> dict[str, float]:
+    """Per-phase seconds and generated tokens per second per GPU (rank) of this step."""
+    t = batch.timings
+    out = {f"time/{k}": float(v) for k, v in t.items()}
+    total = sum(v for k, v in t.items() if k not in ("generate", "reshard"))  # those two are inside "rollout"
+    out["time/step"] = total
+    world = ctx.layout.world_size
+    tokens = batch.metrics["response_tokens"] + batch.metrics["prompt_tokens"]
+    out["throughput/tokens_per_s_per_gpu"] = tokens / max(total, 1e-9) / world
+    if t.get("generate"):
+        out["throughput/gen_tokens_per_s_per_gpu"] = batch.metrics["response_tokens"] / t["generate"] / world
+    return out
