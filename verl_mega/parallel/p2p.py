@@ -1,11 +1,13 @@
 """Point-to-point transfers between consecutive pipeline stages (activations forward, grads backward).
 
 Every transfer carries a tiny shape header first (dtype code, ndim, dims), so sequence lengths and
-micro-batch sizes may change from one transfer to the next. Sends are posted asynchronously (header
-and payload together); a receive waits for its header, allocates, then posts the payload receive.
-Posting all sends of a combined exchange before waiting on any receive is what keeps the 1F1B
-steady state (send activation to the next stage while receiving a gradient from it) deadlock-free,
-as Megatron's `batch_isend_irecv` does.
+micro-batch sizes may change from one transfer to the next. An exchange runs in two phases, each
+one `batch_isend_irecv` of all its sends and receives: headers, then (after allocating from the
+received headers) payloads. Batching is what keeps the 1F1B steady state deadlock-free on NCCL
+(stage s sends an activation to s+1 while s+1 sends a gradient to s; unbatched, two large sends
+would wait on each other), as in Megatron. It relies on the schedule pairing its calls: whenever
+stage s calls `send_forward_recv_backward`, stage s+1 calls `send_backward_recv_forward`, and a
+plain send meets a plain receive (the 1F1B order guarantees it).
 
 Timeouts: on gloo every wait is bounded by the group timeout ($VERL_MEGA_DIST_TIMEOUT) and a
 failure (timeout, or the peer's socket closing because it died) raises `PipelineCommError` naming
@@ -45,6 +47,10 @@ class PipeComm:
         self.device = device
         self.timeout_s = timeout_s if timeout_s is not None else default_timeout_s()
         self._gloo = dist.get_backend(self.group) == "gloo"
+        if not self._gloo and self.group.size() > 1:
+            # batched p2p on NCCL uses the group's collective communicator: create it now, collectively,
+            # rather than lazily at a first send that only two of the stages take part in.
+            dist.all_reduce(torch.zeros(1, device=device), group=self.group)
 
     # ------------------------------------------------------------------ the four schedule operations
     def recv_forward(self, requires_grad: bool = True) -> torch.Tensor | None:
@@ -85,27 +91,33 @@ class PipeComm:
 
     # ------------------------------------------------------------------ mechanics
     def exchange(self, sends: list[tuple[torch.Tensor, int]] = (), recv_from: list[int] = ()) -> list[torch.Tensor]:
-        """Post every send (header + payload), then receive from each rank in `recv_from` in order;
-        wait for the sends last. Returns the received tensors."""
-        pending = []
+        """Send each (tensor, peer) and receive one tensor from each rank in `recv_from` (global ranks):
+        headers in one batch, then payloads in one batch. Returns the received tensors."""
         for tensor, peer in sends:
             if tensor is None:
                 raise ValueError(f"pipeline send to rank {peer}: tensor is None (did the stage input get a grad?)")
-            tensor = tensor.contiguous()
-            header = self._header(tensor)
-            pending.append((dist.isend(header, dst=peer, group=self.group), peer, "send header", header))
-            pending.append((dist.isend(tensor, dst=peer, group=self.group), peer, "send", tensor))
+        payloads = [(tensor.contiguous(), peer) for tensor, peer in sends]
+        headers_in = [torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device) for _ in recv_from]
+        self._batch([(self._header(t), peer) for t, peer in payloads], list(zip(headers_in, recv_from)), "header")
         received = []
-        for peer in recv_from:
-            header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
-            self._wait(dist.irecv(header, src=peer, group=self.group), peer, "receive header")
+        for header in headers_in:
             code, ndim, *dims = header.tolist()
-            out = torch.empty(dims[:ndim], dtype=_DTYPES[code], device=self.device)
-            self._wait(dist.irecv(out, src=peer, group=self.group), peer, "receive")
-            received.append(out)
-        for work, peer, what, _keepalive in pending:
-            self._wait(work, peer, what)
+            received.append(torch.empty(dims[:ndim], dtype=_DTYPES[code], device=self.device))
+        self._batch(payloads, list(zip(received, recv_from)), "payload")
         return received
+
+    def _batch(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]], what: str) -> None:
+        """Post all sends and receives as one batch and wait for each (naming its peer on failure)."""
+        ops = [dist.P2POp(dist.isend, t, peer=peer, group=self.group) for t, peer in sends]
+        ops += [dist.P2POp(dist.irecv, t, peer=peer, group=self.group) for t, peer in recvs]
+        if not ops:
+            return
+        peers = [(peer, f"send {what}") for _, peer in sends] + [(peer, f"receive {what}") for _, peer in recvs]
+        works = dist.batch_isend_irecv(ops)
+        if len(works) != len(ops):  # coalesced into one work (NCCL): the peers are in the message
+            peers = [(", ".join(str(p) for p, _ in peers), f"exchange {what}")] * len(works)
+        for work, (peer, desc) in zip(works, peers):
+            self._wait(work, peer, desc)
 
     def _header(self, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.dtype not in _DTYPES or tensor.dim() > _MAX_DIMS:

@@ -209,7 +209,7 @@ def _finalise(engine, tmp: str, final: str, step: int, data_state, tokenizer_pat
     marker = {"format": 1, "step": step, "time": time.time(), "tokenizer_path": tokenizer_path,
               "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
               "model_config": config.to_hf_dict() if hasattr(config, "to_hf_dict") else None,
-              "value_head": getattr(engine.model, "value_head", None) is not None}
+              "value_head": bool(getattr(engine.model, "is_value_model", False))}
     with open(os.path.join(tmp, MARKER), "w") as f:
         json.dump(marker, f, indent=2)
         f.flush()
