@@ -57,7 +57,7 @@ def test_partial_and_corrupt_checkpoints_are_refused(hf_dir, tmp_path):
     os.remove(tmp_path / "step_2" / "COMPLETE")  # as if the job died before the marker was written
     os.makedirs(tmp_path / "step_3")  # an empty directory
     (tmp_path / "step_3" / "COMPLETE").write_text("{not json")  # a corrupt marker
-    os.makedirs(tmp_path / "step_4.tmp")  # an unfinished save
+    os.makedirs(tmp_path / "step_4.tmp")  # an unfinished save (not a candidate)
 
     path, refused = find_checkpoint(str(tmp_path))
     assert path == str(tmp_path / "step_1")
@@ -87,3 +87,19 @@ def test_export_writes_transformers_loadable_dir(hf_dir, tmp_path):
     assert AutoTokenizer.from_pretrained(str(tmp_path / "hf_out"))("ab")["input_ids"]
     assert json.load(open(tmp_path / "hf_out" / "config.json"))["num_hidden_layers"] == 2
     assert export_cli.main([str(tmp_path / "empty"), str(tmp_path / "x")]) == 1
+
+
+def test_bf16_engine_round_trips_fp32_masters(hf_dir, tmp_path):
+    layout = Layout.create(1, 1, 1)
+    engine = build_engine(layout, hf_dir, param_dtype=torch.bfloat16)
+    train(engine, range(2), layout)
+    os.makedirs(tmp_path / "step_0.tmp")  # leftover of an interrupted save: removed by the next save
+    save_checkpoint(engine, str(tmp_path), 2)
+    assert sorted(os.listdir(tmp_path)) == ["step_2"]
+    fresh = build_engine(layout, hf_dir, param_dtype=torch.bfloat16)
+    load_checkpoint(fresh, str(tmp_path))
+    for a, b in zip(engine.zero.masters, fresh.zero.masters):
+        assert b.dtype == torch.float32 and torch.equal(a, b)  # masters are saved in fp32, not rounded to bf16
+    for a, b in zip(engine.model.parameters(), fresh.model.parameters()):
+        assert b.dtype == torch.bfloat16 and torch.equal(a, b)
+    assert history_diff(train(fresh, [2], layout), train(engine, [2], layout)) == 0

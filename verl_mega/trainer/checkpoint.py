@@ -229,10 +229,14 @@ def _fsync_dir(path: str) -> None:
 
 
 def _prune(root: str, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints; drop leftovers of interrupted saves."""
     steps = sorted((s, p) for s, p in _step_dirs(root))
     complete = [(s, p) for s, p in steps if os.path.exists(os.path.join(p, MARKER))]
     for _, path in complete[:-keep_last]:
         shutil.rmtree(path, ignore_errors=True)
+    for name in os.listdir(root):
+        if re.match(r"^step_\d+\.tmp$", name):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def _step_dirs(root: str) -> list[tuple[int, str]]:
