@@ -155,17 +155,20 @@ def _breakdown(h, w, labels) -> dict:
     from verl_mega.kernels import logprob_triton
     n, v = h.shape[0], w.shape[0]
     local = logprob_mod._to_int32(labels)
-    out = {"fwd_kernel_ms": time_ms(lambda: logprob_triton.forward_stats(h, w, local, v, 1.0))}
-    out["fwd_config"] = str(logprob_triton._fwd_tuned.best_config)
+    out = {"fwd_kernel_ms": time_ms(lambda: logprob_triton.forward_stats(h, w, local, 1.0))}
+    fwd_k = logprob_triton._KERNELS[(True, logprob_triton.PERSISTENT)]
+    bwd_k = logprob_triton._KERNELS[(False, logprob_triton.PERSISTENT)]
+    out["persistent"] = logprob_triton.PERSISTENT
+    out["fwd_config"] = str(fwd_k.best_config)
     chunk = logprob_mod._chunk(logprob_mod._Spec(None, 1, 0, v, 1.0, None, "triton", True), n, v, 2)
     nchunks = -(-v // chunk)
     lse, ez, g = (torch.rand(n, device="cuda") + 10 for _ in range(3))
     buf = torch.empty(n, chunk, device="cuda", dtype=h.dtype)
     wc = w[:chunk]
-    t = time_ms(lambda: logprob_triton.grad_logits(h, wc, buf, lse, ez, g, g, local, chunk, 1.0))
+    t = time_ms(lambda: logprob_triton.grad_logits(h, wc, buf, lse, ez, g, g, local, 1.0))
     out["bwd_kernel_ms_all_chunks"] = t * nchunks
-    out["bwd_config"] = str(logprob_triton._bwd_tuned.best_config)
-    for name, kern in (("fwd", logprob_triton._fwd_tuned), ("bwd", logprob_triton._bwd_tuned)):
+    out["bwd_config"] = str(bwd_k.best_config)
+    for name, kern in (("fwd", fwd_k), ("bwd", bwd_k)):
         timings = getattr(kern, "configs_timings", None) or {}
         out[f"{name}_autotune_ms"] = {str(c): round(float(t[0] if isinstance(t, (list, tuple)) else t), 4)
                                       for c, t in timings.items()}
@@ -231,42 +234,60 @@ def bench_groups() -> dict:
 def to_markdown(report: dict) -> str:
     env = report["env"]
     lines = [f"# Kernel benchmarks — {env['gpu']}", "",
-             f"torch {env['torch']}, triton {env['triton']}; command: `{env['command']}`", "",
-             "## (a) log-prob + entropy, forward + backward, bf16", "",
+             f"torch {env['torch']}, triton {env['triton']}; command: `{env['command']}`", ""]
+    if report["logprob"]:
+        lines += _logprob_markdown(report["logprob"])
+    if report["gae"]:
+        gae, bw = report["gae"], report["bandwidth"]
+        lines += ["## (b) GAE, B=256, T=2048 (fp32)", "",
+                  "| ours ms | reference loop ms | speedup | ours GB/s | device GB/s | copy GB/s |",
+                  "|---|---|---|---|---|---|",
+                  f"| {gae['ours_ms']:.4f} | {gae['reference_loop_ms']:.1f} | {gae['speedup']:.0f}x "
+                  f"| {gae['ours_GBps']:.0f} | {bw['device_GBps']:.0f} | {bw['copy_GBps']:.0f} |", "",
+                  f"Device bandwidth: {bw['source']}; copy = 1 GiB device-to-device copy (read + write). "
+                  f"GB/s counts 5 fp32 [B, T] arrays (3 read, 2 written).", ""]
+    if report["groups"]:
+        grp = report["groups"]
+        lines += ["## (c) GRPO group normalisation, 4096 groups x 16 (fp32)", "",
+                  "| path | ms | GB/s |", "|---|---|---|"]
+        for name in ("ours_triton", "torch_equal_groups", "torch_scatter_ids"):
+            lines.append(f"| {name} | {grp[f'{name}_ms']:.4f} | {grp[f'{name}_GBps']:.1f} |")
+        lines += ["", f"A single tiny kernel launch takes {grp['launch_floor_ms']:.4f} ms here: at 0.5 MB moved the "
+                  "group kernel is launch-bound, not bandwidth-bound."]
+    return "\n".join(lines) + "\n"
+
+
+def _logprob_markdown(results: list) -> list:
+    lines = ["## (a) log-prob + entropy, forward + backward, bf16", "",
              "| N | H | V | 3 GEMMs ms | ours ms | ours / 3-GEMM | ours extra GiB | naive torch ms (extra GiB) "
              "| Liger FLCE ms (extra GiB) | 1 GEMM ms | ours fwd ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in report["logprob"]:
+    nan = float("nan")
+    for r in results:
         def cell(name):
             if f"{name}_ms" not in r:
                 return r.get(f"{name}_error", "n/a").split(":")[0]
             return f"{r[f'{name}_ms']:.2f} ({r[f'{name}_extra_gib']:.2f})"
-        lines.append(f"| {r['N']} | {r['H']} | {r['V']} | {r['three_gemms_ms']:.2f} | {r.get('ours_ms', float('nan')):.2f} "
-                     f"| {r.get('ours_ratio_to_3gemm', float('nan')):.3f} | {r.get('ours_extra_gib', float('nan')):.3f} "
+        if "error" in r:
+            lines.append(f"| {r['N']} | {r['H']} | {r['V']} | error: see kernels.json |||||||")
+            continue
+        lines.append(f"| {r['N']} | {r['H']} | {r['V']} | {r['three_gemms_ms']:.2f} | {r.get('ours_ms', nan):.2f} "
+                     f"| {r.get('ours_ratio_to_3gemm', nan):.3f} | {r.get('ours_extra_gib', nan):.3f} "
                      f"| {cell('naive_torch')} | {cell('liger_flce')} | {r['one_gemm_ms']:.2f} "
-                     f"| {r.get('ours_fwd_ms', float('nan')):.2f} |")
+                     f"| {r.get('ours_fwd_ms', nan):.2f} |")
     lines += ["", "Targets: ours / 3-GEMM <= 1.4, extra <= 0.5 GiB (extra = peak allocated during the call minus "
               "what was allocated before, minus the gradients returned). Liger computes mean cross-entropy only "
               "(no entropy).", "", "Breakdown (ours) and parity on 1024 rows vs the fp32 reference "
               "(max error / max |reference|):", ""]
-    for r in report["logprob"]:
-        keys = ("fwd_kernel_ms", "bwd_kernel_ms_all_chunks", "grad_h_gemm_ms_all_chunks", "grad_w_gemm_ms_all_chunks")
+    keys = ("fwd_kernel_ms", "bwd_kernel_ms_all_chunks", "grad_h_gemm_ms_all_chunks", "grad_w_gemm_ms_all_chunks")
+    for r in results:
+        if "error" in r:
+            continue
         parts = ", ".join(f"{k} {r[k]:.2f}" for k in keys if k in r)
+        parity = {k: float(f"{x:.2e}") for k, x in r["parity_1024_rows"].items()}
         lines.append(f"- N={r['N']}, H={r['H']}: {parts}; chunks {r.get('nchunks')} x {r.get('chunk')}; "
-                     f"parity {json.dumps({k: float(f'{x:.2e}') for k, x in r['parity_1024_rows'].items()})}")
-    gae, grp, bw = report["gae"], report["groups"], report["bandwidth"]
-    lines += ["", "## (b) GAE, B=256, T=2048 (fp32)", "",
-              "| ours ms | reference loop ms | speedup | ours GB/s | device GB/s | copy GB/s |", "|---|---|---|---|---|---|",
-              f"| {gae['ours_ms']:.4f} | {gae['reference_loop_ms']:.1f} | {gae['speedup']:.0f}x | {gae['ours_GBps']:.0f} "
-              f"| {bw['device_GBps']:.0f} | {bw['copy_GBps']:.0f} |", "",
-              f"Device bandwidth: {bw['source']}; copy = 1 GiB device-to-device copy (read + write).", "",
-              "## (c) GRPO group normalisation, 4096 groups x 16", "",
-              "| path | ms | GB/s |", "|---|---|---|"]
-    for name in ("ours_triton", "torch_equal_groups", "torch_scatter_ids"):
-        lines.append(f"| {name} | {grp[f'{name}_ms']:.4f} | {grp[f'{name}_GBps']:.1f} |")
-    lines += ["", f"A single tiny kernel launch takes {grp['launch_floor_ms']:.4f} ms here: at 0.5 MB moved the "
-              "group kernel is launch-bound, not bandwidth-bound."]
-    return "\n".join(lines) + "\n"
+                     f"persistent {r.get('persistent')}; parity {json.dumps(parity)}")
+    return lines + [""]
 
 
 def main() -> None:
@@ -277,8 +298,11 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernels.py needs a CUDA GPU")
     import triton
+    knob = os.environ.get("VERL_MEGA_LOGPROB_PERSISTENT")
+    command = (f"VERL_MEGA_LOGPROB_PERSISTENT={knob} " if knob else "") + "python benchmarks/kernels.py " + \
+        " ".join(sys.argv[1:])
     report = {"env": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                      "command": "python benchmarks/kernels.py" + (" --quick" if args.quick else "")}}
+                      "command": command.strip()}}
     bw, src = device_bandwidth()
     report["bandwidth"] = {"device_GBps": bw / 1e9, "source": src, "copy_GBps": copy_bandwidth() / 1e9}
     report["logprob"] = []

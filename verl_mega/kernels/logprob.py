@@ -19,8 +19,9 @@ Chunks run over the vocabulary rather than the tokens so that grad_W needs no fp
 ([V, H] fp32 would cost more memory than the logits chunk); grad_h [N, H] is accumulated in fp32.
 
 Paths (`impl`, see `dispatch.py`): "triton" = `logprob_triton` (GEMM with fused online-softmax
-epilogue in forward, GEMM with fused gradient epilogue + cuBLAS grad GEMMs in backward; also runs
-on CPU under TRITON_INTERPRET=1); "torch" = the same chunked algorithm with torch matmuls in fp32.
+epilogue in forward, GEMM with fused gradient epilogue + cuBLAS grad GEMMs in backward; bf16/fp16
+on CUDA, any dtype on CPU under TRITON_INTERPRET=1); "torch" = the same chunked algorithm with
+torch matmuls in fp32 (also what "auto" takes for fp32 inputs on CUDA).
 Reference: `logprob_reference.reference_logprob_entropy`. Simplifications: hidden must be
 replicated over tp_group (no sequence-parallel input); labels must be valid ids (no ignore_index).
 """
@@ -100,9 +101,14 @@ def _make_spec(hidden, weight, labels, tp_group, vocab_start, true_vocab_size, t
         if lo < 0 or hi >= vocab:
             raise ValueError(f"labels must lie in [0, true_vocab_size={vocab}), got [{lo}, {hi}]")
     path = resolve_impl(impl, hidden)
+    if path == "triton" and hidden.is_cuda and hidden.dtype == torch.float32:
+        if impl == "triton":
+            raise ValueError("the Triton path takes bf16/fp16 inputs on CUDA; fp32 inputs take impl='torch'")
+        path = "torch"  # auto: fp32 on CUDA -> cuBLAS fp32 GEMMs in the chunked torch path
     if path == "triton" and (hidden.shape[-1] * hidden.element_size()) % 16:
         if impl == "triton":
-            raise ValueError(f"impl='triton' needs hidden rows of a multiple of 16 bytes (TMA), got H={hidden.shape[-1]}")
+            raise ValueError(f"impl='triton' needs hidden rows of a multiple of 16 bytes (TMA), "
+                             f"got H={hidden.shape[-1]}")
         path = "torch"  # auto: TMA descriptors need 16-byte aligned rows
     if path == "triton" and chunk_size is not None:
         chunk_size = -(-chunk_size // 16) * 16  # the gradient chunk's rows must stay 16-byte aligned too
@@ -145,7 +151,7 @@ def _local_stats(h, w, local, spec: _Spec):
         if w.shape[0] == 0:
             n = h.shape[0]
             return (torch.full((n,), NEG, device=h.device), *torch.zeros(3, n, device=h.device))
-        return logprob_triton.forward_stats(h, w, _to_int32(local), w.shape[0], spec.inv_temp)
+        return logprob_triton.forward_stats(h, w, _to_int32(local), spec.inv_temp)
     return _torch_stats(h, w, local, spec)
 
 
@@ -196,7 +202,8 @@ def _backward_chunks(h, w, local, lse, ez, g_lp, g_ent, spec: _Spec, need_h: boo
     gdtype = h.dtype if low else torch.float32
     hc = h if low else h.float()
     chunk = _chunk(spec, n, max(v, 1), torch.finfo(gdtype).bits // 8)
-    buf = torch.empty(n, min(chunk, max(v, 1)), dtype=gdtype, device=h.device)  # [N, chunk]
+    width = -(-min(chunk, max(v, 1)) // 16) * 16  # rows of the buffer stay 16-byte aligned (TMA)
+    buf = torch.empty(n, width, dtype=gdtype, device=h.device)  # [N, chunk (+ padding)]
     grad_h = torch.zeros(n, hid, dtype=torch.float32, device=h.device) if need_h else None
     grad_w = torch.empty_like(w) if need_w else None
     if need_w and v < w.shape[0]:
@@ -206,8 +213,7 @@ def _backward_chunks(h, w, local, lse, ez, g_lp, g_ent, spec: _Spec, need_h: boo
         g = buf[:, :wc.shape[0]]
         if spec.path == "triton":
             from verl_mega.kernels import logprob_triton
-            logprob_triton.grad_logits(h, wc, g, lse, ez, g_lp, g_ent, _to_int32(local - c0), wc.shape[0],
-                                       spec.inv_temp)
+            logprob_triton.grad_logits(h, wc, g, lse, ez, g_lp, g_ent, _to_int32(local - c0), spec.inv_temp)
         else:
             _torch_grad_logits(hc, wc, g, lse, ez, g_lp, g_ent, local - c0, spec.inv_temp)
         wc = wc if low else wc.float()

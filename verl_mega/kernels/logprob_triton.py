@@ -1,25 +1,34 @@
 """Triton kernels for the fused vocab-parallel log-prob + entropy (see `logprob.py`).
 
-Two GEMM kernels with fused epilogues over tiles of logits `z = hidden @ weight.T / T`:
+GEMM tiles of logits z = hidden @ weight.T / T (bf16/fp16 `tl.dot` on TMA-loaded tiles, fp32
+accumulation) with fused epilogues:
 
-- `_fwd_kernel`: one program per [BLOCK_M rows, BLOCK_N vocab] tile computes the tile's logits in
-  registers (bf16 `tl.dot`, fp32 accumulation) and writes only per-tile softmax statistics:
-  max m, sum-exp s = sum e^(z-m), u = sum e^(z-m)(z-m). No logits reach memory.
-  `_combine_kernel` then merges the tiles of each row, and `_target_kernel` computes the label's
-  logit as one fp32 dot product per row (cheaper than a search for the label in every tile).
-- `_bwd_kernel`: recomputes a tile of logits for one vocab chunk and writes the gradient w.r.t. the
-  raw logits, g = (g_lp (onehot - p) - g_ent p (z - E[z])) / T, in the input dtype; the two
+- forward (`_fwd_epilogue`): per [BLOCK_M rows, BLOCK_N vocab] tile, only softmax statistics are
+  written: max m, s = sum e^(z-m), u = sum e^(z-m)(z-m). No logits reach memory.
+  `_combine_kernel` merges the tiles of each row; `_target_kernel` computes the label's logit as
+  one fp32 dot product per row (cheaper than looking for the label in every tile).
+- backward (`_bwd_epilogue`): the gradient w.r.t. the raw logits of one vocab chunk,
+      g = onehot * g_lp / T - p * (c + d * acc),  c = (g_lp - g_ent E[z]) / T,  d = g_ent / T^2,
+  (= (g_lp (onehot - p) - g_ent p (z - E[z])) / T), stored in the input dtype by TMA; the two
   gradient GEMMs (g @ W, g.T @ hidden) are left to cuBLAS.
+Both epilogues work in base 2 (exp2 of pre-scaled logits) to keep them to a few instructions per
+logit: they are not overlapped with the tensor-core main loop within a tile.
 
-Padding columns (local id >= n_valid) are masked with a large negative *finite* sentinel rather
-than -inf, so that tiles or ranks without a valid column combine without inf - inf = NaN guards.
+On GPU the kernels are persistent (a grid of 1-2 programs per SM looping over tiles with
+`tl.range(flatten=True)`, so the next tile's loads overlap this tile's epilogue) and autotuned per
+hidden size and token-count bucket. Under `TRITON_INTERPRET=1` (CPU tests) one-tile-per-program
+twins run the same epilogues with small fixed tiles and dot operands upcast to fp32 (the
+interpreter's bf16 `tl.dot` is not usable, and it cannot loop over runtime bounds).
 
-Under `TRITON_INTERPRET=1` (CPU tests) the same kernels run with small fixed tiles and the dot
-operands upcast to fp32 (the interpreter's bf16 `tl.dot` is not usable); on GPU the tile sizes are
-autotuned per hidden size.
+Padding columns and out-of-range rows are masked with a large negative *finite* sentinel rather
+than -inf, so that statistics combine without inf - inf = NaN guards.
 """
 
 from __future__ import annotations
+
+import functools
+import math
+import os
 
 import torch
 import triton
@@ -29,25 +38,25 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from verl_mega.kernels.dispatch import interpret_mode
 
 NEG = tl.constexpr(-1.0e30)  # "minus infinity" for masked logits: finite, so NEG - NEG = 0, not NaN
+LN2 = tl.constexpr(math.log(2.0))
+LOG2E = math.log2(math.e)
+# Persistent kernels on GPU (default); 0 selects the one-tile-per-program kernels there too.
+PERSISTENT = os.environ.get("VERL_MEGA_LOGPROB_PERSISTENT", "1") == "1"
 
 
 @triton.jit
-def _tile_ids(N, V, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Grouped ordering of the 1-D grid (as in Triton's matmul tutorial) for L2 reuse."""
-    pid = tl.program_id(0)
+def _tile_pid(tile, N, V, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped tile order (as in Triton's matmul tutorial) for L2 reuse: tile -> (pid_m, pid_n)."""
     num_m = tl.cdiv(N, BLOCK_M)
-    num_n = tl.cdiv(V, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
+    per_group = GROUP_M * tl.cdiv(V, BLOCK_N)
+    first_m = (tile // per_group) * GROUP_M
     group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
-    return pid_m, pid_n
+    return first_m + (tile % per_group) % group_size, (tile % per_group) // group_size
 
 
 @triton.jit
 def _logits_tile(a_desc, b_desc, pid_m, pid_n, H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                 BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
     """fp32 tile hidden[rows] @ weight[cols].T via TMA loads (out-of-range rows, cols, k read as 0)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, H, BLOCK_K):
@@ -56,34 +65,94 @@ def _logits_tile(a_desc, b_desc, pid_m, pid_n, H: tl.constexpr, BLOCK_M: tl.cons
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        if IEEE:  # fp32 inputs: full fp32 products rather than TF32
-            acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, tl.trans(b), acc)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    return acc, rm, rn
+        acc = tl.dot(a, tl.trans(b), acc)
+    return acc
 
 
 @triton.jit
-def _fwd_kernel(a_desc, b_desc, m_ptr, s_ptr, u_ptr, N, N_BUCKET, V, H: tl.constexpr, n_valid, inv_temp,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                GROUP_M: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    pid_m, pid_n = _tile_ids(N, V, BLOCK_M, BLOCK_N, GROUP_M)
-    acc, rm, rn = _logits_tile(a_desc, b_desc, pid_m, pid_n, H, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
-    # Kept to three row reductions: this epilogue is not hidden behind the main loop.
-    valid = (rn < n_valid)[None, :]
-    z = tl.where(valid, acc * inv_temp, NEG)
-    m = tl.max(z, axis=1)
-    d = z - m[:, None]
-    e = tl.where(valid, tl.exp(d), 0.0)
+def _fwd_epilogue(acc, pid_m, pid_n, m_ptr, s_ptr, u_ptr, N, V, scale2,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tile statistics (m, s, u) of z = acc / T; scale2 = log2(e) / T. Every tile has a column < V."""
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    z2 = tl.where((rn < V)[None, :], acc * scale2, NEG)  # z * log2(e)
+    m2 = tl.max(z2, axis=1)
+    d2 = z2 - m2[:, None]
+    e = tl.exp2(d2)  # exactly 0 on masked columns (d2 ~ -1e30)
     s = tl.sum(e, axis=1)
-    u = tl.sum(e * d, axis=1)  # e = 0 on masked columns (d is finite there: no 0 * inf)
+    u2 = tl.sum(e * d2, axis=1)
     row_in = rm < N
     out = pid_n * N + rm
-    tl.store(m_ptr + out, m, mask=row_in)
+    tl.store(m_ptr + out, m2 * LN2, mask=row_in)
     tl.store(s_ptr + out, s, mask=row_in)
-    tl.store(u_ptr + out, u, mask=row_in)
+    tl.store(u_ptr + out, u2 * LN2, mask=row_in)
+
+
+@triton.jit
+def _bwd_epilogue(acc, pid_m, pid_n, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_ptr, N, inv_temp,
+                  HAS_ENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dL/d(raw logits) of the tile, stored by TMA (rows >= N and columns >= V are dropped)."""
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_in = rm < N
+    lse2 = tl.load(lse_ptr + rm, mask=row_in, other=0.0) * 1.4426950408889634  # log2(e)
+    glp = tl.load(glp_ptr + rm, mask=row_in, other=0.0) * inv_temp
+    lab = tl.load(lab_ptr + rm, mask=row_in, other=-1)
+    scale2 = inv_temp * 1.4426950408889634
+    p = tl.exp2(acc * scale2 - lse2[:, None])
+    if HAS_ENT:
+        gent = tl.load(gent_ptr + rm, mask=row_in, other=0.0) * inv_temp
+        c = glp - gent * tl.load(ez_ptr + rm, mask=row_in, other=0.0)
+        g = -p * (c[:, None] + (gent * inv_temp)[:, None] * acc)
+    else:
+        g = -p * glp[:, None]
+    g = tl.where(rn[None, :] == lab[:, None], g + glp[:, None], g)
+    g_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], g.to(g_desc.dtype))
+
+
+@triton.jit
+def _fwd_kernel(a_desc, b_desc, m_ptr, s_ptr, u_ptr, N, N_BUCKET, V, H: tl.constexpr, scale2,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """One tile per program (interpreter, or PERSISTENT off)."""
+    pid_m, pid_n = _tile_pid(tl.program_id(0), N, V, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = _logits_tile(a_desc, b_desc, pid_m, pid_n, H, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+    _fwd_epilogue(acc, pid_m, pid_n, m_ptr, s_ptr, u_ptr, N, V, scale2, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _fwd_kernel_persistent(a_desc, b_desc, m_ptr, s_ptr, u_ptr, N, N_BUCKET, V, H: tl.constexpr, scale2,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           GROUP_M: tl.constexpr, PROGS_PER_SM: tl.constexpr):
+    num_tiles = tl.cdiv(N, BLOCK_M) * tl.cdiv(V, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+        pid_m, pid_n = _tile_pid(tile, N, V, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = _logits_tile(a_desc, b_desc, pid_m, pid_n, H, BLOCK_M, BLOCK_N, BLOCK_K, False)
+        _fwd_epilogue(acc, pid_m, pid_n, m_ptr, s_ptr, u_ptr, N, V, scale2, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _bwd_kernel(a_desc, b_desc, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_ptr, N, N_BUCKET, V,
+                H: tl.constexpr, inv_temp, HAS_ENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr):
+    """One tile per program (interpreter, or PERSISTENT off)."""
+    pid_m, pid_n = _tile_pid(tl.program_id(0), N, V, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = _logits_tile(a_desc, b_desc, pid_m, pid_n, H, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+    _bwd_epilogue(acc, pid_m, pid_n, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_ptr, N, inv_temp,
+                  HAS_ENT, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _bwd_kernel_persistent(a_desc, b_desc, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_ptr, N, N_BUCKET, V,
+                           H: tl.constexpr, inv_temp, HAS_ENT: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                           PROGS_PER_SM: tl.constexpr):
+    num_tiles = tl.cdiv(N, BLOCK_M) * tl.cdiv(V, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+        pid_m, pid_n = _tile_pid(tile, N, V, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = _logits_tile(a_desc, b_desc, pid_m, pid_n, H, BLOCK_M, BLOCK_N, BLOCK_K, False)
+        _bwd_epilogue(acc, pid_m, pid_n, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_ptr, N, inv_temp,
+                      HAS_ENT, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -97,8 +166,7 @@ def _target_kernel(h_ptr, w_ptr, lab_ptr, out_ptr, N, H: tl.constexpr, stride_h,
     cols = tl.arange(0, BLOCK_H)
     acc = tl.zeros((BLOCK_R,), tl.float32)
     for k in range(0, H, BLOCK_H):
-        kin = (k + cols) < H
-        msk = here[:, None] & kin[None, :]
+        msk = here[:, None] & ((k + cols) < H)[None, :]
         h = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + k + cols[None, :], mask=msk, other=0.0)
         w = tl.load(w_ptr + lab[:, None].to(tl.int64) * stride_w + k + cols[None, :], mask=msk, other=0.0)
         acc += tl.sum(h.to(tl.float32) * w.to(tl.float32), axis=1)
@@ -128,38 +196,7 @@ def _combine_kernel(m_ptr, s_ptr, u_ptr, out_m, out_s, out_u, N, T: tl.constexpr
     tl.store(out_u + rows, U, mask=row_in)
 
 
-@triton.jit
-def _bwd_kernel(a_desc, b_desc, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_ptr,
-                N, N_BUCKET, V, H: tl.constexpr, n_valid, inv_temp,
-                HAS_ENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    pid_m, pid_n = _tile_ids(N, V, BLOCK_M, BLOCK_N, GROUP_M)
-    acc, rm, rn = _logits_tile(a_desc, b_desc, pid_m, pid_n, H, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
-    row_in = rm < N
-    z = acc * inv_temp
-    lse = tl.load(lse_ptr + rm, mask=row_in, other=0.0)
-    glp = tl.load(glp_ptr + rm, mask=row_in, other=0.0)
-    lab = tl.load(lab_ptr + rm, mask=row_in, other=-1)
-    p = tl.exp(z - lse[:, None])
-    g = glp[:, None] * ((rn[None, :] == lab[:, None]).to(tl.float32) - p)
-    if HAS_ENT:
-        ez = tl.load(ez_ptr + rm, mask=row_in, other=0.0)
-        gent = tl.load(gent_ptr + rm, mask=row_in, other=0.0)
-        g -= gent[:, None] * p * (z - ez[:, None])
-    g = tl.where((rn < n_valid)[None, :], g * inv_temp, 0.0)
-    g_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], g.to(g_desc.dtype))  # rows >= N, cols >= V: dropped
-
-
-def _configs():
-    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). The 128x128 tiles with 3 stages leave room for two
-    # programs per SM, so that one's softmax epilogue can overlap the other's main loop.
-    cfg = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 4, 3),
-           (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (64, 256, 64, 4, 3), (128, 128, 128, 8, 2),
-           (64, 64, 32, 4, 3)]  # the last one for fp32 inputs (full-precision dots, no tensor-core tiles)
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s,
-                          pre_hook=_set_block_shapes) for bm, bn, bk, w, s in cfg]
-
-
+# ----------------------------------------------------------------------------- launching
 def _set_block_shapes(nargs):
     """TMA descriptors carry the tile shape: set it for the config about to run."""
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
@@ -169,30 +206,51 @@ def _set_block_shapes(nargs):
         nargs["g_desc"].block_shape = [bm, bn]
 
 
+def _configs(persistent: bool):
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, programs per SM). 128x128 tiles with 3 stages fit
+    # two programs per SM, so that one's epilogue overlaps the other's main loop.
+    cfg = [(128, 256, 64, 8, 3, 1), (128, 256, 64, 8, 4, 1), (128, 128, 64, 8, 3, 2), (128, 128, 64, 8, 3, 1),
+           (128, 128, 64, 8, 4, 1), (256, 128, 64, 8, 3, 1), (128, 128, 128, 8, 2, 1)]
+    out = []
+    for bm, bn, bk, w, s, per_sm in cfg:
+        if per_sm > 1 and not persistent:
+            continue
+        kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
+        if persistent:
+            kw["PROGS_PER_SM"] = per_sm
+        out.append(triton.Config(kw, num_warps=w, num_stages=s, pre_hook=_set_block_shapes))
+    return out
+
+
 def _prune(configs, named_args, **kwargs):
-    """fp32 inputs take small tiles; small token counts (tests, short micro-batches) one mid-size tile."""
-    def shape(c):
-        return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages
-    if kwargs.get("IEEE"):
-        return [c for c in configs if shape(c) == (64, 64, 32, 4, 3)]
-    configs = [c for c in configs if shape(c) != (64, 64, 32, 4, 3)]
+    """Small token counts (tests, short micro-batches) take one mid-size tile instead of a search."""
     if named_args["N_BUCKET"] <= 1024:
-        return [c for c in configs if shape(c) == (128, 128, 64, 8, 3)]
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages,
+                                       c.kwargs.get("PROGS_PER_SM", 1)) == (128, 128, 3, 1)]
     return configs
 
 
-# Tuned per hidden size and power-of-two bucket of the token count (N_BUCKET is otherwise unused).
-_TUNE = dict(configs=_configs(), prune_configs_by={"early_config_prune": _prune})
-_fwd_tuned = triton.autotune(key=["H", "N_BUCKET", "IEEE"], **_TUNE)(_fwd_kernel)
-_bwd_tuned = triton.autotune(key=["H", "N_BUCKET", "IEEE", "HAS_ENT"], **_TUNE)(_bwd_kernel)
+def _tuned(kernel, persistent: bool, extra_keys=()):
+    # Tuned per hidden size and power-of-two bucket of the token count (N_BUCKET is otherwise unused).
+    return triton.autotune(configs=_configs(persistent), key=["H", "N_BUCKET", *extra_keys],
+                           prune_configs_by={"early_config_prune": _prune})(kernel)
+
+
+_KERNELS = {  # (forward?, persistent?) -> autotuned kernel
+    (True, False): _tuned(_fwd_kernel, False), (True, True): _tuned(_fwd_kernel_persistent, True),
+    (False, False): _tuned(_bwd_kernel, False, ["HAS_ENT"]),
+    (False, True): _tuned(_bwd_kernel_persistent, True, ["HAS_ENT"]),
+}
 _INTERP_TILE = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}  # interpreter: fixed tiles
 
 
-def _launch(kernel, kernel_tuned, N, V, tensors, args, kwargs):
-    """Launch with fixed small tiles under the interpreter, autotuned tiles on GPU.
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
-    tensors: (hidden, weight[, grad_out]) become TMA descriptors (their block shape set per config).
-    Returns the BLOCK_N used."""
+
+def _launch(forward: bool, N, V, tensors, args, kwargs):
+    """Launch over TMA descriptors of `tensors` (hidden, weight[, grad out]); returns the BLOCK_N used."""
     interp = interpret_mode()
     tile = _INTERP_TILE if interp else {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}  # GPU: set by pre_hook
     descs = [TensorDescriptor.from_tensor(tensors[0], [tile["BLOCK_M"], tile["BLOCK_K"]]),
@@ -200,21 +258,30 @@ def _launch(kernel, kernel_tuned, N, V, tensors, args, kwargs):
     if len(tensors) > 2:
         descs.append(TensorDescriptor.from_tensor(tensors[2], [tile["BLOCK_M"], tile["BLOCK_N"]]))
     if interp:
+        kernel = _fwd_kernel if forward else _bwd_kernel
         grid = (triton.cdiv(N, tile["BLOCK_M"]) * triton.cdiv(V, tile["BLOCK_N"]),)
-        kernel[grid](*descs, *args, **kwargs, **tile, UPCAST=True, IEEE=False)
+        kernel[grid](*descs, *args, **kwargs, **tile, UPCAST=True)
         return tile["BLOCK_N"]
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(V, meta["BLOCK_N"]),)  # noqa: E731
-    kernel_tuned[grid](*descs, *args, **kwargs, UPCAST=False, IEEE=tensors[0].dtype == torch.float32)
-    return kernel_tuned.best_config.kwargs["BLOCK_N"]
+    kernel = _KERNELS[(forward, PERSISTENT)]
+
+    def grid(meta):
+        tiles = triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(V, meta["BLOCK_N"])
+        if not PERSISTENT:
+            return (tiles,)
+        return (min(tiles, meta["PROGS_PER_SM"] * _num_sms(tensors[0].device.index or 0)),)
+
+    extra = {} if PERSISTENT else {"UPCAST": False}
+    kernel[grid](*descs, *args, **kwargs, **extra)
+    return kernel.best_config.kwargs["BLOCK_N"]
 
 
-def forward_stats(hidden: torch.Tensor, weight: torch.Tensor, labels_local: torch.Tensor,
-                  n_valid: int, inv_temp: float):
-    """Per-row softmax statistics of z = hidden @ weight.T * inv_temp over the first n_valid columns.
+def forward_stats(hidden: torch.Tensor, weight: torch.Tensor, labels_local: torch.Tensor, inv_temp: float):
+    """Per-row softmax statistics of z = hidden @ weight.T * inv_temp over all rows of `weight`.
 
-    hidden [N, H], weight [V, H] (contiguous, same dtype), labels_local [N] int32 (the label's local
-    column; anything outside [0, n_valid) means "not on this shard"). Returns fp32 [N] tensors
-    (m, s, u, zt): max, sum e^(z-m), sum e^(z-m)(z-m), and the label's logit (0 when not here).
+    hidden [N, H], weight [V, H] (the shard's valid vocabulary rows; contiguous, 16-byte aligned
+    rows, same dtype), labels_local [N] int32 (the label's local column; anything outside [0, V)
+    means "not on this shard"). Returns fp32 [N] tensors (m, s, u, zt): max, sum e^(z-m),
+    sum e^(z-m)(z-m), and the label's logit (0 when not here).
     """
     N, H = hidden.shape
     V = weight.shape[0]
@@ -222,13 +289,13 @@ def forward_stats(hidden: torch.Tensor, weight: torch.Tensor, labels_local: torc
     # Upper bound on the tile count (smallest BLOCK_N of any config); unused rows stay untouched.
     max_tiles = triton.cdiv(V, 64 if interpret_mode() else 128)
     parts = torch.empty(3, max_tiles, N, device=dev, dtype=torch.float32)  # [stat, tile, row]
-    args = (parts[0], parts[1], parts[2], N, triton.next_power_of_2(N), V, H, n_valid, inv_temp)
-    tiles = triton.cdiv(V, _launch(_fwd_kernel, _fwd_tuned, N, V, (hidden, weight), args, {}))
+    args = (parts[0], parts[1], parts[2], N, triton.next_power_of_2(N), V, H, inv_temp * LOG2E)
+    tiles = triton.cdiv(V, _launch(True, N, V, (hidden, weight), args, {}))
     out = torch.empty(4, N, device=dev, dtype=torch.float32)  # m, s, u, zt
     block = 128
     _combine_kernel[(triton.cdiv(N, block),)](parts[0], parts[1], parts[2], out[0], out[1], out[2], N, tiles,
                                                BLOCK=block)
-    labels_here = torch.where(labels_local < n_valid, labels_local, -1)
+    labels_here = torch.where(labels_local < V, labels_local, -1)
     _target_kernel[(triton.cdiv(N, 16),)](hidden, weight, labels_here, out[3], N, H, hidden.stride(0),
                                           weight.stride(0), inv_temp, BLOCK_R=16, BLOCK_H=128)
     return out[0], out[1], out[2], out[3]
@@ -236,16 +303,17 @@ def forward_stats(hidden: torch.Tensor, weight: torch.Tensor, labels_local: torc
 
 def grad_logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                 ez: torch.Tensor | None, g_lp: torch.Tensor, g_ent: torch.Tensor | None,
-                labels_local: torch.Tensor, n_valid: int, inv_temp: float) -> torch.Tensor:
-    """Write d(loss)/d(raw logits) for the columns of `weight` (one vocab chunk) into `out` [N, V].
+                labels_local: torch.Tensor, inv_temp: float) -> torch.Tensor:
+    """Write d(loss)/d(raw logits) for the rows of `weight` (one vocab chunk) into `out` [N, V].
 
-    `out` may be a column slice of a wider buffer (row stride > V). lse, ez, g_lp, g_ent are fp32 [N];
-    labels_local [N] int32 is the label's column within this chunk (out of range: not here).
+    `out` may be a column slice of a wider buffer (row stride > V, 16-byte aligned). lse, ez, g_lp,
+    g_ent are fp32 [N]; labels_local [N] int32 is the label's column within this chunk (out of
+    range: not here).
     """
     N, H = hidden.shape
     V = weight.shape[0]
     has_ent = g_ent is not None
     args = (lse, ez if has_ent else lse, g_lp, g_ent if has_ent else g_lp, labels_local,
-            N, triton.next_power_of_2(N), V, H, n_valid, inv_temp)
-    _launch(_bwd_kernel, _bwd_tuned, N, V, (hidden, weight, out), args, {"HAS_ENT": has_ent})
+            N, triton.next_power_of_2(N), V, H, inv_temp)
+    _launch(False, N, V, (hidden, weight, out), args, {"HAS_ENT": has_ent})
     return out
