@@ -6,7 +6,6 @@ Tolerances: weights must be bit-identical (resharding only moves bytes); logits 
 All checks of one world size run in one spawn (imports cost ~10 s per spawn).
 """
 
-import gc
 import weakref
 
 import pytest
@@ -73,33 +72,42 @@ def _check_engine(engine, stage, layout, ref, ids, pos, ref_logits, tol) -> dict
     err = (_full_logits(model, model(ids, pos)) - ref_logits).abs().max().item()
     assert err <= tol, f"inference logits differ by {err}"
     stats = engine.last_stats
-    buffer_ref = weakref.ref(engine._buffer) if engine._buffer is not None else None
-    engine.to_train()
-    gc.collect()
+    train_storages = {p.untyped_storage().data_ptr() for p in stage.parameters()}
+    gathered = [weakref.ref(p.untyped_storage()) for p in model.parameters()
+                if p.untyped_storage().data_ptr() not in train_storages]  # buffers / flat generation shard
+    engine.to_train()  # no gc.collect(): the memory must be freed by reference counting alone
     assert all(p.numel() == 0 for p in model.parameters()), "inference weights not released"
-    assert engine._buffer is None and (buffer_ref is None or buffer_ref() is None), "gather buffer still alive"
+    assert all(ref() is None for ref in gathered), "gathered memory still referenced after to_train()"
     after = _pipeline_logits(stage, layout, ids, pos)
     return {"err": err, "stats": stats, "train_logits_after": after}
 
 
-def _tp2_pp2_case(layout: Layout, tied: bool) -> dict:
-    """(tp=2, pp=2) -> tp_g 1 and 2, the naive baseline, the context-manager API, bad tp_g."""
+def _tp2_pp2_case(layout: Layout, tied: bool, inf_layouts: dict) -> dict:
+    """(tp=2, pp=2) -> tp_g 1 and 2 (one bucket and ~4 KiB buckets), the naive baseline, the
+    context-manager API, bad tp_g. `inf_layouts` caches generation groups across cases (group creation is slow)."""
     config = _config(tied)
     stage = build_stage(config, layout, init_seed=SEED)
     ids, pos = _inputs(config)
     train_before = _pipeline_logits(stage, layout, ids, pos)
-    engine1 = HybridEngine(stage, layout, config, tp_g=1)  # its gen-TP groups are single ranks
-    ref = _reference(config, engine1.inference_layout.tp_g_group)
+
+    def engine(tp_g, cls=HybridEngine, **kw):
+        eng = cls(stage, layout, config, tp_g=tp_g, inference_layout=inf_layouts.get(tp_g), **kw)
+        inf_layouts[tp_g] = eng.inference_layout
+        return eng
+
+    engine1 = engine(1)
+    ref = _reference(config, engine1.inference_layout.tp_g_group)  # its gen-TP groups are single ranks
     ref_logits = _full_logits(ref, ref(ids, pos))
     out = {"train_before": train_before, "ref": ref_logits,
            "train_bytes": sum(p.numel() * p.element_size() for p in stage.parameters())}
     out["tp_g1"] = _check_engine(engine1, stage, layout, ref, ids, pos, ref_logits, tol=0.0)
-    engine2 = HybridEngine(stage, layout, config, tp_g=2)
-    out["tp_g2"] = _check_engine(engine2, stage, layout, ref, ids, pos, ref_logits, tol=1e-5)
+    out["tp_g2"] = _check_engine(engine(2), stage, layout, ref, ids, pos, ref_logits, tol=1e-5)
     if tied:
         return out
-    naive = NaiveGatherEngine(stage, layout, config, tp_g=1)
-    out["naive"] = _check_engine(naive, stage, layout, ref, ids, pos, ref_logits, tol=0.0)
+    for tp_g in (1, 2):  # ~4 KiB buckets: many all-gathers, pipelined with the assembly
+        out[f"bucketed{tp_g}"] = _check_engine(engine(tp_g, bucket_mb=1 / 256), stage, layout, ref, ids, pos,
+                                               ref_logits, tol=1e-5)
+    out["naive"] = _check_engine(engine(1, NaiveGatherEngine), stage, layout, ref, ids, pos, ref_logits, tol=0.0)
     with inference_model(stage, layout, tp_g=2) as (model, inf_layout):
         assert inf_layout.tp_g == 2 and inf_layout.micro_dp == 2 and model.tp == 2
         owned = {p.data_ptr() for p in stage.parameters()}
@@ -138,7 +146,8 @@ def _vocab_padding_case() -> dict:
 def _worker() -> dict:
     torch.manual_seed(0)
     layout = Layout.create(tp=2, pp=2)
-    return {"untied": _tp2_pp2_case(layout, tied=False), "tied": _tp2_pp2_case(layout, tied=True),
+    inf_layouts = {}
+    return {"untied": _tp2_pp2_case(layout, False, inf_layouts), "tied": _tp2_pp2_case(layout, True, inf_layouts),
             "vocab": _vocab_padding_case()}
 
 
@@ -154,7 +163,7 @@ def test_training_model_unchanged_after_round_trip(results, case):
     for res in results:
         res = res[case]
         assert torch.equal(res["ref"], ref)
-        for key in ("tp_g1", "tp_g2", "naive"):
+        for key in ("tp_g1", "tp_g2", "bucketed1", "bucketed2", "naive"):
             after = res.get(key, {}).get("train_logits_after")
             if after is not None:  # last stage: same logits as before resharding, and as the full model
                 assert torch.equal(after, res["train_before"])
@@ -165,6 +174,9 @@ def test_training_model_unchanged_after_round_trip(results, case):
 def test_inference_logits_match_full_model(results, case):
     for res in results:
         assert res[case]["tp_g1"]["err"] == 0.0 and res[case]["tp_g2"]["err"] <= 1e-5
+        if case == "untied":
+            assert res[case]["bucketed1"]["err"] == 0.0 and res[case]["bucketed2"]["err"] <= 1e-5
+            assert res[case]["bucketed1"]["stats"].num_collectives > 3  # really several buckets
 
 
 def test_vocab_padding_trim_and_realign(results):

@@ -14,21 +14,21 @@ import torch.distributed as dist
 _single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def all_gather_flat(out: torch.Tensor, chunk: torch.Tensor, group: dist.ProcessGroup) -> None:
+def all_gather_flat(out: torch.Tensor, chunk: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False):
     """Gather every rank's `chunk` [n] into `out` [group_size * n] (rank-major) over `group`.
 
-    `chunk` may be `out`'s own slice (in-place gather). A group of one rank only copies if needed.
+    `chunk` may be `out`'s own slice (in-place gather). Returns the work handle if `async_op`
+    (call `.wait()` before reading `out`), else None. A group of one rank only copies if needed.
     """
     size = group.size()
     assert out.numel() == size * chunk.numel(), "out must hold one chunk per rank"
     if size == 1:
         if out.data_ptr() != chunk.data_ptr():
             out.copy_(chunk)
-        return
+        return None
     if dist.get_backend(group) == "nccl":
-        _single(out, chunk, group=group)
-    else:
-        dist.all_gather(list(out.chunk(size)), chunk, group=group)
+        return _single(out, chunk, group=group, async_op=async_op)
+    return dist.all_gather(list(out.chunk(size)), chunk, group=group, async_op=async_op)
 
 
 def all_gather_rows(block: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

@@ -1,12 +1,20 @@
-"""Resharding plan: what each rank packs into its gather chunk, and where every inference parameter's
-pieces lie in the gathered buffer.
+"""Resharding plan: what each rank packs into its gather chunk, in which bucket, and where every
+inference parameter's pieces lie in the gathered buffers.
 
-Each sender packs the TP shards (and, if it is the designated sender, the replicated tensors) of its
-training stage into one flat chunk; `ShardMeta` records name (HF naming, global layer index), shape,
-TP coordinates and offset of each. After one all-gather of equal-size chunks (padded to the largest)
-the buffer is rank-major: chunk m = member m's tensors. An inference parameter of generation TP rank
-j out of t_g is the concatenation, along its partition dim, of the training shards of TP ranks
-j·r .. j·r+r-1 (r = t/t_g), in that order; a replicated parameter is one piece.
+Chunk layout. Each sender packs, back to back, the TP shards it sends — partition-dim-0 tensors
+first, then dim-1 tensors — then the replicated tensors it is the designated sender of. The r = t/t_g
+training TP ranks of one stage inside a micro-DP group send the same list of TP tensors, so each TP
+tensor sits at the same chunk offset on all of them.
+
+Buckets. The chunk is cut at multiples of `bucket_elems` (a tensor belongs to the bucket its first
+element falls in); bucket k of all members is gathered by one all-gather of equal segments (padded
+to the largest), so bucket k+1 can be gathered while bucket k is assembled. One bucket = the paper's
+single all-gather. After gathering bucket k the buffer is member-major: [member, segment].
+
+Assembly. An inference parameter of generation TP rank j is the concatenation along its partition
+dim of the training shards of TP ranks j·r .. j·r+r-1 (`ParamPlan.pieces`, in that order); a
+replicated parameter is one piece. Dim-0 parameters whose pieces sit in consecutive members' rows at
+equal offsets, back to back, form a `Run`: one `split_with_sizes_copy` moves all of them.
 
 Vocabulary rows: training shards hold a vocabulary padded for t (`ModelConfig.padded_vocab_size`),
 the inference model one padded for t_g. Row index = token id in both, so with equal padding the
@@ -17,7 +25,7 @@ with one extra all-gather over the generation TP group (t_g > 1).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -41,15 +49,17 @@ class ShardMeta:
 
 @dataclass(frozen=True)
 class Piece:
-    """A `ShardMeta` inside the chunk of gather-group member `member`."""
+    """A `ShardMeta` of gather-group member `member`, at `offset` inside that member's segment of `bucket`."""
 
     member: int
     meta: ShardMeta
+    bucket: int
+    offset: int
 
 
 @dataclass(frozen=True)
 class ParamPlan:
-    """How to build one inference parameter from the gathered buffer."""
+    """How to build one inference parameter from the gathered buffers."""
 
     name: str  # local parameter name in the inference model
     shape: tuple[int, ...]  # its shape
@@ -59,9 +69,27 @@ class ParamPlan:
     keep_rows: tuple[int, int] | None = None  # rows [start, stop) to keep of the (realigned) block
 
 
+@dataclass
+class Run:
+    """Dim-0 parameters copied by one split: rows [member, member + rows) x columns [start, stop) of a bucket."""
+
+    bucket: int
+    member: int
+    rows: int
+    start: int
+    stop: int
+    plans: list[ParamPlan] = field(default_factory=list)
+
+
 def partition_dim(param: torch.Tensor) -> int | None:
     """Megatron's TP split dim of a parameter, or None if it is replicated."""
     return param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+
+
+def send_order(tensors: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """Chunk order: dim-0 TP tensors, dim-1 TP tensors, replicated tensors (model order within each)."""
+    rank = {0: 0, 1: 1, None: 2}
+    return sorted(tensors, key=lambda item: rank[partition_dim(item[1])])
 
 
 def chunk_metas(tensors: list[tuple[str, torch.Tensor]], tp_rank: int, tp: int) -> list[ShardMeta]:
@@ -73,18 +101,45 @@ def chunk_metas(tensors: list[tuple[str, torch.Tensor]], tp_rank: int, tp: int) 
     return metas
 
 
-def plan_params(model: nn.Module, member_metas: list[list[ShardMeta]]) -> list[ParamPlan]:
+def bucketize(member_metas: list[list[ShardMeta]], bucket_elems: int | None) -> tuple[list[list[Piece]], list[int]]:
+    """Place every member's tensors into buckets.
+
+    Returns (pieces[member] aligned with member_metas[member], segment size of each bucket in
+    elements, the max over members). Empty buckets (a tensor longer than a bucket) are dropped.
+    """
+    chunk = max((sum(m.numel for m in metas) for metas in member_metas), default=0)
+    bucket_elems = bucket_elems or max(chunk, 1)
+    raw = [[meta.offset // bucket_elems for meta in metas] for metas in member_metas]
+    used = sorted({b for buckets in raw for b in buckets})
+    renumber = {b: i for i, b in enumerate(used)}
+    sizes = [0] * len(used)
+    pieces: list[list[Piece]] = []
+    for metas, buckets in zip(member_metas, raw):
+        member, fill = len(pieces), [0] * len(used)
+        mine = []
+        for meta, b in zip(metas, buckets):
+            k = renumber[b]
+            mine.append(Piece(member, meta, k, fill[k]))
+            fill[k] += meta.numel
+        sizes = [max(s, f) for s, f in zip(sizes, fill)]
+        pieces.append(mine)
+    return pieces, sizes
+
+
+def plan_params(model: nn.Module, member_pieces: list[list[Piece]]) -> list[ParamPlan]:
     """Plan every parameter of inference `model` (a DecoderModel on the generation TP group) from
-    the chunks described by `member_metas` (one list per gather-group member, in member order).
+    the members' pieces (one list per gather-group member, in member order).
 
     Uses the first member holding a needed shard. Raises AssertionError if a shard is missing
     (the sender rule and the grouping guarantee it is not).
     """
     index: dict[tuple[str, int | None], Piece] = {}
-    for member, metas in enumerate(member_metas):
-        for meta in metas:
-            key = (meta.hf_name, meta.tp_rank if meta.partition_dim is not None else None)
-            index.setdefault(key, Piece(member, meta))
+    tp_of: dict[str, int] = {}
+    for pieces in member_pieces:
+        for piece in pieces:
+            meta = piece.meta
+            index.setdefault((meta.hf_name, meta.tp_rank if meta.partition_dim is not None else None), piece)
+            tp_of[meta.hf_name] = meta.tp
     t_g, j = model.tp, model.tp_rank
     plans = []
     for name, param in model.named_parameters():
@@ -94,15 +149,14 @@ def plan_params(model: nn.Module, member_metas: list[list[ShardMeta]]) -> list[P
             assert (hf, None) in index, f"no rank sends replicated {hf}"
             plans.append(ParamPlan(name, tuple(param.shape), (index[(hf, None)],), None))
             continue
-        some = next((p for (n, _), p in index.items() if n == hf), None)
-        assert some is not None, f"no rank sends {hf}"
-        t = some.meta.tp
+        assert hf in tp_of, f"no rank sends {hf}"
+        t = tp_of[hf]
         assert t % t_g == 0, f"training tp {t} is not a multiple of tp_g {t_g}"
         r = t // t_g
         pieces = tuple(index[(hf, k)] for k in range(j * r, (j + 1) * r))
         plan = ParamPlan(name, tuple(param.shape), pieces, dim)
         if model.is_vocab_param(name):
-            plan = _vocab_plan(plan, rows_per_shard=some.meta.shape[0], t=t, t_g=t_g, j=j,
+            plan = _vocab_plan(plan, rows_per_shard=pieces[0].meta.shape[0], t=t, t_g=t_g, j=j,
                                padded_g=model.padded_vocab_size)
         plans.append(plan)
     return plans
@@ -119,3 +173,26 @@ def _vocab_plan(plan: ParamPlan, *, rows_per_shard: int, t: int, t_g: int, j: in
     rows_g = padded_g // t_g
     return ParamPlan(plan.name, plan.shape, plan.pieces, plan.cat_dim, realign=True,
                      keep_rows=(j * rows_g, (j + 1) * rows_g))
+
+
+def fused_runs(plans: list[ParamPlan]) -> tuple[list[Run], list[ParamPlan]]:
+    """Split `plans` into runs of back-to-back dim-0 parameters (one copy each) and the rest."""
+    runs: dict[tuple[int, int, int], list[Run]] = {}
+    rest = []
+    for plan in plans:
+        first = plan.pieces[0]
+        fusable = (len(plan.pieces) > 1 and plan.cat_dim == 0 and not plan.realign and plan.keep_rows is None
+                   and all(p.member == first.member + i and p.bucket == first.bucket and p.offset == first.offset
+                           for i, p in enumerate(plan.pieces)))
+        if not fusable:
+            rest.append(plan)
+            continue
+        key = (first.bucket, first.member, len(plan.pieces))
+        chain = runs.setdefault(key, [])
+        numel = first.meta.numel
+        if chain and chain[-1].stop == first.offset:
+            chain[-1].stop += numel
+            chain[-1].plans.append(plan)
+        else:
+            chain.append(Run(first.bucket, first.member, len(plan.pieces), first.offset, first.offset + numel, [plan]))
+    return [run for chain in runs.values() for run in chain], rest

@@ -1,28 +1,32 @@
 """HybridEngine: reshard actor weights from the training layout (tp, pp, dp) to the generation layout
 (tp_g, pp_g=1) and back, with HybridFlow's zero-redundancy micro-DP grouping.
 
-Reference: HybridFlow (Sheng et al., EuroSys 2025) §5 and Table 2; groups in `groups.py`.
+Reference: HybridFlow (Sheng et al., EuroSys 2025) §5 and Table 2; groups in `groups.py`, chunk
+layout and assembly plan in `plan.py`.
 
 `to_inference()`:
-  1. pack this rank's training tensors into its chunk of one flat buffer (one `torch.cat`);
-  2. ONE in-place all-gather of the chunks inside the micro-DP group (d_g = p·t/t_g ranks whose
-     training shards tile this rank's generation shard): received (d_g-1)/(t·p)·M bytes, the
-     paper's (t·p − t_g·p_g)/(t_g·p_g·t·p)·M;
+  1. pack this rank's training tensors into its chunk of a flat buffer (one `torch.cat`);
+  2. in-place all-gather of the chunks inside the micro-DP group (d_g = p·t/t_g ranks whose training
+     shards tile this rank's generation shard): (d_g-1)/(t·p)·M bytes received, the paper's
+     (t·p − t_g·p_g)/(t_g·p_g·t·p)·M. The chunk is cut into buckets (`bucket_mb`, default 256 MiB)
+     and bucket k+1 is gathered (async) while bucket k is assembled, hiding the copies behind the
+     communication; `bucket_mb=None` is the paper's single all-gather;
   3. point the parameters of a persistent inference `DecoderModel` (all layers, embedding and head,
      on the generation TP group) at the result:
-     - t_g = t (pp → 1 only): every parameter is ONE piece, so no copy at all — this rank's own
-       stage reuses the training tensors in place, other stages are views of the gather buffer;
+     - t_g = t (pp → 1 only): every parameter is ONE piece, so nothing is copied: this rank's own
+       stage reuses the training tensors in place, other stages are views of the gather buffers;
      - t_g < t: a parameter is the concatenation of r = t/t_g pieces along its partition dim, which
-       rank-major chunks cannot provide as a view, so it is assembled with one `torch.cat` and the
-       gather buffer is freed when done (transient peak: buffer + generation shard).
-`to_train()` drops the inference storage (parameters become empty, the buffer is released); nothing
+       member-major chunks cannot provide as a view: the generation shard gets one flat allocation
+       and is filled by one `split_with_sizes_copy` per run of dim-0 tensors and one copy per dim-1
+       tensor; each bucket buffer is freed once assembled.
+`to_train()` drops the inference storage (parameters become empty, buffers are released); nothing
 is copied back because generation never modifies weights.
 
 `ReshardStats.redundant_bytes` is the weight memory held in inference mode beyond one generation
 shard. Simplification versus the paper's 0: the training tensors are never moved or freed (they may
 live in optimizer / DDP buffers), so the training shard (M/(t·p)) stays besides the generation shard
-(with t_g = t it is the own chunk of the gather buffer). `NaiveGatherEngine` is the
-DeepSpeed-Chat-style baseline: all-gather every rank's shard over the whole world and keep it.
+(with t_g = t it is the own chunks of the gather buffers). `NaiveGatherEngine` is the
+DeepSpeed-Chat-style baseline: all-gather every rank's whole shard over the world and keep it all.
 
 Only pp_g = 1 is implemented (the groups support pp_g > 1). All parameters must share one dtype.
 """
@@ -38,10 +42,13 @@ import torch.distributed as dist
 
 from verl_mega.hybrid_engine.comm import all_gather_flat, all_gather_rows
 from verl_mega.hybrid_engine.groups import InferenceLayout, check_inference_sizes
-from verl_mega.hybrid_engine.plan import ParamPlan, Piece, chunk_metas, partition_dim, plan_params
+from verl_mega.hybrid_engine.plan import (ParamPlan, Piece, Run, bucketize, chunk_metas, fused_runs, partition_dim,
+                                          plan_params, send_order)
 from verl_mega.models.config import ModelConfig
 from verl_mega.models.decoder import DecoderModel
 from verl_mega.parallel.layout import Layout
+
+DEFAULT_BUCKET_MB = 256.0
 
 
 @dataclass
@@ -49,7 +56,7 @@ class ReshardStats:
     """What one `to_inference()` cost on this rank."""
 
     bytes_moved: int  # bytes received by this rank
-    bytes_gathered: int  # size of the gather buffer (all members' chunks, padding included)
+    bytes_gathered: int  # size of the gather buffers (all members' segments, padding included)
     redundant_bytes: int  # weight memory held in inference mode beyond one generation shard
     analytic_bytes: float  # the paper's (t·p − t_g·p_g)/(t_g·p_g·t·p)·M for this layout
     model_bytes: int  # M: the whole model (padded vocab of the generation layout)
@@ -61,19 +68,24 @@ class HybridEngine:
     """Reshard `train_model` (this rank's stage under `train_layout`) to tensor-parallel size `tp_g`.
 
     Construction is collective over the world (creates the generation groups, exchanges chunk
-    metadata once) and builds the inference model skeleton once; `to_inference()` /
-    `to_train()` are collective over the gather group (micro-DP; world for the naive baseline).
+    metadata once) and builds the inference model skeleton once (its storage is released until
+    `to_inference()`); `to_inference()` / `to_train()` are collective over the gather group
+    (micro-DP; the world for the naive baseline). `tp_g` defaults to the training tp (pure pp → 1).
+    `inference_layout`: reuse the generation groups of another engine with the same layouts.
     """
 
-    copy_out = None  # None: copy out of the buffer only when parameters need concatenation
+    keep_buffers = False  # naive baseline: keep every gathered buffer during generation
 
     def __init__(self, train_model: DecoderModel, train_layout: Layout, config: ModelConfig | None = None,
-                 tp_g: int | None = None, *, pp_g: int = 1, timeout_s: float | None = None):
+                 tp_g: int | None = None, *, pp_g: int = 1, bucket_mb: float | None = DEFAULT_BUCKET_MB,
+                 inference_layout: InferenceLayout | None = None, timeout_s: float | None = None):
         config = config if config is not None else train_model.config
         tp_g = train_layout.tp if tp_g is None else tp_g
         check_inference_sizes(train_layout.tp, train_layout.pp, tp_g, pp_g)
         if pp_g != 1:
             raise ValueError(f"pp_g={pp_g}: only pp_g=1 (generation without pipeline) is implemented")
+        if bucket_mb is not None and not bucket_mb > 0:
+            raise ValueError(f"bucket_mb must be positive or None, got {bucket_mb!r}")
         config.check_tp(tp_g)
         dtypes = {p.dtype for p in train_model.parameters()}
         if len(dtypes) != 1:
@@ -81,21 +93,20 @@ class HybridEngine:
         self.train_model, self.train_layout, self.config = train_model, train_layout, config
         self.dtype = dtypes.pop()
         self.device = next(train_model.parameters()).device
-        self.inference_layout = InferenceLayout.create(train_layout, tp_g, pp_g, timeout_s=timeout_s)
+        if inference_layout is None:
+            inference_layout = InferenceLayout.create(train_layout, tp_g, pp_g, timeout_s=timeout_s)
+        elif (inference_layout.train is not train_layout or inference_layout.tp_g != tp_g
+              or inference_layout.pp_g != pp_g):
+            raise ValueError(f"inference_layout {inference_layout} was not built from this training layout "
+                             f"for tp_g={tp_g}, pp_g={pp_g}")
+        self.inference_layout = inference_layout
         self.model = self._build_skeleton()
-        self._shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters()}
+        self._params = dict(self.model.named_parameters())
         self.model_bytes = self._full_model_bytes()
         self._train_params = {train_model.hf_name(n): p for n, p in train_model.named_parameters()}
-        self._sent = self._tensors_to_send()
-        metas = chunk_metas(self._sent, train_layout.tp_rank, train_layout.tp)
-        group = self._gather_group()
-        all_metas: list = [None] * group.size()
-        dist.all_gather_object(all_metas, metas, group=group)
-        self._member = dist.get_rank(group)
-        self._chunk = max(sum(m.numel for m in ms) for ms in all_metas)  # elements per chunk (padded)
-        self._plans = plan_params(self.model, all_metas)
+        self._plan(bucket_mb)
         self._release()  # the skeleton keeps no storage until to_inference()
-        self._buffer: torch.Tensor | None = None
+        self._kept: list[torch.Tensor] = []
         self.active = False
         self.last_stats: ReshardStats | None = None
 
@@ -106,7 +117,7 @@ class HybridEngine:
     def _tensors_to_send(self) -> list[tuple[str, torch.Tensor]]:
         """TP shards needed by the inference model; replicated tensors only from the first of the
         r = t/t_g TP ranks of a stage inside the micro-DP group (so each is sent once)."""
-        wanted = {self.model.hf_name(n) for n in self._shapes}
+        wanted = {self.model.hf_name(n) for n in self._params}
         r = self.train_layout.tp // self.inference_layout.tp_g
         first_of_block = self.train_layout.tp_rank % r == 0
         return [(hf, p) for hf, p in self._train_params.items()
@@ -123,6 +134,41 @@ class HybridEngine:
         numel = sum(p.numel() * (tp_g if partition_dim(p) is not None else 1) for p in self.model.parameters())
         return numel * self.dtype.itemsize
 
+    def _plan(self, bucket_mb: float | None) -> None:
+        """Exchange chunk metadata over the gather group (collective) and schedule the assembly."""
+        sent = send_order(self._tensors_to_send())
+        metas = chunk_metas(sent, self.train_layout.tp_rank, self.train_layout.tp)
+        group = self._gather_group()
+        all_metas: list = [None] * group.size()
+        dist.all_gather_object(all_metas, metas, group=group)
+        self._member = dist.get_rank(group)
+        bucket_elems = None if bucket_mb is None else max(1, int(bucket_mb * 2**20) // self.dtype.itemsize)
+        member_pieces, self._sizes = bucketize(all_metas, bucket_elems)
+        num_buckets = len(self._sizes)
+        mine = member_pieces[self._member]
+        self._pack = [[p for (_, p), piece in zip(sent, mine) if piece.bucket == k] for k in range(num_buckets)]
+        plans = plan_params(self.model, member_pieces)
+        self._copy_mode = any(len(plan.pieces) > 1 for plan in plans)
+        runs, rest = fused_runs(plans) if self._copy_mode else ([], plans)
+        self._runs_at: list[list[Run]] = [[] for _ in range(num_buckets)]
+        self._plans_at: list[list[ParamPlan]] = [[] for _ in range(num_buckets)]
+        self._early, self._late = [], []  # plans needing no gathered data / a realign after all buckets
+        last_use = list(range(num_buckets))
+        for run in runs:
+            self._runs_at[run.bucket].append(run)
+        for plan in rest:
+            buckets = [p.bucket for p in plan.pieces if not self._is_own(p)]
+            ready = num_buckets if plan.realign else max(buckets, default=-1)
+            (self._early if ready < 0 else self._late if ready == num_buckets else self._plans_at[ready]).append(plan)
+            for b in buckets:
+                last_use[b] = max(last_use[b], ready)
+        self._free_after = [[b for b in range(num_buckets) if last_use[b] == k] for k in range(num_buckets + 1)]
+        self._slots, offset = [], 0  # copy mode: each parameter's place in one flat generation shard
+        for param in self._params.values():
+            self._slots.append((param, offset, param.numel(), tuple(param.shape)))
+            offset += param.numel()
+        self._flat_numel = offset
+
     def analytic_bytes(self) -> float:
         """The paper's per-rank transition volume (t·p − t_g·p_g)/(t_g·p_g·t·p)·M."""
         t, p = self.train_layout.tp, self.train_layout.pp
@@ -137,98 +183,131 @@ class HybridEngine:
             return self.model
         _sync(self.device)
         start = time.perf_counter()
-        group = self._gather_group()
-        size, chunk = group.size(), self._chunk
-        buffer, collectives, moved = None, 0, 0
-        if size > 1:
-            buffer = torch.empty(size * chunk, dtype=self.dtype, device=self.device)
-            own = buffer[self._member * chunk:(self._member + 1) * chunk]
-            used = sum(p.numel() for _, p in self._sent)
-            if used:
-                torch.cat([p.detach().reshape(-1) for _, p in self._sent], out=own[:used])
-            all_gather_flat(buffer, own, group)
-            collectives, moved = 1, (size - 1) * chunk * self.dtype.itemsize
-        views = False
-        copy_out = self.copy_out if self.copy_out is not None else any(len(pl.pieces) > 1 for pl in self._plans)
-        params = dict(self.model.named_parameters())
-        for plan in self._plans:
-            tensor, is_view, extra = self._assemble(plan, buffer, copy_out)
-            params[plan.name].data = tensor
-            views |= is_view
-            collectives, moved = collectives + (extra > 0), moved + extra
-        self._buffer = buffer if views else None
+        flat = None
+        if self._copy_mode:
+            flat = torch.empty(self._flat_numel, dtype=self.dtype, device=self.device)
+            for param, offset, numel, shape in self._slots:
+                param.data = flat[offset:offset + numel].view(shape)
+        gather = self._gather_group().size() > 1
+        num_buckets = len(self._sizes) if gather else 0
+        buffers: list[torch.Tensor | None] = [None] * num_buckets
+        works: list = [None] * num_buckets
+        realigned = 0
+        for plan in self._early:
+            self._build(plan, buffers)
+        if num_buckets:
+            buffers[0], works[0] = self._launch(0)
+        for k in range(num_buckets):
+            if k + 1 < num_buckets:  # gather the next bucket while this one is assembled
+                buffers[k + 1], works[k + 1] = self._launch(k + 1)
+            if works[k] is not None:
+                works[k].wait()
+            for run in self._runs_at[k]:
+                self._copy_run(run, buffers)
+            for plan in self._plans_at[k]:
+                self._build(plan, buffers)
+            self._drop(buffers, self._free_after[k])
+        for plan in self._late:
+            realigned += self._build(plan, buffers)
+        self._drop(buffers, self._free_after[num_buckets] if num_buckets else [])
         self.active = True
         _sync(self.device)
+        seconds = time.perf_counter() - start
+        segment_bytes = sum(self._sizes) * self.dtype.itemsize if gather else 0
+        size = self._gather_group().size()
         self.last_stats = ReshardStats(
-            bytes_moved=moved, bytes_gathered=0 if buffer is None else buffer.numel() * self.dtype.itemsize,
-            redundant_bytes=self._redundant_bytes(), analytic_bytes=self.analytic_bytes(),
-            model_bytes=self.model_bytes, seconds=time.perf_counter() - start, num_collectives=collectives)
+            bytes_moved=(size - 1) * segment_bytes + realigned, bytes_gathered=size * segment_bytes,
+            redundant_bytes=self._redundant_bytes(flat, size * segment_bytes), analytic_bytes=self.analytic_bytes(),
+            model_bytes=self.model_bytes, seconds=seconds, num_collectives=num_buckets + len(self._late))
         return self.model
 
     def to_train(self) -> DecoderModel:
-        """Release the inference weights and the gather buffer; return the (untouched) training model."""
+        """Release the inference weights and gather buffers; return the (untouched) training model."""
         self._release()
-        self._buffer = None
+        self._kept = []
         self.active = False
         return self.train_model
 
     def _release(self) -> None:
-        for param in self.model.parameters():
+        for param in self._params.values():
             param.data = torch.empty(0, dtype=self.dtype, device=self.device)
 
-    def _piece(self, piece: Piece, buffer: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
-        """(tensor, is_view_of_buffer) of one piece; this rank's own pieces are the training tensors."""
+    def _launch(self, k: int):
+        """Pack this rank's tensors of bucket k into its segment and start the bucket's all-gather."""
+        group, size = self._gather_group(), self._sizes[k]
+        buffer = torch.empty(group.size() * size, dtype=self.dtype, device=self.device)
+        own = buffer[self._member * size:(self._member + 1) * size]
+        tensors = self._pack[k]
+        used = sum(t.numel() for t in tensors)
+        if used:
+            torch.cat([t.detach().reshape(-1) for t in tensors], out=own[:used])
+        return buffer, all_gather_flat(buffer, own, group, async_op=True)
+
+    def _drop(self, buffers: list, indices: list[int]) -> None:
+        """Forget assembled buckets' buffers (freed unless views or keep_buffers hold them)."""
+        for b in indices:
+            if self.keep_buffers and buffers[b] is not None:
+                self._kept.append(buffers[b])
+            buffers[b] = None
+
+    def _is_own(self, piece: Piece) -> bool:
+        return piece.member == self._member
+
+    def _piece(self, piece: Piece, buffers: list) -> torch.Tensor:
+        """One piece: this rank's own pieces are the training tensors, others views of a bucket buffer."""
         meta = piece.meta
-        if piece.member == self._member:
-            return self._train_params[meta.hf_name].detach(), False
-        start = piece.member * self._chunk + meta.offset
-        return buffer[start:start + meta.numel].view(meta.shape), True
+        if self._is_own(piece):
+            return self._train_params[meta.hf_name].detach()
+        start = piece.member * self._sizes[piece.bucket] + piece.offset
+        return buffers[piece.bucket][start:start + meta.numel].view(meta.shape)
 
-    def _assemble(self, plan: ParamPlan, buffer: torch.Tensor | None, copy_out: bool) -> tuple[torch.Tensor, bool, int]:
-        """(tensor, is_view_of_buffer, extra bytes received) of one inference parameter."""
-        parts = [self._piece(p, buffer) for p in plan.pieces]
-        if len(parts) == 1:
-            tensor, is_view = parts[0]
+    def _copy_run(self, run: Run, buffers: list) -> None:
+        """Copy a run of dim-0 parameters: rows = the r pieces of each, in one kernel."""
+        size = self._sizes[run.bucket]
+        rows = buffers[run.bucket].view(-1, size)[run.member:run.member + run.rows, run.start:run.stop]  # [r, run]
+        outs = [self._params[plan.name].data.view(run.rows, -1) for plan in run.plans]  # [r, piece numel] each
+        torch.split_with_sizes_copy(rows, [plan.pieces[0].meta.numel for plan in run.plans], dim=1, out=outs)
+
+    def _build(self, plan: ParamPlan, buffers: list) -> int:
+        """Build one inference parameter (view, or copy into its flat slot); returns extra bytes received."""
+        parts = [self._piece(p, buffers) for p in plan.pieces]
+        param = self._params[plan.name]
+        if not self._copy_mode:  # one piece: reuse it as is
+            assert len(parts) == 1 and plan.keep_rows is None and tuple(parts[0].shape) == plan.shape, plan.name
+            param.data = parts[0]
+            return 0
+        block = parts[0] if len(parts) == 1 else None
+        if plan.realign or plan.keep_rows is not None:
+            block = block if block is not None else torch.cat(parts, dim=plan.cat_dim)
+            extra = 0
+            if plan.realign:  # vocab padded differently for t and t_g: collect all rows, keep ours
+                full = all_gather_rows(block, self.inference_layout.tp_g_group)
+                extra, block = (full.numel() - block.numel()) * full.element_size(), full
+            param.data.copy_(block[plan.keep_rows[0]:plan.keep_rows[1]])
+            return extra
+        if block is not None:
+            param.data.copy_(block)
         else:
-            tensor, is_view = torch.cat([t for t, _ in parts], dim=plan.cat_dim), False
-        extra = 0
-        if plan.realign:  # vocab padded differently for t and t_g: collect all rows, keep ours
-            block = tensor
-            tensor = all_gather_rows(block, self.inference_layout.tp_g_group)
-            extra = (tensor.numel() - block.numel()) * tensor.element_size()
-            tensor = tensor[plan.keep_rows[0]:plan.keep_rows[1]].clone()
-        elif plan.keep_rows is not None:
-            tensor = tensor[plan.keep_rows[0]:plan.keep_rows[1]]
-        if copy_out and (is_view or len(parts) == 1):
-            tensor, is_view = tensor.clone(), False
-        assert tuple(tensor.shape) == plan.shape, f"{plan.name}: built {tuple(tensor.shape)}, expected {plan.shape}"
-        return tensor, is_view, extra
+            torch.cat(parts, dim=plan.cat_dim, out=param.data)
+        return 0
 
-    def _redundant_bytes(self) -> int:
-        """Weight bytes held now (training tensors + gather buffer + new tensors) minus one generation shard."""
-        seen, held = set(), 0
-        tensors = [p for p in self.train_model.parameters()] + [p for p in self.model.parameters()]
-        if self._buffer is not None:
-            tensors.append(self._buffer)
-        buffer_range = (0, 0) if self._buffer is None else (
-            self._buffer.data_ptr(), self._buffer.data_ptr() + self._buffer.numel() * self._buffer.element_size())
-        for t in tensors:
-            ptr = t.data_ptr()
-            if t is not self._buffer and buffer_range[0] <= ptr < buffer_range[1]:
-                continue  # a view of the buffer, counted with it
-            if ptr not in seen:
-                seen.add(ptr)
-                held += t.numel() * t.element_size()
-        shard = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        return held - shard
+    def _redundant_bytes(self, flat: torch.Tensor | None, buffer_bytes: int) -> int:
+        """Weight bytes held in inference mode (training tensors, flat generation shard, gather buffers
+        still referenced) minus one generation shard."""
+        held = sum(p.numel() * p.element_size() for p in self.train_model.parameters())
+        if flat is not None:
+            held += flat.numel() * flat.element_size()
+        if not self._copy_mode or self.keep_buffers:  # views (or the naive baseline) keep the buffers
+            held += buffer_bytes
+        return held - sum(p.numel() * p.element_size() for p in self._params.values())
 
 
 class NaiveGatherEngine(HybridEngine):
     """DeepSpeed-Chat-style baseline: every rank all-gathers every rank's whole training shard over the
-    world (one all-gather of world·chunk) and keeps the gathered buffer during generation; the
-    inference model is cut out of it (views where possible). Same interface and stats as HybridEngine."""
+    world (bucketed like HybridEngine) and keeps the gathered buffers during generation; the
+    inference model is cut out of them. Same interface and stats as HybridEngine."""
 
-    copy_out = False
+    keep_buffers = True
 
     def _gather_group(self) -> dist.ProcessGroup:
         return dist.group.WORLD
