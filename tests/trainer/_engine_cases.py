@@ -20,8 +20,9 @@ VOCAB = 120  # padded to 128: exercises the padded-column masking
 
 
 def make_hf_dir(path: str, tie: bool = False) -> str:
-    return make_tiny_hf_model(path, "llama", vocab_size=VOCAB, tie=tie, hidden_size=32, intermediate_size=64,
-                              num_layers=2, num_heads=4, seed=3 if tie else 0)
+    """Tiny llama; with `tie`, a tiny qwen2 (q/k/v biases: TP-sharded 1-D params) with tied embeddings."""
+    return make_tiny_hf_model(path, "qwen2" if tie else "llama", vocab_size=VOCAB, tie=tie, hidden_size=32,
+                              intermediate_size=64, num_layers=2, num_heads=4, seed=3 if tie else 0)
 
 
 def optim_config() -> OptimConfig:
