@@ -140,11 +140,12 @@ def write(results: list[dict], meta: dict, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "train_throughput.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
+    mfu_note = (f"MFU against {meta['peak_tflops']:.0f} TFLOP/s dense bf16 per GPU ({meta['flops_formula']})"
+                if meta["peak_tflops"] else "no MFU on CPU")
     lines = [f"# Training throughput — {meta['model']}, {meta['device_name']}", "",
              f"Global batch {meta['global_batch']} x {meta['seq']} tokens, micro-batch {meta['micro_batch']} "
              f"sequences, bf16 params + fp32 masters, AdamW (ZeRO-1), loss: {meta['loss']}. "
-             f"N = {meta['params'] / 1e6:.1f} M params; MFU against {meta['peak_tflops']} TFLOP/s per GPU "
-             f"({meta['flops_formula']}).", "",
+             f"N = {meta['params'] / 1e6:.1f} M params; {mfu_note}.", "",
              "| layout | tp | pp | dp | GPUs | step (s) | tokens/s | tokens/s/GPU | MFU | max mem rank0 (GiB) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:

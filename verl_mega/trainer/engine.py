@@ -22,6 +22,10 @@ Contracts
   metrics are averaged over micro-batches and dp ranks.
 - One `forward_backward` per optimizer step (pass `sync_grads=False` to all but the last call to
   accumulate over several calls).
+- Construction moves every parameter's storage into one flat buffer (ZeRO-1 all-gather target) and
+  gives it an fp32 `main_grad`; anything that caches parameter data pointers (CUDA graphs, an
+  inference engine sharing the weights) must be built after the engine. Parameters keep their
+  identity and values; `.grad` stays None (gradients live in `main_grad`).
 
 Parallel parts live in `verl_mega/parallel/` (p2p, pipeline, data_parallel, zero, grad_clip); this
 file wires them. Checkpointing: `verl_mega/trainer/checkpoint.py` (`state_dict()` here gives the
