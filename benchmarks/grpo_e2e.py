@@ -16,7 +16,8 @@ GRPO recipes) and runs `--steps` PPOTrainer steps; the first `--warmup` are not 
 layout: mean seconds per phase — generate (rollout engine), reshard (HybridEngine to/from the
 inference layout, tp_g = --tp-g or tp), logprob (old + reference log-probs), update (PPO mini-batches,
 optimizer) — plus step time, tokens (prompt + response) per second per GPU and generated tokens per
-second per GPU. Rank 0 writes $OUT/grpo_e2e.json and $OUT/grpo_e2e.md (or --out DIR).
+second per GPU. By default the KV cache and CUDA graphs are freed after every rollout (memory goes
+back to training) and recaptured in the next; `--keep-cache` keeps them. Rank 0 writes $OUT/grpo_e2e.json and $OUT/grpo_e2e.md (or --out DIR).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward")
     p.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per RL step")
+    p.add_argument("--keep-cache", action="store_true",
+                   help="keep the KV cache and CUDA graphs between rollouts (default: freed for training, recaptured)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="output directory (default $OUT or .)")
@@ -93,6 +96,7 @@ def run_layout(args, tp: int, pp: int) -> dict:
     cfg.algorithm.kl_coef = 0.001
     cfg.trainer.progress_bar = False
     cfg.parallel.tp_g = args.tp_g
+    cfg.rollout.free_cache = not args.keep_cache
     trainer = PPOTrainer(actor, reward_fn=even_token_reward, algorithm="grpo", rollout_batch_size=per_dp,
                          n_samples=args.n, max_new_tokens=args.max_new_tokens, temperature=1.0, lr=1e-6,
                          micro_batch_size=args.micro_batch, mini_batch_size=max(1, per_dp // args.mini_batches),

@@ -3,6 +3,7 @@ advantage wiring, config errors, `verl-mega train` end to end on a tiny model.""
 
 import json
 import math
+import os
 import time
 
 import pytest
@@ -15,6 +16,7 @@ from verl_mega.trainer import PPOTrainer, Reward, RLBatch, Stage, TrainerConfig,
 from verl_mega.trainer import train_cli
 
 CHAT = [{"role": "user", "content": "What is 10*12?"}]
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples", "configs")
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +92,7 @@ def test_pipeline_composition_and_custom_stage(tiny_dir):
 
 def test_config_presets_and_errors(tmp_path):
     for name in ("gsm8k_grpo", "gsm8k_ppo", "demo_grpo"):
-        cfg = load_config(TrainerConfig, f"examples/configs/{name}.yaml", ["model.path=/m", "data.train_path=/d"])
+        cfg = load_config(TrainerConfig, os.path.join(CONFIGS, f"{name}.yaml"), ["model.path=/m", "data.train_path=/d"])
         assert cfg.algorithm.name in ("grpo", "ppo")
     y = tmp_path / "c.yaml"
     y.write_text("model:\n  path: /m\ndata:\n  train_path: /d\n")

@@ -47,6 +47,7 @@ class RolloutSection:
     top_p: float = 1.0  # nucleus sampling (1 = off)
     max_batch: int = 256  # most sequences decoded together (larger rollouts run in chunks)
     cuda_graph: bool = True  # capture decode steps in CUDA graphs (ignored on CPU)
+    free_cache: bool = True  # free the KV cache (and CUDA graphs) after each rollout, leaving the memory to training
 
 
 @dataclass

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 DEFAULTS = dict(sft_target=0.3, sft_max_steps=600, sft_lr=1e-3, sft_batch=64, rl_steps=80, rl_lr=1e-4,
                 rollout_batch=64, n_samples=8, heldout=200)
-QUICK = dict(sft_target=0.0, sft_max_steps=40, rl_steps=3, rollout_batch=8, n_samples=4, heldout=40)
+QUICK = dict(sft_target=1.0, sft_max_steps=25, rl_steps=3, rollout_batch=8, n_samples=4, heldout=40)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -31,8 +31,8 @@ from collections.abc import Callable, Iterable
 import torch
 
 from verl_mega.algorithms.kl import AdaptiveKLController, FixedKLController
+from verl_mega.hybrid_engine.reshard import HybridEngine
 from verl_mega.models import HFActor, get_actor_model
-from verl_mega.parallel.dist import device as comm_device
 from verl_mega.rewards.base import RewardFunction, RuleBasedReward
 from verl_mega.rollout.engine import GenerationEngine
 from verl_mega.rollout.frontend import encode_prompts, stop_ids
@@ -98,12 +98,10 @@ class PPOTrainer:
             cfg.trainer.mini_batch_size = min(cfg.trainer.mini_batch_size, cfg.trainer.rollout_batch_size)
         check_config(cfg)
         self.config, self.actor, self.layout = cfg, actor, actor.layout
-        self.device = actor.device if actor.device.type != "cpu" else comm_device()
+        self.device = actor.device
         self.tokenizer = actor.tokenizer
         self.eos_ids, self.pad_id = stop_ids(actor)
         self.actor_engine = TrainEngine(actor.model, self.layout, self._optim(cfg.optim.lr), param_dtype=actor.dtype)
-        from verl_mega.hybrid_engine.reshard import HybridEngine
-
         self.hybrid = HybridEngine(actor.model, self.layout, actor.config, cfg.parallel.tp_g or self.layout.tp)
         self.reference = self._reference(reference) if cfg.algorithm.kl_coef > 0 else None
         self.critic_engine = self._critic(critic) if cfg.algorithm.name in ("ppo", "gae") else None
@@ -118,10 +116,11 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ construction helpers
     def _optim(self, lr: float) -> OptimConfig:
-        o = self.config.optim
+        """OptimConfig for an engine; the schedule's horizon counts optimizer steps (mini-batches x epochs x RL steps)."""
+        o, t = self.config.optim, self.config.trainer
+        updates = t.num_epochs * -(-t.rollout_batch_size // (t.mini_batch_size or t.rollout_batch_size))
         return OptimConfig(lr=lr, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps, schedule=o.schedule,
-                           min_lr=min(o.min_lr, lr), total_steps=self.config.trainer.total_steps,
-                           clip_grad=o.clip_grad)
+                           min_lr=min(o.min_lr, lr), total_steps=t.total_steps * updates, clip_grad=o.clip_grad)
 
     def _reference(self, reference) -> FrozenModel:
         if isinstance(reference, HFActor):
@@ -134,7 +133,11 @@ class PPOTrainer:
             if not critic.model.is_value_model:
                 raise ValueError("critic must be loaded with value_head=True (get_actor_model(path, value_head=True))")
             return TrainEngine(critic.model, self.layout, optim, param_dtype=critic.dtype)
-        return build_critic(self.actor, optim, critic or self.config.model.critic_path)
+        path = critic or self.config.model.critic_path or self.actor.path
+        if path is None:
+            raise ValueError("PPO needs a critic: pass critic= (an HFActor with value_head=True or a HF directory), "
+                             "or an actor loaded from a HF directory to initialise it from")
+        return build_critic(self.actor, optim, path)
 
     def generation_engine(self, model, inference_layout, rows: int, seq_len: int) -> GenerationEngine:
         """A rollout engine for `rows` sequences of up to `seq_len` tokens on the inference model; reused
@@ -175,7 +178,8 @@ class PPOTrainer:
         return RLBatch(samples=list(samples), prompt_ids=prompts, n=self.config.rollout.n_samples, step=self.global_step)
 
     def step(self, samples: list[dict]) -> dict[str, float]:
-        """One RL step on this rank's prompts; returns the metrics (the same on every rank)."""
+        """One RL step on this rank's prompts (every data-parallel rank passes the same number); returns the
+        metrics, the same on every rank."""
         batch = self.pipeline(self.make_batch(samples), self)
         self.global_step += 1
         if batch.reward_failures or batch.reward_timeouts:

@@ -161,6 +161,8 @@ class Rollout(Stage):
                                       top_k=cfg.top_k, top_p=cfg.top_p, n=batch.n, seed=seed)
                 resp = out.responses()
                 local = (resp, [lp[:len(r)].tolist() for lp, r in zip(out.response_logprobs, resp)])
+                if cfg.free_cache:
+                    engine.release()
             gen_s = time.perf_counter() - gen_start
             if inf.micro_dp > 1:
                 gathered: list = [None] * inf.micro_dp
