@@ -164,15 +164,15 @@ class Rollout(Stage):
                 if cfg.free_cache:
                     engine.release()
             gen_s = time.perf_counter() - gen_start
+            gathered: list = [(inf.micro_dp_rank, local)]
             if inf.micro_dp > 1:
-                gathered: list = [None] * inf.micro_dp
-                dist.all_gather_object(gathered, local, group=inf.micro_dp_group)
-            else:
-                gathered = [local]
+                gathered = [None] * inf.micro_dp
+                dist.all_gather_object(gathered, (inf.micro_dp_rank, local), group=inf.micro_dp_group)
         finally:
             back = time.perf_counter()
             ctx.hybrid.to_train()
             reshard_s += time.perf_counter() - back
+        gathered = [g for _, g in sorted(gathered, key=lambda item: item[0])]  # prompt order = micro-DP rank order
         responses = [r for g in gathered for r in g[0]]
         logprobs = [lp for g in gathered for lp in g[1]]
         batch.set_rollout(responses, logprobs, ctx.pad_id)
