@@ -7,7 +7,8 @@ For each model shape (1.5B-like: hidden 1536, 28 layers, 12/2 heads, inter 8960,
 7B-like: hidden 3584, 28 layers, 28/4 heads, inter 18944, vocab 152064) and each transition over the
 W ranks (tp=W -> tp_g=1, and pp=W -> pp_g=1 i.e. tp=1 -> tp_g=1), with random weights drawn directly on
 the device (no HF directory), it times (median of --reps after --warmup, slowest rank per rep):
-- `hybrid`: HybridEngine.to_inference() (pack + one all-gather in the micro-DP group + assembly),
+- `hybrid`: HybridEngine.to_inference() (pack + bucketed all-gathers in the micro-DP group, pipelined
+  with the assembly; `--bucket-mb`), and the same with one bucket (the paper's single all-gather),
 - `allgather`: one plain all-gather of the same bytes per rank (the communication floor),
 - `naive`: the DeepSpeed-Chat-style gather-everything baseline (NaiveGatherEngine, world group),
 and reports ratio hybrid/allgather (target <= 1.5), bytes received vs the paper's analytic volume,
@@ -28,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from verl_mega.hybrid_engine.comm import all_gather_flat
-from verl_mega.hybrid_engine.reshard import HybridEngine, NaiveGatherEngine
+from verl_mega.hybrid_engine.reshard import DEFAULT_BUCKET_MB, HybridEngine, NaiveGatherEngine
 from verl_mega.models.config import ModelConfig
 from verl_mega.models.parallelize import build_stage
 from verl_mega.parallel.dist import init_distributed
@@ -123,37 +124,47 @@ def run_case(name: str, shape: dict, tp: int, pp: int, args, dtype: torch.dtype,
     layout = Layout.create(tp=tp, pp=pp)
     stage = random_stage(config, layout, dtype, device)
     train_gb = sum(p.numel() * p.element_size() for p in stage.parameters()) / 2**30
-    engine = HybridEngine(stage, layout, config, tp_g=1)
+    engine = HybridEngine(stage, layout, config, tp_g=1, bucket_mb=args.bucket_mb)
+    inf_layout = engine.inference_layout
     hybrid = time_engine(engine, args.reps, args.warmup, device)
-    plain = time_allgather(engine._chunk, engine._gather_group(), args.reps, args.warmup, dtype, device)
+    plain = time_allgather(engine.chunk_numel, engine.gather_group, args.reps, args.warmup, dtype, device)
     del engine
     gc.collect()
-    naive = time_engine(NaiveGatherEngine(stage, layout, config, tp_g=1), args.reps, args.warmup, device)
+    engine = HybridEngine(stage, layout, config, tp_g=1, bucket_mb=None, inference_layout=inf_layout)
+    single = time_engine(engine, args.reps, args.warmup, device)  # the paper's single all-gather
+    del engine
+    gc.collect()
+    naive = time_engine(NaiveGatherEngine(stage, layout, config, tp_g=1, bucket_mb=args.bucket_mb,
+                                          inference_layout=inf_layout), args.reps, args.warmup, device)
     del stage
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"model": name, "transition": f"tp={tp},pp={pp} -> tp_g=1,pp_g=1", "train_shard_gb": train_gb,
-            "hybrid": hybrid, "allgather": plain, "naive": naive,
+            "bucket_mb": args.bucket_mb, "hybrid": hybrid, "hybrid_single_allgather": single,
+            "allgather": plain, "naive": naive,
             "ratio_hybrid_over_allgather": hybrid["seconds"] / plain["seconds"],
+            "ratio_single_over_allgather": single["seconds"] / plain["seconds"],
             "ratio_naive_over_allgather": naive["seconds"] / plain["seconds"]}
 
 
 def markdown(report: dict) -> str:
-    gb = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+    mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
     mem = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
     lines = [f"## Reshard benchmark ({report['device']}, {report['backend']}, {report['dtype']}, "
              f"{report['world_size']} ranks, median of {report['reps']})", "",
-             "| model | transition | hybrid ms | all-gather ms | ratio | naive ms | recv GiB (analytic) "
-             "| redundant GiB hybrid / naive | peak GiB hybrid / all-gather / naive |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | transition | hybrid ms | all-gather ms | ratio | 1-bucket ms (ratio) | naive ms "
+             "| recv MiB (analytic) | redundant MiB hybrid / naive | peak GiB hybrid / 1-bucket / all-gather / naive |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
-        h, a, n = r["hybrid"], r["allgather"], r["naive"]
+        h, s, a, n = r["hybrid"], r["hybrid_single_allgather"], r["allgather"], r["naive"]
         lines.append(
             f"| {r['model']} | {r['transition']} | {h['seconds'] * 1e3:.1f} | {a['seconds'] * 1e3:.1f} "
-            f"| {r['ratio_hybrid_over_allgather']:.2f} | {n['seconds'] * 1e3:.1f} "
-            f"| {gb(h['bytes_moved'])} ({gb(h['analytic_bytes'])}) | {gb(h['redundant_bytes'])} / {gb(n['redundant_bytes'])} "
-            f"| {mem(h['peak_gb'])} / {mem(a['peak_gb'])} / {mem(n['peak_gb'])} |")
+            f"| {r['ratio_hybrid_over_allgather']:.2f} | {s['seconds'] * 1e3:.1f} "
+            f"({r['ratio_single_over_allgather']:.2f}) | {n['seconds'] * 1e3:.1f} "
+            f"| {mib(h['bytes_moved'])} ({mib(h['analytic_bytes'])}) "
+            f"| {mib(h['redundant_bytes'])} / {mib(n['redundant_bytes'])} "
+            f"| {mem(h['peak_gb'])} / {mem(s['peak_gb'])} / {mem(a['peak_gb'])} / {mem(n['peak_gb'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -164,6 +175,8 @@ def main() -> None:
                         help="default bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU check)")
     parser.add_argument("--models", default=None, help="comma-separated subset of 1.5B,7B")
+    parser.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_MB,
+                        help="HybridEngine bucket size per rank (MiB); the 1-bucket column is always measured too")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()

@@ -147,7 +147,11 @@ class HybridEngine:
         num_buckets = len(self._sizes)
         mine = member_pieces[self._member]
         self._pack = [[p for (_, p), piece in zip(sent, mine) if piece.bucket == k] for k in range(num_buckets)]
-        plans = plan_params(self.model, member_pieces)
+        self._schedule(plan_params(self.model, member_pieces), num_buckets)
+
+    def _schedule(self, plans: list[ParamPlan], num_buckets: int) -> None:
+        """Decide when each parameter is built: before any gather (own pieces only), right after the
+        last bucket it reads from, or after all buckets (vocab realign); and when each buffer is dropped."""
         self._copy_mode = any(len(plan.pieces) > 1 for plan in plans)
         runs, rest = fused_runs(plans) if self._copy_mode else ([], plans)
         self._runs_at: list[list[Run]] = [[] for _ in range(num_buckets)]
@@ -168,6 +172,16 @@ class HybridEngine:
             self._slots.append((param, offset, param.numel(), tuple(param.shape)))
             offset += param.numel()
         self._flat_numel = offset
+
+    @property
+    def gather_group(self) -> dist.ProcessGroup:
+        """The group of the resharding all-gathers (micro-DP; the world for the naive baseline)."""
+        return self._gather_group()
+
+    @property
+    def chunk_numel(self) -> int:
+        """Elements each rank contributes per to_inference() (all buckets, padded to the largest member)."""
+        return sum(self._sizes)
 
     def analytic_bytes(self) -> float:
         """The paper's per-rank transition volume (t·p − t_g·p_g)/(t_g·p_g·t·p)·M."""
@@ -321,45 +335,58 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _EngineCache(dict):
+    """tp_g -> HybridEngine, stored on the actor; a deep copy of the actor starts with an empty cache."""
+
+    def __deepcopy__(self, memo):
+        return _EngineCache()
+
+
 def _stage_model(actor_or_model) -> DecoderModel:
     if isinstance(actor_or_model, DecoderModel):
         return actor_or_model
-    for attr in ("model", "module", "stage"):
-        candidate = getattr(actor_or_model, attr, None)
-        if isinstance(candidate, DecoderModel):
-            return candidate
+    candidate = getattr(actor_or_model, "model", None)
+    if isinstance(candidate, DecoderModel):
+        return candidate
     raise ValueError(f"expected a DecoderModel or an actor holding one in .model, got {type(actor_or_model).__name__}")
 
 
-def get_engine(actor_or_model, layout: Layout, tp_g: int | None = None) -> HybridEngine:
+def get_engine(actor_or_model, layout: Layout | None = None, tp_g: int | None = None) -> HybridEngine:
     """The HybridEngine of this actor's stage for `tp_g` (default: the training tp), created on first use
-    (collective: every rank must call it for the same tp_g in the same order) and cached on the model."""
+    (collective: every rank must call it for the same tp_g in the same order) and cached on the actor.
+    `layout` defaults to the actor's `.layout`."""
     model = _stage_model(actor_or_model)
+    layout = layout if layout is not None else getattr(actor_or_model, "layout", None)
+    if not isinstance(layout, Layout):
+        raise ValueError("pass the training Layout (the actor has no .layout)")
     tp_g = layout.tp if tp_g is None else tp_g
-    cache = model.__dict__.setdefault("_hybrid_engines", {})
-    if tp_g not in cache:
-        cache[tp_g] = HybridEngine(model, layout, model.config, tp_g)
-    return cache[tp_g]
+    cache = actor_or_model.__dict__.setdefault("_hybrid_engines", _EngineCache())
+    engine = cache.get(tp_g)
+    if engine is None or engine.train_layout is not layout or engine.train_model is not model:
+        engine = cache[tp_g] = HybridEngine(model, layout, model.config, tp_g)
+    return engine
 
 
-def build_inference_model(actor_or_model, layout: Layout, tp_g: int | None = None) -> tuple[DecoderModel, InferenceLayout]:
+def build_inference_model(actor_or_model, layout: Layout | None = None,
+                          tp_g: int | None = None) -> tuple[DecoderModel, InferenceLayout]:
     """Reshard an actor (or its DecoderModel stage) to generation TP size `tp_g` (default: training tp).
 
     Returns (inference model with all layers on the generation TP group, its InferenceLayout: split
-    prompts over `dp_g_group`, gather responses back over it). Collective. Call
-    `release_inference_model(actor_or_model, layout, tp_g)` (or use `inference_model(...)`) afterwards.
+    prompts over the micro-DP group — every rank of a model-parallel group holds the same prompts —
+    and all-gather the responses back over it). Collective. Call `release_inference_model(...)` with
+    the same arguments afterwards, or use `with inference_model(...) as (model, inference_layout):`.
     """
     engine = get_engine(actor_or_model, layout, tp_g)
     return engine.to_inference(), engine.inference_layout
 
 
-def release_inference_model(actor_or_model, layout: Layout, tp_g: int | None = None) -> None:
+def release_inference_model(actor_or_model, layout: Layout | None = None, tp_g: int | None = None) -> None:
     """Drop the inference weights built by `build_inference_model` (back to the training layout)."""
     get_engine(actor_or_model, layout, tp_g).to_train()
 
 
 @contextlib.contextmanager
-def inference_model(actor_or_model, layout: Layout, tp_g: int | None = None):
+def inference_model(actor_or_model, layout: Layout | None = None, tp_g: int | None = None):
     """`with inference_model(actor, layout, tp_g) as (model, inference_layout): ...` — released on exit."""
     try:
         yield build_inference_model(actor_or_model, layout, tp_g)
