@@ -12,6 +12,7 @@ the device (no HF directory), it times (median of --reps after --warmup, slowest
 - `allgather`: one plain all-gather of the same bytes per rank (the communication floor),
 - `naive`: the DeepSpeed-Chat-style gather-everything baseline (NaiveGatherEngine, world group),
 and reports ratio hybrid/allgather (target <= 1.5), bytes received vs the paper's analytic volume,
+(the inference weights are first checked against all training shards by per-tensor sums),
 redundant weight memory and peak memory (torch.cuda.max_memory_allocated, reset before each phase).
 Writes $OUT/reshard.json and $OUT/reshard.md (with the GPU name) when $OUT is set.
 """
@@ -72,13 +73,33 @@ def slowest(seconds: float, device: torch.device) -> float:
 
 
 def random_stage(config: ModelConfig, layout: Layout, dtype: torch.dtype, device: torch.device):
-    """This rank's training stage with N(0, 0.02) weights drawn on the device."""
+    """This rank's training stage with N(0, 0.02) weights drawn on the device (replicated tensors equal
+    over the TP ranks of a stage, as in a real model)."""
     stage = build_stage(config, layout, params_dtype=dtype, device=device, init_seed=None)
-    gen = torch.Generator(device=device).manual_seed(1234 + dist.get_rank())
+    sharded = torch.Generator(device=device).manual_seed(1234 + dist.get_rank())
+    replicated = torch.Generator(device=device).manual_seed(4321 + layout.pp_rank)
     with torch.no_grad():
         for p in stage.parameters():
-            p.normal_(0.0, 0.02, generator=gen)
+            p.normal_(0.0, 0.02, generator=sharded if getattr(p, "tensor_model_parallel", False) else replicated)
     return stage.requires_grad_(False)
+
+
+def verify(engine: HybridEngine, stage, layout: Layout) -> None:
+    """Check the inference weights (tp_g = 1: full tensors) against the training shards of all ranks
+    by per-tensor float64 sums; raises AssertionError on a mismatch (a wrong resharding on this device)."""
+    mine = {stage.hf_name(n): (p.double().sum().item(), getattr(p, "tensor_model_parallel", False))
+            for n, p in stage.named_parameters()}
+    ranks: list = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, (layout.tp_rank, mine))
+    expected: dict[str, dict[int, float]] = {}
+    for tp_rank, sums in ranks:
+        for name, (total, sharded) in sums.items():
+            expected.setdefault(name, {}).setdefault(tp_rank if sharded else 0, total)
+    model = engine.to_inference()
+    for name, param in model.named_parameters():
+        want, got = sum(expected[model.hf_name(name)].values()), param.double().sum().item()
+        assert abs(got - want) <= 1e-6 * abs(want) + 1e-3, f"{name}: inference sum {got} != training {want}"
+    engine.to_train()
 
 
 def time_engine(engine: HybridEngine, reps: int, warmup: int, device: torch.device) -> dict:
@@ -108,7 +129,8 @@ def time_allgather(numel: int, group, reps: int, warmup: int, dtype: torch.dtype
         sync(device)
         start = time.perf_counter()
         out = torch.empty(size * numel, dtype=dtype, device=device)
-        all_gather_flat(out, out[:numel], group)
+        me = dist.get_rank(group)
+        all_gather_flat(out, out[me * numel:(me + 1) * numel], group)  # in place, as the engine does
         sync(device)
         elapsed = time.perf_counter() - start
         peak = peak_gb(device)
@@ -126,6 +148,7 @@ def run_case(name: str, shape: dict, tp: int, pp: int, args, dtype: torch.dtype,
     train_gb = sum(p.numel() * p.element_size() for p in stage.parameters()) / 2**30
     engine = HybridEngine(stage, layout, config, tp_g=1, bucket_mb=args.bucket_mb)
     inf_layout = engine.inference_layout
+    verify(engine, stage, layout)
     hybrid = time_engine(engine, args.reps, args.warmup, device)
     plain = time_allgather(engine.chunk_numel, engine.gather_group, args.reps, args.warmup, dtype, device)
     del engine
@@ -141,6 +164,7 @@ def run_case(name: str, shape: dict, tp: int, pp: int, args, dtype: torch.dtype,
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"model": name, "transition": f"tp={tp},pp={pp} -> tp_g=1,pp_g=1", "train_shard_gb": train_gb,
+            "verified": True,
             "bucket_mb": args.bucket_mb, "hybrid": hybrid, "hybrid_single_allgather": single,
             "allgather": plain, "naive": naive,
             "ratio_hybrid_over_allgather": hybrid["seconds"] / plain["seconds"],

@@ -1,15 +1,15 @@
 """Resharding plan: what each rank packs into its gather chunk, in which bucket, and where every
 inference parameter's pieces lie in the gathered buffers.
 
-Chunk layout. Each sender packs, back to back, the TP shards it sends — partition-dim-0 tensors
-first, then dim-1 tensors — then the replicated tensors it is the designated sender of. The r = t/t_g
-training TP ranks of one stage inside a micro-DP group send the same list of TP tensors, so each TP
-tensor sits at the same chunk offset on all of them.
+Chunk layout (`send_order`). Each sender packs, back to back, the TP shards it sends by decreasing
+size, then the replicated tensors it is the designated sender of. The r = t/t_g training TP ranks of
+one stage inside a micro-DP group send the same list of TP tensors, so each TP tensor sits at the
+same chunk offset on all of them.
 
-Buckets. The chunk is cut at multiples of `bucket_elems` (a tensor belongs to the bucket its first
-element falls in); bucket k of all members is gathered by one all-gather of equal segments (padded
-to the largest), so bucket k+1 can be gathered while bucket k is assembled. One bucket = the paper's
-single all-gather. After gathering bucket k the buffer is member-major: [member, segment].
+Buckets (`bucketize`). The chunk is cut greedily into buckets of about `bucket_elems`; bucket k of
+all members is gathered by one all-gather of equal segments (padded to the largest), so bucket k+1
+can be gathered while bucket k is assembled. One bucket = the paper's single all-gather. After
+gathering bucket k the buffer is member-major: [member, segment].
 
 Assembly. An inference parameter of generation TP rank j is the concatenation along its partition
 dim of the training shards of TP ranks j·r .. j·r+r-1 (`ParamPlan.pieces`, in that order); a
@@ -87,9 +87,15 @@ def partition_dim(param: torch.Tensor) -> int | None:
 
 
 def send_order(tensors: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
-    """Chunk order: dim-0 TP tensors, dim-1 TP tensors, replicated tensors (model order within each)."""
-    rank = {0: 0, 1: 1, None: 2}
-    return sorted(tensors, key=lambda item: rank[partition_dim(item[1])])
+    """Chunk order: TP tensors by decreasing size (dim-0 before dim-1 at equal size, model order
+    within), then replicated tensors. Stages of a micro-DP group hold similar size sequences, so
+    size order lines their buckets up (little padding) and keeps same-shape dim-0 tensors adjacent
+    (long fused copies); the r TP ranks of a stage send identical TP lists (equal offsets)."""
+    def key(item):
+        index, (_, param) = item
+        dim = partition_dim(param)
+        return (dim is None, -param.numel(), dim or 0, index)
+    return [item for _, item in sorted(enumerate(tensors), key=key)]
 
 
 def chunk_metas(tensors: list[tuple[str, torch.Tensor]], tp_rank: int, tp: int) -> list[ShardMeta]:
@@ -102,26 +108,25 @@ def chunk_metas(tensors: list[tuple[str, torch.Tensor]], tp_rank: int, tp: int) 
 
 
 def bucketize(member_metas: list[list[ShardMeta]], bucket_elems: int | None) -> tuple[list[list[Piece]], list[int]]:
-    """Place every member's tensors into buckets.
+    """Place every member's tensors, in chunk order, into buckets of about `bucket_elems` elements
+    (a bucket closes before the tensor that would overflow it; a larger tensor gets its own bucket;
+    None: one bucket).
 
     Returns (pieces[member] aligned with member_metas[member], segment size of each bucket in
-    elements, the max over members). Empty buckets (a tensor longer than a bucket) are dropped.
+    elements: the max over members).
     """
-    chunk = max((sum(m.numel for m in metas) for metas in member_metas), default=0)
-    bucket_elems = bucket_elems or max(chunk, 1)
-    raw = [[meta.offset // bucket_elems for meta in metas] for metas in member_metas]
-    used = sorted({b for buckets in raw for b in buckets})
-    renumber = {b: i for i, b in enumerate(used)}
-    sizes = [0] * len(used)
     pieces: list[list[Piece]] = []
-    for metas, buckets in zip(member_metas, raw):
-        member, fill = len(pieces), [0] * len(used)
-        mine = []
-        for meta, b in zip(metas, buckets):
-            k = renumber[b]
-            mine.append(Piece(member, meta, k, fill[k]))
-            fill[k] += meta.numel
-        sizes = [max(s, f) for s, f in zip(sizes, fill)]
+    sizes: list[int] = []
+    for member, metas in enumerate(member_metas):
+        mine, bucket, fill = [], 0, 0
+        for meta in metas:
+            if bucket_elems is not None and fill and fill + meta.numel > bucket_elems:
+                bucket, fill = bucket + 1, 0
+            mine.append(Piece(member, meta, bucket, fill))
+            fill += meta.numel
+            if bucket == len(sizes):
+                sizes.append(0)
+            sizes[bucket] = max(sizes[bucket], fill)
         pieces.append(mine)
     return pieces, sizes
 
