@@ -143,12 +143,30 @@ def _vocab_padding_case() -> dict:
     return out
 
 
+def _data_parallel_case() -> dict:
+    """(tp=2, dp=2) -> tp_g=1: micro-DP groups stay inside each training DP replica; the naive
+    baseline gathers both replicas over the world."""
+    config = _config(tied=False)
+    layout = Layout.create(tp=2, pp=1, dp=2)
+    stage = build_stage(config, layout, init_seed=SEED)
+    ids, pos = _inputs(config)
+    engine = HybridEngine(stage, layout, config, tp_g=1)
+    assert engine.inference_layout.micro_dp_ranks == [2 * layout.dp_rank, 2 * layout.dp_rank + 1]
+    assert engine.inference_layout.dp_g == 4
+    ref = _reference(config, engine.inference_layout.tp_g_group)
+    ref_logits = _full_logits(ref, ref(ids, pos))
+    out = {"hybrid": _check_engine(engine, stage, layout, ref, ids, pos, ref_logits, tol=0.0)}
+    naive = NaiveGatherEngine(stage, layout, config, tp_g=1, inference_layout=engine.inference_layout)
+    out["naive"] = _check_engine(naive, stage, layout, ref, ids, pos, ref_logits, tol=0.0)
+    return out
+
+
 def _worker() -> dict:
     torch.manual_seed(0)
     layout = Layout.create(tp=2, pp=2)
     inf_layouts = {}
     return {"untied": _tp2_pp2_case(layout, False, inf_layouts), "tied": _tp2_pp2_case(layout, True, inf_layouts),
-            "vocab": _vocab_padding_case()}
+            "dp": _data_parallel_case(), "vocab": _vocab_padding_case()}
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +201,13 @@ def test_vocab_padding_trim_and_realign(results):
     for res in results:
         assert res["vocab"]["trim"]["err"] <= 1e-5 and res["vocab"]["realign"]["err"] <= 1e-5
         assert res["vocab"]["realign"]["stats"].num_collectives == 3  # micro-DP gather + realign of embedding and head
+
+
+def test_data_parallel_replicas(results):
+    for res in results:
+        hybrid, naive = res["dp"]["hybrid"]["stats"], res["dp"]["naive"]["stats"]
+        assert hybrid.bytes_moved == hybrid.bytes_gathered // 2  # one other member: the other TP rank
+        assert naive.bytes_moved == 3 * naive.bytes_gathered // 4  # three other ranks (both replicas)
 
 
 def test_own_stage_reuses_training_storage(results):
