@@ -5,28 +5,32 @@
 
 Per case: batch B, prompt length P (random token ids, no padding), exactly N new tokens (EOS
 ignored; transformers with min_new_tokens=N), sampling at temperature 1 (no top-k / top-p).
-Throughput = B*N new tokens / wall time of one full generate call (prefill included), after a
-warm-up call with the same shapes (which also captures the CUDA graphs / compiles).
-Variants: "graphs" (CUDA-graph decode, the default on GPU), "eager", and "graphs+compile"
-(torch.compile'd decode step inside the graphs; 0.5B only unless --compile-7b).
+Throughput = B*N new tokens / wall time of one full generate call (prefill included; best of
+--repeats), after a warm-up call with the same shapes (which also captures the CUDA graphs /
+compiles). Variants: "graphs" (CUDA-graph decode, the default on GPU), "eager"; optional (time
+budget permitting, 0.5B batch 64): "graphs-unfused" (the decoder's plain torch ops instead of
+fused_ops: what the fused kernels buy) and "graphs+compile" (torch.compile'd decode step in the graphs).
 
 Same weights: the 0.5B model is built with transformers (random init on the GPU), saved, and
 loaded by `get_actor_model` from that directory. At the 7B shape (15 GB in bf16) the save/load
 round trip is skipped: transformers' model is timed and freed, then our model gets its own random
 weights drawn on the GPU (throughput does not depend on the values); --no-hf-7b skips the baseline.
 
-Checks and diagnostics (in the JSON's "meta"):
-- tiny fp32 model, prompts of different lengths: greedy tokens of ours (graphs and eager) ==
-  transformers' greedy tokens, exactly;
-- 0.5B bf16: greedy tokens graphs vs eager and vs transformers, as agreement fractions, with the
-  largest log-prob difference seen before the first disagreement (random std-0.02 weights give
-  nearly flat logits, so bf16 rounding differences can flip an argmax);
-- attention micro-benchmark: the decoder's GQA path (expand K/V to all query heads, then SDPA) vs
-  folding the query heads of a KV group into the query-length axis (no K/V copies);
-- a torch.profiler table of the eager decode step (kernel count and the top kernels).
+Checks and diagnostics (in the JSON's "meta" and the .md):
+- first, a correctness gate: tiny fp32 model, prompts of different lengths left-padded: our greedy
+  tokens (graphs and eager) == transformers' greedy tokens, exactly (printed as PASS / FAIL);
+- 0.5B bf16: greedy tokens graphs vs eager and vs transformers, as agreement fractions;
+- one decode step, same state, eager vs CUDA-graph replay (fused and unfused ops): max |logit
+  difference|, argmax flips, and the top-1/top-2 logit gaps (random std-0.02 weights give nearly
+  flat logits, so a rounding-level difference can flip an argmax);
+- torch.profiler tables of the eager decode step, 0.5B and 7B at the first batch size (kernels per
+  step with fused and unfused ops, the top kernels);
+- decode attention alone, eager vs captured in a CUDA graph, in the pre-fix form (K/V expanded to
+  every query head, bool mask) and the decoder's folded form, with the SDPA backend each gets and
+  the time per call of each backend.
 A --time-budget (seconds) skips the remaining optional steps once spent (listed under "skipped").
 
-Writes $OUT/generation.json, $OUT/generation.md and $OUT/generation_profile.txt (or --out-dir).
+Writes $OUT/generation.json, $OUT/generation.md and $OUT/generation_profile{,_7b}.txt (or --out-dir).
 """
 
 from __future__ import annotations
@@ -53,10 +57,11 @@ SHAPES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, vocab_size=1000, tie_word_embeddings=True),
 }
-VARIANTS = {
+VARIANTS = {  # engine keyword arguments; "fused" = the model's fused_inference flag
     "graphs": dict(use_cuda_graph=True),
     "eager": dict(use_cuda_graph=False),
-    "graphs+compile": dict(use_cuda_graph=True, compile_decode=True, kv_len_bucket=128),
+    "graphs-unfused": dict(use_cuda_graph=True, fused=False),
+    "graphs+compile": dict(use_cuda_graph=True, compile_decode=True, kv_len_bucket=512),  # one kv bucket: one compile
 }
 NEVER_EOS = 10_000
 
@@ -72,8 +77,9 @@ class Run:
         self.meta: dict = {}
         self.rows: list[dict] = []
 
-    def in_budget(self, what: str) -> bool:
-        if time.perf_counter() - self.t0 < self.args.time_budget:
+    def in_budget(self, what: str, need_s: float = 0.0) -> bool:
+        """True when `need_s` more seconds still fit in --time-budget; else records `what` as skipped."""
+        if time.perf_counter() - self.t0 + need_s < self.args.time_budget:
             return True
         self.skipped.append(what)
         print(f"skipped (time budget): {what}", flush=True)
@@ -148,9 +154,11 @@ def build_ours_random(shape: str, layout, device: torch.device, dtype: torch.dty
     return model.eval()
 
 
-def make_engine(run: Run, model, rows: int, seq: int, **kw):
+def make_engine(run: Run, model, rows: int, seq: int, fused: bool = True, **kw):
+    """Engine over `model`; `fused` sets the model's fused_inference flag (fused_ops kernels)."""
     from verl_mega.rollout.engine import GenerationEngine
 
+    model.fused_inference = fused
     return GenerationEngine(model, run.layout.tp_group, max_batch=rows, max_seq_len=seq, eos_token_ids=[1],
                             pad_token_id=0, **kw)
 
@@ -178,6 +186,7 @@ def bench_ours(run: Run, model, prompts: list[list[int]], new_tokens: int, varia
            "graphs_captured": len(engine._graphs), "graphs_in_use": engine.use_cuda_graph,
            "kv_cache_gib": engine.cache.memory_bytes() / 2**30}
     engine.release()
+    model.fused_inference = True
     return out
 
 
@@ -256,7 +265,9 @@ def tiny_parity_check(run: Run) -> dict:
         ref = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=40, pad_token_id=0,
                           eos_token_id=NEVER_EOS, top_k=None, top_p=None, temperature=None)[:, p_len:].cpu()
     model = get_actor_model(path, torch_dtype=torch.float32, layout=run.layout, device=run.device).model.eval()
-    res = {}
+    from verl_mega.models import fused_ops
+
+    res = {"tiny_fp32_fused_ops_available": fused_ops.available(next(model.parameters()))}
     for variant in (["graphs", "eager"] if torch.cuda.is_available() else ["eager"]):
         engine = make_engine(run, model, 8, 128, **VARIANTS[variant])
         ours = engine.generate(prompts, max_new_tokens=40, temperature=0.0).response_ids
@@ -267,70 +278,149 @@ def tiny_parity_check(run: Run) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- diagnostics
-def attention_microbench(run: Run, cases=(("qwen2.5-0.5b", 64, 320), ("qwen2.5-7b", 256, 320))) -> dict:
-    """ms per decode attention call (one layer): the decoder's expand-K/V GQA path vs query folding."""
-    res = {}
-    for shape, b, kv_len in cases:
-        s = SHAPES[shape]
-        h, hkv = s["num_attention_heads"], s["num_key_value_heads"]
-        d, rep = s["hidden_size"] // h, h // hkv
-        g = torch.Generator(device=run.device).manual_seed(0)
-        q = torch.randn(b, h, 1, d, device=run.device, dtype=run.dtype, generator=g)
-        k = torch.randn(b, hkv, kv_len, d, device=run.device, dtype=run.dtype, generator=g)
-        v = torch.randn(b, hkv, kv_len, d, device=run.device, dtype=run.dtype, generator=g)
-        mask = torch.ones(b, 1, 1, kv_len, dtype=torch.bool, device=run.device)
-        mask[:, :, :, 200:] = False
+def graph_vs_eager_step(run: Run, model, prompts: list[list[int]], fused: bool) -> dict:
+    """One decode step from the same state (prefill + the greedy first token): eager forward twice
+    (determinism) and the CUDA-graph replay; logit differences, argmax flips and top-2 gaps."""
+    from verl_mega.rollout.engine import batch_bucket
 
-        def expand():
-            k2 = k[:, :, None].expand(b, hkv, rep, kv_len, d).reshape(b, h, kv_len, d)
-            v2 = v[:, :, None].expand(b, hkv, rep, kv_len, d).reshape(b, h, kv_len, d)
-            return F.scaled_dot_product_attention(q, k2, v2, attn_mask=mask)
+    b, p_len = len(prompts), len(prompts[0])
+    engine = make_engine(run, model, b, p_len + 8, fused=fused, use_cuda_graph=True)
+    bb = batch_bucket(b, engine.max_batch)
+    with torch.no_grad():
+        first = engine._prefill(prompts, p_len, bb)[:b].argmax(-1)
+        engine._tokens[:b, 0] = first
+        engine._write_pos.fill_(p_len)
+        engine._positions[:b] += 1
+        kv_len = engine._kv_len(p_len + 1)
+        steps = {}
+        for name in ("eager", "eager_again"):
+            engine._decode_forward(bb, kv_len)  # idempotent: same cache slot, same inputs
+            steps[name] = engine._logits[:b].clone()
+        steps["graph"] = engine._decode(bb, kv_len)[:b].clone()
+    model.fused_inference = True
+    eager, graph = steps["eager"], steps["graph"]
+    top2 = eager.topk(2, dim=-1).values
+    gap = top2[:, 0] - top2[:, 1]  # [b]
+    flips = eager.argmax(-1) != graph.argmax(-1)
+    res = {"fused": fused, "graph_captured": bool(engine._graphs),
+           "max_abs_diff_eager_vs_eager": float((steps["eager_again"] - eager).abs().max()),
+           "max_abs_diff_graph_vs_eager": float((graph - eager).abs().max()),
+           "argmax_flips": int(flips.sum()), "rows": b, "logit_std": float(eager.std()),
+           "top2_gap_min": float(gap.min()), "top2_gap_median": float(gap.median()),
+           "top2_gap_at_flips": [round(float(g), 6) for g in gap[flips]]}
+    engine.release()
+    print(f"graph vs eager step (fused={fused}): {res}", flush=True)
+    return res
 
-        def fold():  # query heads of one KV group share its keys: fold them into the query axis
-            qf = q.reshape(b, hkv, rep, d)  # [batch, kv_heads, rep * seq, head_dim]
-            mf = mask.expand(b, 1, rep, kv_len)
-            return F.scaled_dot_product_attention(qf, k, v, attn_mask=mf).reshape(b, h, 1, d)
 
-        with torch.no_grad():
-            diff = float((expand().float() - fold().float()).abs().max())
-            n = 20
-            t_expand = time_call(lambda: [expand() for _ in range(n)]) / n * 1000
-            t_fold = time_call(lambda: [fold() for _ in range(n)]) / n * 1000
-        res[f"{shape}_b{b}_L{kv_len}"] = {"expand_ms": t_expand, "fold_ms": t_fold, "max_abs_diff": diff}
-        print(f"attention {shape} b={b} L={kv_len}: expand {t_expand:.3f} ms, fold {t_fold:.3f} ms, diff {diff:.1e}",
-              flush=True)
+def attention_capture_check(run: Run, b: int = 64, kv_len: int = 192, reps: int = 50) -> dict:
+    """Decode attention at the 0.5B shape (14 query / 2 KV heads, head_dim 64), eager vs inside a CUDA
+    graph, for the pre-fix form (K/V expanded to every query head, bool mask) and the decoder's
+    folded form (float bias); the SDPA backend each gets, and us per call per forced backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from verl_mega.models.decoder import attend, attention_bias
+
+    hq, hkv, d, max_seq = 14, 2, 64, 384
+    rep, dev, dt = hq // hkv, run.device, run.dtype
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(b, 1, hq, d, device=dev, dtype=dt, generator=g).transpose(1, 2)  # [batch, heads, 1, head_dim]
+    k_cache, v_cache = (torch.randn(b, hkv, max_seq, d, device=dev, dtype=dt, generator=g) for _ in range(2))
+    slots = torch.zeros(b, max_seq, dtype=torch.bool, device=dev)
+    slots[:, :kv_len - 20] = True
+    slots[: b // 2, :7] = False  # left padding on half the rows
+    k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+    bool_mask = slots[:, None, None, :kv_len]
+    bool_mask = bool_mask | ~bool_mask.any(-1, keepdim=True)  # as build_attention_mask
+
+    def legacy():
+        ke, ve = (t[:, :, None].expand(b, hkv, rep, kv_len, d).reshape(b, hq, kv_len, d) for t in (k, v))
+        return F.scaled_dot_product_attention(q, ke, ve, attn_mask=bool_mask).transpose(1, 2).reshape(b, 1, hq * d)
+
+    def folded():
+        return attend(q, k, v, attention_bias(bool_mask, dt))
+
+    def backend_name(fn_args) -> str:
+        try:
+            return SDPBackend(int(torch._fused_sdp_choice(*fn_args))).name
+        except Exception as exc:  # noqa: BLE001 - private API, informational
+            return f"unknown ({exc!r})"
+
+    ke = k[:, :, None].expand(b, hkv, rep, kv_len, d).reshape(b, hq, kv_len, d)
+    bias = attention_bias(bool_mask, dt)
+    res = {"shape": f"b={b} kv_len={kv_len} heads {hq}/{hkv} head_dim {d}",
+           "backend_legacy": backend_name((q, ke, ke, bool_mask)),
+           "backend_folded": backend_name((q.reshape(b, hkv, rep, d), k, v, bias.expand(b, 1, rep, kv_len)))}
+    with torch.no_grad():
+        for name, fn in (("legacy", legacy), ("folded", folded)):
+            eager = fn().clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = fn()
+            graph.replay()
+            _sync()
+            res[f"{name}_graph_vs_eager_max_abs_diff"] = float((out.float() - eager.float()).abs().max())
+            res[f"{name}_eager_repeat_max_abs_diff"] = float((fn().float() - eager.float()).abs().max())
+            res[f"{name}_us"] = time_call(lambda: [fn() for _ in range(reps)]) / reps * 1e6
+        res["legacy_vs_folded_max_abs_diff"] = float((legacy().float() - folded().float()).abs().max())
+        for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+            try:
+                with sdpa_kernel([backend]):
+                    folded()
+                    res[f"folded_us_{backend.name}"] = time_call(lambda: [folded() for _ in range(reps)]) / reps * 1e6
+            except Exception as exc:  # noqa: BLE001 - a backend that refuses this input
+                res[f"folded_us_{backend.name}"] = f"unavailable: {str(exc)[:80]}"
+    print(f"attention capture check: {res}", flush=True)
     return res
 
 
 def profile_eager_decode(run: Run, model, prompts: list[list[int]], out_path: str) -> dict:
-    """torch.profiler over an eager generate of 9 tokens (1 prefill + 8 decode steps)."""
+    """CUDA kernels per eager decode step (fused and unfused ops) from torch.profiler: kernels of a
+    9-token generate minus those of a 1-token one (prefill), over 8; the fused top-kernel table to out_path."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine = make_engine(run, model, len(prompts), len(prompts[0]) + 16, use_cuda_graph=False)
-    kw = dict(max_new_tokens=9, temperature=1.0, ignore_eos=True)
-    engine.generate(prompts, **kw)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        engine.generate(prompts, **kw)
-        _sync()
-    engine.release()
-    averages = prof.key_averages()
-    kernels = sum(e.count for e in averages if str(getattr(e, "device_type", "")).endswith("CUDA"))
-    table = averages.table(sort_by="self_device_time_total" if hasattr(averages[0], "self_device_time_total")
-                           else "self_cuda_time_total", row_limit=35)
+    res, tables = {}, []
+    for fused in (True, False):
+        engine = make_engine(run, model, len(prompts), len(prompts[0]) + 16, fused=fused, use_cuda_graph=False)
+        counts = {}
+        for n in (9, 1):
+            kw = dict(max_new_tokens=n, temperature=1.0, ignore_eos=True)
+            engine.generate(prompts, **kw)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                engine.generate(prompts, **kw)
+                _sync()
+            averages = prof.key_averages()
+            counts[n] = sum(e.count for e in averages if str(getattr(e, "device_type", "")).endswith("CUDA"))
+            if n == 9 and fused:
+                key = "self_device_time_total"
+                key = key if hasattr(averages[0], key) else "self_cuda_time_total"
+                tables.append(averages.table(sort_by=key, row_limit=30))
+        engine.release()
+        res[f"kernels_per_decode_step_{'fused' if fused else 'unfused'}"] = (counts[9] - counts[1]) / 8
+    model.fused_inference = True
     with open(out_path, "w") as f:
-        f.write(f"eager generate, batch {len(prompts)}, 1 prefill + 8 decode steps; CUDA kernels: {kernels}\n\n{table}\n")
-    return {"profile_cuda_kernels_9_steps": kernels}
+        f.write(f"eager generate, batch {len(prompts)}, 1 prefill + 8 decode steps (fused ops); {res}\n\n{tables[0]}\n")
+    print(f"profile: {res}", flush=True)
+    return res
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def run_shape(run: Run, shape: str, batches: list[int], with_hf: bool, same_weights: bool,
-              variants: list[str]) -> str | None:
-    """All cases of one shape; returns the HF directory our model was loaded from (0.5B) or None."""
+def prompt_sets_for(run: Run, shape: str, batches: list[int]) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    return {b: torch.randint(2, SHAPES[shape]["vocab_size"], (b, run.args.prompt_len), generator=gen) for b in batches}
+
+
+def run_shape(run: Run, shape: str, batches: list[int], with_hf: bool, same_weights: bool) -> str | None:
+    """transformers baseline, checks (0.5B), graphs and eager for one shape; returns the HF directory
+    our model was loaded from (0.5B) or None."""
     from verl_mega.models.actor import get_actor_model
 
-    gen = torch.Generator().manual_seed(0)
-    prompt_sets = {b: torch.randint(2, SHAPES[shape]["vocab_size"], (b, run.args.prompt_len), generator=gen)
-                   for b in batches}
+    prompt_sets = prompt_sets_for(run, shape, batches)
     hf_times, hf_model, model, path = {}, None, None, None
     if with_hf and run.in_budget(f"{shape} transformers"):
         hf_model = build_hf(shape, run.device, run.dtype)
@@ -348,19 +438,47 @@ def run_shape(run: Run, shape: str, batches: list[int], with_hf: bool, same_weig
             _free()
     if model is None:
         model = build_ours_random(shape, run.layout, run.device, run.dtype)
+    run.meta.setdefault("hf_times", {})[shape] = hf_times
     if shape != "qwen2.5-7b":
+        first = prompt_sets[batches[0]]
         run.meta[f"{shape}_greedy"] = run.guarded(f"{shape} greedy checks", greedy_checks, run, model, hf_model,
-                                                  prompt_sets[batches[0]][:16].tolist(), 32)
+                                                  first[:16].tolist(), 32)
+        if torch.cuda.is_available():
+            run.meta[f"{shape}_graph_vs_eager_step"] = [
+                run.guarded(f"{shape} graph vs eager step", graph_vs_eager_step, run, model, first.tolist(), fused)
+                for fused in (True, False)]
     hf_model = None
     _free()
+    variants = ["graphs", "eager"] if torch.cuda.is_available() else ["eager"]
     bench_variants(run, shape, model, prompt_sets, hf_times, variants)
-    if shape == "qwen2.5-0.5b" and torch.cuda.is_available() and run.in_budget("profile"):
-        run.meta.update(run.guarded("profile", profile_eager_decode, run, model, prompt_sets[batches[0]].tolist(),
-                                    os.path.join(run.args.out_dir, "generation_profile.txt")) or {})
-    run.meta.setdefault("hf_times", {})[shape] = hf_times
+    if shape == "qwen2.5-7b" and torch.cuda.is_available() and run.in_budget("7b profile", 30):
+        run.meta["qwen2.5-7b_profile"] = run.guarded("7b profile", profile_eager_decode, run, model,
+                                                     prompt_sets[batches[0]].tolist(),
+                                                     os.path.join(run.args.out_dir, "generation_profile_7b.txt"))
     del model
     _free()
     return path
+
+
+def run_optional(run: Run, path: str) -> None:
+    """0.5B batch-64 extras, while the time budget lasts: unfused ops, profile, torch.compile."""
+    from verl_mega.models.actor import get_actor_model
+
+    shape, b = "qwen2.5-0.5b", run.args.batches.split(",")[0]
+    model = get_actor_model(path, torch_dtype=run.dtype, layout=run.layout, device=run.device).model.eval()
+    prompt_sets = prompt_sets_for(run, shape, [int(x) for x in run.args.batches.split(",") if x])
+    prompt_sets = {int(b): prompt_sets[int(b)]}
+    hf_times = run.meta["hf_times"].get(shape, {})
+    if run.in_budget("0.5b graphs-unfused", 20):
+        bench_variants(run, shape, model, prompt_sets, hf_times, ["graphs-unfused"])
+    if run.in_budget("profile", 20):
+        run.meta.update(run.guarded("profile", profile_eager_decode, run, model, prompt_sets[int(b)].tolist(),
+                                    os.path.join(run.args.out_dir, "generation_profile.txt")) or {})
+    if run.in_budget("attention capture check", 10):
+        run.meta["attention_capture_check"] = run.guarded("attention capture check", attention_capture_check, run)
+    write_report(run)  # before the compile, which may run past the command's time limit
+    if not run.args.no_compile and run.in_budget("0.5b graphs+compile", run.args.compile_budget):
+        bench_variants(run, shape, model, prompt_sets, hf_times, ["graphs+compile"])
 
 
 def write_report(run: Run) -> None:
@@ -369,7 +487,7 @@ def write_report(run: Run) -> None:
     meta = {**run.meta, "errors": run.errors, "skipped": run.skipped, "seconds": time.perf_counter() - run.t0}
     with open(os.path.join(out_dir, "generation.json"), "w") as f:
         json.dump({"meta": meta, "results": run.rows}, f, indent=2, default=str)
-    lines = [f"# Generation throughput ({meta['device']})", "",
+    lines = [f"# Generation throughput ({meta['device']}, torch {meta['torch']})", "",
              f"prompt {meta['prompt_len']} tokens, {meta['new_tokens']} new tokens forced, sampling T=1, {meta['dtype']}",
              "", "| shape | batch | variant | tokens/s | decode ms/step | prefill ms | transformers tokens/s | speed-up |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -378,7 +496,9 @@ def write_report(run: Run) -> None:
         sp = f"{r['speedup_vs_hf']:.1f}x" if "speedup_vs_hf" in r else "-"
         lines.append(f"| {r['shape']} | {r['batch']} | {r['variant']} | {r['tokens_per_s']:.0f} | "
                      f"{r['decode_ms_per_step']:.2f} | {r['prefill_seconds'] * 1000:.0f} | {hf} | {sp} |")
-    for key in sorted(k for k in meta if k.startswith(("tiny_", "attention", "profile")) or k.endswith("_greedy")):
+    shown = [k for k in meta if k.startswith(("tiny_", "kernels_per", "attention"))
+             or k.endswith(("_greedy", "_step", "_profile"))]
+    for key in sorted(shown):
         lines += ["", f"{key}: {json.dumps(meta[key], default=str)}"]
     for key in ("errors", "skipped"):
         if meta[key]:
@@ -394,13 +514,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default=os.environ.get("OUT", "outputs"))
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--batches", default="64,256", help="batch sizes of the 0.5B shape")
+    p.add_argument("--batches", default="64,256", help="batch sizes of the 0.5B shape (the first one for the extras)")
     p.add_argument("--batches-7b", default="64,256", help="batch sizes of the 7B shape ('' = skip 7B)")
     p.add_argument("--no-hf-7b", action="store_true", help="skip the transformers baseline at the 7B shape")
     p.add_argument("--no-compile", action="store_true", help="skip the graphs+compile variant")
-    p.add_argument("--compile-7b", action="store_true", help="also run graphs+compile at the 7B shape")
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--time-budget", type=float, default=390.0, help="seconds after which optional steps are skipped")
+    p.add_argument("--compile-budget", type=float, default=150.0, help="seconds graphs+compile needs to be tried")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--time-budget", type=float, default=400.0, help="seconds after which optional steps are skipped")
     args = p.parse_args(argv)
 
     from verl_mega.parallel.dist import init_distributed
@@ -417,31 +537,21 @@ def main(argv: list[str] | None = None) -> int:
         args.prompt_len, args.new_tokens = min(args.prompt_len, 16), min(args.new_tokens, 8)
     run.meta.update(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
                     dtype=str(run.dtype).removeprefix("torch."), prompt_len=args.prompt_len, new_tokens=args.new_tokens)
-    run.meta.update(run.guarded("tiny parity", tiny_parity_check, run) or {})
-    print(f"tiny parity: {run.meta}", flush=True)
+    parity = run.guarded("tiny parity", tiny_parity_check, run) or {}
+    run.meta.update(parity)
+    ok = bool(parity) and all(v for k, v in parity.items() if k.endswith("equals_transformers"))
+    print(f"tiny fp32 greedy parity vs transformers: {'PASS' if ok else 'FAIL'} {parity}", flush=True)
     if args.quick:
-        run_shape(run, "tiny", [4, 8], True, True, ["eager"])
+        run_shape(run, "tiny", [4, 8], True, True)
         write_report(run)
         return 0
-    compile_variant = [] if args.no_compile else ["graphs+compile"]
-    path = run_shape(run, "qwen2.5-0.5b", [int(b) for b in args.batches.split(",") if b], True, True,
-                     ["graphs", "eager"])
+    path = run_shape(run, "qwen2.5-0.5b", [int(b) for b in args.batches.split(",") if b], True, True)
     write_report(run)  # partial results survive a later failure
-    if run.in_budget("attention micro-benchmark"):
-        run.meta["attention_gqa"] = run.guarded("attention micro-benchmark", attention_microbench, run)
     if args.batches_7b:
-        run_shape(run, "qwen2.5-7b", [int(b) for b in args.batches_7b.split(",")], not args.no_hf_7b, False,
-                  ["graphs", "eager"] + (compile_variant if args.compile_7b else []))
+        run_shape(run, "qwen2.5-7b", [int(b) for b in args.batches_7b.split(",")], not args.no_hf_7b, False)
         write_report(run)
-    if compile_variant and path is not None and run.in_budget("0.5b graphs+compile"):
-        from verl_mega.models.actor import get_actor_model
-
-        model = get_actor_model(path, torch_dtype=run.dtype, layout=run.layout, device=run.device).model.eval()
-        gen = torch.Generator().manual_seed(0)
-        prompt_sets = {b: torch.randint(2, SHAPES["qwen2.5-0.5b"]["vocab_size"], (b, args.prompt_len), generator=gen)
-                       for b in [int(b) for b in args.batches.split(",") if b]}
-        bench_variants(run, "qwen2.5-0.5b", model, prompt_sets, run.meta["hf_times"].get("qwen2.5-0.5b", {}),
-                       compile_variant)
+    if path is not None and cuda:
+        run.guarded("optional 0.5B extras", run_optional, run, path)
     write_report(run)
     return 0
 
