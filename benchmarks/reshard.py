@@ -7,8 +7,12 @@ For each model shape (1.5B-like: hidden 1536, 28 layers, 12/2 heads, inter 8960,
 7B-like: hidden 3584, 28 layers, 28/4 heads, inter 18944, vocab 152064) and each transition over the
 W ranks (tp=W -> tp_g=1, and pp=W -> pp_g=1 i.e. tp=1 -> tp_g=1), with random weights drawn directly on
 the device (no HF directory), it times (median of --reps after --warmup, slowest rank per rep):
-- `hybrid`: HybridEngine.to_inference() (pack + bucketed all-gathers in the micro-DP group, pipelined
-  with the assembly; `--bucket-mb`), and the same with one bucket (the paper's single all-gather),
+- `hybrid`: HybridEngine.to_inference() with its defaults (`--bucket-mb`): for tp -> tp_g < tp the
+  direct path (per-tensor all-gathers straight into the inference weights, one grouped NCCL launch per
+  bucket, only dim-1 tensors re-assembled); for pp -> 1 the packed path (pack + bucketed all-gathers
+  in the micro-DP group, pipelined with the assembly); the same with one bucket (the paper's single
+  all-gather / one grouped launch), and `packed`: the packed path forced (direct=False; equal to
+  `hybrid` where the direct path does not apply),
 - `allgather`: one plain all-gather of the same bytes per rank (the communication floor),
 - `naive`: the DeepSpeed-Chat-style gather-everything baseline (NaiveGatherEngine, world group),
 and reports ratio hybrid/allgather (target <= 1.5), bytes received vs the paper's analytic volume,
@@ -117,7 +121,8 @@ def time_engine(engine: HybridEngine, reps: int, warmup: int, device: torch.devi
     return {"seconds": statistics.median(times), "peak_gb": peak, "bytes_moved": stats.bytes_moved,
             "bytes_gathered": stats.bytes_gathered, "redundant_bytes": stats.redundant_bytes,
             "analytic_bytes": stats.analytic_bytes, "model_bytes": stats.model_bytes,
-            "num_collectives": stats.num_collectives}
+            "num_collectives": stats.num_collectives, "tensors_gathered": stats.tensors_gathered,
+            "direct": engine._direct}
 
 
 def time_allgather(numel: int, group, reps: int, warmup: int, dtype: torch.dtype, device: torch.device) -> dict:
@@ -157,6 +162,11 @@ def run_case(name: str, shape: dict, tp: int, pp: int, args, dtype: torch.dtype,
     single = time_engine(engine, args.reps, args.warmup, device)  # the paper's single all-gather
     del engine
     gc.collect()
+    engine = HybridEngine(stage, layout, config, tp_g=1, bucket_mb=args.bucket_mb, inference_layout=inf_layout,
+                          direct=False)
+    packed = time_engine(engine, args.reps, args.warmup, device)  # the pack + assemble path
+    del engine
+    gc.collect()
     naive = time_engine(NaiveGatherEngine(stage, layout, config, tp_g=1, bucket_mb=args.bucket_mb,
                                           inference_layout=inf_layout), args.reps, args.warmup, device)
     del stage
@@ -166,9 +176,10 @@ def run_case(name: str, shape: dict, tp: int, pp: int, args, dtype: torch.dtype,
     return {"model": name, "transition": f"tp={tp},pp={pp} -> tp_g=1,pp_g=1", "train_shard_gb": train_gb,
             "verified": True,
             "bucket_mb": args.bucket_mb, "hybrid": hybrid, "hybrid_single_allgather": single,
-            "allgather": plain, "naive": naive,
+            "allgather": plain, "naive": naive, "packed": packed,
             "ratio_hybrid_over_allgather": hybrid["seconds"] / plain["seconds"],
             "ratio_single_over_allgather": single["seconds"] / plain["seconds"],
+            "ratio_packed_over_allgather": packed["seconds"] / plain["seconds"],
             "ratio_naive_over_allgather": naive["seconds"] / plain["seconds"]}
 
 
@@ -177,15 +188,18 @@ def markdown(report: dict) -> str:
     mem = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
     lines = [f"## Reshard benchmark ({report['device']}, {report['backend']}, {report['dtype']}, "
              f"{report['world_size']} ranks, median of {report['reps']})", "",
-             "| model | transition | hybrid ms | all-gather ms | ratio | 1-bucket ms (ratio) | naive ms "
+             "| model | transition | path | hybrid ms | all-gather ms | ratio | 1-bucket ms (ratio) "
+             "| packed ms (ratio) | naive ms "
              "| recv MiB (analytic) | redundant MiB hybrid / naive | peak GiB hybrid / 1-bucket / all-gather / naive |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
-        h, s, a, n = r["hybrid"], r["hybrid_single_allgather"], r["allgather"], r["naive"]
+        h, s, a, n, p = r["hybrid"], r["hybrid_single_allgather"], r["allgather"], r["naive"], r["packed"]
         lines.append(
-            f"| {r['model']} | {r['transition']} | {h['seconds'] * 1e3:.1f} | {a['seconds'] * 1e3:.1f} "
+            f"| {r['model']} | {r['transition']} | {'direct' if h['direct'] else 'packed'} "
+            f"| {h['seconds'] * 1e3:.1f} | {a['seconds'] * 1e3:.1f} "
             f"| {r['ratio_hybrid_over_allgather']:.2f} | {s['seconds'] * 1e3:.1f} "
-            f"({r['ratio_single_over_allgather']:.2f}) | {n['seconds'] * 1e3:.1f} "
+            f"({r['ratio_single_over_allgather']:.2f}) | {p['seconds'] * 1e3:.1f} "
+            f"({r['ratio_packed_over_allgather']:.2f}) | {n['seconds'] * 1e3:.1f} "
             f"| {mib(h['bytes_moved'])} ({mib(h['analytic_bytes'])}) "
             f"| {mib(h['redundant_bytes'])} / {mib(n['redundant_bytes'])} "
             f"| {mem(h['peak_gb'])} / {mem(s['peak_gb'])} / {mem(a['peak_gb'])} / {mem(n['peak_gb'])} |")

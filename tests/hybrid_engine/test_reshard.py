@@ -1,5 +1,8 @@
-"""HybridEngine resharding on gloo ranks: (tp=2, pp=2) training -> tp_g in {1, 2}, against the full
-single-process model (same seeded weights, `DecoderModel.init_weights` is layout-independent).
+"""HybridEngine resharding on gloo ranks: (tp=2, pp=2) training -> tp_g in {1, 2} (packed path),
+(tp=2, dp=2) -> tp_g=1 and tp=4 -> tp_g in {1, 2} (direct path, also with the grouped NCCL-style
+launch that gloo offers on torch 2.13, and forced packed), against the full single-process model
+(same seeded weights, `DecoderModel.init_weights` is layout-independent); `comm.gather_into` in both
+forms against torch.cat.
 
 Tolerances: weights must be bit-identical (resharding only moves bytes); logits exact for tp_g=1
 (same ops as the reference), 1e-5 fp32 for tp_g=2 (row-parallel all-reduce changes summation order).
@@ -12,6 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from verl_mega.hybrid_engine.comm import gather_into
+from verl_mega.hybrid_engine.plan import SLOT_ALIGN
 from verl_mega.hybrid_engine.reshard import HybridEngine, NaiveGatherEngine, inference_model
 from verl_mega.models.config import ModelConfig
 from verl_mega.models.decoder import DecoderModel
@@ -114,6 +119,12 @@ def _tp2_pp2_case(layout: Layout, tied: bool, inf_layouts: dict) -> dict:
         # pp -> 1 with t_g = t: this rank's own stage is the training storage itself, no copy
         out["reused"] = sum(p.data_ptr() in owned for p in model.parameters())
     assert all(p.numel() == 0 for p in model.parameters())
+    try:  # the micro-DP group spans both stages: no direct path
+        HybridEngine(stage, layout, config, tp_g=1, inference_layout=inf_layouts[1], direct=True)
+    except ValueError as exc:
+        assert "direct" in str(exc)
+    else:
+        raise AssertionError("direct=True with pp=2 did not raise")
     for bad in (3, 4, 0):
         try:
             HybridEngine(stage, layout, config, tp_g=bad)
@@ -134,12 +145,15 @@ def _vocab_padding_case() -> dict:
     layout = Layout.create(tp=4, pp=1)
     stage = build_stage(config, layout, init_seed=SEED)
     ids, pos = _inputs(config)
-    engine1 = HybridEngine(stage, layout, config, tp_g=1)
+    engine1 = HybridEngine(stage, layout, config, tp_g=1, direct=True)  # the CUDA default; gloo packs by default
     ref = _reference(config, engine1.inference_layout.tp_g_group)
     ref_logits = _full_logits(ref, ref(ids, pos))
     out = {"trim": _check_engine(engine1, stage, layout, ref, ids, pos, ref_logits, tol=1e-5)}
-    engine2 = HybridEngine(stage, layout, config, tp_g=2)
+    engine2 = HybridEngine(stage, layout, config, tp_g=2, direct=True)
     out["realign"] = _check_engine(engine2, stage, layout, ref, ids, pos, ref_logits, tol=1e-5)
+    packed = HybridEngine(stage, layout, config, tp_g=2, inference_layout=engine2.inference_layout)
+    assert not packed._direct  # default on CPU/gloo
+    out["realign_packed"] = _check_engine(packed, stage, layout, ref, ids, pos, ref_logits, tol=1e-5)
     return out
 
 
@@ -150,14 +164,47 @@ def _data_parallel_case() -> dict:
     layout = Layout.create(tp=2, pp=1, dp=2)
     stage = build_stage(config, layout, init_seed=SEED)
     ids, pos = _inputs(config)
-    engine = HybridEngine(stage, layout, config, tp_g=1)
+    engine = HybridEngine(stage, layout, config, tp_g=1, direct=True)
     assert engine.inference_layout.micro_dp_ranks == [2 * layout.dp_rank, 2 * layout.dp_rank + 1]
     assert engine.inference_layout.dp_g == 4
     ref = _reference(config, engine.inference_layout.tp_g_group)
     ref_logits = _full_logits(ref, ref(ids, pos))
     out = {"hybrid": _check_engine(engine, stage, layout, ref, ids, pos, ref_logits, tol=0.0)}
+    inf = engine.inference_layout
+    variants = {"coalesced": {"direct": True}, "bucketed": {"direct": True, "bucket_mb": 1 / 256}, "packed": {}}
+    for key, kwargs in variants.items():
+        eng = HybridEngine(stage, layout, config, tp_g=1, inference_layout=inf, **kwargs)
+        eng.coalesced = key == "coalesced"  # the NCCL launch (allgather_into_tensor_coalesced), run on gloo
+        assert eng._direct == (key != "packed")
+        out[key] = _check_engine(eng, stage, layout, ref, ids, pos, ref_logits, tol=0.0)
+        out[key]["chunk_numel"] = eng.chunk_numel
+    out["chunk_numel"] = {True: engine.chunk_numel, False: out["packed"]["chunk_numel"]}
     naive = NaiveGatherEngine(stage, layout, config, tp_g=1, inference_layout=engine.inference_layout)
     out["naive"] = _check_engine(naive, stage, layout, ref, ids, pos, ref_logits, tol=0.0)
+    tied = _config(tied=True)  # one embedding/head tensor, gathered once
+    tied_stage = build_stage(tied, layout, init_seed=SEED)
+    tied_ref = _reference(tied, inf.tp_g_group)
+    tied_engine = HybridEngine(tied_stage, layout, tied, tp_g=1, inference_layout=inf, direct=True)
+    out["tied"] = _check_engine(tied_engine, tied_stage, layout, tied_ref, ids, pos,
+                                _full_logits(tied_ref, tied_ref(ids, pos)), tol=0.0)
+    return out
+
+
+def _gather_into_case() -> dict:
+    """`gather_into` (list form and grouped launch) against torch.cat of every rank's inputs."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shapes = [(3, 5), (7,), (2, 4, 3)]
+
+    def tensor(r, shape, i):  # rank r's i-th input, known to every rank
+        return torch.arange(torch.Size(shape).numel(), dtype=torch.float32).view(shape) * (i + 1) + 100 * r
+
+    inputs = [tensor(rank, shape, i) for i, shape in enumerate(shapes)]
+    out = {}
+    for coalesced in (False, True):
+        outputs = [torch.empty(world * shape[0], *shape[1:]) for shape in shapes]
+        gather_into(outputs, inputs, dist.group.WORLD, coalesced=coalesced).wait()
+        out[coalesced] = all(torch.equal(o, torch.cat([tensor(r, shape, i) for r in range(world)]))
+                             for i, (o, shape) in enumerate(zip(outputs, shapes)))
     return out
 
 
@@ -165,7 +212,8 @@ def _worker() -> dict:
     torch.manual_seed(0)
     layout = Layout.create(tp=2, pp=2)
     inf_layouts = {}
-    return {"untied": _tp2_pp2_case(layout, False, inf_layouts), "tied": _tp2_pp2_case(layout, True, inf_layouts),
+    return {"gather_into": _gather_into_case(), "untied": _tp2_pp2_case(layout, False, inf_layouts),
+            "tied": _tp2_pp2_case(layout, True, inf_layouts),
             "dp": _data_parallel_case(), "vocab": _vocab_padding_case()}
 
 
@@ -208,6 +256,30 @@ def test_data_parallel_replicas(results):
         hybrid, naive = res["dp"]["hybrid"]["stats"], res["dp"]["naive"]["stats"]
         assert hybrid.bytes_moved == hybrid.bytes_gathered // 2  # one other member: the other TP rank
         assert naive.bytes_moved == 3 * naive.bytes_gathered // 4  # three other ranks (both replicas)
+
+
+def test_gather_into_both_forms(results):
+    assert all(res["gather_into"] == {False: True, True: True} for res in results)
+
+
+def test_direct_path_stats(results):
+    """(tp=2, dp=2) -> tp_g=1 on the direct path: exact logits in every variant; it moves exactly the
+    TP shards (the packed chunk adds the replicated tensors), one launch per bucket."""
+    for res in results:
+        dp = res["dp"]
+        direct, packed, bucketed = dp["hybrid"]["stats"], dp["packed"]["stats"], dp["bucketed"]["stats"]
+        for key in ("hybrid", "coalesced", "bucketed", "packed", "tied"):
+            assert dp[key]["err"] == 0.0
+        assert direct.num_collectives == 1 and direct.tensors_gathered > 10 and packed.tensors_gathered == 0
+        assert bucketed.num_collectives > 3 and bucketed.tensors_gathered == direct.tensors_gathered
+        assert direct.bytes_moved == bucketed.bytes_moved == dp["chunk_numel"][True] * 4  # fp32, one other member
+        assert dp["chunk_numel"][True] < dp["chunk_numel"][False]
+        # the paper's volume counts replicated tensors too; the direct path leaves them local
+        assert 0.9 * direct.analytic_bytes <= direct.bytes_moved < packed.bytes_moved
+        # both keep the training shard; the direct path shares the replicated tensors with it and pads
+        # each slot to SLOT_ALIGN elements (on tiny shapes the padding dominates)
+        assert abs(direct.redundant_bytes - packed.redundant_bytes) <= SLOT_ALIGN * 4 * direct.tensors_gathered
+        assert res["vocab"]["realign_packed"]["err"] <= 1e-5
 
 
 def test_own_stage_reuses_training_storage(results):

@@ -201,3 +201,70 @@ def fused_runs(plans: list[ParamPlan]) -> tuple[list[Run], list[ParamPlan]]:
         else:
             chain.append(Run(first.bucket, first.member, len(plan.pieces), first.offset, first.offset + numel, [plan]))
     return [run for chain in runs.values() for run in chain], rest
+
+
+# ---------------------------------------------------------------------- direct (pack-free) path
+SLOT_ALIGN = 64  # elements: every parameter slot of the flat generation shard starts 128-byte aligned (bf16)
+
+
+@dataclass(frozen=True)
+class DirectGather:
+    """One TP parameter gathered without packing: every member sends its own training shard of
+    `hf_name` (member m holds TP rank j·r + m's shard) and the all-gather output is rank-major.
+
+    `into_param`: dim-0 split, no vocab fix-up: the output IS the parameter (concatenation along
+    dim 0). Otherwise the output is a temporary [members, *shard_shape] block re-assembled into
+    the parameter afterwards (dim-1 split: one strided copy; vocab rows: trim or realign)."""
+
+    plan: ParamPlan
+    hf_name: str
+    shard_shape: tuple[int, ...]
+    bucket: int
+    slot: int  # element offset of the parameter in the flat generation shard
+
+    @property
+    def into_param(self) -> bool:
+        return self.plan.cat_dim == 0 and not self.plan.realign and self.plan.keep_rows is None
+
+    @property
+    def shard_numel(self) -> int:
+        return math.prod(self.shard_shape)
+
+
+def direct_gathers(plans: list[ParamPlan], members: int,
+                   bucket_elems: int | None) -> tuple[list[list[DirectGather]], list[ParamPlan], int]:
+    """Schedule the direct path for a micro-DP group of `members` ranks that all hold the same stage
+    (pp = 1): every TP parameter's pieces are members 0..members-1 in order.
+
+    Order: gathers needing re-assembly first (their copies overlap the later gathers; the last
+    bucket then needs no work after its wait), each kind by decreasing size, model order within;
+    cut greedily into buckets of about `bucket_elems` elements sent per rank (None: one bucket).
+    Returns (gathers of each bucket, replicated plans (reused from the own training tensors),
+    elements of the flat generation shard: the TP parameters' slots, `SLOT_ALIGN`-aligned).
+    """
+    tp_plans, replicated = [], []
+    for plan in plans:
+        if plan.cat_dim is None:
+            replicated.append(plan)
+            continue
+        assert [p.member for p in plan.pieces] == list(range(members)), f"{plan.name}: not one piece per member"
+        assert len({p.meta.hf_name for p in plan.pieces}) == 1 and len({p.meta.shape for p in plan.pieces}) == 1
+        assert plan.cat_dim == 0 or len(plan.shape) == 2, f"{plan.name}: dim-1 split of a {len(plan.shape)}-d tensor"
+        tp_plans.append(plan)
+
+    def key(item):
+        index, plan = item
+        direct = plan.cat_dim == 0 and not plan.realign and plan.keep_rows is None
+        return (direct, -plan.pieces[0].meta.numel, index)
+
+    buckets: list[list[DirectGather]] = []
+    fill, slot = 0, 0
+    for _, plan in sorted(enumerate(tp_plans), key=key):
+        meta = plan.pieces[0].meta
+        if not buckets or (bucket_elems is not None and fill and fill + meta.numel > bucket_elems):
+            buckets.append([])
+            fill = 0
+        buckets[-1].append(DirectGather(plan, meta.hf_name, meta.shape, len(buckets) - 1, slot))
+        fill += meta.numel
+        slot += -(-math.prod(plan.shape) // SLOT_ALIGN) * SLOT_ALIGN
+    return buckets, replicated, slot

@@ -4,7 +4,7 @@
 Reference: HybridFlow (Sheng et al., EuroSys 2025) §5 and Table 2; groups in `groups.py`, chunk
 layout and assembly plan in `plan.py`.
 
-`to_inference()`:
+`to_inference()`, packed path (pp > 1 inside the micro-DP group, or t_g = t):
   1. pack this rank's training tensors into its chunk of a flat buffer (one `torch.cat`);
   2. in-place all-gather of the chunks inside the micro-DP group (d_g = p·t/t_g ranks whose training
      shards tile this rank's generation shard): (d_g-1)/(t·p)·M bytes received, the paper's
@@ -19,13 +19,27 @@ layout and assembly plan in `plan.py`.
        member-major chunks cannot provide as a view: the generation shard gets one flat allocation
        and is filled by one `split_with_sizes_copy` per run of dim-0 tensors and one copy per dim-1
        tensor; each bucket buffer is freed once assembled.
+Direct path (pp = 1 and t_g < t; the default there on CUDA/NCCL, `direct=True` elsewhere — on gloo
+the per-tensor gathers are slower than packing): the micro-DP group is the r = t/t_g
+consecutive training TP ranks of one stage, all holding shards of the same tensors, so each TP
+parameter is gathered on its own, rank-major, straight from the training shards (no pack):
+  - dim-0 split (q/k/v/gate/up and their biases, vocab rows of embedding and head): the gather
+    output IS the inference parameter (its slot of one flat generation shard): no copy at all;
+  - dim-1 split (o_proj, down_proj): gathered into a temporary [r, out, in/r], then one strided copy
+    into [out, in]; vocab rows padded differently for t and t_g: trimmed / realigned as above;
+  - replicated tensors (norms, row-layer biases): the inference parameter is the rank's own training
+    tensor (no copy, no gather);
+  the per-tensor gathers of a bucket go out as ONE grouped launch (`comm.gather_into`: NCCL
+  `allgather_into_tensor_coalesced`; per-tensor list all-gathers on gloo); bucket k+1 is in flight
+  while bucket k's dim-1 copies run (those are scheduled first, so the last buckets need no copy).
 `to_train()` drops the inference storage (parameters become empty, buffers are released); nothing
 is copied back because generation never modifies weights.
 
 `ReshardStats.redundant_bytes` is the weight memory held in inference mode beyond one generation
 shard. Simplification versus the paper's 0: the training tensors are never moved or freed (they may
 live in optimizer / DDP buffers), so the training shard (M/(t·p)) stays besides the generation shard
-(with t_g = t it is the own chunks of the gather buffers). `NaiveGatherEngine` is the
+(with t_g = t it is the own chunks of the gather buffers; on the direct path the replicated
+tensors are shared, not counted twice). `NaiveGatherEngine` is the
 DeepSpeed-Chat-style baseline: all-gather every rank's whole shard over the world and keep it all.
 
 Only pp_g = 1 is implemented (the groups support pp_g > 1). All parameters must share one dtype.
@@ -34,16 +48,17 @@ Only pp_g = 1 is implemented (the groups support pp_g > 1). All parameters must 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from verl_mega.hybrid_engine.comm import all_gather_flat, all_gather_rows
+from verl_mega.hybrid_engine.comm import Works, all_gather_flat, all_gather_rows, gather_into
 from verl_mega.hybrid_engine.groups import InferenceLayout, check_inference_sizes
-from verl_mega.hybrid_engine.plan import (ParamPlan, Piece, Run, bucketize, chunk_metas, fused_runs, partition_dim,
-                                          plan_params, send_order)
+from verl_mega.hybrid_engine.plan import (DirectGather, ParamPlan, Piece, Run, bucketize, chunk_metas, direct_gathers,
+                                          fused_runs, partition_dim, plan_params, send_order)
 from verl_mega.models.config import ModelConfig
 from verl_mega.models.decoder import DecoderModel
 from verl_mega.parallel.layout import Layout
@@ -61,7 +76,8 @@ class ReshardStats:
     analytic_bytes: float  # the paper's (t·p − t_g·p_g)/(t_g·p_g·t·p)·M for this layout
     model_bytes: int  # M: the whole model (padded vocab of the generation layout)
     seconds: float  # wall time of to_inference (CUDA synchronised)
-    num_collectives: int  # all-gathers issued
+    num_collectives: int  # launches: bucket all-gathers (packed) or grouped per-tensor gathers (direct), + realigns
+    tensors_gathered: int = 0  # direct path: per-tensor all-gathers inside those groups (0 when packed)
 
 
 class HybridEngine:
@@ -72,13 +88,18 @@ class HybridEngine:
     `to_inference()`); `to_inference()` / `to_train()` are collective over the gather group
     (micro-DP; the world for the naive baseline). `tp_g` defaults to the training tp (pure pp → 1).
     `inference_layout`: reuse the generation groups of another engine with the same layouts.
+    `direct`: per-tensor gathers without packing (module docstring); None uses them on CUDA where
+    they apply (pp = 1 and tp_g < tp), True wherever they apply (ValueError elsewhere), False never.
     """
 
     keep_buffers = False  # naive baseline: keep every gathered buffer during generation
+    direct_capable = True  # naive baseline: its world group mixes stages and replicas, always packed
+    coalesced: bool | None = None  # direct path: grouped launch (None: on NCCL only; see comm.gather_into)
 
     def __init__(self, train_model: DecoderModel, train_layout: Layout, config: ModelConfig | None = None,
                  tp_g: int | None = None, *, pp_g: int = 1, bucket_mb: float | None = DEFAULT_BUCKET_MB,
-                 inference_layout: InferenceLayout | None = None, timeout_s: float | None = None):
+                 inference_layout: InferenceLayout | None = None, timeout_s: float | None = None,
+                 direct: bool | None = None):
         config = config if config is not None else train_model.config
         tp_g = train_layout.tp if tp_g is None else tp_g
         check_inference_sizes(train_layout.tp, train_layout.pp, tp_g, pp_g)
@@ -104,7 +125,7 @@ class HybridEngine:
         self._params = dict(self.model.named_parameters())
         self.model_bytes = self._full_model_bytes()
         self._train_params = {train_model.hf_name(n): p for n, p in train_model.named_parameters()}
-        self._plan(bucket_mb)
+        self._plan(bucket_mb, direct)
         self._release()  # the skeleton keeps no storage until to_inference()
         self._kept: list[torch.Tensor] = []
         self.active = False
@@ -134,7 +155,7 @@ class HybridEngine:
         numel = sum(p.numel() * (tp_g if partition_dim(p) is not None else 1) for p in self.model.parameters())
         return numel * self.dtype.itemsize
 
-    def _plan(self, bucket_mb: float | None) -> None:
+    def _plan(self, bucket_mb: float | None, direct: bool | None) -> None:
         """Exchange chunk metadata over the gather group (collective) and schedule the assembly."""
         sent = send_order(self._tensors_to_send())
         metas = chunk_metas(sent, self.train_layout.tp_rank, self.train_layout.tp)
@@ -147,7 +168,25 @@ class HybridEngine:
         num_buckets = len(self._sizes)
         mine = member_pieces[self._member]
         self._pack = [[p for (_, p), piece in zip(sent, mine) if piece.bucket == k] for k in range(num_buckets)]
-        self._schedule(plan_params(self.model, member_pieces), num_buckets)
+        plans = plan_params(self.model, member_pieces)
+        self._direct = self._use_direct(direct, plans)
+        if self._direct:
+            self._copy_mode = True
+            self._gathers, self._reused, self._flat_numel = direct_gathers(plans, group.size(), bucket_elems)
+        else:
+            self._schedule(plans, num_buckets)
+
+    def _use_direct(self, direct: bool | None, plans: list[ParamPlan]) -> bool:
+        """Whether to take the direct path: it applies with one training stage in the micro-DP group
+        and t_g < t; by default only on CUDA (NCCL's grouped launch; gloo is faster packed)."""
+        if direct is not None and not isinstance(direct, bool):
+            raise ValueError(f"direct must be True, False or None, got {direct!r}")
+        possible = (self.direct_capable and self.train_layout.pp == 1 and self._gather_group().size() > 1
+                    and any(len(plan.pieces) > 1 for plan in plans))
+        if direct and not possible:
+            raise ValueError(f"direct=True needs pp=1 and tp_g < tp (got pp={self.train_layout.pp}, "
+                             f"tp={self.train_layout.tp}, tp_g={self.inference_layout.tp_g}), not the naive baseline")
+        return possible and self.device.type == "cuda" if direct is None else direct
 
     def _schedule(self, plans: list[ParamPlan], num_buckets: int) -> None:
         """Decide when each parameter is built: before any gather (own pieces only), right after the
@@ -180,7 +219,10 @@ class HybridEngine:
 
     @property
     def chunk_numel(self) -> int:
-        """Elements each rank contributes per to_inference() (all buckets, padded to the largest member)."""
+        """Elements each rank contributes per to_inference() (packed: all buckets, padded to the largest
+        member; direct: its TP shards)."""
+        if self._direct:
+            return sum(g.shard_numel for bucket in self._gathers for g in bucket)
         return sum(self._sizes)
 
     def analytic_bytes(self) -> float:
@@ -195,6 +237,8 @@ class HybridEngine:
         """Gather this rank's generation shard; return the inference model (all layers, tp_g)."""
         if self.active:
             return self.model
+        if self._direct:
+            return self._to_inference_direct()
         _sync(self.device)
         start = time.perf_counter()
         flat = None
@@ -234,6 +278,85 @@ class HybridEngine:
             redundant_bytes=self._redundant_bytes(flat, size * segment_bytes), analytic_bytes=self.analytic_bytes(),
             model_bytes=self.model_bytes, seconds=seconds, num_collectives=num_buckets + len(self._late))
         return self.model
+
+    @torch.no_grad()
+    def _to_inference_direct(self) -> DecoderModel:
+        """Direct path: grouped per-tensor gathers into the parameters (module docstring)."""
+        _sync(self.device)
+        start = time.perf_counter()
+        flat = torch.empty(self._flat_numel, dtype=self.dtype, device=self.device)
+        for plan in self._reused:
+            self._params[plan.name].data = self._own(plan.pieces[0].meta.hf_name)
+        num_buckets = len(self._gathers)
+        pending: list = [None] * num_buckets  # (temporaries to assemble, work) of each launched bucket
+        late = []  # vocab realigns: a collective over the generation TP group, after every gather
+        pending[0] = self._launch_direct(0, flat)
+        for k in range(num_buckets):
+            if k + 1 < num_buckets:  # gather the next bucket while this one is re-assembled
+                pending[k + 1] = self._launch_direct(k + 1, flat)
+            temps, work = pending[k]
+            work.wait()
+            for gather, block in temps:
+                if gather.plan.realign:
+                    late.append((gather, block))
+                else:
+                    self._assemble(gather, block)
+            pending[k] = None
+        realigned = sum(self._assemble(gather, block) for gather, block in late)
+        self.active = True
+        _sync(self.device)
+        seconds = time.perf_counter() - start
+        size = self._gather_group().size()
+        shard_bytes = self.chunk_numel * self.dtype.itemsize
+        self.last_stats = ReshardStats(
+            bytes_moved=(size - 1) * shard_bytes + realigned, bytes_gathered=size * shard_bytes,
+            redundant_bytes=self._redundant_bytes(flat, 0), analytic_bytes=self.analytic_bytes(),
+            model_bytes=self.model_bytes, seconds=seconds, num_collectives=num_buckets + len(late),
+            tensors_gathered=sum(len(bucket) for bucket in self._gathers))
+        return self.model
+
+    def _own(self, hf_name: str) -> torch.Tensor:
+        return self._train_params[hf_name].detach()
+
+    def _launch_direct(self, k: int, flat: torch.Tensor) -> tuple[list[tuple[DirectGather, torch.Tensor]], Works]:
+        """Point bucket k's parameters at their flat slots and start its gathers: dim-0 ones straight
+        into the parameter, the others into one temporary buffer (returned as per-gather blocks)."""
+        group = self._gather_group()
+        size = group.size()
+        gathers = self._gathers[k]
+        temp_numel = sum(size * g.shard_numel for g in gathers if not g.into_param)
+        buffer = torch.empty(temp_numel, dtype=self.dtype, device=self.device) if temp_numel else None
+        outputs, inputs, temps, offset = [], [], [], 0
+        for g in gathers:
+            param = self._params[g.plan.name]
+            param.data = flat[g.slot:g.slot + math.prod(g.plan.shape)].view(g.plan.shape)
+            if g.into_param:
+                assert param.numel() == size * g.shard_numel, g.plan.name
+                out = param.data
+            else:
+                out = buffer[offset:offset + size * g.shard_numel].view(size, *g.shard_shape)  # [member, *shard]
+                offset += out.numel()
+                temps.append((g, out))
+            outputs.append(out)
+            inputs.append(self._own(g.hf_name))
+        return temps, gather_into(outputs, inputs, group, coalesced=self.coalesced)
+
+    def _assemble(self, gather: DirectGather, block: torch.Tensor) -> int:
+        """Fill a parameter from its gathered [member, *shard] block; returns extra bytes received."""
+        plan, size = gather.plan, block.shape[0]
+        param = self._params[plan.name].data
+        if plan.cat_dim == 1:
+            rows, cols = gather.shard_shape
+            param.view(rows, size, cols).copy_(block.transpose(0, 1))  # [out, member, in/member]
+            return 0
+        assert plan.cat_dim == 0 and plan.keep_rows is not None, plan.name
+        block = block.reshape(size * gather.shard_shape[0], *gather.shard_shape[1:])  # members' rows in order
+        extra = 0
+        if plan.realign:  # vocab padded differently for t and t_g: collect all rows, keep ours
+            full = all_gather_rows(block, self.inference_layout.tp_g_group)
+            extra, block = (full.numel() - block.numel()) * full.element_size(), full
+        param.copy_(block[plan.keep_rows[0]:plan.keep_rows[1]])
+        return extra
 
     def to_train(self) -> DecoderModel:
         """Release the inference weights and gather buffers; return the (untouched) training model."""
@@ -322,6 +445,7 @@ class NaiveGatherEngine(HybridEngine):
     inference model is cut out of them. Same interface and stats as HybridEngine."""
 
     keep_buffers = True
+    direct_capable = False
 
     def _gather_group(self) -> dist.ProcessGroup:
         return dist.group.WORLD
