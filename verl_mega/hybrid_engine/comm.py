@@ -74,8 +74,11 @@ def gather_into(outputs: list[torch.Tensor], inputs: list[torch.Tensor], group: 
         return Works([])
     if coalesced is None:
         coalesced = outputs[0].is_cuda and "nccl" in str(dist.get_backend(group))
-    if coalesced:
-        return Works([group.allgather_into_tensor_coalesced(flat_out, flat_in)])
+    grouped = getattr(group, "allgather_into_tensor_coalesced", None) if coalesced else None
+    if grouped is not None:
+        return Works([grouped(flat_out, flat_in)])
+    if coalesced:  # a build without the grouped call: one async single-tensor gather each
+        return Works([_single(out, inp, group=group, async_op=True) for out, inp in zip(flat_out, flat_in)])
     return Works([dist.all_gather(list(out.view(size, -1).unbind(0)), inp, group=group, async_op=True)
                   for out, inp in zip(flat_out, flat_in)])
 
