@@ -58,10 +58,10 @@ def test_kernels_match_references(interpret, dtype):
 
 
 def test_gqa_query_folding_matches_expanded_kv():
-    """attend() with a mask folds query heads; reference: K/V expanded to every query head."""
+    """attend() with a mask (folded query heads for short queries, expanded K/V for long ones) equals K/V repeated per query head."""
     gen = torch.Generator().manual_seed(1)
     b, hq, hkv, d, s_kv = 2, 6, 2, 8, 7
-    for s in (1, 4):
+    for s in (1, 4, 20):  # 20 > FOLD_MAX_QUERIES: the expanded-K/V path
         q = torch.randn(b, hq, s, d, generator=gen, requires_grad=True)
         k, v = (torch.randn(b, hkv, s_kv, d, generator=gen, requires_grad=True) for _ in range(2))
         mask = torch.rand(b, 1, s, s_kv, generator=gen) > 0.3

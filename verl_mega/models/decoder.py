@@ -201,13 +201,17 @@ class Attention(nn.Module):
         return self.o_proj(attend(q, k, v, mask))[0]
 
 
+FOLD_MAX_QUERIES = 16  # fold query heads into the query axis only for this many positions or fewer
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """SDPA with grouped-query heads: q [B, Hq, S, D], k/v [B, Hkv, S_kv, D] -> [B, S, Hq*D].
 
-    Query head h reads KV head h // (Hq/Hkv), as transformers' repeat_kv. With a mask [B, 1, S, S_kv]
-    the Hq/Hkv query heads of a group are folded into the query axis (q -> [B, Hkv, rep*S, D], the
-    mask tiled to match) so SDPA reads each KV head once and no K/V copy is made; every backend
-    that takes a mask applies. Without a mask (causal or decode without padding) SDPA's enable_gqa.
+    Query head h reads KV head h // (Hq/Hkv), as transformers' repeat_kv. For a few query positions
+    with a mask [B, 1, S, S_kv] (decode steps) the Hq/Hkv query heads of a group are folded into the
+    query axis (q -> [B, Hkv, rep*S, D], the mask tiled to match) so SDPA reads each KV head once and
+    no K/V copy is made. For long queries (training, log-probs, prefill) tiling the mask would cost
+    rep x S x S_kv per layer, so K/V are expanded instead. Without a mask SDPA's enable_gqa.
     """
     b, hq, s, d = q.shape
     hkv, s_kv = k.shape[1], k.shape[2]
@@ -215,7 +219,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if mask is None:
         causal = s > 1 and s_kv == s
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=rep > 1)  # [B, heads, seq, D]
-    elif rep == 1 or mask.shape[1] != 1:
+    elif rep == 1 or mask.shape[1] != 1 or s > FOLD_MAX_QUERIES:
         if rep > 1:  # per-head masks: expand K/V instead
             k, v = (t[:, :, None].expand(b, hkv, rep, s_kv, d).reshape(b, hq, s_kv, d) for t in (k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
