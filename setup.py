@@ -13,9 +13,9 @@ setup(
     install_requires=[
         # Install torch first on CPU machines (`pip install torch==2.13.0`): a bare requirement may pull a CUDA build.
         "torch>=2.6",
-        "megatron-core>=0.16.1",
+        "megatron-core>=0.16.1,<0.20",  # 0.16.1 (Python 3.11) and 0.19.2 (GPU) tested
         "safetensors>=0.4",
-        "transformers>=4.51",
+        "transformers>=4.51,<6",  # 5.24 (CPU CI) and 5.17 (GPU) tested
         "tokenizers>=0.21",
         "sentencepiece>=0.2",
         "numpy>=1.26",
