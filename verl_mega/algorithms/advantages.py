@@ -53,18 +53,20 @@ def _check(token_level_rewards: torch.Tensor, mask: torch.Tensor) -> None:
         )
 
 
-def gae(token_level_rewards, mask, *, values=None, gamma=1.0, lam=1.0, whiten=True, impl="auto", **unused):
+def gae(token_level_rewards, mask, *, values=None, gamma=1.0, lam=1.0, whiten=True, dp_group=None, impl="auto",
+        **unused):
     """Generalised advantage estimation (PPO with a critic).
 
     delta_t = r_t + gamma V_{t+1} - V_t;   A_t = delta_t + gamma lam A_{t+1}   (padding is skipped)
-    returns_t = A_t + V_t;  A is then whitened over valid tokens (verl does) unless whiten=False.
+    returns_t = A_t + V_t;  A is then whitened over valid tokens (verl does) unless whiten=False,
+    over the whole batch across `dp_group` when the batch is split over data-parallel ranks.
     """
     _check(token_level_rewards, mask)
     if values is None:
         raise ValueError("GAE needs the critic's values [B, T] (values=...)")
     advantages, returns = K.gae_advantages(token_level_rewards, values, mask, gamma, lam, impl=impl)
     if whiten:
-        advantages = K.masked_whiten(advantages, mask)
+        advantages = K.masked_whiten(advantages, mask, group=dp_group)
     return advantages * mask, returns * mask
 
 
@@ -93,19 +95,21 @@ def rloo(token_level_rewards, mask, *, group_index=None, group_size=None, impl="
     return adv, adv
 
 
-def reinforce_plus_plus(token_level_rewards, mask, *, gamma=1.0, impl="auto", **unused):
+def reinforce_plus_plus(token_level_rewards, mask, *, gamma=1.0, dp_group=None, impl="auto", **unused):
     """REINFORCE++: returns G_t = r_t + gamma G_{t+1} (reset at padding); A = whiten(G) over valid tokens."""
     _check(token_level_rewards, mask)
     returns = K.reinforce_pp_returns(token_level_rewards, mask, gamma, whiten=False, impl=impl)
-    advantages = K.masked_whiten(returns, mask) * mask
+    advantages = K.masked_whiten(returns, mask, group=dp_group) * mask
     return advantages, returns * mask
 
 
-def reinforce_plus_plus_baseline(token_level_rewards, mask, *, group_index=None, group_size=None, impl="auto", **unused):
+def reinforce_plus_plus_baseline(token_level_rewards, mask, *, group_index=None, group_size=None, dp_group=None,
+                                 impl="auto", **unused):
     """REINFORCE++-baseline: A = whiten over valid tokens of (s_b - mean_g(s)) broadcast on tokens. returns = advantages."""
     _check(token_level_rewards, mask)
     adv = K.reinforce_pp_baseline_advantages(
-        _scores(token_level_rewards, mask), group_index=group_index, group_size=group_size, mask=mask, impl=impl
+        _scores(token_level_rewards, mask), group_index=group_index, group_size=group_size, mask=mask, impl=impl,
+        whiten_group=dp_group,
     )
     adv = adv * mask
     return adv, adv

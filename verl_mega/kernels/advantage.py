@@ -17,6 +17,7 @@ from collections import defaultdict
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from verl_mega.kernels.dispatch import resolve_impl
 
@@ -43,11 +44,34 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / sqrt(var + eps) with masked mean and unbiased masked variance (mean kept if not shift_mean)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  group=None) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) with masked mean and unbiased masked variance (mean kept if not shift_mean).
+
+    With a process `group` of several ranks (the data-parallel group) the statistics are those of
+    the union of every rank's masked elements (one all-reduce of [sum, sum of squares, count]), so a
+    batch split over data-parallel ranks is whitened exactly as the whole batch in one process.
+    """
+    if group is not None and dist.get_world_size(group) > 1:
+        mean, var = _global_masked_moments(x, mask, group)
+    else:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     return whitened if shift_mean else whitened + mean
+
+
+def _global_masked_moments(x: torch.Tensor, mask: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked mean and unbiased variance over all ranks of `group` (fp64 sums, one all-reduce)."""
+    m = mask.to(torch.float64)
+    x64 = x.to(torch.float64)
+    stats = torch.stack([(x64 * m).sum(), (x64 * x64 * m).sum(), m.sum()])  # [sum, sum of squares, count]
+    dist.all_reduce(stats, group=group)
+    total, total_sq, n = stats.unbind()
+    if float(n) < 2:
+        raise ValueError(f"masked_whiten: the mask selects {int(n)} element(s) over the group; need at least 2")
+    mean = total / n
+    var = (total_sq - n * mean * mean) / (n - 1)
+    return mean.to(x.dtype), var.clamp(min=0).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- GAE
@@ -108,17 +132,17 @@ def rloo_advantages(scores: torch.Tensor, groups=None, *, group_index=None, grou
 
 def reinforce_pp_baseline_advantages(scores: torch.Tensor, groups=None, mask: torch.Tensor | None = None, *,
                                      group_index=None, group_size: int | None = None,
-                                     impl: str = "auto") -> torch.Tensor:
+                                     impl: str = "auto", whiten_group=None) -> torch.Tensor:
     """REINFORCE++-baseline (Hu 2025): subtract the group mean, broadcast over tokens, whiten over the batch.
 
     scores [B], mask [B, T] -> fp32 [B, T] = masked_whiten((r - mean_g) * mask, mask) * mask
-    (a group of one sample keeps its raw score, as verl).
+    (a group of one sample keeps its raw score, as verl). `whiten_group`: see `masked_whiten`'s group.
     """
     if mask is None or mask.dim() != 2 or mask.shape[0] != scores.shape[0]:
         raise ValueError(f"mask must be [B={scores.shape[0]}, T], got {None if mask is None else tuple(mask.shape)}")
     centred = _group_transform(scores, _groups_arg(groups, group_index, group_size), _CENTER, 0.0, impl)
     mask = mask.float()
-    return masked_whiten(centred[:, None] * mask, mask) * mask
+    return masked_whiten(centred[:, None] * mask, mask, group=whiten_group) * mask
 
 
 def reinforce_pp_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float, *, whiten: bool = True,

@@ -247,7 +247,8 @@ class Advantage(Stage):
         batch.token_rewards = rewards
         batch.advantages, batch.returns = estimator(
             rewards, mask, values=batch.values, group_size=batch.n, gamma=a.gamma, lam=a.lam,
-            norm_by_std=a.norm_adv_by_std, whiten=a.whiten_gae)
+            norm_by_std=a.norm_adv_by_std, whiten=a.whiten_gae,
+            dp_group=ctx.layout.dp_group)  # batch-level whitening over the whole (DP-split) batch
         return batch
 
 
