@@ -8,6 +8,7 @@ One spawn runs everything; the tests assert on its results. Resume tolerance: re
 import math
 
 import pytest
+import torch.distributed as dist
 
 from verl_mega.data import get_dataloader
 from verl_mega.models import get_actor_model
@@ -47,6 +48,11 @@ def _suite(hf_dir: str, root: str) -> dict:
             trainer = _trainer(hf_dir, layout, algorithm)
             out[(name, algorithm)] = [trainer.step(SAMPLES) for _ in range(2)]
             out[(name, algorithm, "roles")] = (trainer.critic_engine is not None, trainer.reference is not None)
+    try:  # ranks disagreeing on the number of prompts: a clear error on every rank, not a collective hang
+        trainer.step(SAMPLES[: 1 + dist.get_rank()])
+        out["mismatch"] = None
+    except ValueError as exc:
+        out["mismatch"] = str(exc)
     layout = Layout.create(2, 1)
     data = [{**SAMPLES[i % 2], "extra_info": {"i": i}} for i in range(6)]
     run = f"{root}/run"
@@ -92,3 +98,7 @@ def test_resume_reproduces_next_step(results):
     assert r["order_second"] == r["order_first"]  # same next batch (dataloader position restored)
     for key in KEYS + ("critic/loss", "kl_coef", "advantage_mean"):
         assert got[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-7), key
+
+
+def test_different_prompt_counts_across_ranks_is_a_clear_error(results):
+    assert all("different numbers of prompts [1, 2]" in (r["mismatch"] or "") for r in results)

@@ -29,6 +29,7 @@ import os
 from collections.abc import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 
 from verl_mega.algorithms.kl import AdaptiveKLController, FixedKLController
 from verl_mega.hybrid_engine.reshard import HybridEngine
@@ -180,6 +181,7 @@ class PPOTrainer:
     def step(self, samples: list[dict]) -> dict[str, float]:
         """One RL step on this rank's prompts (every data-parallel rank passes the same number); returns the
         metrics, the same on every rank."""
+        self._check_same_prompt_count(len(samples))
         batch = self.pipeline(self.make_batch(samples), self)
         self.global_step += 1
         if batch.reward_failures or batch.reward_timeouts:
@@ -187,6 +189,17 @@ class PPOTrainer:
                         batch.reward_failures, batch.reward_timeouts, (batch.reward_errors or ["?"])[0])
         self.last_batch = batch
         return dict(batch.metrics)
+
+    def _check_same_prompt_count(self, count: int) -> None:
+        """Every rank must step on the same number of prompts (the stages' collectives assume it);
+        a mismatch is a clear error here rather than a collective timeout later."""
+        if self.layout.world_size == 1:
+            return
+        counts = [None] * self.layout.world_size
+        dist.all_gather_object(counts, count)
+        if len(set(counts)) > 1:
+            raise ValueError(f"trainer.step: ranks passed different numbers of prompts {counts}; every rank "
+                             f"(each data-parallel rank, and every tp/pp rank of a replica) must pass the same number")
 
     # ------------------------------------------------------------------ the loop
     def fit(self, dataloader: Iterable[list[dict]], steps: int | None = None, *, output_dir: str | None = None,
