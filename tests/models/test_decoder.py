@@ -5,6 +5,7 @@ import torch
 
 from verl_mega.models import DecoderModel, ModelConfig, build_attention_mask, position_ids_from_mask, stage_layer_range
 from verl_mega.parallel import Layout
+from verl_mega.testing.list_cache import ListCache
 
 
 def tiny_config(**kw) -> ModelConfig:
@@ -15,18 +16,6 @@ def tiny_config(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
-class ListCache:
-    """The simplest cache honouring the protocol: concatenate along the sequence dim per layer."""
-
-    def __init__(self):
-        self.kv = {}
-
-    def update(self, layer_idx, k, v):
-        if layer_idx in self.kv:
-            k = torch.cat([self.kv[layer_idx][0], k], dim=2)
-            v = torch.cat([self.kv[layer_idx][1], v], dim=2)
-        self.kv[layer_idx] = (k, v)
-        return k, v
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from verl_mega.models import DecoderModel, ModelConfig, fused_ops, position_ids_
 from verl_mega.models.decoder import attend
 from verl_mega.parallel import Layout
 from verl_mega.testing.multiprocess import run_distributed
+from verl_mega.testing.list_cache import ListCache
 
 BF16_TOL = dict(rtol=2 ** -6, atol=2 ** -4)
 
@@ -79,16 +80,6 @@ def test_gqa_query_folding_matches_expanded_kv():
             torch.testing.assert_close(g, r, rtol=0, atol=1e-5)
 
 
-class ListCache:
-    def __init__(self):
-        self.kv = {}
-
-    def update(self, layer_idx, k, v):
-        if layer_idx in self.kv:
-            k = torch.cat([self.kv[layer_idx][0], k], dim=2)
-            v = torch.cat([self.kv[layer_idx][1], v], dim=2)
-        self.kv[layer_idx] = (k, v)
-        return k, v
 
 
 CONFIGS = {  # qwen3: q/k norm (+ bias to cover that branch); qwen2: bias; llama: neither, head_dim 16

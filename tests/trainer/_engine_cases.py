@@ -4,10 +4,9 @@ training a layout for a few steps, and gathering the full weights for comparison
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from verl_mega.models.config import ModelConfig
-from verl_mega.models.hf_io import load_hf_weights
+from verl_mega.models.hf_io import full_tensor, load_hf_weights
 from verl_mega.models.parallelize import build_stage
 from verl_mega.parallel import Layout
 from verl_mega.parallel.vocab_parallel import vocab_parallel_log_probs
@@ -80,15 +79,8 @@ def full_weights(engine: TrainEngine, layout: Layout) -> dict[str, torch.Tensor]
     replica 0; {} elsewhere. Collective over tp."""
     model, out = engine.model, {}
     for name, p in model.named_parameters():
-        t = p.detach()
-        if getattr(p, "tensor_model_parallel", False) and layout.tp > 1:
-            parts = [torch.empty_like(t) for _ in range(layout.tp)]
-            dist.all_gather(parts, t.contiguous(), group=layout.tp_group)
-            t = torch.cat(parts, dim=p.partition_dim)
-        if model.is_vocab_param(name):
-            t = t[:model.true_vocab_size]
         key = "model.embed_tokens.weight" if getattr(p, "shared_embedding", False) else model.hf_name(name)
-        out[key] = t.clone()
+        out[key] = full_tensor(model, name, p, layout).clone()
     return out if layout.tp_rank == 0 and layout.dp_rank == 0 else {}
 
 

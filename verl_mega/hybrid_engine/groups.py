@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
-from verl_mega.parallel.dist import new_group
+from verl_mega.parallel.dist import new_groups
 from verl_mega.parallel.layout import Layout, layout_group_ranks
 
 
@@ -137,12 +137,7 @@ class InferenceLayout:
         """Create the generation groups of `train` → (tp_g, pp_g) over the world (collective)."""
         groups = inference_group_ranks(train.tp, train.pp, train.dp, tp_g, pp_g)
         me = train.rank
-        mine: dict[str, tuple[dist.ProcessGroup, list[int]]] = {}
-        for axis in ("tp_g", "pp_g", "micro_dp", "dp_g"):
-            for members in groups[axis]:
-                group = new_group(members, timeout_s=timeout_s)  # collective: every rank creates every group
-                if me in members:
-                    mine[axis] = (group, members)
+        mine = new_groups({axis: groups[axis] for axis in ("tp_g", "pp_g", "micro_dp", "dp_g")}, me, timeout_s)
         coords = inference_coords(train.tp, train.pp, train.dp, tp_g, pp_g, me)
         d_g = (train.tp * train.pp) // (tp_g * pp_g)
         return cls(

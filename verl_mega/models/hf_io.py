@@ -115,6 +115,19 @@ def load_hf_weights(model: DecoderModel, path: str | os.PathLike) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- saving
+def full_tensor(model: DecoderModel, name: str, param: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """The unsharded tensor of parameter `name`: TP shards all-gathered along the partition dim,
+    vocabulary padding stripped (collective over the tp group for TP-sharded parameters)."""
+    t = param.detach()
+    if getattr(param, "tensor_model_parallel", False) and layout.tp > 1:
+        parts = [torch.empty_like(t) for _ in range(layout.tp)]
+        dist.all_gather(parts, t.contiguous(), group=layout.tp_group)
+        t = torch.cat(parts, dim=param.partition_dim)
+    if model.is_vocab_param(name):
+        t = t[: model.true_vocab_size]
+    return t.contiguous()
+
+
 def _gather_stage(model: DecoderModel, layout: Layout) -> dict[str, torch.Tensor]:
     """Full (TP-gathered, vocab-unpadded) tensors of this stage keyed by HF name (collective over tp)."""
     out = {}
@@ -122,14 +135,7 @@ def _gather_stage(model: DecoderModel, layout: Layout) -> dict[str, torch.Tensor
         hf = model.hf_name(name)
         if hf == "lm_head.weight" and model.config.tie_word_embeddings:
             continue  # tied: HF stores only the embedding (written by the first stage)
-        t = param.detach()
-        if getattr(param, "tensor_model_parallel", False) and layout.tp > 1:
-            parts = [torch.empty_like(t) for _ in range(layout.tp)]
-            dist.all_gather(parts, t.contiguous(), group=layout.tp_group)
-            t = torch.cat(parts, dim=param.partition_dim)
-        if model.is_vocab_param(name):
-            t = t[: model.true_vocab_size]
-        out[hf] = t.contiguous()
+        out[hf] = full_tensor(model, name, param, layout)
     return out
 
 

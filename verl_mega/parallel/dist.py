@@ -57,6 +57,19 @@ def new_group(ranks: list[int], timeout_s: float | None = None) -> dist.ProcessG
     return dist.new_group(ranks=list(ranks), timeout=_timeout(timeout_s))
 
 
+def new_groups(groups_by_axis: dict[str, list[list[int]]], rank: int,
+               timeout_s: float | None = None) -> dict[str, tuple[dist.ProcessGroup, list[int]]]:
+    """Create every group of every axis (collective: all ranks, same order) and return, per axis, the
+    group containing `rank` and its member list."""
+    mine: dict[str, tuple[dist.ProcessGroup, list[int]]] = {}
+    for axis, groups in groups_by_axis.items():
+        for members in groups:
+            group = new_group(members, timeout_s=timeout_s)
+            if rank in members:
+                mine[axis] = (group, members)
+    return mine
+
+
 def device() -> torch.device:
     """The device this rank computes on: its CUDA device under NCCL, else CPU."""
     if dist.is_initialized() and dist.get_backend() == "nccl":

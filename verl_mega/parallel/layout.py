@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch.distributed as dist
 
-from verl_mega.parallel.dist import init_distributed, new_group
+from verl_mega.parallel.dist import init_distributed, new_groups
 
 
 def layout_group_ranks(tp: int, pp: int, dp: int, ranks: Sequence[int] | None = None) -> dict[str, list[list[int]]]:
@@ -86,12 +86,7 @@ class Layout:
             dp = world // (tp * pp)
         groups = layout_group_ranks(tp, pp, dp, range(world))
         me = dist.get_rank()
-        mine: dict[str, tuple[dist.ProcessGroup, list[int]]] = {}
-        for axis in ("tp", "dp", "pp", "mp"):
-            for members in groups[axis]:
-                group = new_group(members, timeout_s=timeout_s)  # collective: every rank creates every group
-                if me in members:
-                    mine[axis] = (group, members)
+        mine = new_groups({axis: groups[axis] for axis in ("tp", "dp", "pp", "mp")}, me, timeout_s)
         pp_rank, rest = divmod(me, dp * tp)
         dp_rank, tp_rank = divmod(rest, tp)
         return cls(
