@@ -142,3 +142,37 @@ def test_tp2_over_gloo_matches_unsharded_reference():
         assert len(rank_results) == 6
         for impl, case, err in rank_results:
             assert max(err) < 1e-4, (impl, case, err)
+
+
+@pytest.mark.skipif(CUDA, reason="sets the interpreter's backward epilogue; on CUDA the autotuned configs cover both")
+def test_triton_unsplit_backward_epilogue(monkeypatch):
+    # The backward epilogue stores wide tiles in two halves (SPLIT=2, the interpreter default);
+    # SPLIT=1 (what 128-column tiles use on GPU) must give the same gradients.
+    from verl_mega.kernels import logprob_triton
+    monkeypatch.setattr(logprob_triton, "INTERP_SPLIT", 1)
+    hidden, weight, labels, g_lp, g_ent = _inputs(37, 48, 150, torch.float32, "cpu", 131)
+    kw = dict(true_vocab_size=131, temperature=0.7)
+    out = _run(fused_logprob_entropy, hidden, weight, labels, g_lp, g_ent, impl="triton", chunk_size=64, **kw)
+    ref = _run(reference_logprob_entropy, hidden, weight, labels, g_lp, g_ent, **kw)
+    assert max(_max_rel_err(out, ref)) < 1e-4, _max_rel_err(out, ref)
+
+
+@pytest.mark.parametrize("impl,device", IMPL_DEVICES)
+def test_logprob_only_gradients_without_entropy(impl, device):
+    # compute_entropy=False: the kernels' no-entropy epilogue; gradients of the log-prob alone.
+    hidden, weight, labels, g_lp, _ = _inputs(37, 48, 150, torch.float32 if device == "cpu" else torch.bfloat16,
+                                              device, 131, seed=3)
+    kw = dict(true_vocab_size=131, temperature=0.9)
+    outs = []
+    for fn, args in ((fused_logprob_entropy, dict(impl=impl, chunk_size=64, compute_entropy=False)), (None, {})):
+        h = (hidden if fn else hidden.cpu().float()).clone().requires_grad_()
+        w = (weight if fn else weight.cpu().float()).clone().requires_grad_()
+        if fn:
+            lp, ent = fn(h, w, labels, **args, **kw)
+            assert ent is None
+        else:
+            lp, _ = reference_logprob_entropy(h, w, labels.cpu(), **kw)
+        (lp * g_lp.to(lp.device)).sum().backward()
+        outs.append([t.detach().float().cpu() for t in (lp, h.grad, w.grad)])
+    err = _max_rel_err(outs[0], outs[1])
+    assert max(err) < (1e-4 if device == "cpu" else 2e-2), err

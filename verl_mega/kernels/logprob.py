@@ -38,7 +38,7 @@ import torch.distributed as dist
 from verl_mega.kernels.dispatch import resolve_impl
 
 NEG = -1.0e30  # finite "minus infinity" for empty statistics (see logprob_triton)
-GRAD_CHUNK_BYTES = 256 * 2**20  # budget of the [N, chunk] gradient buffer when chunk_size is None
+GRAD_CHUNK_BYTES = 288 * 2**20  # budget of the [N, chunk] gradient buffer when chunk_size is None
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class _Spec:
     vocab_start: int
     n_valid: int  # local columns that are real vocabulary (the rest is padding)
     inv_temp: float
+    vocab: int  # true vocabulary size (labels must lie below it)
     chunk_size: int | None
     path: str  # "triton" | "torch"
     compute_entropy: bool
@@ -70,10 +71,45 @@ def fused_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     """
     spec = _make_spec(hidden, weight, labels, tp_group, vocab_start, true_vocab_size, temperature,
                       compute_entropy, chunk_size, impl)
+    check = _LabelRangeCheck(labels, spec.vocab)
     lead = hidden.shape[:-1]
     logprob, entropy = _FusedLogProbEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
                                                   labels.reshape(-1), spec)
+    check.raise_if_bad()
     return logprob.view(lead), (entropy.view(lead) if compute_entropy else None)
+
+
+class _LabelRangeCheck:
+    """labels in [0, vocab), checked without stalling the GPU queue.
+
+    On CUDA the min/max are copied to pinned host memory behind an event, and read once the
+    forward kernels are queued: the host waits only for the GPU to reach the copy, never for the
+    forward itself, so the next kernels keep being queued. (The kernels are memory-safe with bad
+    labels: an id off the shard reads no weight row; the error is raised before any result is used.)
+    """
+
+    def __init__(self, labels: torch.Tensor, vocab: int):
+        self.vocab, self.event, self.host = vocab, None, None
+        if labels.numel():
+            lo_hi = torch.empty(2, dtype=labels.dtype, device=labels.device)
+            torch.aminmax(labels.reshape(-1), out=(lo_hi[0], lo_hi[1]))
+            if labels.is_cuda:
+                self.host = torch.empty(2, dtype=lo_hi.dtype, pin_memory=True)
+                self.host.copy_(lo_hi, non_blocking=True)
+                self.event = torch.cuda.Event()
+                self.event.record()
+            else:
+                self.host = lo_hi
+                self.raise_if_bad()
+
+    def raise_if_bad(self):
+        if self.host is None:
+            return
+        if self.event is not None:
+            self.event.synchronize()
+        lo, hi = (int(x) for x in self.host.tolist())
+        if lo < 0 or hi >= self.vocab:
+            raise ValueError(f"labels must lie in [0, true_vocab_size={self.vocab}), got [{lo}, {hi}]")
 
 
 def _make_spec(hidden, weight, labels, tp_group, vocab_start, true_vocab_size, temperature, compute_entropy,
@@ -98,10 +134,6 @@ def _make_spec(hidden, weight, labels, tp_group, vocab_start, true_vocab_size, t
     n_valid = max(0, min(v_local, vocab - vocab_start))
     if vocab_start < 0 or (tp == 1 and n_valid == 0):
         raise ValueError(f"vocab_start={vocab_start} leaves no vocabulary on this shard (true_vocab_size={vocab})")
-    if labels.numel():
-        lo, hi = (int(x) for x in torch.stack(torch.aminmax(labels)).tolist())  # one device sync
-        if lo < 0 or hi >= vocab:
-            raise ValueError(f"labels must lie in [0, true_vocab_size={vocab}), got [{lo}, {hi}]")
     path = resolve_impl(impl, hidden)
     if path == "triton" and hidden.is_cuda and hidden.dtype == torch.float32:
         if impl == "triton":
@@ -114,7 +146,7 @@ def _make_spec(hidden, weight, labels, tp_group, vocab_start, true_vocab_size, t
         path = "torch"  # auto: TMA descriptors need 16-byte aligned rows
     if path == "triton" and chunk_size is not None:
         chunk_size = -(-chunk_size // 16) * 16  # the gradient chunk's rows must stay 16-byte aligned too
-    return _Spec(tp_group, tp, vocab_start, n_valid, 1.0 / temperature, chunk_size, path, compute_entropy)
+    return _Spec(tp_group, tp, vocab_start, n_valid, 1.0 / temperature, vocab, chunk_size, path, compute_entropy)
 
 
 class _FusedLogProbEntropy(torch.autograd.Function):
@@ -123,7 +155,8 @@ class _FusedLogProbEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, spec: _Spec):
         h, w = _aligned(hidden), _aligned(weight)
-        local = labels.to(torch.int64) - spec.vocab_start  # the label's local column (out of range: elsewhere)
+        # Triton: the kernels take the global ids and the shard's offset; torch: local columns.
+        local = labels.contiguous() if spec.path == "triton" else _local_columns(labels, spec)
         stats = _local_stats(h, w[:spec.n_valid], local, spec)
         lse, ez, zt = _combine_over_group(*stats, spec)
         ctx.spec = spec
@@ -147,13 +180,16 @@ class _FusedLogProbEntropy(torch.autograd.Function):
 
 
 def _local_stats(h, w, local, spec: _Spec):
-    """(m, s, u, zt) fp32 [N] over this shard's valid columns w [n_valid, H]."""
+    """(m, s, u, zt) fp32 [N] over this shard's valid columns w [n_valid, H].
+
+    `local`: on the Triton path the global label ids, else their local columns (-1: elsewhere).
+    """
     if spec.path == "triton":
         from verl_mega.kernels import logprob_triton
         if w.shape[0] == 0:
             n = h.shape[0]
             return (torch.full((n,), NEG, device=h.device), *torch.zeros(3, n, device=h.device))
-        return logprob_triton.forward_stats(h, w, _to_int32(local), spec.inv_temp)
+        return logprob_triton.forward_stats(h, w, local, spec.vocab_start, spec.inv_temp)
     return _torch_stats(h, w, local, spec)
 
 
@@ -175,7 +211,7 @@ def _torch_stats(h, w, local, spec: _Spec):
         u = a * (u + (m - m_new) * s) + b * (u_c + (m_c - m_new) * s_c)
         s = a * s + b * s_c
         m = m_new
-        col = local - c0
+        col = local.long() - c0
         here = (col >= 0) & (col < z.shape[1])
         zt = torch.where(here, z.gather(1, col.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1), zt)
     return m, s, u, zt
@@ -203,7 +239,8 @@ def _backward_chunks(h, w, local, lse, ez, g_lp, g_ent, spec: _Spec, need_h: boo
     low = spec.path == "triton" and h.is_cuda
     gdtype = h.dtype if low else torch.float32
     hc = h if low else h.float()
-    chunk = _chunk(spec, n, max(v, 1), torch.finfo(gdtype).bits // 8)
+    sms = torch.cuda.get_device_properties(h.device).multi_processor_count if low else 0
+    chunk = _chunk(spec, n, max(v, 1), torch.finfo(gdtype).bits // 8, sms)
     width = -(-min(chunk, max(v, 1)) // 16) * 16  # rows of the buffer stay 16-byte aligned (TMA)
     buf = torch.empty(n, width, dtype=gdtype, device=h.device)  # [N, chunk (+ padding)]
     grad_h = torch.zeros(n, hid, dtype=torch.float32, device=h.device) if need_h else None
@@ -215,9 +252,9 @@ def _backward_chunks(h, w, local, lse, ez, g_lp, g_ent, spec: _Spec, need_h: boo
         g = buf[:, :wc.shape[0]]
         if spec.path == "triton":
             from verl_mega.kernels import logprob_triton
-            logprob_triton.grad_logits(h, wc, g, lse, ez, g_lp, g_ent, _to_int32(local - c0), spec.inv_temp)
+            logprob_triton.grad_logits(h, wc, g, lse, ez, g_lp, g_ent, local, spec.vocab_start + c0, spec.inv_temp)
         else:
-            _torch_grad_logits(hc, wc, g, lse, ez, g_lp, g_ent, local - c0, spec.inv_temp)
+            _torch_grad_logits(hc, wc, g, lse, ez, g_lp, g_ent, local.long() - c0, spec.inv_temp)
         wc = wc if low else wc.float()
         if need_h:
             _addmm_fp32(grad_h, g, wc)
@@ -258,11 +295,27 @@ def _addmm_fp32(acc, a, b):
     acc += a @ b  # fallback: the chunk's product is rounded to the input dtype before accumulating
 
 
-def _chunk(spec: _Spec, n: int, v: int, elem_bytes: int) -> int:
+def _chunk(spec: _Spec, n: int, v: int, elem_bytes: int, num_sms: int = 0) -> int:
+    """Vocab columns per backward chunk: the [n, chunk] buffer within GRAD_CHUNK_BYTES.
+
+    With `num_sms` (the GPU's multiprocessor count), among widths from half the budget up to the
+    budget the one whose chunks fill the persistent kernel's waves best (128 x 256 tiles): e.g.
+    n=16384 on 132 SMs takes 8448 = 33 x 256 columns, 4224 tiles = 32 full waves per chunk, where
+    8192 leaves a last wave of 4 tiles in each chunk.
+    """
     if spec.chunk_size is not None:
         return spec.chunk_size
-    chunk = GRAD_CHUNK_BYTES // (max(n, 1) * elem_bytes)
-    return max(256, min(v, chunk // 256 * 256))
+    cap = max(256, min(v, GRAD_CHUNK_BYTES // (max(n, 1) * elem_bytes) // 256 * 256))
+    if num_sms <= 0 or cap >= v:
+        return cap
+    rows = -(-n // 128)
+
+    def wave_slots(width):  # waves the whole backward takes, summed over chunks
+        full, last = divmod(v, width)
+        tiles = [rows * -(-width // 256)] * full + ([rows * -(-last // 256)] if last else [])
+        return sum(-(-t // num_sms) for t in tiles)
+    widths = range(cap, max(256, cap // 2) - 1, -256)
+    return min(widths, key=lambda c: (wave_slots(c), -c))
 
 
 def _aligned(x: torch.Tensor) -> torch.Tensor:
@@ -271,7 +324,7 @@ def _aligned(x: torch.Tensor) -> torch.Tensor:
     return x if x.data_ptr() % 16 == 0 else x.clone()
 
 
-def _to_int32(x: torch.Tensor) -> torch.Tensor:
-    """Local label columns for the kernels; anything off this shard/chunk becomes -1."""
-    big = torch.iinfo(torch.int32).max
-    return torch.where((x >= 0) & (x < big), x, -1).to(torch.int32)
+def _local_columns(labels: torch.Tensor, spec: _Spec) -> torch.Tensor:
+    """int32 [N]: each label's column in this shard's valid vocabulary, -1 where it is elsewhere."""
+    local = labels.to(torch.int64) - spec.vocab_start
+    return torch.where((local >= 0) & (local < spec.n_valid), local, -1).to(torch.int32)
