@@ -514,6 +514,37 @@ def host_overhead(n=16384, hid=896, v=151936, reps=50):
     return out
 
 
+def stages_ab(n=16384, hid=896, v=151936, chunk=8448, rounds=3):
+    """Backward kernel over all chunks, back to back, 3 vs 4 pipeline stages (128 x 256, split stores)."""
+    torch.manual_seed(0)
+    h = torch.randn(n, hid, device="cuda").bfloat16()
+    w = (torch.randn(v, hid, device="cuda") / hid**0.5 * 2).bfloat16()
+    labels = torch.randint(0, v, (n,), device="cuda", dtype=torch.int32)
+    lse, ez = torch.rand(n, device="cuda") + 12, torch.rand(n, device="cuda")
+    g = torch.randn(n, device="cuda") / 100
+    buf = torch.empty(n, chunk, device="cuda", dtype=torch.bfloat16)
+    out = {}
+    for _ in range(rounds):
+        for stages in (3, 4):
+            cfg = (128, 256, 64, 8, stages, 1, False, 2, True)
+            launches = []
+            for c0 in range(0, v, chunk):
+                wc = w[c0:c0 + chunk]
+                lab = torch.where((labels >= c0) & (labels < c0 + wc.shape[0]), labels - c0, -1).to(torch.int32)
+                launches.append(run_bwd(cfg, h, wc, buf[:, :wc.shape[0]], lse, ez, g, g, lab, 1.0)[0])
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(5):
+                for fn in launches:
+                    fn()
+            b.record()
+            torch.cuda.synchronize()
+            out.setdefault(f"stages_{stages}_ms", []).append(round(a.elapsed_time(b) / 5, 3))
+    print(json.dumps(out), flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=16384)
@@ -523,6 +554,7 @@ def main():
     ap.add_argument("--interpret-check", action="store_true")
     ap.add_argument("--only", choices=["fwd", "bwd"], default=None)
     ap.add_argument("--focus", action="store_true", help="A/B of epilogue versions on the leading configs")
+    ap.add_argument("--stages", action="store_true", help="A/B of 3 vs 4 stages over a whole backward")
     ap.add_argument("--host", action="store_true", help="host time to issue each piece")
     ap.add_argument("--decompose", action="store_true", help="steady-state times of the pieces")
     ap.add_argument("--group", action="store_true", help="A/B of the tile order (GROUP_M)")
@@ -532,6 +564,9 @@ def main():
     if args.interpret_check:
         return interpret_check()
     triton.set_allocator(_alloc)
+    if args.stages:
+        stages_ab()
+        return
     if args.host:
         host_overhead()
         return

@@ -17,7 +17,7 @@ Backward (recomputed chunk by chunk over the local vocab; nothing [N, V_local] i
 
 Chunks run over the vocabulary rather than the tokens so that grad_W needs no fp32 accumulator
 ([V, H] fp32 would cost more memory than the logits chunk); grad_h [N, H] is accumulated in fp32.
-Extra memory: the [N, chunk] gradient buffer (~256 MiB by default), the fp32 [N, H] accumulator,
+Extra memory: the [N, chunk] gradient buffer (<= 288 MiB by default), the fp32 [N, H] accumulator,
 and in the forward 3 x N x V_local / BLOCK_N fp32 tile statistics (no [N, V_local] tensor).
 
 Paths (`impl`, see `dispatch.py`): "triton" = `logprob_triton` (GEMM with fused online-softmax
@@ -64,7 +64,7 @@ def fused_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     weight [V_local, H] this rank's vocab rows (same dtype as hidden), labels [...] global ids.
     vocab_start: first global id of this shard (default tp_rank * V_local);
     true_vocab_size: ids >= it are padding (default V_local * tp); chunk_size: vocab columns per
-    backward chunk (default: a [N, chunk] buffer of ~256 MiB; rounded up to a multiple of 16 on the
+    backward chunk (default: a [N, chunk] buffer of <= 288 MiB, see `_chunk`; rounded up to a multiple of 16 on the
     Triton path, which also needs H * itemsize to be a multiple of 16 bytes, else "auto" takes the
     torch path). Returns (logprob [...] fp32, entropy [...] fp32 or None); differentiable w.r.t.
     hidden and weight.

@@ -245,12 +245,13 @@ def _set_block_shapes(nargs):
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, programs per SM). Chosen by a sweep on H200
-# (benchmarks/logprob_sweep.py, benchmarks/results/kernels.md): at (16384, 896) 128 x 256 tiles with
-# 8 warps and 3 stages were fastest in both directions; two programs per SM (128 x 128, 4 warps, one
-# program's epilogue overlapping the other's main loop) and Triton's Hopper warp specialisation were slower.
-_FWD_CONFIGS = [(128, 256, 64, 8, 3, 1), (256, 128, 64, 8, 3, 1), (128, 256, 64, 8, 4, 1), (128, 128, 64, 4, 3, 2)]
-# Backward: the same tiles, the 128 x 256 ones with split (two-half) epilogue stores.
-_BWD_CONFIGS = [(128, 256, 64, 8, 3, 1), (128, 256, 64, 8, 4, 1), (256, 128, 64, 8, 3, 1), (128, 128, 64, 8, 4, 1)]
+# (benchmarks/logprob_sweep.py; notes in benchmarks/results/kernels.md): 128 x 256 tiles with 8 warps
+# and 3 stages were fastest in both directions at H = 896 (autotuning picks them at H = 4096 too).
+# Slower there: two programs per SM (128 x 128, 4 warps, one program's epilogue overlapping the
+# other's main loop), 64-row tiles, BLOCK_K = 128, Triton's Hopper warp specialisation. 4 stages matched 3 over a whole backward
+# (A/B: `benchmarks/logprob_sweep.py --stages`) with 229 KB of shared memory per program: not offered.
+_FWD_CONFIGS = [(128, 256, 64, 8, 3, 1), (256, 128, 64, 8, 3, 1)]
+_BWD_CONFIGS = [(128, 256, 64, 8, 3, 1), (256, 128, 64, 8, 3, 1)]
 _SMALL = (128, 128, 64, 8, 4, 1)  # small token counts (tests, short micro-batches): one config, no search
 
 
@@ -266,17 +267,16 @@ def _config(cfg, forward: bool):
 
 
 def _prune(configs, named_args, **kwargs):
+    """Small token counts (tests, short micro-batches) take one mid-size tile instead of a search."""
+    small = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == _SMALL[:2]]
     if named_args["N_BUCKET"] <= 1024:
-        small = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) == (128, 128, 4)]
-        return small or configs[:1]
-    return configs
+        return small
+    return [c for c in configs if c not in small]
 
 
 def _tuned(kernel, forward: bool):
     # Tuned per hidden size and power-of-two bucket of the token count (N_BUCKET is otherwise unused).
-    cfgs = [_config(c, forward) for c in (_FWD_CONFIGS if forward else _BWD_CONFIGS)]
-    if forward:
-        cfgs.append(_config(_SMALL, forward))
+    cfgs = [_config(c, forward) for c in (_FWD_CONFIGS if forward else _BWD_CONFIGS) + [_SMALL]]
     return triton.autotune(configs=cfgs, key=["H", "N_BUCKET"] + ([] if forward else ["HAS_ENT"]),
                            prune_configs_by={"early_config_prune": _prune})(kernel)
 
