@@ -8,6 +8,7 @@ Modes (GPU unless noted; results printed and written as JSON under $OUT, ./bench
   --group            tile order: GROUP_M = 8 / 32 / 128 row blocks per sweep of the vocabulary
   --stages           3 vs 4 pipeline stages over a whole backward
   --chunks           whole forward + backward at several backward chunk widths, with peak memory
+  --labels           the backward kernel with int64 vs int32 label ids
   --decompose        back-to-back times of the pieces of forward + backward and of the 3-GEMM baseline
   --gaps             host time to issue one forward + backward and the GPU's idle gaps (profiler)
   --host             host microseconds to issue each piece
@@ -349,6 +350,23 @@ def chunks_ab(widths=(None, 12800, 16896), rounds=5) -> dict:
     return out
 
 
+def labels_ab(chunk=8448, rounds=4) -> dict:
+    """The production backward kernel over all chunks, back to back, with int64 vs int32 label ids."""
+    n, hid, v = SHAPE
+    h, w, labels, g_lp, g_ent = _inputs(n, hid, v)
+    lse, ez = torch.rand(n, device="cuda") + 12, torch.rand(n, device="cuda")
+    buf = torch.empty(n, chunk, device="cuda", dtype=torch.bfloat16)
+    out = {}
+    for _ in range(rounds):
+        for lab in (labels, labels.to(torch.int32)):
+            def run(lab=lab):
+                for c0 in range(0, v, chunk):
+                    wc = w[c0:c0 + chunk]
+                    lt.grad_logits(h, wc, buf[:, :wc.shape[0]], lse, ez, g_lp, g_ent, lab, c0, 1.0)
+            out.setdefault(f"{str(lab.dtype)[6:]}_ms", []).append(round(_loop_ms(run), 3))
+    return out
+
+
 def decompose(chunk=8192, reps=2) -> dict:
     """Back-to-back times of the pieces of forward + backward, and of the 3-GEMM baseline."""
     n, hid, v = SHAPE
@@ -376,7 +394,23 @@ def decompose(chunk=8192, reps=2) -> dict:
     def ours_fwd():
         with torch.no_grad():
             return fused_logprob_entropy(h, w, labels)
+    gh16 = torch.empty(n, hid, device="cuda", dtype=torch.bfloat16)
+
+    def one_grad(kind):  # each grad GEMM alone over the chunks: fp32 accumulate, plain bf16, weight
+        for c0 in starts:
+            wc = w[c0:c0 + chunk]
+            g = buf[:, :wc.shape[0]]
+            if kind == "h_fp32_acc":
+                lp_mod._addmm_fp32(acc, g, wc)
+            elif kind == "h_bf16":
+                torch.mm(g, wc, out=gh16)
+            else:
+                torch.mm(g.t(), h, out=gw[c0:c0 + wc.shape[0]])
     pieces = {"three_gemms": lambda: (h @ w.t(), G @ w, G.t() @ h), "fwd_gemm": lambda: h @ w.t(),
+              "grad_input_unchunked": lambda: G @ w, "grad_weight_unchunked": lambda: G.t() @ h,
+              "grad_h_chunked_fp32_acc": lambda: one_grad("h_fp32_acc"),
+              "grad_h_chunked_bf16_no_acc": lambda: one_grad("h_bf16"),
+              "grad_w_chunked": lambda: one_grad("w"),
               "two_grad_gemms_unchunked": lambda: (G @ w, G.t() @ h),
               "ours_fwd_bwd": lambda: _fwd_bwd(hg, wg, labels, g_lp, g_ent), "ours_fwd": ours_fwd,
               "ours_bwd_kernels": lambda: chunked(False, True, False),
@@ -458,7 +492,7 @@ def profile_once(chunk=8192):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    modes = ("group", "stages", "chunks", "decompose", "gaps", "host", "profile", "interpret_check")
+    modes = ("group", "stages", "chunks", "labels", "decompose", "gaps", "host", "profile", "interpret_check")
     for mode in modes:
         ap.add_argument("--" + mode.replace("_", "-"), action="store_true")
     ap.add_argument("--chunk", type=int, default=8192, help="backward chunk width of the default sweep")
@@ -471,7 +505,8 @@ def main():
     triton.set_allocator(_alloc)
     if args.profile:
         return profile_once()
-    for mode, fn in (("group", group_ab), ("stages", stages_ab), ("chunks", chunks_ab), ("decompose", decompose),
+    for mode, fn in (("group", group_ab), ("stages", stages_ab), ("chunks", chunks_ab), ("labels", labels_ab),
+                     ("decompose", decompose),
                      ("gaps", gaps), ("host", host_overhead)):
         if getattr(args, mode):
             return _write(f"logprob_{mode}.json", {"gpu": torch.cuda.get_device_name(), **fn()})

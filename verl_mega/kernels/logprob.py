@@ -155,8 +155,9 @@ class _FusedLogProbEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, spec: _Spec):
         h, w = _aligned(hidden), _aligned(weight)
-        # Triton: the kernels take the global ids and the shard's offset; torch: local columns.
-        local = labels.contiguous() if spec.path == "triton" else _local_columns(labels, spec)
+        # Triton: the kernels take the global ids (int32: cheaper compares in the backward tile,
+        # exact since ids are below the vocabulary size) and the shard's offset; torch: local columns.
+        local = labels.to(torch.int32).contiguous() if spec.path == "triton" else _local_columns(labels, spec)
         stats = _local_stats(h, w[:spec.n_valid], local, spec)
         lse, ez, zt = _combine_over_group(*stats, spec)
         ctx.spec = spec

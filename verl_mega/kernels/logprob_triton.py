@@ -111,7 +111,10 @@ def _bwd_epilogue(acc, pid_m, pid_n, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr,
     row_in = rm < N
     lse2 = tl.load(lse_ptr + rm, mask=row_in, other=0.0) * 1.4426950408889634  # log2(e)
     glp = tl.load(glp_ptr + rm, mask=row_in, other=0.0) * inv_temp
-    lab = tl.load(lab_ptr + rm, mask=row_in, other=-1) - lab_offset  # column within this chunk
+    # The label's column within this chunk, as int32 per row before the per-logit compare (an int64
+    # compare per logit costs 5% of the kernel); ids beyond int32 cannot match a column anyway.
+    lab = tl.load(lab_ptr + rm, mask=row_in, other=-1) - lab_offset
+    lab = tl.minimum(tl.maximum(lab, -1), 2147483647).to(tl.int32)
     if HAS_ENT:
         gent = tl.load(gent_ptr + rm, mask=row_in, other=0.0) * inv_temp
         c = glp - gent * tl.load(ez_ptr + rm, mask=row_in, other=0.0)
