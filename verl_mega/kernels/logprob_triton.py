@@ -161,9 +161,8 @@ def _fwd_kernel(a_desc, b_desc, m_ptr, s_ptr, u_ptr, N, N_BUCKET, V, H: tl.const
 
 @triton.jit
 def _bwd_tile(a_desc, b_desc, g_desc, tile, lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_ptr, lab_offset, N, V,
-              H: tl.constexpr,
-              inv_temp, HAS_ENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              GROUP_M: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+              H: tl.constexpr, inv_temp, HAS_ENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
     pid_m, pid_n = _tile_pid(tile, N, V, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _logits_tile(a_desc, b_desc, pid_m, pid_n, H, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
     _bwd_epilogue(acc, pid_m, pid_n, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_ptr, lab_offset, N, inv_temp,
@@ -183,8 +182,7 @@ def _bwd_kernel(a_desc, b_desc, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_
                       inv_temp, HAS_ENT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT, UPCAST)
     else:
         _bwd_tile(a_desc, b_desc, g_desc, tl.program_id(0), lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_ptr, lab_offset,
-                  N, V, H,
-                  inv_temp, HAS_ENT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT, UPCAST)
+                  N, V, H, inv_temp, HAS_ENT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT, UPCAST)
 
 
 @triton.jit
