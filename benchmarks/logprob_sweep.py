@@ -6,6 +6,7 @@ Modes (GPU unless noted; results printed and written as JSON under $OUT, ./bench
                      fp32 torch; the same GEMMs with a trivial epilogue (what the softmax math costs);
                      cuBLAS GEMMs of the same shapes; the production (autotuned) kernels
   --group            tile order: GROUP_M = 8 / 32 / 128 row blocks per sweep of the vocabulary
+  --overlap          one tile config with 1 or 2 programs per SM, full and GEMM-only epilogues
   --stages           3 vs 4 pipeline stages over a whole backward
   --chunks           whole forward + backward at several backward chunk widths, with peak memory
   --labels           the backward kernel with int64 vs int32 label ids
@@ -307,6 +308,29 @@ def group_ab(rounds=2) -> dict:
     return out
 
 
+def overlap_ab(rounds=3) -> dict:
+    """Same tile (128 x 128, 4 warps, 3 stages) with 1 or 2 programs per SM: does overlapping one
+    program's epilogue with the other's main loop pay? Forward over the vocabulary, backward chunk."""
+    n, hid, v = SHAPE
+    h, w, labels, g_lp, g_ent = _inputs(n, hid, v)
+    chunk = 8448
+    buf = torch.empty(n, chunk, device="cuda", dtype=torch.bfloat16)
+    lse, ez = torch.rand(n, device="cuda") + 12, torch.rand(n, device="cuda")
+    lab = _chunk_labels(labels, 0, chunk)
+    out = {}
+    for _ in range(rounds):
+        for per_sm in (1, 2):
+            for epi in (1, 0):
+                launch = run_fwd((128, 128, 64, 4, 3, per_sm, False), h, w, 1.0, epi=epi)[0]
+                out.setdefault(f"fwd_{per_sm}_per_sm_{'full' if epi else 'gemm_only'}_ms", []).append(
+                    round(_median_ms(launch), 3))
+                launch = run_bwd((128, 128, 64, 4, 3, per_sm, False, 2), h, w[:chunk], buf, lse, ez, g_lp, g_ent,
+                                 lab, 1.0, epi=epi)[0]
+                out.setdefault(f"bwd_{per_sm}_per_sm_{'full' if epi else 'gemm_only'}_ms", []).append(
+                    round(_median_ms(launch), 4))
+    return out
+
+
 def stages_ab(chunk=8448, rounds=3) -> dict:
     """The backward kernel over all chunks, back to back, 3 vs 4 pipeline stages (128 x 256, split stores)."""
     n, hid, v = SHAPE
@@ -492,7 +516,9 @@ def profile_once(chunk=8192):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    modes = ("group", "stages", "chunks", "labels", "decompose", "gaps", "host", "profile", "interpret_check")
+    ab_modes = {"group": group_ab, "overlap": overlap_ab, "stages": stages_ab, "chunks": chunks_ab,
+                "labels": labels_ab, "decompose": decompose, "gaps": gaps, "host": host_overhead}
+    modes = (*ab_modes, "profile", "interpret_check")
     for mode in modes:
         ap.add_argument("--" + mode.replace("_", "-"), action="store_true")
     ap.add_argument("--chunk", type=int, default=8192, help="backward chunk width of the default sweep")
@@ -505,9 +531,7 @@ def main():
     triton.set_allocator(_alloc)
     if args.profile:
         return profile_once()
-    for mode, fn in (("group", group_ab), ("stages", stages_ab), ("chunks", chunks_ab), ("labels", labels_ab),
-                     ("decompose", decompose),
-                     ("gaps", gaps), ("host", host_overhead)):
+    for mode, fn in ab_modes.items():
         if getattr(args, mode):
             return _write(f"logprob_{mode}.json", {"gpu": torch.cuda.get_device_name(), **fn()})
     report = sweep(args.chunk, args.only)
