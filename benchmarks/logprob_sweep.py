@@ -41,6 +41,9 @@ from verl_mega.kernels import fused_logprob_entropy  # noqa: E402
 from verl_mega.kernels import logprob as lp_mod  # noqa: E402
 from verl_mega.kernels import logprob_triton as lt  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernels import back_to_back_ms as _loop_ms  # noqa: E402  (benchmarks/kernels.py)
+
 LOG2E = 1.4426950408889634
 SHAPE = (16384, 896, 151936)  # N, H, V: the issue's harder shape
 
@@ -120,19 +123,6 @@ def _alloc(size, align, stream):  # scratch for device-side TMA descriptors
 
 def _median_ms(fn) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median"))
-
-
-def _loop_ms(fn, calls: int = 5) -> float:
-    """Milliseconds per call of `calls` calls queued back to back."""
-    fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(calls):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / calls
 
 
 def _err(a, b):
