@@ -280,13 +280,20 @@ def sweep(chunk: int, only: str | None) -> dict:
     return report
 
 
-def group_ab(rounds=2) -> dict:
-    """Tile order: GROUP_M row blocks per sweep of the vocabulary (forward) or of the chunk (backward)."""
+def _bwd_setup(chunk):
+    """Inputs at SHAPE, an [N, chunk] gradient buffer and plausible softmax statistics (lse, E[z])."""
     n, hid, v = SHAPE
     h, w, labels, g_lp, g_ent = _inputs(n, hid, v)
-    wc, chunk = w[:8448], 8448
     buf = torch.empty(n, chunk, device="cuda", dtype=torch.bfloat16)
     lse, ez = torch.rand(n, device="cuda") + 12, torch.rand(n, device="cuda")
+    return h, w, labels, g_lp, g_ent, buf, lse, ez
+
+
+def group_ab(rounds=2) -> dict:
+    """Tile order: GROUP_M row blocks per sweep of the vocabulary (forward) or of the chunk (backward)."""
+    chunk = 8448
+    h, w, labels, g_lp, g_ent, buf, lse, ez = _bwd_setup(chunk)
+    wc = w[:chunk]
     lab = _chunk_labels(labels, 0, chunk)
     out = {}
     for _ in range(rounds):
@@ -301,11 +308,8 @@ def group_ab(rounds=2) -> dict:
 def overlap_ab(rounds=3) -> dict:
     """Same tile (128 x 128, 4 warps, 3 stages) with 1 or 2 programs per SM: does overlapping one
     program's epilogue with the other's main loop pay? Forward over the vocabulary, backward chunk."""
-    n, hid, v = SHAPE
-    h, w, labels, g_lp, g_ent = _inputs(n, hid, v)
     chunk = 8448
-    buf = torch.empty(n, chunk, device="cuda", dtype=torch.bfloat16)
-    lse, ez = torch.rand(n, device="cuda") + 12, torch.rand(n, device="cuda")
+    h, w, labels, g_lp, g_ent, buf, lse, ez = _bwd_setup(chunk)
     lab = _chunk_labels(labels, 0, chunk)
     out = {}
     for _ in range(rounds):
@@ -323,10 +327,8 @@ def overlap_ab(rounds=3) -> dict:
 
 def stages_ab(chunk=8448, rounds=3) -> dict:
     """The backward kernel over all chunks, back to back, 3 vs 4 pipeline stages (128 x 256, split stores)."""
-    n, hid, v = SHAPE
-    h, w, labels, g_lp, _ = _inputs(n, hid, v)
-    lse, ez = torch.rand(n, device="cuda") + 12, torch.rand(n, device="cuda")
-    buf = torch.empty(n, chunk, device="cuda", dtype=torch.bfloat16)
+    v = SHAPE[2]
+    h, w, labels, g_lp, _, buf, lse, ez = _bwd_setup(chunk)
     out = {}
     for _ in range(rounds):
         for stages in (3, 4):
@@ -366,10 +368,8 @@ def chunks_ab(widths=(None, 12800, 16896), rounds=5) -> dict:
 
 def labels_ab(chunk=8448, rounds=4) -> dict:
     """The production backward kernel over all chunks, back to back, with int64 vs int32 label ids."""
-    n, hid, v = SHAPE
-    h, w, labels, g_lp, g_ent = _inputs(n, hid, v)
-    lse, ez = torch.rand(n, device="cuda") + 12, torch.rand(n, device="cuda")
-    buf = torch.empty(n, chunk, device="cuda", dtype=torch.bfloat16)
+    v = SHAPE[2]
+    h, w, labels, g_lp, g_ent, buf, lse, ez = _bwd_setup(chunk)
     out = {}
     for _ in range(rounds):
         for lab in (labels, labels.to(torch.int32)):
@@ -384,12 +384,10 @@ def labels_ab(chunk=8448, rounds=4) -> dict:
 def decompose(chunk=8192, reps=2) -> dict:
     """Back-to-back times of the pieces of forward + backward, and of the 3-GEMM baseline."""
     n, hid, v = SHAPE
-    h, w, labels, g_lp, g_ent = _inputs(n, hid, v)
+    h, w, labels, g_lp, g_ent, buf, lse, ez = _bwd_setup(chunk)
     G = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
-    buf = torch.empty(n, chunk, device="cuda", dtype=torch.bfloat16)
     acc = torch.zeros(n, hid, device="cuda")
     gw = torch.empty_like(w)
-    lse, ez = torch.rand(n, device="cuda") + 12, torch.rand(n, device="cuda")
     starts = list(range(0, v, chunk))
     hg, wg = h.clone().requires_grad_(), w.clone().requires_grad_()
 
