@@ -197,7 +197,7 @@ def _breakdown(h, w, labels) -> dict:
     lse, ez, g = (torch.rand(n, device="cuda") + 10 for _ in range(3))
     buf = torch.empty(n, chunk, device="cuda", dtype=h.dtype)
     wc = w[:chunk]
-    t = time_ms(lambda: logprob_triton.grad_logits(h, wc, buf, lse, ez, g, g, local, 0, 1.0))
+    t = time_ms(lambda: logprob_triton.grad_logits(h, wc, buf, lse, ez, g, g, local, g, 0, 1.0))
     out["bwd_kernel_ms_all_chunks"] = t * nchunks
     out["bwd_config"] = str(bwd_k.best_config)
     for name, kern in (("fwd", fwd_k), ("bwd", bwd_k)):

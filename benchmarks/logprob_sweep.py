@@ -5,6 +5,7 @@ Modes (GPU unless noted; results printed and written as JSON under $OUT, ./bench
                      vocabulary and the backward gradient kernel over one chunk, each checked against
                      fp32 torch; the same GEMMs with a trivial epilogue (what the softmax math costs);
                      cuBLAS GEMMs of the same shapes; the production (autotuned) kernels
+  --epilogue         epilogue variants (label term in or out of the tile, column mask, old forward form)
   --group            tile order: GROUP_M = 8 / 32 / 128 row blocks per sweep of the vocabulary
   --overlap          one tile config with 1 or 2 programs per SM, full and GEMM-only epilogues
   --stages           3 vs 4 pipeline stages over a whole backward
@@ -49,10 +50,66 @@ SHAPE = (16384, 896, 151936)  # N, H, V: the issue's harder shape
 
 
 @triton.jit
+def _fwd_epilogue_session2(acc, pid_m, pid_n, m_ptr, s_ptr, u_ptr, N, V, scale2, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    """The forward epilogue before the max moved onto the raw accumulator (kept for A/B timing)."""
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    z2 = tl.where((rn < V)[None, :], acc * scale2, lt.NEG)
+    m2 = tl.max(z2, axis=1)
+    d2 = z2 - m2[:, None]
+    e = tl.exp2(d2)
+    out = pid_n * N + rm
+    tl.store(m_ptr + out, m2 * lt.LN2, mask=rm < N)
+    tl.store(s_ptr + out, tl.sum(e, axis=1), mask=rm < N)
+    tl.store(u_ptr + out, tl.sum(e * d2, axis=1) * lt.LN2, mask=rm < N)
+
+
+@triton.jit
+def _fwd_probe(acc, pid_m, pid_n, m_ptr, s_ptr, u_ptr, N, scale2, BLOCK_M: tl.constexpr, NO_EXP: tl.constexpr,
+               NO_MAX: tl.constexpr):
+    """Timing probes of the forward epilogue (wrong numbers): without exp2 (e = d), or without the max pass."""
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if NO_MAX:
+        m2 = tl.zeros((BLOCK_M,), tl.float32)
+    else:
+        m2 = tl.max(acc, axis=1) * scale2
+    d2 = acc * scale2 - m2[:, None]
+    e = d2 if NO_EXP else tl.exp2(d2)
+    out = pid_n * N + rm
+    tl.store(m_ptr + out, m2, mask=rm < N)
+    tl.store(s_ptr + out, tl.sum(e, axis=1), mask=rm < N)
+    tl.store(u_ptr + out, tl.sum(e * d2, axis=1), mask=rm < N)
+
+
+@triton.jit
+def _bwd_probe_no_exp(acc, pid_m, pid_n, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr, N, inv_temp,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Timing probe of the backward epilogue (wrong numbers): production without exp2 (p = the exponent)."""
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = rm < N
+    lse2 = tl.load(lse_ptr + rm, mask=row_in, other=0.0) * 1.4426950408889634
+    glp = tl.load(glp_ptr + rm, mask=row_in, other=0.0) * inv_temp
+    gent = tl.load(gent_ptr + rm, mask=row_in, other=0.0) * inv_temp
+    c = glp - gent * tl.load(ez_ptr + rm, mask=row_in, other=0.0)
+    d = gent * inv_temp
+    scale2 = inv_temp * 1.4426950408889634
+    HALF: tl.constexpr = BLOCK_N // 2
+    a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+    g0 = -(a0 * scale2 - lse2[:, None]) * (c[:, None] + d[:, None] * a0)
+    g_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], g0.to(g_desc.dtype))
+    g1 = -(a1 * scale2 - lse2[:, None]) * (c[:, None] + d[:, None] * a1)
+    g_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + HALF], g1.to(g_desc.dtype))
+
+
+@triton.jit
 def _fwd_variant(h_ptr, w_ptr, m_ptr, s_ptr, u_ptr, N, V, H: tl.constexpr, scale2, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
                  WS: tl.constexpr, EPI: tl.constexpr, UPCAST: tl.constexpr):
-    """EPI=1: the production forward tile; EPI=0: the same GEMM with only a row sum as epilogue."""
+    """EPI=1: the production forward tile; EPI=0: the same GEMM with only a row sum as epilogue;
+    EPI=2: production without the column mask (timing only: the last column block is then wrong);
+    EPI=3: the session-2 epilogue (scaled copy of the tile, then max, subtract, exp2);
+    EPI=4, 5 (timing only, wrong numbers): no column mask and no exp2 / no max (see `_fwd_probe`)."""
     a_desc = tl.make_tensor_descriptor(h_ptr, shape=[N, H], strides=[H, 1], block_shape=[BLOCK_M, BLOCK_K])
     b_desc = tl.make_tensor_descriptor(w_ptr, shape=[V, H], strides=[H, 1], block_shape=[BLOCK_N, BLOCK_K])
     if UPCAST:  # interpreter: one tile per program (it cannot loop over run-time bounds)
@@ -61,9 +118,17 @@ def _fwd_variant(h_ptr, w_ptr, m_ptr, s_ptr, u_ptr, N, V, H: tl.constexpr, scale
     else:
         num_tiles = tl.cdiv(N, BLOCK_M) * tl.cdiv(V, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN, warp_specialize=WS):
-            if EPI == 1:
+            if EPI == 1 or EPI == 2:
                 lt._fwd_tile(a_desc, b_desc, tile, m_ptr, s_ptr, u_ptr, N, V, H, scale2, BLOCK_M, BLOCK_N,
-                             BLOCK_K, GROUP_M, UPCAST)
+                             BLOCK_K, GROUP_M, UPCAST, EPI == 1)
+            elif EPI == 3:
+                pid_m, pid_n = lt._tile_pid(tile, N, V, BLOCK_M, BLOCK_N, GROUP_M)
+                acc = lt._logits_tile(a_desc, b_desc, pid_m, pid_n, H, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+                _fwd_epilogue_session2(acc, pid_m, pid_n, m_ptr, s_ptr, u_ptr, N, V, scale2, BLOCK_M, BLOCK_N)
+            elif EPI >= 4:
+                pid_m, pid_n = lt._tile_pid(tile, N, V, BLOCK_M, BLOCK_N, GROUP_M)
+                acc = lt._logits_tile(a_desc, b_desc, pid_m, pid_n, H, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+                _fwd_probe(acc, pid_m, pid_n, m_ptr, s_ptr, u_ptr, N, scale2, BLOCK_M, EPI == 4, EPI == 5)
             else:
                 pid_m, pid_n = lt._tile_pid(tile, N, V, BLOCK_M, BLOCK_N, GROUP_M)
                 acc = lt._logits_tile(a_desc, b_desc, pid_m, pid_n, H, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
@@ -75,20 +140,27 @@ def _fwd_variant(h_ptr, w_ptr, m_ptr, s_ptr, u_ptr, N, V, H: tl.constexpr, scale
 def _bwd_variant(h_ptr, w_ptr, g_ptr, ld_g, lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_ptr, N, V, H: tl.constexpr,
                  inv_temp, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr, SPLIT: tl.constexpr, FLATTEN: tl.constexpr, WS: tl.constexpr,
-                 EPI: tl.constexpr, UPCAST: tl.constexpr):
-    """EPI=1: the production backward tile; EPI=0: the same GEMM storing the raw logits (as cuBLAS would)."""
+                 EPI: tl.constexpr, UPCAST: tl.constexpr, ONEHOT: tl.constexpr = True):
+    """EPI=1: the production backward tile (ONEHOT: with the label term in the tile, as before
+    `_label_grad_kernel`); EPI=0: the same GEMM storing the raw logits (as cuBLAS would);
+    EPI=2 (timing only, SPLIT=2): production without the label term and without exp2."""
     a_desc = tl.make_tensor_descriptor(h_ptr, shape=[N, H], strides=[H, 1], block_shape=[BLOCK_M, BLOCK_K])
     b_desc = tl.make_tensor_descriptor(w_ptr, shape=[V, H], strides=[H, 1], block_shape=[BLOCK_N, BLOCK_K])
     g_desc = tl.make_tensor_descriptor(g_ptr, shape=[N, V], strides=[ld_g, 1], block_shape=[BLOCK_M, BLOCK_N // SPLIT])
     if UPCAST:
         lt._bwd_tile(a_desc, b_desc, g_desc, tl.program_id(0), lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_ptr, 0, N,
-                     V, H, inv_temp, True, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT, UPCAST)
+                     V, H, inv_temp, True, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT, UPCAST, ONEHOT)
     else:
         num_tiles = tl.cdiv(N, BLOCK_M) * tl.cdiv(V, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN, warp_specialize=WS):
             if EPI == 1:
                 lt._bwd_tile(a_desc, b_desc, g_desc, tile, lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_ptr, 0, N, V, H,
-                             inv_temp, True, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT, UPCAST)
+                             inv_temp, True, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT, UPCAST, ONEHOT)
+            elif EPI == 2:
+                pid_m, pid_n = lt._tile_pid(tile, N, V, BLOCK_M, BLOCK_N, GROUP_M)
+                acc = lt._logits_tile(a_desc, b_desc, pid_m, pid_n, H, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+                _bwd_probe_no_exp(acc, pid_m, pid_n, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr, N, inv_temp, BLOCK_M,
+                                  BLOCK_N)
             else:
                 pid_m, pid_n = lt._tile_pid(tile, N, V, BLOCK_M, BLOCK_N, GROUP_M)
                 acc = lt._logits_tile(a_desc, b_desc, pid_m, pid_n, H, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
@@ -175,19 +247,18 @@ def run_fwd(cfg, h, w, inv_temp, epi=1, group_m=8, interp=False):
     def launch():
         return _fwd_variant[grid](h, w, parts[0], parts[1], parts[2], n, v, hid, inv_temp * LOG2E, **kw)
     compiled = launch()
-    out = torch.empty(3, n, device=h.device, dtype=torch.float32)
-    lt._combine_kernel[(triton.cdiv(n, 64),)](parts[0], parts[1], parts[2], out[0], out[1], out[2], n, tiles_n,
-                                              BLOCK=64, T_BLOCK=16)
-    return launch, compiled, out[0] + out[1].log(), out[0] + out[2] / out[1]
+    no_labels = torch.full((n,), -1, device=h.device, dtype=torch.int32)
+    m, s, u, _ = lt._finish_rows(parts, tiles_n, h, w, no_labels, 0, inv_temp)
+    return launch, compiled, m + s.log(), m + u / s
 
 
-def run_bwd(cfg, h, wc, buf, lse, ez, g_lp, g_ent, lab, inv_temp, epi=1, group_m=8, interp=False):
+def run_bwd(cfg, h, wc, buf, lse, ez, g_lp, g_ent, lab, inv_temp, epi=1, group_m=8, interp=False, onehot=True):
     """Launch the backward variant into buf [N, >= V]; lab: the label's column in this chunk or -1."""
     bm, bn, bk, warps, stages, per_sm, ws, split = cfg
     n, hid = h.shape
     v = wc.shape[0]
     kw = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, SPLIT=split, FLATTEN=not (ws or interp), WS=ws,
-              EPI=epi, UPCAST=interp)
+              EPI=epi, UPCAST=interp, ONEHOT=onehot)
     if not interp:
         kw.update(num_warps=warps, num_stages=stages)
     grid = _grid(triton.cdiv(n, bm) * triton.cdiv(v, bn), per_sm, h.device)
@@ -239,13 +310,13 @@ def sweep(chunk: int, only: str | None) -> dict:
     report = {"gpu": torch.cuda.get_device_name(), "N": n, "H": hid, "V": v, "chunk": chunk, "fwd": [], "bwd": [],
               "cublas_full_gemm_ms": _median_ms(lambda: h @ w.t()),
               "cublas_chunk_gemm_ms": _median_ms(lambda: h @ wc.t())}
-    m, s, u, _ = lt.forward_stats(h, w, labels, 0, inv_temp)
+    m, s, u, zt = lt.forward_stats(h, w, labels, 0, inv_temp)
     lse, ez = m + s.log(), m + u / s
     report["prod_forward_stats_ms"] = _median_ms(lambda: lt.forward_stats(h, w, labels, 0, inv_temp))
     report["prod_fwd_config"] = str(lt._KERNELS[True].best_config)
     lab = _chunk_labels(labels, 0, chunk)
     ref = _reference_grad(h, wc, lse, ez, g_lp, g_ent, lab, inv_temp, rows)
-    report["prod_grad_logits_ms"] = _median_ms(lambda: lt.grad_logits(h, wc, buf, lse, ez, g_lp, g_ent, lab, 0,
+    report["prod_grad_logits_ms"] = _median_ms(lambda: lt.grad_logits(h, wc, buf, lse, ez, g_lp, g_ent, lab, zt, 0,
                                                                       inv_temp))
     report["prod_bwd_config"] = str(lt._KERNELS[False].best_config)
     report["prod_bwd_err"] = _err(buf[:rows], ref)
@@ -340,6 +411,48 @@ def stages_ab(chunk=8448, rounds=3) -> dict:
     return out
 
 
+def epilogue_ab(chunk=8448, rounds=7) -> dict:
+    """Epilogue variants, back to back over a whole forward or backward, alternating rounds.
+
+    Forward (whole vocabulary): production, production without the column mask (timing only), the
+    session-2 epilogue, GEMM only. Backward (all chunks): the label term in the tile (ONEHOT),
+    the tile without it, production `grad_logits` (tile without it + `_label_grad_kernel`), GEMM only.
+    """
+    n, hid, v = SHAPE
+    h, w, labels, g_lp, g_ent, buf, lse, ez = _bwd_setup(chunk)
+    fwd = {name: run_fwd(FWD_CONFIGS[0], h, w, 1.0, epi=e)[0]
+           for name, e in (("fwd_prod", 1), ("fwd_no_mask", 2), ("fwd_session2", 3), ("fwd_no_mask_no_exp", 4),
+                           ("fwd_no_mask_no_max", 5), ("fwd_gemm_only", 0))}
+    starts = list(range(0, v, chunk))
+    labs = [_chunk_labels(labels, c0, chunk) for c0 in starts]
+    lab32 = labels.to(torch.int32)
+
+    def variant(epi, onehot):
+        launches = [run_bwd(BWD_CONFIGS[0], h, w[c0:c0 + chunk], buf[:, :min(chunk, v - c0)], lse, ez, g_lp, g_ent,
+                            lab, 1.0, epi=epi, onehot=onehot)[0] for c0, lab in zip(starts, labs)]
+        return lambda: [fn() for fn in launches]
+
+    def production():
+        for c0 in starts:
+            wc = w[c0:c0 + chunk]
+            lt.grad_logits(h, wc, buf[:, :wc.shape[0]], lse, ez, g_lp, g_ent, lab32, lse, c0, 1.0)
+    bwd = {"bwd_onehot_in_tile": variant(1, True), "bwd_tile_without_label": variant(1, False),
+           "bwd_prod_with_label_kernel": production, "bwd_no_label_no_exp": variant(2, False),
+           "bwd_gemm_only": variant(0, True)}
+    # Same numbers both ways (chunk 0; the label entries differ only in rounding: zt stands in for z).
+    run_bwd(BWD_CONFIGS[0], h, w[:chunk], buf, lse, ez, g_lp, g_ent, labs[0], 1.0)[0]()
+    ref = buf.clone()
+    lt.grad_logits(h, w[:chunk], buf, lse, ez, g_lp, g_ent, lab32, (h.float() * 0).sum(1), 0, 1.0)
+    off_label = torch.ones_like(ref, dtype=torch.bool)
+    r = torch.nonzero(labs[0] >= 0).squeeze(1)
+    off_label[r, labs[0][r].long()] = False
+    out = {"off_label_max_diff": float((buf.float() - ref.float())[off_label].abs().max())}
+    for _ in range(rounds):
+        for name, fn in {**fwd, **bwd}.items():
+            out.setdefault(f"{name}_ms", []).append(round(_loop_ms(fn), 3))
+    return out
+
+
 def _fwd_bwd(h, w, labels, g_lp, g_ent, chunk=None):
     lp, ent = fused_logprob_entropy(h, w, labels, chunk_size=chunk)
     return torch.autograd.grad([lp, ent], [h, w], [g_lp, g_ent])
@@ -376,7 +489,7 @@ def labels_ab(chunk=8448, rounds=4) -> dict:
             def run(lab=lab):
                 for c0 in range(0, v, chunk):
                     wc = w[c0:c0 + chunk]
-                    lt.grad_logits(h, wc, buf[:, :wc.shape[0]], lse, ez, g_lp, g_ent, lab, c0, 1.0)
+                    lt.grad_logits(h, wc, buf[:, :wc.shape[0]], lse, ez, g_lp, g_ent, lab, lse, c0, 1.0)
             out.setdefault(f"{str(lab.dtype)[6:]}_ms", []).append(round(_loop_ms(run), 3))
     return out
 
@@ -396,7 +509,7 @@ def decompose(chunk=8192, reps=2) -> dict:
             wc = w[c0:c0 + chunk]
             g = buf[:, :wc.shape[0]]
             if ours_kernel:
-                lt.grad_logits(h, wc, g, lse, ez, g_lp, g_ent, labels, c0, 1.0)
+                lt.grad_logits(h, wc, g, lse, ez, g_lp, g_ent, labels, lse, c0, 1.0)
             if recompute:
                 torch.mm(h, wc.t(), out=g)
             if grads:
@@ -459,7 +572,29 @@ def gaps() -> dict:
     out.update(kernels=len(kern), busy_ms=sum(e.time_range.end - e.time_range.start for e in kern) / 1e3,
                span_ms=(kern[-1].time_range.end - kern[0].time_range.start) / 1e3,
                idle_after_first_call_ms=sum(g for g, i, _, _ in idle if i >= len(kern) // 3) / 1e3,
-               largest_gaps_us=[(round(g, 1), i, x, y) for g, i, x, y in sorted(idle, reverse=True)[:12]])
+               largest_gaps_us=[(round(g, 1), i, x, y) for g, i, x, y in sorted(idle, reverse=True)[:12]],
+               ours_kernel_ms_per_call=_kernel_totals(kern, 3))
+    hb, wb = h.detach(), w.detach()
+    G = torch.randn(hb.shape[0], wb.shape[0], device="cuda", dtype=hb.dtype)
+    baseline = lambda: (hb @ wb.t(), G @ wb, G.t() @ hb)  # noqa: E731
+    baseline()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(3):
+            baseline()
+        torch.cuda.synchronize()
+    kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    out["three_gemms_kernel_ms_per_call"] = _kernel_totals(kern, 3)
+    return out
+
+
+def _kernel_totals(kern, calls: int) -> dict:
+    """GPU milliseconds per call by kernel name (first 60 characters), largest first, and their sum."""
+    tot = {}
+    for e in kern:
+        tot[e.name[:60]] = tot.get(e.name[:60], 0.0) + (e.time_range.end - e.time_range.start) / 1e3 / calls
+    out = {k: round(v, 4) for k, v in sorted(tot.items(), key=lambda kv: -kv[1])}
+    out["sum"] = round(sum(tot.values()), 3)
     return out
 
 
@@ -476,7 +611,7 @@ def host_overhead(reps=50) -> dict:
     hs, ls = h[:64].clone(), labels[:64].clone()  # a small problem: the host cost of a whole forward
     pieces = {"label_check": lambda: lp_mod._LabelRangeCheck(labels, v).raise_if_bad(),
               "torch_path_local_columns": lambda: lp_mod._local_columns(labels, spec),
-              "grad_logits_launch": lambda: lt.grad_logits(h, wc, buf, lse, ez, g_lp, g_lp, labels, 0, 1.0),
+              "grad_logits_launch": lambda: lt.grad_logits(h, wc, buf, lse, ez, g_lp, g_lp, labels, lse, 0, 1.0),
               "addmm_fp32_launch": lambda: lp_mod._addmm_fp32(acc, buf, wc),
               "mm_launch": lambda: torch.mm(buf.t(), h),
               "small_forward_no_grad": lambda: fused_logprob_entropy(hs, w, ls)}
@@ -489,7 +624,22 @@ def host_overhead(reps=50) -> dict:
             fn()
         out[name + "_us"] = (time.perf_counter() - t0) / reps * 1e6
         torch.cuda.synchronize()
+    out["small_forward_profile"] = _host_profile(pieces["small_forward_no_grad"], reps)
     return out
+
+
+def _host_profile(fn, reps: int, top: int = 18) -> list:
+    """cProfile of `reps` calls: the functions with the most own time, as 'µs per call  name'."""
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(reps):
+        fn()
+    prof.disable()
+    rows = sorted(pstats.Stats(prof).stats.items(), key=lambda kv: -kv[1][2])[:top]  # (file, line, name) -> stats
+    return [f"{st[2] / reps * 1e6:8.1f} own / {st[3] / reps * 1e6:8.1f} cum us  {os.path.basename(k[0])}:{k[1]} {k[2]}"
+            for k, st in rows]
 
 
 def profile_once(chunk=8192):
@@ -504,7 +654,7 @@ def profile_once(chunk=8192):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ab_modes = {"group": group_ab, "overlap": overlap_ab, "stages": stages_ab, "chunks": chunks_ab,
+    ab_modes = {"epilogue": epilogue_ab, "group": group_ab, "overlap": overlap_ab, "stages": stages_ab, "chunks": chunks_ab,
                 "labels": labels_ab, "decompose": decompose, "gaps": gaps, "host": host_overhead}
     modes = (*ab_modes, "profile", "interpret_check")
     for mode in modes:

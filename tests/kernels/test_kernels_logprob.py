@@ -205,3 +205,32 @@ def test_tp2_compiled_triton_matches_unsharded_reference():
     for rank_results in run_distributed(_tp_cuda_worker, 2, cases):
         for case, err in rank_results:
             assert max(err[:2]) < 2e-2 and max(err[2:]) < 2e-2, (case, err)
+
+
+@pytest.mark.parametrize("impl,device", FP32_IMPL_DEVICES)
+def test_labels_on_chunk_and_tile_edges(impl, device):
+    # Labels on the first and last column of each 64-wide backward chunk and forward tile, and on the
+    # last real id (the Triton path writes each label column with a separate kernel).
+    hidden, weight, _, g_lp, g_ent = _inputs(12, 32, 150, torch.float32, device, 131, seed=3)
+    labels = torch.tensor([0, 63, 64, 127, 128, 130, 1, 62, 65, 126, 129, 0], device=device)
+    kw = dict(true_vocab_size=131, temperature=0.9)
+    out = _run(fused_logprob_entropy, hidden, weight, labels, g_lp, g_ent, impl=impl, chunk_size=64, **kw)
+    ref = _run(reference_logprob_entropy, hidden.cpu(), weight.cpu(), labels.cpu(), g_lp.cpu(), g_ent.cpu(), **kw)
+    assert max(_max_rel_err(out, ref)) < 1e-4, _max_rel_err(out, ref)
+
+
+@pytest.mark.parametrize("unmasked_min_rows", [0, 10**9])
+def test_forward_unmasked_main_launch_and_masked_tail(monkeypatch, unmasked_min_rows):
+    # Large N runs the columns before the last partial tile without a column mask and the rest in a
+    # second, masked launch; small N one masked launch. Force each at a small shape (V=600, 583 real:
+    # 512 unmasked columns on GPU, 576 in the interpreter).
+    from verl_mega.kernels import logprob_triton
+    monkeypatch.setattr(logprob_triton, "UNMASKED_MIN_ROWS", unmasked_min_rows)
+    device = "cuda" if CUDA else "cpu"
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    hidden, weight, labels, g_lp, g_ent = _inputs(37, 64, 600, dtype, device, 583, seed=4)
+    kw = dict(true_vocab_size=583, temperature=0.8)
+    out = _run(fused_logprob_entropy, hidden, weight, labels, g_lp, g_ent, impl="triton", chunk_size=256, **kw)
+    ref = _run(reference_logprob_entropy, hidden.cpu(), weight.cpu(), labels.cpu(), g_lp.cpu(), g_ent.cpu(), **kw)
+    err = _max_rel_err(out, ref)
+    assert max(err[:2]) < (1e-4 if not CUDA else 2e-2) and max(err[2:]) < 2e-2, err

@@ -161,18 +161,18 @@ class _FusedLogProbEntropy(torch.autograd.Function):
         stats = _local_stats(h, w[:spec.n_valid], local, spec)
         lse, ez, zt = _combine_over_group(*stats, spec)
         ctx.spec = spec
-        ctx.save_for_backward(h, w, local, lse, ez)
+        ctx.save_for_backward(h, w, local, lse, ez, zt)
         ctx.set_materialize_grads(False)
         return zt - lse, lse - ez
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):
-        h, w, local, lse, ez = ctx.saved_tensors
+        h, w, local, lse, ez, zt = ctx.saved_tensors
         spec = ctx.spec
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
         g_ent = g_ent.float().contiguous() if (g_ent is not None and spec.compute_entropy) else None
-        grad_h, grad_w = _backward_chunks(h, w, local, lse, ez, g_lp, g_ent, spec, need_h, need_w)
+        grad_h, grad_w = _backward_chunks(h, w, local, lse, ez, zt, g_lp, g_ent, spec, need_h, need_w)
         if grad_h is not None:
             if spec.tp > 1:
                 dist.all_reduce(grad_h, group=spec.group)
@@ -231,7 +231,7 @@ def _combine_over_group(m, s, u, zt, spec: _Spec):
     return lse, m + u / s, zt
 
 
-def _backward_chunks(h, w, local, lse, ez, g_lp, g_ent, spec: _Spec, need_h: bool, need_w: bool):
+def _backward_chunks(h, w, local, lse, ez, zt, g_lp, g_ent, spec: _Spec, need_h: bool, need_w: bool):
     """Recompute the logits chunk by chunk over the valid local vocab; return (grad_h fp32, grad_w)."""
     n, hid = h.shape
     v = spec.n_valid
@@ -253,7 +253,8 @@ def _backward_chunks(h, w, local, lse, ez, g_lp, g_ent, spec: _Spec, need_h: boo
         g = buf[:, :wc.shape[0]]
         if spec.path == "triton":
             from verl_mega.kernels import logprob_triton
-            logprob_triton.grad_logits(h, wc, g, lse, ez, g_lp, g_ent, local, spec.vocab_start + c0, spec.inv_temp)
+            logprob_triton.grad_logits(h, wc, g, lse, ez, g_lp, g_ent, local, zt, spec.vocab_start + c0,
+                                       spec.inv_temp)
         else:
             _torch_grad_logits(hc, wc, g, lse, ez, g_lp, g_ent, local.long() - c0, spec.inv_temp)
         wc = wc if low else wc.float()

@@ -4,13 +4,16 @@ GEMM tiles of logits z = hidden @ weight.T / T (bf16/fp16 `tl.dot` on TMA-loaded
 accumulation) with fused epilogues:
 
 - forward (`_fwd_epilogue`): per [BLOCK_M rows, BLOCK_N vocab] tile, only softmax statistics are
-  written: max m, s = sum e^(z-m), u = sum e^(z-m)(z-m). No logits reach memory.
-  `_combine_kernel` merges the tiles of each row; `_target_kernel` computes the label's logit as
-  one fp32 dot product per row (cheaper than looking for the label in every tile).
+  written: max m, s = sum e^(z-m), u = sum e^(z-m)(z-m). No logits reach memory. The columns up to
+  a multiple of 256 run without a column mask; the last few (if any) take a second, masked launch.
+  `_rows_kernel` merges the tiles of each row and computes the label's logit as one fp32 dot
+  product per row (cheaper than looking for the label in every tile).
 - backward (`_bwd_epilogue`): the gradient w.r.t. the raw logits of one vocab chunk,
       g = onehot * g_lp / T - p * (c + d * acc),  c = (g_lp - g_ent E[z]) / T,  d = g_ent / T^2,
   (= (g_lp (onehot - p) - g_ent p (z - E[z])) / T), stored in the input dtype by TMA; the two
-  gradient GEMMs (g @ W, g.T @ hidden) are left to cuBLAS.
+  gradient GEMMs (g @ W, g.T @ hidden) are left to cuBLAS. The tile leaves out the one-hot term
+  (a compare and a select per logit cost 12% of the kernel); `_label_grad_kernel` then writes the
+  label column of each row from per-row values (N elements per chunk).
 Both epilogues work in base 2 (exp2 of pre-scaled logits) to keep them to a few instructions per
 logit: they are not overlapped with the tensor-core main loop within a tile. The backward stores
 wide tiles in two column halves (`SPLIT`), which keeps 128 x 256 tiles free of register spills.
@@ -70,14 +73,19 @@ def _logits_tile(a_desc, b_desc, pid_m, pid_n, H: tl.constexpr, BLOCK_M: tl.cons
 
 @triton.jit
 def _fwd_epilogue(acc, pid_m, pid_n, m_ptr, s_ptr, u_ptr, N, V, scale2,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Tile statistics (m, s, u) of z = acc / T; scale2 = log2(e) / T. Every tile has a column < V."""
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+    """Tile statistics (m, s, u) of z = acc / T; scale2 = log2(e) / T. Every tile has a column < V.
+
+    MASK: some columns of the tile may lie beyond V (only the last column block needs it).
+    The max is taken on the raw accumulator (scale2 > 0), so that z * log2(e) - max is one FMA.
+    """
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    z2 = tl.where((rn < V)[None, :], acc * scale2, NEG)  # z * log2(e)
-    m2 = tl.max(z2, axis=1)
-    d2 = z2 - m2[:, None]
-    e = tl.exp2(d2)  # exactly 0 on masked columns (d2 ~ -1e30)
+    if MASK:
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.where((rn < V)[None, :], acc, NEG / tl.maximum(scale2, 1.0))  # stays finite once scaled
+    m2 = tl.max(acc, axis=1) * scale2
+    d2 = acc * scale2 - m2[:, None]  # (z - m) * log2(e); ~ -1e30 on masked columns
+    e = tl.exp2(d2)  # exactly 0 on masked columns
     s = tl.sum(e, axis=1)
     u2 = tl.sum(e * d2, axis=1)
     row_in = rm < N
@@ -88,33 +96,42 @@ def _fwd_epilogue(acc, pid_m, pid_n, m_ptr, s_ptr, u_ptr, N, V, scale2,
 
 
 @triton.jit
-def _grad_part(acc, col0, lse2, glp, c, d, lab, scale2, HAS_ENT: tl.constexpr, WIDTH: tl.constexpr):
-    """g = onehot * glp - p * (c + d * acc) for `WIDTH` columns starting at col0 (all fp32)."""
+def _grad_part(acc, col0, lse2, glp, c, d, lab, scale2, HAS_ENT: tl.constexpr, WIDTH: tl.constexpr,
+               ONEHOT: tl.constexpr):
+    """g = -p * (c + d * acc) (+ glp at the label's column if ONEHOT) for `WIDTH` columns from col0 (fp32)."""
     p = tl.exp2(acc * scale2 - lse2[:, None])
     if HAS_ENT:
         g = -p * (c[:, None] + d[:, None] * acc)
     else:
         g = -p * c[:, None]
-    rn = col0 + tl.arange(0, WIDTH)
-    return tl.where(rn[None, :] == lab[:, None], g + glp[:, None], g)
+    if ONEHOT:
+        rn = col0 + tl.arange(0, WIDTH)
+        g = tl.where(rn[None, :] == lab[:, None], g + glp[:, None], g)
+    return g
 
 
 @triton.jit
 def _bwd_epilogue(acc, pid_m, pid_n, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_ptr, lab_offset, N, inv_temp,
-                  HAS_ENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+                  HAS_ENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+                  ONEHOT: tl.constexpr):
     """dL/d(raw logits) of the tile, stored by TMA (rows >= N and columns >= V are dropped).
 
-    SPLIT=2 computes and stores the tile in two column halves: half the registers live at once and
-    half the shared-memory staging buffer (no spills at 128 x 256 with 8 warps).
+    ONEHOT=False leaves out the label term (g_lp / T at each row's label column): production writes
+    those N values afterwards with `_label_grad_kernel`, which spares a compare and a select per
+    logit here. SPLIT=2 computes and stores the tile in two column halves: half the registers live at
+    once and half the shared-memory staging buffer (no spills at 128 x 256 with 8 warps).
     """
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rm < N
     lse2 = tl.load(lse_ptr + rm, mask=row_in, other=0.0) * 1.4426950408889634  # log2(e)
     glp = tl.load(glp_ptr + rm, mask=row_in, other=0.0) * inv_temp
-    # The label's column within this chunk, as int32 per row before the per-logit compare (an int64
-    # compare per logit costs 5% of the kernel); ids beyond int32 cannot match a column anyway.
-    lab = tl.load(lab_ptr + rm, mask=row_in, other=-1) - lab_offset
-    lab = tl.minimum(tl.maximum(lab, -1), 2147483647).to(tl.int32)
+    if ONEHOT:
+        # The label's column within this chunk, as int32 per row before the per-logit compare (an
+        # int64 compare per logit costs 5% of the kernel); ids beyond int32 cannot match a column.
+        lab = tl.load(lab_ptr + rm, mask=row_in, other=-1) - lab_offset
+        lab = tl.minimum(tl.maximum(lab, -1), 2147483647).to(tl.int32)
+    else:
+        lab = rm  # unused
     if HAS_ENT:
         gent = tl.load(gent_ptr + rm, mask=row_in, other=0.0) * inv_temp
         c = glp - gent * tl.load(ez_ptr + rm, mask=row_in, other=0.0)
@@ -125,48 +142,76 @@ def _bwd_epilogue(acc, pid_m, pid_n, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr,
     scale2 = inv_temp * 1.4426950408889634
     col0 = pid_n * BLOCK_N
     if SPLIT == 1:
-        g = _grad_part(acc, col0, lse2, glp, c, d, lab, scale2, HAS_ENT, BLOCK_N)
+        g = _grad_part(acc, col0, lse2, glp, c, d, lab, scale2, HAS_ENT, BLOCK_N, ONEHOT)
         g_desc.store([pid_m * BLOCK_M, col0], g.to(g_desc.dtype))
     else:
         HALF: tl.constexpr = BLOCK_N // 2
         a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
-        g0 = _grad_part(a0, col0, lse2, glp, c, d, lab, scale2, HAS_ENT, HALF)
+        g0 = _grad_part(a0, col0, lse2, glp, c, d, lab, scale2, HAS_ENT, HALF, ONEHOT)
         g_desc.store([pid_m * BLOCK_M, col0], g0.to(g_desc.dtype))
-        g1 = _grad_part(a1, col0 + HALF, lse2, glp, c, d, lab, scale2, HAS_ENT, HALF)
+        g1 = _grad_part(a1, col0 + HALF, lse2, glp, c, d, lab, scale2, HAS_ENT, HALF, ONEHOT)
         g_desc.store([pid_m * BLOCK_M, col0 + HALF], g1.to(g_desc.dtype))
 
 
 @triton.jit
+def _label_grad_kernel(g_ptr, ld_g, lab_ptr, lab_offset, zt_ptr, lse_ptr, ez_ptr, glp_ptr, gent_ptr, N, V, inv_temp,
+                       HAS_ENT: tl.constexpr, BLOCK: tl.constexpr):
+    """The label column of each row of a gradient chunk g [N, V] (row stride ld_g), written in place.
+
+    Row i's label column l_i = label_i - lab_offset (rows with l_i outside [0, V) are left alone) gets
+    the full gradient g_lp/T - p (c + g_ent z / T) computed from per-row fp32 values: z = z_{i, l_i}
+    (the forward's label logit), p = exp(z - lse), c as in `_bwd_epilogue`. One element per row:
+    no two programs touch the same element.
+    """
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_in = rows < N
+    lab = tl.load(lab_ptr + rows, mask=row_in, other=-1) - lab_offset
+    here = row_in & (lab >= 0) & (lab < V)
+    z = tl.load(zt_ptr + rows, mask=here, other=0.0)
+    p = tl.exp(z - tl.load(lse_ptr + rows, mask=here, other=0.0))
+    glp = tl.load(glp_ptr + rows, mask=here, other=0.0) * inv_temp
+    if HAS_ENT:
+        gent = tl.load(gent_ptr + rows, mask=here, other=0.0) * inv_temp
+        g = glp - p * (glp - gent * tl.load(ez_ptr + rows, mask=here, other=0.0) + gent * z)
+    else:
+        g = glp - p * glp
+    lab = tl.where(here, lab, 0)
+    tl.store(g_ptr + rows.to(tl.int64) * ld_g + lab, g.to(g_ptr.dtype.element_ty), mask=here)
+
+
+@triton.jit
 def _fwd_tile(a_desc, b_desc, tile, m_ptr, s_ptr, u_ptr, N, V, H: tl.constexpr, scale2, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr = True):
     pid_m, pid_n = _tile_pid(tile, N, V, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _logits_tile(a_desc, b_desc, pid_m, pid_n, H, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
-    _fwd_epilogue(acc, pid_m, pid_n, m_ptr, s_ptr, u_ptr, N, V, scale2, BLOCK_M, BLOCK_N)
+    _fwd_epilogue(acc, pid_m, pid_n, m_ptr, s_ptr, u_ptr, N, V, scale2, BLOCK_M, BLOCK_N, MASK)
 
 
 @triton.jit
 def _fwd_kernel(a_desc, b_desc, m_ptr, s_ptr, u_ptr, N, N_BUCKET, V, H: tl.constexpr, scale2,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                PROGS_PER_SM: tl.constexpr, PERSISTENT: tl.constexpr, UPCAST: tl.constexpr):
-    """Forward statistics; PERSISTENT: a grid of PROGS_PER_SM programs per SM looping over tiles."""
+                PROGS_PER_SM: tl.constexpr, PERSISTENT: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr):
+    """Forward statistics; PERSISTENT: a grid of PROGS_PER_SM programs per SM looping over tiles.
+    MASK=False: V is a multiple of BLOCK_N (no column test per logit)."""
     if PERSISTENT:
         num_tiles = tl.cdiv(N, BLOCK_M) * tl.cdiv(V, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
             _fwd_tile(a_desc, b_desc, tile, m_ptr, s_ptr, u_ptr, N, V, H, scale2, BLOCK_M, BLOCK_N, BLOCK_K,
-                      GROUP_M, UPCAST)
+                      GROUP_M, UPCAST, MASK)
     else:  # one tile per program (the interpreter cannot loop over run-time bounds)
         _fwd_tile(a_desc, b_desc, tl.program_id(0), m_ptr, s_ptr, u_ptr, N, V, H, scale2, BLOCK_M, BLOCK_N,
-                  BLOCK_K, GROUP_M, UPCAST)
+                  BLOCK_K, GROUP_M, UPCAST, MASK)
 
 
 @triton.jit
 def _bwd_tile(a_desc, b_desc, g_desc, tile, lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_ptr, lab_offset, N, V,
               H: tl.constexpr, inv_temp, HAS_ENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+              ONEHOT: tl.constexpr = False):
     pid_m, pid_n = _tile_pid(tile, N, V, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _logits_tile(a_desc, b_desc, pid_m, pid_n, H, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
     _bwd_epilogue(acc, pid_m, pid_n, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_ptr, lab_offset, N, inv_temp,
-                  HAS_ENT, BLOCK_M, BLOCK_N, SPLIT)
+                  HAS_ENT, BLOCK_M, BLOCK_N, SPLIT, ONEHOT)
 
 
 @triton.jit
@@ -186,30 +231,15 @@ def _bwd_kernel(a_desc, b_desc, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_
 
 
 @triton.jit
-def _target_kernel(h_ptr, w_ptr, lab_ptr, lab_offset, out_ptr, N, V, H: tl.constexpr, stride_h, stride_w,
-                   inv_temp, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
-    """out[i] = hidden[i] . weight[l_i] * inv_temp (fp32), l_i = label_i - lab_offset, where l_i in [0, V), else 0."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_in = rows < N
-    lab = tl.load(lab_ptr + rows, mask=row_in, other=-1) - lab_offset
-    here = row_in & (lab >= 0) & (lab < V)
-    cols = tl.arange(0, BLOCK_H)
-    acc = tl.zeros((BLOCK_R,), tl.float32)
-    for k in range(0, H, BLOCK_H):
-        msk = here[:, None] & ((k + cols) < H)[None, :]
-        h = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + k + cols[None, :], mask=msk, other=0.0)
-        w = tl.load(w_ptr + lab[:, None].to(tl.int64) * stride_w + k + cols[None, :], mask=msk, other=0.0)
-        acc += tl.sum(h.to(tl.float32) * w.to(tl.float32), axis=1)
-    tl.store(out_ptr + rows, acc * inv_temp, mask=row_in)
+def _rows_kernel(m_ptr, s_ptr, u_ptr, h_ptr, w_ptr, lab_ptr, lab_offset, out_ptr, N, V, H: tl.constexpr, stride_h,
+                 stride_w, inv_temp, T: tl.constexpr, BLOCK: tl.constexpr, T_BLOCK: tl.constexpr,
+                 BLOCK_H: tl.constexpr):
+    """Per row: merge the T per-tile (m, s, u) statistics, and compute the label's logit.
 
-
-@triton.jit
-def _combine_kernel(m_ptr, s_ptr, u_ptr, out_m, out_s, out_u, N, T: tl.constexpr, BLOCK: tl.constexpr,
-                    T_BLOCK: tl.constexpr):
-    """Merge T per-tile (m, s, u) rows into one per token row (online-softmax rescaling).
-
-    Each program takes BLOCK rows and reduces T_BLOCK tiles at a time (a [T_BLOCK, BLOCK] block per
-    statistic), so the serial loop is T / T_BLOCK steps long.
+    out [4, N] fp32 = (m, s, u, zt). Statistics: online-softmax rescaling, T_BLOCK tiles at a time
+    (a [T_BLOCK, BLOCK] block per statistic), so the serial loop is T / T_BLOCK steps long.
+    zt_i = hidden[i] . weight[l_i] * inv_temp in fp32 with l_i = label_i - lab_offset where l_i is
+    in [0, V), else 0 (cheaper than looking for the label in every tile of the GEMM).
     """
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_in = rows < N
@@ -230,9 +260,19 @@ def _combine_kernel(m_ptr, s_ptr, u_ptr, out_m, out_s, out_u, N, T: tl.constexpr
         U = a * (U + (M - Mn) * S) + tl.sum(b * (ut + dt * st), axis=0)
         S = a * S + tl.sum(b * st, axis=0)
         M = Mn
-    tl.store(out_m + rows, M, mask=row_in)
-    tl.store(out_s + rows, S, mask=row_in)
-    tl.store(out_u + rows, U, mask=row_in)
+    lab = tl.load(lab_ptr + rows, mask=row_in, other=-1) - lab_offset
+    here = row_in & (lab >= 0) & (lab < V)
+    cols = tl.arange(0, BLOCK_H)
+    zt = tl.zeros((BLOCK,), tl.float32)
+    for k in range(0, H, BLOCK_H):
+        msk = here[:, None] & ((k + cols) < H)[None, :]
+        h = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + k + cols[None, :], mask=msk, other=0.0)
+        w = tl.load(w_ptr + lab[:, None].to(tl.int64) * stride_w + k + cols[None, :], mask=msk, other=0.0)
+        zt += tl.sum(h.to(tl.float32) * w.to(tl.float32), axis=1)
+    tl.store(out_ptr + rows, M, mask=row_in)
+    tl.store(out_ptr + N + rows, S, mask=row_in)
+    tl.store(out_ptr + 2 * N + rows, U, mask=row_in)
+    tl.store(out_ptr + 3 * N + rows, zt * inv_temp, mask=row_in)
 
 
 # ----------------------------------------------------------------------------- launching
@@ -254,6 +294,9 @@ def _set_block_shapes(nargs):
 _FWD_CONFIGS = [(128, 256, 64, 8, 3, 1), (256, 128, 64, 8, 3, 1)]
 _BWD_CONFIGS = [(128, 256, 64, 8, 3, 1), (256, 128, 64, 8, 3, 1)]
 _SMALL = (128, 128, 64, 8, 4, 1)  # small token counts (tests, short micro-batches): one config, no search
+UNMASKED_MIN_ROWS = 4096  # forward: from this many rows on, the columns before the last partial tile skip the mask
+_WIDEST_BLOCK_N = max(c[1] for c in _FWD_CONFIGS + [_SMALL])
+assert all(_WIDEST_BLOCK_N % c[1] == 0 for c in _FWD_CONFIGS + [_SMALL])
 
 
 def _config(cfg, forward: bool):
@@ -278,7 +321,7 @@ def _prune(configs, named_args, **kwargs):
 def _tuned(kernel, forward: bool):
     # Tuned per hidden size and power-of-two bucket of the token count (N_BUCKET is otherwise unused).
     cfgs = [_config(c, forward) for c in (_FWD_CONFIGS if forward else _BWD_CONFIGS) + [_SMALL]]
-    return triton.autotune(configs=cfgs, key=["H", "N_BUCKET"] + ([] if forward else ["HAS_ENT"]),
+    return triton.autotune(configs=cfgs, key=["H", "N_BUCKET"] + (["MASK"] if forward else ["HAS_ENT"]),
                            prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
@@ -333,30 +376,48 @@ def forward_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     # Upper bound on the tile count (smallest BLOCK_N of any config); unused rows stay untouched.
     max_tiles = triton.cdiv(V, 64 if interpret_mode() else 128)
     parts = torch.empty(3, max_tiles, N, device=dev, dtype=torch.float32)  # [stat, tile, row]
-    args = (parts[0], parts[1], parts[2], N, triton.next_power_of_2(N), V, H, inv_temp * LOG2E)
-    tiles = triton.cdiv(V, _launch(True, N, V, (hidden, weight), args, {}))
-    out = torch.empty(4, N, device=dev, dtype=torch.float32)  # m, s, u, zt
-    block = 64
-    _combine_kernel[(triton.cdiv(N, block),)](parts[0], parts[1], parts[2], out[0], out[1], out[2], N, tiles,
-                                               BLOCK=block, T_BLOCK=16 if interpret_mode() else 32)
-    _target_kernel[(triton.cdiv(N, 16),)](hidden, weight, labels, label_offset, out[3], N, V, H, hidden.stride(0),
-                                          weight.stride(0), inv_temp, BLOCK_R=16, BLOCK_H=128)
+    # The columns up to a multiple of the widest BLOCK_N (a multiple of every BLOCK_N) need no column
+    # mask; the few after them (< 256) take a second launch with the mask, its tiles stored after.
+    # Small N: one masked launch (a second launch costs more host time than the mask costs the GPU).
+    width = _INTERP_TILE["BLOCK_N"] if interpret_mode() else _WIDEST_BLOCK_N
+    v_main = V // width * width if N >= UNMASKED_MIN_ROWS else 0
+    tiles = 0
+    for c0, c1, mask in ((0, v_main, False), (v_main, V, True)):
+        if c1 > c0:
+            args = (parts[0, tiles:], parts[1, tiles:], parts[2, tiles:], N, triton.next_power_of_2(N), c1 - c0, H,
+                    inv_temp * LOG2E)
+            tiles += triton.cdiv(c1 - c0, _launch(True, N, c1 - c0, (hidden, weight[c0:c1]), args, {"MASK": mask}))
+    return _finish_rows(parts, tiles, hidden, weight, labels, label_offset, inv_temp)
+
+
+def _finish_rows(parts, tiles: int, hidden, weight, labels, label_offset: int, inv_temp: float):
+    """(m, s, u, zt) fp32 [N] from the per-tile statistics parts [3, >= tiles, N] (see `_rows_kernel`)."""
+    N, H = hidden.shape
+    out = torch.empty(4, N, device=hidden.device, dtype=torch.float32)
+    block = 32
+    _rows_kernel[(triton.cdiv(N, block),)](parts[0], parts[1], parts[2], hidden, weight, labels, label_offset, out, N,
+                                           weight.shape[0], H, hidden.stride(0), weight.stride(0), inv_temp, T=tiles,
+                                           BLOCK=block, T_BLOCK=16 if interpret_mode() else 32, BLOCK_H=128)
     return out[0], out[1], out[2], out[3]
 
 
 def grad_logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                 ez: torch.Tensor | None, g_lp: torch.Tensor, g_ent: torch.Tensor | None,
-                labels: torch.Tensor, col_offset: int, inv_temp: float) -> torch.Tensor:
+                labels: torch.Tensor, label_logit: torch.Tensor, col_offset: int, inv_temp: float) -> torch.Tensor:
     """Write d(loss)/d(raw logits) for the rows of `weight` (one vocab chunk) into `out` [N, V].
 
     `out` may be a column slice of a wider buffer (row stride > V, 16-byte aligned). lse, ez, g_lp,
-    g_ent are fp32 [N]; labels [N] integer ids, the label's column in this chunk being
-    label - col_offset (outside [0, V): not in this chunk).
+    g_ent and label_logit (z at the label, from the forward) are fp32 [N]; labels [N] integer ids,
+    the label's column in this chunk being label - col_offset (outside [0, V): not in this chunk).
+    Two launches: the tiles without the label term, then the label column of each row.
     """
     N, H = hidden.shape
     V = weight.shape[0]
     has_ent = g_ent is not None
-    args = (lse, ez if has_ent else lse, g_lp, g_ent if has_ent else g_lp, labels, col_offset,
-            N, triton.next_power_of_2(N), V, H, inv_temp)
+    ez, g_ent = (ez, g_ent) if has_ent else (lse, g_lp)  # placeholders, unused without entropy
+    args = (lse, ez, g_lp, g_ent, labels, col_offset, N, triton.next_power_of_2(N), V, H, inv_temp)
     _launch(False, N, V, (hidden, weight, out), args, {"HAS_ENT": has_ent})
+    block = 128
+    _label_grad_kernel[(triton.cdiv(N, block),)](out, out.stride(0), labels, col_offset, label_logit, lse, ez, g_lp,
+                                                 g_ent, N, V, inv_temp, HAS_ENT=has_ent, BLOCK=block)
     return out
