@@ -234,3 +234,17 @@ def test_forward_unmasked_main_launch_and_masked_tail(monkeypatch, unmasked_min_
     ref = _run(reference_logprob_entropy, hidden.cpu(), weight.cpu(), labels.cpu(), g_lp.cpu(), g_ent.cpu(), **kw)
     err = _max_rel_err(out, ref)
     assert max(err[:2]) < (1e-4 if not CUDA else 2e-2) and max(err[2:]) < 2e-2, err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_hidden_accumulator_first_chunk_ignores_old_values(dtype):
+    # The backward writes grad_h with its first chunk into an uninitialised buffer (beta = 0).
+    from verl_mega.kernels.logprob import _addmm_fp32
+    device = "cuda" if CUDA else "cpu"
+    g = torch.Generator().manual_seed(5)
+    a, b, c = (torch.randn(s, generator=g).to(dtype).to(device) for s in ((8, 16), (16, 4), (16, 4)))
+    acc = torch.full((8, 4), float("nan"), device=device)
+    _addmm_fp32(acc, a, b, first=True)
+    _addmm_fp32(acc, a, c)
+    ref = a.float() @ b.float() + a.float() @ c.float()
+    assert torch.allclose(acc, ref, atol=1e-2 if dtype == torch.bfloat16 else 1e-5)

@@ -244,7 +244,8 @@ def _backward_chunks(h, w, local, lse, ez, zt, g_lp, g_ent, spec: _Spec, need_h:
     chunk = _chunk(spec, n, max(v, 1), torch.finfo(gdtype).bits // 8, sms)
     width = -(-min(chunk, max(v, 1)) // 16) * 16  # rows of the buffer stay 16-byte aligned (TMA)
     buf = torch.empty(n, width, dtype=gdtype, device=h.device)  # [N, chunk (+ padding)]
-    grad_h = torch.zeros(n, hid, dtype=torch.float32, device=h.device) if need_h else None
+    # The first chunk writes grad_h (no memset, no read of zeros), the others add to it.
+    grad_h = (torch.empty if v > 0 else torch.zeros)(n, hid, dtype=torch.float32, device=h.device) if need_h else None
     grad_w = torch.empty_like(w) if need_w else None
     if need_w and v < w.shape[0]:
         grad_w[v:].zero_()  # padding rows
@@ -259,7 +260,7 @@ def _backward_chunks(h, w, local, lse, ez, zt, g_lp, g_ent, spec: _Spec, need_h:
             _torch_grad_logits(hc, wc, g, lse, ez, g_lp, g_ent, local.long() - c0, spec.inv_temp)
         wc = wc if low else wc.float()
         if need_h:
-            _addmm_fp32(grad_h, g, wc)
+            _addmm_fp32(grad_h, g, wc, first=c0 == 0)
         if need_w:
             if low:
                 torch.mm(g.t(), hc, out=grad_w[c0:c0 + wc.shape[0]])
@@ -283,18 +284,24 @@ def _torch_grad_logits(hf, wc, out, lse, ez, g_lp, g_ent, col, inv_temp):
 _OUT_DTYPE_MM = [True]  # does torch.addmm accept out_dtype= here? (CUDA, torch >= 2.8)
 
 
-def _addmm_fp32(acc, a, b):
-    """acc += a @ b with fp32 accumulation into the fp32 `acc`, whatever the dtype of a and b."""
+def _addmm_fp32(acc, a, b, first: bool = False):
+    """acc += a @ b (acc = a @ b if `first`: acc's old values are not read) with fp32 accumulation
+    into the fp32 `acc`, whatever the dtype of a and b."""
+    beta = 0.0 if first else 1.0
     if a.dtype == torch.float32:
-        acc.addmm_(a, b)
+        acc.addmm_(a, b, beta=beta)
         return
     if _OUT_DTYPE_MM[0]:
         try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
             return
         except (RuntimeError, TypeError):
             _OUT_DTYPE_MM[0] = False
-    acc += a @ b  # fallback: the chunk's product is rounded to the input dtype before accumulating
+    # Fallback: the chunk's product is rounded to the input dtype before accumulating.
+    if first:
+        acc.copy_(a @ b)
+    else:
+        acc += a @ b
 
 
 def _chunk(spec: _Spec, n: int, v: int, elem_bytes: int, num_sms: int = 0) -> int:
