@@ -321,7 +321,9 @@ def _prune(configs, named_args, **kwargs):
 def _tuned(kernel, forward: bool):
     # Tuned per hidden size and power-of-two bucket of the token count (N_BUCKET is otherwise unused).
     cfgs = [_config(c, forward) for c in (_FWD_CONFIGS if forward else _BWD_CONFIGS) + [_SMALL]]
-    return triton.autotune(configs=cfgs, key=["H", "N_BUCKET"] + (["MASK"] if forward else ["HAS_ENT"]),
+    # Not keyed on the forward's MASK: the masked tail launch reuses the main launch's configuration
+    # (a new key would mean another search, and compiles, in the middle of training).
+    return triton.autotune(configs=cfgs, key=["H", "N_BUCKET"] + ([] if forward else ["HAS_ENT"]),
                            prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
