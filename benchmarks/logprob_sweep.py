@@ -458,7 +458,7 @@ def _fwd_bwd(h, w, labels, g_lp, g_ent, chunk=None):
     return torch.autograd.grad([lp, ent], [h, w], [g_lp, g_ent])
 
 
-def chunks_ab(widths=(None, 12800, 16896), rounds=5) -> dict:
+def chunks_ab(widths=(None, 12672, 16896), rounds=5) -> dict:
     """Whole forward + backward, back to back, at several backward chunk widths (alternating), with peak memory."""
     h, w, labels, g_lp, g_ent = _inputs(*SHAPE)
     h.requires_grad_()
@@ -476,6 +476,15 @@ def chunks_ab(widths=(None, 12800, 16896), rounds=5) -> dict:
     for _ in range(rounds):
         for c in widths:
             out.setdefault(f"ms_{c}", []).append(round(_loop_ms(lambda: _fwd_bwd(h, w, labels, g_lp, g_ent, c)), 3))
+    acts = [torch.profiler.ProfilerActivity.CUDA]
+    for _ in range(2):  # GPU time by kernel (profiler), less sensitive to queueing than the loop above
+        for c in widths:
+            with torch.profiler.profile(activities=acts) as prof:
+                for _ in range(3):
+                    _fwd_bwd(h, w, labels, g_lp, g_ent, c)
+                torch.cuda.synchronize()
+            kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            out.setdefault(f"kernel_ms_{c}", []).append(_kernel_totals(kern, 3)["sum"])
     return out
 
 
