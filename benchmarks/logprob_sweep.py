@@ -10,7 +10,6 @@ Modes (GPU unless noted; results printed and written as JSON under $OUT, ./bench
   --overlap          one tile config with 1 or 2 programs per SM, full and GEMM-only epilogues
   --stages           3 vs 4 pipeline stages over a whole backward
   --chunks           whole forward + backward at several backward chunk widths, with peak memory
-  --labels           the backward kernel with int64 vs int32 label ids
   --decompose        back-to-back times of the pieces of forward + backward and of the 3-GEMM baseline
   --gaps             host time to issue one forward + backward and the GPU's idle gaps (profiler)
   --host             host microseconds to issue each piece
@@ -488,21 +487,6 @@ def chunks_ab(widths=(None, 12672, 16896), rounds=5) -> dict:
     return out
 
 
-def labels_ab(chunk=8448, rounds=4) -> dict:
-    """The production backward kernel over all chunks, back to back, with int64 vs int32 label ids."""
-    v = SHAPE[2]
-    h, w, labels, g_lp, g_ent, buf, lse, ez = _bwd_setup(chunk)
-    out = {}
-    for _ in range(rounds):
-        for lab in (labels, labels.to(torch.int32)):
-            def run(lab=lab):
-                for c0 in range(0, v, chunk):
-                    wc = w[c0:c0 + chunk]
-                    lt.grad_logits(h, wc, buf[:, :wc.shape[0]], lse, ez, g_lp, g_ent, lab, lse, c0, 1.0)
-            out.setdefault(f"{str(lab.dtype)[6:]}_ms", []).append(round(_loop_ms(run), 3))
-    return out
-
-
 def decompose(chunk=8192, reps=2) -> dict:
     """Back-to-back times of the pieces of forward + backward, and of the 3-GEMM baseline."""
     n, hid, v = SHAPE
@@ -663,8 +647,8 @@ def profile_once(chunk=8192):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ab_modes = {"epilogue": epilogue_ab, "group": group_ab, "overlap": overlap_ab, "stages": stages_ab, "chunks": chunks_ab,
-                "labels": labels_ab, "decompose": decompose, "gaps": gaps, "host": host_overhead}
+    ab_modes = {"epilogue": epilogue_ab, "group": group_ab, "overlap": overlap_ab, "stages": stages_ab,
+                "chunks": chunks_ab, "decompose": decompose, "gaps": gaps, "host": host_overhead}
     modes = (*ab_modes, "profile", "interpret_check")
     for mode in modes:
         ap.add_argument("--" + mode.replace("_", "-"), action="store_true")

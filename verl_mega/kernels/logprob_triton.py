@@ -181,7 +181,8 @@ def _label_grad_kernel(g_ptr, ld_g, lab_ptr, lab_offset, zt_ptr, lse_ptr, ez_ptr
 
 @triton.jit
 def _fwd_tile(a_desc, b_desc, tile, m_ptr, s_ptr, u_ptr, N, V, H: tl.constexpr, scale2, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr = True):
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
+              MASK: tl.constexpr = True):
     pid_m, pid_n = _tile_pid(tile, N, V, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _logits_tile(a_desc, b_desc, pid_m, pid_n, H, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
     _fwd_epilogue(acc, pid_m, pid_n, m_ptr, s_ptr, u_ptr, N, V, scale2, BLOCK_M, BLOCK_N, MASK)
@@ -215,19 +216,20 @@ def _bwd_tile(a_desc, b_desc, g_desc, tile, lse_ptr, ez_ptr, glp_ptr, gent_ptr, 
 
 
 @triton.jit
-def _bwd_kernel(a_desc, b_desc, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_ptr, lab_offset, N, N_BUCKET, V,
-                H: tl.constexpr, inv_temp, HAS_ENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT: tl.constexpr, PROGS_PER_SM: tl.constexpr,
-                PERSISTENT: tl.constexpr, UPCAST: tl.constexpr):
-    """Gradient of one vocab chunk's logits; PERSISTENT as in `_fwd_kernel`."""
+def _bwd_kernel(a_desc, b_desc, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr, N, N_BUCKET, V, H: tl.constexpr, inv_temp,
+                HAS_ENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                GROUP_M: tl.constexpr, SPLIT: tl.constexpr, PROGS_PER_SM: tl.constexpr, PERSISTENT: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """Gradient of one vocab chunk's logits without the label term (`_label_grad_kernel` adds it);
+    PERSISTENT as in `_fwd_kernel`."""
     if PERSISTENT:
         num_tiles = tl.cdiv(N, BLOCK_M) * tl.cdiv(V, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
-            _bwd_tile(a_desc, b_desc, g_desc, tile, lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_ptr, lab_offset, N, V, H,
-                      inv_temp, HAS_ENT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT, UPCAST)
+            _bwd_tile(a_desc, b_desc, g_desc, tile, lse_ptr, ez_ptr, glp_ptr, gent_ptr, None, 0, N, V, H,
+                      inv_temp, HAS_ENT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT, UPCAST, False)
     else:
-        _bwd_tile(a_desc, b_desc, g_desc, tl.program_id(0), lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_ptr, lab_offset,
-                  N, V, H, inv_temp, HAS_ENT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT, UPCAST)
+        _bwd_tile(a_desc, b_desc, g_desc, tl.program_id(0), lse_ptr, ez_ptr, glp_ptr, gent_ptr, None, 0, N, V, H,
+                  inv_temp, HAS_ENT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT, UPCAST, False)
 
 
 @triton.jit
@@ -289,12 +291,13 @@ def _set_block_shapes(nargs):
 # (benchmarks/logprob_sweep.py; notes in benchmarks/results/kernels.md): 128 x 256 tiles with 8 warps
 # and 3 stages were fastest in both directions at H = 896 (autotuning picks them at H = 4096 too).
 # Slower there: two programs per SM (128 x 128, 4 warps, one program's epilogue overlapping the
-# other's main loop), 64-row tiles, BLOCK_K = 128, Triton's Hopper warp specialisation. 4 stages matched 3 over a whole backward
-# (A/B: `benchmarks/logprob_sweep.py --stages`) with 229 KB of shared memory per program: not offered.
+# other's main loop), 64-row tiles, BLOCK_K = 128, Triton's Hopper warp specialisation. 4 stages
+# matched 3 over a whole backward (A/B: `benchmarks/logprob_sweep.py --stages`) with 229 KB of shared
+# memory per program: not offered.
 _FWD_CONFIGS = [(128, 256, 64, 8, 3, 1), (256, 128, 64, 8, 3, 1)]
 _BWD_CONFIGS = [(128, 256, 64, 8, 3, 1), (256, 128, 64, 8, 3, 1)]
 _SMALL = (128, 128, 64, 8, 4, 1)  # small token counts (tests, short micro-batches): one config, no search
-UNMASKED_MIN_ROWS = 4096  # forward: from this many rows on, the columns before the last partial tile skip the mask
+UNMASKED_MIN_ROWS = 4096  # forward: from this many rows on, the columns before the last partial tile run unmasked
 _WIDEST_BLOCK_N = max(c[1] for c in _FWD_CONFIGS + [_SMALL])
 assert all(_WIDEST_BLOCK_N % c[1] == 0 for c in _FWD_CONFIGS + [_SMALL])
 
@@ -417,7 +420,7 @@ def grad_logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, l
     V = weight.shape[0]
     has_ent = g_ent is not None
     ez, g_ent = (ez, g_ent) if has_ent else (lse, g_lp)  # placeholders, unused without entropy
-    args = (lse, ez, g_lp, g_ent, labels, col_offset, N, triton.next_power_of_2(N), V, H, inv_temp)
+    args = (lse, ez, g_lp, g_ent, N, triton.next_power_of_2(N), V, H, inv_temp)
     _launch(False, N, V, (hidden, weight, out), args, {"HAS_ENT": has_ent})
     block = 128
     _label_grad_kernel[(triton.cdiv(N, block),)](out, out.stride(0), labels, col_offset, label_logit, lse, ez, g_lp,
