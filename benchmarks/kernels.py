@@ -188,9 +188,8 @@ def _breakdown(h, w, labels) -> dict:
     from verl_mega.kernels import logprob_triton
     n, v = h.shape[0], w.shape[0]
     local = labels.to(torch.int32)
-    out = {"fwd_kernel_ms": time_ms(lambda: logprob_triton.forward_stats(h, w, local, 0, 1.0))}
-    fwd_k, bwd_k = logprob_triton._KERNELS[True], logprob_triton._KERNELS[False]
-    out["fwd_config"] = str(fwd_k.best_config)
+    out = {"fwd_kernel_ms": time_ms(lambda: logprob_triton.forward_stats(h, w, local, 0, 1.0)),
+           "fwd_config": str(logprob_triton.gpu_config(n, True))}
     spec = logprob_mod._Spec(None, 1, 0, v, 1.0, v, None, "triton", True)
     chunk = logprob_mod._chunk(spec, n, v, 2, torch.cuda.get_device_properties(0).multi_processor_count)
     nchunks = -(-v // chunk)
@@ -199,11 +198,7 @@ def _breakdown(h, w, labels) -> dict:
     wc = w[:chunk]
     t = time_ms(lambda: logprob_triton.grad_logits(h, wc, buf, lse, ez, g, g, local, g, 0, 1.0))
     out["bwd_kernel_ms_all_chunks"] = t * nchunks
-    out["bwd_config"] = str(bwd_k.best_config)
-    for name, kern in (("fwd", fwd_k), ("bwd", bwd_k)):
-        timings = getattr(kern, "configs_timings", None) or {}
-        out[f"{name}_autotune_ms"] = {str(c): round(float(t[0] if isinstance(t, (list, tuple)) else t), 4)
-                                      for c, t in timings.items()}
+    out["bwd_config"] = str(logprob_triton.gpu_config(n, False))
     acc = torch.zeros(n, h.shape[1], device="cuda")
     gw = torch.empty_like(wc)
     out["grad_h_gemm_ms_all_chunks"] = time_ms(lambda: logprob_mod._addmm_fp32(acc, buf, wc)) * nchunks

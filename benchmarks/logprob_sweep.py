@@ -312,12 +312,12 @@ def sweep(chunk: int, only: str | None) -> dict:
     m, s, u, zt = lt.forward_stats(h, w, labels, 0, inv_temp)
     lse, ez = m + s.log(), m + u / s
     report["prod_forward_stats_ms"] = _median_ms(lambda: lt.forward_stats(h, w, labels, 0, inv_temp))
-    report["prod_fwd_config"] = str(lt._KERNELS[True].best_config)
+    report["prod_fwd_config"] = str(lt.gpu_config(n, True))
     lab = _chunk_labels(labels, 0, chunk)
     ref = _reference_grad(h, wc, lse, ez, g_lp, g_ent, lab, inv_temp, rows)
     report["prod_grad_logits_ms"] = _median_ms(lambda: lt.grad_logits(h, wc, buf, lse, ez, g_lp, g_ent, lab, zt, 0,
                                                                       inv_temp))
-    report["prod_bwd_config"] = str(lt._KERNELS[False].best_config)
+    report["prod_bwd_config"] = str(lt.gpu_config(n, False))
     report["prod_bwd_err"] = _err(buf[:rows], ref)
 
     def row_of(kind, cfg, epi, fn):

@@ -18,9 +18,9 @@ Both epilogues work in base 2 (exp2 of pre-scaled logits) to keep them to a few 
 logit: they are not overlapped with the tensor-core main loop within a tile. The backward stores
 wide tiles in two column halves (`SPLIT`), which keeps 128 x 256 tiles free of register spills.
 
-On GPU the kernels are persistent (a grid of 1-2 programs per SM looping over tiles with
-`tl.range(flatten=True)`, so the next tile's loads overlap this tile's epilogue) and autotuned per
-hidden size and token-count bucket over a few configurations chosen by `benchmarks/logprob_sweep.py`.
+On GPU the kernels are persistent (one program per SM looping over tiles with
+`tl.range(flatten=True)`, so the next tile's loads overlap this tile's epilogue), with fixed tile
+configurations (`gpu_config`) chosen by `benchmarks/logprob_sweep.py`.
 Under `TRITON_INTERPRET=1` (CPU tests) the same kernels run one tile per program (PERSISTENT=False)
 with small fixed tiles and dot operands upcast to fp32 (the interpreter's bf16 `tl.dot` is not
 usable, and it cannot loop over runtime bounds).
@@ -189,10 +189,10 @@ def _fwd_tile(a_desc, b_desc, tile, m_ptr, s_ptr, u_ptr, N, V, H: tl.constexpr, 
 
 
 @triton.jit
-def _fwd_kernel(a_desc, b_desc, m_ptr, s_ptr, u_ptr, N, N_BUCKET, V, H: tl.constexpr, scale2,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                PROGS_PER_SM: tl.constexpr, PERSISTENT: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr):
-    """Forward statistics; PERSISTENT: a grid of PROGS_PER_SM programs per SM looping over tiles.
+def _fwd_kernel(a_desc, b_desc, m_ptr, s_ptr, u_ptr, N, V, H: tl.constexpr, scale2, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr,
+                UPCAST: tl.constexpr, MASK: tl.constexpr):
+    """Forward statistics; PERSISTENT: a grid of one program per SM looping over tiles.
     MASK=False: V is a multiple of BLOCK_N (no column test per logit)."""
     if PERSISTENT:
         num_tiles = tl.cdiv(N, BLOCK_M) * tl.cdiv(V, BLOCK_N)
@@ -216,10 +216,9 @@ def _bwd_tile(a_desc, b_desc, g_desc, tile, lse_ptr, ez_ptr, glp_ptr, gent_ptr, 
 
 
 @triton.jit
-def _bwd_kernel(a_desc, b_desc, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr, N, N_BUCKET, V, H: tl.constexpr, inv_temp,
+def _bwd_kernel(a_desc, b_desc, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr, N, V, H: tl.constexpr, inv_temp,
                 HAS_ENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                GROUP_M: tl.constexpr, SPLIT: tl.constexpr, PROGS_PER_SM: tl.constexpr, PERSISTENT: tl.constexpr,
-                UPCAST: tl.constexpr):
+                GROUP_M: tl.constexpr, SPLIT: tl.constexpr, PERSISTENT: tl.constexpr, UPCAST: tl.constexpr):
     """Gradient of one vocab chunk's logits without the label term (`_label_grad_kernel` adds it);
     PERSISTENT as in `_fwd_kernel`."""
     if PERSISTENT:
@@ -278,61 +277,37 @@ def _rows_kernel(m_ptr, s_ptr, u_ptr, h_ptr, w_ptr, lab_ptr, lab_offset, out_ptr
 
 
 # ----------------------------------------------------------------------------- launching
-def _set_block_shapes(nargs):
-    """TMA descriptors carry the tile shape: set it for the config about to run."""
-    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
-    nargs["a_desc"].block_shape = [bm, bk]
-    nargs["b_desc"].block_shape = [bn, bk]
-    if "g_desc" in nargs:
-        nargs["g_desc"].block_shape = [bm, bn // nargs["SPLIT"]]
-
-
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, programs per SM). Chosen by a sweep on H200
+# GPU tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), one program per SM. Chosen by a sweep on H200
 # (benchmarks/logprob_sweep.py; notes in benchmarks/results/kernels.md): 128 x 256 tiles with 8 warps
-# and 3 stages were fastest in both directions at H = 896 (autotuning picks them at H = 4096 too).
+# and 3 stages were fastest in both directions at H = 896 and 4096. Autotuning between them and
+# 256 x 128 (earlier sessions) never found the latter more than 1% faster and cost a search, with
+# compiles, at every new token-count bucket in the middle of training: fixed configurations instead.
 # Slower there: two programs per SM (128 x 128, 4 warps, one program's epilogue overlapping the
 # other's main loop), 64-row tiles, BLOCK_K = 128, Triton's Hopper warp specialisation. 4 stages
 # matched 3 over a whole backward (A/B: `benchmarks/logprob_sweep.py --stages`) with 229 KB of shared
-# memory per program: not offered.
-_FWD_CONFIGS = [(128, 256, 64, 8, 3, 1), (256, 128, 64, 8, 3, 1)]
-_BWD_CONFIGS = [(128, 256, 64, 8, 3, 1), (256, 128, 64, 8, 3, 1)]
-_SMALL = (128, 128, 64, 8, 4, 1)  # small token counts (tests, short micro-batches): one config, no search
+# memory per program.
+_LARGE = (128, 256, 64, 8, 3)
+_SMALL = (128, 128, 64, 8, 4)  # up to SMALL_MAX_ROWS tokens (tests, short micro-batches): fewer idle tiles
+SMALL_MAX_ROWS = 1024
 UNMASKED_MIN_ROWS = 4096  # forward: from this many rows on, the columns before the last partial tile run unmasked
-_WIDEST_BLOCK_N = max(c[1] for c in _FWD_CONFIGS + [_SMALL])
-assert all(_WIDEST_BLOCK_N % c[1] == 0 for c in _FWD_CONFIGS + [_SMALL])
-
-
-def _config(cfg, forward: bool):
-    bm, bn, bk, warps, stages, per_sm = cfg
-    # Forward: groups of 32 row blocks (4096 rows) per sweep of the vocabulary, so the whole weight
-    # is streamed from memory N / 4096 times instead of N / 1024 (3-5% faster on H200); the
-    # backward's chunk of the weight stays in L2 whatever the order.
-    kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 32 if forward else 8, "PROGS_PER_SM": per_sm}
-    if not forward:
-        kw["SPLIT"] = 2 if bn >= 256 else 1
-    return triton.Config(kw, num_warps=warps, num_stages=stages, pre_hook=_set_block_shapes)
-
-
-def _prune(configs, named_args, **kwargs):
-    """Small token counts (tests, short micro-batches) take one mid-size tile instead of a search."""
-    small = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == _SMALL[:2]]
-    if named_args["N_BUCKET"] <= 1024:
-        return small
-    return [c for c in configs if c not in small]
-
-
-def _tuned(kernel, forward: bool):
-    # Tuned per hidden size and power-of-two bucket of the token count (N_BUCKET is otherwise unused).
-    cfgs = [_config(c, forward) for c in (_FWD_CONFIGS if forward else _BWD_CONFIGS) + [_SMALL]]
-    # Not keyed on the forward's MASK: the masked tail launch reuses the main launch's configuration
-    # (a new key would mean another search, and compiles, in the middle of training).
-    return triton.autotune(configs=cfgs, key=["H", "N_BUCKET"] + ([] if forward else ["HAS_ENT"]),
-                           prune_configs_by={"early_config_prune": _prune})(kernel)
-
-
-_KERNELS = {True: _tuned(_fwd_kernel, True), False: _tuned(_bwd_kernel, False)}  # forward? -> autotuned kernel
+_WIDEST_BLOCK_N = _LARGE[1]
+assert _WIDEST_BLOCK_N % _SMALL[1] == 0
 INTERP_SPLIT = 2  # backward epilogue halves under the interpreter (tests also run 1)
-_INTERP_TILE = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2, "PROGS_PER_SM": 1}  # interpreter
+_INTERP_TILE = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}  # interpreter
+
+
+def gpu_config(n_rows: int, forward: bool) -> tuple[dict, dict]:
+    """(kernel meta-parameters, launch options) of the GPU kernels for `n_rows` tokens.
+
+    Forward: groups of 32 row blocks (4096 rows) per sweep of the vocabulary, so the whole weight is
+    streamed from memory N / 4096 times instead of N / 1024 (3-5% faster on H200); the backward's
+    chunk of the weight stays in L2 whatever the order.
+    """
+    bm, bn, bk, warps, stages = _SMALL if n_rows <= SMALL_MAX_ROWS else _LARGE
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 32 if forward else 8}
+    if not forward:
+        meta["SPLIT"] = 2 if bn >= 256 else 1
+    return meta, {"num_warps": warps, "num_stages": stages}
 
 
 @functools.lru_cache(maxsize=None)
@@ -343,27 +318,21 @@ def _num_sms(device_index: int) -> int:
 def _launch(forward: bool, N, V, tensors, args, kwargs):
     """Launch over TMA descriptors of `tensors` (hidden, weight[, grad out]); returns the BLOCK_N used."""
     interp = interpret_mode()
-    tile = _INTERP_TILE if interp else {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}  # GPU: set by pre_hook
-    descs = [TensorDescriptor.from_tensor(tensors[0], [tile["BLOCK_M"], tile["BLOCK_K"]]),
-             TensorDescriptor.from_tensor(tensors[1], [tile["BLOCK_N"], tile["BLOCK_K"]])]
-    if len(tensors) > 2:
-        descs.append(TensorDescriptor.from_tensor(tensors[2], [tile["BLOCK_M"], tile["BLOCK_N"]]))
     if interp:
-        kernel = _fwd_kernel if forward else _bwd_kernel
-        extra = {} if forward else {"SPLIT": INTERP_SPLIT}
-        grid = (triton.cdiv(N, tile["BLOCK_M"]) * triton.cdiv(V, tile["BLOCK_N"]),)
+        meta, opts = dict(_INTERP_TILE), {}
         if not forward:
-            descs[2].block_shape = [tile["BLOCK_M"], tile["BLOCK_N"] // INTERP_SPLIT]
-        kernel[grid](*descs, *args, **kwargs, **tile, **extra, PERSISTENT=False, UPCAST=True)
-        return tile["BLOCK_N"]
-    kernel = _KERNELS[forward]
-
-    def grid(meta):
-        tiles = triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(V, meta["BLOCK_N"])
-        return (min(tiles, meta["PROGS_PER_SM"] * _num_sms(tensors[0].device.index or 0)),)
-
-    kernel[grid](*descs, *args, **kwargs, PERSISTENT=True, UPCAST=False)
-    return kernel.best_config.kwargs["BLOCK_N"]
+            meta["SPLIT"] = INTERP_SPLIT
+    else:
+        meta, opts = gpu_config(N, forward)
+    bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+    descs = [TensorDescriptor.from_tensor(tensors[0], [bm, bk]), TensorDescriptor.from_tensor(tensors[1], [bn, bk])]
+    if len(tensors) > 2:
+        descs.append(TensorDescriptor.from_tensor(tensors[2], [bm, bn // meta["SPLIT"]]))
+    tiles = triton.cdiv(N, bm) * triton.cdiv(V, bn)
+    grid = (tiles if interp else min(tiles, _num_sms(tensors[0].device.index or 0)),)
+    kernel = _fwd_kernel if forward else _bwd_kernel
+    kernel[grid](*descs, *args, **kwargs, **meta, **opts, PERSISTENT=not interp, UPCAST=interp)
+    return bn
 
 
 def forward_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, label_offset: int,
@@ -379,7 +348,7 @@ def forward_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     V = weight.shape[0]
     dev = hidden.device
     # Upper bound on the tile count (smallest BLOCK_N of any config); unused rows stay untouched.
-    max_tiles = triton.cdiv(V, 64 if interpret_mode() else 128)
+    max_tiles = triton.cdiv(V, _INTERP_TILE["BLOCK_N"] if interpret_mode() else _SMALL[1])
     parts = torch.empty(3, max_tiles, N, device=dev, dtype=torch.float32)  # [stat, tile, row]
     # The columns up to a multiple of the widest BLOCK_N (a multiple of every BLOCK_N) need no column
     # mask; the few after them (< 256) take a second launch with the mask, its tiles stored after.
@@ -389,8 +358,7 @@ def forward_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     tiles = 0
     for c0, c1, mask in ((0, v_main, False), (v_main, V, True)):
         if c1 > c0:
-            args = (parts[0, tiles:], parts[1, tiles:], parts[2, tiles:], N, triton.next_power_of_2(N), c1 - c0, H,
-                    inv_temp * LOG2E)
+            args = (parts[0, tiles:], parts[1, tiles:], parts[2, tiles:], N, c1 - c0, H, inv_temp * LOG2E)
             tiles += triton.cdiv(c1 - c0, _launch(True, N, c1 - c0, (hidden, weight[c0:c1]), args, {"MASK": mask}))
     return _finish_rows(parts, tiles, hidden, weight, labels, label_offset, inv_temp)
 
@@ -420,7 +388,7 @@ def grad_logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, l
     V = weight.shape[0]
     has_ent = g_ent is not None
     ez, g_ent = (ez, g_ent) if has_ent else (lse, g_lp)  # placeholders, unused without entropy
-    args = (lse, ez, g_lp, g_ent, N, triton.next_power_of_2(N), V, H, inv_temp)
+    args = (lse, ez, g_lp, g_ent, N, V, H, inv_temp)
     _launch(False, N, V, (hidden, weight, out), args, {"HAS_ENT": has_ent})
     block = 128
     _label_grad_kernel[(triton.cdiv(N, block),)](out, out.stride(0), labels, col_offset, label_logit, lse, ez, g_lp,
