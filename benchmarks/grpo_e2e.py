@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep-cache", action="store_true",
                    help="keep the KV cache and CUDA graphs between rollouts (default: freed for training, recaptured)")
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--profile-step", type=int, default=0,
+                   help="profile this step (1-based; 0: none): GPU and host time by op/kernel to $OUT/grpo_e2e_profile.txt")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="output directory (default $OUT or .)")
     args = p.parse_args(argv)
@@ -107,7 +109,10 @@ def run_layout(args, tp: int, pp: int) -> dict:
     for step in range(args.steps):
         samples = [{"prompt_ids": torch.randint(3, vocab, (args.prompt_len,), generator=gen).tolist()}
                    for _ in range(per_dp)]
-        metrics = trainer.step(samples)
+        if step + 1 == args.profile_step:
+            metrics = profile_step(trainer, samples, args.out)
+        else:
+            metrics = trainer.step(samples)
         if step >= args.warmup:
             history.append(metrics)
     result = {"layout": {"tp": tp, "pp": pp, "dp": layout.dp, "tp_g": trainer.hybrid.inference_layout.tp_g},
@@ -123,6 +128,31 @@ def run_layout(args, tp: int, pp: int) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
+
+
+def profile_step(trainer, samples, out_dir: str, top: int = 40) -> dict:
+    """One trainer step under torch.profiler; writes the ops/kernels with the most GPU time and the
+    most host (self) time, with call counts, to out_dir/grpo_e2e_profile.txt (rank 0)."""
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                    if torch.cuda.is_available() else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        metrics = trainer.step(samples)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    if dist.get_rank() == 0:
+        avg = prof.key_averages()
+        lines = ["# GPU time by op / kernel (ms, calls; ops include their kernels)"]
+        lines += [f"{e.device_time_total / 1e3:9.1f}  {e.count:7d}x  {e.key[:120]}"
+                  for e in sorted(avg, key=lambda e: -e.device_time_total)[:top]]
+        lines += ["", "# host self time (ms, calls)"]
+        lines += [f"{e.self_cpu_time_total / 1e3:9.1f}  {e.count:7d}x  {e.key[:120]}"
+                  for e in sorted(avg, key=lambda e: -e.self_cpu_time_total)[:top // 2]]
+        lines += ["", "# step metrics (under the profiler)", json.dumps({k: v for k, v in metrics.items()
+                                                                        if k.startswith(("time/", "throughput/"))})]
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "grpo_e2e_profile.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return metrics
 
 
 def markdown(results: list[dict], args, world: int, device: str) -> str:
