@@ -16,10 +16,6 @@ boolean mask is turned into an additive bias once per forward, not once per laye
 masks out-of-shard ids without boolean indexing (no host sync: a TP decode step can be captured in a
 CUDA graph).
 
-Speed (training, log-probs): with autograd the RMSNorm, RoPE and SiLU*up arithmetic runs through
-torch.compile on CUDA (`fused_ops.rms_norm_train` etc.: inductor's fused forward and backward
-kernels instead of ~20 small kernels per layer); on CPU the same functions run eagerly.
-
 Deliberate choices:
 - q/k/v and gate/up are separate parameters (no fused QKV): a TP shard of each is one contiguous
   slice of the HF tensor, so shards of different TP sizes relate by plain concatenation along the
@@ -67,7 +63,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         if fused:
             return fused_ops.rms_norm(x, self.weight, self.eps)
-        return fused_ops.rms_norm_train(x, self.weight, self.eps)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -106,7 +104,11 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-apply_rope = fused_ops.rope_train  # x [B, heads, S, head_dim] rotated by cos/sin [B, S, head_dim]
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, heads, S, head_dim] by cos/sin [B, S, head_dim] (rotate-half convention)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class CaptureSafeVocabParallelEmbedding(VocabParallelEmbedding):
@@ -242,7 +244,7 @@ class MLP(nn.Module):
         if fused:  # column-parallel forward = local matmul; one kernel for silu * up
             act = fused_ops.silu_mul(F.linear(x, self.gate_proj.weight), F.linear(x, self.up_proj.weight))
             return self.down_proj(act)[0]
-        return self.down_proj(fused_ops.silu_mul_train(self.gate_proj(x)[0], self.up_proj(x)[0]))[0]
+        return self.down_proj(F.silu(self.gate_proj(x)[0]) * self.up_proj(x)[0])[0]
 
 
 class DecoderLayer(nn.Module):

@@ -19,15 +19,9 @@ When: forward only (no autograd). `available(x)` is True for CUDA tensors (Trito
 for CPU tensors under TRITON_INTERPRET=1 (how the CPU tests run the kernels), never while
 torch.compile traces (inductor fuses the torch reference itself). The decoder takes this path for
 KV-cache forwards under no_grad, i.e. in the generation engine.
-
-Training and log-prob forwards (autograd) take `rms_norm_train`, `rope_train`, `silu_mul_train`:
-the torch references through torch.compile on CUDA (inductor writes the fused forward and backward
-kernels), the plain references on CPU.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -126,37 +120,3 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-# ---------------------------------------------------------------------------------------------- training
-COMPILE_TRAIN_OPS = os.environ.get("VERL_MEGA_COMPILE_TRAIN_OPS", "1") != "0"
-
-
-def _compiled_on_cuda(fn):
-    """`fn` through torch.compile for CUDA inputs, so that inductor fuses its elementwise ops in one
-    kernel forward and one or two backward (autograd works as for `fn`); `fn` itself on CPU, inside
-    another torch.compile region (which inlines it), or with VERL_MEGA_COMPILE_TRAIN_OPS=0. Dynamic
-    shapes (no recompile per sequence length); roundings to bf16 kept where `fn` rounds
-    (emulate_precision_casts), so the values match `fn` up to the fp32 summation order."""
-    compiled = torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
-
-    def call(x, *args):
-        if x.is_cuda and COMPILE_TRAIN_OPS and not torch.compiler.is_compiling():
-            return compiled(x, *args)
-        return fn(x, *args)
-
-    call.__doc__, call.compiled = fn.__doc__, compiled
-    return call
-
-
-def _rope_heads_first(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, S, D] rotated by cos/sin [B, S, D] (rotate-half convention, transformers' arithmetic)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-# The decoder's training / log-prob path (autograd): the reference arithmetic, compiled on CUDA.
-rms_norm_train = _compiled_on_cuda(rms_norm_reference)
-rope_train = _compiled_on_cuda(_rope_heads_first)
-silu_mul_train = _compiled_on_cuda(silu_mul_reference)
