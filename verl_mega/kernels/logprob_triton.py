@@ -96,42 +96,27 @@ def _fwd_epilogue(acc, pid_m, pid_n, m_ptr, s_ptr, u_ptr, N, V, scale2,
 
 
 @triton.jit
-def _grad_part(acc, col0, lse2, glp, c, d, lab, scale2, HAS_ENT: tl.constexpr, WIDTH: tl.constexpr,
-               ONEHOT: tl.constexpr):
-    """g = -p * (c + d * acc) (+ glp at the label's column if ONEHOT) for `WIDTH` columns from col0 (fp32)."""
+def _grad_part(acc, lse2, c, d, scale2, HAS_ENT: tl.constexpr):
+    """g = -p * (c + d * acc), p = 2^(acc * scale2 - lse2) (fp32), for a tile or part of one."""
     p = tl.exp2(acc * scale2 - lse2[:, None])
     if HAS_ENT:
-        g = -p * (c[:, None] + d[:, None] * acc)
-    else:
-        g = -p * c[:, None]
-    if ONEHOT:
-        rn = col0 + tl.arange(0, WIDTH)
-        g = tl.where(rn[None, :] == lab[:, None], g + glp[:, None], g)
-    return g
+        return -p * (c[:, None] + d[:, None] * acc)
+    return -p * c[:, None]
 
 
 @triton.jit
-def _bwd_epilogue(acc, pid_m, pid_n, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_ptr, lab_offset, N, inv_temp,
-                  HAS_ENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                  ONEHOT: tl.constexpr):
-    """dL/d(raw logits) of the tile, stored by TMA (rows >= N and columns >= V are dropped).
-
-    ONEHOT=False leaves out the label term (g_lp / T at each row's label column): production writes
-    those N values afterwards with `_label_grad_kernel`, which spares a compare and a select per
-    logit here. SPLIT=2 computes and stores the tile in two column halves: half the registers live at
-    once and half the shared-memory staging buffer (no spills at 128 x 256 with 8 warps).
+def _bwd_epilogue(acc, pid_m, pid_n, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr, N, inv_temp,
+                  HAS_ENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+    """dL/d(raw logits) of the tile without the label term, stored by TMA (rows >= N and columns >= V
+    are dropped). The label term (g_lp / T at each row's label column) is written afterwards by
+    `_label_grad_kernel`: in the tile it cost a compare and a select per logit, 12% of the kernel.
+    SPLIT=2 computes and stores the tile in two column halves: half the registers live at once and
+    half the shared-memory staging buffer (no spills at 128 x 256 with 8 warps).
     """
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rm < N
     lse2 = tl.load(lse_ptr + rm, mask=row_in, other=0.0) * 1.4426950408889634  # log2(e)
     glp = tl.load(glp_ptr + rm, mask=row_in, other=0.0) * inv_temp
-    if ONEHOT:
-        # The label's column within this chunk, as int32 per row before the per-logit compare (an
-        # int64 compare per logit costs 5% of the kernel); ids beyond int32 cannot match a column.
-        lab = tl.load(lab_ptr + rm, mask=row_in, other=-1) - lab_offset
-        lab = tl.minimum(tl.maximum(lab, -1), 2147483647).to(tl.int32)
-    else:
-        lab = rm  # unused
     if HAS_ENT:
         gent = tl.load(gent_ptr + rm, mask=row_in, other=0.0) * inv_temp
         c = glp - gent * tl.load(ez_ptr + rm, mask=row_in, other=0.0)
@@ -142,15 +127,13 @@ def _bwd_epilogue(acc, pid_m, pid_n, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr,
     scale2 = inv_temp * 1.4426950408889634
     col0 = pid_n * BLOCK_N
     if SPLIT == 1:
-        g = _grad_part(acc, col0, lse2, glp, c, d, lab, scale2, HAS_ENT, BLOCK_N, ONEHOT)
+        g = _grad_part(acc, lse2, c, d, scale2, HAS_ENT)
         g_desc.store([pid_m * BLOCK_M, col0], g.to(g_desc.dtype))
     else:
         HALF: tl.constexpr = BLOCK_N // 2
         a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
-        g0 = _grad_part(a0, col0, lse2, glp, c, d, lab, scale2, HAS_ENT, HALF, ONEHOT)
-        g_desc.store([pid_m * BLOCK_M, col0], g0.to(g_desc.dtype))
-        g1 = _grad_part(a1, col0 + HALF, lse2, glp, c, d, lab, scale2, HAS_ENT, HALF, ONEHOT)
-        g_desc.store([pid_m * BLOCK_M, col0 + HALF], g1.to(g_desc.dtype))
+        g_desc.store([pid_m * BLOCK_M, col0], _grad_part(a0, lse2, c, d, scale2, HAS_ENT).to(g_desc.dtype))
+        g_desc.store([pid_m * BLOCK_M, col0 + HALF], _grad_part(a1, lse2, c, d, scale2, HAS_ENT).to(g_desc.dtype))
 
 
 @triton.jit
@@ -205,14 +188,13 @@ def _fwd_kernel(a_desc, b_desc, m_ptr, s_ptr, u_ptr, N, V, H: tl.constexpr, scal
 
 
 @triton.jit
-def _bwd_tile(a_desc, b_desc, g_desc, tile, lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_ptr, lab_offset, N, V,
-              H: tl.constexpr, inv_temp, HAS_ENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
-              ONEHOT: tl.constexpr = False):
+def _bwd_tile(a_desc, b_desc, g_desc, tile, lse_ptr, ez_ptr, glp_ptr, gent_ptr, N, V, H: tl.constexpr, inv_temp,
+              HAS_ENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              GROUP_M: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
     pid_m, pid_n = _tile_pid(tile, N, V, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _logits_tile(a_desc, b_desc, pid_m, pid_n, H, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
-    _bwd_epilogue(acc, pid_m, pid_n, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr, lab_ptr, lab_offset, N, inv_temp,
-                  HAS_ENT, BLOCK_M, BLOCK_N, SPLIT, ONEHOT)
+    _bwd_epilogue(acc, pid_m, pid_n, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr, N, inv_temp, HAS_ENT, BLOCK_M,
+                  BLOCK_N, SPLIT)
 
 
 @triton.jit
@@ -224,11 +206,11 @@ def _bwd_kernel(a_desc, b_desc, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr, N, V
     if PERSISTENT:
         num_tiles = tl.cdiv(N, BLOCK_M) * tl.cdiv(V, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
-            _bwd_tile(a_desc, b_desc, g_desc, tile, lse_ptr, ez_ptr, glp_ptr, gent_ptr, None, 0, N, V, H,
-                      inv_temp, HAS_ENT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT, UPCAST, False)
+            _bwd_tile(a_desc, b_desc, g_desc, tile, lse_ptr, ez_ptr, glp_ptr, gent_ptr, N, V, H, inv_temp, HAS_ENT,
+                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT, UPCAST)
     else:
-        _bwd_tile(a_desc, b_desc, g_desc, tl.program_id(0), lse_ptr, ez_ptr, glp_ptr, gent_ptr, None, 0, N, V, H,
-                  inv_temp, HAS_ENT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT, UPCAST, False)
+        _bwd_tile(a_desc, b_desc, g_desc, tl.program_id(0), lse_ptr, ez_ptr, glp_ptr, gent_ptr, N, V, H, inv_temp,
+                  HAS_ENT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT, UPCAST)
 
 
 @triton.jit
