@@ -191,7 +191,7 @@ def _breakdown(h, w, labels) -> dict:
     out = {"fwd_kernel_ms": time_ms(lambda: logprob_triton.forward_stats(h, w, local, 0, 1.0)),
            "fwd_config": str(logprob_triton.gpu_config(n, True))}
     spec = logprob_mod._Spec(None, 1, 0, v, 1.0, v, None, "triton", True)
-    chunk = logprob_mod._chunk(spec, n, v, 2, torch.cuda.get_device_properties(0).multi_processor_count)
+    chunk = logprob_mod._chunk(spec, n, v, 2, h.shape[1], torch.cuda.get_device_properties(0).multi_processor_count)
     nchunks = -(-v // chunk)
     lse, ez, g = (torch.rand(n, device="cuda") + 10 for _ in range(3))
     buf = torch.empty(n, chunk, device="cuda", dtype=h.dtype)

@@ -10,6 +10,7 @@ Modes (GPU unless noted; results printed and written as JSON under $OUT, ./bench
   --overlap          one tile config with 1 or 2 programs per SM, full and GEMM-only epilogues
   --stages           3 vs 4 pipeline stages over a whole backward
   --chunks           whole forward + backward at several backward chunk widths, with peak memory
+  --keep             whole forward + backward with / without the kept first chunk, and the 3 GEMMs
   --decompose        back-to-back times of the pieces of forward + backward and of the 3-GEMM baseline
   --gaps             host time to issue one forward + backward and the GPU's idle gaps (profiler)
   --host             host microseconds to issue each piece
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -74,14 +76,14 @@ def _bwd_probe_no_exp(acc, pid_m, pid_n, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_
     lse2 = tl.load(lse_ptr + rm, mask=row_in, other=0.0) * 1.4426950408889634
     glp = tl.load(glp_ptr + rm, mask=row_in, other=0.0) * inv_temp
     gent = tl.load(gent_ptr + rm, mask=row_in, other=0.0) * inv_temp
-    c = glp - gent * tl.load(ez_ptr + rm, mask=row_in, other=0.0)
-    d = gent * inv_temp
+    c = gent * tl.load(ez_ptr + rm, mask=row_in, other=0.0) - glp  # negated, as in production
+    d = -gent * inv_temp
     scale2 = inv_temp * 1.4426950408889634
     HALF: tl.constexpr = BLOCK_N // 2
     a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
-    g0 = -(a0 * scale2 - lse2[:, None]) * (c[:, None] + d[:, None] * a0)
+    g0 = (a0 * scale2 - lse2[:, None]) * (c[:, None] + d[:, None] * a0)
     g_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], g0.to(g_desc.dtype))
-    g1 = -(a1 * scale2 - lse2[:, None]) * (c[:, None] + d[:, None] * a1)
+    g1 = (a1 * scale2 - lse2[:, None]) * (c[:, None] + d[:, None] * a1)
     g_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + HALF], g1.to(g_desc.dtype))
 
 
@@ -95,14 +97,14 @@ def _fwd_variant(h_ptr, w_ptr, m_ptr, s_ptr, u_ptr, N, V, H: tl.constexpr, scale
     a_desc = tl.make_tensor_descriptor(h_ptr, shape=[N, H], strides=[H, 1], block_shape=[BLOCK_M, BLOCK_K])
     b_desc = tl.make_tensor_descriptor(w_ptr, shape=[V, H], strides=[H, 1], block_shape=[BLOCK_N, BLOCK_K])
     if UPCAST:  # interpreter: one tile per program (it cannot loop over run-time bounds)
-        lt._fwd_tile(a_desc, b_desc, tl.program_id(0), m_ptr, s_ptr, u_ptr, N, V, H, scale2, BLOCK_M, BLOCK_N,
-                     BLOCK_K, GROUP_M, UPCAST)
+        lt._fwd_tile(a_desc, b_desc, None, tl.program_id(0), m_ptr, s_ptr, u_ptr, N, V, H, scale2, BLOCK_M, BLOCK_N,
+                     BLOCK_K, GROUP_M, UPCAST, True, False, 1)
     else:
         num_tiles = tl.cdiv(N, BLOCK_M) * tl.cdiv(V, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN, warp_specialize=WS):
             if EPI == 1 or EPI == 2:
-                lt._fwd_tile(a_desc, b_desc, tile, m_ptr, s_ptr, u_ptr, N, V, H, scale2, BLOCK_M, BLOCK_N,
-                             BLOCK_K, GROUP_M, UPCAST, EPI == 1)
+                lt._fwd_tile(a_desc, b_desc, None, tile, m_ptr, s_ptr, u_ptr, N, V, H, scale2, BLOCK_M, BLOCK_N,
+                             BLOCK_K, GROUP_M, UPCAST, EPI == 1, False, 1)
             elif EPI >= 4:
                 pid_m, pid_n = lt._tile_pid(tile, N, V, BLOCK_M, BLOCK_N, GROUP_M)
                 acc = lt._logits_tile(a_desc, b_desc, pid_m, pid_n, H, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
@@ -288,7 +290,7 @@ def sweep(chunk: int, only: str | None) -> dict:
     report = {"gpu": torch.cuda.get_device_name(), "N": n, "H": hid, "V": v, "chunk": chunk, "fwd": [], "bwd": [],
               "cublas_full_gemm_ms": _median_ms(lambda: h @ w.t()),
               "cublas_chunk_gemm_ms": _median_ms(lambda: h @ wc.t())}
-    m, s, u, zt = lt.forward_stats(h, w, labels, 0, inv_temp)
+    m, s, u, zt, _ = lt.forward_stats(h, w, labels, 0, inv_temp)
     lse, ez = m + s.log(), m + u / s
     report["prod_forward_stats_ms"] = _median_ms(lambda: lt.forward_stats(h, w, labels, 0, inv_temp))
     report["prod_fwd_config"] = str(lt.gpu_config(n, True))
@@ -457,6 +459,58 @@ def chunks_ab(widths=(None, 12672, 16896), rounds=5) -> dict:
     return out
 
 
+def keep_ab(rounds=7) -> dict:
+    """Whole forward + backward, back to back: the forward keeping the first chunk's logits at the
+    default width (production) and at 8448 columns, and recomputing every chunk (default width
+    without keeping: 8448 at N=16384 on 132 SMs), alternating with the 3 cuBLAS GEMMs; peak extra
+    memory and profiler kernel sums of each."""
+    logprob = lp_mod
+    h, w, labels, g_lp, g_ent = _inputs(*SHAPE)
+    h.requires_grad_()
+    w.requires_grad_()
+    g = torch.randn(h.shape[0], w.shape[0], device="cuda", dtype=torch.bfloat16)
+    hd, wd = h.detach(), w.detach()
+    variants = {"keep": (None, True), "keep_8448": (8448, True), "recompute": (None, False)}
+
+    def run(name):
+        chunk, keep = variants[name]
+        logprob.KEEP_FIRST_CHUNK = keep
+        try:
+            return _fwd_bwd(h, w, labels, g_lp, g_ent, chunk)
+        finally:
+            logprob.KEEP_FIRST_CHUNK = True
+    out = {}
+    for name in variants:
+        run(name)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        grads = run(name)
+        kept = sum(t.numel() * t.element_size() for t in grads)
+        out[f"extra_gib_{name}"] = (torch.cuda.max_memory_allocated() - base - kept) / 2**30
+        del grads
+    ref = run("recompute")
+    for a, b, key in zip(run("keep"), ref, ("grad_h", "grad_w")):
+        out[f"keep_vs_recompute_{key}_max_rel"] = _err(a, b)
+    del ref
+    for _ in range(rounds):
+        out.setdefault("ms_three_gemms", []).append(round(_loop_ms(lambda: (hd @ wd.t(), g @ wd, g.t() @ hd)), 3))
+        for name in variants:
+            out.setdefault(f"ms_{name}", []).append(round(_loop_ms(lambda: run(name)), 3))
+    for name in variants:
+        out[f"median_ratio_{name}"] = statistics.median(o / b for o, b in zip(out[f"ms_{name}"], out["ms_three_gemms"]))
+    acts = [torch.profiler.ProfilerActivity.CUDA]
+    for _ in range(2):  # GPU time by kernel (profiler), less sensitive to queueing than the loop above
+        for name in variants:
+            with torch.profiler.profile(activities=acts) as prof:
+                for _ in range(3):
+                    run(name)
+                torch.cuda.synchronize()
+            kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            out.setdefault(f"kernel_ms_{name}", []).append(_kernel_totals(kern, 3))
+    return out
+
+
 def decompose(chunk=8192, reps=2) -> dict:
     """Back-to-back times of the pieces of forward + backward, and of the 3-GEMM baseline."""
     n, hid, v = SHAPE
@@ -618,7 +672,7 @@ def profile_once(chunk=8192):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ab_modes = {"epilogue": epilogue_ab, "group": group_ab, "overlap": overlap_ab, "stages": stages_ab,
-                "chunks": chunks_ab, "decompose": decompose, "gaps": gaps, "host": host_overhead}
+                "chunks": chunks_ab, "keep": keep_ab, "decompose": decompose, "gaps": gaps, "host": host_overhead}
     modes = (*ab_modes, "profile", "interpret_check")
     for mode in modes:
         ap.add_argument("--" + mode.replace("_", "-"), action="store_true")

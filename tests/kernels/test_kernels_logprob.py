@@ -249,3 +249,58 @@ def test_grad_hidden_accumulator_first_chunk_ignores_old_values(dtype):
     ref = a.float() @ b.float() + a.float() @ c.float()
     # bf16 on CPU takes the fallback, which rounds each product to bf16 before adding.
     assert torch.allclose(acc, ref, atol=5e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("chunk_size", [64, None])
+def test_kept_first_chunk_matches_recomputed(monkeypatch, keep, chunk_size):
+    # With gradients the Triton forward keeps the first backward chunk's logits (fp16 on GPU) and the
+    # backward turns them into that chunk's gradient in place; chunk_size=None keeps the whole shard
+    # (no GEMM recomputed at all). Both must match the reference, and so must recomputing every chunk.
+    from verl_mega.kernels import logprob, logprob_triton
+    monkeypatch.setattr(logprob, "KEEP_FIRST_CHUNK", keep)
+    calls = []
+    kept_grad = logprob_triton.kept_grad_logits
+    monkeypatch.setattr(logprob_triton, "kept_grad_logits", lambda *a, **k: calls.append(1) or kept_grad(*a, **k))
+    device = "cuda" if CUDA else "cpu"
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    hidden, weight, _, g_lp, g_ent = _inputs(37, 64, 300, dtype, device, 283, seed=6)
+    labels = torch.tensor([0, 63, 64, 5, 282, 127, 128] * 5 + [1, 2], device=device)  # edges of the kept chunk
+    kw = dict(true_vocab_size=283, temperature=0.8)
+    out = _run(fused_logprob_entropy, hidden, weight, labels, g_lp, g_ent, impl="triton", chunk_size=chunk_size, **kw)
+    ref = _run(reference_logprob_entropy, hidden.cpu(), weight.cpu(), labels.cpu(), g_lp.cpu(), g_ent.cpu(), **kw)
+    err = _max_rel_err(out, ref)
+    assert max(err) < (2e-2 if CUDA else 1e-4), err
+    assert len(calls) == int(keep)
+
+
+def test_second_backward_recomputes_the_kept_chunk():
+    # The first backward overwrites the kept logits with gradients; backward through the same graph
+    # again (retain_graph) must recompute that chunk, not read the gradients as logits.
+    device = "cuda" if CUDA else "cpu"
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    hidden, weight, labels, g_lp, g_ent = _inputs(20, 32, 150, dtype, device, 150, seed=7)
+    hidden.requires_grad_()
+    lp, ent = fused_logprob_entropy(hidden, weight, labels, impl="triton", chunk_size=64)
+    loss = (lp * g_lp).sum() + (ent * g_ent).sum()
+    first, = torch.autograd.grad(loss, hidden, retain_graph=True)
+    second, = torch.autograd.grad(loss, hidden)
+    # On GPU the kept chunk is fp16 (first) and the recomputed one fp32 (second): bf16 rounding apart.
+    err = _max_rel_err([first.float()], [second.float()])[0]
+    assert err < (1e-2 if CUDA else 1e-6), err
+
+
+def test_default_chunk_width_within_memory_budget():
+    # The buffer [N, chunk] plus the fp32 grad_h beyond the returned bf16 one stay within EXTRA_BYTES;
+    # keeping the first chunk takes the widest width (fewest recomputed columns), recomputing all
+    # takes the one whose chunks fill the gradient kernel's waves (8448 = 33 x 256 on 132 SMs).
+    from verl_mega.kernels import logprob
+    v = 151936
+    spec = logprob._Spec(None, 1, 0, v, 1.0, v, None, "triton", True)
+    for n, hid in ((16384, 896), (8192, 4096), (65536, 896)):
+        for keep in (False, True):
+            chunk = logprob._chunk(spec, n, v, 2, hid, 132, keep)
+            assert chunk % 256 == 0 and chunk * n * 2 + n * hid * 2 <= logprob.EXTRA_BYTES, (n, hid, keep, chunk)
+    assert logprob._chunk(spec, 16384, v, 2, 896, 132, keep=False) == 8448
+    cap = (logprob.EXTRA_BYTES - 16384 * 896 * 2) // (16384 * 2) // 256 * 256
+    assert logprob._chunk(spec, 16384, v, 2, 896, 132, keep=True) == cap

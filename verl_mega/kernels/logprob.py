@@ -38,7 +38,10 @@ import torch.distributed as dist
 from verl_mega.kernels.dispatch import resolve_impl
 
 NEG = -1.0e30  # finite "minus infinity" for empty statistics (see logprob_triton)
-GRAD_CHUNK_BYTES = 288 * 2**20  # budget of the [N, chunk] gradient buffer when chunk_size is None
+# Extra memory budget of a call when chunk_size is None: the [N, chunk] buffer (kept logits, then
+# gradient chunks) plus the fp32 [N, H] grad_h accumulator.
+EXTRA_BYTES = 460 * 2**20
+KEEP_FIRST_CHUNK = True  # Triton path with gradients: the forward keeps the first chunk's logits
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,8 @@ class _FusedLogProbEntropy(torch.autograd.Function):
         # Triton: the kernels take the global ids (int32: cheaper compares in the backward tile,
         # exact since ids are below the vocabulary size) and the shard's offset; torch: local columns.
         local = labels.to(torch.int32).contiguous() if spec.path == "triton" else _local_columns(labels, spec)
-        stats = _local_stats(h, w[:spec.n_valid], local, spec)
+        keep = spec.path == "triton" and KEEP_FIRST_CHUNK and any(ctx.needs_input_grad[:2])
+        *stats, ctx.kept = _local_stats(h, w[:spec.n_valid], local, spec, keep)
         lse, ez, zt = _combine_over_group(*stats, spec)
         ctx.spec = spec
         ctx.save_for_backward(h, w, local, lse, ez, zt)
@@ -172,7 +176,9 @@ class _FusedLogProbEntropy(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
         g_ent = g_ent.float().contiguous() if (g_ent is not None and spec.compute_entropy) else None
-        grad_h, grad_w = _backward_chunks(h, w, local, lse, ez, zt, g_lp, g_ent, spec, need_h, need_w)
+        kept, ctx.kept = ctx.kept, None  # consumed (overwritten): a second backward recomputes
+        grad_h, grad_w = _backward_chunks(h, w, local, lse, ez, zt, g_lp, g_ent, spec, need_h, need_w, kept)
+        del kept  # its buffer goes before grad_h's conversion below
         if grad_h is not None:
             if spec.tp > 1:
                 dist.all_reduce(grad_h, group=spec.group)
@@ -180,18 +186,20 @@ class _FusedLogProbEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None
 
 
-def _local_stats(h, w, local, spec: _Spec):
-    """(m, s, u, zt) fp32 [N] over this shard's valid columns w [n_valid, H].
+def _local_stats(h, w, local, spec: _Spec, keep: bool):
+    """(m, s, u, zt, kept): fp32 [N] statistics over this shard's valid columns w [n_valid, H], and
+    (Triton path, `keep`) the logits of the first backward chunk kept for the backward, else None.
 
     `local`: on the Triton path the global label ids, else their local columns (-1: elsewhere).
     """
+    n, v = h.shape[0], w.shape[0]
     if spec.path == "triton":
         from verl_mega.kernels import logprob_triton
-        if w.shape[0] == 0:
-            n = h.shape[0]
-            return (torch.full((n,), NEG, device=h.device), *torch.zeros(3, n, device=h.device))
-        return logprob_triton.forward_stats(h, w, local, spec.vocab_start, spec.inv_temp)
-    return _torch_stats(h, w, local, spec)
+        if v == 0:
+            return (torch.full((n,), NEG, device=h.device), *torch.zeros(3, n, device=h.device), None)
+        cols, width = _chunk_width(spec, h, v, keep=True) if keep else (0, 0)
+        return logprob_triton.forward_stats(h, w, local, spec.vocab_start, spec.inv_temp, cols, width)
+    return (*_torch_stats(h, w, local, spec), None)
 
 
 def _torch_stats(h, w, local, spec: _Spec):
@@ -200,7 +208,7 @@ def _torch_stats(h, w, local, spec: _Spec):
     m = torch.full((n,), NEG, device=h.device)
     s, u, zt = torch.zeros(3, n, device=h.device)
     hf = h.float()
-    chunk = _chunk(spec, n, v, 4)
+    chunk = _chunk(spec, n, v, 4, h.shape[1])
     for c0 in range(0, v, chunk):
         z = (hf @ w[c0:c0 + chunk].float().t()) * spec.inv_temp  # [N, chunk]
         m_c = z.amax(dim=1)
@@ -231,8 +239,22 @@ def _combine_over_group(m, s, u, zt, spec: _Spec):
     return lse, m + u / s, zt
 
 
-def _backward_chunks(h, w, local, lse, ez, zt, g_lp, g_ent, spec: _Spec, need_h: bool, need_w: bool):
-    """Recompute the logits chunk by chunk over the valid local vocab; return (grad_h fp32, grad_w)."""
+def _chunk_width(spec: _Spec, h: torch.Tensor, v: int, keep: bool) -> tuple[int, int]:
+    """(vocab columns per backward chunk, their buffer's width: rounded up to 16 columns, so that the
+    buffer's rows stay 16-byte aligned for TMA). keep: the forward keeps the first chunk's logits."""
+    low = spec.path == "triton" and h.is_cuda
+    elem = h.element_size() if low else 4
+    sms = torch.cuda.get_device_properties(h.device).multi_processor_count if low else 0
+    chunk = min(_chunk(spec, h.shape[0], max(v, 1), elem, h.shape[1], sms, keep), max(v, 1))
+    return chunk, -(-chunk // 16) * 16
+
+
+def _backward_chunks(h, w, local, lse, ez, zt, g_lp, g_ent, spec: _Spec, need_h: bool, need_w: bool, kept=None):
+    """Gradients chunk by chunk over the valid local vocab; return (grad_h fp32, grad_w).
+
+    Each chunk's logits are recomputed, except those of the first chunk when the forward kept them
+    (`kept`, Triton path): that chunk's gradient is computed from them in place, and their buffer
+    then serves the other chunks."""
     n, hid = h.shape
     v = spec.n_valid
     # On CUDA the Triton path keeps the gradient chunk in the input dtype and lets cuBLAS run the
@@ -240,10 +262,12 @@ def _backward_chunks(h, w, local, lse, ez, zt, g_lp, g_ent, spec: _Spec, need_h:
     low = spec.path == "triton" and h.is_cuda
     gdtype = h.dtype if low else torch.float32
     hc = h if low else h.float()
-    sms = torch.cuda.get_device_properties(h.device).multi_processor_count if low else 0
-    chunk = _chunk(spec, n, max(v, 1), torch.finfo(gdtype).bits // 8, sms)
-    width = -(-min(chunk, max(v, 1)) // 16) * 16  # rows of the buffer stay 16-byte aligned (TMA)
-    buf = torch.empty(n, width, dtype=gdtype, device=h.device)  # [N, chunk (+ padding)]
+    if kept is not None:  # the kept logits' buffer [N, >= chunk], then the gradient chunks
+        assert kept.values.element_size() == torch.finfo(gdtype).bits // 8
+        chunk, buf = kept.cols, kept.values.view(gdtype)
+    else:
+        chunk, width = _chunk_width(spec, h, v, keep=False)
+        buf = torch.empty(n, width, dtype=gdtype, device=h.device)  # [N, chunk (+ padding)]
     # The first chunk writes grad_h (no memset, no read of zeros), the others add to it.
     grad_h = (torch.empty if v > 0 else torch.zeros)(n, hid, dtype=torch.float32, device=h.device) if need_h else None
     grad_w = torch.empty_like(w) if need_w else None
@@ -254,8 +278,13 @@ def _backward_chunks(h, w, local, lse, ez, zt, g_lp, g_ent, spec: _Spec, need_h:
         g = buf[:, :wc.shape[0]]
         if spec.path == "triton":
             from verl_mega.kernels import logprob_triton
-            logprob_triton.grad_logits(h, wc, g, lse, ez, g_lp, g_ent, local, zt, spec.vocab_start + c0,
-                                       spec.inv_temp)
+            if c0 == 0 and kept is not None:
+                logprob_triton.kept_grad_logits(kept, g, lse, ez, g_lp, g_ent, local, spec.vocab_start,
+                                                spec.inv_temp)
+                kept = None
+            else:
+                logprob_triton.grad_logits(h, wc, g, lse, ez, g_lp, g_ent, local, zt, spec.vocab_start + c0,
+                                           spec.inv_temp)
         else:
             _torch_grad_logits(hc, wc, g, lse, ez, g_lp, g_ent, local.long() - c0, spec.inv_temp)
         wc = wc if low else wc.float()
@@ -304,25 +333,29 @@ def _addmm_fp32(acc, a, b, first: bool = False):
         acc += a @ b
 
 
-def _chunk(spec: _Spec, n: int, v: int, elem_bytes: int, num_sms: int = 0) -> int:
-    """Vocab columns per backward chunk: the [n, chunk] buffer within GRAD_CHUNK_BYTES.
+def _chunk(spec: _Spec, n: int, v: int, elem_bytes: int, hid: int, num_sms: int = 0, keep: bool = False) -> int:
+    """Vocab columns per backward chunk: the [n, chunk] buffer plus what the fp32 [n, hid] grad_h
+    accumulator takes beyond the returned gradient within EXTRA_BYTES (at least 256 columns).
 
     With `num_sms` (the GPU's multiprocessor count), among widths from half the budget up to the
-    budget the one whose chunks fill the persistent kernel's waves best (128 x 256 tiles): e.g.
-    n=16384 on 132 SMs takes 8448 = 33 x 256 columns, 4224 tiles = 32 full waves per chunk, where
-    8192 leaves a last wave of 4 tiles in each chunk.
+    budget the one with the fewest waves of the persistent gradient kernel (128 x 256 tiles),
+    summed over the recomputed chunks (all but the first when the forward keeps it: `keep`), the
+    widest among equals. Without keeping, n=16384 on 132 SMs takes 8448 = 33 x 256 columns (4224
+    tiles = 32 full waves per chunk, where 8192 leaves a last wave of 4 tiles); keeping, the widest
+    chunk wins (more columns kept, fewer recomputed).
     """
     if spec.chunk_size is not None:
         return spec.chunk_size
-    cap = max(256, min(v, GRAD_CHUNK_BYTES // (max(n, 1) * elem_bytes) // 256 * 256))
+    budget = EXTRA_BYTES - n * hid * 2
+    cap = max(256, min(v, budget // (max(n, 1) * elem_bytes) // 256 * 256))
     if num_sms <= 0 or cap >= v:
         return cap
     rows = -(-n // 128)
 
-    def wave_slots(width):  # waves the whole backward takes, summed over chunks
+    def wave_slots(width):  # waves of the gradient kernel over the recomputed chunks
         full, last = divmod(v, width)
         tiles = [rows * -(-width // 256)] * full + ([rows * -(-last // 256)] if last else [])
-        return sum(-(-t // num_sms) for t in tiles)
+        return sum(-(-t // num_sms) for t in tiles[1 if keep else 0:])
     widths = range(cap, max(256, cap // 2) - 1, -256)
     return min(widths, key=lambda c: (wave_slots(c), -c))
 

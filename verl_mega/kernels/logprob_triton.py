@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -72,12 +73,14 @@ def _logits_tile(a_desc, b_desc, pid_m, pid_n, H: tl.constexpr, BLOCK_M: tl.cons
 
 
 @triton.jit
-def _fwd_epilogue(acc, pid_m, pid_n, m_ptr, s_ptr, u_ptr, N, V, scale2,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+def _fwd_epilogue(acc, pid_m, pid_n, m_ptr, s_ptr, u_ptr, d_desc, N, V, scale2, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, MASK: tl.constexpr, STORE: tl.constexpr, SPLIT: tl.constexpr):
     """Tile statistics (m, s, u) of z = acc / T; scale2 = log2(e) / T. Every tile has a column < V.
 
     MASK: some columns of the tile may lie beyond V (only the last column block needs it).
     The max is taken on the raw accumulator (scale2 > 0), so that z * log2(e) - max is one FMA.
+    STORE: also keep the tile for the backward, d2 = (z - m) * log2(e) <= 0 in d_desc's dtype
+    (clamped at -30000, which fp16 holds: 2^-30000 is 0 in fp32 too), by TMA in SPLIT column parts.
     """
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if MASK:
@@ -88,6 +91,15 @@ def _fwd_epilogue(acc, pid_m, pid_n, m_ptr, s_ptr, u_ptr, N, V, scale2,
     e = tl.exp2(d2)  # exactly 0 on masked columns
     s = tl.sum(e, axis=1)
     u2 = tl.sum(e * d2, axis=1)
+    if STORE:
+        kept = tl.maximum(d2, -30000.0)
+        if SPLIT == 1:
+            d_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], kept.to(d_desc.dtype))
+        else:
+            HALF: tl.constexpr = BLOCK_N // 2
+            k0, k1 = tl.split(tl.permute(tl.reshape(kept, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+            d_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], k0.to(d_desc.dtype))
+            d_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + HALF], k1.to(d_desc.dtype))
     row_in = rm < N
     out = pid_n * N + rm
     tl.store(m_ptr + out, m2 * LN2, mask=row_in)
@@ -96,12 +108,13 @@ def _fwd_epilogue(acc, pid_m, pid_n, m_ptr, s_ptr, u_ptr, N, V, scale2,
 
 
 @triton.jit
-def _grad_part(acc, lse2, c, d, scale2, HAS_ENT: tl.constexpr):
-    """g = -p * (c + d * acc), p = 2^(acc * scale2 - lse2) (fp32), for a tile or part of one."""
+def _grad_part(acc, lse2, nc, nd, scale2, HAS_ENT: tl.constexpr):
+    """g = p * (nc + nd * acc) = -p * (c + d * acc), p = 2^(acc * scale2 - lse2) (fp32), for a tile or
+    part of one. The per-row coefficients come negated: `-p` would cost a subtraction per logit."""
     p = tl.exp2(acc * scale2 - lse2[:, None])
     if HAS_ENT:
-        return -p * (c[:, None] + d[:, None] * acc)
-    return -p * c[:, None]
+        return p * (nc[:, None] + nd[:, None] * acc)
+    return p * nc[:, None]
 
 
 @triton.jit
@@ -119,11 +132,11 @@ def _bwd_epilogue(acc, pid_m, pid_n, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr,
     glp = tl.load(glp_ptr + rm, mask=row_in, other=0.0) * inv_temp
     if HAS_ENT:
         gent = tl.load(gent_ptr + rm, mask=row_in, other=0.0) * inv_temp
-        c = glp - gent * tl.load(ez_ptr + rm, mask=row_in, other=0.0)
-        d = gent * inv_temp
+        c = gent * tl.load(ez_ptr + rm, mask=row_in, other=0.0) - glp  # -c and -d of the formula above
+        d = -gent * inv_temp
     else:
-        c = glp
-        d = glp
+        c = -glp
+        d = c
     scale2 = inv_temp * 1.4426950408889634
     col0 = pid_n * BLOCK_N
     if SPLIT == 1:
@@ -163,28 +176,63 @@ def _label_grad_kernel(g_ptr, ld_g, lab_ptr, lab_offset, zt_ptr, lse_ptr, ez_ptr
 
 
 @triton.jit
-def _fwd_tile(a_desc, b_desc, tile, m_ptr, s_ptr, u_ptr, N, V, H: tl.constexpr, scale2, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
-              MASK: tl.constexpr = True):
-    pid_m, pid_n = _tile_pid(tile, N, V, BLOCK_M, BLOCK_N, GROUP_M)
-    acc = _logits_tile(a_desc, b_desc, pid_m, pid_n, H, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
-    _fwd_epilogue(acc, pid_m, pid_n, m_ptr, s_ptr, u_ptr, N, V, scale2, BLOCK_M, BLOCK_N, MASK)
+def _kept_grad_kernel(d_ptr, g_ptr, ld, tmax_ptr, lab_ptr, lab_offset, lse_ptr, ez_ptr, glp_ptr, gent_ptr, N, V,
+                      inv_temp, HAS_ENT: tl.constexpr, FWD_BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
+    """The gradient of a chunk whose logits the forward kept: g = dL/d(raw logits) [N, V], label term
+    included, written over the kept values d2 [N, V] (same row stride `ld`, same element size).
+
+    d2 = (z - m_t) * log2(e) with m_t the row's maximum over its forward tile (FWD_BLOCK_N columns;
+    tmax [tiles, N] fp32, natural units), so z * log2(e) = d2 + m_t * log2(e) and p = 2^(that - lse2).
+    BLOCK_C divides FWD_BLOCK_N: a block's columns share one forward tile. Each program reads its
+    block before writing it, and no two programs share an element: in place is safe.
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    col0 = tl.program_id(1) * BLOCK_C
+    cols = col0 + tl.arange(0, BLOCK_C)
+    row_in = rows < N
+    msk = row_in[:, None] & (cols < V)[None, :]
+    off = rows[:, None].to(tl.int64) * ld + cols[None, :]
+    d2 = tl.load(d_ptr + off, mask=msk, other=0.0).to(tl.float32)
+    m2 = tl.load(tmax_ptr + (col0 // FWD_BLOCK_N) * N + rows, mask=row_in, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(lse_ptr + rows, mask=row_in, other=0.0) * 1.4426950408889634
+    glp = tl.load(glp_ptr + rows, mask=row_in, other=0.0) * inv_temp
+    x2 = d2 + m2[:, None]  # z * log2(e)
+    p = tl.exp2(x2 - lse2[:, None])
+    if HAS_ENT:
+        gent = tl.load(gent_ptr + rows, mask=row_in, other=0.0) * inv_temp
+        c = glp - gent * tl.load(ez_ptr + rows, mask=row_in, other=0.0)
+        g = -p * (c[:, None] + gent[:, None] * (x2 * 0.6931471805599453))  # z = x2 * ln 2
+    else:
+        g = -p * glp[:, None]
+    lab = tl.load(lab_ptr + rows, mask=row_in, other=-1) - lab_offset
+    g = tl.where(cols[None, :] == lab[:, None], g + glp[:, None], g)
+    tl.store(g_ptr + off, g.to(g_ptr.dtype.element_ty), mask=msk)
 
 
 @triton.jit
-def _fwd_kernel(a_desc, b_desc, m_ptr, s_ptr, u_ptr, N, V, H: tl.constexpr, scale2, BLOCK_M: tl.constexpr,
+def _fwd_tile(a_desc, b_desc, d_desc, tile, m_ptr, s_ptr, u_ptr, N, V, H: tl.constexpr, scale2,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+              UPCAST: tl.constexpr, MASK: tl.constexpr, STORE: tl.constexpr, SPLIT: tl.constexpr):
+    pid_m, pid_n = _tile_pid(tile, N, V, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = _logits_tile(a_desc, b_desc, pid_m, pid_n, H, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+    _fwd_epilogue(acc, pid_m, pid_n, m_ptr, s_ptr, u_ptr, d_desc, N, V, scale2, BLOCK_M, BLOCK_N, MASK, STORE, SPLIT)
+
+
+@triton.jit
+def _fwd_kernel(a_desc, b_desc, d_desc, m_ptr, s_ptr, u_ptr, N, V, H: tl.constexpr, scale2, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr,
-                UPCAST: tl.constexpr, MASK: tl.constexpr):
+                UPCAST: tl.constexpr, MASK: tl.constexpr, STORE: tl.constexpr, SPLIT: tl.constexpr):
     """Forward statistics; PERSISTENT: a grid of one program per SM looping over tiles.
-    MASK=False: V is a multiple of BLOCK_N (no column test per logit)."""
+    MASK=False: V is a multiple of BLOCK_N (no column test per logit). STORE: keep the tiles (d_desc)."""
     if PERSISTENT:
         num_tiles = tl.cdiv(N, BLOCK_M) * tl.cdiv(V, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
-            _fwd_tile(a_desc, b_desc, tile, m_ptr, s_ptr, u_ptr, N, V, H, scale2, BLOCK_M, BLOCK_N, BLOCK_K,
-                      GROUP_M, UPCAST, MASK)
+            _fwd_tile(a_desc, b_desc, d_desc, tile, m_ptr, s_ptr, u_ptr, N, V, H, scale2, BLOCK_M, BLOCK_N, BLOCK_K,
+                      GROUP_M, UPCAST, MASK, STORE, SPLIT)
     else:  # one tile per program (the interpreter cannot loop over run-time bounds)
-        _fwd_tile(a_desc, b_desc, tl.program_id(0), m_ptr, s_ptr, u_ptr, N, V, H, scale2, BLOCK_M, BLOCK_N,
-                  BLOCK_K, GROUP_M, UPCAST, MASK)
+        _fwd_tile(a_desc, b_desc, d_desc, tl.program_id(0), m_ptr, s_ptr, u_ptr, N, V, H, scale2, BLOCK_M, BLOCK_N,
+                  BLOCK_K, GROUP_M, UPCAST, MASK, STORE, SPLIT)
 
 
 @triton.jit
@@ -214,21 +262,28 @@ def _bwd_kernel(a_desc, b_desc, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr, N, V
 
 
 @triton.jit
-def _rows_kernel(m_ptr, s_ptr, u_ptr, h_ptr, w_ptr, lab_ptr, lab_offset, out_ptr, N, V, H: tl.constexpr, stride_h,
-                 stride_w, inv_temp, T: tl.constexpr, BLOCK: tl.constexpr, T_BLOCK: tl.constexpr,
-                 BLOCK_H: tl.constexpr):
+def _rows_kernel(m_ptr, s_ptr, u_ptr, h_ptr, w_ptr, lab_ptr, lab_offset, init_ptr, out_ptr, N, V, H: tl.constexpr,
+                 stride_h, stride_w, inv_temp, T: tl.constexpr, BLOCK: tl.constexpr, T_BLOCK: tl.constexpr,
+                 BLOCK_H: tl.constexpr, INIT: tl.constexpr):
     """Per row: merge the T per-tile (m, s, u) statistics, and compute the label's logit.
 
     out [4, N] fp32 = (m, s, u, zt). Statistics: online-softmax rescaling, T_BLOCK tiles at a time
     (a [T_BLOCK, BLOCK] block per statistic), so the serial loop is T / T_BLOCK steps long.
     zt_i = hidden[i] . weight[l_i] * inv_temp in fp32 with l_i = label_i - lab_offset where l_i is
     in [0, V), else 0 (cheaper than looking for the label in every tile of the GEMM).
+    INIT: start from the (m, s, u, zt) [4, N] of other columns at init_ptr (zt adds: a label lies in
+    at most one of the two column ranges).
     """
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_in = rows < N
-    M = tl.full((BLOCK,), NEG, tl.float32)
-    S = tl.zeros((BLOCK,), tl.float32)
-    U = tl.zeros((BLOCK,), tl.float32)
+    if INIT:
+        M = tl.load(init_ptr + rows, mask=row_in, other=NEG)
+        S = tl.load(init_ptr + N + rows, mask=row_in, other=0.0)
+        U = tl.load(init_ptr + 2 * N + rows, mask=row_in, other=0.0)
+    else:
+        M = tl.full((BLOCK,), NEG, tl.float32)
+        S = tl.zeros((BLOCK,), tl.float32)
+        U = tl.zeros((BLOCK,), tl.float32)
     for t0 in range(0, T, T_BLOCK):
         ts = t0 + tl.arange(0, T_BLOCK)
         msk = (ts < T)[:, None] & row_in[None, :]
@@ -255,7 +310,10 @@ def _rows_kernel(m_ptr, s_ptr, u_ptr, h_ptr, w_ptr, lab_ptr, lab_offset, out_ptr
     tl.store(out_ptr + rows, M, mask=row_in)
     tl.store(out_ptr + N + rows, S, mask=row_in)
     tl.store(out_ptr + 2 * N + rows, U, mask=row_in)
-    tl.store(out_ptr + 3 * N + rows, zt * inv_temp, mask=row_in)
+    zt = zt * inv_temp
+    if INIT:
+        zt += tl.load(init_ptr + 3 * N + rows, mask=row_in, other=0.0)
+    tl.store(out_ptr + 3 * N + rows, zt, mask=row_in)
 
 
 # ----------------------------------------------------------------------------- launching
@@ -283,13 +341,19 @@ def gpu_config(n_rows: int, forward: bool) -> tuple[dict, dict]:
 
     Forward: groups of 32 row blocks (4096 rows) per sweep of the vocabulary, so the whole weight is
     streamed from memory N / 4096 times instead of N / 1024 (3-5% faster on H200); the backward's
-    chunk of the weight stays in L2 whatever the order.
+    chunk of the weight stays in L2 whatever the order. SPLIT: column parts of a stored tile.
     """
     bm, bn, bk, warps, stages = _SMALL if n_rows <= SMALL_MAX_ROWS else _LARGE
-    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 32 if forward else 8}
-    if not forward:
-        meta["SPLIT"] = 2 if bn >= 256 else 1
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 32 if forward else 8,
+            "SPLIT": 2 if bn >= 256 else 1}
     return meta, {"num_warps": warps, "num_stages": stages}
+
+
+def _config(n_rows: int, forward: bool) -> tuple[dict, dict]:
+    """`gpu_config`, or the interpreter's small tiles under TRITON_INTERPRET=1."""
+    if interpret_mode():
+        return {**_INTERP_TILE, "SPLIT": INTERP_SPLIT}, {}
+    return gpu_config(n_rows, forward)
 
 
 @functools.lru_cache(maxsize=None)
@@ -298,62 +362,107 @@ def _num_sms(device_index: int) -> int:
 
 
 def _launch(forward: bool, N, V, tensors, args, kwargs):
-    """Launch over TMA descriptors of `tensors` (hidden, weight[, grad out]); returns the BLOCK_N used."""
+    """Launch over TMA descriptors of `tensors` (hidden, weight[, stored/gradient output]); returns
+    the number of column tiles."""
     interp = interpret_mode()
-    if interp:
-        meta, opts = dict(_INTERP_TILE), {}
-        if not forward:
-            meta["SPLIT"] = INTERP_SPLIT
-    else:
-        meta, opts = gpu_config(N, forward)
+    meta, opts = _config(N, forward)
     bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
-    descs = [TensorDescriptor.from_tensor(tensors[0], [bm, bk]), TensorDescriptor.from_tensor(tensors[1], [bn, bk])]
-    if len(tensors) > 2:
-        descs.append(TensorDescriptor.from_tensor(tensors[2], [bm, bn // meta["SPLIT"]]))
+    descs = [TensorDescriptor.from_tensor(t, [rows, bk]) for t, rows in zip(tensors[:2], (bm, bn))]
+    out = tensors[2] if len(tensors) > 2 else None
+    descs.append(None if out is None else TensorDescriptor.from_tensor(out, [bm, bn // meta["SPLIT"]]))
+    if forward:
+        kwargs = {**kwargs, "STORE": out is not None}
     tiles = triton.cdiv(N, bm) * triton.cdiv(V, bn)
     grid = (tiles if interp else min(tiles, _num_sms(tensors[0].device.index or 0)),)
     kernel = _fwd_kernel if forward else _bwd_kernel
     kernel[grid](*descs, *args, **kwargs, **meta, **opts, PERSISTENT=not interp, UPCAST=interp)
-    return bn
+    return triton.cdiv(V, bn)
+
+
+class ForwardStats(NamedTuple):
+    """`forward_stats`' result: fp32 [N] max m, s = sum e^(z-m), u = sum e^(z-m)(z-m), label logit zt,
+    and the kept logits of the first `keep` columns (None when none were kept)."""
+    m: torch.Tensor
+    s: torch.Tensor
+    u: torch.Tensor
+    zt: torch.Tensor
+    kept: "KeptLogits | None"
+
+
+class KeptLogits(NamedTuple):
+    """Logits of the columns [0, cols) kept by the forward for the backward (see `kept_grad_logits`).
+
+    values [N, >= cols]: (z - m_t) * log2(e) in fp16 on GPU (fp32 under the interpreter), m_t the
+    row's maximum over its forward tile; tile_max [tiles, N] fp32 (natural units); block_n: the
+    forward tile width.
+    """
+    values: torch.Tensor
+    tile_max: torch.Tensor
+    cols: int
+    block_n: int
 
 
 def forward_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, label_offset: int,
-                  inv_temp: float):
+                  inv_temp: float, keep: int = 0, keep_width: int = 0) -> ForwardStats:
     """Per-row softmax statistics of z = hidden @ weight.T * inv_temp over all rows of `weight`.
 
     hidden [N, H], weight [V, H] (the shard's valid vocabulary rows; contiguous, 16-byte aligned
     rows, same dtype), labels [N] integer ids whose column here is label - label_offset (anything
-    outside [0, V) means "not on this shard"). Returns fp32 [N] tensors (m, s, u, zt): max, sum e^(z-m),
-    sum e^(z-m)(z-m), and the label's logit (0 when not here).
+    outside [0, V) means "not on this shard"). keep > 0: also keep the logits of the first `keep`
+    columns (a multiple of 256 unless it is all of V) in a buffer [N, keep_width >= keep], which the
+    backward turns into its first gradient chunk in place instead of recomputing the GEMM.
+    The other columns run first: their tile statistics are merged and freed before the kept
+    buffer is allocated, so the peak is the larger of the two, not the sum.
     """
+    N = hidden.shape[0]
+    V = weight.shape[0]
+    keep = min(keep, V)
+    rest = _stats(hidden, weight[keep:], labels, label_offset + keep, inv_temp) if keep < V else None
+    if keep == 0:
+        return ForwardStats(*rest, None)
+    dtype = torch.float16 if hidden.is_cuda and hidden.dtype != torch.float32 else torch.float32
+    values = torch.empty(N, max(keep_width, keep), device=hidden.device, dtype=dtype)
+    out, tile_max = _stats(hidden, weight[:keep], labels, label_offset, inv_temp, init=rest,
+                           store=values[:, :keep])
+    return ForwardStats(*out, KeptLogits(values, tile_max, keep, _config(N, True)[0]["BLOCK_N"]))
+
+
+def _stats(hidden, weight, labels, label_offset: int, inv_temp: float, init=None, store=None):
+    """(m, s, u, zt) [4, N] over the columns of `weight`, merged with `init` ([4, N] of other columns).
+    With `store` [N, V]: one launch that also keeps the logits there; returns (stats, tile maxima)."""
     N, H = hidden.shape
     V = weight.shape[0]
-    dev = hidden.device
-    # Upper bound on the tile count (smallest BLOCK_N of any config); unused rows stay untouched.
-    max_tiles = triton.cdiv(V, _INTERP_TILE["BLOCK_N"] if interpret_mode() else _SMALL[1])
-    parts = torch.empty(3, max_tiles, N, device=dev, dtype=torch.float32)  # [stat, tile, row]
+    bn = _config(N, True)[0]["BLOCK_N"]
+    parts = torch.empty(3, triton.cdiv(V, bn) + 1, N, device=hidden.device, dtype=torch.float32)  # [stat, tile, row]
     # The columns up to a multiple of the widest BLOCK_N (a multiple of every BLOCK_N) need no column
     # mask; the few after them (< 256) take a second launch with the mask, its tiles stored after.
     # Small N: one masked launch (a second launch costs more host time than the mask costs the GPU).
     width = _INTERP_TILE["BLOCK_N"] if interpret_mode() else _WIDEST_BLOCK_N
     v_main = V // width * width if N >= UNMASKED_MIN_ROWS else 0
+    if store is not None:
+        v_main = V if v_main == V else 0  # one launch: unmasked when V is whole tiles
     tiles = 0
     for c0, c1, mask in ((0, v_main, False), (v_main, V, True)):
         if c1 > c0:
             args = (parts[0, tiles:], parts[1, tiles:], parts[2, tiles:], N, c1 - c0, H, inv_temp * LOG2E)
-            tiles += triton.cdiv(c1 - c0, _launch(True, N, c1 - c0, (hidden, weight[c0:c1]), args, {"MASK": mask}))
-    return _finish_rows(parts, tiles, hidden, weight, labels, label_offset, inv_temp)
+            tensors = (hidden, weight[c0:c1]) + (() if store is None else (store,))
+            tiles += _launch(True, N, c1 - c0, tensors, args, {"MASK": mask})
+    out = _finish_rows(parts, tiles, hidden, weight, labels, label_offset, inv_temp, init)
+    return out if store is None else (out, parts[0, :tiles].clone())
 
 
-def _finish_rows(parts, tiles: int, hidden, weight, labels, label_offset: int, inv_temp: float):
-    """(m, s, u, zt) fp32 [N] from the per-tile statistics parts [3, >= tiles, N] (see `_rows_kernel`)."""
+def _finish_rows(parts, tiles: int, hidden, weight, labels, label_offset: int, inv_temp: float, init=None):
+    """(m, s, u, zt) fp32 [4, N] from the per-tile statistics parts [3, >= tiles, N] (see `_rows_kernel`),
+    merged with `init` [4, N] when given."""
     N, H = hidden.shape
     out = torch.empty(4, N, device=hidden.device, dtype=torch.float32)
     block = 32
-    _rows_kernel[(triton.cdiv(N, block),)](parts[0], parts[1], parts[2], hidden, weight, labels, label_offset, out, N,
-                                           weight.shape[0], H, hidden.stride(0), weight.stride(0), inv_temp, T=tiles,
-                                           BLOCK=block, T_BLOCK=16 if interpret_mode() else 32, BLOCK_H=128)
-    return out[0], out[1], out[2], out[3]
+    _rows_kernel[(triton.cdiv(N, block),)](parts[0], parts[1], parts[2], hidden, weight, labels, label_offset,
+                                           out if init is None else init, out, N, weight.shape[0], H,
+                                           hidden.stride(0), weight.stride(0), inv_temp, T=tiles, BLOCK=block,
+                                           T_BLOCK=16 if interpret_mode() else 32, BLOCK_H=128,
+                                           INIT=init is not None)
+    return out
 
 
 def grad_logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -375,4 +484,25 @@ def grad_logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, l
     block = 128
     _label_grad_kernel[(triton.cdiv(N, block),)](out, out.stride(0), labels, col_offset, label_logit, lse, ez, g_lp,
                                                  g_ent, N, V, inv_temp, HAS_ENT=has_ent, BLOCK=block)
+    return out
+
+
+def kept_grad_logits(kept: KeptLogits, out: torch.Tensor, lse: torch.Tensor, ez: torch.Tensor | None,
+                     g_lp: torch.Tensor, g_ent: torch.Tensor | None, labels: torch.Tensor, col_offset: int,
+                     inv_temp: float) -> torch.Tensor:
+    """Write d(loss)/d(raw logits) of the kept columns [0, kept.cols) into `out` [N, kept.cols], a view
+    of kept.values' memory (same element size; the kept values are consumed). Arguments as in
+    `grad_logits`, label term included. One memory-bound launch instead of a GEMM."""
+    N, V = out.shape
+    assert out.data_ptr() == kept.values.data_ptr() and out.stride(0) == kept.values.stride(0) and V == kept.cols
+    has_ent = g_ent is not None
+    ez, g_ent = (ez, g_ent) if has_ent else (lse, g_lp)
+    # 8 x 256 blocks, 4 warps: 16 elements a thread in 80 registers (32 x 128 takes 227), so that
+    # enough programs share an SM to keep the memory busy.
+    block_r, block_c = (16, 32) if interpret_mode() else (8, 256)
+    block_c = min(block_c, kept.block_n)
+    grid = (triton.cdiv(N, block_r), triton.cdiv(V, block_c))
+    _kept_grad_kernel[grid](kept.values, out, out.stride(0), kept.tile_max, labels, col_offset, lse, ez, g_lp, g_ent,
+                            N, V, inv_temp, HAS_ENT=has_ent, FWD_BLOCK_N=kept.block_n, BLOCK_R=block_r,
+                            BLOCK_C=block_c, **({} if interpret_mode() else {"num_warps": 4}))
     return out
