@@ -272,6 +272,12 @@ def test_kept_first_chunk_matches_recomputed(monkeypatch, keep, chunk_size):
     err = _max_rel_err(out, ref)
     assert max(err) < (2e-2 if CUDA else 1e-4), err
     assert len(calls) == int(keep)
+    # Nothing is kept without autograd, even with weights that require grad (old / reference log-probs).
+    spec = logprob._make_spec(hidden, weight.requires_grad_(), labels, None, None, 283, 0.8, True, None, "triton")
+    assert spec.keep_first_chunk == keep
+    with torch.no_grad():
+        spec = logprob._make_spec(hidden, weight, labels, None, None, 283, 0.8, True, None, "triton")
+    assert not spec.keep_first_chunk
 
 
 def test_second_backward_recomputes_the_kept_chunk():

@@ -55,6 +55,7 @@ class _Spec:
     chunk_size: int | None
     path: str  # "triton" | "torch"
     compute_entropy: bool
+    keep_first_chunk: bool = False  # Triton path with autograd on: the forward keeps chunk 0's logits
 
 
 def fused_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, tp_group=None,
@@ -149,7 +150,11 @@ def _make_spec(hidden, weight, labels, tp_group, vocab_start, true_vocab_size, t
         path = "torch"  # auto: TMA descriptors need 16-byte aligned rows
     if path == "triton" and chunk_size is not None:
         chunk_size = -(-chunk_size // 16) * 16  # the gradient chunk's rows must stay 16-byte aligned too
-    return _Spec(tp_group, tp, vocab_start, n_valid, 1.0 / temperature, vocab, chunk_size, path, compute_entropy)
+    # Inside autograd.Function.forward grad mode is off and needs_input_grad ignores it: decide here.
+    keep = (path == "triton" and KEEP_FIRST_CHUNK and torch.is_grad_enabled()
+            and (hidden.requires_grad or weight.requires_grad))
+    return _Spec(tp_group, tp, vocab_start, n_valid, 1.0 / temperature, vocab, chunk_size, path, compute_entropy,
+                 keep)
 
 
 class _FusedLogProbEntropy(torch.autograd.Function):
@@ -161,8 +166,7 @@ class _FusedLogProbEntropy(torch.autograd.Function):
         # Triton: the kernels take the global ids (int32: cheaper compares in the backward tile,
         # exact since ids are below the vocabulary size) and the shard's offset; torch: local columns.
         local = labels.to(torch.int32).contiguous() if spec.path == "triton" else _local_columns(labels, spec)
-        keep = spec.path == "triton" and KEEP_FIRST_CHUNK and any(ctx.needs_input_grad[:2])
-        *stats, ctx.kept = _local_stats(h, w[:spec.n_valid], local, spec, keep)
+        *stats, ctx.kept = _local_stats(h, w[:spec.n_valid], local, spec, spec.keep_first_chunk)
         lse, ez, zt = _combine_over_group(*stats, spec)
         ctx.spec = spec
         ctx.save_for_backward(h, w, local, lse, ez, zt)
