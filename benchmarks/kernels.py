@@ -169,35 +169,50 @@ def bench_logprob(n, hid, v, quick: bool) -> dict:
 
 
 def _parity(h, w, labels, g_lp, g_ent, rows: int = 1024) -> dict:
-    """Max error relative to the largest reference value, ours vs the fp32 reference, on `rows` rows."""
+    """Max error relative to the largest reference value, ours vs the fp32 reference, on `rows` rows:
+    production (at this size the forward keeps the whole vocabulary's logits for the backward) and,
+    as `recompute_*`, every chunk's logits recomputed in the backward."""
     out = {}
     hs = h.detach()[:rows].clone().requires_grad_()
     ws = w.detach().clone().requires_grad_()
-    res = []
-    for fn in (fused_logprob_entropy, reference_logprob_entropy):
+
+    def run(fn):
         lp, ent = fn(hs, ws, labels[:rows])
         gh, gw = torch.autograd.grad([lp, ent], [hs, ws], [g_lp[:rows] * 1000, g_ent[:rows] * 1000])
-        res.append([t.float() for t in (lp, ent, gh, gw)])
-    for name, a, b in zip(("logprob", "entropy", "grad_hidden", "grad_weight"), *res):
-        out[name] = float((a - b).abs().max() / b.abs().max())
+        return [t.float() for t in (lp, ent, gh, gw)]
+    ref = run(reference_logprob_entropy)
+    ours = run(fused_logprob_entropy)
+    logprob_mod.KEEP_FIRST_CHUNK = False
+    try:
+        recompute = run(fused_logprob_entropy)
+    finally:
+        logprob_mod.KEEP_FIRST_CHUNK = True
+    for prefix, res in (("", ours), ("recompute_", recompute)):
+        for name, a, b in zip(("logprob", "entropy", "grad_hidden", "grad_weight"), res, ref):
+            out[prefix + name] = float((a - b).abs().max() / b.abs().max())
     return out
 
 
 def _breakdown(h, w, labels) -> dict:
-    """Time of our pieces: forward kernels, backward kernel and the cuBLAS grad GEMMs of one chunk."""
+    """Time of our pieces as production runs them with gradients: the forward (keeping the first
+    chunk's logits), the kept chunk's gradient kernel, the backward gradient kernel over the other
+    (recomputed) chunks and the cuBLAS grad GEMMs over all chunks (one chunk's time x their count)."""
     from verl_mega.kernels import logprob_triton
     n, v = h.shape[0], w.shape[0]
     local = labels.to(torch.int32)
-    out = {"fwd_kernel_ms": time_ms(lambda: logprob_triton.forward_stats(h, w, local, 0, 1.0)),
-           "fwd_config": str(logprob_triton.gpu_config(n, True))}
-    spec = logprob_mod._Spec(None, 1, 0, v, 1.0, v, None, "triton", True)
-    chunk = logprob_mod._chunk(spec, n, v, 2, h.shape[1], torch.cuda.get_device_properties(0).multi_processor_count)
+    spec = logprob_mod._Spec(None, 1, 0, v, 1.0, v, None, "triton", True, True)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    chunk = logprob_mod._chunk(spec, n, v, 2, h.shape[1], sms, keep=True)
     nchunks = -(-v // chunk)
+    out = {"fwd_kernel_ms": time_ms(lambda: logprob_triton.forward_stats(h, w, local, 0, 1.0, chunk, chunk)),
+           "fwd_config": str(logprob_triton.gpu_config(n, True))}
     lse, ez, g = (torch.rand(n, device="cuda") + 10 for _ in range(3))
-    buf = torch.empty(n, chunk, device="cuda", dtype=h.dtype)
+    kept = logprob_triton.forward_stats(h, w, local, 0, 1.0, chunk, chunk).kept
+    buf = kept.values.view(h.dtype)
+    out["kept_chunk_grad_ms"] = time_ms(lambda: logprob_triton.kept_grad_logits(kept, buf, lse, ez, g, g, local, 0, 1.0))
     wc = w[:chunk]
     t = time_ms(lambda: logprob_triton.grad_logits(h, wc, buf, lse, ez, g, g, local, g, 0, 1.0))
-    out["bwd_kernel_ms_all_chunks"] = t * nchunks
+    out["bwd_kernel_ms_recomputed_chunks"] = t * (nchunks - 1)
     out["bwd_config"] = str(logprob_triton.gpu_config(n, False))
     acc = torch.zeros(n, h.shape[1], device="cuda")
     gw = torch.empty_like(wc)
@@ -317,7 +332,8 @@ def _logprob_markdown(results: list) -> list:
               "what was allocated before, minus the gradients returned). Liger computes mean cross-entropy only "
               "(no entropy).", "", "Breakdown (ours) and parity on 1024 rows vs the fp32 reference "
               "(max error / max |reference|):", ""]
-    keys = ("fwd_kernel_ms", "bwd_kernel_ms_all_chunks", "grad_h_gemm_ms_all_chunks", "grad_w_gemm_ms_all_chunks")
+    keys = ("fwd_kernel_ms", "kept_chunk_grad_ms", "bwd_kernel_ms_recomputed_chunks", "grad_h_gemm_ms_all_chunks",
+            "grad_w_gemm_ms_all_chunks")
     for r in results:
         if "error" in r:
             continue
