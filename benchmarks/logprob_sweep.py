@@ -144,13 +144,7 @@ def _bwd_variant(h_ptr, w_ptr, g_ptr, ld_g, lse_ptr, ez_ptr, glp_ptr, gent_ptr, 
             else:
                 pid_m, pid_n = lt._tile_pid(tile, N, V, BLOCK_M, BLOCK_N, GROUP_M)
                 acc = lt._logits_tile(a_desc, b_desc, pid_m, pid_n, H, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
-                if SPLIT == 1:
-                    g_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(g_desc.dtype))
-                else:
-                    HALF: tl.constexpr = BLOCK_N // 2
-                    a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
-                    g_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], a0.to(g_desc.dtype))
-                    g_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + HALF], a1.to(g_desc.dtype))
+                lt._store_tile(g_desc, acc, pid_m * BLOCK_M, pid_n * BLOCK_N, BLOCK_M, BLOCK_N, SPLIT)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, programs per SM, warp specialisation)

@@ -78,6 +78,19 @@ def _logits_tile(a_desc, b_desc, pid_m, pid_n, H: tl.constexpr, BLOCK_M: tl.cons
 
 
 @triton.jit
+def _store_tile(desc, tile, row0, col0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+    """Store the fp32 tile [BLOCK_M, BLOCK_N] at (row0, col0) by TMA in desc's dtype, in SPLIT (1 or 2)
+    column parts (desc's block is [BLOCK_M, BLOCK_N // SPLIT]: half the shared-memory staging)."""
+    if SPLIT == 1:
+        desc.store([row0, col0], tile.to(desc.dtype))
+    else:
+        HALF: tl.constexpr = BLOCK_N // 2
+        t0, t1 = tl.split(tl.permute(tl.reshape(tile, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+        desc.store([row0, col0], t0.to(desc.dtype))
+        desc.store([row0, col0 + HALF], t1.to(desc.dtype))
+
+
+@triton.jit
 def _fwd_epilogue(acc, pid_m, pid_n, m_ptr, s_ptr, u_ptr, d_desc, N, V, scale2, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, MASK: tl.constexpr, STORE: tl.constexpr, SPLIT: tl.constexpr):
     """Tile statistics (m, s, u) of z = acc / T; scale2 = log2(e) / T. Every tile has a column < V.
@@ -97,14 +110,7 @@ def _fwd_epilogue(acc, pid_m, pid_n, m_ptr, s_ptr, u_ptr, d_desc, N, V, scale2, 
     s = tl.sum(e, axis=1)
     u2 = tl.sum(e * d2, axis=1)
     if STORE:
-        kept = tl.maximum(d2, -30000.0)
-        if SPLIT == 1:
-            d_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], kept.to(d_desc.dtype))
-        else:
-            HALF: tl.constexpr = BLOCK_N // 2
-            k0, k1 = tl.split(tl.permute(tl.reshape(kept, (BLOCK_M, 2, HALF)), (0, 2, 1)))
-            d_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], k0.to(d_desc.dtype))
-            d_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + HALF], k1.to(d_desc.dtype))
+        _store_tile(d_desc, tl.maximum(d2, -30000.0), pid_m * BLOCK_M, pid_n * BLOCK_N, BLOCK_M, BLOCK_N, SPLIT)
     row_in = rm < N
     out = pid_n * N + rm
     tl.store(m_ptr + out, m2 * LN2, mask=row_in)
