@@ -4,7 +4,7 @@ Modes (GPU unless noted; results printed and written as JSON under $OUT, ./bench
   (default)          launch configurations at one shape: the forward statistics kernel over the whole
                      vocabulary and the backward gradient kernel over one chunk, each checked against
                      fp32 torch; the same GEMMs with a trivial epilogue (what the softmax math costs);
-                     cuBLAS GEMMs of the same shapes; the production (autotuned) kernels
+                     cuBLAS GEMMs of the same shapes; the production kernels (fixed configurations)
   --epilogue         epilogue variants and timing probes (column mask, no exp2, no max, GEMM only)
   --group            tile order: GROUP_M = 8 / 32 / 128 row blocks per sweep of the vocabulary
   --overlap          one tile config with 1 or 2 programs per SM, full and GEMM-only epilogues
