@@ -174,7 +174,7 @@ class _FusedLogProbEntropy(torch.autograd.Function):
         # Triton: the kernels take the global ids (int32: cheaper compares in the backward tile,
         # exact since ids are below the vocabulary size) and the shard's offset; torch: local columns.
         local = labels.to(torch.int32).contiguous() if spec.path == "triton" else _local_columns(labels, spec)
-        *stats, ctx.kept = _local_stats(h, w[:spec.n_valid], local, spec, spec.keep_first_chunk)
+        *stats, ctx.kept = _local_stats(h, w[:spec.n_valid], local, spec)
         lse, ez, zt = _combine_over_group(*stats, spec)
         ctx.spec = spec
         ctx.save_for_backward(h, w, local, lse, ez, zt)
@@ -198,9 +198,9 @@ class _FusedLogProbEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None
 
 
-def _local_stats(h, w, local, spec: _Spec, keep: bool):
+def _local_stats(h, w, local, spec: _Spec):
     """(m, s, u, zt, kept): fp32 [N] statistics over this shard's valid columns w [n_valid, H], and
-    (Triton path, `keep`) the logits of the first backward chunk kept for the backward, else None.
+    the logits of the first backward chunk kept for the backward (spec.keep_first_chunk), else None.
 
     `local`: on the Triton path the global label ids, else their local columns (-1: elsewhere).
     """
@@ -209,7 +209,7 @@ def _local_stats(h, w, local, spec: _Spec, keep: bool):
         from verl_mega.kernels import logprob_triton
         if v == 0:
             return (torch.full((n,), NEG, device=h.device), *torch.zeros(3, n, device=h.device), None)
-        cols, width = _chunk_width(spec, h, v, keep=True) if keep else (0, 0)
+        cols, width = _chunk_width(spec, h, v, keep=True) if spec.keep_first_chunk else (0, 0)
         return logprob_triton.forward_stats(h, w, local, spec.vocab_start, spec.inv_temp, cols, width)
     return (*_torch_stats(h, w, local, spec), None)
 

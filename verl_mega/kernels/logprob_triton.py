@@ -119,13 +119,30 @@ def _fwd_epilogue(acc, pid_m, pid_n, m_ptr, s_ptr, u_ptr, d_desc, N, V, scale2, 
 
 
 @triton.jit
+def _row_coefs(rows, row_in, lse_ptr, ez_ptr, glp_ptr, gent_ptr, inv_temp, HAS_ENT: tl.constexpr):
+    """Per-row values of the gradient formula (see `_bwd_epilogue`), fp32 [rows]: lse2 = lse * log2(e),
+    glp = g_lp / T, and the coefficients negated, nc = -c, nd = -d (0 on rows outside row_in)."""
+    lse2 = tl.load(lse_ptr + rows, mask=row_in, other=0.0) * 1.4426950408889634
+    glp = tl.load(glp_ptr + rows, mask=row_in, other=0.0) * inv_temp
+    if HAS_ENT:
+        gent = tl.load(gent_ptr + rows, mask=row_in, other=0.0) * inv_temp
+        nc = gent * tl.load(ez_ptr + rows, mask=row_in, other=0.0) - glp
+        nd = -gent * inv_temp
+    else:
+        nc = -glp
+        nd = nc
+    return lse2, glp, nc, nd
+
+
+@triton.jit
 def _grad_part(acc, lse2, nc, nd, scale2, HAS_ENT: tl.constexpr):
     """g = p * (nc + nd * acc) = -p * (c + d * acc), p = 2^(acc * scale2 - lse2) (fp32), for a tile or
-    part of one. The per-row coefficients come negated: `-p` would cost a subtraction per logit."""
-    p = tl.exp2(acc * scale2 - lse2[:, None])
+    part of one (lse2, nc, nd broadcast against acc: [rows, 1] for a tile). The coefficients come
+    negated: `-p` would cost a subtraction per logit (Triton lowers it to 0 - p)."""
+    p = tl.exp2(acc * scale2 - lse2)
     if HAS_ENT:
-        return p * (nc[:, None] + nd[:, None] * acc)
-    return p * nc[:, None]
+        return p * (nc + nd * acc)
+    return p * nc
 
 
 @triton.jit
@@ -138,26 +155,18 @@ def _bwd_epilogue(acc, pid_m, pid_n, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr,
     half the shared-memory staging buffer (no spills at 128 x 256 with 8 warps).
     """
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_in = rm < N
-    lse2 = tl.load(lse_ptr + rm, mask=row_in, other=0.0) * 1.4426950408889634  # log2(e)
-    glp = tl.load(glp_ptr + rm, mask=row_in, other=0.0) * inv_temp
-    if HAS_ENT:
-        gent = tl.load(gent_ptr + rm, mask=row_in, other=0.0) * inv_temp
-        c = gent * tl.load(ez_ptr + rm, mask=row_in, other=0.0) - glp  # -c and -d of the formula above
-        d = -gent * inv_temp
-    else:
-        c = -glp
-        d = c
+    lse2, _, nc, nd = _row_coefs(rm, rm < N, lse_ptr, ez_ptr, glp_ptr, gent_ptr, inv_temp, HAS_ENT)
+    lse2, nc, nd = lse2[:, None], nc[:, None], nd[:, None]
     scale2 = inv_temp * 1.4426950408889634
     col0 = pid_n * BLOCK_N
     if SPLIT == 1:
-        g = _grad_part(acc, lse2, c, d, scale2, HAS_ENT)
+        g = _grad_part(acc, lse2, nc, nd, scale2, HAS_ENT)
         g_desc.store([pid_m * BLOCK_M, col0], g.to(g_desc.dtype))
     else:
         HALF: tl.constexpr = BLOCK_N // 2
         a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
-        g_desc.store([pid_m * BLOCK_M, col0], _grad_part(a0, lse2, c, d, scale2, HAS_ENT).to(g_desc.dtype))
-        g_desc.store([pid_m * BLOCK_M, col0 + HALF], _grad_part(a1, lse2, c, d, scale2, HAS_ENT).to(g_desc.dtype))
+        g_desc.store([pid_m * BLOCK_M, col0], _grad_part(a0, lse2, nc, nd, scale2, HAS_ENT).to(g_desc.dtype))
+        g_desc.store([pid_m * BLOCK_M, col0 + HALF], _grad_part(a1, lse2, nc, nd, scale2, HAS_ENT).to(g_desc.dtype))
 
 
 @triton.jit
@@ -166,22 +175,17 @@ def _label_grad_kernel(g_ptr, ld_g, lab_ptr, lab_offset, zt_ptr, lse_ptr, ez_ptr
     """The label column of each row of a gradient chunk g [N, V] (row stride ld_g), written in place.
 
     Row i's label column l_i = label_i - lab_offset (rows with l_i outside [0, V) are left alone) gets
-    the full gradient g_lp/T - p (c + g_ent z / T) computed from per-row fp32 values: z = z_{i, l_i}
-    (the forward's label logit), p = exp(z - lse), c as in `_bwd_epilogue`. One element per row:
-    no two programs touch the same element.
+    the full gradient g_lp/T - p (c + d acc) computed from per-row fp32 values: acc = z_{i, l_i} * T
+    (the forward's label logit), as in `_bwd_epilogue`. One element per row: no two programs touch
+    the same element.
     """
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_in = rows < N
     lab = tl.load(lab_ptr + rows, mask=row_in, other=-1) - lab_offset
     here = row_in & (lab >= 0) & (lab < V)
-    z = tl.load(zt_ptr + rows, mask=here, other=0.0)
-    p = tl.exp(z - tl.load(lse_ptr + rows, mask=here, other=0.0))
-    glp = tl.load(glp_ptr + rows, mask=here, other=0.0) * inv_temp
-    if HAS_ENT:
-        gent = tl.load(gent_ptr + rows, mask=here, other=0.0) * inv_temp
-        g = glp - p * (glp - gent * tl.load(ez_ptr + rows, mask=here, other=0.0) + gent * z)
-    else:
-        g = glp - p * glp
+    lse2, glp, nc, nd = _row_coefs(rows, here, lse_ptr, ez_ptr, glp_ptr, gent_ptr, inv_temp, HAS_ENT)
+    acc = tl.load(zt_ptr + rows, mask=here, other=0.0) * (1.0 / inv_temp)
+    g = glp + _grad_part(acc, lse2, nc, nd, inv_temp * 1.4426950408889634, HAS_ENT)
     lab = tl.where(here, lab, 0)
     tl.store(g_ptr + rows.to(tl.int64) * ld_g + lab, g.to(g_ptr.dtype.element_ty), mask=here)
 
@@ -206,16 +210,10 @@ def _kept_grad_kernel(d_ptr, g_ptr, ld, tmax_ptr, lab_ptr, lab_offset, lse_ptr, 
     off = rows[:, None].to(tl.int64) * ld + cols[None, :]
     d2 = tl.load(d_ptr + off, mask=msk, other=0.0).to(tl.float32)
     m2 = tl.load(tmax_ptr + (col0 // FWD_BLOCK_N) * N + rows, mask=row_in, other=0.0) * 1.4426950408889634
-    lse2 = tl.load(lse_ptr + rows, mask=row_in, other=0.0) * 1.4426950408889634
-    glp = tl.load(glp_ptr + rows, mask=row_in, other=0.0) * inv_temp
-    x2 = d2 + m2[:, None]  # z * log2(e)
-    p = tl.exp2(x2 - lse2[:, None])
-    if HAS_ENT:
-        gent = tl.load(gent_ptr + rows, mask=row_in, other=0.0) * inv_temp
-        c = glp - gent * tl.load(ez_ptr + rows, mask=row_in, other=0.0)
-        g = -p * (c[:, None] + gent[:, None] * (x2 * 0.6931471805599453))  # z = x2 * ln 2
-    else:
-        g = -p * glp[:, None]
+    lse2, glp, nc, nd = _row_coefs(rows, row_in, lse_ptr, ez_ptr, glp_ptr, gent_ptr, inv_temp, HAS_ENT)
+    scale2 = inv_temp * 1.4426950408889634
+    acc = (d2 + m2[:, None]) * (1.0 / scale2)  # the raw logit: d2 + m2 = z * log2(e) = acc * scale2
+    g = _grad_part(acc, lse2[:, None], nc[:, None], nd[:, None], scale2, HAS_ENT)
     lab = tl.load(lab_ptr + rows, mask=row_in, other=-1) - lab_offset
     g = tl.where(cols[None, :] == lab[:, None], g + glp[:, None], g)
     tl.store(g_ptr + off, g.to(g_ptr.dtype.element_ty), mask=msk)
