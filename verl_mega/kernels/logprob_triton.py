@@ -418,8 +418,8 @@ def forward_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     hidden [N, H], weight [V, H] (the shard's valid vocabulary rows; contiguous, 16-byte aligned
     rows, same dtype), labels [N] integer ids whose column here is label - label_offset (anything
     outside [0, V) means "not on this shard"). keep > 0: also keep the logits of the first `keep`
-    columns (a multiple of 256 unless it is all of V) in a buffer [N, keep_width >= keep], which the
-    backward turns into its first gradient chunk in place instead of recomputing the GEMM.
+    columns (any count; whole 256-column tiles skip the column mask) in a buffer
+    [N, keep_width >= keep], which the backward turns into its first gradient chunk in place instead of recomputing the GEMM.
     The other columns run first: their tile statistics are merged and freed before the kept
     buffer is allocated, so the peak is the larger of the two, not the sum.
     """
@@ -506,7 +506,7 @@ def kept_grad_logits(kept: KeptLogits, out: torch.Tensor, lse: torch.Tensor, ez:
     assert out.data_ptr() == kept.values.data_ptr() and out.stride(0) == kept.values.stride(0) and V == kept.cols
     has_ent = g_ent is not None
     ez, g_ent = (ez, g_ent) if has_ent else (lse, g_lp)
-    # 8 x 256 blocks, 4 warps: 16 elements a thread in 80 registers (32 x 128 takes 227), so that
+    # 8 x 256 blocks, 4 warps: 16 elements a thread in 91 registers (32 x 128 took 227), so that
     # enough programs share an SM to keep the memory busy.
     block_r, block_c = (16, 32) if interpret_mode() else (8, 256)
     block_c = min(block_c, kept.block_n)
