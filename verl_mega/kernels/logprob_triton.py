@@ -419,7 +419,8 @@ def forward_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     rows, same dtype), labels [N] integer ids whose column here is label - label_offset (anything
     outside [0, V) means "not on this shard"). keep > 0: also keep the logits of the first `keep`
     columns (any count; whole 256-column tiles skip the column mask) in a buffer
-    [N, keep_width >= keep], which the backward turns into its first gradient chunk in place instead of recomputing the GEMM.
+    [N, keep_width >= keep], which the backward turns into its first gradient chunk in place
+    instead of recomputing the GEMM.
     The other columns run first: their tile statistics are merged and freed before the kept
     buffer is allocated, so the peak is the larger of the two, not the sum.
     """
