@@ -29,5 +29,5 @@ setup(
         "test": ["pytest>=8", "pytest-timeout>=2.3", "triton==3.6.0"],
         "gpu": ["triton>=3.2", "liger-kernel>=0.5"],
     },
-    entry_points={"console_scripts": ["verl-mega=verl_mega.cli:main"]},
+    entry_points={"console_scripts": ["verl-mega=verl_mega.apps.cli:main"]},
 )

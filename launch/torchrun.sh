@@ -8,4 +8,4 @@ set -euo pipefail
 export VERL_MEGA_DIST_TIMEOUT="${VERL_MEGA_DIST_TIMEOUT:-600}"
 exec torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --max_restarts 0 \
-  -m verl_mega.cli "$@"
+  -m verl_mega "$@"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rollout_refs import CHAT_PROMPT, NEVER, TEXT_PROMPTS, build_engine, hf_greedy, teacher_forced_logprobs, tokenize
-from verl_mega.cli import main
+from verl_mega.apps.cli import main
 from verl_mega.testing.multiprocess import run_distributed
 
 MAX_NEW = 10

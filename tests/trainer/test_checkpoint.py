@@ -11,7 +11,7 @@ import torch
 
 from _engine_cases import build_engine, full_weights, history_diff, make_hf_dir, train
 from verl_mega.parallel import Layout
-from verl_mega.trainer import export_cli
+from verl_mega.apps import export_cli
 from verl_mega.trainer.checkpoint import find_checkpoint, load_checkpoint, read_marker, save_checkpoint
 
 

@@ -23,7 +23,7 @@ def test_quick_start_prints_metrics():
 
 def test_demo_quick(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "verl_mega.cli", "demo", "--quick", "--output-dir", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "verl_mega", "demo", "--quick", "--output-dir", str(out)],
                           capture_output=True, text=True, timeout=600, env=ENV, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out accuracy" in proc.stdout and "demo finished" in proc.stdout

@@ -13,7 +13,7 @@ from verl_mega.config import load_config
 from verl_mega.models import get_actor_model
 from verl_mega.testing.tiny_hf import make_tiny_hf_model
 from verl_mega.trainer import PPOTrainer, Reward, RLBatch, Stage, TrainerConfig, default_pipeline
-from verl_mega.trainer import train_cli
+from verl_mega.apps import train_cli
 
 CHAT = [{"role": "user", "content": "What is 10*12?"}]
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples", "configs")

@@ -5,7 +5,7 @@
     engine = GenerationEngine(model, tp_group, max_batch=64, max_seq_len=1024, eos_token_ids=[2], pad_token_id=0)
     out = engine.generate(prompt_token_ids, max_new_tokens=128, temperature=1.0, n=4, seed=0)  # GenerationOutput
 
-`verl-mega generate` (generate_cli.py) runs it over a jsonl file.
+`verl-mega generate` (verl_mega/apps/generate_cli.py) runs it over a jsonl file.
 """
 
 from verl_mega.rollout.engine import GenerationEngine, GenerationOutput

@@ -3,7 +3,7 @@
     verl-mega generate --model HF_DIR --prompts IN.jsonl --out OUT.jsonl [--tp N] [--max-new-tokens K]
         [--temperature T] [--top-p P] [--top-k K] [--n N] [--seed S] [--batch-size B]
         [--dtype float32|bfloat16|float16] [--no-cuda-graph]
-    torchrun --nproc_per_node 2 -m verl_mega.cli generate ... --tp 2
+    torchrun --nproc_per_node 2 -m verl_mega generate ... --tp 2
 
 Input: one JSON object per line with "prompt" (text) or "messages" (a chat message list; the
 tokenizer's chat template is applied with the generation prompt). Output: each input object plus

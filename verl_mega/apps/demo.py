@@ -3,7 +3,7 @@ addition, then GRPO with an exact-match reward, and show held-out accuracy befor
 
     verl-mega demo                 # 2 processes, tensor parallel 2 (spawned here; no torchrun needed)
     verl-mega demo --quick         # CI smoke run (< 90 s)
-    torchrun --nproc-per-node 2 -m verl_mega.cli demo   # the same under torchrun
+    torchrun --nproc-per-node 2 -m verl_mega demo   # the same under torchrun
 
 Steps (every rank runs them; rank 0 writes files and prints):
  1. make the task (train / held-out pairs), train a sentencepiece tokenizer on it, write a random
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> dict:
     from verl_mega.data import get_dataloader
     from verl_mega.models import get_actor_model
     from verl_mega.parallel.layout import Layout
-    from verl_mega.trainer import demo_task as task
+    from verl_mega.apps import demo_task as task
     from verl_mega.trainer.ppo_trainer import PPOTrainer
 
     torch.manual_seed(args.seed)
@@ -149,7 +149,7 @@ def rl_config(args, out: str):
 def supervise(actor, rows: list[dict], args) -> int:
     """Next-token SFT on the answers until greedy accuracy on 100 training prompts reaches args.sft_target
     (checked every 25 steps) or args.sft_max_steps; returns the number of steps."""
-    from verl_mega.trainer import demo_task as task
+    from verl_mega.apps import demo_task as task
     from verl_mega.trainer.engine import TrainEngine, causal_lm_microbatches, next_token_loss
     from verl_mega.trainer.optim import OptimConfig
 
@@ -178,7 +178,7 @@ def supervise(actor, rows: list[dict], args) -> int:
 @torch.no_grad()
 def accuracy(actor, rows: list[dict]) -> float:
     """Greedy exact-match accuracy of `actor` on `rows` (the rollout engine, temperature 0)."""
-    from verl_mega.trainer import demo_task as task
+    from verl_mega.apps import demo_task as task
 
     prompts = [actor.tokenizer.encode(r["prompt"], add_special_tokens=True) for r in rows]
     results = actor.generate(prompts, max_new_tokens=4, temperature=0.0)

@@ -12,10 +12,10 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "demo": ("verl_mega.trainer.demo", "CPU demo: SFT a tiny model, then GRPO; prints accuracy before/after"),
-    "train": ("verl_mega.trainer.train_cli", "RL training from CONFIG.yaml [key=value ...]"),
-    "generate": ("verl_mega.rollout.generate_cli", "generate responses for a jsonl of prompts"),
-    "export": ("verl_mega.trainer.export_cli", "export a checkpoint to a Hugging Face directory"),
+    "demo": ("verl_mega.apps.demo", "CPU demo: SFT a tiny model, then GRPO; prints accuracy before/after"),
+    "train": ("verl_mega.apps.train_cli", "RL training from CONFIG.yaml [key=value ...]"),
+    "generate": ("verl_mega.apps.generate_cli", "generate responses for a jsonl of prompts"),
+    "export": ("verl_mega.apps.export_cli", "export a checkpoint to a Hugging Face directory"),
 }
 
 

@@ -1,7 +1,7 @@
 """`verl-mega train CONFIG.yaml [key=value ...]`: RL training from a YAML config plus dotted overrides.
 
     verl-mega train examples/configs/gsm8k_grpo.yaml model.path=/models/qwen2.5-0.5b trainer.total_steps=50
-    torchrun --nproc-per-node 8 -m verl_mega.cli train cfg.yaml parallel.tp=2 parallel.pp=2
+    torchrun --nproc-per-node 8 -m verl_mega train cfg.yaml parallel.tp=2 parallel.pp=2
 
 The YAML and the overrides are checked against `TrainerConfig` (an unknown or mistyped key is an
 error naming it). Every rank loads its stage of the actor (`parallel.tp` x `parallel.pp`, dp = the
