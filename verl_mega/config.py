@@ -52,18 +52,9 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
         raise ValueError(f"cannot parse config overrides {list(overrides)}: {e}") from None
 
 
-def load_config(schema_cls: type[T], yaml_path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Build a `schema_cls` instance: dataclass defaults < YAML file < dotlist overrides.
-
-    Args:
-        schema_cls: a dataclass (nested dataclasses allowed) giving keys, types and defaults.
-        yaml_path: optional YAML file whose keys must all exist in the schema.
-        overrides: strings like `"trainer.lr=1e-5"`, applied last.
-    Returns:
-        an instance of `schema_cls` (nested fields are instances of their dataclasses).
-    Raises:
-        ValueError naming the key (and file) for an unknown key, a wrong type, or a missing value.
-    """
+def merge_config(schema_cls: type, yaml_path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """The OmegaConf config of `schema_cls` defaults < YAML file < dotlist overrides, unresolved:
+    required (`MISSING`) fields may still be unset (they print as `???`). ValueError as `load_config`."""
     if not dataclasses.is_dataclass(schema_cls):
         raise ValueError(f"schema_cls must be a dataclass, got {schema_cls!r}")
     cfg = OmegaConf.structured(schema_cls)
@@ -77,6 +68,22 @@ def load_config(schema_cls: type[T], yaml_path: str | Path | None = None, overri
         cfg = _merge(cfg, loaded, str(path))
     if overrides:
         cfg = _merge(cfg, _parse_overrides(overrides), "command-line override")
+    return cfg
+
+
+def load_config(schema_cls: type[T], yaml_path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Build a `schema_cls` instance: dataclass defaults < YAML file < dotlist overrides.
+
+    Args:
+        schema_cls: a dataclass (nested dataclasses allowed) giving keys, types and defaults.
+        yaml_path: optional YAML file whose keys must all exist in the schema.
+        overrides: strings like `"trainer.lr=1e-5"`, applied last.
+    Returns:
+        an instance of `schema_cls` (nested fields are instances of their dataclasses).
+    Raises:
+        ValueError naming the key (and file) for an unknown key, a wrong type, or a missing value.
+    """
+    cfg = merge_config(schema_cls, yaml_path, overrides)
     try:
         return OmegaConf.to_object(cfg)
     except MissingMandatoryValue as e:

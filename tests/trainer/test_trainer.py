@@ -42,16 +42,17 @@ def test_step_counts_failing_and_hanging_rewards(tiny_dir):
     m = trainer.step([{"prompt": CHAT}, {"prompt": "2+2=", "ground_truth": "4"}])
     assert time.time() - start < 20
     lengths = [len(t) for t in trainer.last_batch.response_texts]
-    assert m["reward_failures"] == sum(n % 3 == 0 for n in lengths)
-    assert m["reward_timeouts"] == sum(n % 3 == 1 for n in lengths)
-    assert m["reward_failures"] + m["reward_timeouts"] > 0  # 16 random responses: both kinds essentially always
+    assert m["reward/failures"] == sum(n % 3 == 0 for n in lengths)
+    assert m["reward/timeouts"] == sum(n % 3 == 1 for n in lengths)
+    assert m["reward/failures"] + m["reward/timeouts"] > 0  # 16 random responses: both kinds essentially always
     scores = trainer.last_batch.scores
     assert all(s == (n % 2 if n % 3 == 2 else 0.0) for s, n in zip(scores.tolist(), lengths))
-    for key in ("loss", "reward_mean", "kl", "entropy", "clip_frac", "grad_norm", "response_length",
+    for key in ("actor/loss", "reward/mean", "actor/ppo_kl", "actor/entropy", "actor/pg_clipfrac", "actor/grad_norm",
+                "actor/lr", "response_length/mean",
                 "time/generate", "time/reshard", "time/logprob", "time/update"):
         assert math.isfinite(m[key]), key
     # rollout engine and training forward agree on the sampled tokens' log-probs
-    assert m["rollout_logprob_diff"] < 1e-4
+    assert m["rollout/logprob_diff"] < 1e-4
     # GRPO: advantages are the group-normalised scores on every response token
     b = trainer.last_batch
     g = b.scores.view(-1, 8)
@@ -70,7 +71,7 @@ def test_pipeline_composition_and_custom_stage(tiny_dir):
 
     trainer.pipeline = default_pipeline().replace("reward", constant_reward)
     m = trainer.step([{"prompt": "hello"}])
-    assert m["reward_mean"] == pytest.approx(0.5) and trainer.global_step == 1
+    assert m["reward/mean"] == pytest.approx(0.5) and trainer.global_step == 1
     assert trainer.pipeline.names()[1] == "constant_reward"
     assert (Reward() >> constant_reward).names() == ["reward", "constant_reward"]
     assert (constant_reward >> Reward()).names() == ["constant_reward", "reward"]
@@ -119,5 +120,5 @@ def test_train_cli_end_to_end(tiny_dir, tmp_path, capsys):
                          "rollout.max_new_tokens=4", f"trainer.output_dir={out}", "trainer.save_final=false"])
     assert rc == 0
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [r["step"] for r in records] == [1] and math.isfinite(records[0]["loss"])
+    assert [r["step"] for r in records] == [1] and math.isfinite(records[0]["actor/loss"])
     assert list((out / "tensorboard").iterdir())

@@ -34,14 +34,14 @@ import torch.distributed as dist
 from verl_mega.algorithms.kl import AdaptiveKLController, FixedKLController
 from verl_mega.hybrid_engine.reshard import HybridEngine
 from verl_mega.models import HFActor, get_actor_model
-from verl_mega.rewards.base import RewardFunction, RuleBasedReward
+from verl_mega.rewards.base import RewardFailureGuard, RewardFunction, RuleBasedReward
 from verl_mega.rollout.engine import GenerationEngine
 from verl_mega.rollout.frontend import encode_prompts, stop_ids
 from verl_mega.trainer import checkpointing
 from verl_mega.trainer.batch import RLBatch
 from verl_mega.trainer.config import TrainerConfig, check_config
 from verl_mega.trainer.engine import TrainEngine
-from verl_mega.trainer.metrics import MetricsLogger, bar_postfix, progress_bar
+from verl_mega.trainer.metrics import MetricsLogger, bar_postfix, progress_bar, run_banner
 from verl_mega.trainer.optim import OptimConfig
 from verl_mega.trainer.roles import FrozenModel, build_critic, build_reference
 from verl_mega.trainer.stages import Advantage, LogProbs, Metrics, Pipeline, Reward, Rollout, Update
@@ -107,6 +107,7 @@ class PPOTrainer:
         self.reference = self._reference(reference) if cfg.algorithm.kl_coef > 0 else None
         self.critic_engine = self._critic(critic) if cfg.algorithm.name in ("ppo", "gae") else None
         self.reward_fn = RewardFunction(reward_fn if reward_fn is not None else RuleBasedReward())
+        self.reward_guard = RewardFailureGuard(cfg.trainer.reward_fail_threshold, cfg.trainer.reward_fail_steps)
         a = cfg.algorithm
         self.kl_ctl = (AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target and a.kl_in_reward
                        else FixedKLController(a.kl_coef)) if a.kl_coef > 0 else None
@@ -188,6 +189,9 @@ class PPOTrainer:
             log.warning("step %d: %d reward failures, %d timeouts; first: %s", self.global_step,
                         batch.reward_failures, batch.reward_timeouts, (batch.reward_errors or ["?"])[0])
         self.last_batch = batch
+        m = batch.metrics  # summed over data-parallel ranks: every rank takes the same decision
+        self.reward_guard.update(int(m["reward/failures"] + m["reward/timeouts"]), batch.num_rows * self.layout.dp,
+                                 batch.reward_errors)
         return dict(batch.metrics)
 
     def _check_same_prompt_count(self, count: int) -> None:
@@ -213,9 +217,20 @@ class PPOTrainer:
         output_dir = output_dir or t.output_dir
         save_every = t.save_every if save_every is None else save_every
         ckpt_root = os.path.join(output_dir, "checkpoints")
+        rank0 = self.layout.rank == 0
         if (t.resume if resume is None else resume) and checkpointing.latest_checkpoint(ckpt_root):
             self.load_checkpoint(ckpt_root, dataloader)
-        rank0 = self.layout.rank == 0
+            if rank0:
+                print(f"[verl-mega] resuming from {os.path.abspath(ckpt_root)} at step {self.global_step}", flush=True)
+        if self.global_step >= steps:
+            if rank0:
+                print(f"[verl-mega] run already finished at step {self.global_step} (trainer.total_steps={steps}); "
+                      f"nothing to do; raise trainer.total_steps or use a new trainer.output_dir", flush=True)
+            return []
+        if rank0:
+            dataset = getattr(dataloader, "dataset", None)
+            print(run_banner(self.config, self.layout, len(dataset) if dataset is not None else None, steps,
+                             output_dir, self.global_step), flush=True)
         logger = MetricsLogger(output_dir, enabled=rank0, tensorboard=t.tensorboard)
         bar = progress_bar(steps, self.global_step, rank0 and t.progress_bar)
         history = []
