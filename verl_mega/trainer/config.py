@@ -1,6 +1,7 @@
 """`TrainerConfig`: the schema of an RL run (what `verl-mega train CONFIG.yaml key=value ...` reads).
 
-Nested dataclasses, one section per concern, one-line doc per field; loaded with
+Nested dataclasses, one section per concern, one-line doc per field (the `# ...` comment, from which
+docs/config.md is generated: `python -m verl_mega.apps.config_docs`); loaded with
 `verl_mega.config.load_config(TrainerConfig, yaml, overrides)` (unknown keys are a ValueError naming
 them). Presets are YAML files in `examples/configs/`. Batch sizes follow verl's units:
 `rollout_batch_size` and `mini_batch_size` count prompts (each expands to `n_samples` responses),
