@@ -270,7 +270,7 @@ class RewardFailureGuard:
             raise RewardFailureError(
                 f"the reward failed on {failed}/{calls} calls ({failed / calls:.0%} >= trainer.reward_fail_threshold="
                 f"{self.threshold:g}) for {self.bad_in_a_row} steps in a row (trainer.reward_fail_steps={self.steps}); "
-                f"first error: {first}. Fix the reward function (trainer.reward) or the data's data_source / "
+                f"first failure: {first}. Fix the reward function (trainer.reward) or the data's data_source / "
                 f"ground truth; set trainer.reward_fail_steps=0 to train on regardless")
 
 
