@@ -81,8 +81,10 @@ def test_checks_fail_before_the_model_loads(weightless_dir, tmp_path, capsys, mo
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     _fails(capsys, [cfg, "parallel.tp=2", "parallel.pp=2"], "needs a multiple of 4 processes", "torchrun --nproc-per-node 4")
-    monkeypatch.setenv("RANK", "1")  # the other ranks exit with the same status, silently
-    assert train_cli.main([cfg, "parallel.tp=2", "parallel.pp=2"]) == 2 and capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "1")  # other ranks wait (torchrun stops them when rank 0 exits), then say it too
+    monkeypatch.setattr(train_cli, "OTHER_RANKS_GRACE_S", 0.0)
+    assert train_cli.main([cfg, *SMALL, "parallel.tp=2", "parallel.pp=2"]) == 2
+    assert "error (rank 1): parallel.tp=2 x parallel.pp=2 needs" in capsys.readouterr().err
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
     _fails(capsys, [cfg, "bogus.key=1"], "unknown config key 'bogus'")

@@ -140,10 +140,10 @@ def check_reward(reward_fn: Callable, dataset, path: str) -> None:
 
 def preflight(cfg: TrainerConfig, world_size: int) -> Prepared:
     """Run every check of the module docstring for a run of `world_size` processes; returns what they built."""
+    check_launch(cfg, world_size)  # before importing the model code (megatron-core: seconds)
+    check_model(cfg)
     from verl_mega.models.tokenizer import load_tokenizer
 
-    check_launch(cfg, world_size)
-    check_model(cfg)
     tokenizer = load_tokenizer(cfg.model.path)
     if tokenizer is None:
         raise ValueError(f"model.path={cfg.model.path} has no tokenizer (tokenizer.json / tokenizer.model)")

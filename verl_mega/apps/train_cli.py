@@ -10,7 +10,8 @@ The YAML and the overrides are checked against `TrainerConfig` (an unknown or mi
 error naming it; docs/config.md lists every field). Before any model weights are loaded,
 `apps/preflight.py` checks the launch (world size vs tp x pp), the model directory, the data (every
 row, naming file, row and `data.prompt_key`) and the reward (a "rule" reward needs a checker for
-every data_source); a failed check prints one message (rank 0) and exits with status 2. Without
+every data_source); a failed check prints one message (rank 0; see OTHER_RANKS_GRACE_S) and exits with
+status 2 (torchrun itself then exits 1 after its failure summary). Without
 torchrun and with tp x pp > 1 (or --nproc N), the processes are spawned here, as `verl-mega demo` does.
 
 Every rank loads its stage of the actor (`parallel.tp` x `parallel.pp`, dp = the rest of the world),
@@ -29,6 +30,7 @@ import argparse
 import math
 import os
 import sys
+import time
 
 from verl_mega.apps.preflight import Prepared, preflight
 from verl_mega.config import load_config, merge_config
@@ -36,6 +38,10 @@ from verl_mega.trainer.config import TrainerConfig, check_config
 
 EXIT_BAD_INPUT = 2  # config, data, launch or model-directory error (nothing was trained)
 EXIT_REWARD_FAILED = 1  # the reward failed too often while training
+# Under torchrun every rank finds the same error; rank 0 prints it and exits at once, and torchrun then stops
+# the others. A rank != 0 waits this long before printing its own message (reached only when rank 0 did not
+# fail the same way) so that a failing launch shows one message, not one per rank.
+OTHER_RANKS_GRACE_S = 30.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -136,13 +142,22 @@ def done_line(cfg: TrainerConfig, history: list[dict]) -> str:
     return line
 
 
+def _report(exc: BaseException, status: int) -> int:
+    """Print `exc` as the one error line of the run (rank 0 now, other ranks after a grace period); returns status."""
+    rank = int(os.environ.get("RANK", 0))
+    if rank != 0:
+        time.sleep(OTHER_RANKS_GRACE_S)
+    print(f"verl-mega train: error: {exc}" if rank == 0 else f"verl-mega train: error (rank {rank}): {exc}",
+          file=sys.stderr, flush=True)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `verl-mega train`; returns the exit status (0 ok, 1 reward failures, 2 bad input)."""
     from verl_mega.rewards.base import RewardFailureError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     under_torchrun = "RANK" in os.environ
-    rank0 = int(os.environ.get("RANK", 0)) == 0
     try:
         cfg = parse_config(argv)
         nproc = _split_args(argv).nproc
@@ -153,9 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         world = (nproc or cfg.parallel.tp * cfg.parallel.pp) if spawn else int(os.environ.get("WORLD_SIZE", 1))
         prepared = preflight(cfg, world)
     except ValueError as exc:
-        if rank0:
-            print(f"verl-mega train: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _report(exc, EXIT_BAD_INPUT)
     if spawn:
         history, error, status = _run_spawned(cfg, world)
         if error is not None:
@@ -165,14 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             history = train(cfg, prepared)
         except ValueError as exc:
-            if rank0:
-                print(f"verl-mega train: error: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+            return _report(exc, EXIT_BAD_INPUT)
         except RewardFailureError as exc:
-            if rank0:
-                print(f"verl-mega train: error: {exc}", file=sys.stderr)
-            return EXIT_REWARD_FAILED
-    if history and rank0:
+            return _report(exc, EXIT_REWARD_FAILED)
+    if history and int(os.environ.get("RANK", 0)) == 0:
         print(done_line(cfg, history), flush=True)
     return 0
 
