@@ -5,7 +5,6 @@ its own processes."""
 
 import json
 import math
-import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq

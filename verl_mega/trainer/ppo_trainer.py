@@ -189,10 +189,16 @@ class PPOTrainer:
             log.warning("step %d: %d reward failures, %d timeouts; first: %s", self.global_step,
                         batch.reward_failures, batch.reward_timeouts, (batch.reward_errors or ["?"])[0])
         self.last_batch = batch
-        m = batch.metrics  # summed over data-parallel ranks: every rank takes the same decision
-        self.reward_guard.update(int(m["reward/failures"] + m["reward/timeouts"]), batch.num_rows * self.layout.dp,
-                                 batch.reward_errors)
+        self.reward_guard.update(*self._failed_reward_calls(batch), batch.reward_errors)
         return dict(batch.metrics)
+
+    def _failed_reward_calls(self, batch: RLBatch) -> tuple[int, int]:
+        """(failed or timed-out reward calls, calls) of the step: the Metrics stage's counts summed over
+        data-parallel ranks (so every rank takes the same decision); this rank's if the pipeline has no Metrics."""
+        m = batch.metrics
+        if "reward/failures" in m:
+            return int(m["reward/failures"] + m["reward/timeouts"]), batch.num_rows * self.layout.dp
+        return batch.reward_failures + batch.reward_timeouts, batch.num_rows
 
     def _check_same_prompt_count(self, count: int) -> None:
         """Every rank must step on the same number of prompts (the stages' collectives assume it);
@@ -211,6 +217,9 @@ class PPOTrainer:
         """Run RL steps over `dataloader` (re-iterated epoch after epoch) until `steps` (default
         config.trainer.total_steps) steps are done; logs metrics (JSONL, TensorBoard, tqdm), saves
         checkpoints every `save_every` steps (and at the end), resumes from the latest checkpoint.
+        Rank 0 prints a banner (model, layout, algorithm, dataset size, steps, output), "resuming from
+        <dir> at step N", or "run already finished ..." when there is nothing left to do.
+        Raises RewardFailureError when the reward fails too often (trainer.reward_fail_threshold / _steps).
         Returns the metrics of the steps run by this call."""
         t = self.config.trainer
         steps = t.total_steps if steps is None else steps
