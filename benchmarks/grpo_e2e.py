@@ -118,7 +118,7 @@ def run_layout(args, tp: int, pp: int) -> dict:
     result = {"layout": {"tp": tp, "pp": pp, "dp": layout.dp, "tp_g": trainer.hybrid.inference_layout.tp_g},
               "prompts_per_step": per_dp * layout.dp, "responses_per_step": per_dp * layout.dp * args.n}
     for key in [f"time/{p}" for p in PHASES] + ["time/step", "throughput/tokens_per_s_per_gpu",
-                                                 "throughput/gen_tokens_per_s_per_gpu", "response_length"]:
+                                                 "throughput/gen_tokens_per_s_per_gpu", "response_length/mean"]:
         result[key] = statistics.mean(m.get(key, 0.0) for m in history) if history else None
     stats = trainer.hybrid.last_stats
     result["reshard_bytes_moved_per_rank"] = stats.bytes_moved if stats is not None else 0

@@ -16,9 +16,10 @@ def test_quick_start_prints_metrics():
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = proc.stdout.strip().splitlines()[0]
     metrics = eval(first, {"__builtins__": {}})  # the printed dict of rounded floats
-    for key in ("loss", "reward_mean", "kl", "entropy", "grad_norm", "response_length"):
+    for key in ("actor/loss", "reward/mean", "actor/ppo_kl", "actor/entropy", "actor/grad_norm", "actor/lr",
+                "response_length/mean"):
         assert isinstance(metrics[key], float), key
-    assert metrics["response_length"] > 0 and "responses:" in proc.stdout
+    assert metrics["actor/lr"] > 0 and metrics["response_length/mean"] > 0 and "responses:" in proc.stdout
 
 
 def test_demo_quick(tmp_path):

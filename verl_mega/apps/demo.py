@@ -196,7 +196,7 @@ def plot_rewards(metrics_path: str, png_path: str, before: float, after: float) 
 
     records = read_metrics(metrics_path)
     steps = [r["step"] for r in records]
-    rewards = [r["reward_mean"] for r in records]
+    rewards = [r["reward/mean"] for r in records]
     smooth = [sum(rewards[max(0, i - 9):i + 1]) / len(rewards[max(0, i - 9):i + 1]) for i in range(len(rewards))]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, rewards, alpha=0.35, label="reward (train samples, T=1)")

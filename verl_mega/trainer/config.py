@@ -1,6 +1,7 @@
 """`TrainerConfig`: the schema of an RL run (what `verl-mega train CONFIG.yaml key=value ...` reads).
 
-Nested dataclasses, one section per concern, one-line doc per field; loaded with
+Nested dataclasses, one section per concern, one-line doc per field (the `# ...` comment, from which
+docs/config.md is generated: `python -m verl_mega.apps.config_docs`); loaded with
 `verl_mega.config.load_config(TrainerConfig, yaml, overrides)` (unknown keys are a ValueError naming
 them). Presets are YAML files in `examples/configs/`. Batch sizes follow verl's units:
 `rollout_batch_size` and `mini_batch_size` count prompts (each expands to `n_samples` responses),
@@ -97,6 +98,8 @@ class TrainerSection:
     resume: bool = True  # resume from the latest checkpoint in output_dir/checkpoints if there is one
     reward: str = "rule"  # "rule" (GSM8K/MATH checkers by data_source) or "module:function" / "file.py:function"
     reward_timeout_s: float = 30.0  # per-response reward time limit (a timeout scores 0 and is counted)
+    reward_fail_threshold: float = 1.0  # a step is "failed" when this fraction of its reward calls failed or timed out
+    reward_fail_steps: int = 3  # stop with an error after this many failed steps in a row (0 = never stop)
     progress_bar: bool = True  # tqdm bar with live reward / KL (rank 0)
 
 

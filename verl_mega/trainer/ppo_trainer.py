@@ -34,14 +34,14 @@ import torch.distributed as dist
 from verl_mega.algorithms.kl import AdaptiveKLController, FixedKLController
 from verl_mega.hybrid_engine.reshard import HybridEngine
 from verl_mega.models import HFActor, get_actor_model
-from verl_mega.rewards.base import RewardFunction, RuleBasedReward
+from verl_mega.rewards.base import RewardFailureGuard, RewardFunction, RuleBasedReward
 from verl_mega.rollout.engine import GenerationEngine
 from verl_mega.rollout.frontend import encode_prompts, stop_ids
 from verl_mega.trainer import checkpointing
 from verl_mega.trainer.batch import RLBatch
 from verl_mega.trainer.config import TrainerConfig, check_config
 from verl_mega.trainer.engine import TrainEngine
-from verl_mega.trainer.metrics import MetricsLogger, bar_postfix, progress_bar
+from verl_mega.trainer.metrics import MetricsLogger, bar_postfix, progress_bar, run_banner
 from verl_mega.trainer.optim import OptimConfig
 from verl_mega.trainer.roles import FrozenModel, build_critic, build_reference
 from verl_mega.trainer.stages import Advantage, LogProbs, Metrics, Pipeline, Reward, Rollout, Update
@@ -107,6 +107,7 @@ class PPOTrainer:
         self.reference = self._reference(reference) if cfg.algorithm.kl_coef > 0 else None
         self.critic_engine = self._critic(critic) if cfg.algorithm.name in ("ppo", "gae") else None
         self.reward_fn = RewardFunction(reward_fn if reward_fn is not None else RuleBasedReward())
+        self.reward_guard = RewardFailureGuard(cfg.trainer.reward_fail_threshold, cfg.trainer.reward_fail_steps)
         a = cfg.algorithm
         self.kl_ctl = (AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target and a.kl_in_reward
                        else FixedKLController(a.kl_coef)) if a.kl_coef > 0 else None
@@ -188,7 +189,16 @@ class PPOTrainer:
             log.warning("step %d: %d reward failures, %d timeouts; first: %s", self.global_step,
                         batch.reward_failures, batch.reward_timeouts, (batch.reward_errors or ["?"])[0])
         self.last_batch = batch
+        self.reward_guard.update(*self._failed_reward_calls(batch), batch.reward_errors)
         return dict(batch.metrics)
+
+    def _failed_reward_calls(self, batch: RLBatch) -> tuple[int, int]:
+        """(failed or timed-out reward calls, calls) of the step: the Metrics stage's counts summed over
+        data-parallel ranks (so every rank takes the same decision); this rank's if the pipeline has no Metrics."""
+        m = batch.metrics
+        if "reward/failures" in m:
+            return int(m["reward/failures"] + m["reward/timeouts"]), batch.num_rows * self.layout.dp
+        return batch.reward_failures + batch.reward_timeouts, batch.num_rows
 
     def _check_same_prompt_count(self, count: int) -> None:
         """Every rank must step on the same number of prompts (the stages' collectives assume it);
@@ -207,15 +217,29 @@ class PPOTrainer:
         """Run RL steps over `dataloader` (re-iterated epoch after epoch) until `steps` (default
         config.trainer.total_steps) steps are done; logs metrics (JSONL, TensorBoard, tqdm), saves
         checkpoints every `save_every` steps (and at the end), resumes from the latest checkpoint.
+        Rank 0 prints a banner (model, layout, algorithm, dataset size, steps, output), "resuming from
+        <dir> at step N", or "run already finished ..." when there is nothing left to do.
+        Raises RewardFailureError when the reward fails too often (trainer.reward_fail_threshold / _steps).
         Returns the metrics of the steps run by this call."""
         t = self.config.trainer
         steps = t.total_steps if steps is None else steps
         output_dir = output_dir or t.output_dir
         save_every = t.save_every if save_every is None else save_every
         ckpt_root = os.path.join(output_dir, "checkpoints")
+        rank0 = self.layout.rank == 0
         if (t.resume if resume is None else resume) and checkpointing.latest_checkpoint(ckpt_root):
             self.load_checkpoint(ckpt_root, dataloader)
-        rank0 = self.layout.rank == 0
+            if rank0:
+                print(f"[verl-mega] resuming from {os.path.abspath(ckpt_root)} at step {self.global_step}", flush=True)
+        if self.global_step >= steps:
+            if rank0:
+                print(f"[verl-mega] run already finished at step {self.global_step} (trainer.total_steps={steps}); "
+                      f"nothing to do; raise trainer.total_steps or use a new trainer.output_dir", flush=True)
+            return []
+        if rank0:
+            dataset = getattr(dataloader, "dataset", None)
+            print(run_banner(self.config, self.layout, len(dataset) if dataset is not None else None, steps,
+                             output_dir, self.global_step), flush=True)
         logger = MetricsLogger(output_dir, enabled=rank0, tensorboard=t.tensorboard)
         bar = progress_bar(steps, self.global_step, rank0 and t.progress_bar)
         history = []

@@ -241,7 +241,7 @@ class Advantage(Stage):
         if a.kl_coef > 0 and a.kl_in_reward:
             rewards, kl_mean = apply_kl_penalty(rewards, batch.old_logprobs, batch.ref_logprobs, mask,
                                                 ctx.kl_ctl.value, a.kl_estimator)
-            batch.metrics["kl_in_reward"] = float(kl_mean)
+            batch.metrics["actor/reward_kl_penalty"] = float(kl_mean)
             ctx.kl_ctl.update(float(kl_mean), batch.num_rows)
         estimator = get_advantage_estimator("gae" if a.name == "ppo" else a.name)
         batch.token_rewards = rewards
@@ -338,7 +338,11 @@ def _mean_dicts(dicts: list[dict], prefix: str) -> dict[str, float]:
 
 
 class Metrics(Stage):
-    """Step metrics (rewards, lengths, KL, timings, throughput), averaged over data-parallel ranks."""
+    """Step metrics (rewards, lengths, KL, timings, throughput), averaged over data-parallel ranks.
+
+    One name per quantity, in verl's naming style; the table of every key is in docs/metrics.md.
+    The actor/ and critic/ loss, grad-norm and lr keys come from the Update stage.
+    """
 
     name = "metrics"
 
@@ -347,28 +351,25 @@ class Metrics(Stage):
         lengths = mask.sum(-1)
         m = batch.metrics
         m.update({
-            "reward_mean": float(batch.scores.mean()),
-            "reward_std": float(batch.scores.std()) if batch.num_rows > 1 else 0.0,
-            "response_length": float(lengths.mean()),
-            "response_length_max": float(lengths.max()),
-            "response_clip_frac": float((lengths >= ctx.config.rollout.max_new_tokens).float().mean()),
-            "advantage_mean": _masked_mean(batch.advantages, mask) if batch.advantages is not None else 0.0,
+            "reward/mean": float(batch.scores.mean()),
+            "reward/std": float(batch.scores.std()) if batch.num_rows > 1 else 0.0,
+            "response_length/mean": float(lengths.mean()),
+            "response_length/max": float(lengths.max()),
+            "response_length/clip_ratio": float((lengths >= ctx.config.rollout.max_new_tokens).float().mean()),
         })
+        if batch.advantages is not None:
+            m["advantage/mean"] = _masked_mean(batch.advantages, mask)
         if batch.old_logprobs is not None:
             # how far the training forward is from the sampler (numerics, or a stale inference model)
-            m["rollout_logprob_diff"] = _masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(), mask)
-            m["logprob_mean"] = _masked_mean(batch.old_logprobs, mask)
+            m["rollout/logprob_diff"] = _masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(), mask)
+            m["actor/old_logprob_mean"] = _masked_mean(batch.old_logprobs, mask)
         if batch.ref_logprobs is not None:
-            m["kl_ref"] = _masked_mean(kl_penalty(batch.old_logprobs, batch.ref_logprobs, "low_var_kl"), mask)
+            m["actor/kl_ref"] = _masked_mean(kl_penalty(batch.old_logprobs, batch.ref_logprobs, "low_var_kl"), mask)
         if ctx.kl_ctl is not None:
-            m["kl_coef"] = float(ctx.kl_ctl.value)
-        for k in ("loss", "grad_norm", "lr", "entropy", "pg_clipfrac", "ppo_kl"):
-            if "actor/" + k in m:
-                m[k] = m["actor/" + k]
-        m["kl"] = m.get("kl_ref", m.get("ppo_kl", 0.0))
-        m["clip_frac"] = m.get("pg_clipfrac", 0.0)
-        counts = {"reward_failures": float(batch.reward_failures), "reward_timeouts": float(batch.reward_timeouts),
-                  "response_tokens": float(lengths.sum()), "prompt_tokens": float(batch.attention_mask.sum() - lengths.sum())}
+            m["actor/kl_coef"] = float(ctx.kl_ctl.value)
+        counts = {"reward/failures": float(batch.reward_failures), "reward/timeouts": float(batch.reward_timeouts),
+                  "response_length/tokens": float(lengths.sum()),
+                  "prompt_length/tokens": float(batch.attention_mask.sum() - lengths.sum())}
         batch.metrics = _reduce_over_dp(m, counts, ctx)
         batch.metrics.update(_timing_metrics(batch, ctx))
         return batch
@@ -396,8 +397,9 @@ def _timing_metrics(batch: RLBatch, ctx) -> dict[str, float]:
     total = sum(v for k, v in t.items() if k not in ("generate", "reshard"))  # those two are inside "rollout"
     out["time/step"] = total
     world = ctx.layout.world_size
-    tokens = batch.metrics["response_tokens"] + batch.metrics["prompt_tokens"]
+    generated = batch.metrics["response_length/tokens"]
+    tokens = generated + batch.metrics["prompt_length/tokens"]
     out["throughput/tokens_per_s_per_gpu"] = tokens / max(total, 1e-9) / world
     if t.get("generate"):
-        out["throughput/gen_tokens_per_s_per_gpu"] = batch.metrics["response_tokens"] / t["generate"] / world
+        out["throughput/gen_tokens_per_s_per_gpu"] = generated / t["generate"] / world
     return out
