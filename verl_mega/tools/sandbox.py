@@ -1,0 +1,286 @@
+"""The local sandbox: run untrusted code under bubblewrap, with no network, no view of the host and hard limits.
+
+Isolation is bubblewrap's (`bwrap`, the tool Flatpak runs its apps in), not ours. Each run is one
+`bwrap` process with every namespace unshared (user, pid, net, ipc, uts, cgroup, mount) and nested
+user namespaces disabled. Inside it sees only:
+  - /usr (and the /bin, /lib, /lib64, /sbin links or binds a merged-/usr system has), read-only:
+    the system interpreter and its standard library, not the trainer's environment;
+  - its own /proc (its pid namespace only) and a minimal /dev;
+  - a private, size-capped tmpfs at /tmp (the working directory, the one writable place);
+  - the program, read-only at /sandbox/main.py;
+and an environment of PATH, HOME and LANG only. With no network namespace peers, even 127.0.0.1 is
+a fresh loopback that nobody listens on. The root is remounted read-only.
+
+Limits (`SandboxLimits`, the one place their defaults live) are rlimits set by util-linux's `prlimit`
+as the first process inside the namespace, so the user's program and everything it spawns inherit
+them: address space (memory), CPU seconds, processes, file size, open files, no core dumps. Output is
+read by this process through pipes and capped: past `max_output_bytes` on stdout or stderr the run is
+killed. The wall-clock limit kills `bwrap`; its in-namespace init dies with it (`--die-with-parent`),
+and the kernel kills every process of a pid namespace whose init exits, so an infinite loop, a
+background daemon or a fork bomb all end with it.
+
+Why the sandbox runs as an unprivileged user when the host is root: inside a user namespace made by
+root, uid 0 outside is the owner of every process, and the kernel exempts that user from RLIMIT_NPROC
+(measured here: 200 forks under a limit of 20). `bwrap` is therefore started as `nobody` (uid 65534,
+via subprocess's `user=`), which also makes file permissions a second fence. The interpreter must
+then be readable by that user: the default is the system `/usr/bin/python3`.
+
+Deliberate simplifications: no seccomp filter (the kernel's full syscall surface is reachable; the
+namespaces and an unprivileged uid are the boundary); memory is limited per process by RLIMIT_AS
+(x `max_processes` in the worst case), not by a cgroup, because cgroup delegation differs between
+machines; only Python is run (SandboxFusion's other languages are not).
+
+Reference: SandboxFusion (bytedance/SandboxFusion) for the result fields and statuses; bubblewrap(1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import math
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, fields, replace
+
+BWRAP = "bwrap"
+PRLIMIT = "/usr/bin/prlimit"
+SANDBOX_PROGRAM = "/sandbox/main.py"
+SANDBOX_WORKDIR = "/tmp"
+NOBODY_UID = 65534
+_KILL_WAIT_S = 10.0  # how long a killed run may take to be reaped before it is reported as a sandbox error
+_ENV = {"PATH": "/usr/bin:/bin", "HOME": SANDBOX_WORKDIR, "LANG": "C.UTF-8"}
+
+
+class SandboxUnavailable(RuntimeError):
+    """bubblewrap (or prlimit) is not installed, or this machine does not let it create namespaces."""
+
+
+class RunStatus(str, enum.Enum):
+    """How a run ended; the first three are SandboxFusion's `CommandRunStatus` values."""
+
+    FINISHED = "Finished"  # the program exited (any exit code)
+    ERROR = "Error"  # the sandbox itself failed (the program never started)
+    TIME_LIMIT = "TimeLimitExceeded"  # killed at the wall-clock limit
+    OUTPUT_LIMIT = "OutputLimitExceeded"  # killed for writing more than max_output_bytes (ours; not in SandboxFusion)
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Limits of one run. Every default of the sandbox lives here."""
+
+    timeout_s: float = 30.0  # wall-clock limit; the whole process tree is killed at it
+    memory_mb: int = 1024  # address space per process (RLIMIT_AS), MiB
+    max_processes: int = 32  # processes + threads inside the sandbox (RLIMIT_NPROC, per user namespace)
+    max_file_mb: int = 16  # largest file the program may write (RLIMIT_FSIZE), MiB
+    tmp_mb: int = 64  # size of the private writable /tmp (a tmpfs), MiB
+    max_open_files: int = 256  # RLIMIT_NOFILE
+    max_output_bytes: int = 1 << 20  # stdout and stderr each; the run is killed past it
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not value > 0:
+                raise ValueError(f"SandboxLimits.{f.name} must be > 0, got {value!r}")
+
+    @property
+    def cpu_s(self) -> int:
+        """RLIMIT_CPU per process: the wall limit rounded up, plus 1 s so the wall clock normally fires first."""
+        return math.ceil(self.timeout_s) + 1
+
+
+@dataclass
+class ExecutionResult:
+    """The structured outcome of one run (SandboxFusion's `CommandRunResult` fields)."""
+
+    status: RunStatus
+    return_code: int | None  # the program's exit code (128 + signal if a signal ended it); None if killed by us
+    stdout: str
+    stderr: str
+    execution_time: float  # wall seconds from start to exit
+    message: str = ""  # why the sandbox failed, for status ERROR
+
+    @property
+    def ok(self) -> bool:
+        """Finished with exit code 0."""
+        return self.status == RunStatus.FINISHED and self.return_code == 0
+
+
+def _root_entries() -> list[str]:
+    """bwrap arguments that reproduce the host's /bin, /lib, /lib64, /sbin as links into /usr or read-only binds."""
+    args = ["--ro-bind", "/usr", "/usr"]
+    for name in ("/bin", "/lib", "/lib64", "/sbin"):
+        if os.path.islink(name):
+            args += ["--symlink", os.readlink(name), name]
+        elif os.path.isdir(name):
+            args += ["--ro-bind", name, name]
+    return args
+
+
+class Sandbox:
+    """Runs Python programs under bubblewrap with `SandboxLimits`.
+
+    Args:
+        limits: default limits of a run (each `run` may pass its own).
+        python: interpreter inside the sandbox; it must live under /usr (the only host tree mounted)
+            and be readable by `sandbox_uid`.
+        sandbox_uid: the unprivileged uid `bwrap` runs as when this process is root (see module doc).
+    """
+
+    def __init__(self, limits: SandboxLimits | None = None, python: str = "/usr/bin/python3", sandbox_uid: int = NOBODY_UID):
+        self.limits = limits or SandboxLimits()
+        if not python.startswith("/usr/"):
+            raise ValueError(f"python must be an interpreter under /usr (the only host tree in the sandbox), got {python!r}")
+        self.python = python
+        self.sandbox_uid = sandbox_uid
+        self._bwrap = shutil.which(BWRAP)
+        if self._bwrap is None or not os.path.exists(PRLIMIT) or not os.path.exists(python):
+            raise SandboxUnavailable(
+                f"the sandbox needs {BWRAP}, {PRLIMIT} and {python}: install them with "
+                "`apt-get install -y bubblewrap util-linux python3` (or run .ci/system_deps.sh)"
+            )
+
+    def command(self, limits: SandboxLimits, program_fd: int, status_fd: int) -> list[str]:
+        """The bwrap command line of one run (program read from `program_fd`, status JSON written to `status_fd`)."""
+        env_args = [a for key, value in _ENV.items() for a in ("--setenv", key, value)]
+        rlimits = [
+            f"--as={limits.memory_mb << 20}",
+            f"--cpu={limits.cpu_s}",
+            f"--nproc={limits.max_processes}",
+            f"--fsize={limits.max_file_mb << 20}",
+            f"--nofile={limits.max_open_files}",
+            "--core=0",
+        ]
+        return [
+            self._bwrap,
+            "--unshare-all", "--unshare-user", "--disable-userns",  # every namespace; no nested user namespaces
+            "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            "--hostname", "sandbox", "--clearenv", *env_args,
+            *_root_entries(),
+            "--proc", "/proc", "--dev", "/dev",
+            "--size", str(limits.tmp_mb << 20), "--tmpfs", SANDBOX_WORKDIR,
+            "--ro-bind-data", str(program_fd), SANDBOX_PROGRAM,
+            "--remount-ro", "/",
+            "--chdir", SANDBOX_WORKDIR,
+            "--json-status-fd", str(status_fd),
+            "--", PRLIMIT, *rlimits, "--", self.python, "-I", "-B", SANDBOX_PROGRAM,
+        ]  # fmt: skip
+
+    async def run(self, code: str, stdin: str = "", limits: SandboxLimits | None = None, language: str = "python") -> ExecutionResult:
+        """Run `code` (a Python program) with `stdin`; returns once it exited or was killed, within `limits.timeout_s` (+ reaping)."""
+        if language != "python":
+            raise ValueError(f"language must be 'python' (the only language of the local sandbox), got {language!r}")
+        limits = limits or self.limits
+        with tempfile.TemporaryFile() as program:
+            program.write(code.encode())
+            program.seek(0)
+            status_r, status_w = os.pipe()
+            try:
+                return await self._run(limits, program.fileno(), status_r, status_w, stdin.encode())
+            finally:
+                os.close(status_r)
+
+    async def _run(self, limits: SandboxLimits, program_fd: int, status_r: int, status_w: int, stdin: bytes) -> ExecutionResult:
+        as_user = {}
+        if os.geteuid() == 0:
+            as_user = dict(user=self.sandbox_uid, group=self.sandbox_uid, extra_groups=[])
+        t0 = time.monotonic()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.command(limits, program_fd, status_w),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                pass_fds=(program_fd, status_w), env=dict(_ENV), start_new_session=True, **as_user,
+            )  # fmt: skip
+        finally:
+            os.close(status_w)
+        out, err = bytearray(), bytearray()
+        killed: list[RunStatus] = []
+
+        def kill(reason: RunStatus) -> None:
+            if not killed:
+                killed.append(reason)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # bwrap; its namespace dies with it
+
+        async def read(stream: asyncio.StreamReader, buf: bytearray) -> None:
+            # Read to EOF even past the cap: asyncio's wait() returns only after the pipes close.
+            while chunk := await stream.read(1 << 16):
+                buf += chunk[: limits.max_output_bytes - len(buf)]
+                if len(buf) >= limits.max_output_bytes:
+                    kill(RunStatus.OUTPUT_LIMIT)
+
+        async def feed() -> None:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                proc.stdin.write(stdin)
+                await proc.stdin.drain()
+                proc.stdin.close()
+
+        try:
+            await asyncio.wait_for(asyncio.gather(read(proc.stdout, out), read(proc.stderr, err), feed(), proc.wait()), limits.timeout_s)
+        except (asyncio.TimeoutError, TimeoutError):
+            kill(RunStatus.TIME_LIMIT)
+        except BaseException:
+            kill(RunStatus.ERROR)  # cancelled (e.g. a tool timeout upstream): never leave a sandbox running
+            raise
+        try:
+            await asyncio.wait_for(proc.wait(), _KILL_WAIT_S)
+        except (asyncio.TimeoutError, TimeoutError):
+            return ExecutionResult(RunStatus.ERROR, None, "", "", time.monotonic() - t0, f"bwrap not reaped {_KILL_WAIT_S}s after kill")
+        elapsed = time.monotonic() - t0
+        stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
+        if killed:
+            return ExecutionResult(killed[0], None, stdout, stderr, elapsed)
+        exit_code = _exit_code(status_r)
+        if exit_code is None:  # bwrap failed before the program ran (its message is on stderr)
+            return ExecutionResult(RunStatus.ERROR, proc.returncode, stdout, "", elapsed, stderr.strip() or "sandbox failed to start")
+        return ExecutionResult(RunStatus.FINISHED, exit_code, stdout, stderr, elapsed)
+
+    async def run_code(
+        self, code: str, language: str = "python", stdin: str = "", timeout_s: float | None = None, memory_limit_mb: int | None = None
+    ) -> ExecutionResult:
+        """`run` with the limits overridden per call: the code-runner interface shared with `SandboxFusionClient`."""
+        limits = self.limits
+        if timeout_s is not None:
+            limits = replace(limits, timeout_s=timeout_s)
+        if memory_limit_mb is not None:
+            limits = replace(limits, memory_mb=memory_limit_mb)
+        return await self.run(code, stdin, limits, language)
+
+    def run_sync(self, code: str, stdin: str = "", limits: SandboxLimits | None = None) -> ExecutionResult:
+        """Blocking `run`, for synchronous callers (in a thread of its own if this thread runs an event loop)."""
+        coro = self.run(code, stdin, limits)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(coro)
+        box: list = []
+        thread = threading.Thread(target=lambda: box.append(asyncio.run(coro)), name="sandbox-run")
+        thread.start()
+        thread.join()
+        return box[0]
+
+
+def _exit_code(status_r: int) -> int | None:
+    """The program's exit code from bwrap's --json-status-fd stream, or None if it never reported one."""
+    os.set_blocking(status_r, False)
+    data = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(status_r, 1 << 16):
+            data += chunk
+    decoder, text, pos = json.JSONDecoder(), data.decode(errors="replace"), 0
+    exit_code = None
+    while (pos := _skip_space(text, pos)) < len(text):
+        doc, pos = decoder.raw_decode(text, pos)
+        exit_code = doc.get("exit-code", exit_code)
+    return exit_code
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    return pos
