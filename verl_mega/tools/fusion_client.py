@@ -4,7 +4,8 @@ aiohttp gives the connection pool (`TCPConnector(limit=...)`, keep-alive reused 
 timeouts; on top of it: a concurrency limit (a semaphore: at most `max_concurrency` requests in
 flight from this client, the rest wait), and retries with exponential backoff on what a restart or an
 overloaded server looks like (connection refused or reset, a timeout, HTTP 429/5xx). A run that
-reached the server and came back (even `Failed` or `SandboxError`) is not retried: the program ran.
+reached the server and came back (even `Failed` or `SandboxError`) is not retried: the program ran, or
+the request was refused (HTTP 4xx other than 429, returned as status ERROR with the server's text).
 
 aiohttp sessions and asyncio semaphores belong to one event loop; the client keeps one of each per
 loop, so one client serves `asyncio.run` calls in turn (a reward thread, a test) as well as a long loop.
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from verl_mega.tools.fusion_api import parse_run_code_response, run_code_request
-from verl_mega.tools.sandbox import ExecutionResult
+from verl_mega.tools.sandbox import ExecutionResult, RunStatus
 
 _RETRY_HTTP = {429, 500, 502, 503, 504}
 
@@ -53,6 +54,7 @@ class SandboxFusionClient:
         self.endpoint = url.rstrip("/") + ("" if url.rstrip("/").endswith("/run_code") else "/run_code")
         self.options = options or ClientOptions()
         self._per_loop: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> (session, semaphore)
+        self.retried = 0  # attempts repeated so far (a metric: a restart or an overloaded server shows here)
 
     def _state(self) -> tuple[aiohttp.ClientSession, asyncio.Semaphore]:
         loop = asyncio.get_running_loop()
@@ -74,14 +76,16 @@ class SandboxFusionClient:
         async with semaphore:
             for attempt in range(opts.retries + 1):
                 if attempt:
+                    self.retried += 1
                     await asyncio.sleep(min(opts.backoff_s * 2 ** (attempt - 1), opts.max_backoff_s))
                 try:
                     async with session.post(self.endpoint, json=body, timeout=timeout) as response:
                         if response.status in _RETRY_HTTP:
                             last_error = f"HTTP {response.status}"
                             continue
-                        if response.status != 200:
-                            raise SandboxFusionError(f"{self.endpoint}: HTTP {response.status}: {(await response.text())[:500]}")
+                        if response.status != 200:  # a request the server refuses (422: a field it rejects)
+                            text = (await response.text())[:1000]
+                            return ExecutionResult(RunStatus.ERROR, None, "", "", 0.0, f"HTTP {response.status}: {text}")
                         return parse_run_code_response(await response.json())
                 except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as e:
                     last_error = f"{type(e).__name__}: {e}"

@@ -29,15 +29,17 @@ class CodeRunner(Protocol):
 
 def format_result(result: ExecutionResult, timeout_s: float, max_chars: int = MAX_RESULT_CHARS) -> str:
     """The tool message of one run: stdout + stderr + a note on how it ended, at most `max_chars` characters."""
-    text = result.stdout + result.stderr
+    text, note = result.stdout + result.stderr, None
     if result.status == RunStatus.TIME_LIMIT:
-        text += f"\n[timed out after {timeout_s:g} s]"
+        note = f"[timed out after {timeout_s:g} s]"
     elif result.status == RunStatus.OUTPUT_LIMIT:
-        text += "\n[output limit exceeded; the program was killed]"
+        note = "[output limit exceeded; the program was killed]"
     elif result.status == RunStatus.ERROR:
-        text += f"\n[sandbox error: {result.message}]"
+        note = f"[sandbox error: {result.message}]"
     elif result.return_code != 0:
-        text += f"\n[exit code {result.return_code}]"
+        note = f"[exit code {result.return_code}]"
+    if note is not None:
+        text += ("" if not text or text.endswith("\n") else "\n") + note
     if len(text) > max_chars:
         text = text[:max_chars] + f"\n[... {len(text) - max_chars} more characters cut]"
     return text

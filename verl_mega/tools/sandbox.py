@@ -243,7 +243,12 @@ class Sandbox:
     async def run_code(
         self, code: str, language: str = "python", stdin: str = "", timeout_s: float | None = None, memory_limit_mb: int | None = None
     ) -> ExecutionResult:
-        """`run` with the limits overridden per call: the code-runner interface shared with `SandboxFusionClient`."""
+        """`run` with the limits overridden per call: the code-runner interface shared with `SandboxFusionClient`.
+
+        Like a SandboxFusion server, it answers a request it cannot run (another language) with status ERROR.
+        """
+        if language != "python":
+            return ExecutionResult(RunStatus.ERROR, None, "", "", 0.0, f"language {language!r} is not supported (only 'python')")
         limits = self.limits
         if timeout_s is not None:
             limits = replace(limits, timeout_s=timeout_s)
