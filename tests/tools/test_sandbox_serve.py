@@ -42,7 +42,7 @@ def start_server(port: int) -> subprocess.Popen:
                     return proc
         except OSError:
             time.sleep(0.1)
-    proc.kill()
+    stop(proc, signal.SIGKILL)
     raise RuntimeError(f"sandbox serve not up after {START_TIMEOUT_S}s")
 
 
@@ -50,6 +50,7 @@ def stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
     if proc.poll() is None:
         proc.send_signal(sig)
         proc.wait(timeout=30)
+    proc.stderr.close()
 
 
 @pytest.fixture
