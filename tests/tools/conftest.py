@@ -1,25 +1,12 @@
-"""Fixtures for the sandbox and tool tests: a sandbox with small limits, failing (not skipping) under CI without bwrap."""
-
-import os
+"""Fixtures for the sandbox and tool tests."""
 
 import pytest
 
-from verl_mega.tools import Sandbox, SandboxLimits, SandboxUnavailable
-
-# Small limits keep every attack to a few seconds: the wall limit is what the slow attacks (loop, fork bomb) cost.
-SMALL = SandboxLimits(timeout_s=2.0, memory_mb=256, max_processes=16, max_file_mb=1, tmp_mb=8, max_open_files=64, max_output_bytes=64 << 10)
-
-
-def make_sandbox(limits: SandboxLimits = SMALL) -> Sandbox:
-    """A Sandbox, or a skip (a failure when CI=true: CI must install bubblewrap via .ci/system_deps.sh)."""
-    try:
-        return Sandbox(limits)
-    except SandboxUnavailable as e:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must provide the sandbox: {e}")
-        pytest.skip(str(e))
+from tests.tools.helpers import make_sandbox
+from verl_mega.tools import Sandbox
 
 
 @pytest.fixture
 def sandbox() -> Sandbox:
+    """A sandbox with helpers.SMALL limits."""
     return make_sandbox()

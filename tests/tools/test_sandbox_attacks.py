@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from tests.tools.conftest import SMALL
+from tests.tools.helpers import SMALL
 from verl_mega.tools import RunStatus
 from verl_mega.tools.sandbox import NOBODY_UID
 
@@ -77,7 +77,17 @@ def test_infinite_loop_is_killed_at_the_wall_limit(sandbox):
 
 
 def test_memory_bomb_fails_inside(sandbox):
-    result = run(sandbox, "chunks = []\nwhile True:\n    chunks.append(bytearray(16 << 20))\n")
+    # Map 16 MiB blocks until refused (mmap reserves without touching pages: fast on a loaded machine),
+    # then ask for 1 GiB at once: both stop at the 256 MiB address-space limit.
+    code = (
+        "import mmap\nblocks = []\n"
+        "try:\n    while True:\n        blocks.append(mmap.mmap(-1, 16 << 20))\n"
+        "except OSError as e:\n    print(len(blocks) * 16, type(e).__name__)\n"
+        "x = bytearray(1 << 30)\n"
+    )
+    result = run(sandbox, code)
+    mapped_mb, error = result.stdout.split()
+    assert 0 < int(mapped_mb) < 256 and error == "OSError"  # ENOMEM: the interpreter itself holds some of the 256
     assert result.status == RunStatus.FINISHED and result.return_code == 1
     assert result.stderr.strip().endswith("MemoryError")
 

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from tests.tools.conftest import make_sandbox
+from tests.tools.helpers import make_sandbox
 from verl_mega.tools import ClientOptions, SandboxFusionTool
 
 START_TIMEOUT_S = 60  # server start-up on a loaded 2-core machine (about 0.5 s idle)

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from tests.tools.conftest import make_sandbox
+from tests.tools.helpers import make_sandbox
 from verl_mega.tools import ExecutionResult, PythonTool, RunStatus, SandboxFusionTool, SandboxLimits, format_result
 
 # A tools-aware ChatML template in the style of Qwen2.5's: the tool schemas as JSON in the system turn.

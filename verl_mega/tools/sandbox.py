@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import json
 import math
 import os
 import shutil
@@ -50,10 +49,13 @@ from dataclasses import dataclass, fields, replace
 
 BWRAP = "bwrap"
 PRLIMIT = "/usr/bin/prlimit"
+TIMEOUT = "/usr/bin/timeout"
 SANDBOX_PROGRAM = "/sandbox/main.py"
 SANDBOX_WORKDIR = "/tmp"
 NOBODY_UID = 65534
 _KILL_WAIT_S = 10.0  # how long a killed run may take to be reaped before it is reported as a sandbox error
+_BACKSTOP_S = 5.0  # coreutils `timeout` kills bwrap this long after the wall limit if this process could not
+_SETUP_ERRORS = ("bwrap: ", "prlimit: ", "timeout: ")  # how bwrap, prlimit and timeout report failing to start a run
 _ENV = {"PATH": "/usr/bin:/bin", "HOME": SANDBOX_WORKDIR, "LANG": "C.UTF-8"}
 
 
@@ -139,14 +141,14 @@ class Sandbox:
         self.python = python
         self.sandbox_uid = sandbox_uid
         self._bwrap = shutil.which(BWRAP)
-        if self._bwrap is None or not os.path.exists(PRLIMIT) or not os.path.exists(python):
+        if self._bwrap is None or not all(os.path.exists(p) for p in (PRLIMIT, TIMEOUT, python)):
             raise SandboxUnavailable(
-                f"the sandbox needs {BWRAP}, {PRLIMIT} and {python}: install them with "
-                "`apt-get install -y bubblewrap util-linux python3` (or run .ci/system_deps.sh)"
+                f"the sandbox needs {BWRAP}, {PRLIMIT}, {TIMEOUT} and {python}: install them with "
+                "`apt-get install -y bubblewrap util-linux coreutils python3` (or run .ci/system_deps.sh)"
             )
 
-    def command(self, limits: SandboxLimits, program_fd: int, status_fd: int) -> list[str]:
-        """The bwrap command line of one run (program read from `program_fd`, status JSON written to `status_fd`)."""
+    def command(self, limits: SandboxLimits, program_fd: int) -> list[str]:
+        """The command line of one run (the program is read from `program_fd`)."""
         env_args = [a for key, value in _ENV.items() for a in ("--setenv", key, value)]
         rlimits = [
             f"--as={limits.memory_mb << 20}",
@@ -157,6 +159,7 @@ class Sandbox:
             "--core=0",
         ]
         return [
+            TIMEOUT, "--signal=KILL", f"{limits.timeout_s + _BACKSTOP_S:g}",  # outlives a crash of this process
             self._bwrap,
             "--unshare-all", "--unshare-user", "--disable-userns",  # every namespace; no nested user namespaces
             "--die-with-parent", "--new-session", "--cap-drop", "ALL",
@@ -167,7 +170,6 @@ class Sandbox:
             "--ro-bind-data", str(program_fd), SANDBOX_PROGRAM,
             "--remount-ro", "/",
             "--chdir", SANDBOX_WORKDIR,
-            "--json-status-fd", str(status_fd),
             "--", PRLIMIT, *rlimits, "--", self.python, "-I", "-B", SANDBOX_PROGRAM,
         ]  # fmt: skip
 
@@ -179,25 +181,18 @@ class Sandbox:
         with tempfile.TemporaryFile() as program:
             program.write(code.encode())
             program.seek(0)
-            status_r, status_w = os.pipe()
-            try:
-                return await self._run(limits, program.fileno(), status_r, status_w, stdin.encode())
-            finally:
-                os.close(status_r)
+            return await self._run(limits, program.fileno(), stdin.encode())
 
-    async def _run(self, limits: SandboxLimits, program_fd: int, status_r: int, status_w: int, stdin: bytes) -> ExecutionResult:
+    async def _run(self, limits: SandboxLimits, program_fd: int, stdin: bytes) -> ExecutionResult:
         as_user = {}
         if os.geteuid() == 0:
             as_user = dict(user=self.sandbox_uid, group=self.sandbox_uid, extra_groups=[])
         t0 = time.monotonic()
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *self.command(limits, program_fd, status_w),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                pass_fds=(program_fd, status_w), env=dict(_ENV), start_new_session=True, **as_user,
-            )  # fmt: skip
-        finally:
-            os.close(status_w)
+        proc = await asyncio.create_subprocess_exec(
+            *self.command(limits, program_fd),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            pass_fds=(program_fd,), env=dict(_ENV), start_new_session=True, **as_user,
+        )  # fmt: skip
         out, err = bytearray(), bytearray()
         killed: list[RunStatus] = []
 
@@ -205,7 +200,7 @@ class Sandbox:
             if not killed:
                 killed.append(reason)
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # bwrap; its namespace dies with it
+                os.killpg(proc.pid, signal.SIGKILL)  # timeout and bwrap; the namespace dies with bwrap
 
         async def read(stream: asyncio.StreamReader, buf: bytearray) -> None:
             # Read to EOF even past the cap: asyncio's wait() returns only after the pipes close.
@@ -235,10 +230,9 @@ class Sandbox:
         stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
         if killed:
             return ExecutionResult(killed[0], None, stdout, stderr, elapsed)
-        exit_code = _exit_code(status_r)
-        if exit_code is None:  # bwrap failed before the program ran (its message is on stderr)
-            return ExecutionResult(RunStatus.ERROR, proc.returncode, stdout, "", elapsed, stderr.strip() or "sandbox failed to start")
-        return ExecutionResult(RunStatus.FINISHED, exit_code, stdout, stderr, elapsed)
+        if proc.returncode == 1 and stderr.startswith(_SETUP_ERRORS):  # the program never ran
+            return ExecutionResult(RunStatus.ERROR, proc.returncode, stdout, "", elapsed, stderr.strip())
+        return ExecutionResult(RunStatus.FINISHED, proc.returncode, stdout, stderr, elapsed)
 
     async def run_code(
         self, code: str, language: str = "python", stdin: str = "", timeout_s: float | None = None, memory_limit_mb: int | None = None
@@ -268,24 +262,3 @@ class Sandbox:
         thread.start()
         thread.join()
         return box[0]
-
-
-def _exit_code(status_r: int) -> int | None:
-    """The program's exit code from bwrap's --json-status-fd stream, or None if it never reported one."""
-    os.set_blocking(status_r, False)
-    data = b""
-    with contextlib.suppress(BlockingIOError):
-        while chunk := os.read(status_r, 1 << 16):
-            data += chunk
-    decoder, text, pos = json.JSONDecoder(), data.decode(errors="replace"), 0
-    exit_code = None
-    while (pos := _skip_space(text, pos)) < len(text):
-        doc, pos = decoder.raw_decode(text, pos)
-        exit_code = doc.get("exit-code", exit_code)
-    return exit_code
-
-
-def _skip_space(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos].isspace():
-        pos += 1
-    return pos
