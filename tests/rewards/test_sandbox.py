@@ -15,6 +15,7 @@ from verl_mega.rewards import code_compute_score, compute_rewards, extract_code,
 def _needs_sandbox():
     make_sandbox()  # skip without bubblewrap (fail under CI=true)
 
+
 CODE = "def add(a, b):\n    return a + b\n"
 
 

@@ -7,7 +7,9 @@ import pytest
 from verl_mega.tools import Sandbox, SandboxLimits, SandboxUnavailable
 
 # Small limits keep every attack to a few seconds: the wall limit is what the slow attacks (loop, fork bomb) cost.
-SMALL = SandboxLimits(timeout_s=2.0, memory_mb=256, max_processes=16, max_file_mb=1, tmp_mb=8, max_open_files=64, max_output_bytes=64 << 10)
+SMALL = SandboxLimits(
+    timeout_s=2.0, memory_mb=256, max_processes=16, max_file_mb=1, tmp_mb=8, max_open_files=64, max_output_bytes=64 << 10
+)
 
 
 def make_sandbox(limits: SandboxLimits = SMALL) -> Sandbox:

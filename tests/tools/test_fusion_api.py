@@ -18,7 +18,11 @@ FUSION_SUCCESS = {
 
 def test_request_uses_sandbox_fusion_field_names():
     assert run_code_request("print(1)", "python", "", 3.0, 256) == {
-        "code": "print(1)", "language": "python", "stdin": "", "run_timeout": 3.0, "memory_limit_MB": 256
+        "code": "print(1)",
+        "language": "python",
+        "stdin": "",
+        "run_timeout": 3.0,
+        "memory_limit_MB": 256,
     }
 
 
@@ -50,7 +54,11 @@ def test_request_limits_are_capped_by_the_server():
     assert limits_from_request({"code": "", "run_timeout": 60, "memory_limit_MB": -1}, server) == server
     small = limits_from_request({"code": "", "run_timeout": 2, "memory_limit_MB": 128}, server)
     assert (small.timeout_s, small.memory_mb, small.max_processes) == (2, 128, server.max_processes)
-    for body, field in [({"code": 1}, "code"), ({"code": "", "language": "cpp"}, "language"),
-                        ({"code": "", "files": {"a": "Yg=="}}, "files"), ({"code": "", "run_timeout": 0}, "run_timeout")]:
+    for body, field in [
+        ({"code": 1}, "code"),
+        ({"code": "", "language": "cpp"}, "language"),
+        ({"code": "", "files": {"a": "Yg=="}}, "files"),
+        ({"code": "", "run_timeout": 0}, "run_timeout"),
+    ]:
         with pytest.raises(ValueError, match=field):
             limits_from_request(body, server)

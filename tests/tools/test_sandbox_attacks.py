@@ -8,7 +8,6 @@ interpreter start and teardown (about 0.05 s each on an idle machine).
 """
 
 import os
-import signal
 import socket
 import time
 import uuid
@@ -65,7 +64,14 @@ def test_clean_run_and_limits_in_force(sandbox):
     result = run(sandbox, code, stdin="abc\n")
     assert (result.status, result.return_code, result.stderr) == (RunStatus.FINISHED, 3, "err\n")
     assert result.stdout.split("\n") == [
-        "cba", f"AS {256 << 20}", f"CPU {SMALL.cpu_s}", "NPROC 16", f"FSIZE {1 << 20}", "NOFILE 64", "CORE 0", ""
+        "cba",
+        f"AS {256 << 20}",
+        f"CPU {SMALL.cpu_s}",
+        "NPROC 16",
+        f"FSIZE {1 << 20}",
+        "NOFILE 64",
+        "CORE 0",
+        "",
     ]
 
 
@@ -156,7 +162,12 @@ def test_no_writes_outside_the_private_tmp(sandbox, tmp_path):
     result = run(sandbox, code)
     # The host dir does not exist inside; /usr, / and the program are read-only mounts; procfs takes no new files.
     assert result.stdout.splitlines() == [
-        "denied FileNotFoundError", "denied OSError", "denied OSError", "denied OSError", "denied FileNotFoundError", "private"
+        "denied FileNotFoundError",
+        "denied OSError",
+        "denied OSError",
+        "denied OSError",
+        "denied FileNotFoundError",
+        "private",
     ]
     assert result.return_code == 1 and "File too large" in result.stderr
     assert not (tmp_path / "escaped").exists() and not os.path.exists(host_tmp_name)

@@ -64,7 +64,9 @@ def server():
 
 
 def tool_for(port: int, **options) -> SandboxFusionTool:
-    return SandboxFusionTool(f"http://127.0.0.1:{port}", default_timeout=5, memory_limit_mb=256, client_options=ClientOptions(**options))
+    return SandboxFusionTool(
+        f"http://127.0.0.1:{port}", default_timeout=5, memory_limit_mb=256, client_options=ClientOptions(**options)
+    )
 
 
 def test_64_concurrent_calls(server):

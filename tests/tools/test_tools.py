@@ -9,7 +9,8 @@ from verl_mega.tools import ExecutionResult, PythonTool, RunStatus, SandboxFusio
 
 # A tools-aware ChatML template in the style of Qwen2.5's: the tool schemas as JSON in the system turn.
 TOOLS_TEMPLATE = (
-    "{% if tools %}<|im_start|>system\n<tools>{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n</tools><|im_end|>\n{% endif %}"
+    "{% if tools %}<|im_start|>system\n<tools>{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n</tools>"
+    "<|im_end|>\n{% endif %}"
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
 )
 
@@ -23,7 +24,11 @@ def test_schema_is_an_openai_function_and_renders_in_a_chat_template():
         "function": {
             "name": "python",
             "description": PythonTool.description,
-            "parameters": {"type": "object", "properties": {"code": {"type": "string", "description": "The Python program to run."}}, "required": ["code"]},
+            "parameters": {
+                "type": "object",
+                "properties": {"code": {"type": "string", "description": "The Python program to run."}},
+                "required": ["code"],
+            },
         },
     }
     text = make_tiny_tokenizer().apply_chat_template(

@@ -32,7 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     from verl_mega.tools.server import serve  # aiohttp is needed only here
 
     limits = SandboxLimits(
-        timeout_s=args.timeout_s, memory_mb=args.memory_mb, max_processes=args.max_processes, max_output_bytes=args.max_output_bytes
+        timeout_s=args.timeout_s,
+        memory_mb=args.memory_mb,
+        max_processes=args.max_processes,
+        max_output_bytes=args.max_output_bytes,
     )
     serve(Sandbox(limits), args.host, args.port, args.max_concurrency)
     return 0

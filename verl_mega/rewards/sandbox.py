@@ -60,7 +60,9 @@ def _check(k: int, result: ExecutionResult, expected: str | None, timeout_s: flo
     return None
 
 
-def run_tests(code: str, tests: list[Any], timeout_s: float = 5.0, memory_mb: int = 512, sandbox: Sandbox | None = None) -> SandboxResult:
+def run_tests(
+    code: str, tests: list[Any], timeout_s: float = 5.0, memory_mb: int = 512, sandbox: Sandbox | None = None
+) -> SandboxResult:
     """Run `code` against `tests` (assert strings or {"input", "output"} dicts), one sandbox per test.
 
     Args:

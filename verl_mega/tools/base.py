@@ -26,7 +26,10 @@ class Tool(abc.ABC):
 
     def schema(self) -> dict[str, Any]:
         """The OpenAI-style tool entry: {"type": "function", "function": {"name", "description", "parameters"}}."""
-        return {"type": "function", "function": {"name": self.name, "description": self.description, "parameters": self.parameters}}
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+        }
 
     @abc.abstractmethod
     async def execute(self, **arguments: Any) -> str:

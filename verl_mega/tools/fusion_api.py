@@ -40,7 +40,9 @@ def limits_from_request(body: dict[str, Any], server: SandboxLimits) -> SandboxL
     if not isinstance(body.get("code"), str):
         raise ValueError("request field 'code' must be a string")
     if body.get("language", "python") != "python":
-        raise ValueError(f"request field 'language' must be 'python' (the local sandbox runs Python only), got {body.get('language')!r}")
+        raise ValueError(
+            f"request field 'language' must be 'python' (the local sandbox runs Python only), got {body.get('language')!r}"
+        )
     if body.get("files") or body.get("fetch_files"):
         raise ValueError("request fields 'files' / 'fetch_files' are not supported by this server")
     if not isinstance(body.get("stdin") or "", str):
@@ -74,12 +76,26 @@ def run_code_response(result: ExecutionResult) -> dict[str, Any]:
         overall, message = "Success", ""
     else:
         overall, message = "Failed", ""
-    return {"status": overall, "message": message, "compile_result": None, "run_result": run_result, "executor_pod_name": None, "files": {}}
+    return {
+        "status": overall,
+        "message": message,
+        "compile_result": None,
+        "run_result": run_result,
+        "executor_pod_name": None,
+        "files": {},
+    }
 
 
 def error_response(message: str) -> dict[str, Any]:
     """A `SandboxError` response with no run (bad request, sandbox unavailable)."""
-    return {"status": "SandboxError", "message": message, "compile_result": None, "run_result": None, "executor_pod_name": None, "files": {}}
+    return {
+        "status": "SandboxError",
+        "message": message,
+        "compile_result": None,
+        "run_result": None,
+        "executor_pod_name": None,
+        "files": {},
+    }
 
 
 def parse_run_code_response(body: dict[str, Any]) -> ExecutionResult:
@@ -92,4 +108,6 @@ def parse_run_code_response(body: dict[str, Any]) -> ExecutionResult:
     if status == RunStatus.FINISHED and stderr.endswith(OUTPUT_LIMIT_NOTE):
         status, stderr = RunStatus.OUTPUT_LIMIT, stderr[: -len(OUTPUT_LIMIT_NOTE)]
     return_code = None if status == RunStatus.OUTPUT_LIMIT else run.get("return_code")
-    return ExecutionResult(status, return_code, run.get("stdout") or "", stderr, float(run.get("execution_time") or 0.0), body.get("message") or "")
+    return ExecutionResult(
+        status, return_code, run.get("stdout") or "", stderr, float(run.get("execution_time") or 0.0), body.get("message") or ""
+    )

@@ -42,7 +42,10 @@ class ClientOptions:
 
     def __post_init__(self):
         if self.max_concurrency < 1 or self.retries < 0 or self.backoff_s < 0 or self.connect_timeout_s <= 0 or self.slack_s < 0:
-            raise ValueError(f"ClientOptions needs max_concurrency >= 1 and retries, backoff_s, slack_s >= 0, connect_timeout_s > 0; got {self}")
+            raise ValueError(
+                "ClientOptions needs max_concurrency >= 1, retries, backoff_s, slack_s >= 0 and connect_timeout_s > 0; "
+                f"got {self}"
+            )
 
 
 class SandboxFusionClient:

@@ -56,7 +56,10 @@ class PythonTool(Tool):
     """
 
     name = "python"
-    description = "Run a Python 3 program in a sandbox (no network, no files kept) and return its printed output. Use print() to show results."
+    description = (
+        "Run a Python 3 program in a sandbox (no network, no files kept) and return its printed output. "
+        "Use print() to show results."
+    )
     parameters = {
         "type": "object",
         "properties": {"code": {"type": "string", "description": "The Python program to run."}},
@@ -71,7 +74,10 @@ class PythonTool(Tool):
         max_result_chars: int = MAX_RESULT_CHARS,
     ):
         if timeout_s <= 0 or memory_limit_mb <= 0 or max_result_chars <= 0:
-            raise ValueError(f"timeout_s, memory_limit_mb and max_result_chars must be > 0, got {timeout_s}, {memory_limit_mb}, {max_result_chars}")
+            raise ValueError(
+                "timeout_s, memory_limit_mb and max_result_chars must be > 0, "
+                f"got {timeout_s}, {memory_limit_mb}, {max_result_chars}"
+            )
         self.runner = runner if runner is not None else Sandbox()
         self.timeout_s, self.memory_limit_mb, self.max_result_chars = timeout_s, memory_limit_mb, max_result_chars
 

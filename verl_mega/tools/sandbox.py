@@ -19,6 +19,13 @@ killed. The wall-clock limit kills `bwrap`; its in-namespace init dies with it (
 and the kernel kills every process of a pid namespace whose init exits, so an infinite loop, a
 background daemon or a fork bomb all end with it.
 
+`bwrap` runs under coreutils' `timeout`, which kills it `_BACKSTOP_S` after the wall limit even if this
+process is gone. That also avoids a bwrap 0.8 race seen here: its child waits for the parent to release
+it and only then sets its parent-death signal, so a parent that dies in between (a server killed while
+starting sandboxes; bwrap's own write to a closed `--json-status-fd`, hence none is used) leaves the
+child blocked forever. With `timeout` as bwrap's parent, a crash of this process no longer kills bwrap
+mid-start; its runs end at their limits.
+
 Why the sandbox runs as an unprivileged user when the host is root: inside a user namespace made by
 root, uid 0 outside is the owner of every process, and the kernel exempts that user from RLIMIT_NPROC
 (measured here: 200 forks under a limit of 20). `bwrap` is therefore started as `nobody` (uid 65534,
@@ -60,7 +67,7 @@ _ENV = {"PATH": "/usr/bin:/bin", "HOME": SANDBOX_WORKDIR, "LANG": "C.UTF-8"}
 
 
 class SandboxUnavailable(RuntimeError):
-    """bubblewrap (or prlimit) is not installed, or this machine does not let it create namespaces."""
+    """bubblewrap, prlimit, timeout or the interpreter is not installed."""
 
 
 class RunStatus(str, enum.Enum):
@@ -106,11 +113,6 @@ class ExecutionResult:
     stderr: str
     execution_time: float  # wall seconds from start to exit
     message: str = ""  # why the sandbox failed, for status ERROR
-
-    @property
-    def ok(self) -> bool:
-        """Finished with exit code 0."""
-        return self.status == RunStatus.FINISHED and self.return_code == 0
 
 
 def _root_entries() -> list[str]:
@@ -173,8 +175,10 @@ class Sandbox:
             "--", PRLIMIT, *rlimits, "--", self.python, "-I", "-B", SANDBOX_PROGRAM,
         ]  # fmt: skip
 
-    async def run(self, code: str, stdin: str = "", limits: SandboxLimits | None = None, language: str = "python") -> ExecutionResult:
-        """Run `code` (a Python program) with `stdin`; returns once it exited or was killed, within `limits.timeout_s` (+ reaping)."""
+    async def run(
+        self, code: str, stdin: str = "", limits: SandboxLimits | None = None, language: str = "python"
+    ) -> ExecutionResult:
+        """Run `code` (a Python program) with `stdin`; returns once it exited or was killed (at `limits.timeout_s`)."""
         if language != "python":
             raise ValueError(f"language must be 'python' (the only language of the local sandbox), got {language!r}")
         limits = limits or self.limits
@@ -216,7 +220,9 @@ class Sandbox:
                 proc.stdin.close()
 
         try:
-            await asyncio.wait_for(asyncio.gather(read(proc.stdout, out), read(proc.stderr, err), feed(), proc.wait()), limits.timeout_s)
+            await asyncio.wait_for(
+                asyncio.gather(read(proc.stdout, out), read(proc.stderr, err), feed(), proc.wait()), limits.timeout_s
+            )
         except (asyncio.TimeoutError, TimeoutError):
             kill(RunStatus.TIME_LIMIT)
         except BaseException:
@@ -225,7 +231,9 @@ class Sandbox:
         try:
             await asyncio.wait_for(proc.wait(), _KILL_WAIT_S)
         except (asyncio.TimeoutError, TimeoutError):
-            return ExecutionResult(RunStatus.ERROR, None, "", "", time.monotonic() - t0, f"bwrap not reaped {_KILL_WAIT_S}s after kill")
+            return ExecutionResult(
+                RunStatus.ERROR, None, "", "", time.monotonic() - t0, f"bwrap not reaped {_KILL_WAIT_S}s after kill"
+            )
         elapsed = time.monotonic() - t0
         stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
         if killed:
@@ -235,7 +243,12 @@ class Sandbox:
         return ExecutionResult(RunStatus.FINISHED, proc.returncode, stdout, stderr, elapsed)
 
     async def run_code(
-        self, code: str, language: str = "python", stdin: str = "", timeout_s: float | None = None, memory_limit_mb: int | None = None
+        self,
+        code: str,
+        language: str = "python",
+        stdin: str = "",
+        timeout_s: float | None = None,
+        memory_limit_mb: int | None = None,
     ) -> ExecutionResult:
         """`run` with the limits overridden per call: the code-runner interface shared with `SandboxFusionClient`.
 
