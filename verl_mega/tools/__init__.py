@@ -4,6 +4,7 @@ from verl_mega.tools.base import Tool
 from verl_mega.tools.fusion_client import ClientOptions, SandboxFusionClient, SandboxFusionError
 from verl_mega.tools.python_tool import PythonTool, SandboxFusionTool, format_result
 from verl_mega.tools.sandbox import ExecutionResult, RunStatus, Sandbox, SandboxLimits, SandboxUnavailable
+from verl_mega.tools.toolset import ToolCallResult, ToolSet, build_tools
 
 __all__ = [
     "ClientOptions",
@@ -17,5 +18,8 @@ __all__ = [
     "SandboxLimits",
     "SandboxUnavailable",
     "Tool",
+    "ToolCallResult",
+    "ToolSet",
+    "build_tools",
     "format_result",
 ]
