@@ -5,6 +5,9 @@ only waits on pipes), at most `max_concurrency` at once; later requests queue on
 server's `SandboxLimits` are upper bounds: a request may ask for a shorter `run_timeout` or a smaller
 `memory_limit_MB`, never more. `GET /health` answers "ok" once the server is up.
 
+There is no authentication (SandboxFusion has none either): whoever reaches the port can run code in
+the sandbox, so bind it to localhost or a private network.
+
 A malformed request gets HTTP 422 with a `SandboxError` body naming the field (FastAPI's status for a
 validation error, which is what SandboxFusion answers).
 """
