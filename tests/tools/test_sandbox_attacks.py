@@ -193,7 +193,8 @@ def test_planted_files_are_invisible(sandbox, tmp_path):
         os.unlink(host_tmp)
     assert secret not in result.stdout
     assert result.stdout.splitlines()[:5] == ["hidden FileNotFoundError"] * 5
-    assert result.stdout.splitlines()[5] == str(sorted(["bin", "dev", "lib", "lib64", "proc", "sandbox", "sbin", "tmp", "usr"]))
+    usr_links = [name for name in ("bin", "lib", "lib64", "sbin") if os.path.exists(f"/{name}")]
+    assert result.stdout.splitlines()[5] == str(sorted(["dev", "proc", "sandbox", "tmp", "usr", *usr_links]))
 
 
 def test_host_environment_is_invisible(sandbox, monkeypatch):
