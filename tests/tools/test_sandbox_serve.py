@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from tests.tools.helpers import make_sandbox
+from tests.tools.helpers import assert_no_leftovers, make_sandbox
 from verl_mega.tools import ClientOptions, SandboxFusionTool
 
 START_TIMEOUT_S = 60  # server start-up on a loaded 2-core machine (about 0.5 s idle)
@@ -104,6 +104,8 @@ def test_restart_mid_way_is_recovered_by_retries(server):
 
     assert asyncio.run(calls()) == [f"{i}\n" for i in range(32)]
     assert tool.runner.retried > 0
+    # The crashed server's sandboxes end with their programs (or at the backstop): none stays blocked in bwrap.
+    assert_no_leftovers(within_s=5 + 5 + 1)  # the server's 5 s limit + the 5 s backstop + reaping
 
 
 def test_timeout_and_unreachable_server(server):
