@@ -33,9 +33,12 @@ via subprocess's `user=`), which also makes file permissions a second fence. The
 then be readable by that user: the default is the system `/usr/bin/python3`.
 
 Deliberate simplifications: no seccomp filter (the kernel's full syscall surface is reachable; the
-namespaces and an unprivileged uid are the boundary); memory is limited per process by RLIMIT_AS
-(x `max_processes` in the worst case), not by a cgroup, because cgroup delegation differs between
-machines; only Python is run (SandboxFusion's other languages are not).
+namespaces and an unprivileged uid are the boundary); memory is limited per process by RLIMIT_AS, not
+by a cgroup, because cgroup delegation differs between machines (v1 here, v2 elsewhere, where a process's
+own cgroup cannot get children without systemd delegation). One run may therefore hold up to
+`memory_mb x max_processes` (32 GiB at the defaults, if it forks to the limit), and concurrent runs add
+up: on a shared host, bound the total from outside (the server's --max-concurrency, a container or
+cgroup around `verl-mega sandbox serve`). Only Python is run (SandboxFusion's other languages are not).
 
 Reference: SandboxFusion (bytedance/SandboxFusion) for the result fields and statuses; bubblewrap(1).
 """
