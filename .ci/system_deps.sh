@@ -4,8 +4,9 @@
 set -euo pipefail
 
 # --- sandbox (verl_mega/tools/sandbox.py): bubblewrap isolates, util-linux's prlimit sets the limits,
-# the system python3 (under /usr, the only host tree the sandbox sees) runs the programs.
-if ! command -v bwrap >/dev/null || [ ! -x /usr/bin/prlimit ] || [ ! -x /usr/bin/python3 ]; then
+# coreutils' timeout is the backstop, the system python3 (under /usr, the only host tree the sandbox
+# sees) runs the programs, python3-seccomp builds the seccomp filter.
+if ! command -v bwrap >/dev/null || [ ! -x /usr/bin/prlimit ] || ! /usr/bin/python3 -c "import seccomp" 2>/dev/null; then
     apt-get update -q
-    apt-get install -y -q --no-install-recommends bubblewrap util-linux python3
+    apt-get install -y -q --no-install-recommends bubblewrap util-linux coreutils python3 python3-seccomp
 fi

@@ -8,6 +8,7 @@ interpreter start and teardown (about 0.05 s each on an idle machine).
 """
 
 import os
+import platform
 import socket
 import time
 import uuid
@@ -219,3 +220,19 @@ def test_killing_its_parent_has_no_effect_on_the_host(sandbox):
     assert result.stdout.splitlines() == ["sent True", "sent True", refused, refused, "still here"], result
     assert result.status == RunStatus.FINISHED and result.return_code == 0
     assert os.getppid() > 0 and os.getpid() == host_pid
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the syscall numbers below are x86-64's")
+def test_denied_syscalls_fail_with_eperm(sandbox):
+    # Raw syscalls through libc: the seccomp filter answers EPERM before the kernel looks at the arguments.
+    code = (
+        "import ctypes, os\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "for name, nr in [('ptrace', 101), ('keyctl', 250), ('unshare', 272), ('bpf', 321), ('io_uring_setup', 425)]:\n"
+        "    ret = libc.syscall(nr, 0, 0, 0, 0)\n"
+        "    print(name, ret, os.strerror(ctypes.get_errno()))\n"
+        "print('getppid', libc.syscall(110))\n"
+    )
+    result = run(sandbox, code)
+    expected = [f"{name} -1 Operation not permitted" for name in ("ptrace", "keyctl", "unshare", "bpf", "io_uring_setup")]
+    assert result.stdout.splitlines() == [*expected, "getppid 1"], result

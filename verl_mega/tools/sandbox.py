@@ -32,8 +32,13 @@ root, uid 0 outside is the owner of every process, and the kernel exempts that u
 via subprocess's `user=`), which also makes file permissions a second fence. The interpreter must
 then be readable by that user: the default is the system `/usr/bin/python3`.
 
-Deliberate simplifications: no seccomp filter (the kernel's full syscall surface is reachable; the
-namespaces and an unprivileged uid are the boundary); memory is limited per process by RLIMIT_AS, not
+A seccomp filter (bwrap's `--seccomp`, built once with libseccomp's Python bindings, Debian's
+python3-seccomp) makes the syscalls a sandboxed program has no use for fail with EPERM: tracing other
+processes, kernel keyrings, BPF, perf events, new namespaces and mounts, io_uring, module loading,
+NUMA and clock changes (`DENIED_SYSCALLS`, after Docker's and Flatpak's default profiles). It narrows
+the kernel surface the namespaces leave reachable; it is an allow-by-default list, not a whitelist.
+
+Deliberate simplifications: memory is limited per process by RLIMIT_AS, not
 by a cgroup, because cgroup delegation differs between machines (v1 here, v2 elsewhere, where a process's
 own cgroup cannot get children without systemd delegation). One run may therefore hold up to
 `memory_mb x max_processes` (32 GiB at the defaults, if it forks to the limit), and concurrent runs add
@@ -48,10 +53,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
+import json
 import math
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -66,6 +74,28 @@ NOBODY_UID = 65534
 _KILL_WAIT_S = 10.0  # how long a killed run may take to be reaped before it is reported as a sandbox error
 _BACKSTOP_S = 5.0  # coreutils `timeout` kills bwrap this long after the wall limit if this process could not
 _SETUP_ERRORS = ("bwrap: ", "prlimit: ", "timeout: ")  # how bwrap, prlimit and timeout report failing to start a run
+# Syscalls that fail with EPERM inside the sandbox (a subset of those Docker's default seccomp profile blocks).
+DENIED_SYSCALLS = (
+    "ptrace", "process_vm_readv", "process_vm_writev", "kcmp",  # other processes' memory
+    "keyctl", "add_key", "request_key",  # kernel keyrings
+    "bpf", "perf_event_open", "userfaultfd",  # frequent kernel-exploit entry points
+    "unshare", "setns", "mount", "umount2", "pivot_root", "chroot",  # namespaces and mounts
+    "fsopen", "fsmount", "fspick", "open_tree", "move_mount", "mount_setattr",
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "init_module", "finit_module", "delete_module", "kexec_load", "reboot", "swapon", "swapoff",
+    "open_by_handle_at", "name_to_handle_at", "syslog", "acct", "quotactl", "uselib",
+    "mbind", "migrate_pages", "move_pages", "set_mempolicy",
+    "settimeofday", "clock_settime", "adjtimex",
+)  # fmt: skip
+# Runs in the sandbox's interpreter: writes the BPF program that denies argv[1] (a JSON list) to stdout.
+_BUILD_FILTER = """\
+import errno, json, sys
+import seccomp
+f = seccomp.SyscallFilter(seccomp.ALLOW)
+for name in json.loads(sys.argv[1]):
+    f.add_rule(seccomp.ERRNO(errno.EPERM), name)
+f.export_bpf(sys.stdout)
+"""
 _ENV = {"PATH": "/usr/bin:/bin", "HOME": SANDBOX_WORKDIR, "LANG": "C.UTF-8"}
 
 
@@ -149,11 +179,12 @@ class Sandbox:
         if self._bwrap is None or not all(os.path.exists(p) for p in (PRLIMIT, TIMEOUT, python)):
             raise SandboxUnavailable(
                 f"the sandbox needs {BWRAP}, {PRLIMIT}, {TIMEOUT} and {python}: install them with "
-                "`apt-get install -y bubblewrap util-linux coreutils python3` (or run .ci/system_deps.sh)"
+                "`apt-get install -y bubblewrap util-linux coreutils python3 python3-seccomp` (or run .ci/system_deps.sh)"
             )
+        self.seccomp_filter = _seccomp_filter(python)
 
-    def command(self, limits: SandboxLimits, program_fd: int) -> list[str]:
-        """The command line of one run (the program is read from `program_fd`)."""
+    def command(self, limits: SandboxLimits, program_fd: int, filter_fd: int) -> list[str]:
+        """The command line of one run (the program is read from `program_fd`, the seccomp BPF from `filter_fd`)."""
         env_args = [a for key, value in _ENV.items() for a in ("--setenv", key, value)]
         rlimits = [
             f"--as={limits.memory_mb << 20}",
@@ -175,6 +206,7 @@ class Sandbox:
             "--ro-bind-data", str(program_fd), SANDBOX_PROGRAM,
             "--remount-ro", "/",
             "--chdir", SANDBOX_WORKDIR,
+            "--seccomp", str(filter_fd),
             "--", PRLIMIT, *rlimits, "--", self.python, "-I", "-B", SANDBOX_PROGRAM,
         ]  # fmt: skip
 
@@ -185,20 +217,21 @@ class Sandbox:
         if language != "python":
             raise ValueError(f"language must be 'python' (the only language of the local sandbox), got {language!r}")
         limits = limits or self.limits
-        with tempfile.TemporaryFile() as program:
-            program.write(code.encode())
-            program.seek(0)
-            return await self._run(limits, program.fileno(), stdin.encode())
+        with tempfile.TemporaryFile() as program, tempfile.TemporaryFile() as seccomp_filter:
+            for f, data in ((program, code.encode()), (seccomp_filter, self.seccomp_filter)):
+                f.write(data)
+                f.seek(0)
+            return await self._run(limits, program.fileno(), seccomp_filter.fileno(), stdin.encode())
 
-    async def _run(self, limits: SandboxLimits, program_fd: int, stdin: bytes) -> ExecutionResult:
+    async def _run(self, limits: SandboxLimits, program_fd: int, filter_fd: int, stdin: bytes) -> ExecutionResult:
         as_user = {}
         if os.geteuid() == 0:
             as_user = dict(user=self.sandbox_uid, group=self.sandbox_uid, extra_groups=[])
         t0 = time.monotonic()
         proc = await asyncio.create_subprocess_exec(
-            *self.command(limits, program_fd),
+            *self.command(limits, program_fd, filter_fd),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            pass_fds=(program_fd,), env=dict(_ENV), start_new_session=True, **as_user,
+            pass_fds=(program_fd, filter_fd), env=dict(_ENV), start_new_session=True, **as_user,
         )  # fmt: skip
         out, err = bytearray(), bytearray()
         killed: list[RunStatus] = []
@@ -278,3 +311,16 @@ class Sandbox:
         thread.start()
         thread.join()
         return box[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _seccomp_filter(python: str) -> bytes:
+    """The BPF program denying DENIED_SYSCALLS, built with libseccomp by `python` (once per interpreter)."""
+    build = subprocess.run(
+        [python, "-I", "-c", _BUILD_FILTER, json.dumps(DENIED_SYSCALLS)], capture_output=True, timeout=60, env=dict(_ENV)
+    )
+    if build.returncode != 0 or not build.stdout:
+        raise SandboxUnavailable(
+            f"could not build the seccomp filter with {python} (install python3-seccomp): {build.stderr.decode()[-500:]}"
+        )
+    return build.stdout
