@@ -100,7 +100,7 @@ _ENV = {"PATH": "/usr/bin:/bin", "HOME": SANDBOX_WORKDIR, "LANG": "C.UTF-8"}
 
 
 class SandboxUnavailable(RuntimeError):
-    """bubblewrap, prlimit, timeout or the interpreter is not installed."""
+    """bubblewrap, prlimit, timeout, the interpreter or its seccomp bindings are missing."""
 
 
 class RunStatus(str, enum.Enum):
