@@ -48,10 +48,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-import torch
-import torch.distributed as dist
+# Run as a script, this file's directory heads sys.path, and its kernels.py would shadow the `kernels`
+# package that transformers probes for: keep the directory off the path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 
-from verl_mega.models import HFActor, ModelConfig, build_stage
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from verl_mega.models import HFActor, ModelConfig, build_stage  # noqa: E402
 from verl_mega.parallel import Layout
 from verl_mega.parallel.dist import device as comm_device
 from verl_mega.parallel.dist import init_distributed
@@ -128,6 +132,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="unmeasured first steps")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s per GPU for MFU "
                    f"(default by device name: {PEAK_TFLOPS})")
+    p.add_argument("--peer", default=None, metavar="JSON",
+                   help="trl_grpo.py's result: added to the table and plot, with verl_mega / TRL tokens/s ratios")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="CPU check: tiny shape, 2x2 batch, short lengths, 2 steps")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="output directory (default $OUT or .)")
@@ -343,6 +349,18 @@ def summarize(steps: list[dict], bc: BenchConfig, layout: Layout, peak: float | 
 
 
 # ----------------------------------------------------------------------------------------------- reporting
+def peer_ratios(results: list[dict], peer: dict) -> list[dict]:
+    """verl_mega / peer tokens/s/GPU for every configuration with the peer's shape, batch and lengths, KL off."""
+    a = peer["args"]
+    out = []
+    for r in results:
+        c = r["config"]
+        if (c["shape"], c["prompts"], c["n"], c["kl"]) == (a["shape"], a["prompts"], a["n"], False):
+            out.append({"name": r["name"], "peer": peer["framework"],
+                        "ratio": r["tokens_per_s_per_gpu"] / peer["tokens_per_s_per_gpu"]})
+    return out
+
+
 def markdown(report: dict) -> str:
     """The results table with machine, date and command."""
     a = report["args"]
@@ -363,6 +381,17 @@ def markdown(report: dict) -> str:
                  *[f"{r['phase_s'][p]:.3f}" for p in PHASES], f"{r['mean_response_len']:.0f}",
                  f"{r['peak_memory_gib']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    peer = report.get("peer")
+    if peer:
+        pa = peer["args"]
+        mem = f"{peer['peak_memory_gib']:.1f}" if peer["peak_memory_gib"] is not None else "-"
+        lines.append(f"| {peer['framework']} {pa['shape']} {pa['prompts']}x{pa['n']} beta=0 | {peer['gpus']} | "
+                     f"{peer['step_s']:.3f} | {peer['tokens_per_s_per_gpu']:.0f} | - | - | - | - | - | - | "
+                     f"{peer['mean_response_len']:.0f} | {mem} |")
+        lines += [""] + [f"- {q['name']} / {q['peer']}: **{q['ratio']:.1f}x** tokens/s/GPU"
+                         for q in report["peer_ratios"]]
+        lines += ["", f"Peer: `{peer['command']}` (prompt {pa['prompt_len']}, {pa['new_tokens']} new tokens, "
+                      f"gradient checkpointing {pa['gradient_checkpointing']}; {peer['device']}, {peer['date']})"]
     return "\n".join(lines) + "\n"
 
 
@@ -373,10 +402,14 @@ def plot(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = report["results"]
+    results, peer = report["results"], report.get("peer")
     names = [r["name"] for r in results]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 2.2 + 0.6 * len(results)), constrained_layout=True)
-    left.barh(names, [r["tokens_per_s_per_gpu"] for r in results], color="tab:blue")
+    bars = [(n, r["tokens_per_s_per_gpu"], "tab:blue") for n, r in zip(names, results)]
+    if peer:
+        bars.append((f"{peer['framework']} {peer['args']['shape']} {peer['args']['prompts']}x{peer['args']['n']}",
+                     peer["tokens_per_s_per_gpu"], "tab:gray"))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 2.2 + 0.6 * len(bars)), constrained_layout=True)
+    left.barh([b[0] for b in bars], [b[1] for b in bars], color=[b[2] for b in bars])
     left.set_xlabel("tokens / s / GPU (prompt + response)")
     left.invert_yaxis()
     starts = [0.0] * len(results)
@@ -385,7 +418,6 @@ def plot(report: dict, path: str) -> None:
         right.barh(names, widths, left=starts, label=phase)
         starts = [s + w for s, w in zip(starts, widths)]
     right.set_xlabel("seconds per step")
-    right.set_yticks(range(len(results)), [""] * len(results))
     right.invert_yaxis()
     right.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
     fig.suptitle(f"GRPO step, {report['world_size']} x {report['device']}, {report['date']}")
@@ -411,6 +443,10 @@ def main(argv=None) -> None:
                   "command": "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                   "torch": torch.__version__, "args": {k: v for k, v in vars(args).items() if k != "response_range"},
                   "results": results}
+        if args.peer:
+            with open(args.peer) as f:
+                report["peer"] = json.load(f)
+            report["peer_ratios"] = peer_ratios(results, report["peer"])
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "throughput.json"), "w") as f:
             json.dump(report, f, indent=2)
