@@ -48,7 +48,7 @@ class LocalSlurm:
         return os.path.join(self.root, *parts)
 
     def _write_conf(self) -> None:
-        user, host = getpass.getuser(), socket.gethostname()
+        user, host = getpass.getuser(), socket.gethostname().split(".")[0]  # slurm compares short names
         ports = [_free_port() for _ in range(self.nodes + 1)]
         nodes = "\n".join(f"NodeName=n{k} NodeHostname={host} NodeAddr=127.0.0.1 Port={ports[k]} "
                           f"CPUs={self.cpus_per_node} State=UNKNOWN" for k in range(1, self.nodes + 1))
