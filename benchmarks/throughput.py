@@ -61,7 +61,6 @@ from verl_mega.parallel.dist import device as comm_device
 from verl_mega.parallel.dist import init_distributed
 from verl_mega.rollout.engine import GenerationEngine
 from verl_mega.trainer import PPOTrainer, TrainerConfig
-from verl_mega.trainer.ppo_trainer import model_on_cuda
 
 QWEN2 = dict(vocab_size=151936, rope_theta=1_000_000.0, max_position_embeddings=32768, tie_word_embeddings=True,
              attention_bias=True, model_type="qwen2")
@@ -172,6 +171,16 @@ class ForcedLengthEngine(GenerationEngine):
 
     def __init__(self, *args, length_range: tuple[int, int], seed: int, **kwargs):
         super().__init__(*args, **kwargs)
+        self._setup_forcing(length_range, seed)
+
+    @classmethod
+    def adopt(cls, engine: GenerationEngine, length_range: tuple[int, int], seed: int) -> "ForcedLengthEngine":
+        """Turn an engine built by the trainer into a ForcedLengthEngine (same object and buffers)."""
+        engine.__class__ = cls
+        engine._setup_forcing(length_range, seed)
+        return engine
+
+    def _setup_forcing(self, length_range: tuple[int, int], seed: int) -> None:
         self.length_range = length_range
         self._gen = torch.Generator().manual_seed(seed)
         self._not_eos = torch.ones(self.true_vocab_size, dtype=torch.bool, device=self.device)
@@ -207,22 +216,12 @@ class BenchTrainer(PPOTrainer):
         self.length_range, self.length_seed = length_range, seed
 
     def generation_engine(self, model, inference_layout, rows: int, seq_len: int) -> GenerationEngine:
-        if self.length_range is None:
-            return super().generation_engine(model, inference_layout, rows, seq_len)
-        key = (id(model), tuple(p.data_ptr() for p in model.parameters()))
-        engine = self._gen_engine
-        if engine is None or self._gen_key != key or engine.max_batch < min(rows, self.config.rollout.max_batch) \
-                or engine.max_seq_len < seq_len:
-            if engine is not None:
-                engine.release()
-            r = self.config.rollout
-            self._gen_engine = ForcedLengthEngine(
-                model, inference_layout.tp_g_group, max_batch=min(rows, r.max_batch),
-                max_seq_len=-(-seq_len // 64) * 64, eos_token_ids=self.eos_ids, pad_token_id=self.pad_id,
-                use_cuda_graph=r.cuda_graph and model_on_cuda(model), length_range=self.length_range,
-                seed=self.length_seed * 1_000_003 + self.layout.dp_rank * 131 + inference_layout.micro_dp_rank)
-            self._gen_key = key
-        return self._gen_engine
+        """The trainer's engine (its own reuse rules), made a ForcedLengthEngine when it was just built."""
+        engine = super().generation_engine(model, inference_layout, rows, seq_len)
+        if self.length_range is not None and not isinstance(engine, ForcedLengthEngine):
+            seed = self.length_seed * 1_000_003 + self.layout.dp_rank * 131 + inference_layout.micro_dp_rank
+            engine = ForcedLengthEngine.adopt(engine, self.length_range, seed)
+        return engine
 
 
 def even_token_reward(response: str) -> float:

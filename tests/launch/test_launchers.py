@@ -30,10 +30,13 @@ SLURM_SBATCH = os.path.join(REPO, "launch", "slurm.sbatch")
 PROMPTS_PER_RANK, N_SAMPLES = 2, 2
 TRAIN_ARGS = [f"trainer.rollout_batch_size={PROMPTS_PER_RANK}", f"rollout.n_samples={N_SAMPLES}",
               "rollout.max_new_tokens=4", "trainer.save_final=false", "trainer.progress_bar=false"]
-# A killed rank's sockets close at once, so its peers fail at their next collective (~1-2 s here); the promise
-# the launchers make is "within the collective timeout", which is what the kill tests assert.
-DIST_TIMEOUT_S = 20
-TEARDOWN_S = 15  # after a collective timed out: the rank's exit, torchrun's and srun's teardown (~2 s measured)
+# VERL_MEGA_DIST_TIMEOUT also bounds start-up (init_process_group waits for every rank), and with other jobs on
+# the 2 cores the ranks' imports finished > 20 s apart here: 120 s for the runs, 45 s for the hung-rank test.
+# A killed rank's sockets close at once, so its peers fail at their next collective (1-16 s measured); the
+# launchers promise "within the collective timeout", which the kill tests assert.
+DIST_TIMEOUT_S = 120
+HUNG_DIST_TIMEOUT_S = 45
+TEARDOWN_S = 15  # after a collective timed out: the rank's exit, torchrun's and srun's teardown (~2-10 s measured)
 RUN_TIMEOUT_S = 240  # a 2-step run took 25-45 s here, 2 cores shared with other jobs (mostly imports)
 
 
@@ -61,7 +64,8 @@ def workdir(tmp_path_factory):
 
 
 def launch_env(**extra) -> dict:
-    """The environment for launched ranks: this checkout first on PYTHONPATH, one thread per rank."""
+    """The environment for launched ranks: this checkout first on PYTHONPATH, one thread per rank, the
+    collective timeout DIST_TIMEOUT_S (unless given)."""
     path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
             "VERL_MEGA_DIST_TIMEOUT": str(DIST_TIMEOUT_S), **{k: str(v) for k, v in extra.items()}}
@@ -194,9 +198,10 @@ def slurm(tmp_path_factory):
         cluster.stop()
 
 
-def submit_train(slurm, workdir, out_dir, steps: int) -> int:
+def submit_train(slurm, workdir, out_dir, steps: int, dist_timeout_s: int = DIST_TIMEOUT_S) -> int:
     """sbatch launch/slurm.sbatch on 2 nodes (one torchrun each, one process per node) from workdir."""
-    env = launch_env(NPROC_PER_NODE=1, MASTER_PORT=free_port(), VERL_MEGA_HOME=REPO)
+    env = launch_env(NPROC_PER_NODE=1, MASTER_PORT=free_port(), VERL_MEGA_HOME=REPO,
+                     VERL_MEGA_DIST_TIMEOUT=dist_timeout_s)
     return slurm.submit(["--nodes", "2", SLURM_SBATCH, "train", str(workdir / "cfg.yaml"),
                          f"trainer.total_steps={steps}", f"trainer.output_dir={out_dir}", *TRAIN_ARGS],
                         cwd=str(workdir), env=env)
@@ -239,14 +244,15 @@ def test_slurm_two_nodes_train(slurm, workdir, tmp_path):
 def test_slurm_dead_rank_ends_job(slurm, workdir, tmp_path, sig):
     """A killed rank (sockets close: its peer fails at once) or a hung one (SIGSTOP: its peer's collective times
     out after VERL_MEGA_DIST_TIMEOUT) ends the job FAILED; srun --kill-on-bad-exit stops the other node."""
-    job_id = submit_train(slurm, workdir, tmp_path / "run", steps=10_000)
+    timeout_s = DIST_TIMEOUT_S if sig == signal.SIGKILL else HUNG_DIST_TIMEOUT_S
+    job_id = submit_train(slurm, workdir, tmp_path / "run", steps=10_000, dist_timeout_s=timeout_s)
     try:
         wait_for_metrics(tmp_path / "run", lambda: slurm.job(job_id).get("JobState") in ("PENDING", "RUNNING"),
                          RUN_TIMEOUT_S)
         victim = find_worker(str(job_id), rank=1, timeout_s=10, SLURM_JOB_ID=str(job_id))  # rendezvous id = job id
         signalled_at = time.monotonic()
         os.kill(victim, sig)
-        info = slurm.wait(job_id, DIST_TIMEOUT_S + TEARDOWN_S)
+        info = slurm.wait(job_id, timeout_s + TEARDOWN_S)
         elapsed = time.monotonic() - signalled_at
         print(f"job {job_id} ended {info['JobState']} {elapsed:.1f} s after {sig.name}")
     finally:
@@ -254,8 +260,8 @@ def test_slurm_dead_rank_ends_job(slurm, workdir, tmp_path, sig):
     log = job_log(workdir, job_id)
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", info
     if sig == signal.SIGKILL:
-        assert elapsed < DIST_TIMEOUT_S
+        assert elapsed < timeout_s
         assert "rank      : 1 (local_rank: 0)" in log and "Signal 9 (SIGKILL) received" in log, log[-3000:]
     else:  # rank 0 waits the full collective timeout, names itself and the timeout; then everything is torn down
-        assert DIST_TIMEOUT_S <= elapsed < DIST_TIMEOUT_S + TEARDOWN_S
+        assert timeout_s <= elapsed < timeout_s + TEARDOWN_S
         assert "rank      : 0 (local_rank: 0)" in log and "Timed out waiting" in log, log[-3000:]
