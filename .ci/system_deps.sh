@@ -13,5 +13,5 @@ done
 if (( ${#missing[@]} )); then
   sudo=""; if (( EUID != 0 )); then sudo="sudo"; fi
   $sudo apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}"
 fi
