@@ -26,12 +26,13 @@ class ModelSection:
     critic_path: Optional[str] = None  # critic HF directory (PPO); None: the actor's weights with a new value head
     reference_path: Optional[str] = None  # reference policy HF directory (KL); None: a frozen copy of the actor
     dtype: str = "float32"  # parameter dtype: float32 | bfloat16 (masters and Adam states stay fp32)
+    value_head_std: float = 0.0  # std of the critic's new value head (0 = zeros: V starts at 0, no noise in early advantages)
 
 
 @dataclass
 class DataSection:
     train_path: str = MISSING  # prompts: verl-format .parquet or .jsonl (prompt, data_source, reward_model, extra_info)
-    val_path: Optional[str] = None  # held-out prompts (not used by the RL loop itself)
+    val_path: Optional[str] = None  # held-out prompts for validation (trainer.val_every); same format as train_path
     prompt_key: str = "prompt"  # column with the chat messages (or a plain string)
     max_prompt_length: int = 512  # longer prompts are dropped (and counted)
     apply_chat_template: bool = True  # render chat prompts with the tokenizer's template (plain text if False)
@@ -66,7 +67,8 @@ class AlgorithmSection:
     kl_estimator: str = "low_var_kl"  # k1 | abs | mse | low_var_kl (k3)
     kl_target: Optional[float] = None  # adaptive KL controller target (in-reward KL only); None = fixed coef
     kl_horizon: float = 10000.0  # adaptive KL controller horizon (samples)
-    value_clip: float = 0.2  # critic value clipping around the rollout values
+    value_clip: Optional[float] = 0.2  # critic value clipping around the rollout values (None = unclipped)
+    critic_warmup: int = 0  # RL steps that train only the critic before the actor moves (verl's trainer.critic_warmup)
     whiten_gae: bool = True  # whiten GAE advantages over the batch
 
 
@@ -74,6 +76,8 @@ class AlgorithmSection:
 class OptimSection:
     lr: float = 1e-6  # actor peak learning rate
     critic_lr: float = 1e-5  # critic peak learning rate (PPO)
+    critic_warmup_steps: Optional[int] = None  # critic LR linear warm-up in optimizer steps (None = warmup_steps)
+    critic_schedule: Optional[str] = None  # critic LR schedule after warm-up: constant | cosine (None = schedule)
     weight_decay: float = 0.0  # AdamW decoupled weight decay (matrices only)
     warmup_steps: int = 0  # linear warm-up, in optimizer steps
     schedule: str = "constant"  # constant | cosine (after warm-up)
@@ -98,6 +102,11 @@ class TrainerSection:
     reward: str = "rule"  # "rule" (GSM8K/MATH checkers by data_source) or "module:function" / "file.py:function"
     reward_timeout_s: float = 30.0  # per-response reward time limit (a timeout scores 0 and is counted)
     progress_bar: bool = True  # tqdm bar with live reward / KL (rank 0)
+    val_every: int = 0  # validate on data.val_path every N RL steps (0 = never during training)
+    val_before_train: bool = True  # also validate before the first step and after the last (when val_path is set)
+    val_n_samples: int = 1  # responses per validation prompt (val/reward_mean averages them)
+    val_temperature: float = 0.0  # validation sampling temperature (0 = greedy)
+    val_batch_size: int = 256  # validation prompts generated together (per data-parallel rank)
 
 
 @dataclass
@@ -141,5 +150,16 @@ def check_config(cfg: TrainerConfig) -> None:
                          f"got {r.n_samples}")
     if r.temperature <= 0:
         raise ValueError(f"rollout.temperature must be > 0 for RL sampling, got {r.temperature}")
+    if a.critic_warmup < 0:
+        raise ValueError(f"algorithm.critic_warmup must be >= 0, got {a.critic_warmup}")
+    if a.value_clip is not None and a.value_clip <= 0:
+        raise ValueError(f"algorithm.value_clip must be > 0 or null (unclipped), got {a.value_clip}")
+    if cfg.model.value_head_std < 0:
+        raise ValueError(f"model.value_head_std must be >= 0, got {cfg.model.value_head_std}")
+    for name, value, low in (("trainer.val_every", t.val_every, 0), ("trainer.val_n_samples", t.val_n_samples, 1),
+                             ("trainer.val_batch_size", t.val_batch_size, 1),
+                             ("trainer.val_temperature", t.val_temperature, 0)):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
     if a.kl_coef < 0:
         raise ValueError(f"algorithm.kl_coef must be >= 0, got {a.kl_coef}")
