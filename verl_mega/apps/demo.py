@@ -6,6 +6,7 @@ show the held-out greedy accuracy before, during and after RL.
     verl-mega demo --algorithm ppo          # PPO with a critic (GAE), from the same SFT start
     verl-mega demo --algorithm all          # the five estimators one after the other, one plot
     verl-mega demo --quick                  # CI smoke run
+    verl-mega demo --plot runs/grpo runs/ppo --output-dir runs   # one plot over several runs' metrics.jsonl
     torchrun --nproc-per-node 2 -m verl_mega demo   # the same under torchrun
 
 Steps (every rank runs them; rank 0 writes files and prints):
@@ -66,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n-samples", type=int, help="responses per prompt (default: the recipe's)")
     p.add_argument("--val-every", type=int, help="held-out validation every N RL steps (default: the recipe's)")
     p.add_argument("--heldout", type=int, help="held-out prompts")
+    p.add_argument("--plot", nargs="+", metavar="RUN_DIR",
+                   help="only plot: one curve per RUN_DIR (a demo output or a `verl-mega train` output_dir with "
+                        "metrics.jsonl) into OUTPUT_DIR/reward_curve.png")
     args = p.parse_args(argv)
     preset = {**DEFAULTS, **(QUICK if args.quick else {})}
     for key, value in preset.items():
@@ -82,6 +86,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.plot:
+        runs = {os.path.basename(os.path.normpath(d)): os.path.join(d, "metrics.jsonl") for d in args.plot}
+        missing = [path for path in runs.values() if not os.path.isfile(path)]
+        if missing:
+            print(f"verl-mega demo --plot: no metrics.jsonl at {missing}", file=sys.stderr)
+            return 2
+        os.makedirs(args.output_dir, exist_ok=True)
+        plot_runs(runs, os.path.join(args.output_dir, "reward_curve.png"))
+        print(f"wrote {os.path.join(args.output_dir, 'reward_curve.png')}")
+        return 0
     if "RANK" in os.environ or args.nproc == 1:
         run(args)
         return 0

@@ -91,6 +91,7 @@ class TrainerSection:
     mini_batch_size: Optional[int] = None  # prompts per optimizer step; None = the whole rollout batch
     micro_batch_size: int = 8  # sequences per forward/backward pass
     num_epochs: int = 1  # PPO epochs: passes over each rollout batch
+    critic_epochs: Optional[int] = None  # critic passes over each rollout batch (None = num_epochs; verl's critic.ppo_epochs)
     total_steps: int = 100  # RL steps of `verl-mega train`
     seed: int = 0  # seeds sampling, shuffling and mini-batch order
     output_dir: str = "outputs/run"  # metrics.jsonl, tensorboard/, checkpoints/
@@ -137,7 +138,8 @@ def check_config(cfg: TrainerConfig) -> None:
     if cfg.model.dtype not in DTYPES:
         raise ValueError(f"model.dtype {cfg.model.dtype!r} is not one of {DTYPES}")
     for name, value in (("trainer.rollout_batch_size", t.rollout_batch_size), ("trainer.micro_batch_size", t.micro_batch_size),
-                        ("trainer.num_epochs", t.num_epochs), ("rollout.n_samples", r.n_samples),
+                        ("trainer.num_epochs", t.num_epochs), ("trainer.critic_epochs", t.critic_epochs or 1),
+                        ("rollout.n_samples", r.n_samples),
                         ("rollout.max_new_tokens", r.max_new_tokens), ("parallel.tp", cfg.parallel.tp),
                         ("parallel.pp", cfg.parallel.pp)):
         if value < 1:

@@ -119,11 +119,12 @@ class PPOTrainer:
         self._gen_key = None
 
     # ------------------------------------------------------------------ construction helpers
-    def _optim(self, lr: float, warmup_steps: int | None = None, schedule: str | None = None) -> OptimConfig:
+    def _optim(self, lr: float, warmup_steps: int | None = None, schedule: str | None = None,
+               epochs: int | None = None) -> OptimConfig:
         """OptimConfig for an engine; the schedule's horizon counts optimizer steps (mini-batches x epochs x RL steps).
-        `warmup_steps` / `schedule` default to the optim section's (the critic may have its own)."""
+        `warmup_steps` / `schedule` / `epochs` default to the optim section's and num_epochs (the critic has its own)."""
         o, t = self.config.optim, self.config.trainer
-        updates = t.num_epochs * -(-t.rollout_batch_size // (t.mini_batch_size or t.rollout_batch_size))
+        updates = (epochs or t.num_epochs) * -(-t.rollout_batch_size // (t.mini_batch_size or t.rollout_batch_size))
         return OptimConfig(lr=lr, weight_decay=o.weight_decay,
                            warmup_steps=o.warmup_steps if warmup_steps is None else warmup_steps,
                            schedule=schedule or o.schedule, min_lr=min(o.min_lr, lr),
@@ -136,7 +137,7 @@ class PPOTrainer:
 
     def _critic(self, critic) -> TrainEngine:
         o = self.config.optim
-        optim = self._optim(o.critic_lr, o.critic_warmup_steps, o.critic_schedule)
+        optim = self._optim(o.critic_lr, o.critic_warmup_steps, o.critic_schedule, self.config.trainer.critic_epochs)
         if isinstance(critic, HFActor):
             if not critic.model.is_value_model:
                 raise ValueError("critic must be loaded with value_head=True (get_actor_model(path, value_head=True))")

@@ -283,7 +283,8 @@ def critic_diagnostics(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 
 class Update(Stage):
-    """PPO epochs over shuffled mini-batches: actor (clipped policy loss, entropy bonus, KL loss) and critic."""
+    """PPO epochs over shuffled mini-batches: actor (clipped policy loss, entropy bonus, KL loss) and critic
+    (clipped value loss; trainer.critic_epochs passes, the actor's own skipped for algorithm.critic_warmup steps)."""
 
     name = "update"
 
@@ -298,14 +299,16 @@ class Update(Stage):
         critic_stats: list[dict] = []
         # verl's critic_warmup: the first steps fit the critic to the current policy before the actor moves
         update_actor = batch.step >= ctx.config.algorithm.critic_warmup or ctx.critic_engine is None
-        for _ in range(t.num_epochs):
+        actor_epochs = t.num_epochs if update_actor else 0
+        critic_epochs = (t.critic_epochs or t.num_epochs) if ctx.critic_engine is not None else 0
+        for epoch in range(max(actor_epochs, critic_epochs)):
             order = torch.randperm(batch.num_rows, generator=gen)
             for start in range(0, batch.num_rows, rows_per_update):
                 mbs = batch.microbatches(t.micro_batch_size, order[start:start + rows_per_update], tuple(keys),
                                          device=ctx.device)
-                if update_actor:
+                if epoch < actor_epochs:
                     actor_stats.append(self._actor_update(mbs, ctx))
-                if ctx.critic_engine is not None:
+                if epoch < critic_epochs:
                     critic_stats.append(self._critic_update(mbs, ctx))
         batch.metrics.update(_mean_dicts(actor_stats, prefix="actor/"))
         batch.metrics.update(_mean_dicts(critic_stats, prefix="critic/"))
