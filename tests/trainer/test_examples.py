@@ -41,3 +41,23 @@ def test_demo_quick(tmp_path):
     rl_dir = out / "model_rl"
     assert (rl_dir / "config.json").exists() and (rl_dir / "tokenizer.model").exists()
     assert str(rl_dir) in proc.stdout  # its path is printed
+
+
+def test_demo_recipes_load_and_compare_fairly():
+    """Every demo recipe is a valid config for its algorithm, and all generate the same number of samples per step
+    from the same start for the same number of steps (the comparison in the README is fair)."""
+    from verl_mega.apps import demo
+    from verl_mega.trainer.config import check_config
+
+    args = demo.parse_args(["--algorithm", "all"])
+    shapes = set()
+    for algo in demo.ALGORITHMS:
+        cfg = demo.rl_config(algo, args, "/runs/model_sft", f"/runs/{algo}")
+        check_config(cfg)
+        assert cfg.algorithm.name == algo and cfg.model.path == "/runs/model_sft"
+        assert cfg.data.val_path == "/runs/heldout.jsonl" and cfg.trainer.val_every > 0
+        shapes.add((cfg.trainer.rollout_batch_size * cfg.rollout.n_samples, cfg.trainer.total_steps,
+                    cfg.rollout.temperature, cfg.rollout.max_new_tokens))
+    assert len(shapes) == 1
+    quick = demo.rl_config("ppo", demo.parse_args(["--quick"]), "/runs/model_sft", "/runs")
+    assert (quick.trainer.total_steps, quick.trainer.rollout_batch_size, quick.trainer.val_every) == (3, 8, 0)

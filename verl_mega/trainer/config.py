@@ -103,8 +103,8 @@ class TrainerSection:
     reward: str = "rule"  # "rule" (GSM8K/MATH checkers by data_source) or "module:function" / "file.py:function"
     reward_timeout_s: float = 30.0  # per-response reward time limit (a timeout scores 0 and is counted)
     progress_bar: bool = True  # tqdm bar with live reward / KL (rank 0)
-    val_every: int = 0  # validate on data.val_path every N RL steps (0 = never during training)
-    val_before_train: bool = True  # also validate before the first step and after the last (when val_path is set)
+    val_every: int = 0  # validate on data.val_path every N RL steps and after the last (0 = not during training)
+    val_before_train: bool = True  # validate before the first step (with val_every = 0: before the first and after the last)
     val_n_samples: int = 1  # responses per validation prompt (val/reward_mean averages them)
     val_temperature: float = 0.0  # validation sampling temperature (0 = greedy)
     val_batch_size: int = 256  # validation prompts generated together (per data-parallel rank)
