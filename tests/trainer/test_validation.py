@@ -95,3 +95,19 @@ def test_ppo_critic_zero_head_and_warmup_keep_the_actor_still(tiny_dir, tmp_path
         assert key in m, key
     m = trainer.step(samples)  # now the actor moves too
     assert "actor/loss" in m and not all(torch.equal(a, b) for a, b in zip(before, actor.model.parameters()))
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("trainer.val_every", -1, "trainer.val_every"), ("trainer.val_n_samples", 0, "trainer.val_n_samples"),
+    ("algorithm.critic_warmup", -2, "algorithm.critic_warmup"), ("algorithm.value_clip", 0.0, "algorithm.value_clip"),
+    ("model.value_head_std", -0.1, "model.value_head_std"), ("optim.critic_schedule", "cos", "optim.critic_schedule"),
+    ("trainer.critic_epochs", 0, "trainer.critic_epochs")])
+def test_new_fields_reject_bad_values(field, value, match):
+    from verl_mega.trainer.config import check_config
+
+    cfg = TrainerConfig()
+    cfg.model.path = "/m"
+    section, name = field.split(".")
+    setattr(getattr(cfg, section), name, value)
+    with pytest.raises(ValueError, match=match):
+        check_config(cfg)

@@ -138,7 +138,7 @@ def check_config(cfg: TrainerConfig) -> None:
     if cfg.model.dtype not in DTYPES:
         raise ValueError(f"model.dtype {cfg.model.dtype!r} is not one of {DTYPES}")
     for name, value in (("trainer.rollout_batch_size", t.rollout_batch_size), ("trainer.micro_batch_size", t.micro_batch_size),
-                        ("trainer.num_epochs", t.num_epochs), ("trainer.critic_epochs", t.critic_epochs or 1),
+                        ("trainer.num_epochs", t.num_epochs), ("trainer.critic_epochs", 1 if t.critic_epochs is None else t.critic_epochs),
                         ("rollout.n_samples", r.n_samples),
                         ("rollout.max_new_tokens", r.max_new_tokens), ("parallel.tp", cfg.parallel.tp),
                         ("parallel.pp", cfg.parallel.pp)):
@@ -152,6 +152,9 @@ def check_config(cfg: TrainerConfig) -> None:
                          f"got {r.n_samples}")
     if r.temperature <= 0:
         raise ValueError(f"rollout.temperature must be > 0 for RL sampling, got {r.temperature}")
+    for name, value in (("optim.schedule", cfg.optim.schedule), ("optim.critic_schedule", cfg.optim.critic_schedule)):
+        if value is not None and value not in ("constant", "cosine"):
+            raise ValueError(f"{name} {value!r} is not one of ('constant', 'cosine')")
     if a.critic_warmup < 0:
         raise ValueError(f"algorithm.critic_warmup must be >= 0, got {a.critic_warmup}")
     if a.value_clip is not None and a.value_clip <= 0:
