@@ -38,6 +38,7 @@ from verl_mega.models import HFActor, get_actor_model
 from verl_mega.rewards.base import RewardFunction, RuleBasedReward
 from verl_mega.rollout.engine import GenerationEngine
 from verl_mega.rollout.frontend import encode_prompts, stop_ids
+from verl_mega.rollout.frontend import release as release_generation
 from verl_mega.trainer import checkpointing
 from verl_mega.trainer.batch import RLBatch
 from verl_mega.trainer.config import TrainerConfig, check_config
@@ -286,6 +287,8 @@ class PPOTrainer:
 
     def _validate(self, validator: Validator) -> dict[str, float]:
         metrics = validator()
+        if self.config.rollout.free_cache:
+            release_generation(self.actor)  # the validation engine's KV cache must not stay allocated during training
         self.val_history.append({"step": self.global_step, **metrics})
         if self.layout.rank == 0:
             log.info("validation at step %d: %s", self.global_step,
