@@ -111,3 +111,27 @@ def test_new_fields_reject_bad_values(field, value, match):
     setattr(getattr(cfg, section), name, value)
     with pytest.raises(ValueError, match=match):
         check_config(cfg)
+
+
+def _dp2_validation(hf_dir: str) -> dict:
+    """Rank body: dp=2, each rank validates its share of 6 prompts through PPOTrainer.make_validator."""
+    from verl_mega.data import get_dataloader
+    from verl_mega.parallel.layout import Layout
+
+    layout = Layout.create(tp=1, pp=1)
+    actor = get_actor_model(hf_dir, layout=layout)
+    trainer = PPOTrainer(actor, reward_fn=_match, rollout_batch_size=1, n_samples=2, max_new_tokens=2)
+    rows = _rows(6)
+    loader = get_dataloader(rows, None, 2, shuffle=False, drop_last=False, dp_rank=layout.dp_rank, dp_size=layout.dp)
+    metrics = trainer.make_validator(loader)()
+    texts = actor_generate_fn(actor, max_new_tokens=2)([r["prompt_ids"] for r in rows])  # every prompt, this rank
+    return {"metrics": metrics, "direct": sum(_match(t, r["ground_truth"]) for t, r in zip(texts, rows)) / len(rows)}
+
+
+def test_validation_sums_over_data_parallel_ranks(tiny_dir):
+    from verl_mega.testing.multiprocess import run_distributed
+
+    results = run_distributed(_dp2_validation, 2, tiny_dir, timeout_s=300)
+    assert results[0]["metrics"] == results[1]["metrics"]  # the whole set's metrics on every rank
+    m = results[0]["metrics"]
+    assert m["val/num_prompts"] == 6 and m["val/accuracy"] == results[0]["direct"]

@@ -11,8 +11,10 @@ function and the prompts, so it can be tested and reused without a trainer.
 
 Reference: verl's `RayPPOTrainer._validate` (val-core/<data_source>/reward/mean@n), reduced to one set of
 metrics over all data sources. Every data-parallel rank scores its share; sums are all-reduced over
-`dp_group`, so the metrics are those of the whole validation set on every rank. Simplification: rewards
-are computed on every rank of a model-parallel group (the values only feed metrics).
+`dp_group`, so the metrics are those of the whole validation set on every rank. Simplifications: rewards
+are computed on every rank of a model-parallel group (the values only feed metrics); a `PromptLoader`
+pads a last batch that does not split evenly over dp ranks with prompts from the start (as
+DistributedSampler does), which then count twice (at most dp - 1 prompts).
 """
 
 from __future__ import annotations
