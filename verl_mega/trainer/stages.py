@@ -249,11 +249,42 @@ class Advantage(Stage):
             rewards, mask, values=batch.values, group_size=batch.n, gamma=a.gamma, lam=a.lam,
             norm_by_std=a.norm_adv_by_std, whiten=a.whiten_gae,
             dp_group=ctx.layout.dp_group)  # batch-level whitening over the whole (DP-split) batch
+        batch.metrics.update(advantage_stats(batch.advantages, mask))
+        if batch.values is not None:
+            batch.metrics.update(critic_diagnostics(batch.values, batch.returns, mask))
         return batch
 
 
+def advantage_stats(advantages: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """advantage/{mean, std, max, min} over the valid tokens of advantages [N, R] (this rank's rows)."""
+    valid = advantages[mask.bool()]
+    if valid.numel() == 0:
+        return {}
+    return {"advantage/mean": float(valid.mean()), "advantage/std": float(valid.std(unbiased=False)),
+            "advantage/max": float(valid.max()), "advantage/min": float(valid.min())}
+
+
+def critic_diagnostics(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """How well the rollout-time critic predicted the returns, over valid tokens of [N, R] tensors:
+
+        critic/explained_variance = 1 - Var(returns - values) / Var(returns)   (verl's vf_explained_var;
+                                    1 = perfect, 0 = no better than a constant, < 0 = worse)
+        critic/value_error        = mean (values - returns)^2                  (the unclipped vf mse)
+    and critic/values_mean, critic/returns_mean. Var(returns) = 0 (all returns equal) gives NaN explained variance.
+    """
+    m = mask.bool()
+    v, ret = values[m].double(), returns[m].double()
+    if ret.numel() == 0:
+        return {}
+    var_ret = ret.var(unbiased=False)
+    ev = 1.0 - (ret - v).var(unbiased=False) / var_ret if var_ret > 0 else torch.tensor(float("nan"))
+    return {"critic/explained_variance": float(ev), "critic/value_error": float(((v - ret) ** 2).mean()),
+            "critic/values_mean": float(v.mean()), "critic/returns_mean": float(ret.mean())}
+
+
 class Update(Stage):
-    """PPO epochs over shuffled mini-batches: actor (clipped policy loss, entropy bonus, KL loss) and critic."""
+    """PPO epochs over shuffled mini-batches: actor (clipped policy loss, entropy bonus, KL loss) and critic
+    (clipped value loss; trainer.critic_epochs passes, the actor's own skipped for algorithm.critic_warmup steps)."""
 
     name = "update"
 
@@ -266,13 +297,18 @@ class Update(Stage):
         gen = torch.Generator().manual_seed(t.seed * 1_000_003 + batch.step)  # same order on every rank of a replica
         actor_stats: list[dict] = []
         critic_stats: list[dict] = []
-        for _ in range(t.num_epochs):
+        # verl's critic_warmup: the first steps fit the critic to the current policy before the actor moves
+        update_actor = batch.step >= ctx.config.algorithm.critic_warmup or ctx.critic_engine is None
+        actor_epochs = t.num_epochs if update_actor else 0
+        critic_epochs = (t.critic_epochs or t.num_epochs) if ctx.critic_engine is not None else 0
+        for epoch in range(max(actor_epochs, critic_epochs)):
             order = torch.randperm(batch.num_rows, generator=gen)
             for start in range(0, batch.num_rows, rows_per_update):
                 mbs = batch.microbatches(t.micro_batch_size, order[start:start + rows_per_update], tuple(keys),
                                          device=ctx.device)
-                actor_stats.append(self._actor_update(mbs, ctx))
-                if ctx.critic_engine is not None:
+                if epoch < actor_epochs:
+                    actor_stats.append(self._actor_update(mbs, ctx))
+                if epoch < critic_epochs:
                     critic_stats.append(self._critic_update(mbs, ctx))
         batch.metrics.update(_mean_dicts(actor_stats, prefix="actor/"))
         batch.metrics.update(_mean_dicts(critic_stats, prefix="critic/"))
@@ -357,8 +393,6 @@ class Metrics(Stage):
             "response_length/max": float(lengths.max()),
             "response_length/clip_ratio": float((lengths >= ctx.config.rollout.max_new_tokens).float().mean()),
         })
-        if batch.advantages is not None:
-            m["advantage/mean"] = _masked_mean(batch.advantages, mask)
         if batch.old_logprobs is not None:
             # how far the training forward is from the sampler (numerics, or a stale inference model)
             m["rollout/logprob_diff"] = _masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(), mask)
