@@ -10,7 +10,10 @@ rest of the world), reads its data-parallel share of `data.train_path`, and runs
 checkpoints to `trainer.output_dir` (and resuming from the newest checkpoint there).
 
 Reward (`trainer.reward`): "rule" scores GSM8K / MATH rows by `data_source`; "pkg.module:fn" or
-"path/to/file.py:fn" imports a user function (`fn(response)` or verl's `compute_score(...)`).
+"path/to/file.py:fn" imports a user function (`fn(response)` or verl's `compute_score(...)`);
+"model:PATH" loads a HF `*ForSequenceClassification` reward model on the actor's layout; "judge:PATH"
+loads a causal-LM judge (`LLMJudgerReward`, tp = the actor's, one stage). `trainer.reward_offload`
+keeps either in CPU memory between reward calls.
 """
 
 from __future__ import annotations
@@ -25,12 +28,22 @@ from verl_mega.config import load_config, to_yaml
 from verl_mega.trainer.config import TrainerConfig, check_config
 
 
-def load_reward(spec: str):
-    """The reward callable named by `spec` ("rule", "module:function" or "file.py:function")."""
+def load_reward(spec: str, actor=None, offload: bool = False):
+    """The reward callable named by `spec` ("rule", "model:PATH", "judge:PATH", "module:function" or
+    "file.py:function"). Model rewards are loaded on `actor`'s layout and dtype (collective)."""
     if spec == "rule":
         from verl_mega.rewards.base import RuleBasedReward
 
         return RuleBasedReward()
+    kind, _, path = spec.partition(":")
+    if kind in ("model", "judge"):
+        if actor is None or not path:
+            raise ValueError(f"trainer.reward={spec!r}: {kind}:PATH needs a HF directory and the loaded actor")
+        from verl_mega.rewards import LLMJudgerReward, RewardModel
+
+        if kind == "model":
+            return RewardModel(path, torch_dtype=actor.dtype, layout=actor.layout, offload=offload)
+        return LLMJudgerReward(path, torch_dtype=actor.dtype, tensor_parallel_size=actor.layout.tp, offload=offload)
     if ":" not in spec:
         raise ValueError(f"trainer.reward={spec!r}: use 'rule', 'package.module:function' or 'file.py:function'")
     target, name = spec.rsplit(":", 1)
@@ -78,7 +91,8 @@ def train(cfg: TrainerConfig) -> list[dict]:
                             seed=cfg.trainer.seed, dp_rank=actor.layout.dp_rank, dp_size=actor.layout.dp,
                             prompt_key=d.prompt_key, max_prompt_length=d.max_prompt_length,
                             apply_chat_template=d.apply_chat_template)
-    trainer = PPOTrainer(actor, reward_fn=load_reward(cfg.trainer.reward), config=cfg)
+    reward = load_reward(cfg.trainer.reward, actor, offload=cfg.trainer.reward_offload)
+    trainer = PPOTrainer(actor, reward_fn=reward, config=cfg)
     return trainer.fit(loader, steps=cfg.trainer.total_steps)
 
 
