@@ -108,12 +108,17 @@ class FallbackReward(BatchedReward):
         def mark(value):
             return {**value, _RULE_OK: True} if isinstance(value, dict) else {"score": value, _RULE_OK: True}
 
+        # the compute_score form receives what `rule` itself needs (RewardFunction.verl_args of the sample)
+        def call(data_source, solution_str, ground_truth, extra_info):
+            sample = {"data_source": data_source, "ground_truth": ground_truth, "extra_info": extra_info}
+            return rule(solution_str, sample)
+
         if rule.is_async:
-            async def marked(response, sample):
-                return mark(await rule(response, sample))
+            async def marked(data_source, solution_str, ground_truth, extra_info):
+                return mark(await call(data_source, solution_str, ground_truth, extra_info))
         else:
-            def marked(response, sample):
-                return mark(rule(response, sample))
+            def marked(data_source, solution_str, ground_truth, extra_info):
+                return mark(call(data_source, solution_str, ground_truth, extra_info))
         return RewardFunction(marked)
 
     def score_batch(self, samples, responses, *, timeout_s=None) -> RewardResult:
