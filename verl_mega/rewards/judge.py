@@ -40,7 +40,7 @@ from verl_mega.models import HFActor, get_actor_model
 from verl_mega.parallel.dist import device as comm_device
 from verl_mega.rewards.base import MAX_ERROR_MESSAGES, RewardFunction, RewardResult
 from verl_mega.rewards.batched import BatchedReward
-from verl_mega.rewards.model import check_same_rows, offloaded, prompt_messages
+from verl_mega.rewards.model import WeightOffload, check_same_rows, on_device, prompt_messages
 from verl_mega.rollout import generate, release
 
 DEFAULT_PROMPT_TEMPLATE = (
@@ -151,10 +151,8 @@ class LLMJudgerReward(BatchedReward):
         self.parse = PARSERS[parse] if isinstance(parse, str) else parse
         tok = model.tokenizer
         self.use_chat_template = bool(use_chat_template and tok is not None and getattr(tok, "chat_template", None))
-        self.offload = offload
         self.device = comm_device()
-        if offload:
-            self.judge.model.to("cpu")
+        self.offload = WeightOffload(model.model) if offload else None
 
     def judge_prompts(self, samples, responses) -> list:
         """The judge's inputs: one user-turn message list (chat template) or string per response."""
@@ -184,10 +182,10 @@ class LLMJudgerReward(BatchedReward):
         check_same_rows(prompts, self.layout.tp_group if self.layout.tp > 1 else None, "LLMJudgerReward.score_batch")
         verdicts: list[str] = []
         if prompts:
-            with offloaded(self.judge.model, self.device, self.offload):
+            with on_device(self.offload, self.device):
                 outs = generate(self.judge, prompts, max_new_tokens=self.max_new_tokens, temperature=0.0,
                                 max_batch=self.max_batch)
-                if self.offload:
+                if self.offload is not None:
                     release(self.judge)  # its KV cache (and CUDA graphs, which read the moved weights)
             verdicts = [o["response"] for o in outs]
         scores, errors, failures = torch.zeros(len(verdicts), dtype=torch.float32), [], 0

@@ -14,7 +14,8 @@ How: the decoder plus a replicated score head [1, H] loaded onto a (tp, pp, dp) 
 `get_actor_model(..., score_head=True)` (each rank reads only its slices); rows sorted by length and
 cut into micro-batches of at most `max_tokens_per_batch` padded tokens, left-padded, run through the
 stages (`HFActor.scores`). `offload=True` keeps the weights in CPU memory between calls and moves
-them to the compute device only for `score_batch` (memory goes back to training).
+them to the compute device only for `score_batch` (`WeightOffload`: a pinned CPU copy made once,
+nothing copied back since the weights are frozen), leaving the device memory to training.
 
 Collective: every rank of the model's model-parallel (tp x pp) group calls `score_batch` with the
 same rows (checked: a mismatch is a ValueError, not a hang). Under `PPOTrainer` that holds when the
@@ -30,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from collections.abc import Sequence
 
 import torch
@@ -44,18 +45,36 @@ from verl_mega.rewards.batched import BatchedReward
 DEFAULT_MAX_TOKENS_PER_BATCH = 8192  # padded tokens per reward-model forward
 
 
-@contextmanager
-def offloaded(module: torch.nn.Module, device: torch.device, enabled: bool):
-    """Inside the block the module's weights live on `device`; with `enabled` they go back to CPU
-    memory after it (the Parameter objects stay the same, only their storage moves)."""
-    if not enabled:
-        yield
-        return
-    module.to(device)
-    try:
-        yield
-    finally:
-        module.to("cpu")
+class WeightOffload:
+    """Frozen weights kept in CPU memory (pinned when CUDA is available) between uses.
+
+    Built once: every parameter and buffer of `module` gets a CPU copy and is pointed at it. Inside
+    `with offload.on(device):` they are copied to `device`; afterwards they point at the CPU copies
+    again and the device copies are freed. Nothing is copied back: the weights are frozen."""
+
+    def __init__(self, module: torch.nn.Module):
+        pin = torch.cuda.is_available()
+        self.pairs = []
+        for t in [*module.parameters(), *module.buffers()]:
+            cpu = t.detach().to("cpu", copy=True)
+            self.pairs.append((t, cpu.pin_memory() if pin else cpu))
+            t.data = self.pairs[-1][1]
+
+    @contextmanager
+    def on(self, device: torch.device):
+        """The weights on `device` for the block, back in CPU memory after it."""
+        for t, cpu in self.pairs:
+            t.data = cpu.to(device, non_blocking=True)
+        try:
+            yield
+        finally:
+            for t, cpu in self.pairs:
+                t.data = cpu
+
+
+def on_device(offload: WeightOffload | None, device: torch.device):
+    """`offload.on(device)`, or a no-op context when the weights stay on the device."""
+    return offload.on(device) if offload is not None else nullcontext()
 
 
 def check_same_rows(rows, group, what: str) -> None:
@@ -147,16 +166,16 @@ class RewardModel(BatchedReward):
                                     device="cpu" if offload else None)
         elif not model.model.is_score_model:
             raise ValueError("RewardModel: the HFActor has no score head (load it with score_head=True)")
-        self.actor, self.layout, self.offload = model, model.layout, offload
+        self.actor, self.layout = model, model.layout
+        self.actor.model.requires_grad_(False).eval()
         self.device = comm_device()  # where it computes (after get_actor_model initialised torch.distributed)
+        self.offload = WeightOffload(model.model) if offload else None
         self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         if self.tokenizer is None:
             raise ValueError(f"reward model {model.path} has no tokenizer: pass tokenizer= (responses are re-tokenised)")
         self.max_tokens_per_batch = max_tokens_per_batch
         tok = self.tokenizer
         self.pad_id = next((i for i in (tok.pad_token_id, tok.eos_token_id) if i is not None), 0)
-        if offload:
-            self.actor.model.to("cpu")
 
     def encode(self, sample: dict, response: str) -> list[int]:
         """Reward-model token ids of one (prompt, response): the prompt's chat messages + the response as
@@ -184,7 +203,7 @@ class RewardModel(BatchedReward):
         check_same_rows(ids, self.layout.mp_group if self.layout.tp * self.layout.pp > 1 else None,
                         "RewardModel.score_batch")
         scores = torch.zeros(len(ids), dtype=torch.float32)
-        with offloaded(self.actor.model, self.device, self.offload):
+        with on_device(self.offload, self.device):
             for rows in token_budget_batches([len(x) for x in ids], self.max_tokens_per_batch):
                 input_ids, mask = left_pad([ids[i] for i in rows], self.pad_id)
                 scores[rows] = self.actor.scores(input_ids, mask).float().cpu()
@@ -194,4 +213,4 @@ class RewardModel(BatchedReward):
                             extras=[{} for _ in ids])
 
     def __repr__(self) -> str:
-        return f"RewardModel({self.actor.path!r}, {self.layout}, offload={self.offload})"
+        return f"RewardModel({self.actor.path!r}, {self.layout}, offload={self.offload is not None})"
