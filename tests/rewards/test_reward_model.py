@@ -197,3 +197,21 @@ def test_combined_and_fallback_with_plain_functions():
     assert timed_out.scores.tolist() == [6.0] and timed_out.timeouts == 0  # a timed-out rule falls back too
     with pytest.raises(ValueError, match="2 rewards but 1 weights"):
         CombinedReward([length, length], weights=[1.0])
+
+
+def test_config_reward_specs(tmp_path):
+    from verl_mega.apps.train_cli import load_reward
+    from verl_mega.config import load_config
+    from verl_mega.models import get_actor_model
+    from verl_mega.rewards import LLMJudgerReward, RewardModel
+    from verl_mega.trainer import TrainerConfig
+
+    actor = get_actor_model(make_tiny_hf_model(str(tmp_path / "actor"), "llama", vocab_size=130))
+    rm_dir = make_tiny_reward_model(str(tmp_path / "rm"), "qwen2", seed=1)
+    cfg = load_config(TrainerConfig, None, [f"model.path={actor.path}", "data.train_path=unused.jsonl",
+                                            f"trainer.reward=model:{rm_dir}", "trainer.reward_offload=true"])
+    rm = load_reward(cfg.trainer.reward, actor, offload=cfg.trainer.reward_offload)
+    assert isinstance(rm, RewardModel) and rm.offload is not None and rm.layout is actor.layout
+    assert isinstance(load_reward(f"judge:{actor.path}", actor), LLMJudgerReward)
+    with pytest.raises(ValueError, match="needs a HF directory"):
+        load_reward("model:", actor)
