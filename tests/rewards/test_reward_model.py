@@ -215,3 +215,17 @@ def test_config_reward_specs(tmp_path):
     assert isinstance(load_reward(f"judge:{actor.path}", actor), LLMJudgerReward)
     with pytest.raises(ValueError, match="needs a HF directory"):
         load_reward("model:", actor)
+
+
+def test_save_hf_round_trip_as_sequence_classification(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from verl_mega.models import get_actor_model
+
+    src = make_tiny_reward_model(str(tmp_path / "rm"), "llama", seed=2)
+    get_actor_model(src, score_head=True).save_hf(str(tmp_path / "out"))
+    back = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    ref = AutoModelForSequenceClassification.from_pretrained(src, dtype=torch.float32)
+    assert type(back).__name__ == "LlamaForSequenceClassification" and back.config.num_labels == 1
+    assert back.state_dict().keys() == ref.state_dict().keys()
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in ref.state_dict().items())  # a copy: exact
