@@ -5,7 +5,8 @@ plus simple whole-model helpers for tests and evaluation: `logits()` / `values()
 forward one after another with plain send/recv of hidden states (no micro-batching, no grad) and
 hand the full result to every rank; `scores()` reads a reward model's score at each row's last
 real token (as transformers' `*ForSequenceClassification`); `save_hf()` writes a HF directory;
-`generate()` delegates to the rollout engine. Works as one plain python process (world size 1) and under torchrun.
+`generate()` delegates to the rollout engine. Works as one plain python process (world size 1) and
+under torchrun.
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ def get_actor_model(path: str | os.PathLike, torch_dtype=torch.float32, tensor_p
 
     torch_dtype: parameter dtype (torch dtype or its name). value_head: replace the LM head by a
     value head (critic). score_head: replace it by the score head of a HF `*ForSequenceClassification`
-    checkpoint with one label (reward model; `score.weight` must be in the checkpoint). device: default the rank's compute device (its GPU under NCCL, else CPU).
+    checkpoint with one label (reward model; `score.weight` must be in the checkpoint).
+    device: default the rank's compute device (its GPU under NCCL, else CPU).
     Raises FileNotFoundError for a missing directory/config/weights, ValueError for a layout that
     does not fit the model (heads not divisible by tp, fewer layers than pp) or a missing tensor.
     """

@@ -328,7 +328,8 @@ class DecoderModel(nn.Module):
         one label); like the value head it outputs [B, S] and is named `score` in HF checkpoints."""
         super().__init__()
         if value_head and score_head:
-            raise ValueError("value_head and score_head are exclusive: a critic has a value head, a reward model a score head")
+            raise ValueError("value_head and score_head are exclusive: a critic has a value head, "
+                             "a reward model a score head")
         self.tp = tp_group.size()
         self.tp_rank = tp_group.rank()
         config.check_tp(self.tp)

@@ -41,5 +41,4 @@ def build_stage(config: ModelConfig, layout: Layout, *, value_head: bool = False
     start, end = stage_layer_range(config.num_layers, layout.pp, layout.pp_rank)
     return DecoderModel(config, layout.tp_group, layer_range=(start, end), has_embedding=layout.is_first_stage,
                         has_head=layout.is_last_stage, value_head=value_head, score_head=score_head,
-                        params_dtype=params_dtype,
-                        device=device, init_seed=init_seed)
+                        params_dtype=params_dtype, device=device, init_seed=init_seed)

@@ -172,7 +172,8 @@ class RewardModel(BatchedReward):
         self.offload = WeightOffload(model.model) if offload else None
         self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         if self.tokenizer is None:
-            raise ValueError(f"reward model {model.path} has no tokenizer: pass tokenizer= (responses are re-tokenised)")
+            raise ValueError(f"reward model {model.path} has no tokenizer: pass tokenizer= "
+                             f"(responses are re-tokenised)")
         self.max_tokens_per_batch = max_tokens_per_batch
         tok = self.tokenizer
         self.pad_id = next((i for i in (tok.pad_token_id, tok.eos_token_id) if i is not None), 0)

@@ -96,7 +96,7 @@ class TrainerSection:
     save_every: int = 0  # checkpoint every N steps (0 = only at the end, if save_final)
     save_final: bool = True  # checkpoint after the last step
     resume: bool = True  # resume from the latest checkpoint in output_dir/checkpoints if there is one
-    reward: str = "rule"  # "rule" (GSM8K/MATH checkers by data_source), "module:function" / "file.py:function", "model:PATH" (HF *ForSequenceClassification reward model) or "judge:PATH" (causal-LM judge)
+    reward: str = "rule"  # "rule" (GSM8K/MATH), "module:fn" / "file.py:fn", "model:PATH" (reward model), "judge:PATH"
     reward_offload: bool = False  # model / judge rewards: keep their weights in CPU memory between reward calls
     reward_timeout_s: float = 30.0  # per-response reward time limit (a timeout scores 0 and is counted)
     progress_bar: bool = True  # tqdm bar with live reward / KL (rank 0)
