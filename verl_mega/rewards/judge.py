@@ -28,6 +28,7 @@ Simplification: one verdict per response (no self-consistency voting, no pairwis
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import string
@@ -167,11 +168,12 @@ class LLMJudgerReward(BatchedReward):
         return out
 
     def _score(self, verdict: str) -> float | None:
+        """The parsed score, or None when the verdict is unparsable (None, not a finite number, an exception)."""
         try:
             value = self.parse(verdict)
-        except Exception:  # noqa: BLE001 - a parser bug on one verdict is an unparsable verdict
+            return float(value) if value is not None and math.isfinite(float(value)) else None
+        except (TypeError, ValueError, ArithmeticError, LookupError):  # a parser failing on one verdict
             return None
-        return None if value is None or not torch.isfinite(torch.tensor(float(value))) else float(value)
 
     def score_batch(self, samples, responses, *, timeout_s=None) -> RewardResult:
         """Verdicts and scores [B] of the batch; unparsable verdicts score 0 and count as failures.
