@@ -11,8 +11,14 @@ import math
 import pytest
 import torch
 
-from verl_mega.rewards.judge import (DEFAULT_PROMPT_TEMPLATE, NO_GROUND_TRUTH, PARSERS, parse_score, parse_yes_no,
-                                     prompt_text)
+from verl_mega.rewards.judge import (
+    DEFAULT_PROMPT_TEMPLATE,
+    NO_GROUND_TRUTH,
+    PARSERS,
+    parse_score,
+    parse_yes_no,
+    prompt_text,
+)
 from verl_mega.testing import run_distributed
 from verl_mega.testing.tiny_hf import make_tiny_hf_model
 

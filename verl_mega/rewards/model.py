@@ -31,8 +31,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from contextlib import contextmanager, nullcontext
 from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
