@@ -314,15 +314,22 @@ class DecoderModel(nn.Module):
 
     Attributes: `config`, `tp`, `tp_rank`, `layer_range`, `has_embedding`, `has_head`, `value_head`
     (nn.Linear(H, 1) on the last stage of a value model, else None), `is_value_model` (every stage),
+    `is_score_model` (every stage: the head is a score head, see `score_head`),
     `padded_vocab_size`, `true_vocab_size`, `vocab_start_index`.
     """
 
     def __init__(self, config: ModelConfig, tp_group: dist.ProcessGroup, *, layer_range: tuple[int, int],
-                 has_embedding: bool, has_head: bool, value_head: bool = False,
+                 has_embedding: bool, has_head: bool, value_head: bool = False, score_head: bool = False,
                  params_dtype: torch.dtype = torch.float32, device=None, init_seed: int | None = 0):
         """`init_seed`: draw random weights (see init_weights); None leaves them uninitialised (to be loaded).
-        `device`: None/CPU allocates on CPU; a CUDA device allocates on the current CUDA device."""
+        `device`: None/CPU allocates on CPU; a CUDA device allocates on the current CUDA device.
+        `value_head`: a critic's head, nn.Linear(H, 1) with bias (HF `*ForTokenClassification`, one label).
+        `score_head`: a reward model's head, nn.Linear(H, 1) without bias (HF `*ForSequenceClassification`,
+        one label); like the value head it outputs [B, S] and is named `score` in HF checkpoints."""
         super().__init__()
+        if value_head and score_head:
+            raise ValueError("value_head and score_head are exclusive: a critic has a value head, "
+                             "a reward model a score head")
         self.tp = tp_group.size()
         self.tp_rank = tp_group.rank()
         config.check_tp(self.tp)
@@ -335,7 +342,8 @@ class DecoderModel(nn.Module):
                                  perform_initialization=False, params_dtype=params_dtype)
         self.config, self.tp_group = config, tp_group
         self.layer_range, self.has_embedding, self.has_head = (start, end), has_embedding, has_head
-        self.is_value_model = value_head  # on every stage (the value head itself only on the last)
+        self.is_value_model = value_head or score_head  # on every stage (the head itself only on the last)
+        self.is_score_model = score_head
         self.padded_vocab_size = config.padded_vocab_size(self.tp)
         self.true_vocab_size = config.vocab_size
         self.vocab_start_index = self.tp_rank * (self.padded_vocab_size // self.tp)
@@ -350,13 +358,14 @@ class DecoderModel(nn.Module):
         self._head_is_embedding = False
         if has_head:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype, device)
-            if value_head:
-                self.value_head = nn.Linear(config.hidden_size, 1, dtype=params_dtype, device=device)
+            if self.is_value_model:
+                self.value_head = nn.Linear(config.hidden_size, 1, bias=not score_head, dtype=params_dtype,
+                                            device=device)
             else:
                 self._head_is_embedding = config.tie_word_embeddings and has_embedding
                 self.lm_head = _column(config.hidden_size, self.padded_vocab_size, False, mp, tp_group,
                                        skip_weight_param_allocation=self._head_is_embedding)
-        if config.tie_word_embeddings and not value_head and has_embedding != has_head:
+        if config.tie_word_embeddings and not self.is_value_model and has_embedding != has_head:
             (self.embed_tokens.weight if has_embedding else self.lm_head.weight).shared_embedding = True
         if not on_cpu:
             self.to(device)  # CPU-built replicated params (norms, value head) follow the CUDA ones

@@ -30,15 +30,15 @@ def stage_layer_range(num_layers: int, pp: int, pp_rank: int) -> tuple[int, int]
     return start, start + base + (1 if pp_rank < extra else 0)
 
 
-def build_stage(config: ModelConfig, layout: Layout, *, value_head: bool = False,
+def build_stage(config: ModelConfig, layout: Layout, *, value_head: bool = False, score_head: bool = False,
                 params_dtype: torch.dtype = torch.float32, device=None, init_seed: int | None = 0) -> DecoderModel:
     """This rank's stage of the model under `layout` (its layers, embedding on the first stage, norm +
-    LM head (or value head) on the last, TP over `layout.tp_group`).
+    LM head (or value / score head, see DecoderModel) on the last, TP over `layout.tp_group`).
 
     `init_seed` as in DecoderModel (None: leave uninitialised for loading). `device` None -> CPU.
     """
     config.check_tp(layout.tp)
     start, end = stage_layer_range(config.num_layers, layout.pp, layout.pp_rank)
     return DecoderModel(config, layout.tp_group, layer_range=(start, end), has_embedding=layout.is_first_stage,
-                        has_head=layout.is_last_stage, value_head=value_head, params_dtype=params_dtype,
-                        device=device, init_seed=init_seed)
+                        has_head=layout.is_last_stage, value_head=value_head, score_head=score_head,
+                        params_dtype=params_dtype, device=device, init_seed=init_seed)

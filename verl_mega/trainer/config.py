@@ -8,8 +8,9 @@ them). Presets are YAML files in `examples/configs/`. Batch sizes follow verl's 
 `micro_batch_size` counts sequences (one forward/backward pass). All of them are per data-parallel
 rank.
 
-Simplification: no Hydra-style config groups; the reward is a rule (`"rule"`, by `data_source`) or a
-`module:function` / `file.py:function` reference.
+Simplification: no Hydra-style config groups; the reward is a rule (`"rule"`, by `data_source`), a
+`module:function` / `file.py:function` reference, a reward model (`"model:PATH"`) or an LLM judge
+(`"judge:PATH"`).
 """
 
 from dataclasses import dataclass, field
@@ -101,7 +102,8 @@ class TrainerSection:
     save_every: int = 0  # checkpoint every N steps (0 = only at the end, if save_final)
     save_final: bool = True  # checkpoint after the last step
     resume: bool = True  # resume from the latest checkpoint in output_dir/checkpoints if there is one
-    reward: str = "rule"  # "rule" (GSM8K/MATH checkers by data_source) or "module:function" / "file.py:function"
+    reward: str = "rule"  # "rule" (GSM8K/MATH), "module:fn" / "file.py:fn", "model:PATH" (reward model), "judge:PATH"
+    reward_offload: bool = False  # model / judge rewards: keep their weights in CPU memory between reward calls
     reward_timeout_s: float = 30.0  # per-response reward time limit (a timeout scores 0 and is counted)
     reward_fail_threshold: float = 1.0  # a step is "failed" when this fraction of its reward calls failed or timed out
     reward_fail_steps: int = 3  # stop with an error after this many failed steps in a row (0 = never stop)

@@ -30,7 +30,7 @@ from verl_mega.algorithms.kl import apply_kl_penalty, kl_loss, kl_penalty
 from verl_mega.algorithms.losses import entropy_bonus, policy_loss, value_loss
 from verl_mega.kernels import fused_logprob_entropy
 from verl_mega.parallel.layout import layout_group_ranks
-from verl_mega.rewards.base import compute_rewards
+from verl_mega.rewards.batched import is_collective, score_rewards
 from verl_mega.trainer.batch import RLBatch
 
 StageFn = Callable[[RLBatch, object], RLBatch]
@@ -184,7 +184,8 @@ class Rollout(Stage):
 
 
 class Reward(Stage):
-    """Score every response with `ctx.reward_fn` (failures and timeouts score 0 and are counted)."""
+    """Score every response with `ctx.reward_fn` (failures and timeouts score 0 and are counted); a
+    collective batched reward (a sharded reward model, an LLM judge) is scored on every rank."""
 
     name = "reward"
 
@@ -192,10 +193,10 @@ class Reward(Stage):
         layout = ctx.layout
         src = _mp_source_rank(layout)
         box = [None]
-        if layout.rank == src:
-            res = compute_rewards(ctx.reward_fn, batch.response_texts, batch.row_samples,
-                                  timeout_s=ctx.config.trainer.reward_timeout_s)
-            box = [(res.scores, res.failures, res.timeouts, res.errors)]
+        if layout.rank == src or is_collective(ctx.reward_fn):
+            res = score_rewards(ctx.reward_fn, batch.response_texts, batch.row_samples,
+                                timeout_s=ctx.config.trainer.reward_timeout_s)
+            box = [(res.scores, res.failures, res.timeouts, res.errors)] if layout.rank == src else box
         if layout.tp * layout.pp > 1:
             dist.broadcast_object_list(box, src=src, group=layout.mp_group)
         scores, batch.reward_failures, batch.reward_timeouts, batch.reward_errors = box[0]
