@@ -143,7 +143,7 @@ def run(kind: str, args, layout: Layout) -> dict:
         if step >= args.warmup:
             history.append(metrics)
     result = {"reward": kind}
-    for key in [f"time/{p}" for p in PHASES] + ["time/step", "response_length", "reward_mean", "reward_failures"]:
+    for key in [f"time/{p}" for p in PHASES] + ["time/step", "response_length/mean", "reward/mean", "reward/failures"]:
         result[key] = statistics.mean(m.get(key, 0.0) for m in history)
     result["reward_share"] = result["time/reward"] / result["time/step"]
     result["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None

@@ -103,12 +103,12 @@ def test_verdicts_equal_transformers_greedy_generate(setup, tp):
 def test_grpo_step_at_tp2_judged(setup):
     _, results = setup
     m = results[0]["grpo"]
-    for key in ("loss", "reward_mean", "grad_norm", "time/reward"):
+    for key in ("actor/loss", "reward/mean", "actor/grad_norm", "time/reward"):
         assert math.isfinite(m[key]), key
     step_scores, scores, failures, verdicts = results[0]["grpo_check"]
     assert torch.equal(step_scores, scores) and len(verdicts) == 4
-    assert m["reward_failures"] == failures == sum(PARSERS["0-10"](v) is None for v in verdicts)
-    assert [results[1]["grpo"][k] for k in ("loss", "reward_mean")] == [m["loss"], m["reward_mean"]]
+    assert m["reward/failures"] == failures == sum(PARSERS["0-10"](v) is None for v in verdicts)
+    assert [results[1]["grpo"][k] for k in ("actor/loss", "reward/mean")] == [m["actor/loss"], m["reward/mean"]]
 
 
 def test_parsers():

@@ -116,10 +116,10 @@ def test_scores_match_transformers(setup, arch, layout):
 def test_grpo_step_at_tp2_scored_by_the_reward_model(setup):
     dirs, results = setup
     m = results[0]["grpo"]
-    for key in ("loss", "reward_mean", "reward_std", "grad_norm", "time/reward"):
+    for key in ("actor/loss", "reward/mean", "reward/std", "actor/grad_norm", "time/reward"):
         assert math.isfinite(m[key]), key
-    assert m["reward_failures"] == 0 and m["reward_std"] > 0
-    assert [results[1]["grpo"][k] for k in ("loss", "reward_mean")] == [m["loss"], m["reward_mean"]]
+    assert m["reward/failures"] == 0 and m["reward/std"] > 0
+    assert [results[1]["grpo"][k] for k in ("actor/loss", "reward/mean")] == [m["actor/loss"], m["reward/mean"]]
     samples, texts, scores = results[0]["grpo_rows"]
     ref = hf_scores(dirs["llama"], samples, texts)  # the trainer's rows, re-tokenised with the RM's template
     assert (scores - ref).abs().max().item() < TOL
@@ -201,7 +201,8 @@ def test_combined_and_fallback_with_plain_functions():
 
 
 def test_config_reward_specs(tmp_path):
-    from verl_mega.apps.train_cli import load_reward
+    from verl_mega.apps.preflight import load_reward
+    from verl_mega.apps.train_cli import load_model_reward
     from verl_mega.config import load_config
     from verl_mega.models import get_actor_model
     from verl_mega.model_rewards import LLMJudgerReward, RewardModel
@@ -211,11 +212,14 @@ def test_config_reward_specs(tmp_path):
     rm_dir = make_tiny_reward_model(str(tmp_path / "rm"), "qwen2", seed=1)
     cfg = load_config(TrainerConfig, None, [f"model.path={actor.path}", "data.train_path=unused.jsonl",
                                             f"trainer.reward=model:{rm_dir}", "trainer.reward_offload=true"])
-    rm = load_reward(cfg.trainer.reward, actor, offload=cfg.trainer.reward_offload)
+    assert load_reward(cfg.trainer.reward) is None  # preflight checks the directory; it loads with the actor
+    rm = load_model_reward(cfg.trainer.reward, actor, offload=cfg.trainer.reward_offload)
     assert isinstance(rm, RewardModel) and rm.offload is not None and rm.layout is actor.layout
-    assert isinstance(load_reward(f"judge:{actor.path}", actor), LLMJudgerReward)
-    with pytest.raises(ValueError, match="needs a HF directory"):
-        load_reward("model:", actor)
+    assert isinstance(load_model_reward(f"judge:{actor.path}", actor), LLMJudgerReward)
+    with pytest.raises(ValueError, match="not a Hugging Face model directory"):
+        load_reward("model:")
+    with pytest.raises(ValueError, match="not a Hugging Face model directory"):
+        load_reward(f"judge:{tmp_path}")
 
 
 def test_save_hf_round_trip_as_sequence_classification(tmp_path):
