@@ -250,7 +250,7 @@ def tiny_parity_check(run: Run) -> dict:
     tokens, with and without CUDA graphs, must equal transformers' greedy tokens exactly."""
     from transformers import AutoModelForCausalLM
 
-    from verl_mega.models.actor import get_actor_model
+    from verl_mega.rollout.actor import get_actor_model
     from verl_mega.testing.tiny_hf import make_tiny_hf_model
 
     path = make_tiny_hf_model(tempfile.mkdtemp(prefix="bench_tiny_"), arch="qwen2", vocab_size=130, seed=3,
@@ -418,7 +418,7 @@ def prompt_sets_for(run: Run, shape: str, batches: list[int]) -> dict:
 def run_shape(run: Run, shape: str, batches: list[int], with_hf: bool, same_weights: bool) -> str | None:
     """transformers baseline, checks (0.5B), graphs and eager for one shape; returns the HF directory
     our model was loaded from (0.5B) or None."""
-    from verl_mega.models.actor import get_actor_model
+    from verl_mega.rollout.actor import get_actor_model
 
     prompt_sets = prompt_sets_for(run, shape, batches)
     hf_times, hf_model, model, path = {}, None, None, None
@@ -462,7 +462,7 @@ def run_shape(run: Run, shape: str, batches: list[int], with_hf: bool, same_weig
 
 def run_optional(run: Run, path: str) -> None:
     """0.5B batch-64 extras, while the time budget lasts: unfused ops, profile, torch.compile."""
-    from verl_mega.models.actor import get_actor_model
+    from verl_mega.rollout.actor import get_actor_model
 
     shape, b = "qwen2.5-0.5b", run.args.batches.split(",")[0]
     model = get_actor_model(path, torch_dtype=run.dtype, layout=run.layout, device=run.device).model.eval()

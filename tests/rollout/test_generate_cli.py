@@ -83,7 +83,7 @@ def test_cli_input_errors(hf_dir, tmp_path, capsys):
 
 def _distributed_worker(hf_dir, ids, eos, cli_in, cli_out):
     """Both ranks: engine at tp 2 (greedy, sampling, log-probs), the CLI at tp 2, generate(actor) at pp 2."""
-    from verl_mega.models.actor import get_actor_model
+    from verl_mega.rollout.actor import get_actor_model
 
     engine, model = build_engine(hf_dir, 2, eos)
     greedy = engine.generate(ids, max_new_tokens=MAX_NEW, temperature=0.0).responses()

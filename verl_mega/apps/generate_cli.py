@@ -105,7 +105,7 @@ def _output_line(record: dict, samples: list[dict], n: int) -> dict:
 
 def run(args) -> int:
     """Load the model, generate this replica's share, gather on rank 0 and write the output."""
-    from verl_mega.models.actor import get_actor_model
+    from verl_mega.rollout.actor import get_actor_model
 
     _check_args(args)
     records = read_prompts(args.prompts)  # every rank validates before any collective

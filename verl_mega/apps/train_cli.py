@@ -66,7 +66,7 @@ def parse_config(argv: list[str]) -> TrainerConfig:
 def train(cfg: TrainerConfig) -> list[dict]:
     """Load the actor and data for `cfg` on this rank and run PPOTrainer.fit; returns the step metrics."""
     from verl_mega.data import get_dataloader
-    from verl_mega.models import get_actor_model
+    from verl_mega.rollout.actor import get_actor_model
     from verl_mega.trainer.ppo_trainer import PPOTrainer
 
     actor = get_actor_model(cfg.model.path, torch_dtype=cfg.model.dtype, tensor_parallel_size=cfg.parallel.tp,

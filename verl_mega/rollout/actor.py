@@ -3,8 +3,11 @@
 `HFActor` bundles what the engines need (the stage `model`, `layout`, `config`, `tokenizer`, `path`)
 plus simple whole-model helpers for tests and evaluation: `logits()` / `values()` run the stages
 forward one after another with plain send/recv of hidden states (no micro-batching, no grad) and
-hand the full result to every rank; `save_hf()` writes a HF directory; `generate()` delegates to
-the rollout engine. Works as one plain python process (world size 1) and under torchrun.
+hand the full result to every rank; `save_hf()` writes a HF directory; `generate()` runs the rollout
+service (`rollout_worker()`: the actor's one RolloutWorker, which owns its HybridEngine).
+Works as one plain python process (world size 1) and under torchrun.
+
+It lives in `rollout/`, above the model code, because it generates: `models` imports nothing above it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from verl_mega.hybrid_engine.reshard import HybridEngine
 from verl_mega.models.config import ModelConfig
 from verl_mega.models.decoder import DecoderModel, position_ids_from_mask
 from verl_mega.models.hf_io import check_hf_dir, load_hf_weights, save_hf
@@ -21,6 +25,10 @@ from verl_mega.models.parallelize import build_stage, stage_layer_range
 from verl_mega.models.tokenizer import load_tokenizer
 from verl_mega.parallel.dist import device as comm_device
 from verl_mega.parallel.layout import Layout
+from verl_mega.rollout.engine_config import EngineConfig
+from verl_mega.rollout.frontend import generate as generate_text
+from verl_mega.rollout.frontend import stop_ids
+from verl_mega.rollout.worker import HybridWeights, InPlaceWeights, RolloutWorker
 
 
 class HFActor:
@@ -29,6 +37,7 @@ class HFActor:
 
     def __init__(self, model: DecoderModel, layout: Layout, config: ModelConfig, tokenizer, path: str):
         self.model, self.layout, self.config, self.tokenizer, self.path = model, layout, config, tokenizer, path
+        self._worker: RolloutWorker | None = None
 
     @property
     def device(self) -> torch.device:
@@ -98,10 +107,32 @@ class HFActor:
         save_hf(self.model, self.layout, out_dir, self.config, self.tokenizer)
 
     def generate(self, prompts, **kw):
-        """Generate responses with the rollout engine: `verl_mega.rollout.generate(self, prompts, **kw)`."""
-        from verl_mega.rollout import generate
+        """Generate responses with the rollout service: `verl_mega.rollout.generate(self, prompts, **kw)`."""
+        return generate_text(self, prompts, **kw)
 
-        return generate(self, prompts, **kw)
+    def rollout_worker(self, tp_g: int | None = None, engine_config: EngineConfig | None = None,
+                       free_cache: bool = False) -> RolloutWorker:
+        """The actor's RolloutWorker for generation tensor-parallel size `tp_g` (default: the training tp),
+        created on first use and kept (collective when it builds a HybridEngine: pp > 1 or tp_g < tp).
+        A different tp_g replaces it; a different engine_config / free_cache reconfigures it."""
+        tp_g = self.layout.tp if tp_g is None else tp_g
+        worker = self._worker
+        if worker is None or worker.tp_g != tp_g:
+            if worker is not None:
+                worker.release()
+            if self.layout.pp == 1 and tp_g == self.layout.tp:
+                weights = InPlaceWeights(self.model, self.layout.tp_group)
+            else:
+                weights = HybridWeights(HybridEngine(self.model, self.layout, self.config, tp_g))
+            eos, pad = stop_ids(self)
+            worker = self._worker = RolloutWorker(weights, eos_token_ids=eos, pad_token_id=pad, tp_g=tp_g)
+        worker.configure(engine_config or EngineConfig(), free_cache)
+        return worker
+
+    def release_rollout(self) -> None:
+        """Free the rollout worker's KV cache and CUDA graphs (e.g. before training resumes)."""
+        if self._worker is not None:
+            self._worker.release()
 
     def __repr__(self) -> str:
         return f"HFActor({self.path!r}, {self.config.model_type}, {self.layout}, dtype={self.dtype})"
