@@ -91,6 +91,7 @@ class Scheduler:
         self.paused: dict[tuple[int, int], Sequence] = {}
         self._next_id = 0
         self._order = 0
+        self.preemptions = 0  # rows evicted (and later recomputed) because the pool ran dry
 
     # ------------------------------------------------------------------ requests
     def add(self, prompt: list[int], params: RequestParams) -> int:
@@ -187,6 +188,7 @@ class Scheduler:
                     break
 
     def _preempt(self, seq: Sequence) -> None:
+        self.preemptions += 1
         self.running.remove(seq)
         self.blocks.free(seq.blocks)
         seq.blocks, seq.num_cached = [], 0
