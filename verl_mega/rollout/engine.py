@@ -96,6 +96,9 @@ class GenerationEngine:
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._graph_pool = None
         self._graph_weights: tuple[int, ...] = ()
+        # work done (for throughput / bandwidth accounting): decode steps, rows x steps, attended
+        # context tokens summed over rows and steps, prefilled tokens
+        self.stats = {"decode_steps": 0, "decode_rows": 0, "decode_context_tokens": 0, "prefill_tokens": 0}
 
     # ------------------------------------------------------------------ request API
     def add_request(self, prompt_ids: list[int], params: RequestParams | None = None, *,
@@ -234,6 +237,7 @@ class GenerationEngine:
                     break
                 longest, end = longest_next, end + 1
             logits[start:end] = self._prefill_forward(leaders[start:end], longest)
+            self.stats["prefill_tokens"] += sum(len(s.tokens) - s.num_cached for s in leaders[start:end])
             start = end
         finished = []
         rows, row_logits = [], []
@@ -244,7 +248,7 @@ class GenerationEngine:
                 self.cache.copy_block(src, dst)
             rows += group
             row_logits += [lg] * len(group)
-        tokens, logprobs = self._sample(torch.stack(row_logits), rows)
+        tokens, logprobs = self._sample(torch.stack(row_logits), rows, 0)
         for seq, tok, lp in zip(rows, tokens.tolist(), logprobs.tolist()):
             done = self.scheduler.accept(seq, tok, lp)
             if done is not None:
@@ -299,9 +303,13 @@ class GenerationEngine:
         self._positions[:b].copy_(torch.tensor([len(s.tokens) - 1 for s in rows]).to(self.device))
         out_tokens = torch.empty(b, k, dtype=torch.long, device=self.device)
         out_logprobs = torch.empty(b, k, dtype=torch.float32, device=self.device)
+        context = sum(len(s.tokens) for s in rows)  # attended tokens of the window's first step
+        self.stats["decode_steps"] += k
+        self.stats["decode_rows"] += b * k
+        self.stats["decode_context_tokens"] += k * context + b * k * (k - 1) // 2
         for t in range(k):
             logits = self._decode(bb, nb)
-            tok, lp = self._sample(logits[:b], rows)
+            tok, lp = self._sample(logits[:b], rows, t)
             out_tokens[:, t], out_logprobs[:, t] = tok, lp
             self._tokens[:b].copy_(tok)
             self._positions[:b] += 1
@@ -371,8 +379,11 @@ class GenerationEngine:
         return graph
 
     # ------------------------------------------------------------------ sampling
-    def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens [b], logprobs [b]) for logits [b, V], each row with its request's sampling params."""
+    def _sample(self, logits: torch.Tensor, rows: list[Sequence], step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens [b], logprobs [b]) for logits [b, V], each row with its request's sampling params.
+
+        step: index of this token within the decode window (0 after a prefill): row r's token is its
+        response token number `rows[r].num_generated + step` (0-based)."""
         groups: dict[SamplingParams, list[int]] = {}
         for r, seq in enumerate(rows):
             groups.setdefault(seq.params.sampling, []).append(r)
