@@ -39,6 +39,7 @@ from __future__ import annotations
 import warnings
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -293,14 +294,15 @@ class GenerationEngine:
         longest = max(len(s.tokens) - 1 + k for s in rows)  # positions the window reaches
         bucket = max(self.block_size, self.config.kv_len_bucket // self.block_size * self.block_size)
         nb = min(self.table_width, -(-longest // bucket) * bucket // self.block_size)
-        tables = torch.zeros(bb, self.table_width, dtype=torch.long)
+        tables = np.zeros((bb, self.table_width), dtype=np.int64)  # numpy: fast row fills from lists
+        state = np.zeros((2, bb), dtype=np.int64)  # [token fed, its position] per row
         for r, s in enumerate(rows):
-            tables[r, :len(s.blocks)] = torch.tensor(s.blocks)
-        self._tables[:bb].copy_(tables.to(self.device), non_blocking=True)
-        self._tokens[:bb].zero_()
-        self._positions[:bb].zero_()
-        self._tokens[:b].copy_(torch.tensor([s.tokens[-1] for s in rows]).to(self.device))
-        self._positions[:b].copy_(torch.tensor([len(s.tokens) - 1 for s in rows]).to(self.device))
+            tables[r, :len(s.blocks)] = s.blocks
+            state[:, r] = s.tokens[-1], len(s.tokens) - 1
+        self._tables[:bb].copy_(torch.from_numpy(tables))
+        state = torch.from_numpy(state).to(self.device)
+        self._tokens[:bb].copy_(state[0])
+        self._positions[:bb].copy_(state[1])
         out_tokens = torch.empty(b, k, dtype=torch.long, device=self.device)
         out_logprobs = torch.empty(b, k, dtype=torch.float32, device=self.device)
         context = sum(len(s.tokens) for s in rows)  # attended tokens of the window's first step
