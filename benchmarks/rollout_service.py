@@ -314,17 +314,19 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     layout = Layout.create(1, 1)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "args": vars(args)}
-    result["greedy_parity_tiny_fp32"] = parity_check(device)
-    print(json.dumps(result, indent=1), flush=True)
-    for shape in [s for s in args.shapes.split(",") if s]:
-        result[shape] = run_shape(args, shape, device, dtype, layout)
-        print(json.dumps({shape: result[shape]}, indent=1), flush=True)
-    if args.grpo_shape:
-        result["grpo_step"] = run_grpo(args, args.grpo_shape, device, dtype)
-        print(json.dumps({"grpo_step": result["grpo_step"]}, indent=1), flush=True)
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "rollout_service.json"), "w") as f:
-        json.dump(result, f, indent=1)
+
+    def record(key, value):  # results are written after every part, so a time-out keeps what was measured
+        result[key] = value
+        print(json.dumps({key: value}, indent=1), flush=True)
+        with open(os.path.join(args.out_dir, "rollout_service.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
+    record("greedy_parity_tiny_fp32", parity_check(device))
+    for shape in [s for s in args.shapes.split(",") if s]:
+        record(shape, run_shape(args, shape, device, dtype, layout))
+    if args.grpo_shape:
+        record("grpo_step", run_grpo(args, args.grpo_shape, device, dtype))
     return 0
 
 
