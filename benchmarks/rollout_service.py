@@ -251,7 +251,8 @@ def run_grpo(args, shape, device, dtype) -> dict:
     cfg.trainer.rollout_batch_size, cfg.rollout.n_samples = len(prompts), args.n
     cfg.rollout.max_new_tokens = args.max_len
     cfg.trainer.micro_batch_size = args.micro_batch
-    cfg.rollout.engine = EngineConfig(max_batch=len(lengths), max_seq_len=args.prompt_len + args.max_len + 64,
+    seq_len = args.prompt_len + args.max_len + 64
+    cfg.rollout.engine = EngineConfig(max_batch=len(lengths), max_seq_len=seq_len, max_tokens=len(lengths) * seq_len,
                                       block_size=args.block_size, kv_len_bucket=args.kv_len_bucket)
     cfg.data.max_prompt_length = args.prompt_len
 
