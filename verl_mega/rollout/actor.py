@@ -111,12 +111,15 @@ class HFActor:
         return generate_text(self, prompts, **kw)
 
     def rollout_worker(self, tp_g: int | None = None, engine_config: EngineConfig | None = None,
-                       free_cache: bool = False) -> RolloutWorker:
-        """The actor's RolloutWorker for generation tensor-parallel size `tp_g` (default: the training tp),
-        created on first use and kept (collective when it builds a HybridEngine: pp > 1 or tp_g < tp).
-        A different tp_g replaces it; a different engine_config / free_cache reconfigures it."""
-        tp_g = self.layout.tp if tp_g is None else tp_g
+                       free_cache: bool | None = None) -> RolloutWorker:
+        """The actor's one RolloutWorker, created on first use and kept (collective when it builds a
+        HybridEngine: pp > 1 or tp_g < tp).
+
+        tp_g: generation tensor-parallel size; None keeps the existing worker's (default: the training tp);
+        a different value replaces the worker. engine_config / free_cache: reconfigure it when given.
+        """
         worker = self._worker
+        tp_g = tp_g if tp_g is not None else (worker.tp_g if worker is not None else self.layout.tp)
         if worker is None or worker.tp_g != tp_g:
             if worker is not None:
                 worker.release()
@@ -126,7 +129,8 @@ class HFActor:
                 weights = HybridWeights(HybridEngine(self.model, self.layout, self.config, tp_g))
             eos, pad = stop_ids(self)
             worker = self._worker = RolloutWorker(weights, eos_token_ids=eos, pad_token_id=pad, tp_g=tp_g)
-        worker.configure(engine_config or EngineConfig(), free_cache)
+        worker.configure(engine_config if engine_config is not None else worker.engine_config,
+                         worker.free_cache if free_cache is None else free_cache)
         return worker
 
     def release_rollout(self) -> None:

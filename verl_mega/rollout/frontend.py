@@ -16,7 +16,6 @@ import json
 import os
 from dataclasses import replace
 
-from verl_mega.rollout.engine_config import EngineConfig
 from verl_mega.rollout.sampling import SamplingParams
 
 
@@ -79,8 +78,8 @@ def generate(actor, prompts, *, max_new_tokens: int = 256, temperature: float = 
     {"prompt": the prompt as given, "prompt_index": i, "sample_index": j, "response": decoded text
     (special tokens skipped), "response_ids": token ids (the stop token included),
     "response_logprobs": per-token log-probs (see verl_mega.rollout.sampling)}.
-    max_batch: most sequences decoded together (default: all rows, up to the engine default);
-    use_cuda_graph: False turns CUDA-graph decode off (None: the engine default, on for CUDA models).
+    max_batch: most sequences decoded together, use_cuda_graph: False turns CUDA-graph decode off; both
+    override the worker's engine config for this call only (None: keep it; see `actor.rollout_worker()`).
     With pp > 1 the actor's HybridEngine builds a one-stage inference model (tp_g = tp); its micro-DP
     replicas each generate a share of the prompts, then all-gather.
     """
@@ -90,12 +89,15 @@ def generate(actor, prompts, *, max_new_tokens: int = 256, temperature: float = 
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n (samples per prompt) must be an integer >= 1, got {n!r}")
-    defaults = EngineConfig()
-    config = replace(defaults, max_batch=max_batch or min(len(ids) * n, defaults.max_batch),
-                     cuda_graph=defaults.cuda_graph if use_cuda_graph is None else use_cuda_graph)
-    worker = actor.rollout_worker(engine_config=config)
+    worker = actor.rollout_worker()
+    if max_batch is not None or use_cuda_graph is not None:  # a per-call override of the worker's engine config
+        config = worker.engine_config
+        config = replace(config, max_batch=max_batch or config.max_batch,
+                         cuda_graph=config.cuda_graph if use_cuda_graph is None else use_cuda_graph)
+    else:
+        config = None
     out = worker.generate(ids, max_new_tokens=max_new_tokens, sampling=sampling, n=n, seed=seed,
-                          stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
+                          stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, engine_config=config)
     results = []
     for r, (resp, lps) in enumerate(zip(out.responses, out.logprobs)):
         i, j = divmod(r, n)

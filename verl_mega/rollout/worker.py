@@ -111,11 +111,13 @@ class RolloutWorker:
 
     def generate(self, prompt_ids: list[list[int]], *, max_new_tokens: int, sampling: SamplingParams,
                  n: int = 1, seed: int = 0, stop_token_ids=(), ignore_eos: bool = False,
-                 on_finish: Callable[[int, list[int], list[float]], None] | None = None) -> RolloutResult:
+                 on_finish: Callable[[int, list[int], list[float]], None] | None = None,
+                 engine_config: EngineConfig | None = None) -> RolloutResult:
         """n responses per prompt for `prompt_ids` (B token-id lists, the same on every rank of the
         model-parallel group); collective over it. `seed` seeds this replica's sampler (the worker
         offsets it by the micro-DP rank so replicas draw independently). `on_finish(row, ids, logprobs)`:
-        called as each of this replica's rows finishes (`row` indexes the returned rows)."""
+        called as each of this replica's rows finishes (`row` indexes the returned rows).
+        engine_config: use this engine config for this call only (a separate engine; None: the worker's)."""
         rep = self.replicas
         start = time.perf_counter()
         model = self.weights.to_inference()
@@ -127,7 +129,9 @@ class RolloutWorker:
             local: tuple[list, list] = ([], [])
             gen_start = time.perf_counter()
             if mine:
-                engine = self.engine(model, max(map(len, mine)) + max_new_tokens, len(mine) * n)
+                seq_len, rows = max(map(len, mine)) + max_new_tokens, len(mine) * n
+                one_off = engine_config is not None and engine_config != self.engine_config
+                engine = self._build(model, engine_config, seq_len, rows) if one_off else self.engine(model, seq_len, rows)
                 callback = None
                 if on_finish is not None:
                     def callback(row, ids, lps, offset=first * n):
@@ -136,7 +140,7 @@ class RolloutWorker:
                                              seed=(seed + 7919 * rep.micro_dp_rank) % 2**62,
                                              stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
                                              on_finish=callback)
-                if self.free_cache:
+                if self.free_cache or one_off:
                     engine.release()
             gen_s = time.perf_counter() - gen_start
             gathered: list = [(rep.micro_dp_rank, local)]
@@ -156,20 +160,28 @@ class RolloutWorker:
         re-allocated them), `seq_len` exceeds its max_seq_len or `rows` sequences of `seq_len` tokens
         would want more KV-cache tokens than it has (up to the configured max_tokens)."""
         key = (id(model), tuple(p.data_ptr() for p in model.parameters()))
-        cfg = self.engine_config.resized(max_seq_len=seq_len)
-        want = min(cfg.max_tokens, max(rows * seq_len, cfg.max_seq_len + 64))  # what this call can use
         engine = self._engine
         if (engine is None or self._engine_key != key or engine.max_seq_len < seq_len
-                or engine.config.max_tokens < want):
+                or engine.config.max_tokens < self._kv_tokens(self.engine_config, seq_len, rows)):
             if engine is not None:
                 engine.release()
-            size = max(want, engine.config.max_tokens if engine is not None else 0)
-            cfg = replace(cfg, max_seq_len=max(cfg.max_seq_len, engine.max_seq_len if engine is not None else 0),
-                          max_tokens=min(cfg.max_tokens, -(-size // cfg.block_size) * cfg.block_size + 64 * cfg.block_size))
-            self._engine = GenerationEngine(model, self.replicas.tp_group, cfg, eos_token_ids=self.eos_token_ids,
-                                            pad_token_id=self.pad_token_id)
+                seq_len = max(seq_len, engine.max_seq_len)
+                rows = max(rows, engine.config.max_tokens // seq_len)
+            self._engine = self._build(model, self.engine_config, seq_len, rows)
             self._engine_key = key
         return self._engine
+
+    @staticmethod
+    def _kv_tokens(config: EngineConfig, seq_len: int, rows: int) -> int:
+        """KV-cache tokens for `rows` sequences of `seq_len` tokens, within config.max_tokens."""
+        return min(config.max_tokens, rows * seq_len + 64 * config.block_size)  # + slack for decode windows, forks
+
+    def _build(self, model: torch.nn.Module, config: EngineConfig, seq_len: int, rows: int) -> GenerationEngine:
+        """An engine sized for `rows` sequences of up to `seq_len` tokens (KV memory follows the call)."""
+        config = config.resized(max_seq_len=seq_len)
+        config = replace(config, max_tokens=self._kv_tokens(config, config.max_seq_len, rows))
+        return GenerationEngine(model, self.replicas.tp_group, config, eos_token_ids=self.eos_token_ids,
+                                pad_token_id=self.pad_token_id)
 
     def release(self) -> None:
         """Free the engine's KV cache and CUDA graphs (rebuilt on the next call)."""
