@@ -8,7 +8,7 @@
 
 The step reads like the algorithm:
 
-    self.pipeline = rollout >> reward >> LogProbs() >> Advantage() >> Update() >> Metrics()   # default_pipeline(self)
+    self.pipeline = rollout >> reward >> logprobs >> Advantage() >> Update() >> Metrics()   # default_pipeline(self)
 
 Every rank runs the same code (SPMD): one plain python process on CPU, or torchrun with the actor
 loaded under a (tp, pp, dp) layout (`get_actor_model(path, tensor_parallel_size=..., ...)`, or the
@@ -56,13 +56,16 @@ _KWARG_FIELDS = {
 
 
 def default_pipeline(trainer: "PPOTrainer") -> Pipeline:
-    """rollout >> reward >> logprob >> advantage >> update >> metrics, the first two built with the
-    trainer's rollout worker, rollout config and reward runner."""
+    """rollout >> reward >> logprob >> advantage >> update >> metrics; rollout, reward and logprob are built
+    with what they use (the rollout worker and config section, the reward runner, the engines)."""
     cfg = trainer.config
     rollout = Rollout(trainer.worker, cfg.rollout, seed=cfg.trainer.seed, tokenizer=trainer.tokenizer,
                       pad_id=trainer.pad_id, dp_rank=trainer.layout.dp_rank,
                       rewards=trainer.rewards if cfg.rollout.stream_rewards else None)
-    return rollout >> Reward(trainer.rewards) >> LogProbs() >> Advantage() >> Update() >> Metrics()
+    logprobs = LogProbs(trainer.actor_engine, trainer.reference, trainer.critic_engine, trainer.layout,
+                        temperature=cfg.rollout.temperature, micro_batch_size=cfg.trainer.micro_batch_size,
+                        device=trainer.device)
+    return rollout >> Reward(trainer.rewards) >> logprobs >> Advantage() >> Update() >> Metrics()
 
 
 class PPOTrainer:

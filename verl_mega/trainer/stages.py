@@ -1,15 +1,15 @@
 """Dataflow stages of an RL step, composed with `>>`:
 
-    pipeline = rollout >> reward >> LogProbs() >> Advantage() >> Update() >> Metrics()
+    pipeline = rollout >> reward >> logprobs >> Advantage() >> Update() >> Metrics()
     batch = pipeline(batch, trainer)
 
 A stage is any callable `(batch: RLBatch, ctx) -> RLBatch`; `Stage` subclasses add `>>` and a name,
 and a plain function can take any place (`pipeline.replace("reward", my_fn)` or `rollout >> my_fn`).
-`Rollout(worker, rollout_config, ...)` and `Reward(reward_runner)` get what they need when they are
-built (`PPOTrainer.default_pipeline()` builds them) and ignore `ctx`. The other stages still read
-`ctx`, the trainer (`PPOTrainer`): `config` (TrainerConfig), `layout`, `device`, `actor_engine`,
-`reference` (or None), `critic_engine` (or None), `kl_ctl` (read only; the trainer updates it from
-the `kl_in_reward` metric).
+`Rollout(worker, rollout_config, ...)`, `Reward(reward_runner)` and `LogProbs(actor_engine, reference,
+critic_engine, layout, ...)` get what they need when they are built (`ppo_trainer.default_pipeline(trainer)`
+builds them) and ignore `ctx`. Advantage / Update / Metrics still read `ctx`, the trainer
+(`PPOTrainer`): `config` (TrainerConfig), `layout`, `device`, `actor_engine`, `critic_engine` (or
+None), `kl_ctl` (read only; the trainer updates it from the `kl_in_reward` metric).
 
 Every rank runs every stage (SPMD). Rewards are computed on the first rank of each model-parallel
 group and broadcast inside it (`reward_runner.py`). Metrics are per data-parallel rank until
@@ -189,20 +189,32 @@ class Reward(Stage):
 
 
 class LogProbs(Stage):
-    """Old actor log-probs, reference log-probs (if a reference exists) and critic values (if a critic exists)."""
+    """Old actor log-probs, reference log-probs (if a reference exists) and critic values (if a critic exists).
+
+    actor: the actor's TrainEngine; reference: a FrozenModel or None; critic: the critic's TrainEngine
+    or None; layout: the training Layout; temperature: the rollout temperature (log-probs of the
+    sampled distribution); micro_batch_size: sequences per forward; device: where micro-batches go.
+    """
 
     name = "logprob"
 
-    def __call__(self, batch: RLBatch, ctx) -> RLBatch:
-        temp = ctx.config.rollout.temperature
-        mbs = batch.microbatches(ctx.config.trainer.micro_batch_size, device=ctx.device)
-        batch.old_logprobs = self._logprobs(ctx.actor_engine, mbs, ctx.layout.tp_group, temp)
-        if ctx.reference is not None:
-            batch.ref_logprobs = self._logprobs(ctx.reference, mbs, ctx.layout.tp_group, temp)
-        if ctx.critic_engine is not None:
-            outs = ctx.critic_engine.forward_only(mbs, lambda v, mb: {"values": response_values(v, mb)})
+    def __init__(self, actor, reference, critic, layout, *, temperature: float, micro_batch_size: int, device):
+        self.actor, self.reference, self.critic, self.layout = actor, reference, critic, layout
+        self.temperature, self.micro_batch_size, self.device = temperature, micro_batch_size, device
+
+    def __call__(self, batch: RLBatch, ctx=None) -> RLBatch:
+        mbs = batch.microbatches(self.micro_batch_size, device=self.device)
+        tp_group = self.layout.tp_group
+        batch.old_logprobs = self._logprobs(self.actor, mbs, tp_group, self.temperature)
+        if self.reference is not None:
+            batch.ref_logprobs = self._logprobs(self.reference, mbs, tp_group, self.temperature)
+        if self.critic is not None:
+            outs = self.critic.forward_only(mbs, lambda v, mb: {"values": response_values(v, mb)})
             batch.values = torch.cat([o["values"].cpu() for o in outs])
         return batch
+
+    def __repr__(self) -> str:
+        return "LogProbs(actor, reference, critic)"
 
     @staticmethod
     def _logprobs(engine, mbs, tp_group, temperature: float) -> torch.Tensor:
