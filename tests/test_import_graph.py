@@ -1,6 +1,7 @@
 """The package layer order: apps -> trainer -> rollout -> hybrid_engine -> models -> {parallel, kernels};
-algorithms, rewards, tools, data (and testing) import nothing above {parallel, kernels, config}. Every import statement of every module counts, at module or function level (a
-function-level import that runs back up is still a loop), read from the AST without importing.
+algorithms, rewards, tools, data (and testing) import nothing above {parallel, kernels, config}.
+Every import statement of every module counts, at module or function level (a function-level import
+that runs back up is still a loop), read from the AST without importing.
 
 `python tests/test_import_graph.py [ROOT]` prints the package graph (edges with counts) of the
 verl_mega tree under ROOT (default: this checkout).

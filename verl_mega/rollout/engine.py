@@ -115,7 +115,8 @@ class GenerationEngine:
         """
         params = params or RequestParams()
         self._check_prompt(prompt_ids, params.max_new_tokens)
-        stops = frozenset(int(t) for t in params.stop_token_ids) | (frozenset() if ignore_eos else frozenset(self.eos_token_ids))
+        eos = frozenset() if ignore_eos else frozenset(self.eos_token_ids)
+        stops = frozenset(int(t) for t in params.stop_token_ids) | eos
         params = RequestParams(params.sampling, params.max_new_tokens, params.n, stops, params.keep_cache)
         return self.scheduler.add([int(t) for t in prompt_ids], params)
 
