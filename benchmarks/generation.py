@@ -1,4 +1,5 @@
-"""Generation throughput: verl_mega's GenerationEngine vs transformers' `generate`, CUDA graphs on/off.
+"""Generation throughput of the static engine (`rollout/static_engine.py`, the baseline kept for
+benchmarks/rollout_service.py) vs transformers' `generate`, CUDA graphs on/off.
 
     python benchmarks/generation.py                 # GPU: Qwen2.5-0.5B and 7B shapes (random bf16 weights)
     python benchmarks/generation.py --quick         # CPU smoke run at tiny shapes (no CUDA graphs)
@@ -156,10 +157,10 @@ def build_ours_random(shape: str, layout, device: torch.device, dtype: torch.dty
 
 def make_engine(run: Run, model, rows: int, seq: int, fused: bool = True, **kw):
     """Engine over `model`; `fused` sets the model's fused_inference flag (fused_ops kernels)."""
-    from verl_mega.rollout.engine import GenerationEngine
+    from verl_mega.rollout.static_engine import StaticGenerationEngine
 
     model.fused_inference = fused
-    return GenerationEngine(model, run.layout.tp_group, max_batch=rows, max_seq_len=seq, eos_token_ids=[1],
+    return StaticGenerationEngine(model, run.layout.tp_group, max_batch=rows, max_seq_len=seq, eos_token_ids=[1],
                             pad_token_id=0, **kw)
 
 
@@ -250,7 +251,7 @@ def tiny_parity_check(run: Run) -> dict:
     tokens, with and without CUDA graphs, must equal transformers' greedy tokens exactly."""
     from transformers import AutoModelForCausalLM
 
-    from verl_mega.models.actor import get_actor_model
+    from verl_mega.rollout.actor import get_actor_model
     from verl_mega.testing.tiny_hf import make_tiny_hf_model
 
     path = make_tiny_hf_model(tempfile.mkdtemp(prefix="bench_tiny_"), arch="qwen2", vocab_size=130, seed=3,
@@ -281,7 +282,7 @@ def tiny_parity_check(run: Run) -> dict:
 def graph_vs_eager_step(run: Run, model, prompts: list[list[int]], fused: bool) -> dict:
     """One decode step from the same state (prefill + the greedy first token): eager forward twice
     (determinism) and the CUDA-graph replay; logit differences, argmax flips and top-2 gaps."""
-    from verl_mega.rollout.engine import batch_bucket
+    from verl_mega.rollout.static_engine import batch_bucket
 
     b, p_len = len(prompts), len(prompts[0])
     engine = make_engine(run, model, b, p_len + 8, fused=fused, use_cuda_graph=True)
@@ -418,7 +419,7 @@ def prompt_sets_for(run: Run, shape: str, batches: list[int]) -> dict:
 def run_shape(run: Run, shape: str, batches: list[int], with_hf: bool, same_weights: bool) -> str | None:
     """transformers baseline, checks (0.5B), graphs and eager for one shape; returns the HF directory
     our model was loaded from (0.5B) or None."""
-    from verl_mega.models.actor import get_actor_model
+    from verl_mega.rollout.actor import get_actor_model
 
     prompt_sets = prompt_sets_for(run, shape, batches)
     hf_times, hf_model, model, path = {}, None, None, None
@@ -462,7 +463,7 @@ def run_shape(run: Run, shape: str, batches: list[int], with_hf: bool, same_weig
 
 def run_optional(run: Run, path: str) -> None:
     """0.5B batch-64 extras, while the time budget lasts: unfused ops, profile, torch.compile."""
-    from verl_mega.models.actor import get_actor_model
+    from verl_mega.rollout.actor import get_actor_model
 
     shape, b = "qwen2.5-0.5b", run.args.batches.split(",")[0]
     model = get_actor_model(path, torch_dtype=run.dtype, layout=run.layout, device=run.device).model.eval()

@@ -22,7 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from verl_mega.models import get_actor_model
+from verl_mega.rollout.actor import get_actor_model
 from verl_mega.parallel import Layout
 from verl_mega.parallel.dist import init_distributed
 from verl_mega.testing.tiny_hf import make_tiny_hf_model

@@ -31,7 +31,8 @@ import statistics
 import torch
 import torch.distributed as dist
 
-from verl_mega.models import HFActor, ModelConfig, build_stage
+from verl_mega.models import ModelConfig, build_stage
+from verl_mega.rollout.actor import HFActor
 from verl_mega.parallel import Layout
 from verl_mega.parallel.dist import device as comm_device
 from verl_mega.parallel.dist import init_distributed
@@ -94,7 +95,7 @@ def run_layout(args, tp: int, pp: int) -> dict:
     cfg = TrainerConfig()
     cfg.model.dtype = "float32" if args.tiny else "bfloat16"
     cfg.data.max_prompt_length = args.prompt_len
-    cfg.rollout.max_batch = per_dp * args.n
+    cfg.rollout.engine.max_batch = per_dp * args.n
     cfg.algorithm.kl_coef = 0.001
     cfg.trainer.progress_bar = False
     cfg.parallel.tp_g = args.tp_g
@@ -115,12 +116,13 @@ def run_layout(args, tp: int, pp: int) -> dict:
             metrics = trainer.step(samples)
         if step >= args.warmup:
             history.append(metrics)
-    result = {"layout": {"tp": tp, "pp": pp, "dp": layout.dp, "tp_g": trainer.hybrid.inference_layout.tp_g},
+    result = {"layout": {"tp": tp, "pp": pp, "dp": layout.dp, "tp_g": trainer.worker.tp_g},
               "prompts_per_step": per_dp * layout.dp, "responses_per_step": per_dp * layout.dp * args.n}
     for key in [f"time/{p}" for p in PHASES] + ["time/step", "throughput/tokens_per_s_per_gpu",
                                                  "throughput/gen_tokens_per_s_per_gpu", "response_length/mean"]:
         result[key] = statistics.mean(m.get(key, 0.0) for m in history) if history else None
-    stats = trainer.hybrid.last_stats
+    hybrid = getattr(trainer.worker.weights, "hybrid", None)  # None: pp = 1, tp_g = tp (weights used in place)
+    stats = hybrid.last_stats if hybrid is not None else None
     result["reshard_bytes_moved_per_rank"] = stats.bytes_moved if stats is not None else 0
     result["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     del trainer, actor

@@ -35,7 +35,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from grpo_e2e import EOS_ID, QWEN25_05B, even_token_reward  # noqa: E402 - the shared 0.5B shape and toy reward
 
-from verl_mega.models import HFActor, ModelConfig, build_stage  # noqa: E402
+from verl_mega.models import ModelConfig, build_stage  # noqa: E402
+from verl_mega.rollout.actor import HFActor  # noqa: E402
 from verl_mega.parallel import Layout  # noqa: E402
 from verl_mega.parallel.dist import device as comm_device  # noqa: E402
 from verl_mega.parallel.dist import init_distributed  # noqa: E402

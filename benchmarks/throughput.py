@@ -55,7 +55,8 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from verl_mega.models import HFActor, ModelConfig, build_stage  # noqa: E402
+from verl_mega.models import ModelConfig, build_stage  # noqa: E402
+from verl_mega.rollout.actor import HFActor  # noqa: E402
 from verl_mega.parallel import Layout
 from verl_mega.parallel.dist import device as comm_device
 from verl_mega.parallel.dist import init_distributed

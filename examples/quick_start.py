@@ -9,7 +9,7 @@ Hugging Face directory (e.g. Qwen2.5-0.5B-Instruct) and use torch_dtype=torch.bf
 
 import tempfile
 
-from verl_mega.models import get_actor_model
+from verl_mega.rollout import get_actor_model
 from verl_mega.testing.tiny_hf import make_tiny_hf_model
 from verl_mega.trainer import PPOTrainer
 

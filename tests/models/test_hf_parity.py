@@ -36,7 +36,8 @@ def batch(vocab: int = 131):
 
 
 def _rank_main(dirs: dict, out_root: str) -> dict:
-    from verl_mega.models import HFActor, ModelConfig, build_stage, get_actor_model
+    from verl_mega.models import ModelConfig, build_stage
+    from verl_mega.rollout.actor import HFActor, get_actor_model
     from verl_mega.parallel import Layout
 
     layouts = {name: Layout.create(tp, pp) for name, (tp, pp) in LAYOUTS.items()}

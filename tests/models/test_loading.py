@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from verl_mega.models import ModelConfig, get_actor_model, load_tokenizer
+from verl_mega.models import ModelConfig, load_tokenizer
+from verl_mega.rollout.actor import get_actor_model
 from verl_mega.testing.tiny_hf import make_tiny_hf_model
 
 

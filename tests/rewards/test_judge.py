@@ -33,7 +33,7 @@ GRPO_SAMPLES = [{"prompt": [{"role": "user", "content": "What is 10*12?"}], "gro
 
 
 def _suite(judge_dir: str, actor_dir: str) -> dict:
-    from verl_mega.models import get_actor_model
+    from verl_mega.rollout import get_actor_model
     from verl_mega.parallel import Layout
     from verl_mega.model_rewards import LLMJudgerReward
     from verl_mega.trainer import PPOTrainer, TrainerConfig

@@ -61,7 +61,7 @@ def hf_scores(path: str, samples: list[dict], responses: list[str]) -> torch.Ten
 
 
 def _suite(dirs: dict, actor_dir: str) -> dict:
-    from verl_mega.models import get_actor_model
+    from verl_mega.rollout import get_actor_model
     from verl_mega.parallel import Layout
     from verl_mega.model_rewards import RewardModel
     from verl_mega.rewards import FallbackReward, RuleBasedReward
@@ -204,7 +204,7 @@ def test_config_reward_specs(tmp_path):
     from verl_mega.apps.preflight import load_reward
     from verl_mega.apps.train_cli import load_model_reward
     from verl_mega.config import load_config
-    from verl_mega.models import get_actor_model
+    from verl_mega.rollout import get_actor_model
     from verl_mega.model_rewards import LLMJudgerReward, RewardModel
     from verl_mega.trainer import TrainerConfig
 
@@ -225,7 +225,7 @@ def test_config_reward_specs(tmp_path):
 def test_save_hf_round_trip_as_sequence_classification(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from verl_mega.models import get_actor_model
+    from verl_mega.rollout import get_actor_model
 
     src = make_tiny_reward_model(str(tmp_path / "rm"), "llama", seed=2)
     get_actor_model(src, score_head=True).save_hf(str(tmp_path / "out"))

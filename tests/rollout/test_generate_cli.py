@@ -1,6 +1,6 @@
 """`verl-mega generate` at tp 1 (in-process) and tp 2 (spawned gloo ranks) against transformers'
-greedy generate; the engine at tp 2 and `generate(actor)` at pp 2 (HybridEngine) in the same spawn;
-input errors. Tokens compared exactly."""
+greedy generate; the engine at tp 2 (also with a 2-row budget for 4 requests: continuous batching)
+and `generate(actor)` at pp 2 (HybridEngine) in the same spawn; input errors. Tokens compared exactly."""
 
 import json
 import os
@@ -108,16 +108,19 @@ def test_cli_input_errors(hf_dir, tmp_path, capsys):
 
 def _distributed_worker(hf_dir, ids, eos, cli_in, cli_out):
     """Both ranks: engine at tp 2 (greedy, sampling, log-probs), the CLI at tp 2, generate(actor) at pp 2."""
-    from verl_mega.models.actor import get_actor_model
+    from verl_mega.rollout.actor import get_actor_model
 
     engine, model = build_engine(hf_dir, 2, eos)
     greedy = engine.generate(ids, max_new_tokens=MAX_NEW, temperature=0.0).responses()
+    # continuous batching with 2 rows for 4 requests (they join as others finish), 3 decode steps per host check
+    small, _ = build_engine(hf_dir, 2, eos, max_batch=2, sync_every=3)
+    joined = small.generate(ids, max_new_tokens=MAX_NEW, temperature=0.0).responses()
     sampled = engine.generate(ids, max_new_tokens=MAX_NEW, temperature=1.0, top_p=0.9, n=2, seed=3)
     lp_err = (sampled.response_logprobs - teacher_forced_logprobs(model, sampled, 1.0)).abs().max().item()
     cli_rc = main(_args(hf_dir, cli_in, cli_out, "--tp", "2", "--temperature", "0"))
     actor = get_actor_model(hf_dir, tensor_parallel_size=1, pipeline_parallel_size=2)
     pp_greedy = [r["response_ids"] for r in actor.generate(ids, max_new_tokens=MAX_NEW, temperature=0.0, stop_token_ids=[eos])]
-    return {"greedy": greedy, "sampled": sampled.responses(), "lp_err": lp_err, "cli_rc": cli_rc, "pp_greedy": pp_greedy}
+    return {"greedy": greedy, "joined": joined, "sampled": sampled.responses(), "lp_err": lp_err, "cli_rc": cli_rc, "pp_greedy": pp_greedy}
 
 
 def test_tp2_engine_cli_and_pp2_match_transformers(hf_dir, cli_case):
@@ -128,6 +131,7 @@ def test_tp2_engine_cli_and_pp2_match_transformers(hf_dir, cli_case):
     results = run_distributed(_distributed_worker, 2, hf_dir, ids, eos, cli_case["in"], out)
     for r in results:
         assert r["greedy"] == ref
+        assert r["joined"] == ref
         assert r["lp_err"] < 1e-5
         assert r["cli_rc"] == 0
     assert results[0]["sampled"] == results[1]["sampled"]  # both tp ranks draw the same tokens

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from verl_mega.config import load_config
-from verl_mega.models import get_actor_model
+from verl_mega.rollout.actor import get_actor_model
 from verl_mega.testing.tiny_hf import make_tiny_hf_model
 from verl_mega.trainer import PPOTrainer, Reward, RLBatch, Stage, TrainerConfig, default_pipeline
 from verl_mega.trainer.metrics import bar_postfix, format_metrics
@@ -38,9 +38,10 @@ def _flaky_reward(response: str) -> float:
 
 def test_step_counts_failing_and_hanging_rewards(tiny_dir):
     torch.manual_seed(0)
+    cfg = TrainerConfig()
+    cfg.trainer.reward_timeout_s = 0.3
     trainer = PPOTrainer(get_actor_model(tiny_dir), reward_fn=_flaky_reward, rollout_batch_size=2, n_samples=8,
-                         max_new_tokens=12, lr=1e-4)
-    trainer.config.trainer.reward_timeout_s = 0.3
+                         max_new_tokens=12, lr=1e-4, config=cfg)
     start = time.time()
     m = trainer.step([{"prompt": CHAT}, {"prompt": "2+2=", "ground_truth": "4"}])
     assert time.time() - start < 20
@@ -77,12 +78,12 @@ def test_pipeline_composition_and_custom_stage(tiny_dir):
         batch.scores = torch.arange(batch.num_rows, dtype=torch.float32)
         return batch
 
-    trainer.pipeline = default_pipeline().replace("reward", constant_reward)
+    trainer.pipeline = default_pipeline(trainer).replace("reward", constant_reward)
     m = trainer.step([{"prompt": "hello"}])
     assert m["reward/mean"] == pytest.approx(0.5) and trainer.global_step == 1
     assert trainer.pipeline.names()[1] == "constant_reward"
-    assert (Reward() >> constant_reward).names() == ["reward", "constant_reward"]
-    assert (constant_reward >> Reward()).names() == ["constant_reward", "reward"]
+    assert (Reward(trainer.rewards) >> constant_reward).names() == ["reward", "constant_reward"]
+    assert (constant_reward >> Reward(trainer.rewards)).names() == ["constant_reward", "reward"]
 
     class Broken(Stage):
         name = "broken"
@@ -94,7 +95,7 @@ def test_pipeline_composition_and_custom_stage(tiny_dir):
     with pytest.raises(ValueError, match="broken"):
         trainer.step([{"prompt": "hello"}])
     with pytest.raises(ValueError, match="no stage named"):
-        default_pipeline().replace("rewards", constant_reward)
+        default_pipeline(trainer).replace("rewards", constant_reward)
     with pytest.raises(ValueError, match="neither 'prompt' nor 'prompt_ids'"):
         trainer.step([{"question": "hi"}])
 

@@ -11,7 +11,7 @@ import pytest
 import torch.distributed as dist
 
 from verl_mega.data import get_dataloader
-from verl_mega.models import get_actor_model
+from verl_mega.rollout.actor import get_actor_model
 from verl_mega.parallel import Layout
 from verl_mega.testing import run_distributed
 from verl_mega.testing.tiny_hf import make_tiny_hf_model

@@ -122,7 +122,7 @@ def output_line(row: dict, samples: list[dict]) -> dict:
 
 def run(args) -> int:
     """Load the model, generate this replica's share, gather on rank 0 and write the output."""
-    from verl_mega.models.actor import get_actor_model
+    from verl_mega.rollout.actor import get_actor_model
 
     _check_args(args)
     records, prompts = read_prompts(args.prompts, args.prompt_key)  # every rank validates before any collective

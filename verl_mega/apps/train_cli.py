@@ -97,7 +97,7 @@ def train(cfg: TrainerConfig, prepared: Prepared | None = None) -> list[dict]:
     """Load the actor for `cfg` on this rank and run PPOTrainer.fit; returns the step metrics.
     `prepared` is the preflight result (computed here when None)."""
     from verl_mega.data import get_dataloader
-    from verl_mega.models import get_actor_model
+    from verl_mega.rollout.actor import get_actor_model
     from verl_mega.trainer.ppo_trainer import PPOTrainer
 
     if prepared is None:

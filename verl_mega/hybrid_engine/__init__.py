@@ -8,10 +8,9 @@ generation layout (tp_g, pp_g=1) with HybridFlow's micro-DP grouping (groups.py,
 """
 
 from verl_mega.hybrid_engine.groups import InferenceLayout, inference_coords, inference_group_ranks
-from verl_mega.hybrid_engine.reshard import (HybridEngine, NaiveGatherEngine, ReshardStats, build_inference_model,
-                                             get_engine, inference_model, release_inference_model)
+from verl_mega.hybrid_engine.reshard import HybridEngine, NaiveGatherEngine, ReshardStats, inference_model
 
 __all__ = [
-    "HybridEngine", "InferenceLayout", "NaiveGatherEngine", "ReshardStats", "build_inference_model", "get_engine",
-    "inference_coords", "inference_group_ranks", "inference_model", "release_inference_model",
+    "HybridEngine", "InferenceLayout", "NaiveGatherEngine", "ReshardStats", "inference_coords",
+    "inference_group_ranks", "inference_model",
 ]

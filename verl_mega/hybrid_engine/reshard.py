@@ -459,60 +459,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _EngineCache(dict):
-    """tp_g -> HybridEngine, stored on the actor; a deep copy of the actor starts with an empty cache."""
-
-    def __deepcopy__(self, memo):
-        return _EngineCache()
-
-
-def _stage_model(actor_or_model) -> DecoderModel:
-    if isinstance(actor_or_model, DecoderModel):
-        return actor_or_model
-    candidate = getattr(actor_or_model, "model", None)
-    if isinstance(candidate, DecoderModel):
-        return candidate
-    raise ValueError(f"expected a DecoderModel or an actor holding one in .model, got {type(actor_or_model).__name__}")
-
-
-def get_engine(actor_or_model, layout: Layout | None = None, tp_g: int | None = None) -> HybridEngine:
-    """The HybridEngine of this actor's stage for `tp_g` (default: the training tp), created on first use
-    (collective: every rank must call it for the same tp_g in the same order) and cached on the actor.
-    `layout` defaults to the actor's `.layout`."""
-    model = _stage_model(actor_or_model)
-    layout = layout if layout is not None else getattr(actor_or_model, "layout", None)
-    if not isinstance(layout, Layout):
-        raise ValueError("pass the training Layout (the actor has no .layout)")
-    tp_g = layout.tp if tp_g is None else tp_g
-    cache = actor_or_model.__dict__.setdefault("_hybrid_engines", _EngineCache())
-    engine = cache.get(tp_g)
-    if engine is None or engine.train_layout is not layout or engine.train_model is not model:
-        engine = cache[tp_g] = HybridEngine(model, layout, model.config, tp_g)
-    return engine
-
-
-def build_inference_model(actor_or_model, layout: Layout | None = None,
-                          tp_g: int | None = None) -> tuple[DecoderModel, InferenceLayout]:
-    """Reshard an actor (or its DecoderModel stage) to generation TP size `tp_g` (default: training tp).
-
-    Returns (inference model with all layers on the generation TP group, its InferenceLayout: split
-    prompts over the micro-DP group — every rank of a model-parallel group holds the same prompts —
-    and all-gather the responses back over it). Collective. Call `release_inference_model(...)` with
-    the same arguments afterwards, or use `with inference_model(...) as (model, inference_layout):`.
-    """
-    engine = get_engine(actor_or_model, layout, tp_g)
-    return engine.to_inference(), engine.inference_layout
-
-
-def release_inference_model(actor_or_model, layout: Layout | None = None, tp_g: int | None = None) -> None:
-    """Drop the inference weights built by `build_inference_model` (back to the training layout)."""
-    get_engine(actor_or_model, layout, tp_g).to_train()
-
-
 @contextlib.contextmanager
-def inference_model(actor_or_model, layout: Layout | None = None, tp_g: int | None = None):
-    """`with inference_model(actor, layout, tp_g) as (model, inference_layout): ...` — released on exit."""
+def inference_model(model: DecoderModel, layout: Layout, tp_g: int | None = None):
+    """`with inference_model(stage, layout, tp_g) as (model, inference_layout): ...` — a one-off HybridEngine
+    (collective), resharded on entry and released on exit. Long-lived users (the rollout worker) keep
+    their HybridEngine instead."""
+    engine = HybridEngine(model, layout, model.config, tp_g)
     try:
-        yield build_inference_model(actor_or_model, layout, tp_g)
+        yield engine.to_inference(), engine.inference_layout
     finally:
-        release_inference_model(actor_or_model, layout, tp_g)
+        engine.to_train()

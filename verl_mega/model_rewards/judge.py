@@ -37,7 +37,7 @@ from functools import partial
 
 import torch
 
-from verl_mega.models import HFActor, get_actor_model
+from verl_mega.rollout.actor import HFActor, get_actor_model
 from verl_mega.parallel.dist import device as comm_device
 from verl_mega.rewards.base import MAX_ERROR_MESSAGES, RewardFunction, RewardResult
 from verl_mega.rewards.batched import BatchedReward

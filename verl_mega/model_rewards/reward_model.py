@@ -37,7 +37,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.distributed as dist
 
-from verl_mega.models import HFActor, get_actor_model
+from verl_mega.rollout.actor import HFActor, get_actor_model
 from verl_mega.parallel.dist import device as comm_device
 from verl_mega.rewards.base import RewardResult
 from verl_mega.rewards.batched import BatchedReward

@@ -1,11 +1,13 @@
 """verl_mega.models: Llama/Qwen2/Qwen3 decoder on megatron-core TP layers, pipeline stages, HF I/O, tokenizers.
 
-    actor = get_actor_model("path/to/hf_dir", torch_dtype=torch.bfloat16, tensor_parallel_size=2)
-    actor.model      # this rank's DecoderModel stage
-    actor.logits(input_ids, attention_mask)   # [B, S, vocab] fp32 on every rank
+    model = build_stage(ModelConfig.from_hf(path), layout, init_seed=None)   # this rank's DecoderModel stage
+    load_hf_weights(model, path)
+
+The actor handle that loads a HF directory and generates (`get_actor_model`, `HFActor`) is an
+application object above the rollout service: `from verl_mega.rollout import get_actor_model, HFActor`.
+This package imports nothing above {parallel, kernels}.
 """
 
-from verl_mega.models.actor import HFActor, get_actor_model
 from verl_mega.models.config import ModelConfig
 from verl_mega.models.decoder import DecoderModel, build_attention_mask, position_ids_from_mask
 from verl_mega.models.hf_io import load_hf_weights, save_hf
@@ -13,6 +15,6 @@ from verl_mega.models.parallelize import build_stage, stage_layer_range
 from verl_mega.models.tokenizer import load_tokenizer
 
 __all__ = [
-    "DecoderModel", "HFActor", "ModelConfig", "build_attention_mask", "build_stage", "get_actor_model",
-    "load_hf_weights", "load_tokenizer", "position_ids_from_mask", "save_hf", "stage_layer_range",
+    "DecoderModel", "ModelConfig", "build_attention_mask", "build_stage", "load_hf_weights", "load_tokenizer",
+    "position_ids_from_mask", "save_hf", "stage_layer_range",
 ]

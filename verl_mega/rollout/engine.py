@@ -1,64 +1,54 @@
-"""Batched autoregressive generation with a static KV cache and CUDA-graph decode steps.
+"""Continuous-batching generation over a paged KV cache, with CUDA-graph decode steps.
 
-What: `GenerationEngine(model, tp_group, ...)` runs a one-stage `DecoderModel` (embedding and
-head on this rank, layers tensor-parallel over `tp_group`) and generates responses for a list
-of token-id prompts: left-padded prefill, then one decode step per new token with a
-`StaticKVCache`, sampling (`sampling.py`), per-row stop on EOS / stop ids / max_new_tokens
-(finished rows keep producing pad; the loop leaves early once every row is done), n samples
-per prompt (rows ordered prompt-major).
+What: `GenerationEngine(model, tp_group, EngineConfig(...))` serves requests on a one-stage
+`DecoderModel` (embedding and head on this rank, layers tensor-parallel over `tp_group`):
 
-Speed: decode steps have static shapes (the batch rounded up to a bucket, the attended cache
-length rounded up to `kv_len_bucket` slots), so on CUDA each (batch bucket, length bucket) pair is
-captured once in a `torch.cuda.CUDAGraph` and replayed; sampling and stop bookkeeping stay eager
-(small, sync-free kernels). The host checks "all rows done" only every `sync_every` steps, and
-never when no stop token can end a row early (ignore_eos without stop ids). Model forwards with the
-cache run under no_grad, so the decoder takes its fused path on CUDA (`models/fused_ops.py`:
-about 15 kernels per layer and decode step instead of about 45; GQA attention without K/V copies).
+    rid = engine.add_request(prompt_ids, RequestParams(sampling, max_new_tokens=128, n=4))
+    while engine.has_unfinished():
+        for done in engine.step():          # Finished(request_id, sample_index, token_ids, logprobs)
+            ...                             # as each sequence completes
+    engine.append(rid, tool_result_ids)     # a paused (keep_cache=True) sequence resumes after them
+    out = engine.generate(prompts, max_new_tokens=..., n=...)   # the batch convenience: GenerationOutput
 
-Reference: the static-cache + CUDA-graph design of gpt-fast / vLLM's decode graphs; the output
-layout follows verl's rollout DataProto (prompts, responses, response_mask, input_ids,
-attention_mask, position_ids, rollout log-probs).
+A `step()` admits waiting requests (FIFO, within `max_batch` rows and the KV-cache token budget
+`max_tokens`), prefills them (a prompt's n samples prefill it once and share its blocks,
+`scheduler.py`), then runs `sync_every` decode steps over all running rows and reports the rows
+that finished: sequences join the batch as others leave, so decode steps do not run on dead rows
+and the cache holds only actual lengths (`kv_cache.PagedKVCache`).
 
-Simplifications: one pipeline stage only; no continuous batching or paged cache (a chunk of up to
-`max_batch` rows runs until all its rows are done); prefill is not graphed.
+Decode step shapes: rows rounded up to a bucket (1, 2, 4, 8, then multiples of 16) and the attended
+length rounded up to `kv_len_bucket` tokens; on CUDA each (row bucket, length bucket) pair is captured
+once in a `torch.cuda.CUDAGraph` and replayed (the graph reads the block tables, positions and tokens
+from static buffers and derives the write/read slots and the mask on the device). Sampling and the
+host bookkeeping stay eager; the host reads the sampled tokens once per `sync_every` steps.
+
+Every rank of `tp_group` must make the same calls: the sampled tokens are identical on all of them
+(`sampling.py`), so their schedules are too.
+
+Reference: vLLM (Kwon et al., SOSP 2023: PagedAttention, continuous batching, prefix sharing,
+recompute preemption); gpt-fast's static-shape graphed decode.
+
+Simplifications: prefill and decode run as separate forwards (no chunked prefill mixed into decode
+steps); attention gathers the blocks into a dense view for SDPA instead of a fused paged kernel;
+one sampling generator per engine (seeded by `seed()` / `generate(seed=)`), so a row's random draws
+depend on the batch it runs in (same inputs + same seed + same config = same tokens).
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from typing import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from verl_mega.models.decoder import position_ids_from_mask
-from verl_mega.rollout.kv_cache import StaticKVCache
+from verl_mega.kernels.dispatch import use_triton
+from verl_mega.rollout.engine_config import EngineConfig
+from verl_mega.rollout.kv_cache import PagedKVCache
+from verl_mega.rollout.output import GenerationOutput, assemble_output
 from verl_mega.rollout.sampling import SamplingParams, gather_vocab_logits, sample_tokens
-
-
-@dataclass
-class GenerationOutput:
-    """Generated rows; N = len(prompts) * n, rows i*n .. i*n+n-1 belong to prompt i.
-
-    prompt_ids [N, P] left-padded with pad_token_id, prompt_mask [N, P] (1 = token);
-    response_ids [N, R] right-padded, response_mask [N, R] (1 = generated token, the stop token
-    included), response_logprobs [N, R] float32 (0 at padding; see sampling.py for the definition);
-    input_ids / attention_mask / position_ids [N, P + R]: the trainer's view of [prompt | response]
-    (positions count real prompt tokens from 0 and continue through the response).
-    """
-
-    prompt_ids: torch.Tensor
-    prompt_mask: torch.Tensor
-    response_ids: torch.Tensor
-    response_mask: torch.Tensor
-    response_logprobs: torch.Tensor
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-
-    def responses(self) -> list[list[int]]:
-        """Each row's response tokens without padding."""
-        return [row[mask.bool()].tolist() for row, mask in zip(self.response_ids, self.response_mask)]
+from verl_mega.rollout.scheduler import Finished, RequestParams, Scheduler, Sequence
 
 
 def batch_bucket(batch: int, max_batch: int) -> int:
@@ -68,249 +58,351 @@ def batch_bucket(batch: int, max_batch: int) -> int:
 
 
 class GenerationEngine:
-    """Generate with a one-stage decoder model; see the module docstring.
+    """Serve generation requests with a one-stage decoder model; see the module docstring.
 
     model: `DecoderModel` with embedding and head (`forward(ids, position_ids, attn_mask=...,
     kv_cache=..., return_hidden=True)` -> final-normed hidden [B, S, H]; `output_weight()` -> local
     LM-head shard [V_pad / tp, H]; `true_vocab_size`; `config.num_layers`).
-    tp_group: the model's tensor-parallel group (None = single rank). Every rank of it must call
-    `generate` with the same arguments (same tokens come out everywhere).
-    max_batch: most rows decoded together (larger requests run in chunks); max_seq_len: most cache
-    slots per row (prompt + new tokens). use_cuda_graph: None = on for CUDA models, off on CPU.
-    kv_len_bucket: decode attends over the used cache slots rounded up to this multiple.
-    compile_decode: run the decode forward through `torch.compile` (fuses the many small
-    elementwise kernels of a decode step; one compilation per (batch bucket, kv_len bucket), so
-    prefer a larger kv_len_bucket). Opt-in: compilation takes tens of seconds per shape.
+    tp_group: the model's tensor-parallel group (None = single rank).
+    config: `EngineConfig` (sizes, sync interval, CUDA graphs, prefix sharing).
+    eos_token_ids: stop tokens of every request (unless `ignore_eos`); pad_token_id: fills outputs.
     """
 
-    def __init__(self, model: torch.nn.Module, tp_group: dist.ProcessGroup | None = None, *,
-                 max_batch: int = 64, max_seq_len: int = 2048, eos_token_ids=(), pad_token_id: int = 0,
-                 use_cuda_graph: bool | None = None, kv_len_bucket: int = 64, sync_every: int | None = None,
-                 prefill_tokens: int = 16384, compile_decode: bool = False):
-        if max_batch < 1 or max_seq_len < 2:
-            raise ValueError(f"max_batch must be >= 1 and max_seq_len >= 2, got {max_batch}, {max_seq_len}")
-        self.model = model
-        self.tp_group = tp_group
+    def __init__(self, model: torch.nn.Module, tp_group: dist.ProcessGroup | None = None,
+                 config: EngineConfig | None = None, *, eos_token_ids=(), pad_token_id: int = 0):
+        config = config or EngineConfig()
+        self.model, self.tp_group, self.config = model, tp_group, config
         self.device = next(model.parameters()).device
-        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        self.max_batch, self.max_seq_len, self.block_size = config.max_batch, config.max_seq_len, config.block_size
         self.eos_token_ids = tuple(int(t) for t in ([eos_token_ids] if isinstance(eos_token_ids, int) else eos_token_ids))
         self.pad_token_id = int(pad_token_id)
         self.true_vocab_size = int(model.true_vocab_size)
-        if use_cuda_graph is None:
-            use_cuda_graph = self.device.type == "cuda"
-        if use_cuda_graph and self.device.type != "cuda":
-            raise ValueError("use_cuda_graph=True needs a model on a CUDA device")
-        self.use_cuda_graph = use_cuda_graph
-        self.kv_len_bucket = kv_len_bucket
-        self.sync_every = sync_every or (16 if self.device.type == "cuda" else 1)
-        self.prefill_tokens = prefill_tokens
-        self.cache = StaticKVCache(model.config.num_layers, max_batch, max_seq_len, self.device)
-        dev = self.device
+        self.use_cuda_graph = config.cuda_graph and self.device.type == "cuda"
+        if config.attention == "paged" and not use_triton(next(model.parameters())):
+            raise ValueError("engine config attention='paged' runs a Triton kernel: it needs a CUDA model "
+                             "(or TRITON_INTERPRET=1 on CPU); use attention='gather'")
+        self.sync_every = config.sync_every or (4 if self.device.type == "cuda" else 1)
+        num_blocks = config.max_tokens // config.block_size + 1  # + the padding block 0
+        # a block table covers the longest sequence plus the decode steps run past its end before a host check
+        self.table_width = -(-(config.max_seq_len + self.sync_every) // config.block_size)
+        if num_blocks - 1 < self.table_width:
+            raise ValueError(f"engine max_tokens={config.max_tokens} cannot hold one sequence of max_seq_len="
+                             f"{config.max_seq_len} (+{self.sync_every} decode steps); raise max_tokens")
+        self.cache = PagedKVCache(model.config.num_layers, num_blocks, config.block_size, self.device)
+        self.scheduler = Scheduler(max_batch=config.max_batch, num_blocks=num_blocks, block_size=config.block_size,
+                                   share_prefix=config.share_prefix)
+        self.generator = torch.Generator(device=self.device).manual_seed(0)
+        dev, mb = self.device, config.max_batch
         # static decode inputs/outputs (CUDA graphs read and write these exact tensors)
-        self._tokens = torch.full((max_batch, 1), self.pad_token_id, dtype=torch.long, device=dev)
-        self._positions = torch.zeros(max_batch, 1, dtype=torch.long, device=dev)
-        self._slot_mask = torch.zeros(max_batch, max_seq_len, dtype=torch.bool, device=dev)
-        self._write_pos = torch.zeros(1, dtype=torch.long, device=dev)
-        self._logits = torch.zeros(max_batch, self.true_vocab_size, dtype=torch.float32, device=dev)
+        self._tokens = torch.zeros(mb, dtype=torch.long, device=dev)  # [B] token fed at this step
+        self._positions = torch.zeros(mb, dtype=torch.long, device=dev)  # [B] its position (= its cache slot index)
+        self._tables = torch.zeros(mb, self.table_width, dtype=torch.long, device=dev)  # [B, blocks] block ids
+        self._logits = torch.zeros(mb, self.true_vocab_size, dtype=torch.float32, device=dev)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._graph_pool = None
-        self._graph_weights: tuple[int, ...] = ()  # parameter addresses the captured graphs read
-        self._model_step = torch.compile(self._model_step_eager) if compile_decode else self._model_step_eager
+        self._graph_weights: tuple[int, ...] = ()
+        # work done (for throughput / bandwidth accounting): decode steps, rows x steps, attended
+        # context tokens summed over rows and steps, prefilled tokens
+        self.stats = {"decode_steps": 0, "decode_rows": 0, "decode_context_tokens": 0, "prefill_tokens": 0}
 
-    # ------------------------------------------------------------------ public
+    # ------------------------------------------------------------------ request API
+    def add_request(self, prompt_ids: list[int], params: RequestParams | None = None, *,
+                    ignore_eos: bool = False) -> int:
+        """Queue a request; returns its id. Its n samples finish independently (see `step`).
+
+        prompt_ids: non-empty token ids; params: `RequestParams` (sampling, max_new_tokens, n, extra
+        stop ids, keep_cache). The engine's EOS ids are added to the stop ids unless `ignore_eos`.
+        """
+        params = params or RequestParams()
+        self._check_prompt(prompt_ids, params.max_new_tokens)
+        eos = frozenset() if ignore_eos else frozenset(self.eos_token_ids)
+        stops = frozenset(int(t) for t in params.stop_token_ids) | eos
+        params = RequestParams(params.sampling, params.max_new_tokens, params.n, stops, params.keep_cache)
+        return self.scheduler.add([int(t) for t in prompt_ids], params)
+
+    def append(self, request_id: int, token_ids: list[int], *, sample_index: int = 0,
+               max_new_tokens: int | None = None) -> None:
+        """Add `token_ids` (e.g. a tool result) to a paused sequence and queue it to continue generating.
+
+        The sequence must have finished with `keep_cache=True`; its cache is reused, only the new
+        tokens (and its last sampled token) are prefilled. The next `Finished` holds the tokens
+        generated after `token_ids` (at most `max_new_tokens`, default the request's)."""
+        seq = self.scheduler.paused.get((request_id, sample_index))
+        if seq is not None:
+            self._check_prompt(seq.tokens + list(token_ids), max_new_tokens or seq.params.max_new_tokens)
+        self.scheduler.append(request_id, sample_index, token_ids, max_new_tokens)
+
+    def release_request(self, request_id: int) -> None:
+        """Free the kept cache of a request's paused samples."""
+        self.scheduler.release(request_id)
+
+    def has_unfinished(self) -> bool:
+        """Whether requests are waiting or running."""
+        return self.scheduler.has_work
+
+    def seed(self, seed: int) -> None:
+        """Re-seed the sampling generator."""
+        self.generator.manual_seed(seed)
+
     @torch.no_grad()
+    def step(self) -> list[Finished]:
+        """Admit + prefill waiting requests, run `sync_every` decode steps; return the sequences that finished."""
+        self._check_weights()
+        sched = self.scheduler
+        finished: list[Finished] = []
+        admitted = sched.admit()
+        if not admitted and not sched.running:
+            raise RuntimeError("no request fits into the KV cache; raise max_tokens")
+        if admitted:
+            finished += self._prefill(admitted)
+        if sched.running:
+            finished += self._decode_window()
+        return finished
+
+    # ------------------------------------------------------------------ batch convenience
+    @torch.no_grad()
+    def generate_rows(self, prompt_ids: list[list[int]], *, max_new_tokens: int, sampling: SamplingParams,
+                      n: int = 1, seed: int = 0, stop_token_ids=(), ignore_eos: bool = False,
+                      on_finish: Callable[[int, list[int], list[float]], None] | None = None,
+                      ) -> tuple[list[list[int]], list[list[float]]]:
+        """n responses per prompt, prompt-major: (token ids per row, log-probs per row).
+
+        on_finish(row, token_ids, logprobs) is called as each row finishes (row = i * n + j)."""
+        if len(prompt_ids) == 0:
+            raise ValueError("prompt_ids is empty: give at least one prompt")
+        params = RequestParams(sampling, max_new_tokens, n, frozenset(int(t) for t in stop_token_ids))
+        for i, p in enumerate(prompt_ids):
+            try:
+                self._check_prompt(p, max_new_tokens)
+            except ValueError as exc:
+                raise ValueError(f"prompt {i}: {exc}") from None
+        if self.has_unfinished():
+            raise ValueError("generate() needs an idle engine (requests are still queued or running)")
+        self.seed(seed)
+        first = {self.add_request(p, params, ignore_eos=ignore_eos): i for i, p in enumerate(prompt_ids)}
+        results: list = [None] * (len(prompt_ids) * n)
+        while self.has_unfinished():
+            for done in self.step():
+                row = first[done.request_id] * n + done.sample_index
+                results[row] = (done.token_ids, done.logprobs)
+                if on_finish is not None:
+                    on_finish(row, done.token_ids, done.logprobs)
+        return [r[0] for r in results], [r[1] for r in results]
+
     def generate(self, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, n: int = 1, stop_token_ids=(), seed: int = 0,
                  ignore_eos: bool = False) -> GenerationOutput:
-        """Generate n responses per prompt; see `GenerationOutput` for the returned layout.
+        """`generate_rows` returned as padded tensors (`GenerationOutput`)."""
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n (samples per prompt) must be an integer >= 1, got {n!r}")
+        tokens, logprobs = self.generate_rows(prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling, n=n,
+                                              seed=seed, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
+        rows = [[int(t) for t in p] for p in prompt_ids for _ in range(n)]
+        return assemble_output(rows, list(zip(tokens, logprobs)), self.pad_token_id)
 
-        prompt_ids: list of B non-empty token-id lists. Stops a row at the first token in
-        eos_token_ids (unless ignore_eos) or stop_token_ids, or after max_new_tokens tokens.
-        seed: seeds the sampling generator (same seed + same inputs = same tokens).
-        """
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-        rows = self._check_prompts(prompt_ids, n, max_new_tokens)
-        stops = set(int(t) for t in stop_token_ids) | (set() if ignore_eos else set(self.eos_token_ids))
-        stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=self.device)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
+    def release(self) -> None:
+        """Free the KV cache and the CUDA graphs (rebuilt on the next use); drops queued and paused requests."""
+        self.cache.release()
+        self._graphs.clear()
+        self._graph_pool = None
+        cfg = self.config
+        self.scheduler = Scheduler(max_batch=cfg.max_batch, num_blocks=self.cache.num_blocks,
+                                   block_size=cfg.block_size, share_prefix=cfg.share_prefix)
+
+    # ------------------------------------------------------------------ checks
+    def _check_prompt(self, prompt_ids, max_new_tokens: int) -> None:
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if len(prompt_ids) == 0:
+            raise ValueError("the prompt is empty: every prompt needs at least one token")
+        if len(prompt_ids) + max_new_tokens > self.max_seq_len:
+            raise ValueError(f"a prompt of {len(prompt_ids)} tokens with max_new_tokens={max_new_tokens} exceeds "
+                             f"the engine's max_seq_len={self.max_seq_len}")
+        bad = [t for t in prompt_ids if not (0 <= int(t) < self.true_vocab_size)]
+        if bad:
+            raise ValueError(f"the prompt has token ids outside [0, {self.true_vocab_size}): {bad[:5]}")
+
+    def _check_weights(self) -> None:
         weights = tuple(p.data_ptr() for p in self.model.parameters())
         if weights != self._graph_weights:  # re-allocated weights (e.g. resharded): graphs would read stale memory
             self._graphs.clear()
             self._graph_weights = weights
-        results = []
-        for start in range(0, len(rows), self.max_batch):
-            results += self._generate_chunk(rows[start:start + self.max_batch], max_new_tokens, params,
-                                            stop_ids, generator)
-        return self._assemble(rows, results)
 
-    def release(self) -> None:
-        """Free the KV cache and the CUDA graphs (they are rebuilt on the next `generate`)."""
-        self.cache.release()
-        self._graphs.clear()
-        self._graph_pool = None
+    # ------------------------------------------------------------------ prefill
+    def _prefill(self, groups: list[list[Sequence]]) -> list[Finished]:
+        """Feed each group leader's uncached tokens, fork the samples, sample their first token."""
+        leaders = [g[0] for g in groups]
+        logits = torch.empty(len(leaders), self.true_vocab_size, dtype=torch.float32, device=self.device)
+        start = 0
+        while start < len(leaders):  # slices of about prefill_tokens (rows x padded length)
+            end, longest = start, 0
+            while end < len(leaders):
+                longest_next = max(longest, len(leaders[end].tokens) - leaders[end].num_cached)
+                if end > start and longest_next * (end + 1 - start) > self.config.prefill_tokens:
+                    break
+                longest, end = longest_next, end + 1
+            logits[start:end] = self._prefill_forward(leaders[start:end], longest)
+            self.stats["prefill_tokens"] += sum(len(s.tokens) - s.num_cached for s in leaders[start:end])
+            start = end
+        finished = []
+        rows, row_logits = [], []
+        for group, lg in zip(groups, logits):
+            leader = group[0]
+            leader.num_cached = len(leader.tokens)
+            for src, dst in self.scheduler.fork(group):
+                self.cache.copy_block(src, dst)
+            rows += group
+            row_logits += [lg] * len(group)
+        tokens, logprobs = self._sample(torch.stack(row_logits), rows, 0)
+        for seq, tok, lp in zip(rows, tokens.tolist(), logprobs.tolist()):
+            done = self.scheduler.accept(seq, tok, lp)
+            if done is not None:
+                finished.append(done)
+        return finished
 
-    # ------------------------------------------------------------------ validation / output
-    def _check_prompts(self, prompt_ids, n: int, max_new_tokens: int) -> list[list[int]]:
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n (samples per prompt) must be an integer >= 1, got {n!r}")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if len(prompt_ids) == 0:
-            raise ValueError("prompt_ids is empty: give at least one prompt")
-        for i, p in enumerate(prompt_ids):
-            if len(p) == 0:
-                raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
-            if len(p) + max_new_tokens > self.max_seq_len:
-                raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it "
-                                 f"exceeds the engine's max_seq_len={self.max_seq_len}")
-            bad = [t for t in p if not (0 <= int(t) < self.true_vocab_size)]
-            if bad:
-                raise ValueError(f"prompt {i} has token ids outside [0, {self.true_vocab_size}): {bad[:5]}")
-        return [[int(t) for t in p] for p in prompt_ids for _ in range(n)]  # prompt-major
+    def _prefill_forward(self, seqs: list[Sequence], s_new: int) -> torch.Tensor:
+        """One right-padded forward over the seqs' uncached tokens -> last-position logits [rows, V]."""
+        bs, dev = self.block_size, self.device
+        rows = len(seqs)
+        ids = torch.full((rows, s_new), self.pad_token_id, dtype=torch.long)
+        starts = torch.tensor([s.num_cached for s in seqs])  # [rows]
+        lengths = torch.tensor([len(s.tokens) - s.num_cached for s in seqs])  # [rows]
+        nb = max(len(s.blocks) for s in seqs)
+        tables = torch.zeros(rows, nb, dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, :lengths[r]] = torch.tensor(s.tokens[s.num_cached:])
+            tables[r, :len(s.blocks)] = torch.tensor(s.blocks)
+        positions = starts[:, None] + torch.arange(s_new)  # [rows, S]
+        real = torch.arange(s_new)[None, :] < lengths[:, None]  # [rows, S]
+        write = tables.gather(1, (positions // bs).clamp(max=nb - 1)) * bs + positions % bs
+        write = torch.where(real, write, 0)  # padding tokens write into the padding block
+        keys = torch.arange(nb * bs)  # [kv_len]
+        read = (tables[:, :, None] * bs + torch.arange(bs)).reshape(rows, nb * bs)  # [rows, kv_len] slots
+        attn = keys[None, None, :] <= positions[:, :, None]  # [rows, S, kv_len] causal over cache + new tokens
+        self.cache.set_view(write.reshape(-1).to(dev), read.to(dev))
+        hidden = self.model(ids.to(dev), positions.to(dev), attn_mask=attn[:, None].to(dev), kv_cache=self.cache,
+                            return_hidden=True)  # [rows, S, H]
+        last = hidden[torch.arange(rows, device=dev), (lengths - 1).to(dev)]  # [rows, H]
+        return self._head_logits(last)
 
-    def _assemble(self, rows: list[list[int]], results: list[tuple[list[int], list[float]]]) -> GenerationOutput:
-        n_rows, p_len = len(rows), max(len(r) for r in rows)
-        r_len = max(len(toks) for toks, _ in results)
-        prompt_ids = torch.full((n_rows, p_len), self.pad_token_id, dtype=torch.long)
-        prompt_mask = torch.zeros(n_rows, p_len, dtype=torch.long)
-        response_ids = torch.full((n_rows, r_len), self.pad_token_id, dtype=torch.long)
-        response_mask = torch.zeros(n_rows, r_len, dtype=torch.long)
-        logprobs = torch.zeros(n_rows, r_len, dtype=torch.float32)
-        for i, (row, (toks, lps)) in enumerate(zip(rows, results)):
-            prompt_ids[i, p_len - len(row):] = torch.tensor(row)
-            prompt_mask[i, p_len - len(row):] = 1
-            response_ids[i, :len(toks)] = torch.tensor(toks, dtype=torch.long)
-            response_mask[i, :len(toks)] = 1
-            logprobs[i, :len(lps)] = torch.tensor(lps, dtype=torch.float32)
-        prompt_pos = position_ids_from_mask(prompt_mask)  # [N, P]
-        response_pos = prompt_pos[:, -1:] + 1 + torch.arange(r_len)  # [N, R]
-        return GenerationOutput(
-            prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
-            response_mask=response_mask, response_logprobs=logprobs,
-            input_ids=torch.cat([prompt_ids, response_ids], dim=1),
-            attention_mask=torch.cat([prompt_mask, response_mask], dim=1),
-            position_ids=torch.cat([prompt_pos, response_pos], dim=1))
-
-    # ------------------------------------------------------------------ one chunk of rows
-    def _generate_chunk(self, rows, max_new_tokens, params, stop_ids, generator):
-        """Prefill + decode up to max_batch rows; returns [(response tokens, logprobs)] per row."""
-        b, p_len = len(rows), max(len(r) for r in rows)
+    # ------------------------------------------------------------------ decode
+    def _decode_window(self) -> list[Finished]:
+        """`sync_every` decode steps over the running rows; one host read of the sampled tokens."""
+        sched, k = self.scheduler, self.sync_every
+        sched.reserve(k)
+        rows = list(sched.running)
+        if not rows:
+            return []
+        b = len(rows)
         bb = batch_bucket(b, self.max_batch) if self.use_cuda_graph else b
-        logits = self._prefill(rows, p_len, bb)
-        tokens = torch.full((b, max_new_tokens), self.pad_token_id, dtype=torch.long, device=self.device)
-        logprobs = torch.zeros(b, max_new_tokens, dtype=torch.float32, device=self.device)
-        finished = torch.zeros(b, dtype=torch.bool, device=self.device)
-        alive = torch.zeros(b, max_new_tokens, dtype=torch.bool, device=self.device)
-        for t in range(max_new_tokens):
-            tok, lp = sample_tokens(logits[:b], params, generator)
-            tokens[:, t] = torch.where(finished, self.pad_token_id, tok)
-            logprobs[:, t] = torch.where(finished, 0.0, lp)
-            alive[:, t] = ~finished
-            if stop_ids.numel():
-                finished |= torch.isin(tok, stop_ids)
-            if t == max_new_tokens - 1:
-                break
-            if stop_ids.numel() and (t + 1) % self.sync_every == 0 and bool(finished.all()):  # host sync
-                break
-            self._tokens[:b, 0] = tokens[:, t]
-            self._write_pos.fill_(p_len + t)  # cache slot of the token being fed
+        longest = max(len(s.tokens) - 1 + k for s in rows)  # positions the window reaches
+        bucket = max(self.block_size, self.config.kv_len_bucket // self.block_size * self.block_size)
+        nb = min(self.table_width, -(-longest // bucket) * bucket // self.block_size)
+        tables = np.zeros((bb, self.table_width), dtype=np.int64)  # numpy: fast row fills from lists
+        state = np.zeros((2, bb), dtype=np.int64)  # [token fed, its position] per row
+        for r, s in enumerate(rows):
+            tables[r, :len(s.blocks)] = s.blocks
+            state[:, r] = s.tokens[-1], len(s.tokens) - 1
+        self._tables[:bb].copy_(torch.from_numpy(tables))
+        state = torch.from_numpy(state).to(self.device)
+        self._tokens[:bb].copy_(state[0])
+        self._positions[:bb].copy_(state[1])
+        out_tokens = torch.empty(b, k, dtype=torch.long, device=self.device)
+        out_logprobs = torch.empty(b, k, dtype=torch.float32, device=self.device)
+        context = sum(len(s.tokens) for s in rows)  # attended tokens of the window's first step
+        self.stats["decode_steps"] += k
+        self.stats["decode_rows"] += b * k
+        self.stats["decode_context_tokens"] += k * context + b * k * (k - 1) // 2
+        for t in range(k):
+            logits = self._decode(bb, nb)
+            tok, lp = self._sample(logits[:b], rows, t)
+            out_tokens[:, t], out_logprobs[:, t] = tok, lp
+            self._tokens[:b].copy_(tok)
             self._positions[:b] += 1
-            logits = self._decode(bb, self._kv_len(p_len + t + 1))
-        lengths = alive.sum(-1).tolist()
-        tokens, logprobs = tokens.tolist(), logprobs.tolist()
-        return [(tokens[i][:lengths[i]], logprobs[i][:lengths[i]]) for i in range(b)]
+        finished = []
+        for seq, toks, lps in zip(rows, out_tokens.tolist(), out_logprobs.tolist()):  # the host sync
+            for tok, lp in zip(toks, lps):
+                done = sched.accept(seq, tok, lp)
+                if done is not None:
+                    finished.append(done)
+                    break
+            if not seq.finished:
+                seq.num_cached = len(seq.tokens) - 1
+        return finished
 
-    def _kv_len(self, needed: int) -> int:
-        """Cache slots a decode step attends over: `needed` rounded up to the bucket."""
-        return min(self.max_seq_len, -(-needed // self.kv_len_bucket) * self.kv_len_bucket)
-
-    def _prefill(self, rows: list[list[int]], p_len: int, bb: int) -> torch.Tensor:
-        """Run the left-padded prompts through the model, filling cache slots [0, p_len).
-
-        Resets the decode state of rows [0, bb) and returns the last-position logits [b, V].
-        Rows are processed in slices of about `prefill_tokens` tokens to bound activation memory.
-        """
-        b, dev = len(rows), self.device
-        ids = torch.full((b, p_len), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(b, p_len, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            ids[i, p_len - len(r):] = torch.tensor(r)
-            mask[i, p_len - len(r):] = True
-        ids, mask = ids.to(dev), mask.to(dev)
-        positions = position_ids_from_mask(mask)  # [b, P]
-        self._slot_mask[:bb].zero_()
-        self._slot_mask[:b, :p_len] = mask
-        self._tokens[:bb].fill_(self.pad_token_id)
-        self._positions[:bb].zero_()
-        self._positions[:b, 0] = positions[:, -1]
-        causal = torch.ones(p_len, p_len, dtype=torch.bool, device=dev).tril()
-        diag = torch.eye(p_len, dtype=torch.bool, device=dev)
-        # [b, 1, P, P]; a padding query attends to itself only (no fully masked rows -> no NaN)
-        attn = causal & (mask[:, None, None, :] | diag)
-        step = max(1, self.prefill_tokens // p_len)
-        write_index = torch.arange(p_len, device=dev)
-        for s in range(0, b, step):
-            e = min(b, s + step)
-            self.cache.set_view(e - s, p_len, write_index, row_start=s)
-            hidden = self.model(ids[s:e], positions[s:e], attn_mask=attn[s:e], kv_cache=self.cache,
-                                return_hidden=True)  # [rows, P, H]
-            self._logits[s:e].copy_(self._head_logits(hidden[:, -1]))
-        return self._logits
-
-    # ------------------------------------------------------------------ decode step
-    def _decode_forward(self, bb: int, kv_len: int) -> None:
-        """One decode step over rows [0, bb) reading/writing only the static buffers (graph-safe).
-
-        Idempotent for fixed buffer contents, so CUDA-graph warm-up runs change nothing.
-        """
-        self.cache.set_view(bb, kv_len, self._write_pos)
-        self._slot_mask[:bb].index_fill_(1, self._write_pos, True)
-        attn = self._slot_mask[:bb, None, None, :kv_len]  # [bb, 1, 1, kv_len]
-        self._logits[:bb].copy_(self._model_step(self._tokens[:bb], self._positions[:bb], attn))
-
-    def _model_step_eager(self, tokens: torch.Tensor, positions: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """Model forward of one decode step (cache view already set) -> full-vocab logits [bb, V]."""
-        hidden = self.model(tokens, positions, attn_mask=attn, kv_cache=self.cache, return_hidden=True)  # [bb, 1, H]
-        return self._head_logits(hidden[:, -1])
+    def _decode_forward(self, bb: int, nb: int) -> None:
+        """One decode step over rows [0, bb) attending over nb blocks, reading/writing only static buffers
+        (graph-safe; idempotent for fixed buffer contents, so CUDA-graph warm-up runs change nothing)."""
+        bs = self.block_size
+        tables, positions = self._tables[:bb, :nb], self._positions[:bb]
+        block = tables.gather(1, (positions // bs).clamp(max=nb - 1)[:, None])[:, 0]  # [bb]
+        write = block * bs + positions % bs  # [bb] slot of the fed token
+        if self.config.attention == "paged":  # the Triton kernel reads the blocks (kv_cache.attend)
+            self.cache.set_view(write, None, tables, positions)
+            attn = None
+        else:
+            offsets = torch.arange(bs, device=self.device)
+            read = (tables[:, :, None] * bs + offsets).reshape(bb, nb * bs)  # [bb, kv_len]
+            keys = torch.arange(nb * bs, device=self.device)
+            attn = (keys[None, :] <= positions[:, None])[:, None, None, :]  # [bb, 1, 1, kv_len]
+            self.cache.set_view(write, read)
+        hidden = self.model(self._tokens[:bb, None], positions[:, None], attn_mask=attn, kv_cache=self.cache,
+                            return_hidden=True)  # [bb, 1, H]
+        self._logits[:bb].copy_(self._head_logits(hidden[:, -1]))
 
     def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM head on final-normed hidden states [b, H] only -> full-vocab logits [b, V] float32.
-
-        Applying the head to the last position alone (not the model's [b, S, V/tp] output) keeps
-        prefill memory at O(b * V) instead of O(b * S * V).
-        """
+        """LM head on final-normed hidden states [b, H] only -> full-vocab logits [b, V] float32."""
         local = torch.matmul(hidden, self.model.output_weight().t())  # [b, V_pad / tp]; as megatron's column linear
         return gather_vocab_logits(local, self.tp_group, self.true_vocab_size)
 
-    def _decode(self, bb: int, kv_len: int) -> torch.Tensor:
+    def _decode(self, bb: int, nb: int) -> torch.Tensor:
         """Run a decode step (graph replay when enabled) and return the logits buffer [max_batch, V]."""
         if self.use_cuda_graph:
-            graph = self._graphs.get((bb, kv_len))
+            graph = self._graphs.get((bb, nb))
             if graph is None:
-                graph = self._capture(bb, kv_len)
+                graph = self._capture(bb, nb)
             if graph is not None:
                 graph.replay()
                 return self._logits
-        self._decode_forward(bb, kv_len)
+        self._decode_forward(bb, nb)
         return self._logits
 
-    def _capture(self, bb: int, kv_len: int) -> torch.cuda.CUDAGraph | None:
-        """Capture `_decode_forward(bb, kv_len)` in a CUDA graph; on failure warn and go eager."""
+    def _capture(self, bb: int, nb: int) -> torch.cuda.CUDAGraph | None:
+        """Capture `_decode_forward(bb, nb)` in a CUDA graph; on failure warn and go eager."""
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):  # warm-up: cuBLAS handles, lazy allocations (idempotent)
-                    self._decode_forward(bb, kv_len)
+                    self._decode_forward(bb, nb)
             torch.cuda.current_stream().wait_stream(side)
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._graph_pool):
-                self._decode_forward(bb, kv_len)
+                self._decode_forward(bb, nb)
         except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager decode
             warnings.warn(f"CUDA graph capture of the decode step failed ({exc!r}); decoding eagerly")
             self.use_cuda_graph = False
             return None
-        self._graphs[(bb, kv_len)] = graph
+        self._graphs[(bb, nb)] = graph
         return graph
+
+    # ------------------------------------------------------------------ sampling
+    def _sample(self, logits: torch.Tensor, rows: list[Sequence], step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens [b], logprobs [b]) for logits [b, V], each row with its request's sampling params.
+
+        step: index of this token within the decode window (0 after a prefill): row r's token is its
+        response token number `rows[r].num_generated + step` (0-based)."""
+        groups: dict[SamplingParams, list[int]] = {}
+        for r, seq in enumerate(rows):
+            groups.setdefault(seq.params.sampling, []).append(r)
+        if len(groups) == 1:
+            return sample_tokens(logits, next(iter(groups)), self.generator)
+        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        logprobs = torch.empty(len(rows), dtype=torch.float32, device=logits.device)
+        for params, idx in groups.items():
+            index = torch.tensor(idx, device=logits.device)
+            tokens[index], logprobs[index] = sample_tokens(logits[index], params, self.generator)
+        return tokens, logprobs

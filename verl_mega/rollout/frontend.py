@@ -1,27 +1,22 @@
-"""Text in, text out: `generate(actor, prompts)` on an `HFActor` with the GenerationEngine.
+"""Text in, text out: `generate(actor, prompts)` on an `HFActor` through its RolloutWorker.
 
 What: tokenizes prompts (plain strings with the tokenizer's default special tokens; chat message
 lists through the tokenizer's chat template with the generation prompt; or ready token-id lists),
-runs this rank's tensor-parallel group's engine, decodes the responses. One engine per actor is
-kept (weakly, dropped with the actor) so its KV cache and CUDA graphs are reused between calls;
-`release(actor)` frees them.
+runs the actor's RolloutWorker (`actor.rollout_worker()`: the HybridEngine hand-over for pp > 1,
+one cached generation engine, the split over inference replicas), decodes the responses.
+`release(actor)` frees the engine's KV cache and CUDA graphs.
 
 Stop tokens: the tokenizer's EOS plus the `eos_token_id`s of the model's config.json and
 generation_config.json (as transformers' generate does). Pad: the tokenizer's pad id, else EOS.
-
-Pipelined actors (pp > 1): the HybridEngine (verl_mega.hybrid_engine) reshards the weights into a
-one-stage inference model for the call and releases it afterwards.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import weakref
+from dataclasses import replace
 
-from verl_mega.rollout.engine import GenerationEngine
-
-_ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+from verl_mega.rollout.sampling import SamplingParams
 
 
 def encode_prompts(tokenizer, prompts) -> list[list[int]]:
@@ -68,28 +63,9 @@ def stop_ids(actor) -> tuple[list[int], int]:
     return eos, int(pad)
 
 
-def get_engine(actor, *, max_batch: int, max_seq_len: int, use_cuda_graph: bool | None = None) -> GenerationEngine:
-    """The actor's cached engine if it is big enough, else a new one (replacing the cached one)."""
-    if actor.layout.pp != 1 or not (actor.model.has_embedding and actor.model.has_head):
-        raise ValueError(f"get_engine needs a one-stage actor (pp=1), this one has pp={actor.layout.pp}")
-    engine = _ENGINES.get(actor)
-    if (engine is None or engine.max_batch < max_batch or engine.max_seq_len < max_seq_len
-            or (use_cuda_graph is not None and use_cuda_graph != engine.use_cuda_graph)):
-        if engine is not None:
-            engine.release()
-        eos, pad = stop_ids(actor)
-        max_seq_len = max(max_seq_len, engine.max_seq_len if engine is not None else 0)
-        engine = GenerationEngine(actor.model, actor.layout.tp_group, max_batch=max_batch, max_seq_len=max_seq_len,
-                                  eos_token_ids=eos, pad_token_id=pad, use_cuda_graph=use_cuda_graph)
-        _ENGINES[actor] = engine
-    return engine
-
-
 def release(actor) -> None:
-    """Free the KV cache and CUDA graphs of the actor's engine (e.g. before training resumes)."""
-    engine = _ENGINES.pop(actor, None)
-    if engine is not None:
-        engine.release()
+    """Free the KV cache and CUDA graphs of the actor's rollout engine (e.g. before training resumes)."""
+    actor.release_rollout()
 
 
 def generate(actor, prompts, *, max_new_tokens: int = 256, temperature: float = 1.0, top_k: int = 0,
@@ -102,58 +78,30 @@ def generate(actor, prompts, *, max_new_tokens: int = 256, temperature: float = 
     {"prompt": the prompt as given, "prompt_index": i, "sample_index": j, "response": decoded text
     (special tokens skipped), "response_ids": token ids (the stop token included),
     "response_logprobs": per-token log-probs (see verl_mega.rollout.sampling)}.
-    With pp > 1 the HybridEngine builds a one-stage inference model (tp_g = tp); its pp replicas
-    inside the model-parallel group each generate a share of the prompts, then all-gather.
+    max_batch: most sequences decoded together, use_cuda_graph: False turns CUDA-graph decode off; both
+    override the worker's engine config for this call only (None: keep it; see `actor.rollout_worker()`).
+    With pp > 1 the actor's HybridEngine builds a one-stage inference model (tp_g = tp); its micro-DP
+    replicas each generate a share of the prompts, then all-gather.
     """
     if actor.tokenizer is None and not all(isinstance(p, (list, tuple)) and p and isinstance(p[0], int) for p in prompts):
         raise ValueError(f"the model at {actor.path} has no tokenizer: pass token-id lists as prompts")
     ids = encode_prompts(actor.tokenizer, prompts)
-    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, n=n,
-              stop_token_ids=stop_token_ids, seed=seed, ignore_eos=ignore_eos)
-    rows = len(ids) * (n if isinstance(n, int) and n > 0 else 1)
-    max_seq_len = -(-(max(len(p) for p in ids) + max_new_tokens) // 64) * 64
-    if actor.layout.pp == 1:
-        engine = get_engine(actor, max_batch=max_batch or min(rows, 256), max_seq_len=max_seq_len,
-                            use_cuda_graph=use_cuda_graph)
-        out = engine.generate(ids, **kw)
-        responses, logprobs = out.responses(), [lp[:len(r)].tolist() for lp, r in zip(out.response_logprobs, out.responses())]
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n (samples per prompt) must be an integer >= 1, got {n!r}")
+    worker = actor.rollout_worker()
+    if max_batch is not None or use_cuda_graph is not None:  # a per-call override of the worker's engine config
+        config = worker.engine_config
+        config = replace(config, max_batch=max_batch or config.max_batch,
+                         cuda_graph=config.cuda_graph if use_cuda_graph is None else use_cuda_graph)
     else:
-        responses, logprobs = _generate_pipelined(actor, ids, kw, max_batch or min(rows, 256), max_seq_len, use_cuda_graph)
+        config = None
+    out = worker.generate(ids, max_new_tokens=max_new_tokens, sampling=sampling, n=n, seed=seed,
+                          stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, engine_config=config)
     results = []
-    for r, resp in enumerate(responses):
+    for r, (resp, lps) in enumerate(zip(out.responses, out.logprobs)):
         i, j = divmod(r, n)
         text = actor.tokenizer.decode(resp, skip_special_tokens=True) if actor.tokenizer is not None else None
         results.append({"prompt": prompts[i], "prompt_index": i, "sample_index": j, "response": text,
-                        "response_ids": resp, "response_logprobs": logprobs[r]})
+                        "response_ids": resp, "response_logprobs": lps})
     return results
-
-
-def _generate_pipelined(actor, ids, kw, max_batch, max_seq_len, use_cuda_graph):
-    """pp > 1: reshard to a one-stage inference model, split prompts over its micro-DP replicas,
-    all-gather the (responses, logprobs) rows. The engine is not cached: the inference weights are
-    rebuilt (new storage) by every reshard, which would invalidate captured CUDA graphs."""
-    import torch.distributed as dist
-
-    from verl_mega.hybrid_engine.reshard import inference_model
-
-    eos, pad = stop_ids(actor)
-    with inference_model(actor, actor.layout) as (model, inf):
-        share = -(-len(ids) // inf.micro_dp)
-        mine = ids[inf.micro_dp_rank * share:(inf.micro_dp_rank + 1) * share]
-        local = ([], [])
-        if mine:
-            engine = GenerationEngine(model, inf.tp_g_group, max_batch=max_batch, max_seq_len=max_seq_len,
-                                      eos_token_ids=eos, pad_token_id=pad, use_cuda_graph=use_cuda_graph)
-            try:
-                out = engine.generate(mine, **kw)
-            finally:
-                engine.release()
-            resp = out.responses()
-            local = (resp, [lp[:len(r)].tolist() for lp, r in zip(out.response_logprobs, resp)])
-        gathered = [None] * inf.micro_dp
-        dist.all_gather_object(gathered, (inf.micro_dp_rank, local), group=inf.micro_dp_group)
-    responses, logprobs = [], []
-    for _, (resp, lps) in sorted(gathered, key=lambda g: g[0]):
-        responses += resp
-        logprobs += lps
-    return responses, logprobs

@@ -3,7 +3,7 @@ TrainEngine (1F1B, DP, ZeRO-1), checkpoints, the `verl-mega train` / `verl-mega 
 
     from verl_mega.trainer import PPOTrainer, Rollout, Reward, LogProbs, Advantage, Update, Metrics
     trainer = PPOTrainer(actor=actor, reward_fn=fn, rollout_batch_size=8, algorithm="grpo")
-    trainer.pipeline = Rollout() >> Reward() >> LogProbs() >> Advantage() >> Update() >> Metrics()
+    trainer.pipeline = default_pipeline(trainer).replace("reward", my_reward_stage)   # stages compose with >>
 
 Names are imported on first use (PEP 562), so `verl-mega demo`'s launcher process, which only
 spawns the ranks, does not pay for torch/megatron imports twice.

@@ -18,6 +18,8 @@ from typing import Optional
 
 from omegaconf import MISSING
 
+from verl_mega.rollout.engine_config import EngineConfig
+
 ALGORITHMS = ("ppo", "gae", "grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
 DTYPES = ("float32", "bfloat16")
 
@@ -48,9 +50,10 @@ class RolloutSection:
     temperature: float = 1.0  # sampling temperature (also used for the training log-probs)
     top_k: int = 0  # top-k sampling (0 = off)
     top_p: float = 1.0  # nucleus sampling (1 = off)
-    max_batch: int = 256  # most sequences decoded together (larger rollouts run in chunks)
-    cuda_graph: bool = True  # capture decode steps in CUDA graphs (ignored on CPU)
+    engine: EngineConfig = field(default_factory=EngineConfig)  # generation engine sizes (rollout.engine.max_batch, ...)
     free_cache: bool = True  # free the KV cache (and CUDA graphs) after each rollout, leaving the memory to training
+    stream_rewards: bool = True  # score each response as soon as it finishes (reward time overlaps generation)
+    reward_workers: int = 32  # concurrent reward calls (threads)
 
 
 @dataclass

@@ -8,7 +8,7 @@
 
 The step reads like the algorithm:
 
-    self.pipeline = Rollout() >> Reward() >> LogProbs() >> Advantage() >> Update() >> Metrics()
+    self.pipeline = rollout >> reward >> logprobs >> Advantage() >> Update() >> Metrics()   # default_pipeline(self)
 
 Every rank runs the same code (SPMD): one plain python process on CPU, or torchrun with the actor
 loaded under a (tp, pp, dp) layout (`get_actor_model(path, tensor_parallel_size=..., ...)`, or the
@@ -28,15 +28,12 @@ import logging
 import os
 from collections.abc import Callable, Iterable
 
-import torch
 import torch.distributed as dist
 
 from verl_mega.algorithms.kl import AdaptiveKLController, FixedKLController
 from verl_mega.data import get_dataloader
-from verl_mega.hybrid_engine.reshard import HybridEngine
-from verl_mega.models import HFActor, get_actor_model
 from verl_mega.rewards.base import RewardFailureGuard, RewardFunction, RuleBasedReward
-from verl_mega.rollout.engine import GenerationEngine
+from verl_mega.rollout.actor import HFActor, get_actor_model
 from verl_mega.rollout.frontend import encode_prompts, stop_ids
 from verl_mega.rollout.frontend import release as release_generation
 from verl_mega.trainer import checkpointing
@@ -44,6 +41,7 @@ from verl_mega.trainer.batch import RLBatch
 from verl_mega.trainer.config import TrainerConfig, check_config
 from verl_mega.trainer.engine import TrainEngine
 from verl_mega.trainer.metrics import MetricsLogger, bar_postfix, progress_bar, run_banner
+from verl_mega.trainer.reward_runner import RewardRunner
 from verl_mega.trainer.optim import OptimConfig
 from verl_mega.trainer.roles import FrozenModel, build_critic, build_reference
 from verl_mega.trainer.stages import Advantage, LogProbs, Metrics, Pipeline, Reward, Rollout, Update
@@ -60,9 +58,17 @@ _KWARG_FIELDS = {
 }
 
 
-def default_pipeline() -> Pipeline:
-    """rollout >> reward >> logprob >> advantage >> update >> metrics."""
-    return Rollout() >> Reward() >> LogProbs() >> Advantage() >> Update() >> Metrics()
+def default_pipeline(trainer: "PPOTrainer") -> Pipeline:
+    """rollout >> reward >> logprob >> advantage >> update >> metrics; rollout, reward and logprob are built
+    with what they use (the rollout worker and config section, the reward runner, the engines)."""
+    cfg = trainer.config
+    rollout = Rollout(trainer.worker, cfg.rollout, seed=cfg.trainer.seed, tokenizer=trainer.tokenizer,
+                      pad_id=trainer.pad_id, dp_rank=trainer.layout.dp_rank,
+                      rewards=trainer.rewards if cfg.rollout.stream_rewards else None)
+    logprobs = LogProbs(trainer.actor_engine, trainer.reference, trainer.critic_engine, trainer.layout,
+                        temperature=cfg.rollout.temperature, micro_batch_size=cfg.trainer.micro_batch_size,
+                        device=trainer.device)
+    return rollout >> Reward(trainer.rewards) >> logprobs >> Advantage() >> Update() >> Metrics()
 
 
 class PPOTrainer:
@@ -106,19 +112,20 @@ class PPOTrainer:
         self.tokenizer = actor.tokenizer
         self.eos_ids, self.pad_id = stop_ids(actor)
         self.actor_engine = TrainEngine(actor.model, self.layout, self._optim(cfg.optim.lr), param_dtype=actor.dtype)
-        self.hybrid = HybridEngine(actor.model, self.layout, actor.config, cfg.parallel.tp_g or self.layout.tp)
+        self.worker = actor.rollout_worker(tp_g=cfg.parallel.tp_g, engine_config=cfg.rollout.engine,
+                                           free_cache=cfg.rollout.free_cache)
         self.reference = self._reference(reference) if cfg.algorithm.kl_coef > 0 else None
         self.critic_engine = self._critic(critic) if cfg.algorithm.name in ("ppo", "gae") else None
         self.reward_fn = RewardFunction(reward_fn if reward_fn is not None else RuleBasedReward())
         self.reward_guard = RewardFailureGuard(cfg.trainer.reward_fail_threshold, cfg.trainer.reward_fail_steps)
+        self.rewards = RewardRunner(self.reward_fn, self.layout, timeout_s=cfg.trainer.reward_timeout_s,
+                                    max_workers=cfg.rollout.reward_workers)
         a = cfg.algorithm
         self.kl_ctl = (AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target and a.kl_in_reward
                        else FixedKLController(a.kl_coef)) if a.kl_coef > 0 else None
-        self.pipeline = default_pipeline()
+        self.pipeline = default_pipeline(self)
         self.global_step = 0  # RL steps done
         self.val_history: list[dict[str, float]] = []  # {"step": k, "val/...": ...} per validation run by fit()
-        self._gen_engine: GenerationEngine | None = None
-        self._gen_key = None
 
     # ------------------------------------------------------------------ construction helpers
     def _optim(self, lr: float, warmup_steps: int | None = None, schedule: str | None = None,
@@ -151,22 +158,6 @@ class PPOTrainer:
         new_head = path == self.actor.path  # the actor's LM directory: its value head is new, initialise it
         return build_critic(self.actor, optim, path, value_head_std=self.config.model.value_head_std if new_head else None)
 
-    def generation_engine(self, model, inference_layout, rows: int, seq_len: int) -> GenerationEngine:
-        """A rollout engine for `rows` sequences of up to `seq_len` tokens on the inference model; reused
-        while it is big enough and the weights' storage has not moved (captured CUDA graphs read it)."""
-        key = (id(model), tuple(p.data_ptr() for p in model.parameters()))
-        engine = self._gen_engine
-        if engine is None or self._gen_key != key or engine.max_batch < min(rows, self.config.rollout.max_batch) \
-                or engine.max_seq_len < seq_len:
-            if engine is not None:
-                engine.release()
-            r = self.config.rollout
-            self._gen_engine = GenerationEngine(
-                model, inference_layout.tp_g_group, max_batch=min(rows, r.max_batch), max_seq_len=-(-seq_len // 64) * 64,
-                eos_token_ids=self.eos_ids, pad_token_id=self.pad_id, use_cuda_graph=r.cuda_graph and model_on_cuda(model))
-            self._gen_key = key
-        return self._gen_engine
-
     # ------------------------------------------------------------------ one step
     def make_batch(self, samples: list[dict]) -> RLBatch:
         """An RLBatch from samples: dataset items (with `prompt_ids`) or dicts with `prompt` (text or chat messages)."""
@@ -195,6 +186,8 @@ class PPOTrainer:
         self._check_same_prompt_count(len(samples))
         batch = self.pipeline(self.make_batch(samples), self)
         self.global_step += 1
+        if "actor/reward_kl_penalty" in batch.metrics and self.kl_ctl is not None:
+            self.kl_ctl.update(batch.metrics["actor/reward_kl_penalty"], batch.num_rows)
         if batch.reward_failures or batch.reward_timeouts:
             log.warning("step %d: %d reward failures, %d timeouts; first: %s", self.global_step,
                         batch.reward_failures, batch.reward_timeouts, (batch.reward_errors or ["?"])[0])
@@ -328,7 +321,3 @@ class PPOTrainer:
     def load_checkpoint(self, root: str, dataloader=None) -> int | None:
         """Restore the newest checkpoint under `root` (any layout: DCP reshards); returns its step or None."""
         return checkpointing.load(self, root, dataloader)
-
-
-def model_on_cuda(model: torch.nn.Module) -> bool:
-    return next(model.parameters()).device.type == "cuda"

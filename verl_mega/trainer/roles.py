@@ -20,7 +20,8 @@ from typing import Callable
 
 import torch
 
-from verl_mega.models import build_stage, get_actor_model
+from verl_mega.models import build_stage
+from verl_mega.rollout.actor import get_actor_model
 from verl_mega.parallel import pipeline
 from verl_mega.parallel.p2p import PipeComm
 from verl_mega.trainer.engine import TrainEngine, default_forward_step

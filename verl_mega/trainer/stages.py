@@ -1,17 +1,19 @@
 """Dataflow stages of an RL step, composed with `>>`:
 
-    pipeline = Rollout() >> Reward() >> LogProbs() >> Advantage() >> Update() >> Metrics()
+    pipeline = rollout >> reward >> logprobs >> Advantage() >> Update() >> Metrics()
     batch = pipeline(batch, trainer)
 
 A stage is any callable `(batch: RLBatch, ctx) -> RLBatch`; `Stage` subclasses add `>>` and a name,
-and a plain function can take any place (`pipeline.replace("reward", my_fn)` or `Rollout() >> my_fn`).
-`ctx` is the trainer (`PPOTrainer`), read for: `config` (TrainerConfig), `layout`, `device`,
-`tokenizer`, `pad_id`, `hybrid` (HybridEngine), `generation_engine(model, inference_layout, rows, seq_len)`,
-`reward_fn`, `actor_engine`, `reference` (or None), `critic_engine` (or None), `kl_ctl`.
+and a plain function can take any place (`pipeline.replace("reward", my_fn)` or `rollout >> my_fn`).
+`Rollout(worker, rollout_config, ...)`, `Reward(reward_runner)` and `LogProbs(actor_engine, reference,
+critic_engine, layout, ...)` get what they need when they are built (`ppo_trainer.default_pipeline(trainer)`
+builds them) and ignore `ctx`. Advantage / Update / Metrics still read `ctx`, the trainer
+(`PPOTrainer`): `config` (TrainerConfig), `layout`, `device`, `actor_engine`, `critic_engine` (or
+None), `kl_ctl` (read only; the trainer updates it from the `kl_in_reward` metric).
 
 Every rank runs every stage (SPMD). Rewards are computed on the first rank of each model-parallel
-group and broadcast inside it, so a flaky reward (timeout on one rank only) cannot make the ranks of
-a replica disagree. Metrics are per data-parallel rank until `Metrics` averages them over dp.
+group and broadcast inside it (`reward_runner.py`). Metrics are per data-parallel rank until
+`Metrics` averages them over dp.
 
 Reference: HybridFlow's (verl's) PPO dataflow — generate, reward, old/ref log-probs + values,
 advantages, actor/critic update.
@@ -29,8 +31,7 @@ from verl_mega.algorithms.advantages import get_advantage_estimator, outcome_to_
 from verl_mega.algorithms.kl import apply_kl_penalty, kl_loss, kl_penalty
 from verl_mega.algorithms.losses import entropy_bonus, policy_loss, value_loss
 from verl_mega.kernels import fused_logprob_entropy
-from verl_mega.parallel.layout import layout_group_ranks
-from verl_mega.rewards.batched import is_collective, score_rewards
+from verl_mega.rollout.sampling import SamplingParams
 from verl_mega.trainer.batch import RLBatch
 
 StageFn = Callable[[RLBatch, object], RLBatch]
@@ -100,11 +101,6 @@ class Pipeline(Stage):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _mp_source_rank(layout) -> int:
-    """Global rank of the first member of this rank's model-parallel (tp x pp) group."""
-    return next(g[0] for g in layout_group_ranks(layout.tp, layout.pp, layout.dp)["mp"] if layout.rank in g)
-
-
 def response_logprobs(hidden: torch.Tensor, mb: dict, model, tp_group, temperature: float,
                       compute_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) [b, R] of the response tokens from the last stage's final hidden [b, S, H].
@@ -133,92 +129,92 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
 
 # ----------------------------------------------------------------------------- stages
 class Rollout(Stage):
-    """HybridEngine to the inference layout -> GenerationEngine (n samples per prompt) -> back to training.
+    """Prompts -> n responses each, through the RolloutWorker (HybridEngine hand-over, one generation
+    engine, split/gather over the inference replicas); every rank of a model-parallel group ends with
+    the same rows. With a `rewards` runner each response is handed to it the moment it finishes.
 
-    Prompts are split over the micro-DP replicas of the generation layout and the responses
-    all-gathered back, so every rank of a model-parallel group ends with the same rows.
+    worker: `RolloutWorker`; config: the `rollout` config section (max_new_tokens, sampling);
+    seed: the run's seed; tokenizer (or None: responses become space-joined ids); pad_id: response
+    padding; dp_rank: this rank's data-parallel index (seeds differ per replica); rewards: a
+    `RewardRunner` to stream responses to, or None.
     """
 
     name = "rollout"
 
-    def __call__(self, batch: RLBatch, ctx) -> RLBatch:
-        cfg = ctx.config.rollout
-        start = time.perf_counter()
-        model = ctx.hybrid.to_inference()
-        inf = ctx.hybrid.inference_layout
-        reshard_s = time.perf_counter() - start
-        try:
-            share = -(-batch.num_prompts // inf.micro_dp)
-            mine = batch.prompt_ids[inf.micro_dp_rank * share:(inf.micro_dp_rank + 1) * share]
-            local: tuple[list, list] = ([], [])
-            gen_start = time.perf_counter()
-            if mine:
-                engine = ctx.generation_engine(model, inf, len(mine) * batch.n,
-                                                max(map(len, mine)) + cfg.max_new_tokens)
-                seed = (ctx.config.trainer.seed * 1_000_003 + batch.step * 7919 + ctx.layout.dp_rank * 131
-                        + inf.micro_dp_rank) % 2**62
-                out = engine.generate(mine, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                      top_k=cfg.top_k, top_p=cfg.top_p, n=batch.n, seed=seed)
-                resp = out.responses()
-                local = (resp, [lp[:len(r)].tolist() for lp, r in zip(out.response_logprobs, resp)])
-                if cfg.free_cache:
-                    engine.release()
-            gen_s = time.perf_counter() - gen_start
-            gathered: list = [(inf.micro_dp_rank, local)]
-            if inf.micro_dp > 1:
-                gathered = [None] * inf.micro_dp
-                dist.all_gather_object(gathered, (inf.micro_dp_rank, local), group=inf.micro_dp_group)
-        finally:
-            back = time.perf_counter()
-            ctx.hybrid.to_train()
-            reshard_s += time.perf_counter() - back
-        gathered = [g for _, g in sorted(gathered, key=lambda item: item[0])]  # prompt order = micro-DP rank order
-        responses = [r for g in gathered for r in g[0]]
-        logprobs = [lp for g in gathered for lp in g[1]]
-        batch.set_rollout(responses, logprobs, ctx.pad_id)
-        batch.response_texts = [ctx.tokenizer.decode(r, skip_special_tokens=True) if ctx.tokenizer is not None
-                                else " ".join(map(str, r)) for r in responses]
-        batch.timings["generate"] = gen_s
-        batch.timings["reshard"] = reshard_s
+    def __init__(self, worker, config, *, seed: int, tokenizer, pad_id: int, dp_rank: int = 0, rewards=None):
+        self.worker, self.config, self.seed, self.tokenizer = worker, config, seed, tokenizer
+        self.pad_id, self.dp_rank, self.rewards = pad_id, dp_rank, rewards
+
+    def decode(self, ids: list[int]) -> str:
+        """A response's text (special tokens skipped)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None \
+            else " ".join(map(str, ids))
+
+    def __call__(self, batch: RLBatch, ctx=None) -> RLBatch:
+        cfg = self.config
+        on_finish = None
+        if self.rewards is not None:
+            self.rewards.start(batch.row_samples, self.decode)
+            on_finish = lambda row, ids, _lps: self.rewards.submit(row, ids)  # noqa: E731
+        seed = (self.seed * 1_000_003 + batch.step * 7919 + self.dp_rank * 131) % 2**62
+        out = self.worker.generate(batch.prompt_ids, max_new_tokens=cfg.max_new_tokens, n=batch.n, seed=seed,
+                                   sampling=SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p),
+                                   on_finish=on_finish)
+        batch.set_rollout(out.responses, out.logprobs, self.pad_id)
+        batch.response_texts = [self.decode(r) for r in out.responses]
+        batch.timings.update(out.timings)
         return batch
+
+    def __repr__(self) -> str:
+        return "Rollout(worker)"
 
 
 class Reward(Stage):
-    """Score every response with `ctx.reward_fn` (failures and timeouts score 0 and are counted); a
-    collective batched reward (a sharded reward model, an LLM judge) is scored on every rank."""
+    """Collect every response's score from the `RewardRunner` (scored while generation ran, or now);
+    failures and timeouts score 0 and are counted."""
 
     name = "reward"
 
-    def __call__(self, batch: RLBatch, ctx) -> RLBatch:
-        layout = ctx.layout
-        src = _mp_source_rank(layout)
-        box = [None]
-        if layout.rank == src or is_collective(ctx.reward_fn):
-            res = score_rewards(ctx.reward_fn, batch.response_texts, batch.row_samples,
-                                timeout_s=ctx.config.trainer.reward_timeout_s)
-            box = [(res.scores, res.failures, res.timeouts, res.errors)] if layout.rank == src else box
-        if layout.tp * layout.pp > 1:
-            dist.broadcast_object_list(box, src=src, group=layout.mp_group)
-        scores, batch.reward_failures, batch.reward_timeouts, batch.reward_errors = box[0]
+    def __init__(self, rewards):
+        self.rewards = rewards
+
+    def __call__(self, batch: RLBatch, ctx=None) -> RLBatch:
+        scores, batch.reward_failures, batch.reward_timeouts, batch.reward_errors = self.rewards.collect(
+            batch.response_texts, batch.row_samples)
         batch.scores = scores.float()
         return batch
 
+    def __repr__(self) -> str:
+        return "Reward(runner)"
+
 
 class LogProbs(Stage):
-    """Old actor log-probs, reference log-probs (if a reference exists) and critic values (if a critic exists)."""
+    """Old actor log-probs, reference log-probs (if a reference exists) and critic values (if a critic exists).
+
+    actor: the actor's TrainEngine; reference: a FrozenModel or None; critic: the critic's TrainEngine
+    or None; layout: the training Layout; temperature: the rollout temperature (log-probs of the
+    sampled distribution); micro_batch_size: sequences per forward; device: where micro-batches go.
+    """
 
     name = "logprob"
 
-    def __call__(self, batch: RLBatch, ctx) -> RLBatch:
-        temp = ctx.config.rollout.temperature
-        mbs = batch.microbatches(ctx.config.trainer.micro_batch_size, device=ctx.device)
-        batch.old_logprobs = self._logprobs(ctx.actor_engine, mbs, ctx.layout.tp_group, temp)
-        if ctx.reference is not None:
-            batch.ref_logprobs = self._logprobs(ctx.reference, mbs, ctx.layout.tp_group, temp)
-        if ctx.critic_engine is not None:
-            outs = ctx.critic_engine.forward_only(mbs, lambda v, mb: {"values": response_values(v, mb)})
+    def __init__(self, actor, reference, critic, layout, *, temperature: float, micro_batch_size: int, device):
+        self.actor, self.reference, self.critic, self.layout = actor, reference, critic, layout
+        self.temperature, self.micro_batch_size, self.device = temperature, micro_batch_size, device
+
+    def __call__(self, batch: RLBatch, ctx=None) -> RLBatch:
+        mbs = batch.microbatches(self.micro_batch_size, device=self.device)
+        tp_group = self.layout.tp_group
+        batch.old_logprobs = self._logprobs(self.actor, mbs, tp_group, self.temperature)
+        if self.reference is not None:
+            batch.ref_logprobs = self._logprobs(self.reference, mbs, tp_group, self.temperature)
+        if self.critic is not None:
+            outs = self.critic.forward_only(mbs, lambda v, mb: {"values": response_values(v, mb)})
             batch.values = torch.cat([o["values"].cpu() for o in outs])
         return batch
+
+    def __repr__(self) -> str:
+        return "LogProbs(actor, reference, critic)"
 
     @staticmethod
     def _logprobs(engine, mbs, tp_group, temperature: float) -> torch.Tensor:
@@ -242,8 +238,7 @@ class Advantage(Stage):
         if a.kl_coef > 0 and a.kl_in_reward:
             rewards, kl_mean = apply_kl_penalty(rewards, batch.old_logprobs, batch.ref_logprobs, mask,
                                                 ctx.kl_ctl.value, a.kl_estimator)
-            batch.metrics["actor/reward_kl_penalty"] = float(kl_mean)
-            ctx.kl_ctl.update(float(kl_mean), batch.num_rows)
+            batch.metrics["actor/reward_kl_penalty"] = float(kl_mean)  # the trainer updates its KL controller from it
         estimator = get_advantage_estimator("gae" if a.name == "ppo" else a.name)
         batch.token_rewards = rewards
         batch.advantages, batch.returns = estimator(

@@ -5,8 +5,10 @@ plus simple whole-model helpers for tests and evaluation: `logits()` / `values()
 forward one after another with plain send/recv of hidden states (no micro-batching, no grad) and
 hand the full result to every rank; `scores()` reads a reward model's score at each row's last
 real token (as transformers' `*ForSequenceClassification`); `save_hf()` writes a HF directory;
-`generate()` delegates to the rollout engine. Works as one plain python process (world size 1) and
-under torchrun.
+`generate()` runs the rollout service (`rollout_worker()`: the actor's one RolloutWorker, which owns
+its HybridEngine). Works as one plain python process (world size 1) and under torchrun.
+
+It lives in `rollout/`, above the model code, because it generates: `models` imports nothing above it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from verl_mega.hybrid_engine.reshard import HybridEngine
 from verl_mega.models.config import ModelConfig
 from verl_mega.models.decoder import DecoderModel, position_ids_from_mask
 from verl_mega.models.hf_io import check_hf_dir, load_hf_weights, save_hf
@@ -23,6 +26,10 @@ from verl_mega.models.parallelize import build_stage, stage_layer_range
 from verl_mega.models.tokenizer import load_tokenizer
 from verl_mega.parallel.dist import device as comm_device
 from verl_mega.parallel.layout import Layout
+from verl_mega.rollout.engine_config import EngineConfig
+from verl_mega.rollout.frontend import generate as generate_text
+from verl_mega.rollout.frontend import stop_ids
+from verl_mega.rollout.worker import HybridWeights, InPlaceWeights, RolloutWorker
 
 
 class HFActor:
@@ -31,6 +38,7 @@ class HFActor:
 
     def __init__(self, model: DecoderModel, layout: Layout, config: ModelConfig, tokenizer, path: str):
         self.model, self.layout, self.config, self.tokenizer, self.path = model, layout, config, tokenizer, path
+        self._worker: RolloutWorker | None = None
 
     @property
     def device(self) -> torch.device:
@@ -113,10 +121,36 @@ class HFActor:
         save_hf(self.model, self.layout, out_dir, self.config, self.tokenizer)
 
     def generate(self, prompts, **kw):
-        """Generate responses with the rollout engine: `verl_mega.rollout.generate(self, prompts, **kw)`."""
-        from verl_mega.rollout import generate
+        """Generate responses with the rollout service: `verl_mega.rollout.generate(self, prompts, **kw)`."""
+        return generate_text(self, prompts, **kw)
 
-        return generate(self, prompts, **kw)
+    def rollout_worker(self, tp_g: int | None = None, engine_config: EngineConfig | None = None,
+                       free_cache: bool | None = None) -> RolloutWorker:
+        """The actor's one RolloutWorker, created on first use and kept (collective when it builds a
+        HybridEngine: pp > 1 or tp_g < tp).
+
+        tp_g: generation tensor-parallel size; None keeps the existing worker's (default: the training tp);
+        a different value replaces the worker. engine_config / free_cache: reconfigure it when given.
+        """
+        worker = self._worker
+        tp_g = tp_g if tp_g is not None else (worker.tp_g if worker is not None else self.layout.tp)
+        if worker is None or worker.tp_g != tp_g:
+            if worker is not None:
+                worker.release()
+            if self.layout.pp == 1 and tp_g == self.layout.tp:
+                weights = InPlaceWeights(self.model, self.layout.tp_group)
+            else:
+                weights = HybridWeights(HybridEngine(self.model, self.layout, self.config, tp_g))
+            eos, pad = stop_ids(self)
+            worker = self._worker = RolloutWorker(weights, eos_token_ids=eos, pad_token_id=pad, tp_g=tp_g)
+        worker.configure(engine_config if engine_config is not None else worker.engine_config,
+                         worker.free_cache if free_cache is None else free_cache)
+        return worker
+
+    def release_rollout(self) -> None:
+        """Free the rollout worker's KV cache and CUDA graphs (e.g. before training resumes)."""
+        if self._worker is not None:
+            self._worker.release()
 
     def __repr__(self) -> str:
         return f"HFActor({self.path!r}, {self.config.model_type}, {self.layout}, dtype={self.dtype})"

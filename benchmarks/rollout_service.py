@@ -1,0 +1,350 @@
+"""Rollout service benchmark: the continuous-batching engine (paged KV cache, prefix sharing) against the
+static engine (`rollout/static_engine.py`) in the same process, plus transformers' `generate`, plus a
+GRPO step with a slow reward, streaming vs after generation.
+
+    python benchmarks/rollout_service.py            # GPU: Qwen2.5-0.5B and 7B shapes, random bf16 weights
+    python benchmarks/rollout_service.py --smoke    # CPU: tiny shape, few prompts (checks the script end to end)
+
+Workload (per shape): `--prompts` (64) random prompts of `--prompt-len` (128) tokens x `--n` (8) samples;
+every response ends with EOS at a length drawn uniformly from [--min-len, --max-len] = [32, 1024]
+(seeded). Random weights never choose EOS themselves, so the EOS is forced: a benchmark-local engine
+subclass replaces the sampled token by EOS at the drawn length (same work as a model that stops
+there: the row is freed after it, its slot taken by a waiting request).
+- new engine: all requests added at once (`max_batch` rows in flight, `--max-batch`, default all), with
+  the gather + SDPA decode attention ("new") and the Triton paged-attention kernel ("new_paged");
+- static engine: one batch of prompts x n rows with max_new_tokens = the longest drawn length and
+  EOS ignored: how it runs this workload (a finished row keeps its slot and is decoded until the
+  whole batch ends; its extra tokens are not counted);
+- transformers: `generate` at batch `--hf-batch` (64) for `--hf-new-tokens` tokens (EOS ignored).
+Tokens/s counts the drawn lengths (useful tokens) over the wall time of one call (prefill included),
+after a warm-up call with the same workload (captures the CUDA graphs).
+
+Bandwidth bound of a decode step (7B, reported for both shapes): a step must read every weight
+matrix once (all parameters except the input embedding table, of which it reads b rows) and the
+K/V of every attended token:  t_bound = sum over steps of (W + C_step * kv_bytes) / BW, with
+W = weight bytes, C_step = tokens attended in that step summed over its rows (engine counter
+`decode_context_tokens`), kv_bytes = layers * 2 * kv_heads * head_dim * dtype bytes, and BW both
+the H200 spec (4.8 TB/s) and the device-to-device copy bandwidth measured here (2 * bytes / time of
+a 4 GiB copy). Fraction = t_bound / t_decode with t_decode = (new engine call) - (a prefill-only
+call of the same requests, max_new_tokens=1).
+
+GRPO step (0.5B shape, or tiny with --smoke): PPOTrainer on the saved random model, reward = sleep
+`--reward-ms` (50) per response; one step with streaming rewards and one with rewards after
+generation (same seed, same forced lengths), after a warm-up step. Hidden fraction =
+1 - (reward stage time, streaming) / (reward stage time, after generation).
+
+Writes $OUT/rollout_service.json (or --out-dir) and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+if "--smoke" in sys.argv:  # CPU: Triton kernels (the paged attention) in the interpreter; set before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# this directory holds kernels.py, which would shadow the `kernels` package transformers imports
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+_spec = importlib.util.spec_from_file_location("bench_generation", os.path.join(_HERE, "generation.py"))
+_generation = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_generation)
+SHAPES, build_hf, build_ours_random, time_call = (_generation.SHAPES, _generation.build_hf,
+                                                  _generation.build_ours_random, _generation.time_call)
+
+from verl_mega.rollout.engine import GenerationEngine  # noqa: E402
+from verl_mega.rollout.engine_config import EngineConfig  # noqa: E402
+from verl_mega.rollout.sampling import SamplingParams  # noqa: E402
+from verl_mega.rollout.scheduler import RequestParams  # noqa: E402
+from verl_mega.rollout.static_engine import StaticGenerationEngine  # noqa: E402
+from verl_mega.rollout.worker import RolloutWorker  # noqa: E402
+
+EOS = 1  # hf_config's eos_token_id
+H200_BW = 4.8e12  # bytes/s, HBM3e spec
+
+
+class ForcedLengthEngine(GenerationEngine):
+    """Emits EOS as response token number `lengths[(request_id, sample)] - 1` (benchmark only)."""
+
+    lengths: dict[tuple[int, int], int] = {}
+
+    def _sample(self, logits, rows, step):
+        tokens, logprobs = super()._sample(logits, rows, step)
+        targets = torch.tensor([self.lengths.get((s.request_id, s.sample_index), 1 << 30) - 1 - s.num_generated
+                                for s in rows], device=tokens.device)
+        return torch.where(targets == step, EOS, tokens), logprobs
+
+
+class ForcedLengthWorker(RolloutWorker):
+    """A RolloutWorker whose engine is a ForcedLengthEngine with the given per-row lengths."""
+
+    def __init__(self, *args, row_lengths: list[int], n: int, **kw):
+        super().__init__(*args, **kw)
+        self.row_lengths, self.n = row_lengths, n
+
+    def engine(self, model, seq_len, rows):
+        engine = super().engine(model, seq_len, rows)
+        if not isinstance(engine, ForcedLengthEngine):
+            engine.__class__ = ForcedLengthEngine  # same state, forced-EOS sampling
+        # requests get ids in order from the engine's counter; row = i * n + j of this call
+        first = engine.scheduler._next_id
+        engine.lengths = {(first + r // self.n, r % self.n): length for r, length in enumerate(self.row_lengths)}
+        return engine
+
+
+def workload(args, vocab: int) -> tuple[list[list[int]], list[int]]:
+    """(prompts, per-row response lengths), seeded."""
+    gen = torch.Generator().manual_seed(args.seed)
+    prompts = torch.randint(2, vocab, (args.prompts, args.prompt_len), generator=gen).tolist()
+    lengths = torch.randint(args.min_len, args.max_len + 1, (args.prompts * args.n,), generator=gen).tolist()
+    return prompts, lengths
+
+
+def run_new(args, model, prompts, lengths, tp_group, attention: str = "gather") -> dict:
+    """Continuous batching: tokens/s, the decode time (call - prefill-only call) and the engine counters."""
+    rows = len(prompts) * args.n
+    config = EngineConfig(max_batch=args.max_batch or rows, max_seq_len=args.prompt_len + args.max_len + 64,
+                          max_tokens=args.max_tokens or rows * (args.prompt_len + args.max_len + 64),
+                          block_size=args.block_size, kv_len_bucket=args.kv_len_bucket, attention=attention)
+    engine = ForcedLengthEngine(model, tp_group, config, eos_token_ids=[EOS], pad_token_id=0)
+    sampling = SamplingParams(temperature=1.0)
+
+    box: list[int] = []
+
+    def call(max_new: int | None = None):
+        engine.seed(0)
+        first = engine.scheduler._next_id
+        engine.lengths = {(first + r // args.n, r % args.n): length for r, length in enumerate(lengths)}
+        for p in prompts:
+            engine.add_request(p, RequestParams(sampling, max_new or args.max_len, args.n))
+        got = 0
+        while engine.has_unfinished():
+            got += sum(len(d.token_ids) for d in engine.step())
+        return got
+
+    warm = time_call(call)
+    engine.stats = dict.fromkeys(engine.stats, 0)
+    seconds = time_call(lambda: box.append(call()))
+    got, stats = box[-1], dict(engine.stats)
+    prefill = time_call(lambda: call(1))
+    out = {"seconds": seconds, "first_call_seconds": warm, "tokens": got, "tokens_per_s": got / seconds,
+           "prefill_only_seconds": prefill, "decode_seconds": seconds - prefill, "graphs": len(engine._graphs),
+           "kv_pool_gib": engine.cache.memory_bytes() / 2**30, "preemptions": engine.scheduler.preemptions, **stats}
+    engine.release()
+    return out
+
+
+def run_static(args, model, prompts, lengths, tp_group) -> dict:
+    rows = len(prompts) * args.n
+    engine = StaticGenerationEngine(model, tp_group, max_batch=rows, max_seq_len=args.prompt_len + args.max_len + 64,
+                                    eos_token_ids=[EOS], pad_token_id=0)
+    kw = dict(max_new_tokens=max(lengths), temperature=1.0, n=args.n, ignore_eos=True)
+    warm = time_call(lambda: engine.generate(prompts, seed=0, **kw))
+    seconds = time_call(lambda: engine.generate(prompts, seed=1, **kw))
+    out = {"seconds": seconds, "first_call_seconds": warm, "tokens": sum(lengths),
+           "tokens_per_s": sum(lengths) / seconds, "decoded_row_tokens": rows * max(lengths)}
+    engine.release()
+    return out
+
+
+def run_hf(args, shape, device, dtype) -> dict:
+    model = build_hf(shape, device, dtype)
+    prompts = torch.randint(2, SHAPES[shape]["vocab_size"], (args.hf_batch, args.prompt_len), device=device)
+    kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0, eos_token_id=EOS)
+    with torch.no_grad():
+        model.generate(prompts, max_new_tokens=4, min_new_tokens=4, **kw)
+        seconds = time_call(lambda: model.generate(prompts, max_new_tokens=args.hf_new_tokens,
+                                                   min_new_tokens=args.hf_new_tokens, **kw))
+    del model
+    return {"batch": args.hf_batch, "new_tokens": args.hf_new_tokens, "seconds": seconds,
+            "tokens_per_s": args.hf_batch * args.hf_new_tokens / seconds}
+
+
+def copy_bandwidth(device) -> float | None:
+    """Device-to-device copy bandwidth (bytes read + written per second) of a 4 GiB buffer."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(2**31, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    seconds = time_call(lambda: dst.copy_(src), repeats=5)
+    del src, dst
+    return 2 * 2**32 / seconds
+
+
+def bandwidth_bound(shape, model, new: dict, bw: float) -> dict:
+    """The decode-step bound of the module docstring, as a fraction of the measured decode time."""
+    cfg = SHAPES[shape]
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    itemsize = next(model.parameters()).element_size()
+    kv_bytes = cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * head_dim * itemsize
+    embed = 0 if cfg["tie_word_embeddings"] else model.embed_tokens.weight.numel() * itemsize
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) - embed
+    total = new["decode_steps"] * weights + new["decode_context_tokens"] * kv_bytes
+    t_bound = total / bw
+    return {"bandwidth_bytes_per_s": bw, "weight_bytes": weights, "kv_bytes_per_token": kv_bytes,
+            "bound_seconds": t_bound, "fraction_of_bound": t_bound / max(new["decode_seconds"], 1e-9)}
+
+
+def parity_check(device) -> dict:
+    """Tiny fp32 model on `device`: the new engine's greedy tokens (CUDA graphs, 4 rows for 8 prompts of
+    mixed lengths, host check every 4 steps) == transformers' greedy generate, exactly."""
+    from verl_mega.rollout import get_actor_model
+
+    hf = build_hf("tiny", device, torch.float32)
+    path = tempfile.mkdtemp(prefix="rollout_parity_")
+    hf.save_pretrained(path)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, 1000, (int(n),), generator=gen).tolist() for n in torch.randint(3, 20, (8,), generator=gen)]
+    p_len, new = max(map(len, prompts)), 24
+    ids = torch.tensor([[0] * (p_len - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (p_len - len(p)) + [1] * len(p) for p in prompts], device=device)
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new, eos_token_id=EOS,
+                          pad_token_id=0, top_k=None, top_p=None, temperature=None)[:, p_len:].tolist()
+    ref = [row[:row.index(EOS) + 1] if EOS in row else row for row in out]
+    actor = get_actor_model(path, device=device)
+    actor.model.fused_inference = device.type == "cuda"
+    engine = GenerationEngine(actor.model, None, EngineConfig(max_batch=4, max_seq_len=64, block_size=4,
+                                                               kv_len_bucket=16, sync_every=4),
+                              eos_token_ids=[EOS], pad_token_id=0)
+    got = engine.generate(prompts, max_new_tokens=new, temperature=0.0).responses()
+    return {"equal": got == ref, "rows_equal": sum(a == b for a, b in zip(got, ref)), "rows": len(ref),
+            "graphs": len(engine._graphs), "preemptions": engine.scheduler.preemptions}
+
+
+def run_shape(args, shape, device, dtype, layout) -> dict:
+    torch.manual_seed(0)
+    model = build_ours_random(shape, layout, device, dtype)
+    model.fused_inference = device.type == "cuda"  # CPU smoke: plain torch ops (the interpreter runs only the paged kernel)
+    prompts, lengths = workload(args, SHAPES[shape]["vocab_size"])
+    out = {"rows": len(lengths), "mean_length": sum(lengths) / len(lengths), "max_length": max(lengths)}
+    out["new"] = run_new(args, model, prompts, lengths, layout.tp_group)
+    try:  # the Triton paged-attention decode (EngineConfig.attention="paged"); guarded: new on GPU
+        out["new_paged"] = run_new(args, model, prompts, lengths, layout.tp_group, attention="paged")
+    except Exception as exc:  # noqa: BLE001 - report and keep the other figures
+        out["new_paged"] = {"error": repr(exc)[:2000]}
+    out["static"] = run_static(args, model, prompts, lengths, layout.tp_group)
+    bw = copy_bandwidth(device)
+    for name in ("new", "new_paged"):
+        if "tokens_per_s" not in out[name]:
+            continue
+        out[f"ratio_{name}_over_static"] = out[name]["tokens_per_s"] / out["static"]["tokens_per_s"]
+        out[name]["bound_spec"] = bandwidth_bound(shape, model, out[name], H200_BW)
+        if bw is not None:
+            out[name]["bound_measured_copy"] = bandwidth_bound(shape, model, out[name], bw)
+    del model
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    if not args.no_hf:
+        out["hf"] = run_hf(args, shape, device, dtype)
+        for name in ("new", "new_paged"):
+            if "tokens_per_s" in out[name]:
+                out[f"ratio_{name}_over_hf"] = out[name]["tokens_per_s"] / out["hf"]["tokens_per_s"]
+    return out
+
+
+def run_grpo(args, shape, device, dtype) -> dict:
+    """One GRPO step with a slow reward, streaming vs after generation (forced lengths as above)."""
+    from verl_mega.rollout import get_actor_model
+    from verl_mega.trainer import PPOTrainer, Reward, Rollout, TrainerConfig
+
+    hf = build_hf(shape, device, dtype)
+    path = tempfile.mkdtemp(prefix="rollout_bench_")
+    hf.save_pretrained(path)
+    del hf
+    actor = get_actor_model(path, torch_dtype=dtype)
+    actor.model.fused_inference = device.type == "cuda"
+    prompts, lengths = workload(args, SHAPES[shape]["vocab_size"])
+    cfg = TrainerConfig()
+    cfg.trainer.rollout_batch_size, cfg.rollout.n_samples = len(prompts), args.n
+    cfg.rollout.max_new_tokens = args.max_len
+    cfg.trainer.micro_batch_size = args.micro_batch
+    seq_len = args.prompt_len + args.max_len + 64
+    cfg.rollout.engine = EngineConfig(max_batch=len(lengths), max_seq_len=seq_len, max_tokens=len(lengths) * seq_len,
+                                      block_size=args.block_size, kv_len_bucket=args.kv_len_bucket)
+    cfg.data.max_prompt_length = args.prompt_len
+
+    def reward(response: str) -> float:
+        time.sleep(args.reward_ms / 1000)
+        return 0.0
+
+    trainer = PPOTrainer(actor, reward_fn=reward, config=cfg)
+    worker = ForcedLengthWorker(trainer.worker.weights, eos_token_ids=[EOS], pad_token_id=0,
+                                engine_config=cfg.rollout.engine, row_lengths=lengths, n=args.n)
+    samples = [{"prompt_ids": p} for p in prompts]
+    out = {}
+    for mode in ("warmup", "after_generation", "streaming"):
+        rollout = Rollout(worker, cfg.rollout, seed=0, tokenizer=None, pad_id=0,
+                          rewards=trainer.rewards if mode != "after_generation" else None)
+        trainer.pipeline = trainer.pipeline.replace("rollout", rollout).replace("reward", Reward(trainer.rewards))
+        start = time.perf_counter()
+        m = trainer.step(samples)
+        step_s = time.perf_counter() - start
+        if mode != "warmup":
+            out[mode] = {"step_seconds": step_s, **{k: v for k, v in m.items() if k.startswith("time/")}}
+    after, stream = out["after_generation"]["time/reward"], out["streaming"]["time/reward"]
+    out["reward_seconds_serial"] = len(lengths) * args.reward_ms / 1000
+    out["reward_workers"] = cfg.rollout.reward_workers
+    out["hidden_fraction"] = 1 - stream / max(after, 1e-9)
+    trainer.rewards.close()
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny shape on CPU, 4 prompts x 2, lengths [2, 12]")
+    p.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-7b")
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--min-len", type=int, default=32)
+    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-batch", type=int, default=0, help="new engine rows in flight (0 = all rows)")
+    p.add_argument("--max-tokens", type=int, default=0, help="new engine KV budget in tokens (0 = rows x longest)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-len-bucket", type=int, default=128)
+    p.add_argument("--hf-batch", type=int, default=64)
+    p.add_argument("--hf-new-tokens", type=int, default=256)
+    p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--reward-ms", type=float, default=50.0)
+    p.add_argument("--grpo-shape", default="qwen2.5-0.5b", help="'' skips the GRPO step")
+    p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument("--out-dir", default=os.environ.get("OUT", "outputs"))
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.shapes, args.grpo_shape = "tiny", "tiny"
+        args.prompts, args.n, args.prompt_len, args.min_len, args.max_len = 4, 2, 8, 2, 12
+        args.hf_batch, args.hf_new_tokens, args.kv_len_bucket, args.block_size = 4, 8, 16, 4
+        args.reward_ms, args.micro_batch = 20.0, 8
+    from verl_mega.parallel.layout import Layout
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    layout = Layout.create(1, 1)
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "args": vars(args)}
+    os.makedirs(args.out_dir, exist_ok=True)
+
+    def record(key, value):  # results are written after every part, so a time-out keeps what was measured
+        result[key] = value
+        print(json.dumps({key: value}, indent=1), flush=True)
+        with open(os.path.join(args.out_dir, "rollout_service.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
+    record("greedy_parity_tiny_fp32", parity_check(device))
+    for shape in [s for s in args.shapes.split(",") if s]:
+        record(shape, run_shape(args, shape, device, dtype, layout))
+    if args.grpo_shape:
+        record("grpo_step", run_grpo(args, args.grpo_shape, device, dtype))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
