@@ -48,6 +48,7 @@ with warnings.catch_warnings():  # megatron warns at import that TE/Apex are abs
 
 from verl_mega.models import fused_ops
 from verl_mega.models.config import ModelConfig
+from verl_mega.models.varlen_attention import PackedSeqs, varlen_attend
 
 INIT_STD = 0.02
 
@@ -160,6 +161,7 @@ class Attention(nn.Module):
         self.v_proj = _column(h, config.num_kv_heads * d, bias, mp, tp_group)
         self.o_proj = _row(config.num_heads * d, h, mp, tp_group)
         self.q_norm = self.k_norm = None
+        self.varlen_kernel = "auto"  # packed-sequence attention kernel (see varlen_attention.py)
         if config.qk_norm:
             self.q_norm = RMSNorm(d, config.rms_norm_eps, mp.params_dtype, device)
             self.k_norm = RMSNorm(d, config.rms_norm_eps, mp.params_dtype, device)
@@ -189,7 +191,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, kv_cache=None, fused: bool = False) -> torch.Tensor:
         """x [B, S, H] -> [B, S, H]; mask: bool [B, 1, S, S_kv] (True = attend) or additive float
-        (see `attention_bias`), or None for plain causal. fused: take the fused_ops path (no autograd)."""
+        (see `attention_bias`), None for plain causal, or `PackedSeqs` for packed sequences (B = 1,
+        attention confined to each sequence). fused: take the fused_ops path (no autograd)."""
         if fused:
             q, k, v = self._qkv_fused(x, cos, sin)
         else:
@@ -198,6 +201,8 @@ class Attention(nn.Module):
             v = self._heads(self.v_proj, x, self.num_kv_heads, None)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # [batch, kv_heads, seq_kv, head_dim]
+        if isinstance(mask, PackedSeqs):
+            return self.o_proj(varlen_attend(q, k, v, mask, self.varlen_kernel))[0]
         return self.o_proj(attend(q, k, v, mask))[0]
 
 
@@ -424,7 +429,8 @@ class DecoderModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, inputs: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                *, attn_mask: torch.Tensor | None = None, kv_cache=None, return_hidden: bool = False) -> torch.Tensor:
+                *, attn_mask: torch.Tensor | None = None, kv_cache=None, return_hidden: bool = False,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Run this stage.
 
         inputs: input_ids [B, S] (long) on the first stage, hidden states [B, S, H] on the others.
@@ -432,6 +438,10 @@ class DecoderModel(nn.Module):
         attention_mask: [B, S_kv] 1/0 padding mask (left padding fine), combined with causal masking;
             S_kv = cached + new tokens. Or `attn_mask`: explicit bool [B, 1, S, S_kv], True = attend.
             Neither: plain causal attention.
+        cu_seqlens: packed sequences instead of padding: inputs [1, T] / [1, T, H] hold N sequences
+            back to back, cu_seqlens [N + 1] (int) their offsets (0, l_0, l_0 + l_1, ..., T), position_ids
+            [1, T] restarting at 0 per sequence; attention stays inside each sequence (varlen kernel,
+            see varlen_attention.py). Excludes attention_mask / attn_mask / kv_cache.
         kv_cache: object owned by the caller with `update(layer_idx, k, v) -> (k_all, v_all)`: k, v are
             this step's keys/values [B, num_kv_heads/tp, S, head_dim] after RoPE, `layer_idx` the
             global layer index; it returns the keys/values to attend over [B, num_kv_heads/tp, S_kv, head_dim].
@@ -444,9 +454,15 @@ class DecoderModel(nn.Module):
         """
         hidden = self.embed_tokens(inputs) if self.has_embedding else inputs  # [batch, seq, hidden]
         cos, sin = self.rotary(position_ids, hidden.dtype)
-        mask = build_attention_mask(attention_mask, attn_mask, hidden.shape[1], kv_cache is not None)
-        if mask is not None:
-            mask = attention_bias(mask, hidden.dtype)
+        if cu_seqlens is not None:
+            if attention_mask is not None or attn_mask is not None or kv_cache is not None or hidden.shape[0] != 1:
+                raise ValueError("cu_seqlens (packed sequences) needs inputs of batch 1 and no attention_mask, "
+                                 "attn_mask or kv_cache")
+            mask = PackedSeqs.from_cu_seqlens(cu_seqlens)
+        else:
+            mask = build_attention_mask(attention_mask, attn_mask, hidden.shape[1], kv_cache is not None)
+            if mask is not None:
+                mask = attention_bias(mask, hidden.dtype)
         fused = (self.fused_inference and kv_cache is not None and not torch.is_grad_enabled()
                  and fused_ops.available(hidden))
         for layer in self.layers:

@@ -86,7 +86,9 @@ class OptimSection:
 class TrainerSection:
     rollout_batch_size: int = 8  # prompts per step (per data-parallel rank)
     mini_batch_size: Optional[int] = None  # prompts per optimizer step; None = the whole rollout batch
-    micro_batch_size: int = 8  # sequences per forward/backward pass
+    micro_batch_size: int = 8  # sequences per forward/backward pass (when max_tokens_per_micro_batch is None)
+    max_tokens_per_micro_batch: Optional[int] = None  # token budget of a forward/backward pass (sequences grouped by length); None = micro_batch_size sequences
+    packing: bool = True  # pack each micro-batch's valid tokens into one row (varlen attention, no padding); False = padded rows
     num_epochs: int = 1  # PPO epochs: passes over each rollout batch
     total_steps: int = 100  # RL steps of `verl-mega train`
     seed: int = 0  # seeds sampling, shuffling and mini-batch order
@@ -136,6 +138,8 @@ def check_config(cfg: TrainerConfig) -> None:
                         ("parallel.pp", cfg.parallel.pp)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if t.max_tokens_per_micro_batch is not None and t.max_tokens_per_micro_batch < 1:
+        raise ValueError(f"trainer.max_tokens_per_micro_batch must be >= 1 or null, got {t.max_tokens_per_micro_batch}")
     if t.mini_batch_size is not None and not 1 <= t.mini_batch_size <= t.rollout_batch_size:
         raise ValueError(f"trainer.mini_batch_size={t.mini_batch_size} must be in [1, rollout_batch_size="
                          f"{t.rollout_batch_size}]")

@@ -32,6 +32,7 @@ from verl_mega.kernels import fused_logprob_entropy
 from verl_mega.parallel.layout import layout_group_ranks
 from verl_mega.rewards.base import compute_rewards
 from verl_mega.trainer.batch import RLBatch
+from verl_mega.trainer.packing import unpack_responses
 
 StageFn = Callable[[RLBatch, object], RLBatch]
 
@@ -110,21 +111,46 @@ def response_logprobs(hidden: torch.Tensor, mb: dict, model, tp_group, temperatu
     """Log-probs (and entropies) [b, R] of the response tokens from the last stage's final hidden [b, S, H].
 
     Response token t sits at column P + t and is predicted at column P + t - 1 (see batch.py); the
-    fused vocab-parallel kernel never materialises the [b, R, V] logits.
+    fused vocab-parallel kernel never materialises the [b, R, V] logits. A packed micro-batch (hidden
+    [1, T, H], see packing.py) runs the kernel on the valid response tokens only and unpacks to [b, R]
+    (0 at padding).
     """
     resp = mb["responses"].to(hidden.device)
     b, r = resp.shape
-    h = hidden[:, -r - 1:-1]  # [batch, R, hidden]
-    lp, ent = fused_logprob_entropy(h.reshape(b * r, -1), model.output_weight(), resp.reshape(-1), tp_group=tp_group,
+    if "response_index" in mb:
+        h = hidden[0, mb["response_index"].to(hidden.device)]  # [n, hidden]
+        labels = resp[mb["response_mask"].to(hidden.device).bool()]  # [n]
+    else:
+        h, labels = hidden[:, -r - 1:-1].reshape(b * r, -1), resp.reshape(-1)  # [batch*R, hidden]
+    lp, ent = fused_logprob_entropy(h, model.output_weight(), labels, tp_group=tp_group,
                                     vocab_start=model.vocab_start_index, true_vocab_size=model.true_vocab_size,
                                     temperature=temperature, compute_entropy=compute_entropy)
+    if "response_index" in mb:
+        return unpack_responses(lp.float(), mb), (unpack_responses(ent.float(), mb) if compute_entropy else None)
     return lp.float().view(b, r), (ent.float().view(b, r) if compute_entropy else None)
 
 
 def response_values(values: torch.Tensor, mb: dict) -> torch.Tensor:
-    """Critic values [b, R] of the states before each response token from the value model's [b, S] output."""
+    """Critic values [b, R] of the states before each response token from the value model's [b, S] output
+    (packed [1, T]: unpacked to [b, R], 0 at padding)."""
+    if "response_index" in mb:
+        return unpack_responses(values[0, mb["response_index"].to(values.device)].float(), mb)
     r = mb["responses"].shape[1]
     return values[:, -r - 1:-1].float()
+
+
+def training_microbatches(batch: RLBatch, ctx, rows: torch.Tensor | None = None, keys: tuple[str, ...] = ()):
+    """Micro-batches of `rows` as the trainer config asks: packed or padded, by token budget or row count."""
+    t = ctx.config.trainer
+    return batch.microbatches(t.micro_batch_size, rows, keys, device=ctx.device, packed=t.packing,
+                              max_tokens=t.max_tokens_per_micro_batch)
+
+
+def rows_in_order(outs: list[dict], mbs: list[dict], key: str) -> torch.Tensor:
+    """Per-micro-batch outputs `outs[i][key]` [b_i, ...] -> one CPU tensor in batch row order (mb["rows"])."""
+    rows = torch.cat([mb["rows"].cpu() for mb in mbs])
+    values = torch.cat([o[key].cpu() for o in outs])
+    return values[torch.argsort(rows)]
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
@@ -210,13 +236,13 @@ class LogProbs(Stage):
 
     def __call__(self, batch: RLBatch, ctx) -> RLBatch:
         temp = ctx.config.rollout.temperature
-        mbs = batch.microbatches(ctx.config.trainer.micro_batch_size, device=ctx.device)
+        mbs = training_microbatches(batch, ctx)
         batch.old_logprobs = self._logprobs(ctx.actor_engine, mbs, ctx.layout.tp_group, temp)
         if ctx.reference is not None:
             batch.ref_logprobs = self._logprobs(ctx.reference, mbs, ctx.layout.tp_group, temp)
         if ctx.critic_engine is not None:
             outs = ctx.critic_engine.forward_only(mbs, lambda v, mb: {"values": response_values(v, mb)})
-            batch.values = torch.cat([o["values"].cpu() for o in outs])
+            batch.values = rows_in_order(outs, mbs, "values")
         return batch
 
     @staticmethod
@@ -226,7 +252,7 @@ class LogProbs(Stage):
         def output_fn(hidden, mb):
             return {"logprobs": response_logprobs(hidden, mb, model, tp_group, temperature, False)[0]}
 
-        return torch.cat([o["logprobs"].cpu() for o in engine.forward_only(mbs, output_fn)])
+        return rows_in_order(engine.forward_only(mbs, output_fn), mbs, "logprobs")
 
 
 class Advantage(Stage):
@@ -269,8 +295,7 @@ class Update(Stage):
         for _ in range(t.num_epochs):
             order = torch.randperm(batch.num_rows, generator=gen)
             for start in range(0, batch.num_rows, rows_per_update):
-                mbs = batch.microbatches(t.micro_batch_size, order[start:start + rows_per_update], tuple(keys),
-                                         device=ctx.device)
+                mbs = training_microbatches(batch, ctx, order[start:start + rows_per_update], tuple(keys))
                 actor_stats.append(self._actor_update(mbs, ctx))
                 if ctx.critic_engine is not None:
                     critic_stats.append(self._critic_update(mbs, ctx))
