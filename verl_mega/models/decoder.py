@@ -24,6 +24,8 @@ Deliberate choices:
   on GPU). `init_weights(seed)` instead draws every *full* tensor from a generator seeded by
   (seed, HF name) and keeps this rank's slice, so a random model is identical across (tp, pp).
 - Vocabulary is padded (see `ModelConfig.padded_vocab_size`); padded embedding/head rows are zero.
+- Activation recompute is a per-layer switch (`recompute_full`, `recompute_core`, `recompute_act`) that
+  `parallelize.apply_recompute` sets; the model never reads a config.
 - Tied embeddings with the head on another stage: the last stage holds its own copy (Megatron
   style); both copies carry `shared_embedding = True` and the training engine keeps them in sync.
 """
@@ -38,6 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 with warnings.catch_warnings():  # megatron warns at import that TE/Apex are absent; we use neither
     warnings.simplefilter("ignore")
@@ -162,6 +165,7 @@ class Attention(nn.Module):
         self.o_proj = _row(config.num_heads * d, h, mp, tp_group)
         self.q_norm = self.k_norm = None
         self.varlen_kernel = "auto"  # packed-sequence attention kernel (see varlen_attention.py)
+        self.recompute_core = False  # selective recompute of the attention core (set by parallelize.apply_recompute)
         if config.qk_norm:
             self.q_norm = RMSNorm(d, config.rms_norm_eps, mp.params_dtype, device)
             self.k_norm = RMSNorm(d, config.rms_norm_eps, mp.params_dtype, device)
@@ -202,8 +206,12 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # [batch, kv_heads, seq_kv, head_dim]
         if isinstance(mask, PackedSeqs):
-            return self.o_proj(varlen_attend(q, k, v, mask, self.varlen_kernel))[0]
-        return self.o_proj(attend(q, k, v, mask))[0]
+            core = lambda q, k, v: varlen_attend(q, k, v, mask, self.varlen_kernel)  # noqa: E731
+        else:
+            core = lambda q, k, v: attend(q, k, v, mask)  # noqa: E731
+        if self.recompute_core and torch.is_grad_enabled():  # keep q, k, v; recompute the core in backward
+            return self.o_proj(checkpoint(core, q, k, v, use_reentrant=False))[0]
+        return self.o_proj(core(q, k, v))[0]
 
 
 FOLD_MAX_QUERIES = 16  # fold query heads into the query axis only for this many positions or fewer
@@ -244,12 +252,20 @@ class MLP(nn.Module):
         self.gate_proj = _column(config.hidden_size, config.intermediate_size, False, mp, tp_group)
         self.up_proj = _column(config.hidden_size, config.intermediate_size, False, mp, tp_group)
         self.down_proj = _row(config.intermediate_size, config.hidden_size, mp, tp_group)
+        self.recompute_act = False  # selective recompute of silu(gate) * up (set by parallelize.apply_recompute)
 
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         if fused:  # column-parallel forward = local matmul; one kernel for silu * up
             act = fused_ops.silu_mul(F.linear(x, self.gate_proj.weight), F.linear(x, self.up_proj.weight))
             return self.down_proj(act)[0]
-        return self.down_proj(F.silu(self.gate_proj(x)[0]) * self.up_proj(x)[0])[0]
+        gate, up = self.gate_proj(x)[0], self.up_proj(x)[0]
+        if self.recompute_act and torch.is_grad_enabled():  # keep gate/up; recompute silu(gate) * up in backward
+            return self.down_proj(checkpoint(_swiglu, gate, up, use_reentrant=False))[0]
+        return self.down_proj(_swiglu(gate, up))[0]
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 class DecoderLayer(nn.Module):
@@ -262,15 +278,21 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config, tp, mp, tp_group, layer_idx, device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, mp.params_dtype, device)
         self.mlp = MLP(config, mp, tp_group)
+        self.recompute_full = False  # keep only the layer input; recompute the layer in backward (apply_recompute)
 
     def forward(self, x, cos, sin, mask, kv_cache=None, fused: bool = False) -> torch.Tensor:
         if not fused:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
-            return x + self.mlp(self.post_attention_layernorm(x))
+            if self.recompute_full and kv_cache is None and torch.is_grad_enabled():
+                return checkpoint(self._forward, x, cos, sin, mask, use_reentrant=False)
+            return self._forward(x, cos, sin, mask, kv_cache)
         attn = self.self_attn(self.input_layernorm(x, fused=True), cos, sin, mask, kv_cache, fused=True)
         post = self.post_attention_layernorm
         h, x = fused_ops.rms_norm(attn, post.weight, post.eps, residual=x)  # x <- x + attn, h = norm(x): one kernel
         return x + self.mlp(h, fused=True)
+
+    def _forward(self, x, cos, sin, mask, kv_cache=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from omegaconf import MISSING
 
 ALGORITHMS = ("ppo", "gae", "grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
 DTYPES = ("float32", "bfloat16")
+RECOMPUTE = ("none", "selective", "full")  # = models.parallelize.RECOMPUTE_MODES
 
 
 @dataclass
@@ -27,6 +28,9 @@ class ModelSection:
     critic_path: Optional[str] = None  # critic HF directory (PPO); None: the actor's weights with a new value head
     reference_path: Optional[str] = None  # reference policy HF directory (KL); None: a frozen copy of the actor
     dtype: str = "float32"  # parameter dtype: float32 | bfloat16 (masters and Adam states stay fp32)
+    recompute: str = "none"  # actor activation recompute: none | selective (attention core + MLP activation) | full (whole layers)
+    recompute_layers: Optional[int] = None  # full recompute: only the first K layers of each pipeline stage; None = all
+    critic_recompute: Optional[str] = None  # critic activation recompute (same choices); None = as the actor
 
 
 @dataclass
@@ -132,6 +136,9 @@ def check_config(cfg: TrainerConfig) -> None:
         raise ValueError(f"algorithm.name {a.name!r} is not one of {ALGORITHMS}")
     if cfg.model.dtype not in DTYPES:
         raise ValueError(f"model.dtype {cfg.model.dtype!r} is not one of {DTYPES}")
+    for name, value in (("model.recompute", cfg.model.recompute), ("model.critic_recompute", cfg.model.critic_recompute)):
+        if value is not None and value not in RECOMPUTE:
+            raise ValueError(f"{name} {value!r} is not one of {RECOMPUTE}")
     for name, value in (("trainer.rollout_batch_size", t.rollout_batch_size), ("trainer.micro_batch_size", t.micro_batch_size),
                         ("trainer.num_epochs", t.num_epochs), ("rollout.n_samples", r.n_samples),
                         ("rollout.max_new_tokens", r.max_new_tokens), ("parallel.tp", cfg.parallel.tp),

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from verl_mega.algorithms.kl import AdaptiveKLController, FixedKLController
 from verl_mega.hybrid_engine.reshard import HybridEngine
 from verl_mega.models import HFActor, get_actor_model
+from verl_mega.models.parallelize import apply_recompute
 from verl_mega.rewards.base import RewardFailureGuard, RewardFunction, RuleBasedReward
 from verl_mega.rollout.engine import GenerationEngine
 from verl_mega.rollout.frontend import encode_prompts, stop_ids
@@ -106,6 +107,10 @@ class PPOTrainer:
         self.hybrid = HybridEngine(actor.model, self.layout, actor.config, cfg.parallel.tp_g or self.layout.tp)
         self.reference = self._reference(reference) if cfg.algorithm.kl_coef > 0 else None
         self.critic_engine = self._critic(critic) if cfg.algorithm.name in ("ppo", "gae") else None
+        apply_recompute(self.actor_engine.model, cfg.model.recompute, cfg.model.recompute_layers)
+        if self.critic_engine is not None:
+            apply_recompute(self.critic_engine.model, cfg.model.critic_recompute or cfg.model.recompute,
+                            cfg.model.recompute_layers)
         self.reward_fn = RewardFunction(reward_fn if reward_fn is not None else RuleBasedReward())
         self.reward_guard = RewardFailureGuard(cfg.trainer.reward_fail_threshold, cfg.trainer.reward_fail_steps)
         a = cfg.algorithm
