@@ -6,21 +6,23 @@
 - the RL response log-probs / values, packed vs padded, and an RLBatch token budget;
 - loss and gradients of one forward_backward at (tp, pp, dp) = (1,1,1) in process and (2,1,1), (1,2,1),
   (1,1,2) on 2 gloo ranks, packed vs the single-process padded run (1e-5: fp32, reduction order only).
-- token-budget grouping and the dp partition bounds.
+- token-budget grouping and the dp partition bounds; at dp = 2 the re-dealt, packed, budgeted
+  micro-batches: within budget, ranks' token counts within one sequence, per-row results back to their
+  owners, and an RL loss + grads equal to one process running both ranks' rows padded.
 """
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from _engine_cases import build_engine, local_microbatches, make_hf_dir
+from _engine_cases import build_engine, local_microbatches, make_hf_dir, merge
 from verl_mega.models.config import ModelConfig
 from verl_mega.models.parallelize import build_stage
 from verl_mega.parallel import Layout
 from verl_mega.testing import run_distributed
 from verl_mega.trainer.batch import RLBatch
 from verl_mega.trainer.engine import next_token_loss
-from verl_mega.trainer.packing import balanced_partition, pack_microbatch, token_budget_groups
+from verl_mega.trainer.packing import balanced_partition, gather_to_owners, pack_microbatch, token_budget_groups
 from verl_mega.trainer.stages import response_logprobs, response_values, rows_in_order
 
 TOL = 1e-5
@@ -130,8 +132,36 @@ def _loss_and_grads(layout, hf_dir, packed: bool):
     return loss, _grads(engine, layout)
 
 
+BUDGET = 16  # tokens per micro-batch: the test batches' rows are 2..12 tokens long
+
+
+def _rl_loss(engine, layout):
+    """loss_fn: -(sum of response log-probs) (the RL stages' response_logprobs on padded or packed mbs)."""
+    def loss_fn(hidden, mb):
+        lp, _ = response_logprobs(hidden, mb, engine.model, layout.tp_group, 1.0, False)
+        return -(lp * mb["response_mask"].to(lp.device)).sum(), {}
+    return loss_fn
+
+
+def _balanced(hf_dir):
+    """dp=2, each rank its own RLBatch; rows re-dealt over dp, packed, token budget: micro-batch sizes, the
+    ranks' token counts, a per-row round trip and the loss / grads of an RL loss."""
+    layout = Layout.create(1, 1, 2)
+    batch = _rl_batch(seed=10 + layout.dp_rank, rows=8)
+    mbs = batch.microbatches(4, packed=True, max_tokens=BUDGET, dp_group=layout.dp_group)
+    lengths = [int(mb["cu_seqlens"][-1]) for mb in mbs]
+    back = gather_to_owners(torch.cat([mb["response_mask"] for mb in mbs]), torch.cat([mb["rows"] for mb in mbs]),
+                            layout.dp_group)[:, :batch.responses.shape[1]]
+    engine = build_engine(layout, hf_dir)
+    loss = engine.forward_backward(mbs, _rl_loss(engine, layout), loss_mask_key="response_mask")["loss"]
+    return {"mb_tokens": lengths, "round_trip": torch.equal(back, batch.response_mask), "loss": loss,
+            "grads": _grads(engine, layout), "own_lengths": batch.attention_mask.sum(-1).tolist()}
+
+
 def _suite(hf_dir):
-    return {sizes: _loss_and_grads(Layout.create(*sizes), hf_dir, packed=True) for sizes in LAYOUTS}
+    out = {sizes: _loss_and_grads(Layout.create(*sizes), hf_dir, packed=True) for sizes in LAYOUTS}
+    out["balanced"] = _balanced(hf_dir)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -151,12 +181,25 @@ def test_packed_loss_and_grads_single_process(hf_dir, reference):
     _assert_close(loss, grads, reference)
 
 
-def test_packed_loss_and_grads_over_layouts(hf_dir, reference):
+def test_dp_balanced_token_budget(hf_dir, reference):
     ranks = run_distributed(_suite, 2, hf_dir, timeout_s=300)
-    for sizes in LAYOUTS:
+    for sizes in LAYOUTS:  # packed at every layout = the single-process padded loss and gradients
         merged = {}
         for r in ranks:
             merged.update(r[sizes][1])
             _assert_close(r[sizes][0], {}, reference)  # every rank reports the global loss
         assert merged.keys() == reference[1].keys(), sizes
         _assert_close(ranks[0][sizes][0], merged, reference)
+    runs = [r["balanced"] for r in ranks]
+    all_lengths = runs[0]["own_lengths"] + runs[1]["own_lengths"]
+    for r in runs:
+        assert r["round_trip"] and all(n <= BUDGET for n in r["mb_tokens"])
+    totals = [sum(r["mb_tokens"]) for r in runs]
+    assert sum(totals) == sum(all_lengths) and abs(totals[0] - totals[1]) <= max(all_lengths), totals
+    # the RL loss over both ranks' rows, re-dealt and packed = one process, padded, both batches
+    engine = build_engine(Layout.create(1, 1, 1), hf_dir)
+    batches = [_rl_batch(seed=10 + i, rows=8) for i in range(2)]
+    count = float(sum(b.response_mask.sum() for b in batches))
+    loss = sum(engine.forward_backward(b.microbatches(8), _rl_loss(engine, Layout.create(1, 1, 1)),
+                                       loss_normalizer=count, sync_grads=False)["loss"] for b in batches)
+    _assert_close(runs[0]["loss"], merge([r["grads"] for r in runs]), (loss, _grads(engine, Layout.create(1, 1, 1))))

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from verl_mega.data.loader import left_pad
-from verl_mega.trainer.packing import pack_microbatch, token_budget_groups
+from verl_mega.trainer.packing import balance_over_dp, pack_microbatch, token_budget_groups
 
 # tensors a micro-batch needs for a forward pass (the rest are added by name)
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "position_ids", "responses", "response_mask")
@@ -93,15 +94,17 @@ class RLBatch:
         self.responses, self.response_mask, self.rollout_logprobs = resp, resp_mask, lps
 
     def microbatches(self, size: int, rows: torch.Tensor | None = None, keys: tuple[str, ...] = (),
-                     device: torch.device | None = None, *, packed: bool = False,
-                     max_tokens: int | None = None) -> list[dict[str, torch.Tensor]]:
+                     device: torch.device | None = None, *, packed: bool = False, max_tokens: int | None = None,
+                     dp_group=None) -> list[dict[str, torch.Tensor]]:
         """Dicts of the sequence tensors (+ `keys`) for `rows` (default all), each with "rows" [b] (their
         indices in the batch, to put per-row outputs back in order).
 
         `size` rows each (last may be smaller), or with `max_tokens` at most that many valid tokens each
         (see packing.token_budget_groups; sequences longer than the budget get their own micro-batch and
         are counted in metrics["batch/oversized_sequences"]). `packed`: one row of valid tokens per
-        micro-batch (packing.pack_microbatch) instead of padded rows.
+        micro-batch (packing.pack_microbatch) instead of padded rows. `dp_group` (collective): first re-deal
+        the rows of all its ranks for equal token counts (packing.balance_over_dp); "rows" then holds
+        global row ids (packing.gather_to_owners brings per-row results back).
         """
         if self.input_ids is None:
             raise ValueError("microbatches(): the batch has no sequences yet (run the Rollout stage first)")
@@ -109,21 +112,23 @@ class RLBatch:
         missing = [k for k in keys if getattr(self, k) is None]
         if missing:
             raise ValueError(f"microbatches(): batch fields {missing} are not set by any earlier stage")
-        tensors = {k: getattr(self, k) for k in SEQUENCE_KEYS + tuple(keys)}
+        tensors = {k: getattr(self, k)[rows] for k in SEQUENCE_KEYS + tuple(keys)}
+        if dp_group is not None and dist.get_world_size(dp_group) > 1:
+            tensors, rows = balance_over_dp(tensors, self.input_ids.shape[1] - self.responses.shape[1], dp_group)
         if max_tokens is None:
-            groups = [rows[start:start + size] for start in range(0, len(rows), size)]
+            groups = [torch.arange(start, min(start + size, len(rows))) for start in range(0, len(rows), size)]
         else:
-            lengths = self.attention_mask[rows].sum(-1).tolist()
+            lengths = tensors["attention_mask"].sum(-1).tolist()
             index_groups, oversized = token_budget_groups(lengths, max_tokens)
             if oversized:
                 warnings.warn(f"{oversized} sequence(s) longer than trainer.max_tokens_per_micro_batch={max_tokens} "
                               f"(longest {max(lengths)}) each got a micro-batch of their own", stacklevel=2)
             self.metrics["batch/oversized_sequences"] = self.metrics.get("batch/oversized_sequences", 0.0) + oversized
-            groups = [rows[torch.tensor(g, dtype=torch.long)] for g in index_groups]
+            groups = [torch.tensor(g, dtype=torch.long) for g in index_groups]
         out = []
         for idx in groups:
             mb = {k: v[idx] for k, v in tensors.items()}
-            mb["rows"] = idx
+            mb["rows"] = rows[idx]
             if packed:
                 mb = pack_microbatch(mb)
             out.append({k: v.to(device) for k, v in mb.items()} if device is not None else mb)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import heapq
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -102,3 +103,45 @@ def balanced_partition(lengths: list[int], parts: int) -> list[list[int]]:
         out[p].append(i)
         heapq.heappush(heap, (load + lengths[i], p))
     return [sorted(p) for p in out]
+
+
+def balance_over_dp(tensors: dict[str, torch.Tensor], prompt_len: int, dp_group
+                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Re-deal the rows of every data-parallel rank so that each rank gets nearly the same number of tokens.
+
+    tensors: this rank's rows, sequence tensors [n, P + R] (left-padded prompt | right-padded response,
+    `prompt_len` = P, "attention_mask" among them) and response tensors [n, R]; every rank passes the
+    same keys. All ranks' rows are gathered (re-padded to the widest prompt and response), split with
+    `balanced_partition` on their valid lengths (any two ranks within one sequence's length) and this
+    rank keeps its part. Returns (its tensors, their global row ids [m] = source dp rank * 2**32 + row).
+    Collective over `dp_group`; the same on every tp/pp rank of a replica.
+    """
+    n, s = tensors["attention_mask"].shape
+    local = {k: v.detach().cpu() for k, v in tensors.items()}
+    gathered: list = [None] * dist.get_world_size(dp_group)
+    dist.all_gather_object(gathered, (prompt_len, s, local), group=dp_group)
+    p_max = max(p for p, _, _ in gathered)
+    r_max = max(width - p for p, width, _ in gathered)
+    parts, ids = [], []
+    for src, (p, width, rows) in enumerate(gathered):
+        parts.append({k: F.pad(v, (p_max - p, r_max - (width - p))) if v.shape[1] == width else
+                      F.pad(v, (0, r_max - v.shape[1])) for k, v in rows.items()})
+        count = rows["attention_mask"].shape[0]
+        ids.append(src * 2**32 + torch.arange(count))
+    full = {k: torch.cat([part[k] for part in parts]) for k in local}
+    global_ids = torch.cat(ids)
+    lengths = full["attention_mask"].sum(-1).tolist()
+    mine = torch.tensor(balanced_partition(lengths, len(gathered))[dist.get_rank(dp_group)], dtype=torch.long)
+    return {k: v[mine] for k, v in full.items()}, global_ids[mine]
+
+
+def gather_to_owners(values: torch.Tensor, global_ids: torch.Tensor, dp_group) -> torch.Tensor:
+    """Inverse of `balance_over_dp` for per-row results: values [m, ...] of the rows with `global_ids`
+    (computed on whichever rank held them) -> this rank's own rows [n, ...] in their original order."""
+    gathered: list = [None] * dist.get_world_size(dp_group)
+    dist.all_gather_object(gathered, (global_ids.cpu(), values.detach().cpu()), group=dp_group)
+    me = dist.get_rank(dp_group)
+    ids = torch.cat([g[0] for g in gathered])
+    vals = torch.cat([g[1] for g in gathered])
+    keep = (ids >> 32) == me
+    return vals[keep][torch.argsort(ids[keep])]

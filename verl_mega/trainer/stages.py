@@ -32,7 +32,7 @@ from verl_mega.kernels import fused_logprob_entropy
 from verl_mega.parallel.layout import layout_group_ranks
 from verl_mega.rewards.base import compute_rewards
 from verl_mega.trainer.batch import RLBatch
-from verl_mega.trainer.packing import unpack_responses
+from verl_mega.trainer.packing import gather_to_owners, unpack_responses
 
 StageFn = Callable[[RLBatch, object], RLBatch]
 
@@ -140,16 +140,28 @@ def response_values(values: torch.Tensor, mb: dict) -> torch.Tensor:
 
 
 def training_microbatches(batch: RLBatch, ctx, rows: torch.Tensor | None = None, keys: tuple[str, ...] = ()):
-    """Micro-batches of `rows` as the trainer config asks: packed or padded, by token budget or row count."""
+    """Micro-batches of `rows` as the trainer config asks: packed or padded, by token budget or row count;
+    packed with a token budget and dp > 1, rows are re-dealt over dp for equal token counts."""
     t = ctx.config.trainer
     return batch.microbatches(t.micro_batch_size, rows, keys, device=ctx.device, packed=t.packing,
-                              max_tokens=t.max_tokens_per_micro_batch)
+                              max_tokens=t.max_tokens_per_micro_batch, dp_group=_balance_group(ctx))
 
 
-def rows_in_order(outs: list[dict], mbs: list[dict], key: str) -> torch.Tensor:
-    """Per-micro-batch outputs `outs[i][key]` [b_i, ...] -> one CPU tensor in batch row order (mb["rows"])."""
+def _balance_group(ctx):
+    t = ctx.config.trainer
+    balanced = t.packing and t.max_tokens_per_micro_batch is not None and ctx.layout.dp > 1
+    return ctx.layout.dp_group if balanced else None
+
+
+def rows_in_order(outs: list[dict], mbs: list[dict], key: str, dp_group=None, width: int | None = None
+                  ) -> torch.Tensor:
+    """Per-micro-batch outputs `outs[i][key]` [b_i, ...] -> one CPU tensor in batch row order (mb["rows"]).
+    With `dp_group` (rows re-dealt over dp, see packing.balance_over_dp; collective) each rank gets back its
+    own rows, cut to `width` columns."""
     rows = torch.cat([mb["rows"].cpu() for mb in mbs])
     values = torch.cat([o[key].cpu() for o in outs])
+    if dp_group is not None:
+        return gather_to_owners(values, rows, dp_group)[:, :width]
     return values[torch.argsort(rows)]
 
 
@@ -237,22 +249,23 @@ class LogProbs(Stage):
     def __call__(self, batch: RLBatch, ctx) -> RLBatch:
         temp = ctx.config.rollout.temperature
         mbs = training_microbatches(batch, ctx)
-        batch.old_logprobs = self._logprobs(ctx.actor_engine, mbs, ctx.layout.tp_group, temp)
+        back = {"dp_group": _balance_group(ctx), "width": batch.responses.shape[1]}
+        batch.old_logprobs = self._logprobs(ctx.actor_engine, mbs, ctx.layout.tp_group, temp, back)
         if ctx.reference is not None:
-            batch.ref_logprobs = self._logprobs(ctx.reference, mbs, ctx.layout.tp_group, temp)
+            batch.ref_logprobs = self._logprobs(ctx.reference, mbs, ctx.layout.tp_group, temp, back)
         if ctx.critic_engine is not None:
             outs = ctx.critic_engine.forward_only(mbs, lambda v, mb: {"values": response_values(v, mb)})
-            batch.values = rows_in_order(outs, mbs, "values")
+            batch.values = rows_in_order(outs, mbs, "values", **back)
         return batch
 
     @staticmethod
-    def _logprobs(engine, mbs, tp_group, temperature: float) -> torch.Tensor:
+    def _logprobs(engine, mbs, tp_group, temperature: float, back: dict) -> torch.Tensor:
         model = engine.model
 
         def output_fn(hidden, mb):
             return {"logprobs": response_logprobs(hidden, mb, model, tp_group, temperature, False)[0]}
 
-        return rows_in_order(engine.forward_only(mbs, output_fn), mbs, "logprobs")
+        return rows_in_order(engine.forward_only(mbs, output_fn), mbs, "logprobs", **back)
 
 
 class Advantage(Stage):
