@@ -32,6 +32,7 @@ Deliberate choices:
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 import zlib
@@ -52,6 +53,7 @@ with warnings.catch_warnings():  # megatron warns at import that TE/Apex are abs
 from verl_mega.models import fused_ops
 from verl_mega.models.config import ModelConfig
 from verl_mega.models.varlen_attention import PackedSeqs, varlen_attend
+from verl_mega.parallel import sequence_parallel as sp
 
 INIT_STD = 0.02
 
@@ -64,12 +66,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False, sp_group=None) -> torch.Tensor:
+        """sp_group: x is a sequence shard (sequence parallel); the weight's gradient is summed over the group."""
         if fused:
             return fused_ops.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        weight = self.weight if sp_group is None else sp.all_reduce_grad(self.weight, sp_group)
+        return weight * x32.to(x.dtype)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -170,9 +174,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, config.rms_norm_eps, mp.params_dtype, device)
             self.k_norm = RMSNorm(d, config.rms_norm_eps, mp.params_dtype, device)
 
-    def _heads(self, proj: nn.Module, x: torch.Tensor, n: int, norm: RMSNorm | None) -> torch.Tensor:
+    def _heads(self, proj: nn.Module, x: torch.Tensor, n: int, norm: RMSNorm | None, local: bool) -> torch.Tensor:
         b, s, _ = x.shape
-        y = proj(x)[0].view(b, s, n, self.head_dim)  # [batch, seq, heads, head_dim]
+        y = _linear(proj, x, local).view(b, s, n, self.head_dim)  # [batch, seq, heads, head_dim]
         if norm is not None:
             y = norm(y)
         return y.transpose(1, 2)  # [batch, heads, seq, head_dim]
@@ -193,16 +197,18 @@ class Attention(nn.Module):
         q, k, v = fused_ops.rope_qkv_(q, k, v, cos, sin, *biases)  # [batch, seq, heads, head_dim]
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, heads, seq, head_dim]
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, fused: bool = False) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, kv_cache=None, fused: bool = False, local: bool = False) -> torch.Tensor:
         """x [B, S, H] -> [B, S, H]; mask: bool [B, 1, S, S_kv] (True = attend) or additive float
         (see `attention_bias`), None for plain causal, or `PackedSeqs` for packed sequences (B = 1,
-        attention confined to each sequence). fused: take the fused_ops path (no autograd)."""
+        attention confined to each sequence). fused: take the fused_ops path (no autograd). local: plain
+        local matmuls without megatron's TP communication, the output being this rank's partial sum
+        (sequence parallelism does the gather / reduce-scatter around the block)."""
         if fused:
             q, k, v = self._qkv_fused(x, cos, sin)
         else:
-            q = apply_rope(self._heads(self.q_proj, x, self.num_heads, self.q_norm), cos, sin)
-            k = apply_rope(self._heads(self.k_proj, x, self.num_kv_heads, self.k_norm), cos, sin)
-            v = self._heads(self.v_proj, x, self.num_kv_heads, None)
+            q = apply_rope(self._heads(self.q_proj, x, self.num_heads, self.q_norm, local), cos, sin)
+            k = apply_rope(self._heads(self.k_proj, x, self.num_kv_heads, self.k_norm, local), cos, sin)
+            v = self._heads(self.v_proj, x, self.num_kv_heads, None, local)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # [batch, kv_heads, seq_kv, head_dim]
         if isinstance(mask, PackedSeqs):
@@ -210,8 +216,8 @@ class Attention(nn.Module):
         else:
             core = lambda q, k, v: attend(q, k, v, mask)  # noqa: E731
         if self.recompute_core and torch.is_grad_enabled():  # keep q, k, v; recompute the core in backward
-            return self.o_proj(checkpoint(core, q, k, v, use_reentrant=False))[0]
-        return self.o_proj(core(q, k, v))[0]
+            return _linear(self.o_proj, checkpoint(core, q, k, v, use_reentrant=False), local)
+        return _linear(self.o_proj, core(q, k, v), local)
 
 
 FOLD_MAX_QUERIES = 16  # fold query heads into the query axis only for this many positions or fewer
@@ -254,18 +260,27 @@ class MLP(nn.Module):
         self.down_proj = _row(config.intermediate_size, config.hidden_size, mp, tp_group)
         self.recompute_act = False  # selective recompute of silu(gate) * up (set by parallelize.apply_recompute)
 
-    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False, local: bool = False) -> torch.Tensor:
+        """local: as in Attention.forward (plain matmuls, partial-sum output)."""
         if fused:  # column-parallel forward = local matmul; one kernel for silu * up
             act = fused_ops.silu_mul(F.linear(x, self.gate_proj.weight), F.linear(x, self.up_proj.weight))
             return self.down_proj(act)[0]
-        gate, up = self.gate_proj(x)[0], self.up_proj(x)[0]
+        gate, up = _linear(self.gate_proj, x, local), _linear(self.up_proj, x, local)
         if self.recompute_act and torch.is_grad_enabled():  # keep gate/up; recompute silu(gate) * up in backward
-            return self.down_proj(checkpoint(_swiglu, gate, up, use_reentrant=False))[0]
-        return self.down_proj(_swiglu(gate, up))[0]
+            return _linear(self.down_proj, checkpoint(_swiglu, gate, up, use_reentrant=False), local)
+        return _linear(self.down_proj, _swiglu(gate, up), local)
 
 
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
+
+
+def _linear(layer: nn.Module, x: torch.Tensor, local: bool) -> torch.Tensor:
+    """A megatron TP linear's forward, or with `local` just x @ W_shard^T (+ its bias shard): no TP
+    communication (a row-parallel output is then this rank's partial sum)."""
+    if local:
+        return F.linear(x, layer.weight, layer.bias)
+    return layer(x)[0]
 
 
 class DecoderLayer(nn.Module):
@@ -280,11 +295,13 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config, mp, tp_group)
         self.recompute_full = False  # keep only the layer input; recompute the layer in backward (apply_recompute)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, fused: bool = False) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, kv_cache=None, fused: bool = False, sp_group=None) -> torch.Tensor:
+        """sp_group: sequence parallel over this TP group (x [B, S/tp, H] a sequence shard; see _forward_sp)."""
         if not fused:
+            step = self._forward if sp_group is None else functools.partial(self._forward_sp, sp_group=sp_group)
             if self.recompute_full and kv_cache is None and torch.is_grad_enabled():
-                return checkpoint(self._forward, x, cos, sin, mask, use_reentrant=False)
-            return self._forward(x, cos, sin, mask, kv_cache)
+                return checkpoint(step, x, cos, sin, mask, use_reentrant=False)
+            return step(x, cos, sin, mask, kv_cache)
         attn = self.self_attn(self.input_layernorm(x, fused=True), cos, sin, mask, kv_cache, fused=True)
         post = self.post_attention_layernorm
         h, x = fused_ops.rms_norm(attn, post.weight, post.eps, residual=x)  # x <- x + attn, h = norm(x): one kernel
@@ -293,6 +310,26 @@ class DecoderLayer(nn.Module):
     def _forward(self, x, cos, sin, mask, kv_cache=None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _forward_sp(self, x, cos, sin, mask, kv_cache=None, *, sp_group) -> torch.Tensor:
+        """Megatron sequence parallelism: norms and residuals on the shard x [B, S/tp, H]; all-gather
+        before each TP block, reduce-scatter its partial output back to shards."""
+        h = sp.gather_from_sequence(self.input_layernorm(x, sp_group=sp_group), sp_group)  # [batch, seq, hidden]
+        x = x + sp.reduce_scatter_to_sequence(self.self_attn(h, cos, sin, mask, kv_cache, local=True), sp_group)
+        h = sp.gather_from_sequence(self.post_attention_layernorm(x, sp_group=sp_group), sp_group)
+        return x + sp.reduce_scatter_to_sequence(self.mlp(h, local=True), sp_group)  # [batch, seq/tp, hidden]
+
+
+def _pad_for_shards(input_ids, position_ids, attention_mask, cu_seqlens, tp: int):
+    """Pad the sequence dim (1) to a multiple of tp for sequence parallelism: ids / positions with 0, the
+    padding mask with 0 (masked keys), packed sequences with one extra pseudo-sequence of the pad tokens."""
+    pad = -position_ids.shape[1] % tp
+    if pad == 0:
+        return input_ids, position_ids, attention_mask, cu_seqlens
+    widen = lambda t: None if t is None else F.pad(t, (0, pad))  # noqa: E731
+    if cu_seqlens is not None:
+        cu_seqlens = torch.cat([cu_seqlens, cu_seqlens[-1:] + pad])
+    return widen(input_ids), widen(position_ids), widen(attention_mask), cu_seqlens
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -368,6 +405,7 @@ class DecoderModel(nn.Module):
         self.vocab_start_index = self.tp_rank * (self.padded_vocab_size // self.tp)
         self.rotary = RotaryEmbedding(config)
         self.fused_inference = True  # KV-cache forwards under no_grad take the fused_ops path where available
+        self.sequence_parallel = False  # Megatron sequence parallelism for tp > 1 (parallelize.build_stage sets it)
         self.embed_tokens = self.norm = self.lm_head = self.value_head = None
         if has_embedding:
             self.embed_tokens = CaptureSafeVocabParallelEmbedding(self.padded_vocab_size, config.hidden_size,
@@ -469,12 +507,22 @@ class DecoderModel(nn.Module):
             global layer index; it returns the keys/values to attend over [B, num_kv_heads/tp, S_kv, head_dim].
             Under no_grad with Triton available (CUDA) a cache forward takes the fused_ops path
             (set `fused_inference = False` to keep the plain torch ops).
+        Sequence parallel (`sequence_parallel`, tp > 1, no kv_cache): S is padded to S' (a multiple of tp)
+        and a non-last stage returns / a later stage receives this rank's shard [B, S'/tp, H].
         Returns: non-last stage: hidden [B, S, H]. Last stage: this rank's vocab shard of the logits
             [B, S, V_pad/tp] (params dtype; padded columns included — slice with vocab_start_index /
             true_vocab_size), or the final-normed hidden [B, S, H] if return_hidden, or values [B, S]
             (fp32) for a value model.
         """
+        seq = position_ids.shape[1]
+        sp_group = self.tp_group if self.sequence_parallel and self.tp > 1 and kv_cache is None else None
+        if sp_group is not None:  # pad the sequence to a multiple of tp (dropped again at the head)
+            ids, position_ids, attention_mask, cu_seqlens = _pad_for_shards(
+                inputs if self.has_embedding else None, position_ids, attention_mask, cu_seqlens, self.tp)
+            inputs = ids if self.has_embedding else inputs  # later stages receive padded shards already
         hidden = self.embed_tokens(inputs) if self.has_embedding else inputs  # [batch, seq, hidden]
+        if sp_group is not None and self.has_embedding:
+            hidden = sp.scatter_to_sequence(hidden, sp_group)  # [batch, seq/tp, hidden]
         cos, sin = self.rotary(position_ids, hidden.dtype)
         if cu_seqlens is not None:
             if attention_mask is not None or attn_mask is not None or kv_cache is not None or hidden.shape[0] != 1:
@@ -482,16 +530,18 @@ class DecoderModel(nn.Module):
                                  "attn_mask or kv_cache")
             mask = PackedSeqs.from_cu_seqlens(cu_seqlens)
         else:
-            mask = build_attention_mask(attention_mask, attn_mask, hidden.shape[1], kv_cache is not None)
+            mask = build_attention_mask(attention_mask, attn_mask, position_ids.shape[1], kv_cache is not None)
             if mask is not None:
                 mask = attention_bias(mask, hidden.dtype)
         fused = (self.fused_inference and kv_cache is not None and not torch.is_grad_enabled()
                  and fused_ops.available(hidden))
         for layer in self.layers:
-            hidden = layer(hidden, cos, sin, mask, kv_cache, fused=fused)
+            hidden = layer(hidden, cos, sin, mask, kv_cache, fused=fused, sp_group=sp_group)
         if not self.has_head:
             return hidden
-        hidden = self.norm(hidden, fused=fused)
+        hidden = self.norm(hidden, fused=fused, sp_group=sp_group)
+        if sp_group is not None:  # what follows (head, log-prob kernel) gives every rank the full gradient
+            hidden = sp.gather_from_sequence(hidden, sp_group, grad_replicated=True)[:, :seq]
         if self.value_head is not None:
             return self.value_head(hidden).squeeze(-1).float()  # [batch, seq]
         if return_hidden:

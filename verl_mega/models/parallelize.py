@@ -64,3 +64,10 @@ def apply_recompute(model: DecoderModel, mode: str, num_layers: int | None = Non
     for i, layer in enumerate(model.layers):
         layer.recompute_full = mode == "full" and i < full
         layer.self_attn.recompute_core = layer.mlp.recompute_act = mode == "selective"
+
+
+def apply_sequence_parallel(model: DecoderModel, enabled: bool) -> None:
+    """Megatron sequence parallelism on this stage when tp > 1 (norms and residuals on 1/tp of the sequence,
+    all-gather / reduce-scatter around each TP block: see parallel/sequence_parallel.py). Same numbers;
+    activations between pipeline stages become sequence shards. A no-op at tp = 1."""
+    model.sequence_parallel = bool(enabled) and model.tp > 1

@@ -11,22 +11,27 @@ Kernels (`varlen_attend` picks one):
 - "loop": one SDPA call per sequence (`is_causal`). Exact and FLOP-free on padding, but one kernel launch
   per sequence: the CPU path (tests, fp32) and the fallback where the others are unavailable.
 `benchmarks/varlen_attention.py` measures them against padded SDPA; "auto" takes "varlen" where it
-runs (CUDA, half precision), else "loop".
+runs (CUDA, half precision; if it raises once, a warning and "loop" from then on), else "loop".
+Not yet measured on the GPU from this branch (no device was lent): the integrator's run of the
+benchmark decides whether "flex" should replace "varlen" in "auto".
 
 Reference: FlashAttention-2 `flash_attn_varlen_func` (Dao, 2023), as used by verl/OpenRLHF "remove padding".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+import warnings
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-try:  # torch >= 2.9
+try:  # torch >= 2.9; the keyword set changed between releases: read it once
     from torch.nn.attention.varlen import varlen_attn
+    _VARLEN_PARAMS = set(inspect.signature(varlen_attn).parameters)
 except ImportError:  # pragma: no cover - older torch
-    varlen_attn = None
+    varlen_attn, _VARLEN_PARAMS = None, set()
 
 KERNELS = ("auto", "varlen", "flex", "loop")
 
@@ -39,6 +44,7 @@ class PackedSeqs:
     cu_seqlens: torch.Tensor
     max_seqlen: int
     lengths: tuple[int, ...]
+    cache: dict = field(default_factory=dict, compare=False, repr=False)  # per-forward data (flex block mask)
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: torch.Tensor) -> "PackedSeqs":
@@ -53,17 +59,20 @@ def varlen_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: Packe
     Query i of sequence j attends to keys cu_seqlens[j] .. i. `kernel`: see the module docstring."""
     if kernel not in KERNELS:
         raise ValueError(f"varlen attention kernel {kernel!r} is not one of {KERNELS}")
-    if kernel == "auto":
-        kernel = "varlen" if _varlen_ok(q) else "loop"
     _, hq, t, d = q.shape
+    if kernel == "auto":
+        if _varlen_ok(q) and "broken" not in _STATE:
+            try:
+                return _varlen(q, k, v, seqs)
+            except (RuntimeError, TypeError, NotImplementedError) as exc:  # e.g. a GPU the kernel does not support
+                _STATE["broken"] = True
+                warnings.warn(f"varlen flash attention failed ({type(exc).__name__}: {exc}); packed attention "
+                              f"falls back to one SDPA call per sequence", stacklevel=2)
+        kernel = "loop"
     if kernel == "varlen":
         if not _varlen_ok(q):
             raise ValueError(f"varlen attention kernel 'varlen' needs CUDA and bf16/fp16 (got {q.device}, {q.dtype})")
-        # [T, heads, head_dim] each
-        out = varlen_attn(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), seqs.cu_seqlens,
-                          seqs.cu_seqlens, seqs.max_seqlen, seqs.max_seqlen, window_size=(-1, 0),
-                          enable_gqa=hq != k.shape[1])
-        return out.reshape(1, t, hq * d)
+        return _varlen(q, k, v, seqs)
     if kernel == "flex":
         out = _flex(q, k, v, seqs)  # [1, heads, T, head_dim]
     else:
@@ -71,6 +80,28 @@ def varlen_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: Packe
                                                         enable_gqa=hq != k.shape[1])
                          for a, b in _bounds(seqs)], dim=2)  # [1, heads, T, head_dim]
     return out.transpose(1, 2).reshape(1, t, hq * d)
+
+
+_STATE: dict = {}  # "broken": the varlen kernel raised once in this process ("auto" stops trying it)
+
+
+def _varlen(q, k, v, seqs: PackedSeqs) -> torch.Tensor:
+    """torch's varlen flash attention: [1, heads, T, D] in, [1, T, heads * D] out."""
+    _, hq, t, d = q.shape
+    hkv = k.shape[1]
+    q, k, v = (x[0].transpose(0, 1) for x in (q, k, v))  # [T, heads, head_dim]
+    kwargs = {}
+    if "window_size" in _VARLEN_PARAMS:
+        kwargs["window_size"] = (-1, 0)  # causal
+    else:
+        kwargs["is_causal"] = True
+    if hq != hkv:
+        if "enable_gqa" in _VARLEN_PARAMS:
+            kwargs["enable_gqa"] = True
+        else:  # older signature: give every query head its own K/V copy
+            k, v = (x.repeat_interleave(hq // hkv, dim=1) for x in (k, v))
+    out = varlen_attn(q, k, v, seqs.cu_seqlens, seqs.cu_seqlens, seqs.max_seqlen, seqs.max_seqlen, **kwargs)
+    return out.reshape(1, t, hq * d)
 
 
 def _bounds(seqs: PackedSeqs) -> list[tuple[int, int]]:
@@ -94,12 +125,13 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: PackedSeqs) -
 
     if "fn" not in _FLEX_CACHE:
         _FLEX_CACHE["fn"] = torch.compile(flex_attention, dynamic=True)
-    doc = torch.repeat_interleave(torch.arange(len(seqs.lengths), device=q.device),
-                                  torch.tensor(seqs.lengths, device=q.device))  # [T] sequence id per token
-
-    def document_causal(b, h, qi, ki):
-        return (doc[qi] == doc[ki]) & (qi >= ki)
-
     t = q.shape[2]
-    mask = create_block_mask(document_causal, None, None, t, t, device=q.device)
-    return _FLEX_CACHE["fn"](q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    if "block_mask" not in seqs.cache:  # once per forward, shared by the layers
+        doc = torch.repeat_interleave(torch.arange(len(seqs.lengths), device=q.device),
+                                      torch.tensor(seqs.lengths, device=q.device))  # [T] sequence id per token
+
+        def document_causal(b, h, qi, ki):
+            return (doc[qi] == doc[ki]) & (qi >= ki)
+
+        seqs.cache["block_mask"] = create_block_mask(document_causal, None, None, t, t, device=q.device)
+    return _FLEX_CACHE["fn"](q, k, v, block_mask=seqs.cache["block_mask"], enable_gqa=q.shape[1] != k.shape[1])

@@ -114,6 +114,7 @@ class ParallelSection:
     tp: int = 1  # tensor-parallel size of training
     pp: int = 1  # pipeline-parallel size of training
     tp_g: Optional[int] = None  # tensor-parallel size of generation (divides tp*pp; None = tp)
+    sequence_parallel: bool = False  # Megatron sequence parallelism for tp > 1 (norms/residuals sharded along the sequence)
 
 
 @dataclass

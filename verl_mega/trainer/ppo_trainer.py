@@ -34,7 +34,7 @@ import torch.distributed as dist
 from verl_mega.algorithms.kl import AdaptiveKLController, FixedKLController
 from verl_mega.hybrid_engine.reshard import HybridEngine
 from verl_mega.models import HFActor, get_actor_model
-from verl_mega.models.parallelize import apply_recompute
+from verl_mega.models.parallelize import apply_recompute, apply_sequence_parallel
 from verl_mega.rewards.base import RewardFailureGuard, RewardFunction, RuleBasedReward
 from verl_mega.rollout.engine import GenerationEngine
 from verl_mega.rollout.frontend import encode_prompts, stop_ids
@@ -111,6 +111,9 @@ class PPOTrainer:
         if self.critic_engine is not None:
             apply_recompute(self.critic_engine.model, cfg.model.critic_recompute or cfg.model.recompute,
                             cfg.model.recompute_layers)
+        for engine in (self.actor_engine, self.reference, self.critic_engine):
+            if engine is not None:
+                apply_sequence_parallel(engine.model, cfg.parallel.sequence_parallel)
         self.reward_fn = RewardFunction(reward_fn if reward_fn is not None else RuleBasedReward())
         self.reward_guard = RewardFailureGuard(cfg.trainer.reward_fail_threshold, cfg.trainer.reward_fail_steps)
         a = cfg.algorithm
