@@ -77,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="trainer.max_tokens_per_micro_batch of the packed runs (default: --micro-batch sequences)")
     p.add_argument("--packing", choices=("on", "off"), default="on", help="trainer.packing (single-variant runs)")
     p.add_argument("--recompute", choices=("none", "selective", "full"), default="none")
+    p.add_argument("--varlen-kernel", choices=("auto", "varlen", "flex", "loop"), default="auto",
+                   help="packed attention kernel (verl_mega/models/varlen_attention.py); pick with varlen_attention.py")
     p.add_argument("--shape", choices=tuple(SHAPES), default="0.5b", help="model shape (ignored with --tiny)")
     p.add_argument("--ab", default=None,
                    help="A/B in one process: comma-separated shapes (0.5b,1.5b; 'tiny' for a CPU check), each run "
@@ -143,6 +145,22 @@ def force_lengths_stage(response_len: str | None, seed: int, record: list):
     return force_lengths
 
 
+def _reset_peak(batch, ctx):
+    """Stage before the update: peak-memory counter from here (the update's own peak, not the rollout's KV cache)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    return batch
+
+
+def _record_peak(peaks: list):
+    def record_peak(batch, ctx):
+        """Stage after the update: its peak memory (GiB)."""
+        if torch.cuda.is_available():
+            peaks.append(torch.cuda.max_memory_allocated() / 2**30)
+        return batch
+    return record_peak
+
+
 def update_flops(config: ModelConfig, model, step: dict) -> float:
     """Model FLOPs of one update pass over a step's sequences (fwd + bwd, recompute not counted):
     6 x (matmul params except the LM head) x all tokens + 6 x (LM head params) x response tokens (the head
@@ -178,10 +196,17 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
                          n_samples=args.n, max_new_tokens=args.max_new_tokens, temperature=1.0, lr=1e-6,
                          micro_batch_size=args.micro_batch, mini_batch_size=max(1, per_dp // args.mini_batches),
                          num_epochs=1, config=cfg)
+    for model in (actor.model, trainer.reference.model if trainer.reference is not None else None):
+        for layer in (model.layers if model is not None else ()):
+            layer.self_attn.varlen_kernel = args.varlen_kernel
     record: list[dict] = []
     stages = trainer.pipeline.stages
     at = trainer.pipeline.names().index("rollout") + 1
-    trainer.pipeline = Pipeline(stages[:at] + [force_lengths_stage(args.response_len, 1234, record)] + stages[at:])
+    stages = stages[:at] + [force_lengths_stage(args.response_len, 1234, record)] + stages[at:]
+    at = [getattr(s, "name", None) for s in stages].index("update")
+    update_peaks: list[float] = []
+    trainer.pipeline = Pipeline(stages[:at] + [_reset_peak] + [stages[at]] + [_record_peak(update_peaks)]
+                                + stages[at + 1:])
     gen = torch.Generator().manual_seed(1000 + layout.dp_rank)
     vocab = actor.config.vocab_size
     history = []
@@ -212,6 +237,7 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
     stats = trainer.hybrid.last_stats
     result["reshard_bytes_moved_per_rank"] = stats.bytes_moved if stats is not None else 0
     result["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    result["update_peak_memory_gib"] = max(update_peaks) if update_peaks and torch.cuda.is_available() else None
     del trainer, actor
     gc.collect()
     if torch.cuda.is_available():
@@ -292,13 +318,13 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
              "12 x layers x heads x head_dim x sum(len^2) / 2 (recompute not counted); MFU against "
              f"{PEAK_BF16_TFLOPS} dense bf16 TFLOP/s.", "",
              "| shape | variant | tokens/s/GPU | vs padded | logprob s | update s | update TFLOP/s | update MFU "
-             "| peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
+             "| update peak GiB | run peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     base = {}
     for r in results:
         tps = r["throughput/tokens_per_s_per_gpu"]
         base.setdefault(r["shape"], tps)
         mfu = f"{100 * r['update_mfu']:.1f}%" if r.get("update_mfu") else "-"
-        mem = f"{r['max_memory_gib']:.1f}" if r["max_memory_gib"] is not None else "-"
+        mem = " | ".join(f"{r[k]:.1f}" if r[k] is not None else "-" for k in ("update_peak_memory_gib", "max_memory_gib"))
         lines.append(f"| {r['shape']} | {r['variant']} | {tps:.0f} | {tps / base[r['shape']]:.2f}x | "
                      f"{r['time/logprob']:.3f} | {r['time/update']:.3f} | {r['update_tflops_per_gpu']:.1f} | {mfu} | "
                      f"{mem} |")
