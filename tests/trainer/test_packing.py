@@ -181,7 +181,7 @@ def test_packed_loss_and_grads_single_process(hf_dir, reference):
     _assert_close(loss, grads, reference)
 
 
-def test_dp_balanced_token_budget(hf_dir, reference):
+def test_packed_layouts_and_dp_balanced_budget(hf_dir, reference):
     ranks = run_distributed(_suite, 2, hf_dir, timeout_s=300)
     for sizes in LAYOUTS:  # packed at every layout = the single-process padded loss and gradients
         merged = {}
