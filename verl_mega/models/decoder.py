@@ -24,6 +24,12 @@ Deliberate choices:
   on GPU). `init_weights(seed)` instead draws every *full* tensor from a generator seeded by
   (seed, HF name) and keeps this rank's slice, so a random model is identical across (tp, pp).
 - Vocabulary is padded (see `ModelConfig.padded_vocab_size`); padded embedding/head rows are zero.
+- Training passes may pack several sequences into one row (`cu_seqlens`): attention then goes through
+  `varlen_attention.py` and no FLOP is spent on padding; the padded path (attention_mask) stays.
+- Sequence parallelism (Megatron, tp > 1; `sequence_parallel`, set by `parallelize.apply_sequence_parallel`)
+  calls the TP linears as plain local matmuls and does the gather / reduce-scatter itself
+  (`parallel/sequence_parallel.py`): megatron's own `sequence_parallel=True` layers gather along dim 0
+  (sequence-first), ours are batch-first.
 - Activation recompute is a per-layer switch (`recompute_full`, `recompute_core`, `recompute_act`) that
   `parallelize.apply_recompute` sets; the model never reads a config.
 - Tied embeddings with the head on another stage: the last stage holds its own copy (Megatron
