@@ -146,6 +146,8 @@ def check_config(cfg: TrainerConfig) -> None:
                         ("parallel.pp", cfg.parallel.pp)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if cfg.model.recompute_layers is not None and cfg.model.recompute_layers < 0:
+        raise ValueError(f"model.recompute_layers must be >= 0 or null, got {cfg.model.recompute_layers}")
     if t.max_tokens_per_micro_batch is not None and t.max_tokens_per_micro_batch < 1:
         raise ValueError(f"trainer.max_tokens_per_micro_batch must be >= 1 or null, got {t.max_tokens_per_micro_batch}")
     if t.mini_batch_size is not None and not 1 <= t.mini_batch_size <= t.rollout_batch_size:
