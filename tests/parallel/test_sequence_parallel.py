@@ -1,4 +1,4 @@
-"""Sequence parallelism at tp = 2 (gloo: reduce-scatter is an all-reduce + slice there) gives the numbers of
+"""Sequence parallelism at tp = 2 (gloo: torch 2.13 has reduce-scatter and all-gather-into-tensor) gives the numbers of
 tp = 2 without it: logits and every gradient, padded and packed micro-batches, sequence lengths not a
 multiple of tp (the decoder pads them), with and without full recompute. Plus the collectives alone
 against their definitions. Tolerance 1e-5 (fp32): the same partial sums are added in a different grouping

@@ -7,8 +7,11 @@ back to shards (replacing the all-reduce: same traffic, 1/tp of the activation m
 Sequences are dim 1 ([batch, seq, hidden], batch = 1 for packed micro-batches).
 
 Each collective is a small autograd function taking an explicit `group` (forward and backward in its
-docstring). Reduce-scatter on NCCL is `reduce_scatter_tensor`; gloo has no reduce-scatter, so on gloo it
-is an all-reduce followed by keeping this rank's slice (same values, twice the traffic: the CPU/CI path).
+docstring), built on `all_gather_into_tensor` / `reduce_scatter_tensor` along the sequence-first view.
+Both run on NCCL and, since torch 2.13 at least, on gloo (checked on 2 gloo ranks against their
+definitions, tests/parallel/test_sequence_parallel.py), so CI tests the same code as the GPU runs; no
+all-reduce fallback is needed. megatron-core's own `sequence_parallel=True` layers do not run here: they
+need megatron's global memory buffer (global parallel state), and they gather along dim 0 (sequence-first).
 
 Reference: Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models" (2022), §4.2;
 megatron-core `tensor_parallel/mappings.py` (which works on dim 0, sequence-first; ours is batch-first).
@@ -20,21 +23,12 @@ import torch
 import torch.distributed as dist
 
 
-def _is_gloo(group) -> bool:
-    return dist.get_backend(group) == "gloo"
-
-
 def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
     """[B, s, ...] shards -> [B, s * n, ...] (concatenated along dim 1 in rank order)."""
-    n = group.size()
-    x = x.contiguous()
-    if x.shape[0] == 1 and not _is_gloo(group):  # one contiguous buffer: [n * s, ...] with dim 0 = sequence
-        out = torch.empty((n * x.shape[1], *x.shape[2:]), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x[0], group=group)
-        return out[None]
-    parts = [torch.empty_like(x) for _ in range(n)]
-    dist.all_gather(parts, x, group=group)
-    return torch.cat(parts, dim=1)
+    xs = x.transpose(0, 1).contiguous()  # [s, B, ...]: sequence first (no copy when B = 1)
+    out = xs.new_empty((group.size() * xs.shape[0], *xs.shape[1:]))
+    dist.all_gather_into_tensor(out, xs, group=group)
+    return out.transpose(0, 1)
 
 
 def _split(x: torch.Tensor, group) -> torch.Tensor:
@@ -43,20 +37,11 @@ def _split(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def _reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
-    """Sum over the group, then this rank's slice along dim 1."""
-    if _is_gloo(group):  # gloo has no reduce-scatter: all-reduce + slice (CPU tests; twice the traffic)
-        x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
-        return _split(x, group)
-    n = group.size()
-    if x.shape[0] == 1:
-        x = x[0].contiguous()  # [S, ...]
-        out = torch.empty((x.shape[0] // n, *x.shape[1:]), dtype=x.dtype, device=x.device)
-        dist.reduce_scatter_tensor(out, x, group=group)
-        return out[None]
-    out = torch.empty_like(x.chunk(n, dim=1)[0]).contiguous()
-    dist.reduce_scatter(out, [c.contiguous() for c in x.chunk(n, dim=1)], group=group)
-    return out
+    """Sum over the group, then this rank's slice along dim 1 (dim 1 divisible by the group size)."""
+    xs = x.transpose(0, 1).contiguous()  # [S, B, ...]
+    out = xs.new_empty((xs.shape[0] // group.size(), *xs.shape[1:]))
+    dist.reduce_scatter_tensor(out, xs, group=group)
+    return out.transpose(0, 1)
 
 
 class _ScatterToSequence(torch.autograd.Function):
