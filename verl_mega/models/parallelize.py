@@ -42,3 +42,32 @@ def build_stage(config: ModelConfig, layout: Layout, *, value_head: bool = False
     return DecoderModel(config, layout.tp_group, layer_range=(start, end), has_embedding=layout.is_first_stage,
                         has_head=layout.is_last_stage, value_head=value_head, score_head=score_head,
                         params_dtype=params_dtype, device=device, init_seed=init_seed)
+
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
+def apply_recompute(model: DecoderModel, mode: str, num_layers: int | None = None) -> None:
+    """Activation recompute (torch.utils.checkpoint, non-reentrant) on this stage's layers.
+
+    "selective": every layer keeps its inputs and projections but recomputes the attention core and the
+    MLP activation silu(gate) * up in backward (Korthikanti et al. 2022, "Reducing Activation Recomputation",
+    extended to the MLP activation). "full": the first `num_layers` layers of this stage (None: all) keep only
+    their input and recompute the whole layer (Megatron's recompute_method=block); the others keep everything.
+    "none": keep everything. Same numbers in every mode; only memory and backward time change.
+    """
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute mode {mode!r} is not one of {RECOMPUTE_MODES}")
+    if num_layers is not None and num_layers < 0:
+        raise ValueError(f"recompute_layers must be >= 0 or None, got {num_layers}")
+    full = len(model.layers) if num_layers is None else num_layers
+    for i, layer in enumerate(model.layers):
+        layer.recompute_full = mode == "full" and i < full
+        layer.self_attn.recompute_core = layer.mlp.recompute_act = mode == "selective"
+
+
+def apply_sequence_parallel(model: DecoderModel, enabled: bool) -> None:
+    """Megatron sequence parallelism on this stage when tp > 1 (norms and residuals on 1/tp of the sequence,
+    all-gather / reduce-scatter around each TP block: see parallel/sequence_parallel.py). Same numbers;
+    activations between pipeline stages become sequence shards. A no-op at tp = 1."""
+    model.sequence_parallel = bool(enabled) and model.tp > 1

@@ -11,8 +11,9 @@ Contracts
 - Every rank of the layout calls the same methods in the same order (collective).
 - `microbatches`: this dp rank's micro-batches (dicts of tensors); every pipeline stage of the
   replica gets the same list. The default forward_step reads "input_ids" [B,S] (first stage),
-  "position_ids" [B,S] and "attention_mask" [B,S] (optional) and runs
-  `model(inputs, position_ids, attention_mask, return_hidden=True)`; pass `forward_step=` to change it.
+  "position_ids" [B,S] and "attention_mask" [B,S] (optional), or a packed micro-batch's "cu_seqlens"
+  (trainer/packing.py), and runs `model(inputs, position_ids, attention_mask, return_hidden=True,
+  cu_seqlens=...)`; pass `forward_step=` to change it.
 - `loss_fn(output, microbatch) -> (loss_sum, metrics)` runs on the last stage: `loss_sum` is the
   SUM of the per-token loss over the tokens counted by `microbatch[loss_mask_key]`. The engine divides
   it by the global count (summed over micro-batches and dp ranks, computed up front), so the
@@ -51,9 +52,13 @@ from verl_mega.trainer.optim import OptimConfig, make_adamw, make_scheduler
 
 
 def default_forward_step(model, microbatch: dict, input_tensor: torch.Tensor | None) -> torch.Tensor:
-    """input_ids (first stage) or the received hidden [B,S,H] -> hidden [B,S,H] (final-normed on the last stage)."""
+    """input_ids (first stage) or the received hidden [B,S,H] -> hidden [B,S,H] (final-normed on the last stage).
+
+    A packed micro-batch (see trainer/packing.py) has B = 1, S = T and carries "cu_seqlens" instead of
+    "attention_mask"; its pipeline activations are [1, T, H], T differing per micro-batch."""
     inputs = microbatch["input_ids"] if input_tensor is None else input_tensor
-    return model(inputs, microbatch["position_ids"], microbatch.get("attention_mask"), return_hidden=True)
+    return model(inputs, microbatch["position_ids"], microbatch.get("attention_mask"), return_hidden=True,
+                 cu_seqlens=microbatch.get("cu_seqlens"))
 
 
 class TrainEngine:
