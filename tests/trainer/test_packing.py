@@ -207,7 +207,7 @@ def test_packed_layouts_and_dp_balanced_budget(hf_dir, reference):
 
 def _ppo_step(hf_dir, layout, **trainer_cfg):
     """One PPO step (critic, reference, 2 mini-batches) under the given trainer/parallel settings."""
-    from verl_mega.models import get_actor_model
+    from verl_mega.rollout import get_actor_model
     from verl_mega.trainer import PPOTrainer, TrainerConfig
 
     cfg = TrainerConfig()
