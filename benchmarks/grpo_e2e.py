@@ -91,6 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ab", default=None,
                    help="A/B in one process: comma-separated shapes (0.5b,1.5b; 'tiny' for a CPU check), each run "
                         f"with the variants {', '.join(VARIANTS)}; reports tokens/s, update MFU and peak memory")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated --ab variants to run (default all: {','.join(VARIANTS)})")
     p.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per RL step")
     p.add_argument("--keep-cache", action="store_true",
                    help="keep the KV cache and CUDA graphs between rollouts (default: freed for training, recaptured)")
@@ -100,6 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="output directory (default $OUT or .)")
     args = p.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     if args.tiny or args.smoke:
         args.tiny = True
         args.prompts, args.n, args.prompt_len, args.max_new_tokens = min(args.prompts, 4), min(args.n, 2), 16, 8
@@ -283,7 +288,8 @@ def run_ab(args, world: int, device_name: str) -> None:
     results = []
     for shape_name in args.ab.split(","):
         shape = TINY if shape_name == "tiny" or args.tiny else SHAPES[shape_name]
-        for variant, (packing, recompute) in VARIANTS.items():
+        for variant in args.variants.split(","):
+            packing, recompute = VARIANTS[variant]
             r = run_layout(args, 1, 1, shape=shape, packing=packing, recompute=recompute)
             r.update(shape=shape_name, variant=variant)
             results.append(r)
