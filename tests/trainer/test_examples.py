@@ -33,4 +33,4 @@ def test_demo_quick(tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert (out / "reward_curve.png").stat().st_size > 1000
-    assert (out / "model_sft" / "tokenizer.model").exists()  # sentencepiece tokenizer travels with the model
+    assert (out / "model_sft" / "tokenizer.json").exists()  # the tokenizer (HF form, adds BOS) travels with the model
