@@ -7,7 +7,8 @@
 set -uo pipefail
 N="${1:-30}"
 WORK="${2:-$(mktemp -d)}"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" TOKENIZERS_PARALLELISM=false VERL_MEGA_DIST_TIMEOUT="${VERL_MEGA_DIST_TIMEOUT:-120}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" TOKENIZERS_PARALLELISM=false
+export VERL_MEGA_DIST_TIMEOUT="${VERL_MEGA_DIST_TIMEOUT:-120}"
 mkdir -p "$WORK"
 python3 - "$WORK" <<'PY' || exit 2
 import json, os, sys

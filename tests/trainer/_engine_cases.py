@@ -94,7 +94,8 @@ def _sqrt_v_hat(engine: TrainEngine, layout: Layout) -> dict[str, torch.Tensor]:
     for name, p in model.named_parameters():
         if engine.zero.owns(p) and layout.tp == 1:
             v = engine.zero.adam_state(p)["exp_avg_sq"].view_as(p)
-            out[_hf_key(model, name, p)] = full_tensor(model, name, v, layout).div(1 - beta2 ** engine.adam_steps).sqrt()
+            v_hat = full_tensor(model, name, v, layout) / (1 - beta2 ** engine.adam_steps)
+            out[_hf_key(model, name, p)] = v_hat.sqrt()
     return out
 
 

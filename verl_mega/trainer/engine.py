@@ -10,8 +10,9 @@ mixed precision (bf16 or fp32 params, fp32 masters and grads), exact global grad
 Contracts
 - Every rank of the layout calls the same methods in the same order (collective).
 - `microbatches`: this dp rank's micro-batches (dicts of tensors, on any device: the engine moves
-  them to the model's device); every pipeline stage of the replica gets the same list. The default forward_step reads "input_ids" [B,S] (first stage),
-  "position_ids" [B,S] and "attention_mask" [B,S] (optional) and runs
+  them to the model's device); every pipeline stage of the replica gets the same list. The default
+  forward_step reads "input_ids" [B,S] (first stage), "position_ids" [B,S] and "attention_mask" [B,S]
+  (optional) and runs
   `model(inputs, position_ids, attention_mask, return_hidden=True)`; pass `forward_step=` to change it.
 - `loss_fn(output, microbatch) -> (loss_sum, metrics)` runs on the last stage: `loss_sum` is the
   SUM of the per-token loss over the tokens counted by `microbatch[loss_mask_key]`. The engine divides
