@@ -186,9 +186,11 @@ def adamw_weight_bound(ref_trace: list[dict], ref_hist: list, run_grads: list[di
       the second case is an element whose gradient is ~0 (noise-level): it may move by up to lr in either
       direction, whatever the layout, which is why no single absolute tolerance fits every element;
     - w <- (1 - lr*wd) w - lr r keeps earlier differences (factor <= 1) and adds lr_t |dr|, plus each run's
-      fp32 rounding of the update: 2 roundings of w and 3 of the update, 4u|w| + 6u lr rho for the pair.
+      fp32 rounding of the update: 2 roundings of w and 3 of the update, 4u|w| + 6u lr rho for the pair,
+      with |w| at any step <= |w_final| + sum_t lr_t (rho_t + 1) (an update moves w by lr (|r| + wd |w|)).
     """
     eps, clip = config.eps, config.clip_grad
+    drift = sum(ref_hist[t][2] * (adam_ratio_bound(config.betas, t + 1) + 1) for t in range(len(ref_trace)))
     bound, worst = {}, {}
     for t, (ref_step, run_g) in enumerate(zip(ref_trace, run_grads)):
         lr, rho = ref_hist[t][2], adam_ratio_bound(config.betas, t + 1)
@@ -200,7 +202,7 @@ def adamw_weight_bound(ref_trace: list[dict], ref_hist: list, run_grads: list[di
             sqrt_v = ref_step["sqrt_v_hat"][key]
             dr = torch.minimum(big_d * (1 + rho) / ((sqrt_v - big_d).clamp(min=0) + eps),
                                torch.full_like(big_d, 2 * rho))
-            rounding = 4 * FP32_U * ref_weights[key].abs() + 6 * FP32_U * lr * rho
+            rounding = 4 * FP32_U * (ref_weights[key].abs() + drift) + 6 * FP32_U * lr * rho
             bound[key] = bound.get(key, 0) + lr * dr + rounding
     return bound
 
