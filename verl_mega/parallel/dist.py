@@ -65,11 +65,12 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
     atexit.register(shutdown_distributed, barrier=False)  # no-op once an entry point has shut down
 
 
-def shutdown_distributed(barrier: bool = True, timeout_s: float = 60.0) -> None:
+def shutdown_distributed(barrier: bool = True, timeout_s: float | None = None) -> None:
     """Destroy every process group (idempotent: nothing to do without one).
 
     With `barrier` (the success path of an entry point), first wait until every rank got here, at most
-    `timeout_s` seconds, so no rank tears its group down while a peer still exchanges with it; a barrier
+    `timeout_s` seconds (default: the collective timeout, $VERL_MEGA_DIST_TIMEOUT), so no rank tears its
+    group down while a peer still works (rank 0 writing the output) or exchanges with it; a barrier
     that fails or times out is reported and the groups are destroyed anyway. Without (an error path, or
     interpreter exit) destroy at once: a failed rank must not wait for peers that will never come."""
     if not dist.is_initialized():
@@ -77,7 +78,7 @@ def shutdown_distributed(barrier: bool = True, timeout_s: float = 60.0) -> None:
     try:
         if barrier and dist.get_world_size() > 1:
             kwargs = {"device_ids": [torch.cuda.current_device()]} if dist.get_backend() == "nccl" else {}
-            dist.barrier(async_op=True, **kwargs).wait(timeout=datetime.timedelta(seconds=timeout_s))
+            dist.barrier(async_op=True, **kwargs).wait(timeout=_timeout(timeout_s))
     except RuntimeError as exc:  # a timed-out or broken barrier: still release the groups
         print(f"verl_mega: barrier before process-group shutdown failed ({exc}); shutting down anyway",
               file=sys.stderr)
