@@ -14,12 +14,14 @@ Components (bytes on one GPU, for the pipeline stage that needs the most):
 - reference: the frozen reference's weights; with `offload.reference` only the resident embedding /
   head plus two streamed layers (the one running and the prefetched one).
 - activations: what autograd saves for one micro-batch of `micro_batch_size` x `seq_len` tokens
-  (padded), times the micro-batches in flight on the stage under 1F1B (pp - stage), plus one layer's
-  worth of backward workspace; `activations_recompute` is the same with full per-layer recompute
-  (only each layer's input kept) for reference — the decoder does not recompute yet.
+  (padded; with packing the token budget and no mask), times the micro-batches in flight on the stage
+  under 1F1B (pp - stage), plus one layer's worth of backward workspace; with `model.recompute`
+  "selective" the attention core and silu(gate) * up are not kept, with "full" only each layer's
+  input is (the table also reports the full-recompute figure).
 - logprob_chunk: the fused log-prob kernel's extra buffer, min(EXTRA_BYTES, [N, V_local] fp32 + [N, H] fp32)
   for N response tokens of a micro-batch.
-- kv_cache: 2 x layers x rows x kv_heads/tp_g x round_up(seq_len, 64) x head_dim x param bytes; plus
+- kv_cache: 2 x layers x min(rows x round_up(seq_len, 64), rollout.engine.max_tokens) x kv_heads/tp_g
+  x head_dim x param bytes; plus
   prefill activations of one layer for `prefill_tokens` tokens and the [rows, V] fp32 logits buffers.
 
 Saved activations per token per layer of our decoder (b = param bytes, h = hidden, h' = q heads x
@@ -76,9 +78,13 @@ class Workload:
     micro_batch_size: int  # sequences per forward/backward
     seq_len: int  # padded tokens per sequence (prompt + response)
     response_len: int  # response tokens per sequence (rows of the log-prob kernel)
-    rollout_rows: int  # sequences decoded together (KV cache rows = min(rows, rollout.max_batch))
+    rollout_rows: int  # sequences decoded together (min(rows, rollout.engine.max_batch))
     num_microbatches: int = 1  # micro-batches per optimizer step (bounds those in flight)
-    prefill_tokens: int = 16384  # rollout prefill slice (GenerationEngine.prefill_tokens)
+    prefill_tokens: int = 16384  # rollout prefill slice (rollout.engine.prefill_tokens)
+    kv_token_budget: int | None = None  # the paged KV cache's token cap (rollout.engine.max_tokens); None: no cap
+    recompute: str = "none"  # model.recompute: none | selective | full
+    packed: bool = False  # trainer.packing: micro-batches hold valid tokens only (no [S, S] mask, no padding)
+    tokens_per_microbatch: int | None = None  # trainer.max_tokens_per_micro_batch (packed); None: mb x seq_len
 
 
 @dataclass(frozen=True)
@@ -156,9 +162,11 @@ class MemoryPlan:
         if not self.offload.grads and self.peak_phase == "rollout" and phase.get("grads", 0):
             knobs.append(f"offload.grads=true (frees {_fmt(phase['grads'])} during rollout)")
         if phase.get("activations", 0):
-            knobs.append(f"a smaller trainer.micro_batch_size (activations {_fmt(phase['activations'])})")
+            knobs.append(f"model.recompute=full (activations {_fmt(phase['activations'])} -> "
+                         f"{_fmt(self.recompute_activations)}) or a smaller trainer.micro_batch_size / "
+                         f"max_tokens_per_micro_batch")
         if phase.get("kv_cache", 0):
-            knobs.append(f"a smaller rollout.max_batch (KV cache {_fmt(phase['kv_cache'])})")
+            knobs.append(f"a smaller rollout.engine.max_batch / max_tokens (KV cache {_fmt(phase['kv_cache'])})")
         knobs.append("more GPUs: a larger parallel.tp / parallel.pp (weights, grads and activations split)")
         raise MemoryPlanError(
             f"the run does not fit: planned peak {_fmt(self.peak)} in the {self.peak_phase} phase > "
@@ -232,14 +240,16 @@ def plan_memory(cfg, par: Parallelism, work: Workload, offload: Offload, *, para
         host["reference"] = layers * b
         ref = rest * b + 2 * (layers // max(1, n_layers)) * b
 
-    tokens = work.micro_batch_size * work.seq_len
+    tokens = work.tokens_per_microbatch or work.micro_batch_size * work.seq_len
     in_flight = min(par.pp - stage, work.num_microbatches)
     per_layer = activation_bytes_per_token_layer(cfg, tp, b)
-    mask = work.micro_batch_size * work.seq_len ** 2 * b
+    if work.recompute == "selective":  # the attention core and silu(gate) * up are recomputed, not kept
+        per_layer -= b * (4 * cfg.num_heads * cfg.head_dim // tp + 3 * cfg.intermediate_size // tp)
+    mask = 0 if work.packed else work.micro_batch_size * work.seq_len ** 2 * b
     ends = tokens * (b * cfg.hidden_size + (4 + b) * cfg.hidden_size * (stage == par.pp - 1))  # embedding / final norm
     act_mb = tokens * per_layer * n_layers + mask + ends
-    activations = in_flight * act_mb + tokens * per_layer  # + one layer's backward workspace
     recompute = in_flight * (tokens * b * cfg.hidden_size * n_layers + mask + ends) + tokens * per_layer
+    activations = recompute if work.recompute == "full" else in_flight * act_mb + tokens * per_layer  # + workspace
     n_resp = work.micro_batch_size * work.response_len
     v_local = cfg.padded_vocab_size(tp) // tp
     chunk = min(EXTRA_BYTES, n_resp * v_local * 4 + n_resp * cfg.hidden_size * 4) if stage == par.pp - 1 else 0
@@ -248,7 +258,8 @@ def plan_memory(cfg, par: Parallelism, work: Workload, offload: Offload, *, para
     tp_g = par.tp_g or tp
     rows = work.rollout_rows
     slots = -(-work.seq_len // KV_SLOT_MULTIPLE) * KV_SLOT_MULTIPLE
-    kv = 2 * cfg.num_layers * rows * (cfg.num_kv_heads // tp_g) * slots * cfg.head_dim * b
+    kv_tokens = rows * slots if work.kv_token_budget is None else min(rows * slots, work.kv_token_budget)
+    kv = 2 * cfg.num_layers * kv_tokens * (cfg.num_kv_heads // tp_g) * cfg.head_dim * b
     inference_extra = 0
     if tp_g != tp or par.pp > 1:
         full_layers, full_rest = stage_params(cfg, tp_g, 1, 0)
@@ -322,9 +333,12 @@ def plan_for_config(cfg, model_config, layout, device, param_bytes: int) -> tupl
     t, r, o = cfg.trainer, cfg.rollout, cfg.offload
     seq = cfg.data.max_prompt_length + r.max_new_tokens
     rows_per_update = (t.mini_batch_size or t.rollout_batch_size) * r.n_samples
+    packed_budget = t.max_tokens_per_micro_batch if t.packing else None
     work = Workload(micro_batch_size=t.micro_batch_size, seq_len=seq, response_len=r.max_new_tokens,
-                    rollout_rows=min(t.rollout_batch_size * r.n_samples, r.max_batch),
-                    num_microbatches=-(-rows_per_update // t.micro_batch_size))
+                    rollout_rows=min(t.rollout_batch_size * r.n_samples, r.engine.max_batch),
+                    num_microbatches=-(-rows_per_update // t.micro_batch_size),
+                    prefill_tokens=r.engine.prefill_tokens, kv_token_budget=r.engine.max_tokens,
+                    recompute=cfg.model.recompute, packed=t.packing, tokens_per_microbatch=packed_budget)
     par = Parallelism(layout.tp, layout.pp, layout.dp, cfg.parallel.tp_g)
     reference, critic = cfg.algorithm.kl_coef > 0, cfg.algorithm.name in ("ppo", "gae")
     capacity = usable_device_bytes(device, o.memory_gib) if (o.plan or o.auto) else None
