@@ -68,9 +68,7 @@ class AlgorithmSection:
     norm_adv_by_std: bool = True  # GRPO: divide by the group std (False = Dr. GRPO)
     clip_ratio_low: float = 0.2  # PPO clip: ratio >= 1 - clip_ratio_low
     clip_ratio_high: float = 0.2  # PPO clip: ratio <= 1 + clip_ratio_high (0.28 = DAPO clip-higher)
-    # dual-clip PPO bound c > 1 for negative advantages (e.g. 3.0); None = off. Porting a verl recipe: verl's
-    # policy loss has dual-clip ON by default (actor clip_ratio_c = 3.0); set dual_clip: 3.0 to match it.
-    dual_clip: Optional[float] = None
+    dual_clip: Optional[float] = None  # dual-clip PPO bound c > 1 for negative advantages; None = off. verl has it ON by default (clip_ratio_c = 3.0): set 3.0 to match a verl recipe
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean
     entropy_coef: float = 0.0  # entropy bonus coefficient in the actor loss
     kl_coef: float = 0.0  # KL-to-reference coefficient; > 0 builds the reference model
