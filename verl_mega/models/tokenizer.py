@@ -10,7 +10,11 @@
 
 `SentencePieceTokenizer` offers the small subset of the HF tokenizer API the repo uses: encode,
 decode, `__call__` (ids + attention mask), eos/pad/bos token ids, `apply_chat_template` (a plain
-ChatML rendering unless a Jinja template string is given) and `save_pretrained`.
+ChatML rendering unless a Jinja template string is given) and `save_pretrained`. Like a HF
+tokenizer, encode and `__call__` add the special tokens (BOS) unless add_special_tokens=False.
+
+The one tokenisation of prompt text (BOS for plain text, none for a chat-template rendering) is
+`verl_mega.data.text.encode_text`, used by the dataset, `encode_prompts` and the demo.
 """
 
 from __future__ import annotations
@@ -61,8 +65,8 @@ class SentencePieceTokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of `text` (bos prepended only if add_special_tokens and the model has one)."""
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text` (bos prepended if add_special_tokens and the model has one, as HF tokenizers do)."""
         ids = self.sp.encode(text)
         if add_special_tokens and self.bos_token_id is not None:
             ids = [self.bos_token_id] + ids
@@ -78,7 +82,7 @@ class SentencePieceTokenizer:
     def batch_decode(self, batch, skip_special_tokens: bool = False) -> list[str]:
         return [self.decode(ids, skip_special_tokens) for ids in batch]
 
-    def __call__(self, texts: str | list[str], add_special_tokens: bool = False) -> dict:
+    def __call__(self, texts: str | list[str], add_special_tokens: bool = True) -> dict:
         """{"input_ids": ..., "attention_mask": ...} (unpadded lists), like a HF tokenizer without padding."""
         single = isinstance(texts, str)
         ids = [self.encode(t, add_special_tokens) for t in ([texts] if single else texts)]
@@ -92,7 +96,7 @@ class SentencePieceTokenizer:
 
         template = jinja2.Environment().from_string(self.chat_template or DEFAULT_CHATML)
         text = template.render(messages=messages, add_generation_prompt=add_generation_prompt, **kwargs)
-        return self.encode(text) if tokenize else text
+        return self.encode(text, add_special_tokens=False) if tokenize else text  # as HF: the template has them
 
     def save_pretrained(self, out_dir: str) -> None:
         """Copy the sentencepiece model to `out_dir/tokenizer.model`."""
