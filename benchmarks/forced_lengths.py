@@ -69,6 +69,8 @@ def force_lengths(trainer, length_range: tuple[int, int] | None = None, *, lengt
     if length_range is None and lengths is None:
         return
     stage = next(s for s in trainer.pipeline.stages if getattr(s, "name", None) == "rollout")
+    while not hasattr(stage, "worker") and hasattr(stage, "stage"):  # a wrapper (e.g. TrainingStateOffloaded)
+        stage = stage.stage
     worker = stage.worker.worker if isinstance(stage.worker, ForcedLengthWorker) else stage.worker
     if not worker.eos_token_ids:
         if eos_token_id is None:
