@@ -4,14 +4,14 @@
 #   2. rollout_service.py at the Qwen2.5-0.5B shape: continuous batching vs the static engine
 #   3. throughput.py 0.5B + 1.5B, 8x8, prompt 128, 256 new tokens, KL off; then trl_grpo.py 0.5B (the ratio)
 #   4. grpo_e2e.py --ab 0.5b: packed vs padded
-#   5. the 7B offload run (benchmarks/offload_7b.py, when present)
+#   5. the 7B offload run (grpo_e2e.py --shape 7b --offload-optimizer --offload-grads), with what time is left
 # Each step has its own `timeout`, capped by what is left of BUDGET seconds (default 560: the call's 600 s
 # minus the wheel install and the copy-back); a step that would get under 30 s is skipped and says so.
 # Run from the repository root with `.whl/` carried (benchmarks/README.md, "Wheels for the GPU machine"):
 #   device tool: command "bash benchmarks/run_h200.sh", carry [".whl"], kind nvidia-h200, timeout_s 600
 # Writes at most 8 files under $OUT: summary.md (step table + every markdown table), logs.txt (all logs),
 # steps.json (rc and seconds per step), rollout_service.json, throughput.json (TRL peer included),
-# trl_grpo.json, grpo_e2e_ab.json, offload_7b.json (when step 5 ran and wrote JSON).
+# trl_grpo.json, grpo_e2e_ab.json, offload_7b.json (step 5's grpo_e2e.json, when it finished).
 set -u
 OUT=${OUT:?set OUT (the device tool does)}
 BUDGET=${BUDGET:-560}
@@ -59,7 +59,7 @@ if os.path.exists(tp) and os.path.exists(trl):  # throughput.py's peer_ratios ru
                   f" tokens/s/GPU ({r['tokens_per_s_per_gpu']:.0f} vs {peer['tokens_per_s_per_gpu']:.0f})"
                   for r in ours["results"] if (r["config"]["shape"], r["config"]["prompts"], r["config"]["n"],
                                                r["config"]["kl"]) == (a["shape"], a["prompts"], a["n"], False)]
-for name in ("throughput.md", "grpo_e2e_ab.md"):
+for name in ("throughput.md", "grpo_e2e_ab.md", "grpo_e2e.md"):
     for path in glob.glob(os.path.join(work, "**", name), recursive=True):
         md += ["", open(path).read()]
 open(os.path.join(out, "summary.md"), "w").write("\n".join(md) + "\n")
@@ -72,9 +72,8 @@ with open(os.path.join(out, "logs.txt"), "w") as f:
 for name in ("rollout_service.json", "throughput.json", "trl_grpo.json", "grpo_e2e_ab.json"):
     for path in glob.glob(os.path.join(work, "**", name), recursive=True):
         shutil.copy(path, os.path.join(out, name))
-offload = sorted(glob.glob(os.path.join(work, "offload", "*.json")))
-if offload:
-    shutil.copy(offload[0], os.path.join(out, "offload_7b.json"))
+if os.path.exists(os.path.join(work, "offload", "grpo_e2e.json")):
+    shutil.copy(os.path.join(work, "offload", "grpo_e2e.json"), os.path.join(out, "offload_7b.json"))
 PY
 }
 
@@ -91,11 +90,8 @@ step trl_grpo 150 python3 benchmarks/trl_grpo.py --shape 0.5b --out "$WORK/trl"
 # 4. packed vs padded at 0.5B (forced lengths 32..256 during generation)
 step grpo_e2e_ab 180 python3 benchmarks/grpo_e2e.py --ab 0.5b --variants padded,packed --prompts 64 --n 8 \
   --prompt-len 128 --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 --out "$WORK/ab"
-# 5. the 7B offload run
-if [[ -f benchmarks/offload_7b.py ]]; then
-  step offload_7b 600 python3 benchmarks/offload_7b.py --out "$WORK/offload"
-else
-  printf 'offload_7b\tskipped\t0\t(benchmarks/offload_7b.py not in this tree)\n' >> "$STEPS"
-fi
+# 5. the 7B offload run (issue 15: optimizer masters + Adam on the host, training state off the GPU in rollout)
+step offload_7b 600 python3 benchmarks/grpo_e2e.py --shape 7b --offload-optimizer --offload-grads --prompts 16 --n 8 \
+  --prompt-len 512 --response-len 32:1024 --max-new-tokens 1024 --micro-batch 4 --steps 2 --out "$WORK/offload"
 collect
 echo "done after $(( $(date +%s) - START )) s"; cat "$OUT/summary.md"
