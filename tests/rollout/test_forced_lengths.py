@@ -51,3 +51,17 @@ def test_bad_eos_at_raises(hf_dir, case):
         with pytest.raises(ValueError, match="eos_at"):
             engine.generate(case["ids"], max_new_tokens=MAX_NEW, eos_at=bad)
         assert not engine.has_unfinished()  # nothing was queued
+
+
+def test_worker_passes_eos_at_per_row(hf_dir, case):
+    from verl_mega.rollout.sampling import SamplingParams
+    from verl_mega.rollout.worker import InPlaceWeights, RolloutWorker
+
+    _, model = build_engine(hf_dir, 1, case["eos"])
+    worker = RolloutWorker(InPlaceWeights(model, None), eos_token_ids=[case["eos"]], pad_token_id=0)
+    eos_at = [4, 1, 6, 2, 3, 5, 7, 8]
+    out = worker.generate(case["ids"], max_new_tokens=MAX_NEW, sampling=SamplingParams(temperature=1.0), n=2,
+                          eos_at=eos_at)
+    assert [len(r) for r in out.responses] == eos_at and all(r[-1] == case["eos"] for r in out.responses)
+    with pytest.raises(ValueError, match="eos_at"):
+        worker.generate(case["ids"], max_new_tokens=MAX_NEW, sampling=SamplingParams(), n=2, eos_at=eos_at[:4])
