@@ -24,6 +24,7 @@ setup(
         "tqdm>=4.66",
         "tensorboard>=2.15",
         "matplotlib>=3.8",
+        "aiohttp>=3.9,<4",  # SandboxFusion HTTP client and `verl-mega sandbox serve` (3.14 tested)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "triton==3.6.0"],

@@ -119,7 +119,7 @@ def run_layout(args, tp: int, pp: int) -> dict:
     result = {"layout": {"tp": tp, "pp": pp, "dp": layout.dp, "tp_g": trainer.worker.tp_g},
               "prompts_per_step": per_dp * layout.dp, "responses_per_step": per_dp * layout.dp * args.n}
     for key in [f"time/{p}" for p in PHASES] + ["time/step", "throughput/tokens_per_s_per_gpu",
-                                                 "throughput/gen_tokens_per_s_per_gpu", "response_length"]:
+                                                 "throughput/gen_tokens_per_s_per_gpu", "response_length/mean"]:
         result[key] = statistics.mean(m.get(key, 0.0) for m in history) if history else None
     hybrid = getattr(trainer.worker.weights, "hybrid", None)  # None: pp = 1, tp_g = tp (weights used in place)
     stats = hybrid.last_stats if hybrid is not None else None

@@ -28,5 +28,6 @@ with tempfile.TemporaryDirectory() as tmp:
         "extra_info": {"answer": "120"},
     }
     metrics = trainer.step([sample])
-    print({k: round(v, 4) for k, v in metrics.items() if not k.startswith(("time/", "throughput/"))})
+    # 3 significant digits: a learning rate of 1e-6 prints as 1e-06 (metric names: docs/metrics.md)
+    print({k: float(f"{v:.3g}") for k, v in metrics.items() if not k.startswith(("time/", "throughput/"))})
     print("responses:", trainer.last_batch.response_texts)

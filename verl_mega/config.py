@@ -12,7 +12,12 @@ beyond OmegaConf's built-in `${a.b}`.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import io
+import textwrap
+import tokenize
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -52,18 +57,9 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
         raise ValueError(f"cannot parse config overrides {list(overrides)}: {e}") from None
 
 
-def load_config(schema_cls: type[T], yaml_path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Build a `schema_cls` instance: dataclass defaults < YAML file < dotlist overrides.
-
-    Args:
-        schema_cls: a dataclass (nested dataclasses allowed) giving keys, types and defaults.
-        yaml_path: optional YAML file whose keys must all exist in the schema.
-        overrides: strings like `"trainer.lr=1e-5"`, applied last.
-    Returns:
-        an instance of `schema_cls` (nested fields are instances of their dataclasses).
-    Raises:
-        ValueError naming the key (and file) for an unknown key, a wrong type, or a missing value.
-    """
+def merge_config(schema_cls: type, yaml_path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """The OmegaConf config of `schema_cls` defaults < YAML file < dotlist overrides, unresolved:
+    required (`MISSING`) fields may still be unset (they print as `???`). ValueError as `load_config`."""
     if not dataclasses.is_dataclass(schema_cls):
         raise ValueError(f"schema_cls must be a dataclass, got {schema_cls!r}")
     cfg = OmegaConf.structured(schema_cls)
@@ -77,6 +73,22 @@ def load_config(schema_cls: type[T], yaml_path: str | Path | None = None, overri
         cfg = _merge(cfg, loaded, str(path))
     if overrides:
         cfg = _merge(cfg, _parse_overrides(overrides), "command-line override")
+    return cfg
+
+
+def load_config(schema_cls: type[T], yaml_path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Build a `schema_cls` instance: dataclass defaults < YAML file < dotlist overrides.
+
+    Args:
+        schema_cls: a dataclass (nested dataclasses allowed) giving keys, types and defaults.
+        yaml_path: optional YAML file whose keys must all exist in the schema.
+        overrides: strings like `"trainer.lr=1e-5"`, applied last.
+    Returns:
+        an instance of `schema_cls` (nested fields are instances of their dataclasses).
+    Raises:
+        ValueError naming the key (and file) for an unknown key, a wrong type, or a missing value.
+    """
+    cfg = merge_config(schema_cls, yaml_path, overrides)
     try:
         return OmegaConf.to_object(cfg)
     except MissingMandatoryValue as e:
@@ -90,3 +102,62 @@ def to_yaml(cfg: Any) -> str:
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
         cfg = OmegaConf.structured(cfg)
     return OmegaConf.to_yaml(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- reference
+def field_docs(cls: type) -> dict[str, str]:
+    """{field name: its doc line} of a dataclass, read from the `# ...` comment ending each field's line
+    (the one-line-doc-per-field convention of the config schemas)."""
+
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    body = ast.parse(source).body[0].body
+    return {node.target.id: comments.get(node.end_lineno, comments.get(node.lineno, ""))
+            for node in body if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
+
+
+def _type_name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "required"
+    if value == "???":  # omegaconf.MISSING
+        return "required"
+    return OmegaConf.to_yaml({"v": value}).strip()[3:] if value is not None else "null"
+
+
+def config_reference(schema_cls: type, title: str, intro: str = "") -> str:
+    """Markdown reference of a nested config dataclass: one table per section (key, type, default, doc).
+
+    Every leaf field must carry a doc comment (ValueError naming the field otherwise), so the reference
+    is complete by construction. `docs/config.md` is this function's output for `TrainerConfig`."""
+    lines = [f"# {title}", "", *([intro, ""] if intro else [])]
+    top = [f for f in dataclasses.fields(schema_cls) if not dataclasses.is_dataclass(f.type)]
+    sections = [(f.name, f.type) for f in dataclasses.fields(schema_cls) if dataclasses.is_dataclass(f.type)]
+    if top:
+        sections.insert(0, ("", schema_cls))
+    for prefix, cls in sections:
+        docs = field_docs(cls)
+        lines += [f"## `{prefix}`" if prefix else "## top level", ""]
+        doc = inspect.getdoc(cls) or ""
+        if doc and not doc.startswith(f"{cls.__name__}("):  # not the docstring dataclass() generates
+            lines += [doc, ""]
+        lines += ["| key | type | default | description |", "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.type):
+                continue
+            if not docs.get(f.name):
+                raise ValueError(f"config field {cls.__name__}.{f.name} has no doc comment (`# ...` on its line)")
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            default = _default_text(f).replace("|", "\\|")
+            lines.append(f"| `{key}` | `{_type_name(f.type)}` | `{default}` | {docs[f.name].replace('|', chr(92) + '|')} |")
+        lines.append("")
+    return "\n".join(lines)
+

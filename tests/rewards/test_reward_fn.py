@@ -126,3 +126,33 @@ def test_bad_arguments():
         compute_rewards(lambda r: 1.0, ["a", "b"], [{}])
     with pytest.raises(ValueError, match="callable"):
         RewardFunction(3)
+
+
+def test_failure_guard_stops_after_consecutive_failed_steps():
+    from verl_mega.rewards.base import RewardFailureError, RewardFailureGuard
+
+    guard = RewardFailureGuard(threshold=1.0, steps=3)
+    guard.update(8, 8)
+    guard.update(8, 8)
+    guard.update(7, 8)  # one success resets the count
+    assert guard.bad_in_a_row == 0
+    guard.update(8, 8)
+    guard.update(8, 8)
+    with pytest.raises(RewardFailureError, match=r"8/8 calls .* for 3 steps in a row .*first failure: sample 0: boom"):
+        guard.update(8, 8, ["sample 0: boom"])
+    half = RewardFailureGuard(threshold=0.5, steps=1)
+    half.update(3, 8)
+    with pytest.raises(RewardFailureError, match="reward_fail_threshold=0.5"):
+        half.update(4, 8)
+    never = RewardFailureGuard(steps=0)
+    for _ in range(10):
+        never.update(8, 8)
+    with pytest.raises(ValueError, match="reward_fail_threshold"):
+        RewardFailureGuard(threshold=0.0)
+
+
+def test_rule_reward_checks_data_sources():
+    rule = RuleBasedReward()
+    rule.check_data_sources(["openai/gsm8k", "math", "gsm8k"])
+    with pytest.raises(ValueError, match=r"data_source 'arith', None.*known data sources: \[.*'openai/gsm8k'"):
+        rule.check_data_sources(["gsm8k", "arith", None, "arith"], where="train.jsonl")

@@ -44,10 +44,35 @@ def test_cli_tp1_greedy_matches_transformers(hf_dir, cli_case):
     assert main(_args(hf_dir, cli_case["in"], out, "--temperature", "0", "--batch-size", "3")) == 0
     lines = _read(out)
     tok = load_tokenizer(hf_dir)
-    assert [line["response_ids"] for line in lines] == cli_case["ref"]
+    assert [line["response_ids"] for line in lines] == [[ids] for ids in cli_case["ref"]]  # one schema for every n
     for rec, line in zip(cli_case["records"], lines):
         assert {k: line[k] for k in rec} == rec  # input fields kept, order kept
-        assert line["response"] == tok.decode(line["response_ids"], skip_special_tokens=True)
+        assert line["responses"] == [tok.decode(line["response_ids"][0], skip_special_tokens=True)]
+
+
+def test_cli_reads_the_training_format_jsonl_and_parquet(hf_dir, cli_case, capsys):
+    """verl-format rows (chat-list `prompt`, data_source, reward_model) as parquet and jsonl: the same greedy
+    responses as the `messages` form of the same chat."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": CHAT_PROMPT, "data_source": "gsm8k", "reward_model": {"ground_truth": "7"}}] * 2
+    outs = []
+    for kind in ("jsonl", "parquet"):
+        inp = os.path.join(cli_case["dir"], f"train_format.{kind}")
+        if kind == "parquet":
+            pq.write_table(pa.Table.from_pylist(rows), inp)
+        else:
+            with open(inp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+        out = os.path.join(cli_case["dir"], f"out_{kind}.jsonl")
+        assert main(_args(hf_dir, inp, out, "--temperature", "0")) == 0, capsys.readouterr().err
+        outs.append(_read(out))
+    assert outs[0] == outs[1]
+    assert all(line["response_ids"] == [cli_case["ref"][-1]] for line in outs[0])  # the chat record's reference
+    assert outs[1][0]["reward_model"] == {"ground_truth": "7"}
+    assert main(["generate", "--help"]) == 0
+    assert "(default: 1.0)" in capsys.readouterr().out  # sampling temperature shown
 
 
 def test_cli_n_samples_layout(hf_dir, cli_case):
@@ -72,11 +97,11 @@ def test_cli_input_errors(hf_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": "unterminated\n')
     assert main(_args(hf_dir, str(bad), out)) == 2
-    assert "bad.jsonl:2: malformed JSON" in capsys.readouterr().err
+    assert "bad.jsonl: row 1: invalid JSON" in capsys.readouterr().err
     neither = tmp_path / "neither.jsonl"
     neither.write_text('{"prompt": "ok"}\n\n{"text": "no prompt"}\n')
     assert main(_args(hf_dir, str(neither), out)) == 2
-    assert "neither.jsonl:3: needs a 'prompt' string or a non-empty 'messages' list" in capsys.readouterr().err
+    assert "neither.jsonl: row 1: no 'prompt' (or 'messages') column" in capsys.readouterr().err
     assert main(_args(hf_dir, str(bad), out, "--n", "0")) == 2
     assert not os.path.exists(out)
 
@@ -110,7 +135,7 @@ def test_tp2_engine_cli_and_pp2_match_transformers(hf_dir, cli_case):
         assert r["lp_err"] < 1e-5
         assert r["cli_rc"] == 0
     assert results[0]["sampled"] == results[1]["sampled"]  # both tp ranks draw the same tokens
-    assert [line["response_ids"] for line in _read(out)] == cli_case["ref"]
+    assert [line["response_ids"] for line in _read(out)] == [[ids] for ids in cli_case["ref"]]
     # pp 2: stops at the tokenizer EOS and at `eos` (a stop id): compare with HF stopping at both
     pp_ref = hf_greedy(hf_dir, ids, [EOS, eos], MAX_NEW)
     for r in results:

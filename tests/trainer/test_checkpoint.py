@@ -86,7 +86,34 @@ def test_export_writes_transformers_loadable_dir(hf_dir, tmp_path):
     assert (ours - theirs).abs().max().item() < 1e-5
     assert AutoTokenizer.from_pretrained(str(tmp_path / "hf_out"))("ab")["input_ids"]
     assert json.load(open(tmp_path / "hf_out" / "config.json"))["num_hidden_layers"] == 2
-    assert export_cli.main([str(tmp_path / "empty"), str(tmp_path / "x")]) == 1
+    assert export_cli.main([str(tmp_path / "empty"), str(tmp_path / "x")]) == 2
+
+
+def test_export_accepts_run_checkpoints_actor_and_step_dirs(hf_dir, tmp_path, monkeypatch, capsys):
+    """A checkpoint saved with a RELATIVE source path exports from another directory with its tokenizer and
+    generation_config.json, whichever of run dir / checkpoints / checkpoints/actor / step_N is given."""
+    import shutil
+
+    src = tmp_path / "models" / "llama"
+    shutil.copytree(hf_dir, src)
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": 5, "temperature": 0.7}))
+    layout = Layout.create(1, 1, 1)
+    engine = build_engine(layout, hf_dir)
+    run = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
+    save_checkpoint(engine, str(run / "checkpoints" / "actor"), 3, tokenizer_path="models/llama")
+    assert read_marker(str(run / "checkpoints" / "actor" / "step_3"))["tokenizer_path"] == str(src)  # stored absolute
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for k, given in enumerate([run, run / "checkpoints", run / "checkpoints" / "actor",
+                               run / "checkpoints" / "actor" / "step_3"]):
+        out = tmp_path / f"hf_{k}"
+        assert export_cli.main([str(given), str(out)]) == 0, capsys.readouterr().err
+        assert (out / "generation_config.json").read_text() == (src / "generation_config.json").read_text()
+        assert os.path.exists(out / "tokenizer.json") or os.path.exists(out / "tokenizer.model"), sorted(os.listdir(out))
+    assert export_cli.main([str(tmp_path / "models"), str(tmp_path / "x")]) == 2
+    assert "looked in" in capsys.readouterr().err
 
 
 def test_bf16_engine_round_trips_fp32_masters(hf_dir, tmp_path):

@@ -1,5 +1,6 @@
 """The user-facing entry points run as users run them (subprocesses): the quick start script and
-`verl-mega demo --quick` (2 spawned ranks, tp=2, SFT then GRPO, accuracy printed, plot + metrics written)."""
+`verl-mega demo --quick` (2 spawned ranks, tp=2, SFT then GRPO, accuracy printed, plot + metrics written,
+the RL model saved as a HF directory)."""
 
 import json
 import os
@@ -16,9 +17,10 @@ def test_quick_start_prints_metrics():
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = proc.stdout.strip().splitlines()[0]
     metrics = eval(first, {"__builtins__": {}})  # the printed dict of rounded floats
-    for key in ("loss", "reward_mean", "kl", "entropy", "grad_norm", "response_length"):
+    for key in ("actor/loss", "reward/mean", "actor/ppo_kl", "actor/entropy", "actor/grad_norm", "actor/lr",
+                "response_length/mean"):
         assert isinstance(metrics[key], float), key
-    assert metrics["response_length"] > 0 and "responses:" in proc.stdout
+    assert metrics["actor/lr"] > 0 and metrics["response_length/mean"] > 0 and "responses:" in proc.stdout
 
 
 def test_demo_quick(tmp_path):
@@ -31,6 +33,32 @@ def test_demo_quick(tmp_path):
     assert 0.0 <= summary["heldout_accuracy_before_rl"] <= 1.0 and 0.0 <= summary["heldout_accuracy_after_rl"] <= 1.0
     assert summary["rl_steps"] == 3 and "tp=2" in summary["layout"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["step"] for r in records] == [0, 1, 2, 3]  # step 0: validation before RL
+    # the held-out accuracies are the validation hook's, before the first and after the last step
+    assert records[0]["val/accuracy"] == summary["heldout_accuracy_before_rl"]
+    assert records[-1]["val/accuracy"] == summary["heldout_accuracy_after_rl"]
     assert (out / "reward_curve.png").stat().st_size > 1000
     assert (out / "model_sft" / "tokenizer.model").exists()  # sentencepiece tokenizer travels with the model
+    rl_dir = out / "model_rl"
+    assert (rl_dir / "config.json").exists() and (rl_dir / "tokenizer.model").exists()
+    assert str(rl_dir) in proc.stdout  # its path is printed
+
+
+def test_demo_recipes_load_and_compare_fairly():
+    """Every demo recipe is a valid config for its algorithm, and all generate the same number of samples per step
+    from the same start for the same number of steps (the comparison in the README is fair)."""
+    from verl_mega.apps import demo
+    from verl_mega.trainer.config import check_config
+
+    args = demo.parse_args(["--algorithm", "all"])
+    shapes = set()
+    for algo in demo.ALGORITHMS:
+        cfg = demo.rl_config(algo, args, "/runs/model_sft", f"/runs/{algo}")
+        check_config(cfg)
+        assert cfg.algorithm.name == algo and cfg.model.path == "/runs/model_sft"
+        assert cfg.data.val_path == "/runs/heldout.jsonl" and cfg.trainer.val_every > 0
+        shapes.add((cfg.trainer.rollout_batch_size * cfg.rollout.n_samples, cfg.trainer.total_steps,
+                    cfg.rollout.temperature, cfg.rollout.max_new_tokens))
+    assert len(shapes) == 1
+    quick = demo.rl_config("ppo", demo.parse_args(["--quick"]), "/runs/model_sft", "/runs")
+    assert (quick.trainer.total_steps, quick.trainer.rollout_batch_size, quick.trainer.val_every) == (3, 8, 0)

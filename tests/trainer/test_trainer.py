@@ -1,9 +1,10 @@
 """PPOTrainer in one process: stages and `>>`, a reward that raises / hangs inside step(), GRPO
-advantage wiring, config errors, `verl-mega train` end to end on a tiny model."""
+advantage wiring, metric names (documented, no duplicates, printed with 3 digits), config errors.
+`verl-mega train` end to end: test_train_cli.py."""
 
-import json
 import math
 import os
+import re
 import time
 
 import pytest
@@ -13,10 +14,12 @@ from verl_mega.config import load_config
 from verl_mega.rollout.actor import get_actor_model
 from verl_mega.testing.tiny_hf import make_tiny_hf_model
 from verl_mega.trainer import PPOTrainer, Reward, RLBatch, Stage, TrainerConfig, default_pipeline
+from verl_mega.trainer.metrics import bar_postfix, format_metrics
 from verl_mega.apps import train_cli
 
 CHAT = [{"role": "user", "content": "What is 10*12?"}]
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples", "configs")
+METRICS_DOC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "metrics.md")
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +46,22 @@ def test_step_counts_failing_and_hanging_rewards(tiny_dir):
     m = trainer.step([{"prompt": CHAT}, {"prompt": "2+2=", "ground_truth": "4"}])
     assert time.time() - start < 20
     lengths = [len(t) for t in trainer.last_batch.response_texts]
-    assert m["reward_failures"] == sum(n % 3 == 0 for n in lengths)
-    assert m["reward_timeouts"] == sum(n % 3 == 1 for n in lengths)
-    assert m["reward_failures"] + m["reward_timeouts"] > 0  # 16 random responses: both kinds essentially always
+    assert m["reward/failures"] == sum(n % 3 == 0 for n in lengths)
+    assert m["reward/timeouts"] == sum(n % 3 == 1 for n in lengths)
+    assert m["reward/failures"] + m["reward/timeouts"] > 0  # 16 random responses: both kinds essentially always
     scores = trainer.last_batch.scores
     assert all(s == (n % 2 if n % 3 == 2 else 0.0) for s, n in zip(scores.tolist(), lengths))
-    for key in ("loss", "reward_mean", "kl", "entropy", "clip_frac", "grad_norm", "response_length",
+    for key in ("actor/loss", "reward/mean", "actor/ppo_kl", "actor/entropy", "actor/pg_clipfrac", "actor/grad_norm",
+                "actor/lr", "response_length/mean",
                 "time/generate", "time/reshard", "time/logprob", "time/update"):
         assert math.isfinite(m[key]), key
+    documented = set(re.findall(r"^\| `([^`]+)` \|", open(METRICS_DOC).read(), flags=re.M))
+    stages = {f"time/{name}" for name in trainer.pipeline.names()}
+    assert set(m) - stages <= documented, set(m) - stages - documented  # every key in docs/metrics.md
+    assert not {"loss", "lr", "grad_norm", "kl", "clip_frac", "reward_mean", "entropy"} & set(m)  # no duplicates
+    assert "actor/lr: 0.0001" in format_metrics(m) and set(bar_postfix(m)) == {"reward", "kl", "ent", "len"}
     # rollout engine and training forward agree on the sampled tokens' log-probs
-    assert m["rollout_logprob_diff"] < 1e-4
+    assert m["rollout/logprob_diff"] < 1e-4
     # GRPO: advantages are the group-normalised scores on every response token
     b = trainer.last_batch
     g = b.scores.view(-1, 8)
@@ -71,7 +80,7 @@ def test_pipeline_composition_and_custom_stage(tiny_dir):
 
     trainer.pipeline = default_pipeline(trainer).replace("reward", constant_reward)
     m = trainer.step([{"prompt": "hello"}])
-    assert m["reward_mean"] == pytest.approx(0.5) and trainer.global_step == 1
+    assert m["reward/mean"] == pytest.approx(0.5) and trainer.global_step == 1
     assert trainer.pipeline.names()[1] == "constant_reward"
     assert (Reward(trainer.rewards) >> constant_reward).names() == ["reward", "constant_reward"]
     assert (constant_reward >> Reward(trainer.rewards)).names() == ["constant_reward", "reward"]
@@ -103,22 +112,3 @@ def test_config_presets_and_errors(tmp_path):
         train_cli.parse_config([str(y), "algorithm.name=dpo"])
     with pytest.raises(ValueError, match="n_samples must be >= 2"):
         train_cli.parse_config([str(y), "rollout.n_samples=1"])
-
-
-def test_train_cli_end_to_end(tiny_dir, tmp_path, capsys):
-    data = tmp_path / "train.jsonl"
-    with open(data, "w") as f:
-        for i in range(4):
-            f.write(json.dumps({"prompt": [{"role": "user", "content": f"{i}+1=?"}], "data_source": "gsm8k",
-                                "reward_model": {"ground_truth": str(i + 1)}}) + "\n")
-    y = tmp_path / "cfg.yaml"
-    y.write_text(f"model:\n  path: {tiny_dir}\ndata:\n  train_path: {data}\n")
-    out = tmp_path / "run"
-    assert train_cli.main([str(y), "bogus.key=1"]) == 2
-    assert "unknown config key 'bogus'" in capsys.readouterr().err
-    rc = train_cli.main([str(y), "trainer.total_steps=1", "trainer.rollout_batch_size=2", "rollout.n_samples=2",
-                         "rollout.max_new_tokens=4", f"trainer.output_dir={out}", "trainer.save_final=false"])
-    assert rc == 0
-    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [r["step"] for r in records] == [1] and math.isfinite(records[0]["loss"])
-    assert list((out / "tensorboard").iterdir())

@@ -19,7 +19,8 @@ from verl_mega.trainer import PPOTrainer, TrainerConfig
 
 SAMPLES = [{"prompt": [{"role": "user", "content": "What is 10*12?"}], "ground_truth": "120"},
            {"prompt": "Count: 1 2 3", "ground_truth": "4"}]
-KEYS = ("loss", "reward_mean", "kl", "entropy", "clip_frac", "grad_norm", "response_length")
+KEYS = ("actor/loss", "reward/mean", "actor/kl_ref", "actor/entropy", "actor/pg_clipfrac", "actor/grad_norm",
+        "response_length/mean")
 
 
 def _reward(response: str) -> float:
@@ -81,9 +82,9 @@ def test_two_steps_finite_and_rank_consistent(results, layout, algorithm):
     for m in steps:
         for key in KEYS + ("time/generate", "time/reshard", "time/logprob", "time/update"):
             assert math.isfinite(m[key]), (key, m[key])
-        assert m["reward_failures"] == 0 and m["reward_timeouts"] == 0
-        assert m["rollout_logprob_diff"] < 1e-4  # training forward matches the sampler at this layout
-    assert steps[1]["grad_norm"] > 0
+        assert m["reward/failures"] == 0 and m["reward/timeouts"] == 0
+        assert m["rollout/logprob_diff"] < 1e-4  # training forward matches the sampler at this layout
+    assert steps[1]["actor/grad_norm"] > 0
     for key in KEYS:  # every rank computed the same step
         assert [s[key] for s in results[1][(layout, algorithm)]] == [s[key] for s in steps], key
     has_critic, has_reference = results[0][(layout, algorithm, "roles")]
@@ -96,7 +97,7 @@ def test_resume_reproduces_next_step(results):
     r = results[0]
     (expected,), (got,) = r["uninterrupted"], r["resumed"]
     assert r["order_second"] == r["order_first"]  # same next batch (dataloader position restored)
-    for key in KEYS + ("critic/loss", "kl_coef", "advantage_mean"):
+    for key in KEYS + ("critic/loss", "actor/kl_coef", "advantage/mean"):
         assert got[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-7), key
 
 

@@ -4,6 +4,7 @@
     verl-mega train     RL training from a YAML config plus dotted overrides
     verl-mega generate  batched generation from a Hugging Face directory
     verl-mega export    distributed checkpoint -> Hugging Face directory
+    verl-mega sandbox   `sandbox serve`: the code sandbox over SandboxFusion's HTTP API
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ SUBCOMMANDS = {
     "train": ("verl_mega.apps.train_cli", "RL training from CONFIG.yaml [key=value ...]"),
     "generate": ("verl_mega.apps.generate_cli", "generate responses for a jsonl of prompts"),
     "export": ("verl_mega.apps.export_cli", "export a checkpoint to a Hugging Face directory"),
+    "sandbox": ("verl_mega.apps.sandbox_serve", "sandbox serve --host H --port N: the code sandbox over SandboxFusion's HTTP API"),
 }
 
 

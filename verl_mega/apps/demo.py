@@ -1,19 +1,27 @@
 """`verl-mega demo`: the whole pipeline on CPU in a few minutes — supervise a tiny model on two-digit
-addition, then GRPO with an exact-match reward, and show held-out accuracy before and after RL.
+addition, then RL (GRPO, PPO, RLOO, REINFORCE++ or REINFORCE++-baseline) with an exact-match reward, and
+show the held-out greedy accuracy before, during and after RL.
 
-    verl-mega demo                 # 2 processes, tensor parallel 2 (spawned here; no torchrun needed)
-    verl-mega demo --quick         # CI smoke run (< 90 s)
+    verl-mega demo                          # GRPO; 2 processes, tensor parallel 2 (spawned; no torchrun needed)
+    verl-mega demo --algorithm ppo          # PPO with a critic (GAE), from the same SFT start
+    verl-mega demo --algorithm all          # the five estimators one after the other, one plot
+    verl-mega demo --quick                  # CI smoke run
+    verl-mega demo --plot runs/grpo runs/ppo --output-dir runs   # one plot over several runs' metrics.jsonl
     torchrun --nproc-per-node 2 -m verl_mega demo   # the same under torchrun
 
 Steps (every rank runs them; rank 0 writes files and prints):
  1. make the task (train / held-out pairs), train a sentencepiece tokenizer on it, write a random
-    tiny Llama as a Hugging Face directory (demo_task.py);
+    tiny Llama as a Hugging Face directory (demo_task.py) -> model_init/;
  2. load it with `get_actor_model` (tp from --tp), supervise it with `TrainEngine` (next-token loss on
     the answer) until greedy accuracy on a probe of TRAINING prompts reaches --sft-target (a modest
-    start, so RL has room to improve), save it with `actor.save_hf` and reload it;
- 3. greedy held-out accuracy; GRPO with `PPOTrainer.fit` (n samples per prompt, temperature 1,
-    exact-match reward, live tqdm bar, metrics.jsonl + TensorBoard in --output-dir); accuracy again;
- 4. write reward_curve.png (reward per step, accuracy before/after) and summary.json.
+    start, so RL has room to improve), save it with `actor.save_hf` -> model_sft/ (`--reuse-sft` keeps
+    an existing one, so several algorithms start from the same model);
+ 3. per algorithm, its recipe examples/configs/demo_<algorithm>.yaml (the file a user copies for
+    `verl-mega train`) with this run's paths: `PPOTrainer.fit` from model_sft/, validating greedily on
+    the held-out prompts before RL, every trainer.val_every steps and at the end (the validation
+    hook), then the RL model saved -> model_rl/ (with several algorithms: <algorithm>/model_rl/);
+ 4. write reward_curve.png (training reward and held-out accuracy per step, one curve per algorithm)
+    and summary.json.
 """
 
 from __future__ import annotations
@@ -27,38 +35,67 @@ import time
 import torch
 import torch.distributed as dist
 
-DEFAULTS = dict(sft_target=0.3, sft_max_steps=600, sft_lr=1e-3, sft_batch=64, rl_steps=80, rl_lr=1e-4,
-                rollout_batch=64, n_samples=8, heldout=200)
-QUICK = dict(sft_target=1.0, sft_max_steps=25, rl_steps=3, rollout_batch=8, n_samples=4, heldout=40)
+ALGORITHMS = ("grpo", "ppo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
+RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                       "examples", "configs")
+DEFAULTS = dict(sft_target=0.3, sft_max_steps=600, sft_lr=1e-3, sft_batch=64, heldout=200,
+                rl_steps=None, rl_lr=None, rollout_batch=None, n_samples=None, val_every=None)  # None: the recipe's
+QUICK = dict(sft_target=1.0, sft_max_steps=25, rl_steps=3, rollout_batch=8, n_samples=4, heldout=40, val_every=0)
+# the step-metric keys the demo reads (renamed in one place if the Metrics stage renames them)
+KEYS = dict(reward="reward/mean", val_accuracy="val/accuracy", explained_variance="critic/explained_variance")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="verl-mega demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny smoke run for CI (< 90 s)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run for CI")
+    p.add_argument("--algorithm", default="grpo",
+                   help=f"RL algorithm: one of {', '.join(ALGORITHMS)}, a comma-separated list, or 'all' (default grpo)")
+    p.add_argument("--recipe", help="RL config YAML (default: examples/configs/demo_<algorithm>.yaml; one algorithm only)")
     p.add_argument("--nproc", type=int, default=2, help="processes to spawn when not under torchrun (default 2)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: the number of processes)")
     p.add_argument("--output-dir", default="demo_output", help="where data, models, metrics and the plot go")
+    p.add_argument("--reuse-sft", action="store_true", help="start RL from OUTPUT_DIR/model_sft if it exists (skip SFT)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sft-target", type=float, help="stop SFT at this greedy accuracy on training prompts")
     p.add_argument("--sft-max-steps", type=int, help="SFT step limit")
     p.add_argument("--sft-lr", type=float)
     p.add_argument("--sft-batch", type=int)
-    p.add_argument("--rl-steps", "--steps", dest="rl_steps", type=int, help="GRPO steps")
-    p.add_argument("--rl-lr", type=float)
-    p.add_argument("--rollout-batch", type=int, help="prompts per GRPO step")
-    p.add_argument("--n-samples", type=int, help="responses per prompt")
+    p.add_argument("--rl-steps", "--steps", dest="rl_steps", type=int, help="RL steps (default: the recipe's)")
+    p.add_argument("--rl-lr", type=float, help="actor learning rate (default: the recipe's)")
+    p.add_argument("--rollout-batch", type=int, help="prompts per RL step (default: the recipe's)")
+    p.add_argument("--n-samples", type=int, help="responses per prompt (default: the recipe's)")
+    p.add_argument("--val-every", type=int, help="held-out validation every N RL steps (default: the recipe's)")
     p.add_argument("--heldout", type=int, help="held-out prompts")
+    p.add_argument("--plot", nargs="+", metavar="RUN_DIR",
+                   help="only plot: one curve per RUN_DIR (a demo output or a `verl-mega train` output_dir with "
+                        "metrics.jsonl) into OUTPUT_DIR/reward_curve.png")
     args = p.parse_args(argv)
     preset = {**DEFAULTS, **(QUICK if args.quick else {})}
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.algorithms = list(ALGORITHMS) if args.algorithm == "all" else args.algorithm.split(",")
+    bad = [a for a in args.algorithms if a not in ALGORITHMS]
+    if bad:
+        p.error(f"--algorithm: {bad} not in {ALGORITHMS} (or 'all')")
+    if args.recipe and len(args.algorithms) > 1:
+        p.error("--recipe applies to one algorithm; run the algorithms separately")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.plot:
+        runs = {os.path.basename(os.path.normpath(d)): os.path.join(d, "metrics.jsonl") for d in args.plot}
+        missing = [path for path in runs.values() if not os.path.isfile(path)]
+        if missing:
+            print(f"verl-mega demo --plot: no metrics.jsonl at {missing}", file=sys.stderr)
+            return 2
+        os.makedirs(args.output_dir, exist_ok=True)
+        plot_runs(runs, os.path.join(args.output_dir, "reward_curve.png"))
+        print(f"wrote {os.path.join(args.output_dir, 'reward_curve.png')}")
+        return 0
     if "RANK" in os.environ or args.nproc == 1:
         run(args)
         return 0
@@ -77,11 +114,9 @@ def _say(*msg) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """The demo on this rank (see module docstring); returns the summary dict."""
-    from verl_mega.data import get_dataloader
     from verl_mega.rollout.actor import get_actor_model
     from verl_mega.parallel.layout import Layout
     from verl_mega.apps import demo_task as task
-    from verl_mega.trainer.ppo_trainer import PPOTrainer
 
     torch.manual_seed(args.seed)
     start = time.time()
@@ -90,60 +125,111 @@ def run(args: argparse.Namespace) -> dict:
     out = os.path.abspath(args.output_dir)
     base_dir, sft_dir = os.path.join(out, "model_init"), os.path.join(out, "model_sft")
     train_rows, heldout_rows = task.make_arithmetic_task(args.seed, num_heldout=args.heldout)
+    reuse = args.reuse_sft and os.path.isfile(os.path.join(sft_dir, "config.json"))
     if layout.rank == 0:
         os.makedirs(out, exist_ok=True)
-        for name in ("metrics.jsonl",):
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
         task.write_jsonl(train_rows, os.path.join(out, "train.jsonl"))
         task.write_jsonl(heldout_rows, os.path.join(out, "heldout.jsonl"))
-        tok = task.train_char_tokenizer(train_rows + heldout_rows, os.path.join(out, "arith.model"))
-        task.make_model_dir(base_dir, tok, seed=args.seed)
+        if not reuse:
+            tok = task.train_char_tokenizer(train_rows + heldout_rows, os.path.join(out, "arith.model"))
+            task.make_model_dir(base_dir, tok, seed=args.seed)
     dist.barrier()
     _say(f"[demo] {len(train_rows)} train / {len(heldout_rows)} held-out addition problems, "
          f"{layout}; tiny Llama in {base_dir}")
+    sft_steps = 0
+    if reuse:
+        _say(f"[demo] --reuse-sft: RL starts from {sft_dir}")
+    else:
+        actor = get_actor_model(base_dir, layout=layout)
+        sft_steps = supervise(actor, train_rows, args)
+        actor.save_hf(sft_dir)
+        dist.barrier()
+        _say(f"[demo] {sft_steps} SFT steps -> {sft_dir} ({time.time() - start:.0f} s)")
 
-    actor = get_actor_model(base_dir, layout=layout)
-    sft_steps = supervise(actor, train_rows, args)
-    actor.save_hf(sft_dir)
-    dist.barrier()
-    actor = get_actor_model(sft_dir, layout=layout)  # RL starts from the saved HF directory
-    before = accuracy(actor, heldout_rows)
-    _say(f"[demo] after {sft_steps} SFT steps: held-out accuracy {before:.1%} ({time.time() - start:.0f} s)")
-
-    trainer = PPOTrainer(actor, reward_fn=task.exact_match, config=rl_config(args, out))
-    loader = get_dataloader(os.path.join(out, "train.jsonl"), actor.tokenizer, args.rollout_batch, seed=args.seed,
-                            apply_chat_template=False, max_prompt_length=16,
-                            dp_rank=layout.dp_rank, dp_size=layout.dp)
-    history = trainer.fit(loader, steps=args.rl_steps)
-    after = accuracy(actor, heldout_rows)
-    summary = {"heldout_accuracy_before_rl": before, "heldout_accuracy_after_rl": after, "sft_steps": sft_steps,
-               "rl_steps": len(history), "seconds": time.time() - start, "layout": repr(layout)}
-    _say(f"[demo] GRPO {len(history)} steps: held-out accuracy {before:.1%} -> {after:.1%} "
-         f"({(after - before) * 100:+.1f} points), {summary['seconds']:.0f} s")
+    runs = {}
+    for algo in args.algorithms:
+        run_dir = out if len(args.algorithms) == 1 else os.path.join(out, algo)
+        runs[algo] = train_rl(algo, args, sft_dir, run_dir, layout)
+    summary = {"algorithms": runs, "sft_steps": sft_steps, "seconds": time.time() - start, "layout": repr(layout)}
+    if len(runs) == 1:
+        (only,) = runs.values()
+        summary.update(heldout_accuracy_before_rl=only["accuracy_before"], heldout_accuracy_after_rl=only["accuracy_after"],
+                       rl_steps=only["rl_steps"])
     if layout.rank == 0:
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        plot_rewards(os.path.join(out, "metrics.jsonl"), os.path.join(out, "reward_curve.png"), before, after)
-        _say(f"[demo] wrote {os.path.join(out, 'reward_curve.png')} and metrics.jsonl")
+        plot_runs({a: r["metrics"] for a, r in runs.items()}, os.path.join(out, "reward_curve.png"))
+        _say(f"[demo] wrote {os.path.join(out, 'reward_curve.png')} and summary.json")
+        for algo, r in runs.items():
+            _say(f"[demo] {algo:<29} held-out accuracy {r['accuracy_before']:.1%} -> {r['accuracy_after']:.1%} "
+                 f"in {r['rl_steps']} steps, {r['seconds']:.0f} s; model in {r['model_rl']}")
     return summary
 
 
-def rl_config(args, out: str):
-    """GRPO settings of the demo (a TrainerConfig)."""
+def rl_config(algo: str, args, sft_dir: str, run_dir: str):
+    """The RL TrainerConfig of `algo`: its recipe (examples/configs/demo_<algo>.yaml, or --recipe) with this run's
+    paths, seed and the command-line overrides (steps, lr, batch, samples, validation period)."""
+    from verl_mega.config import load_config
     from verl_mega.trainer.config import TrainerConfig
 
-    cfg = TrainerConfig()
-    cfg.model.path = "(given)"
-    cfg.data.train_path = os.path.join(out, "train.jsonl")
-    cfg.data.max_prompt_length = 16
-    cfg.rollout.n_samples, cfg.rollout.max_new_tokens, cfg.rollout.temperature = args.n_samples, 4, 1.0
-    cfg.algorithm.name = "grpo"
-    cfg.optim.lr, cfg.optim.weight_decay = args.rl_lr, 0.0
-    t = cfg.trainer
-    t.rollout_batch_size, t.micro_batch_size, t.num_epochs = args.rollout_batch, 512, 1
-    t.seed, t.output_dir, t.total_steps, t.save_final, t.resume = args.seed, out, args.rl_steps, False, False
-    return cfg
+    recipe = args.recipe or os.path.join(RECIPES, f"demo_{algo}.yaml")
+    if not os.path.isfile(recipe):
+        raise ValueError(f"no recipe for {algo}: {recipe} does not exist (pass --recipe PATH)")
+    out = os.path.dirname(sft_dir)
+    overrides = [f"model.path={sft_dir}", f"data.train_path={os.path.join(out, 'train.jsonl')}",
+                 f"data.val_path={os.path.join(out, 'heldout.jsonl')}", f"trainer.output_dir={run_dir}",
+                 f"trainer.seed={args.seed}", "trainer.save_final=false", "trainer.resume=false",
+                 f"algorithm.name={algo}"]
+    for key, value in (("trainer.total_steps", args.rl_steps), ("optim.lr", args.rl_lr),
+                       ("trainer.rollout_batch_size", args.rollout_batch), ("rollout.n_samples", args.n_samples),
+                       ("trainer.val_every", args.val_every)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return load_config(TrainerConfig, recipe, overrides)
+
+
+def train_rl(algo: str, args, sft_dir: str, run_dir: str, layout) -> dict:
+    """RL with `algo` from `sft_dir`, validated on the held-out prompts; saves run_dir/model_rl. Returns its summary."""
+    from verl_mega.apps.train_cli import load_reward
+    from verl_mega.data import get_dataloader
+    from verl_mega.rollout.actor import get_actor_model
+    from verl_mega.trainer.ppo_trainer import PPOTrainer
+
+    start = time.time()
+    cfg = rl_config(algo, args, sft_dir, run_dir)
+    if layout.rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        if os.path.exists(metrics_path):
+            os.remove(metrics_path)
+    dist.barrier()
+    torch.manual_seed(args.seed)
+    actor = get_actor_model(sft_dir, layout=layout)  # every algorithm starts from the saved SFT model
+    trainer = PPOTrainer(actor, reward_fn=load_reward(cfg.trainer.reward), config=cfg)
+    d = cfg.data
+    loader = get_dataloader(d.train_path, actor.tokenizer, cfg.trainer.rollout_batch_size, seed=args.seed,
+                            apply_chat_template=d.apply_chat_template, max_prompt_length=d.max_prompt_length,
+                            dp_rank=layout.dp_rank, dp_size=layout.dp)
+    _say(f"[demo] {algo}: {cfg.trainer.total_steps} steps of {cfg.trainer.rollout_batch_size} prompts x "
+         f"{cfg.rollout.n_samples} samples, lr {cfg.optim.lr:g}")
+    history = trainer.fit(loader)
+    rl_dir = os.path.join(run_dir, "model_rl")
+    actor.save_hf(rl_dir)
+    dist.barrier()
+    vals = trainer.val_history
+    evs = [h[KEYS["explained_variance"]] for h in history if KEYS["explained_variance"] in h]
+    result = {"accuracy_before": vals[0][KEYS["val_accuracy"]], "accuracy_after": vals[-1][KEYS["val_accuracy"]],
+              "rl_steps": len(history), "seconds": time.time() - start, "model_rl": rl_dir,
+              "metrics": os.path.join(run_dir, "metrics.jsonl"),
+              "config": {k: v for k, v in (("lr", cfg.optim.lr), ("rollout_batch_size", cfg.trainer.rollout_batch_size),
+                                            ("n_samples", cfg.rollout.n_samples))}}
+    if evs:
+        result["explained_variance_max"] = max(e for e in evs if e == e)
+        result["explained_variance_last"] = evs[-1]
+    _say(f"[demo] {algo}: held-out accuracy {result['accuracy_before']:.1%} -> {result['accuracy_after']:.1%} "
+         f"({(result['accuracy_after'] - result['accuracy_before']) * 100:+.1f} points), {result['seconds']:.0f} s; "
+         f"RL model saved to {rl_dir}")
+    return result
 
 
 def supervise(actor, rows: list[dict], args) -> int:
@@ -185,8 +271,9 @@ def accuracy(actor, rows: list[dict]) -> float:
     return sum(task.exact_match(res["response"], task.answer(r)) for res, r in zip(results, rows)) / len(rows)
 
 
-def plot_rewards(metrics_path: str, png_path: str, before: float, after: float) -> None:
-    """Reward mean per GRPO step (and its 10-step moving average) with the held-out accuracy before/after."""
+def plot_runs(runs: dict[str, str], png_path: str) -> None:
+    """Two panels from each algorithm's metrics.jsonl (`runs`: name -> path): training reward per step (10-step
+    moving mean) and held-out greedy accuracy at each validation (step 0 = the SFT start)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,19 +281,21 @@ def plot_rewards(metrics_path: str, png_path: str, before: float, after: float) 
 
     from verl_mega.trainer.metrics import read_metrics
 
-    records = read_metrics(metrics_path)
-    steps = [r["step"] for r in records]
-    rewards = [r["reward_mean"] for r in records]
-    smooth = [sum(rewards[max(0, i - 9):i + 1]) / len(rewards[max(0, i - 9):i + 1]) for i in range(len(rewards))]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, rewards, alpha=0.35, label="reward (train samples, T=1)")
-    ax.plot(steps, smooth, label="reward, 10-step mean")
-    if steps:
-        ax.scatter([0, steps[-1]], [before, after], color="k", zorder=3, label="held-out greedy accuracy")
-    ax.set_xlabel("GRPO step")
-    ax.set_ylabel("exact-match reward / accuracy")
-    ax.set_title(f"verl-mega demo: held-out accuracy {before:.0%} -> {after:.0%}")
-    ax.legend(loc="upper center")
+    fig, (ax_r, ax_a) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, path in runs.items():
+        records = read_metrics(path)
+        train = [r for r in records if r.get(KEYS["reward"]) is not None]
+        rewards = [r[KEYS["reward"]] for r in train]
+        smooth = [sum(rewards[max(0, i - 9):i + 1]) / len(rewards[max(0, i - 9):i + 1]) for i in range(len(rewards))]
+        line, = ax_r.plot([r["step"] for r in train], smooth, label=name)
+        val = [r for r in records if r.get(KEYS["val_accuracy"]) is not None]
+        ax_a.plot([r["step"] for r in val], [r[KEYS["val_accuracy"]] for r in val], marker="o", ms=3,
+                  color=line.get_color(), label=name)
+    ax_r.set(xlabel="RL step", ylabel="exact-match reward", title="training reward (samples at T=1, 10-step mean)")
+    ax_a.set(xlabel="RL step", ylabel="accuracy", title="held-out greedy accuracy (validation)")
+    for ax in (ax_r, ax_a):
+        ax.legend(loc="lower right")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)

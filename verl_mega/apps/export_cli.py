@@ -1,57 +1,99 @@
-"""`verl-mega export CKPT_DIR HF_OUT_DIR`: distributed checkpoint -> Hugging Face directory.
+"""`verl-mega export CKPT HF_OUT_DIR`: distributed checkpoint -> Hugging Face directory.
 
-Runs in one process at tp = pp = 1 (DCP reshards whatever layout the checkpoint was saved from):
-reads the model config and tokenizer path recorded in the checkpoint's COMPLETE marker, builds the
-whole model, loads the fp32 master weights and writes config.json + model.safetensors (+ tokenizer
-files) with `verl_mega.models.hf_io.save_hf`. CKPT_DIR may be a checkpoint root (the newest complete
-`step_N` is used) or one `step_N` directory.
+    verl-mega export outputs/run out/hf                          # newest complete actor checkpoint of a run
+    verl-mega export outputs/run/checkpoints/actor/step_40 out/hf  # one step
+
+CKPT may be a run directory (`trainer.output_dir`), its `checkpoints/` directory, `checkpoints/actor`
+(the newest complete `step_N` is used) or one `step_N` directory (`resolve_checkpoint`). Runs in one
+process at tp = pp = 1 (DCP reshards whatever layout the checkpoint was saved from): reads the model
+config and the source model directory recorded in the checkpoint's COMPLETE marker, builds the whole
+model, loads the fp32 master weights and writes config.json + model.safetensors + the tokenizer with
+`verl_mega.models.hf_io.save_hf`, and copies the source's generation_config.json. Checkpoints store the
+source directory as an absolute path; a relative one (older checkpoints) is tried against the current
+directory and the run directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 
 import torch
 
 
+def resolve_checkpoint(ckpt: str) -> tuple[str, list[str]]:
+    """(the checkpoint directory `ckpt` names, refusal messages of newer unusable ones).
+
+    `ckpt`: a step_N directory, an engine root holding step_N directories (checkpoints/actor), a
+    trainer root holding actor/ (checkpoints), or a run directory holding checkpoints/actor.
+    ValueError listing what was looked at when none holds a complete checkpoint."""
+    from verl_mega.trainer.checkpoint import find_checkpoint
+
+    if not os.path.isdir(ckpt):
+        raise ValueError(f"checkpoint path {ckpt} does not exist")
+    tried = []
+    for candidate in (ckpt, os.path.join(ckpt, "actor"), os.path.join(ckpt, "checkpoints", "actor")):
+        if os.path.isdir(candidate):
+            tried.append(candidate)
+            path, refused = find_checkpoint(candidate)
+            if path is not None:
+                return path, refused
+    raise ValueError(f"no complete checkpoint found under {ckpt} (looked in {', '.join(tried)}); give a run "
+                     f"directory (trainer.output_dir), its checkpoints/ or checkpoints/actor, or a step_N directory")
+
+
+def _source_dir(recorded: str | None, ckpt_path: str) -> str | None:
+    """The source model directory recorded in a checkpoint, found as given (absolute), against the current
+    directory or against the run directory the checkpoint sits in; None when it cannot be found."""
+    if not recorded:
+        return None
+    run_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))))  # run/checkpoints/actor/step_N
+    for candidate in (recorded, os.path.join(run_dir, recorded)):
+        if os.path.isdir(candidate):
+            return candidate
+    return None
+
+
 def export(ckpt: str, out_dir: str, dtype: str = "float32") -> str:
-    """Write the newest complete checkpoint under `ckpt` to `out_dir` as a HF directory; returns the checkpoint used."""
+    """Write the checkpoint `ckpt` names (see resolve_checkpoint) to `out_dir` as a HF directory (weights,
+    config, tokenizer, generation_config.json); returns the checkpoint directory used."""
     from verl_mega.models.config import ModelConfig
     from verl_mega.models.hf_io import save_hf
     from verl_mega.models.parallelize import build_stage
+    from verl_mega.models.tokenizer import load_tokenizer
     from verl_mega.parallel import Layout
-    from verl_mega.trainer.checkpoint import find_checkpoint, load_model_weights, read_marker
+    from verl_mega.trainer.checkpoint import load_model_weights, read_marker
 
-    path, refused = find_checkpoint(ckpt)
+    path, refused = resolve_checkpoint(ckpt)
     for message in refused:
         print(message, file=sys.stderr)
-    if path is None:
-        raise ValueError(f"no complete checkpoint found under {ckpt}")
     marker = read_marker(path)
     if not marker.get("model_config"):
         raise ValueError(f"checkpoint {path} does not record a model config (saved from a model without one)")
+    recorded = marker.get("tokenizer_path")
+    source = _source_dir(recorded, path)
+    if recorded and source is None:
+        raise ValueError(f"checkpoint {path} records its source model directory {recorded!r}, which does not "
+                         f"exist (from {os.getcwd()}); the tokenizer and generation_config.json come from there: "
+                         f"run export where the path resolves, or restore that directory")
     config = ModelConfig.from_hf(marker["model_config"])
     layout = Layout.create(1, 1, 1)
     model = build_stage(config, layout, value_head=bool(marker.get("value_head")), init_seed=None)
     load_model_weights(model, layout, path)
     model.to(getattr(torch, dtype))
-    tokenizer = None
-    tok_path = marker.get("tokenizer_path")
-    if tok_path and os.path.exists(tok_path):
-        from verl_mega.models.tokenizer import load_tokenizer
-        tokenizer = load_tokenizer(tok_path)
-    elif tok_path:
-        print(f"warning: tokenizer path {tok_path} recorded in {path} does not exist; writing no tokenizer",
-              file=sys.stderr)
+    tokenizer = load_tokenizer(source) if source is not None else None
     save_hf(model, layout, out_dir, config, tokenizer)
+    if source is not None and os.path.isfile(os.path.join(source, "generation_config.json")):
+        shutil.copyfile(os.path.join(source, "generation_config.json"), os.path.join(out_dir, "generation_config.json"))
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="verl-mega export", description=__doc__.splitlines()[0])
-    parser.add_argument("ckpt_dir", help="checkpoint root (newest complete step_N is used) or a step_N directory")
+    parser.add_argument("ckpt_dir", help="run directory, its checkpoints/ or checkpoints/actor (newest complete "
+                        "step_N is used), or a step_N directory")
     parser.add_argument("hf_out_dir", help="output Hugging Face directory")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="dtype of the written weights")
@@ -60,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         path = export(args.ckpt_dir, args.hf_out_dir, args.dtype)
     except (ValueError, FileNotFoundError) as exc:
         print(f"verl-mega export: {exc}", file=sys.stderr)
-        return 1
+        return 2
     print(f"exported {path} -> {args.hf_out_dir}")
     return 0
 

@@ -1,20 +1,25 @@
-"""`verl-mega generate`: batched generation for a jsonl file of prompts with a Hugging Face model.
+"""`verl-mega generate`: batched generation for a file of prompts with a Hugging Face model.
 
-    verl-mega generate --model HF_DIR --prompts IN.jsonl --out OUT.jsonl [--tp N] [--max-new-tokens K]
-        [--temperature T] [--top-p P] [--top-k K] [--n N] [--seed S] [--batch-size B]
-        [--dtype float32|bfloat16|float16] [--no-cuda-graph]
+    verl-mega generate --model HF_DIR --prompts IN.{jsonl,parquet} --out OUT.jsonl [--tp N] [--n N]
+        [--max-new-tokens K] [--temperature T] [--top-p P] [--top-k K] [--seed S] [--batch-size B]
+        [--prompt-key KEY] [--dtype float32|bfloat16|float16] [--no-cuda-graph]
     torchrun --nproc_per_node 2 -m verl_mega generate ... --tp 2
 
-Input: one JSON object per line with "prompt" (text) or "messages" (a chat message list; the
-tokenizer's chat template is applied with the generation prompt). Output: each input object plus
-"response" (text, special tokens skipped) and "response_ids" (token ids, the stop token included);
-with --n > 1, "responses" (list of n texts) and "response_ids" (list of n id lists) instead.
-Output lines follow input order.
+Input: the training data format (verl's parquet, or jsonl with the same keys; read by
+`verl_mega.data`): one row per prompt whose --prompt-key column ("prompt") holds a chat message list
+(the tokenizer's chat template is applied with the generation prompt) or a plain string (used as
+it is); a "messages" column also works. Other columns (data_source, reward_model, ...) are kept.
 
+Output (one schema for every --n): one JSON line per input row, in input order: the row's columns
+plus
+    "responses":    list of n response texts (special tokens skipped)
+    "response_ids": list of n token-id lists (the stop token included)
+
+The default is sampling at temperature 1.0 (as in RL rollouts); --temperature 0 is greedy.
 Under torchrun the world is split into world/tp data-parallel replicas, each generating a
 contiguous share of the prompts; global rank 0 gathers and writes the file. Batch b (of
 --batch-size prompts) of a replica is sampled with seed --seed + b, so sampled outputs depend on
-the number of replicas (greedy, --temperature 0, does not).
+the number of replicas (greedy does not).
 """
 
 from __future__ import annotations
@@ -30,50 +35,64 @@ import torch.distributed as dist
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="verl-mega generate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="verl-mega generate", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="local Hugging Face model directory (config, weights, tokenizer)")
-    p.add_argument("--prompts", required=True, help="input jsonl: one object per line with 'prompt' or 'messages'")
+    p.add_argument("--prompts", required=True, help="input .jsonl or .parquet in the training data format")
     p.add_argument("--out", required=True, help="output jsonl path (written by global rank 0)")
+    p.add_argument("--prompt-key", default="prompt", help="column holding the chat messages or prompt string")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (the world is split into world/tp replicas)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens generated per response")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--n", type=int, default=1, help="responses per prompt")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per engine call (rows = batch-size * n)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="parameter dtype (default bfloat16 on GPU, float32 on CPU)")
+                   help="parameter dtype (when not given: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on GPU (no CUDA graphs)")
     return p
 
 
-def read_prompts(path: str) -> list[dict]:
-    """Parse the jsonl file; ValueError names the file and line of a malformed or prompt-less line."""
+def _prompt(row: dict, prompt_key: str):
+    """The prompt of a row: a string (used as is) or a validated chat message list; ValueError saying what is wrong."""
+    key = prompt_key if prompt_key in row else "messages" if "messages" in row else None
+    if key is None:
+        raise ValueError(f"no {prompt_key!r} (or 'messages') column (--prompt-key); columns: {sorted(row)}")
+    prompt = row[key]
+    if isinstance(prompt, str):
+        return prompt
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        raise ValueError(f"{key!r} must be a string or a non-empty list of chat messages, got {prompt!r:.80}")
+    for j, m in enumerate(prompt):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise ValueError(f"{key!r} message {j} must be a dict with string 'role' and 'content', got {m!r:.80}")
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def read_prompts(path: str, prompt_key: str = "prompt") -> tuple[list[dict], list]:
+    """(rows, prompts) of a .jsonl / .parquet file in the training data format; ValueError naming the file
+    and row of a malformed or prompt-less row, FileNotFoundError for a missing file."""
+    from pathlib import Path
+
+    from verl_mega.data.dataset import _read_rows
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts file {path} does not exist")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            if isinstance(rec.get("prompt"), str):
-                pass
-            elif isinstance(rec.get("messages"), list) and rec["messages"]:
-                if not all(isinstance(m, dict) and "role" in m and "content" in m for m in rec["messages"]):
-                    raise ValueError(f"{path}:{lineno}: every entry of 'messages' needs 'role' and 'content'")
-            else:
-                raise ValueError(f"{path}:{lineno}: needs a 'prompt' string or a non-empty 'messages' list")
-            records.append(rec)
-    if not records:
+    rows, prompts = [], []
+    for i, row in enumerate(_read_rows(Path(path))):
+        if not isinstance(row, dict):
+            reason = getattr(row, "reason", f"expected a JSON object, got {type(row).__name__}")
+            raise ValueError(f"{path}: row {i}: {reason}")
+        try:
+            prompts.append(_prompt(row, prompt_key))
+        except ValueError as exc:
+            raise ValueError(f"{path}: row {i}: {exc}") from None
+        rows.append(row)
+    if not rows:
         raise ValueError(f"{path} holds no prompts")
-    return records
+    return rows, prompts
 
 
 def _check_args(args) -> None:
@@ -82,11 +101,10 @@ def _check_args(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
 
-def _generate_share(actor, records: list[dict], args) -> list[list[dict]]:
-    """This replica's results: for each of its records, the list of n sample dicts."""
+def _generate_share(actor, prompts: list, args) -> list[list[dict]]:
+    """This replica's results: for each of its prompts, the list of n sample dicts."""
     from verl_mega.rollout.frontend import generate
 
-    prompts = [r["prompt"] if isinstance(r.get("prompt"), str) else r["messages"] for r in records]
     out = []
     for b, start in enumerate(range(0, len(prompts), args.batch_size)):
         samples = generate(actor, prompts[start:start + args.batch_size], max_new_tokens=args.max_new_tokens,
@@ -97,10 +115,9 @@ def _generate_share(actor, records: list[dict], args) -> list[list[dict]]:
     return out
 
 
-def _output_line(record: dict, samples: list[dict], n: int) -> dict:
-    if n == 1:
-        return {**record, "response": samples[0]["response"], "response_ids": samples[0]["response_ids"]}
-    return {**record, "responses": [s["response"] for s in samples], "response_ids": [s["response_ids"] for s in samples]}
+def output_line(row: dict, samples: list[dict]) -> dict:
+    """The output object of one input row and its n samples (the schema in the module docstring)."""
+    return {**row, "responses": [s["response"] for s in samples], "response_ids": [s["response_ids"] for s in samples]}
 
 
 def run(args) -> int:
@@ -108,12 +125,12 @@ def run(args) -> int:
     from verl_mega.rollout.actor import get_actor_model
 
     _check_args(args)
-    records = read_prompts(args.prompts)  # every rank validates before any collective
+    records, prompts = read_prompts(args.prompts, args.prompt_key)  # every rank validates before any collective
     dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
     actor = get_actor_model(args.model, torch_dtype=dtype, tensor_parallel_size=args.tp, pipeline_parallel_size=1)
     layout = actor.layout
     share = -(-len(records) // layout.dp)
-    mine = records[layout.dp_rank * share:(layout.dp_rank + 1) * share]
+    mine = prompts[layout.dp_rank * share:(layout.dp_rank + 1) * share]
     t0 = time.perf_counter()
     results = _generate_share(actor, mine, args) if mine else []
     elapsed = time.perf_counter() - t0
@@ -127,7 +144,7 @@ def run(args) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         for rec, samples in zip(records, all_results):
-            f.write(json.dumps(_output_line(rec, samples, args.n), ensure_ascii=False) + "\n")
+            f.write(json.dumps(output_line(rec, samples), ensure_ascii=False, default=str) + "\n")
     tokens = sum(len(s["response_ids"]) for samples in all_results for s in samples)
     print(f"verl-mega generate: {len(records)} prompts x {args.n} -> {args.out} ({tokens} tokens, "
           f"{elapsed:.1f} s on rank 0's replica)", file=sys.stderr)

@@ -1,13 +1,24 @@
 """`verl-mega train CONFIG.yaml [key=value ...]`: RL training from a YAML config plus dotted overrides.
 
     verl-mega train examples/configs/gsm8k_grpo.yaml model.path=/models/qwen2.5-0.5b trainer.total_steps=50
+    verl-mega train cfg.yaml parallel.tp=2                   # starts tp x pp = 2 processes itself
+    verl-mega train cfg.yaml parallel.tp=2 --nproc 4         # 4 processes: tp=2, dp=2
     torchrun --nproc-per-node 8 -m verl_mega train cfg.yaml parallel.tp=2 parallel.pp=2
+    verl-mega train --print-config [CONFIG.yaml] [key=value ...]   # the resolved config; paths may be unset
 
 The YAML and the overrides are checked against `TrainerConfig` (an unknown or mistyped key is an
-error naming it). Every rank loads its stage of the actor (`parallel.tp` x `parallel.pp`, dp = the
-rest of the world), reads its data-parallel share of `data.train_path`, and runs
-`PPOTrainer.fit` for `trainer.total_steps` steps, writing metrics.jsonl, TensorBoard scalars and
-checkpoints to `trainer.output_dir` (and resuming from the newest checkpoint there).
+error naming it; docs/config.md lists every field). Before any model weights are loaded,
+`apps/preflight.py` checks the launch (world size vs tp x pp), the model directory, the data (every
+row, naming file, row and `data.prompt_key`) and the reward (a "rule" reward needs a checker for
+every data_source); a failed check prints one message (rank 0; see OTHER_RANKS_GRACE_S) and exits with
+status 2 (torchrun itself then exits 1 after its failure summary). Without
+torchrun and with tp x pp > 1 (or --nproc N), the processes are spawned here, as `verl-mega demo` does.
+
+Every rank loads its stage of the actor (`parallel.tp` x `parallel.pp`, dp = the rest of the world),
+reads its data-parallel share of `data.train_path`, and runs `PPOTrainer.fit` for
+`trainer.total_steps` steps, writing metrics.jsonl, TensorBoard scalars and checkpoints to
+`trainer.output_dir` (and resuming from the newest checkpoint there). A reward that fails on every
+call for `trainer.reward_fail_steps` steps in a row stops the run with status 1.
 
 Reward (`trainer.reward`): "rule" scores GSM8K / MATH rows by `data_source`; "pkg.module:fn" or
 "path/to/file.py:fn" imports a user function (`fn(response)` or verl's `compute_score(...)`).
@@ -16,84 +27,162 @@ Reward (`trainer.reward`): "rule" scores GSM8K / MATH rows by `data_source`; "pk
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
+import math
 import os
 import sys
+import time
 
-from verl_mega.config import load_config, to_yaml
+from verl_mega.apps.preflight import Prepared, preflight
+from verl_mega.config import load_config, merge_config
 from verl_mega.trainer.config import TrainerConfig, check_config
 
+EXIT_BAD_INPUT = 2  # config, data, launch or model-directory error (nothing was trained)
+EXIT_REWARD_FAILED = 1  # the reward failed too often while training
+# Under torchrun every rank finds the same error; rank 0 prints it and exits at once, and torchrun then stops
+# the others. A rank != 0 waits this long before printing its own message (reached only when rank 0 did not
+# fail the same way) so that a failing launch shows one message, not one per rank.
+OTHER_RANKS_GRACE_S = 30.0
 
-def load_reward(spec: str):
-    """The reward callable named by `spec` ("rule", "module:function" or "file.py:function")."""
-    if spec == "rule":
-        from verl_mega.rewards.base import RuleBasedReward
 
-        return RuleBasedReward()
-    if ":" not in spec:
-        raise ValueError(f"trainer.reward={spec!r}: use 'rule', 'package.module:function' or 'file.py:function'")
-    target, name = spec.rsplit(":", 1)
-    if target.endswith(".py"):
-        if not os.path.isfile(target):
-            raise ValueError(f"trainer.reward: file {target} does not exist")
-        module_spec = importlib.util.spec_from_file_location("verl_mega_user_reward", target)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(target)
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ValueError(f"trainer.reward: {target} has no callable {name!r}")
-    return fn
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="verl-mega train", description="RL training from a YAML config")
+    p.add_argument("config", nargs="?", default=None, help="YAML file (see examples/configs/; docs/config.md)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.lr=1e-6")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (YAML; unset required keys show as ???) and exit")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes to start when not under torchrun (default: parallel.tp x parallel.pp)")
+    return p
+
+
+def _split_args(argv: list[str]) -> argparse.Namespace:
+    args = _parser().parse_intermixed_args(argv)
+    if args.config is not None and "=" in args.config and not os.path.isfile(args.config):
+        args.overrides.insert(0, args.config)  # `train --print-config a.b=1`: no YAML given
+        args.config = None
+    return args
 
 
 def parse_config(argv: list[str]) -> TrainerConfig:
-    """CONFIG.yaml + overrides -> a checked TrainerConfig (ValueError naming the bad key)."""
-    parser = argparse.ArgumentParser(prog="verl-mega train", description="RL training from a YAML config")
-    parser.add_argument("config", help="YAML file (see examples/configs/)")
-    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.lr=1e-6")
-    parser.add_argument("--print-config", action="store_true", help="print the merged config and exit")
-    args = parser.parse_args(argv)
+    """CONFIG.yaml + overrides -> a checked TrainerConfig (ValueError naming the bad key).
+    With --print-config, prints the resolved config (required paths may be unset) and exits 0."""
+    args = _split_args(argv)
+    if args.print_config:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(merge_config(TrainerConfig, args.config, args.overrides)), end="")
+        raise SystemExit(0)
+    if args.config is None:
+        raise ValueError("give a CONFIG.yaml (e.g. examples/configs/gsm8k_grpo.yaml) before the key=value overrides")
     cfg = load_config(TrainerConfig, args.config, args.overrides)
     check_config(cfg)
-    if args.print_config:
-        print(to_yaml(cfg))
-        raise SystemExit(0)
     return cfg
 
 
-def train(cfg: TrainerConfig) -> list[dict]:
-    """Load the actor and data for `cfg` on this rank and run PPOTrainer.fit; returns the step metrics."""
+def train(cfg: TrainerConfig, prepared: Prepared | None = None) -> list[dict]:
+    """Load the actor for `cfg` on this rank and run PPOTrainer.fit; returns the step metrics.
+    `prepared` is the preflight result (computed here when None)."""
     from verl_mega.data import get_dataloader
     from verl_mega.rollout.actor import get_actor_model
     from verl_mega.trainer.ppo_trainer import PPOTrainer
 
+    if prepared is None:
+        prepared = preflight(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     actor = get_actor_model(cfg.model.path, torch_dtype=cfg.model.dtype, tensor_parallel_size=cfg.parallel.tp,
                             pipeline_parallel_size=cfg.parallel.pp)
-    if actor.tokenizer is None:
-        raise ValueError(f"model.path={cfg.model.path} has no tokenizer (tokenizer.json / tokenizer.model)")
-    d = cfg.data
-    loader = get_dataloader(d.train_path, actor.tokenizer, cfg.trainer.rollout_batch_size, shuffle=d.shuffle,
-                            seed=cfg.trainer.seed, dp_rank=actor.layout.dp_rank, dp_size=actor.layout.dp,
-                            prompt_key=d.prompt_key, max_prompt_length=d.max_prompt_length,
-                            apply_chat_template=d.apply_chat_template)
-    trainer = PPOTrainer(actor, reward_fn=load_reward(cfg.trainer.reward), config=cfg)
+    loader = get_dataloader(prepared.dataset, actor.tokenizer, cfg.trainer.rollout_batch_size, shuffle=cfg.data.shuffle,
+                            seed=cfg.trainer.seed, dp_rank=actor.layout.dp_rank, dp_size=actor.layout.dp)
+    trainer = PPOTrainer(actor, reward_fn=prepared.reward_fn, config=cfg)
     return trainer.fit(loader, steps=cfg.trainer.total_steps)
 
 
+def _spawned_rank(cfg: TrainerConfig) -> dict:
+    """One spawned rank: train, and hand back rank 0's history or an expected error's message."""
+    from verl_mega.rewards.base import RewardFailureError
+
+    try:
+        history = train(cfg)
+    except ValueError as exc:
+        return {"error": str(exc), "status": EXIT_BAD_INPUT}
+    except RewardFailureError as exc:
+        return {"error": str(exc), "status": EXIT_REWARD_FAILED}
+    return {"history": history if int(os.environ["RANK"]) == 0 else None}
+
+
+def _run_spawned(cfg: TrainerConfig, nproc: int) -> tuple[list[dict], str | None, int]:
+    """Train on `nproc` spawned local processes; (rank 0's history, an error message or None, status)."""
+    from verl_mega.parallel.dist import default_timeout_s
+    from verl_mega.testing.multiprocess import run_distributed
+
+    print(f"[verl-mega] starting {nproc} processes (parallel.tp={cfg.parallel.tp} x parallel.pp={cfg.parallel.pp}, "
+          f"dp={nproc // (cfg.parallel.tp * cfg.parallel.pp)})", flush=True)
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "VERL_MEGA_DIST_TIMEOUT": str(default_timeout_s())}
+    # collectives time out after VERL_MEGA_DIST_TIMEOUT, so a dead rank ends the run; no wall-clock limit on training
+    results = run_distributed(_spawned_rank, nproc, cfg, timeout_s=math.inf, env=env)
+    for res in results:
+        if "error" in res:
+            return [], res["error"], res["status"]
+    return results[0]["history"], None, 0
+
+
+def done_line(cfg: TrainerConfig, history: list[dict]) -> str:
+    """The closing line: steps, last reward, where metrics and checkpoints are, and the export command."""
+    from verl_mega.trainer import checkpointing
+
+    out = os.path.abspath(cfg.trainer.output_dir)
+    last = history[-1]
+    line = (f"done: {len(history)} steps, last reward/mean {last.get('reward/mean', float('nan')):.3g}; "
+            f"metrics in {os.path.join(out, 'metrics.jsonl')}")
+    ckpt = os.path.join(out, "checkpoints")
+    if checkpointing.latest_checkpoint(ckpt):
+        line += f"; checkpoints in {ckpt}; export one with: verl-mega export {out} HF_OUT_DIR"
+    else:
+        line += "; no checkpoint saved (trainer.save_final=false, trainer.save_every=0)"
+    return line
+
+
+def _report(exc: BaseException, status: int) -> int:
+    """Print `exc` as the one error line of the run (rank 0 now, other ranks after a grace period); returns status."""
+    rank = int(os.environ.get("RANK", 0))
+    if rank != 0:
+        time.sleep(OTHER_RANKS_GRACE_S)
+    print(f"verl-mega train: error: {exc}" if rank == 0 else f"verl-mega train: error (rank {rank}): {exc}",
+          file=sys.stderr, flush=True)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of `verl-mega train`; returns the exit status (0 ok, 1 reward failures, 2 bad input)."""
+    from verl_mega.rewards.base import RewardFailureError
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    under_torchrun = "RANK" in os.environ
     try:
         cfg = parse_config(argv)
+        nproc = _split_args(argv).nproc
+        if nproc is not None and (under_torchrun or nproc < 1):
+            raise ValueError(f"--nproc {nproc}: only for starting >= 1 processes without torchrun (torchrun sets "
+                             f"the process count with --nproc-per-node)")
+        spawn = not under_torchrun and (nproc or cfg.parallel.tp * cfg.parallel.pp) > 1
+        world = (nproc or cfg.parallel.tp * cfg.parallel.pp) if spawn else int(os.environ.get("WORLD_SIZE", 1))
+        prepared = preflight(cfg, world)
     except ValueError as exc:
-        print(f"verl-mega train: {exc}", file=sys.stderr)
-        return 2
-    history = train(cfg)
+        return _report(exc, EXIT_BAD_INPUT)
+    if spawn:
+        history, error, status = _run_spawned(cfg, world)
+        if error is not None:
+            print(f"verl-mega train: error: {error}", file=sys.stderr)
+            return status
+    else:
+        try:
+            history = train(cfg, prepared)
+        except ValueError as exc:
+            return _report(exc, EXIT_BAD_INPUT)
+        except RewardFailureError as exc:
+            return _report(exc, EXIT_REWARD_FAILED)
     if history and int(os.environ.get("RANK", 0)) == 0:
-        last = history[-1]
-        print(f"done: {len(history)} steps, last reward_mean {last.get('reward_mean', float('nan')):.4f}; "
-              f"metrics in {os.path.join(cfg.trainer.output_dir, 'metrics.jsonl')}")
+        print(done_line(cfg, history), flush=True)
     return 0
 
 

@@ -15,6 +15,12 @@ cannot kill a thread - use `rewards.sandbox` for untrusted code). Async function
 `asyncio.wait_for`; an async function that blocks its event loop (e.g. `time.sleep`) cannot be
 timed out.
 
+A reward that fails on (nearly) every call is a broken run, not noise: `RewardFailureGuard` stops
+training with `RewardFailureError` once the failed fraction of a step reaches a threshold for a
+number of steps in a row (config `trainer.reward_fail_threshold` / `trainer.reward_fail_steps`), and
+`RuleBasedReward.check_data_sources` rejects a dataset whose data_sources it has no checker for
+before any model is loaded.
+
 Reference: verl's `NaiveRewardManager` / `default_compute_score` (dispatch on `data_source`).
 """
 
@@ -28,7 +34,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -237,6 +243,37 @@ def compute_rewards(
     return col.result()
 
 
+class RewardFailureError(RuntimeError):
+    """Training stopped because the reward function failed on too many calls for too many steps."""
+
+
+class RewardFailureGuard:
+    """Counts consecutive steps whose failed fraction (failures + timeouts) / calls reaches `threshold`;
+    `update` raises RewardFailureError on the `steps`-th such step in a row (steps = 0: never)."""
+
+    def __init__(self, threshold: float = 1.0, steps: int = 3):
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"trainer.reward_fail_threshold must be in (0, 1], got {threshold}")
+        if steps < 0:
+            raise ValueError(f"trainer.reward_fail_steps must be >= 0, got {steps}")
+        self.threshold, self.steps = threshold, steps
+        self.bad_in_a_row = 0
+
+    def update(self, failed: int, calls: int, errors: Sequence[str] = ()) -> None:
+        """Record one step: `failed` of `calls` reward calls failed or timed out; `errors` are example messages."""
+        if calls <= 0 or failed / calls < self.threshold:
+            self.bad_in_a_row = 0
+            return
+        self.bad_in_a_row += 1
+        if self.steps and self.bad_in_a_row >= self.steps:
+            first = errors[0] if errors else "no message"
+            raise RewardFailureError(
+                f"the reward failed on {failed}/{calls} calls ({failed / calls:.0%} >= trainer.reward_fail_threshold="
+                f"{self.threshold:g}) for {self.bad_in_a_row} steps in a row (trainer.reward_fail_steps={self.steps}); "
+                f"first failure: {first}. Fix the reward function (trainer.reward) or the data's data_source / "
+                f"ground truth; set trainer.reward_fail_steps=0 to train on regardless")
+
+
 # ---------------------------------------------------------------- rule-based rewards by data_source
 
 GSM8K_SOURCES = ("openai/gsm8k", "gsm8k")
@@ -254,6 +291,15 @@ class RuleBasedReward:
         self.scorers: dict[str, Callable[[str, Any], float]] = {s: gsm8k_compute_score for s in GSM8K_SOURCES}
         self.scorers.update({s: math_compute_score for s in MATH_SOURCES})
         self.scorers.update(scorers or {})
+
+    def check_data_sources(self, sources: Iterable[str | None], where: str = "the dataset") -> None:
+        """ValueError naming every data_source in `sources` that has no checker (and listing the known ones)."""
+        unknown = sorted({repr(s) for s in sources if s not in self.scorers})
+        if unknown:
+            raise ValueError(f"{where} has rows with data_source {', '.join(unknown)}, for which the rule reward "
+                             f"(trainer.reward=rule) has no checker; known data sources: {sorted(self.scorers)}. "
+                             f"Set data_source in the data, or pass your own reward: trainer.reward=module:function "
+                             f"or trainer.reward=file.py:function")
 
     def __call__(self, data_source: str, solution_str: str, ground_truth: Any, extra_info: dict | None = None) -> float:
         scorer = self.scorers.get(data_source)

@@ -1,47 +1,28 @@
-"""Code reward: run the response's Python code against test cases in a resource-limited subprocess.
+"""Code reward: run the response's Python code against test cases in the bubblewrap sandbox.
 
-Each test case runs in its own fresh `python -I` process (so one crash or infinite loop costs one
-test), in a temporary working directory, with limits set by `resource.setrlimit` inside the child
-before the user code runs: address space (memory), CPU seconds, written file size, no core dumps;
-plus a wall-clock limit enforced by the parent, which kills the child's whole process group.
+Each test case runs in its own fresh sandbox (`verl_mega.tools.sandbox.Sandbox`: no network, no view
+of the host's files or environment, a private /tmp, limits on time, memory, processes, file and
+output size; see that module for the guarantees), so one crash or infinite loop costs one test.
 Score = fraction of tests passed.
 
 A test case is either an assert snippet (`"assert add(1, 2) == 3"`, appended to the program) or a
 stdin/stdout pair (`{"input": "1 2\\n", "output": "3"}`, compared after stripping whitespace),
 the two formats of verl's code rewards (e.g. PRIME / sandbox-fusion datasets).
 
-Simplifications: POSIX only; this is a resource fence, not a security boundary (no seccomp or
-network namespace: the child could open sockets if the machine has a network). Run untrusted
-model code inside a container as well. Tests of one response run sequentially; `compute_rewards`
-parallelises across responses.
+Simplifications: tests of one response run sequentially; `compute_rewards` parallelises across
+responses (each sync reward call runs in its own thread, with its own event loop).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
-_CODE_BLOCK = re.compile(r"```(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL)
+from verl_mega.tools.sandbox import ExecutionResult, RunStatus, Sandbox
 
-# Runs in the child: limits first, then the program as __main__.
-_BOOTSTRAP = """\
-import resource, runpy, sys
-mem, cpu, fsize = {mem}, {cpu}, {fsize}
-resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-sys.argv = ["solution.py"]
-runpy.run_path("solution.py", run_name="__main__")
-"""
+_CODE_BLOCK = re.compile(r"```(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL)
 
 
 @dataclass
@@ -63,60 +44,50 @@ def extract_code(response: str) -> str | None:
     return blocks[-1] if blocks else None
 
 
-def _run_one(program: str, stdin: str, timeout_s: float, memory_mb: int, workdir: Path) -> tuple[int | None, str, str]:
-    """Run `program` once; (returncode or None on timeout, stdout, stderr)."""
-    (workdir / "solution.py").write_text(program)
-    bootstrap = _BOOTSTRAP.format(mem=memory_mb * 2**20, cpu=max(1, int(timeout_s + 1)), fsize=16 * 2**20)
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-I", "-c", bootstrap],
-        cwd=workdir,
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # own process group: a timeout kills anything it spawned too
-    )
-    try:
-        out, err = proc.communicate(stdin, timeout=timeout_s)
-        return proc.returncode, out, err
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return None, "", ""
+def _check(k: int, result: ExecutionResult, expected: str | None, timeout_s: float) -> str | None:
+    """None if test `k` passed, else its one-line error."""
+    if result.status == RunStatus.TIME_LIMIT:
+        return f"test {k}: timeout after {timeout_s:g}s"
+    if result.status == RunStatus.OUTPUT_LIMIT:
+        return f"test {k}: output limit exceeded"
+    if result.status == RunStatus.ERROR:
+        return f"test {k}: sandbox error: {result.message}"
+    if result.return_code != 0:
+        last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit code {result.return_code}"
+        return f"test {k}: {last}"
+    if expected is not None and result.stdout.strip() != expected.strip():
+        return f"test {k}: expected {expected.strip()!r:.60}, got {result.stdout.strip()!r:.60}"
+    return None
 
 
-def run_tests(code: str, tests: list[Any], timeout_s: float = 5.0, memory_mb: int = 512) -> SandboxResult:
-    """Run `code` against `tests` (assert strings or {"input", "output"} dicts), one process per test.
+def run_tests(
+    code: str, tests: list[Any], timeout_s: float = 5.0, memory_mb: int = 512, sandbox: Sandbox | None = None
+) -> SandboxResult:
+    """Run `code` against `tests` (assert strings or {"input", "output"} dicts), one sandbox per test.
 
     Args:
         code: a Python program.
         tests: assert snippets and/or stdin/stdout dicts.
-        timeout_s: wall-clock limit per test (CPU limit is the same, rounded up).
-        memory_mb: address-space limit of the child in MiB.
+        timeout_s: wall-clock limit per test.
+        memory_mb: memory limit per test in MiB.
+        sandbox: the sandbox to run in (default: a new `Sandbox()` with its other default limits).
     """
+    programs = []
+    for k, test in enumerate(tests):
+        if isinstance(test, str):
+            programs.append((f"{code}\n\n{test}\n", "", None))
+        elif isinstance(test, dict) and "input" in test and "output" in test:
+            programs.append((code, str(test["input"]), str(test["output"])))
+        else:
+            raise ValueError(f"test {k} must be an assert string or a dict with 'input' and 'output', got {test!r:.100}")
+    sandbox = sandbox or Sandbox()
+    limits = replace(sandbox.limits, timeout_s=timeout_s, memory_mb=memory_mb)
     errors: list[str] = []
-    passed = 0
-    with tempfile.TemporaryDirectory(prefix="verl_mega_sandbox_") as tmp:
-        for k, test in enumerate(tests):
-            if isinstance(test, str):
-                program, stdin, expected = f"{code}\n\n{test}\n", "", None
-            elif isinstance(test, dict) and "input" in test and "output" in test:
-                program, stdin, expected = code, str(test["input"]), str(test["output"])
-            else:
-                raise ValueError(f"test {k} must be an assert string or a dict with 'input' and 'output', got {test!r:.100}")
-            rc, out, err = _run_one(program, stdin, timeout_s, memory_mb, Path(tmp))
-            if rc is None:
-                errors.append(f"test {k}: timeout after {timeout_s:g}s")
-            elif rc != 0:
-                last = err.strip().splitlines()[-1] if err.strip() else f"exit code {rc}"
-                errors.append(f"test {k}: {last}")
-            elif expected is not None and out.strip() != expected.strip():
-                errors.append(f"test {k}: expected {expected.strip()!r:.60}, got {out.strip()!r:.60}")
-            else:
-                passed += 1
-    return SandboxResult(passed, len(tests), errors)
+    for k, (program, stdin, expected) in enumerate(programs):
+        error = _check(k, sandbox.run_sync(program, stdin, limits), expected, timeout_s)
+        if error is not None:
+            errors.append(error)
+    return SandboxResult(len(tests) - len(errors), len(tests), errors)
 
 
 def code_compute_score(data_source: str, solution_str: str, ground_truth: Any, extra_info: dict | None = None) -> float:

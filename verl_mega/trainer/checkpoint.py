@@ -14,7 +14,8 @@ ones it owns; DCP reshards DTensors to the new tp. A padded-vocab tensor whose p
 
 Directory protocol (atomic): ranks write `step_N.tmp/`; rank 0 then writes `client_state.pt`
 (step, caller's data position, ...) and the `COMPLETE` marker (JSON: layout, step, model config as
-a HF config dict, tokenizer path), fsyncs, renames to `step_N/` and keeps the newest `keep_last`.
+a HF config dict, the source model directory as an absolute `tokenizer_path`), fsyncs, renames to
+`step_N/` and keeps the newest `keep_last`.
 `load_checkpoint(engine, root)` takes the newest complete `step_N`; one without a readable marker
 or DCP metadata is refused with a message naming it, and the previous one is tried.
 
@@ -206,7 +207,8 @@ def _finalise(engine, tmp: str, final: str, step: int, data_state, tokenizer_pat
         f.flush()
         os.fsync(f.fileno())
     config = getattr(engine.model, "config", None)
-    marker = {"format": 1, "step": step, "time": time.time(), "tokenizer_path": tokenizer_path,
+    marker = {"format": 1, "step": step, "time": time.time(),
+              "tokenizer_path": os.path.abspath(tokenizer_path) if tokenizer_path else None,
               "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
               "model_config": config.to_hf_dict() if hasattr(config, "to_hf_dict") else None,
               "value_head": bool(getattr(engine.model, "is_value_model", False))}

@@ -1,6 +1,7 @@
 """`TrainerConfig`: the schema of an RL run (what `verl-mega train CONFIG.yaml key=value ...` reads).
 
-Nested dataclasses, one section per concern, one-line doc per field; loaded with
+Nested dataclasses, one section per concern, one-line doc per field (the `# ...` comment, from which
+docs/config.md is generated: `python -m verl_mega.apps.config_docs`); loaded with
 `verl_mega.config.load_config(TrainerConfig, yaml, overrides)` (unknown keys are a ValueError naming
 them). Presets are YAML files in `examples/configs/`. Batch sizes follow verl's units:
 `rollout_batch_size` and `mini_batch_size` count prompts (each expands to `n_samples` responses),
@@ -28,12 +29,13 @@ class ModelSection:
     critic_path: Optional[str] = None  # critic HF directory (PPO); None: the actor's weights with a new value head
     reference_path: Optional[str] = None  # reference policy HF directory (KL); None: a frozen copy of the actor
     dtype: str = "float32"  # parameter dtype: float32 | bfloat16 (masters and Adam states stay fp32)
+    value_head_std: float = 0.0  # std of the critic's new value head (0 = zeros: V starts at 0, no noise in early advantages)
 
 
 @dataclass
 class DataSection:
     train_path: str = MISSING  # prompts: verl-format .parquet or .jsonl (prompt, data_source, reward_model, extra_info)
-    val_path: Optional[str] = None  # held-out prompts (not used by the RL loop itself)
+    val_path: Optional[str] = None  # held-out prompts for validation (trainer.val_every); same format as train_path
     prompt_key: str = "prompt"  # column with the chat messages (or a plain string)
     max_prompt_length: int = 512  # longer prompts are dropped (and counted)
     apply_chat_template: bool = True  # render chat prompts with the tokenizer's template (plain text if False)
@@ -69,7 +71,8 @@ class AlgorithmSection:
     kl_estimator: str = "low_var_kl"  # k1 | abs | mse | low_var_kl (k3)
     kl_target: Optional[float] = None  # adaptive KL controller target (in-reward KL only); None = fixed coef
     kl_horizon: float = 10000.0  # adaptive KL controller horizon (samples)
-    value_clip: float = 0.2  # critic value clipping around the rollout values
+    value_clip: Optional[float] = 0.2  # critic value clipping around the rollout values (None = unclipped)
+    critic_warmup: int = 0  # RL steps that train only the critic before the actor moves (verl's trainer.critic_warmup)
     whiten_gae: bool = True  # whiten GAE advantages over the batch
 
 
@@ -77,6 +80,8 @@ class AlgorithmSection:
 class OptimSection:
     lr: float = 1e-6  # actor peak learning rate
     critic_lr: float = 1e-5  # critic peak learning rate (PPO)
+    critic_warmup_steps: Optional[int] = None  # critic LR linear warm-up in optimizer steps (None = warmup_steps)
+    critic_schedule: Optional[str] = None  # critic LR schedule after warm-up: constant | cosine (None = schedule)
     weight_decay: float = 0.0  # AdamW decoupled weight decay (matrices only)
     warmup_steps: int = 0  # linear warm-up, in optimizer steps
     schedule: str = "constant"  # constant | cosine (after warm-up)
@@ -90,6 +95,7 @@ class TrainerSection:
     mini_batch_size: Optional[int] = None  # prompts per optimizer step; None = the whole rollout batch
     micro_batch_size: int = 8  # sequences per forward/backward pass
     num_epochs: int = 1  # PPO epochs: passes over each rollout batch
+    critic_epochs: Optional[int] = None  # critic passes over each rollout batch (None = num_epochs; verl's critic.ppo_epochs)
     total_steps: int = 100  # RL steps of `verl-mega train`
     seed: int = 0  # seeds sampling, shuffling and mini-batch order
     output_dir: str = "outputs/run"  # metrics.jsonl, tensorboard/, checkpoints/
@@ -100,7 +106,14 @@ class TrainerSection:
     resume: bool = True  # resume from the latest checkpoint in output_dir/checkpoints if there is one
     reward: str = "rule"  # "rule" (GSM8K/MATH checkers by data_source) or "module:function" / "file.py:function"
     reward_timeout_s: float = 30.0  # per-response reward time limit (a timeout scores 0 and is counted)
+    reward_fail_threshold: float = 1.0  # a step is "failed" when this fraction of its reward calls failed or timed out
+    reward_fail_steps: int = 3  # stop with an error after this many failed steps in a row (0 = never stop)
     progress_bar: bool = True  # tqdm bar with live reward / KL (rank 0)
+    val_every: int = 0  # validate on data.val_path every N RL steps and after the last (0 = not during training)
+    val_before_train: bool = True  # validate before the first step (with val_every = 0: before the first and after the last)
+    val_n_samples: int = 1  # responses per validation prompt (val/reward_mean averages them)
+    val_temperature: float = 0.0  # validation sampling temperature (0 = greedy)
+    val_batch_size: int = 256  # validation prompts generated together (per data-parallel rank)
 
 
 @dataclass
@@ -131,7 +144,8 @@ def check_config(cfg: TrainerConfig) -> None:
     if cfg.model.dtype not in DTYPES:
         raise ValueError(f"model.dtype {cfg.model.dtype!r} is not one of {DTYPES}")
     for name, value in (("trainer.rollout_batch_size", t.rollout_batch_size), ("trainer.micro_batch_size", t.micro_batch_size),
-                        ("trainer.num_epochs", t.num_epochs), ("rollout.n_samples", r.n_samples),
+                        ("trainer.num_epochs", t.num_epochs), ("trainer.critic_epochs", 1 if t.critic_epochs is None else t.critic_epochs),
+                        ("rollout.n_samples", r.n_samples),
                         ("rollout.max_new_tokens", r.max_new_tokens), ("parallel.tp", cfg.parallel.tp),
                         ("parallel.pp", cfg.parallel.pp)):
         if value < 1:
@@ -144,5 +158,19 @@ def check_config(cfg: TrainerConfig) -> None:
                          f"got {r.n_samples}")
     if r.temperature <= 0:
         raise ValueError(f"rollout.temperature must be > 0 for RL sampling, got {r.temperature}")
+    for name, value in (("optim.schedule", cfg.optim.schedule), ("optim.critic_schedule", cfg.optim.critic_schedule)):
+        if value is not None and value not in ("constant", "cosine"):
+            raise ValueError(f"{name} {value!r} is not one of ('constant', 'cosine')")
+    if a.critic_warmup < 0:
+        raise ValueError(f"algorithm.critic_warmup must be >= 0, got {a.critic_warmup}")
+    if a.value_clip is not None and a.value_clip <= 0:
+        raise ValueError(f"algorithm.value_clip must be > 0 or null (unclipped), got {a.value_clip}")
+    if cfg.model.value_head_std < 0:
+        raise ValueError(f"model.value_head_std must be >= 0, got {cfg.model.value_head_std}")
+    for name, value, low in (("trainer.val_every", t.val_every, 0), ("trainer.val_n_samples", t.val_n_samples, 1),
+                             ("trainer.val_batch_size", t.val_batch_size, 1),
+                             ("trainer.val_temperature", t.val_temperature, 0)):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
     if a.kl_coef < 0:
         raise ValueError(f"algorithm.kl_coef must be >= 0, got {a.kl_coef}")

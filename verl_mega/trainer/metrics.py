@@ -3,6 +3,11 @@
 `metrics.jsonl` has one object per logged step: {"step": k, "time": unix seconds, **metrics}; it is
 appended to, so a resumed run continues the same file. TensorBoard uses
 `torch.utils.tensorboard.SummaryWriter` (event files in `output_dir/tensorboard`).
+
+The metric names (one per quantity, verl's naming style: actor/, critic/, reward/, response_length/,
+time/, throughput/) are listed with their meaning in docs/metrics.md. `format_metrics` prints them
+with 3 significant digits (a learning rate of 1e-6 shows as 1e-06, not 0.0); `run_banner` is the
+summary printed by rank 0 when a run starts.
 """
 
 from __future__ import annotations
@@ -12,10 +17,12 @@ import math
 import os
 import time
 
+from omegaconf import MISSING
 from tqdm.auto import tqdm
 
-# metrics shown live on the progress bar: (key, label)
-BAR_KEYS = (("reward_mean", "reward"), ("kl", "kl"), ("entropy", "ent"), ("response_length", "len"))
+# metrics shown live on the progress bar: (label, keys tried in order)
+BAR_KEYS = (("reward", ("reward/mean",)), ("kl", ("actor/kl_ref", "actor/ppo_kl")), ("ent", ("actor/entropy",)),
+            ("len", ("response_length/mean",)))
 
 
 class MetricsLogger:
@@ -65,5 +72,40 @@ def progress_bar(total: int, initial: int, enabled: bool):
 
 
 def bar_postfix(metrics: dict[str, float]) -> dict[str, str]:
-    """The live values shown on the bar."""
-    return {label: f"{metrics[k]:.3g}" for k, label in BAR_KEYS if k in metrics}
+    """The live values shown on the bar (the first present key of each BAR_KEYS entry)."""
+    out = {}
+    for label, keys in BAR_KEYS:
+        key = next((k for k in keys if k in metrics), None)
+        if key is not None:
+            out[label] = f"{metrics[key]:.3g}"
+    return out
+
+
+def format_metrics(metrics: dict[str, float], skip_prefixes: tuple[str, ...] = ()) -> str:
+    """`key: value` pairs (3 significant digits, sorted by key) of the metrics whose key starts with
+    none of `skip_prefixes`, one line."""
+    return ", ".join(f"{k}: {v:.3g}" for k, v in sorted(metrics.items()) if not k.startswith(skip_prefixes))
+
+
+def run_banner(config, layout, dataset_size: int | None, steps: int, output_dir: str, start_step: int = 0) -> str:
+    """The lines rank 0 prints when `fit` starts: model, layout, algorithm, data, steps, output.
+
+    Args:
+        config: the run's TrainerConfig.
+        layout: the actor's Layout (tp, pp, dp, world_size).
+        dataset_size: prompts in the dataset (None when the dataloader does not say).
+        steps: the step `fit` trains up to; start_step: the step it starts from (> 0 after a resume).
+    """
+    c, t, r = config, config.trainer, config.rollout
+    data = f"{dataset_size} prompts" if dataset_size is not None else "size unknown"
+    if c.data.train_path not in (None, MISSING):
+        data += f" from {c.data.train_path}"
+    return "\n".join([
+        f"[verl-mega] model {c.model.path} ({c.model.dtype})",
+        f"[verl-mega] layout tp={layout.tp} pp={layout.pp} dp={layout.dp} (world {layout.world_size}), "
+        f"generation tp={c.parallel.tp_g or layout.tp}",
+        f"[verl-mega] algorithm {c.algorithm.name}, kl_coef {c.algorithm.kl_coef:g}, lr {c.optim.lr:g}, "
+        f"{t.rollout_batch_size} prompts x {r.n_samples} samples per step per dp rank",
+        f"[verl-mega] dataset {data}",
+        f"[verl-mega] steps {start_step} -> {steps}, output {os.path.abspath(output_dir)}",
+    ])

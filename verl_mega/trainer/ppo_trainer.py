@@ -31,18 +31,21 @@ from collections.abc import Callable, Iterable
 import torch.distributed as dist
 
 from verl_mega.algorithms.kl import AdaptiveKLController, FixedKLController
+from verl_mega.data import get_dataloader
+from verl_mega.rewards.base import RewardFailureGuard, RewardFunction, RuleBasedReward
 from verl_mega.rollout.actor import HFActor, get_actor_model
-from verl_mega.rewards.base import RewardFunction, RuleBasedReward
 from verl_mega.rollout.frontend import encode_prompts, stop_ids
+from verl_mega.rollout.frontend import release as release_generation
 from verl_mega.trainer import checkpointing
 from verl_mega.trainer.batch import RLBatch
 from verl_mega.trainer.config import TrainerConfig, check_config
 from verl_mega.trainer.engine import TrainEngine
-from verl_mega.trainer.metrics import MetricsLogger, bar_postfix, progress_bar
+from verl_mega.trainer.metrics import MetricsLogger, bar_postfix, progress_bar, run_banner
 from verl_mega.trainer.reward_runner import RewardRunner
 from verl_mega.trainer.optim import OptimConfig
 from verl_mega.trainer.roles import FrozenModel, build_critic, build_reference
 from verl_mega.trainer.stages import Advantage, LogProbs, Metrics, Pipeline, Reward, Rollout, Update
+from verl_mega.trainer.validation import Validator, actor_generate_fn
 
 log = logging.getLogger("verl_mega.trainer")
 
@@ -116,19 +119,25 @@ class PPOTrainer:
         self.reward_fn = RewardFunction(reward_fn if reward_fn is not None else RuleBasedReward())
         self.rewards = RewardRunner(self.reward_fn, self.layout, timeout_s=cfg.trainer.reward_timeout_s,
                                     max_workers=cfg.rollout.reward_workers)
+        self.reward_guard = RewardFailureGuard(cfg.trainer.reward_fail_threshold, cfg.trainer.reward_fail_steps)
         a = cfg.algorithm
         self.kl_ctl = (AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target and a.kl_in_reward
                        else FixedKLController(a.kl_coef)) if a.kl_coef > 0 else None
         self.pipeline = default_pipeline(self)
         self.global_step = 0  # RL steps done
+        self.val_history: list[dict[str, float]] = []  # {"step": k, "val/...": ...} per validation run by fit()
 
     # ------------------------------------------------------------------ construction helpers
-    def _optim(self, lr: float) -> OptimConfig:
-        """OptimConfig for an engine; the schedule's horizon counts optimizer steps (mini-batches x epochs x RL steps)."""
+    def _optim(self, lr: float, warmup_steps: int | None = None, schedule: str | None = None,
+               epochs: int | None = None) -> OptimConfig:
+        """OptimConfig for an engine; the schedule's horizon counts optimizer steps (mini-batches x epochs x RL steps).
+        `warmup_steps` / `schedule` / `epochs` default to the optim section's and num_epochs (the critic has its own)."""
         o, t = self.config.optim, self.config.trainer
-        updates = t.num_epochs * -(-t.rollout_batch_size // (t.mini_batch_size or t.rollout_batch_size))
-        return OptimConfig(lr=lr, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps, schedule=o.schedule,
-                           min_lr=min(o.min_lr, lr), total_steps=t.total_steps * updates, clip_grad=o.clip_grad)
+        updates = (epochs or t.num_epochs) * -(-t.rollout_batch_size // (t.mini_batch_size or t.rollout_batch_size))
+        return OptimConfig(lr=lr, weight_decay=o.weight_decay,
+                           warmup_steps=o.warmup_steps if warmup_steps is None else warmup_steps,
+                           schedule=schedule or o.schedule, min_lr=min(o.min_lr, lr),
+                           total_steps=t.total_steps * updates, clip_grad=o.clip_grad)
 
     def _reference(self, reference) -> FrozenModel:
         if isinstance(reference, HFActor):
@@ -136,7 +145,8 @@ class PPOTrainer:
         return build_reference(self.actor, reference or self.config.model.reference_path)
 
     def _critic(self, critic) -> TrainEngine:
-        optim = self._optim(self.config.optim.critic_lr)
+        o = self.config.optim
+        optim = self._optim(o.critic_lr, o.critic_warmup_steps, o.critic_schedule, self.config.trainer.critic_epochs)
         if isinstance(critic, HFActor):
             if not critic.model.is_value_model:
                 raise ValueError("critic must be loaded with value_head=True (get_actor_model(path, value_head=True))")
@@ -145,7 +155,8 @@ class PPOTrainer:
         if path is None:
             raise ValueError("PPO needs a critic: pass critic= (an HFActor with value_head=True or a HF directory), "
                              "or an actor loaded from a HF directory to initialise it from")
-        return build_critic(self.actor, optim, path)
+        new_head = path == self.actor.path  # the actor's LM directory: its value head is new, initialise it
+        return build_critic(self.actor, optim, path, value_head_std=self.config.model.value_head_std if new_head else None)
 
     # ------------------------------------------------------------------ one step
     def make_batch(self, samples: list[dict]) -> RLBatch:
@@ -175,13 +186,22 @@ class PPOTrainer:
         self._check_same_prompt_count(len(samples))
         batch = self.pipeline(self.make_batch(samples), self)
         self.global_step += 1
-        if "kl_in_reward" in batch.metrics and self.kl_ctl is not None:
-            self.kl_ctl.update(batch.metrics["kl_in_reward"], batch.num_rows)
+        if "actor/reward_kl_penalty" in batch.metrics and self.kl_ctl is not None:
+            self.kl_ctl.update(batch.metrics["actor/reward_kl_penalty"], batch.num_rows)
         if batch.reward_failures or batch.reward_timeouts:
             log.warning("step %d: %d reward failures, %d timeouts; first: %s", self.global_step,
                         batch.reward_failures, batch.reward_timeouts, (batch.reward_errors or ["?"])[0])
         self.last_batch = batch
+        self.reward_guard.update(*self._failed_reward_calls(batch), batch.reward_errors)
         return dict(batch.metrics)
+
+    def _failed_reward_calls(self, batch: RLBatch) -> tuple[int, int]:
+        """(failed or timed-out reward calls, calls) of the step: the Metrics stage's counts summed over
+        data-parallel ranks (so every rank takes the same decision); this rank's if the pipeline has no Metrics."""
+        m = batch.metrics
+        if "reward/failures" in m:
+            return int(m["reward/failures"] + m["reward/timeouts"]), batch.num_rows * self.layout.dp
+        return batch.reward_failures + batch.reward_timeouts, batch.num_rows
 
     def _check_same_prompt_count(self, count: int) -> None:
         """Every rank must step on the same number of prompts (the stages' collectives assume it);
@@ -196,30 +216,54 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, dataloader: Iterable[list[dict]], steps: int | None = None, *, output_dir: str | None = None,
-            save_every: int | None = None, resume: bool | None = None) -> list[dict[str, float]]:
+            save_every: int | None = None, resume: bool | None = None,
+            val_dataloader: Iterable[list[dict]] | None = None) -> list[dict[str, float]]:
         """Run RL steps over `dataloader` (re-iterated epoch after epoch) until `steps` (default
         config.trainer.total_steps) steps are done; logs metrics (JSONL, TensorBoard, tqdm), saves
         checkpoints every `save_every` steps (and at the end), resumes from the latest checkpoint.
+        Rank 0 prints a banner (model, layout, algorithm, dataset size, steps, output), "resuming from
+        <dir> at step N", or "run already finished ..." when there is nothing left to do.
+        Raises RewardFailureError when the reward fails too often (trainer.reward_fail_threshold / _steps).
+        Validates on `val_dataloader` (default: data.val_path, if set) before the first step
+        (trainer.val_before_train), every trainer.val_every steps and after the last one; the `val/`
+        metrics join that step's record (step 0 for the first) and `self.val_history`.
         Returns the metrics of the steps run by this call."""
         t = self.config.trainer
+        validator = self._validator(val_dataloader)
         steps = t.total_steps if steps is None else steps
         output_dir = output_dir or t.output_dir
         save_every = t.save_every if save_every is None else save_every
         ckpt_root = os.path.join(output_dir, "checkpoints")
+        rank0 = self.layout.rank == 0
         if (t.resume if resume is None else resume) and checkpointing.latest_checkpoint(ckpt_root):
             self.load_checkpoint(ckpt_root, dataloader)
-        rank0 = self.layout.rank == 0
+            if rank0:
+                print(f"[verl-mega] resuming from {os.path.abspath(ckpt_root)} at step {self.global_step}", flush=True)
+        if self.global_step >= steps:
+            if rank0:
+                print(f"[verl-mega] run already finished at step {self.global_step} (trainer.total_steps={steps}); "
+                      f"nothing to do; raise trainer.total_steps or use a new trainer.output_dir", flush=True)
+            return []
+        if rank0:
+            dataset = getattr(dataloader, "dataset", None)
+            print(run_banner(self.config, self.layout, len(dataset) if dataset is not None else None, steps,
+                             output_dir, self.global_step), flush=True)
         logger = MetricsLogger(output_dir, enabled=rank0, tensorboard=t.tensorboard)
         bar = progress_bar(steps, self.global_step, rank0 and t.progress_bar)
         history = []
         try:
+            if validator is not None and t.val_before_train and self.global_step < steps:
+                logger.log(self.global_step, self._validate(validator))
             while self.global_step < steps:
                 ran = False
                 for samples in dataloader:
                     ran = True
                     metrics = self.step(samples)
+                    if validator is not None and ((t.val_every and self.global_step % t.val_every == 0)
+                                                  or self.global_step >= steps):
+                        metrics.update(self._validate(validator))
                     history.append(metrics)
-                    if self.global_step % t.log_every == 0:
+                    if self.global_step % t.log_every == 0 or any(k.startswith("val/") for k in metrics):
                         logger.log(self.global_step, metrics)
                     bar.set_postfix(bar_postfix(metrics))
                     bar.update(1)
@@ -235,6 +279,38 @@ class PPOTrainer:
             bar.close()
             logger.close()
         return history
+
+    # ------------------------------------------------------------------ validation
+    def make_validator(self, val_dataloader: Iterable[list[dict]]) -> Validator:
+        """A `Validator` on this actor's rollout engine (trainer.val_temperature, val_n_samples; the rollout's
+        max_new_tokens, top_k, top_p) and the run's reward, over `val_dataloader` (this rank's share)."""
+        r, t = self.config.rollout, self.config.trainer
+        generate = actor_generate_fn(self.actor, max_new_tokens=r.max_new_tokens, temperature=t.val_temperature,
+                                     n=t.val_n_samples, top_k=r.top_k, top_p=r.top_p, seed=t.seed)
+        return Validator(generate, self.reward_fn, val_dataloader, n_samples=t.val_n_samples,
+                         dp_group=self.layout.dp_group if self.layout.dp > 1 else None, timeout_s=t.reward_timeout_s)
+
+    def _validator(self, val_dataloader) -> Validator | None:
+        """The validator of fit(): over `val_dataloader`, else data.val_path's prompts, else None (no validation)."""
+        t, d = self.config.trainer, self.config.data
+        if not (t.val_every or t.val_before_train):
+            return None
+        if val_dataloader is None and d.val_path:
+            val_dataloader = get_dataloader(d.val_path, self.tokenizer, t.val_batch_size, shuffle=False, drop_last=False,
+                                            dp_rank=self.layout.dp_rank, dp_size=self.layout.dp,
+                                            prompt_key=d.prompt_key, max_prompt_length=d.max_prompt_length,
+                                            apply_chat_template=d.apply_chat_template)
+        return self.make_validator(val_dataloader) if val_dataloader is not None else None
+
+    def _validate(self, validator: Validator) -> dict[str, float]:
+        metrics = validator()
+        if self.config.rollout.free_cache:
+            release_generation(self.actor)  # the validation engine's KV cache must not stay allocated during training
+        self.val_history.append({"step": self.global_step, **metrics})
+        if self.layout.rank == 0:
+            log.info("validation at step %d: %s", self.global_step,
+                     ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        return metrics
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, root: str, dataloader=None) -> str:

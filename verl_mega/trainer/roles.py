@@ -6,7 +6,10 @@
 - `build_reference`: a frozen copy of the actor (same stage, same weights, requires_grad off), or a
   separate HF directory.
 - `build_critic`: the actor's HF directory (or another) loaded with a value head, wrapped in its own
-  `TrainEngine` (verl initialises the critic from the actor's weights too).
+  `TrainEngine` (verl initialises the critic from the actor's weights too). A value head that the
+  directory does not carry is new: `init_value_head` sets it to N(0, std^2) weights and a zero bias
+  (std 0 = zeros, so V = 0 at the start and the first advantages are the plain returns rather than
+  returns minus noise; the trunk still gets gradients from the second step on).
 
 All are collective over the layout (every rank builds its own stage).
 """
@@ -52,7 +55,26 @@ def build_reference(actor, path: str | None = None) -> FrozenModel:
     return FrozenModel(model, actor.layout)
 
 
-def build_critic(actor, optim_config: OptimConfig, path: str | None = None) -> TrainEngine:
-    """A critic `TrainEngine`: `path` (default the actor's HF directory) loaded with a value head."""
+def build_critic(actor, optim_config: OptimConfig, path: str | None = None, *,
+                 value_head_std: float | None = 0.0) -> TrainEngine:
+    """A critic `TrainEngine`: `path` (default the actor's HF directory) loaded with a value head.
+
+    `value_head_std`: re-initialise the value head with `init_value_head` (None keeps what was loaded:
+    use it for a trained critic directory)."""
     critic = get_actor_model(path or actor.path, torch_dtype=actor.dtype, layout=actor.layout, value_head=True)
+    if value_head_std is not None:
+        init_value_head(critic.model, value_head_std)
     return TrainEngine(critic.model, actor.layout, optim_config, param_dtype=actor.dtype)
+
+
+@torch.no_grad()
+def init_value_head(model: torch.nn.Module, std: float) -> None:
+    """Value head weight [1, H] ~ N(0, std^2) (std 0: zeros), bias 0; a no-op on stages without the head.
+    Drawn from a fixed-seed CPU generator so every rank of a layout gets the same head."""
+    head = getattr(model, "value_head", None)
+    if head is None:
+        return
+    gen = torch.Generator().manual_seed(0)
+    head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * std)
+    if head.bias is not None:
+        head.bias.zero_()

@@ -9,7 +9,7 @@ and a plain function can take any place (`pipeline.replace("reward", my_fn)` or 
 critic_engine, layout, ...)` get what they need when they are built (`ppo_trainer.default_pipeline(trainer)`
 builds them) and ignore `ctx`. Advantage / Update / Metrics still read `ctx`, the trainer
 (`PPOTrainer`): `config` (TrainerConfig), `layout`, `device`, `actor_engine`, `critic_engine` (or
-None), `kl_ctl` (read only; the trainer updates it from the `kl_in_reward` metric).
+None), `kl_ctl` (read only; the trainer updates it from the `actor/reward_kl_penalty` metric).
 
 Every rank runs every stage (SPMD). Rewards are computed on the first rank of each model-parallel
 group and broadcast inside it (`reward_runner.py`). Metrics are per data-parallel rank until
@@ -238,18 +238,49 @@ class Advantage(Stage):
         if a.kl_coef > 0 and a.kl_in_reward:
             rewards, kl_mean = apply_kl_penalty(rewards, batch.old_logprobs, batch.ref_logprobs, mask,
                                                 ctx.kl_ctl.value, a.kl_estimator)
-            batch.metrics["kl_in_reward"] = float(kl_mean)  # the trainer updates its KL controller from it
+            batch.metrics["actor/reward_kl_penalty"] = float(kl_mean)  # the trainer updates its KL controller from it
         estimator = get_advantage_estimator("gae" if a.name == "ppo" else a.name)
         batch.token_rewards = rewards
         batch.advantages, batch.returns = estimator(
             rewards, mask, values=batch.values, group_size=batch.n, gamma=a.gamma, lam=a.lam,
             norm_by_std=a.norm_adv_by_std, whiten=a.whiten_gae,
             dp_group=ctx.layout.dp_group)  # batch-level whitening over the whole (DP-split) batch
+        batch.metrics.update(advantage_stats(batch.advantages, mask))
+        if batch.values is not None:
+            batch.metrics.update(critic_diagnostics(batch.values, batch.returns, mask))
         return batch
 
 
+def advantage_stats(advantages: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """advantage/{mean, std, max, min} over the valid tokens of advantages [N, R] (this rank's rows)."""
+    valid = advantages[mask.bool()]
+    if valid.numel() == 0:
+        return {}
+    return {"advantage/mean": float(valid.mean()), "advantage/std": float(valid.std(unbiased=False)),
+            "advantage/max": float(valid.max()), "advantage/min": float(valid.min())}
+
+
+def critic_diagnostics(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """How well the rollout-time critic predicted the returns, over valid tokens of [N, R] tensors:
+
+        critic/explained_variance = 1 - Var(returns - values) / Var(returns)   (verl's vf_explained_var;
+                                    1 = perfect, 0 = no better than a constant, < 0 = worse)
+        critic/value_error        = mean (values - returns)^2                  (the unclipped vf mse)
+    and critic/values_mean, critic/returns_mean. Var(returns) = 0 (all returns equal) gives NaN explained variance.
+    """
+    m = mask.bool()
+    v, ret = values[m].double(), returns[m].double()
+    if ret.numel() == 0:
+        return {}
+    var_ret = ret.var(unbiased=False)
+    ev = 1.0 - (ret - v).var(unbiased=False) / var_ret if var_ret > 0 else torch.tensor(float("nan"))
+    return {"critic/explained_variance": float(ev), "critic/value_error": float(((v - ret) ** 2).mean()),
+            "critic/values_mean": float(v.mean()), "critic/returns_mean": float(ret.mean())}
+
+
 class Update(Stage):
-    """PPO epochs over shuffled mini-batches: actor (clipped policy loss, entropy bonus, KL loss) and critic."""
+    """PPO epochs over shuffled mini-batches: actor (clipped policy loss, entropy bonus, KL loss) and critic
+    (clipped value loss; trainer.critic_epochs passes, the actor's own skipped for algorithm.critic_warmup steps)."""
 
     name = "update"
 
@@ -262,13 +293,18 @@ class Update(Stage):
         gen = torch.Generator().manual_seed(t.seed * 1_000_003 + batch.step)  # same order on every rank of a replica
         actor_stats: list[dict] = []
         critic_stats: list[dict] = []
-        for _ in range(t.num_epochs):
+        # verl's critic_warmup: the first steps fit the critic to the current policy before the actor moves
+        update_actor = batch.step >= ctx.config.algorithm.critic_warmup or ctx.critic_engine is None
+        actor_epochs = t.num_epochs if update_actor else 0
+        critic_epochs = (t.critic_epochs or t.num_epochs) if ctx.critic_engine is not None else 0
+        for epoch in range(max(actor_epochs, critic_epochs)):
             order = torch.randperm(batch.num_rows, generator=gen)
             for start in range(0, batch.num_rows, rows_per_update):
                 mbs = batch.microbatches(t.micro_batch_size, order[start:start + rows_per_update], tuple(keys),
                                          device=ctx.device)
-                actor_stats.append(self._actor_update(mbs, ctx))
-                if ctx.critic_engine is not None:
+                if epoch < actor_epochs:
+                    actor_stats.append(self._actor_update(mbs, ctx))
+                if epoch < critic_epochs:
                     critic_stats.append(self._critic_update(mbs, ctx))
         batch.metrics.update(_mean_dicts(actor_stats, prefix="actor/"))
         batch.metrics.update(_mean_dicts(critic_stats, prefix="critic/"))
@@ -334,7 +370,11 @@ def _mean_dicts(dicts: list[dict], prefix: str) -> dict[str, float]:
 
 
 class Metrics(Stage):
-    """Step metrics (rewards, lengths, KL, timings, throughput), averaged over data-parallel ranks."""
+    """Step metrics (rewards, lengths, KL, timings, throughput), averaged over data-parallel ranks.
+
+    One name per quantity, in verl's naming style; the table of every key is in docs/metrics.md.
+    The actor/ and critic/ loss, grad-norm and lr keys come from the Update stage.
+    """
 
     name = "metrics"
 
@@ -343,28 +383,23 @@ class Metrics(Stage):
         lengths = mask.sum(-1)
         m = batch.metrics
         m.update({
-            "reward_mean": float(batch.scores.mean()),
-            "reward_std": float(batch.scores.std()) if batch.num_rows > 1 else 0.0,
-            "response_length": float(lengths.mean()),
-            "response_length_max": float(lengths.max()),
-            "response_clip_frac": float((lengths >= ctx.config.rollout.max_new_tokens).float().mean()),
-            "advantage_mean": _masked_mean(batch.advantages, mask) if batch.advantages is not None else 0.0,
+            "reward/mean": float(batch.scores.mean()),
+            "reward/std": float(batch.scores.std()) if batch.num_rows > 1 else 0.0,
+            "response_length/mean": float(lengths.mean()),
+            "response_length/max": float(lengths.max()),
+            "response_length/clip_ratio": float((lengths >= ctx.config.rollout.max_new_tokens).float().mean()),
         })
         if batch.old_logprobs is not None:
             # how far the training forward is from the sampler (numerics, or a stale inference model)
-            m["rollout_logprob_diff"] = _masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(), mask)
-            m["logprob_mean"] = _masked_mean(batch.old_logprobs, mask)
+            m["rollout/logprob_diff"] = _masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(), mask)
+            m["actor/old_logprob_mean"] = _masked_mean(batch.old_logprobs, mask)
         if batch.ref_logprobs is not None:
-            m["kl_ref"] = _masked_mean(kl_penalty(batch.old_logprobs, batch.ref_logprobs, "low_var_kl"), mask)
+            m["actor/kl_ref"] = _masked_mean(kl_penalty(batch.old_logprobs, batch.ref_logprobs, "low_var_kl"), mask)
         if ctx.kl_ctl is not None:
-            m["kl_coef"] = float(ctx.kl_ctl.value)
-        for k in ("loss", "grad_norm", "lr", "entropy", "pg_clipfrac", "ppo_kl"):
-            if "actor/" + k in m:
-                m[k] = m["actor/" + k]
-        m["kl"] = m.get("kl_ref", m.get("ppo_kl", 0.0))
-        m["clip_frac"] = m.get("pg_clipfrac", 0.0)
-        counts = {"reward_failures": float(batch.reward_failures), "reward_timeouts": float(batch.reward_timeouts),
-                  "response_tokens": float(lengths.sum()), "prompt_tokens": float(batch.attention_mask.sum() - lengths.sum())}
+            m["actor/kl_coef"] = float(ctx.kl_ctl.value)
+        counts = {"reward/failures": float(batch.reward_failures), "reward/timeouts": float(batch.reward_timeouts),
+                  "response_length/tokens": float(lengths.sum()),
+                  "prompt_length/tokens": float(batch.attention_mask.sum() - lengths.sum())}
         batch.metrics = _reduce_over_dp(m, counts, ctx)
         batch.metrics.update(_timing_metrics(batch, ctx))
         return batch
@@ -392,8 +427,9 @@ def _timing_metrics(batch: RLBatch, ctx) -> dict[str, float]:
     total = sum(v for k, v in t.items() if k not in ("generate", "reshard"))  # those two are inside "rollout"
     out["time/step"] = total
     world = ctx.layout.world_size
-    tokens = batch.metrics["response_tokens"] + batch.metrics["prompt_tokens"]
+    generated = batch.metrics["response_length/tokens"]
+    tokens = generated + batch.metrics["prompt_length/tokens"]
     out["throughput/tokens_per_s_per_gpu"] = tokens / max(total, 1e-9) / world
     if t.get("generate"):
-        out["throughput/gen_tokens_per_s_per_gpu"] = batch.metrics["response_tokens"] / t["generate"] / world
+        out["throughput/gen_tokens_per_s_per_gpu"] = generated / t["generate"] / world
     return out

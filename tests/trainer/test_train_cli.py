@@ -1,0 +1,136 @@
+"""`verl-mega train` as a user meets it: checks that fail before the model loads (launch, model, data rows,
+rule data sources), one message and exit status 2; a reward failing on every call stops the run (status 1);
+banner, resume / already-finished messages, the done line's export command; tp=2 without torchrun spawns
+its own processes."""
+
+import json
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from verl_mega.apps import train_cli
+from verl_mega.testing.tiny_hf import make_tiny_hf_model
+
+SMALL = ["trainer.rollout_batch_size=2", "rollout.n_samples=2", "rollout.max_new_tokens=4", "trainer.progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_hf_model(str(tmp_path_factory.mktemp("tiny")), hidden_size=32, num_layers=2)  # 4 heads
+
+
+@pytest.fixture(scope="module")
+def weightless_dir(tiny_dir, tmp_path_factory):
+    """The tiny model's config and tokenizer without weights: any check that passes here ran before the
+    weights were read (loading them would fail with 'no weights')."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("weightless") / "m"
+    shutil.copytree(tiny_dir, d, ignore=shutil.ignore_patterns("*.safetensors*"))
+    return str(d)
+
+
+def _rows(n: int, source: str = "gsm8k") -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": f"{i}+1=?"}], "data_source": source,
+             "reward_model": {"ground_truth": str(i + 1)}} for i in range(n)]
+
+
+def _jsonl(path, rows) -> str:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def _config(tmp_path, model: str, data: str) -> str:
+    y = tmp_path / "cfg.yaml"
+    y.write_text(f"model:\n  path: {model}\ndata:\n  train_path: {data}\n")
+    return str(y)
+
+
+def _fails_with(capsys, argv: list[str], *fragments: str, status: int = 2) -> str:
+    assert train_cli.main(argv) == status
+    captured = capsys.readouterr()
+    for fragment in fragments:
+        assert fragment in captured.err, (fragment, captured.err)
+    assert "Traceback" not in captured.err and captured.err.count("error:") == 1
+    return captured.err
+
+
+def test_checks_fail_before_the_model_loads(weightless_dir, tmp_path, capsys, monkeypatch):
+    good = _jsonl(tmp_path / "good.jsonl", _rows(4))
+    cfg = _config(tmp_path, weightless_dir, good)
+
+    def _fails(capsys, argv, *fragments, status=2):
+        return _fails_with(capsys, [argv[0], *SMALL, *argv[1:]], *fragments, status=status)
+    # the default rule reward has no checker for the data's data_source
+    arith = _jsonl(tmp_path / "arith.jsonl", _rows(4, "arith"))
+    _fails(capsys, [cfg, f"data.train_path={arith}"], "data_source 'arith'", "known data sources: [", "trainer.reward=")
+    # a parquet without the prompt column names the file, the row and data.prompt_key
+    no_prompt = tmp_path / "no_prompt.parquet"
+    pq.write_table(pa.Table.from_pylist([{"question": "1+1", "data_source": "gsm8k"}] * 4), no_prompt)
+    _fails(capsys, [cfg, f"data.train_path={no_prompt}"], str(no_prompt), "row 0", "data.prompt_key='prompt'")
+    bad_row = tmp_path / "bad_row.jsonl"
+    bad_row.write_text(json.dumps(_rows(1)[0]) + "\n{not json\n")
+    _fails(capsys, [cfg, f"data.train_path={bad_row}"], "row 1: invalid JSON")
+    _fails(capsys, [cfg, "trainer.rollout_batch_size=8"], "has 4 usable prompts", "trainer.rollout_batch_size=8")
+    # layouts the model or the world cannot hold: one message naming tp x pp and how to launch
+    _fails(capsys, [cfg, "parallel.tp=3"], "parallel.tp=3 does not fit", "num_heads=4 is not divisible")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _fails(capsys, [cfg, "parallel.tp=2", "parallel.pp=2"], "needs a multiple of 4 processes", "torchrun --nproc-per-node 4")
+    monkeypatch.setenv("RANK", "1")  # other ranks wait (torchrun stops them when rank 0 exits), then say it too
+    monkeypatch.setattr(train_cli, "OTHER_RANKS_GRACE_S", 0.0)
+    assert train_cli.main([cfg, *SMALL, "parallel.tp=2", "parallel.pp=2"]) == 2
+    assert "error (rank 1): parallel.tp=2 x parallel.pp=2 needs" in capsys.readouterr().err
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    _fails(capsys, [cfg, "bogus.key=1"], "unknown config key 'bogus'")
+    # every check passed: the first thing that reads weights fails
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        train_cli.main([cfg, *SMALL, f"trainer.output_dir={tmp_path / 'run0'}"])
+
+
+def test_run_resume_finished_and_export(tiny_dir, tmp_path, capsys):
+    cfg = _config(tmp_path, tiny_dir, _jsonl(tmp_path / "train.jsonl", _rows(4)))
+    run = tmp_path / "run"
+    args = [cfg, *SMALL, f"trainer.output_dir={run}"]
+    assert train_cli.main([*args, "trainer.total_steps=1"]) == 0
+    out = capsys.readouterr().out
+    assert "[verl-mega] layout tp=1 pp=1 dp=1" in out and "dataset 4 prompts" in out and "algorithm grpo" in out
+    assert f"checkpoints in {run / 'checkpoints'}; export one with: verl-mega export {run} HF_OUT_DIR" in out
+    records = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1] and math.isfinite(records[0]["actor/loss"])
+    assert not {"loss", "lr", "kl", "reward_mean"} & set(records[0])  # one name per quantity
+    assert list((run / "tensorboard").iterdir())
+
+    assert train_cli.main([*args, "trainer.total_steps=1"]) == 0
+    assert ("run already finished at step 1 (trainer.total_steps=1); nothing to do; raise trainer.total_steps or "
+            "use a new trainer.output_dir") in capsys.readouterr().out
+    assert train_cli.main([*args, "trainer.total_steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming from {run / 'checkpoints'} at step 1" in out and "steps 1 -> 2" in out
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2]
+
+
+def test_reward_failing_every_call_stops_the_run(tiny_dir, tmp_path, capsys):
+    reward = tmp_path / "broken_reward.py"
+    reward.write_text("def score(response):\n    raise KeyError('answer')\n")
+    cfg = _config(tmp_path, tiny_dir, _jsonl(tmp_path / "train.jsonl", _rows(4)))
+    run = tmp_path / "run"
+    err = _fails_with(capsys, [cfg, *SMALL, f"trainer.reward={reward}:score", "trainer.total_steps=10",
+                          "trainer.reward_fail_steps=2", f"trainer.output_dir={run}"],
+                 "4/4 calls", "for 2 steps in a row", "KeyError: 'answer'", status=1)
+    assert "trainer.reward_fail_steps=0" in err
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1]  # stopped inside step 2
+
+
+def test_tp2_without_torchrun_spawns_two_processes(tiny_dir, tmp_path, capsys):
+    cfg = _config(tmp_path, tiny_dir, _jsonl(tmp_path / "train.jsonl", _rows(4)))
+    run = tmp_path / "run"
+    assert train_cli.main([cfg, *SMALL, "parallel.tp=2", "trainer.total_steps=1", "trainer.save_final=false",
+                           f"trainer.output_dir={run}"]) == 0
+    out = capsys.readouterr().out
+    assert "starting 2 processes (parallel.tp=2 x parallel.pp=1, dp=1)" in out and "done: 1 steps" in out
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1]

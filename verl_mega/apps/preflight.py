@@ -1,0 +1,154 @@
+"""Checks `verl-mega train` runs before it loads a model (which takes minutes with a real one).
+
+`preflight(cfg, world_size)` checks, in order, and raises a ValueError naming the config key:
+  1. the launch: the world size is a multiple of parallel.tp x parallel.pp (and says how to launch);
+  2. the model directory: config.json present, heads / layers divisible by tp / pp (model.path);
+  3. the data: the file opens, every row parses and has the prompt column (data.train_path,
+     data.prompt_key; the error names the file and the row), and it gives at least one batch per
+     data-parallel rank (trainer.rollout_batch_size);
+  4. the reward: `trainer.reward` imports, and a "rule" reward has a checker for every data_source
+     in the data.
+It returns the tokenized dataset and the reward callable, which training then uses as they are.
+Only the tokenizer is loaded (seconds); the weights are not touched.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from verl_mega.trainer.config import TrainerConfig
+
+
+@dataclass
+class Prepared:
+    """What the checks built: the prompt dataset (an RLDataset) and the reward callable."""
+
+    dataset: Any
+    reward_fn: Callable
+
+
+def load_reward(spec: str) -> Callable:
+    """The reward callable named by `spec` ("rule", "module:function" or "file.py:function")."""
+    if spec == "rule":
+        from verl_mega.rewards.base import RuleBasedReward
+
+        return RuleBasedReward()
+    if ":" not in spec:
+        raise ValueError(f"trainer.reward={spec!r}: use 'rule', 'package.module:function' or 'file.py:function'")
+    target, name = spec.rsplit(":", 1)
+    if target.endswith(".py"):
+        if not os.path.isfile(target):
+            raise ValueError(f"trainer.reward: file {target} does not exist")
+        module_spec = importlib.util.spec_from_file_location("verl_mega_user_reward", target)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise ValueError(f"trainer.reward={spec!r}: cannot import {target} ({exc})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"trainer.reward: {target} has no callable {name!r}")
+    return fn
+
+
+def launch_command(cfg: TrainerConfig) -> str:
+    """How to start a run of this layout (for error messages)."""
+    mp = cfg.parallel.tp * cfg.parallel.pp
+    return (f"`verl-mega train CONFIG.yaml ...` (without torchrun it starts {mp} processes itself; --nproc N "
+            f"for N = a multiple of {mp}), or `torchrun --nproc-per-node {mp} -m verl_mega train CONFIG.yaml ...`")
+
+
+def check_launch(cfg: TrainerConfig, world_size: int) -> None:
+    """ValueError unless `world_size` processes can hold whole tp x pp model replicas."""
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    if world_size % (tp * pp):
+        raise ValueError(f"parallel.tp={tp} x parallel.pp={pp} needs a multiple of {tp * pp} processes (one model "
+                         f"replica), but {world_size} process(es) were started (WORLD_SIZE). Launch with "
+                         f"{launch_command(cfg)}")
+
+
+def check_model(cfg: TrainerConfig) -> None:
+    """ValueError if model.path is not a HF directory or its shapes cannot be split by parallel.tp / pp."""
+    from verl_mega.models.config import ModelConfig
+    from verl_mega.models.hf_io import check_hf_dir
+    from verl_mega.models.parallelize import stage_layer_range
+
+    try:
+        path = check_hf_dir(cfg.model.path)
+    except FileNotFoundError as exc:
+        raise ValueError(f"model.path: {exc}") from None
+    try:
+        config = ModelConfig.from_hf(path)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ValueError(f"model.path={path}: cannot read its config.json: {exc}") from None
+    try:
+        config.check_tp(cfg.parallel.tp)
+    except ValueError as exc:
+        raise ValueError(f"parallel.tp={cfg.parallel.tp} does not fit the model at model.path={path}: {exc}; "
+                         f"choose a tp dividing num_heads={config.num_heads} and num_kv_heads={config.num_kv_heads}"
+                         ) from None
+    try:
+        stage_layer_range(config.num_layers, cfg.parallel.pp, 0)
+    except ValueError as exc:
+        raise ValueError(f"parallel.pp={cfg.parallel.pp} does not fit the model at model.path={path}: {exc}") from None
+
+
+def load_dataset(cfg: TrainerConfig, tokenizer):
+    """The training RLDataset of `cfg.data`; ValueError naming data.train_path / data.prompt_key and the row."""
+    from verl_mega.data.dataset import RLDataset
+
+    d = cfg.data
+    try:
+        dataset = RLDataset(d.train_path, tokenizer, prompt_key=d.prompt_key, max_prompt_length=d.max_prompt_length,
+                            apply_chat_template=d.apply_chat_template)
+    except ValueError as exc:
+        hint = (f" (data.prompt_key={d.prompt_key!r} names the prompt column: set it to the column holding the "
+                f"chat messages)") if repr(d.prompt_key) in str(exc) else ""
+        where = "data.train_path" if str(d.train_path) in str(exc) else f"data.train_path={d.train_path}"
+        raise ValueError(f"{where}: {exc}{hint}") from None
+    except OSError as exc:  # an unreadable or non-parquet file
+        raise ValueError(f"data.train_path={d.train_path}: cannot read it: {exc}") from None
+    if len(dataset) == 0:
+        raise ValueError(f"data.train_path={d.train_path}: no prompt left: {dataset.filtered} prompts are longer than "
+                         f"data.max_prompt_length={d.max_prompt_length} tokens")
+    return dataset
+
+
+def check_batches(cfg: TrainerConfig, dataset_size: int, world_size: int) -> None:
+    """ValueError if the dataset cannot give one batch to every data-parallel rank."""
+    dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
+    need = cfg.trainer.rollout_batch_size * dp
+    if dataset_size < need:
+        raise ValueError(f"data.train_path={cfg.data.train_path} has {dataset_size} usable prompts, fewer than one step "
+                         f"needs: trainer.rollout_batch_size={cfg.trainer.rollout_batch_size} x {dp} data-parallel "
+                         f"rank(s) = {need}; lower trainer.rollout_batch_size")
+
+
+def check_reward(reward_fn: Callable, dataset, path: str) -> None:
+    """A rule reward must have a checker for every data_source of the dataset (ValueError naming them)."""
+    from verl_mega.rewards.base import RuleBasedReward
+
+    if isinstance(reward_fn, RuleBasedReward):
+        reward_fn.check_data_sources((item["data_source"] for item in dataset), where=f"data.train_path={path}")
+
+
+def preflight(cfg: TrainerConfig, world_size: int) -> Prepared:
+    """Run every check of the module docstring for a run of `world_size` processes; returns what they built."""
+    check_launch(cfg, world_size)  # before importing the model code (megatron-core: seconds)
+    check_model(cfg)
+    from verl_mega.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.path)
+    if tokenizer is None:
+        raise ValueError(f"model.path={cfg.model.path} has no tokenizer (tokenizer.json / tokenizer.model)")
+    dataset = load_dataset(cfg, tokenizer)
+    check_batches(cfg, len(dataset), world_size)
+    reward_fn = load_reward(cfg.trainer.reward)
+    check_reward(reward_fn, dataset, cfg.data.train_path)
+    return Prepared(dataset=dataset, reward_fn=reward_fn)

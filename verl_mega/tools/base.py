@@ -1,0 +1,36 @@
+"""The tool interface: what the agent loop needs to show a tool to the model and to call it.
+
+A tool has a `name`, a `description` and `parameters` (the JSON schema of its arguments object);
+`schema()` is the OpenAI-style function entry that chat templates take as `tools=[...]`
+(`tokenizer.apply_chat_template(messages, tools=[t.schema() for t in tools])`). `execute(**arguments)`
+is async, so the agent loop can run tools while other sequences keep decoding, and returns the text
+that goes back to the model as a `tool` message. A tool reports failures of the call (bad code, a
+time-out) in that text, so the model can react; it raises only for a wrong call from Python
+(ValueError), which the agent loop turns into an error message too.
+
+Reference: the OpenAI function-calling schema; verl's `BaseTool` (`get_openai_tool_schema`, `execute`).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+
+class Tool(abc.ABC):
+    """A tool the model can call. Subclasses set `name`, `description`, `parameters` and implement `execute`."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]  # JSON schema of the arguments: {"type": "object", "properties": ..., "required": [...]}
+
+    def schema(self) -> dict[str, Any]:
+        """The OpenAI-style tool entry: {"type": "function", "function": {"name", "description", "parameters"}}."""
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+        }
+
+    @abc.abstractmethod
+    async def execute(self, **arguments: Any) -> str:
+        """Run the tool with the model's arguments; the text returned is the tool message."""

@@ -1,0 +1,88 @@
+"""The tools of a rollout: schemas for the chat template, and one `call` that never raises.
+
+The agent loop parses a tool call from the model's text and hands `name` and `arguments` here. Whatever
+goes wrong (an unknown tool, arguments that are not an object, a wrong argument, a tool that raises
+or runs past `timeout_s`) comes back as a `ToolCallResult` with `error=True` and a message for the
+model, so a bad call costs one turn, never the rollout. `build_tools` makes a `ToolSet` from config
+entries (`rollout.tools: [{name: code_interpreter, sandbox_fusion_url: ..., default_timeout: 30}]`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from verl_mega.tools.base import Tool
+from verl_mega.tools.python_tool import PythonTool, SandboxFusionTool
+
+TOOL_CLASSES: dict[str, type[Tool]] = {"python": PythonTool, "code_interpreter": SandboxFusionTool}
+
+
+@dataclass
+class ToolCallResult:
+    """One tool call: the tool message, whether the call failed, and its wall time."""
+
+    text: str
+    error: bool
+    seconds: float
+
+
+class ToolSet:
+    """Tools by name, with a per-call time limit.
+
+    Args:
+        tools: tools with distinct names.
+        timeout_s: wall-clock limit of one call (None: the tool's own limits only).
+    """
+
+    def __init__(self, tools: Sequence[Tool], timeout_s: float | None = None):
+        self.tools = {tool.name: tool for tool in tools}
+        if len(self.tools) != len(tools):
+            raise ValueError(f"tools must have distinct names, got {[tool.name for tool in tools]}")
+        if timeout_s is not None and timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0 or None, got {timeout_s}")
+        self.timeout_s = timeout_s
+
+    def schemas(self) -> list[dict[str, Any]]:
+        """The `tools=` argument of `tokenizer.apply_chat_template`."""
+        return [tool.schema() for tool in self.tools.values()]
+
+    async def call(self, name: str, arguments: Any) -> ToolCallResult:
+        """Run tool `name` with `arguments` (a dict); failures become an error message, never an exception."""
+        t0 = time.monotonic()
+
+        def failed(message: str) -> ToolCallResult:
+            return ToolCallResult(f"[tool error: {message}]", True, time.monotonic() - t0)
+
+        tool = self.tools.get(name)
+        if tool is None:
+            return failed(f"unknown tool {name!r}; available: {sorted(self.tools)}")
+        if not isinstance(arguments, dict):
+            return failed(f"arguments of {name!r} must be a JSON object, got {type(arguments).__name__}")
+        try:
+            text = await asyncio.wait_for(tool.execute(**arguments), self.timeout_s)
+        except (asyncio.TimeoutError, TimeoutError):
+            return failed(f"{name!r} did not answer within {self.timeout_s:g} s")
+        except (ValueError, TypeError) as e:
+            return failed(str(e))
+        except Exception as e:  # a tool bug must not end the rollout; the model sees what happened
+            return failed(f"{name!r} raised {type(e).__name__}: {e}")
+        return ToolCallResult(text, False, time.monotonic() - t0)
+
+
+def build_tools(specs: Sequence[dict[str, Any]], timeout_s: float | None = None) -> ToolSet:
+    """A ToolSet from config entries: each {"name": one of TOOL_CLASSES, **constructor arguments}."""
+    tools = []
+    for k, spec in enumerate(specs):
+        spec = dict(spec)
+        name = spec.pop("name", None)
+        if name not in TOOL_CLASSES:
+            raise ValueError(f"tools[{k}].name must be one of {sorted(TOOL_CLASSES)}, got {name!r}")
+        try:
+            tools.append(TOOL_CLASSES[name](**spec))
+        except TypeError as e:
+            raise ValueError(f"tools[{k}] ({name}): {e}") from None
+    return ToolSet(tools, timeout_s)
