@@ -37,6 +37,7 @@ import concurrent.futures
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,17 +180,24 @@ class AgentLoop:
         self.stop_ids = frozenset([end]) if end is not None else frozenset()
 
     # ------------------------------------------------------------------ public
-    def run(self, prompts: list[list[dict]], *, n: int = 1, sampling: SamplingParams | None = None,
+    def run(self, prompts: list, *, n: int = 1, sampling: SamplingParams | None = None,
             seed: int = 0) -> list[AgentSample]:
-        """n multi-turn samples per chat in `prompts` (lists of messages); rows i*n .. i*n+n-1 belong to
-        prompt i. Collective over `tp_group`."""
+        """n multi-turn samples per prompt; rows i*n .. i*n+n-1 belong to prompt i. Collective over `tp_group`.
+
+        prompts: chats (lists of messages, rendered with the tools' schemas) or token-id lists already
+        rendered with the generation prompt (a dataset's prompts; the tool messages that follow only
+        depend on the template's handling of the last turn, so the chat state starts from a stand-in
+        user message)."""
         sampling = sampling or SamplingParams()
         self.engine.seed(seed)
         lim = self.limits
         chats: dict[tuple[int, int], _Chat] = {}
         rows: list[tuple[int, int]] = []
-        for messages in prompts:
-            ids = self.renderer.prompt_ids(messages)
+        for prompt in prompts:
+            if prompt and isinstance(prompt[0], dict):
+                messages, ids = prompt, self.renderer.prompt_ids(prompt)
+            else:
+                messages, ids = [{"role": "user", "content": "(prompt)"}], [int(t) for t in prompt]
             rid = self.engine.add_request(ids, RequestParams(sampling, lim.max_total_tokens, n, self.stop_ids,
                                                              keep_cache=True))
             for k in range(n):
@@ -326,6 +334,40 @@ class _ToolRunner:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=10)
             self.loop.close()
+
+
+def agent_rollout(worker, tokenizer, toolset, limits: AgentLimits, prompt_ids: list[list[int]], *, n: int,
+                  sampling: SamplingParams, seed: int = 0) -> tuple[list[AgentSample], dict[str, float]]:
+    """Multi-turn samples for `prompt_ids` (B rendered prompts, the same on every rank of the model-parallel
+    group) on a `RolloutWorker`'s inference model: the weights are handed over, each inference replica runs
+    its share of the prompts through an `AgentLoop` on the worker's engine, the rows are gathered back
+    (prompt-major, B * n). Returns (samples, timings {"reshard", "generate"} seconds). Collective."""
+    rep = worker.replicas
+    start = time.perf_counter()
+    model = worker.weights.to_inference()
+    reshard_s = time.perf_counter() - start
+    try:
+        share = -(-len(prompt_ids) // rep.micro_dp)
+        mine = prompt_ids[rep.micro_dp_rank * share:(rep.micro_dp_rank + 1) * share]
+        local: list[AgentSample] = []
+        gen_start = time.perf_counter()
+        if mine:
+            engine = worker.engine(model, max(map(len, mine)) + limits.max_total_tokens, len(mine) * n)
+            loop = AgentLoop(engine, tokenizer, toolset, limits, tp_group=rep.tp_group)
+            local = loop.run(mine, n=n, sampling=sampling, seed=(seed + 7919 * rep.micro_dp_rank) % 2**62)
+            if worker.free_cache:
+                engine.release()
+        gen_s = time.perf_counter() - gen_start
+        gathered: list = [(rep.micro_dp_rank, local)]
+        if rep.micro_dp > 1:
+            gathered = [None] * rep.micro_dp
+            dist.all_gather_object(gathered, (rep.micro_dp_rank, local), group=rep.micro_dp_group)
+    finally:
+        back = time.perf_counter()
+        worker.weights.to_train()
+        reshard_s += time.perf_counter() - back
+    samples = [s for _, part in sorted(gathered, key=lambda item: item[0]) for s in part]
+    return samples, {"reshard": reshard_s, "generate": gen_s}
 
 
 def agent_metrics(samples: list[AgentSample]) -> dict[str, float]:
