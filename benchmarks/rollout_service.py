@@ -10,7 +10,8 @@ every response ends with EOS at a length drawn uniformly from [--min-len, --max-
 (seeded). Random weights never choose EOS themselves, so the EOS is forced: a benchmark-local engine
 subclass replaces the sampled token by EOS at the drawn length (same work as a model that stops
 there: the row is freed after it, its slot taken by a waiting request).
-- new engine: all requests added at once (`max_batch` rows in flight, `--max-batch`, default all);
+- new engine: all requests added at once (`max_batch` rows in flight, `--max-batch`, default all), with
+  the gather + SDPA decode attention ("new") and the Triton paged-attention kernel ("new_paged");
 - static engine: one batch of prompts x n rows with max_new_tokens = the longest drawn length and
   EOS ignored: how it runs this workload (a finished row keeps its slot and is decoded until the
   whole batch ends; its extra tokens are not counted);
@@ -47,6 +48,8 @@ import time
 
 import torch
 
+if "--smoke" in sys.argv:  # CPU: Triton kernels (the paged attention) in the interpreter; set before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # this directory holds kernels.py, which would shadow the `kernels` package transformers imports
 sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
@@ -105,12 +108,12 @@ def workload(args, vocab: int) -> tuple[list[list[int]], list[int]]:
     return prompts, lengths
 
 
-def run_new(args, model, prompts, lengths, tp_group) -> dict:
+def run_new(args, model, prompts, lengths, tp_group, attention: str = "gather") -> dict:
     """Continuous batching: tokens/s, the decode time (call - prefill-only call) and the engine counters."""
     rows = len(prompts) * args.n
     config = EngineConfig(max_batch=args.max_batch or rows, max_seq_len=args.prompt_len + args.max_len + 64,
                           max_tokens=args.max_tokens or rows * (args.prompt_len + args.max_len + 64),
-                          block_size=args.block_size, kv_len_bucket=args.kv_len_bucket)
+                          block_size=args.block_size, kv_len_bucket=args.kv_len_bucket, attention=attention)
     engine = ForcedLengthEngine(model, tp_group, config, eos_token_ids=[EOS], pad_token_id=0)
     sampling = SamplingParams(temperature=1.0)
 
@@ -208,6 +211,7 @@ def parity_check(device) -> dict:
                           pad_token_id=0, top_k=None, top_p=None, temperature=None)[:, p_len:].tolist()
     ref = [row[:row.index(EOS) + 1] if EOS in row else row for row in out]
     actor = get_actor_model(path, device=device)
+    actor.model.fused_inference = device.type == "cuda"
     engine = GenerationEngine(actor.model, None, EngineConfig(max_batch=4, max_seq_len=64, block_size=4,
                                                                kv_len_bucket=16, sync_every=4),
                               eos_token_ids=[EOS], pad_token_id=0)
@@ -219,20 +223,30 @@ def parity_check(device) -> dict:
 def run_shape(args, shape, device, dtype, layout) -> dict:
     torch.manual_seed(0)
     model = build_ours_random(shape, layout, device, dtype)
+    model.fused_inference = device.type == "cuda"  # CPU smoke: plain torch ops (the interpreter runs only the paged kernel)
     prompts, lengths = workload(args, SHAPES[shape]["vocab_size"])
     out = {"rows": len(lengths), "mean_length": sum(lengths) / len(lengths), "max_length": max(lengths)}
     out["new"] = run_new(args, model, prompts, lengths, layout.tp_group)
+    try:  # the Triton paged-attention decode (EngineConfig.attention="paged"); guarded: new on GPU
+        out["new_paged"] = run_new(args, model, prompts, lengths, layout.tp_group, attention="paged")
+    except Exception as exc:  # noqa: BLE001 - report and keep the other figures
+        out["new_paged"] = {"error": repr(exc)[:2000]}
     out["static"] = run_static(args, model, prompts, lengths, layout.tp_group)
-    out["ratio_new_over_static"] = out["new"]["tokens_per_s"] / out["static"]["tokens_per_s"]
     bw = copy_bandwidth(device)
-    out["bound_spec"] = bandwidth_bound(shape, model, out["new"], H200_BW)
-    if bw is not None:
-        out["bound_measured_copy"] = bandwidth_bound(shape, model, out["new"], bw)
+    for name in ("new", "new_paged"):
+        if "tokens_per_s" not in out[name]:
+            continue
+        out[f"ratio_{name}_over_static"] = out[name]["tokens_per_s"] / out["static"]["tokens_per_s"]
+        out[name]["bound_spec"] = bandwidth_bound(shape, model, out[name], H200_BW)
+        if bw is not None:
+            out[name]["bound_measured_copy"] = bandwidth_bound(shape, model, out[name], bw)
     del model
     torch.cuda.empty_cache() if device.type == "cuda" else None
     if not args.no_hf:
         out["hf"] = run_hf(args, shape, device, dtype)
-        out["ratio_new_over_hf"] = out["new"]["tokens_per_s"] / out["hf"]["tokens_per_s"]
+        for name in ("new", "new_paged"):
+            if "tokens_per_s" in out[name]:
+                out[f"ratio_{name}_over_hf"] = out[name]["tokens_per_s"] / out["hf"]["tokens_per_s"]
     return out
 
 
@@ -246,6 +260,7 @@ def run_grpo(args, shape, device, dtype) -> dict:
     hf.save_pretrained(path)
     del hf
     actor = get_actor_model(path, torch_dtype=dtype)
+    actor.model.fused_inference = device.type == "cuda"
     prompts, lengths = workload(args, SHAPES[shape]["vocab_size"])
     cfg = TrainerConfig()
     cfg.trainer.rollout_batch_size, cfg.rollout.n_samples = len(prompts), args.n

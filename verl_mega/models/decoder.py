@@ -197,6 +197,9 @@ class Attention(nn.Module):
             k = apply_rope(self._heads(self.k_proj, x, self.num_kv_heads, self.k_norm), cos, sin)
             v = self._heads(self.v_proj, x, self.num_kv_heads, None)
         if kv_cache is not None:
+            out = kv_cache.attend(self.layer_idx, q, k, v) if hasattr(kv_cache, "attend") else None
+            if out is not None:  # the cache computed the attention itself (e.g. a paged-attention kernel)
+                return self.o_proj(out)[0]
             k, v = kv_cache.update(self.layer_idx, k, v)  # [batch, kv_heads, seq_kv, head_dim]
         return self.o_proj(attend(q, k, v, mask))[0]
 
@@ -435,6 +438,8 @@ class DecoderModel(nn.Module):
         kv_cache: object owned by the caller with `update(layer_idx, k, v) -> (k_all, v_all)`: k, v are
             this step's keys/values [B, num_kv_heads/tp, S, head_dim] after RoPE, `layer_idx` the
             global layer index; it returns the keys/values to attend over [B, num_kv_heads/tp, S_kv, head_dim].
+            Optionally `attend(layer_idx, q, k, v) -> [B, S, heads/tp * head_dim] | None`: a cache that
+            computes the attention itself (stores k, v; q [B, heads/tp, S, head_dim]); None = use update + SDPA.
             Under no_grad with Triton available (CUDA) a cache forward takes the fused_ops path
             (set `fused_inference = False` to keep the plain torch ops).
         Returns: non-last stage: hidden [B, S, H]. Last stage: this rank's vocab shard of the logits

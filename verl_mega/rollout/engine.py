@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from verl_mega.kernels.dispatch import use_triton
 from verl_mega.rollout.engine_config import EngineConfig
 from verl_mega.rollout.kv_cache import PagedKVCache
 from verl_mega.rollout.output import GenerationOutput, assemble_output
@@ -77,6 +78,9 @@ class GenerationEngine:
         self.pad_token_id = int(pad_token_id)
         self.true_vocab_size = int(model.true_vocab_size)
         self.use_cuda_graph = config.cuda_graph and self.device.type == "cuda"
+        if config.attention == "paged" and not use_triton(next(model.parameters())):
+            raise ValueError("engine config attention='paged' runs a Triton kernel: it needs a CUDA model "
+                             "(or TRITON_INTERPRET=1 on CPU); use attention='gather'")
         self.sync_every = config.sync_every or (4 if self.device.type == "cuda" else 1)
         num_blocks = config.max_tokens // config.block_size + 1  # + the padding block 0
         # a block table covers the longest sequence plus the decode steps run past its end before a host check
@@ -111,7 +115,8 @@ class GenerationEngine:
         """
         params = params or RequestParams()
         self._check_prompt(prompt_ids, params.max_new_tokens)
-        stops = frozenset(int(t) for t in params.stop_token_ids) | (frozenset() if ignore_eos else frozenset(self.eos_token_ids))
+        eos = frozenset() if ignore_eos else frozenset(self.eos_token_ids)
+        stops = frozenset(int(t) for t in params.stop_token_ids) | eos
         params = RequestParams(params.sampling, params.max_new_tokens, params.n, stops, params.keep_cache)
         return self.scheduler.add([int(t) for t in prompt_ids], params)
 
@@ -333,11 +338,15 @@ class GenerationEngine:
         tables, positions = self._tables[:bb, :nb], self._positions[:bb]
         block = tables.gather(1, (positions // bs).clamp(max=nb - 1)[:, None])[:, 0]  # [bb]
         write = block * bs + positions % bs  # [bb] slot of the fed token
-        offsets = torch.arange(bs, device=self.device)
-        read = (tables[:, :, None] * bs + offsets).reshape(bb, nb * bs)  # [bb, kv_len]
-        keys = torch.arange(nb * bs, device=self.device)
-        attn = (keys[None, :] <= positions[:, None])[:, None, None, :]  # [bb, 1, 1, kv_len]
-        self.cache.set_view(write, read)
+        if self.config.attention == "paged":  # the Triton kernel reads the blocks (kv_cache.attend)
+            self.cache.set_view(write, None, tables, positions)
+            attn = None
+        else:
+            offsets = torch.arange(bs, device=self.device)
+            read = (tables[:, :, None] * bs + offsets).reshape(bb, nb * bs)  # [bb, kv_len]
+            keys = torch.arange(nb * bs, device=self.device)
+            attn = (keys[None, :] <= positions[:, None])[:, None, None, :]  # [bb, 1, 1, kv_len]
+            self.cache.set_view(write, read)
         hidden = self.model(self._tokens[:bb, None], positions[:, None], attn_mask=attn, kv_cache=self.cache,
                             return_hidden=True)  # [bb, 1, H]
         self._logits[:bb].copy_(self._head_logits(hidden[:, -1]))

@@ -10,6 +10,9 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 
+ATTENTION = ("gather", "paged")
+
+
 @dataclass
 class EngineConfig:
     """Generation engine sizes (continuous batching over a paged KV cache)."""
@@ -20,9 +23,10 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV-cache block
     prefill_tokens: int = 8192  # most prompt tokens (rows x padded length) per prefill forward
     kv_len_bucket: int = 64  # decode attends over the gathered blocks rounded up to this many tokens
-    sync_every: Optional[int] = None  # decode steps between host checks (finished rows, joins); None: 4 on CUDA, 1 on CPU
+    sync_every: Optional[int] = None  # decode steps per host check (finished rows, joins); None: 4 on CUDA, 1 on CPU
     cuda_graph: bool = True  # capture decode steps in CUDA graphs (CUDA models only; ignored on CPU)
     share_prefix: bool = True  # the n samples of a prompt prefill it once and read the same prompt blocks
+    attention: str = "gather"  # decode attention: "gather" (blocks gathered for SDPA) | "paged" (Triton kernel)
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_tokens", "max_seq_len", "block_size", "prefill_tokens", "kv_len_bucket"):
@@ -30,6 +34,8 @@ class EngineConfig:
                 raise ValueError(f"engine config {name} must be an integer >= 1, got {getattr(self, name)!r}")
         if self.sync_every is not None and self.sync_every < 1:
             raise ValueError(f"engine config sync_every must be >= 1 or None, got {self.sync_every!r}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"engine config attention must be one of {ATTENTION}, got {self.attention!r}")
         if self.max_tokens < self.block_size:
             raise ValueError(f"engine config max_tokens={self.max_tokens} is smaller than one block "
                              f"(block_size={self.block_size})")

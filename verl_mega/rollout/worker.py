@@ -131,7 +131,8 @@ class RolloutWorker:
             if mine:
                 seq_len, rows = max(map(len, mine)) + max_new_tokens, len(mine) * n
                 one_off = engine_config is not None and engine_config != self.engine_config
-                engine = self._build(model, engine_config, seq_len, rows) if one_off else self.engine(model, seq_len, rows)
+                engine = (self._build(model, engine_config, seq_len, rows) if one_off
+                          else self.engine(model, seq_len, rows))
                 callback = None
                 if on_finish is not None:
                     def callback(row, ids, lps, offset=first * n):
