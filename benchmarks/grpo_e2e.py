@@ -2,6 +2,9 @@
 
 Run (1 GPU):             python benchmarks/grpo_e2e.py
 Run (2 GPUs):            torchrun --nproc_per_node 2 benchmarks/grpo_e2e.py --layouts 1x1,2x1,1x2
+Packed vs padded A/B:    python benchmarks/grpo_e2e.py --ab 0.5b,1.5b --response-len 32:1024 --max-new-tokens 1024 \\
+                             --max-tokens 16384 --steps 3
+CPU check of the A/B:    python benchmarks/grpo_e2e.py --device cpu --smoke --ab tiny --response-len 2:8 --max-tokens 40
 CPU check (gloo, tiny):  python benchmarks/grpo_e2e.py --device cpu --tiny
                          torchrun --nproc_per_node 2 benchmarks/grpo_e2e.py --device cpu --tiny --layouts 2x1,1x2
 
@@ -37,10 +40,19 @@ from verl_mega.parallel import Layout
 from verl_mega.parallel.dist import device as comm_device
 from verl_mega.parallel.dist import init_distributed
 from verl_mega.trainer import PPOTrainer, TrainerConfig
+from verl_mega.trainer.stages import Pipeline
 
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
                   num_kv_heads=2, head_dim=64, rope_theta=1_000_000.0, max_position_embeddings=32768,
                   tie_word_embeddings=True, attention_bias=True, model_type="qwen2")
+QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
+                  num_kv_heads=2, head_dim=128, rope_theta=1_000_000.0, max_position_embeddings=32768,
+                  tie_word_embeddings=True, attention_bias=True, model_type="qwen2")
+SHAPES = {"0.5b": QWEN25_05B, "1.5b": QWEN25_15B}
+# A/B variants (--ab): trainer.packing, model.recompute
+VARIANTS = {"padded": (False, "none"), "packed": (True, "none"), "packed+selective": (True, "selective"),
+            "packed+full": (True, "full")}
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0}  # dense bf16 tensor-core peak (SXM), for MFU
 TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
             head_dim=16, max_position_embeddings=512, tie_word_embeddings=True, attention_bias=True, model_type="qwen2")
 PHASES = ("generate", "reshard", "logprob", "update")
@@ -51,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--tiny", action="store_true", help="small fp32 model and workload (CPU check)")
+    p.add_argument("--smoke", action="store_true", help="= --tiny")
     p.add_argument("--layouts", default="1x1", help="comma-separated TPxPP layouts to run, e.g. 1x1,2x1,1x2")
     p.add_argument("--tp-g", type=int, default=None, help="generation tensor-parallel size (default: training tp)")
     p.add_argument("--prompts", type=int, default=64, help="prompts per step (global, split over dp)")
@@ -58,6 +71,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward")
+    p.add_argument("--response-len", default=None,
+                   help="LO:HI: cut each response at a length drawn uniformly from [LO, HI] (seeded; EOS as its last "
+                        "token), so the training passes see realistic length spread; default: as generated")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="trainer.max_tokens_per_micro_batch of the packed runs (default: --micro-batch sequences)")
+    p.add_argument("--packing", choices=("on", "off"), default="on", help="trainer.packing (single-variant runs)")
+    p.add_argument("--recompute", choices=("none", "selective", "full"), default="none")
+    p.add_argument("--varlen-kernel", choices=("auto", "varlen", "flex", "loop"), default="auto",
+                   help="packed attention kernel (verl_mega/models/varlen_attention.py); pick with varlen_attention.py")
+    p.add_argument("--shape", choices=tuple(SHAPES), default="0.5b", help="model shape (ignored with --tiny)")
+    p.add_argument("--ab", default=None,
+                   help="A/B in one process: comma-separated shapes (0.5b,1.5b; 'tiny' for a CPU check), each run "
+                        f"with the variants {', '.join(VARIANTS)}; reports tokens/s, update MFU and peak memory")
     p.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per RL step")
     p.add_argument("--keep-cache", action="store_true",
                    help="keep the KV cache and CUDA graphs between rollouts (default: freed for training, recaptured)")
@@ -67,9 +93,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="output directory (default $OUT or .)")
     args = p.parse_args(argv)
-    if args.tiny:
+    if args.tiny or args.smoke:
+        args.tiny = True
         args.prompts, args.n, args.prompt_len, args.max_new_tokens = min(args.prompts, 4), min(args.n, 2), 16, 8
         args.micro_batch, args.steps, args.warmup = 4, 2, 1
+        if args.response_len:
+            args.response_len = "2:8"
+        if args.max_tokens:
+            args.max_tokens = 40
     return args
 
 
@@ -86,24 +117,97 @@ def build_actor(shape: dict, layout: Layout, dtype: torch.dtype) -> HFActor:
     return HFActor(model, layout, config, tokenizer=None, path=None)
 
 
-def run_layout(args, tp: int, pp: int) -> dict:
+def force_lengths_stage(response_len: str | None, seed: int, record: list):
+    """A stage for after the rollout: cut response i at a length drawn uniformly from [LO, HI] (seeded by step,
+    dp rank and row; EOS becomes its last token) and record the step's sequence lengths into `record`
+    (for the FLOP count). `response_len` None: record only."""
+    lo, hi = (int(x) for x in response_len.split(":")) if response_len else (None, None)
+    if lo is not None and not 1 <= lo <= hi:
+        raise ValueError(f"--response-len {response_len!r}: need 1 <= LO <= HI")
+
+    def force_lengths(batch, ctx):
+        if lo is not None:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + batch.step * 7919 + ctx.layout.dp_rank)
+            target = torch.randint(lo, hi + 1, (batch.num_rows,), generator=gen).tolist()
+            responses, logprobs = [], []
+            for i, want in enumerate(target):
+                n = min(int(batch.response_mask[i].sum()), want)
+                responses.append(batch.responses[i, :n].tolist())
+                if n == want:  # cut here: end with EOS, as a sampler told to stop would
+                    responses[-1][-1] = EOS_ID
+                logprobs.append(batch.rollout_logprobs[i, :n].tolist())
+            batch.set_rollout(responses, logprobs, ctx.pad_id)
+            batch.response_texts = [" ".join(map(str, r)) for r in responses]
+        lengths = batch.attention_mask.sum(-1).double()
+        record.append({"tokens": float(lengths.sum()), "response_tokens": float(batch.response_mask.sum()),
+                       "sum_len_sq": float((lengths ** 2).sum())})
+        return batch
+
+    return force_lengths
+
+
+def _reset_peak(batch, ctx):
+    """Stage before the update: peak-memory counter from here (the update's own peak, not the rollout's KV cache)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    return batch
+
+
+def _record_peak(peaks: list):
+    def record_peak(batch, ctx):
+        """Stage after the update: its peak memory (GiB)."""
+        if torch.cuda.is_available():
+            peaks.append(torch.cuda.max_memory_allocated() / 2**30)
+        return batch
+    return record_peak
+
+
+def update_flops(config: ModelConfig, model, step: dict) -> float:
+    """Model FLOPs of one update pass over a step's sequences (fwd + bwd, recompute not counted):
+    6 x (matmul params except the LM head) x all tokens + 6 x (LM head params) x response tokens (the head
+    runs on response tokens only) + causal attention 12 x layers x (heads x head_dim) x sum(len^2) / 2."""
+    embed = config.padded_vocab_size(1) * config.hidden_size
+    body = sum(p.numel() for p in model.parameters()) - embed  # tied single stage: the head is the embedding
+    attention = 12 * config.num_layers * config.num_heads * config.head_dim * step["sum_len_sq"] / 2
+    return 6 * body * step["tokens"] + 6 * embed * step["response_tokens"] + attention
+
+
+def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool | None = None,
+               recompute: str | None = None) -> dict:
     """Build actor + trainer for one layout, run the steps, return mean phase timings and throughput."""
     layout = Layout.create(tp, pp)
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    actor = build_actor(TINY if args.tiny else QWEN25_05B, layout, dtype)
+    shape = shape or (TINY if args.tiny else SHAPES[args.shape])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    actor = build_actor(shape, layout, dtype)
     per_dp = max(1, args.prompts // layout.dp)
     cfg = TrainerConfig()
     cfg.model.dtype = "float32" if args.tiny else "bfloat16"
+    cfg.model.recompute = recompute or args.recompute
     cfg.data.max_prompt_length = args.prompt_len
     cfg.rollout.engine.max_batch = per_dp * args.n
     cfg.algorithm.kl_coef = 0.001
     cfg.trainer.progress_bar = False
+    cfg.trainer.packing = (args.packing == "on") if packing is None else packing
+    cfg.trainer.max_tokens_per_micro_batch = args.max_tokens if cfg.trainer.packing else None
     cfg.parallel.tp_g = args.tp_g
     cfg.rollout.free_cache = not args.keep_cache
     trainer = PPOTrainer(actor, reward_fn=even_token_reward, algorithm="grpo", rollout_batch_size=per_dp,
                          n_samples=args.n, max_new_tokens=args.max_new_tokens, temperature=1.0, lr=1e-6,
                          micro_batch_size=args.micro_batch, mini_batch_size=max(1, per_dp // args.mini_batches),
                          num_epochs=1, config=cfg)
+    for model in (actor.model, trainer.reference.model if trainer.reference is not None else None):
+        for layer in (model.layers if model is not None else ()):
+            layer.self_attn.varlen_kernel = args.varlen_kernel
+    record: list[dict] = []
+    stages = trainer.pipeline.stages
+    at = trainer.pipeline.names().index("rollout") + 1
+    stages = stages[:at] + [force_lengths_stage(args.response_len, 1234, record)] + stages[at:]
+    at = [getattr(s, "name", None) for s in stages].index("update")
+    update_peaks: list[float] = []
+    trainer.pipeline = Pipeline(stages[:at] + [_reset_peak] + [stages[at]] + [_record_peak(update_peaks)]
+                                + stages[at + 1:])
     gen = torch.Generator().manual_seed(1000 + layout.dp_rank)
     vocab = actor.config.vocab_size
     history = []
@@ -115,16 +219,27 @@ def run_layout(args, tp: int, pp: int) -> dict:
         else:
             metrics = trainer.step(samples)
         if step >= args.warmup:
+            metrics["update_flops"] = update_flops(actor.config, actor.model, record[-1])
             history.append(metrics)
     result = {"layout": {"tp": tp, "pp": pp, "dp": layout.dp, "tp_g": trainer.worker.tp_g},
-              "prompts_per_step": per_dp * layout.dp, "responses_per_step": per_dp * layout.dp * args.n}
+              "prompts_per_step": per_dp * layout.dp, "responses_per_step": per_dp * layout.dp * args.n,
+              "packing": cfg.trainer.packing, "recompute": cfg.model.recompute,
+              "max_tokens_per_micro_batch": cfg.trainer.max_tokens_per_micro_batch}
     for key in [f"time/{p}" for p in PHASES] + ["time/step", "throughput/tokens_per_s_per_gpu",
-                                                 "throughput/gen_tokens_per_s_per_gpu", "response_length/mean"]:
+                                                 "throughput/gen_tokens_per_s_per_gpu", "response_length/mean",
+                                                 "update_flops"]:
         result[key] = statistics.mean(m.get(key, 0.0) for m in history) if history else None
+    if history:  # per GPU: this rank's model shard runs 1 / (tp * pp) of its replica's FLOPs
+        tflops = statistics.mean(m["update_flops"] / m["time/update"] for m in history) / 1e12 / (tp * pp)
+        result["update_tflops_per_gpu"] = tflops
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if torch.cuda.is_available()
+                     and k in torch.cuda.get_device_name()), None)
+        result["update_mfu"] = tflops / peak if peak else None
     hybrid = getattr(trainer.worker.weights, "hybrid", None)  # None: pp = 1, tp_g = tp (weights used in place)
     stats = hybrid.last_stats if hybrid is not None else None
     result["reshard_bytes_moved_per_rank"] = stats.bytes_moved if stats is not None else 0
     result["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    result["update_peak_memory_gib"] = max(update_peaks) if update_peaks and torch.cuda.is_available() else None
     del trainer, actor
     gc.collect()
     if torch.cuda.is_available():
@@ -172,12 +287,60 @@ def markdown(results: list[dict], args, world: int, device: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_ab(args, world: int, device_name: str) -> None:
+    """Every variant of VARIANTS for every shape of --ab, one after the other in this process (tp = pp = 1)."""
+    results = []
+    for shape_name in args.ab.split(","):
+        shape = TINY if shape_name == "tiny" or args.tiny else SHAPES[shape_name]
+        for variant, (packing, recompute) in VARIANTS.items():
+            r = run_layout(args, 1, 1, shape=shape, packing=packing, recompute=recompute)
+            r.update(shape=shape_name, variant=variant)
+            results.append(r)
+            if dist.get_rank() == 0:
+                print(json.dumps(r), flush=True)
+    if dist.get_rank() == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "grpo_e2e_ab.json"), "w") as f:
+            json.dump({"device": device_name, "world_size": world, "args": vars(args), "results": results}, f, indent=2)
+        text = ab_markdown(results, args, world, device_name)
+        with open(os.path.join(args.out, "grpo_e2e_ab.md"), "w") as f:
+            f.write(text)
+        print(text)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
+    lines = [f"# GRPO step, packed vs padded ({world} x {device_name})", "",
+             f"{args.prompts} prompts x {args.n}, prompt {args.prompt_len} tokens, response lengths "
+             f"{args.response_len or 'as generated'} (max_new_tokens {args.max_new_tokens}); packed micro-batches: "
+             f"{args.max_tokens or args.micro_batch} {'tokens' if args.max_tokens else 'sequences'}, padded: "
+             f"{args.micro_batch} sequences. Mean of {args.steps - args.warmup} steps after {args.warmup} warm-up.",
+             "Update FLOPs = 6 x (params except LM head) x tokens + 6 x (LM head) x response tokens + "
+             "12 x layers x heads x head_dim x sum(len^2) / 2 (recompute not counted); MFU against "
+             f"{PEAK_BF16_TFLOPS} dense bf16 TFLOP/s.", "",
+             "| shape | variant | tokens/s/GPU | vs padded | logprob s | update s | update TFLOP/s | update MFU "
+             "| update peak GiB | run peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    base = {}
+    for r in results:
+        tps = r["throughput/tokens_per_s_per_gpu"]
+        base.setdefault(r["shape"], tps)
+        mfu = f"{100 * r['update_mfu']:.1f}%" if r.get("update_mfu") else "-"
+        mem = " | ".join(f"{r[k]:.1f}" if r[k] is not None else "-" for k in ("update_peak_memory_gib", "max_memory_gib"))
+        lines.append(f"| {r['shape']} | {r['variant']} | {tps:.0f} | {tps / base[r['shape']]:.2f}x | "
+                     f"{r['time/logprob']:.3f} | {r['time/update']:.3f} | {r['update_tflops_per_gpu']:.1f} | {mfu} | "
+                     f"{mem} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     init_distributed(backend="gloo" if args.device == "cpu" else None)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but no GPU is visible; use --device cpu --tiny for a CPU check")
     world, device_name = dist.get_world_size(), (torch.cuda.get_device_name() if args.device == "cuda" else "cpu")
+    if args.ab:
+        return run_ab(args, world, device_name)
     results = []
     for spec in args.layouts.split(","):
         tp, pp = (int(x) for x in spec.lower().split("x"))

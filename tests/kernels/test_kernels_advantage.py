@@ -102,6 +102,38 @@ def test_group_transforms_match_reference(impl, device, group_size):
         torch.testing.assert_close(by_id, A.reference_group_advantages(scores, shuffled, mode, 1e-6), **TOL)
 
 
+EQUAL_SCORES = [0.7, 0.1, 0.3, 1 / 3, -2.5, 1e-3, 123.456, 0.0, 1.0]  # 0.7 x 8 gave 0.0596 with sum / n
+
+
+@pytest.mark.parametrize("impl,device", IMPL_DEVICES)
+def test_groups_of_equal_scores_get_exactly_zero(impl, device):
+    # every value x group size 2..64 (one batch of 9 groups per size), eps 1e-6 and 0, contiguous groups
+    # (torch or Triton) and shuffled ids (the scatter path); all four transforms on a few sizes, GRPO on all
+    # (the Triton interpreter costs ~0.1 s a call)
+    values = torch.tensor(EQUAL_SCORES)
+    for size in range(2, 65):
+        scores = values.repeat_interleave(size).to(device)  # [9 * size], group g = EQUAL_SCORES[g] x size
+        perm = torch.randperm(scores.numel(), generator=torch.Generator().manual_seed(size))
+        modes = (A._GRPO, A._GRPO_NO_STD, A._RLOO, A._CENTER) if size in (2, 3, 8, 64) else (A._GRPO,)
+        for mode in modes:
+            for eps in (1e-6, 0.0):
+                outs = [A._group_transform(scores, size, mode, eps, impl)]
+                if impl == "torch":  # ids always take the torch scatter path
+                    outs.append(A._group_transform(scores[perm], (perm // size).to(device), mode, eps, impl))
+                for out in outs:
+                    assert torch.equal(out, torch.zeros_like(out)), (size, mode, eps, out.abs().max())
+
+
+def test_equal_group_beside_a_spread_group():
+    # the equal group is 0 while its neighbour keeps the usual GRPO values (eps 0: no inf / NaN anywhere)
+    scores = torch.tensor([0.7] * 4 + [1.0, 0.0, 0.0, 1.0])
+    want = torch.tensor([0.0] * 4 + [0.5, -0.5, -0.5, 0.5]) / (1 / 3) ** 0.5
+    for impl, dev in DEVICE.items():
+        torch.testing.assert_close(grpo_advantages(scores.to(dev), 4, eps=0.0, impl=impl).cpu(), want)
+        ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1], device=dev)
+        torch.testing.assert_close(grpo_advantages(scores.to(dev), group_index=ids, eps=0.0, impl=impl).cpu(), want)
+
+
 def test_reinforce_pp_baseline_matches_verl_formula():
     scores = torch.tensor([1.0, 0.0, 2.0, 4.0, 3.0])
     ids = torch.tensor([0, 0, 1, 1, 2])

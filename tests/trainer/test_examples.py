@@ -38,9 +38,9 @@ def test_demo_quick(tmp_path):
     assert records[0]["val/accuracy"] == summary["heldout_accuracy_before_rl"]
     assert records[-1]["val/accuracy"] == summary["heldout_accuracy_after_rl"]
     assert (out / "reward_curve.png").stat().st_size > 1000
-    assert (out / "model_sft" / "tokenizer.model").exists()  # sentencepiece tokenizer travels with the model
+    assert (out / "model_sft" / "tokenizer.json").exists()  # the tokenizer (HF form, adds BOS) travels with the model
     rl_dir = out / "model_rl"
-    assert (rl_dir / "config.json").exists() and (rl_dir / "tokenizer.model").exists()
+    assert (rl_dir / "config.json").exists() and (rl_dir / "tokenizer.json").exists()
     assert str(rl_dir) in proc.stdout  # its path is printed
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from verl_mega.rollout.actor import get_actor_model
+from verl_mega.rollout import get_actor_model
 from verl_mega.testing.tiny_hf import make_tiny_hf_model
 from verl_mega.trainer import PPOTrainer, TrainerConfig
 from verl_mega.trainer.stages import advantage_stats, critic_diagnostics

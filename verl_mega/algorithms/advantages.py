@@ -76,6 +76,8 @@ def grpo(
     """GRPO: A_b = (s_b - mean_g(s)) / (std_g(s) + eps) over the group g of b (std unbiased), on every token.
 
     norm_by_std=False gives the Dr. GRPO variant A_b = s_b - mean_g(s). returns = advantages.
+    A group whose scores are all equal gets exactly 0 for any eps >= 0 (verl's loop leaves rounding noise
+    / (std + eps) there, up to ~0.18 with eps 1e-6).
     """
     _check(token_level_rewards, mask)
     scores = _scores(token_level_rewards, mask)

@@ -29,7 +29,10 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:  # a missing command is a usage error (argparse's convention: exit 2)
+        print(_usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
     name, rest = argv[0], argv[1:]
@@ -37,7 +40,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"verl-mega: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    from verl_mega.parallel.dist import shutdown_distributed  # after the subcommand: torch is imported by now
+
+    try:
+        status = int(module.main(rest) or 0)
+    except BaseException:
+        shutdown_distributed(barrier=False)  # peers may never reach a barrier; the traceback follows
+        raise
+    shutdown_distributed(barrier=True)  # every rank done before any group goes away (clean exit, status kept)
+    return status
 
 
 if __name__ == "__main__":

@@ -131,6 +131,7 @@ def _say(*msg) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """The demo on this rank (see module docstring); returns the summary dict."""
+    from verl_mega.data import get_dataloader
     from verl_mega.rollout.actor import get_actor_model
     from verl_mega.parallel.layout import Layout
     from verl_mega.apps import demo_task as task
@@ -207,9 +208,9 @@ def rl_config(algo: str, args, sft_dir: str, run_dir: str):
 
 def train_rl(algo: str, args, sft_dir: str, run_dir: str, layout) -> dict:
     """RL with `algo` from `sft_dir`, validated on the held-out prompts; saves run_dir/model_rl. Returns its summary."""
-    from verl_mega.apps.train_cli import load_reward
+    from verl_mega.apps.preflight import load_reward
     from verl_mega.data import get_dataloader
-    from verl_mega.rollout.actor import get_actor_model
+    from verl_mega.rollout import get_actor_model
     from verl_mega.trainer.ppo_trainer import PPOTrainer
 
     start = time.time()

@@ -5,7 +5,9 @@ trained on it, and a tiny Llama-style model written as a Hugging Face directory.
   which a 2-layer model learns in a few hundred steps); a random held-out set of pairs is never
   trained on. Rows use verl's dataset format (`prompt`, `data_source`, `reward_model.ground_truth`).
 - Tokenizer: `sentencepiece.SentencePieceTrainer.train` from an in-memory iterator, character model
-  (digits, '+', '='; ids 0-3 are <pad>, <unk>, <s>, </s>), saved as `tokenizer.model`.
+  (digits, '+', '='; ids 0-3 are <pad>, <unk>, <s>, </s>), written into the model directory as a
+  transformers fast tokenizer (`save_hf_tokenizer`: same ids, <s> prepended to plain text), so training,
+  `generate`, the exported model and `AutoTokenizer` all tokenise a prompt the same way.
 - Model: transformers' `LlamaForCausalLM` at a tiny size with its default (std 0.02) initialisation,
   `save_pretrained` into a directory next to the tokenizer, so the run loads it like any HF model.
 - Reward: exact match of the decoded response with the answer.
@@ -83,9 +85,35 @@ def make_model_dir(out_dir: str, tokenizer_file: str, *, hidden_size: int = 128,
                          pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(out_dir)
-    with open(tokenizer_file, "rb") as src, open(os.path.join(out_dir, "tokenizer.model"), "wb") as dst:
-        dst.write(src.read())
+    save_hf_tokenizer(tokenizer_file, out_dir)
     return out_dir
+
+
+def save_hf_tokenizer(tokenizer_file: str, out_dir: str) -> None:
+    """Write the character sentencepiece model as a transformers fast tokenizer in `out_dir`
+    (tokenizer.json + tokenizer_config.json) that prepends <s> to plain text as training does:
+    `AutoTokenizer.from_pretrained(out_dir).encode(text)` equals
+    `SentencePieceTokenizer(tokenizer_file).encode(text)` ([<s>] + one id per character).
+
+    The vocabulary is the sentencepiece one (same ids and scores) as a unigram model; with single
+    characters as the only pieces its segmentation is one piece per character, as sentencepiece's char
+    model. Spaces map to "▁" both ways, as sentencepiece does."""
+    import sentencepiece as spm
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    sp = spm.SentencePieceProcessor(model_file=tokenizer_file)
+    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=UNK_ID, byte_fallback=False))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Replace("\u2581", " ")
+    bos = sp.id_to_piece(BOS_ID)
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                       special_tokens=[(bos, BOS_ID)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=sp.id_to_piece(EOS_ID),
+                                   unk_token=sp.id_to_piece(UNK_ID), pad_token=sp.id_to_piece(PAD_ID))
+    fast.padding_side = "left"
+    fast.save_pretrained(out_dir)
 
 
 def sft_tensors(rows: list[dict], tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,7 +122,7 @@ def sft_tensors(rows: list[dict], tokenizer) -> tuple[torch.Tensor, torch.Tensor
     seqs, starts = [], []
     for r in rows:
         prompt = tokenizer.encode(r["prompt"], add_special_tokens=True)
-        seqs.append(prompt + tokenizer.encode(answer(r)) + [tokenizer.eos_token_id])
+        seqs.append(prompt + tokenizer.encode(answer(r), add_special_tokens=False) + [tokenizer.eos_token_id])
         starts.append(len(prompt))
     s = max(map(len, seqs))
     ids = torch.full((len(seqs), s), PAD_ID, dtype=torch.long)

@@ -28,15 +28,22 @@ class Prepared:
     """What the checks built: the prompt dataset (an RLDataset) and the reward callable."""
 
     dataset: Any
-    reward_fn: Callable
+    reward_fn: Callable | None  # None: a model reward ("model:PATH" / "judge:PATH"), loaded with the actor
 
 
-def load_reward(spec: str) -> Callable:
-    """The reward callable named by `spec` ("rule", "module:function" or "file.py:function")."""
+def load_reward(spec: str) -> Callable | None:
+    """The reward callable named by `spec` ("rule", "module:function" or "file.py:function"); for a model
+    reward ("model:PATH", "judge:PATH") the directory is checked and None returned (it loads on the actor's layout)."""
     if spec == "rule":
         from verl_mega.rewards.base import RuleBasedReward
 
         return RuleBasedReward()
+    kind, _, path = spec.partition(":")
+    if kind in ("model", "judge"):
+        if not path or not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"trainer.reward={spec!r}: {path or '(empty)'} is not a Hugging Face model directory "
+                             f"(no config.json)")
+        return None
     if ":" not in spec:
         raise ValueError(f"trainer.reward={spec!r}: use 'rule', 'package.module:function' or 'file.py:function'")
     target, name = spec.rsplit(":", 1)

@@ -21,7 +21,10 @@ reads its data-parallel share of `data.train_path`, and runs `PPOTrainer.fit` fo
 call for `trainer.reward_fail_steps` steps in a row stops the run with status 1.
 
 Reward (`trainer.reward`): "rule" scores GSM8K / MATH rows by `data_source`; "pkg.module:fn" or
-"path/to/file.py:fn" imports a user function (`fn(response)` or verl's `compute_score(...)`).
+"path/to/file.py:fn" imports a user function (`fn(response)` or verl's `compute_score(...)`);
+"model:PATH" loads a HF `*ForSequenceClassification` reward model on the actor's layout; "judge:PATH"
+loads a causal-LM judge (`LLMJudgerReward`, tp = the actor's, one stage). `trainer.reward_offload`
+keeps either in CPU memory between reward calls.
 """
 
 from __future__ import annotations
@@ -63,6 +66,17 @@ def _split_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def load_model_reward(spec: str, actor, offload: bool = False):
+    """The model reward named by `spec` ("model:PATH": a HF *ForSequenceClassification reward model on the
+    actor's layout and dtype; "judge:PATH": an `LLMJudgerReward` at the actor's tp). Collective."""
+    from verl_mega.model_rewards import LLMJudgerReward, RewardModel
+
+    kind, _, path = spec.partition(":")
+    if kind == "model":
+        return RewardModel(path, torch_dtype=actor.dtype, layout=actor.layout, offload=offload)
+    return LLMJudgerReward(path, torch_dtype=actor.dtype, tensor_parallel_size=actor.layout.tp, offload=offload)
+
+
 def parse_config(argv: list[str]) -> TrainerConfig:
     """CONFIG.yaml + overrides -> a checked TrainerConfig (ValueError naming the bad key).
     With --print-config, prints the resolved config (required paths may be unset) and exits 0."""
@@ -92,7 +106,10 @@ def train(cfg: TrainerConfig, prepared: Prepared | None = None) -> list[dict]:
                             pipeline_parallel_size=cfg.parallel.pp)
     loader = get_dataloader(prepared.dataset, actor.tokenizer, cfg.trainer.rollout_batch_size, shuffle=cfg.data.shuffle,
                             seed=cfg.trainer.seed, dp_rank=actor.layout.dp_rank, dp_size=actor.layout.dp)
-    trainer = PPOTrainer(actor, reward_fn=prepared.reward_fn, config=cfg)
+    reward = prepared.reward_fn
+    if reward is None:  # a model reward: loaded now, on the actor's layout
+        reward = load_model_reward(cfg.trainer.reward, actor, offload=cfg.trainer.reward_offload)
+    trainer = PPOTrainer(actor, reward_fn=reward, config=cfg)
     return trainer.fit(loader, steps=cfg.trainer.total_steps)
 
 

@@ -27,6 +27,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from verl_mega.models.tokenizer import encode_text
+
 
 def _read_rows(path: Path) -> list[Any]:
     """Rows of a .parquet or .jsonl file; an unparsable jsonl line is returned as a _BadRow."""
@@ -148,7 +150,7 @@ class RLDataset:
         except ValueError as e:
             return self._malformed(path, i, str(e))
         text, templated = self._text(messages, row.get(self.prompt_key, row.get("messages")))
-        ids = list(self.tokenizer.encode(text, add_special_tokens=not templated))
+        ids = encode_text(self.tokenizer, text, templated=templated)
         limit = self.max_prompt_length
         if limit is not None and len(ids) > limit:
             if self.filter_overlong:

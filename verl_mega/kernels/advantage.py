@@ -115,7 +115,8 @@ def grpo_advantages(scores: torch.Tensor, groups=None, *, group_index=None, grou
 
     scores [B]; groups: a group-id tensor/array [B] or an int group size (contiguous groups), also
     accepted as `group_index=` / `group_size=`. std is unbiased (torch.std); a group of one sample
-    has mean 0 and std 1 (as verl). Returns fp32 [B].
+    has mean 0 and std 1 (as verl). A group of equal scores gets exactly 0 for any eps >= 0 (verl's
+    sum / n mean leaves rounding noise there, divided by std + eps ~ eps). Returns fp32 [B].
     """
     mode = _GRPO if norm_by_std else _GRPO_NO_STD
     return _group_transform(scores, _groups_arg(groups, group_index, group_size), mode, eps, impl)
@@ -214,34 +215,47 @@ def _group_transform(scores, groups, mode: int, eps: float, impl: str) -> torch.
 
 
 def _torch_equal_groups(x, mode: int, eps: float):
-    """x [G, S] contiguous groups; the torch twin of advantage_triton._group_kernel."""
+    """x [G, S] contiguous groups; the torch twin of advantage_triton._group_kernel.
+
+    Statistics are taken of c = x - (the group's first score), which is exactly 0 for a group of equal
+    scores, so its advantages are exactly 0 (a mean computed as sum / n can differ from x by rounding:
+    eight scores of 0.7 would otherwise get GRPO advantages of ~0.06 with eps 1e-6, inf with eps 0)."""
     s = x.shape[1]
     if s == 1:
         return torch.zeros_like(x) if mode == _RLOO else (x / (1.0 + eps) if mode == _GRPO else x.clone())
-    mean = x.mean(dim=1, keepdim=True)
+    c = x - x[:, :1]  # [G, S], exactly 0 on equal groups
     if mode == _RLOO:
-        return (x * s - x.sum(dim=1, keepdim=True)) / (s - 1)
+        return (c * s - c.sum(dim=1, keepdim=True)) / (s - 1)
+    centred = c - c.mean(dim=1, keepdim=True)
     if mode == _GRPO:
-        return (x - mean) / (x.std(dim=1, keepdim=True) + eps)
-    return x - mean
+        return _scale_by_std(centred, (centred.square().sum(dim=1, keepdim=True) / (s - 1)).sqrt(), eps)
+    return centred
+
+
+def _scale_by_std(centred, std, eps: float):
+    """centred / (std + eps), and 0 where std == 0 (every centred score of the group is then 0)."""
+    return torch.where(std > 0, centred / (std + eps), torch.zeros((), dtype=centred.dtype, device=centred.device))
 
 
 def _torch_scatter_groups(x, ids, mode: int, eps: float):
-    """x [B] with group ids in [0, G): segment mean/std by index_add (any order, any sizes)."""
-    g = int(ids.max()) + 1
+    """x [B] with group ids in [0, G): segment statistics by index_add (any order, any sizes), of
+    c = x - (the group's first score) as in `_torch_equal_groups` (equal scores give exactly 0)."""
+    g, b = int(ids.max()) + 1, x.numel()
     count = torch.zeros(g, device=x.device).index_add_(0, ids, torch.ones_like(x))
-    total = torch.zeros(g, device=x.device).index_add_(0, ids, x)
+    position = torch.arange(b, device=x.device)
+    first = torch.full((g,), b, device=x.device, dtype=torch.long).scatter_reduce_(0, ids, position, "amin")
+    c = x - x[first][ids]  # [B]
+    total = torch.zeros(g, device=x.device).index_add_(0, ids, c)
     n = count[ids]
     single = n == 1
-    mean = torch.where(single, 0.0, (total / count)[ids])
     if mode == _RLOO:
-        return torch.where(single, 0.0, (x * n - total[ids]) / (n - 1).clamp_min(1))
-    centred = x - mean
+        return torch.where(single, 0.0, (c * n - total[ids]) / (n - 1).clamp_min(1))
+    centred = torch.where(single, x, c - (total / count)[ids])  # a lone sample: mean 0 (verl)
     if mode != _GRPO:
         return centred
     sq = torch.zeros(g, device=x.device).index_add_(0, ids, torch.where(single, 0.0, centred) ** 2)
     std = torch.where(single, 1.0, (sq[ids] / (n - 1).clamp_min(1)).sqrt())
-    return centred / (std + eps)
+    return _scale_by_std(centred, std, eps)
 
 
 def _groups_arg(groups, group_index, group_size):

@@ -9,7 +9,8 @@
       advantages = L m,  returns = advantages + v
 - `_returns_kernel`: REINFORCE++ discounted returns R_t = r_t + gamma m_{t+1} R_{t+1} (same scan).
 - `_group_kernel`: per-group statistics of equal-size contiguous groups ([G, S] rows), one pass:
-  GRPO (r - mean) / (std + eps) or r - mean, RLOO (S r - sum) / (S - 1), plain centring.
+  GRPO (r - mean) / (std + eps) or r - mean, RLOO (S r - sum) / (S - 1), plain centring; taken of
+  r - (the group's first score), so a group of equal scores gets exactly 0.
 
 Loop trip counts are compile-time constants (`NUM_CHUNKS`): the Triton interpreter used by the CPU
 tests cannot loop over runtime bounds, and response lengths are padded to a fixed size anyway.
@@ -93,8 +94,11 @@ def _group_kernel(x_ptr, out_ptr, G, eps, S: tl.constexpr, S_POW2: tl.constexpr,
     here = (groups < G)[:, None] & (cols < S)[None, :]
     offs = groups[:, None] * S + cols[None, :]
     x = tl.load(x_ptr + offs, mask=here, other=0.0).to(tl.float32)
-    total = tl.sum(x, axis=1)
-    mean = total / S
+    # statistics of c = x - (the group's first score): exactly 0 on a group of equal scores, so its
+    # advantages are exactly 0 (a mean computed as sum / S can differ from x by rounding)
+    first = tl.sum(tl.where((cols == 0)[None, :], x, 0.0), axis=1)
+    c = tl.where(here, x - first[:, None], 0.0)
+    total = tl.sum(c, axis=1)
     if S == 1:  # verl: a lone sample has mean 0 and std 1; RLOO gives it 0
         if MODE == RLOO:
             out = x * 0.0
@@ -103,13 +107,14 @@ def _group_kernel(x_ptr, out_ptr, G, eps, S: tl.constexpr, S_POW2: tl.constexpr,
         else:
             out = x
     elif MODE == RLOO:
-        out = (x * S - total[:, None]) / (S - 1)
-    elif MODE == GRPO:
-        centred = tl.where(here, x - mean[:, None], 0.0)
-        std = tl.sqrt(tl.sum(centred * centred, axis=1) / (S - 1))
-        out = centred / (std[:, None] + eps)
-    else:  # GRPO_NO_STD, CENTER
-        out = x - mean[:, None]
+        out = (c * S - total[:, None]) / (S - 1)
+    else:
+        centred = tl.where(here, c - (total / S)[:, None], 0.0)
+        if MODE == GRPO:
+            std = tl.sqrt(tl.sum(centred * centred, axis=1) / (S - 1))[:, None]
+            out = tl.where(std > 0.0, centred / (std + eps), 0.0)  # std 0: every centred score is 0
+        else:  # GRPO_NO_STD, CENTER
+            out = centred
     tl.store(out_ptr + offs, out, mask=here)
 
 

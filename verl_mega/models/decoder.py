@@ -24,12 +24,21 @@ Deliberate choices:
   on GPU). `init_weights(seed)` instead draws every *full* tensor from a generator seeded by
   (seed, HF name) and keeps this rank's slice, so a random model is identical across (tp, pp).
 - Vocabulary is padded (see `ModelConfig.padded_vocab_size`); padded embedding/head rows are zero.
+- Training passes may pack several sequences into one row (`cu_seqlens`): attention then goes through
+  `varlen_attention.py` and no FLOP is spent on padding; the padded path (attention_mask) stays.
+- Sequence parallelism (Megatron, tp > 1; `sequence_parallel`, set by `parallelize.apply_sequence_parallel`)
+  calls the TP linears as plain local matmuls and does the gather / reduce-scatter itself
+  (`parallel/sequence_parallel.py`): megatron's own `sequence_parallel=True` layers gather along dim 0
+  (sequence-first), ours are batch-first.
+- Activation recompute is a per-layer switch (`recompute_full`, `recompute_core`, `recompute_act`) that
+  `parallelize.apply_recompute` sets; the model never reads a config.
 - Tied embeddings with the head on another stage: the last stage holds its own copy (Megatron
   style); both copies carry `shared_embedding = True` and the training engine keeps them in sync.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 import zlib
@@ -38,6 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 with warnings.catch_warnings():  # megatron warns at import that TE/Apex are absent; we use neither
     warnings.simplefilter("ignore")
@@ -48,6 +58,8 @@ with warnings.catch_warnings():  # megatron warns at import that TE/Apex are abs
 
 from verl_mega.models import fused_ops
 from verl_mega.models.config import ModelConfig
+from verl_mega.models.varlen_attention import PackedSeqs, varlen_attend
+from verl_mega.parallel import sequence_parallel as sp
 
 INIT_STD = 0.02
 
@@ -60,12 +72,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False, sp_group=None) -> torch.Tensor:
+        """sp_group: x is a sequence shard (sequence parallel); the weight's gradient is summed over the group."""
         if fused:
             return fused_ops.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        weight = self.weight if sp_group is None else sp.all_reduce_grad(self.weight, sp_group)
+        return weight * x32.to(x.dtype)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -160,13 +174,15 @@ class Attention(nn.Module):
         self.v_proj = _column(h, config.num_kv_heads * d, bias, mp, tp_group)
         self.o_proj = _row(config.num_heads * d, h, mp, tp_group)
         self.q_norm = self.k_norm = None
+        self.varlen_kernel = "auto"  # packed-sequence attention kernel (see varlen_attention.py)
+        self.recompute_core = False  # selective recompute of the attention core (set by parallelize.apply_recompute)
         if config.qk_norm:
             self.q_norm = RMSNorm(d, config.rms_norm_eps, mp.params_dtype, device)
             self.k_norm = RMSNorm(d, config.rms_norm_eps, mp.params_dtype, device)
 
-    def _heads(self, proj: nn.Module, x: torch.Tensor, n: int, norm: RMSNorm | None) -> torch.Tensor:
+    def _heads(self, proj: nn.Module, x: torch.Tensor, n: int, norm: RMSNorm | None, local: bool) -> torch.Tensor:
         b, s, _ = x.shape
-        y = proj(x)[0].view(b, s, n, self.head_dim)  # [batch, seq, heads, head_dim]
+        y = _linear(proj, x, local).view(b, s, n, self.head_dim)  # [batch, seq, heads, head_dim]
         if norm is not None:
             y = norm(y)
         return y.transpose(1, 2)  # [batch, heads, seq, head_dim]
@@ -187,21 +203,30 @@ class Attention(nn.Module):
         q, k, v = fused_ops.rope_qkv_(q, k, v, cos, sin, *biases)  # [batch, seq, heads, head_dim]
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, heads, seq, head_dim]
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, fused: bool = False) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, kv_cache=None, fused: bool = False, local: bool = False) -> torch.Tensor:
         """x [B, S, H] -> [B, S, H]; mask: bool [B, 1, S, S_kv] (True = attend) or additive float
-        (see `attention_bias`), or None for plain causal. fused: take the fused_ops path (no autograd)."""
+        (see `attention_bias`), None for plain causal, or `PackedSeqs` for packed sequences (B = 1,
+        attention confined to each sequence). fused: take the fused_ops path (no autograd). local: plain
+        local matmuls without megatron's TP communication, the output being this rank's partial sum
+        (sequence parallelism does the gather / reduce-scatter around the block)."""
         if fused:
             q, k, v = self._qkv_fused(x, cos, sin)
         else:
-            q = apply_rope(self._heads(self.q_proj, x, self.num_heads, self.q_norm), cos, sin)
-            k = apply_rope(self._heads(self.k_proj, x, self.num_kv_heads, self.k_norm), cos, sin)
-            v = self._heads(self.v_proj, x, self.num_kv_heads, None)
+            q = apply_rope(self._heads(self.q_proj, x, self.num_heads, self.q_norm, local), cos, sin)
+            k = apply_rope(self._heads(self.k_proj, x, self.num_kv_heads, self.k_norm, local), cos, sin)
+            v = self._heads(self.v_proj, x, self.num_kv_heads, None, local)
         if kv_cache is not None:
             out = kv_cache.attend(self.layer_idx, q, k, v) if hasattr(kv_cache, "attend") else None
             if out is not None:  # the cache computed the attention itself (e.g. a paged-attention kernel)
                 return self.o_proj(out)[0]
             k, v = kv_cache.update(self.layer_idx, k, v)  # [batch, kv_heads, seq_kv, head_dim]
-        return self.o_proj(attend(q, k, v, mask))[0]
+        if isinstance(mask, PackedSeqs):
+            core = lambda q, k, v: varlen_attend(q, k, v, mask, self.varlen_kernel)  # noqa: E731
+        else:
+            core = lambda q, k, v: attend(q, k, v, mask)  # noqa: E731
+        if self.recompute_core and torch.is_grad_enabled():  # keep q, k, v; recompute the core in backward
+            return _linear(self.o_proj, checkpoint(core, q, k, v, use_reentrant=False), local)
+        return _linear(self.o_proj, core(q, k, v), local)
 
 
 FOLD_MAX_QUERIES = 16  # fold query heads into the query axis only for this many positions or fewer
@@ -242,12 +267,29 @@ class MLP(nn.Module):
         self.gate_proj = _column(config.hidden_size, config.intermediate_size, False, mp, tp_group)
         self.up_proj = _column(config.hidden_size, config.intermediate_size, False, mp, tp_group)
         self.down_proj = _row(config.intermediate_size, config.hidden_size, mp, tp_group)
+        self.recompute_act = False  # selective recompute of silu(gate) * up (set by parallelize.apply_recompute)
 
-    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False, local: bool = False) -> torch.Tensor:
+        """local: as in Attention.forward (plain matmuls, partial-sum output)."""
         if fused:  # column-parallel forward = local matmul; one kernel for silu * up
             act = fused_ops.silu_mul(F.linear(x, self.gate_proj.weight), F.linear(x, self.up_proj.weight))
             return self.down_proj(act)[0]
-        return self.down_proj(F.silu(self.gate_proj(x)[0]) * self.up_proj(x)[0])[0]
+        gate, up = _linear(self.gate_proj, x, local), _linear(self.up_proj, x, local)
+        if self.recompute_act and torch.is_grad_enabled():  # keep gate/up; recompute silu(gate) * up in backward
+            return _linear(self.down_proj, checkpoint(_swiglu, gate, up, use_reentrant=False), local)
+        return _linear(self.down_proj, _swiglu(gate, up), local)
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def _linear(layer: nn.Module, x: torch.Tensor, local: bool) -> torch.Tensor:
+    """A megatron TP linear's forward, or with `local` just x @ W_shard^T (+ its bias shard): no TP
+    communication (a row-parallel output is then this rank's partial sum)."""
+    if local:
+        return F.linear(x, layer.weight, layer.bias)
+    return layer(x)[0]
 
 
 class DecoderLayer(nn.Module):
@@ -260,15 +302,43 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config, tp, mp, tp_group, layer_idx, device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, mp.params_dtype, device)
         self.mlp = MLP(config, mp, tp_group)
+        self.recompute_full = False  # keep only the layer input; recompute the layer in backward (apply_recompute)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, fused: bool = False) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, kv_cache=None, fused: bool = False, sp_group=None) -> torch.Tensor:
+        """sp_group: sequence parallel over this TP group (x [B, S/tp, H] a sequence shard; see _forward_sp)."""
         if not fused:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
-            return x + self.mlp(self.post_attention_layernorm(x))
+            step = self._forward if sp_group is None else functools.partial(self._forward_sp, sp_group=sp_group)
+            if self.recompute_full and kv_cache is None and torch.is_grad_enabled():
+                return checkpoint(step, x, cos, sin, mask, use_reentrant=False)
+            return step(x, cos, sin, mask, kv_cache)
         attn = self.self_attn(self.input_layernorm(x, fused=True), cos, sin, mask, kv_cache, fused=True)
         post = self.post_attention_layernorm
         h, x = fused_ops.rms_norm(attn, post.weight, post.eps, residual=x)  # x <- x + attn, h = norm(x): one kernel
         return x + self.mlp(h, fused=True)
+
+    def _forward(self, x, cos, sin, mask, kv_cache=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _forward_sp(self, x, cos, sin, mask, kv_cache=None, *, sp_group) -> torch.Tensor:
+        """Megatron sequence parallelism: norms and residuals on the shard x [B, S/tp, H]; all-gather
+        before each TP block, reduce-scatter its partial output back to shards."""
+        h = sp.gather_from_sequence(self.input_layernorm(x, sp_group=sp_group), sp_group)  # [batch, seq, hidden]
+        x = x + sp.reduce_scatter_to_sequence(self.self_attn(h, cos, sin, mask, kv_cache, local=True), sp_group)
+        h = sp.gather_from_sequence(self.post_attention_layernorm(x, sp_group=sp_group), sp_group)
+        return x + sp.reduce_scatter_to_sequence(self.mlp(h, local=True), sp_group)  # [batch, seq/tp, hidden]
+
+
+def _pad_for_shards(input_ids, position_ids, attention_mask, cu_seqlens, tp: int):
+    """Pad the sequence dim (1) to a multiple of tp for sequence parallelism: ids / positions with 0, the
+    padding mask with 0 (masked keys), packed sequences with one extra pseudo-sequence of the pad tokens."""
+    pad = -position_ids.shape[1] % tp
+    if pad == 0:
+        return input_ids, position_ids, attention_mask, cu_seqlens
+    widen = lambda t: None if t is None else F.pad(t, (0, pad))  # noqa: E731
+    if cu_seqlens is not None:
+        cu_seqlens = torch.cat([cu_seqlens, cu_seqlens[-1:] + pad])
+    return widen(input_ids), widen(position_ids), widen(attention_mask), cu_seqlens
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -317,15 +387,22 @@ class DecoderModel(nn.Module):
 
     Attributes: `config`, `tp`, `tp_rank`, `layer_range`, `has_embedding`, `has_head`, `value_head`
     (nn.Linear(H, 1) on the last stage of a value model, else None), `is_value_model` (every stage),
+    `is_score_model` (every stage: the head is a score head, see `score_head`),
     `padded_vocab_size`, `true_vocab_size`, `vocab_start_index`.
     """
 
     def __init__(self, config: ModelConfig, tp_group: dist.ProcessGroup, *, layer_range: tuple[int, int],
-                 has_embedding: bool, has_head: bool, value_head: bool = False,
+                 has_embedding: bool, has_head: bool, value_head: bool = False, score_head: bool = False,
                  params_dtype: torch.dtype = torch.float32, device=None, init_seed: int | None = 0):
         """`init_seed`: draw random weights (see init_weights); None leaves them uninitialised (to be loaded).
-        `device`: None/CPU allocates on CPU; a CUDA device allocates on the current CUDA device."""
+        `device`: None/CPU allocates on CPU; a CUDA device allocates on the current CUDA device.
+        `value_head`: a critic's head, nn.Linear(H, 1) with bias (HF `*ForTokenClassification`, one label).
+        `score_head`: a reward model's head, nn.Linear(H, 1) without bias (HF `*ForSequenceClassification`,
+        one label); like the value head it outputs [B, S] and is named `score` in HF checkpoints."""
         super().__init__()
+        if value_head and score_head:
+            raise ValueError("value_head and score_head are exclusive: a critic has a value head, "
+                             "a reward model a score head")
         self.tp = tp_group.size()
         self.tp_rank = tp_group.rank()
         config.check_tp(self.tp)
@@ -338,12 +415,14 @@ class DecoderModel(nn.Module):
                                  perform_initialization=False, params_dtype=params_dtype)
         self.config, self.tp_group = config, tp_group
         self.layer_range, self.has_embedding, self.has_head = (start, end), has_embedding, has_head
-        self.is_value_model = value_head  # on every stage (the value head itself only on the last)
+        self.is_value_model = value_head or score_head  # on every stage (the head itself only on the last)
+        self.is_score_model = score_head
         self.padded_vocab_size = config.padded_vocab_size(self.tp)
         self.true_vocab_size = config.vocab_size
         self.vocab_start_index = self.tp_rank * (self.padded_vocab_size // self.tp)
         self.rotary = RotaryEmbedding(config)
         self.fused_inference = True  # KV-cache forwards under no_grad take the fused_ops path where available
+        self.sequence_parallel = False  # Megatron sequence parallelism for tp > 1 (parallelize.build_stage sets it)
         self.embed_tokens = self.norm = self.lm_head = self.value_head = None
         if has_embedding:
             self.embed_tokens = CaptureSafeVocabParallelEmbedding(self.padded_vocab_size, config.hidden_size,
@@ -353,13 +432,14 @@ class DecoderModel(nn.Module):
         self._head_is_embedding = False
         if has_head:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype, device)
-            if value_head:
-                self.value_head = nn.Linear(config.hidden_size, 1, dtype=params_dtype, device=device)
+            if self.is_value_model:
+                self.value_head = nn.Linear(config.hidden_size, 1, bias=not score_head, dtype=params_dtype,
+                                            device=device)
             else:
                 self._head_is_embedding = config.tie_word_embeddings and has_embedding
                 self.lm_head = _column(config.hidden_size, self.padded_vocab_size, False, mp, tp_group,
                                        skip_weight_param_allocation=self._head_is_embedding)
-        if config.tie_word_embeddings and not value_head and has_embedding != has_head:
+        if config.tie_word_embeddings and not self.is_value_model and has_embedding != has_head:
             (self.embed_tokens.weight if has_embedding else self.lm_head.weight).shared_embedding = True
         if not on_cpu:
             self.to(device)  # CPU-built replicated params (norms, value head) follow the CUDA ones
@@ -427,7 +507,8 @@ class DecoderModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, inputs: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                *, attn_mask: torch.Tensor | None = None, kv_cache=None, return_hidden: bool = False) -> torch.Tensor:
+                *, attn_mask: torch.Tensor | None = None, kv_cache=None, return_hidden: bool = False,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Run this stage.
 
         inputs: input_ids [B, S] (long) on the first stage, hidden states [B, S, H] on the others.
@@ -435,6 +516,10 @@ class DecoderModel(nn.Module):
         attention_mask: [B, S_kv] 1/0 padding mask (left padding fine), combined with causal masking;
             S_kv = cached + new tokens. Or `attn_mask`: explicit bool [B, 1, S, S_kv], True = attend.
             Neither: plain causal attention.
+        cu_seqlens: packed sequences instead of padding: inputs [1, T] / [1, T, H] hold N sequences
+            back to back, cu_seqlens [N + 1] (int) their offsets (0, l_0, l_0 + l_1, ..., T), position_ids
+            [1, T] restarting at 0 per sequence; attention stays inside each sequence (varlen kernel,
+            see varlen_attention.py). Excludes attention_mask / attn_mask / kv_cache.
         kv_cache: object owned by the caller with `update(layer_idx, k, v) -> (k_all, v_all)`: k, v are
             this step's keys/values [B, num_kv_heads/tp, S, head_dim] after RoPE, `layer_idx` the
             global layer index; it returns the keys/values to attend over [B, num_kv_heads/tp, S_kv, head_dim].
@@ -442,23 +527,41 @@ class DecoderModel(nn.Module):
             computes the attention itself (stores k, v; q [B, heads/tp, S, head_dim]); None = use update + SDPA.
             Under no_grad with Triton available (CUDA) a cache forward takes the fused_ops path
             (set `fused_inference = False` to keep the plain torch ops).
+        Sequence parallel (`sequence_parallel`, tp > 1, no kv_cache): S is padded to S' (a multiple of tp)
+        and a non-last stage returns / a later stage receives this rank's shard [B, S'/tp, H].
         Returns: non-last stage: hidden [B, S, H]. Last stage: this rank's vocab shard of the logits
             [B, S, V_pad/tp] (params dtype; padded columns included — slice with vocab_start_index /
             true_vocab_size), or the final-normed hidden [B, S, H] if return_hidden, or values [B, S]
             (fp32) for a value model.
         """
+        seq = position_ids.shape[1]
+        sp_group = self.tp_group if self.sequence_parallel and self.tp > 1 and kv_cache is None else None
+        if sp_group is not None:  # pad the sequence to a multiple of tp (dropped again at the head)
+            ids, position_ids, attention_mask, cu_seqlens = _pad_for_shards(
+                inputs if self.has_embedding else None, position_ids, attention_mask, cu_seqlens, self.tp)
+            inputs = ids if self.has_embedding else inputs  # later stages receive padded shards already
         hidden = self.embed_tokens(inputs) if self.has_embedding else inputs  # [batch, seq, hidden]
+        if sp_group is not None and self.has_embedding:
+            hidden = sp.scatter_to_sequence(hidden, sp_group)  # [batch, seq/tp, hidden]
         cos, sin = self.rotary(position_ids, hidden.dtype)
-        mask = build_attention_mask(attention_mask, attn_mask, hidden.shape[1], kv_cache is not None)
-        if mask is not None:
-            mask = attention_bias(mask, hidden.dtype)
+        if cu_seqlens is not None:
+            if attention_mask is not None or attn_mask is not None or kv_cache is not None or hidden.shape[0] != 1:
+                raise ValueError("cu_seqlens (packed sequences) needs inputs of batch 1 and no attention_mask, "
+                                 "attn_mask or kv_cache")
+            mask = PackedSeqs.from_cu_seqlens(cu_seqlens)
+        else:
+            mask = build_attention_mask(attention_mask, attn_mask, position_ids.shape[1], kv_cache is not None)
+            if mask is not None:
+                mask = attention_bias(mask, hidden.dtype)
         fused = (self.fused_inference and kv_cache is not None and not torch.is_grad_enabled()
                  and fused_ops.available(hidden))
         for layer in self.layers:
-            hidden = layer(hidden, cos, sin, mask, kv_cache, fused=fused)
+            hidden = layer(hidden, cos, sin, mask, kv_cache, fused=fused, sp_group=sp_group)
         if not self.has_head:
             return hidden
-        hidden = self.norm(hidden, fused=fused)
+        hidden = self.norm(hidden, fused=fused, sp_group=sp_group)
+        if sp_group is not None:  # what follows (head, log-prob kernel) gives every rank the full gradient
+            hidden = sp.gather_from_sequence(hidden, sp_group, grad_replicated=True)[:, :seq]
         if self.value_head is not None:
             return self.value_head(hidden).squeeze(-1).float()  # [batch, seq]
         if return_hidden:

@@ -6,7 +6,9 @@ Loading (`load_hf_weights`): every rank opens the safetensors file(s) of a local
 partition dim, vocabulary rows of its shard (rows past the true vocab are zero padding). Tied
 checkpoints (no `lm_head.weight`) fill the head from `model.embed_tokens.weight`. A value head is
 read from `score.weight`/`score.bias` (HF `*ForTokenClassification` with one label, as verl's critic
-saves it) when present, else keeps its initialisation.
+saves it) when present, else keeps its initialisation. A score head (reward model) is read from
+`score.weight` (HF `*ForSequenceClassification` with one label, no bias), which must be present; it
+is small and replicated, so every last-stage rank reads all of it.
 
 Saving (`save_hf`, collective over all ranks of the layout): in data-parallel replica 0, each stage
 all-gathers its TP shards over the tp group; every stage's tp-rank 0 sends its tensors to global
@@ -103,7 +105,7 @@ def load_hf_weights(model: DecoderModel, path: str | os.PathLike) -> None:
         for name, param in model.named_parameters():
             source = _source_name(model, name)
             if source not in files:
-                if source.startswith("score."):
+                if source.startswith("score.") and not model.is_score_model:
                     continue  # value head not in a causal-LM checkpoint: keep its initialisation
                 where = sorted(set(files.values()))
                 raise ValueError(f"tensor {source} (for parameter {name}) not found in {', '.join(where)}")
@@ -163,7 +165,8 @@ def save_hf(model_stage: DecoderModel, layout: Layout, out_dir: str | os.PathLik
     """Write the whole model as a HF directory (config.json, model.safetensors, tokenizer files) on global rank 0.
 
     Collective: every rank of `layout` must call it. A value model is written as
-    `*ForTokenClassification` with one label (`score.weight`, `score.bias`).
+    `*ForTokenClassification` with one label (`score.weight`, `score.bias`), a score model (reward
+    model) as `*ForSequenceClassification` with one label (`score.weight`).
     """
     out_dir = os.fspath(out_dir)
     if layout.dp_rank == 0:
@@ -181,7 +184,8 @@ def _write_dir(tensors: dict[str, torch.Tensor], out_dir: str, config: ModelConf
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     hf["dtype"] = hf["torch_dtype"] = dtype
     if model.is_value_model:
-        hf["architectures"] = [hf["architectures"][0].replace("ForCausalLM", "ForTokenClassification")]
+        head = "ForSequenceClassification" if model.is_score_model else "ForTokenClassification"
+        hf["architectures"] = [hf["architectures"][0].replace("ForCausalLM", head)]
         hf["id2label"], hf["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf, f, indent=2, sort_keys=True)

@@ -30,15 +30,44 @@ def stage_layer_range(num_layers: int, pp: int, pp_rank: int) -> tuple[int, int]
     return start, start + base + (1 if pp_rank < extra else 0)
 
 
-def build_stage(config: ModelConfig, layout: Layout, *, value_head: bool = False,
+def build_stage(config: ModelConfig, layout: Layout, *, value_head: bool = False, score_head: bool = False,
                 params_dtype: torch.dtype = torch.float32, device=None, init_seed: int | None = 0) -> DecoderModel:
     """This rank's stage of the model under `layout` (its layers, embedding on the first stage, norm +
-    LM head (or value head) on the last, TP over `layout.tp_group`).
+    LM head (or value / score head, see DecoderModel) on the last, TP over `layout.tp_group`).
 
     `init_seed` as in DecoderModel (None: leave uninitialised for loading). `device` None -> CPU.
     """
     config.check_tp(layout.tp)
     start, end = stage_layer_range(config.num_layers, layout.pp, layout.pp_rank)
     return DecoderModel(config, layout.tp_group, layer_range=(start, end), has_embedding=layout.is_first_stage,
-                        has_head=layout.is_last_stage, value_head=value_head, params_dtype=params_dtype,
-                        device=device, init_seed=init_seed)
+                        has_head=layout.is_last_stage, value_head=value_head, score_head=score_head,
+                        params_dtype=params_dtype, device=device, init_seed=init_seed)
+
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
+def apply_recompute(model: DecoderModel, mode: str, num_layers: int | None = None) -> None:
+    """Activation recompute (torch.utils.checkpoint, non-reentrant) on this stage's layers.
+
+    "selective": every layer keeps its inputs and projections but recomputes the attention core and the
+    MLP activation silu(gate) * up in backward (Korthikanti et al. 2022, "Reducing Activation Recomputation",
+    extended to the MLP activation). "full": the first `num_layers` layers of this stage (None: all) keep only
+    their input and recompute the whole layer (Megatron's recompute_method=block); the others keep everything.
+    "none": keep everything. Same numbers in every mode; only memory and backward time change.
+    """
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute mode {mode!r} is not one of {RECOMPUTE_MODES}")
+    if num_layers is not None and num_layers < 0:
+        raise ValueError(f"recompute_layers must be >= 0 or None, got {num_layers}")
+    full = len(model.layers) if num_layers is None else num_layers
+    for i, layer in enumerate(model.layers):
+        layer.recompute_full = mode == "full" and i < full
+        layer.self_attn.recompute_core = layer.mlp.recompute_act = mode == "selective"
+
+
+def apply_sequence_parallel(model: DecoderModel, enabled: bool) -> None:
+    """Megatron sequence parallelism on this stage when tp > 1 (norms and residuals on 1/tp of the sequence,
+    all-gather / reduce-scatter around each TP block: see parallel/sequence_parallel.py). Same numbers;
+    activations between pipeline stages become sequence shards. A no-op at tp = 1."""
+    model.sequence_parallel = bool(enabled) and model.tp > 1

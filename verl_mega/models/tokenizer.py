@@ -10,7 +10,13 @@
 
 `SentencePieceTokenizer` offers the small subset of the HF tokenizer API the repo uses: encode,
 decode, `__call__` (ids + attention mask), eos/pad/bos token ids, `apply_chat_template` (a plain
-ChatML rendering unless a Jinja template string is given) and `save_pretrained`.
+ChatML rendering unless a Jinja template string is given) and `save_pretrained`. Like a HF
+tokenizer, encode and `__call__` add the special tokens (BOS) unless add_special_tokens=False.
+
+`encode_text(tokenizer, text, templated=...)` is the one tokenisation of prompt text used by the
+dataset (training), `encode_prompts` (generate, trainer.step with strings) and the demo: the
+tokenizer's special tokens (BOS) for plain text, none for a chat-template rendering (the template
+writes its own).
 """
 
 from __future__ import annotations
@@ -61,8 +67,8 @@ class SentencePieceTokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of `text` (bos prepended only if add_special_tokens and the model has one)."""
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text` (bos prepended if add_special_tokens and the model has one, as HF tokenizers do)."""
         ids = self.sp.encode(text)
         if add_special_tokens and self.bos_token_id is not None:
             ids = [self.bos_token_id] + ids
@@ -78,7 +84,7 @@ class SentencePieceTokenizer:
     def batch_decode(self, batch, skip_special_tokens: bool = False) -> list[str]:
         return [self.decode(ids, skip_special_tokens) for ids in batch]
 
-    def __call__(self, texts: str | list[str], add_special_tokens: bool = False) -> dict:
+    def __call__(self, texts: str | list[str], add_special_tokens: bool = True) -> dict:
         """{"input_ids": ..., "attention_mask": ...} (unpadded lists), like a HF tokenizer without padding."""
         single = isinstance(texts, str)
         ids = [self.encode(t, add_special_tokens) for t in ([texts] if single else texts)]
@@ -92,12 +98,18 @@ class SentencePieceTokenizer:
 
         template = jinja2.Environment().from_string(self.chat_template or DEFAULT_CHATML)
         text = template.render(messages=messages, add_generation_prompt=add_generation_prompt, **kwargs)
-        return self.encode(text) if tokenize else text
+        return self.encode(text, add_special_tokens=False) if tokenize else text  # as HF: the template has them
 
     def save_pretrained(self, out_dir: str) -> None:
         """Copy the sentencepiece model to `out_dir/tokenizer.model`."""
         os.makedirs(out_dir, exist_ok=True)
         shutil.copyfile(self.model_file, os.path.join(out_dir, "tokenizer.model"))
+
+
+def encode_text(tokenizer, text: str, *, templated: bool = False) -> list[int]:
+    """Token ids of prompt `text`: with the tokenizer's special tokens (e.g. BOS) for plain text; without
+    them when `templated` (a chat template's rendering carries its own)."""
+    return list(tokenizer.encode(text, add_special_tokens=not templated))
 
 
 _GENERIC_FAST = ("TokenizersBackend", "PreTrainedTokenizerFast")

@@ -7,12 +7,22 @@
 - Backend: NCCL when CUDA is available, gloo otherwise. Every group gets a timeout
   (`VERL_MEGA_DIST_TIMEOUT` seconds, default 600) so a dead peer ends the job with an error
   instead of a silent hang.
+- Shutdown: entry points call `shutdown_distributed()` when done (barrier with a timeout, then
+  destroy every group); `init_distributed` also registers it (without the barrier) at interpreter exit
+  for scripts that do not. A gloo group left alive into interpreter finalization can abort a finished
+  run with "terminate called without an active exception" (SIGABRT): its worker threads still hold
+  work objects whose tensors are freed after Python is gone (pytorch/pytorch#190489).
+- CPU runs: megatron-core's advice to set CUDA_DEVICE_MAX_CONNECTIONS=1 (it orders CUDA kernels for
+  comm/compute overlap) does not apply without CUDA; it is silenced there and only there.
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
+import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -44,12 +54,36 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
     _from_slurm()
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not torch.cuda.is_available():  # CUDA_DEVICE_MAX_CONNECTIONS only orders CUDA kernels: moot here
+        warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend, timeout=_timeout(timeout_s))
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=_timeout(timeout_s))
+    atexit.register(shutdown_distributed, barrier=False)  # no-op once an entry point has shut down
+
+
+def shutdown_distributed(barrier: bool = True, timeout_s: float | None = None) -> None:
+    """Destroy every process group (idempotent: nothing to do without one).
+
+    With `barrier` (the success path of an entry point), first wait until every rank got here, at most
+    `timeout_s` seconds (default: the collective timeout, $VERL_MEGA_DIST_TIMEOUT), so no rank tears its
+    group down while a peer still works (rank 0 writing the output) or exchanges with it; a barrier
+    that fails or times out is reported and the groups are destroyed anyway. Without (an error path, or
+    interpreter exit) destroy at once: a failed rank must not wait for peers that will never come."""
+    if not dist.is_initialized():
+        return
+    try:
+        if barrier and dist.get_world_size() > 1:
+            kwargs = {"device_ids": [torch.cuda.current_device()]} if dist.get_backend() == "nccl" else {}
+            dist.barrier(async_op=True, **kwargs).wait(timeout=_timeout(timeout_s))
+    except RuntimeError as exc:  # a timed-out or broken barrier: still release the groups
+        print(f"verl_mega: barrier before process-group shutdown failed ({exc}); shutting down anyway",
+              file=sys.stderr)
+    finally:
+        dist.destroy_process_group()
 
 
 def new_group(ranks: list[int], timeout_s: float | None = None) -> dist.ProcessGroup:

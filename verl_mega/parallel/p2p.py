@@ -1,7 +1,9 @@
 """Point-to-point transfers between consecutive pipeline stages (activations forward, grads backward).
 
 Every transfer carries a tiny shape header first (dtype code, ndim, dims), so sequence lengths and
-micro-batch sizes may change from one transfer to the next. An exchange runs in two phases, each
+micro-batch sizes may change from one transfer to the next: a packed micro-batch sends [1, T, H] with T
+its own token count (trainer/packing.py), and under sequence parallelism each TP rank sends its
+sequence shard [B, S/tp, H] to the same TP rank of the next stage. An exchange runs in two phases, each
 one `batch_isend_irecv` of all its sends and receives: headers, then (after allocating from the
 received headers) payloads. Batching is what keeps the 1F1B steady state deadlock-free on NCCL
 (stage s sends an activation to s+1 while s+1 sends a gradient to s; unbatched, two large sends
@@ -15,7 +17,7 @@ the peer's global rank. On NCCL waits are stream waits; the NCCL watchdog enforc
 and tears the process down (TORCH_NCCL_ASYNC_ERROR_HANDLING), so no rank hangs silently either.
 
 Reference: Megatron-LM `core/pipeline_parallel/p2p_communication.py`; picotron `pipeline_parallel/pp_comms.py`.
-Simplification: no tensor-shape caching or sequence-parallel scatter/gather of activations.
+Simplification: no tensor-shape caching (the header is one tiny extra message per transfer).
 """
 
 from __future__ import annotations

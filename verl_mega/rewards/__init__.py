@@ -1,6 +1,9 @@
-"""Rewards: rule checkers (GSM8K, boxed math), user reward functions with failure/timeout accounting, a code sandbox."""
+"""Rewards: rule checkers (GSM8K, boxed math), user reward functions with failure/timeout accounting, a code sandbox,
+the batched-reward protocol and combinations (weighted sum, rule first with a fallback). The model rewards
+(`RewardModel`, `LLMJudgerReward`) live in `verl_mega.model_rewards`, a layer above (they load models)."""
 
 from verl_mega.rewards.base import RewardFunction, RewardResult, RuleBasedReward, compute_rewards
+from verl_mega.rewards.batched import BatchedReward, CombinedReward, FallbackReward, is_collective, score_rewards
 from verl_mega.rewards.math import (
     extract_gsm8k_answer,
     gsm8k_compute_score,
@@ -13,6 +16,11 @@ from verl_mega.rewards.math import (
 from verl_mega.rewards.sandbox import SandboxResult, code_compute_score, extract_code, run_tests
 
 __all__ = [
+    "BatchedReward",
+    "CombinedReward",
+    "FallbackReward",
+    "is_collective",
+    "score_rewards",
     "RewardFunction",
     "RewardResult",
     "RuleBasedReward",

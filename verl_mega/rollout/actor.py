@@ -3,9 +3,10 @@
 `HFActor` bundles what the engines need (the stage `model`, `layout`, `config`, `tokenizer`, `path`)
 plus simple whole-model helpers for tests and evaluation: `logits()` / `values()` run the stages
 forward one after another with plain send/recv of hidden states (no micro-batching, no grad) and
-hand the full result to every rank; `save_hf()` writes a HF directory; `generate()` runs the rollout
-service (`rollout_worker()`: the actor's one RolloutWorker, which owns its HybridEngine).
-Works as one plain python process (world size 1) and under torchrun.
+hand the full result to every rank; `scores()` reads a reward model's score at each row's last
+real token (as transformers' `*ForSequenceClassification`); `save_hf()` writes a HF directory;
+`generate()` runs the rollout service (`rollout_worker()`: the actor's one RolloutWorker, which owns
+its HybridEngine). Works as one plain python process (world size 1) and under torchrun.
 
 It lives in `rollout/`, above the model code, because it generates: `models` imports nothing above it.
 """
@@ -102,6 +103,19 @@ class HFActor:
             dist.broadcast(full, src=self.layout.last_stage_rank, group=self.layout.pp_group)
         return full
 
+    @torch.no_grad()
+    def scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Sequence scores [B] (fp32) of a score model (score_head=True) on every rank: the score head's
+        output at each row's last real token (the last 1 of attention_mask [B, S]; left or right padding)."""
+        if not self.model.is_score_model:
+            raise ValueError("scores(): this model has no score head (load with score_head=True)")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        values = self.values(input_ids, attention_mask)  # [batch, seq]
+        cols = torch.arange(input_ids.shape[1], device=values.device)
+        last = (cols * attention_mask.to(values.device).bool()).argmax(-1)  # [batch] rightmost real token
+        return values.gather(1, last[:, None]).squeeze(1)
+
     def save_hf(self, out_dir: str | os.PathLike) -> None:
         """Write the model (+ tokenizer) as a HF directory on global rank 0 (collective over all ranks)."""
         save_hf(self.model, self.layout, out_dir, self.config, self.tokenizer)
@@ -153,12 +167,14 @@ def _as_dtype(dtype) -> torch.dtype:
 
 def get_actor_model(path: str | os.PathLike, torch_dtype=torch.float32, tensor_parallel_size: int = 1,
                     pipeline_parallel_size: int = 1, layout: Layout | None = None, value_head: bool = False,
-                    device=None) -> HFActor:
+                    score_head: bool = False, device=None) -> HFActor:
     """Load the HF directory `path` as this rank's stage under `layout` (default `Layout.create(tp, pp)`,
     dp = whatever is left of the world). Collective when it creates the layout.
 
     torch_dtype: parameter dtype (torch dtype or its name). value_head: replace the LM head by a
-    value head (critic). device: default the rank's compute device (its GPU under NCCL, else CPU).
+    value head (critic). score_head: replace it by the score head of a HF `*ForSequenceClassification`
+    checkpoint with one label (reward model; `score.weight` must be in the checkpoint).
+    device: default the rank's compute device (its GPU under NCCL, else CPU).
     Raises FileNotFoundError for a missing directory/config/weights, ValueError for a layout that
     does not fit the model (heads not divisible by tp, fewer layers than pp) or a missing tensor.
     """
@@ -170,7 +186,7 @@ def get_actor_model(path: str | os.PathLike, torch_dtype=torch.float32, tensor_p
     stage_layer_range(config.num_layers, pp, 0)  # fewer layers than stages -> ValueError before any collective
     if layout is None:
         layout = Layout.create(tp, pp)
-    model = build_stage(config, layout, value_head=value_head, params_dtype=dtype,
+    model = build_stage(config, layout, value_head=value_head, score_head=score_head, params_dtype=dtype,
                         device=device if device is not None else comm_device(), init_seed=None)
     load_hf_weights(model, path)
     return HFActor(model, layout, config, load_tokenizer(path), path)

@@ -16,23 +16,25 @@ import json
 import os
 from dataclasses import replace
 
+from verl_mega.models.tokenizer import encode_text
 from verl_mega.rollout.sampling import SamplingParams
 
 
 def encode_prompts(tokenizer, prompts) -> list[list[int]]:
-    """Token ids of each prompt: str -> tokenizer(text); list of {"role", "content"} dicts -> chat
-    template with add_generation_prompt; list of ints -> as is. ValueError names the bad prompt."""
+    """Token ids of each prompt: str -> `encode_text` (with the tokenizer's BOS, as the dataset tokenises
+    training prompts); list of {"role", "content"} dicts -> chat template with add_generation_prompt;
+    list of ints -> as is. ValueError names the bad prompt."""
     if isinstance(prompts, (str, dict)):
         raise ValueError("prompts must be a list (of strings, chat message lists or token-id lists)")
     out = []
     for i, p in enumerate(prompts):
         if isinstance(p, str):
-            ids = tokenizer(p)["input_ids"]
+            ids = encode_text(tokenizer, p)
         elif isinstance(p, (list, tuple)) and p and all(isinstance(m, dict) for m in p):
             if any("role" not in m or "content" not in m for m in p):
                 raise ValueError(f"prompt {i}: every chat message needs 'role' and 'content' keys")
             text = tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=False)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = encode_text(tokenizer, text, templated=True)
         elif isinstance(p, (list, tuple)) and p and all(isinstance(t, int) for t in p):
             ids = list(p)
         else:

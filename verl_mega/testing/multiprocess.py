@@ -28,16 +28,16 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn, args, env: 
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **env})
     torch.set_num_threads(1)
+    from verl_mega.parallel.dist import shutdown_distributed
+
     try:
         result = fn(*args)
         torch.save({"ok": True, "result": result}, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:  # noqa: BLE001 - forwarded to the parent with the traceback
         torch.save({"ok": False, "error": traceback.format_exc()}, os.path.join(out_dir, f"rank{rank}.pt"))
+        shutdown_distributed(barrier=False)
         raise
-    finally:
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    shutdown_distributed(barrier=True)  # destroyed before interpreter exit: see parallel/dist.py
 
 
 def run_distributed(fn, world_size: int, *args, timeout_s: float = 300.0, env: dict | None = None) -> list:

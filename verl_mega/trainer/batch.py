@@ -6,18 +6,22 @@ right-padded to R tokens, so every row's response starts at column P and the log
 response token t is predicted by the hidden state at column P + t - 1.
 
 Each stage fills some fields (None until then); `microbatches()` cuts row subsets into the
-dicts of tensors the training engine consumes. Reference: verl's `DataProto` (a TensorDict
+dicts of tensors the training engine consumes, padded or packed (see packing.py), by a row count or
+a token budget. Reference: verl's `DataProto` (a TensorDict
 plus non-tensor lists), reduced to a dataclass.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from verl_mega.data.loader import left_pad
+from verl_mega.trainer.packing import balance_over_dp, pack_microbatch, token_budget_groups
 
 # tensors a micro-batch needs for a forward pass (the rest are added by name)
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "position_ids", "responses", "response_mask")
@@ -107,20 +111,45 @@ class RLBatch:
                 self.loss_mask[i, :len(m)] = torch.tensor(m, dtype=torch.float32)
 
     def microbatches(self, size: int, rows: torch.Tensor | None = None, keys: tuple[str, ...] = (),
-                     device: torch.device | None = None) -> list[dict[str, torch.Tensor]]:
-        """Dicts of the sequence tensors (+ `keys`) for `rows` (default all), `size` rows each (last may be smaller)."""
+                     device: torch.device | None = None, *, packed: bool = False, max_tokens: int | None = None,
+                     dp_group=None) -> list[dict[str, torch.Tensor]]:
+        """Dicts of the sequence tensors (+ `keys`) for `rows` (default all), each with "rows" [b] (their
+        indices in the batch, to put per-row outputs back in order).
+
+        `size` rows each (last may be smaller), or with `max_tokens` at most that many valid tokens each
+        (see packing.token_budget_groups; sequences longer than the budget get their own micro-batch and
+        are counted in metrics["batch/oversized_sequences"]). `packed`: one row of valid tokens per
+        micro-batch (packing.pack_microbatch) instead of padded rows. `dp_group` (collective): first re-deal
+        the rows of all its ranks for equal token counts (packing.balance_over_dp); "rows" then holds
+        global row ids (packing.gather_to_owners brings per-row results back).
+        """
         if self.input_ids is None:
             raise ValueError("microbatches(): the batch has no sequences yet (run the Rollout stage first)")
         rows = torch.arange(self.num_rows) if rows is None else rows
         missing = [k for k in keys if getattr(self, k) is None]
         if missing:
             raise ValueError(f"microbatches(): batch fields {missing} are not set by any earlier stage")
-        tensors = {k: getattr(self, k) for k in SEQUENCE_KEYS + tuple(keys)}
-        tensors["loss_mask"] = self.train_mask  # [N, R] the tokens the loss uses
+        tensors = {k: getattr(self, k)[rows] for k in SEQUENCE_KEYS + tuple(keys)}
+        tensors["loss_mask"] = self.train_mask[rows]  # [rows, R] the tokens the loss uses
+        if dp_group is not None and dist.get_world_size(dp_group) > 1:
+            tensors, rows = balance_over_dp(tensors, self.input_ids.shape[1] - self.responses.shape[1], dp_group)
+        if max_tokens is None:
+            groups = [torch.arange(start, min(start + size, len(rows))) for start in range(0, len(rows), size)]
+        else:
+            lengths = tensors["attention_mask"].sum(-1).tolist()
+            index_groups, oversized = token_budget_groups(lengths, max_tokens)
+            if oversized:
+                warnings.warn(f"{oversized} sequence(s) longer than trainer.max_tokens_per_micro_batch={max_tokens} "
+                              f"(longest {max(lengths)}) each got a micro-batch of their own", stacklevel=2)
+            self.metrics["batch/oversized_sequences"] = self.metrics.get("batch/oversized_sequences", 0.0) + oversized
+            groups = [torch.tensor(g, dtype=torch.long) for g in index_groups]
         out = []
-        for start in range(0, len(rows), size):
-            idx = rows[start:start + size]
-            out.append({k: v[idx].to(device) if device is not None else v[idx] for k, v in tensors.items()})
+        for idx in groups:
+            mb = {k: v[idx] for k, v in tensors.items()}
+            mb["rows"] = rows[idx]
+            if packed:
+                mb = pack_microbatch(mb)
+            out.append({k: v.to(device) for k, v in mb.items()} if device is not None else mb)
         return out
 
     def tensor_fields(self) -> dict[str, torch.Tensor]:

@@ -8,8 +8,9 @@ them). Presets are YAML files in `examples/configs/`. Batch sizes follow verl's 
 `micro_batch_size` counts sequences (one forward/backward pass). All of them are per data-parallel
 rank.
 
-Simplification: no Hydra-style config groups; the reward is a rule (`"rule"`, by `data_source`) or a
-`module:function` / `file.py:function` reference.
+Simplification: no Hydra-style config groups; the reward is a rule (`"rule"`, by `data_source`), a
+`module:function` / `file.py:function` reference, a reward model (`"model:PATH"`) or an LLM judge
+(`"judge:PATH"`).
 """
 
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from verl_mega.rollout.engine_config import EngineConfig
 
 ALGORITHMS = ("ppo", "gae", "grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
 DTYPES = ("float32", "bfloat16")
+RECOMPUTE = ("none", "selective", "full")  # = models.parallelize.RECOMPUTE_MODES
 
 
 @dataclass
@@ -30,6 +32,9 @@ class ModelSection:
     reference_path: Optional[str] = None  # reference policy HF directory (KL); None: a frozen copy of the actor
     dtype: str = "float32"  # parameter dtype: float32 | bfloat16 (masters and Adam states stay fp32)
     value_head_std: float = 0.0  # std of the critic's new value head (0 = zeros: V starts at 0, no noise in early advantages)
+    recompute: str = "none"  # actor activation recompute: none | selective (attention core + MLP activation) | full (whole layers)
+    recompute_layers: Optional[int] = None  # full recompute: only the first K layers of each pipeline stage; None = all
+    critic_recompute: Optional[str] = None  # critic activation recompute (same choices); None = as the actor
 
 
 @dataclass
@@ -67,7 +72,9 @@ class AlgorithmSection:
     norm_adv_by_std: bool = True  # GRPO: divide by the group std (False = Dr. GRPO)
     clip_ratio_low: float = 0.2  # PPO clip: ratio >= 1 - clip_ratio_low
     clip_ratio_high: float = 0.2  # PPO clip: ratio <= 1 + clip_ratio_high (0.28 = DAPO clip-higher)
-    dual_clip: Optional[float] = None  # dual-clip PPO bound c > 1 for negative advantages (e.g. 3.0); None = off
+    # dual-clip PPO bound c > 1 for negative advantages (e.g. 3.0); None = off. Porting a verl recipe: verl's
+    # policy loss has dual-clip ON by default (actor clip_ratio_c = 3.0); set dual_clip: 3.0 to match it.
+    dual_clip: Optional[float] = None
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean
     entropy_coef: float = 0.0  # entropy bonus coefficient in the actor loss
     kl_coef: float = 0.0  # KL-to-reference coefficient; > 0 builds the reference model
@@ -97,7 +104,9 @@ class OptimSection:
 class TrainerSection:
     rollout_batch_size: int = 8  # prompts per step (per data-parallel rank)
     mini_batch_size: Optional[int] = None  # prompts per optimizer step; None = the whole rollout batch
-    micro_batch_size: int = 8  # sequences per forward/backward pass
+    micro_batch_size: int = 8  # sequences per forward/backward pass (when max_tokens_per_micro_batch is None)
+    max_tokens_per_micro_batch: Optional[int] = None  # token budget of a forward/backward pass (sequences grouped by length); None = micro_batch_size sequences
+    packing: bool = True  # pack each micro-batch's valid tokens into one row (varlen attention, no padding); False = padded rows
     num_epochs: int = 1  # PPO epochs: passes over each rollout batch
     critic_epochs: Optional[int] = None  # critic passes over each rollout batch (None = num_epochs; verl's critic.ppo_epochs)
     total_steps: int = 100  # RL steps of `verl-mega train`
@@ -108,7 +117,8 @@ class TrainerSection:
     save_every: int = 0  # checkpoint every N steps (0 = only at the end, if save_final)
     save_final: bool = True  # checkpoint after the last step
     resume: bool = True  # resume from the latest checkpoint in output_dir/checkpoints if there is one
-    reward: str = "rule"  # "rule" (GSM8K/MATH checkers by data_source) or "module:function" / "file.py:function"
+    reward: str = "rule"  # "rule" (GSM8K/MATH), "module:fn" / "file.py:fn", "model:PATH" (reward model), "judge:PATH"
+    reward_offload: bool = False  # model / judge rewards: keep their weights in CPU memory between reward calls
     reward_timeout_s: float = 30.0  # per-response reward time limit (a timeout scores 0 and is counted)
     reward_fail_threshold: float = 1.0  # a step is "failed" when this fraction of its reward calls failed or timed out
     reward_fail_steps: int = 3  # stop with an error after this many failed steps in a row (0 = never stop)
@@ -125,6 +135,7 @@ class ParallelSection:
     tp: int = 1  # tensor-parallel size of training
     pp: int = 1  # pipeline-parallel size of training
     tp_g: Optional[int] = None  # tensor-parallel size of generation (divides tp*pp; None = tp)
+    sequence_parallel: bool = False  # Megatron sequence parallelism for tp > 1 (norms/residuals sharded along the sequence)
 
 
 @dataclass
@@ -147,6 +158,9 @@ def check_config(cfg: TrainerConfig) -> None:
         raise ValueError(f"algorithm.name {a.name!r} is not one of {ALGORITHMS}")
     if cfg.model.dtype not in DTYPES:
         raise ValueError(f"model.dtype {cfg.model.dtype!r} is not one of {DTYPES}")
+    for name, value in (("model.recompute", cfg.model.recompute), ("model.critic_recompute", cfg.model.critic_recompute)):
+        if value is not None and value not in RECOMPUTE:
+            raise ValueError(f"{name} {value!r} is not one of {RECOMPUTE}")
     for name, value in (("trainer.rollout_batch_size", t.rollout_batch_size), ("trainer.micro_batch_size", t.micro_batch_size),
                         ("trainer.num_epochs", t.num_epochs), ("trainer.critic_epochs", 1 if t.critic_epochs is None else t.critic_epochs),
                         ("rollout.n_samples", r.n_samples),
@@ -154,6 +168,10 @@ def check_config(cfg: TrainerConfig) -> None:
                         ("parallel.pp", cfg.parallel.pp)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if cfg.model.recompute_layers is not None and cfg.model.recompute_layers < 0:
+        raise ValueError(f"model.recompute_layers must be >= 0 or null, got {cfg.model.recompute_layers}")
+    if t.max_tokens_per_micro_batch is not None and t.max_tokens_per_micro_batch < 1:
+        raise ValueError(f"trainer.max_tokens_per_micro_batch must be >= 1 or null, got {t.max_tokens_per_micro_batch}")
     if t.mini_batch_size is not None and not 1 <= t.mini_batch_size <= t.rollout_batch_size:
         raise ValueError(f"trainer.mini_batch_size={t.mini_batch_size} must be in [1, rollout_batch_size="
                          f"{t.rollout_batch_size}]")

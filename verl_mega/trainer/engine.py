@@ -9,10 +9,11 @@ mixed precision (bf16 or fp32 params, fp32 masters and grads), exact global grad
 
 Contracts
 - Every rank of the layout calls the same methods in the same order (collective).
-- `microbatches`: this dp rank's micro-batches (dicts of tensors); every pipeline stage of the
-  replica gets the same list. The default forward_step reads "input_ids" [B,S] (first stage),
-  "position_ids" [B,S] and "attention_mask" [B,S] (optional) and runs
-  `model(inputs, position_ids, attention_mask, return_hidden=True)`; pass `forward_step=` to change it.
+- `microbatches`: this dp rank's micro-batches (dicts of tensors, on any device: the engine moves
+  them to the model's device); every pipeline stage of the replica gets the same list. The default
+  forward_step reads "input_ids" [B,S] (first stage), "position_ids" [B,S] and "attention_mask" [B,S]
+  (optional), or a packed micro-batch's "cu_seqlens" (trainer/packing.py), and runs
+  `model(inputs, position_ids, attention_mask, return_hidden=True, cu_seqlens=...)`; pass `forward_step=` to change it.
 - `loss_fn(output, microbatch) -> (loss_sum, metrics)` runs on the last stage: `loss_sum` is the
   SUM of the per-token loss over the tokens counted by `microbatch[loss_mask_key]`. The engine divides
   it by the global count (summed over micro-batches and dp ranks, computed up front), so the
@@ -51,9 +52,13 @@ from verl_mega.trainer.optim import OptimConfig, make_adamw, make_scheduler
 
 
 def default_forward_step(model, microbatch: dict, input_tensor: torch.Tensor | None) -> torch.Tensor:
-    """input_ids (first stage) or the received hidden [B,S,H] -> hidden [B,S,H] (final-normed on the last stage)."""
+    """input_ids (first stage) or the received hidden [B,S,H] -> hidden [B,S,H] (final-normed on the last stage).
+
+    A packed micro-batch (see trainer/packing.py) has B = 1, S = T and carries "cu_seqlens" instead of
+    "attention_mask"; its pipeline activations are [1, T, H], T differing per micro-batch."""
     inputs = microbatch["input_ids"] if input_tensor is None else input_tensor
-    return model(inputs, microbatch["position_ids"], microbatch.get("attention_mask"), return_hidden=True)
+    return model(inputs, microbatch["position_ids"], microbatch.get("attention_mask"), return_hidden=True,
+                 cu_seqlens=microbatch.get("cu_seqlens"))
 
 
 class TrainEngine:
@@ -100,6 +105,7 @@ class TrainEngine:
         if self._grads_synced:
             raise ValueError("forward_backward: gradients were already synchronised; call optimizer_step() or "
                              "zero_grad() first, or pass sync_grads=False to all but the last call")
+        microbatches = _to_device(microbatches, self.device)
         if loss_normalizer is None:
             loss_normalizer = self.global_token_count(microbatches, loss_mask_key)
         if not loss_normalizer > 0:
@@ -163,7 +169,8 @@ class TrainEngine:
                      forward_step: Callable | None = None) -> list[dict[str, torch.Tensor]]:
         """Forward every micro-batch; `output_fn(output, mb) -> dict[str, Tensor]` runs on the last stage,
         and the per-micro-batch dicts are returned on every rank of the pipeline."""
-        return pipeline.forward_only(self.model, microbatches, forward_step=forward_step or default_forward_step,
+        return pipeline.forward_only(self.model, _to_device(microbatches, self.device),
+                                     forward_step=forward_step or default_forward_step,
                                      output_fn=output_fn, comm=self.comm)
 
     # ------------------------------------------------------------------ state
@@ -196,6 +203,12 @@ class TrainEngine:
                                        device=self.device)
             result = box[0]
         return result
+
+
+def _to_device(microbatches: list[dict], device: torch.device) -> list[dict]:
+    """The micro-batches with every tensor on `device` (the model's); other values as they are."""
+    return [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
+            for mb in microbatches]
 
 
 def _embedding_group(layout: Layout):

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from verl_mega.algorithms.kl import AdaptiveKLController, FixedKLController
 from verl_mega.data import get_dataloader
+from verl_mega.models.parallelize import apply_recompute, apply_sequence_parallel
 from verl_mega.rewards.base import RewardFailureGuard, RewardFunction, RuleBasedReward
 from verl_mega.rollout.actor import HFActor, get_actor_model
 from verl_mega.rollout.frontend import encode_prompts, stop_ids
@@ -67,7 +68,7 @@ def default_pipeline(trainer: "PPOTrainer") -> Pipeline:
                       pad_id=trainer.pad_id, dp_rank=trainer.layout.dp_rank,
                       rewards=trainer.rewards if cfg.rollout.stream_rewards else None, tools=trainer.tools)
     logprobs = LogProbs(trainer.actor_engine, trainer.reference, trainer.critic_engine, trainer.layout,
-                        temperature=cfg.rollout.temperature, micro_batch_size=cfg.trainer.micro_batch_size,
+                        temperature=cfg.rollout.temperature, trainer_cfg=cfg.trainer,
                         device=trainer.device)
     return rollout >> Reward(trainer.rewards) >> logprobs >> Advantage() >> Update() >> Metrics()
 
@@ -119,10 +120,17 @@ class PPOTrainer:
                                            free_cache=cfg.rollout.free_cache)
         self.reference = self._reference(reference) if cfg.algorithm.kl_coef > 0 else None
         self.critic_engine = self._critic(critic) if cfg.algorithm.name in ("ppo", "gae") else None
+        apply_recompute(self.actor_engine.model, cfg.model.recompute, cfg.model.recompute_layers)
+        if self.critic_engine is not None:
+            apply_recompute(self.critic_engine.model, cfg.model.critic_recompute or cfg.model.recompute,
+                            cfg.model.recompute_layers)
+        for engine in (self.actor_engine, self.reference, self.critic_engine):
+            if engine is not None:
+                apply_sequence_parallel(engine.model, cfg.parallel.sequence_parallel)
         self.reward_fn = RewardFunction(reward_fn if reward_fn is not None else RuleBasedReward())
+        self.reward_guard = RewardFailureGuard(cfg.trainer.reward_fail_threshold, cfg.trainer.reward_fail_steps)
         self.rewards = RewardRunner(self.reward_fn, self.layout, timeout_s=cfg.trainer.reward_timeout_s,
                                     max_workers=cfg.rollout.reward_workers)
-        self.reward_guard = RewardFailureGuard(cfg.trainer.reward_fail_threshold, cfg.trainer.reward_fail_steps)
         self.tools = self._tools(tools)
         a = cfg.algorithm
         self.kl_ctl = (AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target and a.kl_in_reward

@@ -34,6 +34,7 @@ from verl_mega.kernels import fused_logprob_entropy
 from verl_mega.rollout.agent_loop import AgentLimits, agent_metrics, agent_rollout
 from verl_mega.rollout.sampling import SamplingParams
 from verl_mega.trainer.batch import RLBatch
+from verl_mega.trainer.packing import gather_to_owners, unpack_responses
 
 StageFn = Callable[[RLBatch, object], RLBatch]
 
@@ -107,21 +108,60 @@ def response_logprobs(hidden: torch.Tensor, mb: dict, model, tp_group, temperatu
     """Log-probs (and entropies) [b, R] of the response tokens from the last stage's final hidden [b, S, H].
 
     Response token t sits at column P + t and is predicted at column P + t - 1 (see batch.py); the
-    fused vocab-parallel kernel never materialises the [b, R, V] logits.
+    fused vocab-parallel kernel never materialises the [b, R, V] logits. A packed micro-batch (hidden
+    [1, T, H], see packing.py) runs the kernel on the valid response tokens only and unpacks to [b, R]
+    (0 at padding).
     """
     resp = mb["responses"].to(hidden.device)
     b, r = resp.shape
-    h = hidden[:, -r - 1:-1]  # [batch, R, hidden]
-    lp, ent = fused_logprob_entropy(h.reshape(b * r, -1), model.output_weight(), resp.reshape(-1), tp_group=tp_group,
+    if "response_index" in mb:
+        h = hidden[0, mb["response_index"].to(hidden.device)]  # [n, hidden]
+        labels = resp[mb["response_mask"].to(hidden.device).bool()]  # [n]
+    else:
+        h, labels = hidden[:, -r - 1:-1].reshape(b * r, -1), resp.reshape(-1)  # [batch*R, hidden]
+    lp, ent = fused_logprob_entropy(h, model.output_weight(), labels, tp_group=tp_group,
                                     vocab_start=model.vocab_start_index, true_vocab_size=model.true_vocab_size,
                                     temperature=temperature, compute_entropy=compute_entropy)
+    if "response_index" in mb:
+        return unpack_responses(lp.float(), mb), (unpack_responses(ent.float(), mb) if compute_entropy else None)
     return lp.float().view(b, r), (ent.float().view(b, r) if compute_entropy else None)
 
 
 def response_values(values: torch.Tensor, mb: dict) -> torch.Tensor:
-    """Critic values [b, R] of the states before each response token from the value model's [b, S] output."""
+    """Critic values [b, R] of the states before each response token from the value model's [b, S] output
+    (packed [1, T]: unpacked to [b, R], 0 at padding)."""
+    if "response_index" in mb:
+        return unpack_responses(values[0, mb["response_index"].to(values.device)].float(), mb)
     r = mb["responses"].shape[1]
     return values[:, -r - 1:-1].float()
+
+
+def training_microbatches(batch: RLBatch, trainer_cfg, layout, device, rows: torch.Tensor | None = None,
+                          keys: tuple[str, ...] = ()):
+    """Micro-batches of `rows` as the trainer config section asks: packed or padded, by token budget or row
+    count; packed with a token budget and dp > 1, rows are re-dealt over dp for equal token counts."""
+    t = trainer_cfg
+    return batch.microbatches(t.micro_batch_size, rows, keys, device=device, packed=t.packing,
+                              max_tokens=t.max_tokens_per_micro_batch, dp_group=_balance_group(t, layout))
+
+
+def _balance_group(trainer_cfg, layout):
+    """The dp group rows are re-dealt over (packed, token budget, dp > 1), else None."""
+    t = trainer_cfg
+    balanced = t.packing and t.max_tokens_per_micro_batch is not None and layout.dp > 1
+    return layout.dp_group if balanced else None
+
+
+def rows_in_order(outs: list[dict], mbs: list[dict], key: str, dp_group=None, width: int | None = None
+                  ) -> torch.Tensor:
+    """Per-micro-batch outputs `outs[i][key]` [b_i, ...] -> one CPU tensor in batch row order (mb["rows"]).
+    With `dp_group` (rows re-dealt over dp, see packing.balance_over_dp; collective) each rank gets back its
+    own rows, cut to `width` columns."""
+    rows = torch.cat([mb["rows"].cpu() for mb in mbs])
+    values = torch.cat([o[key].cpu() for o in outs])
+    if dp_group is not None:
+        return gather_to_owners(values, rows, dp_group)[:, :width]
+    return values[torch.argsort(rows)]
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
@@ -225,32 +265,33 @@ class LogProbs(Stage):
 
     name = "logprob"
 
-    def __init__(self, actor, reference, critic, layout, *, temperature: float, micro_batch_size: int, device):
+    def __init__(self, actor, reference, critic, layout, *, temperature: float, trainer_cfg, device):
         self.actor, self.reference, self.critic, self.layout = actor, reference, critic, layout
-        self.temperature, self.micro_batch_size, self.device = temperature, micro_batch_size, device
+        self.temperature, self.trainer_cfg, self.device = temperature, trainer_cfg, device
 
     def __call__(self, batch: RLBatch, ctx=None) -> RLBatch:
-        mbs = batch.microbatches(self.micro_batch_size, device=self.device)
+        mbs = training_microbatches(batch, self.trainer_cfg, self.layout, self.device)
+        back = {"dp_group": _balance_group(self.trainer_cfg, self.layout), "width": batch.responses.shape[1]}
         tp_group = self.layout.tp_group
-        batch.old_logprobs = self._logprobs(self.actor, mbs, tp_group, self.temperature)
+        batch.old_logprobs = self._logprobs(self.actor, mbs, tp_group, self.temperature, back)
         if self.reference is not None:
-            batch.ref_logprobs = self._logprobs(self.reference, mbs, tp_group, self.temperature)
+            batch.ref_logprobs = self._logprobs(self.reference, mbs, tp_group, self.temperature, back)
         if self.critic is not None:
             outs = self.critic.forward_only(mbs, lambda v, mb: {"values": response_values(v, mb)})
-            batch.values = torch.cat([o["values"].cpu() for o in outs])
+            batch.values = rows_in_order(outs, mbs, "values", **back)
         return batch
 
     def __repr__(self) -> str:
         return "LogProbs(actor, reference, critic)"
 
     @staticmethod
-    def _logprobs(engine, mbs, tp_group, temperature: float) -> torch.Tensor:
+    def _logprobs(engine, mbs, tp_group, temperature: float, back: dict) -> torch.Tensor:
         model = engine.model
 
         def output_fn(hidden, mb):
             return {"logprobs": response_logprobs(hidden, mb, model, tp_group, temperature, False)[0]}
 
-        return torch.cat([o["logprobs"].cpu() for o in engine.forward_only(mbs, output_fn)])
+        return rows_in_order(engine.forward_only(mbs, output_fn), mbs, "logprobs", **back)
 
 
 class Advantage(Stage):
@@ -327,8 +368,8 @@ class Update(Stage):
         for epoch in range(max(actor_epochs, critic_epochs)):
             order = torch.randperm(batch.num_rows, generator=gen)
             for start in range(0, batch.num_rows, rows_per_update):
-                mbs = batch.microbatches(t.micro_batch_size, order[start:start + rows_per_update], tuple(keys),
-                                         device=ctx.device)
+                mbs = training_microbatches(batch, t, ctx.layout, ctx.device, order[start:start + rows_per_update],
+                                            tuple(keys))
                 if epoch < actor_epochs:
                     actor_stats.append(self._actor_update(mbs, ctx))
                 if epoch < critic_epochs:

@@ -1,0 +1,147 @@
+"""Packed micro-batches and token-budget batching for the training-side passes.
+
+Packing ("remove padding"): the valid tokens of a micro-batch's rows are concatenated into one row
+[1, T] (T = sum of the lengths), positions restart at 0 per sequence and `cu_seqlens` [N + 1] marks
+the boundaries, so the decoder's varlen attention keeps each sequence to itself and no FLOP is spent
+on padding. Response-level tensors ([b, R]: responses, response_mask, old log-probs, advantages ...)
+stay as they are: the loss code keeps its [row, response token] interface, and `response_index` says
+which packed position predicts each valid response token (`unpack_responses` scatters a flat
+per-token result back to [b, R], zeros at padding).
+
+Token budget: rows are grouped into micro-batches of at most `max_tokens` valid tokens (first-fit
+decreasing on the lengths, so the groups are few and full); a row longer than the budget gets a
+micro-batch of its own. `balanced_partition` splits rows over data-parallel ranks with nearly equal
+token counts (greedy longest-first: any two ranks differ by at most one sequence's length).
+
+Neither changes a number: the engine divides every loss by the global token count, whatever the split.
+Reference: verl's `rmpad` / `get_seqlen_balanced_partitions`, OpenRLHF packing_samples.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def pack_microbatch(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A padded micro-batch -> the same micro-batch packed into one row.
+
+    mb needs attention_mask [b, S] (1 = token; the valid tokens of a row are contiguous: left-padded
+    prompt, right-padded response). Every tensor of shape [b, S] (input_ids, position_ids, labels,
+    loss_mask ...) becomes [1, T] holding the valid positions; position_ids are recomputed (0 at each
+    sequence start). Added: cu_seqlens [b + 1] int32; with `responses` [b, R] (the last R columns),
+    response_index [n] long: the packed position whose hidden state predicts each valid response token
+    (row-major over response_mask). attention_mask is dropped; other tensors are kept as they are.
+    """
+    mask = mb["attention_mask"].bool()  # [b, S]
+    lengths = mask.sum(-1)
+    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)  # [b + 1]
+    out = {k: v for k, v in mb.items() if k != "attention_mask" and tuple(v.shape) != tuple(mask.shape)}
+    for k, v in mb.items():
+        if k != "attention_mask" and tuple(v.shape) == tuple(mask.shape):
+            out[k] = v[mask][None]  # [1, T]
+    packed_pos = mask.long().cumsum(-1) - 1 + cu_seqlens[:-1, None].long()  # [b, S] packed index of each column
+    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)  # [T]
+    out["position_ids"] = (torch.arange(int(lengths.sum()), device=mask.device) - starts)[None]  # [1, T]
+    out["cu_seqlens"] = cu_seqlens
+    if "responses" in mb:
+        r = mb["responses"].shape[1]
+        resp_mask = mb["response_mask"].bool()  # [b, R]
+        out["response_index"] = (packed_pos[:, -r:] - 1)[resp_mask]  # [n] predicted by the previous position
+    return out
+
+
+def unpack_responses(flat: torch.Tensor, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+    """flat [n] per valid response token (order of `response_index`) -> [b, R], 0 at padding (differentiable)."""
+    mask = mb["response_mask"].to(flat.device).bool()
+    return torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
+
+
+def token_budget_groups(lengths: list[int], max_tokens: int) -> tuple[list[list[int]], int]:
+    """Indices into `lengths` grouped into micro-batches of at most `max_tokens` tokens each.
+
+    First-fit decreasing: longest first, each into the first group with room. A length above the budget
+    gets a group of its own. Returns (groups, number of such oversized sequences). Groups come out
+    longest-first; each group lists its indices in ascending order.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens_per_micro_batch must be >= 1, got {max_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    room: list[int] = []
+    oversized = 0
+    for i in order:
+        n = lengths[i]
+        if n > max_tokens:
+            groups.append([i])
+            room.append(0)
+            oversized += 1
+            continue
+        for g, free in enumerate(room):
+            if free >= n:
+                groups[g].append(i)
+                room[g] -= n
+                break
+        else:
+            groups.append([i])
+            room.append(max_tokens - n)
+    return [sorted(g) for g in groups], oversized
+
+
+def balanced_partition(lengths: list[int], parts: int) -> list[list[int]]:
+    """Indices into `lengths` split into `parts` lists with nearly equal sums (greedy longest-first:
+    each length goes to the currently lightest part, so any two sums differ by at most max(lengths))."""
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1, got {parts}")
+    heap = [(0, p) for p in range(parts)]
+    out: list[list[int]] = [[] for _ in range(parts)]
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        load, p = heapq.heappop(heap)
+        out[p].append(i)
+        heapq.heappush(heap, (load + lengths[i], p))
+    return [sorted(p) for p in out]
+
+
+def balance_over_dp(tensors: dict[str, torch.Tensor], prompt_len: int, dp_group
+                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Re-deal the rows of every data-parallel rank so that each rank gets nearly the same number of tokens.
+
+    tensors: this rank's rows, sequence tensors [n, P + R] (left-padded prompt | right-padded response,
+    `prompt_len` = P, "attention_mask" among them) and response tensors [n, R]; every rank passes the
+    same keys. All ranks' rows are gathered (re-padded to the widest prompt and response), split with
+    `balanced_partition` on their valid lengths (any two ranks within one sequence's length) and this
+    rank keeps its part. Returns (its tensors, their global row ids [m] = source dp rank * 2**32 + row).
+    Collective over `dp_group`; the same on every tp/pp rank of a replica.
+    """
+    n, s = tensors["attention_mask"].shape
+    local = {k: v.detach().cpu() for k, v in tensors.items()}
+    gathered: list = [None] * dist.get_world_size(dp_group)
+    dist.all_gather_object(gathered, (prompt_len, s, local), group=dp_group)
+    p_max = max(p for p, _, _ in gathered)
+    r_max = max(width - p for p, width, _ in gathered)
+    parts, ids = [], []
+    for src, (p, width, rows) in enumerate(gathered):
+        parts.append({k: F.pad(v, (p_max - p, r_max - (width - p))) if v.shape[1] == width else
+                      F.pad(v, (0, r_max - v.shape[1])) for k, v in rows.items()})
+        count = rows["attention_mask"].shape[0]
+        ids.append(src * 2**32 + torch.arange(count))
+    full = {k: torch.cat([part[k] for part in parts]) for k in local}
+    global_ids = torch.cat(ids)
+    lengths = full["attention_mask"].sum(-1).tolist()
+    mine = torch.tensor(balanced_partition(lengths, len(gathered))[dist.get_rank(dp_group)], dtype=torch.long)
+    return {k: v[mine] for k, v in full.items()}, global_ids[mine]
+
+
+def gather_to_owners(values: torch.Tensor, global_ids: torch.Tensor, dp_group) -> torch.Tensor:
+    """Inverse of `balance_over_dp` for per-row results: values [m, ...] of the rows with `global_ids`
+    (computed on whichever rank held them) -> this rank's own rows [n, ...] in their original order."""
+    gathered: list = [None] * dist.get_world_size(dp_group)
+    dist.all_gather_object(gathered, (global_ids.cpu(), values.detach().cpu()), group=dp_group)
+    me = dist.get_rank(dp_group)
+    ids = torch.cat([g[0] for g in gathered])
+    vals = torch.cat([g[1] for g in gathered])
+    keep = (ids >> 32) == me
+    return vals[keep][torch.argsort(ids[keep])]
