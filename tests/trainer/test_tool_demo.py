@@ -44,6 +44,7 @@ def test_sft_tensors_train_only_assistant_tokens():
     assert targets == task.tool_call_text(train[0]) + "<|im_end|>" + truth + "<|im_end|>"
     assert task.compute_score(task.DATA_SOURCE, "x\ntool\n" + truth + "\n\nassistant\n" + truth, truth) == 1.0
     assert task.compute_score(task.DATA_SOURCE, truth + "1", truth) == 0.0
+    assert task.compute_score(task.DATA_SOURCE, task.DIRECT + truth, truth) == 1.0
 
 
 def test_tool_demo_quick(tmp_path):

@@ -10,9 +10,10 @@ Task: "437*286" -> "124982". The chat (the character tokenizer's ChatML template
 
 Steps (every rank runs them; rank 0 writes files and prints):
  1. write a random tiny Llama + the character tokenizer (verl_mega.testing.tiny_hf) -> model_init/;
- 2. SFT on formatted examples: a fraction `--tool-fraction` of them call the tool, the rest answer
-    directly with the product (which a 2-layer model cannot compute), so the SFT model mostly answers
-    in its head (low accuracy) but has seen the tool format -> model_sft/;
+ 2. SFT on formatted examples: a fraction `--tool-fraction` (< 1/2) of them call the tool, the rest
+    answer directly ("The answer is <product>", which a 2-layer model cannot compute), so the greedy SFT
+    model answers in its head (accuracy ~0) while sampling calls the tool `tool_fraction` of the time
+    -> model_sft/;
  3. GRPO with `PPOTrainer(tools=[SandboxFusionTool()])` (no URL: the local bubblewrap sandbox), reward =
     exact match of the final line with the product; the agent loop runs the calls during rollout;
  4. held-out greedy accuracy and tool-call rate (the agent loop at temperature 0) before and after RL
@@ -31,8 +32,9 @@ import torch.distributed as dist
 
 DATA_SOURCE = "multiply_tool"
 TOOL_NAME = "code_interpreter"
-DEFAULTS = dict(train=4000, heldout=100, tool_fraction=0.3, sft_steps=300, sft_batch=32, sft_lr=2e-3,
-                rl_steps=30, rl_lr=5e-4, rollout_batch=16, n_samples=8, hidden=128, layers=2)
+DIRECT = "The answer is "  # how a direct (in-head) answer starts: the first token is "T" or the tool call's "<"
+DEFAULTS = dict(train=4000, heldout=100, tool_fraction=0.4, sft_steps=300, sft_batch=32, sft_lr=2e-3,
+                rl_steps=25, rl_lr=5e-4, rollout_batch=16, n_samples=8, hidden=128, layers=2)
 QUICK = dict(train=200, heldout=16, sft_steps=20, rl_steps=2, rollout_batch=4, n_samples=4, hidden=64)
 
 
@@ -58,7 +60,7 @@ def sft_chat(row: dict, use_tool: bool) -> list[dict]:
     """The formatted conversation of a row: with the tool call and its result, or the direct answer."""
     truth = row["reward_model"]["ground_truth"]
     if not use_tool:
-        return row["prompt"] + [{"role": "assistant", "content": truth}]
+        return row["prompt"] + [{"role": "assistant", "content": DIRECT + truth}]
     return row["prompt"] + [{"role": "assistant", "content": tool_call_text(row)}, {"role": "tool", "content": truth + "\n"},
                             {"role": "assistant", "content": truth}]
 
@@ -98,13 +100,14 @@ def sft_tensors(chats: list[list[dict]], tokenizer) -> tuple[torch.Tensor, torch
 
 
 def final_answer(text: str) -> str:
-    """The last non-empty line of a decoded response (special tokens skipped)."""
+    """The answer of a decoded response (special tokens skipped): its last non-empty line, without DIRECT."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+    last = lines[-1] if lines else ""
+    return last[len(DIRECT):] if last.startswith(DIRECT) else last
 
 
 def compute_score(data_source: str, solution_str: str, ground_truth: str, extra_info=None) -> float:
-    """1.0 if the response's final line is exactly the product, else 0.0."""
+    """1.0 if the response's answer (final_answer) is exactly the product, else 0.0."""
     return float(final_answer(solution_str) == str(ground_truth))
 
 
