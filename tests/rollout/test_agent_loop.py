@@ -4,6 +4,7 @@ sequence and loss mask of a two-turn tool rollout against the chat template's re
 conversation, tool time overlapping decoding, malformed calls, the turn limit, the tool-call parser."""
 
 import asyncio
+import math
 
 import pytest
 import torch
@@ -158,3 +159,35 @@ def test_parse_tool_calls():
     assert parse_tool_calls("<tool_call>[1]</tool_call>")[0].startswith("malformed tool call: expected")
     with pytest.raises(ValueError, match="max_turns"):
         AgentLimits(max_turns=0)
+
+
+def test_trainer_step_with_tools_trains_only_model_tokens(hf_dir):
+    """PPOTrainer(tools=...): the Rollout stage runs the agent loop (scripted sampler on the trainer's own
+    engine); the batch's loss mask marks the model's tokens, advantages are 0 on tool/template tokens,
+    and the agent/ metrics are reported."""
+    from verl_mega.rollout.actor import get_actor_model
+    from verl_mega.trainer.config import TrainerConfig
+    from verl_mega.trainer.ppo_trainer import PPOTrainer
+
+    torch.manual_seed(0)
+    cfg = TrainerConfig()
+    cfg.rollout.max_turns = 3
+    actor = get_actor_model(hf_dir)
+    trainer = PPOTrainer(actor, reward_fn=lambda r: float(r.strip().endswith("5.")), algorithm="reinforce_plus_plus",
+                         rollout_batch_size=2, n_samples=1, max_new_tokens=200, lr=1e-4, tools=[AddTool()], config=cfg)
+    worker = trainer.worker
+    engine = worker.engine(worker.weights.to_inference(), 400, 2)  # the engine the rollout will reuse
+    worker.weights.to_train()
+    scripted(engine, actor.tokenizer, {"What is 2+3?": [CALL, "The answer is 5."], "Say hi": ["hi"]})
+    m = trainer.step([{"prompt": [{"role": "user", "content": "What is 2+3?"}]},
+                      {"prompt": [{"role": "user", "content": "Say hi"}]}])
+    b = trainer.last_batch
+    t1, t2, glue = len(CALL) + 1, len("The answer is 5.") + 1, 21
+    assert b.loss_mask[0].tolist() == [1.0] * t1 + [0.0] * glue + [1.0] * t2
+    assert b.response_mask[0].sum() == t1 + glue + t2  # every token exists for attention
+    assert b.loss_mask[1].tolist() == b.response_mask[1].tolist()  # single-turn row: all model tokens
+    assert b.scores.tolist() == [1.0, 0.0]
+    tool_tokens = (b.response_mask - b.loss_mask).bool()
+    assert (b.advantages[tool_tokens] == 0).all() and (b.advantages[b.loss_mask.bool()] != 0).all()
+    assert (m["agent/turns"], m["agent/tool_calls"], m["agent/tool_errors"]) == (1.5, 0.5, 0.0)
+    assert math.isfinite(m["actor/loss"])
