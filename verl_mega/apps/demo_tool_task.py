@@ -33,7 +33,7 @@ import torch.distributed as dist
 DATA_SOURCE = "multiply_tool"
 TOOL_NAME = "code_interpreter"
 DIRECT = "The answer is "  # how a direct (in-head) answer starts: the first token is "T" or the tool call's "<"
-DEFAULTS = dict(train=4000, heldout=100, tool_fraction=0.4, sft_steps=300, sft_batch=32, sft_lr=2e-3,
+DEFAULTS = dict(train=4000, heldout=100, tool_fraction=0.4, sft_steps=800, sft_batch=32, sft_lr=2e-3,
                 rl_steps=25, rl_lr=5e-4, rollout_batch=16, n_samples=8, hidden=128, layers=2)
 QUICK = dict(train=200, heldout=16, sft_steps=20, rl_steps=2, rollout_batch=4, n_samples=4, hidden=64)
 
