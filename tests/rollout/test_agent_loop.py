@@ -120,7 +120,8 @@ def test_slow_tool_does_not_stall_other_samples(setup):
     a, b = loop.run([[{"role": "user", "content": "slow one"}], [{"role": "user", "content": "long one"}]])
     # the tool returned after the engine ran >= 5 decode steps for the other sample while it waited; a
     # loop that ran tools serially between engine steps would see 0 and the tool would wait its 10 s limit
-    tool_msg = tok.decode(a.response_ids, skip_special_tokens=False).split("<|im_start|>tool\n")[1].split("<|im_end|>")[0]
+    text = tok.decode(a.response_ids, skip_special_tokens=False)
+    tool_msg = text.split("<|im_start|>tool\n")[1].split("<|im_end|>")[0]
     assert int(tool_msg) >= 5
     assert a.tool_seconds < 10.0 and (a.turns, b.turns) == (2, 1)
     assert len(b.response_ids) == 151

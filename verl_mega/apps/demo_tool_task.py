@@ -61,7 +61,8 @@ def sft_chat(row: dict, use_tool: bool) -> list[dict]:
     truth = row["reward_model"]["ground_truth"]
     if not use_tool:
         return row["prompt"] + [{"role": "assistant", "content": DIRECT + truth}]
-    return row["prompt"] + [{"role": "assistant", "content": tool_call_text(row)}, {"role": "tool", "content": truth + "\n"},
+    return row["prompt"] + [{"role": "assistant", "content": tool_call_text(row)},
+                            {"role": "tool", "content": truth + "\n"},
                             {"role": "assistant", "content": truth}]
 
 
