@@ -7,6 +7,15 @@ Packed vs padded A/B:    python benchmarks/grpo_e2e.py --ab 0.5b,1.5b --response
 CPU check of the A/B:    python benchmarks/grpo_e2e.py --device cpu --smoke --ab tiny --response-len 2:8 --max-tokens 40
 CPU check (gloo, tiny):  python benchmarks/grpo_e2e.py --device cpu --tiny
                          torchrun --nproc_per_node 2 benchmarks/grpo_e2e.py --device cpu --tiny --layouts 2x1,1x2
+7B on one GPU (issue 15): python benchmarks/grpo_e2e.py --shape 7b --offload-optimizer --offload-grads --prompts 16 \
+                             --n 8 --prompt-len 512 --response-len 32:1024 --max-new-tokens 1024 --micro-batch 4
+Offload check (CPU):     python benchmarks/grpo_e2e.py --device cpu --smoke --offload-optimizer --offload-reference \
+                             --offload-grads --memory-gib 1
+
+Memory (issue 15): `--offload-optimizer / --offload-reference / --offload-grads / --offload-auto` set the
+trainer's `offload` section (`--memory-gib`: the device memory the planner checks against). Each result
+also has the memory planner's estimate (peak, phase, table) next to the measured peak GPU memory
+(max_memory_allocated over the run, from before the build) and the process's host memory (VmRSS, ru_maxrss).
 
 Model: Qwen2.5-0.5B's shape (hidden 896, 24 layers, 14 heads / 2 kv heads, vocab 151936, tied
 embeddings, qkv bias) with random weights built directly on the device in bf16 (`--tiny`: a small
@@ -29,6 +38,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import statistics
 
 import torch
@@ -40,6 +50,7 @@ from verl_mega.parallel import Layout
 from verl_mega.parallel.dist import device as comm_device
 from verl_mega.parallel.dist import init_distributed
 from verl_mega.trainer import PPOTrainer, TrainerConfig
+from verl_mega.trainer.memory_plan import GIB
 from verl_mega.trainer.stages import Pipeline
 
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
@@ -48,7 +59,10 @@ QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, nu
 QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
                   num_kv_heads=2, head_dim=128, rope_theta=1_000_000.0, max_position_embeddings=32768,
                   tie_word_embeddings=True, attention_bias=True, model_type="qwen2")
-SHAPES = {"0.5b": QWEN25_05B, "1.5b": QWEN25_15B}
+QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+                 num_kv_heads=4, head_dim=128, rope_theta=1_000_000.0, max_position_embeddings=32768,
+                 tie_word_embeddings=False, attention_bias=True, model_type="qwen2")
+SHAPES = {"0.5b": QWEN25_05B, "1.5b": QWEN25_15B, "7b": QWEN25_7B}
 # A/B variants (--ab): trainer.packing, model.recompute
 VARIANTS = {"padded": (False, "none"), "packed": (True, "none"), "packed+selective": (True, "selective"),
             "packed+full": (True, "full")}
@@ -85,6 +99,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="A/B in one process: comma-separated shapes (0.5b,1.5b; 'tiny' for a CPU check), each run "
                         f"with the variants {', '.join(VARIANTS)}; reports tokens/s, update MFU and peak memory")
     p.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per RL step")
+    p.add_argument("--offload-optimizer", action="store_true", help="offload.optimizer: masters + Adam on the host")
+    p.add_argument("--offload-reference", action="store_true", help="offload.reference: stream reference layers")
+    p.add_argument("--offload-grads", action="store_true", help="offload.grads: training state off the GPU in rollout")
+    p.add_argument("--offload-auto", action="store_true", help="offload.auto: the memory planner picks the switches")
+    p.add_argument("--memory-gib", type=float, default=None,
+                   help="device memory the planner checks against (default: CUDA's; needed for a check on CPU)")
     p.add_argument("--keep-cache", action="store_true",
                    help="keep the KV cache and CUDA graphs between rollouts (default: freed for training, recaptured)")
     p.add_argument("--steps", type=int, default=4)
@@ -111,10 +131,45 @@ def even_token_reward(response: str) -> float:
 
 
 def build_actor(shape: dict, layout: Layout, dtype: torch.dtype) -> HFActor:
-    """A random-weight actor stage built directly on this rank's device (no HF directory)."""
+    """A random-weight actor stage built directly on this rank's device (no HF directory). On CUDA the
+    weights are drawn there (`DecoderModel.init_weights` draws each tensor on the CPU: minutes at 7B)."""
     config = ModelConfig(**shape, hf_extra={"eos_token_id": EOS_ID})
-    model = build_stage(config, layout, params_dtype=dtype, device=comm_device(), init_seed=0)
+    device = comm_device()
+    on_cuda = device.type == "cuda"
+    model = build_stage(config, layout, params_dtype=dtype, device=device, init_seed=None if on_cuda else 0)
+    if on_cuda:
+        gen = torch.Generator(device).manual_seed(layout.tp_rank * 1000 + layout.pp_rank)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02, generator=gen)
     return HFActor(model, layout, config, tokenizer=None, path=None)
+
+
+def host_rss_gib() -> tuple[float, float]:
+    """(current, peak) resident host memory of this process in GiB (Linux /proc and ru_maxrss)."""
+    current = 0.0
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    current = int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return current, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def memory_report(trainer) -> dict:
+    """Offload switches, the planner's estimate (peak, phase, per phase, host) and this process's host memory."""
+    plan = trainer.memory_plan
+    current, peak = host_rss_gib()
+    return {"offload": {k: getattr(trainer.offload, k) for k in ("optimizer", "reference", "grads")},
+            "plan_peak_gib": plan.peak / GIB, "plan_peak_phase": plan.peak_phase,
+            "plan_phases_gib": {ph: round(sum(c.values()) / GIB, 3) for ph, c in plan.phases.items()},
+            "plan_host_gib": sum(plan.host.values()) / GIB, "plan_table": plan.table(),
+            "host_rss_gib": current, "host_peak_rss_gib": peak}
 
 
 def force_lengths_stage(response_len: str | None, seed: int, record: list):
@@ -187,12 +242,16 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
     cfg.model.recompute = recompute or args.recompute
     cfg.data.max_prompt_length = args.prompt_len
     cfg.rollout.engine.max_batch = per_dp * args.n
-    cfg.algorithm.kl_coef = 0.001
+    cfg.algorithm.kl_coef = 0.001  # > 0: a reference model (as in GRPO recipes)
     cfg.trainer.progress_bar = False
     cfg.trainer.packing = (args.packing == "on") if packing is None else packing
     cfg.trainer.max_tokens_per_micro_batch = args.max_tokens if cfg.trainer.packing else None
     cfg.parallel.tp_g = args.tp_g
     cfg.rollout.free_cache = not args.keep_cache
+    o = cfg.offload
+    o.optimizer, o.reference, o.grads, o.auto = (args.offload_optimizer, args.offload_reference, args.offload_grads,
+                                                 args.offload_auto)
+    o.memory_gib = args.memory_gib
     trainer = PPOTrainer(actor, reward_fn=even_token_reward, algorithm="grpo", rollout_batch_size=per_dp,
                          n_samples=args.n, max_new_tokens=args.max_new_tokens, temperature=1.0, lr=1e-6,
                          micro_batch_size=args.micro_batch, mini_batch_size=max(1, per_dp // args.mini_batches),
@@ -240,6 +299,9 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
     result["reshard_bytes_moved_per_rank"] = stats.bytes_moved if stats is not None else 0
     result["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     result["update_peak_memory_gib"] = max(update_peaks) if update_peaks and torch.cuda.is_available() else None
+    result.update(memory_report(trainer))
+    if result["max_memory_gib"]:
+        result["plan_error"] = (result["plan_peak_gib"] - result["max_memory_gib"]) / result["max_memory_gib"]
     del trainer, actor
     gc.collect()
     if torch.cuda.is_available():
@@ -273,7 +335,8 @@ def profile_step(trainer, samples, out_dir: str, top: int = 40) -> dict:
 
 
 def markdown(results: list[dict], args, world: int, device: str) -> str:
-    lines = [f"# GRPO end-to-end step ({'tiny' if args.tiny else 'Qwen2.5-0.5B shape, bf16'}, {world} x {device})", "",
+    shape = "tiny" if args.tiny else f"Qwen2.5-{args.shape.upper()} shape, bf16"
+    lines = [f"# GRPO end-to-end step ({shape}, {world} x {device})", "",
              f"{args.prompts} prompts x {args.n} responses per step, prompt {args.prompt_len} tokens, "
              f"up to {args.max_new_tokens} new tokens; mean of {args.steps - args.warmup} steps after "
              f"{args.warmup} warm-up.", "",
@@ -284,6 +347,16 @@ def markdown(results: list[dict], args, world: int, device: str) -> str:
         cells = [f"{r[f'time/{p}']:.3f}" for p in PHASES] + [f"{r['time/step']:.3f}",
                  f"{r['throughput/tokens_per_s_per_gpu']:.0f}", f"{r['throughput/gen_tokens_per_s_per_gpu']:.0f}"]
         lines.append(f"| {lay['tp']}x{lay['pp']}x{lay['dp']}, tp_g={lay['tp_g']} | " + " | ".join(cells) + " |")
+    lines += ["", "| layout | offload | peak GPU GiB (update) | planned GiB (phase) | host peak GiB | planned host GiB |",
+              "|---|---|---|---|---|---|"]
+    for r in results:
+        lay, gpu = r["layout"], "-"
+        if r["max_memory_gib"] is not None:
+            gpu = f"{r['max_memory_gib']:.1f} ({r['update_peak_memory_gib']:.1f})"
+        off = ",".join(k for k, v in r["offload"].items() if v) or "none"
+        lines.append(f"| {lay['tp']}x{lay['pp']}x{lay['dp']} | {off} | {gpu} | {r['plan_peak_gib']:.2f} "
+                     f"({r['plan_peak_phase']}) | {r['host_peak_rss_gib']:.1f} | {r['plan_host_gib']:.1f} |")
+    lines += ["", "Planner tables:", ""] + ["```\n" + r["plan_table"] + "\n```" for r in results]
     return "\n".join(lines) + "\n"
 
 

@@ -33,7 +33,7 @@ def demo_model(tmp_path_factory):
 
 
 def test_demo_prompt_ids_agree_everywhere_with_bos(demo_model, tmp_path):
-    from verl_mega.models import get_actor_model
+    from verl_mega.rollout import get_actor_model
 
     sp_file, model_dir = demo_model
     tok = load_tokenizer(model_dir)

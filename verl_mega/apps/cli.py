@@ -40,14 +40,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"verl-mega: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(SUBCOMMANDS[name][0])
+    import torch.distributed as dist
+
     from verl_mega.parallel.dist import shutdown_distributed  # after the subcommand: torch is imported by now
 
+    # whoever creates the process group destroys it: a caller that already had one (a script or test calling
+    # main() in-process) keeps it; one the subcommand created is shut down here so the process exits cleanly
+    owned = not (dist.is_available() and dist.is_initialized())
     try:
         status = int(module.main(rest) or 0)
     except BaseException:
-        shutdown_distributed(barrier=False)  # peers may never reach a barrier; the traceback follows
+        if owned:
+            shutdown_distributed(barrier=False)  # peers may never reach a barrier; the traceback follows
         raise
-    shutdown_distributed(barrier=True)  # every rank done before any group goes away (clean exit, status kept)
+    if owned:
+        shutdown_distributed(barrier=True)  # every rank done before any group goes away (clean exit, status kept)
     return status
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from verl_mega.models.tokenizer import encode_text
+from verl_mega.data.text import encode_text
 
 
 def _read_rows(path: Path) -> list[Any]:

@@ -13,10 +13,8 @@ decode, `__call__` (ids + attention mask), eos/pad/bos token ids, `apply_chat_te
 ChatML rendering unless a Jinja template string is given) and `save_pretrained`. Like a HF
 tokenizer, encode and `__call__` add the special tokens (BOS) unless add_special_tokens=False.
 
-`encode_text(tokenizer, text, templated=...)` is the one tokenisation of prompt text used by the
-dataset (training), `encode_prompts` (generate, trainer.step with strings) and the demo: the
-tokenizer's special tokens (BOS) for plain text, none for a chat-template rendering (the template
-writes its own).
+The one tokenisation of prompt text (BOS for plain text, none for a chat-template rendering) is
+`verl_mega.data.text.encode_text`, used by the dataset, `encode_prompts` and the demo.
 """
 
 from __future__ import annotations
@@ -104,12 +102,6 @@ class SentencePieceTokenizer:
         """Copy the sentencepiece model to `out_dir/tokenizer.model`."""
         os.makedirs(out_dir, exist_ok=True)
         shutil.copyfile(self.model_file, os.path.join(out_dir, "tokenizer.model"))
-
-
-def encode_text(tokenizer, text: str, *, templated: bool = False) -> list[int]:
-    """Token ids of prompt `text`: with the tokenizer's special tokens (e.g. BOS) for plain text; without
-    them when `templated` (a chat template's rendering carries its own)."""
-    return list(tokenizer.encode(text, add_special_tokens=not templated))
 
 
 _GENERIC_FAST = ("TokenizersBackend", "PreTrainedTokenizerFast")

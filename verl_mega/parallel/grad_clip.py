@@ -12,8 +12,8 @@ The squared sums are then all-reduced over the model-parallel group and the dp g
 ranks return the same norm; clipping scales the local gradients by min(1, max_norm / (norm + 1e-6)),
 as `torch.nn.utils.clip_grad_norm_` does.
 
-Reference: Megatron-core `optimizer/clip_grads.py`. Uses torch's `get_total_norm` /
-`clip_grads_with_norm_` for the local part.
+Reference: Megatron-core `optimizer/clip_grads.py`. Uses torch's `get_total_norm` for the local part
+and `clip_grads_with_norm_`'s arithmetic for the scaling.
 """
 
 from __future__ import annotations
@@ -48,10 +48,15 @@ def global_grad_norm(grads: list[torch.Tensor], groups: list) -> torch.Tensor:
     return local.sqrt()[0]
 
 
-def clip_grads_(params: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
-    """Scale the `.grad` of `params` in place by min(1, max_norm / (total_norm + 1e-6)); no-op if max_norm <= 0."""
-    if max_norm > 0 and params:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm, foreach=None)
+@torch.no_grad()
+def clip_grads_(grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale gradient tensors in place by min(1, max_norm / (total_norm + 1e-6)); no-op if max_norm <= 0.
+
+    The arithmetic of `torch.nn.utils.clip_grads_with_norm_`, which takes parameters (their `.grad`);
+    ours are the fp32 `main_grad` buffers, which are no parameter's `.grad`."""
+    if max_norm > 0 and grads:
+        coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
 
 
 def _group_device(groups) -> torch.device:

@@ -11,6 +11,12 @@ own parameters one `all_gather_into_tensor` (in place) gives every rank the full
 For fp32 model parameters the master weight *is* the parameter storage (no copy); for bf16 the
 master is an fp32 copy and the parameter is refreshed from it after every step.
 
+Optimizer offload (`offload=True`, DeepSpeed ZeRO-Offload style): the owned fp32 masters and their
+Adam moments live in host memory and the AdamW step runs on the CPU (torch's fused CPU AdamW: ~4x
+the for-loop/foreach implementations, measured), streamed bucket by bucket by `StreamedHostStep`
+(gradients down, step, updated weights up, overlapped). The same per-parameter state is exposed
+either way (`master_of`, `adam_state`), so checkpoints do not depend on the switch.
+
 Gradients come from `DataParallelGrads` (`param.main_grad`, fp32, already summed over dp).
 
 Reference: Rajbhandari et al., "ZeRO" (SC 2020), stage 1; Megatron-core DistributedOptimizer.
@@ -24,6 +30,10 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+
+from verl_mega.parallel.offload import StreamedHostStep
+
+DEFAULT_OFFLOAD_BUCKET_NUMEL = 2**28  # elements per host-step bucket (1 GiB of fp32 gradients)
 
 
 def partition_params(numels: list[int], dp: int) -> list[int]:
@@ -42,10 +52,13 @@ class ZeroOptimizer:
     params: the stage's parameters (all of one dtype, e.g. bf16 or fp32), each with `main_grad`
     (set by DataParallelGrads) when `step()` runs. dp_group: the data-parallel group.
     make_optimizer: builds the optimizer over the owned fp32 masters (e.g. `optim.make_adamw`).
+    offload: keep masters and Adam moments on the host and step on the CPU, `offload_bucket_numel`
+    elements at a time.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], dp_group,
-                 make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer]):
+                 make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer], *, offload: bool = False,
+                 offload_bucket_numel: int = DEFAULT_OFFLOAD_BUCKET_NUMEL):
         dtypes = {p.dtype for p in params}
         if len(dtypes) > 1:
             raise ValueError(f"all parameters of a stage must share one dtype, got {sorted(map(str, dtypes))}")
@@ -55,10 +68,16 @@ class ZeroOptimizer:
         self.owned = [p for p, o in zip(self.params, self.owners) if o == self.dp_rank]
         self._owned_index = {id(p): i for i, p in enumerate(self.owned)}
         self._build_param_buffer(dtypes.pop() if dtypes else torch.float32)
-        self.aliased = self.buffer.dtype == torch.float32
-        self.masters = [self._view_of(p) if self.aliased else self._view_of(p).detach().float().clone()
-                        for p in self.owned]
+        self.offload = offload
+        self.aliased = self.buffer.dtype == torch.float32 and not offload
+        if offload:  # plain (pageable) host memory: only the step's staging buffers are pinned
+            self.masters = [torch.empty(p.shape, dtype=torch.float32).copy_(self._view_of(p)) for p in self.owned]
+        else:
+            self.masters = [self._view_of(p) if self.aliased else self._view_of(p).detach().float().clone()
+                            for p in self.owned]
         self.optimizer = make_optimizer(self.masters)
+        self.host_step = (StreamedHostStep([self._view_of(p) for p in self.owned], self.masters, self.optimizer,
+                                           offload_bucket_numel) if offload else None)
 
     def _build_param_buffer(self, dtype: torch.dtype) -> None:
         """Flat buffer of dp equal regions; move each parameter's data into its owner's region."""
@@ -86,21 +105,31 @@ class ZeroOptimizer:
         """Learning rate the next step uses."""
         return self.optimizer.param_groups[0]["lr"]
 
+    def owned_grads(self) -> list[torch.Tensor]:
+        """fp32 gradients (`main_grad`, on the device) of the owned parameters, in `owned` order."""
+        return [p.main_grad for p in self.owned]
+
     def attach_grads(self) -> list[torch.Tensor]:
-        """Point each owned master's .grad at its parameter's fp32 main_grad; returns the masters."""
+        """Point each owned master's .grad at its parameter's fp32 main_grad; returns the masters.
+        Not with offload (the host step attaches bucket by bucket)."""
+        assert not self.offload, "attach_grads: offloaded masters get their gradients in step()"
         for master, p in zip(self.masters, self.owned):
             master.grad = p.main_grad
         return self.masters
 
     @torch.no_grad()
     def step(self) -> None:
-        """Optimizer step on the owned masters (grads attached), refresh params, all-gather over dp."""
-        self.attach_grads()
-        self.optimizer.step()
-        for master, p in zip(self.masters, self.owned):
-            master.grad = None
-            if not self.aliased:
-                p.data.copy_(master)
+        """Optimizer step on the owned masters from the owned `main_grad`s (clipped by the caller),
+        refresh the params, all-gather over dp."""
+        if self.offload:
+            self.host_step.step(self.owned_grads())
+        else:
+            self.attach_grads()
+            self.optimizer.step()
+            for master, p in zip(self.masters, self.owned):
+                master.grad = None
+                if not self.aliased:
+                    p.data.copy_(master)
         self.all_gather_params()
 
     def all_gather_params(self) -> None:
@@ -108,6 +137,17 @@ class ZeroOptimizer:
         if self.dp > 1:
             mine = self.buffer[self.dp_rank * self.region:(self.dp_rank + 1) * self.region]
             dist.all_gather_into_tensor(self.buffer, mine, group=self.dp_group)
+
+    def device_state(self) -> list[torch.Tensor]:
+        """Training-only tensors this optimizer keeps on the device (separate fp32 masters, Adam moments),
+        each owning its storage: what the rollout hand-over may move off the device. Empty when offloaded."""
+        if self.offload:
+            return []
+        out = [] if self.aliased else list(self.masters)
+        for master in self.masters:
+            state = self.optimizer.state.get(master, {})
+            out += [state[k] for k in ("exp_avg", "exp_avg_sq") if k in state]
+        return out
 
     @torch.no_grad()
     def reload_masters(self) -> None:

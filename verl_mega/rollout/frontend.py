@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import replace
 
-from verl_mega.models.tokenizer import encode_text
+from verl_mega.data.text import encode_text
 from verl_mega.rollout.sampling import SamplingParams
 
 

@@ -73,11 +73,12 @@ def _tp_mesh(layout, device: torch.device) -> DeviceMesh | None:
     return cache[device.type]
 
 
-def _wrap(t: torch.Tensor, p: torch.Tensor, layout, mesh) -> torch.Tensor:
-    """Local value -> DCP entry: DTensor shard for TP-sharded parameters, plain tensor otherwise."""
+def _wrap(t: torch.Tensor, p: torch.Tensor, layout) -> torch.Tensor:
+    """Local value -> DCP entry: DTensor shard for TP-sharded parameters (on a mesh of the value's
+    device type: host-offloaded optimizer state stays on the host), plain tensor otherwise."""
     t = t.detach().clone() if t._base is not None else t.detach()  # a view would drag its whole buffer along
     if _is_tp_sharded(p, layout.tp):
-        return DTensor.from_local(t, mesh, [Shard(p.partition_dim)], run_check=False)
+        return DTensor.from_local(t, _tp_mesh(layout, t.device), [Shard(p.partition_dim)], run_check=False)
     return t
 
 
@@ -85,14 +86,13 @@ def _wrap(t: torch.Tensor, p: torch.Tensor, layout, mesh) -> torch.Tensor:
 def engine_state_dict(engine) -> dict:
     """This rank's DCP entries (see module docstring)."""
     layout, zero = engine.layout, engine.zero
-    mesh = _tp_mesh(layout, engine.device)
     out = {}
     for _, p, key in param_keys(engine.model):
         if not zero.owns(p) or (getattr(p, "shared_embedding", False) and not layout.is_first_stage):
             continue
-        out[f"model/{key}"] = _wrap(zero.master_of(p), p, layout, mesh)
+        out[f"model/{key}"] = _wrap(zero.master_of(p), p, layout)
         for name, value in zero.adam_state(p).items():
-            out[f"optim/{key}/{name}"] = _wrap(value, p, layout, mesh)
+            out[f"optim/{key}/{name}"] = _wrap(value, p, layout)
     out["engine/adam_steps"] = torch.tensor(engine.adam_steps, dtype=torch.int64)
     out[f"rng/rank{dist.get_rank()}/cpu"] = torch.get_rng_state()
     if engine.device.type == "cuda":

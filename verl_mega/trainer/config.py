@@ -72,9 +72,7 @@ class AlgorithmSection:
     norm_adv_by_std: bool = True  # GRPO: divide by the group std (False = Dr. GRPO)
     clip_ratio_low: float = 0.2  # PPO clip: ratio >= 1 - clip_ratio_low
     clip_ratio_high: float = 0.2  # PPO clip: ratio <= 1 + clip_ratio_high (0.28 = DAPO clip-higher)
-    # dual-clip PPO bound c > 1 for negative advantages (e.g. 3.0); None = off. Porting a verl recipe: verl's
-    # policy loss has dual-clip ON by default (actor clip_ratio_c = 3.0); set dual_clip: 3.0 to match it.
-    dual_clip: Optional[float] = None
+    dual_clip: Optional[float] = None  # dual-clip PPO bound c > 1 for negative advantages; None = off. verl has it ON by default (clip_ratio_c = 3.0): set 3.0 to match a verl recipe
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean
     entropy_coef: float = 0.0  # entropy bonus coefficient in the actor loss
     kl_coef: float = 0.0  # KL-to-reference coefficient; > 0 builds the reference model
@@ -139,6 +137,16 @@ class ParallelSection:
 
 
 @dataclass
+class OffloadConfig:
+    optimizer: bool = False  # fp32 master weights + Adam moments in host memory, AdamW step on the CPU
+    reference: bool = False  # reference policy layers in host memory, streamed to the GPU layer by layer
+    grads: bool = False  # during rollout, move gradients (and on-GPU optimizer state) to the host for the KV cache
+    auto: bool = False  # the planner picks the three switches above (fewest that fit; needs CUDA or memory_gib)
+    memory_gib: Optional[float] = None  # device memory to plan against; None: CUDA's free memory (no check on CPU)
+    plan: bool = True  # run the memory planner at construction: table on rank 0, early error if it cannot fit
+
+
+@dataclass
 class TrainerConfig:
     """The whole run: `load_config(TrainerConfig, "examples/configs/gsm8k_grpo.yaml", ["optim.lr=1e-6"])`."""
 
@@ -149,6 +157,7 @@ class TrainerConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
 
 
 def check_config(cfg: TrainerConfig) -> None:
@@ -199,3 +208,5 @@ def check_config(cfg: TrainerConfig) -> None:
             raise ValueError(f"{name} must be >= {low}, got {value}")
     if a.kl_coef < 0:
         raise ValueError(f"algorithm.kl_coef must be >= 0, got {a.kl_coef}")
+    if cfg.offload.memory_gib is not None and cfg.offload.memory_gib <= 0:
+        raise ValueError(f"offload.memory_gib must be positive, got {cfg.offload.memory_gib}")

@@ -28,6 +28,13 @@ Contracts
   inference engine sharing the weights) must be built after the engine. Parameters keep their
   identity and values; `.grad` stays None (gradients live in `main_grad`).
 
+- Optimizer offload (`offload_optimizer=True`): fp32 masters and Adam moments on the host, the
+  AdamW step on the CPU (see `parallel/zero.py`); results equal the on-device optimizer's.
+- Rollout hand-over: `offload_training_state()` moves what only training needs (the fp32 gradient
+  buffer, device-resident masters and Adam moments) to the host and frees its device memory, so the
+  rollout's KV cache can take it; `reload_training_state()` brings it back (values unchanged). Call
+  them around generation, after `optimizer_step()` and before the next `forward_backward()`.
+
 Parallel parts live in `verl_mega/parallel/` (p2p, pipeline, data_parallel, zero, grad_clip); this
 file wires them. Checkpointing: `verl_mega/trainer/checkpoint.py` (`state_dict()` here gives the
 layout-independent DCP dict).
@@ -46,8 +53,9 @@ from verl_mega.parallel.data_parallel import DEFAULT_BUCKET_MB, DataParallelGrad
 from verl_mega.parallel.dist import new_group
 from verl_mega.parallel.grad_clip import clip_grads_, counts_for_norm, global_grad_norm
 from verl_mega.parallel.layout import Layout, layout_group_ranks
+from verl_mega.parallel.offload import StorageStash
 from verl_mega.parallel.p2p import PipeComm
-from verl_mega.parallel.zero import ZeroOptimizer
+from verl_mega.parallel.zero import DEFAULT_OFFLOAD_BUCKET_NUMEL, ZeroOptimizer
 from verl_mega.trainer.optim import OptimConfig, make_adamw, make_scheduler
 
 
@@ -65,11 +73,13 @@ class TrainEngine:
     """Trains one pipeline stage (`model_stage`) of a model laid out by `layout` (see module docstring).
 
     param_dtype: dtype of the model parameters (torch.float32 or torch.bfloat16); masters, grads
-    and Adam states are fp32. bucket_mb: size of the dp all-reduce buckets.
+    and Adam states are fp32. bucket_mb: size of the dp all-reduce buckets. offload_optimizer: fp32
+    masters and Adam moments on the host, AdamW step on the CPU, `offload_bucket_numel` elements at a time.
     """
 
     def __init__(self, model_stage: torch.nn.Module, layout: Layout, optim_config: OptimConfig, *,
-                 param_dtype: torch.dtype = torch.float32, bucket_mb: float = DEFAULT_BUCKET_MB):
+                 param_dtype: torch.dtype = torch.float32, bucket_mb: float = DEFAULT_BUCKET_MB,
+                 offload_optimizer: bool = False, offload_bucket_numel: int = DEFAULT_OFFLOAD_BUCKET_NUMEL):
         if param_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"param_dtype must be torch.float32 or torch.bfloat16, got {param_dtype}")
         self.model = model_stage.to(param_dtype)
@@ -86,7 +96,9 @@ class TrainEngine:
                     dist.broadcast(p.data, src=layout.first_stage_rank, group=self.shared_group)
         self.grads = DataParallelGrads(params, layout.dp_group, bucket_mb=bucket_mb,
                                        shared_group=self.shared_group, shared_params=shared)
-        self.zero = ZeroOptimizer(params, layout.dp_group, lambda masters: make_adamw(masters, optim_config))
+        self.zero = ZeroOptimizer(params, layout.dp_group, lambda masters: make_adamw(
+            masters, optim_config, fused=True if offload_optimizer else None), offload=offload_optimizer,
+            offload_bucket_numel=offload_bucket_numel)
         self.scheduler = make_scheduler(self.zero.optimizer, optim_config)
         self._norm_flags = [counts_for_norm(p, tp_rank=layout.tp_rank, is_first_stage=layout.is_first_stage)
                             for p in self.zero.owned]
@@ -95,6 +107,8 @@ class TrainEngine:
         self.skipped_steps = 0  # steps skipped for a non-finite grad norm
         self.adam_steps = 0  # updates applied (AdamW step count, LR-schedule position)
         self._grads_synced = False
+        self._grads_zero = True  # no gradient accumulated since the last zero_grad()
+        self._stash: StorageStash | None = None  # training state moved off the device (rollout hand-over)
 
     # ------------------------------------------------------------------ training
     def forward_backward(self, microbatches: list[dict], loss_fn: Callable, *, forward_step: Callable | None = None,
@@ -102,6 +116,7 @@ class TrainEngine:
                          sync_grads: bool = True) -> dict[str, float]:
         """Forward + backward of this dp rank's micro-batches with the 1F1B schedule; grads land in
         `param.main_grad` (summed over dp when `sync_grads`). Returns metrics (same on all ranks)."""
+        self._check_resident("forward_backward")
         if self._grads_synced:
             raise ValueError("forward_backward: gradients were already synchronised; call optimizer_step() or "
                              "zero_grad() first, or pass sync_grads=False to all but the last call")
@@ -116,6 +131,7 @@ class TrainEngine:
             return loss_sum / loss_normalizer, metrics
 
         self.model.train()
+        self._grads_zero = False
         per_mb = pipeline.forward_backward(
             self.model, microbatches, forward_step=forward_step or default_forward_step, loss_fn=scaled_loss,
             comm=self.comm, before_last_backward=self.grads.before_last_backward if sync_grads else None)
@@ -140,14 +156,14 @@ class TrainEngine:
 
         Returns {"grad_norm": norm before clipping, "lr": learning rate used}. A non-finite norm skips
         the update (counted in `skipped_steps`)."""
+        self._check_resident("optimizer_step")
         if not self._grads_synced:
             self.grads.finish()
-        masters = self.zero.attach_grads()
-        counted = [m.grad for m, flag in zip(masters, self._norm_flags) if flag]
+        counted = [g for g, flag in zip(self.zero.owned_grads(), self._norm_flags) if flag]  # on the device
         norm = global_grad_norm(counted, [self.layout.mp_group, self.layout.dp_group])
         lr, norm_value = self.zero.lr, norm.item()
         if math.isfinite(norm_value):
-            clip_grads_(masters, self.optim_config.clip_grad, norm)
+            clip_grads_(self.zero.owned_grads(), self.optim_config.clip_grad, norm)
             self.zero.step()
             self.scheduler.step()
             self.adam_steps += 1
@@ -159,10 +175,45 @@ class TrainEngine:
 
     def zero_grad(self) -> None:
         """Drop accumulated gradients."""
+        self._check_resident("zero_grad")
         self.grads.zero()
         for m in self.zero.masters:
             m.grad = None
         self._grads_synced = False
+        self._grads_zero = True
+
+    # ------------------------------------------------------------------ rollout hand-over
+    def offload_training_state(self) -> int:
+        """Move the training-only device state (fp32 gradient buffer; fp32 masters and Adam moments
+        unless the optimizer is offloaded already) to the host and free its device memory; the
+        weights stay. Gradients right after `optimizer_step()`/`zero_grad()` are zero and are not
+        copied. Returns the bytes freed on the device. Not collective."""
+        if self._stash is not None:
+            return 0
+        zero_grads = self._grads_zero and not self._grads_synced
+        grads, state = StorageStash([self.grads.buffer]), StorageStash(self.zero.device_state())
+        freed = grads.stash(keep_values=not zero_grads) + state.stash()
+        self._stash = (grads, state)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # give the freed blocks back for the KV cache
+        return freed
+
+    def reload_training_state(self) -> None:
+        """Bring back what `offload_training_state()` moved (values unchanged)."""
+        if self._stash is None:
+            return
+        for stash in self._stash:
+            stash.restore()
+        self._stash = None
+
+    @property
+    def training_state_offloaded(self) -> bool:
+        """Whether `offload_training_state()` is in effect."""
+        return self._stash is not None
+
+    def _check_resident(self, what: str) -> None:
+        if self._stash is not None:
+            raise ValueError(f"{what}: the training state is offloaded; call reload_training_state() first")
 
     @torch.no_grad()
     def forward_only(self, microbatches: list[dict], output_fn: Callable, *,

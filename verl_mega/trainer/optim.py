@@ -61,13 +61,14 @@ def lr_factor(config: OptimConfig, step: int) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_adamw(params: list[torch.Tensor], config: OptimConfig) -> torch.optim.AdamW:
-    """torch AdamW over `params` (fp32 master tensors): weight decay on matrices only; fused on CUDA."""
+def make_adamw(params: list[torch.Tensor], config: OptimConfig, fused: bool | None = None) -> torch.optim.AdamW:
+    """torch AdamW over `params` (fp32 master tensors): weight decay on matrices only. fused: torch's
+    fused kernel (None: on CUDA only; True also on the CPU, ~4x the for-loop step there)."""
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    fused = bool(params) and all(p.is_cuda for p in params)
+    fused = (bool(params) and all(p.is_cuda for p in params)) if fused is None else fused and bool(params)
     if not groups:  # a rank that owns no parameter still needs an optimizer object
         groups = [{"params": [torch.zeros(1, requires_grad=True)], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused or None)

@@ -42,11 +42,12 @@ from verl_mega.trainer import checkpointing
 from verl_mega.trainer.batch import RLBatch
 from verl_mega.trainer.config import TrainerConfig, check_config
 from verl_mega.trainer.engine import TrainEngine
+from verl_mega.trainer.memory_plan import plan_for_config
 from verl_mega.trainer.metrics import MetricsLogger, bar_postfix, progress_bar, run_banner
 from verl_mega.trainer.reward_runner import RewardRunner
 from verl_mega.trainer.optim import OptimConfig
 from verl_mega.trainer.roles import FrozenModel, build_critic, build_reference
-from verl_mega.trainer.stages import Advantage, LogProbs, Metrics, Pipeline, Reward, Rollout, Update
+from verl_mega.trainer.stages import Advantage, LogProbs, Metrics, Pipeline, Reward, Rollout, Update, stage_name
 from verl_mega.trainer.validation import Validator, actor_generate_fn
 
 log = logging.getLogger("verl_mega.trainer")
@@ -115,7 +116,11 @@ class PPOTrainer:
         self.device = actor.device
         self.tokenizer = actor.tokenizer
         self.eos_ids, self.pad_id = stop_ids(actor)
-        self.actor_engine = TrainEngine(actor.model, self.layout, self._optim(cfg.optim.lr), param_dtype=actor.dtype)
+        # before the training state is allocated: print the plan, fail early if it cannot fit, pick offload (auto)
+        self.offload, self.memory_plan = plan_for_config(cfg, actor.config, self.layout, self.device,
+                                                         actor.dtype.itemsize)
+        self.actor_engine = TrainEngine(actor.model, self.layout, self._optim(cfg.optim.lr), param_dtype=actor.dtype,
+                                        offload_optimizer=self.offload.optimizer)
         self.worker = actor.rollout_worker(tp_g=cfg.parallel.tp_g, engine_config=cfg.rollout.engine,
                                            free_cache=cfg.rollout.free_cache)
         self.reference = self._reference(reference) if cfg.algorithm.kl_coef > 0 else None
@@ -136,6 +141,9 @@ class PPOTrainer:
         self.kl_ctl = (AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target and a.kl_in_reward
                        else FixedKLController(a.kl_coef)) if a.kl_coef > 0 else None
         self.pipeline = default_pipeline(self)
+        if self.offload.grads:  # rollout/train hand-over: training state off the GPU while generating
+            rollout = next(s for s in self.pipeline.stages if stage_name(s) == "rollout")
+            self.pipeline = self.pipeline.replace("rollout", TrainingStateOffloaded(rollout))
         self.global_step = 0  # RL steps done
         self.val_history: list[dict[str, float]] = []  # {"step": k, "val/...": ...} per validation run by fit()
 
@@ -164,8 +172,9 @@ class PPOTrainer:
 
     def _reference(self, reference) -> FrozenModel:
         if isinstance(reference, HFActor):
-            return FrozenModel(reference.model, self.layout)
-        return build_reference(self.actor, reference or self.config.model.reference_path)
+            return FrozenModel(reference.model, self.layout, offload=self.offload.reference)
+        return build_reference(self.actor, reference or self.config.model.reference_path,
+                               offload=self.offload.reference)
 
     def _critic(self, critic) -> TrainEngine:
         o = self.config.optim
@@ -173,13 +182,15 @@ class PPOTrainer:
         if isinstance(critic, HFActor):
             if not critic.model.is_value_model:
                 raise ValueError("critic must be loaded with value_head=True (get_actor_model(path, value_head=True))")
-            return TrainEngine(critic.model, self.layout, optim, param_dtype=critic.dtype)
+            return TrainEngine(critic.model, self.layout, optim, param_dtype=critic.dtype,
+                               offload_optimizer=self.offload.optimizer)
         path = critic or self.config.model.critic_path or self.actor.path
         if path is None:
             raise ValueError("PPO needs a critic: pass critic= (an HFActor with value_head=True or a HF directory), "
                              "or an actor loaded from a HF directory to initialise it from")
         new_head = path == self.actor.path  # the actor's LM directory: its value head is new, initialise it
-        return build_critic(self.actor, optim, path, value_head_std=self.config.model.value_head_std if new_head else None)
+        return build_critic(self.actor, optim, path, value_head_std=self.config.model.value_head_std if new_head else None,
+                            offload_optimizer=self.offload.optimizer)
 
     # ------------------------------------------------------------------ one step
     def make_batch(self, samples: list[dict]) -> RLBatch:
@@ -344,3 +355,21 @@ class PPOTrainer:
     def load_checkpoint(self, root: str, dataloader=None) -> int | None:
         """Restore the newest checkpoint under `root` (any layout: DCP reshards); returns its step or None."""
         return checkpointing.load(self, root, dataloader)
+
+
+class TrainingStateOffloaded:
+    """Runs a stage (the rollout) with the actor's and critic's training-only state moved off the GPU
+    (`TrainEngine.offload_training_state`), brought back afterwards; keeps the stage's name."""
+
+    def __init__(self, stage):
+        self.stage, self.name = stage, stage_name(stage)
+
+    def __call__(self, batch, ctx):
+        engines = [e for e in (ctx.actor_engine, ctx.critic_engine) if e is not None]
+        for engine in engines:
+            engine.offload_training_state()
+        try:
+            return self.stage(batch, ctx)
+        finally:
+            for engine in engines:
+                engine.reload_training_state()

@@ -1,0 +1,359 @@
+"""Memory planner: per-GPU bytes of an RL run by component and phase, checked before anything is allocated.
+
+    plan = plan_memory(model_config, Parallelism(tp, pp, dp), Workload(...), offload, param_bytes=2, reference=True)
+    print(plan.table())                 # rank 0
+    plan.check(capacity_bytes)          # MemoryPlanError (a ValueError) naming the knobs that would make it fit
+
+Components (bytes on one GPU, for the pipeline stage that needs the most):
+- weights: the stage's parameters (param dtype); rollout adds the inference copy's extra when
+  generation gathers more than the training shard (tp_g < tp or pp > 1).
+- grads: the fp32 `main_grad` buffer (4 B/param); during rollout 0 with `offload.grads` (hand-over).
+- optimizer: fp32 masters (4 B/param for bf16 params; fp32 params are their own masters) + Adam
+  moments (8 B/param), divided over dp (ZeRO-1); 0 with `offload.optimizer` (host memory instead:
+  12 B/param / dp, plus the host step's pinned staging buffers).
+- reference: the frozen reference's weights; with `offload.reference` only the resident embedding /
+  head plus two streamed layers (the one running and the prefetched one).
+- activations: what autograd saves for one micro-batch of `micro_batch_size` x `seq_len` tokens
+  (padded; with packing the token budget and no mask), times the micro-batches in flight on the stage
+  under 1F1B (pp - stage), plus one layer's worth of backward workspace; with `model.recompute`
+  "selective" the attention core and silu(gate) * up are not kept, with "full" only each layer's
+  input is (the table also reports the full-recompute figure).
+- logprob_chunk: the fused log-prob kernel's extra buffer, min(EXTRA_BYTES, [N, V_local] fp32 + [N, H] fp32)
+  for N response tokens of a micro-batch.
+- kv_cache: 2 x layers x min(rows x round_up(seq_len, 64), rollout.engine.max_tokens) x kv_heads/tp_g
+  x head_dim x param bytes; plus
+  prefill activations of one layer for `prefill_tokens` tokens and the [rows, V] fp32 logits buffers.
+
+Saved activations per token per layer of our decoder (b = param bytes, h = hidden, h' = q heads x
+head_dim / tp, I' = intermediate / tp, read off `models/decoder.py`'s autograd graph): two RMSNorms
+(fp32 input copy 4h and normed output b*h each), attention (rotated q, K/V expanded to the query heads,
+SDPA output and its reshaped copy: 5 b h'; the fp32 log-sum-exp), SwiGLU (gate, silu, up, product:
+4 b I'). The additive attention mask [mb, 1, S, S] is kept once per micro-batch.
+
+Phases: rollout (weights + KV cache + training state unless handed over + reference),
+logprob (forward-only passes of actor and reference: one layer's forward activations at a time),
+update (weights + grads + optimizer + activations + log-prob chunk + reference if resident).
+Simplifications: allocator fragmentation is not modelled (callers keep `headroom`); the critic is
+counted as a second actor when present.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from verl_mega.kernels.logprob import EXTRA_BYTES
+from verl_mega.models.parallelize import stage_layer_range
+from verl_mega.parallel.zero import DEFAULT_OFFLOAD_BUCKET_NUMEL
+
+log = logging.getLogger(__name__)
+GIB = 2**30
+KV_SLOT_MULTIPLE = 64  # the rollout rounds cache lengths up to this many slots
+DEFAULT_HEADROOM = 0.08  # fraction of the device kept free for fragmentation, CUDA context, NCCL buffers
+
+
+def _fmt(nbytes: float) -> str:
+    """Bytes as GiB (or MiB below 1 GiB) for messages."""
+    return f"{nbytes / GIB:.2f} GiB" if abs(nbytes) >= GIB else f"{nbytes / 2**20:.2f} MiB"
+
+
+class MemoryPlanError(ValueError):
+    """The planned peak exceeds the device memory; the message names the knobs that would make it fit."""
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    """Training layout sizes (tp_g: generation tensor-parallel size, None = tp)."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    tp_g: int | None = None
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The shapes that set activation and cache memory (per data-parallel rank)."""
+
+    micro_batch_size: int  # sequences per forward/backward
+    seq_len: int  # padded tokens per sequence (prompt + response)
+    response_len: int  # response tokens per sequence (rows of the log-prob kernel)
+    rollout_rows: int  # sequences decoded together (min(rows, rollout.engine.max_batch))
+    num_microbatches: int = 1  # micro-batches per optimizer step (bounds those in flight)
+    prefill_tokens: int = 16384  # rollout prefill slice (rollout.engine.prefill_tokens)
+    kv_token_budget: int | None = None  # the paged KV cache's token cap (rollout.engine.max_tokens); None: no cap
+    recompute: str = "none"  # model.recompute: none | selective | full
+    packed: bool = False  # trainer.packing: micro-batches hold valid tokens only (no [S, S] mask, no padding)
+    tokens_per_microbatch: int | None = None  # trainer.max_tokens_per_micro_batch (packed); None: mb x seq_len
+
+
+@dataclass(frozen=True)
+class Offload:
+    """Which components live in host memory (the `offload` config section's switches)."""
+
+    optimizer: bool = False
+    reference: bool = False
+    grads: bool = False
+
+
+@dataclass
+class MemoryPlan:
+    """Per-GPU estimate: `phases[phase][component]` bytes; `peak` over phases; `host` bytes off the GPU."""
+
+    phases: dict[str, dict[str, int]]
+    host: dict[str, int]
+    recompute_activations: int
+    offload: Offload
+    stage: int
+
+    @property
+    def peak(self) -> int:
+        """Bytes of the phase with the most memory."""
+        return max(sum(c.values()) for c in self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        """Name of the phase with the most memory."""
+        return max(self.phases, key=lambda p: sum(self.phases[p].values()))
+
+    def table(self, capacity: int | None = None) -> str:
+        """Aligned text table: components x phases (GiB, or MiB for a small plan), the peak, host memory
+        and the capacity."""
+        unit, scale = ("GiB", GIB) if self.peak >= GIB else ("MiB", 2**20)
+        comps = list(dict.fromkeys(c for p in self.phases.values() for c in p))
+        o = self.offload
+        lines = [f"memory plan per GPU (pipeline stage {self.stage}; {unit}) offload: optimizer={o.optimizer} "
+                 f"reference={o.reference} grads={o.grads}",
+                 f"{'component':<22}" + "".join(f"{p:>10}" for p in self.phases)]
+        for c in comps:
+            lines.append(f"{c:<22}" + "".join(f"{self.phases[p].get(c, 0) / scale:>10.2f}" for p in self.phases))
+        lines.append(f"{'total':<22}" + "".join(f"{sum(v.values()) / scale:>10.2f}" for v in self.phases.values()))
+        host = ", ".join(f"{k} {v / scale:.2f}" for k, v in self.host.items() if v) or "none"
+        lines.append(f"peak {self.peak / scale:.2f} {unit} ({self.peak_phase}); activations with full recompute would "
+                     f"be {self.recompute_activations / scale:.2f} {unit}; host {sum(self.host.values()) / scale:.2f} "
+                     f"{unit} ({host})")
+        if capacity is not None:
+            lines.append(f"device {capacity / scale:.2f} {unit} usable")
+        return "\n".join(lines)
+
+    def fits(self, capacity: int, host_capacity: int | None = None) -> bool:
+        """Whether the peak is within `capacity` bytes (and the offloaded state within `host_capacity`)."""
+        return self.peak <= capacity and (host_capacity is None or sum(self.host.values()) <= host_capacity)
+
+    def check(self, capacity: int, host_capacity: int | None = None) -> None:
+        """MemoryPlanError naming the knobs when the peak exceeds `capacity` bytes or the offloaded
+        state exceeds `host_capacity` bytes of host memory."""
+        host = sum(self.host.values())
+        if host_capacity is not None and host > host_capacity:
+            knobs = [f"offload.{k}=false ({_fmt(v)})" for k, v in self.host.items()
+                     if v and k in ("reference", "optimizer")]
+            raise MemoryPlanError(
+                f"the offloaded state does not fit in host memory: {_fmt(host)} > {_fmt(host_capacity)} "
+                f"available. Try: " + "; ".join(knobs + ["more GPUs: a larger data-parallel size shards the "
+                                                           "offloaded optimizer state"]) + ".\n" + self.table(capacity))
+        if self.peak <= capacity:
+            return
+        phase = self.phases[self.peak_phase]
+        knobs = []
+        if not self.offload.optimizer and phase.get("optimizer", 0):
+            knobs.append(f"offload.optimizer=true (frees {_fmt(phase['optimizer'])})")
+        if not self.offload.reference and phase.get("reference", 0):
+            knobs.append(f"offload.reference=true (frees most of {_fmt(phase['reference'])})")
+        if not self.offload.grads and self.peak_phase == "rollout" and phase.get("grads", 0):
+            knobs.append(f"offload.grads=true (frees {_fmt(phase['grads'])} during rollout)")
+        if phase.get("activations", 0):
+            knobs.append(f"model.recompute=full (activations {_fmt(phase['activations'])} -> "
+                         f"{_fmt(self.recompute_activations)}) or a smaller trainer.micro_batch_size / "
+                         f"max_tokens_per_micro_batch")
+        if phase.get("kv_cache", 0):
+            knobs.append(f"a smaller rollout.engine.max_batch / max_tokens (KV cache {_fmt(phase['kv_cache'])})")
+        knobs.append("more GPUs: a larger parallel.tp / parallel.pp (weights, grads and activations split)")
+        raise MemoryPlanError(
+            f"the run does not fit: planned peak {_fmt(self.peak)} in the {self.peak_phase} phase > "
+            f"{_fmt(capacity)} usable device memory. Try: " + "; ".join(knobs) + ".\n" + self.table(capacity))
+
+
+# ---------------------------------------------------------------------------------------------- counting
+def layer_params(cfg, tp: int) -> int:
+    """Parameters of one decoder layer on one tp rank."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if cfg.attention_bias else 0)
+    mlp = 3 * h * cfg.intermediate_size
+    norms = 2 * h + (2 * d if getattr(cfg, "qk_norm", False) else 0)
+    return (attn + mlp) // tp + norms
+
+
+def stage_params(cfg, tp: int, pp: int, stage: int, value_head: bool = False) -> tuple[int, int]:
+    """(parameters of the stage's layers, of the rest: embedding / final norm / head) on one tp rank."""
+    start, end = stage_layer_range(cfg.num_layers, pp, stage)
+    vocab_rows = cfg.padded_vocab_size(tp) // tp * cfg.hidden_size
+    rest = vocab_rows if stage == 0 else 0
+    if stage == pp - 1:
+        rest += cfg.hidden_size
+        if value_head:
+            rest += cfg.hidden_size + 1
+        elif not (cfg.tie_word_embeddings and pp == 1):
+            rest += vocab_rows
+    return (end - start) * layer_params(cfg, tp), rest
+
+
+def activation_bytes_per_token_layer(cfg, tp: int, b: int) -> int:
+    """Bytes autograd keeps per token and layer (see module docstring)."""
+    h = cfg.hidden_size
+    hq = cfg.num_heads * cfg.head_dim // tp
+    inter = cfg.intermediate_size // tp
+    return 2 * (4 * h + b * h) + 5 * b * hq + 4 * (cfg.num_heads // tp) + 4 * b * inter
+
+
+def forward_bytes_per_token_layer(cfg, tp: int, b: int) -> int:
+    """Peak transient bytes per token of one layer's forward without autograd (normed input, q/k/v,
+    attention output, gate/up/product)."""
+    h = cfg.hidden_size
+    hq = cfg.num_heads * cfg.head_dim // tp
+    return b * (2 * h + 4 * hq) + 4 * h + 3 * b * cfg.intermediate_size // tp
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+def plan_memory(cfg, par: Parallelism, work: Workload, offload: Offload, *, param_bytes: int, reference: bool,
+                critic: bool = False, stage: int | None = None) -> MemoryPlan:
+    """The plan of pipeline stage `stage` (default: the stage with the highest peak). cfg: a ModelConfig."""
+    if stage is None:
+        plans = [plan_memory(cfg, par, work, offload, param_bytes=param_bytes, reference=reference, critic=critic,
+                             stage=s) for s in range(par.pp)]
+        return max(plans, key=lambda p: p.peak)
+    tp, b = par.tp, param_bytes
+    layers, rest = stage_params(cfg, tp, par.pp, stage)
+    p_stage = layers + rest
+    n_layers = len(range(*stage_layer_range(cfg.num_layers, par.pp, stage)))
+    models = 2 if critic else 1
+    weights = models * p_stage * b
+    grads = models * p_stage * 4
+    optimizer = models * (p_stage * (8 + (4 if b != 4 else 0))) // par.dp
+    host = {"optimizer": models * p_stage * 12 // par.dp if offload.optimizer else 0}  # separate fp32 masters
+    if offload.optimizer:  # + the step's pinned staging: 2 x (fp32 grads + param dtype) of the largest bucket
+        largest = cfg.padded_vocab_size(tp) // tp * cfg.hidden_size if (stage in (0, par.pp - 1)) else 0
+        host["offload_staging"] = 2 * max(min(DEFAULT_OFFLOAD_BUCKET_NUMEL, p_stage // par.dp), largest) * (4 + b)
+        optimizer = 0
+    ref = p_stage * b if reference else 0
+    if reference and offload.reference:
+        host["reference"] = layers * b
+        ref = rest * b + 2 * (layers // max(1, n_layers)) * b
+
+    tokens = work.tokens_per_microbatch or work.micro_batch_size * work.seq_len
+    in_flight = min(par.pp - stage, work.num_microbatches)
+    per_layer = activation_bytes_per_token_layer(cfg, tp, b)
+    if work.recompute == "selective":  # the attention core and silu(gate) * up are recomputed, not kept
+        per_layer -= b * (4 * cfg.num_heads * cfg.head_dim // tp + 3 * cfg.intermediate_size // tp)
+    mask = 0 if work.packed else work.micro_batch_size * work.seq_len ** 2 * b
+    ends = tokens * (b * cfg.hidden_size + (4 + b) * cfg.hidden_size * (stage == par.pp - 1))  # embedding / final norm
+    act_mb = tokens * per_layer * n_layers + mask + ends
+    recompute = in_flight * (tokens * b * cfg.hidden_size * n_layers + mask + ends) + tokens * per_layer
+    activations = recompute if work.recompute == "full" else in_flight * act_mb + tokens * per_layer  # + workspace
+    n_resp = work.micro_batch_size * work.response_len
+    v_local = cfg.padded_vocab_size(tp) // tp
+    chunk = min(EXTRA_BYTES, n_resp * v_local * 4 + n_resp * cfg.hidden_size * 4) if stage == par.pp - 1 else 0
+    logprob_io = n_resp * cfg.hidden_size * (b + 4) if stage == par.pp - 1 else 0  # hidden slice + its fp32 grad
+
+    tp_g = par.tp_g or tp
+    rows = work.rollout_rows
+    slots = -(-work.seq_len // KV_SLOT_MULTIPLE) * KV_SLOT_MULTIPLE
+    kv_tokens = rows * slots if work.kv_token_budget is None else min(rows * slots, work.kv_token_budget)
+    kv = 2 * cfg.num_layers * kv_tokens * (cfg.num_kv_heads // tp_g) * cfg.head_dim * b
+    inference_extra = 0
+    if tp_g != tp or par.pp > 1:
+        full_layers, full_rest = stage_params(cfg, tp_g, 1, 0)
+        inference_extra = max(0, (full_layers + full_rest - p_stage) * b)
+    prefill_tok = min(work.prefill_tokens, rows * work.seq_len)
+    rollout_act = (prefill_tok * forward_bytes_per_token_layer(cfg, tp_g, b)
+                   + 4 * rows * cfg.padded_vocab_size(tp_g))  # the [rows, V] fp32 logits + sampling copies
+    handed = offload.grads
+    train_state = {"grads": 0 if handed else grads, "optimizer": 0 if handed else optimizer}
+    fwd = tokens * forward_bytes_per_token_layer(cfg, tp, b) + mask + tokens * cfg.hidden_size * b * 2
+
+    phases = {
+        "rollout": {"weights": weights + inference_extra, **train_state, "reference": ref, "kv_cache": kv,
+                    "activations": rollout_act},
+        "logprob": {"weights": weights, "grads": grads, "optimizer": optimizer, "reference": ref,
+                    "activations": fwd, "logprob_chunk": chunk},
+        "update": {"weights": weights, "grads": grads, "optimizer": optimizer, "reference": ref,
+                   "activations": activations + logprob_io, "logprob_chunk": chunk},
+    }
+    return MemoryPlan(phases=phases, host=host, recompute_activations=recompute, offload=offload, stage=stage)
+
+
+def auto_offload(cfg, par: Parallelism, work: Workload, *, param_bytes: int, reference: bool, capacity: int,
+                 critic: bool = False, host_capacity: int | None = None) -> Offload:
+    """The fewest offload switches (in the order grads, reference, optimizer: cheapest first) whose plan
+    fits `capacity` (and `host_capacity`); all of them if none does (the caller's `check` then reports)."""
+    order = [Offload(), Offload(grads=True), Offload(grads=True, reference=True),
+             Offload(optimizer=True, grads=True), Offload(optimizer=True, reference=True, grads=True)]
+    for choice in order:
+        plan = plan_memory(cfg, par, work, choice, param_bytes=param_bytes, reference=reference, critic=critic)
+        if plan.fits(capacity, host_capacity):
+            return choice
+    return order[-1]
+
+
+def usable_device_bytes(device, memory_gib: float | None = None, headroom: float = DEFAULT_HEADROOM) -> int | None:
+    """Bytes the plan may use: `memory_gib` if given, else the CUDA device's free memory
+    (`torch.cuda.mem_get_info`) plus what this process's allocator already holds (the plan counts
+    the weights already loaded), less `headroom`; None on CPU without an override (nothing to check)."""
+    import torch
+
+    if memory_gib is not None:
+        if memory_gib <= 0:
+            raise ValueError(f"memory_gib must be positive, got {memory_gib}")
+        return int(memory_gib * GIB * (1 - headroom))
+    if torch.device(device).type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return int((free + torch.cuda.memory_reserved(device)) * (1 - headroom))  # what this process holds counts as usable
+
+
+def usable_host_bytes(headroom: float = 0.1) -> int | None:
+    """Host memory the offloaded state may take: MemAvailable (Linux /proc/meminfo) less `headroom`,
+    divided by the processes on this node (LOCAL_WORLD_SIZE ranks share it); None where unknown."""
+    import os
+
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return int(kib * 1024 * (1 - headroom)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def plan_for_config(cfg, model_config, layout, device, param_bytes: int) -> tuple[Offload, MemoryPlan]:
+    """Plan a `TrainerConfig` run before its engines are built: the offload switches (the config's, or
+    with `offload.auto` the planner's choice) and the plan. With `offload.plan`, when there is a
+    capacity to plan against (`offload.memory_gib`, or the CUDA device's memory) rank 0 prints the
+    table and a peak above it raises MemoryPlanError (so does offloaded state beyond the available
+    host memory); without one (CPU) the table is only logged."""
+    t, r, o = cfg.trainer, cfg.rollout, cfg.offload
+    seq = cfg.data.max_prompt_length + r.max_new_tokens
+    rows_per_update = (t.mini_batch_size or t.rollout_batch_size) * r.n_samples
+    packed_budget = t.max_tokens_per_micro_batch if t.packing else None
+    work = Workload(micro_batch_size=t.micro_batch_size, seq_len=seq, response_len=r.max_new_tokens,
+                    rollout_rows=min(t.rollout_batch_size * r.n_samples, r.engine.max_batch),
+                    num_microbatches=-(-rows_per_update // t.micro_batch_size),
+                    prefill_tokens=r.engine.prefill_tokens, kv_token_budget=r.engine.max_tokens,
+                    recompute=cfg.model.recompute, packed=t.packing, tokens_per_microbatch=packed_budget)
+    par = Parallelism(layout.tp, layout.pp, layout.dp, cfg.parallel.tp_g)
+    reference, critic = cfg.algorithm.kl_coef > 0, cfg.algorithm.name in ("ppo", "gae")
+    capacity = usable_device_bytes(device, o.memory_gib) if (o.plan or o.auto) else None
+    host_capacity = usable_host_bytes() if capacity is not None else None
+    if o.auto and capacity is not None:
+        choice = auto_offload(model_config, par, work, param_bytes=param_bytes, reference=reference,
+                              capacity=capacity, critic=critic, host_capacity=host_capacity)
+    else:
+        choice = Offload(optimizer=o.optimizer, reference=o.reference, grads=o.grads)
+    plan = plan_memory(model_config, par, work, choice, param_bytes=param_bytes, reference=reference, critic=critic)
+    if o.plan and layout.rank == 0:
+        if capacity is None:
+            log.info("%s", plan.table())
+        else:
+            print(plan.table(capacity), flush=True)
+    if o.plan and capacity is not None:
+        plan.check(capacity, host_capacity)
+    return choice, plan
