@@ -160,7 +160,7 @@ def test_torchrun_two_nodes_train(workdir, tmp_path):
     metrics = read_metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == [1, 2]
     # prompt tokens are summed over data-parallel ranks: 2 here proves both nodes trained in one world
-    assert metrics[0]["prompt_tokens"] == prompt_tokens_per_step(workdir, world=2)
+    assert metrics[0]["prompt_length/tokens"] == prompt_tokens_per_step(workdir, world=2)
 
 
 def test_torchrun_dead_rank_ends_job(workdir, tmp_path):
@@ -235,7 +235,7 @@ def test_slurm_two_nodes_train(slurm, workdir, tmp_path):
     assert "done: 2 steps" in log
     metrics = read_metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == [1, 2]
-    assert metrics[0]["prompt_tokens"] == prompt_tokens_per_step(workdir, world=2)
+    assert metrics[0]["prompt_length/tokens"] == prompt_tokens_per_step(workdir, world=2)
     for node in (0, 1):  # per-node logs of this job
         assert os.path.getsize(workdir / "logs" / f"verl-mega-{job_id}" / f"node{node}.log") > 0
 

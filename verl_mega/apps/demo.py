@@ -6,6 +6,7 @@ show the held-out greedy accuracy before, during and after RL.
     verl-mega demo --algorithm ppo          # PPO with a critic (GAE), from the same SFT start
     verl-mega demo --algorithm all          # the five estimators one after the other, one plot
     verl-mega demo --quick                  # CI smoke run
+    verl-mega demo --task tool              # learn to call the Python tool (three-digit products; demo_tool_task.py)
     verl-mega demo --plot runs/grpo runs/ppo --output-dir runs   # one plot over several runs' metrics.jsonl
     torchrun --nproc-per-node 2 -m verl_mega demo   # the same under torchrun
 
@@ -49,6 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="verl-mega demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny smoke run for CI")
+    p.add_argument("--task", choices=("arithmetic", "tool"), default="arithmetic",
+                   help="arithmetic: two-digit addition (default); tool: learn to call the Python tool for "
+                        "three-digit multiplication (apps/demo_tool_task.py)")
+    p.add_argument("--tool-fraction", type=float, help="--task tool: fraction of SFT examples that call the tool")
     p.add_argument("--algorithm", default="grpo",
                    help=f"RL algorithm: one of {', '.join(ALGORITHMS)}, a comma-separated list, or 'all' (default grpo)")
     p.add_argument("--recipe", help="RL config YAML (default: examples/configs/demo_<algorithm>.yaml; one algorithm only)")
@@ -71,6 +76,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="only plot: one curve per RUN_DIR (a demo output or a `verl-mega train` output_dir with "
                         "metrics.jsonl) into OUTPUT_DIR/reward_curve.png")
     args = p.parse_args(argv)
+    if args.task == "tool":
+        from verl_mega.apps import demo_tool_task
+
+        args.sft_steps = args.sft_max_steps
+        preset = {**demo_tool_task.DEFAULTS, **(demo_tool_task.QUICK if args.quick else {})}
+        for key, value in preset.items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
+        return args
     preset = {**DEFAULTS, **(QUICK if args.quick else {})}
     for key, value in preset.items():
         if getattr(args, key) is None:
@@ -96,13 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         plot_runs(runs, os.path.join(args.output_dir, "reward_curve.png"))
         print(f"wrote {os.path.join(args.output_dir, 'reward_curve.png')}")
         return 0
+    fn = run
+    if args.task == "tool":
+        from verl_mega.apps.demo_tool_task import run as fn
     if "RANK" in os.environ or args.nproc == 1:
-        run(args)
+        fn(args)
         return 0
     from verl_mega.testing.multiprocess import run_distributed
 
     start = time.time()
-    run_distributed(run, args.nproc, args, timeout_s=3600.0, env={"OMP_NUM_THREADS": "1", "VERL_MEGA_DIST_TIMEOUT": "600"})
+    run_distributed(fn, args.nproc, args, timeout_s=3600.0, env={"OMP_NUM_THREADS": "1", "VERL_MEGA_DIST_TIMEOUT": "600"})
     print(f"demo finished in {time.time() - start:.0f} s (outputs in {os.path.abspath(args.output_dir)})")
     return 0
 

@@ -42,6 +42,9 @@ class RLBatch:
     responses: torch.Tensor | None = None  # [N, R] long, right-padded
     response_mask: torch.Tensor | None = None  # [N, R] float, 1 = generated token (stop token included)
     rollout_logprobs: torch.Tensor | None = None  # [N, R] float, the sampler's log-probs
+    # [N, R] float, 1 = a token the model sampled (trained on); None = every response token. Multi-turn rows
+    # hold tool-result / template tokens that exist (response_mask, attention) but are not trained on.
+    loss_mask: torch.Tensor | None = None
     response_texts: list[str] | None = None  # N decoded responses (special tokens skipped)
     # --- reward
     scores: torch.Tensor | None = None  # [N] float, outcome reward per response
@@ -74,8 +77,15 @@ class RLBatch:
         """The sample of every row (prompt-major)."""
         return [s for s in self.samples for _ in range(self.n)]
 
-    def set_rollout(self, responses: list[list[int]], logprobs: list[list[float]], pad_id: int) -> None:
-        """Fill the sequence tensors from N response token lists (and their sampler log-probs)."""
+    @property
+    def train_mask(self) -> torch.Tensor | None:
+        """[N, R] the tokens log-probs, KL, advantages and the loss use: `loss_mask`, or `response_mask`."""
+        return self.loss_mask if self.loss_mask is not None else self.response_mask
+
+    def set_rollout(self, responses: list[list[int]], logprobs: list[list[float]], pad_id: int,
+                    loss_masks: list[list[int]] | None = None) -> None:
+        """Fill the sequence tensors from N response token lists (and their sampler log-probs; optional
+        per-token loss masks, 1 = model token, same lengths as the responses)."""
         if len(responses) != self.num_rows:
             raise ValueError(f"got {len(responses)} responses for {self.num_prompts} prompts x n={self.n}")
         prompts = [p for p in self.prompt_ids for _ in range(self.n)]
@@ -92,6 +102,13 @@ class RLBatch:
         self.attention_mask = torch.cat([prompt_mask, resp_mask.long()], dim=1)
         self.position_ids = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
         self.responses, self.response_mask, self.rollout_logprobs = resp, resp_mask, lps
+        self.loss_mask = None
+        if loss_masks is not None:
+            self.loss_mask = torch.zeros(len(responses), r_len)
+            for i, (r, m) in enumerate(zip(responses, loss_masks)):
+                if len(m) != len(r):
+                    raise ValueError(f"loss_masks[{i}] has {len(m)} entries for a response of {len(r)} tokens")
+                self.loss_mask[i, :len(m)] = torch.tensor(m, dtype=torch.float32)
 
     def microbatches(self, size: int, rows: torch.Tensor | None = None, keys: tuple[str, ...] = (),
                      device: torch.device | None = None, *, packed: bool = False, max_tokens: int | None = None,
@@ -113,6 +130,7 @@ class RLBatch:
         if missing:
             raise ValueError(f"microbatches(): batch fields {missing} are not set by any earlier stage")
         tensors = {k: getattr(self, k)[rows] for k in SEQUENCE_KEYS + tuple(keys)}
+        tensors["loss_mask"] = self.train_mask[rows]  # [rows, R] the tokens the loss uses
         if dp_group is not None and dist.get_world_size(dp_group) > 1:
             tensors, rows = balance_over_dp(tensors, self.input_ids.shape[1] - self.responses.shape[1], dp_group)
         if max_tokens is None:

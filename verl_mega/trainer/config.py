@@ -14,7 +14,7 @@ Simplification: no Hydra-style config groups; the reward is a rule (`"rule"`, by
 """
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, List, Optional
 
 from omegaconf import MISSING
 
@@ -58,6 +58,10 @@ class RolloutSection:
     free_cache: bool = True  # free the KV cache (and CUDA graphs) after each rollout, leaving the memory to training
     stream_rewards: bool = True  # score each response as soon as it finishes (reward time overlaps generation)
     reward_workers: int = 32  # concurrent reward calls (threads)
+    tools: List[Any] = field(default_factory=list)  # multi-turn tool use: verl_mega.tools.build_tools specs ([{name: code_interpreter}]); empty = single-turn
+    max_turns: int = 4  # assistant turns per sample with tools
+    max_total_tokens: Optional[int] = None  # response tokens per sample with tools (model + tool results); null = max_new_tokens
+    tool_timeout_s: float = 30.0  # wall-clock limit of one tool call
 
 
 @dataclass
@@ -183,6 +187,9 @@ def check_config(cfg: TrainerConfig) -> None:
     if a.name in ("grpo", "rloo") and r.n_samples < 2:
         raise ValueError(f"algorithm.name={a.name!r} compares samples of a prompt: rollout.n_samples must be >= 2, "
                          f"got {r.n_samples}")
+    if r.max_turns < 1 or (r.max_total_tokens is not None and r.max_total_tokens < 1) or r.tool_timeout_s <= 0:
+        raise ValueError(f"rollout.max_turns / max_total_tokens must be >= 1 and rollout.tool_timeout_s > 0, got "
+                         f"{r.max_turns} / {r.max_total_tokens} / {r.tool_timeout_s}")
     if r.temperature <= 0:
         raise ValueError(f"rollout.temperature must be > 0 for RL sampling, got {r.temperature}")
     for name, value in (("optim.schedule", cfg.optim.schedule), ("optim.critic_schedule", cfg.optim.critic_schedule)):

@@ -37,6 +37,7 @@ from verl_mega.rewards.base import RewardFailureGuard, RewardFunction, RuleBased
 from verl_mega.rollout.actor import HFActor, get_actor_model
 from verl_mega.rollout.frontend import encode_prompts, stop_ids
 from verl_mega.rollout.frontend import release as release_generation
+from verl_mega.tools import Tool, ToolSet, build_tools
 from verl_mega.trainer import checkpointing
 from verl_mega.trainer.batch import RLBatch
 from verl_mega.trainer.config import TrainerConfig, check_config
@@ -66,7 +67,7 @@ def default_pipeline(trainer: "PPOTrainer") -> Pipeline:
     cfg = trainer.config
     rollout = Rollout(trainer.worker, cfg.rollout, seed=cfg.trainer.seed, tokenizer=trainer.tokenizer,
                       pad_id=trainer.pad_id, dp_rank=trainer.layout.dp_rank,
-                      rewards=trainer.rewards if cfg.rollout.stream_rewards else None)
+                      rewards=trainer.rewards if cfg.rollout.stream_rewards else None, tools=trainer.tools)
     logprobs = LogProbs(trainer.actor_engine, trainer.reference, trainer.critic_engine, trainer.layout,
                         temperature=cfg.rollout.temperature, trainer_cfg=cfg.trainer,
                         device=trainer.device)
@@ -82,6 +83,8 @@ class PPOTrainer:
             extra_info)`; default: the GSM8K/MATH rule checkers by `data_source`.
         critic: PPO critic: an `HFActor` loaded with value_head=True, a HF path, or None (the actor's weights).
         reference: reference policy for the KL term: an `HFActor`, a HF path, or None (a frozen copy of the actor).
+        tools: multi-turn tool use (`rollout/agent_loop.py`): a `verl_mega.tools.ToolSet` or a list of `Tool`s;
+            None = config rollout.tools (`build_tools` specs), empty = single-turn.
         config: a `TrainerConfig`; the other keywords override its fields when given (not None).
     """
 
@@ -90,7 +93,7 @@ class PPOTrainer:
                  critic=None, reference=None, lr: float | None = None, kl_coef: float | None = None,
                  max_new_tokens: int | None = None, temperature: float | None = None,
                  micro_batch_size: int | None = None, mini_batch_size: int | None = None,
-                 config: TrainerConfig | None = None):
+                 tools=None, config: TrainerConfig | None = None):
         cfg = copy.deepcopy(config) if config is not None else TrainerConfig()
         given = dict(rollout_batch_size=rollout_batch_size, num_epochs=num_epochs, algorithm=algorithm,
                      n_samples=n_samples, lr=lr, kl_coef=kl_coef, max_new_tokens=max_new_tokens,
@@ -133,6 +136,7 @@ class PPOTrainer:
         self.reward_guard = RewardFailureGuard(cfg.trainer.reward_fail_threshold, cfg.trainer.reward_fail_steps)
         self.rewards = RewardRunner(self.reward_fn, self.layout, timeout_s=cfg.trainer.reward_timeout_s,
                                     max_workers=cfg.rollout.reward_workers)
+        self.tools = self._tools(tools)
         a = cfg.algorithm
         self.kl_ctl = (AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target and a.kl_in_reward
                        else FixedKLController(a.kl_coef)) if a.kl_coef > 0 else None
@@ -154,6 +158,17 @@ class PPOTrainer:
                            warmup_steps=o.warmup_steps if warmup_steps is None else warmup_steps,
                            schedule=schedule or o.schedule, min_lr=min(o.min_lr, lr),
                            total_steps=t.total_steps * updates, clip_grad=o.clip_grad)
+
+    def _tools(self, tools) -> ToolSet | None:
+        """The rollout's ToolSet: `tools` (a ToolSet or a list of Tools) or config rollout.tools; None = single-turn."""
+        r = self.config.rollout
+        if tools is None:
+            return build_tools(r.tools, timeout_s=r.tool_timeout_s) if r.tools else None
+        if isinstance(tools, ToolSet):
+            return tools
+        if isinstance(tools, (list, tuple)) and all(isinstance(t, Tool) for t in tools):
+            return ToolSet(list(tools), timeout_s=r.tool_timeout_s)
+        raise ValueError(f"tools must be a ToolSet or a list of verl_mega.tools.Tool, got {type(tools).__name__}")
 
     def _reference(self, reference) -> FrozenModel:
         if isinstance(reference, HFActor):

@@ -9,7 +9,7 @@ and a plain function can take any place (`pipeline.replace("reward", my_fn)` or 
 critic_engine, layout, ...)` get what they need when they are built (`ppo_trainer.default_pipeline(trainer)`
 builds them) and ignore `ctx`. Advantage / Update / Metrics still read `ctx`, the trainer
 (`PPOTrainer`): `config` (TrainerConfig), `layout`, `device`, `actor_engine`, `critic_engine` (or
-None), `kl_ctl` (read only; the trainer updates it from the `kl_in_reward` metric).
+None), `kl_ctl` (read only; the trainer updates it from the `actor/reward_kl_penalty` metric).
 
 Every rank runs every stage (SPMD). Rewards are computed on the first rank of each model-parallel
 group and broadcast inside it (`reward_runner.py`). Metrics are per data-parallel rank until
@@ -31,6 +31,7 @@ from verl_mega.algorithms.advantages import get_advantage_estimator, outcome_to_
 from verl_mega.algorithms.kl import apply_kl_penalty, kl_loss, kl_penalty
 from verl_mega.algorithms.losses import entropy_bonus, policy_loss, value_loss
 from verl_mega.kernels import fused_logprob_entropy
+from verl_mega.rollout.agent_loop import AgentLimits, agent_metrics, agent_rollout
 from verl_mega.rollout.sampling import SamplingParams
 from verl_mega.trainer.batch import RLBatch
 from verl_mega.trainer.packing import gather_to_owners, unpack_responses
@@ -176,14 +177,19 @@ class Rollout(Stage):
     worker: `RolloutWorker`; config: the `rollout` config section (max_new_tokens, sampling);
     seed: the run's seed; tokenizer (or None: responses become space-joined ids); pad_id: response
     padding; dp_rank: this rank's data-parallel index (seeds differ per replica); rewards: a
-    `RewardRunner` to stream responses to, or None.
+    `RewardRunner` to stream responses to, or None; tools: a `verl_mega.tools.ToolSet` (or None):
+    multi-turn samples through the agent loop (`rollout/agent_loop.py`, limits from the config section),
+    with a loss mask over the model's own tokens and `agent/...` metrics.
     """
 
     name = "rollout"
 
-    def __init__(self, worker, config, *, seed: int, tokenizer, pad_id: int, dp_rank: int = 0, rewards=None):
+    def __init__(self, worker, config, *, seed: int, tokenizer, pad_id: int, dp_rank: int = 0, rewards=None,
+                 tools=None):
         self.worker, self.config, self.seed, self.tokenizer = worker, config, seed, tokenizer
-        self.pad_id, self.dp_rank, self.rewards = pad_id, dp_rank, rewards
+        self.pad_id, self.dp_rank, self.rewards, self.tools = pad_id, dp_rank, rewards, tools
+        if tools is not None and tokenizer is None:
+            raise ValueError("Rollout with tools needs a tokenizer with a chat template")
 
     def decode(self, ids: list[int]) -> str:
         """A response's text (special tokens skipped)."""
@@ -197,6 +203,8 @@ class Rollout(Stage):
             self.rewards.start(batch.row_samples, self.decode)
             on_finish = lambda row, ids, _lps: self.rewards.submit(row, ids)  # noqa: E731
         seed = (self.seed * 1_000_003 + batch.step * 7919 + self.dp_rank * 131) % 2**62
+        if self.tools is not None:
+            return self._agent(batch, seed)
         out = self.worker.generate(batch.prompt_ids, max_new_tokens=cfg.max_new_tokens, n=batch.n, seed=seed,
                                    sampling=SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p),
                                    on_finish=on_finish)
@@ -205,8 +213,27 @@ class Rollout(Stage):
         batch.timings.update(out.timings)
         return batch
 
+    def _agent(self, batch: RLBatch, seed: int) -> RLBatch:
+        """Multi-turn samples with tool calls (the whole response, tool results included, is scored)."""
+        cfg = self.config
+        limits = AgentLimits(max_turns=cfg.max_turns, max_total_tokens=cfg.max_total_tokens or cfg.max_new_tokens,
+                             tool_timeout_s=cfg.tool_timeout_s)
+        samples, timings = agent_rollout(self.worker, self.tokenizer, self.tools, limits, batch.prompt_ids, n=batch.n,
+                                         seed=seed, sampling=SamplingParams(temperature=cfg.temperature,
+                                                                            top_k=cfg.top_k, top_p=cfg.top_p))
+        batch.set_rollout([s.response_ids for s in samples], [s.logprobs for s in samples], self.pad_id,
+                          loss_masks=[s.loss_mask for s in samples])
+        batch.response_texts = [self.decode(s.response_ids) for s in samples]
+        batch.metrics.update(agent_metrics(samples))
+        batch.timings.update(timings)
+        if self.rewards is not None:
+            self.rewards.start(batch.row_samples, self.decode)
+            for row, s in enumerate(samples):
+                self.rewards.submit(row, s.response_ids)
+        return batch
+
     def __repr__(self) -> str:
-        return "Rollout(worker)"
+        return "Rollout(worker, tools)" if self.tools is not None else "Rollout(worker)"
 
 
 class Reward(Stage):
@@ -274,7 +301,7 @@ class Advantage(Stage):
 
     def __call__(self, batch: RLBatch, ctx) -> RLBatch:
         a = ctx.config.algorithm
-        mask = batch.response_mask
+        mask = batch.train_mask  # the model's own tokens (tool results are not actions)
         rewards = outcome_to_token_rewards(batch.scores, mask)
         if a.kl_coef > 0 and a.kl_in_reward:
             rewards, kl_mean = apply_kl_penalty(rewards, batch.old_logprobs, batch.ref_logprobs, mask,
@@ -360,9 +387,9 @@ class Update(Stage):
     def _normaliser(engine, mbs, agg: str) -> dict:
         """Engine arguments making loss_sum / normaliser the aggregation's mean over the global mini-batch."""
         if agg == "token-mean":
-            return {"loss_mask_key": "response_mask"}
+            return {"loss_mask_key": "loss_mask"}
         for mb in mbs:
-            mb["sequence_count"] = (mb["response_mask"].sum(-1) > 0).float()
+            mb["sequence_count"] = (mb["loss_mask"].sum(-1) > 0).float()
         return {"loss_normalizer": engine.global_token_count(mbs, "sequence_count")}
 
     def _actor_update(self, mbs: list[dict], ctx) -> dict[str, float]:
@@ -371,7 +398,7 @@ class Update(Stage):
         model, tp_group, use_kl = engine.model, ctx.layout.tp_group, self._kl_loss(ctx)
 
         def loss_fn(hidden, mb):
-            mask = mb["response_mask"]
+            mask = mb["loss_mask"]
             lp, ent = response_logprobs(hidden, mb, model, tp_group, temp, True)
             loss, stats = policy_loss(lp, mb["old_logprobs"], mb["advantages"], mask, clip_low=a.clip_ratio_low,
                                       clip_high=a.clip_ratio_high, dual_clip=a.dual_clip, agg=a.loss_agg,
@@ -395,9 +422,9 @@ class Update(Stage):
 
         def loss_fn(values, mb):
             v = response_values(values, mb)
-            loss, clipfrac = value_loss(v, mb["values"], mb["returns"], mb["response_mask"], clip=a.value_clip,
+            loss, clipfrac = value_loss(v, mb["values"], mb["returns"], mb["loss_mask"], clip=a.value_clip,
                                         agg=a.loss_agg, denominator=1.0)
-            return loss, {"vf_clipfrac": clipfrac, "values": _masked_mean(v.detach(), mb["response_mask"])}
+            return loss, {"vf_clipfrac": clipfrac, "values": _masked_mean(v.detach(), mb["loss_mask"])}
 
         stats = engine.forward_backward(mbs, loss_fn, **self._normaliser(engine, mbs, a.loss_agg))
         stats.update(engine.optimizer_step())
@@ -430,6 +457,7 @@ class Metrics(Stage):
             "response_length/max": float(lengths.max()),
             "response_length/clip_ratio": float((lengths >= ctx.config.rollout.max_new_tokens).float().mean()),
         })
+        mask = batch.train_mask  # log-prob and KL statistics over the model's own tokens
         if batch.old_logprobs is not None:
             # how far the training forward is from the sampler (numerics, or a stale inference model)
             m["rollout/logprob_diff"] = _masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(), mask)
