@@ -40,11 +40,17 @@ import json
 import os
 import resource
 import statistics
+import sys
 
-import torch
-import torch.distributed as dist
+# this directory holds kernels.py, which would shadow the `kernels` package transformers probes for
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: benchmarks.*
 
-from verl_mega.models import ModelConfig, build_stage
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from benchmarks.forced_lengths import force_lengths, parse_length_range  # noqa: E402
+from verl_mega.models import ModelConfig, build_stage  # noqa: E402
 from verl_mega.rollout.actor import HFActor
 from verl_mega.parallel import Layout
 from verl_mega.parallel.dist import device as comm_device
@@ -86,8 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward")
     p.add_argument("--response-len", default=None,
-                   help="LO:HI: cut each response at a length drawn uniformly from [LO, HI] (seeded; EOS as its last "
-                        "token), so the training passes see realistic length spread; default: as generated")
+                   help="LO:HI: each response ends with EOS at a length drawn uniformly from [LO, HI] (seeded per "
+                        "step and dp rank), forced during generation (forced_lengths.py), so generation and the "
+                        "training passes see a realistic length spread; default: as generated")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="trainer.max_tokens_per_micro_batch of the packed runs (default: --micro-batch sequences)")
     p.add_argument("--packing", choices=("on", "off"), default="on", help="trainer.packing (single-variant runs)")
@@ -98,6 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ab", default=None,
                    help="A/B in one process: comma-separated shapes (0.5b,1.5b; 'tiny' for a CPU check), each run "
                         f"with the variants {', '.join(VARIANTS)}; reports tokens/s, update MFU and peak memory")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated --ab variants to run (default all: {','.join(VARIANTS)})")
     p.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per RL step")
     p.add_argument("--offload-optimizer", action="store_true", help="offload.optimizer: masters + Adam on the host")
     p.add_argument("--offload-reference", action="store_true", help="offload.reference: stream reference layers")
@@ -113,6 +122,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="output directory (default $OUT or .)")
     args = p.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     if args.tiny or args.smoke:
         args.tiny = True
         args.prompts, args.n, args.prompt_len, args.max_new_tokens = min(args.prompts, 4), min(args.n, 2), 16, 8
@@ -172,33 +184,16 @@ def memory_report(trainer) -> dict:
             "host_rss_gib": current, "host_peak_rss_gib": peak}
 
 
-def force_lengths_stage(response_len: str | None, seed: int, record: list):
-    """A stage for after the rollout: cut response i at a length drawn uniformly from [LO, HI] (seeded by step,
-    dp rank and row; EOS becomes its last token) and record the step's sequence lengths into `record`
-    (for the FLOP count). `response_len` None: record only."""
-    lo, hi = (int(x) for x in response_len.split(":")) if response_len else (None, None)
-    if lo is not None and not 1 <= lo <= hi:
-        raise ValueError(f"--response-len {response_len!r}: need 1 <= LO <= HI")
+def record_lengths_stage(record: list):
+    """A stage for after the rollout: record the step's sequence lengths into `record` (for the FLOP count)."""
 
-    def force_lengths(batch, ctx):
-        if lo is not None:
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + batch.step * 7919 + ctx.layout.dp_rank)
-            target = torch.randint(lo, hi + 1, (batch.num_rows,), generator=gen).tolist()
-            responses, logprobs = [], []
-            for i, want in enumerate(target):
-                n = min(int(batch.response_mask[i].sum()), want)
-                responses.append(batch.responses[i, :n].tolist())
-                if n == want:  # cut here: end with EOS, as a sampler told to stop would
-                    responses[-1][-1] = EOS_ID
-                logprobs.append(batch.rollout_logprobs[i, :n].tolist())
-            batch.set_rollout(responses, logprobs, ctx.pad_id)
-            batch.response_texts = [" ".join(map(str, r)) for r in responses]
+    def record_lengths(batch, ctx):
         lengths = batch.attention_mask.sum(-1).double()
         record.append({"tokens": float(lengths.sum()), "response_tokens": float(batch.response_mask.sum()),
                        "sum_len_sq": float((lengths ** 2).sum())})
         return batch
 
-    return force_lengths
+    return record_lengths
 
 
 def _reset_peak(batch, ctx):
@@ -259,10 +254,11 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
     for model in (actor.model, trainer.reference.model if trainer.reference is not None else None):
         for layer in (model.layers if model is not None else ()):
             layer.self_attn.varlen_kernel = args.varlen_kernel
+    force_lengths(trainer, parse_length_range(args.response_len, args.max_new_tokens), eos_token_id=EOS_ID)
     record: list[dict] = []
     stages = trainer.pipeline.stages
     at = trainer.pipeline.names().index("rollout") + 1
-    stages = stages[:at] + [force_lengths_stage(args.response_len, 1234, record)] + stages[at:]
+    stages = stages[:at] + [record_lengths_stage(record)] + stages[at:]
     at = [getattr(s, "name", None) for s in stages].index("update")
     update_peaks: list[float] = []
     trainer.pipeline = Pipeline(stages[:at] + [_reset_peak] + [stages[at]] + [_record_peak(update_peaks)]
@@ -365,7 +361,8 @@ def run_ab(args, world: int, device_name: str) -> None:
     results = []
     for shape_name in args.ab.split(","):
         shape = TINY if shape_name == "tiny" or args.tiny else SHAPES[shape_name]
-        for variant, (packing, recompute) in VARIANTS.items():
+        for variant in args.variants.split(","):
+            packing, recompute = VARIANTS[variant]
             r = run_layout(args, 1, 1, shape=shape, packing=packing, recompute=recompute)
             r.update(shape=shape_name, variant=variant)
             results.append(r)

@@ -7,9 +7,9 @@ GRPO step with a slow reward, streaming vs after generation.
 
 Workload (per shape): `--prompts` (64) random prompts of `--prompt-len` (128) tokens x `--n` (8) samples;
 every response ends with EOS at a length drawn uniformly from [--min-len, --max-len] = [32, 1024]
-(seeded). Random weights never choose EOS themselves, so the EOS is forced: a benchmark-local engine
-subclass replaces the sampled token by EOS at the drawn length (same work as a model that stops
-there: the row is freed after it, its slot taken by a waiting request).
+(seeded). Random weights never choose EOS themselves, so the EOS is forced through the engine's `eos_at`
+hook (`forced_lengths.py`: same work as a model that stops there: the row is freed after it, its slot
+taken by a waiting request).
 - new engine: all requests added at once (`max_batch` rows in flight, `--max-batch`, default all), with
   the gather + SDPA decode attention ("new") and the Triton paged-attention kernel ("new_paged");
 - static engine: one batch of prompts x n rows with max_new_tokens = the longest drawn length and
@@ -60,6 +60,7 @@ _spec.loader.exec_module(_generation)
 SHAPES, build_hf, build_ours_random, time_call = (_generation.SHAPES, _generation.build_hf,
                                                   _generation.build_ours_random, _generation.time_call)
 
+from benchmarks.forced_lengths import ForcedLengthWorker, draw_lengths  # noqa: E402
 from verl_mega.rollout.engine import GenerationEngine  # noqa: E402
 from verl_mega.rollout.engine_config import EngineConfig  # noqa: E402
 from verl_mega.rollout.sampling import SamplingParams  # noqa: E402
@@ -71,41 +72,11 @@ EOS = 1  # hf_config's eos_token_id
 H200_BW = 4.8e12  # bytes/s, HBM3e spec
 
 
-class ForcedLengthEngine(GenerationEngine):
-    """Emits EOS as response token number `lengths[(request_id, sample)] - 1` (benchmark only)."""
-
-    lengths: dict[tuple[int, int], int] = {}
-
-    def _sample(self, logits, rows, step):
-        tokens, logprobs = super()._sample(logits, rows, step)
-        targets = torch.tensor([self.lengths.get((s.request_id, s.sample_index), 1 << 30) - 1 - s.num_generated
-                                for s in rows], device=tokens.device)
-        return torch.where(targets == step, EOS, tokens), logprobs
-
-
-class ForcedLengthWorker(RolloutWorker):
-    """A RolloutWorker whose engine is a ForcedLengthEngine with the given per-row lengths."""
-
-    def __init__(self, *args, row_lengths: list[int], n: int, **kw):
-        super().__init__(*args, **kw)
-        self.row_lengths, self.n = row_lengths, n
-
-    def engine(self, model, seq_len, rows):
-        engine = super().engine(model, seq_len, rows)
-        if not isinstance(engine, ForcedLengthEngine):
-            engine.__class__ = ForcedLengthEngine  # same state, forced-EOS sampling
-        # requests get ids in order from the engine's counter; row = i * n + j of this call
-        first = engine.scheduler._next_id
-        engine.lengths = {(first + r // self.n, r % self.n): length for r, length in enumerate(self.row_lengths)}
-        return engine
-
-
 def workload(args, vocab: int) -> tuple[list[list[int]], list[int]]:
     """(prompts, per-row response lengths), seeded."""
     gen = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(2, vocab, (args.prompts, args.prompt_len), generator=gen).tolist()
-    lengths = torch.randint(args.min_len, args.max_len + 1, (args.prompts * args.n,), generator=gen).tolist()
-    return prompts, lengths
+    return prompts, draw_lengths(args.prompts * args.n, (args.min_len, args.max_len), args.seed + 1)
 
 
 def run_new(args, model, prompts, lengths, tp_group, attention: str = "gather") -> dict:
@@ -114,17 +85,16 @@ def run_new(args, model, prompts, lengths, tp_group, attention: str = "gather") 
     config = EngineConfig(max_batch=args.max_batch or rows, max_seq_len=args.prompt_len + args.max_len + 64,
                           max_tokens=args.max_tokens or rows * (args.prompt_len + args.max_len + 64),
                           block_size=args.block_size, kv_len_bucket=args.kv_len_bucket, attention=attention)
-    engine = ForcedLengthEngine(model, tp_group, config, eos_token_ids=[EOS], pad_token_id=0)
+    engine = GenerationEngine(model, tp_group, config, eos_token_ids=[EOS], pad_token_id=0)
     sampling = SamplingParams(temperature=1.0)
 
     box: list[int] = []
 
     def call(max_new: int | None = None):
         engine.seed(0)
-        first = engine.scheduler._next_id
-        engine.lengths = {(first + r // args.n, r % args.n): length for r, length in enumerate(lengths)}
-        for p in prompts:
-            engine.add_request(p, RequestParams(sampling, max_new or args.max_len, args.n))
+        for i, p in enumerate(prompts):
+            engine.add_request(p, RequestParams(sampling, max_new or args.max_len, args.n),
+                               eos_at=lengths[i * args.n:(i + 1) * args.n])
         got = 0
         while engine.has_unfinished():
             got += sum(len(d.token_ids) for d in engine.step())
@@ -276,8 +246,8 @@ def run_grpo(args, shape, device, dtype) -> dict:
         return 0.0
 
     trainer = PPOTrainer(actor, reward_fn=reward, config=cfg)
-    worker = ForcedLengthWorker(trainer.worker.weights, eos_token_ids=[EOS], pad_token_id=0,
-                                engine_config=cfg.rollout.engine, row_lengths=lengths, n=args.n)
+    worker = ForcedLengthWorker(RolloutWorker(trainer.worker.weights, eos_token_ids=[EOS], pad_token_id=0,
+                                              engine_config=cfg.rollout.engine), lengths=lengths)
     samples = [{"prompt_ids": p} for p in prompts]
     out = {}
     for mode in ("warmup", "after_generation", "streaming"):

@@ -13,9 +13,9 @@ compilation) are not measured. Random weights make any task reward meaningless, 
 token score (fraction of even ids), which still varies over samples and so exercises the whole GRPO loss.
 
 Response lengths (`--response-len LO:HI`): a random model almost never samples EOS, so each response is
-ended with EOS at a length drawn uniformly from [LO, HI] (seeded per rank): `ForcedLengthEngine` sets every
-logit but EOS's to -inf at that step. Generation then runs at the batch's real length mix (finished rows idle
-in the batch until the longest is done, as in any static-batch engine). Without the flag responses run to
+ended with EOS at a length drawn uniformly from [LO, HI] (seeded per step and dp rank; the engine's `eos_at`
+hook through `forced_lengths.py`). Generation then runs at the batch's real length mix (a finished row frees
+its slot in the continuous-batching engine). Without the flag responses run to
 `--new-tokens` (what the TRL comparison uses: TRL's random model does not stop either).
 
 Reported per configuration (mean over measured steps, global batch): tokens/s/GPU = (prompt + response
@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass
 # Run as a script, this file's directory heads sys.path, and its kernels.py would shadow the `kernels`
 # package that transformers probes for: keep the directory off the path.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: benchmarks.*
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -60,7 +61,8 @@ from verl_mega.rollout.actor import HFActor  # noqa: E402
 from verl_mega.parallel import Layout
 from verl_mega.parallel.dist import device as comm_device
 from verl_mega.parallel.dist import init_distributed
-from verl_mega.rollout.engine import GenerationEngine
+
+from benchmarks.forced_lengths import force_lengths, parse_length_range  # noqa: E402
 from verl_mega.trainer import PPOTrainer, TrainerConfig
 
 QWEN2 = dict(vocab_size=151936, rope_theta=1_000_000.0, max_position_embeddings=32768, tie_word_embeddings=True,
@@ -107,16 +109,6 @@ def parse_pairs(text: str, what: str, sep: str) -> list[tuple[int, int]]:
     return out
 
 
-def parse_response_len(text: str | None, new_tokens: int) -> tuple[int, int] | None:
-    """'LO:HI' -> (LO, HI) with 1 <= LO <= HI <= new_tokens; None stays None (no forced EOS)."""
-    if text is None:
-        return None
-    lo, hi = parse_pairs(text, "--response-len", ":")[0]
-    if not lo <= hi <= new_tokens:
-        raise ValueError(f"--response-len {text}: need LO <= HI <= --new-tokens ({new_tokens})")
-    return lo, hi
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="0.5b", help=f"comma-separated model shapes: {', '.join(SHAPES)}")
@@ -149,7 +141,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError(f"--kl {args.kl!r}: use on, off or off,on")
     if not 0 <= args.warmup < args.steps:
         raise ValueError(f"--warmup {args.warmup} must be in [0, --steps={args.steps})")
-    args.response_range = parse_response_len(args.response_len, args.new_tokens)
+    args.response_range = parse_length_range(args.response_len, args.new_tokens)
     return args
 
 
@@ -161,70 +153,6 @@ def configs(args) -> list[BenchConfig]:
 
 
 # ----------------------------------------------------------------------------------------------- workload
-class ForcedLengthEngine(GenerationEngine):
-    """The rollout engine with each response ended by EOS at a length drawn uniformly from `length_range`.
-
-    After the logits of each generation step are computed (prefill: the first response token; each decode
-    step: the next), rows whose drawn length is reached get -inf on every logit except EOS's, so the
-    sampler picks EOS; everything else (batching, CUDA graphs, early exit when all rows are done) is the
-    real engine. Lengths are drawn per chunk of rows from a generator seeded with `seed`.
-    """
-
-    def __init__(self, *args, length_range: tuple[int, int], seed: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._setup_forcing(length_range, seed)
-
-    @classmethod
-    def adopt(cls, engine: GenerationEngine, length_range: tuple[int, int], seed: int) -> "ForcedLengthEngine":
-        """Turn an engine built by the trainer into a ForcedLengthEngine (same object and buffers)."""
-        engine.__class__ = cls
-        engine._setup_forcing(length_range, seed)
-        return engine
-
-    def _setup_forcing(self, length_range: tuple[int, int], seed: int) -> None:
-        self.length_range = length_range
-        self._gen = torch.Generator().manual_seed(seed)
-        self._not_eos = torch.ones(self.true_vocab_size, dtype=torch.bool, device=self.device)
-        self._not_eos[self.eos_token_ids[0]] = False
-        self._targets = torch.zeros(0, dtype=torch.long, device=self.device)
-        self._step = 0
-
-    def _prefill(self, rows, p_len, bb):
-        lo, hi = self.length_range
-        self._targets = torch.randint(lo, hi + 1, (len(rows),), generator=self._gen).to(self.device)  # [b]
-        self._step = 0
-        return self._force_eos(super()._prefill(rows, p_len, bb))
-
-    def _decode(self, bb, kv_len):
-        self._step += 1
-        return self._force_eos(super()._decode(bb, kv_len))
-
-    def _force_eos(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [max_batch, V]: rows whose token of this step is their last -> only EOS allowed."""
-        b = self._targets.numel()
-        last = self._targets == self._step + 1  # [b]; step s samples response token s + 1
-        logits[:b].masked_fill_(last[:, None] & self._not_eos[None, :], float("-inf"))
-        return logits
-
-
-class BenchTrainer(PPOTrainer):
-    """PPOTrainer with EOS = EOS_ID (the random actor has no tokenizer or config files to name one) whose
-    rollout engine forces response lengths (when `length_range` is set)."""
-
-    def __init__(self, *args, length_range: tuple[int, int] | None, seed: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.eos_ids = [EOS_ID]
-        self.length_range, self.length_seed = length_range, seed
-
-    def generation_engine(self, model, inference_layout, rows: int, seq_len: int) -> GenerationEngine:
-        """The trainer's engine (its own reuse rules), made a ForcedLengthEngine when it was just built."""
-        engine = super().generation_engine(model, inference_layout, rows, seq_len)
-        if self.length_range is not None and not isinstance(engine, ForcedLengthEngine):
-            seed = self.length_seed * 1_000_003 + self.layout.dp_rank * 131 + inference_layout.micro_dp_rank
-            engine = ForcedLengthEngine.adopt(engine, self.length_range, seed)
-        return engine
-
-
 def even_token_reward(response: str) -> float:
     """Fraction of even token ids (without a tokenizer the response text is its ids joined by spaces)."""
     ids = [int(t) for t in response.split()]
@@ -291,13 +219,13 @@ def run_config(args, bc: BenchConfig, peak: float | None) -> dict:
     cfg = TrainerConfig()
     cfg.model.dtype = "float32" if on_cpu else "bfloat16"
     cfg.data.max_prompt_length = args.prompt_len
-    cfg.rollout.max_batch = per_dp * bc.n
+    cfg.rollout.engine.max_batch = per_dp * bc.n
     cfg.algorithm.kl_coef = 1e-3 if bc.kl else 0.0
     cfg.trainer.progress_bar = False
-    trainer = BenchTrainer(actor, reward_fn=even_token_reward, algorithm="grpo", rollout_batch_size=per_dp,
-                           n_samples=bc.n, max_new_tokens=args.new_tokens, temperature=1.0, lr=1e-6,
-                           micro_batch_size=args.micro_batch, mini_batch_size=per_dp, num_epochs=1, config=cfg,
-                           length_range=args.response_range, seed=args.seed)
+    trainer = PPOTrainer(actor, reward_fn=even_token_reward, algorithm="grpo", rollout_batch_size=per_dp,
+                         n_samples=bc.n, max_new_tokens=args.new_tokens, temperature=1.0, lr=1e-6,
+                         micro_batch_size=args.micro_batch, mini_batch_size=per_dp, num_epochs=1, config=cfg)
+    force_lengths(trainer, args.response_range, eos_token_id=EOS_ID)
     gen = torch.Generator().manual_seed(args.seed * 1000 + layout.dp_rank)
     steps = []
     for step in range(args.steps):
@@ -328,8 +256,8 @@ def step_record(trainer, metrics: dict, wall: float, shape: dict, bc: BenchConfi
     if layout.world_size > 1:  # model-parallel ranks hold the same rows: sum over the world / (tp * pp)
         dist.all_reduce(local)
     return {"wall_s": wall, "flops": float(local.item()) / (layout.tp * layout.pp),
-            "tokens": metrics["prompt_tokens"] + metrics["response_tokens"],
-            "response_tokens": metrics["response_tokens"],
+            "tokens": metrics["prompt_length/tokens"] + metrics["response_length/tokens"],
+            "response_tokens": metrics["response_length/tokens"],
             **{p: metrics.get(f"time/{p}", 0.0) for p in PHASES}}
 
 

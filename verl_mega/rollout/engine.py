@@ -8,6 +8,7 @@ What: `GenerationEngine(model, tp_group, EngineConfig(...))` serves requests on 
         for done in engine.step():          # Finished(request_id, sample_index, token_ids, logprobs)
             ...                             # as each sequence completes
     engine.append(rid, tool_result_ids)     # a paused (keep_cache=True) sequence resumes after them
+    engine.add_request(prompt_ids, params, eos_at=[17, 40, 5, 9])  # forced lengths (benchmarks, see below)
     out = engine.generate(prompts, max_new_tokens=..., n=...)   # the batch convenience: GenerationOutput
 
 A `step()` admits waiting requests (FIFO, within `max_batch` rows and the KV-cache token budget
@@ -24,6 +25,12 @@ host bookkeeping stay eager; the host reads the sampled tokens once per `sync_ev
 
 Every rank of `tp_group` must make the same calls: the sampled tokens are identical on all of them
 (`sampling.py`), so their schedules are too.
+
+Forced lengths (`eos_at`, for benchmarks with random weights, which never sample EOS themselves):
+sample j of a request emits the engine's first EOS id as its response token number `eos_at[j]` (1-based,
+so its response has exactly that many tokens unless max_new_tokens ends it first), with the log-prob
+of EOS under its logits; everything else (admission, freeing the row, the slot taken by a waiting
+request) is the real engine: the same work as a model that stops there.
 
 Reference: vLLM (Kwon et al., SOSP 2023: PagedAttention, continuous batching, prefix sharing,
 recompute preemption); gpt-fast's static-shape graphed decode.
@@ -104,21 +111,30 @@ class GenerationEngine:
         # work done (for throughput / bandwidth accounting): decode steps, rows x steps, attended
         # context tokens summed over rows and steps, prefilled tokens
         self.stats = {"decode_steps": 0, "decode_rows": 0, "decode_context_tokens": 0, "prefill_tokens": 0}
+        self._eos_at: dict[tuple[int, int], int] = {}  # (request id, sample) -> forced response length
 
     # ------------------------------------------------------------------ request API
     def add_request(self, prompt_ids: list[int], params: RequestParams | None = None, *,
-                    ignore_eos: bool = False) -> int:
+                    ignore_eos: bool = False, eos_at: list[int] | None = None) -> int:
         """Queue a request; returns its id. Its n samples finish independently (see `step`).
 
         prompt_ids: non-empty token ids; params: `RequestParams` (sampling, max_new_tokens, n, extra
         stop ids, keep_cache). The engine's EOS ids are added to the stop ids unless `ignore_eos`.
+        eos_at: n ints >= 1 or None: force sample j to emit EOS as its response token number eos_at[j]
+        (the module docstring's "forced lengths"; the forced EOS stops it even with `ignore_eos`).
         """
         params = params or RequestParams()
         self._check_prompt(prompt_ids, params.max_new_tokens)
         eos = frozenset() if ignore_eos else frozenset(self.eos_token_ids)
+        if eos_at is not None:
+            eos_at = self._check_eos_at(eos_at, params.n)
+            eos = eos | {self.eos_token_ids[0]}
         stops = frozenset(int(t) for t in params.stop_token_ids) | eos
         params = RequestParams(params.sampling, params.max_new_tokens, params.n, stops, params.keep_cache)
-        return self.scheduler.add([int(t) for t in prompt_ids], params)
+        request_id = self.scheduler.add([int(t) for t in prompt_ids], params)
+        for j, length in enumerate(eos_at or ()):
+            self._eos_at[(request_id, j)] = length
+        return request_id
 
     def append(self, request_id: int, token_ids: list[int], *, sample_index: int = 0,
                max_new_tokens: int | None = None) -> None:
@@ -157,6 +173,8 @@ class GenerationEngine:
             finished += self._prefill(admitted)
         if sched.running:
             finished += self._decode_window()
+        for done in finished:  # a paused sequence resumed by `append` is not forced again
+            self._eos_at.pop((done.request_id, done.sample_index), None)
         return finished
 
     # ------------------------------------------------------------------ batch convenience
@@ -164,12 +182,15 @@ class GenerationEngine:
     def generate_rows(self, prompt_ids: list[list[int]], *, max_new_tokens: int, sampling: SamplingParams,
                       n: int = 1, seed: int = 0, stop_token_ids=(), ignore_eos: bool = False,
                       on_finish: Callable[[int, list[int], list[float]], None] | None = None,
-                      ) -> tuple[list[list[int]], list[list[float]]]:
+                      eos_at: list[int] | None = None) -> tuple[list[list[int]], list[list[float]]]:
         """n responses per prompt, prompt-major: (token ids per row, log-probs per row).
 
-        on_finish(row, token_ids, logprobs) is called as each row finishes (row = i * n + j)."""
+        on_finish(row, token_ids, logprobs) is called as each row finishes (row = i * n + j).
+        eos_at: None or one forced response length per row (`add_request`'s eos_at, prompt-major)."""
         if len(prompt_ids) == 0:
             raise ValueError("prompt_ids is empty: give at least one prompt")
+        if eos_at is not None:  # checked before any request is queued
+            eos_at = self._check_eos_at(eos_at, len(prompt_ids) * n)
         params = RequestParams(sampling, max_new_tokens, n, frozenset(int(t) for t in stop_token_ids))
         for i, p in enumerate(prompt_ids):
             try:
@@ -179,7 +200,9 @@ class GenerationEngine:
         if self.has_unfinished():
             raise ValueError("generate() needs an idle engine (requests are still queued or running)")
         self.seed(seed)
-        first = {self.add_request(p, params, ignore_eos=ignore_eos): i for i, p in enumerate(prompt_ids)}
+        first = {self.add_request(p, params, ignore_eos=ignore_eos,
+                                  eos_at=None if eos_at is None else eos_at[i * n:(i + 1) * n]): i
+                 for i, p in enumerate(prompt_ids)}
         results: list = [None] * (len(prompt_ids) * n)
         while self.has_unfinished():
             for done in self.step():
@@ -191,13 +214,14 @@ class GenerationEngine:
 
     def generate(self, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, n: int = 1, stop_token_ids=(), seed: int = 0,
-                 ignore_eos: bool = False) -> GenerationOutput:
+                 ignore_eos: bool = False, eos_at: list[int] | None = None) -> GenerationOutput:
         """`generate_rows` returned as padded tensors (`GenerationOutput`)."""
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n (samples per prompt) must be an integer >= 1, got {n!r}")
         tokens, logprobs = self.generate_rows(prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling, n=n,
-                                              seed=seed, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
+                                              seed=seed, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
+                                              eos_at=eos_at)
         rows = [[int(t) for t in p] for p in prompt_ids for _ in range(n)]
         return assemble_output(rows, list(zip(tokens, logprobs)), self.pad_token_id)
 
@@ -222,6 +246,15 @@ class GenerationEngine:
         bad = [t for t in prompt_ids if not (0 <= int(t) < self.true_vocab_size)]
         if bad:
             raise ValueError(f"the prompt has token ids outside [0, {self.true_vocab_size}): {bad[:5]}")
+
+    def _check_eos_at(self, eos_at, n: int) -> list[int]:
+        """eos_at as n ints >= 1 (ValueError naming eos_at otherwise)."""
+        if not self.eos_token_ids:
+            raise ValueError("eos_at needs an engine with eos_token_ids (the token it forces)")
+        eos_at = [int(x) for x in eos_at]
+        if len(eos_at) != n or min(eos_at) < 1:
+            raise ValueError(f"eos_at must hold {n} lengths >= 1 (one per row), got {eos_at[:8]}")
+        return eos_at
 
     def _check_weights(self) -> None:
         weights = tuple(p.data_ptr() for p in self.model.parameters())
@@ -399,10 +432,26 @@ class GenerationEngine:
         for r, seq in enumerate(rows):
             groups.setdefault(seq.params.sampling, []).append(r)
         if len(groups) == 1:
-            return sample_tokens(logits, next(iter(groups)), self.generator)
-        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-        logprobs = torch.empty(len(rows), dtype=torch.float32, device=logits.device)
-        for params, idx in groups.items():
-            index = torch.tensor(idx, device=logits.device)
-            tokens[index], logprobs[index] = sample_tokens(logits[index], params, self.generator)
+            tokens, logprobs = sample_tokens(logits, next(iter(groups)), self.generator)
+        else:
+            tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+            logprobs = torch.empty(len(rows), dtype=torch.float32, device=logits.device)
+            for params, idx in groups.items():
+                index = torch.tensor(idx, device=logits.device)
+                tokens[index], logprobs[index] = sample_tokens(logits[index], params, self.generator)
+        return self._force_eos(logits, rows, step, tokens, logprobs) if self._eos_at else (tokens, logprobs)
+
+    def _force_eos(self, logits, rows, step, tokens, logprobs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows whose `eos_at` length is reached by this token emit EOS, with EOS's log-prob (as `sample_tokens`
+        reports it: log_softmax(logits / T), T = 1 for greedy). Token number num_generated + step (0-based)."""
+        forced = [r for r, s in enumerate(rows)
+                  if self._eos_at.get((s.request_id, s.sample_index), 0) - 1 == s.num_generated + step]
+        if not forced:
+            return tokens, logprobs
+        eos = self.eos_token_ids[0]
+        temps = torch.tensor([rows[r].params.sampling.temperature or 1.0 for r in forced], device=logits.device)
+        index = torch.tensor(forced, device=logits.device)
+        tokens, logprobs = tokens.clone(), logprobs.clone()
+        tokens[index] = eos
+        logprobs[index] = torch.log_softmax(logits[index] / temps[:, None], dim=-1)[:, eos]
         return tokens, logprobs
