@@ -37,7 +37,6 @@ import concurrent.futures
 import json
 import re
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -342,32 +341,16 @@ def agent_rollout(worker, tokenizer, toolset, limits: AgentLimits, prompt_ids: l
     group) on a `RolloutWorker`'s inference model: the weights are handed over, each inference replica runs
     its share of the prompts through an `AgentLoop` on the worker's engine, the rows are gathered back
     (prompt-major, B * n). Returns (samples, timings {"reshard", "generate"} seconds). Collective."""
-    rep = worker.replicas
-    start = time.perf_counter()
-    model = worker.weights.to_inference()
-    reshard_s = time.perf_counter() - start
-    try:
-        share = -(-len(prompt_ids) // rep.micro_dp)
-        mine = prompt_ids[rep.micro_dp_rank * share:(rep.micro_dp_rank + 1) * share]
-        local: list[AgentSample] = []
-        gen_start = time.perf_counter()
-        if mine:
-            engine = worker.engine(model, max(map(len, mine)) + limits.max_total_tokens, len(mine) * n)
-            loop = AgentLoop(engine, tokenizer, toolset, limits, tp_group=rep.tp_group)
-            local = loop.run(mine, n=n, sampling=sampling, seed=(seed + 7919 * rep.micro_dp_rank) % 2**62)
-            if worker.free_cache:
-                engine.release()
-        gen_s = time.perf_counter() - gen_start
-        gathered: list = [(rep.micro_dp_rank, local)]
-        if rep.micro_dp > 1:
-            gathered = [None] * rep.micro_dp
-            dist.all_gather_object(gathered, (rep.micro_dp_rank, local), group=rep.micro_dp_group)
-    finally:
-        back = time.perf_counter()
-        worker.weights.to_train()
-        reshard_s += time.perf_counter() - back
-    samples = [s for _, part in sorted(gathered, key=lambda item: item[0]) for s in part]
-    return samples, {"reshard": reshard_s, "generate": gen_s}
+    def run(model, first: int, mine: list[list[int]]) -> list[AgentSample]:
+        rep = worker.replicas
+        engine = worker.engine(model, max(map(len, mine)) + limits.max_total_tokens, len(mine) * n)
+        loop = AgentLoop(engine, tokenizer, toolset, limits, tp_group=rep.tp_group)
+        samples = loop.run(mine, n=n, sampling=sampling, seed=(seed + 7919 * rep.micro_dp_rank) % 2**62)
+        if worker.free_cache:
+            engine.release()
+        return samples
+
+    return worker.run_on_replicas(prompt_ids, run)
 
 
 def agent_metrics(samples: list[AgentSample]) -> dict[str, float]:

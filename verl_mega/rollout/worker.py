@@ -122,6 +122,35 @@ class RolloutWorker:
         every rank): row r ends with EOS as its token number eos_at[r] (`GenerationEngine`, "forced lengths")."""
         if eos_at is not None and len(eos_at) != len(prompt_ids) * n:
             raise ValueError(f"eos_at has {len(eos_at)} lengths for {len(prompt_ids)} prompts x n={n} rows")
+
+        def run(model, first: int, mine: list[list[int]]) -> list:
+            seq_len, rows = max(map(len, mine)) + max_new_tokens, len(mine) * n
+            one_off = engine_config is not None and engine_config != self.engine_config
+            engine = self._build(model, engine_config, seq_len, rows) if one_off else self.engine(model, seq_len, rows)
+            callback = None
+            if on_finish is not None:
+                def callback(row, ids, lps, offset=first * n):
+                    on_finish(offset + row, ids, lps)
+            rep = self.replicas
+            responses, logprobs = engine.generate_rows(
+                mine, max_new_tokens=max_new_tokens, sampling=sampling, n=n,
+                seed=(seed + 7919 * rep.micro_dp_rank) % 2**62, stop_token_ids=stop_token_ids,
+                ignore_eos=ignore_eos, on_finish=callback,
+                eos_at=None if eos_at is None else eos_at[first * n:(first + len(mine)) * n])
+            if self.free_cache or one_off:
+                engine.release()
+            return list(zip(responses, logprobs))
+
+        rows, timings = self.run_on_replicas(prompt_ids, run)
+        return RolloutResult(responses=[r for r, _ in rows], logprobs=[lp for _, lp in rows], timings=timings)
+
+    def run_on_replicas(self, prompt_ids: list[list[int]], run: Callable[[torch.nn.Module, int, list[list[int]]], list]
+                        ) -> tuple[list, dict[str, float]]:
+        """Hand the weights over to the inference layout, call `run(model, first, mine)` on this replica's
+        share of the prompts (`mine = prompt_ids[first:first + share]`, skipped when empty; it returns that
+        share's rows), all-gather the rows of every micro-DP replica in prompt order and hand the weights back.
+        Returns (rows of all B prompts, {"reshard", "generate"} seconds). Collective over the model-parallel
+        group; the one split/gather used by `generate` and the agent loop."""
         rep = self.replicas
         start = time.perf_counter()
         model = self.weights.to_inference()
@@ -130,24 +159,8 @@ class RolloutWorker:
             share = -(-len(prompt_ids) // rep.micro_dp)
             first = rep.micro_dp_rank * share
             mine = prompt_ids[first:first + share]
-            local: tuple[list, list] = ([], [])
             gen_start = time.perf_counter()
-            if mine:
-                seq_len, rows = max(map(len, mine)) + max_new_tokens, len(mine) * n
-                one_off = engine_config is not None and engine_config != self.engine_config
-                engine = (self._build(model, engine_config, seq_len, rows) if one_off
-                          else self.engine(model, seq_len, rows))
-                callback = None
-                if on_finish is not None:
-                    def callback(row, ids, lps, offset=first * n):
-                        on_finish(offset + row, ids, lps)
-                local = engine.generate_rows(mine, max_new_tokens=max_new_tokens, sampling=sampling, n=n,
-                                             seed=(seed + 7919 * rep.micro_dp_rank) % 2**62,
-                                             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
-                                             on_finish=callback,
-                                             eos_at=None if eos_at is None else eos_at[first * n:(first + share) * n])
-                if self.free_cache or one_off:
-                    engine.release()
+            local = run(model, first, mine) if mine else []
             gen_s = time.perf_counter() - gen_start
             gathered: list = [(rep.micro_dp_rank, local)]
             if rep.micro_dp > 1:
@@ -157,9 +170,8 @@ class RolloutWorker:
             back = time.perf_counter()
             self.weights.to_train()
             reshard_s += time.perf_counter() - back
-        parts = [g for _, g in sorted(gathered, key=lambda item: item[0])]  # prompt order = micro-DP rank order
-        return RolloutResult(responses=[r for p in parts for r in p[0]], logprobs=[lp for p in parts for lp in p[1]],
-                             timings={"reshard": reshard_s, "generate": gen_s})
+        rows = [row for _, part in sorted(gathered, key=lambda item: item[0]) for row in part]  # micro-DP rank order
+        return rows, {"reshard": reshard_s, "generate": gen_s}
 
     def engine(self, model: torch.nn.Module, seq_len: int, rows: int) -> GenerationEngine:
         """The generation engine for `model`, rebuilt when the weights' storage moved (a reshard that
