@@ -14,20 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-class _CopyToGroup(torch.autograd.Function):
-    """Forward: identity. Backward: all-reduce (sum) the gradient over `group`."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+from verl_mega.parallel.sequence_parallel import all_reduce_grad
 
 
 class _GatherLastDim(torch.autograd.Function):
@@ -57,7 +44,7 @@ def reference_logprob_entropy(hidden, weight, labels, *, tp_group=None, vocab_st
     tp = dist.get_world_size(tp_group) if tp_group is not None else 1
     h = hidden.float()
     if tp > 1:
-        h = _CopyToGroup.apply(h, tp_group)
+        h = all_reduce_grad(h, tp_group)  # identity forward; gradient summed over the vocab shards
     logits = h @ weight.float().t() / temperature  # [..., V_local]
     if tp > 1:
         logits = _GatherLastDim.apply(logits, tp_group)  # [..., V_local * tp]

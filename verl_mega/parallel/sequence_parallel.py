@@ -116,5 +116,6 @@ def reduce_scatter_to_sequence(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def all_reduce_grad(weight: torch.Tensor, group) -> torch.Tensor:
-    """`weight` as is, its gradient summed over `group` (norm weights applied to sequence shards)."""
+    """`weight` as is, its gradient summed over `group` (norm weights applied to sequence shards; a replicated
+    input feeding vocab-parallel shards in the log-prob reference)."""
     return weight if group.size() == 1 else _AllReduceGrad.apply(weight, group)
