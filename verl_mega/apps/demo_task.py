@@ -119,17 +119,25 @@ def save_hf_tokenizer(tokenizer_file: str, out_dir: str) -> None:
 def sft_tensors(rows: list[dict], tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Supervised sequences "<s>prompt answer</s>" right-padded: (input_ids [B, S], attention_mask [B, S],
     loss_mask [B, S]); loss_mask is 1 at positions whose NEXT token is an answer token or </s>."""
-    seqs, starts = [], []
+    seqs, targets = [], []
     for r in rows:
         prompt = tokenizer.encode(r["prompt"], add_special_tokens=True)
-        seqs.append(prompt + tokenizer.encode(answer(r), add_special_tokens=False) + [tokenizer.eos_token_id])
-        starts.append(len(prompt))
+        tail = tokenizer.encode(answer(r), add_special_tokens=False) + [tokenizer.eos_token_id]
+        seqs.append(prompt + tail)
+        targets.append([0] * len(prompt) + [1] * len(tail))
+    return right_pad_supervised(seqs, targets, PAD_ID)
+
+
+def right_pad_supervised(seqs: list[list[int]], targets: list[list[int]], pad_id: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids [B, S], attention_mask [B, S], loss_mask [B, S]) from token sequences and a
+    per-token 0/1 "train on this token" list each; loss_mask[b, t] = targets[b][t + 1] (position t predicts t + 1)."""
     s = max(map(len, seqs))
-    ids = torch.full((len(seqs), s), PAD_ID, dtype=torch.long)
+    ids = torch.full((len(seqs), s), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), s, dtype=torch.long)
     loss_mask = torch.zeros(len(seqs), s)
-    for i, (seq, start) in enumerate(zip(seqs, starts)):
+    for i, (seq, target) in enumerate(zip(seqs, targets)):
         ids[i, :len(seq)] = torch.tensor(seq)
         mask[i, :len(seq)] = 1
-        loss_mask[i, start - 1:len(seq) - 1] = 1.0  # position t predicts token t + 1
+        loss_mask[i, :len(seq) - 1] = torch.tensor(target[1:], dtype=torch.float32)
     return ids, mask, loss_mask

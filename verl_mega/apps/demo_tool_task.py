@@ -30,6 +30,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from verl_mega.apps.demo_task import right_pad_supervised
+
 DATA_SOURCE = "multiply_tool"
 TOOL_NAME = "code_interpreter"
 DIRECT = "The answer is "  # how a direct (in-head) answer starts: the first token is "T" or the tool call's "<"
@@ -88,16 +90,7 @@ def sft_tensors(chats: list[list[dict]], tokenizer) -> tuple[torch.Tensor, torch
                 lm += [0] * len(new)
         seqs.append(ids)
         masks.append(lm)
-    s = max(map(len, seqs))
-    pad = tokenizer.pad_token_id
-    input_ids = torch.full((len(seqs), s), pad, dtype=torch.long)
-    attn = torch.zeros(len(seqs), s, dtype=torch.long)
-    loss_mask = torch.zeros(len(seqs), s)
-    for i, (ids, lm) in enumerate(zip(seqs, masks)):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        attn[i, :len(ids)] = 1
-        loss_mask[i, :len(ids) - 1] = torch.tensor(lm[1:], dtype=torch.float32)  # position t predicts token t + 1
-    return input_ids, attn, loss_mask
+    return right_pad_supervised(seqs, masks, tokenizer.pad_token_id)
 
 
 def final_answer(text: str) -> str:
