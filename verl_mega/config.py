@@ -107,14 +107,16 @@ def to_yaml(cfg: Any) -> str:
 # ---------------------------------------------------------------------------------------------- reference
 def field_docs(cls: type) -> dict[str, str]:
     """{field name: its doc line} of a dataclass, read from the `# ...` comment ending each field's line
-    (the one-line-doc-per-field convention of the config schemas)."""
-
-    source = textwrap.dedent(inspect.getsource(cls))
-    comments = {tok.start[0]: tok.string.lstrip("#").strip()
-                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
-    body = ast.parse(source).body[0].body
-    return {node.target.id: comments.get(node.end_lineno, comments.get(node.lineno, ""))
-            for node in body if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
+    (the one-line-doc-per-field convention of the config schemas); a subclass's line overrides its base's."""
+    docs: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        source = textwrap.dedent(inspect.getsource(klass))
+        comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                    for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+        body = ast.parse(source).body[0].body
+        docs.update({node.target.id: comments.get(node.end_lineno, comments.get(node.lineno, ""))
+                     for node in body if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)})
+    return docs
 
 
 def _type_name(tp: Any) -> str:
@@ -130,6 +132,8 @@ def _default_text(f: dataclasses.Field) -> str:
         return "required"
     if value == "???":  # omegaconf.MISSING
         return "required"
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float, str)) for v in value):
+        return "[" + ", ".join(str(v) for v in value) + "]"  # flow style: one table cell
     return OmegaConf.to_yaml({"v": value}).strip()[3:] if value is not None else "null"
 
 

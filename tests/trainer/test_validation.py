@@ -80,7 +80,7 @@ def test_ppo_critic_zero_head_and_warmup_keep_the_actor_still(tiny_dir, tmp_path
     actor = get_actor_model(tiny_dir)
     cfg = TrainerConfig()
     cfg.algorithm.critic_warmup = 1
-    cfg.optim.critic_lr = 1e-3
+    cfg.critic_optim.lr = 1e-3
     trainer = PPOTrainer(actor, reward_fn=lambda r: float(len(r) % 2), algorithm="ppo", rollout_batch_size=2,
                          n_samples=4, max_new_tokens=4, lr=1e-3, config=cfg)
     head = trainer.critic_engine.model.value_head
@@ -100,7 +100,7 @@ def test_ppo_critic_zero_head_and_warmup_keep_the_actor_still(tiny_dir, tmp_path
 @pytest.mark.parametrize("field, value, match", [
     ("trainer.val_every", -1, "trainer.val_every"), ("trainer.val_n_samples", 0, "trainer.val_n_samples"),
     ("algorithm.critic_warmup", -2, "algorithm.critic_warmup"), ("algorithm.value_clip", 0.0, "algorithm.value_clip"),
-    ("model.value_head_std", -0.1, "model.value_head_std"), ("optim.critic_schedule", "cos", "optim.critic_schedule"),
+    ("model.value_head_std", -0.1, "model.value_head_std"), ("critic_optim.schedule", "cos", "critic_optim"),
     ("trainer.critic_epochs", 0, "trainer.critic_epochs")])
 def test_new_fields_reject_bad_values(field, value, match):
     from verl_mega.trainer.config import check_config

@@ -19,6 +19,7 @@ from typing import Any, List, Optional
 from omegaconf import MISSING
 
 from verl_mega.rollout.engine_config import EngineConfig
+from verl_mega.trainer.optim import CriticOptimConfig, OptimConfig
 
 ALGORITHMS = ("ppo", "gae", "grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
 DTYPES = ("float32", "bfloat16")
@@ -86,19 +87,6 @@ class AlgorithmSection:
 
 
 @dataclass
-class OptimSection:
-    lr: float = 1e-6  # actor peak learning rate
-    critic_lr: float = 1e-5  # critic peak learning rate (PPO)
-    critic_warmup_steps: Optional[int] = None  # critic LR linear warm-up in optimizer steps (None = warmup_steps)
-    critic_schedule: Optional[str] = None  # critic LR schedule after warm-up: constant | cosine (None = schedule)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay (matrices only)
-    warmup_steps: int = 0  # linear warm-up, in optimizer steps
-    schedule: str = "constant"  # constant | cosine (after warm-up)
-    min_lr: float = 0.0  # cosine floor
-    clip_grad: float = 1.0  # max global gradient norm (<= 0: no clipping)
-
-
-@dataclass
 class TrainerSection:
     rollout_batch_size: int = 8  # prompts per step (per data-parallel rank)
     mini_batch_size: Optional[int] = None  # prompts per optimizer step; None = the whole rollout batch
@@ -154,7 +142,8 @@ class TrainerConfig:
     data: DataSection = field(default_factory=DataSection)
     rollout: RolloutSection = field(default_factory=RolloutSection)
     algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
-    optim: OptimSection = field(default_factory=OptimSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    critic_optim: CriticOptimConfig = field(default_factory=CriticOptimConfig)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
@@ -192,9 +181,8 @@ def check_config(cfg: TrainerConfig) -> None:
                          f"{r.max_turns} / {r.max_total_tokens} / {r.tool_timeout_s}")
     if r.temperature <= 0:
         raise ValueError(f"rollout.temperature must be > 0 for RL sampling, got {r.temperature}")
-    for name, value in (("optim.schedule", cfg.optim.schedule), ("optim.critic_schedule", cfg.optim.critic_schedule)):
-        if value is not None and value not in ("constant", "cosine"):
-            raise ValueError(f"{name} {value!r} is not one of ('constant', 'cosine')")
+    cfg.optim.check("optim")
+    cfg.critic_optim.check("critic_optim")
     if a.critic_warmup < 0:
         raise ValueError(f"algorithm.critic_warmup must be >= 0, got {a.critic_warmup}")
     if a.value_clip is not None and a.value_clip <= 0:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 
@@ -23,31 +24,43 @@ SCHEDULES = ("constant", "cosine")
 
 @dataclass
 class OptimConfig:
-    """AdamW + LR schedule + gradient clipping."""
+    """AdamW + LR schedule + gradient clipping. The RL config's `optim:` section (the actor's optimizer);
+    `critic_optim:` is a `CriticOptimConfig`. Defaults are verl's actor.optim ones except weight decay."""
 
-    lr: float = 1e-5  # peak learning rate
-    betas: tuple[float, float] = (0.9, 0.999)  # Adam beta1, beta2
+    lr: float = 1e-6  # peak learning rate
+    betas: Tuple[float, float] = (0.9, 0.999)  # Adam beta1, beta2
     eps: float = 1e-8  # Adam epsilon
-    weight_decay: float = 0.01  # decoupled weight decay (matrices only; biases and norms get none)
+    weight_decay: float = 0.0  # decoupled weight decay (matrices only; biases and norms get none)
     warmup_steps: int = 0  # linear warm-up length in optimizer steps
-    schedule: str = "constant"  # after warm-up: "constant" or "cosine"
+    schedule: str = "constant"  # after warm-up: constant | cosine
     min_lr: float = 0.0  # cosine floor
-    total_steps: int = 0  # cosine horizon in optimizer steps (required for "cosine")
+    total_steps: Optional[int] = None  # cosine horizon in optimizer steps; null = the RL run's length (the trainer derives it)
     clip_grad: float = 1.0  # max global grad norm; <= 0 disables clipping (the norm is still reported)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        self.check(type(self).__name__)
+
+    def check(self, name: str) -> None:
+        """ValueError naming `name` (e.g. "optim", the config key) for values out of range."""
         if self.lr <= 0:
-            raise ValueError(f"OptimConfig.lr must be positive, got {self.lr}")
+            raise ValueError(f"{name}.lr must be positive, got {self.lr}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"OptimConfig.schedule {self.schedule!r} is not one of {SCHEDULES}")
+            raise ValueError(f"{name}.schedule {self.schedule!r} is not one of {SCHEDULES}")
         if self.warmup_steps < 0:
-            raise ValueError(f"OptimConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.schedule == "cosine" and self.total_steps <= self.warmup_steps:
-            raise ValueError(f"OptimConfig.total_steps={self.total_steps} must exceed warmup_steps="
+            raise ValueError(f"{name}.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.total_steps is not None and self.schedule == "cosine" and self.total_steps <= self.warmup_steps:
+            raise ValueError(f"{name}.total_steps={self.total_steps} must exceed warmup_steps="
                              f"{self.warmup_steps} for the cosine schedule")
         if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"OptimConfig.min_lr={self.min_lr} must be in [0, lr={self.lr}]")
+            raise ValueError(f"{name}.min_lr={self.min_lr} must be in [0, lr={self.lr}]")
+
+
+@dataclass
+class CriticOptimConfig(OptimConfig):
+    """The critic's optimizer (PPO): an OptimConfig with verl's critic learning rate."""
+
+    lr: float = 1e-5  # critic peak learning rate
 
 
 def lr_factor(config: OptimConfig, step: int) -> float:
@@ -75,7 +88,9 @@ def make_adamw(params: list[torch.Tensor], config: OptimConfig, fused: bool | No
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR applying `lr_factor`."""
+    """LambdaLR applying `lr_factor`. A cosine schedule needs `config.total_steps` (ValueError otherwise)."""
+    if config.schedule == "cosine" and config.total_steps is None:
+        raise ValueError("OptimConfig.total_steps is required for the cosine schedule (the horizon in optimizer steps)")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
 
 

@@ -24,6 +24,7 @@ the reference (only when kl_coef > 0) is a frozen copy of the actor. Reference: 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -119,7 +120,7 @@ class PPOTrainer:
         # before the training state is allocated: print the plan, fail early if it cannot fit, pick offload (auto)
         self.offload, self.memory_plan = plan_for_config(cfg, actor.config, self.layout, self.device,
                                                          actor.dtype.itemsize)
-        self.actor_engine = TrainEngine(actor.model, self.layout, self._optim(cfg.optim.lr), param_dtype=actor.dtype,
+        self.actor_engine = TrainEngine(actor.model, self.layout, self._optim(cfg.optim), param_dtype=actor.dtype,
                                         offload_optimizer=self.offload.optimizer)
         self.worker = actor.rollout_worker(tp_g=cfg.parallel.tp_g, engine_config=cfg.rollout.engine,
                                            free_cache=cfg.rollout.free_cache)
@@ -148,16 +149,14 @@ class PPOTrainer:
         self.val_history: list[dict[str, float]] = []  # {"step": k, "val/...": ...} per validation run by fit()
 
     # ------------------------------------------------------------------ construction helpers
-    def _optim(self, lr: float, warmup_steps: int | None = None, schedule: str | None = None,
-               epochs: int | None = None) -> OptimConfig:
-        """OptimConfig for an engine; the schedule's horizon counts optimizer steps (mini-batches x epochs x RL steps).
-        `warmup_steps` / `schedule` / `epochs` default to the optim section's and num_epochs (the critic has its own)."""
-        o, t = self.config.optim, self.config.trainer
+    def _optim(self, optim: OptimConfig, epochs: int | None = None) -> OptimConfig:
+        """`optim` with its cosine horizon derived when unset: optimizer steps of the whole run
+        (mini-batches x `epochs` (None: trainer.num_epochs) x RL steps)."""
+        t = self.config.trainer
+        if optim.total_steps is not None:
+            return optim
         updates = (epochs or t.num_epochs) * -(-t.rollout_batch_size // (t.mini_batch_size or t.rollout_batch_size))
-        return OptimConfig(lr=lr, weight_decay=o.weight_decay,
-                           warmup_steps=o.warmup_steps if warmup_steps is None else warmup_steps,
-                           schedule=schedule or o.schedule, min_lr=min(o.min_lr, lr),
-                           total_steps=t.total_steps * updates, clip_grad=o.clip_grad)
+        return dataclasses.replace(optim, total_steps=t.total_steps * updates)
 
     def _tools(self, tools) -> ToolSet | None:
         """The rollout's ToolSet: `tools` (a ToolSet or a list of Tools) or config rollout.tools; None = single-turn."""
@@ -177,8 +176,7 @@ class PPOTrainer:
                                offload=self.offload.reference)
 
     def _critic(self, critic) -> TrainEngine:
-        o = self.config.optim
-        optim = self._optim(o.critic_lr, o.critic_warmup_steps, o.critic_schedule, self.config.trainer.critic_epochs)
+        optim = self._optim(self.config.critic_optim, self.config.trainer.critic_epochs)
         if isinstance(critic, HFActor):
             if not critic.model.is_value_model:
                 raise ValueError("critic must be loaded with value_head=True (get_actor_model(path, value_head=True))")
