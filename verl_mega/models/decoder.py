@@ -102,17 +102,17 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [B, S] (or [3, B, S] with M-RoPE) -> (cos, sin), each [B, S, head_dim] in `dtype`."""
-        if self._inv_freq.device != position_ids.device:
+        if self._inv_freq.device != position_ids.device:  # moved once, not per call (CUDA-graph capture)
             self._inv_freq = self._inv_freq.to(position_ids.device)
+            self._axis = None if self._axis is None else self._axis.to(position_ids.device)
         if position_ids.dim() == 3 and self._axis is None:
             raise ValueError(f"position_ids of shape {tuple(position_ids.shape)} (3 axes) need an M-RoPE model "
                              f"(config.mrope_section); this model takes [B, S]")
         if position_ids.dim() == 2:  # plain RoPE, or M-RoPE with the three axes equal (text)
             freqs = position_ids[..., None].float() * self._inv_freq  # [B, S, head_dim/2]
         else:
-            axis = self._axis.to(position_ids.device)
-            # [B, S, head_dim/2]: frequency j rotates by the position on axis axis[j]
-            freqs = position_ids.permute(1, 2, 0)[..., axis].float() * self._inv_freq
+            # [B, S, head_dim/2]: frequency j rotates by the position on axis _axis[j]
+            freqs = position_ids.permute(1, 2, 0)[..., self._axis].float() * self._inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, head_dim]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

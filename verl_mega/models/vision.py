@@ -174,6 +174,12 @@ class VisionTower(nn.Module):
         return emb.cos(), emb.sin()
 
 
+def image_token_counts(image_grid_thw: torch.Tensor, spatial_merge_size: int) -> list[int]:
+    """Placeholder tokens (= rows of the tower's output) of each image: T*H*W / m^2 per row of image_grid_thw
+    [N_images, 3]; e.g. to split `encode_images` output per image and repeat it for n samples."""
+    return [t * h * w // spatial_merge_size ** 2 for t, h, w in image_grid_thw.tolist()]
+
+
 def _check_grids(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
                  config: VisionConfig) -> list[tuple[int, int, int]]:
     """image_grid_thw as a list of (T, H, W); ValueError naming the input when it does not fit."""
