@@ -151,6 +151,10 @@ def test_mrope_errors():
         mrope_position_ids(batch["input_ids"], torch.cat([batch["image_grid_thw"]] * 2)[:4], **kw)
     with pytest.raises(ValueError, match="does not match its image_grid_thw"):
         mrope_position_ids(batch["input_ids"], batch["image_grid_thw"].flip(0), **kw)
+    no_start = batch["input_ids"].masked_fill(batch["input_ids"] == VS, 5)
+    mrope_position_ids(no_start, batch["image_grid_thw"], **kw)  # without vision_start_token_id: not checked
+    with pytest.raises(ValueError, match="does not follow the vision-start token 247"):
+        mrope_position_ids(no_start, batch["image_grid_thw"], vision_start_token_id=VS, **kw)
 
 
 def test_kv_cache_decode_step_equals_full_forward(model):
