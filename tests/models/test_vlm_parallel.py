@@ -1,4 +1,4 @@
-"""Qwen2.5-VL across layouts in one 2-rank gloo spawn: logits at (tp, pp) = (1,1), (2,1), (2,1)+SP, (1,2);
+"""Qwen2.5-VL (tied embeddings) across layouts in one 2-rank gloo spawn: logits at (tp, pp) = (1,1), (2,1), (2,1)+SP, (1,2);
 save_hf -> transformers from tp 2 and pp 2; loaded parameters identical at tp 1 and 2; the replicated
 vision tower gets identical (and correct) gradients on every TP rank.
 
@@ -105,7 +105,7 @@ def _rank_main(path: str, out_root: str) -> dict:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("vlm_par")
-    path = make_tiny_qwen2_5_vl(str(root / "src"), seed=4)
+    path = make_tiny_qwen2_5_vl(str(root / "src"), seed=4, tie=True)  # tied, as Qwen2.5-VL-3B (test_vlm.py: untied)
     out_root = str(root / "saved")
     return path, out_root, run_distributed(_rank_main, 2, path, out_root, timeout_s=240)
 
