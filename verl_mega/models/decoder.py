@@ -547,8 +547,9 @@ class DecoderModel(nn.Module):
         position_ids: [B, S] (see `position_ids_from_mask` for left padding); for an M-RoPE model (VLM)
             [3, B, S] (see `mrope.mrope_position_ids`) or [B, S] for text (all three axes equal).
         pixel_values [N_patches, C*T*P*P] + image_grid_thw [N_images, 3], or image_embeds [N_tokens, H]
-            (VLM, first stage): the embeddings of the positions where inputs == config.image_token_id
-            (row-major) are replaced by the image embeddings; ValueError if the counts differ.
+            (VLM): on the first stage the embeddings of the positions where inputs == config.image_token_id
+            (row-major) are replaced by the image embeddings (ValueError if the counts differ); later
+            stages ignore them. Without them image tokens embed as ordinary tokens (decode steps).
         attention_mask: [B, S_kv] 1/0 padding mask (left padding fine), combined with causal masking;
             S_kv = cached + new tokens. Or `attn_mask`: explicit bool [B, 1, S, S_kv], True = attend.
             Neither: plain causal attention.
@@ -576,12 +577,8 @@ class DecoderModel(nn.Module):
             ids, position_ids, attention_mask, cu_seqlens = _pad_for_shards(
                 inputs if self.has_embedding else None, position_ids, attention_mask, cu_seqlens, self.tp)
             inputs = ids if self.has_embedding else inputs  # later stages receive padded shards already
-        if self.has_embedding:
-            hidden = self._embed(inputs, pixel_values, image_grid_thw, image_embeds)  # [batch, seq, hidden]
-        elif pixel_values is not None or image_embeds is not None:
-            raise ValueError("pixel_values / image_embeds go to the first pipeline stage only")
-        else:
-            hidden = inputs
+        # later stages ignore the images: their hidden states carry them already
+        hidden = self._embed(inputs, pixel_values, image_grid_thw, image_embeds) if self.has_embedding else inputs
         if sp_group is not None and self.has_embedding:
             hidden = sp.scatter_to_sequence(hidden, sp_group)  # [batch, seq/tp, hidden]
         cos, sin = self.rotary(position_ids, hidden.dtype)
