@@ -261,7 +261,10 @@ def test_published_flat_config_reads_and_writes_back():
     assert config.mrope_section == (16, 24, 24) and config.rope_scaling is None and config.rope_theta == 1e6
     assert config.tie_word_embeddings and config.image_token_id == 151655 and config.vision_start_token_id == 151652
     assert config.vision.in_channels == 3 and config.vision.fullatt_block_indexes == (7, 15, 23, 31)
-    ours, orig = Qwen2_5_VLConfig(**config.to_hf_dict()), Qwen2_5_VLConfig(**QWEN2_5_VL_3B)
+    hf = config.to_hf_dict()
+    assert "hidden_size" not in hf and "rope_scaling" not in hf and hf["text_config"]["hidden_size"] == 2048
+    assert (hf["video_token_id"], hf["vision_end_token_id"]) == (151656, 151653)
+    ours, orig = Qwen2_5_VLConfig(**hf), Qwen2_5_VLConfig(**QWEN2_5_VL_3B)
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_key_value_heads",
                 "rope_parameters", "rms_norm_eps", "max_position_embeddings"):
         assert getattr(ours.text_config, key) == getattr(orig.text_config, key), key
