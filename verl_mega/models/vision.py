@@ -154,6 +154,8 @@ class VisionTower(nn.Module):
         patches; N = sum T*H*W) -> embeddings [N / m^2, out_hidden] in the processor's order."""
         grids = _check_grids(pixel_values, image_grid_thw, self.config)
         device = pixel_values.device
+        if not grids:  # a micro-batch without images (pixel_values [0, C*T*P*P])
+            return torch.zeros(0, self.config.out_hidden_size, dtype=self.patch_embed.proj.weight.dtype, device=device)
         m2 = self.config.spatial_merge_size ** 2
         window_index, cu_windows = window_partition(grids, self.config)
         window_index = window_index.to(device)
