@@ -94,7 +94,8 @@ def test_gradients_match_transformers(vlm_dir, hf_model):
     for name, hf_name in [("visual.patch_embed.proj.weight", "model.visual.patch_embed.proj.weight"),
                           ("visual.blocks.0.attn.qkv.weight", "model.visual.blocks.0.attn.qkv.weight"),
                           ("visual.merger.mlp.2.bias", "model.visual.merger.mlp.2.bias"),
-                          ("layers.0.self_attn.q_proj.weight", "model.language_model.layers.0.self_attn.q_proj.weight")]:
+                          ("layers.0.self_attn.q_proj.weight",
+                           "model.language_model.layers.0.self_attn.q_proj.weight")]:
         ref = hf_grads[hf_name]
         assert ref.abs().max() > 0 and (ours[name].grad - ref).abs().max() < TOL * ref.abs().max(), name
     hf_model.zero_grad(set_to_none=True)
@@ -316,7 +317,8 @@ def test_loads_the_transformers_4_5x_tensor_names(vlm_dir, model, tmp_path):
 
     renamed = {("model." + k if k.startswith("visual.") else k.replace("model.", "model.language_model.", 1)): v
                for k, v in load_file(f"{vlm_dir}/model.safetensors").items()}
-    assert "model.language_model.layers.0.self_attn.q_proj.bias" in renamed and "model.visual.merger.mlp.0.bias" in renamed
+    assert "model.language_model.layers.0.self_attn.q_proj.bias" in renamed
+    assert "model.visual.merger.mlp.0.bias" in renamed
     shutil.copy(f"{vlm_dir}/config.json", tmp_path / "config.json")
     save_file(renamed, str(tmp_path / "model.safetensors"))
     stage = build_stage(ModelConfig.from_hf(tmp_path), Layout.create(1, 1), init_seed=None)

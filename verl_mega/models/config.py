@@ -1,4 +1,4 @@
-"""Model configuration of the Llama / Qwen2 / Qwen3 decoder family (and Qwen2.5-VL), read from and written to HF configs.
+"""Model configuration of the Llama / Qwen2 / Qwen3 decoders and Qwen2.5-VL, read from and written to HF configs.
 
 `ModelConfig` is the one description of the architecture that the decoder, the loaders and the
 engines share. `ModelConfig.from_hf` accepts a `config.json` path, a directory holding one, or the
@@ -100,7 +100,8 @@ class VisionConfig:
         kw = {k: hf[k] for k in _VISION_FIELDS_HF if k in hf}
         if "in_chans" in hf:  # the name in checkpoints written before transformers 4.50
             kw.setdefault("in_channels", hf["in_chans"])
-        extra = {k: v for k, v in hf.items() if k not in _VISION_FIELDS_HF and k not in ("rope_parameters", "model_type")}
+        skip = set(_VISION_FIELDS_HF) | {"rope_parameters", "model_type"}
+        extra = {k: v for k, v in hf.items() if k not in skip}
         return cls(**kw, rope_theta=float(rope.get("rope_theta", 10000.0)), hf_extra=extra)
 
     def to_hf_dict(self) -> dict[str, Any]:
