@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from verl_mega.data import RLDataset, get_dataloader
-from verl_mega.data.multimodal import IMAGE_PLACEHOLDER, load_image_processor
+from verl_mega.data.multimodal import IMAGE_PLACEHOLDER, encode_vision_prompt, load_image_processor
 from verl_mega.testing.tiny_vl_processor import save_tiny_vl_processor
 
 PATCH_DIM = 3 * 2 * 14 * 14  # C * temporal_patch * patch * patch
@@ -153,3 +153,17 @@ def test_images_without_image_processor_and_overlong_image_prompt(tmp_path, tok_
     assert RLDataset(path, tok, image_processor=ip, max_prompt_length=20).filtered == 1  # 16 pads + text > 20
     with pytest.raises(ValueError, match=r"row 0: prompt has \d+ tokens > max_prompt_length=20"):
         RLDataset(path, tok, image_processor=ip, max_prompt_length=20, filter_overlong=False, truncation="left")
+
+
+def test_encode_vision_prompt_equals_the_dataset_item(tmp_path, tok_and_ip):
+    tok, ip = tok_and_ip
+    (tmp_path / "a.png").write_bytes(png((84, 112)))
+    messages = [{"role": "system", "content": "Count."}, {"role": "user", "content": "<image>How many?"}]
+    item = RLDataset(write(tmp_path / "d.parquet", [{**row("", ["a.png"]), "prompt": messages}]), tok,
+                     image_processor=ip)[0]
+    out = encode_vision_prompt(tok, ip, messages, [str(tmp_path / "a.png")])
+    assert out["prompt_ids"] == item["prompt_ids"] and out["prompt_text"] == item["prompt_text"]
+    torch.testing.assert_close(out["pixel_values"], item["pixel_values"], rtol=0, atol=0)
+    assert out["image_grid_thw"].tolist() == item["image_grid_thw"].tolist() == [[1, 8, 6]]
+    with pytest.raises(ValueError, match="image 0: image file .*nothing.png does not exist"):
+        encode_vision_prompt(tok, ip, messages, ["nothing.png"], base_dir=tmp_path)

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from verl_mega.data.text import encode_text
+
 IMAGE_MARKER = "<image>"
 VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
 IMAGE_PLACEHOLDER = VISION_START + IMAGE_PAD + VISION_END
@@ -146,3 +148,21 @@ def expand_image_pads(ids: Sequence[int], image_grid_thw: torch.Tensor, pad_id: 
         else:
             out.append(t)
     return out
+
+
+def encode_vision_prompt(tokenizer: Any, image_processor: Any, messages: Sequence[dict[str, str]], images: Any, *,
+                         base_dir: Path | None = None) -> dict[str, Any]:
+    """A chat prompt with images outside a data file (e.g. `trainer.step([{"prompt": [...], "images": [...]}])`),
+    encoded as `RLDataset` encodes a templated row: markers replaced, chat template with the generation
+    prompt, image pads expanded.
+
+    Returns: {"prompt_ids": list[int], "prompt_text": str, "pixel_values": [N_patches, C*T*P*P] float32,
+        "image_grid_thw": [N_img, 3] long}.
+    """
+    decoded = load_images(images, base_dir)
+    template_messages = replace_image_markers(messages, len(decoded))
+    text = tokenizer.apply_chat_template(template_messages, add_generation_prompt=True, tokenize=False)
+    pixel_values, image_grid_thw = process_images(image_processor, decoded)
+    ids = expand_image_pads(encode_text(tokenizer, text, templated=True), image_grid_thw, image_pad_id(tokenizer),
+                            image_processor.merge_size)
+    return dict(prompt_ids=ids, prompt_text=text, pixel_values=pixel_values, image_grid_thw=image_grid_thw)
