@@ -68,7 +68,7 @@ def save_tiny_vl_processor(path: str, *, vocab_size: int | None = None, min_pixe
     Returns: the ids a Qwen2.5-VL config needs: vocab_size, image_token_id, video_token_id,
         vision_start_token_id, vision_end_token_id, eos_token_id, pad_token_id, bos_token_id (None).
     """
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers import Qwen2VLImageProcessorPil
 
     tokenizer = make_tiny_vl_tokenizer()
     if vocab_size is not None and vocab_size < len(tokenizer):
