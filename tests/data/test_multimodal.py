@@ -125,6 +125,7 @@ def test_rows_with_zero_one_two_images_and_loader(tmp_path, tok_and_ip):
     ("parquet", [{"path": "missing.png"}], "<image>", "missing.png does not exist"),
     ("parquet", [{"bytes": b"not a png"}], "<image>", "9 image bytes could not be decoded"),
     ("parquet", [{"bytes": png((56, 56))[:60]}], "<image>", "could not be decoded"),  # truncated file
+    ("parquet", [{"bytes": png((402, 2))}], "<image>", "aspect ratio must be smaller than 200"),  # processor's
     ("parquet", [{"bytes": png((56, 56))}], "<image><image>", "2 <image> markers but the row has 1 images"),
     ("parquet", [{"bytes": png((56, 56))}], "no marker", "0 <image> markers but the row has 1 images"),
     ("jsonl", [{"path": "a.png"}, 3], "<image><image>", "image 1: an image must be"),  # jsonl keeps bad types
