@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU figure of the benchmarks in ONE device call on one H200 (at most 10 minutes), in priority order:
+# The owed GPU figures in two device calls on one H200 (at most 10 minutes each): `bash benchmarks/run_h200.sh`
+# (plan "core", below) and `bash benchmarks/run_h200.sh models` (plan "models": the VLM GRPO step at the
+# Qwen2.5-VL-3B shape with the vision tower's share, the tower's share per phase, reward-model / judge rewards,
+# the multi-turn agent rollout). Plan "core", in priority order:
 #   1. GPU kernel tests (pytest tests/kernels) and the demo on CUDA (verl_mega demo --quick --nproc 1 --tp 1)
 #   2. rollout_service.py at the Qwen2.5-0.5B shape: continuous batching vs the static engine
 #   3. throughput.py 0.5B + 1.5B, 8x8, prompt 128, 256 new tokens, KL off; then trl_grpo.py 0.5B (the ratio)
@@ -14,6 +17,8 @@
 # trl_grpo.json, grpo_e2e_ab.json, offload_7b.json (step 5's grpo_e2e.json, when it finished).
 set -u
 OUT=${OUT:?set OUT (the device tool does)}
+PLAN=${1:-core}
+[[ $PLAN == core || $PLAN == models ]] || { echo "plan must be core or models, got $PLAN"; exit 2; }
 BUDGET=${BUDGET:-560}
 START=$(date +%s)
 WORK=$(mktemp -d /tmp/h200.XXXX)  # scripts write here; the chosen files are copied to $OUT after every step
@@ -42,14 +47,14 @@ step() {  # step NAME CAP_SECONDS COMMAND...: run with timeout min(CAP, left - 1
 }
 
 collect() {  # combine what exists into the <= 8 files under $OUT
-  python3 - "$WORK" "$OUT" "$BUDGET" <<'PY'
+  python3 - "$WORK" "$OUT" "$BUDGET" "$PLAN" <<'PY'
 import glob, json, os, shutil, sys
-work, out, budget = sys.argv[1:4]
+work, out, budget, plan = sys.argv[1:5]
 steps = [line.rstrip("\n").split("\t") for line in open(os.path.join(work, "steps.tsv"))]
 json.dump([{"step": s[0], "rc": s[1], "seconds": int(s[2]), "command": s[3]} for s in steps],
           open(os.path.join(out, "steps.json"), "w"), indent=1)
 gpu = open(os.path.join(work, "gpu.txt")).read().strip() if os.path.exists(os.path.join(work, "gpu.txt")) else "?"
-md = [f"# benchmarks/run_h200.sh on {gpu} (budget {budget} s)", "", "| step | rc | seconds | command |",
+md = [f"# benchmarks/run_h200.sh {plan} on {gpu} (budget {budget} s)", "", "| step | rc | seconds | command |",
       "|---|---|---|---|"] + [f"| {s[0]} | {s[1]} | {s[2]} | `{s[3]}` |" for s in steps]
 tp, trl = (os.path.join(work, d, f) for d, f in (("throughput", "throughput.json"), ("trl", "trl_grpo.json")))
 if os.path.exists(tp) and os.path.exists(trl):  # throughput.py's peer_ratios rule: same shape and batch, KL off
@@ -59,7 +64,7 @@ if os.path.exists(tp) and os.path.exists(trl):  # throughput.py's peer_ratios ru
                   f" tokens/s/GPU ({r['tokens_per_s_per_gpu']:.0f} vs {peer['tokens_per_s_per_gpu']:.0f})"
                   for r in ours["results"] if (r["config"]["shape"], r["config"]["prompts"], r["config"]["n"],
                                                r["config"]["kl"]) == (a["shape"], a["prompts"], a["n"], False)]
-for name in ("throughput.md", "grpo_e2e_ab.md", "grpo_e2e.md"):
+for name in ("throughput.md", "grpo_e2e_ab.md", "grpo_e2e.md", "reward_models.md"):
     for path in glob.glob(os.path.join(work, "**", name), recursive=True):
         md += ["", open(path).read()]
 open(os.path.join(out, "summary.md"), "w").write("\n".join(md) + "\n")
@@ -69,13 +74,28 @@ with open(os.path.join(out, "logs.txt"), "w") as f:
         if os.path.exists(log):
             text = open(log, errors="replace").read()
             f.write(f"\n===== {s[0]} (rc {s[1]}, {s[2]} s)\n" + (text[-40000:] if len(text) > 40000 else text))
-for name in ("rollout_service.json", "throughput.json", "trl_grpo.json", "grpo_e2e_ab.json"):
+for name in ("rollout_service.json", "throughput.json", "trl_grpo.json", "grpo_e2e_ab.json", "vlm_grpo_step.json",
+             "vlm_vision_share.json", "reward_models.json", "agent_rollout.json"):  # <= 5 per plan (8 files in all)
     for path in glob.glob(os.path.join(work, "**", name), recursive=True):
         shutil.copy(path, os.path.join(out, name))
 if os.path.exists(os.path.join(work, "offload", "grpo_e2e.json")):
     shutil.copy(os.path.join(work, "offload", "grpo_e2e.json"), os.path.join(out, "offload_7b.json"))
 PY
 }
+
+if [[ $PLAN == models ]]; then
+  # issue 17: one GRPO step at the Qwen2.5-VL-3B shape (16 prompts x 8, one 448x448 image each), vision share per phase
+  step vlm_grpo_step 200 python3 benchmarks/vlm_grpo_step.py --prompts 16 --n 8 --image 448 --steps 2 --out "$WORK/vlm"
+  step vlm_vision_share 100 python3 benchmarks/vlm_vision_share.py --out "$WORK/vlm_share"
+  # issue 19: rule vs reward model vs LLM judge rewards (with and without offload) inside a GRPO step
+  step reward_models 200 python3 benchmarks/reward_models.py --rewards rule,model,model_offload,judge,judge_offload \
+    --out "$WORK/rewards"
+  # issue 16: multi-turn agent rollout, tool calls overlapping generation vs serial
+  mkdir -p "$WORK/agent"
+  step agent_rollout 120 python3 benchmarks/agent_rollout.py --out "$WORK/agent/agent_rollout.json"
+  collect
+  echo "done after $(( $(date +%s) - START )) s"; cat "$OUT/summary.md"; exit 0
+fi
 
 # 1. kernel tests and the CUDA demo
 step kernels_tests 120 python3 -m pytest -q -x tests/kernels
