@@ -63,10 +63,15 @@ def default_forward_step(model, microbatch: dict, input_tensor: torch.Tensor | N
     """input_ids (first stage) or the received hidden [B,S,H] -> hidden [B,S,H] (final-normed on the last stage).
 
     A packed micro-batch (see trainer/packing.py) has B = 1, S = T and carries "cu_seqlens" instead of
-    "attention_mask"; its pipeline activations are [1, T, H], T differing per micro-batch."""
+    "attention_mask"; its pipeline activations are [1, T, H], T differing per micro-batch.
+    A VLM micro-batch (trainer/batch.py) has position_ids [3, B, S] and, when it has images, "pixel_values"
+    and "image_grid_thw", which the first stage passes to the model (its vision tower encodes them)."""
     inputs = microbatch["input_ids"] if input_tensor is None else input_tensor
+    images = {}
+    if input_tensor is None and "pixel_values" in microbatch:
+        images = {"pixel_values": microbatch["pixel_values"], "image_grid_thw": microbatch["image_grid_thw"]}
     return model(inputs, microbatch["position_ids"], microbatch.get("attention_mask"), return_hidden=True,
-                 cu_seqlens=microbatch.get("cu_seqlens"))
+                 cu_seqlens=microbatch.get("cu_seqlens"), **images)
 
 
 class TrainEngine:

@@ -39,7 +39,7 @@ from verl_mega.rollout.frontend import encode_prompts, stop_ids
 from verl_mega.rollout.frontend import release as release_generation
 from verl_mega.tools import Tool, ToolSet, build_tools
 from verl_mega.trainer import checkpointing
-from verl_mega.trainer.batch import RLBatch
+from verl_mega.trainer.batch import ImageTokens, RLBatch, sample_images
 from verl_mega.trainer.config import TrainerConfig, check_config
 from verl_mega.trainer.engine import TrainEngine
 from verl_mega.trainer.memory_plan import plan_for_config
@@ -212,7 +212,12 @@ class PPOTrainer:
         longest = max(len(p) for p in prompts)
         if longest > self.config.data.max_prompt_length:
             raise ValueError(f"a prompt has {longest} tokens > data.max_prompt_length={self.config.data.max_prompt_length}")
-        return RLBatch(samples=list(samples), prompt_ids=prompts, n=self.config.rollout.n_samples, step=self.global_step)
+        pixel_values, grids = sample_images(samples)  # a VLM's images (dataset items of data/multimodal.py)
+        image_tokens = ImageTokens.from_config(self.actor.config)
+        if pixel_values is not None and image_tokens is None:
+            raise ValueError(f"the samples carry images but the actor at {self.actor.path} is a text model")
+        return RLBatch(samples=list(samples), prompt_ids=prompts, n=self.config.rollout.n_samples, step=self.global_step,
+                       pixel_values=pixel_values, image_grid_thw=grids, image_tokens=image_tokens)
 
     def step(self, samples: list[dict]) -> dict[str, float]:
         """One RL step on this rank's prompts (every data-parallel rank passes the same number); returns the

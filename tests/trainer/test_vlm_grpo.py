@@ -1,0 +1,138 @@
+"""The RL update with images on a tiny random Qwen2.5-VL: the LogProbs stage (micro-batches carrying
+pixel_values / image_grid_thw / 3-axis positions, padded and packed) equals transformers' teacher-forced
+log-probs at tp 1 and the same at tp 2; a GRPO step (KL loss, so the reference pass sees the images too)
+at tp 2 runs with a finite loss, changes the language and the vision weights, and keeps the replicated
+vision tower identical on both TP ranks.
+
+Tolerances: log-probs vs transformers 1e-4 (fp32; the two implementations differ by summation order
+only, ~1e-6 on logits of this size; the issue's logit tolerance); tp 2 vs tp 1 1e-5 (the same code, only
+the TP reductions' order differs); the replicated tower after the step: exact (every TP rank applies the
+same all-reduced gradient).
+"""
+
+import math
+
+import pytest
+import torch
+
+from verl_mega.testing.multiprocess import run_distributed
+
+N_SAMPLES = 2
+R = 5  # response tokens of the hand-made rollout
+
+
+def _case(path: str):
+    """Prompts with 2, 1 and 0 images (token ids, images) and hand-made responses (one row per sample)."""
+    from verl_mega.models.config import ModelConfig
+    from verl_mega.testing.vlm_prompts import image_prompts
+
+    prompts, images = image_prompts(ModelConfig.from_hf(path), [[(1, 4, 6), (1, 6, 4)], [(1, 4, 4)], []], seed=4)
+    gen = torch.Generator().manual_seed(5)
+    responses = [torch.randint(1, 50, (R - (row % 3),), generator=gen).tolist()
+                 for row in range(len(prompts) * N_SAMPLES)]
+    return prompts, images, responses
+
+
+def _samples(prompts, images):
+    return [{"prompt_ids": p, **({} if img is None else {"pixel_values": img[0], "image_grid_thw": img[1]})}
+            for p, img in zip(prompts, images)]
+
+
+def _reward(response: str) -> float:
+    return float(len(response.split()) % 2)
+
+
+def _trainer(path: str, tp: int):
+    from verl_mega.rollout.actor import get_actor_model
+    from verl_mega.trainer import PPOTrainer, TrainerConfig
+
+    cfg = TrainerConfig()
+    cfg.algorithm.kl_coef = 0.05  # a reference model: its log-prob pass takes the images too
+    cfg.trainer.progress_bar, cfg.trainer.save_final = False, False
+    return PPOTrainer(get_actor_model(path, tensor_parallel_size=tp), reward_fn=_reward, algorithm="grpo",
+                      rollout_batch_size=3, n_samples=N_SAMPLES, max_new_tokens=4, lr=1e-2, micro_batch_size=2,
+                      config=cfg)
+
+
+def _logprobs(trainer, prompts, images, responses) -> dict[str, torch.Tensor]:
+    """Old log-probs of the hand-made rollout through the trainer's LogProbs stage, padded and packed."""
+    from verl_mega.trainer.stages import stage_name
+
+    stage = next(s for s in trainer.pipeline.stages if stage_name(s) == "logprob")
+    out = {}
+    for packed in (False, True):
+        trainer.config.trainer.packing = packed
+        batch = trainer.make_batch(_samples(prompts, images))
+        batch.set_rollout(responses, [[0.0] * len(r) for r in responses], pad_id=0)
+        out["packed" if packed else "padded"] = stage(batch).old_logprobs
+    trainer.config.trainer.packing = False
+    return out
+
+
+def _tp2(path: str) -> dict:
+    import torch.distributed as dist
+
+    prompts, images, responses = _case(path)
+    trainer = _trainer(path, 2)
+    out = _logprobs(trainer, prompts, images, responses)
+    model = trainer.actor.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    metrics = trainer.step(_samples(prompts, images))
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    visual = torch.cat([p.detach().reshape(-1) for n, p in model.named_parameters() if n.startswith("visual.")])
+    others = [torch.empty_like(visual) for _ in range(2)]
+    dist.all_gather(others, visual, group=trainer.layout.tp_group)
+    return {**out, "metrics": metrics, "changed": changed, "visual_equal": torch.equal(others[0], others[1])}
+
+
+def _hf_logprobs(path, prompts, images, responses) -> torch.Tensor:
+    """transformers' log_softmax at each response token, one unpadded row at a time -> [N, R] (0 at padding)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    out = torch.zeros(len(responses), R)
+    for row, resp in enumerate(responses):
+        p = row // N_SAMPLES
+        kw = {} if images[p] is None else {"pixel_values": images[p][0], "image_grid_thw": images[p][1]}
+        ids = torch.tensor([prompts[p] + resp])
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **kw).logits[0].float()
+        logp = torch.log_softmax(logits[len(prompts[p]) - 1:-1], dim=-1)  # position t predicts token t + 1
+        out[row, :len(resp)] = logp.gather(1, torch.tensor(resp)[:, None])[:, 0]
+    return out
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory):
+    from verl_mega.testing.tiny_vlm import make_tiny_qwen2_5_vl
+
+    path = str(tmp_path_factory.mktemp("tiny_vl_rl"))
+    make_tiny_qwen2_5_vl(path, seed=2)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tp2(vlm_dir):
+    return run_distributed(_tp2, 2, vlm_dir, timeout_s=600)
+
+
+def test_logprobs_with_images_match_transformers_tp1(vlm_dir):
+    prompts, images, responses = _case(vlm_dir)
+    ours = _logprobs(_trainer(vlm_dir, 1), prompts, images, responses)
+    ref = _hf_logprobs(vlm_dir, prompts, images, responses)
+    torch.testing.assert_close(ours["padded"], ref, rtol=0, atol=1e-4)
+    torch.testing.assert_close(ours["packed"], ref, rtol=0, atol=1e-4)
+
+
+def test_logprobs_tp2_equal_tp1_and_grpo_step_with_images(vlm_dir, tp2):
+    prompts, images, responses = _case(vlm_dir)
+    ref = _logprobs(_trainer(vlm_dir, 1), prompts, images, responses)
+    for rank in tp2:
+        torch.testing.assert_close(rank["padded"], ref["padded"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(rank["packed"], ref["padded"], rtol=0, atol=1e-5)
+        m = rank["metrics"]
+        assert math.isfinite(m["actor/loss"]) and math.isfinite(m["actor/grad_norm"]) and m["actor/grad_norm"] > 0
+        assert any(n.startswith("visual.") for n in rank["changed"]), "the vision tower was not updated"
+        assert any(n.startswith("layers.") for n in rank["changed"])
+        assert rank["visual_equal"], "the replicated vision tower diverged between TP ranks"
+    assert tp2[0]["metrics"] == tp2[1]["metrics"]
