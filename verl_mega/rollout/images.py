@@ -27,8 +27,10 @@ from verl_mega.models.mrope import mrope_position_ids
 def image_token_ids(config) -> tuple[int, ...]:
     """Placeholder ids a VLM must never sample (its image / video pad tokens: generated, they would be
     taken for image slots by every later forward); () for a text model."""
-    ids = (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
-    return tuple(int(t) for t in ids if t is not None)
+    if getattr(config, "image_token_id", None) is None:
+        return ()
+    video = getattr(config, "video_token_id", None) or (getattr(config, "hf_extra", None) or {}).get("video_token_id")
+    return tuple(int(t) for t in (config.image_token_id, video) if t is not None)
 
 
 @dataclass
