@@ -64,17 +64,19 @@ class ImageTokens:
 
 def sample_images(samples: list[dict]) -> tuple[list | None, list | None]:
     """(pixel_values, image_grid_thw), one entry per sample (None where it has no image), of dataset items
-    carrying "pixel_values" [N_patches, D] and "image_grid_thw" [N_images, 3] (data/multimodal.py);
-    (None, None) when no sample has images."""
-    if not any(s.get("pixel_values") is not None for s in samples):
+    carrying "pixel_values" [N_patches, D] and "image_grid_thw" [N_images, 3] (data/multimodal.py; N_images
+    may be 0); (None, None) when no sample has an image."""
+    if not any(s.get("pixel_values") is not None and len(s.get("image_grid_thw", ())) for s in samples):
         return None, None
     pixel_values, grids = [], []
     for i, s in enumerate(samples):
         pv, grid = s.get("pixel_values"), s.get("image_grid_thw")
         if (pv is None) != (grid is None):
             raise ValueError(f"sample {i} has only one of 'pixel_values' and 'image_grid_thw'")
-        pixel_values.append(None if pv is None else torch.as_tensor(pv))
-        grids.append(None if grid is None else torch.as_tensor(grid, dtype=torch.long).reshape(-1, 3))
+        grid = None if grid is None else torch.as_tensor(grid, dtype=torch.long).reshape(-1, 3)
+        empty = grid is None or grid.shape[0] == 0  # a multimodal dataset's row without images
+        pixel_values.append(None if empty else torch.as_tensor(pv))
+        grids.append(None if empty else grid)
     return pixel_values, grids
 
 

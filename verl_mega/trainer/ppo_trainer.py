@@ -49,6 +49,7 @@ from verl_mega.trainer.optim import OptimConfig
 from verl_mega.trainer.roles import FrozenModel, build_critic, build_reference
 from verl_mega.trainer.stages import Advantage, LogProbs, Metrics, Pipeline, Reward, Rollout, Update, stage_name
 from verl_mega.trainer.validation import Validator, actor_generate_fn
+from verl_mega.trainer.vision_data import image_processor_for
 
 log = logging.getLogger("verl_mega.trainer")
 
@@ -338,8 +339,14 @@ class PPOTrainer:
             val_dataloader = get_dataloader(d.val_path, self.tokenizer, t.val_batch_size, shuffle=False, drop_last=False,
                                             dp_rank=self.layout.dp_rank, dp_size=self.layout.dp,
                                             prompt_key=d.prompt_key, max_prompt_length=d.max_prompt_length,
-                                            apply_chat_template=d.apply_chat_template)
+                                            apply_chat_template=d.apply_chat_template,
+                                            **self._image_options())
         return self.make_validator(val_dataloader) if val_dataloader is not None else None
+
+    def _image_options(self) -> dict:
+        """Dataset keywords for the actor's images: a VLM's image processor, {} for a text model."""
+        processor = image_processor_for(self.actor.path, self.actor.config)
+        return {} if processor is None else {"image_processor": processor}
 
     def _validate(self, validator: Validator) -> dict[str, float]:
         metrics = validator()
