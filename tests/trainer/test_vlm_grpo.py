@@ -27,9 +27,9 @@ def _case(path: str):
     from verl_mega.testing.vlm_prompts import image_prompts
 
     prompts, images = image_prompts(ModelConfig.from_hf(path), [[(1, 4, 6), (1, 6, 4)], [(1, 4, 4)], []], seed=4)
-    gen = torch.Generator().manual_seed(5)
-    responses = [torch.randint(1, 50, (R - (row % 3),), generator=gen).tolist()
-                 for row in range(len(prompts) * N_SAMPLES)]
+    # responses: text ids (image_prompts' text without its images), R, R - 1, R - 2 tokens long
+    texts, _ = image_prompts(ModelConfig.from_hf(path), [[]] * (len(prompts) * N_SAMPLES), seed=5, text_len=R)
+    responses = [t[:R - (row % 3)] for row, t in enumerate(texts)]
     return prompts, images, responses
 
 

@@ -15,22 +15,28 @@ import torch
 def image_prompts(config, grids: list[list[tuple[int, int, int]]], seed: int = 0, text_len: int = 3
                   ) -> tuple[list[list[int]], list[tuple[torch.Tensor, torch.Tensor] | None]]:
     """Prompts for `config` (a VLM `ModelConfig`), one per entry of `grids` (its images' (t, h, w) in patches;
-    [] = text only). Text ids are drawn below the smallest special id; prompt k starts with text_len + k."""
+    [] = text only). Text ids are any ids but 0 and the vision placeholders; prompt k starts with text_len + k."""
     vis = config.vision
     merge, patch, temporal = vis.spatial_merge_size, vis.patch_size, vis.temporal_patch_size
     channels = getattr(vis, "in_channels", 3)
     image, start = config.image_token_id, config.vision_start_token_id
-    end = getattr(config, "vision_end_token_id", None) or start + 1
-    text_vocab = min(image, start, end, config.vocab_size)
+    extra = getattr(config, "hf_extra", None) or {}
+    end = extra.get("vision_end_token_id") or start + 1
+    special = {image, start, end, extra.get("video_token_id")}
+    text_ids = torch.tensor([t for t in range(1, config.vocab_size) if t not in special])  # never a placeholder
     gen = torch.Generator().manual_seed(seed)
+
+    def text(count: int) -> list[int]:
+        return text_ids[torch.randint(len(text_ids), (count,), generator=gen)].tolist()
+
     prompts, images = [], []
     for k, prompt_grids in enumerate(grids):
-        ids = torch.randint(1, text_vocab, (text_len + k,), generator=gen).tolist()
+        ids = text(text_len + k)
         for t, h, w in prompt_grids:
             if h % merge or w % merge:
                 raise ValueError(f"grid {(t, h, w)}: h and w must be multiples of spatial_merge_size={merge}")
             ids += [start] + [image] * (t * h * w // merge**2) + [end]
-            ids += torch.randint(1, text_vocab, (2,), generator=gen).tolist()
+            ids += text(2)
         prompts.append(ids)
         if prompt_grids:
             patches = sum(t * h * w for t, h, w in prompt_grids)
