@@ -14,6 +14,7 @@ It lives in `rollout/`, above the model code, because it generates: `models` imp
 from __future__ import annotations
 
 import os
+import shutil
 
 import torch
 import torch.distributed as dist
@@ -117,8 +118,11 @@ class HFActor:
         return values.gather(1, last[:, None]).squeeze(1)
 
     def save_hf(self, out_dir: str | os.PathLike) -> None:
-        """Write the model (+ tokenizer) as a HF directory on global rank 0 (collective over all ranks)."""
+        """Write the model (+ tokenizer; a VLM's processor files) as a HF directory on global rank 0
+        (collective over all ranks)."""
         save_hf(self.model, self.layout, out_dir, self.config, self.tokenizer)
+        if self.layout.rank == 0:
+            copy_processor_files(self.path, out_dir)
 
     def generate(self, prompts, **kw):
         """Generate responses with the rollout service: `verl_mega.rollout.generate(self, prompts, **kw)`."""
@@ -154,6 +158,23 @@ class HFActor:
 
     def __repr__(self) -> str:
         return f"HFActor({self.path!r}, {self.config.model_type}, {self.layout}, dtype={self.dtype})"
+
+
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json", "chat_template.jinja")
+
+
+def copy_processor_files(src: str | os.PathLike | None, dst: str | os.PathLike) -> list[str]:
+    """Copy a model directory's processor files (a VLM's image processor config and chat template; what the
+    tokenizer does not write) from `src` to `dst` where `dst` lacks them; returns the names copied."""
+    if src is None or not os.path.isdir(src) or os.path.abspath(src) == os.path.abspath(dst):
+        return []
+    copied = []
+    for name in PROCESSOR_FILES:
+        source, target = os.path.join(src, name), os.path.join(dst, name)
+        if os.path.isfile(source) and not os.path.exists(target):
+            shutil.copyfile(source, target)
+            copied.append(name)
+    return copied
 
 
 def _as_dtype(dtype) -> torch.dtype:
