@@ -58,28 +58,12 @@ with warnings.catch_warnings():  # megatron warns at import that TE/Apex are abs
 
 from verl_mega.models import fused_ops
 from verl_mega.models.config import ModelConfig
+from verl_mega.models.norm import RMSNorm
 from verl_mega.models.varlen_attention import PackedSeqs, varlen_attend
+from verl_mega.models.vision import VisionTower
 from verl_mega.parallel import sequence_parallel as sp
 
 INIT_STD = 0.02
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm over the last dim, computed in fp32 (as transformers' LlamaRMSNorm)."""
-
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device=None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor, fused: bool = False, sp_group=None) -> torch.Tensor:
-        """sp_group: x is a sequence shard (sequence parallel); the weight's gradient is summed over the group."""
-        if fused:
-            return fused_ops.rms_norm(x, self.weight, self.eps)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        weight = self.weight if sp_group is None else sp.all_reduce_grad(self.weight, sp_group)
-        return weight * x32.to(x.dtype)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -103,17 +87,32 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for given position ids. inv_freq is kept out of the buffers so `.to(bf16)` never rounds it."""
+    """cos/sin tables for given position ids. inv_freq is kept out of the buffers so `.to(bf16)` never rounds it.
+
+    M-RoPE (config.mrope_section = (a, b, c), Qwen2-VL): positions [3, B, S] (t, h, w axes); the first a
+    frequencies rotate by the t position, the next b by h, the last c by w (transformers'
+    `apply_multimodal_rotary_pos_emb`). [B, S] positions are used on all three axes."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self._inv_freq = rope_inv_freq(config)
+        self._axis = None  # M-RoPE: which position axis (0, 1, 2) drives each frequency [head_dim/2]
+        if config.mrope_section is not None:
+            self._axis = torch.repeat_interleave(torch.arange(3), torch.tensor(config.mrope_section))
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids [B, S] -> (cos, sin), each [B, S, head_dim] in `dtype`."""
+        """position_ids [B, S] (or [3, B, S] with M-RoPE) -> (cos, sin), each [B, S, head_dim] in `dtype`."""
         if self._inv_freq.device != position_ids.device:
             self._inv_freq = self._inv_freq.to(position_ids.device)
-        freqs = position_ids[..., None].float() * self._inv_freq  # [B, S, head_dim/2]
+        if position_ids.dim() == 3 and self._axis is None:
+            raise ValueError(f"position_ids of shape {tuple(position_ids.shape)} (3 axes) need an M-RoPE model "
+                             f"(config.mrope_section); this model takes [B, S]")
+        if position_ids.dim() == 2:  # plain RoPE, or M-RoPE with the three axes equal (text)
+            freqs = position_ids[..., None].float() * self._inv_freq  # [B, S, head_dim/2]
+        else:
+            axis = self._axis.to(position_ids.device)
+            # [B, S, head_dim/2]: frequency j rotates by the position on axis axis[j]
+            freqs = position_ids.permute(1, 2, 0)[..., axis].float() * self._inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, head_dim]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -332,7 +331,7 @@ class DecoderLayer(nn.Module):
 def _pad_for_shards(input_ids, position_ids, attention_mask, cu_seqlens, tp: int):
     """Pad the sequence dim (1) to a multiple of tp for sequence parallelism: ids / positions with 0, the
     padding mask with 0 (masked keys), packed sequences with one extra pseudo-sequence of the pad tokens."""
-    pad = -position_ids.shape[1] % tp
+    pad = -position_ids.shape[-1] % tp
     if pad == 0:
         return input_ids, position_ids, attention_mask, cu_seqlens
     widen = lambda t: None if t is None else F.pad(t, (0, pad))  # noqa: E731
@@ -423,7 +422,9 @@ class DecoderModel(nn.Module):
         self.rotary = RotaryEmbedding(config)
         self.fused_inference = True  # KV-cache forwards under no_grad take the fused_ops path where available
         self.sequence_parallel = False  # Megatron sequence parallelism for tp > 1 (parallelize.build_stage sets it)
-        self.embed_tokens = self.norm = self.lm_head = self.value_head = None
+        self.embed_tokens = self.norm = self.lm_head = self.value_head = self.visual = None
+        if has_embedding and config.is_vlm:  # replicated on every TP rank: see vision.py
+            self.visual = VisionTower(config.vision, params_dtype, device)
         if has_embedding:
             self.embed_tokens = CaptureSafeVocabParallelEmbedding(self.padded_vocab_size, config.hidden_size,
                                                        init_method=nn.init.zeros_, config=mp, tp_group=tp_group)
@@ -450,7 +451,10 @@ class DecoderModel(nn.Module):
 
     # ------------------------------------------------------------------ naming / weights
     def hf_name(self, name: str) -> str:
-        """HF checkpoint name of a local parameter name (global layer index, "model." prefix; value head = "score")."""
+        """HF checkpoint name of a local parameter name (global layer index, "model." prefix; value head = "score";
+        the vision tower keeps its name `visual.*`)."""
+        if name.startswith("visual."):
+            return name
         if name.startswith("layers."):
             idx, rest = name[len("layers."):].split(".", 1)
             return f"model.layers.{int(idx) + self.layer_range[0]}.{rest}"
@@ -484,10 +488,11 @@ class DecoderModel(nn.Module):
         """Random weights identical for every (tp, pp): each full tensor is drawn from a CPU generator
         seeded by (seed, HF name) and this rank keeps its slice. Norm weights 1; others N(0, 0.02);
         padded vocab rows 0. `only`: restrict to local names with these prefixes."""
+        norms = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)}
         for name, param in self.named_parameters():
             if only is not None and not name.startswith(only):
                 continue
-            if name.endswith("norm.weight"):
+            if id(param) in norms:
                 param.fill_(1.0)
                 continue
             hf = self.hf_name(name)
@@ -506,13 +511,44 @@ class DecoderModel(nn.Module):
         return self.embed_tokens.weight if self._head_is_embedding else self.lm_head.weight
 
     # ------------------------------------------------------------------ forward
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """Image embeddings [N_tokens, H] (one per image placeholder token, in order) of pixel_values
+        [N_patches, C*T*P*P] and image_grid_thw [N_images, 3] (see vision.VisionTower.forward)."""
+        if self.visual is None:
+            raise ValueError("encode_images(): this stage has no vision tower (not a VLM, or not the first stage)")
+        return self.visual(pixel_values, image_grid_thw)
+
+    def _embed(self, input_ids: torch.Tensor, pixel_values, image_grid_thw, image_embeds) -> torch.Tensor:
+        """Token embeddings [B, S, H]; with images, the image placeholder positions (row-major) take the
+        image embeddings (`image_embeds` or the tower's encoding of pixel_values)."""
+        hidden = self.embed_tokens(input_ids)  # [batch, seq, hidden]
+        if pixel_values is None and image_embeds is None:
+            return hidden
+        if self.visual is None:
+            raise ValueError("pixel_values / image_embeds given to a model without a vision tower")
+        if pixel_values is not None and image_embeds is not None:
+            raise ValueError("pass either pixel_values (+ image_grid_thw) or image_embeds, not both")
+        if image_embeds is None:
+            image_embeds = self.encode_images(pixel_values, image_grid_thw)
+        slots = input_ids == self.config.image_token_id  # [batch, seq]
+        n = int(slots.sum())
+        if n != image_embeds.shape[0]:
+            raise ValueError(f"input_ids hold {n} image tokens (id {self.config.image_token_id}) but there are "
+                             f"{image_embeds.shape[0]} image embedding rows")
+        return hidden.masked_scatter(slots.unsqueeze(-1), image_embeds.to(hidden.dtype))
+
     def forward(self, inputs: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 *, attn_mask: torch.Tensor | None = None, kv_cache=None, return_hidden: bool = False,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                image_grid_thw: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Run this stage.
 
         inputs: input_ids [B, S] (long) on the first stage, hidden states [B, S, H] on the others.
-        position_ids: [B, S] (see `position_ids_from_mask` for left padding).
+        position_ids: [B, S] (see `position_ids_from_mask` for left padding); for an M-RoPE model (VLM)
+            [3, B, S] (see `mrope.mrope_position_ids`) or [B, S] for text (all three axes equal).
+        pixel_values [N_patches, C*T*P*P] + image_grid_thw [N_images, 3], or image_embeds [N_tokens, H]
+            (VLM, first stage): the embeddings of the positions where inputs == config.image_token_id
+            (row-major) are replaced by the image embeddings; ValueError if the counts differ.
         attention_mask: [B, S_kv] 1/0 padding mask (left padding fine), combined with causal masking;
             S_kv = cached + new tokens. Or `attn_mask`: explicit bool [B, 1, S, S_kv], True = attend.
             Neither: plain causal attention.
@@ -534,13 +570,18 @@ class DecoderModel(nn.Module):
             true_vocab_size), or the final-normed hidden [B, S, H] if return_hidden, or values [B, S]
             (fp32) for a value model.
         """
-        seq = position_ids.shape[1]
+        seq = position_ids.shape[-1]
         sp_group = self.tp_group if self.sequence_parallel and self.tp > 1 and kv_cache is None else None
         if sp_group is not None:  # pad the sequence to a multiple of tp (dropped again at the head)
             ids, position_ids, attention_mask, cu_seqlens = _pad_for_shards(
                 inputs if self.has_embedding else None, position_ids, attention_mask, cu_seqlens, self.tp)
             inputs = ids if self.has_embedding else inputs  # later stages receive padded shards already
-        hidden = self.embed_tokens(inputs) if self.has_embedding else inputs  # [batch, seq, hidden]
+        if self.has_embedding:
+            hidden = self._embed(inputs, pixel_values, image_grid_thw, image_embeds)  # [batch, seq, hidden]
+        elif pixel_values is not None or image_embeds is not None:
+            raise ValueError("pixel_values / image_embeds go to the first pipeline stage only")
+        else:
+            hidden = inputs
         if sp_group is not None and self.has_embedding:
             hidden = sp.scatter_to_sequence(hidden, sp_group)  # [batch, seq/tp, hidden]
         cos, sin = self.rotary(position_ids, hidden.dtype)
@@ -550,7 +591,7 @@ class DecoderModel(nn.Module):
                                  "attn_mask or kv_cache")
             mask = PackedSeqs.from_cu_seqlens(cu_seqlens)
         else:
-            mask = build_attention_mask(attention_mask, attn_mask, position_ids.shape[1], kv_cache is not None)
+            mask = build_attention_mask(attention_mask, attn_mask, position_ids.shape[-1], kv_cache is not None)
             if mask is not None:
                 mask = attention_bias(mask, hidden.dtype)
         fused = (self.fused_inference and kv_cache is not None and not torch.is_grad_enabled()

@@ -53,17 +53,18 @@ class PackedSeqs:
 
 
 def varlen_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: PackedSeqs,
-                  kernel: str = "auto") -> torch.Tensor:
+                  kernel: str = "auto", causal: bool = True) -> torch.Tensor:
     """Document-causal attention: q [1, Hq, T, D], k/v [1, Hkv, T, D] (Hq a multiple of Hkv) -> [1, T, Hq*D].
 
-    Query i of sequence j attends to keys cu_seqlens[j] .. i. `kernel`: see the module docstring."""
+    Query i of sequence j attends to keys cu_seqlens[j] .. i; with `causal=False` to every key of
+    sequence j (bidirectional, e.g. the vision tower's windows). `kernel`: see the module docstring."""
     if kernel not in KERNELS:
         raise ValueError(f"varlen attention kernel {kernel!r} is not one of {KERNELS}")
     _, hq, t, d = q.shape
     if kernel == "auto":
         if _varlen_ok(q) and "broken" not in _STATE:
             try:
-                return _varlen(q, k, v, seqs)
+                return _varlen(q, k, v, seqs, causal)
             except (RuntimeError, TypeError, NotImplementedError) as exc:  # e.g. a GPU the kernel does not support
                 _STATE["broken"] = True
                 warnings.warn(f"varlen flash attention failed ({type(exc).__name__}: {exc}); packed attention "
@@ -72,11 +73,11 @@ def varlen_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: Packe
     if kernel == "varlen":
         if not _varlen_ok(q):
             raise ValueError(f"varlen attention kernel 'varlen' needs CUDA and bf16/fp16 (got {q.device}, {q.dtype})")
-        return _varlen(q, k, v, seqs)
+        return _varlen(q, k, v, seqs, causal)
     if kernel == "flex":
-        out = _flex(q, k, v, seqs)  # [1, heads, T, head_dim]
+        out = _flex(q, k, v, seqs, causal)  # [1, heads, T, head_dim]
     else:
-        out = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
+        out = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=causal,
                                                         enable_gqa=hq != k.shape[1])
                          for a, b in _bounds(seqs)], dim=2)  # [1, heads, T, head_dim]
     return out.transpose(1, 2).reshape(1, t, hq * d)
@@ -85,16 +86,16 @@ def varlen_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: Packe
 _STATE: dict = {}  # "broken": the varlen kernel raised once in this process ("auto" stops trying it)
 
 
-def _varlen(q, k, v, seqs: PackedSeqs) -> torch.Tensor:
+def _varlen(q, k, v, seqs: PackedSeqs, causal: bool = True) -> torch.Tensor:
     """torch's varlen flash attention: [1, heads, T, D] in, [1, T, heads * D] out."""
     _, hq, t, d = q.shape
     hkv = k.shape[1]
     q, k, v = (x[0].transpose(0, 1) for x in (q, k, v))  # [T, heads, head_dim]
     kwargs = {}
     if "window_size" in _VARLEN_PARAMS:
-        kwargs["window_size"] = (-1, 0)  # causal
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)  # (-1, 0): causal; (-1, -1): no limit
     else:
-        kwargs["is_causal"] = True
+        kwargs["is_causal"] = causal
     if hq != hkv:
         if "enable_gqa" in _VARLEN_PARAMS:
             kwargs["enable_gqa"] = True
@@ -119,19 +120,24 @@ def _varlen_ok(q: torch.Tensor) -> bool:
 _FLEX_CACHE: dict = {}
 
 
-def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: PackedSeqs) -> torch.Tensor:
-    """flex_attention with a document-causal block mask (the compiled kernel is built once per process)."""
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: PackedSeqs, causal: bool = True) -> torch.Tensor:
+    """flex_attention with a document(-causal) block mask (the compiled kernel is built once per process)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if "fn" not in _FLEX_CACHE:
         _FLEX_CACHE["fn"] = torch.compile(flex_attention, dynamic=True)
     t = q.shape[2]
-    if "block_mask" not in seqs.cache:  # once per forward, shared by the layers
+    key = ("block_mask", causal)
+    if key not in seqs.cache:  # once per forward, shared by the layers
         doc = torch.repeat_interleave(torch.arange(len(seqs.lengths), device=q.device),
                                       torch.tensor(seqs.lengths, device=q.device))  # [T] sequence id per token
 
         def document_causal(b, h, qi, ki):
             return (doc[qi] == doc[ki]) & (qi >= ki)
 
-        seqs.cache["block_mask"] = create_block_mask(document_causal, None, None, t, t, device=q.device)
-    return _FLEX_CACHE["fn"](q, k, v, block_mask=seqs.cache["block_mask"], enable_gqa=q.shape[1] != k.shape[1])
+        def document(b, h, qi, ki):
+            return doc[qi] == doc[ki]
+
+        seqs.cache[key] = create_block_mask(document_causal if causal else document, None, None, t, t,
+                                            device=q.device)
+    return _FLEX_CACHE["fn"](q, k, v, block_mask=seqs.cache[key], enable_gqa=q.shape[1] != k.shape[1])
