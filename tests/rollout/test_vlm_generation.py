@@ -23,14 +23,17 @@ GRIDS = [[(1, 4, 6), (1, 6, 4)], [(1, 4, 4)], []]  # per prompt: images (t, h, w
 
 
 def hf_greedy_vlm(path: str, prompts, images, suppress) -> list[list[int]]:
-    """transformers' greedy generate, one prompt at a time (no padding), MAX_NEW tokens, pads suppressed."""
+    """transformers' greedy generate, one prompt at a time (no padding), MAX_NEW tokens, the pad tokens
+    `suppress` (image pad first) never generated."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     out = []
     for ids, img in zip(prompts, images):
-        kw = {} if img is None else {"pixel_values": img[0], "image_grid_thw": img[1]}
         x = torch.tensor([ids])
+        # mm_token_type_ids (as the processor returns it) makes transformers compute the M-RoPE positions
+        kw = {} if img is None else {"pixel_values": img[0], "image_grid_thw": img[1],
+                                     "mm_token_type_ids": (x == suppress[0]).int()}
         gen = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=MAX_NEW,
                              eos_token_id=NEVER, pad_token_id=0, suppress_tokens=suppress,
                              top_k=None, top_p=None, temperature=None, **kw)
@@ -90,7 +93,7 @@ def test_greedy_with_images_matches_transformers_tp1(vlm_case):
     # continuous batching (2 rows at a time) and preemption (a pool too small for every row) change nothing
     small = _engine(vlm_case["path"], max_batch=2)
     assert small.generate(prompts, max_new_tokens=MAX_NEW, temperature=0.0, images=images).responses() == ref
-    tight = _engine(vlm_case["path"], max_tokens=96 + 40)
+    tight = _engine(vlm_case["path"], max_seq_len=40, max_tokens=64)
     assert tight.generate(prompts, max_new_tokens=MAX_NEW, temperature=0.0, n=2, images=images).responses() == \
         [r for r in ref for _ in range(2)]
     assert tight.scheduler.preemptions > 0, "the KV budget was meant to force a preemption"

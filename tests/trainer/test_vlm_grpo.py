@@ -2,7 +2,9 @@
 pixel_values / image_grid_thw / 3-axis positions, padded and packed) equals transformers' teacher-forced
 log-probs at tp 1 and the same at tp 2; a GRPO step (KL loss, so the reference pass sees the images too)
 at tp 2 runs with a finite loss, changes the language and the vision weights, and keeps the replicated
-vision tower identical on both TP ranks.
+vision tower identical on both TP ranks; its checkpoint (DCP, saved at tp 2) exported with `verl-mega
+export` loads in transformers with every tensor equal to the trained ones, visual.* included (exact:
+fp32 copies).
 
 Tolerances: log-probs vs transformers 1e-4 (fp32; the two implementations differ by summation order
 only, ~1e-6 on logits of this size; the issue's logit tolerance); tp 2 vs tp 1 1e-5 (the same code, only
@@ -69,8 +71,10 @@ def _logprobs(trainer, prompts, images, responses) -> dict[str, torch.Tensor]:
     return out
 
 
-def _tp2(path: str) -> dict:
+def _tp2(path: str, root: str) -> dict:
     import torch.distributed as dist
+
+    from verl_mega.trainer.checkpoint import save_checkpoint
 
     prompts, images, responses = _case(path)
     trainer = _trainer(path, 2)
@@ -82,7 +86,11 @@ def _tp2(path: str) -> dict:
     visual = torch.cat([p.detach().reshape(-1) for n, p in model.named_parameters() if n.startswith("visual.")])
     others = [torch.empty_like(visual) for _ in range(2)]
     dist.all_gather(others, visual, group=trainer.layout.tp_group)
-    return {**out, "metrics": metrics, "changed": changed, "visual_equal": torch.equal(others[0], others[1])}
+    save_checkpoint(trainer.actor_engine, root, 1, tokenizer_path=path)
+    shards = {model.hf_name(n): (model.shard_slice(p), p.detach().clone(), model.is_vocab_param(n))
+              for n, p in model.named_parameters()}
+    return {**out, "metrics": metrics, "changed": changed, "visual_equal": torch.equal(others[0], others[1]),
+            "shards": shards}
 
 
 def _hf_logprobs(path, prompts, images, responses) -> torch.Tensor:
@@ -93,8 +101,10 @@ def _hf_logprobs(path, prompts, images, responses) -> torch.Tensor:
     out = torch.zeros(len(responses), R)
     for row, resp in enumerate(responses):
         p = row // N_SAMPLES
-        kw = {} if images[p] is None else {"pixel_values": images[p][0], "image_grid_thw": images[p][1]}
         ids = torch.tensor([prompts[p] + resp])
+        # mm_token_type_ids (as the processor returns it) makes transformers compute the M-RoPE positions
+        kw = {} if images[p] is None else {"pixel_values": images[p][0], "image_grid_thw": images[p][1],
+                                           "mm_token_type_ids": (ids == model.config.image_token_id).int()}
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **kw).logits[0].float()
         logp = torch.log_softmax(logits[len(prompts[p]) - 1:-1], dim=-1)  # position t predicts token t + 1
@@ -112,8 +122,9 @@ def vlm_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tp2(vlm_dir):
-    return run_distributed(_tp2, 2, vlm_dir, timeout_s=600)
+def tp2(vlm_dir, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("vlm_ckpt"))
+    return {"ranks": run_distributed(_tp2, 2, vlm_dir, root, timeout_s=600), "root": root}
 
 
 def test_logprobs_with_images_match_transformers_tp1(vlm_dir):
@@ -127,7 +138,7 @@ def test_logprobs_with_images_match_transformers_tp1(vlm_dir):
 def test_logprobs_tp2_equal_tp1_and_grpo_step_with_images(vlm_dir, tp2):
     prompts, images, responses = _case(vlm_dir)
     ref = _logprobs(_trainer(vlm_dir, 1), prompts, images, responses)
-    for rank in tp2:
+    for rank in tp2["ranks"]:
         torch.testing.assert_close(rank["padded"], ref["padded"], rtol=0, atol=1e-5)
         torch.testing.assert_close(rank["packed"], ref["padded"], rtol=0, atol=1e-5)
         m = rank["metrics"]
@@ -135,4 +146,27 @@ def test_logprobs_tp2_equal_tp1_and_grpo_step_with_images(vlm_dir, tp2):
         assert any(n.startswith("visual.") for n in rank["changed"]), "the vision tower was not updated"
         assert any(n.startswith("layers.") for n in rank["changed"])
         assert rank["visual_equal"], "the replicated vision tower diverged between TP ranks"
-    assert tp2[0]["metrics"] == tp2[1]["metrics"]
+    assert tp2["ranks"][0]["metrics"] == tp2["ranks"][1]["metrics"]
+
+
+def test_checkpoint_exports_to_transformers_with_the_vision_tower(tp2, tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from verl_mega.apps import export_cli
+
+    out = str(tmp_path / "hf")
+    assert export_cli.main([tp2["root"], out]) == 0
+    model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    # transformers 5 names in memory -> the checkpoint names our hf_name() uses
+    theirs = {k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v
+              for k, v in model.state_dict().items()}
+    seen_visual = 0
+    for rank in tp2["ranks"]:
+        for hf, (index, shard, vocab) in rank["shards"].items():
+            full = theirs[hf]
+            if vocab:  # our shards hold the padded vocabulary (zero rows past vocab_size)
+                full = torch.nn.functional.pad(full, (0, 0, 0, shard.shape[0] * 2 - full.shape[0]))
+            assert torch.equal(full[index], shard), hf
+            seen_visual += hf.startswith("visual.")
+    assert seen_visual > 0
