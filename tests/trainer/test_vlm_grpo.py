@@ -131,22 +131,28 @@ def test_logprobs_with_images_match_transformers_tp1(vlm_dir):
     prompts, images, responses = _case(vlm_dir)
     ours = _logprobs(_trainer(vlm_dir, 1), prompts, images, responses)
     ref = _hf_logprobs(vlm_dir, prompts, images, responses)
-    torch.testing.assert_close(ours["padded"], ref, rtol=0, atol=1e-4)
-    torch.testing.assert_close(ours["packed"], ref, rtol=0, atol=1e-4)
+    mask = ref != 0  # the response tokens (log-probs at padding are never used)
+    assert int(mask.sum()) == sum(map(len, responses))
+    torch.testing.assert_close(ours["padded"][mask], ref[mask], rtol=0, atol=1e-4)
+    torch.testing.assert_close(ours["packed"][mask], ref[mask], rtol=0, atol=1e-4)
 
 
 def test_logprobs_tp2_equal_tp1_and_grpo_step_with_images(vlm_dir, tp2):
     prompts, images, responses = _case(vlm_dir)
     ref = _logprobs(_trainer(vlm_dir, 1), prompts, images, responses)
+    mask = torch.zeros_like(ref["padded"], dtype=torch.bool)
+    for row, resp in enumerate(responses):
+        mask[row, :len(resp)] = True  # the response tokens (log-probs at padding are never used)
     for rank in tp2["ranks"]:
-        torch.testing.assert_close(rank["padded"], ref["padded"], rtol=0, atol=1e-5)
-        torch.testing.assert_close(rank["packed"], ref["padded"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(rank["padded"][mask], ref["padded"][mask], rtol=0, atol=1e-5)
+        torch.testing.assert_close(rank["packed"][mask], ref["padded"][mask], rtol=0, atol=1e-5)
         m = rank["metrics"]
         assert math.isfinite(m["actor/loss"]) and math.isfinite(m["actor/grad_norm"]) and m["actor/grad_norm"] > 0
         assert any(n.startswith("visual.") for n in rank["changed"]), "the vision tower was not updated"
         assert any(n.startswith("layers.") for n in rank["changed"])
         assert rank["visual_equal"], "the replicated vision tower diverged between TP ranks"
-    assert tp2["ranks"][0]["metrics"] == tp2["ranks"][1]["metrics"]
+    same = [{k: v for k, v in r["metrics"].items() if not k.startswith(("time/", "throughput/"))} for r in tp2["ranks"]]
+    assert same[0] == same[1]  # every metric but the wall clock agrees on both ranks
 
 
 def test_checkpoint_exports_to_transformers_with_the_vision_tower(tp2, tmp_path):
