@@ -47,7 +47,7 @@ def pack_microbatch(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     packed_pos = mask.long().cumsum(-1) - 1 + cu_seqlens[:-1, None].long()  # [b, S] packed index of each column
     starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)  # [T]
     out["position_ids"] = (torch.arange(int(lengths.sum()), device=mask.device) - starts)[None]  # [1, T]
-    if mb["position_ids"].dim() == 3:
+    if "position_ids" in mb and mb["position_ids"].dim() == 3:
         out["position_ids"] = mb["position_ids"][:, mask][:, None]  # [3, 1, T]
     out["cu_seqlens"] = cu_seqlens
     if "responses" in mb:
