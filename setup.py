@@ -22,6 +22,7 @@ setup(
         "sentencepiece>=0.2",
         "numpy>=1.26",
         "pyarrow>=15",
+        "pillow>=10",  # images of multimodal rows and the vision demo (13.0 tested)
         "omegaconf>=2.3",
         "tqdm>=4.66",
         "tensorboard>=2.15",

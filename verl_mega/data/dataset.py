@@ -6,8 +6,17 @@ scripts (`examples/data_preprocess/gsm8k.py`): one row per prompt with columns
     data_source   e.g. "openai/gsm8k" (selects the rule reward)
     reward_model  {"ground_truth": ..., "style": "rule"}
     extra_info    free-form dict (split, index, ...)
+    images        (multimodal rows) a list of {"bytes": ...} / {"path": ...} / path strings, one per
+                  `<image>` marker in the prompt (verl's geo3k format)
 jsonl rows may also give `prompt` as a plain string (one user turn) or `messages` instead of
 `prompt`, and `ground_truth` at top level.
+
+Given an `image_processor` (transformers' Qwen2-VL one, `data.multimodal.load_image_processor`), rows
+with images are multimodal: every image is decoded and processed at construction (a missing file,
+undecodable bytes or a marker/image count mismatch is a malformed row), `<image>` markers become the
+vision placeholder, each <|image_pad|> is expanded to the image's token count (`data.multimodal`), and
+an item carries `images`, `image_grid_thw` and, computed on access (fp32 patches are much larger than
+the encoded images), `pixel_values`.
 
 Every row is checked up front; a malformed row is a `ValueError` naming the file and row, or, with
 `skip_malformed=True`, skipped and counted in `dataset.skipped`. Prompts longer than
@@ -15,7 +24,7 @@ Every row is checked up front; a malformed row is a `ValueError` naming the file
 `filter_overlong_prompts`), or else truncated / rejected per `truncation`.
 
 Simplifications: the whole file is read and tokenized at construction (fine for RL prompt sets of
-up to a few hundred thousand rows); no multimodal fields.
+up to a few hundred thousand rows); images only (no video); a prompt with images is never truncated.
 """
 
 from __future__ import annotations
@@ -26,7 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+import torch
 
+from verl_mega.data import multimodal
 from verl_mega.data.text import encode_text
 
 
@@ -79,6 +90,8 @@ class RLDataset:
 
     Item (dict): prompt_ids list[int], prompt_text str, messages / prompt (the chat messages),
     data_source str | None, ground_truth, reward_model dict, extra_info dict, index (row in its file).
+    With an image_processor, also: images (the row's image entries, relative paths made absolute),
+    image_grid_thw [N_img, 3] long, pixel_values [N_patches, C*T*P*P] float32 (N_img may be 0).
 
     Attributes: `skipped` (malformed rows skipped), `filtered` (overlong prompts dropped).
     """
@@ -94,6 +107,8 @@ class RLDataset:
         truncation: str = "error",
         skip_malformed: bool = False,
         apply_chat_template: bool = True,
+        image_processor: Any = None,
+        image_key: str = "images",
     ):
         """
         Args:
@@ -104,6 +119,8 @@ class RLDataset:
                 "error" (ValueError naming the row), "left" (keep the last tokens) or "right".
             skip_malformed: skip (and count) malformed rows instead of raising.
             apply_chat_template: use the tokenizer's chat template (when it has one); else plain text.
+            image_processor: transformers' Qwen2-VL image processor; None = a text-only dataset.
+            image_key: the column holding a row's images.
         """
         if truncation not in ("error", "left", "right"):
             raise ValueError(f"truncation must be 'error', 'left' or 'right', got {truncation!r}")
@@ -111,6 +128,9 @@ class RLDataset:
         self.prompt_key, self.max_prompt_length = prompt_key, max_prompt_length
         self.filter_overlong, self.truncation = filter_overlong, truncation
         self.skip_malformed, self.apply_chat_template = skip_malformed, apply_chat_template
+        self.image_processor, self.image_key = image_processor, image_key
+        if image_processor is not None:
+            self.image_pad_id = multimodal.image_pad_id(tokenizer)
         self.skipped = self.filtered = 0
         paths = [path] if isinstance(path, (str, Path)) else list(path)
         self.items: list[dict[str, Any]] = []
@@ -139,6 +159,8 @@ class RLDataset:
         """Validate and tokenize one row; None if it is skipped or filtered."""
         if isinstance(row, _BadRow) or not isinstance(row, dict):
             return self._malformed(path, i, row.reason if isinstance(row, _BadRow) else f"not an object: {row!r:.80}")
+        if self.image_processor is None and row.get(self.image_key):  # a setup error, never a skip
+            raise ValueError(f"{path}: row {i} has {self.image_key!r}: pass image_processor= to read images")
         try:
             messages = _messages(row, self.prompt_key)
             reward_model = row.get("reward_model") or {}
@@ -147,18 +169,27 @@ class RLDataset:
                 raise ValueError("'reward_model' and 'extra_info' must be dicts")
             if row.get("data_source") is not None and not isinstance(row["data_source"], str):
                 raise ValueError(f"'data_source' must be a string, got {row['data_source']!r:.80}")
+            vision = self._vision(path, row, messages)
         except ValueError as e:
             return self._malformed(path, i, str(e))
-        text, templated = self._text(messages, row.get(self.prompt_key, row.get("messages")))
+        raw_prompt = row.get(self.prompt_key, row.get("messages"))
+        text, templated = self._text(vision["template_messages"] if vision else messages, raw_prompt)
         ids = encode_text(self.tokenizer, text, templated=templated)
+        if vision:
+            try:  # raises if the text itself holds an <|image_pad|> token
+                ids = multimodal.expand_image_pads(ids, vision["image_grid_thw"], self.image_pad_id,
+                                                   self.image_processor.merge_size)
+            except ValueError as e:
+                return self._malformed(path, i, str(e))
         limit = self.max_prompt_length
         if limit is not None and len(ids) > limit:
             if self.filter_overlong:
                 self.filtered += 1
                 return None
-            if self.truncation == "error":
+            if self.truncation == "error" or (vision and vision["images"]):  # image pads must stay whole
                 raise ValueError(f"{path}: row {i}: prompt has {len(ids)} tokens > max_prompt_length={limit}")
             ids = ids[-limit:] if self.truncation == "left" else ids[:limit]
+        vision_fields = {"images": vision["images"], "image_grid_thw": vision["image_grid_thw"]} if vision else {}
         return dict(
             prompt_ids=ids,
             prompt_text=text,
@@ -169,10 +200,30 @@ class RLDataset:
             reward_model=reward_model,
             extra_info=extra_info,
             index=i,
+            **vision_fields,
         )
+
+    def _vision(self, path: Path, row: dict, messages: list[dict[str, str]]) -> dict[str, Any] | None:
+        """Images of a row, decoded and processed (None for a text-only dataset): {"images": the entries
+        with absolute paths, "image_grid_thw" [N_img, 3], "template_messages": markers replaced};
+        ValueError (without location) for a malformed image or a marker/image count mismatch."""
+        if self.image_processor is None:
+            return None
+        entries = row.get(self.image_key)
+        images = multimodal.load_images(entries, path.parent)
+        template_messages = multimodal.replace_image_markers(messages, len(images))
+        _, image_grid_thw = multimodal.process_images(self.image_processor, images)
+        return dict(images=[multimodal.resolve_image_entry(e, path.parent) for e in entries or []],
+                    image_grid_thw=image_grid_thw, template_messages=template_messages)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, k: int) -> dict[str, Any]:
-        return self.items[k]
+        """Item k; for a multimodal dataset with `pixel_values` [N_patches, C*T*P*P] computed now."""
+        item = self.items[k]
+        if self.image_processor is None:
+            return item
+        pixel_values, grid = multimodal.process_images(self.image_processor, multimodal.load_images(item["images"]))
+        assert torch.equal(grid, item["image_grid_thw"]), "image processor output changed since construction"
+        return {**item, "pixel_values": pixel_values}

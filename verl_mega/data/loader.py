@@ -119,7 +119,7 @@ def get_dataloader(
 ) -> PromptLoader:
     """A PromptLoader over an RLDataset built from `path_or_dataset` (or over a dataset given directly).
 
-    `dataset_kwargs` go to RLDataset (prompt_key, max_prompt_length, filter_overlong, ...).
+    `dataset_kwargs` go to RLDataset (prompt_key, max_prompt_length, filter_overlong, image_processor, ...).
     `batch_size` is per data-parallel rank; pass this rank's `dp_rank` and the `dp_size`.
     """
     if isinstance(path_or_dataset, (str, Path)) or (
