@@ -16,7 +16,7 @@ images matter at that scale.
 import pytest
 import torch
 
-from verl_mega.models import ModelConfig, build_stage, load_hf_weights
+from verl_mega.models import ModelConfig, build_stage, image_token_counts, load_hf_weights
 from verl_mega.models.config import VisionConfig
 from verl_mega.models.mrope import decode_position_ids, mrope_position_ids
 from verl_mega.parallel import Layout
@@ -101,6 +101,20 @@ def test_image_embeds_equal_pixel_values_path(model):
     assert torch.equal(shared[..., : model.true_vocab_size], ours_logits(model, batch))
 
 
+def test_one_encoding_shared_by_n_samples(model):
+    """Rollout encodes a prompt's images once and repeats the embeddings for its n samples."""
+    one = tiny_vlm_batch(((2, ((1, 6, 4), (1, 4, 4))),))
+    n = 3
+    pos, _ = positions(one)
+    with torch.no_grad():
+        embeds = model.encode_images(one["pixel_values"], one["image_grid_thw"])
+        assert image_token_counts(one["image_grid_thw"], 2) == [6, 4] and embeds.shape[0] == 10
+        rep = model(one["input_ids"].repeat(n, 1), pos.repeat(1, n, 1), one["attention_mask"].repeat(n, 1),
+                    image_embeds=embeds.repeat(n, 1))[..., : model.true_vocab_size]
+    single = ours_logits(model, one)
+    assert all((rep[i] - single[0]).abs().max() < TOL for i in range(n))
+
+
 ROWS_FOR_POSITIONS = [  # unpadded, image first, two images back to back (text between), text only
     ((0, ((1, 4, 4),)), (4, ((1, 2, 6), (1, 6, 2))), (7, ())),
     ((1, ((1, 8, 2),)),),
@@ -137,6 +151,10 @@ def test_mrope_errors():
         mrope_position_ids(batch["input_ids"], torch.cat([batch["image_grid_thw"]] * 2)[:4], **kw)
     with pytest.raises(ValueError, match="does not match its image_grid_thw"):
         mrope_position_ids(batch["input_ids"], batch["image_grid_thw"].flip(0), **kw)
+    no_start = batch["input_ids"].masked_fill(batch["input_ids"] == VS, 5)
+    mrope_position_ids(no_start, batch["image_grid_thw"], **kw)  # without vision_start_token_id: not checked
+    with pytest.raises(ValueError, match="does not follow the vision-start token 247"):
+        mrope_position_ids(no_start, batch["image_grid_thw"], vision_start_token_id=VS, **kw)
 
 
 def test_kv_cache_decode_step_equals_full_forward(model):
@@ -216,3 +234,53 @@ def test_config_errors():
     stage = build_stage(text, Layout.create(1, 1))
     with pytest.raises(ValueError, match="need an M-RoPE model"):
         stage(torch.ones(1, 3, dtype=torch.long), torch.zeros(3, 1, 3, dtype=torch.long))
+
+
+QWEN2_5_VL_3B = {  # config.json of the published Qwen2.5-VL-3B-Instruct (flat, pre-4.50 form)
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+    "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu",
+    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 11008, "max_position_embeddings": 128000,
+    "max_window_layers": 70, "model_type": "qwen2_5_vl", "num_attention_heads": 16, "num_hidden_layers": 36,
+    "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False,
+    "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                      "num_heads": 16, "in_chans": 3, "out_hidden_size": 2048, "patch_size": 14,
+                      "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+                      "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "vocab_size": 151936,
+}
+
+
+def test_published_flat_config_reads_and_writes_back():
+    from transformers import Qwen2_5_VLConfig
+
+    config = ModelConfig.from_hf(QWEN2_5_VL_3B)
+    assert (config.hidden_size, config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim) == (
+        2048, 36, 16, 2, 128)
+    assert config.mrope_section == (16, 24, 24) and config.rope_scaling is None and config.rope_theta == 1e6
+    assert config.tie_word_embeddings and config.image_token_id == 151655 and config.vision_start_token_id == 151652
+    assert config.vision.in_channels == 3 and config.vision.fullatt_block_indexes == (7, 15, 23, 31)
+    ours, orig = Qwen2_5_VLConfig(**config.to_hf_dict()), Qwen2_5_VLConfig(**QWEN2_5_VL_3B)
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_key_value_heads",
+                "rope_parameters", "rms_norm_eps", "max_position_embeddings"):
+        assert getattr(ours.text_config, key) == getattr(orig.text_config, key), key
+    assert ours.vision_config.to_dict() == orig.vision_config.to_dict()
+    assert ModelConfig.from_hf(config.to_hf_dict()).to_dict() == config.to_dict()
+
+
+def test_loads_the_transformers_4_5x_tensor_names(vlm_dir, model, tmp_path):
+    """Checkpoints saved by transformers 4.52 - 4.57 name tensors model.language_model.* / model.visual.*."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    renamed = {("model." + k if k.startswith("visual.") else k.replace("model.", "model.language_model.", 1)): v
+               for k, v in load_file(f"{vlm_dir}/model.safetensors").items()}
+    assert "model.language_model.layers.0.self_attn.q_proj.bias" in renamed and "model.visual.merger.mlp.0.bias" in renamed
+    shutil.copy(f"{vlm_dir}/config.json", tmp_path / "config.json")
+    save_file(renamed, str(tmp_path / "model.safetensors"))
+    stage = build_stage(ModelConfig.from_hf(tmp_path), Layout.create(1, 1), init_seed=None)
+    load_hf_weights(stage, tmp_path)
+    ref = dict(model.named_parameters())
+    assert all(torch.equal(p, ref[n]) for n, p in stage.named_parameters())

@@ -98,7 +98,9 @@ class VisionConfig:
         """Build from a HF `vision_config` dict."""
         rope = hf.get("rope_parameters") or {}
         kw = {k: hf[k] for k in _VISION_FIELDS_HF if k in hf}
-        extra = {k: v for k, v in hf.items() if k not in _VISION_FIELDS_HF and k != "rope_parameters"}
+        if "in_chans" in hf:  # the name in checkpoints written before transformers 4.50
+            kw.setdefault("in_channels", hf["in_chans"])
+        extra = {k: v for k, v in hf.items() if k not in _VISION_FIELDS_HF and k not in ("rope_parameters", "model_type")}
         return cls(**kw, rope_theta=float(rope.get("rope_theta", 10000.0)), hf_extra=extra)
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -218,10 +220,13 @@ class ModelConfig:
 
     @classmethod
     def _from_hf_vlm(cls, hf: dict) -> "ModelConfig":
-        """A qwen2_5_vl config: the language model from `text_config` (M-RoPE), the tower from `vision_config`."""
-        text = dict(hf.get("text_config") or {})
-        if not text or "vision_config" not in hf:
-            raise ValueError("a qwen2_5_vl config needs text_config and vision_config")
+        """A qwen2_5_vl config: the language model from `text_config` (M-RoPE), the tower from `vision_config`.
+
+        Checkpoints written before transformers 4.50 (e.g. the published Qwen2.5-VL-3B) keep the language
+        model's keys at top level (no text_config) and say `rope_scaling: {"type": "mrope", ...}`."""
+        if "vision_config" not in hf:
+            raise ValueError("a qwen2_5_vl config needs vision_config")
+        text = dict(hf.get("text_config") or {k: v for k, v in hf.items() if k not in _MODELLED_VLM_KEYS})
         if "image_token_id" not in hf:
             raise ValueError("a qwen2_5_vl config needs image_token_id")
         rope_key = "rope_parameters" if text.get("rope_parameters") else "rope_scaling"

@@ -102,17 +102,17 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [B, S] (or [3, B, S] with M-RoPE) -> (cos, sin), each [B, S, head_dim] in `dtype`."""
-        if self._inv_freq.device != position_ids.device:
+        if self._inv_freq.device != position_ids.device:  # moved once, not per call (CUDA-graph capture)
             self._inv_freq = self._inv_freq.to(position_ids.device)
+            self._axis = None if self._axis is None else self._axis.to(position_ids.device)
         if position_ids.dim() == 3 and self._axis is None:
             raise ValueError(f"position_ids of shape {tuple(position_ids.shape)} (3 axes) need an M-RoPE model "
                              f"(config.mrope_section); this model takes [B, S]")
         if position_ids.dim() == 2:  # plain RoPE, or M-RoPE with the three axes equal (text)
             freqs = position_ids[..., None].float() * self._inv_freq  # [B, S, head_dim/2]
         else:
-            axis = self._axis.to(position_ids.device)
-            # [B, S, head_dim/2]: frequency j rotates by the position on axis axis[j]
-            freqs = position_ids.permute(1, 2, 0)[..., axis].float() * self._inv_freq
+            # [B, S, head_dim/2]: frequency j rotates by the position on axis _axis[j]
+            freqs = position_ids.permute(1, 2, 0)[..., self._axis].float() * self._inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, head_dim]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -547,8 +547,9 @@ class DecoderModel(nn.Module):
         position_ids: [B, S] (see `position_ids_from_mask` for left padding); for an M-RoPE model (VLM)
             [3, B, S] (see `mrope.mrope_position_ids`) or [B, S] for text (all three axes equal).
         pixel_values [N_patches, C*T*P*P] + image_grid_thw [N_images, 3], or image_embeds [N_tokens, H]
-            (VLM, first stage): the embeddings of the positions where inputs == config.image_token_id
-            (row-major) are replaced by the image embeddings; ValueError if the counts differ.
+            (VLM): on the first stage the embeddings of the positions where inputs == config.image_token_id
+            (row-major) are replaced by the image embeddings (ValueError if the counts differ); later
+            stages ignore them. Without them image tokens embed as ordinary tokens (decode steps).
         attention_mask: [B, S_kv] 1/0 padding mask (left padding fine), combined with causal masking;
             S_kv = cached + new tokens. Or `attn_mask`: explicit bool [B, 1, S, S_kv], True = attend.
             Neither: plain causal attention.
@@ -576,12 +577,8 @@ class DecoderModel(nn.Module):
             ids, position_ids, attention_mask, cu_seqlens = _pad_for_shards(
                 inputs if self.has_embedding else None, position_ids, attention_mask, cu_seqlens, self.tp)
             inputs = ids if self.has_embedding else inputs  # later stages receive padded shards already
-        if self.has_embedding:
-            hidden = self._embed(inputs, pixel_values, image_grid_thw, image_embeds)  # [batch, seq, hidden]
-        elif pixel_values is not None or image_embeds is not None:
-            raise ValueError("pixel_values / image_embeds go to the first pipeline stage only")
-        else:
-            hidden = inputs
+        # later stages ignore the images: their hidden states carry them already
+        hidden = self._embed(inputs, pixel_values, image_grid_thw, image_embeds) if self.has_embedding else inputs
         if sp_group is not None and self.has_embedding:
             hidden = sp.scatter_to_sequence(hidden, sp_group)  # [batch, seq/tp, hidden]
         cos, sin = self.rotary(position_ids, hidden.dtype)

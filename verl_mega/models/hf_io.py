@@ -15,6 +15,11 @@ all-gathers its TP shards over the tp group; every stage's tp-rank 0 sends its t
 rank 0 (point-to-point, so gloo and NCCL both work), which strips the vocab padding and writes
 `config.json` + `model.safetensors` (+ tokenizer files) that `transformers` loads unchanged.
 
+Qwen2.5-VL: the vision tower (`visual.*`, replicated, on the first stage) is read whole by each of
+the first stage's ranks and written by the first stage's tp-rank 0; names are the published ones
+(`model.layers.*`, `visual.*`, as transformers' save_pretrained writes them); the layout of
+transformers 4.52 - 4.57 (`model.language_model.*`, `model.visual.*`) is read too.
+
 Simplification: the output is one safetensors file (no sharding into 5 GB pieces).
 """
 
@@ -71,6 +76,16 @@ def _source_name(model: DecoderModel, name: str) -> str:
     return hf
 
 
+def _vlm_alias(source: str) -> str | None:
+    """The name of a Qwen2.5-VL tensor in the layout transformers 4.52 - 4.57 wrote (`model.language_model.*`,
+    `model.visual.*`) for the published layout that `hf_name` uses (`model.*`, `visual.*`)."""
+    if source.startswith("visual."):
+        return "model." + source
+    if source.startswith("model."):
+        return "model.language_model." + source[len("model."):]
+    return None
+
+
 @torch.no_grad()
 def _read_shard(model: DecoderModel, name: str, param: torch.Tensor, tensor_slice, source: str, file: str) -> torch.Tensor:
     """This rank's slice of one checkpoint tensor, shaped like `param` (vocab rows zero-padded)."""
@@ -104,6 +119,8 @@ def load_hf_weights(model: DecoderModel, path: str | os.PathLike) -> None:
         handles = {}
         for name, param in model.named_parameters():
             source = _source_name(model, name)
+            if source not in files and model.config.is_vlm and _vlm_alias(source) in files:
+                source = _vlm_alias(source)
             if source not in files:
                 if source.startswith("score.") and not model.is_score_model:
                     continue  # value head not in a causal-LM checkpoint: keep its initialisation
@@ -169,6 +186,8 @@ def save_hf(model_stage: DecoderModel, layout: Layout, out_dir: str | os.PathLik
     model) as `*ForSequenceClassification` with one label (`score.weight`).
     """
     out_dir = os.fspath(out_dir)
+    if config.is_vlm and model_stage.is_value_model:  # checked on every rank, before any collective
+        raise ValueError("save_hf: a VLM with a value / score head has no transformers class to be saved as")
     if layout.dp_rank == 0:
         tensors = _gather_stage(model_stage, layout)
         if layout.tp_rank == 0:

@@ -8,8 +8,11 @@ index n (pads excluded) has position n + delta on all three axes.
 
 Follows transformers' `Qwen2_5_VLModel.get_rope_index` for images (videos, whose temporal axis is
 scaled by `tokens_per_second`, are not supported). Left padding: pad positions get 0 and are skipped.
-An image is a maximal run of `image_token_id` tokens; consecutive images must be separated by other
-tokens (the processor writes `<|vision_start|>` / `<|vision_end|>` around each), as in transformers.
+An image is a maximal run of `image_token_id` tokens (transformers' `mm_token_type_ids` groups);
+consecutive images must be separated by other tokens (the processor writes `<|vision_start|>` /
+`<|vision_end|>` around each). Generated responses must not be fed through it as if they were
+prompts (a sampled image token would open an "image"): continue a prompt's positions with
+`decode_position_ids` (or prompt positions + 1, 2, ... + delta).
 """
 
 from __future__ import annotations
@@ -25,13 +28,11 @@ def mrope_position_ids(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | N
 
     input_ids [B, S]; image_grid_thw [N, 3] (T, H, W in patches) of the batch's images in row-major
     order of their placeholder runs; attention_mask [B, S] 1/0 (left padding; None = no padding).
-    `vision_start_token_id` is accepted for the interface of transformers (which locates images by
-    it); images are found by their placeholder runs. A text-only row gets the positions of
-    `position_ids_from_mask` on all three axes and delta 0.
-    Raises ValueError when the image runs do not match `image_grid_thw` (count or size), and
-    NotImplementedError for videos.
+    `vision_start_token_id` (optional): every image run must follow this token (as the processor
+    writes it). A text-only row gets the positions of `position_ids_from_mask` on all three axes and
+    delta 0. Raises ValueError when the image runs do not match `image_grid_thw` (count or size) or
+    lack their vision-start token, NotImplementedError for videos.
     """
-    del vision_start_token_id  # images are the runs of image_token_id (as transformers' mm_token_type_ids)
     if video_grid_thw is not None:
         raise NotImplementedError("mrope_position_ids: videos (video_grid_thw) are not supported, only images")
     if input_ids.dim() != 2:
@@ -44,29 +45,28 @@ def mrope_position_ids(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | N
     deltas = torch.zeros(b, dtype=torch.long, device=device)
     next_image = 0
     for row in range(b):
-        is_image = (input_ids[row][mask[row]] == image_token_id).tolist()
-        pieces, pos, i = [], 0, 0
-        while i < len(is_image):
-            j = i
-            while j < len(is_image) and is_image[j] == is_image[i]:
-                j += 1
-            if not is_image[i]:
-                pieces.append(torch.arange(pos, pos + j - i, device=device).expand(3, -1))
-                pos += j - i
-            else:
-                if next_image >= len(grids):
-                    raise ValueError(f"input_ids row {row} has more image placeholder runs than image_grid_thw "
-                                     f"has rows ({len(grids)})")
-                t, h, w = grids[next_image]
-                next_image += 1
-                piece = _image_positions(t, h // spatial_merge_size, w // spatial_merge_size, pos, device)
-                if piece.shape[1] != j - i:
-                    raise ValueError(f"input_ids row {row}: an image run of {j - i} placeholder tokens does not "
-                                     f"match its image_grid_thw {[t, h, w]} ({piece.shape[1]} tokens after the "
-                                     f"{spatial_merge_size}x{spatial_merge_size} merge)")
-                pieces.append(piece)
-                pos += max(h, w) // spatial_merge_size
-            i = j
+        ids = input_ids[row][mask[row]]  # [real tokens]
+        pieces, pos = [], 0
+        for start, end, is_image in _runs(ids == image_token_id):
+            if not is_image:
+                pieces.append(torch.arange(pos, pos + end - start, device=device).expand(3, -1))
+                pos += end - start
+                continue
+            if vision_start_token_id is not None and (start == 0 or ids[start - 1] != vision_start_token_id):
+                raise ValueError(f"input_ids row {row}: an image run at real token {start} does not follow the "
+                                 f"vision-start token {vision_start_token_id}")
+            if next_image >= len(grids):
+                raise ValueError(f"input_ids row {row} has more image placeholder runs than image_grid_thw "
+                                 f"has rows ({len(grids)})")
+            t, h, w = grids[next_image]
+            next_image += 1
+            piece = _image_positions(t, h // spatial_merge_size, w // spatial_merge_size, pos, device)
+            if piece.shape[1] != end - start:
+                raise ValueError(f"input_ids row {row}: an image run of {end - start} placeholder tokens does not "
+                                 f"match its image_grid_thw {[t, h, w]} ({piece.shape[1]} tokens after the "
+                                 f"{spatial_merge_size}x{spatial_merge_size} merge)")
+            pieces.append(piece)
+            pos += max(h, w) // spatial_merge_size
         if not pieces:
             continue
         positions = torch.cat(pieces, dim=1)  # [3, real tokens]
@@ -75,6 +75,16 @@ def mrope_position_ids(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | N
     if next_image != len(grids):
         raise ValueError(f"image_grid_thw has {len(grids)} rows but input_ids hold {next_image} image runs")
     return position_ids, deltas
+
+
+def _runs(flags: torch.Tensor) -> list[tuple[int, int, bool]]:
+    """Maximal runs of equal values of a bool vector: [(start, end, value)] (one host sync)."""
+    if flags.numel() == 0:
+        return []
+    cuts = (torch.nonzero(flags[1:] != flags[:-1]).flatten() + 1).tolist()
+    bounds = [0] + cuts + [flags.numel()]
+    values = flags[bounds[:-1]].tolist()
+    return [(a, e, v) for a, e, v in zip(bounds[:-1], bounds[1:], values)]
 
 
 def _image_positions(t: int, h: int, w: int, start: int, device) -> torch.Tensor:

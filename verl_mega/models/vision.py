@@ -21,13 +21,19 @@ Tensor parallelism: the tower is REPLICATED on every TP rank (plain nn.Linear / 
 gradient is the same too, because the embeddings enter the replicated residual stream and the first
 ColumnParallelLinear all-reduces its input gradient over the TP group (with sequence parallelism the
 all-gather's backward does the same), so no communication is added and the weights stay in sync.
-Why not shard: the tower is small next to the language model (~0.67 B of 3-7 B parameters in
-Qwen2.5-VL-3B/7B, run once per image, not once per generated token, and shared by the n samples
-of a prompt in rollout), so sharding it would add two TP collectives per vision block for a small
-share of the step time. The cost of replication is tp-fold redundant vision FLOPs and a full copy
-of its weights per rank; the vision share of a step at the 3B shape is to be measured on the GPU
-(integrator) — if it turns out large, sharding the blocks with the decoder's column/row layers is
-the known next step.
+Why not shard: replication adds no communication and no code (plain torch layers; HF loading and
+resharding treat the tower like the decoder's norms), and the tower runs once per image, not per
+generated token. Its cost under tp ranks is the redundant share * (1 - 1/tp) of a phase. FLOP estimate
+at the Qwen2.5-VL-3B shape (tower ~0.67 B parameters, language model ~3.1 B) with one 448 x 448 image
+(1024 patches -> 256 tokens) per sample and ~580-token sequences: forward ~1.3 TFLOP per image vs ~3.6
+TFLOP per sequence, so the tower is ~27% of an update micro-batch when every sample re-encodes its
+image, but ~4% when the n = 8 samples of a prompt share one encoding (`image_embeds`: encode the
+distinct images once, repeat the rows; autograd sums the copies' gradients), and a few percent of
+a rollout (prefill only, decoding dominates). Sharing the encoding is therefore the first lever,
+sharding the second: `benchmarks/vlm_vision_share.py` measures both shares on the GPU (run by the
+integrator; no GPU figure from this branch). If the measured share stays large, sharding the blocks
+with the decoder's column/row layers (qkv/gate/up column-split, proj/down row-split) is the known
+next step.
 
 Deliberate simplifications: images only (a video's temporal axis needs `second_per_grid_ts`); the
 vision blocks run in the parameters' dtype with RoPE in fp32, as transformers does.
@@ -172,6 +178,12 @@ class VisionTower(nn.Module):
         freqs = freqs.flatten(1)  # [N, head_dim/2]: row frequencies then column frequencies
         emb = torch.cat((freqs, freqs), dim=-1)  # [N, head_dim]
         return emb.cos(), emb.sin()
+
+
+def image_token_counts(image_grid_thw: torch.Tensor, spatial_merge_size: int) -> list[int]:
+    """Placeholder tokens (= rows of the tower's output) of each image: T*H*W / m^2 per row of image_grid_thw
+    [N_images, 3]; e.g. to split `encode_images` output per image and repeat it for n samples."""
+    return [t * h * w // spatial_merge_size ** 2 for t, h, w in image_grid_thw.tolist()]
 
 
 def _check_grids(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
