@@ -48,9 +48,10 @@ def make_model_dir(path: str, args) -> None:
     from verl_mega.testing.tiny_vl_processor import save_tiny_vl_processor
     from verl_mega.testing.tiny_vlm import make_tiny_qwen2_5_vl
 
-    ids = save_tiny_vl_processor(path)
+    ids = save_tiny_vl_processor(path)  # the token ids the model config needs
     make_tiny_qwen2_5_vl(path, seed=args.seed, **ids, hidden_size=args.hidden, num_layers=args.layers,
-                         vision_hidden_size=args.vision_hidden, vision_depth=args.vision_depth)
+                         vision_hidden_size=args.vision_hidden, vision_depth=args.vision_depth,
+                         fullatt_block_indexes=(args.vision_depth - 1,))
 
 
 def sft_microbatch(items: list[dict], answers: list[str], tokenizer, image_tokens) -> dict[str, torch.Tensor]:
@@ -75,14 +76,17 @@ def sft_microbatch(items: list[dict], answers: list[str], tokenizer, image_token
 
 @torch.no_grad()
 def accuracy(actor, items: list[dict], score) -> float:
-    """Greedy accuracy of `actor` on dataset items (the rollout engine with their images, temperature 0)."""
+    """Greedy accuracy of `actor` on dataset items (the rollout engine with their images, temperature 0) under
+    the reward `score` (any form `RewardFunction` takes)."""
+    from verl_mega.rewards.base import RewardFunction
     from verl_mega.trainer.batch import sample_images
 
+    score = RewardFunction(score)
     pixel_values, grids = sample_images(items)
     images = [None if pv is None else (pv, g) for pv, g in zip(pixel_values, grids)]
     out = actor.generate([list(i["prompt_ids"]) for i in items], max_new_tokens=MAX_NEW_TOKENS, temperature=0.0,
                          images=images)
-    return sum(score(i["data_source"], o["response"], i["ground_truth"]) for o, i in zip(out, items)) / len(items)
+    return sum(float(score(o["response"], i)) for o, i in zip(out, items)) / len(items)
 
 
 def supervise(actor, dataset, args, score) -> int:
@@ -149,7 +153,7 @@ def run(args) -> dict:
     train_path, heldout_path = os.path.join(out, "train.parquet"), os.path.join(out, "heldout.parquet")
     if layout.rank == 0:
         os.makedirs(out, exist_ok=True)
-        train_rows, heldout_rows = task.make_task(args.seed, num_train=args.train, num_heldout=args.heldout)
+        train_rows, heldout_rows = task.make_vision_task(args.seed, num_train=args.train, num_heldout=args.heldout)
         task.write_parquet(train_rows, train_path)
         task.write_parquet(heldout_rows, heldout_path)
         make_model_dir(base_dir, args)
