@@ -33,6 +33,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: benchmarks.*
@@ -51,9 +52,8 @@ from verl_mega.testing.vlm_prompts import image_prompts  # noqa: E402
 from verl_mega.trainer import PPOTrainer, TrainerConfig  # noqa: E402
 from verl_mega.trainer.stages import Pipeline, stage_name  # noqa: E402
 
-EOS_ID = 151645  # <|im_end|>
-QWEN2_5_VL_3B = dict(
-    model_type="qwen2_5_vl", vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_layers=36,
+QWEN2_5_VL_3B = dict(  # eos_token_id: <|im_end|>, the token forced at the drawn response lengths
+    eos_token_id=151645, model_type="qwen2_5_vl", vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_layers=36,
     num_heads=16, num_kv_heads=2, head_dim=128, rope_theta=1_000_000.0, max_position_embeddings=128000,
     tie_word_embeddings=True, attention_bias=True, image_token_id=151655, vision_start_token_id=151652,
     mrope_section=(16, 24, 24),
@@ -61,7 +61,7 @@ QWEN2_5_VL_3B = dict(
                 patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                 fullatt_block_indexes=(7, 15, 23, 31)))
 SMOKE = dict(
-    model_type="qwen2_5_vl", vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+    eos_token_id=2, model_type="qwen2_5_vl", vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
     num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=1024, tie_word_embeddings=True,
     attention_bias=True, image_token_id=290, vision_start_token_id=288, mrope_section=(2, 3, 3),
     vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
@@ -97,7 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def model_config(shape: dict) -> ModelConfig:
     """The ModelConfig of a shape dict (vision tower included)."""
-    return ModelConfig(**{**shape, "vision": VisionConfig(**shape["vision"])}, hf_extra={"eos_token_id": EOS_ID})
+    fields = {k: v for k, v in shape.items() if k != "eos_token_id"}
+    return ModelConfig(**{**fields, "vision": VisionConfig(**shape["vision"])},
+                       hf_extra={"eos_token_id": shape["eos_token_id"]})
 
 
 class VisionTimer:
@@ -108,6 +110,8 @@ class VisionTimer:
         self._start = self._back = None
         tower.register_forward_pre_hook(lambda *_: self._begin())
         tower.register_forward_hook(lambda *_: self._end())
+        # the tower's input (pixels) needs no gradient: the pre-hook fires when its output's gradient arrives
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
         tower.register_full_backward_pre_hook(lambda *_: self._begin_backward())
         tower.patch_embed.proj.weight.register_post_accumulate_grad_hook(lambda *_: self._end_backward())
 
@@ -175,7 +179,7 @@ def run(args) -> dict:
     trainer = PPOTrainer(actor, reward_fn=lambda r: float(len(r) % 2), algorithm="grpo", rollout_batch_size=per_dp,
                          n_samples=args.n, max_new_tokens=args.new_tokens, temperature=1.0, lr=1e-6,
                          micro_batch_size=args.micro_batch, mini_batch_size=per_dp, num_epochs=1, config=cfg)
-    force_lengths(trainer, args.response_range, eos_token_id=EOS_ID)
+    force_lengths(trainer, args.response_range, eos_token_id=shape["eos_token_id"])
     timer = VisionTimer(actor.model.visual, actor.device)
     trainer.pipeline = Pipeline([Tagged(s, timer) for s in trainer.pipeline.stages])
     steps = []
