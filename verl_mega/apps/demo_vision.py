@@ -151,28 +151,34 @@ def run(args) -> dict:
     out = os.path.abspath(args.output_dir)
     base_dir, sft_dir = os.path.join(out, "model_init"), os.path.join(out, "model_sft")
     train_path, heldout_path = os.path.join(out, "train.parquet"), os.path.join(out, "heldout.parquet")
+    reuse = args.reuse_sft and os.path.isfile(os.path.join(sft_dir, "config.json"))
     if layout.rank == 0:
         os.makedirs(out, exist_ok=True)
         train_rows, heldout_rows = task.make_vision_task(args.seed, num_train=args.train, num_heldout=args.heldout)
         task.write_parquet(train_rows, train_path)
         task.write_parquet(heldout_rows, heldout_path)
-        make_model_dir(base_dir, args)
+        if not reuse:
+            make_model_dir(base_dir, args)
         metrics_path = os.path.join(out, "metrics.jsonl")
         if os.path.exists(metrics_path):
             os.remove(metrics_path)
     dist.barrier()
-    actor = get_actor_model(base_dir, layout=layout)
-    processor = image_processor_for(base_dir, actor.config)
+    actor = get_actor_model(sft_dir if reuse else base_dir, layout=layout)
+    processor = image_processor_for(actor.path, actor.config)
     train_set = RLDataset(train_path, actor.tokenizer, image_processor=processor, max_prompt_length=256)
     _say(f"[vision demo] {len(train_set)} train / {args.heldout} held-out image questions, {layout}; "
          f"tiny Qwen2.5-VL in {base_dir}")
-    sft_steps = supervise(actor, train_set, args, task.compute_score)
-    actor.save_hf(sft_dir)
-    dist.barrier()
+    sft_steps = 0
+    if reuse:
+        _say(f"[vision demo] --reuse-sft: RL starts from {sft_dir}")
+    else:
+        sft_steps = supervise(actor, train_set, args, task.compute_score)
+        actor.save_hf(sft_dir)
+        dist.barrier()
+        _say(f"[vision demo] {sft_steps} SFT steps -> {sft_dir} ({time.time() - start:.0f} s)")
+        del actor  # its SFT engine's hooks stay on the model: RL loads the saved model afresh
+        actor = get_actor_model(sft_dir, layout=layout)
     sft_s = time.time() - start
-    _say(f"[vision demo] {sft_steps} SFT steps -> {sft_dir} ({sft_s:.0f} s)")
-    del actor  # its SFT engine's hooks stay on the model: RL loads the saved model afresh
-    actor = get_actor_model(sft_dir, layout=layout)
     cfg = rl_config(args, sft_dir, out)
     trainer = PPOTrainer(actor, reward_fn=task.compute_score, config=cfg)
     loader = get_dataloader(train_set, actor.tokenizer, args.rollout_batch, seed=args.seed,
