@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 # task size, model size and training knobs (the command line overrides them; QUICK for the CI smoke run)
 DEFAULTS = dict(train=2000, heldout=200, sft_target=0.4, sft_max_steps=400, sft_lr=1e-3, sft_batch=32, sft_every=5,
-                rl_steps=40, rl_lr=5e-4, rollout_batch=32, n_samples=8, val_every=10, hidden=64, layers=2,
+                rl_steps=40, rl_lr=1e-3, rollout_batch=32, n_samples=8, val_every=10, hidden=64, layers=2,
                 vision_hidden=32, vision_depth=2)
 QUICK = dict(train=64, heldout=16, sft_target=1.0, sft_max_steps=4, sft_every=2, rl_steps=2, rollout_batch=4,
              n_samples=2, val_every=1)
