@@ -116,10 +116,10 @@ class GenerationEngine:
         self._tables = torch.zeros(mb, self.table_width, dtype=torch.long, device=dev)  # [B, blocks] block ids
         self._logits = torch.zeros(mb, self.true_vocab_size, dtype=torch.float32, device=dev)
         # VLM: M-RoPE delta of each row's prompt (decode rope position = position + delta); None for text models
-        self.is_vlm = bool(image_token_ids(model.config))
+        pads = image_token_ids(model.config)  # the placeholder ids never sampled (module docstring)
+        self.is_vlm = bool(pads)
         self._deltas = torch.zeros(mb, dtype=torch.long, device=dev) if self.is_vlm else None
-        self._banned = torch.tensor(image_token_ids(model.config), dtype=torch.long, device=dev)
-        self._banned_set = frozenset(image_token_ids(model.config))
+        self._banned, self._banned_set = torch.tensor(pads, dtype=torch.long, device=dev), frozenset(pads)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._graph_pool = None
         self._graph_weights: tuple[int, ...] = ()
