@@ -21,7 +21,8 @@ Reported (mean over the measured steps; the first --warmup steps are not measure
   the vision tower's seconds inside each phase, measured with hooks on the tower (forward: pre/post hooks;
   backward: from the gradient arriving at the tower's output to the patch embedding's weight gradient),
   each synchronised with the device, so the figures include no overlap with other work; in rollout the
-  tower runs once per prompt (its n samples share the encoding), in log-prob and update once per sequence.
+  tower runs once per prompt (its n samples share the encoding), in log-prob and update once per
+  micro-batch on the images of its distinct prompts (its rows of one prompt share the encoding).
 Rank 0 writes OUT/vlm_grpo_step.json and prints a markdown table (OUT: --out, $OUT or .).
 """
 

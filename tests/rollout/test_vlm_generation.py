@@ -1,8 +1,8 @@
 """Generation with images: the continuous-batching engine on a tiny random Qwen2.5-VL against transformers'
 `Qwen2_5_VLForConditionalGeneration.generate(do_sample=False)`, token for token, at tp 1 (in-process: 2
 samples per prompt share one encoding and the prompt's blocks; a 2-row budget for 4 rows: continuous
-batching; a KV budget that forces preemption: the recompute re-feeds the image embeddings) and at tp 2 and
-pp 2, and at tp 2 generating at tp_g 1 (the HybridEngine hands the vision tower over) in one gloo spawn.
+batching; a KV budget that forces preemption: the recompute re-feeds the image embeddings) and, in one gloo
+spawn, at tp 2, at tp 2 generating at tp_g 1 and at pp 2 (the HybridEngine hands the vision tower over).
 
 The batch mixes a prompt with two images of different sizes, one with one image and a text-only prompt,
 so prefill rows with and without images, different M-RoPE deltas and text positions share decode steps.

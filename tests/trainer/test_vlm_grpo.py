@@ -41,10 +41,15 @@ def _samples(prompts, images):
 
 
 def _reward(response: str) -> float:
-    return float(len(response.split()) % 2)
+    """Parity of the first generated id (the model has no tokenizer: responses are space-joined ids), so that the
+    samples of a prompt score differently and GRPO's advantages are not all zero."""
+    words = response.split()
+    return float(int(words[0]) % 2) if words else 0.0
 
 
 def _trainer(path: str, tp: int):
+    """GRPO with a KL loss; micro-batches of 3 rows: [p0, p0, p1] and [p1, p2, p2] mix prompts with 2, 1 and 0
+    images and split a prompt's samples over two micro-batches (each encodes that prompt's images once)."""
     from verl_mega.rollout.actor import get_actor_model
     from verl_mega.trainer import PPOTrainer, TrainerConfig
 
@@ -52,7 +57,7 @@ def _trainer(path: str, tp: int):
     cfg.algorithm.kl_coef = 0.05  # a reference model: its log-prob pass takes the images too
     cfg.trainer.progress_bar, cfg.trainer.save_final = False, False
     return PPOTrainer(get_actor_model(path, tensor_parallel_size=tp), reward_fn=_reward, algorithm="grpo",
-                      rollout_batch_size=3, n_samples=N_SAMPLES, max_new_tokens=4, lr=1e-2, micro_batch_size=2,
+                      rollout_batch_size=3, n_samples=N_SAMPLES, max_new_tokens=4, lr=1e-2, micro_batch_size=3,
                       config=cfg)
 
 

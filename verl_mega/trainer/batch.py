@@ -10,11 +10,12 @@ dicts of tensors the training engine consumes, padded or packed (see packing.py)
 a token budget.
 
 Images (vision-language models): a prompt's images travel once per prompt (`pixel_values`,
-`image_grid_thw`: B entries, shared by the prompt's n rows). A micro-batch of such a batch carries
-"pixel_values" (its rows' patches concatenated in row order; a row repeats its prompt's), "image_grid_thw"
-(the rows' image grids, same order) and 3-axis "position_ids" [3, b, S] (M-RoPE, `models.mrope`; packed:
-[3, 1, T]), computed here from the sequences so every pass (old / reference log-probs, update) sees the
-positions the rollout used. Reference: verl's `DataProto` (a TensorDict
+`image_grid_thw`: B entries, shared by the prompt's n rows). A micro-batch of such a batch carries the
+images of its DISTINCT prompts once ("pixel_values", "image_grid_thw", in order of first appearance),
+"image_index" (for every image-pad token of its rows, row-major, the row of the encoded images that fills
+it: the rows of one prompt share one encoding, and their gradients add up in it) and 3-axis
+"position_ids" [3, b, S] (M-RoPE, `models.mrope`; packed: [3, 1, T]), computed here from the sequences so
+every pass (old / reference log-probs, update) sees the positions the rollout used. Reference: verl's `DataProto` (a TensorDict
 plus non-tensor lists), reduced to a dataclass.
 """
 
@@ -148,19 +149,24 @@ class RLBatch:
 
     def vision_inputs(self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
                       ) -> dict[str, torch.Tensor]:
-        """The image fields of a micro-batch of `rows` [b] with sequences input_ids / attention_mask
-        [b, S]: position_ids [3, b, S], and when any row has images "pixel_values" [sum N_patches, D] and
-        "image_grid_thw" [sum N_images, 3] in row order (a row's prompt images repeated per row)."""
-        prompts = (rows // self.n).tolist()
-        pixel_values = self.pixel_values or [None] * self.num_prompts
-        grids = self.image_grid_thw or [None] * self.num_prompts
-        pv = [pixel_values[p] for p in prompts if pixel_values[p] is not None]
-        grid = [torch.as_tensor(grids[p], dtype=torch.long).reshape(-1, 3) for p in prompts
-                if pixel_values[p] is not None]
-        grid = torch.cat(grid) if grid else None
-        out = {"position_ids": self.image_tokens.position_ids(input_ids, grid, attention_mask)}
-        if pv:
-            out["pixel_values"], out["image_grid_thw"] = torch.cat([torch.as_tensor(p) for p in pv]), grid
+        """The image fields of a micro-batch of `rows` [b] with sequences input_ids / attention_mask [b, S]
+        (see the module docstring): position_ids [3, b, S], and when any row has images "pixel_values"
+        [N_patches, D] and "image_grid_thw" [N_images, 3] of its distinct prompts, "image_index" [N_pad_tokens]."""
+        prompts = [p for p in (rows // self.n).tolist() if self.pixel_values and self.pixel_values[p] is not None]
+        grids = {p: torch.as_tensor(self.image_grid_thw[p], dtype=torch.long).reshape(-1, 3) for p in prompts}
+        row_grids = torch.cat([grids[p] for p in prompts]) if prompts else None  # every row's images, row order
+        out = {"position_ids": self.image_tokens.position_ids(input_ids, row_grids, attention_mask)}
+        if not prompts:
+            return out
+        distinct = list(dict.fromkeys(prompts))  # first appearance order
+        merge2 = self.image_tokens.spatial_merge_size ** 2
+        tokens = {p: int((grids[p].prod(-1) // merge2).sum()) for p in distinct}  # image-pad tokens of a prompt
+        start, offset = {}, 0
+        for p in distinct:
+            start[p], offset = offset, offset + tokens[p]
+        out["pixel_values"] = torch.cat([torch.as_tensor(self.pixel_values[p]) for p in distinct])
+        out["image_grid_thw"] = torch.cat([grids[p] for p in distinct])
+        out["image_index"] = torch.cat([torch.arange(start[p], start[p] + tokens[p]) for p in prompts])
         return out
 
     @property
