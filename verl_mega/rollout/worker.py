@@ -10,6 +10,9 @@ What it owns, in call order for `generate(prompt_ids, ...)`:
      model-parallel group ends with the same rows, prompt-major;
   4. the hand-back: `weights.to_train()` (and, with `free_cache`, the engine's KV cache).
 
+Images (a vision-language model): `generate(..., images=[(pixel_values, image_grid_thw) or None per prompt])`;
+each replica's engine encodes the images of its own share of the prompts, once per prompt (`images.py`).
+
 Its clients: the trainer's `Rollout` stage, `HFActor.generate()` / `verl_mega.rollout.generate`,
 `verl-mega generate`. `on_finish(row, token_ids, logprobs)` is called for every row of this replica
 the moment it finishes (streaming rewards hook); rows of other replicas are not reported.
