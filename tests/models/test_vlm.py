@@ -10,7 +10,8 @@ parallel test) each dot product of length K <= 192 changes by ~sqrt(K) * 6e-8 re
 of the activations, and five layers (3 vision, 2 text) of O(1) gain keep that below ~1e-5 at the
 logits. 1e-4 is a 10x margin over that, while any real error (a wrong rotary axis, a window
 boundary, a misplaced image row) moves logits by O(0.1) — `test_images_move_the_logits` checks the
-images matter at that scale.
+images matter at that scale. Weight gradients are compared with the same bound relative to their largest
+entry (the same reordering argument, applied to the backward sums).
 """
 
 import pytest
@@ -72,6 +73,32 @@ def test_logits_match_transformers(model, hf_model):
     ours, ref = ours_logits(model, batch), hf_logits(hf_model, batch)
     assert ours.shape == ref.shape and ref[real].abs().max() > 1.0
     assert (ours - ref)[real].abs().max() < TOL
+
+
+def test_gradients_match_transformers(vlm_dir, hf_model):
+    """Backward through the image embeddings' scatter and the tower: weight gradients of L = sum(logits * R)."""
+    stage = build_stage(ModelConfig.from_hf(vlm_dir), Layout.create(1, 1), init_seed=None)
+    load_hf_weights(stage, vlm_dir)
+    batch = tiny_vlm_batch()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    r = torch.randn(*ids.shape, 251, generator=torch.Generator().manual_seed(2)) * mask[..., None]
+    pos, _ = positions(batch)
+    out = stage(ids, pos, mask, pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+    (out[..., :251] * r).sum().backward()
+    hf_model.zero_grad()
+    hf_out = hf_model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
+                      image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=(ids == IMG).int()).logits
+    (hf_out * r).sum().backward()
+    hf_grads = {n: p.grad for n, p in hf_model.named_parameters()}
+    ours = dict(stage.named_parameters())
+    for name, hf_name in [("visual.patch_embed.proj.weight", "model.visual.patch_embed.proj.weight"),
+                          ("visual.blocks.0.attn.qkv.weight", "model.visual.blocks.0.attn.qkv.weight"),
+                          ("visual.merger.mlp.2.bias", "model.visual.merger.mlp.2.bias"),
+                          ("layers.0.self_attn.q_proj.weight",
+                           "model.language_model.layers.0.self_attn.q_proj.weight")]:
+        ref = hf_grads[hf_name]
+        assert ref.abs().max() > 0 and (ours[name].grad - ref).abs().max() < TOL * ref.abs().max(), name
+    hf_model.zero_grad(set_to_none=True)
 
 
 def test_images_move_the_logits(model):
@@ -190,6 +217,16 @@ def test_packed_forward_equals_padded(model):
     assert (packed - ours_logits(model, batch)[real]).abs().max() < TOL
 
 
+def test_micro_batch_without_images(model):
+    batch = tiny_vlm_batch(((3, ()), (6, ())))
+    pos, _ = positions(batch)
+    empty = dict(pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+    assert empty["pixel_values"].shape == (0, 3 * 2 * 14 * 14) and empty["image_grid_thw"].shape == (0, 3)
+    with torch.no_grad():
+        assert torch.equal(model(batch["input_ids"], pos, batch["attention_mask"], **empty),
+                           model(batch["input_ids"], pos, batch["attention_mask"]))
+
+
 def test_image_token_count_mismatch_is_a_value_error(model):
     batch = tiny_vlm_batch()
     pos, _ = positions(batch)
@@ -261,7 +298,10 @@ def test_published_flat_config_reads_and_writes_back():
     assert config.mrope_section == (16, 24, 24) and config.rope_scaling is None and config.rope_theta == 1e6
     assert config.tie_word_embeddings and config.image_token_id == 151655 and config.vision_start_token_id == 151652
     assert config.vision.in_channels == 3 and config.vision.fullatt_block_indexes == (7, 15, 23, 31)
-    ours, orig = Qwen2_5_VLConfig(**config.to_hf_dict()), Qwen2_5_VLConfig(**QWEN2_5_VL_3B)
+    hf = config.to_hf_dict()
+    assert "hidden_size" not in hf and "rope_scaling" not in hf and hf["text_config"]["hidden_size"] == 2048
+    assert (hf["video_token_id"], hf["vision_end_token_id"]) == (151656, 151653)
+    ours, orig = Qwen2_5_VLConfig(**hf), Qwen2_5_VLConfig(**QWEN2_5_VL_3B)
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_key_value_heads",
                 "rope_parameters", "rms_norm_eps", "max_position_embeddings"):
         assert getattr(ours.text_config, key) == getattr(orig.text_config, key), key
@@ -277,7 +317,8 @@ def test_loads_the_transformers_4_5x_tensor_names(vlm_dir, model, tmp_path):
 
     renamed = {("model." + k if k.startswith("visual.") else k.replace("model.", "model.language_model.", 1)): v
                for k, v in load_file(f"{vlm_dir}/model.safetensors").items()}
-    assert "model.language_model.layers.0.self_attn.q_proj.bias" in renamed and "model.visual.merger.mlp.0.bias" in renamed
+    assert "model.language_model.layers.0.self_attn.q_proj.bias" in renamed
+    assert "model.visual.merger.mlp.0.bias" in renamed
     shutil.copy(f"{vlm_dir}/config.json", tmp_path / "config.json")
     save_file(renamed, str(tmp_path / "model.safetensors"))
     stage = build_stage(ModelConfig.from_hf(tmp_path), Layout.create(1, 1), init_seed=None)

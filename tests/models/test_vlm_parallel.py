@@ -1,4 +1,4 @@
-"""Qwen2.5-VL (tied embeddings) across layouts in one 2-rank gloo spawn: logits at (tp, pp) = (1,1), (2,1), (2,1)+SP, (1,2);
+"""Qwen2.5-VL (tied) across layouts in one 2-rank gloo spawn: logits at (tp, pp) = (1,1), (2,1), (2,1)+SP, (1,2);
 save_hf -> transformers from tp 2 and pp 2; loaded parameters identical at tp 1 and 2; the replicated
 vision tower gets identical (and correct) gradients on every TP rank.
 
@@ -22,8 +22,8 @@ TOL = 1e-4
 GRAD_TOL = 1e-4
 IMG = TINY_VLM_DEFAULTS["image_token_id"]
 LAYOUTS = {"tp1pp1": (1, 1, False), "tp2pp1": (2, 1, False), "tp2pp1_sp": (2, 1, True), "tp1pp2": (1, 2, False)}
-VISION_PARAMS = ("visual.patch_embed.proj.weight", "visual.blocks.0.attn.qkv.weight", "visual.blocks.1.mlp.up_proj.bias",
-                 "visual.merger.mlp.0.weight", "visual.merger.ln_q.weight")
+VISION_PARAMS = ("visual.patch_embed.proj.weight", "visual.blocks.0.attn.qkv.weight",
+                 "visual.blocks.1.mlp.up_proj.bias", "visual.merger.mlp.0.weight", "visual.merger.ln_q.weight")
 
 
 def _positions(batch):

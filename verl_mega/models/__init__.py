@@ -1,4 +1,4 @@
-"""verl_mega.models: Llama/Qwen2/Qwen3 decoder (and Qwen2.5-VL) on megatron-core TP layers, pipeline stages, HF I/O, tokenizers.
+"""verl_mega.models: Llama/Qwen2/Qwen3 (+ Qwen2.5-VL) on megatron-core TP layers, pipeline stages, HF I/O, tokenizers.
 
     model = build_stage(ModelConfig.from_hf(path), layout, init_seed=None)   # this rank's DecoderModel stage
     load_hf_weights(model, path)

@@ -1,4 +1,4 @@
-"""Model configuration of the Llama / Qwen2 / Qwen3 decoder family (and Qwen2.5-VL), read from and written to HF configs.
+"""Model configuration of the Llama / Qwen2 / Qwen3 decoders and Qwen2.5-VL, read from and written to HF configs.
 
 `ModelConfig` is the one description of the architecture that the decoder, the loaders and the
 engines share. `ModelConfig.from_hf` accepts a `config.json` path, a directory holding one, or the
@@ -100,7 +100,8 @@ class VisionConfig:
         kw = {k: hf[k] for k in _VISION_FIELDS_HF if k in hf}
         if "in_chans" in hf:  # the name in checkpoints written before transformers 4.50
             kw.setdefault("in_channels", hf["in_chans"])
-        extra = {k: v for k, v in hf.items() if k not in _VISION_FIELDS_HF and k not in ("rope_parameters", "model_type")}
+        skip = set(_VISION_FIELDS_HF) | {"rope_parameters", "model_type"}
+        extra = {k: v for k, v in hf.items() if k not in skip}
         return cls(**kw, rope_theta=float(rope.get("rope_theta", 10000.0)), hf_extra=extra)
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -239,9 +240,9 @@ class ModelConfig:
         text[rope_key] = rope
         text["model_type"] = "qwen2"  # the language model is a Qwen2 decoder (q/k/v bias)
         base = cls.from_hf(text)
-        text_extra = {k: v for k, v in base.hf_extra.items()}
-        extra = {k: v for k, v in hf.items() if k not in _MODELLED_VLM_KEYS}
-        extra["text_config"] = text_extra
+        # top level: unmodelled keys (video / vision-end ids, ...); the language model's own keys live in text_config
+        extra = {k: v for k, v in hf.items() if k not in _MODELLED_VLM_KEYS and k not in _MODELLED_HF_KEYS}
+        extra["text_config"] = dict(base.hf_extra)
         return cls(**{**{f.name: getattr(base, f.name) for f in fields(base)},
                       "model_type": "qwen2_5_vl", "mrope_section": tuple(mrope),
                       "vision": VisionConfig.from_hf(hf["vision_config"]), "image_token_id": hf["image_token_id"],
@@ -291,8 +292,11 @@ class ModelConfig:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict of the fields (without hf_extra), e.g. for logging."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "hf_extra"}
+        """Plain dict of the fields (without hf_extra; the vision config as a dict), e.g. for logging."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "hf_extra"}
+        if self.vision is not None:
+            out["vision"] = {f.name: getattr(self.vision, f.name) for f in fields(self.vision) if f.name != "hf_extra"}
+        return out
 
 
 def _read_hf_config(path: str | os.PathLike) -> dict:

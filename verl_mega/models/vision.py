@@ -154,6 +154,8 @@ class VisionTower(nn.Module):
         patches; N = sum T*H*W) -> embeddings [N / m^2, out_hidden] in the processor's order."""
         grids = _check_grids(pixel_values, image_grid_thw, self.config)
         device = pixel_values.device
+        if not grids:  # a micro-batch without images (pixel_values [0, C*T*P*P])
+            return torch.zeros(0, self.config.out_hidden_size, dtype=self.patch_embed.proj.weight.dtype, device=device)
         m2 = self.config.spatial_merge_size ** 2
         window_index, cu_windows = window_partition(grids, self.config)
         window_index = window_index.to(device)
@@ -174,7 +176,9 @@ class VisionTower(nn.Module):
     def _rope_tables(self, grids: list[tuple[int, int, int]], device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [N, head_dim] (fp32) of every patch in processor order: (row freqs, column freqs) x 2."""
         pos = patch_positions(grids, self.config.spatial_merge_size).to(device)  # [N, 2]
-        freqs = pos[..., None].float() * self._inv_freq.to(device)  # [N, 2, head_dim/4]
+        if self._inv_freq.device != device:  # kept out of the buffers so `.to(bf16)` never rounds it
+            self._inv_freq = self._inv_freq.to(device)
+        freqs = pos[..., None].float() * self._inv_freq  # [N, 2, head_dim/4]
         freqs = freqs.flatten(1)  # [N, head_dim/2]: row frequencies then column frequencies
         emb = torch.cat((freqs, freqs), dim=-1)  # [N, head_dim]
         return emb.cos(), emb.sin()
