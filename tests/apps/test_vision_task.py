@@ -22,7 +22,7 @@ def test_generator_is_deterministic_and_splits_are_disjoint():
     b_train, b_held = task.make_vision_task(seed=3, num_train=40, num_heldout=10)
     assert a_train == b_train and a_held == b_held  # image bytes included
     assert task.make_vision_task(seed=4, num_train=40, num_heldout=10)[0] != a_train
-    key = lambda r: (r["images"][0]["bytes"], r["prompt"][0]["content"])  # noqa: E731
+    key = lambda r: (r["images"][0]["bytes"], r["prompt"][0]["content"])
     assert len({key(r) for r in a_train + a_held}) == 50
     assert [r["extra_info"]["index"] for r in a_held] == list(range(10))
     assert {r["extra_info"]["split"] for r in a_train} == {"train"} and {r["extra_info"]["split"] for r in a_held} == {"test"}
@@ -55,7 +55,7 @@ def test_reward_is_exact_match_on_the_answer_digit():
 def test_parquet_through_the_multimodal_dataset(tmp_path):
     save_tiny_vl_processor(str(tmp_path / "proc"))
     tok, ip = AutoTokenizer.from_pretrained(str(tmp_path / "proc")), load_image_processor(tmp_path / "proc")
-    train, held = task.make_vision_task(seed=1, num_train=12, num_heldout=3)
+    train, _ = task.make_vision_task(seed=1, num_train=12, num_heldout=3)
     ds = RLDataset(task.write_parquet(train, str(tmp_path / "train.parquet")), tok, image_processor=ip)
     assert len(ds) == 12 and ds.skipped == 0
     for k, row in enumerate(train):

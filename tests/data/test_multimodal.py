@@ -50,7 +50,7 @@ def test_tiny_processor_files_ids_and_image_tokens(vl_dir, tok_and_ip):
     tok, ip = tok_and_ip
     assert ids == dict(vocab_size=131, eos_token_id=2, pad_token_id=0, bos_token_id=None, image_token_id=5,
                        video_token_id=6, vision_start_token_id=3, vision_end_token_id=4)
-    assert (tok.eos_token_id, tok.pad_token_id, len(tok)) == (2, 0, 104)
+    assert (tok.eos_token_id, tok.pad_token_id, len(tok), tok.padding_side) == (2, 0, 104, "left")
     assert type(ip).__name__ == "Qwen2VLImageProcessorPil" and ip.merge_size == 2
     assert '"processor_class": "Qwen2_5_VLProcessor"' in (path / "processor_config.json").read_text()
     text = tok.apply_chat_template([{"role": "user", "content": IMAGE_PLACEHOLDER + "Hi"}], add_generation_prompt=True,

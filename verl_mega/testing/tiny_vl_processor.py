@@ -46,9 +46,8 @@ def make_tiny_vl_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one word per character
     tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=VISION_SPECIAL_TOKENS)
+                                   additional_special_tokens=VISION_SPECIAL_TOKENS, padding_side="left")
     fast.chat_template = VL_CHAT_TEMPLATE
-    fast.padding_side = "left"
     return fast
 
 
