@@ -1,7 +1,7 @@
 """Vision-language data through the trainer's data path (`verl-mega train`: preflight builds the dataset with
 the model's image processor, the trainer steps on its items): a multimodal parquet trains for a step; a
 malformed image row stops the run before the model loads with the data helper's error, naming the file and
-the row (exit status 2, one message)."""
+the row (exit status 2, one message). The memory planner counts the vision tower's parameters."""
 
 import json
 import math
@@ -50,3 +50,17 @@ def test_malformed_image_row_stops_the_run_naming_file_and_row(vlm_dir, tmp_path
     err = capsys.readouterr().err
     assert "bad.parquet" in err and "row 2" in err, err
     assert "Traceback" not in err and err.count("error:") == 1
+
+
+def test_memory_plan_counts_the_vision_tower(vlm_dir):
+    from verl_mega.models.config import ModelConfig
+    from verl_mega.models.vision import VisionTower
+    from verl_mega.trainer.memory_plan import stage_params, vision_params
+
+    config = ModelConfig.from_hf(vlm_dir)
+    tower = VisionTower(config.vision)
+    assert vision_params(config.vision) == sum(p.numel() for p in tower.parameters())
+    text_only = ModelConfig.from_hf(vlm_dir)
+    text_only.vision = None  # the same language model without its tower (not a valid VLM config: only counted)
+    assert stage_params(config, 1, 2, 0)[1] - stage_params(text_only, 1, 2, 0)[1] == vision_params(config.vision)
+    assert stage_params(config, 1, 2, 1) == stage_params(text_only, 1, 2, 1)  # the tower sits on the first stage
