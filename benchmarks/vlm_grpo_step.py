@@ -22,7 +22,8 @@ Reported (mean over the measured steps; the first --warmup steps are not measure
   backward: from the gradient arriving at the tower's output to the patch embedding's weight gradient),
   each synchronised with the device, so the figures include no overlap with other work; in rollout the
   tower runs once per prompt (its n samples share the encoding), in log-prob and update once per
-  micro-batch on the images of its distinct prompts (its rows of one prompt share the encoding).
+  micro-batch on the images of its distinct prompts (its rows of one prompt share the encoding); with --kl the
+  reference model's own tower runs in the log-prob phase too and is not timed (the phase time includes it).
 Rank 0 writes OUT/vlm_grpo_step.json and prints a markdown table (OUT: --out, $OUT or .).
 """
 
