@@ -7,7 +7,7 @@ response token t is predicted by the hidden state at column P + t - 1.
 
 Each stage fills some fields (None until then); `microbatches()` cuts row subsets into the
 dicts of tensors the training engine consumes, padded or packed (see packing.py), by a row count or
-a token budget.
+a token budget. Reference: verl's `DataProto` (a TensorDict plus non-tensor lists), reduced to a dataclass.
 
 Images (vision-language models): a prompt's images travel once per prompt (`pixel_values`,
 `image_grid_thw`: B entries, shared by the prompt's n rows). A micro-batch of such a batch carries the
@@ -15,8 +15,7 @@ images of its DISTINCT prompts once ("pixel_values", "image_grid_thw", in order 
 "image_index" (for every image-pad token of its rows, row-major, the row of the encoded images that fills
 it: the rows of one prompt share one encoding, and their gradients add up in it) and 3-axis
 "position_ids" [3, b, S] (M-RoPE, `models.mrope`; packed: [3, 1, T]), computed here from the sequences so
-every pass (old / reference log-probs, update) sees the positions the rollout used. Reference: verl's `DataProto` (a TensorDict
-plus non-tensor lists), reduced to a dataclass.
+every pass (old / reference log-probs, update) sees the positions the rollout used.
 """
 
 from __future__ import annotations
@@ -136,7 +135,7 @@ class RLBatch:
         return [s for s in self.samples for _ in range(self.n)]
 
     @property
-    def has_images(self) -> bool:
+    def is_vlm(self) -> bool:
         """Whether the batch is a VLM batch (3-axis positions, image inputs in its micro-batches)."""
         return self.image_tokens is not None
 
@@ -224,7 +223,7 @@ class RLBatch:
         tensors = {k: getattr(self, k)[rows] for k in SEQUENCE_KEYS + tuple(keys)}
         tensors["loss_mask"] = self.train_mask[rows]  # [rows, R] the tokens the loss uses
         if dp_group is not None and dist.get_world_size(dp_group) > 1:
-            if self.has_images:
+            if self.is_vlm:
                 raise ValueError("re-dealing rows over data-parallel ranks (trainer.packing with "
                                  "trainer.max_tokens_per_micro_batch and dp > 1) does not carry images yet; "
                                  "set trainer.max_tokens_per_micro_batch=null for a vision-language model")
@@ -243,8 +242,8 @@ class RLBatch:
         for idx in groups:
             mb = {k: v[idx] for k, v in tensors.items()}
             mb["rows"] = rows[idx]
-            vision = self.vision_inputs(mb["rows"], mb["input_ids"], mb["attention_mask"]) if self.has_images else {}
-            if "position_ids" in vision:
+            vision = self.vision_inputs(mb["rows"], mb["input_ids"], mb["attention_mask"]) if self.is_vlm else {}
+            if vision:
                 mb["position_ids"] = vision.pop("position_ids")  # [3, b, S]
             if packed:
                 mb = pack_microbatch(mb)
