@@ -29,6 +29,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from verl_mega.apps.demo import _say  # rank 0 prints (the text demo's helper)
+
 # task size, model size and training knobs (the command line overrides them; QUICK for the CI smoke run)
 DEFAULTS = dict(train=2000, heldout=200, sft_target=0.4, sft_max_steps=400, sft_lr=1e-3, sft_batch=32, sft_every=5,
                 rl_steps=40, rl_lr=1e-3, rollout_batch=32, n_samples=8, val_every=10, hidden=64, layers=2,
@@ -36,11 +38,6 @@ DEFAULTS = dict(train=2000, heldout=200, sft_target=0.4, sft_max_steps=400, sft_
 QUICK = dict(train=64, heldout=16, sft_target=1.0, sft_max_steps=4, sft_every=2, rl_steps=2, rollout_batch=4,
              n_samples=2, val_every=1)
 MAX_NEW_TOKENS = 3  # the answer, EOS, one token of slack
-
-
-def _say(*msg) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*msg, flush=True)
 
 
 def make_model_dir(path: str, args) -> None:
