@@ -1,7 +1,8 @@
 """Vision-language data through the trainer's data path (`verl-mega train`: preflight builds the dataset with
 the model's image processor, the trainer steps on its items): a multimodal parquet trains for a step; a
 malformed image row stops the run before the model loads with the data helper's error, naming the file and
-the row (exit status 2, one message). The memory planner counts the vision tower's parameters."""
+the row (exit status 2, one message). `trainer.step` takes the seed API's user samples (`prompt` + `images`),
+encoded with the actor's processor. The memory planner counts the vision tower's parameters."""
 
 import json
 import math
@@ -64,3 +65,34 @@ def test_memory_plan_counts_the_vision_tower(vlm_dir):
     text_only.vision = None  # the same language model without its tower (not a valid VLM config: only counted)
     assert stage_params(config, 1, 2, 0)[1] - stage_params(text_only, 1, 2, 0)[1] == vision_params(config.vision)
     assert stage_params(config, 1, 2, 1) == stage_params(text_only, 1, 2, 1)  # the tower sits on the first stage
+
+
+def test_step_on_user_samples_with_images(vlm_dir, tmp_path):
+    from verl_mega.rollout.actor import get_actor_model
+    from verl_mega.trainer import PPOTrainer, TrainerConfig
+
+    rows, _ = task.make_vision_task(seed=4, num_train=2, num_heldout=1, sizes=(56,))
+    image_file = tmp_path / "a.png"
+    image_file.write_bytes(rows[0]["images"][0]["bytes"])
+    samples = [{"prompt": rows[0]["prompt"], "images": [str(image_file)], "ground_truth": "1"},  # a path
+               {"prompt": rows[1]["prompt"][0]["content"], "images": rows[1]["images"], "ground_truth": "0"}]  # bytes
+    cfg = TrainerConfig()
+    cfg.trainer.progress_bar = False
+    actor = get_actor_model(vlm_dir, use_vision=True)
+    trainer = PPOTrainer(actor, reward_fn=task.compute_score, algorithm="grpo", rollout_batch_size=2, n_samples=2,
+                         max_new_tokens=2, config=cfg)
+    metrics = trainer.step(samples)
+    batch = trainer.last_batch
+    assert math.isfinite(metrics["actor/loss"]) and all(g.tolist() == [[1, 4, 4]] for g in batch.image_grid_thw)
+    assert samples[0].keys() == {"prompt", "images", "ground_truth"}  # the caller's dicts are not modified
+    with pytest.raises(ValueError, match="sample 0"):
+        trainer.step([{**samples[0], "images": [str(tmp_path / "missing.png")]}])
+
+
+def test_use_vision_needs_a_vision_language_model(tmp_path):
+    from verl_mega.rollout.actor import get_actor_model
+    from verl_mega.testing.tiny_hf import make_tiny_hf_model
+
+    text_dir = make_tiny_hf_model(str(tmp_path / "text"), hidden_size=32, num_layers=1)
+    with pytest.raises(ValueError, match="use_vision=True"):
+        get_actor_model(text_dir, use_vision=True)

@@ -188,7 +188,7 @@ def _as_dtype(dtype) -> torch.dtype:
 
 def get_actor_model(path: str | os.PathLike, torch_dtype=torch.float32, tensor_parallel_size: int = 1,
                     pipeline_parallel_size: int = 1, layout: Layout | None = None, value_head: bool = False,
-                    score_head: bool = False, device=None) -> HFActor:
+                    score_head: bool = False, device=None, use_vision: bool | None = None) -> HFActor:
     """Load the HF directory `path` as this rank's stage under `layout` (default `Layout.create(tp, pp)`,
     dp = whatever is left of the world). Collective when it creates the layout.
 
@@ -196,11 +196,16 @@ def get_actor_model(path: str | os.PathLike, torch_dtype=torch.float32, tensor_p
     value head (critic). score_head: replace it by the score head of a HF `*ForSequenceClassification`
     checkpoint with one label (reward model; `score.weight` must be in the checkpoint).
     device: default the rank's compute device (its GPU under NCCL, else CPU).
+    use_vision: True asks for a vision-language model (ValueError for a text-only directory); None / False load
+    whatever the directory holds (a Qwen2.5-VL directory always with its vision tower).
     Raises FileNotFoundError for a missing directory/config/weights, ValueError for a layout that
     does not fit the model (heads not divisible by tp, fewer layers than pp) or a missing tensor.
     """
     path = check_hf_dir(path)
     config = ModelConfig.from_hf(path)
+    if use_vision and not config.is_vlm:
+        raise ValueError(f"use_vision=True: the model at {path} is {config.model_type}, not a vision-language "
+                         f"model (Qwen2_5_VLForConditionalGeneration)")
     dtype = _as_dtype(torch_dtype)
     tp, pp = (layout.tp, layout.pp) if layout is not None else (tensor_parallel_size, pipeline_parallel_size)
     config.check_tp(tp)

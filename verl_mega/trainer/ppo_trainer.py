@@ -195,9 +195,11 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ one step
     def make_batch(self, samples: list[dict]) -> RLBatch:
-        """An RLBatch from samples: dataset items (with `prompt_ids`) or dicts with `prompt` (text or chat messages)."""
+        """An RLBatch from samples: dataset items (with `prompt_ids`) or dicts with `prompt` (text or chat messages;
+        for a VLM with `images` too: paths, {"bytes"} / {"path"} entries or PIL images, one `<image>` marker each)."""
         if not samples:
             raise ValueError("step() needs at least one sample")
+        samples = [self._encode_images(i, s) for i, s in enumerate(samples)]
         prompts = []
         for i, s in enumerate(samples):
             if not isinstance(s, dict):
@@ -219,6 +221,26 @@ class PPOTrainer:
             raise ValueError(f"the samples carry images but the actor at {self.actor.path} is a text model")
         return RLBatch(samples=list(samples), prompt_ids=prompts, n=self.config.rollout.n_samples, step=self.global_step,
                        pixel_values=pixel_values, image_grid_thw=grids, image_tokens=image_tokens)
+
+    def _encode_images(self, i: int, sample):
+        """A user sample with `images` (and a `prompt`, no `prompt_ids`) with its prompt encoded by the actor's
+        processor (`data.multimodal.encode_vision_prompt`: prompt_ids, pixel_values, image_grid_thw added);
+        any other sample as given."""
+        if not (isinstance(sample, dict) and sample.get("images") and "prompt" in sample and "prompt_ids" not in sample):
+            return sample
+        from verl_mega.data.multimodal import encode_vision_prompt
+
+        options = self._image_options()
+        if not options or self.tokenizer is None:
+            raise ValueError(f"sample {i} has images but the actor at {self.actor.path} is not a vision-language "
+                             f"model with a processor (tokenizer + preprocessor_config.json)")
+        prompt = sample["prompt"]
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        try:
+            encoded = encode_vision_prompt(self.tokenizer, options["image_processor"], messages, sample["images"])
+        except ValueError as exc:
+            raise ValueError(f"sample {i}: {exc}") from None
+        return {**sample, **encoded}
 
     def step(self, samples: list[dict]) -> dict[str, float]:
         """One RL step on this rank's prompts (every data-parallel rank passes the same number); returns the
@@ -344,9 +366,10 @@ class PPOTrainer:
         return self.make_validator(val_dataloader) if val_dataloader is not None else None
 
     def _image_options(self) -> dict:
-        """Dataset keywords for the actor's images: a VLM's image processor, {} for a text model."""
-        processor = image_processor_for(self.actor.path, self.actor.config)
-        return {} if processor is None else {"image_processor": processor}
+        """Dataset keywords for the actor's images: a VLM's image processor (loaded once), {} for a text model."""
+        if not hasattr(self, "_image_processor"):
+            self._image_processor = image_processor_for(self.actor.path, self.actor.config)
+        return {} if self._image_processor is None else {"image_processor": self._image_processor}
 
     def _validate(self, validator: Validator) -> dict[str, float]:
         metrics = validator()
