@@ -69,28 +69,33 @@ SMOKE = dict(
     vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
                 spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=(1,)))
 PHASES = ("rollout", "generate", "reshard", "logprob", "update")
+# run sizes: the GPU defaults and the --smoke ones (each flag given on the command line wins)
+RUN = dict(prompts=16, n=8, image=448, prompt_text=64, response_len="64:256", new_tokens=256, micro_batch=8, steps=3,
+           warmup=1)
+SMOKE_RUN = dict(prompts=2, n=2, image=56, prompt_text=6, response_len="2:6", new_tokens=8, micro_batch=2, steps=2,
+                 warmup=1)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--prompts", type=int, default=16, help="prompts per step (global)")
-    p.add_argument("--n", type=int, default=8, help="samples per prompt")
-    p.add_argument("--image", type=int, default=448, help="image side in pixels (a multiple of 28)")
-    p.add_argument("--prompt-text", type=int, default=64, help="text tokens per prompt besides the image tokens")
-    p.add_argument("--response-len", default="64:256", help="forced response lengths LO:HI")
-    p.add_argument("--new-tokens", type=int, default=256, help="max new tokens")
-    p.add_argument("--micro-batch", type=int, default=8, help="sequences per training micro-batch")
+    p.add_argument("--prompts", type=int, help="prompts per step (global; default 16)")
+    p.add_argument("--n", type=int, help="samples per prompt (default 8)")
+    p.add_argument("--image", type=int, help="image side in pixels, a multiple of 28 (default 448)")
+    p.add_argument("--prompt-text", type=int, help="text tokens per prompt besides the image tokens (default 64)")
+    p.add_argument("--response-len", help="forced response lengths LO:HI (default 64:256)")
+    p.add_argument("--new-tokens", type=int, help="max new tokens (default 256)")
+    p.add_argument("--micro-batch", type=int, help="sequences per training micro-batch (default 8)")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--kl", action="store_true", help="add a reference model (kl_coef 1e-3): one more log-prob pass")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, help="steps run (default 3)")
+    p.add_argument("--warmup", type=int, help="first steps not measured (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--smoke", action="store_true", help="tiny VLM on CPU, 2 prompts x 2, 56x56 images, 2 steps")
     args = p.parse_args(argv)
-    if args.smoke:
-        args.prompts, args.n, args.image, args.prompt_text = 2, 2, 56, 6
-        args.response_len, args.new_tokens, args.micro_batch, args.steps, args.warmup = "2:6", 8, 2, 2, 1
+    for key, value in (SMOKE_RUN if args.smoke else RUN).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.image % 28:
         p.error("--image must be a multiple of 28 (14-pixel patches merged 2 x 2)")
     args.response_range = parse_length_range(args.response_len, args.new_tokens)
