@@ -55,17 +55,17 @@ from verl_mega.trainer import PPOTrainer, TrainerConfig  # noqa: E402
 from verl_mega.trainer.stages import Pipeline, stage_name  # noqa: E402
 
 QWEN2_5_VL_3B = dict(  # eos_token_id: <|im_end|>, the token forced at the drawn response lengths
-    eos_token_id=151645, model_type="qwen2_5_vl", vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_layers=36,
-    num_heads=16, num_kv_heads=2, head_dim=128, rope_theta=1_000_000.0, max_position_embeddings=128000,
+    eos_token_id=151645, model_type="qwen2_5_vl", vocab_size=151936, hidden_size=2048, intermediate_size=11008,
+    num_layers=36, num_heads=16, num_kv_heads=2, head_dim=128, rope_theta=1_000_000.0, max_position_embeddings=128000,
     tie_word_embeddings=True, attention_bias=True, image_token_id=151655, vision_start_token_id=151652,
     mrope_section=(16, 24, 24),
     vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
                 patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                 fullatt_block_indexes=(7, 15, 23, 31)))
 SMOKE = dict(
-    eos_token_id=2, model_type="qwen2_5_vl", vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-    num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=1024, tie_word_embeddings=True,
-    attention_bias=True, image_token_id=290, vision_start_token_id=288, mrope_section=(2, 3, 3),
+    eos_token_id=2, model_type="qwen2_5_vl", vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=2,
+    num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=1024,
+    tie_word_embeddings=True, attention_bias=True, image_token_id=290, vision_start_token_id=288, mrope_section=(2, 3, 3),
     vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
                 spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=(1,)))
 PHASES = ("rollout", "generate", "reshard", "logprob", "update")
@@ -218,7 +218,8 @@ def summarize(args, steps: list[dict], layout: Layout, config: ModelConfig) -> d
     vision = {p: mean[f"vision_{p}"] for p in phases}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {
-        "device": device, "gpus": layout.world_size, "tp": layout.tp, "shape": "smoke" if args.smoke else "qwen2.5-vl-3b",
+        "device": device, "gpus": layout.world_size, "tp": layout.tp,
+        "shape": "smoke" if args.smoke else "qwen2.5-vl-3b",
         "prompts": args.prompts, "n": args.n, "image_px": args.image, "response_len": args.response_len,
         "steps_measured": len(steps), "step_s": mean["wall_s"], "tokens_per_step": mean["tokens"],
         "tokens_per_s_per_gpu": mean["tokens"] / mean["wall_s"] / layout.world_size,

@@ -12,8 +12,8 @@ import pytest
 from verl_mega.apps import demo_vision_task as task
 from verl_mega.apps import train_cli
 
-SMALL = ["trainer.rollout_batch_size=2", "rollout.n_samples=2", "rollout.max_new_tokens=2", "trainer.progress_bar=false",
-         "trainer.total_steps=1", "trainer.save_final=false", "trainer.tensorboard=false",
+SMALL = ["trainer.rollout_batch_size=2", "rollout.n_samples=2", "rollout.max_new_tokens=2",
+         "trainer.progress_bar=false", "trainer.total_steps=1", "trainer.save_final=false", "trainer.tensorboard=false",
          "trainer.reward=verl_mega.apps.demo_vision_task:compute_score", "data.max_prompt_length=64"]
 
 

@@ -7,7 +7,7 @@ show the held-out greedy accuracy before, during and after RL.
     verl-mega demo --algorithm all          # the five estimators one after the other, one plot
     verl-mega demo --quick                  # CI smoke run
     verl-mega demo --task tool              # learn to call the Python tool (three-digit products; demo_tool_task.py)
-    verl-mega demo --task vision            # a tiny vision-language model answers questions about images (demo_vision.py)
+    verl-mega demo --task vision            # a tiny VLM counts squares in drawn images (demo_vision.py)
     verl-mega demo --plot runs/grpo runs/ppo --output-dir runs   # one plot over several runs' metrics.jsonl
     torchrun --nproc-per-node 2 -m verl_mega demo   # the same under torchrun
 

@@ -193,6 +193,6 @@ def run(args) -> dict:
             json.dump(summary, f, indent=2)
         plot_runs({"grpo (vision)": os.path.join(out, "metrics.jsonl")}, os.path.join(out, "reward_curve.png"))
     _say(f"[vision demo] held-out accuracy {summary['accuracy_before']:.1%} -> {summary['accuracy_after']:.1%} "
-         f"({(summary['accuracy_after'] - summary['accuracy_before']) * 100:+.1f} points) in {len(history)} GRPO steps; "
-         f"{summary['seconds']:.0f} s in all")
+         f"({(summary['accuracy_after'] - summary['accuracy_before']) * 100:+.1f} points) in {len(history)} GRPO "
+         f"steps; {summary['seconds']:.0f} s in all")
     return summary

@@ -219,7 +219,8 @@ class GenerationEngine:
         if len(prompt_ids) == 0:
             raise ValueError("prompt_ids is empty: give at least one prompt")
         if images is not None and len(images) != len(prompt_ids):
-            raise ValueError(f"images has {len(images)} entries for {len(prompt_ids)} prompts (one per prompt, None = text)")
+            raise ValueError(f"images has {len(images)} entries for {len(prompt_ids)} prompts "
+                             f"(one per prompt, None = text)")
         if eos_at is not None:  # checked before any request is queued
             eos_at = self._check_eos_at(eos_at, len(prompt_ids) * n)
         params = RequestParams(sampling, max_new_tokens, n, frozenset(int(t) for t in stop_token_ids))

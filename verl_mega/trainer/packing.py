@@ -33,9 +33,9 @@ def pack_microbatch(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     prompt, right-padded response). Every tensor of shape [b, S] (input_ids, position_ids, labels,
     loss_mask ...) becomes [1, T] holding the valid positions; position_ids are recomputed (0 at each
     sequence start), except 3-axis M-RoPE position_ids [3, b, S] (counted over the valid tokens already),
-    which keep their valid positions -> [3, 1, T]. Added: cu_seqlens [b + 1] int32; with `responses` [b, R] (the last R columns),
-    response_index [n] long: the packed position whose hidden state predicts each valid response token
-    (row-major over response_mask). attention_mask is dropped; other tensors are kept as they are.
+    which keep their valid positions -> [3, 1, T]. Added: cu_seqlens [b + 1] int32; with `responses` [b, R]
+    (the last R columns), response_index [n] long: the packed position whose hidden state predicts each
+    valid response token (row-major over response_mask). attention_mask is dropped; other tensors are kept as they are.
     """
     mask = mb["attention_mask"].bool()  # [b, S]
     lengths = mask.sum(-1)

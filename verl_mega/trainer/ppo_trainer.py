@@ -219,14 +219,16 @@ class PPOTrainer:
         image_tokens = ImageTokens.from_config(self.actor.config)
         if pixel_values is not None and image_tokens is None:
             raise ValueError(f"the samples carry images but the actor at {self.actor.path} is a text model")
-        return RLBatch(samples=list(samples), prompt_ids=prompts, n=self.config.rollout.n_samples, step=self.global_step,
-                       pixel_values=pixel_values, image_grid_thw=grids, image_tokens=image_tokens)
+        return RLBatch(samples=list(samples), prompt_ids=prompts, n=self.config.rollout.n_samples,
+                       step=self.global_step, pixel_values=pixel_values, image_grid_thw=grids,
+                       image_tokens=image_tokens)
 
     def _encode_images(self, i: int, sample):
         """A user sample with `images` (and a `prompt`, no `prompt_ids`) with its prompt encoded by the actor's
         processor (`data.multimodal.encode_vision_prompt`: prompt_ids, pixel_values, image_grid_thw added);
         any other sample as given."""
-        if not (isinstance(sample, dict) and sample.get("images") and "prompt" in sample and "prompt_ids" not in sample):
+        wanted = isinstance(sample, dict) and sample.get("images") and "prompt" in sample
+        if not wanted or "prompt_ids" in sample:
             return sample
         from verl_mega.data.multimodal import encode_vision_prompt
 
