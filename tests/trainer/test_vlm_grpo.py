@@ -1,6 +1,6 @@
 """The RL update with images on a tiny random Qwen2.5-VL: the LogProbs stage (micro-batches carrying
 pixel_values / image_grid_thw / 3-axis positions, padded and packed) equals transformers' teacher-forced
-log-probs at tp 1 and the same at tp 2; a GRPO step (KL loss, so the reference pass sees the images too)
+log-probs at tp 1 and the same at tp 2 and pp 2; a GRPO step (KL loss, so the reference pass sees the images too)
 at tp 2 runs with a finite loss, changes the language and the vision weights, and keeps the replicated
 vision tower identical on both TP ranks; its checkpoint (DCP, saved at tp 2) exported with `verl-mega
 export` loads in transformers with every tensor equal to the trained ones, visual.* included (exact:
@@ -47,7 +47,7 @@ def _reward(response: str) -> float:
     return float(int(words[0]) % 2) if words else 0.0
 
 
-def _trainer(path: str, tp: int):
+def _trainer(path: str, tp: int, pp: int = 1):
     """GRPO with a KL loss; micro-batches of 3 rows: [p0, p0, p1] and [p1, p2, p2] mix prompts with 2, 1 and 0
     images and split a prompt's samples over two micro-batches (each encodes that prompt's images once)."""
     from verl_mega.rollout.actor import get_actor_model
@@ -56,7 +56,8 @@ def _trainer(path: str, tp: int):
     cfg = TrainerConfig()
     cfg.algorithm.kl_coef = 0.05  # a reference model: its log-prob pass takes the images too
     cfg.trainer.progress_bar, cfg.trainer.save_final = False, False
-    return PPOTrainer(get_actor_model(path, tensor_parallel_size=tp), reward_fn=_reward, algorithm="grpo",
+    actor = get_actor_model(path, tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    return PPOTrainer(actor, reward_fn=_reward, algorithm="grpo",
                       rollout_batch_size=3, n_samples=N_SAMPLES, max_new_tokens=4, lr=1e-2, micro_batch_size=3,
                       config=cfg)
 
@@ -82,8 +83,9 @@ def _tp2(path: str, root: str) -> dict:
     from verl_mega.trainer.checkpoint import save_checkpoint
 
     prompts, images, responses = _case(path)
+    pp2 = _logprobs(_trainer(path, 1, pp=2), prompts, images, responses)  # the tower on the first stage only
     trainer = _trainer(path, 2)
-    out = _logprobs(trainer, prompts, images, responses)
+    out = {**_logprobs(trainer, prompts, images, responses), "pp2": pp2}
     model = trainer.actor.model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     metrics = trainer.step(_samples(prompts, images))
@@ -151,6 +153,8 @@ def test_logprobs_tp2_equal_tp1_and_grpo_step_with_images(vlm_dir, tp2):
     for rank in tp2["ranks"]:
         torch.testing.assert_close(rank["padded"][mask], ref["padded"][mask], rtol=0, atol=1e-5)
         torch.testing.assert_close(rank["packed"][mask], ref["padded"][mask], rtol=0, atol=1e-5)
+        for kind in ("padded", "packed"):  # pp 2: the first stage encodes, the second gets hidden states only
+            torch.testing.assert_close(rank["pp2"][kind][mask], ref["padded"][mask], rtol=0, atol=1e-5)
         m = rank["metrics"]
         assert math.isfinite(m["actor/loss"]) and math.isfinite(m["actor/grad_norm"]) and m["actor/grad_norm"] > 0
         assert any(n.startswith("visual.") for n in rank["changed"]), "the vision tower was not updated"
