@@ -1,6 +1,7 @@
 """The RL update with images on a tiny random Qwen2.5-VL: the LogProbs stage (micro-batches carrying
 pixel_values / image_grid_thw / 3-axis positions, padded and packed) equals transformers' teacher-forced
-log-probs at tp 1 and the same at tp 2 and pp 2; a GRPO step (KL loss, so the reference pass sees the images too)
+log-probs at tp 1 and the same at tp 2 and pp 2; a GRPO step at pp 2 trains the tower on the first stage; a
+GRPO step (KL loss, so the reference pass sees the images too)
 at tp 2 runs with a finite loss, changes the language and the vision weights, and keeps the replicated
 vision tower identical on both TP ranks; its checkpoint (DCP, saved at tp 2) exported with `verl-mega
 export` loads in transformers with every tensor equal to the trained ones, visual.* included (exact:
@@ -83,7 +84,13 @@ def _tp2(path: str, root: str) -> dict:
     from verl_mega.trainer.checkpoint import save_checkpoint
 
     prompts, images, responses = _case(path)
-    pp2 = _logprobs(_trainer(path, 1, pp=2), prompts, images, responses)  # the tower on the first stage only
+    pipelined = _trainer(path, 1, pp=2)  # the tower on the first stage only
+    pp2 = _logprobs(pipelined, prompts, images, responses)
+    before = {n: p.detach().clone() for n, p in pipelined.actor.model.named_parameters() if n.startswith("visual.")}
+    pp2["loss"] = pipelined.step(_samples(prompts, images))["actor/loss"]  # 1F1B: the tower's gradient via stage 0
+    pp2["visual_changed"] = any(not torch.equal(p.detach(), before[n])
+                                for n, p in pipelined.actor.model.named_parameters() if n.startswith("visual."))
+    pp2["first_stage"] = pipelined.layout.is_first_stage
     trainer = _trainer(path, 2)
     out = {**_logprobs(trainer, prompts, images, responses), "pp2": pp2}
     model = trainer.actor.model
@@ -155,6 +162,8 @@ def test_logprobs_tp2_equal_tp1_and_grpo_step_with_images(vlm_dir, tp2):
         torch.testing.assert_close(rank["packed"][mask], ref["padded"][mask], rtol=0, atol=1e-5)
         for kind in ("padded", "packed"):  # pp 2: the first stage encodes, the second gets hidden states only
             torch.testing.assert_close(rank["pp2"][kind][mask], ref["padded"][mask], rtol=0, atol=1e-5)
+        assert math.isfinite(rank["pp2"]["loss"])
+        assert rank["pp2"]["visual_changed"] == rank["pp2"]["first_stage"]  # a GRPO step at pp 2 trains the tower
         m = rank["metrics"]
         assert math.isfinite(m["actor/loss"]) and math.isfinite(m["actor/grad_norm"]) and m["actor/grad_norm"] > 0
         assert any(n.startswith("visual.") for n in rank["changed"]), "the vision tower was not updated"
