@@ -1,9 +1,8 @@
 """The RL update with images on a tiny random Qwen2.5-VL: the LogProbs stage (micro-batches carrying
 pixel_values / image_grid_thw / 3-axis positions, padded and packed) equals transformers' teacher-forced
-log-probs at tp 1 and the same at tp 2 and pp 2; a GRPO step at pp 2 trains the tower on the first stage; a
-GRPO step (KL loss, so the reference pass sees the images too)
-at tp 2 runs with a finite loss, changes the language and the vision weights, and keeps the replicated
-vision tower identical on both TP ranks; its checkpoint (DCP, saved at tp 2) exported with `verl-mega
+log-probs at tp 1 and the same at tp 2 and pp 2; a GRPO step at pp 2 trains the tower on the first stage;
+a GRPO step (KL loss, so the reference pass sees the images too) at tp 2 runs with a finite loss, changes
+the language and the vision weights, and keeps the replicated vision tower identical on both TP ranks; its checkpoint (DCP, saved at tp 2) exported with `verl-mega
 export` loads in transformers with every tensor equal to the trained ones, visual.* included (exact:
 fp32 copies).
 
