@@ -7,6 +7,7 @@ show the held-out greedy accuracy before, during and after RL.
     verl-mega demo --algorithm all          # the five estimators one after the other, one plot
     verl-mega demo --quick                  # CI smoke run
     verl-mega demo --task tool              # learn to call the Python tool (three-digit products; demo_tool_task.py)
+    verl-mega demo --task vision            # a tiny VLM counts squares in drawn images (demo_vision.py)
     verl-mega demo --plot runs/grpo runs/ppo --output-dir runs   # one plot over several runs' metrics.jsonl
     torchrun --nproc-per-node 2 -m verl_mega demo   # the same under torchrun
 
@@ -50,9 +51,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="verl-mega demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny smoke run for CI")
-    p.add_argument("--task", choices=("arithmetic", "tool"), default="arithmetic",
+    p.add_argument("--task", choices=("arithmetic", "tool", "vision"), default="arithmetic",
                    help="arithmetic: two-digit addition (default); tool: learn to call the Python tool for "
-                        "three-digit multiplication (apps/demo_tool_task.py)")
+                        "three-digit multiplication (apps/demo_tool_task.py); vision: a tiny Qwen2.5-VL-style "
+                        "model answers questions about synthetic images (apps/demo_vision.py)")
     p.add_argument("--tool-fraction", type=float, help="--task tool: fraction of SFT examples that call the tool")
     p.add_argument("--algorithm", default="grpo",
                    help=f"RL algorithm: one of {', '.join(ALGORITHMS)}, a comma-separated list, or 'all' (default grpo)")
@@ -76,11 +78,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="only plot: one curve per RUN_DIR (a demo output or a `verl-mega train` output_dir with "
                         "metrics.jsonl) into OUTPUT_DIR/reward_curve.png")
     args = p.parse_args(argv)
-    if args.task == "tool":
-        from verl_mega.apps import demo_tool_task
+    if args.task in ("tool", "vision"):
+        from verl_mega.apps import demo_tool_task, demo_vision
 
+        module = demo_tool_task if args.task == "tool" else demo_vision
         args.sft_steps = args.sft_max_steps
-        preset = {**demo_tool_task.DEFAULTS, **(demo_tool_task.QUICK if args.quick else {})}
+        preset = {**module.DEFAULTS, **(module.QUICK if args.quick else {})}
         for key, value in preset.items():
             if getattr(args, key, None) is None:
                 setattr(args, key, value)
@@ -113,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     fn = run
     if args.task == "tool":
         from verl_mega.apps.demo_tool_task import run as fn
+    elif args.task == "vision":
+        from verl_mega.apps.demo_vision import run as fn
     if "RANK" in os.environ or args.nproc == 1:
         fn(args)
         return 0

@@ -8,7 +8,8 @@ CKPT may be a run directory (`trainer.output_dir`), its `checkpoints/` directory
 process at tp = pp = 1 (DCP reshards whatever layout the checkpoint was saved from): reads the model
 config and the source model directory recorded in the checkpoint's COMPLETE marker, builds the whole
 model, loads the fp32 master weights and writes config.json + model.safetensors + the tokenizer with
-`verl_mega.models.hf_io.save_hf`, and copies the source's generation_config.json. Checkpoints store the
+`verl_mega.models.hf_io.save_hf`, and copies the source's generation_config.json and, for a vision-language
+model, its processor files (image processor config, chat template). Checkpoints store the
 source directory as an absolute path; a relative one (older checkpoints) is tried against the current
 directory and the run directory.
 """
@@ -64,6 +65,7 @@ def export(ckpt: str, out_dir: str, dtype: str = "float32") -> str:
     from verl_mega.models.parallelize import build_stage
     from verl_mega.models.tokenizer import load_tokenizer
     from verl_mega.parallel import Layout
+    from verl_mega.rollout.actor import copy_processor_files
     from verl_mega.trainer.checkpoint import load_model_weights, read_marker
 
     path, refused = resolve_checkpoint(ckpt)
@@ -87,6 +89,7 @@ def export(ckpt: str, out_dir: str, dtype: str = "float32") -> str:
     save_hf(model, layout, out_dir, config, tokenizer)
     if source is not None and os.path.isfile(os.path.join(source, "generation_config.json")):
         shutil.copyfile(os.path.join(source, "generation_config.json"), os.path.join(out_dir, "generation_config.json"))
+    copy_processor_files(source, out_dir)  # a VLM's image processor (its datasets read images with it)
     return path
 
 

@@ -109,11 +109,15 @@ def check_model(cfg: TrainerConfig) -> None:
 def load_dataset(cfg: TrainerConfig, tokenizer):
     """The training RLDataset of `cfg.data`; ValueError naming data.train_path / data.prompt_key and the row."""
     from verl_mega.data.dataset import RLDataset
+    from verl_mega.models.config import ModelConfig
+    from verl_mega.trainer.vision_data import image_processor_for
 
     d = cfg.data
+    processor = image_processor_for(cfg.model.path, ModelConfig.from_hf(cfg.model.path))  # None: a text model
     try:
         dataset = RLDataset(d.train_path, tokenizer, prompt_key=d.prompt_key, max_prompt_length=d.max_prompt_length,
-                            apply_chat_template=d.apply_chat_template)
+                            apply_chat_template=d.apply_chat_template,
+                            **({} if processor is None else {"image_processor": processor}))
     except ValueError as exc:
         hint = (f" (data.prompt_key={d.prompt_key!r} names the prompt column: set it to the column holding the "
                 f"chat messages)") if repr(d.prompt_key) in str(exc) else ""

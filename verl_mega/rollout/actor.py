@@ -14,6 +14,7 @@ It lives in `rollout/`, above the model code, because it generates: `models` imp
 from __future__ import annotations
 
 import os
+import shutil
 
 import torch
 import torch.distributed as dist
@@ -117,8 +118,11 @@ class HFActor:
         return values.gather(1, last[:, None]).squeeze(1)
 
     def save_hf(self, out_dir: str | os.PathLike) -> None:
-        """Write the model (+ tokenizer) as a HF directory on global rank 0 (collective over all ranks)."""
+        """Write the model (+ tokenizer; a VLM's processor files) as a HF directory on global rank 0
+        (collective over all ranks)."""
         save_hf(self.model, self.layout, out_dir, self.config, self.tokenizer)
+        if self.layout.rank == 0:
+            copy_processor_files(self.path, out_dir)
 
     def generate(self, prompts, **kw):
         """Generate responses with the rollout service: `verl_mega.rollout.generate(self, prompts, **kw)`."""
@@ -156,6 +160,23 @@ class HFActor:
         return f"HFActor({self.path!r}, {self.config.model_type}, {self.layout}, dtype={self.dtype})"
 
 
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json", "chat_template.jinja")
+
+
+def copy_processor_files(src: str | os.PathLike | None, dst: str | os.PathLike) -> list[str]:
+    """Copy a model directory's processor files (a VLM's image processor config and chat template; what the
+    tokenizer does not write) from `src` to `dst` where `dst` lacks them; returns the names copied."""
+    if src is None or not os.path.isdir(src) or os.path.abspath(src) == os.path.abspath(dst):
+        return []
+    copied = []
+    for name in PROCESSOR_FILES:
+        source, target = os.path.join(src, name), os.path.join(dst, name)
+        if os.path.isfile(source) and not os.path.exists(target):
+            shutil.copyfile(source, target)
+            copied.append(name)
+    return copied
+
+
 def _as_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -167,7 +188,7 @@ def _as_dtype(dtype) -> torch.dtype:
 
 def get_actor_model(path: str | os.PathLike, torch_dtype=torch.float32, tensor_parallel_size: int = 1,
                     pipeline_parallel_size: int = 1, layout: Layout | None = None, value_head: bool = False,
-                    score_head: bool = False, device=None) -> HFActor:
+                    score_head: bool = False, device=None, use_vision: bool | None = None) -> HFActor:
     """Load the HF directory `path` as this rank's stage under `layout` (default `Layout.create(tp, pp)`,
     dp = whatever is left of the world). Collective when it creates the layout.
 
@@ -175,11 +196,16 @@ def get_actor_model(path: str | os.PathLike, torch_dtype=torch.float32, tensor_p
     value head (critic). score_head: replace it by the score head of a HF `*ForSequenceClassification`
     checkpoint with one label (reward model; `score.weight` must be in the checkpoint).
     device: default the rank's compute device (its GPU under NCCL, else CPU).
+    use_vision: True asks for a vision-language model (ValueError for a text-only directory); None / False load
+    whatever the directory holds (a Qwen2.5-VL directory always with its vision tower).
     Raises FileNotFoundError for a missing directory/config/weights, ValueError for a layout that
     does not fit the model (heads not divisible by tp, fewer layers than pp) or a missing tensor.
     """
     path = check_hf_dir(path)
     config = ModelConfig.from_hf(path)
+    if use_vision and not config.is_vlm:
+        raise ValueError(f"use_vision=True: the model at {path} is {config.model_type}, not a vision-language "
+                         f"model (Qwen2_5_VLForConditionalGeneration)")
     dtype = _as_dtype(torch_dtype)
     tp, pp = (layout.tp, layout.pp) if layout is not None else (tensor_parallel_size, pipeline_parallel_size)
     config.check_tp(tp)

@@ -10,6 +10,7 @@ What: `GenerationEngine(model, tp_group, EngineConfig(...))` serves requests on 
     engine.append(rid, tool_result_ids)     # a paused (keep_cache=True) sequence resumes after them
     engine.add_request(prompt_ids, params, eos_at=[17, 40, 5, 9])  # forced lengths (benchmarks, see below)
     out = engine.generate(prompts, max_new_tokens=..., n=...)   # the batch convenience: GenerationOutput
+    rid = engine.add_request(prompt_ids, params, pixel_values=pv, image_grid_thw=thw)   # a VLM prompt with images
 
 A `step()` admits waiting requests (FIFO, within `max_batch` rows and the KV-cache token budget
 `max_tokens`), prefills them (a prompt's n samples prefill it once and share its blocks,
@@ -25,6 +26,14 @@ host bookkeeping stay eager; the host reads the sampled tokens once per `sync_ev
 
 Every rank of `tp_group` must make the same calls: the sampled tokens are identical on all of them
 (`sampling.py`), so their schedules are too.
+
+Images (vision-language models, `images.py`): a request's images are encoded once by the model's vision
+tower when it is added and shared by its n samples; its prefill overwrites the image-pad positions with
+those embeddings and takes 3-axis M-RoPE positions; its decode steps take (sequence index + the prompt's
+M-RoPE delta), kept in a static [B] buffer beside the positions (graph-capturable). The model's image /
+video pad tokens are never sampled (their logits are set to -inf before sampling, so the reported
+log-probs are those of the distribution without them): a generated pad token would be taken for an image
+slot by every later forward.
 
 Forced lengths (`eos_at`, for benchmarks with random weights, which never sample EOS themselves):
 sample j of a request emits the engine's first EOS id as its response token number `eos_at[j]` (1-based,
@@ -52,6 +61,7 @@ import torch.distributed as dist
 
 from verl_mega.kernels.dispatch import use_triton
 from verl_mega.rollout.engine_config import EngineConfig
+from verl_mega.rollout.images import PromptImages, image_token_ids
 from verl_mega.rollout.kv_cache import PagedKVCache
 from verl_mega.rollout.output import GenerationOutput, assemble_output
 from verl_mega.rollout.sampling import SamplingParams, gather_vocab_logits, sample_tokens
@@ -105,6 +115,11 @@ class GenerationEngine:
         self._positions = torch.zeros(mb, dtype=torch.long, device=dev)  # [B] its position (= its cache slot index)
         self._tables = torch.zeros(mb, self.table_width, dtype=torch.long, device=dev)  # [B, blocks] block ids
         self._logits = torch.zeros(mb, self.true_vocab_size, dtype=torch.float32, device=dev)
+        # VLM: M-RoPE delta of each row's prompt (decode rope position = position + delta); None for text models
+        pads = image_token_ids(model.config)  # the placeholder ids never sampled (module docstring)
+        self.is_vlm = bool(pads)
+        self._deltas = torch.zeros(mb, dtype=torch.long, device=dev) if self.is_vlm else None
+        self._banned, self._banned_set = torch.tensor(pads, dtype=torch.long, device=dev), frozenset(pads)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._graph_pool = None
         self._graph_weights: tuple[int, ...] = ()
@@ -115,23 +130,33 @@ class GenerationEngine:
 
     # ------------------------------------------------------------------ request API
     def add_request(self, prompt_ids: list[int], params: RequestParams | None = None, *,
-                    ignore_eos: bool = False, eos_at: list[int] | None = None) -> int:
+                    ignore_eos: bool = False, eos_at: list[int] | None = None,
+                    pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None) -> int:
         """Queue a request; returns its id. Its n samples finish independently (see `step`).
 
         prompt_ids: non-empty token ids; params: `RequestParams` (sampling, max_new_tokens, n, extra
         stop ids, keep_cache). The engine's EOS ids are added to the stop ids unless `ignore_eos`.
         eos_at: n ints >= 1 or None: force sample j to emit EOS as its response token number eos_at[j]
         (the module docstring's "forced lengths"; the forced EOS stops it even with `ignore_eos`).
+        pixel_values [N_patches, C*T*P*P] / image_grid_thw [N_images, 3]: the prompt's images (VLM only),
+        encoded here once for the n samples (`PromptImages.encode`).
         """
         params = params or RequestParams()
         self._check_prompt(prompt_ids, params.max_new_tokens)
+        images = None
+        if pixel_values is not None or image_grid_thw is not None:
+            if pixel_values is None or image_grid_thw is None:
+                raise ValueError("pass pixel_values and image_grid_thw together (a prompt's images)")
+            images = PromptImages.encode(self.model, prompt_ids, pixel_values, image_grid_thw)
+        elif self.is_vlm and any(int(t) in self._banned_set for t in prompt_ids):
+            raise ValueError("the prompt has image-pad tokens but no pixel_values / image_grid_thw were given")
         eos = frozenset() if ignore_eos else frozenset(self.eos_token_ids)
         if eos_at is not None:
             eos_at = self._check_eos_at(eos_at, params.n)
             eos = eos | {self.eos_token_ids[0]}
         stops = frozenset(int(t) for t in params.stop_token_ids) | eos
         params = RequestParams(params.sampling, params.max_new_tokens, params.n, stops, params.keep_cache)
-        request_id = self.scheduler.add([int(t) for t in prompt_ids], params)
+        request_id = self.scheduler.add([int(t) for t in prompt_ids], params, images)
         for j, length in enumerate(eos_at or ()):
             self._eos_at[(request_id, j)] = length
         return request_id
@@ -144,6 +169,8 @@ class GenerationEngine:
         tokens (and its last sampled token) are prefilled. The next `Finished` holds the tokens
         generated after `token_ids` (at most `max_new_tokens`, default the request's)."""
         seq = self.scheduler.paused.get((request_id, sample_index))
+        if self.is_vlm and any(int(t) in self._banned_set for t in token_ids):
+            raise ValueError("appended tokens hold image-pad tokens: images in later turns are not supported")
         if seq is not None:
             self._check_prompt(seq.tokens + list(token_ids), max_new_tokens or seq.params.max_new_tokens)
         self.scheduler.append(request_id, sample_index, token_ids, max_new_tokens)
@@ -182,13 +209,18 @@ class GenerationEngine:
     def generate_rows(self, prompt_ids: list[list[int]], *, max_new_tokens: int, sampling: SamplingParams,
                       n: int = 1, seed: int = 0, stop_token_ids=(), ignore_eos: bool = False,
                       on_finish: Callable[[int, list[int], list[float]], None] | None = None,
-                      eos_at: list[int] | None = None) -> tuple[list[list[int]], list[list[float]]]:
+                      eos_at: list[int] | None = None, images: list | None = None
+                      ) -> tuple[list[list[int]], list[list[float]]]:
         """n responses per prompt, prompt-major: (token ids per row, log-probs per row).
 
         on_finish(row, token_ids, logprobs) is called as each row finishes (row = i * n + j).
-        eos_at: None or one forced response length per row (`add_request`'s eos_at, prompt-major)."""
+        eos_at: None or one forced response length per row (`add_request`'s eos_at, prompt-major).
+        images: None or one entry per prompt: None (text) or (pixel_values, image_grid_thw) (`add_request`)."""
         if len(prompt_ids) == 0:
             raise ValueError("prompt_ids is empty: give at least one prompt")
+        if images is not None and len(images) != len(prompt_ids):
+            raise ValueError(f"images has {len(images)} entries for {len(prompt_ids)} prompts "
+                             f"(one per prompt, None = text)")
         if eos_at is not None:  # checked before any request is queued
             eos_at = self._check_eos_at(eos_at, len(prompt_ids) * n)
         params = RequestParams(sampling, max_new_tokens, n, frozenset(int(t) for t in stop_token_ids))
@@ -200,9 +232,13 @@ class GenerationEngine:
         if self.has_unfinished():
             raise ValueError("generate() needs an idle engine (requests are still queued or running)")
         self.seed(seed)
-        first = {self.add_request(p, params, ignore_eos=ignore_eos,
-                                  eos_at=None if eos_at is None else eos_at[i * n:(i + 1) * n]): i
-                 for i, p in enumerate(prompt_ids)}
+        first = {}
+        for i, p in enumerate(prompt_ids):
+            pixel_values, grid = images[i] if images is not None and images[i] is not None else (None, None)
+            rid = self.add_request(p, params, ignore_eos=ignore_eos,
+                                   eos_at=None if eos_at is None else eos_at[i * n:(i + 1) * n],
+                                   pixel_values=pixel_values, image_grid_thw=grid)
+            first[rid] = i
         results: list = [None] * (len(prompt_ids) * n)
         while self.has_unfinished():
             for done in self.step():
@@ -214,14 +250,15 @@ class GenerationEngine:
 
     def generate(self, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, n: int = 1, stop_token_ids=(), seed: int = 0,
-                 ignore_eos: bool = False, eos_at: list[int] | None = None) -> GenerationOutput:
-        """`generate_rows` returned as padded tensors (`GenerationOutput`)."""
+                 ignore_eos: bool = False, eos_at: list[int] | None = None, images: list | None = None
+                 ) -> GenerationOutput:
+        """`generate_rows` returned as padded tensors (`GenerationOutput`; its position_ids are 1-axis)."""
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n (samples per prompt) must be an integer >= 1, got {n!r}")
         tokens, logprobs = self.generate_rows(prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling, n=n,
                                               seed=seed, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
-                                              eos_at=eos_at)
+                                              eos_at=eos_at, images=images)
         rows = [[int(t) for t in p] for p in prompt_ids for _ in range(n)]
         return assemble_output(rows, list(zip(tokens, logprobs)), self.pad_token_id)
 
@@ -314,10 +351,29 @@ class GenerationEngine:
         read = (tables[:, :, None] * bs + torch.arange(bs)).reshape(rows, nb * bs)  # [rows, kv_len] slots
         attn = keys[None, None, :] <= positions[:, :, None]  # [rows, S, kv_len] causal over cache + new tokens
         self.cache.set_view(write.reshape(-1).to(dev), read.to(dev))
-        hidden = self.model(ids.to(dev), positions.to(dev), attn_mask=attn[:, None].to(dev), kv_cache=self.cache,
-                            return_hidden=True)  # [rows, S, H]
+        rope, vision = self._prefill_images(seqs, positions, lengths)
+        hidden = self.model(ids.to(dev), rope.to(dev), attn_mask=attn[:, None].to(dev), kv_cache=self.cache,
+                            return_hidden=True, **vision)  # [rows, S, H]
         last = hidden[torch.arange(rows, device=dev), (lengths - 1).to(dev)]  # [rows, H]
         return self._head_logits(last)
+
+    def _prefill_images(self, seqs: list[Sequence], positions: torch.Tensor, lengths: torch.Tensor
+                        ) -> tuple[torch.Tensor, dict]:
+        """(rope positions, model keywords) of a prefill: positions [rows, S] as they are for text-only rows;
+        with images, [3, rows, S] M-RoPE positions (text rows: 3 equal axes; padding: its index) and
+        {"image_embeds": [k, H]} the embeddings of the image-pad tokens being fed, row-major."""
+        if not any(s.images is not None for s in seqs):
+            return positions, {}  # (a VLM's text rows: three equal axes = plain RoPE at that position)
+        rope = positions[None].repeat(3, 1, 1)  # [3, rows, S]
+        embeds = []
+        for r, s in enumerate(seqs):
+            if s.images is None:
+                continue
+            start, end = s.num_cached, s.num_cached + int(lengths[r])
+            rope[:, r, :end - start] = s.images.rope_positions(start, end)
+            embeds.append(s.images.embeds_between(start, end))
+        embeds = torch.cat(embeds)
+        return rope, ({"image_embeds": embeds} if len(embeds) else {})
 
     # ------------------------------------------------------------------ decode
     def _decode_window(self) -> list[Finished]:
@@ -333,14 +389,16 @@ class GenerationEngine:
         bucket = max(self.block_size, self.config.kv_len_bucket // self.block_size * self.block_size)
         nb = min(self.table_width, -(-longest // bucket) * bucket // self.block_size)
         tables = np.zeros((bb, self.table_width), dtype=np.int64)  # numpy: fast row fills from lists
-        state = np.zeros((2, bb), dtype=np.int64)  # [token fed, its position] per row
+        state = np.zeros((3, bb), dtype=np.int64)  # [token fed, its position, M-RoPE delta] per row
         for r, s in enumerate(rows):
             tables[r, :len(s.blocks)] = s.blocks
-            state[:, r] = s.tokens[-1], len(s.tokens) - 1
+            state[:, r] = s.tokens[-1], len(s.tokens) - 1, s.images.delta if s.images is not None else 0
         self._tables[:bb].copy_(torch.from_numpy(tables))
         state = torch.from_numpy(state).to(self.device)
         self._tokens[:bb].copy_(state[0])
         self._positions[:bb].copy_(state[1])
+        if self._deltas is not None:
+            self._deltas[:bb].copy_(state[2])
         out_tokens = torch.empty(b, k, dtype=torch.long, device=self.device)
         out_logprobs = torch.empty(b, k, dtype=torch.float32, device=self.device)
         context = sum(len(s.tokens) for s in rows)  # attended tokens of the window's first step
@@ -380,7 +438,8 @@ class GenerationEngine:
             keys = torch.arange(nb * bs, device=self.device)
             attn = (keys[None, :] <= positions[:, None])[:, None, None, :]  # [bb, 1, 1, kv_len]
             self.cache.set_view(write, read)
-        hidden = self.model(self._tokens[:bb, None], positions[:, None], attn_mask=attn, kv_cache=self.cache,
+        rope = positions if self._deltas is None else positions + self._deltas[:bb]  # [bb] (VLM: + M-RoPE delta)
+        hidden = self.model(self._tokens[:bb, None], rope[:, None], attn_mask=attn, kv_cache=self.cache,
                             return_hidden=True)  # [bb, 1, H]
         self._logits[:bb].copy_(self._head_logits(hidden[:, -1]))
 
@@ -427,7 +486,10 @@ class GenerationEngine:
         """(tokens [b], logprobs [b]) for logits [b, V], each row with its request's sampling params.
 
         step: index of this token within the decode window (0 after a prefill): row r's token is its
-        response token number `rows[r].num_generated + step` (0-based)."""
+        response token number `rows[r].num_generated + step` (0-based). A VLM's image / video pad tokens are
+        masked out first (module docstring)."""
+        if self.is_vlm:
+            logits.index_fill_(1, self._banned, float("-inf"))
         groups: dict[SamplingParams, list[int]] = {}
         for r, seq in enumerate(rows):
             groups.setdefault(seq.params.sampling, []).append(r)

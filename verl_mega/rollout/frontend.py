@@ -72,7 +72,7 @@ def release(actor) -> None:
 
 def generate(actor, prompts, *, max_new_tokens: int = 256, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, n: int = 1, seed: int = 0, stop_token_ids=(), ignore_eos: bool = False,
-             max_batch: int | None = None, use_cuda_graph: bool | None = None) -> list[dict]:
+             max_batch: int | None = None, use_cuda_graph: bool | None = None, images: list | None = None) -> list[dict]:
     """Generate n responses per prompt with `actor` (an HFActor); collective over its model-parallel group,
     whose ranks all pass the same prompts.
 
@@ -84,6 +84,8 @@ def generate(actor, prompts, *, max_new_tokens: int = 256, temperature: float = 
     override the worker's engine config for this call only (None: keep it; see `actor.rollout_worker()`).
     With pp > 1 the actor's HybridEngine builds a one-stage inference model (tp_g = tp); its micro-DP
     replicas each generate a share of the prompts, then all-gather.
+    images: for a vision-language model, one entry per prompt: None (text) or (pixel_values [N_patches, D],
+    image_grid_thw [N_images, 3]) as the processor gives them for that prompt (its image-pad tokens expanded).
     """
     if actor.tokenizer is None and not all(isinstance(p, (list, tuple)) and p and isinstance(p[0], int) for p in prompts):
         raise ValueError(f"the model at {actor.path} has no tokenizer: pass token-id lists as prompts")
@@ -99,7 +101,7 @@ def generate(actor, prompts, *, max_new_tokens: int = 256, temperature: float = 
     else:
         config = None
     out = worker.generate(ids, max_new_tokens=max_new_tokens, sampling=sampling, n=n, seed=seed,
-                          stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, engine_config=config)
+                          stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, engine_config=config, images=images)
     results = []
     for r, (resp, lps) in enumerate(zip(out.responses, out.logprobs)):
         i, j = divmod(r, n)

@@ -64,6 +64,7 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finished: bool = False
+    images: object = None  # the request's `images.PromptImages` (shared by its samples), None for text
 
     @property
     def num_generated(self) -> int:
@@ -94,10 +95,10 @@ class Scheduler:
         self.preemptions = 0  # rows evicted (and later recomputed) because the pool ran dry
 
     # ------------------------------------------------------------------ requests
-    def add(self, prompt: list[int], params: RequestParams) -> int:
-        """Queue a request; returns its id."""
+    def add(self, prompt: list[int], params: RequestParams, images=None) -> int:
+        """Queue a request (with its `PromptImages`, or None); returns its id."""
         rid, self._next_id = self._next_id, self._next_id + 1
-        seqs = [Sequence(rid, j, params, list(prompt), len(prompt), 0) for j in range(params.n)]
+        seqs = [Sequence(rid, j, params, list(prompt), len(prompt), 0, images=images) for j in range(params.n)]
         groups = [seqs] if self.share_prefix else [[s] for s in seqs]
         self.waiting.extend(groups)
         return rid

@@ -10,6 +10,9 @@ What it owns, in call order for `generate(prompt_ids, ...)`:
      model-parallel group ends with the same rows, prompt-major;
   4. the hand-back: `weights.to_train()` (and, with `free_cache`, the engine's KV cache).
 
+Images (a vision-language model): `generate(..., images=[(pixel_values, image_grid_thw) or None per prompt])`;
+each replica's engine encodes the images of its own share of the prompts, once per prompt (`images.py`).
+
 Its clients: the trainer's `Rollout` stage, `HFActor.generate()` / `verl_mega.rollout.generate`,
 `verl-mega generate`. `on_finish(row, token_ids, logprobs)` is called for every row of this replica
 the moment it finishes (streaming rewards hook); rows of other replicas are not reported.
@@ -112,14 +115,19 @@ class RolloutWorker:
     def generate(self, prompt_ids: list[list[int]], *, max_new_tokens: int, sampling: SamplingParams,
                  n: int = 1, seed: int = 0, stop_token_ids=(), ignore_eos: bool = False,
                  on_finish: Callable[[int, list[int], list[float]], None] | None = None,
-                 engine_config: EngineConfig | None = None, eos_at: list[int] | None = None) -> RolloutResult:
+                 engine_config: EngineConfig | None = None, eos_at: list[int] | None = None,
+                 images: list | None = None) -> RolloutResult:
         """n responses per prompt for `prompt_ids` (B token-id lists, the same on every rank of the
         model-parallel group); collective over it. `seed` seeds this replica's sampler (the worker
         offsets it by the micro-DP rank so replicas draw independently). `on_finish(row, ids, logprobs)`:
         called as each of this replica's rows finishes (`row` indexes the returned rows).
         engine_config: use this engine config for this call only (a separate engine; None: the worker's).
         eos_at: None or one forced response length per row, prompt-major over all B x n rows (the same on
-        every rank): row r ends with EOS as its token number eos_at[r] (`GenerationEngine`, "forced lengths")."""
+        every rank): row r ends with EOS as its token number eos_at[r] (`GenerationEngine`, "forced lengths").
+        images: None or one entry per prompt (the same on every rank): None for a text prompt, or its
+        (pixel_values, image_grid_thw); each replica's engine encodes its own prompts' images once."""
+        if images is not None and len(images) != len(prompt_ids):
+            raise ValueError(f"images has {len(images)} entries for {len(prompt_ids)} prompts (one per prompt)")
         if eos_at is not None and len(eos_at) != len(prompt_ids) * n:
             raise ValueError(f"eos_at has {len(eos_at)} lengths for {len(prompt_ids)} prompts x n={n} rows")
 
@@ -136,7 +144,8 @@ class RolloutWorker:
                 mine, max_new_tokens=max_new_tokens, sampling=sampling, n=n,
                 seed=(seed + 7919 * rep.micro_dp_rank) % 2**62, stop_token_ids=stop_token_ids,
                 ignore_eos=ignore_eos, on_finish=callback,
-                eos_at=None if eos_at is None else eos_at[first * n:(first + len(mine)) * n])
+                eos_at=None if eos_at is None else eos_at[first * n:(first + len(mine)) * n],
+                images=None if images is None else images[first:first + len(mine)])
             if self.free_cache or one_off:
                 engine.release()
             return list(zip(responses, logprobs))

@@ -7,8 +7,15 @@ response token t is predicted by the hidden state at column P + t - 1.
 
 Each stage fills some fields (None until then); `microbatches()` cuts row subsets into the
 dicts of tensors the training engine consumes, padded or packed (see packing.py), by a row count or
-a token budget. Reference: verl's `DataProto` (a TensorDict
-plus non-tensor lists), reduced to a dataclass.
+a token budget. Reference: verl's `DataProto` (a TensorDict plus non-tensor lists), reduced to a dataclass.
+
+Images (vision-language models): a prompt's images travel once per prompt (`pixel_values`,
+`image_grid_thw`: B entries, shared by the prompt's n rows). A micro-batch of such a batch carries the
+images of its DISTINCT prompts once ("pixel_values", "image_grid_thw", in order of first appearance),
+"image_index" (for every image-pad token of its rows, row-major, the row of the encoded images that fills
+it: the rows of one prompt share one encoding, and their gradients add up in it) and 3-axis
+"position_ids" [3, b, S] (M-RoPE, `models.mrope`; packed: [3, 1, T]), computed here from the sequences so
+every pass (old / reference log-probs, update) sees the positions the rollout used.
 """
 
 from __future__ import annotations
@@ -21,10 +28,56 @@ import torch
 import torch.distributed as dist
 
 from verl_mega.data.loader import left_pad
+from verl_mega.models.mrope import mrope_position_ids
 from verl_mega.trainer.packing import balance_over_dp, pack_microbatch, token_budget_groups
 
 # tensors a micro-batch needs for a forward pass (the rest are added by name)
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "position_ids", "responses", "response_mask")
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """What the M-RoPE positions of a VLM's sequences depend on (from its `ModelConfig`)."""
+
+    image_token_id: int
+    vision_start_token_id: int
+    spatial_merge_size: int
+
+    @classmethod
+    def from_config(cls, config) -> "ImageTokens | None":
+        """The config's image tokens, or None for a text model."""
+        if getattr(config, "image_token_id", None) is None:
+            return None
+        return cls(int(config.image_token_id), int(config.vision_start_token_id),
+                   int(config.vision.spatial_merge_size))
+
+    def position_ids(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
+                     attention_mask: torch.Tensor) -> torch.Tensor:
+        """[3, b, S] M-RoPE positions of padded rows input_ids / attention_mask [b, S] whose images have the
+        grids image_grid_thw [N_images, 3] (row-major; None: no image)."""
+        positions, _ = mrope_position_ids(input_ids, image_grid_thw, attention_mask,
+                                          image_token_id=self.image_token_id,
+                                          vision_start_token_id=self.vision_start_token_id,
+                                          spatial_merge_size=self.spatial_merge_size)
+        return positions
+
+
+def sample_images(samples: list[dict]) -> tuple[list | None, list | None]:
+    """(pixel_values, image_grid_thw), one entry per sample (None where it has no image), of dataset items
+    carrying "pixel_values" [N_patches, D] and "image_grid_thw" [N_images, 3] (data/multimodal.py; N_images
+    may be 0); (None, None) when no sample has an image."""
+    if not any(s.get("pixel_values") is not None and len(s.get("image_grid_thw", ())) for s in samples):
+        return None, None
+    pixel_values, grids = [], []
+    for i, s in enumerate(samples):
+        pv, grid = s.get("pixel_values"), s.get("image_grid_thw")
+        if (pv is None) != (grid is None):
+            raise ValueError(f"sample {i} has only one of 'pixel_values' and 'image_grid_thw'")
+        grid = None if grid is None else torch.as_tensor(grid, dtype=torch.long).reshape(-1, 3)
+        empty = grid is None or grid.shape[0] == 0  # a multimodal dataset's row without images
+        pixel_values.append(None if empty else torch.as_tensor(pv))
+        grids.append(None if empty else grid)
+    return pixel_values, grids
 
 
 @dataclass
@@ -46,6 +99,10 @@ class RLBatch:
     # hold tool-result / template tokens that exist (response_mask, attention) but are not trained on.
     loss_mask: torch.Tensor | None = None
     response_texts: list[str] | None = None  # N decoded responses (special tokens skipped)
+    # --- images (VLM; None for text): per PROMPT, shared by its n rows (see the module docstring)
+    pixel_values: list[torch.Tensor | None] | None = None  # B entries: [N_patches, C*T*P*P] or None (no image)
+    image_grid_thw: list[torch.Tensor | None] | None = None  # B entries: [N_images, 3] long or None
+    image_tokens: ImageTokens | None = None  # the model's image tokens (M-RoPE positions); None for text models
     # --- reward
     scores: torch.Tensor | None = None  # [N] float, outcome reward per response
     reward_failures: int = 0  # reward calls that raised / returned a non-number
@@ -76,6 +133,40 @@ class RLBatch:
     def row_samples(self) -> list[dict]:
         """The sample of every row (prompt-major)."""
         return [s for s in self.samples for _ in range(self.n)]
+
+    @property
+    def is_vlm(self) -> bool:
+        """Whether the batch is a VLM batch (3-axis positions, image inputs in its micro-batches)."""
+        return self.image_tokens is not None
+
+    def prompt_images(self) -> list[tuple[torch.Tensor, torch.Tensor] | None] | None:
+        """Per prompt: (pixel_values, image_grid_thw) or None (no image); None for a text batch (the
+        rollout's `images=` argument)."""
+        if self.pixel_values is None:
+            return None
+        return [None if pv is None else (pv, grid) for pv, grid in zip(self.pixel_values, self.image_grid_thw)]
+
+    def vision_inputs(self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                      ) -> dict[str, torch.Tensor]:
+        """The image fields of a micro-batch of `rows` [b] with sequences input_ids / attention_mask [b, S]
+        (see the module docstring): position_ids [3, b, S], and when any row has images "pixel_values"
+        [N_patches, D] and "image_grid_thw" [N_images, 3] of its distinct prompts, "image_index" [N_pad_tokens]."""
+        prompts = [p for p in (rows // self.n).tolist() if self.pixel_values and self.pixel_values[p] is not None]
+        grids = {p: torch.as_tensor(self.image_grid_thw[p], dtype=torch.long).reshape(-1, 3) for p in prompts}
+        row_grids = torch.cat([grids[p] for p in prompts]) if prompts else None  # every row's images, row order
+        out = {"position_ids": self.image_tokens.position_ids(input_ids, row_grids, attention_mask)}
+        if not prompts:
+            return out
+        distinct = list(dict.fromkeys(prompts))  # first appearance order
+        merge2 = self.image_tokens.spatial_merge_size ** 2
+        tokens = {p: int((grids[p].prod(-1) // merge2).sum()) for p in distinct}  # image-pad tokens of a prompt
+        start, offset = {}, 0
+        for p in distinct:
+            start[p], offset = offset, offset + tokens[p]
+        out["pixel_values"] = torch.cat([torch.as_tensor(self.pixel_values[p]) for p in distinct])
+        out["image_grid_thw"] = torch.cat([grids[p] for p in distinct])
+        out["image_index"] = torch.cat([torch.arange(start[p], start[p] + tokens[p]) for p in prompts])
+        return out
 
     @property
     def train_mask(self) -> torch.Tensor | None:
@@ -132,6 +223,10 @@ class RLBatch:
         tensors = {k: getattr(self, k)[rows] for k in SEQUENCE_KEYS + tuple(keys)}
         tensors["loss_mask"] = self.train_mask[rows]  # [rows, R] the tokens the loss uses
         if dp_group is not None and dist.get_world_size(dp_group) > 1:
+            if self.is_vlm:
+                raise ValueError("re-dealing rows over data-parallel ranks (trainer.packing with "
+                                 "trainer.max_tokens_per_micro_batch and dp > 1) does not carry images yet; "
+                                 "set trainer.max_tokens_per_micro_batch=null for a vision-language model")
             tensors, rows = balance_over_dp(tensors, self.input_ids.shape[1] - self.responses.shape[1], dp_group)
         if max_tokens is None:
             groups = [torch.arange(start, min(start + size, len(rows))) for start in range(0, len(rows), size)]
@@ -147,8 +242,12 @@ class RLBatch:
         for idx in groups:
             mb = {k: v[idx] for k, v in tensors.items()}
             mb["rows"] = rows[idx]
+            vision = self.vision_inputs(mb["rows"], mb["input_ids"], mb["attention_mask"]) if self.is_vlm else {}
+            if vision:
+                mb["position_ids"] = vision.pop("position_ids")  # [3, b, S]
             if packed:
                 mb = pack_microbatch(mb)
+            mb.update(vision)  # after packing: image tensors are not sequence tensors
             out.append({k: v.to(device) for k, v in mb.items()} if device is not None else mb)
         return out
 

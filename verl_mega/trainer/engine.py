@@ -63,10 +63,19 @@ def default_forward_step(model, microbatch: dict, input_tensor: torch.Tensor | N
     """input_ids (first stage) or the received hidden [B,S,H] -> hidden [B,S,H] (final-normed on the last stage).
 
     A packed micro-batch (see trainer/packing.py) has B = 1, S = T and carries "cu_seqlens" instead of
-    "attention_mask"; its pipeline activations are [1, T, H], T differing per micro-batch."""
+    "attention_mask"; its pipeline activations are [1, T, H], T differing per micro-batch.
+    A VLM micro-batch (trainer/batch.py) has position_ids [3, B, S] and, when it has images, "pixel_values"
+    and "image_grid_thw": the first stage's vision tower encodes them once and, with "image_index", the
+    encoded rows fill the image-pad tokens in that order (rows of one prompt share its encoding)."""
     inputs = microbatch["input_ids"] if input_tensor is None else input_tensor
+    images = {}
+    if input_tensor is None and "pixel_values" in microbatch:
+        embeds = model.encode_images(microbatch["pixel_values"], microbatch["image_grid_thw"])  # [N_encoded, H]
+        if "image_index" in microbatch:
+            embeds = embeds[microbatch["image_index"]]  # [N_pad_tokens, H]
+        images = {"image_embeds": embeds}
     return model(inputs, microbatch["position_ids"], microbatch.get("attention_mask"), return_hidden=True,
-                 cu_seqlens=microbatch.get("cu_seqlens"))
+                 cu_seqlens=microbatch.get("cu_seqlens"), **images)
 
 
 class TrainEngine:

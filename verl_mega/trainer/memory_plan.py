@@ -184,11 +184,25 @@ def layer_params(cfg, tp: int) -> int:
     return (attn + mlp) // tp + norms
 
 
+def vision_params(vision) -> int:
+    """Parameters of a Qwen2.5-VL vision tower (`VisionConfig`; replicated: the same on every tp rank): the
+    Conv3d patch embedding, `depth` blocks (2 RMSNorms, fused qkv + proj with biases, SwiGLU MLP with biases)
+    and the merger (RMSNorm, two linears with biases over spatial_merge_size^2 concatenated patches)."""
+    h, i, m2 = vision.hidden_size, vision.intermediate_size, vision.spatial_merge_size ** 2
+    patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2 * h
+    block = 2 * h + (3 * h * h + 3 * h) + (h * h + h) + (2 * h * i + 2 * i) + (i * h + h)
+    merger = h + (h * m2 * h * m2 + h * m2) + (h * m2 * vision.out_hidden_size + vision.out_hidden_size)
+    return patch + vision.depth * block + merger
+
+
 def stage_params(cfg, tp: int, pp: int, stage: int, value_head: bool = False) -> tuple[int, int]:
-    """(parameters of the stage's layers, of the rest: embedding / final norm / head) on one tp rank."""
+    """(parameters of the stage's layers, of the rest: embedding / final norm / head; a VLM's vision tower
+    on the first stage) on one tp rank."""
     start, end = stage_layer_range(cfg.num_layers, pp, stage)
     vocab_rows = cfg.padded_vocab_size(tp) // tp * cfg.hidden_size
     rest = vocab_rows if stage == 0 else 0
+    if stage == 0 and getattr(cfg, "vision", None) is not None:
+        rest += vision_params(cfg.vision)
     if stage == pp - 1:
         rest += cfg.hidden_size
         if value_head:

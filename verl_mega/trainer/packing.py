@@ -32,9 +32,10 @@ def pack_microbatch(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     mb needs attention_mask [b, S] (1 = token; the valid tokens of a row are contiguous: left-padded
     prompt, right-padded response). Every tensor of shape [b, S] (input_ids, position_ids, labels,
     loss_mask ...) becomes [1, T] holding the valid positions; position_ids are recomputed (0 at each
-    sequence start). Added: cu_seqlens [b + 1] int32; with `responses` [b, R] (the last R columns),
-    response_index [n] long: the packed position whose hidden state predicts each valid response token
-    (row-major over response_mask). attention_mask is dropped; other tensors are kept as they are.
+    sequence start), except 3-axis M-RoPE position_ids [3, b, S] (counted over the valid tokens already),
+    which keep their valid positions -> [3, 1, T]. Added: cu_seqlens [b + 1] int32; with `responses` [b, R]
+    (the last R columns), response_index [n] long: the packed position whose hidden state predicts each
+    valid response token (row-major over response_mask). attention_mask is dropped; other tensors are kept as they are.
     """
     mask = mb["attention_mask"].bool()  # [b, S]
     lengths = mask.sum(-1)
@@ -46,6 +47,8 @@ def pack_microbatch(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     packed_pos = mask.long().cumsum(-1) - 1 + cu_seqlens[:-1, None].long()  # [b, S] packed index of each column
     starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)  # [T]
     out["position_ids"] = (torch.arange(int(lengths.sum()), device=mask.device) - starts)[None]  # [1, T]
+    if "position_ids" in mb and mb["position_ids"].dim() == 3:
+        out["position_ids"] = mb["position_ids"][:, mask][:, None]  # [3, 1, T]
     out["cu_seqlens"] = cu_seqlens
     if "responses" in mb:
         r = mb["responses"].shape[1]

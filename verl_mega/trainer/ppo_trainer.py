@@ -40,7 +40,7 @@ from verl_mega.rollout.frontend import encode_prompts, stop_ids
 from verl_mega.rollout.frontend import release as release_generation
 from verl_mega.tools import Tool, ToolSet, build_tools
 from verl_mega.trainer import checkpointing
-from verl_mega.trainer.batch import RLBatch
+from verl_mega.trainer.batch import ImageTokens, RLBatch, sample_images
 from verl_mega.trainer.config import TrainerConfig, check_config
 from verl_mega.trainer.engine import TrainEngine
 from verl_mega.trainer.memory_plan import plan_for_config
@@ -50,6 +50,7 @@ from verl_mega.trainer.optim import OptimConfig
 from verl_mega.trainer.roles import FrozenModel, build_critic, build_reference
 from verl_mega.trainer.stages import Advantage, LogProbs, Metrics, Pipeline, Reward, Rollout, Update, stage_name
 from verl_mega.trainer.validation import Validator, actor_generate_fn
+from verl_mega.trainer.vision_data import image_processor_for
 
 log = logging.getLogger("verl_mega.trainer")
 
@@ -192,9 +193,11 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ one step
     def make_batch(self, samples: list[dict]) -> RLBatch:
-        """An RLBatch from samples: dataset items (with `prompt_ids`) or dicts with `prompt` (text or chat messages)."""
+        """An RLBatch from samples: dataset items (with `prompt_ids`) or dicts with `prompt` (text or chat messages;
+        for a VLM with `images` too: paths, {"bytes"} / {"path"} entries or PIL images, one `<image>` marker each)."""
         if not samples:
             raise ValueError("step() needs at least one sample")
+        samples = [self._encode_images(i, s) for i, s in enumerate(samples)]
         prompts = []
         for i, s in enumerate(samples):
             if not isinstance(s, dict):
@@ -210,7 +213,34 @@ class PPOTrainer:
         longest = max(len(p) for p in prompts)
         if longest > self.config.data.max_prompt_length:
             raise ValueError(f"a prompt has {longest} tokens > data.max_prompt_length={self.config.data.max_prompt_length}")
-        return RLBatch(samples=list(samples), prompt_ids=prompts, n=self.config.rollout.n_samples, step=self.global_step)
+        pixel_values, grids = sample_images(samples)  # a VLM's images (dataset items of data/multimodal.py)
+        image_tokens = ImageTokens.from_config(self.actor.config)
+        if pixel_values is not None and image_tokens is None:
+            raise ValueError(f"the samples carry images but the actor at {self.actor.path} is a text model")
+        return RLBatch(samples=list(samples), prompt_ids=prompts, n=self.config.rollout.n_samples,
+                       step=self.global_step, pixel_values=pixel_values, image_grid_thw=grids,
+                       image_tokens=image_tokens)
+
+    def _encode_images(self, i: int, sample):
+        """A user sample with `images` (and a `prompt`, no `prompt_ids`) with its prompt encoded by the actor's
+        processor (`data.multimodal.encode_vision_prompt`: prompt_ids, pixel_values, image_grid_thw added);
+        any other sample as given."""
+        wanted = isinstance(sample, dict) and sample.get("images") and "prompt" in sample
+        if not wanted or "prompt_ids" in sample:
+            return sample
+        from verl_mega.data.multimodal import encode_vision_prompt
+
+        options = self._image_options()
+        if not options or self.tokenizer is None:
+            raise ValueError(f"sample {i} has images but the actor at {self.actor.path} is not a vision-language "
+                             f"model with a processor (tokenizer + preprocessor_config.json)")
+        prompt = sample["prompt"]
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        try:
+            encoded = encode_vision_prompt(self.tokenizer, options["image_processor"], messages, sample["images"])
+        except ValueError as exc:
+            raise ValueError(f"sample {i}: {exc}") from None
+        return {**sample, **encoded}
 
     def step(self, samples: list[dict]) -> dict[str, float]:
         """One RL step on this rank's prompts (every data-parallel rank passes the same number); returns the
@@ -331,8 +361,15 @@ class PPOTrainer:
             val_dataloader = get_dataloader(d.val_path, self.tokenizer, t.val_batch_size, shuffle=False, drop_last=False,
                                             dp_rank=self.layout.dp_rank, dp_size=self.layout.dp,
                                             prompt_key=d.prompt_key, max_prompt_length=d.max_prompt_length,
-                                            apply_chat_template=d.apply_chat_template)
+                                            apply_chat_template=d.apply_chat_template,
+                                            **self._image_options())
         return self.make_validator(val_dataloader) if val_dataloader is not None else None
+
+    def _image_options(self) -> dict:
+        """Dataset keywords for the actor's images: a VLM's image processor (loaded once), {} for a text model."""
+        if not hasattr(self, "_image_processor"):
+            self._image_processor = image_processor_for(self.actor.path, self.actor.config)
+        return {} if self._image_processor is None else {"image_processor": self._image_processor}
 
     def _validate(self, validator: Validator) -> dict[str, float]:
         metrics = validator()

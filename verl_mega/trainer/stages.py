@@ -204,10 +204,13 @@ class Rollout(Stage):
             on_finish = lambda row, ids, _lps: self.rewards.submit(row, ids)  # noqa: E731
         seed = (self.seed * 1_000_003 + batch.step * 7919 + self.dp_rank * 131) % 2**62
         if self.tools is not None:
+            if batch.pixel_values is not None:
+                raise ValueError("multi-turn tool rollouts with images are not supported; drop rollout.tools "
+                                 "for a vision-language dataset")
             return self._agent(batch, seed)
         out = self.worker.generate(batch.prompt_ids, max_new_tokens=cfg.max_new_tokens, n=batch.n, seed=seed,
                                    sampling=SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p),
-                                   on_finish=on_finish)
+                                   on_finish=on_finish, images=batch.prompt_images())
         batch.set_rollout(out.responses, out.logprobs, self.pad_id)
         batch.response_texts = [self.decode(r) for r in out.responses]
         batch.timings.update(out.timings)

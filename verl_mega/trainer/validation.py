@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from verl_mega.rewards.base import RewardFunction, compute_rewards
+from verl_mega.trainer.batch import sample_images
 
 # generate(prompt token ids [B lists]) -> B * n decoded responses, prompt-major
 GenerateFn = Callable[[list[list[int]]], list[str]]
@@ -64,7 +65,10 @@ class Validator:
         for samples in self.batches:
             if not samples:
                 continue
-            texts = self.generate([list(s["prompt_ids"]) for s in samples])
+            ids = [list(s["prompt_ids"]) for s in samples]
+            pixel_values, grids = sample_images(samples)
+            texts = (self.generate(ids) if pixel_values is None else  # a VLM's prompts with images
+                     self.generate(ids, images=[None if pv is None else (pv, g) for pv, g in zip(pixel_values, grids)]))
             if len(texts) != len(samples) * self.n_samples:
                 raise ValueError(f"generate returned {len(texts)} responses for {len(samples)} prompts x "
                                  f"n_samples={self.n_samples}")
@@ -90,10 +94,11 @@ class Validator:
 
 def actor_generate_fn(actor, *, max_new_tokens: int, temperature: float = 0.0, n: int = 1, top_k: int = 0,
                       top_p: float = 1.0, seed: int = 0) -> GenerateFn:
-    """`generate(prompt_ids) -> texts` on an `HFActor`'s rollout engine (`actor.generate`), n per prompt."""
-    def generate(prompt_ids: list[list[int]]) -> list[str]:
+    """`generate(prompt_ids, images=None) -> texts` on an `HFActor`'s rollout engine (`actor.generate`), n per
+    prompt (images: one (pixel_values, image_grid_thw) or None per prompt, for a VLM)."""
+    def generate(prompt_ids: list[list[int]], images: list | None = None) -> list[str]:
         out = actor.generate(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, n=n, top_k=top_k,
-                             top_p=top_p, seed=seed)
+                             top_p=top_p, seed=seed, images=images)
         return [o["response"] for o in out]
 
     return generate
