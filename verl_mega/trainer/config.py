@@ -29,7 +29,7 @@ RECOMPUTE = ("none", "selective", "full")  # = models.parallelize.RECOMPUTE_MODE
 @dataclass
 class ModelSection:
     path: str = MISSING  # actor: a local Hugging Face directory (weights + tokenizer)
-    critic_path: Optional[str] = None  # critic HF directory (PPO); None: the actor's weights with a new value head
+    critic_path: Optional[str] = None  # critic HF directory (PPO): a saved critic keeps its value head, an LM directory gets a new one (value_head_std); None: the actor's weights
     reference_path: Optional[str] = None  # reference policy HF directory (KL); None: a frozen copy of the actor
     dtype: str = "float32"  # parameter dtype: float32 | bfloat16 (masters and Adam states stay fp32)
     value_head_std: float = 0.0  # std of the critic's new value head (0 = zeros: V starts at 0, no noise in early advantages)

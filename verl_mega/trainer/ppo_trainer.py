@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from verl_mega.algorithms.kl import AdaptiveKLController, FixedKLController
 from verl_mega.data import get_dataloader
+from verl_mega.models.hf_io import check_hf_dir, weight_map
 from verl_mega.models.parallelize import apply_recompute, apply_sequence_parallel
 from verl_mega.rewards.base import RewardFailureGuard, RewardFunction, RuleBasedReward
 from verl_mega.rollout.actor import HFActor, get_actor_model
@@ -187,7 +188,7 @@ class PPOTrainer:
         if path is None:
             raise ValueError("PPO needs a critic: pass critic= (an HFActor with value_head=True or a HF directory), "
                              "or an actor loaded from a HF directory to initialise it from")
-        new_head = path == self.actor.path  # the actor's LM directory: its value head is new, initialise it
+        new_head = "score.weight" not in weight_map(check_hf_dir(path))  # an LM directory: its value head is new
         return build_critic(self.actor, optim, path, value_head_std=self.config.model.value_head_std if new_head else None,
                             offload_optimizer=self.offload.optimizer)
 
