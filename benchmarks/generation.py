@@ -1,4 +1,4 @@
-"""Generation throughput of the static engine (`rollout/static_engine.py`, the baseline kept for
+"""Generation throughput of the static engine (`benchmarks/static_engine.py`, the baseline kept for
 benchmarks/rollout_service.py) vs transformers' `generate`, CUDA graphs on/off.
 
     python benchmarks/generation.py                 # GPU: Qwen2.5-0.5B and 7B shapes (random bf16 weights)
@@ -159,7 +159,7 @@ def build_ours_random(shape: str, layout, device: torch.device, dtype: torch.dty
 
 def make_engine(run: Run, model, rows: int, seq: int, fused: bool = True, **kw):
     """Engine over `model`; `fused` sets the model's fused_inference flag (fused_ops kernels)."""
-    from verl_mega.rollout.static_engine import StaticGenerationEngine
+    from benchmarks.static_engine import StaticGenerationEngine
 
     model.fused_inference = fused
     return StaticGenerationEngine(model, run.layout.tp_group, max_batch=rows, max_seq_len=seq, eos_token_ids=[1],
@@ -284,7 +284,7 @@ def tiny_parity_check(run: Run) -> dict:
 def graph_vs_eager_step(run: Run, model, prompts: list[list[int]], fused: bool) -> dict:
     """One decode step from the same state (prefill + the greedy first token): eager forward twice
     (determinism) and the CUDA-graph replay; logit differences, argmax flips and top-2 gaps."""
-    from verl_mega.rollout.static_engine import batch_bucket
+    from verl_mega.rollout.engine import batch_bucket
 
     b, p_len = len(prompts), len(prompts[0])
     engine = make_engine(run, model, b, p_len + 8, fused=fused, use_cuda_graph=True)

@@ -1,5 +1,5 @@
 """Rollout service benchmark: the continuous-batching engine (paged KV cache, prefix sharing) against the
-static engine (`rollout/static_engine.py`) in the same process, plus transformers' `generate`, plus a
+static engine (`benchmarks/static_engine.py`) in the same process, plus transformers' `generate`, plus a
 GRPO step with a slow reward, streaming vs after generation.
 
     python benchmarks/rollout_service.py            # GPU: Qwen2.5-0.5B and 7B shapes, random bf16 weights
@@ -65,7 +65,7 @@ from verl_mega.rollout.engine import GenerationEngine  # noqa: E402
 from verl_mega.rollout.engine_config import EngineConfig  # noqa: E402
 from verl_mega.rollout.sampling import SamplingParams  # noqa: E402
 from verl_mega.rollout.scheduler import RequestParams  # noqa: E402
-from verl_mega.rollout.static_engine import StaticGenerationEngine  # noqa: E402
+from benchmarks.static_engine import StaticGenerationEngine  # noqa: E402
 from verl_mega.rollout.worker import RolloutWorker  # noqa: E402
 
 EOS = 1  # hf_config's eos_token_id
