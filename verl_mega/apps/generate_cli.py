@@ -55,38 +55,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _prompt(row: dict, prompt_key: str):
-    """The prompt of a row: a string (used as is) or a validated chat message list; ValueError saying what is wrong."""
-    key = prompt_key if prompt_key in row else "messages" if "messages" in row else None
-    if key is None:
-        raise ValueError(f"no {prompt_key!r} (or 'messages') column (--prompt-key); columns: {sorted(row)}")
-    prompt = row[key]
-    if isinstance(prompt, str):
-        return prompt
-    if not isinstance(prompt, (list, tuple)) or not prompt:
-        raise ValueError(f"{key!r} must be a string or a non-empty list of chat messages, got {prompt!r:.80}")
-    for j, m in enumerate(prompt):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise ValueError(f"{key!r} message {j} must be a dict with string 'role' and 'content', got {m!r:.80}")
-    return [{"role": m["role"], "content": m["content"]} for m in prompt]
-
-
 def read_prompts(path: str, prompt_key: str = "prompt") -> tuple[list[dict], list]:
     """(rows, prompts) of a .jsonl / .parquet file in the training data format; ValueError naming the file
     and row of a malformed or prompt-less row, FileNotFoundError for a missing file."""
     from pathlib import Path
 
-    from verl_mega.data.dataset import _read_rows
+    from verl_mega.data.dataset import read_rows, row_prompt
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts file {path} does not exist")
     rows, prompts = [], []
-    for i, row in enumerate(_read_rows(Path(path))):
+    for i, row in enumerate(read_rows(Path(path))):
         if not isinstance(row, dict):
             reason = getattr(row, "reason", f"expected a JSON object, got {type(row).__name__}")
             raise ValueError(f"{path}: row {i}: {reason}")
         try:
-            prompts.append(_prompt(row, prompt_key))
+            prompts.append(row_prompt(row, prompt_key))
         except ValueError as exc:
             raise ValueError(f"{path}: row {i}: {exc}") from None
         rows.append(row)

@@ -41,7 +41,7 @@ from verl_mega.data import multimodal
 from verl_mega.data.text import encode_text
 
 
-def _read_rows(path: Path) -> list[Any]:
+def read_rows(path: Path) -> list[Any]:
     """Rows of a .parquet or .jsonl file; an unparsable jsonl line is returned as a _BadRow."""
     if path.suffix == ".parquet":
         return pq.read_table(path).to_pylist()
@@ -64,20 +64,27 @@ class _BadRow:
         self.reason = reason
 
 
-def _messages(row: dict, prompt_key: str) -> list[dict[str, str]]:
-    """The chat messages of a row; ValueError (without location) saying what is wrong."""
+def row_prompt(row: dict, prompt_key: str) -> str | list[dict[str, str]]:
+    """A row's prompt: a plain string as is, or its chat messages (validated, copied to {role, content});
+    ValueError (without location) saying what is wrong."""
     key = prompt_key if prompt_key in row else "messages" if "messages" in row else None
     if key is None:
-        raise ValueError(f"no {prompt_key!r} (or 'messages') field; fields: {sorted(row)}")
+        raise ValueError(f"no {prompt_key!r} (or 'messages') column; columns: {sorted(row)}")
     prompt = row[key]
     if isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
+        return prompt
     if not isinstance(prompt, (list, tuple)) or not prompt:
         raise ValueError(f"{key!r} must be a non-empty list of chat messages or a string, got {prompt!r:.80}")
     for j, m in enumerate(prompt):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise ValueError(f"{key!r} message {j} must be a dict with string 'role' and 'content', got {m!r:.80}")
     return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def _messages(row: dict, prompt_key: str) -> list[dict[str, str]]:
+    """The chat messages of a row (a plain string prompt is one user message)."""
+    prompt = row_prompt(row, prompt_key)
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
 
 def _plain_template(messages: list[dict[str, str]]) -> str:
@@ -137,7 +144,7 @@ class RLDataset:
         for p in map(Path, paths):
             if not p.is_file():
                 raise ValueError(f"dataset file {p} does not exist")
-            for i, row in enumerate(_read_rows(p)):
+            for i, row in enumerate(read_rows(p)):
                 item = self._build(p, i, row)
                 if item is not None:
                     self.items.append(item)
