@@ -322,7 +322,8 @@ def attention_capture_check(run: Run, b: int = 64, kv_len: int = 192, reps: int 
     folded form (float bias); the SDPA backend each gets, and us per call per forced backend."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from verl_mega.models.decoder import attend, attention_bias
+    from verl_mega.models.layers import attend
+    from verl_mega.models.masks import attention_bias
 
     hq, hkv, d, max_seq = 14, 2, 64, 384
     rep, dev, dt = hq // hkv, run.device, run.dtype

@@ -33,7 +33,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from verl_mega.models.decoder import position_ids_from_mask
+from verl_mega.models.masks import position_ids_from_mask
 from verl_mega.rollout.engine import batch_bucket
 from verl_mega.rollout.output import GenerationOutput, assemble_output
 from verl_mega.rollout.sampling import SamplingParams, gather_vocab_logits, sample_tokens

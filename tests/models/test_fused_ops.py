@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from verl_mega.models import DecoderModel, ModelConfig, fused_ops, position_ids_from_mask
-from verl_mega.models.decoder import attend
+from verl_mega.models.layers import attend
 from verl_mega.parallel import Layout
 from verl_mega.testing.multiprocess import run_distributed
 from verl_mega.testing.list_cache import ListCache
@@ -143,7 +143,7 @@ def _tp2_rank():
     from megatron.core.model_parallel_config import ModelParallelConfig
     from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
 
-    from verl_mega.models.decoder import CaptureSafeVocabParallelEmbedding
+    from verl_mega.models.layers import CaptureSafeVocabParallelEmbedding
 
     layout = Layout.create(2, 1)
     res = {}

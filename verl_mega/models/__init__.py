@@ -9,8 +9,9 @@ This package imports nothing above {parallel, kernels}.
 """
 
 from verl_mega.models.config import ModelConfig, VisionConfig
-from verl_mega.models.decoder import DecoderModel, build_attention_mask, position_ids_from_mask
+from verl_mega.models.decoder import DecoderModel
 from verl_mega.models.hf_io import load_hf_weights, save_hf
+from verl_mega.models.masks import build_attention_mask, position_ids_from_mask
 from verl_mega.models.mrope import decode_position_ids, mrope_position_ids
 from verl_mega.models.parallelize import build_stage, stage_layer_range
 from verl_mega.models.tokenizer import load_tokenizer

@@ -21,8 +21,9 @@ import torch.distributed as dist
 
 from verl_mega.hybrid_engine.reshard import HybridEngine
 from verl_mega.models.config import ModelConfig
-from verl_mega.models.decoder import DecoderModel, position_ids_from_mask
+from verl_mega.models.decoder import DecoderModel
 from verl_mega.models.hf_io import check_hf_dir, load_hf_weights, save_hf
+from verl_mega.models.masks import position_ids_from_mask
 from verl_mega.models.parallelize import build_stage, stage_layer_range
 from verl_mega.models.tokenizer import load_tokenizer
 from verl_mega.parallel.dist import device as comm_device

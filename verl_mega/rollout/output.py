@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from verl_mega.models.decoder import position_ids_from_mask
+from verl_mega.models.masks import position_ids_from_mask
 
 
 @dataclass

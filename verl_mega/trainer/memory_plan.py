@@ -25,7 +25,7 @@ Components (bytes on one GPU, for the pipeline stage that needs the most):
   prefill activations of one layer for `prefill_tokens` tokens and the [rows, V] fp32 logits buffers.
 
 Saved activations per token per layer of our decoder (b = param bytes, h = hidden, h' = q heads x
-head_dim / tp, I' = intermediate / tp, read off `models/decoder.py`'s autograd graph): two RMSNorms
+head_dim / tp, I' = intermediate / tp, read off `models/layers.py`'s autograd graph): two RMSNorms
 (fp32 input copy 4h and normed output b*h each), attention (rotated q, K/V expanded to the query heads,
 SDPA output and its reshaped copy: 5 b h'; the fp32 log-sum-exp), SwiGLU (gate, silu, up, product:
 4 b I'). The additive attention mask [mb, 1, S, S] is kept once per micro-batch.
