@@ -15,7 +15,10 @@ images of its DISTINCT prompts once ("pixel_values", "image_grid_thw", in order 
 "image_index" (for every image-pad token of its rows, row-major, the row of the encoded images that fills
 it: the rows of one prompt share one encoding, and their gradients add up in it) and 3-axis
 "position_ids" [3, b, S] (M-RoPE, `models.mrope`; packed: [3, 1, T]), computed here from the sequences so
-every pass (old / reference log-probs, update) sees the positions the rollout used.
+every pass (old / reference log-probs, update) sees the positions the rollout used. Rows re-dealt over
+data-parallel ranks (packing + token budget, dp > 1) take their prompts' images with them
+(packing.redeal_images: only the images the receiving rank's rows need), so a micro-batch of re-dealt rows is
+built the same way.
 """
 
 from __future__ import annotations
@@ -222,8 +225,9 @@ class RLBatch:
         (see packing.token_budget_groups; sequences longer than the budget get their own micro-batch and
         are counted in metrics["batch/oversized_sequences"]). `packed`: one row of valid tokens per
         micro-batch (packing.pack_microbatch) instead of padded rows. `dp_group` (collective): first re-deal
-        the rows of all its ranks for equal token counts (packing.balance_over_dp); "rows" then holds
-        global row ids (packing.gather_to_owners brings per-row results back).
+        the rows of all its ranks for equal token counts (packing.balance_over_dp; with their prompts' images,
+        packing.redeal_images); "rows" then holds global row ids (packing.gather_to_owners brings per-row
+        results back).
         """
         if self.input_ids is None:
             raise ValueError("microbatches(): the batch has no sequences yet (run the Rollout stage first)")
