@@ -108,6 +108,38 @@ def _dp2(path: str) -> dict:
     return out
 
 
+def _redeal():
+    """redeal_images alone: rank r owns prompts 0..2 (prompt 1 without images, D = 2 + r so the ranks' widths
+    differ) with rows [0, 0, 1, 2]; the rows are dealt by hand: rank 0 keeps its row 0 and takes rank 1's
+    rows 2, 3 (prompts 1, 2), rank 1 takes rank 0's rows 1, 2 (prompts 0, 1) and keeps its row 1."""
+    from verl_mega.parallel import Layout
+    from verl_mega.trainer.packing import redeal_images
+
+    layout = Layout.create(1, 1, 2)
+    me = layout.dp_rank
+    images = {p: (torch.full((4 * (p + 1), 2 + me), 10.0 * me + p), torch.tensor([[1, 2, 2 * (p + 1)]]))
+              for p in (0, 2)}
+    deal = [[(0, 0), (1, 2), (1, 3)], [(0, 1), (0, 2), (1, 1)]][me]
+    keys, got = redeal_images(images, [0, 0, 1, 2], torch.tensor([s * 2**32 + r for s, r in deal]), layout.dp_group)
+    return {"keys": keys, "got": got}
+
+
+def test_redeal_images_moves_only_the_needed_images():
+    ranks = run_distributed(_redeal, 2, timeout_s=120)
+
+    def image(owner, p):
+        return torch.full((4 * (p + 1), 2 + owner), 10.0 * owner + p), torch.tensor([[1, 2, 2 * (p + 1)]])
+
+    g = 2**32
+    expected = [([0, g + 1, g + 2], {0: image(0, 0), g + 2: image(1, 2)}),  # prompt 1 of rank 1 has no image
+                ([0, 1, g + 0], {0: image(0, 0), g + 0: image(1, 0)})]  # rank 0's prompt 0 once for two rows
+    for rank, (keys, images) in zip(ranks, expected):
+        assert rank["keys"] == keys
+        assert rank["got"].keys() == images.keys()
+        for k, (pv, grid) in images.items():
+            assert torch.equal(rank["got"][k][0], pv) and torch.equal(rank["got"][k][1], grid), k
+
+
 @pytest.fixture(scope="module")
 def vlm_dir(tmp_path_factory):
     from verl_mega.testing.tiny_vlm import make_tiny_qwen2_5_vl

@@ -170,27 +170,22 @@ def redeal_images(images: dict[int, tuple[torch.Tensor, torch.Tensor]], row_keys
     meta: list = [None] * world
     dist.all_gather_object(meta, (list(row_keys), shapes, global_ids.cpu().tolist()), group=dp_group)
 
-    def wanted(rank: int) -> list[tuple[int, int]]:
-        """(owner, key) of the images rank `rank` needs, sorted."""
-        out = set()
-        for gid in meta[rank][2]:
-            src, key = gid >> 32, meta[gid >> 32][0][gid & (2**32 - 1)]
-            if key in meta[src][1]:
-                out.add((src, key))
-        return sorted(out)
+    def key_of(gid: int) -> tuple[int, int]:
+        """(owner rank, key) of the row with global id `gid`."""
+        return gid >> 32, meta[gid >> 32][0][gid & (2**32 - 1)]
 
+    # per rank: the (owner, key) of the images its rows need, sorted (the same order on sender and receiver)
+    needs = [sorted({key_of(gid) for gid in m[2] if key_of(gid)[1] in meta[key_of(gid)[0]][1]}) for m in meta]
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(dp_group) == "nccl" \
         else torch.device("cpu")
     ops, received = [], []
     for peer in range(world):
-        if peer == me:
-            continue
-        send = [k for src, k in wanted(peer) if src == me]
-        if send:
+        send = [k for src, k in needs[peer] if src == me]
+        if peer != me and send:
             buf = torch.cat([images[k][0] for k in send]).to(device, images[send[0]][0].dtype)
             ops.append(dist.P2POp(dist.isend, buf, dist.get_global_rank(dp_group, peer), dp_group))
-        recv = [k for src, k in wanted(me) if src == peer]
-        if recv:
+        recv = [k for src, k in needs[me] if src == peer]
+        if peer != me and recv:
             grids = [meta[peer][1][k][0] for k in recv]
             _, width, dtype = meta[peer][1][recv[0]]
             buf = torch.empty(int(sum(g.prod(-1).sum() for g in grids)), width, dtype=dtype, device=device)
@@ -198,9 +193,8 @@ def redeal_images(images: dict[int, tuple[torch.Tensor, torch.Tensor]], row_keys
             received.append((peer, recv, grids, buf))
     for work in dist.batch_isend_irecv(ops) if ops else []:
         work.wait()
-    out = {me * 2**32 + k: images[k] for src, k in wanted(me) if src == me}
+    out = {me * 2**32 + k: images[k] for src, k in needs[me] if src == me}
     for peer, keys, grids, buf in received:
         for key, grid, pv in zip(keys, grids, buf.cpu().split([int(g.prod(-1).sum()) for g in grids])):
             out[peer * 2**32 + key] = (pv, grid)
-    row_global_keys = [(gid >> 32) * 2**32 + meta[gid >> 32][0][gid & (2**32 - 1)] for gid in global_ids.tolist()]
-    return row_global_keys, out
+    return [src * 2**32 + key for src, key in map(key_of, global_ids.tolist())], out
