@@ -15,7 +15,10 @@ images of its DISTINCT prompts once ("pixel_values", "image_grid_thw", in order 
 "image_index" (for every image-pad token of its rows, row-major, the row of the encoded images that fills
 it: the rows of one prompt share one encoding, and their gradients add up in it) and 3-axis
 "position_ids" [3, b, S] (M-RoPE, `models.mrope`; packed: [3, 1, T]), computed here from the sequences so
-every pass (old / reference log-probs, update) sees the positions the rollout used.
+every pass (old / reference log-probs, update) sees the positions the rollout used. Rows re-dealt over
+data-parallel ranks (packing + token budget, dp > 1) take their prompts' images with them
+(packing.redeal_images: only the images the receiving rank's rows need), so a micro-batch of re-dealt rows is
+built the same way.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch.distributed as dist
 
 from verl_mega.data.loader import left_pad
 from verl_mega.models.mrope import mrope_position_ids
-from verl_mega.trainer.packing import balance_over_dp, pack_microbatch, token_budget_groups
+from verl_mega.trainer.packing import balance_over_dp, pack_microbatch, redeal_images, token_budget_groups
 
 # tensors a micro-batch needs for a forward pass (the rest are added by name)
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "position_ids", "responses", "response_mask")
@@ -146,26 +149,37 @@ class RLBatch:
             return None
         return [None if pv is None else (pv, grid) for pv, grid in zip(self.pixel_values, self.image_grid_thw)]
 
-    def vision_inputs(self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                      ) -> dict[str, torch.Tensor]:
-        """The image fields of a micro-batch of `rows` [b] with sequences input_ids / attention_mask [b, S]
-        (see the module docstring): position_ids [3, b, S], and when any row has images "pixel_values"
-        [N_patches, D] and "image_grid_thw" [N_images, 3] of its distinct prompts, "image_index" [N_pad_tokens]."""
-        prompts = [p for p in (rows // self.n).tolist() if self.pixel_values and self.pixel_values[p] is not None]
-        grids = {p: torch.as_tensor(self.image_grid_thw[p], dtype=torch.long).reshape(-1, 3) for p in prompts}
-        row_grids = torch.cat([grids[p] for p in prompts]) if prompts else None  # every row's images, row order
+    def own_images(self, rows: torch.Tensor) -> tuple[list[int], dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+        """(the prompt index of each of `rows` [b], {prompt index: (pixel_values [N_patches, D], image_grid_thw
+        [N_images, 3])} of those prompts that have images): the arguments of `vision_inputs`."""
+        prompts = (rows // self.n).tolist()
+        images = {p: (torch.as_tensor(self.pixel_values[p]),
+                      torch.as_tensor(self.image_grid_thw[p], dtype=torch.long).reshape(-1, 3))
+                  for p in dict.fromkeys(prompts) if self.pixel_values and self.pixel_values[p] is not None}
+        return prompts, images
+
+    def vision_inputs(self, prompts: list[int], images: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                      input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The image fields of a micro-batch whose rows, with sequences input_ids / attention_mask [b, S], answer
+        the prompts with keys `prompts` [b] (any ints: local prompt indices, or the global keys of rows re-dealt
+        over dp); `images`: key -> (pixel_values [N_patches, D], image_grid_thw [N_images, 3]) of the keys with
+        images (see the module docstring). Returns position_ids [3, b, S], and when any row has images
+        "pixel_values" [N_patches, D] and "image_grid_thw" [N_images, 3] of its distinct prompts, "image_index"
+        [N_pad_tokens]."""
+        with_images = [p for p in prompts if p in images]
+        row_grids = torch.cat([images[p][1] for p in with_images]) if with_images else None  # rows' images, in order
         out = {"position_ids": self.image_tokens.position_ids(input_ids, row_grids, attention_mask)}
-        if not prompts:
+        if not with_images:
             return out
-        distinct = list(dict.fromkeys(prompts))  # first appearance order
+        distinct = list(dict.fromkeys(with_images))  # first appearance order
         merge2 = self.image_tokens.spatial_merge_size ** 2
-        tokens = {p: int((grids[p].prod(-1) // merge2).sum()) for p in distinct}  # image-pad tokens of a prompt
+        tokens = {p: int((images[p][1].prod(-1) // merge2).sum()) for p in distinct}  # image-pad tokens of a prompt
         start, offset = {}, 0
         for p in distinct:
             start[p], offset = offset, offset + tokens[p]
-        out["pixel_values"] = torch.cat([torch.as_tensor(self.pixel_values[p]) for p in distinct])
-        out["image_grid_thw"] = torch.cat([grids[p] for p in distinct])
-        out["image_index"] = torch.cat([torch.arange(start[p], start[p] + tokens[p]) for p in prompts])
+        out["pixel_values"] = torch.cat([images[p][0] for p in distinct])
+        out["image_grid_thw"] = torch.cat([images[p][1] for p in distinct])
+        out["image_index"] = torch.cat([torch.arange(start[p], start[p] + tokens[p]) for p in with_images])
         return out
 
     @property
@@ -211,8 +225,9 @@ class RLBatch:
         (see packing.token_budget_groups; sequences longer than the budget get their own micro-batch and
         are counted in metrics["batch/oversized_sequences"]). `packed`: one row of valid tokens per
         micro-batch (packing.pack_microbatch) instead of padded rows. `dp_group` (collective): first re-deal
-        the rows of all its ranks for equal token counts (packing.balance_over_dp); "rows" then holds
-        global row ids (packing.gather_to_owners brings per-row results back).
+        the rows of all its ranks for equal token counts (packing.balance_over_dp; with their prompts' images,
+        packing.redeal_images); "rows" then holds global row ids (packing.gather_to_owners brings per-row
+        results back).
         """
         if self.input_ids is None:
             raise ValueError("microbatches(): the batch has no sequences yet (run the Rollout stage first)")
@@ -222,12 +237,11 @@ class RLBatch:
             raise ValueError(f"microbatches(): batch fields {missing} are not set by any earlier stage")
         tensors = {k: getattr(self, k)[rows] for k in SEQUENCE_KEYS + tuple(keys)}
         tensors["loss_mask"] = self.train_mask[rows]  # [rows, R] the tokens the loss uses
+        prompts, images = self.own_images(rows) if self.is_vlm else (None, None)
         if dp_group is not None and dist.get_world_size(dp_group) > 1:
-            if self.is_vlm:
-                raise ValueError("re-dealing rows over data-parallel ranks (trainer.packing with "
-                                 "trainer.max_tokens_per_micro_batch and dp > 1) does not carry images yet; "
-                                 "set trainer.max_tokens_per_micro_batch=null for a vision-language model")
             tensors, rows = balance_over_dp(tensors, self.input_ids.shape[1] - self.responses.shape[1], dp_group)
+            if self.is_vlm:  # the re-dealt rows take their prompts' images with them
+                prompts, images = redeal_images(images, prompts, rows, dp_group)
         if max_tokens is None:
             groups = [torch.arange(start, min(start + size, len(rows))) for start in range(0, len(rows), size)]
         else:
@@ -242,7 +256,8 @@ class RLBatch:
         for idx in groups:
             mb = {k: v[idx] for k, v in tensors.items()}
             mb["rows"] = rows[idx]
-            vision = self.vision_inputs(mb["rows"], mb["input_ids"], mb["attention_mask"]) if self.is_vlm else {}
+            vision = self.vision_inputs([prompts[i] for i in idx.tolist()], images, mb["input_ids"],
+                                        mb["attention_mask"]) if self.is_vlm else {}
             if vision:
                 mb["position_ids"] = vision.pop("position_ids")  # [3, b, S]
             if packed:

@@ -11,7 +11,9 @@ per-token result back to [b, R], zeros at padding).
 Token budget: rows are grouped into micro-batches of at most `max_tokens` valid tokens (first-fit
 decreasing on the lengths, so the groups are few and full); a row longer than the budget gets a
 micro-batch of its own. `balanced_partition` splits rows over data-parallel ranks with nearly equal
-token counts (greedy longest-first: any two ranks differ by at most one sequence's length).
+token counts (greedy longest-first: any two ranks differ by at most one sequence's length);
+`balance_over_dp` re-deals the rows themselves and `redeal_images` sends the re-dealt rows' images
+(vision-language models) from the ranks that own them to the ranks that now hold the rows.
 
 Neither changes a number: the engine divides every loss by the global token count, whatever the split.
 Reference: verl's `rmpad` / `get_seqlen_balanced_partitions`, OpenRLHF packing_samples.
@@ -148,3 +150,51 @@ def gather_to_owners(values: torch.Tensor, global_ids: torch.Tensor, dp_group) -
     vals = torch.cat([g[1] for g in gathered])
     keep = (ids >> 32) == me
     return vals[keep][torch.argsort(ids[keep])]
+
+
+def redeal_images(images: dict[int, tuple[torch.Tensor, torch.Tensor]], row_keys: list[int],
+                  global_ids: torch.Tensor, dp_group) -> tuple[list[int], dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """The images that the rows `global_ids` (this rank's part after `balance_over_dp`) need, brought from
+    the data-parallel ranks that own them; only those images move, each once per receiving rank.
+
+    images: this rank's images by key (e.g. prompt index): key -> (pixel_values [N_patches, D],
+    image_grid_thw [N_images, 3]), keys >= 0; row_keys: the key of each of this rank's rows as passed to
+    `balance_over_dp` (a key absent from `images`: a row without images). Returns (the key of each row
+    of global_ids [m] as a global key = owner dp rank * 2**32 + key, {global key: its images} for every
+    such key with images). The images' shapes travel as metadata (all_gather_object); the pixels go
+    point-to-point, one message per (owner, receiver) pair (CUDA tensors under NCCL). Collective over
+    `dp_group` (its timeout bounds the waits); the same on every tp/pp rank of a replica.
+    """
+    world, me = dist.get_world_size(dp_group), dist.get_rank(dp_group)
+    shapes = {k: (grid.reshape(-1, 3).cpu(), pv.shape[1], pv.dtype) for k, (pv, grid) in images.items()}
+    meta: list = [None] * world
+    dist.all_gather_object(meta, (list(row_keys), shapes, global_ids.cpu().tolist()), group=dp_group)
+
+    def key_of(gid: int) -> tuple[int, int]:
+        """(owner rank, key) of the row with global id `gid`."""
+        return gid >> 32, meta[gid >> 32][0][gid & (2**32 - 1)]
+
+    # per rank: the (owner, key) of the images its rows need, sorted (the same order on sender and receiver)
+    needs = [sorted({key_of(gid) for gid in m[2] if key_of(gid)[1] in meta[key_of(gid)[0]][1]}) for m in meta]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(dp_group) == "nccl" \
+        else torch.device("cpu")
+    ops, received = [], []
+    for peer in range(world):
+        send = [k for src, k in needs[peer] if src == me]
+        if peer != me and send:
+            buf = torch.cat([images[k][0] for k in send]).to(device, images[send[0]][0].dtype)
+            ops.append(dist.P2POp(dist.isend, buf, dist.get_global_rank(dp_group, peer), dp_group))
+        recv = [k for src, k in needs[me] if src == peer]
+        if peer != me and recv:
+            grids = [meta[peer][1][k][0] for k in recv]
+            _, width, dtype = meta[peer][1][recv[0]]
+            buf = torch.empty(int(sum(g.prod(-1).sum() for g in grids)), width, dtype=dtype, device=device)
+            ops.append(dist.P2POp(dist.irecv, buf, dist.get_global_rank(dp_group, peer), dp_group))
+            received.append((peer, recv, grids, buf))
+    for work in dist.batch_isend_irecv(ops) if ops else []:
+        work.wait()
+    out = {me * 2**32 + k: images[k] for src, k in needs[me] if src == me}
+    for peer, keys, grids, buf in received:
+        for key, grid, pv in zip(keys, grids, buf.cpu().split([int(g.prod(-1).sum()) for g in grids])):
+            out[peer * 2**32 + key] = (pv, grid)
+    return [src * 2**32 + key for src, key in map(key_of, global_ids.tolist())], out
