@@ -139,3 +139,63 @@ def test_bf16_grpo_step_with_images_trains_the_tower(vlm_dir):
     assert math.isfinite(metrics["actor/loss"])
     assert all(p.dtype == torch.bfloat16 for p in visual.values())
     assert any(not torch.equal(p.detach(), before[n]) for n, p in visual.items()), "the vision tower was not updated"
+
+
+def test_prompt_embeds_between_slices_the_image_rows_of_a_prefill_chunk():
+    """The prefill of tokens [start, end) gets the embeddings of the image-pad tokens inside it, in order (a slice
+    found on the host, so that a GPU prefill does no boolean indexing); chunks that cut an image split its rows."""
+    from verl_mega.rollout.images import PromptImages
+
+    token_index = torch.tensor([3, 4, 5, 9, 10])  # image-pad tokens of the prompt (two images)
+    images = PromptImages(torch.arange(5.0)[:, None], token_index, torch.zeros(3, 12, dtype=torch.long), 0)
+    for start, end in [(0, 12), (0, 4), (4, 10), (6, 9), (10, 12), (11, 12)]:
+        keep = (token_index >= start) & (token_index < end)
+        assert torch.equal(images.embeds_between(start, end), images.embeds[keep]), (start, end)
+
+
+HOST_READS = ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "__index__")  # device -> host syncs
+
+
+def test_vlm_decode_step_reads_only_static_buffers_without_host_syncs(vlm_dir, monkeypatch):
+    """What CUDA-graph capture of `_decode_forward` needs, checked on CPU (torch's sync debug mode is CUDA-only):
+    the model gets the preallocated token buffer and `positions + deltas` (the [B] M-RoPE delta buffer, filled
+    with each prompt's delta), no image inputs, and nothing in the step reads a tensor's value on the host
+    through the Python methods in HOST_READS (boolean-mask indexing syncs inside C++ and is not caught here:
+    code review, see rollout/engine.py `_decode_forward`)."""
+    from verl_mega.rollout.engine import GenerationEngine
+    from verl_mega.rollout.engine_config import EngineConfig
+
+    prompts, images = image_prompts(ModelConfig.from_hf(vlm_dir), GRIDS)
+    config = EngineConfig(max_batch=8, max_seq_len=96, max_tokens=1024, block_size=4, kv_len_bucket=16)
+    engine = GenerationEngine(_stage(vlm_dir, torch.bfloat16), None, config, eos_token_ids=[NEVER], pad_token_id=0)
+    deltas_buffer, calls = engine._deltas, []
+    model_forward, decode_forward = engine.model.forward, engine._decode_forward
+
+    def recording_forward(inputs, position_ids, *args, **kw):
+        calls.append((inputs, position_ids, kw))
+        return model_forward(inputs, position_ids, *args, **kw)
+
+    def guarded_decode(bb, nb):
+        def refuse(self, *a, **k):
+            raise AssertionError("a host read of a tensor inside the decode step")
+
+        with monkeypatch.context() as m:
+            for name in HOST_READS:
+                m.setattr(torch.Tensor, name, refuse)
+            decode_forward(bb, nb)
+
+    monkeypatch.setattr(engine.model, "forward", recording_forward)
+    monkeypatch.setattr(engine, "_decode_forward", guarded_decode)
+    engine.generate(prompts, max_new_tokens=3, temperature=0.0, images=images)
+    decode = [(i, p, kw) for i, p, kw in calls if i.shape[1] == 1]
+    assert len(decode) == 2 and engine._deltas is deltas_buffer  # 2 decode steps after the prefill; buffer kept
+    # each prompt's delta, from its M-RoPE positions (text prompt: 0; an image of h x w merged tokens: 1 - h*w + max(h, w))
+    want = torch.tensor([0 if img is None else int(mrope_position_ids(
+        torch.tensor([ids]), img[1], image_token_id=IMG, vision_start_token_id=VS, spatial_merge_size=2)[1][0])
+        for ids, img in zip(prompts, images)])
+    assert want[2] == 0 and (want[:2] != 0).all() and torch.equal(deltas_buffer[:3], want)
+    for step, (inputs, positions, kw) in enumerate(decode):
+        assert inputs.data_ptr() == engine._tokens.data_ptr()  # the static token buffer itself, no copy
+        assert not {"pixel_values", "image_grid_thw", "image_embeds"} & set(kw)
+        index = torch.tensor([len(ids) + step for ids in prompts])  # the fed token's sequence index
+        assert torch.equal(positions[:, 0], index + want)  # 1-axis position + the row's delta
