@@ -9,7 +9,8 @@ seconds per phase and the vision tower's share of each phase.
 The model config is built in code (Qwen2.5-VL-3B-Instruct's config.json values: a 36-layer 2048-wide Qwen2
 language model with M-RoPE sections (16, 24, 24), a 32-block 1280-wide vision tower with window attention
 and full attention at blocks 7, 15, 23, 31); weights are random (bf16 on CUDA, fp32 on CPU; --dtype overrides;
-the pixel values stay fp32 as the processor returns them, the patch embedding casts them). Each prompt is `--prompt-text` random text tokens plus one image of --image x --image pixels: 448 / 14 = 32 x 32 patches,
+the pixel values stay fp32 as the processor returns them, the patch embedding casts them). Each prompt is
+`--prompt-text` random text tokens plus one image of --image x --image pixels: 448 / 14 = 32 x 32 patches,
 merged 2 x 2 into 256 image tokens (pixel_values random: the tower's cost does not depend on the pixels).
 Random weights never sample EOS, so every response ends at a length drawn uniformly from --response-len
 (the engine's forced-length hook, as benchmarks/throughput.py).

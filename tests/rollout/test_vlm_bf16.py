@@ -6,6 +6,9 @@ processor returns them; both cast them to the conv's dtype):
 - the vision tower, and the forward with images (left-padded rows with 0, 1, 2 images), against transformers;
 - greedy generation with images through the engine, against transformers' bf16 greedy and our fp32 engine;
 - one GRPO step with images (the vision tower trains, stays bf16, the loss is finite).
+And the parts of the GPU paths a CPU can pin: the decode step (CUDA-graph captured on a GPU) reads only the
+engine's static buffers, the M-RoPE delta buffer included, and no tensor value on the host; a prefill chunk
+takes its image rows as a slice.
 
 Tolerance (bf16 against bf16): both implementations round every op to bf16 (unit roundoff u = 2^-8) but
 not always at the same places (a linear's bias added inside or after the matmul, fused vs split qkv,
@@ -189,7 +192,7 @@ def test_vlm_decode_step_reads_only_static_buffers_without_host_syncs(vlm_dir, m
     engine.generate(prompts, max_new_tokens=3, temperature=0.0, images=images)
     decode = [(i, p, kw) for i, p, kw in calls if i.shape[1] == 1]
     assert len(decode) == 2 and engine._deltas is deltas_buffer  # 2 decode steps after the prefill; buffer kept
-    # each prompt's delta, from its M-RoPE positions (text prompt: 0; an image of h x w merged tokens: 1 - h*w + max(h, w))
+    # each prompt's delta from its M-RoPE positions (text: 0; an image of h x w merged tokens: max(h, w) - h * w)
     want = torch.tensor([0 if img is None else int(mrope_position_ids(
         torch.tensor([ids]), img[1], image_token_id=IMG, vision_start_token_id=VS, spatial_merge_size=2)[1][0])
         for ids, img in zip(prompts, images)])
