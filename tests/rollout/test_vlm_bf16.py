@@ -202,3 +202,19 @@ def test_vlm_decode_step_reads_only_static_buffers_without_host_syncs(vlm_dir, m
         assert not {"pixel_values", "image_grid_thw", "image_embeds"} & set(kw)
         index = torch.tensor([len(ids) + step for ids in prompts])  # the fed token's sequence index
         assert torch.equal(positions[:, 0], index + want)  # 1-axis position + the row's delta
+
+
+def test_vlm_gpu_check_script_smoke(tmp_path):
+    """benchmarks/vlm_gpu_check.py (the integrator's GPU run of these checks, with CUDA graphs) runs on CPU."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "vlm_gpu_check.py"), "--smoke",
+                           "--out", str(tmp_path)], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "vlm_gpu_check.json").read_text())
+    assert report["ok"] and report["generate_gather"]["eager"]["equals_transformers"]
