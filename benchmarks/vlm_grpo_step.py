@@ -8,8 +8,9 @@ seconds per phase and the vision tower's share of each phase.
 
 The model config is built in code (Qwen2.5-VL-3B-Instruct's config.json values: a 36-layer 2048-wide Qwen2
 language model with M-RoPE sections (16, 24, 24), a 32-block 1280-wide vision tower with window attention
-and full attention at blocks 7, 15, 23, 31); weights are random (bf16 on CUDA, fp32 on CPU). Each prompt
-is `--prompt-text` random text tokens plus one image of --image x --image pixels: 448 / 14 = 32 x 32 patches,
+and full attention at blocks 7, 15, 23, 31); weights are random (bf16 on CUDA, fp32 on CPU; --dtype overrides;
+the pixel values stay fp32 as the processor returns them, the patch embedding casts them). Each prompt is
+`--prompt-text` random text tokens plus one image of --image x --image pixels: 448 / 14 = 32 x 32 patches,
 merged 2 x 2 into 256 image tokens (pixel_values random: the tower's cost does not depend on the pixels).
 Random weights never sample EOS, so every response ends at a length drawn uniformly from --response-len
 (the engine's forced-length hook, as benchmarks/throughput.py).
@@ -92,6 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--smoke", action="store_true", help="tiny VLM on CPU, 2 prompts x 2, 56x56 images, 2 steps")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="parameter dtype (auto: bfloat16 on CUDA, float32 on CPU; bfloat16 --smoke checks the bf16 "
+                        "path on CPU)")
     args = p.parse_args(argv)
     for key, value in (SMOKE_RUN if args.smoke else RUN).items():
         if getattr(args, key) is None:
@@ -172,11 +176,12 @@ def run(args) -> dict:
         raise ValueError(f"--prompts {args.prompts} does not split over dp={layout.dp}")
     per_dp = args.prompts // layout.dp
     config = model_config(shape)
-    dtype = torch.float32 if on_cpu else torch.bfloat16
+    dtype_name = args.dtype if args.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
+    dtype = getattr(torch, dtype_name)
     model = build_stage(config, layout, params_dtype=dtype, device=comm_device(), init_seed=args.seed)
     actor = HFActor(model, layout, config, tokenizer=None, path=None)
     cfg = TrainerConfig()
-    cfg.model.dtype = "float32" if on_cpu else "bfloat16"
+    cfg.model.dtype = dtype_name
     side = args.image // config.vision.patch_size
     image_tokens = side * side // config.vision.spatial_merge_size**2
     cfg.data.max_prompt_length = args.prompt_text + image_tokens + 8
@@ -193,7 +198,7 @@ def run(args) -> dict:
     for step in range(args.steps):
         prompts, images = image_prompts(config, [[(1, side, side)]] * per_dp,
                                         seed=args.seed * 1000 + step * 31 + layout.dp_rank, text_len=args.prompt_text)
-        samples = [{"prompt_ids": p, "pixel_values": pv.to(dtype), "image_grid_thw": grid} for p, (pv, grid)
+        samples = [{"prompt_ids": p, "pixel_values": pv, "image_grid_thw": grid} for p, (pv, grid)
                    in zip(prompts, images)]
         timer.reset()
         if not on_cpu:
@@ -218,7 +223,7 @@ def summarize(args, steps: list[dict], layout: Layout, config: ModelConfig) -> d
     vision = {p: mean[f"vision_{p}"] for p in phases}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {
-        "device": device, "gpus": layout.world_size, "tp": layout.tp,
+        "device": device, "gpus": layout.world_size, "tp": layout.tp, "dtype": args.dtype,
         "shape": "smoke" if args.smoke else "qwen2.5-vl-3b",
         "prompts": args.prompts, "n": args.n, "image_px": args.image, "response_len": args.response_len,
         "steps_measured": len(steps), "step_s": mean["wall_s"], "tokens_per_step": mean["tokens"],

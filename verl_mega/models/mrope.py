@@ -38,18 +38,20 @@ def mrope_position_ids(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | N
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
     b, s = input_ids.shape
-    device = input_ids.device
-    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    # computed on the host and returned on input_ids' device: the per-row loop reads values (runs, boolean
+    # masks), which on a GPU would be a device sync each
+    device, input_ids = input_ids.device, input_ids.cpu()
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.cpu().bool()
     grids = [] if image_grid_thw is None else [tuple(int(x) for x in g) for g in image_grid_thw.tolist()]
-    position_ids = torch.zeros(3, b, s, dtype=torch.long, device=device)
-    deltas = torch.zeros(b, dtype=torch.long, device=device)
+    position_ids = torch.zeros(3, b, s, dtype=torch.long)
+    deltas = torch.zeros(b, dtype=torch.long)
     next_image = 0
     for row in range(b):
         ids = input_ids[row][mask[row]]  # [real tokens]
         pieces, pos = [], 0
         for start, end, is_image in _runs(ids == image_token_id):
             if not is_image:
-                pieces.append(torch.arange(pos, pos + end - start, device=device).expand(3, -1))
+                pieces.append(torch.arange(pos, pos + end - start).expand(3, -1))
                 pos += end - start
                 continue
             if vision_start_token_id is not None and (start == 0 or ids[start - 1] != vision_start_token_id):
@@ -60,7 +62,7 @@ def mrope_position_ids(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | N
                                  f"has rows ({len(grids)})")
             t, h, w = grids[next_image]
             next_image += 1
-            piece = _image_positions(t, h // spatial_merge_size, w // spatial_merge_size, pos, device)
+            piece = _image_positions(t, h // spatial_merge_size, w // spatial_merge_size, pos)
             if piece.shape[1] != end - start:
                 raise ValueError(f"input_ids row {row}: an image run of {end - start} placeholder tokens does not "
                                  f"match its image_grid_thw {[t, h, w]} ({piece.shape[1]} tokens after the "
@@ -74,11 +76,11 @@ def mrope_position_ids(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | N
         deltas[row] = positions.max() + 1 - positions.shape[1]
     if next_image != len(grids):
         raise ValueError(f"image_grid_thw has {len(grids)} rows but input_ids hold {next_image} image runs")
-    return position_ids, deltas
+    return position_ids.to(device), deltas.to(device)
 
 
 def _runs(flags: torch.Tensor) -> list[tuple[int, int, bool]]:
-    """Maximal runs of equal values of a bool vector: [(start, end, value)] (one host sync)."""
+    """Maximal runs of equal values of a host bool vector: [(start, end, value)]."""
     if flags.numel() == 0:
         return []
     cuts = (torch.nonzero(flags[1:] != flags[:-1]).flatten() + 1).tolist()
@@ -87,10 +89,9 @@ def _runs(flags: torch.Tensor) -> list[tuple[int, int, bool]]:
     return [(a, e, v) for a, e, v in zip(bounds[:-1], bounds[1:], values)]
 
 
-def _image_positions(t: int, h: int, w: int, start: int, device) -> torch.Tensor:
+def _image_positions(t: int, h: int, w: int, start: int) -> torch.Tensor:
     """[3, t*h*w] positions of an image's merged tokens: (frame, row, column) + start, row-major."""
-    grid = torch.stack(torch.meshgrid(torch.arange(t, device=device), torch.arange(h, device=device),
-                                      torch.arange(w, device=device), indexing="ij"))  # [3, t, h, w]
+    grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))  # [3,t,h,w]
     return grid.reshape(3, -1) + start
 
 

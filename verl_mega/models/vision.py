@@ -41,6 +41,8 @@ vision blocks run in the parameters' dtype with RoPE in fp32, as transformers do
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -152,16 +154,18 @@ class VisionTower(nn.Module):
     def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, C*T*P*P] (the images' patches, concatenated), image_grid_thw [I, 3] (T, H, W in
         patches; N = sum T*H*W) -> embeddings [N / m^2, out_hidden] in the processor's order."""
-        grids = _check_grids(pixel_values, image_grid_thw, self.config)
+        grids = _check_grids(pixel_values, image_grid_thw, self.config)  # the only host read (grid on GPU)
         device = pixel_values.device
         if not grids:  # a micro-batch without images (pixel_values [0, C*T*P*P])
             return torch.zeros(0, self.config.out_hidden_size, dtype=self.patch_embed.proj.weight.dtype, device=device)
         m2 = self.config.spatial_merge_size ** 2
+        # index tensors are built on the host from `grids` and copied to the device once each (no device ->
+        # host reads: PackedSeqs' Python lengths come from the host copies)
         window_index, cu_windows = window_partition(grids, self.config)
+        restore = torch.argsort(window_index).to(device)  # window order -> processor order
         window_index = window_index.to(device)
-        cu_images = torch.tensor([0] + [h * w for t, h, w in grids for _ in range(t)], device=device).cumsum(0)
-        windows = PackedSeqs.from_cu_seqlens(cu_windows.to(device))
-        images = PackedSeqs.from_cu_seqlens(cu_images)
+        cu_images = torch.tensor([0] + [h * w for t, h, w in grids for _ in range(t)]).cumsum(0)
+        windows, images = (_packed_on(cu, device) for cu in (cu_windows, cu_images))
 
         def to_windows(x: torch.Tensor) -> torch.Tensor:  # [N, ...] -> window-contiguous order, m*m units kept
             return x.view(-1, m2, *x.shape[1:])[window_index].view(x.shape)
@@ -171,7 +175,7 @@ class VisionTower(nn.Module):
         full = set(self.config.fullatt_block_indexes)
         for i, block in enumerate(self.blocks):
             hidden = block(hidden, cos, sin, images if i in full else windows)
-        return self.merger(hidden)[torch.argsort(window_index)]  # [N / m^2, out_hidden]
+        return self.merger(hidden)[restore]  # [N / m^2, out_hidden]
 
     def _rope_tables(self, grids: list[tuple[int, int, int]], device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [N, head_dim] (fp32) of every patch in processor order: (row freqs, column freqs) x 2."""
@@ -182,6 +186,12 @@ class VisionTower(nn.Module):
         freqs = freqs.flatten(1)  # [N, head_dim/2]: row frequencies then column frequencies
         emb = torch.cat((freqs, freqs), dim=-1)  # [N, head_dim]
         return emb.cos(), emb.sin()
+
+
+def _packed_on(cu_seqlens: torch.Tensor, device) -> PackedSeqs:
+    """PackedSeqs of host cu_seqlens [S + 1] with its tensor on `device` (lengths read on the host: no sync)."""
+    seqs = PackedSeqs.from_cu_seqlens(cu_seqlens)
+    return dataclasses.replace(seqs, cu_seqlens=seqs.cu_seqlens.to(device))
 
 
 def image_token_counts(image_grid_thw: torch.Tensor, spatial_merge_size: int) -> list[int]:

@@ -73,8 +73,9 @@ class PromptImages:
                                                vision_start_token_id=config.vision_start_token_id,
                                                spatial_merge_size=merge)  # [3, 1, P], [1]
         param = next(model.parameters())
+        # the grid stays on the host, where the tower reads it (on the device it would cost a device -> host copy)
         embeds = model.encode_images(torch.as_tensor(pixel_values).to(param.device, param.dtype),
-                                     grid.to(param.device))  # [N_img_tokens, H]
+                                     grid)  # [N_img_tokens, H]
         return cls(embeds, token_index, positions[:, 0].cpu(), int(deltas[0]))
 
     @property
@@ -90,6 +91,7 @@ class PromptImages:
         return torch.where(inside, self.positions[:, index.clamp(max=self.prompt_len - 1)], after)
 
     def embeds_between(self, start: int, end: int) -> torch.Tensor:
-        """[k, H] the embeddings of the image-pad tokens at prompt indices [start, end), in order."""
-        keep = (self.token_index >= start) & (self.token_index < end)
-        return self.embeds[keep.to(self.embeds.device)]
+        """[k, H] the embeddings of the image-pad tokens at prompt indices [start, end), in order: a slice of
+        `embeds` (token_index is sorted; bounds found on the host, so no boolean indexing and no device sync)."""
+        lo, hi = torch.searchsorted(self.token_index, torch.tensor([start, end])).tolist()
+        return self.embeds[lo:hi]
