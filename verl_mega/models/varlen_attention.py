@@ -11,7 +11,8 @@ Kernels (`varlen_attend` picks one):
 - "loop": one SDPA call per sequence (`is_causal`). Exact and FLOP-free on padding, but one kernel launch
   per sequence: the CPU path (tests, fp32) and the fallback where the others are unavailable.
 `benchmarks/varlen_attention.py` measures them against padded SDPA; "auto" takes "varlen" where it
-runs (CUDA, half precision; if it raises once, a warning and "loop" from then on), else "loop".
+runs (CUDA, half precision; if it raises for a (head_dim, causal, dtype) case, a warning and "loop" for
+that case from then on), else "loop".
 Not yet measured on the GPU from this branch (no device was lent): the integrator's run of the
 benchmark decides whether "flex" should replace "varlen" in "auto".
 
@@ -62,13 +63,15 @@ def varlen_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: Packe
         raise ValueError(f"varlen attention kernel {kernel!r} is not one of {KERNELS}")
     _, hq, t, d = q.shape
     if kernel == "auto":
-        if _varlen_ok(q) and "broken" not in _STATE:
+        case = (d, causal, q.dtype)  # a failure is remembered per case: the vision tower's head size or
+        if _varlen_ok(q) and case not in _BROKEN:  # bidirectional call must not slow the text model down
             try:
                 return _varlen(q, k, v, seqs, causal)
             except (RuntimeError, TypeError, NotImplementedError) as exc:  # e.g. a GPU the kernel does not support
-                _STATE["broken"] = True
-                warnings.warn(f"varlen flash attention failed ({type(exc).__name__}: {exc}); packed attention "
-                              f"falls back to one SDPA call per sequence", stacklevel=2)
+                _BROKEN.add(case)
+                warnings.warn(f"varlen flash attention failed for head_dim {d}, causal={causal}, {q.dtype} "
+                              f"({type(exc).__name__}: {exc}); packed attention of this shape falls back to one "
+                              f"SDPA call per sequence", stacklevel=2)
         kernel = "loop"
     if kernel == "varlen":
         if not _varlen_ok(q):
@@ -83,7 +86,7 @@ def varlen_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: Packe
     return out.transpose(1, 2).reshape(1, t, hq * d)
 
 
-_STATE: dict = {}  # "broken": the varlen kernel raised once in this process ("auto" stops trying it)
+_BROKEN: set = set()  # (head_dim, causal, dtype) cases where the varlen kernel raised ("auto" stops trying them)
 
 
 def _varlen(q, k, v, seqs: PackedSeqs, causal: bool = True) -> torch.Tensor:
