@@ -74,8 +74,8 @@ with open(os.path.join(out, "logs.txt"), "w") as f:
         if os.path.exists(log):
             text = open(log, errors="replace").read()
             f.write(f"\n===== {s[0]} (rc {s[1]}, {s[2]} s)\n" + (text[-40000:] if len(text) > 40000 else text))
-for name in ("rollout_service.json", "throughput.json", "trl_grpo.json", "grpo_e2e_ab.json", "vlm_grpo_step.json",
-             "vlm_vision_share.json", "reward_models.json", "agent_rollout.json"):  # <= 5 per plan (8 files in all)
+for name in ("rollout_service.json", "throughput.json", "trl_grpo.json", "grpo_e2e_ab.json", "vlm_gpu_check.json",
+             "vlm_grpo_step.json", "vlm_vision_share.json", "reward_models.json", "agent_rollout.json"):  # <= 5 per plan
     for path in glob.glob(os.path.join(work, "**", name), recursive=True):
         shutil.copy(path, os.path.join(out, name))
 if os.path.exists(os.path.join(work, "offload", "grpo_e2e.json")):
@@ -84,7 +84,9 @@ PY
 }
 
 if [[ $PLAN == models ]]; then
-  # issue 17: one GRPO step at the Qwen2.5-VL-3B shape (16 prompts x 8, one 448x448 image each), vision share per phase
+  # issue 17: the VLM on CUDA first (bf16 vs transformers, greedy eager == CUDA graph == transformers, no host sync in
+  # decode), then one GRPO step at the Qwen2.5-VL-3B shape (16 prompts x 8, one 448x448 image each), vision share
+  step vlm_gpu_check 90 python3 benchmarks/vlm_gpu_check.py --out "$WORK/vlm_check"
   step vlm_grpo_step 200 python3 benchmarks/vlm_grpo_step.py --prompts 16 --n 8 --image 448 --steps 2 --out "$WORK/vlm"
   step vlm_vision_share 100 python3 benchmarks/vlm_vision_share.py --out "$WORK/vlm_share"
   # issue 19: rule vs reward model vs LLM judge rewards (with and without offload) inside a GRPO step
