@@ -154,7 +154,7 @@ class VisionTower(nn.Module):
     def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, C*T*P*P] (the images' patches, concatenated), image_grid_thw [I, 3] (T, H, W in
         patches; N = sum T*H*W) -> embeddings [N / m^2, out_hidden] in the processor's order."""
-        grids = _check_grids(pixel_values, image_grid_thw, self.config)  # the only host read (grid on GPU)
+        grids = _check_grids(pixel_values, image_grid_thw, self.config)  # a host read if the grid is on the GPU
         device = pixel_values.device
         if not grids:  # a micro-batch without images (pixel_values [0, C*T*P*P])
             return torch.zeros(0, self.config.out_hidden_size, dtype=self.patch_embed.proj.weight.dtype, device=device)

@@ -265,9 +265,12 @@ class TrainEngine:
         return result
 
 
+HOST_KEYS = ("image_grid_thw",)  # read on the host only (the vision tower's index building): no device round trip
+
+
 def _to_device(microbatches: list[dict], device: torch.device) -> list[dict]:
-    """The micro-batches with every tensor on `device` (the model's); other values as they are."""
-    return [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
+    """The micro-batches with every tensor on `device` (the model's) except HOST_KEYS; other values as they are."""
+    return [{k: v.to(device) if isinstance(v, torch.Tensor) and k not in HOST_KEYS else v for k, v in mb.items()}
             for mb in microbatches]
 
 
