@@ -9,6 +9,9 @@ Input: the training data format (verl's parquet, or jsonl with the same keys; re
 `verl_mega.data`): one row per prompt whose --prompt-key column ("prompt") holds a chat message list
 (the tokenizer's chat template is applied with the generation prompt) or a plain string (used as
 it is); a "messages" column also works. Other columns (data_source, reward_model, ...) are kept.
+With a vision-language model (a Qwen2.5-VL directory with its processor files), a row's "images" column
+(verl's multimodal format: `<image>` markers in the prompt, images as {"bytes"} / {"path"} / paths relative
+to the file) is read with the model's image processor; a bad image is an error naming the file and row.
 
 Output (one schema for every --n): one JSON line per input row, in input order: the row's columns
 plus
@@ -85,16 +88,45 @@ def _check_args(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
 
-def _generate_share(actor, prompts: list, args) -> list[list[dict]]:
+def encode_images(actor, path: str, records: list[dict], prompts: list) -> tuple[list, list | None]:
+    """(prompts, images) for `frontend.generate`: rows with a non-empty "images" column become token ids
+    (markers replaced, image pads expanded) with their (pixel_values, image_grid_thw); images is None when no
+    row has any. ValueError naming the file and row for a bad image or a text model given images."""
+    from pathlib import Path
+
+    from verl_mega.data.multimodal import encode_vision_prompt
+    from verl_mega.trainer.vision_data import image_processor_for
+
+    rows = [i for i, rec in enumerate(records) if rec.get("images") is not None and len(rec["images"])]
+    if not rows:
+        return prompts, None
+    if not actor.config.is_vlm:
+        raise ValueError(f"{path}: row {rows[0]} has images but the model at {actor.path} is a text model")
+    processor = image_processor_for(actor.path, actor.config)
+    prompts, images = list(prompts), [None] * len(prompts)
+    for i in rows:
+        messages = [{"role": "user", "content": prompts[i]}] if isinstance(prompts[i], str) else prompts[i]
+        try:
+            enc = encode_vision_prompt(actor.tokenizer, processor, messages, records[i]["images"],
+                                       base_dir=Path(path).parent)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: row {i}: {exc}") from None
+        prompts[i], images[i] = enc["prompt_ids"], (enc["pixel_values"], enc["image_grid_thw"])
+    return prompts, images
+
+
+def _generate_share(actor, prompts: list, images: list | None, args) -> list[list[dict]]:
     """This replica's results: for each of its prompts, the list of n sample dicts."""
     from verl_mega.rollout.frontend import generate
 
     out = []
     for b, start in enumerate(range(0, len(prompts), args.batch_size)):
-        samples = generate(actor, prompts[start:start + args.batch_size], max_new_tokens=args.max_new_tokens,
+        batch = slice(start, start + args.batch_size)
+        samples = generate(actor, prompts[batch], max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, n=args.n,
                            seed=args.seed + b, max_batch=args.batch_size * args.n,
-                           use_cuda_graph=False if args.no_cuda_graph else None)
+                           use_cuda_graph=False if args.no_cuda_graph else None,
+                           images=None if images is None else images[batch])
         out += [samples[i * args.n:(i + 1) * args.n] for i in range(len(samples) // args.n)]
     return out
 
@@ -112,11 +144,13 @@ def run(args) -> int:
     records, prompts = read_prompts(args.prompts, args.prompt_key)  # every rank validates before any collective
     dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
     actor = get_actor_model(args.model, torch_dtype=dtype, tensor_parallel_size=args.tp, pipeline_parallel_size=1)
+    prompts, images = encode_images(actor, args.prompts, records, prompts)  # every rank, before any collective
     layout = actor.layout
     share = -(-len(records) // layout.dp)
-    mine = prompts[layout.dp_rank * share:(layout.dp_rank + 1) * share]
+    mine = slice(layout.dp_rank * share, (layout.dp_rank + 1) * share)
     t0 = time.perf_counter()
-    results = _generate_share(actor, mine, args) if mine else []
+    results = _generate_share(actor, prompts[mine], None if images is None else images[mine], args) \
+        if prompts[mine] else []
     elapsed = time.perf_counter() - t0
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object((layout.dp_rank, layout.tp_rank, results), gathered, dst=0)
