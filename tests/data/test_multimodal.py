@@ -64,22 +64,6 @@ def test_tiny_processor_files_ids_and_image_tokens(vl_dir, tok_and_ip):
     assert out["pixel_values"].shape == (64 + 24 + 64, PATCH_DIM)
 
 
-def test_processor_matches_transformers_qwen2_5_vl_processor(vl_dir, tok_and_ip, tmp_path):
-    """Only where torchvision is installed: transformers builds Qwen2_5_VLProcessor only with it."""
-    pytest.importorskip("torchvision")
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(str(vl_dir[0]))
-    assert type(processor).__name__ == "Qwen2_5_VLProcessor"
-    ds = RLDataset(write(tmp_path / "d.parquet", [row("<image>Hi<image>", [{"bytes": png((112, 84))},
-                                                                            {"bytes": png((56, 56))}])]),
-                   tok_and_ip[0], image_processor=tok_and_ip[1])
-    images = [Image.open(io.BytesIO(png((112, 84)))), Image.open(io.BytesIO(png((56, 56))))]
-    ref = processor(text=[ds[0]["prompt_text"]], images=images, return_tensors="pt")
-    assert ref["input_ids"][0].tolist() == ds[0]["prompt_ids"]
-    torch.testing.assert_close(ref["pixel_values"], ds[0]["pixel_values"], rtol=0, atol=0)
-
-
 def test_parquet_images_as_bytes_and_as_paths(tmp_path, tok_and_ip):
     tok, ip = tok_and_ip
     (tmp_path / "img").mkdir()
