@@ -69,17 +69,20 @@ def tiny_hf_config(arch: str = "llama", *, vocab_size: int = 128, hidden_size: i
 
 @torch.no_grad()
 def randomize_weights(model: torch.nn.Module, seed: int = 0) -> None:
-    """Re-draw all parameters at O(1) activation scale (see module docstring)."""
+    """Re-draw all parameters at O(1) activation scale (see module docstring): RMSNorm weights 1 + N(0, 0.1),
+    biases N(0, 0.1), embeddings N(0, 1), other weights N(0, 1/fan_in) (fan_in = elements per output row, so a
+    vision tower's Conv3d too)."""
     gen = torch.Generator().manual_seed(seed)
+    norms = {id(m.weight) for m in model.modules() if type(m).__name__.endswith("RMSNorm")}
     for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
+        if id(p) in norms:
             p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
         elif name.endswith("bias"):
             p.copy_(0.1 * torch.randn(p.shape, generator=gen))
         elif "embed_tokens" in name:
             p.copy_(torch.randn(p.shape, generator=gen))
         else:
-            p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+            p.copy_(torch.randn(p.shape, generator=gen) / (p.numel() // p.shape[0]) ** 0.5)
 
 
 def make_tiny_hf_model(out_dir: str, arch: str = "llama", *, vocab_size: int = 128, tie: bool = False,

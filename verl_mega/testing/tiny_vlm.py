@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from verl_mega.testing.tiny_hf import randomize_weights
+
 TINY_VLM_DEFAULTS = dict(  # every default of the tiny VLM, in one place
     vocab_size=251, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
     mrope_section=(2, 3, 3), rope_theta=10000.0, max_position_embeddings=512, tie=False,
@@ -51,23 +53,6 @@ def tiny_vlm_config(**quirks):
                             vision_end_token_id=c["vision_end_token_id"], tie_word_embeddings=c["tie"], **ids)
 
 
-@torch.no_grad()
-def randomize_vlm_weights(model: torch.nn.Module, seed: int = 0) -> None:
-    """Re-draw all parameters: norm weights 1 + N(0, 0.1), biases N(0, 0.1), embeddings N(0, 1), other
-    weights N(0, 1/fan_in) (fan_in = elements per output row, also for the Conv3d)."""
-    gen = torch.Generator().manual_seed(seed)
-    norms = {id(m.weight) for m in model.modules() if type(m).__name__.endswith("RMSNorm")}
-    for name, p in model.named_parameters():
-        if id(p) in norms:
-            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-        elif name.endswith("bias"):
-            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-        elif "embed_tokens" in name:
-            p.copy_(torch.randn(p.shape, generator=gen))
-        else:
-            p.copy_(torch.randn(p.shape, generator=gen) / (p.numel() // p.shape[0]) ** 0.5)
-
-
 def make_tiny_qwen2_5_vl(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.float32,
                          **quirks) -> str:
     """Write a random tiny `Qwen2_5_VLForConditionalGeneration` to `path` (no processor); returns `path`.
@@ -80,7 +65,7 @@ def make_tiny_qwen2_5_vl(path: str | os.PathLike, seed: int = 0, dtype: torch.dt
     os.makedirs(path, exist_ok=True)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(tiny_vlm_config(**quirks)).to(torch.float32)
-    randomize_vlm_weights(model, seed)
+    randomize_weights(model, seed)
     model.to(dtype).save_pretrained(path)
     return path
 
