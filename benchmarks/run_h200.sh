@@ -1,24 +1,40 @@
 #!/usr/bin/env bash
-# The owed GPU figures in two device calls on one H200 (at most 10 minutes each): `bash benchmarks/run_h200.sh`
-# (plan "core", below) and `bash benchmarks/run_h200.sh models` (plan "models": the VLM GRPO step at the
-# Qwen2.5-VL-3B shape with the vision tower's share, the tower's share per phase, reward-model / judge rewards,
-# the multi-turn agent rollout). Plan "core", in priority order:
-#   1. GPU kernel tests (pytest tests/kernels) and the demo on CUDA (verl_mega demo --quick --nproc 1 --tp 1)
-#   2. rollout_service.py at the Qwen2.5-0.5B shape: continuous batching vs the static engine
-#   3. throughput.py 0.5B + 1.5B, 8x8, prompt 128, 256 new tokens, KL off; then trl_grpo.py 0.5B (the ratio)
-#   4. grpo_e2e.py --ab 0.5b: packed vs padded
-#   5. the 7B offload run (grpo_e2e.py --shape 7b --offload-optimizer --offload-grads), with what time is left
+# The owed GPU figures on one H200 (or H100), one device call (at most 10 minutes) per invocation:
+#   bash benchmarks/run_h200.sh [PLAN_OR_STEP ...]      (default: core)
+# Plans: "core" = kernels_tests demo rollout_service throughput trl_grpo grpo_e2e_ab offload_7b;
+# "models" = vlm_gpu_check vlm_grpo_step vlm_vision_share reward_models agent_rollout; "all" = core then models.
+# Steps can also be named one by one, in the order to run them (e.g. after a fix, only the steps that failed):
+#   kernels_tests    pytest tests/kernels on CUDA (the compiled Triton kernels)
+#   demo             the main job on CUDA: verl_mega demo --quick --nproc 1 --tp 1 (issue 12)
+#   rollout_service  continuous batching vs the static engine at the Qwen2.5-0.5B shape (issue 13)
+#   throughput       GRPO tokens/s/GPU, 0.5B + 1.5B, 8x8, prompt 128, 256 new tokens, KL off (issue 18)
+#   trl_grpo         the TRL peer on the 0.5B row (summary.md gets the tokens/s ratio; issue 18)
+#   grpo_e2e_ab      packed vs padded micro-batches at 0.5B, lengths 32..256 forced (issue 14)
+#   offload_7b       the 7B run with optimizer + gradient offload (issue 15)
+#   vlm_gpu_check    the VLM in bf16 vs transformers, CUDA-graph greedy, no host sync in decode (issue 17)
+#   vlm_grpo_step    one GRPO step at the Qwen2.5-VL-3B shape, 16 prompts x 8, one 448x448 image each (issue 17)
+#   vlm_vision_share the vision tower's share per phase (issue 17)
+#   reward_models    rule vs reward model vs LLM judge rewards inside a GRPO step, with/without offload (issue 19)
+#   agent_rollout    multi-turn agent rollout, tool calls overlapping generation vs serial (issue 16)
 # Each step has its own `timeout`, capped by what is left of BUDGET seconds (default 560: the call's 600 s
 # minus the wheel install and the copy-back); a step that would get under 30 s is skipped and says so.
 # Run from the repository root with `.whl/` carried (benchmarks/README.md, "Wheels for the GPU machine"):
-#   device tool: command "bash benchmarks/run_h200.sh", carry [".whl"], kind nvidia-h200, timeout_s 600
-# Writes at most 8 files under $OUT: summary.md (step table + every markdown table), logs.txt (all logs),
-# steps.json (rc and seconds per step), rollout_service.json, throughput.json (TRL peer included),
-# trl_grpo.json, grpo_e2e_ab.json, offload_7b.json (step 5's grpo_e2e.json, when it finished).
+#   device tool: command "bash benchmarks/run_h200.sh core", carry [".whl"], kind nvidia-h200, timeout_s 600
+# Writes 4 files under $OUT, rewritten after every step (a time-out keeps what finished): summary.md (step
+# table + every markdown table + the TRL ratio), logs.txt (all logs), steps.json (rc and seconds per step),
+# results.json (every step's JSON report, keyed by its file name; the 7B run's as offload_7b.json).
 set -u
 OUT=${OUT:?set OUT (the device tool does)}
-PLAN=${1:-core}
-[[ $PLAN == core || $PLAN == models ]] || { echo "plan must be core or models, got $PLAN"; exit 2; }
+CORE="kernels_tests demo rollout_service throughput trl_grpo grpo_e2e_ab offload_7b"
+MODELS="vlm_gpu_check vlm_grpo_step vlm_vision_share reward_models agent_rollout"
+PLAN=""
+for arg in "${@:-core}"; do
+  case $arg in
+    core) PLAN="$PLAN $CORE" ;; models) PLAN="$PLAN $MODELS" ;; all) PLAN="$PLAN $CORE $MODELS" ;;
+    *) [[ " $CORE $MODELS " == *" $arg "* ]] || { echo "unknown plan or step: $arg (plans: core models all; steps: $CORE $MODELS)"; exit 2; }
+       PLAN="$PLAN $arg" ;;
+  esac
+done
 BUDGET=${BUDGET:-560}
 START=$(date +%s)
 WORK=$(mktemp -d /tmp/h200.XXXX)  # scripts write here; the chosen files are copied to $OUT after every step
@@ -74,46 +90,42 @@ with open(os.path.join(out, "logs.txt"), "w") as f:
         if os.path.exists(log):
             text = open(log, errors="replace").read()
             f.write(f"\n===== {s[0]} (rc {s[1]}, {s[2]} s)\n" + (text[-40000:] if len(text) > 40000 else text))
+results = {}  # every step's JSON report in one file (the device tool brings back at most 8 files)
 for name in ("rollout_service.json", "throughput.json", "trl_grpo.json", "grpo_e2e_ab.json", "vlm_gpu_check.json",
-             "vlm_grpo_step.json", "vlm_vision_share.json", "reward_models.json", "agent_rollout.json"):  # <= 5 per plan
+             "vlm_grpo_step.json", "vlm_vision_share.json", "reward_models.json", "agent_rollout.json"):
     for path in glob.glob(os.path.join(work, "**", name), recursive=True):
-        shutil.copy(path, os.path.join(out, name))
+        results[name] = json.load(open(path))
 if os.path.exists(os.path.join(work, "offload", "grpo_e2e.json")):
-    shutil.copy(os.path.join(work, "offload", "grpo_e2e.json"), os.path.join(out, "offload_7b.json"))
+    results["offload_7b.json"] = json.load(open(os.path.join(work, "offload", "grpo_e2e.json")))
+json.dump(results, open(os.path.join(out, "results.json"), "w"), indent=1)
 PY
 }
 
-if [[ $PLAN == models ]]; then
-  # issue 17: the VLM on CUDA first (bf16 vs transformers, greedy eager == CUDA graph == transformers, no host sync in
-  # decode), then one GRPO step at the Qwen2.5-VL-3B shape (16 prompts x 8, one 448x448 image each), vision share
-  step vlm_gpu_check 90 python3 benchmarks/vlm_gpu_check.py --out "$WORK/vlm_check"
-  step vlm_grpo_step 200 python3 benchmarks/vlm_grpo_step.py --prompts 16 --n 8 --image 448 --steps 2 --out "$WORK/vlm"
-  step vlm_vision_share 100 python3 benchmarks/vlm_vision_share.py --out "$WORK/vlm_share"
-  # issue 19: rule vs reward model vs LLM judge rewards (with and without offload) inside a GRPO step
-  step reward_models 200 python3 benchmarks/reward_models.py --rewards rule,model,model_offload,judge,judge_offload \
-    --out "$WORK/rewards"
-  # issue 16: multi-turn agent rollout, tool calls overlapping generation vs serial
-  mkdir -p "$WORK/agent"
-  step agent_rollout 120 python3 benchmarks/agent_rollout.py --out "$WORK/agent/agent_rollout.json"
-  collect
-  echo "done after $(( $(date +%s) - START )) s"; cat "$OUT/summary.md"; exit 0
-fi
+run_step() {  # run_step NAME: the step's command (the list in the header)
+  case $1 in
+    kernels_tests) step kernels_tests 120 python3 -m pytest -q -x tests/kernels ;;
+    demo) step demo 120 python3 -m verl_mega demo --quick --nproc 1 --tp 1 --output-dir "$WORK/demo" ;;
+    rollout_service) step rollout_service 150 python3 benchmarks/rollout_service.py --shapes qwen2.5-0.5b --no-hf \
+      --grpo-shape '' --out-dir "$WORK/rollout" ;;
+    throughput) step throughput 200 python3 benchmarks/throughput.py --shapes 0.5b,1.5b --batches 8x8 --prompt-len 128 \
+      --new-tokens 256 --kl off --out "$WORK/throughput" ;;
+    trl_grpo) step trl_grpo 150 python3 benchmarks/trl_grpo.py --shape 0.5b --out "$WORK/trl" ;;
+    grpo_e2e_ab) step grpo_e2e_ab 180 python3 benchmarks/grpo_e2e.py --ab 0.5b --variants padded,packed --prompts 64 \
+      --n 8 --prompt-len 128 --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 --out "$WORK/ab" ;;
+    offload_7b) step offload_7b 600 python3 benchmarks/grpo_e2e.py --shape 7b --offload-optimizer --offload-grads \
+      --prompts 16 --n 8 --prompt-len 512 --response-len 32:1024 --max-new-tokens 1024 --micro-batch 4 --steps 2 \
+      --out "$WORK/offload" ;;
+    vlm_gpu_check) step vlm_gpu_check 90 python3 benchmarks/vlm_gpu_check.py --out "$WORK/vlm_check" ;;
+    vlm_grpo_step) step vlm_grpo_step 200 python3 benchmarks/vlm_grpo_step.py --prompts 16 --n 8 --image 448 --steps 2 \
+      --out "$WORK/vlm" ;;
+    vlm_vision_share) step vlm_vision_share 100 python3 benchmarks/vlm_vision_share.py --out "$WORK/vlm_share" ;;
+    reward_models) step reward_models 200 python3 benchmarks/reward_models.py \
+      --rewards rule,model,model_offload,judge,judge_offload --out "$WORK/rewards" ;;
+    agent_rollout) mkdir -p "$WORK/agent"
+      step agent_rollout 120 python3 benchmarks/agent_rollout.py --out "$WORK/agent/agent_rollout.json" ;;
+  esac
+}
 
-# 1. kernel tests and the CUDA demo
-step kernels_tests 120 python3 -m pytest -q -x tests/kernels
-step demo 120 python3 -m verl_mega demo --quick --nproc 1 --tp 1 --output-dir "$WORK/demo"
-# 2. continuous vs static at the 0.5B shape (no transformers baseline, no GRPO step: the budget)
-step rollout_service 150 python3 benchmarks/rollout_service.py --shapes qwen2.5-0.5b --no-hf --grpo-shape '' \
-  --out-dir "$WORK/rollout"
-# 3. end-to-end GRPO throughput, then the TRL peer (collect puts the tokens/s ratio into summary.md)
-step throughput 200 python3 benchmarks/throughput.py --shapes 0.5b,1.5b --batches 8x8 --prompt-len 128 \
-  --new-tokens 256 --kl off --out "$WORK/throughput"
-step trl_grpo 150 python3 benchmarks/trl_grpo.py --shape 0.5b --out "$WORK/trl"
-# 4. packed vs padded at 0.5B (forced lengths 32..256 during generation)
-step grpo_e2e_ab 180 python3 benchmarks/grpo_e2e.py --ab 0.5b --variants padded,packed --prompts 64 --n 8 \
-  --prompt-len 128 --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 --out "$WORK/ab"
-# 5. the 7B offload run (issue 15: optimizer masters + Adam on the host, training state off the GPU in rollout)
-step offload_7b 600 python3 benchmarks/grpo_e2e.py --shape 7b --offload-optimizer --offload-grads --prompts 16 --n 8 \
-  --prompt-len 512 --response-len 32:1024 --max-new-tokens 1024 --micro-batch 4 --steps 2 --out "$WORK/offload"
+for name in $PLAN; do run_step "$name"; done
 collect
 echo "done after $(( $(date +%s) - START )) s"; cat "$OUT/summary.md"

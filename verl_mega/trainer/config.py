@@ -18,12 +18,12 @@ from typing import Any, List, Optional
 
 from omegaconf import MISSING
 
+from verl_mega.models.parallelize import RECOMPUTE_MODES as RECOMPUTE
 from verl_mega.rollout.engine_config import EngineConfig
 from verl_mega.trainer.optim import CriticOptimConfig, OptimConfig
 
 ALGORITHMS = ("ppo", "gae", "grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
 DTYPES = ("float32", "bfloat16")
-RECOMPUTE = ("none", "selective", "full")  # = models.parallelize.RECOMPUTE_MODES
 
 
 @dataclass
