@@ -12,9 +12,10 @@ Reported per mode: wall seconds, model tokens/s (sampled tokens / wall), and the
 the GPU was decoding (time inside `engine.step()`, which ends with a host read of the sampled tokens, so
 it covers the device work it launched).
 
-The model's tokens are scripted (the sampler emits a filler of `--turn-tokens` +- 50% characters and a
-tool call, the character tokenizer of verl_mega.testing.tiny_hf) so both modes do the same work; the
-forward passes, KV cache and scheduling are the engine's own. The tool sleeps `--tool-ms` (asyncio).
+The model's tokens are scripted with the engine's `force_tokens` (each turn: a filler of `--turn-tokens`
++- 50% characters, then a tool call, then EOS; the character tokenizer of verl_mega.testing.tiny_hf;
+lengths seeded per (request, sample), so both modes do the same work); the forward passes, sampling, KV
+cache and scheduling are the engine's own. The tool sleeps `--tool-ms` (asyncio).
 The update part of the GRPO step does not depend on how tools are scheduled and is not timed here.
 """
 
@@ -36,6 +37,8 @@ sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]  # benchm
 sys.path.insert(0, os.path.dirname(_HERE))
 
 from verl_mega.rollout.agent_loop import AgentLimits, AgentLoop  # noqa: E402
+from verl_mega.rollout.engine import GenerationEngine  # noqa: E402
+from verl_mega.rollout.scheduler import RequestParams  # noqa: E402
 from verl_mega.tools.base import Tool  # noqa: E402
 from verl_mega.tools.toolset import ToolSet  # noqa: E402
 
@@ -67,51 +70,46 @@ class SerialAgentLoop(AgentLoop):
         return waits
 
 
-def script_engine(engine, tokenizer, turns: int, turn_tokens: int, seed: int):
-    """Make the engine's sampler emit, per sample, `turns` turns: filler + a tool call (the last: filler only)."""
-    eos, rng = tokenizer.eos_token_id, random.Random(seed)
-    plans: dict[tuple[int, int], list[list[int]]] = {}
-    turn_of: dict[tuple[int, int], int] = {}
-    append = engine.append
-    call_ids = tokenizer.encode(CALL, add_special_tokens=False)
-    filler = tokenizer.encode("a", add_special_tokens=False)[0]
+class ScriptedEngine(GenerationEngine):
+    """The engine whose samples generate scripted turns (`force_tokens`) and that times its `step` calls.
 
-    def plan(key):
-        if key not in plans:
-            lengths = [max(1, int(turn_tokens * rng.uniform(0.5, 1.5))) for _ in range(turns)]
-            plans[key] = [[filler] * n + (call_ids if t < turns - 1 else []) + [eos] for t, n in enumerate(lengths)]
-        return plans[key]
+    Sample (request, j) has `turns` turns: filler + a tool call + EOS (the last: filler + EOS), the filler
+    length drawn from [0.5, 1.5] x `turn_tokens` by a generator seeded with (seed, request, j, turn)."""
 
-    def resume(rid, ids, *, sample_index=0, max_new_tokens=None):
-        turn_of[(rid, sample_index)] = turn_of.get((rid, sample_index), 0) + 1
-        append(rid, ids, sample_index=sample_index, max_new_tokens=max_new_tokens)
+    def __init__(self, *args, tokenizer, turns: int, turn_tokens: int, seed: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.turns, self.turn_tokens, self.script_seed = turns, turn_tokens, seed
+        self.eos = tokenizer.eos_token_id
+        self.call_ids = tokenizer.encode(CALL, add_special_tokens=False)
+        self.filler = tokenizer.encode("a", add_special_tokens=False)[0]
+        self.turn_of: dict[tuple[int, int], int] = {}  # (request, sample) -> its current turn
+        self.step_s = 0.0  # wall time inside step() (it ends with a host read of the sampled tokens)
 
-    def sample(logits, rows, step):
-        out = []
-        for seq in rows:
-            key = (seq.request_id, seq.sample_index)
-            ids = plan(key)[min(turn_of.get(key, 0), turns - 1)]
-            i = seq.num_generated + step
-            out.append(ids[i] if i < len(ids) else eos)
-        tokens = torch.tensor(out, device=logits.device)
-        return tokens, torch.log_softmax(logits.float(), -1).gather(1, tokens[:, None])[:, 0]
+    def _script(self, request_id: int, sample_index: int) -> None:
+        turn = self.turn_of[(request_id, sample_index)]
+        rng = random.Random(f"{self.script_seed}:{request_id}:{sample_index}:{turn}")
+        filler = [self.filler] * max(1, int(self.turn_tokens * rng.uniform(0.5, 1.5)))
+        call = self.call_ids if turn < self.turns - 1 else []
+        self.force_tokens(request_id, sample_index, filler + call + [self.eos])
 
-    engine.append, engine._sample = resume, sample
+    def add_request(self, prompt_ids, params=None, **kwargs) -> int:
+        rid = super().add_request(prompt_ids, params, **kwargs)
+        for j in range((params or RequestParams()).n):
+            self.turn_of[(rid, j)] = 0
+            self._script(rid, j)
+        return rid
 
+    def append(self, request_id, token_ids, *, sample_index=0, max_new_tokens=None) -> None:
+        super().append(request_id, token_ids, sample_index=sample_index, max_new_tokens=max_new_tokens)
+        key = (request_id, sample_index)
+        self.turn_of[key] = min(self.turn_of[key] + 1, self.turns - 1)
+        self._script(request_id, sample_index)
 
-def timed_steps(engine) -> dict:
-    """Wrap engine.step to sum its wall time (it ends with a host read of the sampled tokens)."""
-    acc = {"step_s": 0.0}
-    step = engine.step
-
-    def wrapped():
+    def step(self):
         t0 = time.perf_counter()
-        out = step()
-        acc["step_s"] += time.perf_counter() - t0
+        out = super().step()
+        self.step_s += time.perf_counter() - t0
         return out
-
-    engine.step = wrapped
-    return acc
 
 
 def build(args, tmp: str):
@@ -121,7 +119,6 @@ def build(args, tmp: str):
     from verl_mega.models.parallelize import build_stage
     from verl_mega.models.tokenizer import load_tokenizer
     from verl_mega.parallel.layout import Layout
-    from verl_mega.rollout.engine import GenerationEngine
     from verl_mega.rollout.engine_config import EngineConfig
     from verl_mega.testing.tiny_hf import make_tiny_hf_model
 
@@ -139,8 +136,9 @@ def build(args, tmp: str):
     config = EngineConfig(max_batch=min(rows, 256), max_seq_len=seq_len, max_tokens=rows * seq_len + 4096)
 
     def make_engine():
-        return GenerationEngine(model, layout.tp_group, config, eos_token_ids=[tok.eos_token_id],
-                                pad_token_id=tok.pad_token_id)
+        return ScriptedEngine(model, layout.tp_group, config, eos_token_ids=[tok.eos_token_id],
+                              pad_token_id=tok.pad_token_id, tokenizer=tok, turns=args.turns,
+                              turn_tokens=args.turn_tokens, seed=args.seed)
     return make_engine, tok
 
 
@@ -152,8 +150,6 @@ def run_mode(args, make_engine, tok, serial: bool) -> dict:
 
 
 def _rollout(args, engine, tok, serial: bool) -> dict:
-    script_engine(engine, tok, args.turns, args.turn_tokens, args.seed)
-    timer = timed_steps(engine)
     cls = SerialAgentLoop if serial else AgentLoop
     loop = cls(engine, tok, ToolSet([SleepTool(args.tool_ms / 1000)]),
                AgentLimits(max_turns=args.turns, max_total_tokens=args.max_total_tokens, tool_timeout_s=30.0))
@@ -164,7 +160,7 @@ def _rollout(args, engine, tok, serial: bool) -> dict:
     engine.release()
     model_tokens = sum(sum(s.loss_mask) for s in samples)
     return {"wall_s": wall, "model_tokens": model_tokens, "tokens_per_s": model_tokens / wall,
-            "decode_fraction": timer["step_s"] / wall, "tool_calls": sum(s.tool_calls for s in samples),
+            "decode_fraction": engine.step_s / wall, "tool_calls": sum(s.tool_calls for s in samples),
             "turns_mean": sum(s.turns for s in samples) / len(samples)}
 
 

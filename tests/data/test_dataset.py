@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from verl_mega.data import RLDataset
+from verl_mega.data.dataset import row_messages
 
 
 def verl_row(content, truth="3", source="openai/gsm8k", index=0):
@@ -52,6 +53,16 @@ def test_jsonl_string_prompt_messages_and_plain_template(tmp_path, tokenizer, pl
     assert plain[0]["prompt_ids"] == [6, 9, 10, 11, 8]
     raw = RLDataset(path, tokenizer, apply_chat_template=False)  # string prompt used as is
     assert raw[0]["prompt_text"] == "what is one"
+
+
+def test_row_messages_shapes():
+    """The one "row's prompt as chat messages" used by RLDataset and `verl-mega generate`'s image rows."""
+    assert row_messages({"prompt": "hi"}, "prompt") == [{"role": "user", "content": "hi"}]
+    chat = [{"role": "system", "content": "s", "name": "x"}, {"role": "user", "content": "u"}]
+    assert row_messages({"q": chat}, "q") == [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    assert row_messages({"messages": chat[1:]}, "prompt") == [{"role": "user", "content": "u"}]  # fallback column
+    with pytest.raises(ValueError, match=r"no 'prompt' \(or 'messages'\) column"):
+        row_messages({"question": "x"}, "prompt")
 
 
 def test_malformed_parquet_row_named_or_skipped(tmp_path, tokenizer):

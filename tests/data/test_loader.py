@@ -74,6 +74,12 @@ def test_get_dataloader_from_file(tmp_path, tokenizer):
     (batch,) = list(loader)
     ids, mask = left_pad([it["prompt_ids"] for it in batch], tokenizer.pad_token_id)
     assert ids.shape == (2, 3) and mask.all()
+    # loader keywords reach PromptLoader (its defaults otherwise), the rest RLDataset
+    assert (loader.shuffle, loader.drop_last, loader.dp_size) == (True, True, 1)
+    split = get_dataloader(path, tokenizer, 1, shuffle=False, dp_rank=1, dp_size=2, prompt_key="prompt")
+    assert (split.shuffle, split.dp_rank, split.dp_size, len(split.dataset)) == (False, 1, 2, 4)
+    with pytest.raises(ValueError, match=r"dataset options \['max_prompt_length'\]"):
+        get_dataloader(loader.dataset, tokenizer, 2, seed=1, max_prompt_length=3)
 
 
 def test_left_pad():

@@ -1,7 +1,8 @@
 """The engine's `eos_at` hook (forced response lengths, for benchmarks with random weights): each row
 ends with EOS as exactly its token number eos_at[r] (or runs to max_new_tokens when that comes first),
 the tokens before it are the ones the engine samples without forcing, and the forced EOS carries the
-teacher-forced log-prob of EOS.
+teacher-forced log-prob of EOS. Its generalisation `force_tokens` (a scripted turn, e.g. a tool call):
+the scripted tokens come out with their teacher-forced log-probs, then the row samples on, for one turn.
 
 Tolerance: log-probs 1e-5 in fp32, as in test_generation_engine.py (the same forward in another batch
 shape: reduction-order rounding ~1e-7 relative on log-probs of magnitude <= ~10).
@@ -65,3 +66,36 @@ def test_worker_passes_eos_at_per_row(hf_dir, case):
     assert [len(r) for r in out.responses] == eos_at and all(r[-1] == case["eos"] for r in out.responses)
     with pytest.raises(ValueError, match="eos_at"):
         worker.generate(case["ids"], max_new_tokens=MAX_NEW, sampling=SamplingParams(), n=2, eos_at=eos_at[:4])
+
+
+def _run(engine) -> dict:
+    """Step the engine until idle: {(request id, sample): (token ids, log-probs)} of the turns that finished."""
+    done = {}
+    while engine.has_unfinished():
+        for f in engine.step():
+            done[(f.request_id, f.sample_index)] = (f.token_ids, f.logprobs)
+    return done
+
+
+def test_force_tokens_scripts_one_turn(hf_dir, case):
+    from verl_mega.rollout.output import assemble_output
+    from verl_mega.rollout.sampling import SamplingParams
+    from verl_mega.rollout.scheduler import RequestParams
+
+    engine, model = build_engine(hf_dir, 1, case["eos"], sync_every=4)  # scripts span decode windows
+    prompt, eos = case["ids"][2], case["eos"]
+    rid = engine.add_request(prompt, RequestParams(SamplingParams(temperature=0.0), MAX_NEW, n=2, keep_cache=True))
+    engine.force_tokens(rid, 0, [5, 6, 7, 8, 9, eos])  # a scripted turn that stops
+    engine.force_tokens(rid, 1, [7, 8])  # a scripted start, then greedy
+    first = _run(engine)
+    assert first[(rid, 0)][0] == [5, 6, 7, 8, 9, eos]
+    assert first[(rid, 1)][0] == [7, 8] + hf_greedy(hf_dir, [prompt + [7, 8]], eos, MAX_NEW - 2)[0]
+    out = assemble_output([prompt, prompt], [first[(rid, 0)], first[(rid, 1)]], pad_token_id=0)
+    torch.testing.assert_close(out.response_logprobs, teacher_forced_logprobs(model, out, 1.0), rtol=0, atol=1e-5)
+    # the script held for that turn only: the resumed sample generates greedily again
+    engine.append(rid, [9], sample_index=0, max_new_tokens=4)
+    assert _run(engine)[(rid, 0)][0] == hf_greedy(hf_dir, [prompt + [5, 6, 7, 8, 9, eos, 9]], eos, 4)[0]
+    engine.release_request(rid)
+    for bad in ([], [-1]):
+        with pytest.raises(ValueError, match="token_ids"):
+            engine.force_tokens(rid, 0, bad)

@@ -4,17 +4,12 @@ the RL model saved as a HF directory)."""
 
 import json
 import os
-import subprocess
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+from tests.run_python import REPO, run_python
 
 
 def test_quick_start_prints_metrics():
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "examples", "quick_start.py")], capture_output=True,
-                          text=True, timeout=300, env=ENV, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_python([os.path.join(REPO, "examples", "quick_start.py")], timeout=300)
     first = proc.stdout.strip().splitlines()[0]
     metrics = eval(first, {"__builtins__": {}})  # the printed dict of rounded floats
     for key in ("actor/loss", "reward/mean", "actor/ppo_kl", "actor/entropy", "actor/grad_norm", "actor/lr",
@@ -25,9 +20,7 @@ def test_quick_start_prints_metrics():
 
 def test_demo_quick(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "verl_mega", "demo", "--quick", "--output-dir", str(out)],
-                          capture_output=True, text=True, timeout=600, env=ENV, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_python(["-m", "verl_mega", "demo", "--quick", "--output-dir", str(out)], timeout=600)
     assert "held-out accuracy" in proc.stdout and "demo finished" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert 0.0 <= summary["heldout_accuracy_before_rl"] <= 1.0 and 0.0 <= summary["heldout_accuracy_after_rl"] <= 1.0

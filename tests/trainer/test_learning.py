@@ -18,14 +18,11 @@ Cost: one process, about 40 s of CPU for SFT + both runs (45-60 s wall on an idl
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+from tests.run_python import run_python
+
 RL_STEPS, ROLLOUT_BATCH, SEED = 30, 32, 0
 MIN_GAIN = {"grpo": 0.09, "ppo": 0.05}  # held-out accuracy gain (fractions); derived in the module docstring
 
@@ -33,11 +30,9 @@ MIN_GAIN = {"grpo": 0.09, "ppo": 0.05}  # held-out accuracy gain (fractions); de
 @pytest.fixture(scope="module")
 def summary(tmp_path_factory):
     out = tmp_path_factory.mktemp("learning")
-    cmd = [sys.executable, "-m", "verl_mega", "demo", "--nproc", "1", "--algorithm", "grpo,ppo", "--seed", str(SEED),
-           "--rl-steps", str(RL_STEPS), "--rollout-batch", str(ROLLOUT_BATCH), "--val-every", "0",
-           "--output-dir", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_python(["-m", "verl_mega", "demo", "--nproc", "1", "--algorithm", "grpo,ppo", "--seed", str(SEED),
+                "--rl-steps", str(RL_STEPS), "--rollout-batch", str(ROLLOUT_BATCH), "--val-every", "0",
+                "--output-dir", str(out)], timeout=600)
     return json.loads((out / "summary.json").read_text())
 
 

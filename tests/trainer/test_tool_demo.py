@@ -2,17 +2,13 @@
 local sandbox tool -> held-out evaluation), the demo's SFT loss mask and reward, and RLBatch's loss mask."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from tests.run_python import run_python
 from verl_mega.apps import demo_tool_task as task
 from verl_mega.trainer.batch import RLBatch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_rlbatch_loss_mask_separate_from_response_mask():
@@ -48,11 +44,8 @@ def test_sft_tensors_train_only_assistant_tokens():
 
 
 def test_tool_demo_quick(tmp_path):
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "verl_mega", "demo", "--task", "tool", "--quick", "--output-dir",
-                           str(out)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_python(["-m", "verl_mega", "demo", "--task", "tool", "--quick", "--output-dir", str(out)], timeout=300)
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["rewards"]) == summary["rl_steps"] == 2
     for key in ("accuracy_before", "accuracy_after", "tool_call_rate_before", "tool_call_rate_after"):

@@ -5,19 +5,13 @@ result (>= 15 points over the SFT start) is measured by the full run (README), n
 
 import json
 import math
-import os
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.run_python import run_python
 
 
 def test_vision_demo_quick(tmp_path):
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "verl_mega", "demo", "--task", "vision", "--quick", "--output-dir",
-                           str(out)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_python(["-m", "verl_mega", "demo", "--task", "vision", "--quick", "--output-dir", str(out)], timeout=300)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rl_steps"] == len(summary["rewards"]) == 2
     assert 0.0 <= summary["accuracy_before"] <= 1.0 and 0.0 <= summary["accuracy_after"] <= 1.0

@@ -88,12 +88,14 @@ def _check_args(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
 
-def encode_images(actor, path: str, records: list[dict], prompts: list) -> tuple[list, list | None]:
+def encode_images(actor, path: str, records: list[dict], prompts: list, prompt_key: str) -> tuple[list, list | None]:
     """(prompts, images) for `frontend.generate`: rows with a non-empty "images" column become token ids
-    (markers replaced, image pads expanded) with their (pixel_values, image_grid_thw); images is None when no
-    row has any. ValueError naming the file and row for a bad image or a text model given images."""
+    (their `prompt_key` messages templated, markers replaced, image pads expanded) with their (pixel_values,
+    image_grid_thw); images is None when no row has any. ValueError naming the file and row for a bad image
+    or a text model given images."""
     from pathlib import Path
 
+    from verl_mega.data.dataset import row_messages
     from verl_mega.data.multimodal import encode_vision_prompt
     from verl_mega.trainer.vision_data import image_processor_for
 
@@ -105,10 +107,9 @@ def encode_images(actor, path: str, records: list[dict], prompts: list) -> tuple
     processor = image_processor_for(actor.path, actor.config)
     prompts, images = list(prompts), [None] * len(prompts)
     for i in rows:
-        messages = [{"role": "user", "content": prompts[i]}] if isinstance(prompts[i], str) else prompts[i]
         try:
-            enc = encode_vision_prompt(actor.tokenizer, processor, messages, records[i]["images"],
-                                       base_dir=Path(path).parent)
+            enc = encode_vision_prompt(actor.tokenizer, processor, row_messages(records[i], prompt_key),
+                                       records[i]["images"], base_dir=Path(path).parent)
         except (OSError, ValueError) as exc:
             raise ValueError(f"{path}: row {i}: {exc}") from None
         prompts[i], images[i] = enc["prompt_ids"], (enc["pixel_values"], enc["image_grid_thw"])
@@ -144,7 +145,8 @@ def run(args) -> int:
     records, prompts = read_prompts(args.prompts, args.prompt_key)  # every rank validates before any collective
     dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
     actor = get_actor_model(args.model, torch_dtype=dtype, tensor_parallel_size=args.tp, pipeline_parallel_size=1)
-    prompts, images = encode_images(actor, args.prompts, records, prompts)  # every rank, before any collective
+    # every rank, before any collective
+    prompts, images = encode_images(actor, args.prompts, records, prompts, args.prompt_key)
     layout = actor.layout
     share = -(-len(records) // layout.dp)
     mine = slice(layout.dp_rank * share, (layout.dp_rank + 1) * share)

@@ -81,8 +81,13 @@ def row_prompt(row: dict, prompt_key: str) -> str | list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in prompt]
 
 
-def _messages(row: dict, prompt_key: str) -> list[dict[str, str]]:
-    """The chat messages of a row (a plain string prompt is one user message)."""
+def row_messages(row: dict, prompt_key: str) -> list[dict[str, str]]:
+    """A row's prompt as chat messages [{"role": str, "content": str}, ...] (copies).
+
+    Accepted shapes of `row[prompt_key]` (or, without that column, `row["messages"]`): a non-empty list of
+    dicts with string "role" and "content" (other keys are dropped), or a plain string, which becomes one
+    user message. ValueError (without file or row: callers add them) for a missing column, an empty or
+    non-list prompt, or a message without string role/content."""
     prompt = row_prompt(row, prompt_key)
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
@@ -169,7 +174,7 @@ class RLDataset:
         if self.image_processor is None and row.get(self.image_key):  # a setup error, never a skip
             raise ValueError(f"{path}: row {i} has {self.image_key!r}: pass image_processor= to read images")
         try:
-            messages = _messages(row, self.prompt_key)
+            messages = row_messages(row, self.prompt_key)
             reward_model = row.get("reward_model") or {}
             extra_info = row.get("extra_info") or {}
             if not isinstance(reward_model, dict) or not isinstance(extra_info, dict):

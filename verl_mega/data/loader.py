@@ -13,6 +13,7 @@ without communication and a resumed run continues with exactly the batches it wo
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -105,34 +106,34 @@ class PromptLoader:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 
+# PromptLoader's keyword options (shuffle, seed, ...): `get_dataloader` passes these to it, their defaults stay there
+_LOADER_OPTIONS = frozenset(
+    name for name, p in inspect.signature(PromptLoader).parameters.items() if p.kind is p.KEYWORD_ONLY
+)
+
+
 def get_dataloader(
     path_or_dataset: str | Path | Sequence[str | Path] | Sequence[dict],
     tokenizer: Any,
     batch_size: int,
-    *,
-    shuffle: bool = True,
-    seed: int = 0,
-    drop_last: bool = True,
-    dp_rank: int = 0,
-    dp_size: int = 1,
-    **dataset_kwargs: Any,
+    **options: Any,
 ) -> PromptLoader:
     """A PromptLoader over an RLDataset built from `path_or_dataset` (or over a dataset given directly).
 
-    `dataset_kwargs` go to RLDataset (prompt_key, max_prompt_length, filter_overlong, image_processor, ...).
-    `batch_size` is per data-parallel rank; pass this rank's `dp_rank` and the `dp_size`.
+    `options`: PromptLoader's keywords (shuffle, seed, drop_last, dp_rank, dp_size; their defaults are
+    PromptLoader's) go to the loader, the rest to RLDataset (prompt_key, max_prompt_length, filter_overlong,
+    image_processor, ...). `batch_size` is per data-parallel rank; pass this rank's `dp_rank` and the `dp_size`.
     """
+    loader_options = {k: options.pop(k) for k in _LOADER_OPTIONS & options.keys()}
     if isinstance(path_or_dataset, (str, Path)) or (
         isinstance(path_or_dataset, (list, tuple)) and path_or_dataset and isinstance(path_or_dataset[0], (str, Path))
     ):
-        dataset = RLDataset(path_or_dataset, tokenizer, **dataset_kwargs)
+        dataset = RLDataset(path_or_dataset, tokenizer, **options)
     else:
-        if dataset_kwargs:
-            raise ValueError(f"dataset options {sorted(dataset_kwargs)} given with an already-built dataset")
+        if options:
+            raise ValueError(f"dataset options {sorted(options)} given with an already-built dataset")
         dataset = path_or_dataset
-    return PromptLoader(
-        dataset, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, dp_rank=dp_rank, dp_size=dp_size
-    )
+    return PromptLoader(dataset, batch_size, **loader_options)
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

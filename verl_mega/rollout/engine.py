@@ -39,7 +39,9 @@ Forced lengths (`eos_at`, for benchmarks with random weights, which never sample
 sample j of a request emits the engine's first EOS id as its response token number `eos_at[j]` (1-based,
 so its response has exactly that many tokens unless max_new_tokens ends it first), with the log-prob
 of EOS under its logits; everything else (admission, freeing the row, the slot taken by a waiting
-request) is the real engine: the same work as a model that stops there.
+request) is the real engine: the same work as a model that stops there. `force_tokens(rid, j, ids)` scripts
+a whole turn the same way (e.g. a tool call for an agent-loop benchmark): sample j's next response tokens
+are `ids`, each with its log-prob under the logits.
 
 Reference: vLLM (Kwon et al., SOSP 2023: PagedAttention, continuous batching, prefix sharing,
 recompute preemption); gpt-fast's static-shape graphed decode.
@@ -126,7 +128,8 @@ class GenerationEngine:
         # work done (for throughput / bandwidth accounting): decode steps, rows x steps, attended
         # context tokens summed over rows and steps, prefilled tokens
         self.stats = {"decode_steps": 0, "decode_rows": 0, "decode_context_tokens": 0, "prefill_tokens": 0}
-        self._eos_at: dict[tuple[int, int], int] = {}  # (request id, sample) -> forced response length
+        # (request id, sample) -> {response token number in the current turn (0-based): forced token id}
+        self._forced: dict[tuple[int, int], dict[int, int]] = {}
 
     # ------------------------------------------------------------------ request API
     def add_request(self, prompt_ids: list[int], params: RequestParams | None = None, *,
@@ -158,7 +161,7 @@ class GenerationEngine:
         params = RequestParams(params.sampling, params.max_new_tokens, params.n, stops, params.keep_cache)
         request_id = self.scheduler.add([int(t) for t in prompt_ids], params, images)
         for j, length in enumerate(eos_at or ()):
-            self._eos_at[(request_id, j)] = length
+            self._forced[(request_id, j)] = {length - 1: self.eos_token_ids[0]}
         return request_id
 
     def append(self, request_id: int, token_ids: list[int], *, sample_index: int = 0,
@@ -174,6 +177,17 @@ class GenerationEngine:
         if seq is not None:
             self._check_prompt(seq.tokens + list(token_ids), max_new_tokens or seq.params.max_new_tokens)
         self.scheduler.append(request_id, sample_index, token_ids, max_new_tokens)
+
+    def force_tokens(self, request_id: int, sample_index: int, token_ids: list[int]) -> None:
+        """Script a sample's next turn (benchmarks with random weights): its response tokens 1..len(token_ids)
+        are `token_ids`, each with its log-prob under the model's logits (as for `eos_at`); a stop token among
+        them ends the turn as a sampled one would, and tokens after the list are sampled. Call it after
+        `add_request` or `append` and before the `step` that starts the turn; it holds for that turn only.
+        ValueError for an empty list or a negative or image-pad token id."""
+        ids = [int(t) for t in token_ids]
+        if not ids or min(ids) < 0 or self._banned_set & set(ids):
+            raise ValueError(f"token_ids must be a non-empty list of token ids >= 0 (no image pads), got {ids[:8]}")
+        self._forced.setdefault((request_id, sample_index), {}).update(enumerate(ids))
 
     def release_request(self, request_id: int) -> None:
         """Free the kept cache of a request's paused samples."""
@@ -201,7 +215,7 @@ class GenerationEngine:
         if sched.running:
             finished += self._decode_window()
         for done in finished:  # a paused sequence resumed by `append` is not forced again
-            self._eos_at.pop((done.request_id, done.sample_index), None)
+            self._forced.pop((done.request_id, done.sample_index), None)
         return finished
 
     # ------------------------------------------------------------------ batch convenience
@@ -501,19 +515,20 @@ class GenerationEngine:
             for params, idx in groups.items():
                 index = torch.tensor(idx, device=logits.device)
                 tokens[index], logprobs[index] = sample_tokens(logits[index], params, self.generator)
-        return self._force_eos(logits, rows, step, tokens, logprobs) if self._eos_at else (tokens, logprobs)
+        return self._force(logits, rows, step, tokens, logprobs) if self._forced else (tokens, logprobs)
 
-    def _force_eos(self, logits, rows, step, tokens, logprobs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows whose `eos_at` length is reached by this token emit EOS, with EOS's log-prob (as `sample_tokens`
-        reports it: log_softmax(logits / T), T = 1 for greedy). Token number num_generated + step (0-based)."""
-        forced = [r for r, s in enumerate(rows)
-                  if self._eos_at.get((s.request_id, s.sample_index), 0) - 1 == s.num_generated + step]
+    def _force(self, logits, rows, step, tokens, logprobs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows with a forced token (`eos_at`, `force_tokens`) at this token number (num_generated + step,
+        0-based) emit it, with its log-prob as `sample_tokens` reports it: log_softmax(logits / T), T = 1 for
+        greedy. Host-side lookups only (the positions are known on the host): no device sync."""
+        forced = [(r, f[s.num_generated + step]) for r, s in enumerate(rows)
+                  if s.num_generated + step in (f := self._forced.get((s.request_id, s.sample_index), {}))]
         if not forced:
             return tokens, logprobs
-        eos = self.eos_token_ids[0]
-        temps = torch.tensor([rows[r].params.sampling.temperature or 1.0 for r in forced], device=logits.device)
-        index = torch.tensor(forced, device=logits.device)
+        temps = torch.tensor([rows[r].params.sampling.temperature or 1.0 for r, _ in forced], device=logits.device)
+        index = torch.tensor([r for r, _ in forced], device=logits.device)
+        ids = torch.tensor([t for _, t in forced], device=logits.device)
         tokens, logprobs = tokens.clone(), logprobs.clone()
-        tokens[index] = eos
-        logprobs[index] = torch.log_softmax(logits[index] / temps[:, None], dim=-1)[:, eos]
+        tokens[index] = ids
+        logprobs[index] = torch.log_softmax(logits[index] / temps[:, None], dim=-1).gather(1, ids[:, None])[:, 0]
         return tokens, logprobs

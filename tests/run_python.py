@@ -1,0 +1,22 @@
+"""Run a Python program of this checkout as a user runs it, in a subprocess (the demo CLI, example scripts):
+this checkout first on PYTHONPATH (so the code under test is imported, not an installed copy), one thread per
+process, the repository root as working directory, and a failure shown with the tail of the program's output."""
+
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUTPUT_TAIL = 3000  # characters of stdout and of stderr shown when the program fails
+
+
+def run_python(args: list[str], *, timeout: float) -> subprocess.CompletedProcess:
+    """`python ARGS` (e.g. ["-m", "verl_mega", "demo", ...] or [script, ...]) from the repository root, waited for
+    at most `timeout` seconds; asserts it exits 0 (message: the tails of its stdout and stderr) and returns the
+    finished process, its stdout and stderr as text."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (f"python {' '.join(args)} exited {proc.returncode}\n--- stdout\n"
+                                  f"{proc.stdout[-OUTPUT_TAIL:]}\n--- stderr\n{proc.stderr[-OUTPUT_TAIL:]}")
+    return proc
