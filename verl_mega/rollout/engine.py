@@ -29,9 +29,10 @@ Every rank of `tp_group` must make the same calls: the sampled tokens are identi
 
 Images (vision-language models, `images.py`): a request's images are checked and given their M-RoPE
 positions when it is added (host only), and encoded at admission: one vision-tower call over the images
-of every request admitted in that step (never again for its n samples, nor for a recomputed sample); its prefill overwrites the image-pad positions with
-those embeddings and takes 3-axis M-RoPE positions; its decode steps take (sequence index + the prompt's
-M-RoPE delta), kept in a static [B] buffer beside the positions (graph-capturable). The model's image /
+of every request admitted in that step (never again for its n samples, nor for a recomputed sample). Its
+prefill overwrites the image-pad positions with those embeddings and takes 3-axis M-RoPE positions; its
+decode steps take (sequence index + the prompt's M-RoPE delta), kept in a static [B] buffer beside the
+positions (graph-capturable). The model's image /
 video pad tokens are never sampled (their logits are set to -inf before sampling, so the reported
 log-probs are those of the distribution without them): a generated pad token would be taken for an image
 slot by every later forward.
