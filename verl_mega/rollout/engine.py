@@ -32,10 +32,9 @@ positions when it is added (host only), and encoded at admission: one vision-tow
 of every request admitted in that step (never again for its n samples, nor for a recomputed sample). Its
 prefill overwrites the image-pad positions with those embeddings and takes 3-axis M-RoPE positions; its
 decode steps take (sequence index + the prompt's M-RoPE delta), kept in a static [B] buffer beside the
-positions (graph-capturable). The model's image /
-video pad tokens are never sampled (their logits are set to -inf before sampling, so the reported
-log-probs are those of the distribution without them): a generated pad token would be taken for an image
-slot by every later forward.
+positions (graph-capturable). The model's image / video pad tokens are never sampled (their logits are
+set to -inf before sampling, so the reported log-probs are those of the distribution without them): a
+generated pad token would be taken for an image slot by every later forward.
 
 Forced lengths (`eos_at`, for benchmarks with random weights, which never sample EOS themselves):
 sample j of a request emits the engine's first EOS id as its response token number `eos_at[j]` (1-based,
