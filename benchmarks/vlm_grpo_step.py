@@ -22,8 +22,10 @@ Reported (mean over the measured steps; the first --warmup steps are not measure
   the vision tower's seconds inside each phase, measured with hooks on the tower (forward: pre/post hooks;
   backward: from the gradient arriving at the tower's output to the patch embedding's weight gradient),
   each synchronised with the device, so the figures include no overlap with other work; in rollout the
-  tower runs once per prompt (its n samples share the encoding), in log-prob and update once per
-  micro-batch on the images of its distinct prompts (its rows of one prompt share the encoding); with --kl the
+  tower runs once per admission step on the images of every prompt admitted in it (here all of them at
+  once: the engine's max_batch is prompts x n; the n samples of a prompt share its encoding), in log-prob
+  and update once per micro-batch on the images of its distinct prompts (its rows of one prompt share the
+  encoding); the table gives the tower's calls per phase beside its seconds; with --kl the
   reference model's own tower runs in the log-prob phase too and is not timed (the phase time includes it).
 Rank 0 writes OUT/vlm_grpo_step.json and prints a markdown table (OUT: --out, $OUT or .).
 """
@@ -238,9 +240,10 @@ def summarize(args, steps: list[dict], layout: Layout, config: ModelConfig) -> d
 
 
 def markdown(r: dict) -> str:
-    rows = ["| phase | seconds | vision tower s | vision share |", "|---|---|---|---|"]
+    rows = ["| phase | seconds | vision tower s | tower calls | vision share |", "|---|---|---|---|---|"]
     for p, s in r["phase_s"].items():
-        rows.append(f"| {p} | {s:.3f} | {r['vision_s'][p]:.3f} | {r['vision_share'][p]:.1%} |")
+        rows.append(f"| {p} | {s:.3f} | {r['vision_s'][p]:.3f} | {r['vision_calls'][p]:g} | "
+                    f"{r['vision_share'][p]:.1%} |")
     head = (f"{r['shape']} on {r['device']} x{r['gpus']} (tp {r['tp']}): {r['prompts']} prompts x {r['n']}, "
             f"{r['image_px']}px image each, responses {r['response_len']}: step {r['step_s']:.2f} s, "
             f"{r['tokens_per_s_per_gpu']:.0f} tokens/s/GPU, vision tower {r['vision_share_of_step']:.1%} of the step")

@@ -27,13 +27,14 @@ host bookkeeping stay eager; the host reads the sampled tokens once per `sync_ev
 Every rank of `tp_group` must make the same calls: the sampled tokens are identical on all of them
 (`sampling.py`), so their schedules are too.
 
-Images (vision-language models, `images.py`): a request's images are encoded once by the model's vision
-tower when it is added and shared by its n samples; its prefill overwrites the image-pad positions with
-those embeddings and takes 3-axis M-RoPE positions; its decode steps take (sequence index + the prompt's
-M-RoPE delta), kept in a static [B] buffer beside the positions (graph-capturable). The model's image /
-video pad tokens are never sampled (their logits are set to -inf before sampling, so the reported
-log-probs are those of the distribution without them): a generated pad token would be taken for an image
-slot by every later forward.
+Images (vision-language models, `images.py`): a request's images are checked and given their M-RoPE
+positions when it is added (host only), and encoded at admission: one vision-tower call over the images
+of every request admitted in that step (never again for its n samples, nor for a recomputed sample). Its
+prefill overwrites the image-pad positions with those embeddings and takes 3-axis M-RoPE positions; its
+decode steps take (sequence index + the prompt's M-RoPE delta), kept in a static [B] buffer beside the
+positions (graph-capturable). The model's image / video pad tokens are never sampled (their logits are
+set to -inf before sampling, so the reported log-probs are those of the distribution without them): a
+generated pad token would be taken for an image slot by every later forward.
 
 Forced lengths (`eos_at`, for benchmarks with random weights, which never sample EOS themselves):
 sample j of a request emits the engine's first EOS id as its response token number `eos_at[j]` (1-based,
@@ -63,7 +64,7 @@ import torch.distributed as dist
 
 from verl_mega.kernels.dispatch import use_triton
 from verl_mega.rollout.engine_config import EngineConfig
-from verl_mega.rollout.images import PromptImages, image_token_ids
+from verl_mega.rollout.images import PromptImages, encode_pending, image_token_ids
 from verl_mega.rollout.kv_cache import PagedKVCache
 from verl_mega.rollout.output import GenerationOutput, assemble_output
 from verl_mega.rollout.sampling import SamplingParams, gather_vocab_logits, sample_tokens
@@ -142,7 +143,7 @@ class GenerationEngine:
         eos_at: n ints >= 1 or None: force sample j to emit EOS as its response token number eos_at[j]
         (the module docstring's "forced lengths"; the forced EOS stops it even with `ignore_eos`).
         pixel_values [N_patches, C*T*P*P] / image_grid_thw [N_images, 3]: the prompt's images (VLM only),
-        encoded here once for the n samples (`PromptImages.encode`).
+        checked here and encoded when the request is admitted, once for its n samples (`rollout/images.py`).
         """
         params = params or RequestParams()
         self._check_prompt(prompt_ids, params.max_new_tokens)
@@ -150,7 +151,7 @@ class GenerationEngine:
         if pixel_values is not None or image_grid_thw is not None:
             if pixel_values is None or image_grid_thw is None:
                 raise ValueError("pass pixel_values and image_grid_thw together (a prompt's images)")
-            images = PromptImages.encode(self.model, prompt_ids, pixel_values, image_grid_thw)
+            images = PromptImages.prepare(self.model, prompt_ids, pixel_values, image_grid_thw)
         elif self.is_vlm and any(int(t) in self._banned_set for t in prompt_ids):
             raise ValueError("the prompt has image-pad tokens but no pixel_values / image_grid_thw were given")
         eos = frozenset() if ignore_eos else frozenset(self.eos_token_ids)
@@ -315,8 +316,10 @@ class GenerationEngine:
 
     # ------------------------------------------------------------------ prefill
     def _prefill(self, groups: list[list[Sequence]]) -> list[Finished]:
-        """Feed each group leader's uncached tokens, fork the samples, sample their first token."""
+        """Encode the leaders' pending images (one tower call), feed each group leader's uncached tokens, fork
+        the samples, sample their first token."""
         leaders = [g[0] for g in groups]
+        encode_pending(self.model, [s.images for s in leaders if s.images is not None])
         logits = torch.empty(len(leaders), self.true_vocab_size, dtype=torch.float32, device=self.device)
         start = 0
         while start < len(leaders):  # slices of about prefill_tokens (rows x padded length)

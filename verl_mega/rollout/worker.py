@@ -11,7 +11,8 @@ What it owns, in call order for `generate(prompt_ids, ...)`:
   4. the hand-back: `weights.to_train()` (and, with `free_cache`, the engine's KV cache).
 
 Images (a vision-language model): `generate(..., images=[(pixel_values, image_grid_thw) or None per prompt])`;
-each replica's engine encodes the images of its own share of the prompts, once per prompt (`images.py`).
+each replica's engine encodes the images of its own share of the prompts, once per prompt, in one tower call per
+admission step (`images.py`).
 
 Its clients: the trainer's `Rollout` stage, `HFActor.generate()` / `verl_mega.rollout.generate`,
 `verl-mega generate`. `on_finish(row, token_ids, logprobs)` is called for every row of this replica
