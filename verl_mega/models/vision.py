@@ -154,7 +154,7 @@ class VisionTower(nn.Module):
     def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, C*T*P*P] (the images' patches, concatenated), image_grid_thw [I, 3] (T, H, W in
         patches; N = sum T*H*W) -> embeddings [N / m^2, out_hidden] in the processor's order."""
-        grids = _check_grids(pixel_values, image_grid_thw, self.config)  # a host read if the grid is on the GPU
+        grids = check_grids(pixel_values, image_grid_thw, self.config)  # a host read if the grid is on the GPU
         device = pixel_values.device
         if not grids:  # a micro-batch without images (pixel_values [0, C*T*P*P])
             return torch.zeros(0, self.config.out_hidden_size, dtype=self.patch_embed.proj.weight.dtype, device=device)
@@ -200,8 +200,8 @@ def image_token_counts(image_grid_thw: torch.Tensor, spatial_merge_size: int) ->
     return [t * h * w // spatial_merge_size ** 2 for t, h, w in image_grid_thw.tolist()]
 
 
-def _check_grids(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
-                 config: VisionConfig) -> list[tuple[int, int, int]]:
+def check_grids(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
+                config: VisionConfig) -> list[tuple[int, int, int]]:
     """image_grid_thw as a list of (T, H, W); ValueError naming the input when it does not fit."""
     if image_grid_thw is None or image_grid_thw.dim() != 2 or image_grid_thw.shape[1] != 3:
         shape = None if image_grid_thw is None else tuple(image_grid_thw.shape)

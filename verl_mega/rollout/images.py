@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from verl_mega.models.mrope import mrope_position_ids
-from verl_mega.models.vision import _check_grids
+from verl_mega.models.vision import check_grids
 
 
 def image_token_ids(config) -> tuple[int, ...]:
@@ -89,7 +89,7 @@ class PromptImages:
             raise ValueError(f"the prompt has {len(token_index)} image-pad tokens but its images "
                              f"(image_grid_thw {grid.tolist()}) give {expected} vision embeddings")
         pixel_values = torch.as_tensor(pixel_values)
-        _check_grids(pixel_values, grid, config.vision)  # the tower's own input check, now rather than at admission
+        check_grids(pixel_values, grid, config.vision)  # the tower's own input check, now rather than at admission
         positions, deltas = mrope_position_ids(ids, grid, None, image_token_id=config.image_token_id,
                                                vision_start_token_id=config.vision_start_token_id,
                                                spatial_merge_size=merge)  # [3, 1, P], [1]
