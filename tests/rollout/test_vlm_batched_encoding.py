@@ -1,5 +1,5 @@
-"""The engine's vision-tower calls: one per admission step over every admitted prompt's images, never one per
-prompt, per sample or per recompute (rollout/images.py), on a tiny random Qwen2.5-VL in fp32.
+"""The engine's vision-tower calls: one per prefill forward over the images of its prompts (every prompt admitted
+together, up to the prefill's `prefill_tokens` slice), never one per prompt, per sample or per recompute (rollout/images.py), on a tiny random Qwen2.5-VL in fp32.
 
 The tower is counted by wrapping the model's real `encode_images` (the wrapper records the grid it is given and
 returns the real embeddings), so the generations below are the real ones; that they still equal transformers'
@@ -87,6 +87,18 @@ def test_each_prompt_encoded_once_across_admissions_and_preemption(case, monkeyp
     out = tight.generate(prompts, max_new_tokens=MAX_NEW, temperature=0.0, n=2, images=images).responses()
     assert tight.scheduler.preemptions > 0, "the KV budget was meant to force a preemption"
     assert sum(len(c) for c in calls) == IMAGES
+    assert out == ref
+
+
+def test_tower_batch_follows_the_prefill_slices(case, monkeypatch):
+    """A prefill split by prefill_tokens (here one prompt per forward: the budget is below two prompts' padded
+    tokens) encodes each forward's images just before it: one call per prompt with images, same greedy output."""
+    _, model, prompts, images = case
+    whole, _ = _counted_engine(model, monkeypatch)
+    ref = whole.generate(prompts, max_new_tokens=MAX_NEW, temperature=0.0, n=2, images=images).responses()
+    sliced, calls = _counted_engine(model, monkeypatch, prefill_tokens=min(len(p) for p in prompts))
+    out = sliced.generate(prompts, max_new_tokens=MAX_NEW, temperature=0.0, n=2, images=images).responses()
+    assert [c.tolist() for c in calls] == [[list(g) for g in grids] for grids in GRIDS if grids]
     assert out == ref
 
 

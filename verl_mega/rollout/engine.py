@@ -27,10 +27,10 @@ host bookkeeping stay eager; the host reads the sampled tokens once per `sync_ev
 Every rank of `tp_group` must make the same calls: the sampled tokens are identical on all of them
 (`sampling.py`), so their schedules are too.
 
-Images (vision-language models, `images.py`): a request's images are checked and given their M-RoPE
-positions when it is added (host only), and encoded at admission: one vision-tower call over the images
-of every request admitted in that step (never again for its n samples, nor for a recomputed sample). Its
-prefill overwrites the image-pad positions with those embeddings and takes 3-axis M-RoPE positions; its
+Images (vision-language models, `images.py`): a request's images are checked and given their M-RoPE positions
+when it is added (host only), and encoded at admission: one vision-tower call over the images of the requests
+in each prefill forward (about prefill_tokens tokens, so the tower's batch is bounded too; never again for its
+n samples, nor for a recomputed sample). Its prefill overwrites the image-pad positions with those embeddings and takes 3-axis M-RoPE positions; its
 decode steps take (sequence index + the prompt's M-RoPE delta), kept in a static [B] buffer beside the
 positions (graph-capturable). The model's image / video pad tokens are never sampled (their logits are
 set to -inf before sampling, so the reported log-probs are those of the distribution without them): a
@@ -316,10 +316,10 @@ class GenerationEngine:
 
     # ------------------------------------------------------------------ prefill
     def _prefill(self, groups: list[list[Sequence]]) -> list[Finished]:
-        """Encode the leaders' pending images (one tower call), feed each group leader's uncached tokens, fork
-        the samples, sample their first token."""
+        """Feed each group leader's uncached tokens (slices of about prefill_tokens, each slice's pending images
+        encoded in one tower call first: the tower's batch is bounded like the prefill's), fork the samples,
+        sample their first token."""
         leaders = [g[0] for g in groups]
-        encode_pending(self.model, [s.images for s in leaders if s.images is not None])
         logits = torch.empty(len(leaders), self.true_vocab_size, dtype=torch.float32, device=self.device)
         start = 0
         while start < len(leaders):  # slices of about prefill_tokens (rows x padded length)
@@ -329,6 +329,7 @@ class GenerationEngine:
                 if end > start and longest_next * (end + 1 - start) > self.config.prefill_tokens:
                     break
                 longest, end = longest_next, end + 1
+            encode_pending(self.model, [s.images for s in leaders[start:end] if s.images is not None])
             logits[start:end] = self._prefill_forward(leaders[start:end], longest)
             self.stats["prefill_tokens"] += sum(len(s.tokens) - s.num_cached for s in leaders[start:end])
             start = end

@@ -6,9 +6,9 @@ Two steps, so that the vision tower runs once per admission step rather than onc
     M-RoPE positions (`models.mrope.mrope_position_ids`, 3 axes: temporal, height, width), its delta and the
     prompt index of each image-pad token, and keeps pixel_values + grid as given (no device memory is
     taken while the request waits);
-  - `encode_pending(model, images)` (at admission, before the prefill forwards): ONE call of the first
+  - `encode_pending(model, images)` (at admission, before each prefill forward): ONE call of the first
     stage's vision tower (`model.encode_images`) over the concatenated pixel_values and grids of every
-    not-yet-encoded `PromptImages` admitted together; the output rows are split per request by its
+    not-yet-encoded `PromptImages` of that forward (the engine slices a prefill by `prefill_tokens`); the output rows are split per request by its
     image-pad count (a host int: no device -> host sync) and the pixel_values are dropped. The tower's
     attention is per window / per image (cu_seqlens), so a request's rows do not depend on its neighbours.
 The engine then
