@@ -113,7 +113,7 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
     grpo_e2e_ab) step grpo_e2e_ab 180 python3 benchmarks/grpo_e2e.py --ab 0.5b --variants padded,packed --prompts 64 \
       --n 8 --prompt-len 128 --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 --out "$WORK/ab" ;;
     offload_7b) step offload_7b 600 python3 benchmarks/grpo_e2e.py --shape 7b --offload-optimizer --offload-grads \
-      --prompts 16 --n 8 --prompt-len 512 --response-len 32:1024 --max-new-tokens 1024 --micro-batch 4 --steps 2 \
+      --prompts 16 --n 8 --prompt-len 512 --response-len 32:1024 --max-new-tokens 1024 --micro-batch 4 --steps 3 \
       --out "$WORK/offload" ;;
     vlm_gpu_check) step vlm_gpu_check 90 python3 benchmarks/vlm_gpu_check.py --out "$WORK/vlm_check" ;;
     vlm_grpo_step) step vlm_grpo_step 200 python3 benchmarks/vlm_grpo_step.py --prompts 16 --n 8 --image 448 --steps 2 \
