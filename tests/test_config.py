@@ -71,3 +71,10 @@ def test_malformed_override_and_missing_value(tmp_path):
     assert load_config(Required, overrides=["model_path=/m"]).model_path == "/m"
     with pytest.raises(ValueError, match="does not exist"):
         load_config(Schema, tmp_path / "nope.yaml")
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    y = tmp_path / "broken.yaml"
+    y.write_text("model:\n  path: [\n")
+    with pytest.raises(ValueError, match=r"broken\.yaml: not valid YAML.*line 3"):
+        load_config(Schema, y)

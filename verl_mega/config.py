@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
@@ -67,7 +68,10 @@ def merge_config(schema_cls: type, yaml_path: str | Path | None = None, override
         path = Path(yaml_path)
         if not path.is_file():
             raise ValueError(f"config file {path} does not exist")
-        loaded = OmegaConf.load(path)
+        try:
+            loaded = OmegaConf.load(path)
+        except yaml.YAMLError as e:  # a syntax error: its position, not a parser traceback
+            raise ValueError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(loaded, DictConfig):
             raise ValueError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         cfg = _merge(cfg, loaded, str(path))
