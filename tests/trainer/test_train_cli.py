@@ -67,6 +67,12 @@ def test_checks_fail_before_the_model_loads(weightless_dir, tmp_path, capsys, mo
     # the default rule reward has no checker for the data's data_source
     arith = _jsonl(tmp_path / "arith.jsonl", _rows(4, "arith"))
     _fails(capsys, [cfg, f"data.train_path={arith}"], "data_source 'arith'", "known data sources: [", "trainer.reward=")
+    # the rule reward needs every row's ground truth (a misnamed field would score 0 forever)
+    no_truth = _rows(4)
+    no_truth[2]["reward_model"] = {"answer": "3"}
+    no_truth = _jsonl(tmp_path / "no_truth.jsonl", no_truth)
+    _fails(capsys, [cfg, f"data.train_path={no_truth}"], "row 2 has no reward_model.ground_truth", "{'answer': '3'}",
+           "1 of 4 rows", "trainer.reward=")
     # a parquet without the prompt column names the file, the row and data.prompt_key
     no_prompt = tmp_path / "no_prompt.parquet"
     pq.write_table(pa.Table.from_pylist([{"question": "1+1", "data_source": "gsm8k"}] * 4), no_prompt)

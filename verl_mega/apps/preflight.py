@@ -7,7 +7,7 @@
      data.prompt_key; the error names the file and the row), and it gives at least one batch per
      data-parallel rank (trainer.rollout_batch_size);
   4. the reward: `trainer.reward` imports, and a "rule" reward has a checker for every data_source
-     in the data.
+     in the data and a ground truth (reward_model.ground_truth) in every row.
 It returns the tokenized dataset and the reward callable, which training then uses as they are.
 Only the tokenizer is loaded (seconds); the weights are not touched.
 """
@@ -142,11 +142,20 @@ def check_batches(cfg: TrainerConfig, dataset_size: int, world_size: int) -> Non
 
 
 def check_reward(reward_fn: Callable, dataset, path: str) -> None:
-    """A rule reward must have a checker for every data_source of the dataset (ValueError naming them)."""
+    """A rule reward must have a checker for every data_source of the dataset and a ground truth for every
+    row (ValueError naming the data sources, or the first row without `reward_model.ground_truth`)."""
     from verl_mega.rewards.base import RuleBasedReward
 
     if isinstance(reward_fn, RuleBasedReward):
-        reward_fn.check_data_sources((item["data_source"] for item in dataset), where=f"data.train_path={path}")
+        reward_fn.check_data_sources((item["data_source"] for item in dataset.items), where=f"data.train_path={path}")
+        missing = [item for item in dataset.items if item["ground_truth"] is None]
+        if missing:
+            first = missing[0]
+            raise ValueError(f"data.train_path={path}: row {first['index']} has no reward_model.ground_truth "
+                             f"(reward_model={first['reward_model']!r:.80}; {len(missing)} of {len(dataset)} rows "
+                             f"lack one); the rule reward (trainer.reward=rule) compares the response with it. Put "
+                             f"the answer in reward_model.ground_truth, or pass your own reward: "
+                             f"trainer.reward=module:function or trainer.reward=file.py:function")
 
 
 def preflight(cfg: TrainerConfig, world_size: int) -> Prepared:
