@@ -73,6 +73,12 @@ def test_checks_fail_before_the_model_loads(weightless_dir, tmp_path, capsys, mo
     no_truth = _jsonl(tmp_path / "no_truth.jsonl", no_truth)
     _fails(capsys, [cfg, f"data.train_path={no_truth}"], "row 2 has no reward_model.ground_truth", "{'answer': '3'}",
            "1 of 4 rows", "trainer.reward=")
+    # the validation file is checked with the training file, before the model loads (val_before_train is on)
+    _fails(capsys, [cfg, f"data.val_path={tmp_path / 'nope.jsonl'}"], "data.val_path", "does not exist")
+    _fails(capsys, [cfg, f"data.val_path={no_truth}"], f"data.val_path={no_truth}: row 2 has no reward_model.ground_truth")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    _fails(capsys, [cfg, f"data.train_path={empty}"], f"data.train_path={empty}: the file has no rows")
     # a parquet without the prompt column names the file, the row and data.prompt_key
     no_prompt = tmp_path / "no_prompt.parquet"
     pq.write_table(pa.Table.from_pylist([{"question": "1+1", "data_source": "gsm8k"}] * 4), no_prompt)
@@ -102,12 +108,15 @@ def test_run_resume_finished_and_export(tiny_dir, tmp_path, capsys):
     cfg = _config(tmp_path, tiny_dir, _jsonl(tmp_path / "train.jsonl", _rows(4)))
     run = tmp_path / "run"
     args = [cfg, *SMALL, f"trainer.output_dir={run}"]
-    assert train_cli.main([*args, "trainer.total_steps=1"]) == 0
+    val = _jsonl(tmp_path / "val.jsonl", _rows(3))
+    assert train_cli.main([*args, "trainer.total_steps=1", f"data.val_path={val}"]) == 0
     out = capsys.readouterr().out
     assert "[verl-mega] layout tp=1 pp=1 dp=1" in out and "dataset 4 prompts" in out and "algorithm grpo" in out
     assert f"checkpoints in {run / 'checkpoints'}; export one with: verl-mega export {run} HF_OUT_DIR" in out
     records = [json.loads(line) for line in open(run / "metrics.jsonl")]
-    assert [r["step"] for r in records] == [1] and math.isfinite(records[0]["actor/loss"])
+    assert [r["step"] for r in records] == [0, 1] and math.isfinite(records[1]["actor/loss"])
+    assert records[0]["val/num_prompts"] == records[1]["val/num_prompts"] == 3  # preflight's validation set
+    records = records[1:]
     assert not {"loss", "lr", "kl", "reward_mean"} & set(records[0])  # one name per quantity
     assert list((run / "tensorboard").iterdir())
 
@@ -117,7 +126,7 @@ def test_run_resume_finished_and_export(tiny_dir, tmp_path, capsys):
     assert train_cli.main([*args, "trainer.total_steps=2"]) == 0
     out = capsys.readouterr().out
     assert f"resuming from {run / 'checkpoints'} at step 1" in out and "steps 1 -> 2" in out
-    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2]
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [0, 1, 2]
 
 
 def test_reward_failing_every_call_stops_the_run(tiny_dir, tmp_path, capsys):

@@ -5,10 +5,10 @@
   2. the model directory: config.json present, heads / layers divisible by tp / pp (model.path);
   3. the data: the file opens, every row parses and has the prompt column (data.train_path,
      data.prompt_key; the error names the file and the row), and it gives at least one batch per
-     data-parallel rank (trainer.rollout_batch_size);
+     data-parallel rank (trainer.rollout_batch_size); the same for data.val_path when validation is on;
   4. the reward: `trainer.reward` imports, and a "rule" reward has a checker for every data_source
      in the data and a ground truth (reward_model.ground_truth) in every row.
-It returns the tokenized dataset and the reward callable, which training then uses as they are.
+It returns the tokenized datasets and the reward callable, which training then uses as they are.
 Only the tokenizer is loaded (seconds); the weights are not touched.
 """
 
@@ -29,6 +29,7 @@ class Prepared:
 
     dataset: Any
     reward_fn: Callable | None  # None: a model reward ("model:PATH" / "judge:PATH"), loaded with the actor
+    val_dataset: Any = None  # data.val_path's RLDataset when validation is on, else None
 
 
 def load_reward(spec: str) -> Callable | None:
@@ -106,27 +107,31 @@ def check_model(cfg: TrainerConfig) -> None:
         raise ValueError(f"parallel.pp={cfg.parallel.pp} does not fit the model at model.path={path}: {exc}") from None
 
 
-def load_dataset(cfg: TrainerConfig, tokenizer):
-    """The training RLDataset of `cfg.data`; ValueError naming data.train_path / data.prompt_key and the row."""
+def load_dataset(cfg: TrainerConfig, tokenizer, key: str = "train_path"):
+    """The RLDataset of `cfg.data.<key>` ("train_path" or "val_path"); ValueError naming data.<key> /
+    data.prompt_key and the row."""
     from verl_mega.data.dataset import RLDataset
     from verl_mega.models.config import ModelConfig
     from verl_mega.trainer.vision_data import image_processor_for
 
-    d = cfg.data
+    d, name = cfg.data, f"data.{key}"
+    path = getattr(d, key)
     processor = image_processor_for(cfg.model.path, ModelConfig.from_hf(cfg.model.path))  # None: a text model
     try:
-        dataset = RLDataset(d.train_path, tokenizer, prompt_key=d.prompt_key, max_prompt_length=d.max_prompt_length,
+        dataset = RLDataset(path, tokenizer, prompt_key=d.prompt_key, max_prompt_length=d.max_prompt_length,
                             apply_chat_template=d.apply_chat_template,
                             **({} if processor is None else {"image_processor": processor}))
     except ValueError as exc:
         hint = (f" (data.prompt_key={d.prompt_key!r} names the prompt column: set it to the column holding the "
                 f"chat messages)") if repr(d.prompt_key) in str(exc) else ""
-        where = "data.train_path" if str(d.train_path) in str(exc) else f"data.train_path={d.train_path}"
+        where = name if str(path) in str(exc) else f"{name}={path}"
         raise ValueError(f"{where}: {exc}{hint}") from None
     except OSError as exc:  # an unreadable or non-parquet file
-        raise ValueError(f"data.train_path={d.train_path}: cannot read it: {exc}") from None
+        raise ValueError(f"{name}={path}: cannot read it: {exc}") from None
+    if len(dataset) == 0 and dataset.filtered == 0:
+        raise ValueError(f"{name}={path}: the file has no rows")
     if len(dataset) == 0:
-        raise ValueError(f"data.train_path={d.train_path}: no prompt left: {dataset.filtered} prompts are longer than "
+        raise ValueError(f"{name}={path}: no prompt left: {dataset.filtered} prompts are longer than "
                          f"data.max_prompt_length={d.max_prompt_length} tokens")
     return dataset
 
@@ -141,17 +146,17 @@ def check_batches(cfg: TrainerConfig, dataset_size: int, world_size: int) -> Non
                          f"rank(s) = {need}; lower trainer.rollout_batch_size")
 
 
-def check_reward(reward_fn: Callable, dataset, path: str) -> None:
+def check_reward(reward_fn: Callable, dataset, where: str) -> None:
     """A rule reward must have a checker for every data_source of the dataset and a ground truth for every
     row (ValueError naming the data sources, or the first row without `reward_model.ground_truth`)."""
     from verl_mega.rewards.base import RuleBasedReward
 
     if isinstance(reward_fn, RuleBasedReward):
-        reward_fn.check_data_sources((item["data_source"] for item in dataset.items), where=f"data.train_path={path}")
+        reward_fn.check_data_sources((item["data_source"] for item in dataset.items), where=where)
         missing = [item for item in dataset.items if item["ground_truth"] is None]
         if missing:
             first = missing[0]
-            raise ValueError(f"data.train_path={path}: row {first['index']} has no reward_model.ground_truth "
+            raise ValueError(f"{where}: row {first['index']} has no reward_model.ground_truth "
                              f"(reward_model={first['reward_model']!r:.80}; {len(missing)} of {len(dataset)} rows "
                              f"lack one); the rule reward (trainer.reward=rule) compares the response with it. Put "
                              f"the answer in reward_model.ground_truth, or pass your own reward: "
@@ -169,6 +174,11 @@ def preflight(cfg: TrainerConfig, world_size: int) -> Prepared:
         raise ValueError(f"model.path={cfg.model.path} has no tokenizer (tokenizer.json / tokenizer.model)")
     dataset = load_dataset(cfg, tokenizer)
     check_batches(cfg, len(dataset), world_size)
-    reward_fn = load_reward(cfg.trainer.reward)
-    check_reward(reward_fn, dataset, cfg.data.train_path)
-    return Prepared(dataset=dataset, reward_fn=reward_fn)
+    t = cfg.trainer
+    val_dataset = (load_dataset(cfg, tokenizer, "val_path") if cfg.data.val_path and (t.val_every or t.val_before_train)
+                   else None)
+    reward_fn = load_reward(t.reward)
+    check_reward(reward_fn, dataset, f"data.train_path={cfg.data.train_path}")
+    if val_dataset is not None:
+        check_reward(reward_fn, val_dataset, f"data.val_path={cfg.data.val_path}")
+    return Prepared(dataset=dataset, reward_fn=reward_fn, val_dataset=val_dataset)
