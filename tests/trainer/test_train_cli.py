@@ -79,6 +79,12 @@ def test_checks_fail_before_the_model_loads(weightless_dir, tmp_path, capsys, mo
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     _fails(capsys, [cfg, f"data.train_path={empty}"], f"data.train_path={empty}: the file has no rows")
+    # a reward file that fails to import: its error and line, no traceback
+    broken = tmp_path / "broken_import.py"
+    broken.write_text("import math\nraise RuntimeError('no key')\n")
+    _fails(capsys, [cfg, f"trainer.reward={broken}:score"], f"cannot import {broken}: {broken}:2: RuntimeError: no key")
+    (tmp_path / "typo.py").write_text("def score(r):\n  return 1.0 +\n")
+    _fails(capsys, [cfg, f"trainer.reward={tmp_path / 'typo.py'}:score"], "SyntaxError: invalid syntax (typo.py, line 2)")
     # a parquet without the prompt column names the file, the row and data.prompt_key
     no_prompt = tmp_path / "no_prompt.parquet"
     pq.write_table(pa.Table.from_pylist([{"question": "1+1", "data_source": "gsm8k"}] * 4), no_prompt)

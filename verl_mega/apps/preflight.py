@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -48,21 +49,38 @@ def load_reward(spec: str) -> Callable | None:
     if ":" not in spec:
         raise ValueError(f"trainer.reward={spec!r}: use 'rule', 'package.module:function' or 'file.py:function'")
     target, name = spec.rsplit(":", 1)
-    if target.endswith(".py"):
-        if not os.path.isfile(target):
-            raise ValueError(f"trainer.reward: file {target} does not exist")
-        module_spec = importlib.util.spec_from_file_location("verl_mega_user_reward", target)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as exc:
-            raise ValueError(f"trainer.reward={spec!r}: cannot import {target} ({exc})") from None
+    if target.endswith(".py") and not os.path.isfile(target):
+        raise ValueError(f"trainer.reward: file {target} does not exist")
+    try:
+        module = _import_reward_module(target)
+    except Exception as exc:  # the user's module failed to import: its error, where it was raised, no traceback
+        raise ValueError(f"trainer.reward={spec!r}: cannot import {target}: {_where(exc)}{type(exc).__name__}: "
+                         f"{exc}") from None
     fn = getattr(module, name, None)
     if not callable(fn):
         raise ValueError(f"trainer.reward: {target} has no callable {name!r}")
     return fn
+
+
+def _import_reward_module(target: str):
+    """The module of a reward spec: a file path ending in .py, or a dotted module name."""
+    if not target.endswith(".py"):
+        return importlib.import_module(target)
+    module_spec = importlib.util.spec_from_file_location("verl_mega_user_reward", target)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def _where(exc: BaseException) -> str:
+    """"FILE:LINE: " of the innermost frame of the user's code that raised `exc` ("" when there is none, e.g. a
+    module that is not found, or for a SyntaxError, whose message says where)."""
+    if isinstance(exc, SyntaxError):
+        return ""
+    ours = os.path.dirname(os.path.abspath(importlib.__file__)), os.path.dirname(os.path.abspath(__file__))
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith("<") and not os.path.abspath(f.filename).startswith(ours)]
+    return f"{frames[-1].filename}:{frames[-1].lineno}: " if frames else ""
 
 
 def launch_command(cfg: TrainerConfig) -> str:
