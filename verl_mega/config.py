@@ -99,6 +99,24 @@ def load_config(schema_cls: type[T], yaml_path: str | Path | None = None, overri
         raise ValueError(f"required config key '{e.full_key}' has no value") from None
     except ValidationError as e:
         raise ValueError(f"bad value for config key '{e.full_key}': {_first_line(e)}") from None
+    except ValueError as e:  # a section's own check (__post_init__) knows its class, not where it sits in the config
+        key = _rejecting_section(cfg)
+        raise ValueError(f"config key '{key}': {e}" if key else str(e)) from None
+
+
+def _rejecting_section(cfg: DictConfig, prefix: str = "") -> str | None:
+    """The dotted key of the innermost dataclass section of `cfg` whose construction raises ValueError, or None."""
+    for key in cfg:
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(node)):
+            inner = _rejecting_section(node, f"{prefix}{key}.")
+            if inner is not None:
+                return inner
+            try:
+                OmegaConf.to_object(node)
+            except ValueError:
+                return f"{prefix}{key}"
+    return None
 
 
 def to_yaml(cfg: Any) -> str:
