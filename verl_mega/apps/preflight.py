@@ -45,6 +45,7 @@ def load_reward(spec: str) -> Callable | None:
         if not path or not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"trainer.reward={spec!r}: {path or '(empty)'} is not a Hugging Face model directory "
                              f"(no config.json)")
+        check_reward_architecture(spec)
         return None
     if ":" not in spec:
         raise ValueError(f"trainer.reward={spec!r}: use 'rule', 'package.module:function' or 'file.py:function'")
@@ -60,6 +61,26 @@ def load_reward(spec: str) -> Callable | None:
     if not callable(fn):
         raise ValueError(f"trainer.reward: {target} has no callable {name!r}")
     return fn
+
+
+_REWARD_ARCHITECTURES = {"model": ("ForSequenceClassification", "a reward model (*ForSequenceClassification)"),
+                         "judge": ("ForCausalLM", "a causal language model (*ForCausalLM)")}
+
+
+def check_reward_architecture(spec: str) -> None:
+    """ValueError when the config.json of a "model:PATH" / "judge:PATH" reward names architectures of the other
+    kind (a causal LM given as a reward model, or the reverse); a config without `architectures` passes."""
+    import json
+
+    kind, _, path = spec.partition(":")
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        architectures = json.load(f).get("architectures") or []
+    suffix, wanted = _REWARD_ARCHITECTURES[kind]
+    if architectures and not any(a.endswith(suffix) for a in architectures):
+        other = "judge" if kind == "model" else "model"
+        hint = (f"; for {_REWARD_ARCHITECTURES[other][1]} use trainer.reward={other}:{path}"
+                if any(a.endswith(_REWARD_ARCHITECTURES[other][0]) for a in architectures) else "")
+        raise ValueError(f"trainer.reward={spec!r}: {kind}: needs {wanted}, but {path} holds {architectures}{hint}")
 
 
 def _import_reward_module(target: str):
