@@ -85,6 +85,9 @@ def test_checks_fail_before_the_model_loads(weightless_dir, tmp_path, capsys, mo
     _fails(capsys, [cfg, f"trainer.reward={broken}:score"], f"cannot import {broken}: {broken}:2: RuntimeError: no key")
     (tmp_path / "typo.py").write_text("def score(r):\n  return 1.0 +\n")
     _fails(capsys, [cfg, f"trainer.reward={tmp_path / 'typo.py'}:score"], "SyntaxError: invalid syntax (typo.py, line 2)")
+    # a misspelt tool argument in rollout.tools
+    _fails(capsys, [cfg, "rollout.tools=[{name: code_interpreter, sandbox_fusion_url: 'http://h:1', default_timout: 10}]"],
+           "rollout.tools[0] (code_interpreter):", "'default_timout'")
     # a parquet without the prompt column names the file, the row and data.prompt_key
     no_prompt = tmp_path / "no_prompt.parquet"
     pq.write_table(pa.Table.from_pylist([{"question": "1+1", "data_source": "gsm8k"}] * 4), no_prompt)

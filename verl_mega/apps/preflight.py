@@ -6,7 +6,8 @@
   3. the data: the file opens, every row parses and has the prompt column (data.train_path,
      data.prompt_key; the error names the file and the row), and it gives at least one batch per
      data-parallel rank (trainer.rollout_batch_size); the same for data.val_path when validation is on;
-  4. the reward: `trainer.reward` imports, and a "rule" reward has a checker for every data_source
+  4. the tools (rollout.tools): known names, arguments their constructors take;
+  5. the reward: `trainer.reward` imports, and a "rule" reward has a checker for every data_source
      in the data and a ground truth (reward_model.ground_truth) in every row.
 It returns the tokenized datasets and the reward callable, which training then uses as they are.
 Only the tokenizer is loaded (seconds); the weights are not touched.
@@ -216,6 +217,10 @@ def preflight(cfg: TrainerConfig, world_size: int) -> Prepared:
     t = cfg.trainer
     val_dataset = (load_dataset(cfg, tokenizer, "val_path") if cfg.data.val_path and (t.val_every or t.val_before_train)
                    else None)
+    if cfg.rollout.tools:  # built (cheap: no sandbox runs, no connection) to check names and arguments
+        from verl_mega.tools import build_tools
+
+        build_tools(cfg.rollout.tools, timeout_s=cfg.rollout.tool_timeout_s, key="rollout.tools")
     reward_fn = load_reward(t.reward)
     check_reward(reward_fn, dataset, f"data.train_path={cfg.data.train_path}")
     if val_dataset is not None:
