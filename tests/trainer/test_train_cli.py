@@ -85,6 +85,11 @@ def test_checks_fail_before_the_model_loads(weightless_dir, tmp_path, capsys, mo
     _fails(capsys, [cfg, f"trainer.reward={broken}:score"], f"cannot import {broken}: {broken}:2: RuntimeError: no key")
     (tmp_path / "typo.py").write_text("def score(r):\n  return 1.0 +\n")
     _fails(capsys, [cfg, f"trainer.reward={tmp_path / 'typo.py'}:score"], "SyntaxError: invalid syntax (typo.py, line 2)")
+    # multimodal rows for a text model: what to change, in the CLI's terms
+    with_images = _rows(4)
+    with_images[0]["images"] = [{"path": "a.png"}]
+    with_images = _jsonl(tmp_path / "with_images.jsonl", with_images)
+    _fails(capsys, [cfg, f"data.train_path={with_images}"], "row 0 has 'images' but model.path=", "is a text model")
     # a misspelt tool argument in rollout.tools
     _fails(capsys, [cfg, "rollout.tools=[{name: code_interpreter, sandbox_fusion_url: 'http://h:1', default_timout: 10}]"],
            "rollout.tools[0] (code_interpreter):", "'default_timout'")

@@ -164,6 +164,10 @@ def load_dataset(cfg: TrainerConfig, tokenizer, key: str = "train_path"):
     except ValueError as exc:
         hint = (f" (data.prompt_key={d.prompt_key!r} names the prompt column: set it to the column holding the "
                 f"chat messages)") if repr(d.prompt_key) in str(exc) else ""
+        if processor is None and "pass image_processor=" in str(exc):  # the library's advice, in CLI terms
+            exc = str(exc).split(": pass image_processor=")[0]
+            hint = (f" but model.path={cfg.model.path} is a text model (no image processor); train a vision-language "
+                    f"model (Qwen2.5-VL) on it, or drop the images column")
         where = name if str(path) in str(exc) else f"{name}={path}"
         raise ValueError(f"{where}: {exc}{hint}") from None
     except OSError as exc:  # an unreadable or non-parquet file
