@@ -76,6 +76,20 @@ def test_a_second_grad_buffer_over_the_same_params_takes_them_over():
     assert first.buffer.abs().sum() == 0
 
 
+def test_single_tensor_all_gather_does_not_warn():
+    """ZeRO's parameter all-gather uses torch 2.13's name (the deprecated one printed a FutureWarning per rank)."""
+    import warnings
+
+    from verl_mega.parallel.dist import all_gather_single
+
+    layout = Layout.create(1, 1, 1)
+    out = torch.zeros(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        all_gather_single(out, torch.arange(3.0), group=layout.dp_group)
+    assert out.tolist() == [0.0, 1.0, 2.0]
+
+
 def test_vocab_parallel_log_probs_tp1_masks_padding():
     from verl_mega.parallel.vocab_parallel import vocab_parallel_log_probs
     layout = Layout.create(1, 1, 1)
