@@ -113,9 +113,16 @@ def test_checks_fail_before_the_model_loads(weightless_dir, tmp_path, capsys, mo
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
     _fails(capsys, [cfg, "bogus.key=1"], "unknown config key 'bogus'")
-    # every check passed: the first thing that reads weights fails
-    with pytest.raises(FileNotFoundError, match="no weights"):
-        train_cli.main([cfg, *SMALL, f"trainer.output_dir={tmp_path / 'run0'}"])
+    # every other check passed: the last one finds no weights (one line, before anything is loaded)
+    _fails(capsys, [cfg, f"trainer.output_dir={tmp_path / 'run0'}"], f"model.path: no weights in {weightless_dir}")
+    assert not (tmp_path / "run0").exists()
+    import shutil
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(weightless_dir, sharded)
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
+    _fails(capsys, [cfg, f"model.path={sharded}"], "1 of the 1 weight shards its index names are missing",
+           "model-00001-of-00002.safetensors")
 
 
 def test_run_resume_finished_and_export(tiny_dir, tmp_path, capsys):

@@ -8,7 +8,8 @@
      data-parallel rank (trainer.rollout_batch_size); the same for data.val_path when validation is on;
   4. the tools (rollout.tools): known names, arguments their constructors take;
   5. the reward: `trainer.reward` imports, and a "rule" reward has a checker for every data_source
-     in the data and a ground truth (reward_model.ground_truth) in every row.
+     in the data and a ground truth (reward_model.ground_truth) in every row;
+  6. the weights: model.safetensors (or the index and every shard it names) exist under model.path.
 It returns the tokenized datasets and the reward callable, which training then uses as they are.
 Only the tokenizer is loaded (seconds); the weights are not touched.
 """
@@ -180,6 +181,21 @@ def load_dataset(cfg: TrainerConfig, tokenizer, key: str = "train_path"):
     return dataset
 
 
+def check_weights(cfg: TrainerConfig) -> None:
+    """ValueError naming model.path when its weights are missing: no model.safetensors / index, or a shard the
+    index names (reads the index or the safetensors header only, not a tensor)."""
+    from verl_mega.models.hf_io import weight_map
+
+    try:
+        files = sorted(set(weight_map(cfg.model.path).values()))
+    except FileNotFoundError as exc:
+        raise ValueError(f"model.path: {exc}") from None
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise ValueError(f"model.path={cfg.model.path}: {len(missing)} of the {len(files)} weight shards its index "
+                         f"names are missing, e.g. {missing[0]}")
+
+
 def check_batches(cfg: TrainerConfig, dataset_size: int, world_size: int) -> None:
     """ValueError if the dataset cannot give one batch to every data-parallel rank."""
     dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
@@ -229,4 +245,5 @@ def preflight(cfg: TrainerConfig, world_size: int) -> Prepared:
     check_reward(reward_fn, dataset, f"data.train_path={cfg.data.train_path}")
     if val_dataset is not None:
         check_reward(reward_fn, val_dataset, f"data.val_path={cfg.data.val_path}")
+    check_weights(cfg)  # last: every check above runs on a directory without weights (the tests rely on it)
     return Prepared(dataset=dataset, reward_fn=reward_fn, val_dataset=val_dataset)
