@@ -2,7 +2,8 @@
 
 `preflight(cfg, world_size)` checks, in order, and raises a ValueError naming the config key:
   1. the launch: the world size is a multiple of parallel.tp x parallel.pp (and says how to launch);
-  2. the model directory: config.json present, heads / layers divisible by tp / pp (model.path);
+  2. trainer.output_dir is (or can become) a writable directory;
+     the model directory: config.json present, heads / layers divisible by tp / pp (model.path);
   3. the data: the file opens, every row parses and has the prompt column (data.train_path,
      data.prompt_key; the error names the file and the row), and it gives at least one batch per
      data-parallel rank (trainer.rollout_batch_size); the same for data.val_path when validation is on;
@@ -196,6 +197,19 @@ def check_weights(cfg: TrainerConfig) -> None:
                          f"names are missing, e.g. {missing[0]}")
 
 
+def check_output_dir(cfg: TrainerConfig) -> None:
+    """ValueError naming trainer.output_dir when it (or the first existing directory above it) is a file or not
+    writable; nothing is created here."""
+    out = os.path.abspath(cfg.trainer.output_dir)
+    existing = out
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"trainer.output_dir={cfg.trainer.output_dir}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"trainer.output_dir={cfg.trainer.output_dir}: {existing} is not writable")
+
+
 def check_batches(cfg: TrainerConfig, dataset_size: int, world_size: int) -> None:
     """ValueError if the dataset cannot give one batch to every data-parallel rank."""
     dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
@@ -226,6 +240,7 @@ def check_reward(reward_fn: Callable, dataset, where: str) -> None:
 def preflight(cfg: TrainerConfig, world_size: int) -> Prepared:
     """Run every check of the module docstring for a run of `world_size` processes; returns what they built."""
     check_launch(cfg, world_size)  # before importing the model code (megatron-core: seconds)
+    check_output_dir(cfg)
     check_model(cfg)
     from verl_mega.models.tokenizer import load_tokenizer
 
