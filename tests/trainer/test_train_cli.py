@@ -85,6 +85,7 @@ def test_checks_fail_before_the_model_loads(weightless_dir, tmp_path, capsys, mo
     _fails(capsys, [cfg, f"trainer.reward={broken}:score"], f"cannot import {broken}: {broken}:2: RuntimeError: no key")
     (tmp_path / "typo.py").write_text("def score(r):\n  return 1.0 +\n")
     _fails(capsys, [cfg, f"trainer.reward={tmp_path / 'typo.py'}:score"], "SyntaxError: invalid syntax (typo.py, line 2)")
+    _fails(capsys, [cfg, "trainer.val_every=5"], "trainer.val_every=5 validates on data.val_path, which is not set")
     # an output directory that is a file
     _fails(capsys, [cfg, f"trainer.output_dir={good}/run"], f"trainer.output_dir={good}/run: {good} is a file")
     # multimodal rows for a text model: what to change, in the CLI's terms

@@ -250,6 +250,9 @@ def preflight(cfg: TrainerConfig, world_size: int) -> Prepared:
     dataset = load_dataset(cfg, tokenizer)
     check_batches(cfg, len(dataset), world_size)
     t = cfg.trainer
+    if t.val_every and not cfg.data.val_path:
+        raise ValueError(f"trainer.val_every={t.val_every} validates on data.val_path, which is not set: give the "
+                         f"held-out prompts (data.val_path=FILE) or set trainer.val_every=0")
     val_dataset = (load_dataset(cfg, tokenizer, "val_path") if cfg.data.val_path and (t.val_every or t.val_before_train)
                    else None)
     if cfg.rollout.tools:  # built (cheap: no sandbox runs, no connection) to check names and arguments
