@@ -151,6 +151,10 @@ def test_run_resume_finished_and_export(tiny_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"resuming from {run / 'checkpoints'} at step 1" in out and "steps 1 -> 2" in out
     assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [0, 1, 2]
+    # the same output_dir with another model: stopped before loading, not a shape error from the checkpoint reader
+    wide = make_tiny_hf_model(str(tmp_path / "wide"), hidden_size=64, num_layers=2)
+    _fails_with(capsys, [*args, "trainer.total_steps=3", f"model.path={wide}"],
+                f"trainer.output_dir={run} holds a checkpoint", "hidden_size 32 there, 64 here", "trainer.resume=false")
 
 
 def test_reward_failing_every_call_stops_the_run(tiny_dir, tmp_path, capsys):

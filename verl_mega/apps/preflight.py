@@ -3,7 +3,8 @@
 `preflight(cfg, world_size)` checks, in order, and raises a ValueError naming the config key:
   1. the launch: the world size is a multiple of parallel.tp x parallel.pp (and says how to launch);
   2. trainer.output_dir is (or can become) a writable directory;
-     the model directory: config.json present, heads / layers divisible by tp / pp (model.path);
+     the model directory: config.json present, heads / layers divisible by tp / pp (model.path), and of
+     the shapes of the checkpoint in trainer.output_dir that the run would resume;
   3. the data: the file opens, every row parses and has the prompt column (data.train_path,
      data.prompt_key; the error names the file and the row), and it gives at least one batch per
      data-parallel rank (trainer.rollout_batch_size); the same for data.val_path when validation is on;
@@ -210,6 +211,31 @@ def check_output_dir(cfg: TrainerConfig) -> None:
         raise ValueError(f"trainer.output_dir={cfg.trainer.output_dir}: {existing} is not writable")
 
 
+_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+
+
+def check_resume(cfg: TrainerConfig) -> None:
+    """ValueError when trainer.output_dir holds a checkpoint that the run would resume (trainer.resume) but that
+    was saved from a model of other shapes than model.path (its COMPLETE marker records the model config)."""
+    from verl_mega.models.config import ModelConfig
+    from verl_mega.trainer.checkpoint import find_checkpoint, read_marker
+
+    actor_root = os.path.join(cfg.trainer.output_dir, "checkpoints", "actor")
+    if not cfg.trainer.resume or not os.path.isdir(actor_root):
+        return
+    path, _ = find_checkpoint(actor_root)
+    recorded = read_marker(path).get("model_config") if path is not None else None
+    if not recorded:
+        return
+    saved, ours = ModelConfig.from_hf(recorded), ModelConfig.from_hf(cfg.model.path)
+    diff = [f"{f} {getattr(saved, f)} there, {getattr(ours, f)} here" for f in _SHAPE_FIELDS
+            if getattr(saved, f) != getattr(ours, f)]
+    if diff:
+        raise ValueError(f"trainer.output_dir={cfg.trainer.output_dir} holds a checkpoint ({path}) of another model "
+                         f"than model.path={cfg.model.path} ({'; '.join(diff)}), which this run would resume: use a "
+                         f"new trainer.output_dir, or trainer.resume=false to start over in it")
+
+
 def check_batches(cfg: TrainerConfig, dataset_size: int, world_size: int) -> None:
     """ValueError if the dataset cannot give one batch to every data-parallel rank."""
     dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
@@ -242,6 +268,7 @@ def preflight(cfg: TrainerConfig, world_size: int) -> Prepared:
     check_launch(cfg, world_size)  # before importing the model code (megatron-core: seconds)
     check_output_dir(cfg)
     check_model(cfg)
+    check_resume(cfg)
     from verl_mega.models.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model.path)
