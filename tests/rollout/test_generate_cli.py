@@ -112,6 +112,10 @@ def test_cli_input_errors(hf_dir, tmp_path, capsys):
         in capsys.readouterr().err
     assert main(_args(hf_dir, str(bad), out, "--top-p", "2")) == 2
     assert "--top-p must be in (0, 1], got 2.0" in capsys.readouterr().err
+    assert main(_args(hf_dir, str(bad), str(tmp_path))) == 2  # an output path that cannot be written: before loading
+    assert f"--out {tmp_path} is a directory" in capsys.readouterr().err
+    assert main(_args(hf_dir, str(bad), str(bad / "x.jsonl"))) == 2
+    assert f"{bad} is a file, not a directory" in capsys.readouterr().err
     assert not os.path.exists(out)
 
 
