@@ -54,6 +54,9 @@ def load_reward(spec: str) -> Callable | None:
     if ":" not in spec:
         raise ValueError(f"trainer.reward={spec!r}: use 'rule', 'package.module:function' or 'file.py:function'")
     target, name = spec.rsplit(":", 1)
+    if not target or not name:
+        raise ValueError(f"trainer.reward={spec!r}: give both the module (or .py file) and the function, "
+                         f"'package.module:function' or 'file.py:function'")
     if target.endswith(".py") and not os.path.isfile(target):
         raise ValueError(f"trainer.reward: file {target} does not exist")
     try:
