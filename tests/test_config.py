@@ -71,3 +71,32 @@ def test_malformed_override_and_missing_value(tmp_path):
     assert load_config(Required, overrides=["model_path=/m"]).model_path == "/m"
     with pytest.raises(ValueError, match="does not exist"):
         load_config(Schema, tmp_path / "nope.yaml")
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    y = tmp_path / "broken.yaml"
+    y.write_text("model:\n  path: [\n")
+    with pytest.raises(ValueError, match=r"broken\.yaml: not valid YAML.*line 3"):
+        load_config(Schema, y)
+
+
+@dataclass
+class Checked:
+    lr: float = 1.0  # must be positive
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"Checked.lr must be positive, got {self.lr}")
+
+
+@dataclass
+class Nested:
+    inner: Schema = field(default_factory=Schema)
+    actor_optim: Checked = field(default_factory=Checked)
+    critic_optim: Checked = field(default_factory=Checked)
+
+
+def test_section_check_names_its_config_key():
+    """A section's own __post_init__ check names its class; load_config says which key holds it."""
+    with pytest.raises(ValueError, match=r"^config key 'critic_optim': Checked\.lr must be positive, got -1\.0$"):
+        load_config(Nested, overrides=["critic_optim.lr=-1"])

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
@@ -67,7 +68,10 @@ def merge_config(schema_cls: type, yaml_path: str | Path | None = None, override
         path = Path(yaml_path)
         if not path.is_file():
             raise ValueError(f"config file {path} does not exist")
-        loaded = OmegaConf.load(path)
+        try:
+            loaded = OmegaConf.load(path)
+        except yaml.YAMLError as e:  # a syntax error: its position, not a parser traceback
+            raise ValueError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(loaded, DictConfig):
             raise ValueError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         cfg = _merge(cfg, loaded, str(path))
@@ -95,6 +99,24 @@ def load_config(schema_cls: type[T], yaml_path: str | Path | None = None, overri
         raise ValueError(f"required config key '{e.full_key}' has no value") from None
     except ValidationError as e:
         raise ValueError(f"bad value for config key '{e.full_key}': {_first_line(e)}") from None
+    except ValueError as e:  # a section's own check (__post_init__) knows its class, not where it sits in the config
+        key = _rejecting_section(cfg)
+        raise ValueError(f"config key '{key}': {e}" if key else str(e)) from None
+
+
+def _rejecting_section(cfg: DictConfig, prefix: str = "") -> str | None:
+    """The dotted key of the innermost dataclass section of `cfg` whose construction raises ValueError, or None."""
+    for key in cfg:
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(node)):
+            inner = _rejecting_section(node, f"{prefix}{key}.")
+            if inner is not None:
+                return inner
+            try:
+                OmegaConf.to_object(node)
+            except ValueError:
+                return f"{prefix}{key}"
+    return None
 
 
 def to_yaml(cfg: Any) -> str:

@@ -80,6 +80,8 @@ def test_malformed_parquet_row_named_or_skipped(tmp_path, tokenizer):
     [
         ({"prompt": [{"role": "user"}]}, "message 0 must be a dict with string 'role' and 'content'"),
         ({"prompt": 3}, "must be a non-empty list"),
+        ({"prompt": "  "}, "'prompt' is an empty string"),
+        ({"prompt": [{"role": "system", "content": ""}, {"role": "user", "content": " "}]}, "'prompt' has no text"),
         ({"question": "x"}, "no 'prompt'"),
         ({"prompt": "x", "extra_info": [1]}, "must be dicts"),
         ("not json", "invalid JSON"),

@@ -52,3 +52,11 @@ def test_bad_world_size_is_clear_error():
 def test_single_process_layout():
     layout = Layout.create(tp=1, pp=1)
     assert layout.world_size == 1 and layout.is_first_stage and layout.is_last_stage
+
+
+def test_tp_larger_than_a_plain_process_says_how_to_launch(monkeypatch):
+    """`get_actor_model(path, tensor_parallel_size=2)` in a plain `python script.py`: the message says to use torchrun."""
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ValueError, match=r"world size 1 is not divisible by tp=2 x pp=1: .*torchrun --nproc-per-node 2 "
+                                         r".*not started by torchrun"):
+        Layout.create(tp=2, pp=1)

@@ -60,6 +60,36 @@ def test_grad_buffers_accumulate_in_fp32_and_buckets_cover_the_buffer():
     assert grads.buffer.abs().sum() == 0
 
 
+def test_a_second_grad_buffer_over_the_same_params_takes_them_over():
+    """Two DataParallelGrads over one model (a re-built trainer): the gradients go to the newest, exactly once."""
+    layout = Layout.create(1, 1, 1)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    first = DataParallelGrads(list(model.parameters()), layout.dp_group)
+    second = DataParallelGrads(list(model.parameters()), layout.dp_group)
+    ref = torch.autograd.grad(model(x).square().sum(), list(model.parameters()))
+    model(x).square().sum().backward()
+    second.finish()
+    for r, p in zip(ref, model.parameters()):
+        assert p.grad is None and torch.equal(p.main_grad, r)  # one add of the same fp32 grad: exact
+    assert first.buffer.abs().sum() == 0
+
+
+def test_single_tensor_all_gather_does_not_warn():
+    """ZeRO's parameter all-gather uses torch 2.13's name (the deprecated one printed a FutureWarning per rank)."""
+    import warnings
+
+    from verl_mega.parallel.dist import all_gather_single
+
+    layout = Layout.create(1, 1, 1)
+    out = torch.zeros(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        all_gather_single(out, torch.arange(3.0), group=layout.dp_group)
+    assert out.tolist() == [0.0, 1.0, 2.0]
+
+
 def test_vocab_parallel_log_probs_tp1_masks_padding():
     from verl_mega.parallel.vocab_parallel import vocab_parallel_log_probs
     layout = Layout.create(1, 1, 1)

@@ -220,6 +220,12 @@ def test_config_reward_specs(tmp_path):
         load_reward("model:")
     with pytest.raises(ValueError, match="not a Hugging Face model directory"):
         load_reward(f"judge:{tmp_path}")
+    # the other kind of model, caught before anything loads, with the spec that would take it
+    with pytest.raises(ValueError, match=rf"model: needs a reward model .* holds \['LlamaForCausalLM'\]; for a causal "
+                                         rf"language model \(\*ForCausalLM\) use trainer.reward=judge:{actor.path}"):
+        load_reward(f"model:{actor.path}")
+    with pytest.raises(ValueError, match=rf"judge: needs a causal language model .*use trainer.reward=model:{rm_dir}"):
+        load_reward(f"judge:{rm_dir}")
 
 
 def test_save_hf_round_trip_as_sequence_classification(tmp_path):

@@ -103,6 +103,19 @@ def test_cli_input_errors(hf_dir, tmp_path, capsys):
     assert main(_args(hf_dir, str(neither), out)) == 2
     assert "neither.jsonl: row 1: no 'prompt' (or 'messages') column" in capsys.readouterr().err
     assert main(_args(hf_dir, str(bad), out, "--n", "0")) == 2
+    capsys.readouterr()
+    # layouts, named by flag, with how to launch (before any weight loads)
+    assert main(_args(hf_dir, str(bad), out, "--tp", "3")) == 2
+    assert f"--tp 3 does not fit the model at --model {hf_dir}: num_heads" in capsys.readouterr().err
+    assert main(_args(hf_dir, str(bad), out, "--tp", "2")) == 2
+    assert "--tp 2 needs a multiple of 2 processes, but 1 were started; launch with `torchrun --nproc-per-node 2" \
+        in capsys.readouterr().err
+    assert main(_args(hf_dir, str(bad), out, "--top-p", "2")) == 2
+    assert "--top-p must be in (0, 1], got 2.0" in capsys.readouterr().err
+    assert main(_args(hf_dir, str(bad), str(tmp_path))) == 2  # an output path that cannot be written: before loading
+    assert f"--out {tmp_path} is a directory" in capsys.readouterr().err
+    assert main(_args(hf_dir, str(bad), str(bad / "x.jsonl"))) == 2
+    assert f"{bad} is a file, not a directory" in capsys.readouterr().err
     assert not os.path.exists(out)
 
 

@@ -123,3 +123,20 @@ def test_timeout_and_unreachable_server(server):
     assert time.monotonic() - t0 < 1 + 3  # margin: start-up of bwrap + interpreter on a loaded machine
     assert asyncio.run(call(dead, "print(1)")).startswith("[sandbox unavailable:")
     assert dead.runner.retried == 2
+
+
+def test_bad_flags_and_a_busy_port_are_one_error_line(capsys):
+    from verl_mega.apps import sandbox_serve
+
+    assert sandbox_serve.main(["serve", "--port", "99999"]) == 2
+    assert "--port must be in [0, 65535], got 99999" in capsys.readouterr().err
+    assert sandbox_serve.main(["serve", "--timeout-s", "0"]) == 2
+    assert "--timeout-s must be > 0, got 0.0" in capsys.readouterr().err
+    make_sandbox()  # skip (fail under CI) without bubblewrap
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert sandbox_serve.main(["serve", "--host", "127.0.0.1", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on --host 127.0.0.1 --port {port}" in err and "Traceback" not in err

@@ -60,3 +60,5 @@ def test_build_tools_from_config():
         build_tools([{"name": "shell"}])
     with pytest.raises(ValueError, match=r"tools\[0\] \(python\): .*unexpected keyword argument 'url'"):
         build_tools([{"name": "python", "url": "x"}])
+    with pytest.raises(ValueError, match=r"rollout\.tools\[1\] \(code_interpreter\): sandbox_fusion_url must start"):
+        build_tools([{"name": "python"}, {"name": "code_interpreter", "sandbox_fusion_url": "h:1"}], key="rollout.tools")

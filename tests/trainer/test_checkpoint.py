@@ -114,6 +114,8 @@ def test_export_accepts_run_checkpoints_actor_and_step_dirs(hf_dir, tmp_path, mo
         assert os.path.exists(out / "tokenizer.json") or os.path.exists(out / "tokenizer.model"), sorted(os.listdir(out))
     assert export_cli.main([str(tmp_path / "models"), str(tmp_path / "x")]) == 2
     assert "looked in" in capsys.readouterr().err
+    assert export_cli.main([str(run), str(src / "config.json")]) == 2  # an output path that is a file: one line
+    assert f"hf_out_dir {src / 'config.json'} is an existing file" in capsys.readouterr().err
 
 
 def test_bf16_engine_round_trips_fp32_masters(hf_dir, tmp_path):

@@ -55,3 +55,25 @@ def test_demo_recipes_load_and_compare_fairly():
     assert len(shapes) == 1
     quick = demo.rl_config("ppo", demo.parse_args(["--quick"]), "/runs/model_sft", "/runs")
     assert (quick.trainer.total_steps, quick.trainer.rollout_batch_size, quick.trainer.val_every) == (3, 8, 0)
+
+
+def test_demo_rejects_unrunnable_options_before_spawning(capsys, monkeypatch):
+    """A layout the demo model cannot take, no RL steps, or a recipe the options break: argparse's exit 2 with one
+    line naming the flag, before any process starts (not a traceback from every spawned rank)."""
+    import pytest
+
+    from verl_mega.apps import demo
+
+    monkeypatch.delenv("RANK", raising=False)
+    for argv, fragment in ((["--tp", "3"], "tensor-parallel size 3 (--tp"), (["--nproc", "3"], "tensor-parallel size 3"),
+                           (["--nproc", "4", "--tp", "2"], None), (["--nproc", "3", "--tp", "2"], "--tp 2 must divide"),
+                           (["--nproc", "0"], "--nproc must be >= 1"), (["--rl-steps", "0"], "--rl-steps must be >= 1"),
+                           (["--n-samples", "1"], "rollout.n_samples must be >= 2"),
+                           (["--algorithm", "rloo", "--rl-lr", "-1"], "lr must be positive"),
+                           (["--task", "vision", "--tp", "4", "--nproc", "4"], "--tp 1 or --tp 2")):
+        if fragment is None:
+            assert demo.parse_args(["--quick", *argv]).nproc == 4
+            continue
+        with pytest.raises(SystemExit) as exc:
+            demo.parse_args(["--quick", *argv])
+        assert exc.value.code == 2 and fragment in capsys.readouterr().err, argv

@@ -67,6 +67,36 @@ def test_checks_fail_before_the_model_loads(weightless_dir, tmp_path, capsys, mo
     # the default rule reward has no checker for the data's data_source
     arith = _jsonl(tmp_path / "arith.jsonl", _rows(4, "arith"))
     _fails(capsys, [cfg, f"data.train_path={arith}"], "data_source 'arith'", "known data sources: [", "trainer.reward=")
+    # the rule reward needs every row's ground truth (a misnamed field would score 0 forever)
+    no_truth = _rows(4)
+    no_truth[2]["reward_model"] = {"answer": "3"}
+    no_truth = _jsonl(tmp_path / "no_truth.jsonl", no_truth)
+    _fails(capsys, [cfg, f"data.train_path={no_truth}"], "row 2 has no reward_model.ground_truth", "{'answer': '3'}",
+           "1 of 4 rows", "trainer.reward=")
+    # the validation file is checked with the training file, before the model loads (val_before_train is on)
+    _fails(capsys, [cfg, f"data.val_path={tmp_path / 'nope.jsonl'}"], "data.val_path", "does not exist")
+    _fails(capsys, [cfg, f"data.val_path={no_truth}"], f"data.val_path={no_truth}: row 2 has no reward_model.ground_truth")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    _fails(capsys, [cfg, f"data.train_path={empty}"], f"data.train_path={empty}: the file has no rows")
+    _fails(capsys, [cfg, "trainer.reward=:score"], "trainer.reward=':score': give both the module")
+    # a reward file that fails to import: its error and line, no traceback
+    broken = tmp_path / "broken_import.py"
+    broken.write_text("import math\nraise RuntimeError('no key')\n")
+    _fails(capsys, [cfg, f"trainer.reward={broken}:score"], f"cannot import {broken}: {broken}:2: RuntimeError: no key")
+    (tmp_path / "typo.py").write_text("def score(r):\n  return 1.0 +\n")
+    _fails(capsys, [cfg, f"trainer.reward={tmp_path / 'typo.py'}:score"], "SyntaxError: invalid syntax (typo.py, line 2)")
+    _fails(capsys, [cfg, "trainer.val_every=5"], "trainer.val_every=5 validates on data.val_path, which is not set")
+    # an output directory that is a file
+    _fails(capsys, [cfg, f"trainer.output_dir={good}/run"], f"trainer.output_dir={good}/run: {good} is a file")
+    # multimodal rows for a text model: what to change, in the CLI's terms
+    with_images = _rows(4)
+    with_images[0]["images"] = [{"path": "a.png"}]
+    with_images = _jsonl(tmp_path / "with_images.jsonl", with_images)
+    _fails(capsys, [cfg, f"data.train_path={with_images}"], "row 0 has 'images' but model.path=", "is a text model")
+    # a misspelt tool argument in rollout.tools
+    _fails(capsys, [cfg, "rollout.tools=[{name: code_interpreter, sandbox_fusion_url: 'http://h:1', default_timout: 10}]"],
+           "rollout.tools[0] (code_interpreter):", "'default_timout'")
     # a parquet without the prompt column names the file, the row and data.prompt_key
     no_prompt = tmp_path / "no_prompt.parquet"
     pq.write_table(pa.Table.from_pylist([{"question": "1+1", "data_source": "gsm8k"}] * 4), no_prompt)
@@ -87,21 +117,31 @@ def test_checks_fail_before_the_model_loads(weightless_dir, tmp_path, capsys, mo
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
     _fails(capsys, [cfg, "bogus.key=1"], "unknown config key 'bogus'")
-    # every check passed: the first thing that reads weights fails
-    with pytest.raises(FileNotFoundError, match="no weights"):
-        train_cli.main([cfg, *SMALL, f"trainer.output_dir={tmp_path / 'run0'}"])
+    # every other check passed: the last one finds no weights (one line, before anything is loaded)
+    _fails(capsys, [cfg, f"trainer.output_dir={tmp_path / 'run0'}"], f"model.path: no weights in {weightless_dir}")
+    assert not (tmp_path / "run0").exists()
+    import shutil
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(weightless_dir, sharded)
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
+    _fails(capsys, [cfg, f"model.path={sharded}"], "1 of the 1 weight shards its index names are missing",
+           "model-00001-of-00002.safetensors")
 
 
 def test_run_resume_finished_and_export(tiny_dir, tmp_path, capsys):
     cfg = _config(tmp_path, tiny_dir, _jsonl(tmp_path / "train.jsonl", _rows(4)))
     run = tmp_path / "run"
     args = [cfg, *SMALL, f"trainer.output_dir={run}"]
-    assert train_cli.main([*args, "trainer.total_steps=1"]) == 0
+    val = _jsonl(tmp_path / "val.jsonl", _rows(3))
+    assert train_cli.main([*args, "trainer.total_steps=1", f"data.val_path={val}"]) == 0
     out = capsys.readouterr().out
     assert "[verl-mega] layout tp=1 pp=1 dp=1" in out and "dataset 4 prompts" in out and "algorithm grpo" in out
     assert f"checkpoints in {run / 'checkpoints'}; export one with: verl-mega export {run} HF_OUT_DIR" in out
     records = [json.loads(line) for line in open(run / "metrics.jsonl")]
-    assert [r["step"] for r in records] == [1] and math.isfinite(records[0]["actor/loss"])
+    assert [r["step"] for r in records] == [0, 1] and math.isfinite(records[1]["actor/loss"])
+    assert records[0]["val/num_prompts"] == records[1]["val/num_prompts"] == 3  # preflight's validation set
+    records = records[1:]
     assert not {"loss", "lr", "kl", "reward_mean"} & set(records[0])  # one name per quantity
     assert list((run / "tensorboard").iterdir())
 
@@ -111,7 +151,11 @@ def test_run_resume_finished_and_export(tiny_dir, tmp_path, capsys):
     assert train_cli.main([*args, "trainer.total_steps=2"]) == 0
     out = capsys.readouterr().out
     assert f"resuming from {run / 'checkpoints'} at step 1" in out and "steps 1 -> 2" in out
-    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2]
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [0, 1, 2]
+    # the same output_dir with another model: stopped before loading, not a shape error from the checkpoint reader
+    wide = make_tiny_hf_model(str(tmp_path / "wide"), hidden_size=64, num_layers=2)
+    _fails_with(capsys, [*args, "trainer.total_steps=3", f"model.path={wide}"],
+                f"trainer.output_dir={run} holds a checkpoint", "hidden_size 32 there, 64 here", "trainer.resume=false")
 
 
 def test_reward_failing_every_call_stops_the_run(tiny_dir, tmp_path, capsys):

@@ -15,14 +15,14 @@ import sys
 SUBCOMMANDS = {
     "demo": ("verl_mega.apps.demo", "CPU demo: SFT a tiny model, then GRPO; prints accuracy before/after"),
     "train": ("verl_mega.apps.train_cli", "RL training from CONFIG.yaml [key=value ...]"),
-    "generate": ("verl_mega.apps.generate_cli", "generate responses for a jsonl of prompts"),
+    "generate": ("verl_mega.apps.generate_cli", "generate responses for a .jsonl / .parquet of prompts"),
     "export": ("verl_mega.apps.export_cli", "export a checkpoint to a Hugging Face directory"),
     "sandbox": ("verl_mega.apps.sandbox_serve", "sandbox serve --host H --port N: the code sandbox over SandboxFusion's HTTP API"),
 }
 
 
 def _usage() -> str:
-    lines = ["usage: verl-mega {" + ",".join(SUBCOMMANDS) + "} [args...]", ""]
+    lines = ["usage: verl-mega {" + ",".join(SUBCOMMANDS) + "} [args...]   (verl-mega COMMAND --help; --version)", ""]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     return "\n".join(lines)
 
@@ -34,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from importlib.metadata import version
+
+        print(f"verl-mega {version('verl_mega')}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:

@@ -43,6 +43,7 @@ RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 DEFAULTS = dict(sft_target=0.3, sft_max_steps=600, sft_lr=1e-3, sft_batch=64, heldout=200,
                 rl_steps=None, rl_lr=None, rollout_batch=None, n_samples=None, val_every=None)  # None: the recipe's
 QUICK = dict(sft_target=1.0, sft_max_steps=25, rl_steps=3, rollout_batch=8, n_samples=4, heldout=40, val_every=0)
+DEMO_KV_HEADS = 2  # key-value heads of every demo model (arithmetic, tool, vision): the tensor-parallel size divides them
 # the step-metric keys the demo reads (renamed in one place if the Metrics stage renames them)
 KEYS = dict(reward="reward/mean", val_accuracy="val/accuracy", explained_variance="critic/explained_variance")
 
@@ -78,6 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="only plot: one curve per RUN_DIR (a demo output or a `verl-mega train` output_dir with "
                         "metrics.jsonl) into OUTPUT_DIR/reward_curve.png")
     args = p.parse_args(argv)
+    if not args.plot:
+        _check_launch(p, args)
     if args.task in ("tool", "vision"):
         from verl_mega.apps import demo_tool_task, demo_vision
 
@@ -98,7 +101,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--algorithm: {bad} not in {ALGORITHMS} (or 'all')")
     if args.recipe and len(args.algorithms) > 1:
         p.error("--recipe applies to one algorithm; run the algorithms separately")
+    if not args.plot:
+        from verl_mega.trainer.config import check_config
+
+        for algo in args.algorithms:  # the recipe with this command's overrides, checked before any process starts
+            try:
+                check_config(rl_config(algo, args, os.path.join("OUT", "model_sft"), "OUT"))
+            except ValueError as exc:
+                p.error(f"{algo} recipe with this command's options: {exc}")
     return args
+
+
+def _check_launch(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """p.error (exit 2, naming the flag) for a process count or tensor-parallel size the demo cannot run, or no RL."""
+    if args.nproc < 1:
+        p.error(f"--nproc must be >= 1, got {args.nproc}")
+    world = int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else args.nproc
+    tp = args.tp or world
+    if tp < 1 or DEMO_KV_HEADS % tp:
+        p.error(f"tensor-parallel size {tp} (--tp; default: the process count): the demo models have "
+                f"{DEMO_KV_HEADS} key-value heads, so use --tp 1 or --tp 2")
+    if world % tp:
+        p.error(f"--tp {tp} must divide the process count {world} (--nproc, or torchrun's world size)")
+    if args.rl_steps is not None and args.rl_steps < 1:
+        p.error(f"--rl-steps must be >= 1, got {args.rl_steps}")
 
 
 def main(argv: list[str] | None = None) -> int:

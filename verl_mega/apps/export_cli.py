@@ -68,6 +68,8 @@ def export(ckpt: str, out_dir: str, dtype: str = "float32") -> str:
     from verl_mega.rollout.actor import copy_processor_files
     from verl_mega.trainer.checkpoint import load_model_weights, read_marker
 
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"hf_out_dir {out_dir} is an existing file, not a directory")
     path, refused = resolve_checkpoint(ckpt)
     for message in refused:
         print(message, file=sys.stderr)

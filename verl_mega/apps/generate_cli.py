@@ -83,9 +83,39 @@ def read_prompts(path: str, prompt_key: str = "prompt") -> tuple[list[dict], lis
 
 
 def _check_args(args) -> None:
+    """ValueError naming the flag for a value out of range (before anything is loaded)."""
     for name in ("tp", "max_new_tokens", "n", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+    if os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a directory; give a file path, e.g. {os.path.join(args.out, 'out.jsonl')}")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    while not os.path.exists(parent):  # the first existing directory above --out (the rest is created)
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {args.out}: {parent} is a file, not a directory")
+
+
+def check_layout(args, world_size: int) -> None:
+    """ValueError naming --tp when `world_size` processes cannot hold whole tp-way replicas or the model's heads
+    cannot be split `--tp` ways (read from --model's config.json, before any weight)."""
+    from verl_mega.models.config import ModelConfig
+    from verl_mega.models.hf_io import check_hf_dir
+
+    config = ModelConfig.from_hf(check_hf_dir(args.model))
+    try:
+        config.check_tp(args.tp)
+    except ValueError as exc:
+        raise ValueError(f"--tp {args.tp} does not fit the model at --model {args.model}: {exc}") from None
+    if world_size % args.tp:
+        raise ValueError(f"--tp {args.tp} needs a multiple of {args.tp} processes, but {world_size} were started; "
+                         f"launch with `torchrun --nproc-per-node {args.tp} -m verl_mega generate ... --tp {args.tp}`")
 
 
 def encode_images(actor, path: str, records: list[dict], prompts: list, prompt_key: str) -> tuple[list, list | None]:
@@ -142,6 +172,7 @@ def run(args) -> int:
     from verl_mega.rollout.actor import get_actor_model
 
     _check_args(args)
+    check_layout(args, dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1)))
     records, prompts = read_prompts(args.prompts, args.prompt_key)  # every rank validates before any collective
     dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
     actor = get_actor_model(args.model, torch_dtype=dtype, tensor_parallel_size=args.tp, pipeline_parallel_size=1)

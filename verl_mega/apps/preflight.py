@@ -2,13 +2,17 @@
 
 `preflight(cfg, world_size)` checks, in order, and raises a ValueError naming the config key:
   1. the launch: the world size is a multiple of parallel.tp x parallel.pp (and says how to launch);
-  2. the model directory: config.json present, heads / layers divisible by tp / pp (model.path);
+  2. trainer.output_dir is (or can become) a writable directory;
+     the model directory: config.json present, heads / layers divisible by tp / pp (model.path), and of
+     the shapes of the checkpoint in trainer.output_dir that the run would resume;
   3. the data: the file opens, every row parses and has the prompt column (data.train_path,
      data.prompt_key; the error names the file and the row), and it gives at least one batch per
-     data-parallel rank (trainer.rollout_batch_size);
-  4. the reward: `trainer.reward` imports, and a "rule" reward has a checker for every data_source
-     in the data.
-It returns the tokenized dataset and the reward callable, which training then uses as they are.
+     data-parallel rank (trainer.rollout_batch_size); the same for data.val_path when validation is on;
+  4. the tools (rollout.tools): known names, arguments their constructors take;
+  5. the reward: `trainer.reward` imports, and a "rule" reward has a checker for every data_source
+     in the data and a ground truth (reward_model.ground_truth) in every row;
+  6. the weights: model.safetensors (or the index and every shard it names) exist under model.path.
+It returns the tokenized datasets and the reward callable, which training then uses as they are.
 Only the tokenizer is loaded (seconds); the weights are not touched.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -29,6 +34,7 @@ class Prepared:
 
     dataset: Any
     reward_fn: Callable | None  # None: a model reward ("model:PATH" / "judge:PATH"), loaded with the actor
+    val_dataset: Any = None  # data.val_path's RLDataset when validation is on, else None
 
 
 def load_reward(spec: str) -> Callable | None:
@@ -43,25 +49,66 @@ def load_reward(spec: str) -> Callable | None:
         if not path or not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"trainer.reward={spec!r}: {path or '(empty)'} is not a Hugging Face model directory "
                              f"(no config.json)")
+        check_reward_architecture(spec)
         return None
     if ":" not in spec:
         raise ValueError(f"trainer.reward={spec!r}: use 'rule', 'package.module:function' or 'file.py:function'")
     target, name = spec.rsplit(":", 1)
-    if target.endswith(".py"):
-        if not os.path.isfile(target):
-            raise ValueError(f"trainer.reward: file {target} does not exist")
-        module_spec = importlib.util.spec_from_file_location("verl_mega_user_reward", target)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as exc:
-            raise ValueError(f"trainer.reward={spec!r}: cannot import {target} ({exc})") from None
+    if not target or not name:
+        raise ValueError(f"trainer.reward={spec!r}: give both the module (or .py file) and the function, "
+                         f"'package.module:function' or 'file.py:function'")
+    if target.endswith(".py") and not os.path.isfile(target):
+        raise ValueError(f"trainer.reward: file {target} does not exist")
+    try:
+        module = _import_reward_module(target)
+    except Exception as exc:  # the user's module failed to import: its error, where it was raised, no traceback
+        raise ValueError(f"trainer.reward={spec!r}: cannot import {target}: {_where(exc)}{type(exc).__name__}: "
+                         f"{exc}") from None
     fn = getattr(module, name, None)
     if not callable(fn):
         raise ValueError(f"trainer.reward: {target} has no callable {name!r}")
     return fn
+
+
+_REWARD_ARCHITECTURES = {"model": ("ForSequenceClassification", "a reward model (*ForSequenceClassification)"),
+                         "judge": ("ForCausalLM", "a causal language model (*ForCausalLM)")}
+
+
+def check_reward_architecture(spec: str) -> None:
+    """ValueError when the config.json of a "model:PATH" / "judge:PATH" reward names architectures of the other
+    kind (a causal LM given as a reward model, or the reverse); a config without `architectures` passes."""
+    import json
+
+    kind, _, path = spec.partition(":")
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        architectures = json.load(f).get("architectures") or []
+    suffix, wanted = _REWARD_ARCHITECTURES[kind]
+    if architectures and not any(a.endswith(suffix) for a in architectures):
+        other = "judge" if kind == "model" else "model"
+        hint = (f"; for {_REWARD_ARCHITECTURES[other][1]} use trainer.reward={other}:{path}"
+                if any(a.endswith(_REWARD_ARCHITECTURES[other][0]) for a in architectures) else "")
+        raise ValueError(f"trainer.reward={spec!r}: {kind}: needs {wanted}, but {path} holds {architectures}{hint}")
+
+
+def _import_reward_module(target: str):
+    """The module of a reward spec: a file path ending in .py, or a dotted module name."""
+    if not target.endswith(".py"):
+        return importlib.import_module(target)
+    module_spec = importlib.util.spec_from_file_location("verl_mega_user_reward", target)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def _where(exc: BaseException) -> str:
+    """"FILE:LINE: " of the innermost frame of the user's code that raised `exc` ("" when there is none, e.g. a
+    module that is not found, or for a SyntaxError, whose message says where)."""
+    if isinstance(exc, SyntaxError):
+        return ""
+    ours = os.path.dirname(os.path.abspath(importlib.__file__)), os.path.dirname(os.path.abspath(__file__))
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith("<") and not os.path.abspath(f.filename).startswith(ours)]
+    return f"{frames[-1].filename}:{frames[-1].lineno}: " if frames else ""
 
 
 def launch_command(cfg: TrainerConfig) -> str:
@@ -106,29 +153,90 @@ def check_model(cfg: TrainerConfig) -> None:
         raise ValueError(f"parallel.pp={cfg.parallel.pp} does not fit the model at model.path={path}: {exc}") from None
 
 
-def load_dataset(cfg: TrainerConfig, tokenizer):
-    """The training RLDataset of `cfg.data`; ValueError naming data.train_path / data.prompt_key and the row."""
+def load_dataset(cfg: TrainerConfig, tokenizer, key: str = "train_path"):
+    """The RLDataset of `cfg.data.<key>` ("train_path" or "val_path"); ValueError naming data.<key> /
+    data.prompt_key and the row."""
     from verl_mega.data.dataset import RLDataset
     from verl_mega.models.config import ModelConfig
     from verl_mega.trainer.vision_data import image_processor_for
 
-    d = cfg.data
+    d, name = cfg.data, f"data.{key}"
+    path = getattr(d, key)
     processor = image_processor_for(cfg.model.path, ModelConfig.from_hf(cfg.model.path))  # None: a text model
     try:
-        dataset = RLDataset(d.train_path, tokenizer, prompt_key=d.prompt_key, max_prompt_length=d.max_prompt_length,
+        dataset = RLDataset(path, tokenizer, prompt_key=d.prompt_key, max_prompt_length=d.max_prompt_length,
                             apply_chat_template=d.apply_chat_template,
                             **({} if processor is None else {"image_processor": processor}))
     except ValueError as exc:
         hint = (f" (data.prompt_key={d.prompt_key!r} names the prompt column: set it to the column holding the "
                 f"chat messages)") if repr(d.prompt_key) in str(exc) else ""
-        where = "data.train_path" if str(d.train_path) in str(exc) else f"data.train_path={d.train_path}"
+        if processor is None and "pass image_processor=" in str(exc):  # the library's advice, in CLI terms
+            exc = str(exc).split(": pass image_processor=")[0]
+            hint = (f" but model.path={cfg.model.path} is a text model (no image processor); train a vision-language "
+                    f"model (Qwen2.5-VL) on it, or drop the images column")
+        where = name if str(path) in str(exc) else f"{name}={path}"
         raise ValueError(f"{where}: {exc}{hint}") from None
     except OSError as exc:  # an unreadable or non-parquet file
-        raise ValueError(f"data.train_path={d.train_path}: cannot read it: {exc}") from None
+        raise ValueError(f"{name}={path}: cannot read it: {exc}") from None
+    if len(dataset) == 0 and dataset.filtered == 0:
+        raise ValueError(f"{name}={path}: the file has no rows")
     if len(dataset) == 0:
-        raise ValueError(f"data.train_path={d.train_path}: no prompt left: {dataset.filtered} prompts are longer than "
+        raise ValueError(f"{name}={path}: no prompt left: {dataset.filtered} prompts are longer than "
                          f"data.max_prompt_length={d.max_prompt_length} tokens")
     return dataset
+
+
+def check_weights(cfg: TrainerConfig) -> None:
+    """ValueError naming model.path when its weights are missing: no model.safetensors / index, or a shard the
+    index names (reads the index or the safetensors header only, not a tensor)."""
+    from verl_mega.models.hf_io import weight_map
+
+    try:
+        files = sorted(set(weight_map(cfg.model.path).values()))
+    except FileNotFoundError as exc:
+        raise ValueError(f"model.path: {exc}") from None
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise ValueError(f"model.path={cfg.model.path}: {len(missing)} of the {len(files)} weight shards its index "
+                         f"names are missing, e.g. {missing[0]}")
+
+
+def check_output_dir(cfg: TrainerConfig) -> None:
+    """ValueError naming trainer.output_dir when it (or the first existing directory above it) is a file or not
+    writable; nothing is created here."""
+    out = os.path.abspath(cfg.trainer.output_dir)
+    existing = out
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"trainer.output_dir={cfg.trainer.output_dir}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"trainer.output_dir={cfg.trainer.output_dir}: {existing} is not writable")
+
+
+_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+
+
+def check_resume(cfg: TrainerConfig) -> None:
+    """ValueError when trainer.output_dir holds a checkpoint that the run would resume (trainer.resume) but that
+    was saved from a model of other shapes than model.path (its COMPLETE marker records the model config)."""
+    from verl_mega.models.config import ModelConfig
+    from verl_mega.trainer.checkpoint import find_checkpoint, read_marker
+
+    actor_root = os.path.join(cfg.trainer.output_dir, "checkpoints", "actor")
+    if not cfg.trainer.resume or not os.path.isdir(actor_root):
+        return
+    path, _ = find_checkpoint(actor_root)
+    recorded = read_marker(path).get("model_config") if path is not None else None
+    if not recorded:
+        return
+    saved, ours = ModelConfig.from_hf(recorded), ModelConfig.from_hf(cfg.model.path)
+    diff = [f"{f} {getattr(saved, f)} there, {getattr(ours, f)} here" for f in _SHAPE_FIELDS
+            if getattr(saved, f) != getattr(ours, f)]
+    if diff:
+        raise ValueError(f"trainer.output_dir={cfg.trainer.output_dir} holds a checkpoint ({path}) of another model "
+                         f"than model.path={cfg.model.path} ({'; '.join(diff)}), which this run would resume: use a "
+                         f"new trainer.output_dir, or trainer.resume=false to start over in it")
 
 
 def check_batches(cfg: TrainerConfig, dataset_size: int, world_size: int) -> None:
@@ -141,18 +249,29 @@ def check_batches(cfg: TrainerConfig, dataset_size: int, world_size: int) -> Non
                          f"rank(s) = {need}; lower trainer.rollout_batch_size")
 
 
-def check_reward(reward_fn: Callable, dataset, path: str) -> None:
-    """A rule reward must have a checker for every data_source of the dataset (ValueError naming them)."""
+def check_reward(reward_fn: Callable, dataset, where: str) -> None:
+    """A rule reward must have a checker for every data_source of the dataset and a ground truth for every
+    row (ValueError naming the data sources, or the first row without `reward_model.ground_truth`)."""
     from verl_mega.rewards.base import RuleBasedReward
 
     if isinstance(reward_fn, RuleBasedReward):
-        reward_fn.check_data_sources((item["data_source"] for item in dataset), where=f"data.train_path={path}")
+        reward_fn.check_data_sources((item["data_source"] for item in dataset.items), where=where)
+        missing = [item for item in dataset.items if item["ground_truth"] is None]
+        if missing:
+            first = missing[0]
+            raise ValueError(f"{where}: row {first['index']} has no reward_model.ground_truth "
+                             f"(reward_model={first['reward_model']!r:.80}; {len(missing)} of {len(dataset)} rows "
+                             f"lack one); the rule reward (trainer.reward=rule) compares the response with it. Put "
+                             f"the answer in reward_model.ground_truth, or pass your own reward: "
+                             f"trainer.reward=module:function or trainer.reward=file.py:function")
 
 
 def preflight(cfg: TrainerConfig, world_size: int) -> Prepared:
     """Run every check of the module docstring for a run of `world_size` processes; returns what they built."""
     check_launch(cfg, world_size)  # before importing the model code (megatron-core: seconds)
+    check_output_dir(cfg)
     check_model(cfg)
+    check_resume(cfg)
     from verl_mega.models.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model.path)
@@ -160,6 +279,19 @@ def preflight(cfg: TrainerConfig, world_size: int) -> Prepared:
         raise ValueError(f"model.path={cfg.model.path} has no tokenizer (tokenizer.json / tokenizer.model)")
     dataset = load_dataset(cfg, tokenizer)
     check_batches(cfg, len(dataset), world_size)
-    reward_fn = load_reward(cfg.trainer.reward)
-    check_reward(reward_fn, dataset, cfg.data.train_path)
-    return Prepared(dataset=dataset, reward_fn=reward_fn)
+    t = cfg.trainer
+    if t.val_every and not cfg.data.val_path:
+        raise ValueError(f"trainer.val_every={t.val_every} validates on data.val_path, which is not set: give the "
+                         f"held-out prompts (data.val_path=FILE) or set trainer.val_every=0")
+    val_dataset = (load_dataset(cfg, tokenizer, "val_path") if cfg.data.val_path and (t.val_every or t.val_before_train)
+                   else None)
+    if cfg.rollout.tools:  # built (cheap: no sandbox runs, no connection) to check names and arguments
+        from verl_mega.tools import build_tools
+
+        build_tools(cfg.rollout.tools, timeout_s=cfg.rollout.tool_timeout_s, key="rollout.tools")
+    reward_fn = load_reward(t.reward)
+    check_reward(reward_fn, dataset, f"data.train_path={cfg.data.train_path}")
+    if val_dataset is not None:
+        check_reward(reward_fn, val_dataset, f"data.val_path={cfg.data.val_path}")
+    check_weights(cfg)  # last: every check above runs on a directory without weights (the tests rely on it)
+    return Prepared(dataset=dataset, reward_fn=reward_fn, val_dataset=val_dataset)

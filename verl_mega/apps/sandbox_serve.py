@@ -7,6 +7,7 @@ limits given here are the most any request gets; see verl_mega/tools/sandbox.py 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from verl_mega.tools.sandbox import Sandbox, SandboxLimits
 
@@ -28,14 +29,28 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of `verl-mega sandbox`; returns the exit status (2: a bad flag, no usable sandbox, or an
+    address that cannot be bound; one error line naming the flag, no traceback)."""
     args = _parser().parse_args(argv)
+    from verl_mega.tools.sandbox import SandboxUnavailable
     from verl_mega.tools.server import serve  # aiohttp is needed only here
 
-    limits = SandboxLimits(
-        timeout_s=args.timeout_s,
-        memory_mb=args.memory_mb,
-        max_processes=args.max_processes,
-        max_output_bytes=args.max_output_bytes,
-    )
-    serve(Sandbox(limits), args.host, args.port, args.max_concurrency)
+    try:
+        if not 0 <= args.port <= 65535:
+            raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+        for name in ("max_concurrency", "timeout_s", "memory_mb", "max_processes", "max_output_bytes"):
+            if getattr(args, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+        limits = SandboxLimits(timeout_s=args.timeout_s, memory_mb=args.memory_mb, max_processes=args.max_processes,
+                               max_output_bytes=args.max_output_bytes)
+        sandbox = Sandbox(limits)
+    except (ValueError, SandboxUnavailable) as exc:
+        print(f"verl-mega sandbox serve: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        serve(sandbox, args.host, args.port, args.max_concurrency)
+    except OSError as exc:  # address in use, not an address of this machine, unknown host name
+        print(f"verl-mega sandbox serve: error: cannot listen on --host {args.host} --port {args.port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 2
     return 0

@@ -109,8 +109,12 @@ def train(cfg: TrainerConfig, prepared: Prepared | None = None) -> list[dict]:
     reward = prepared.reward_fn
     if reward is None:  # a model reward: loaded now, on the actor's layout
         reward = load_model_reward(cfg.trainer.reward, actor, offload=cfg.trainer.reward_offload)
+    val_loader = None
+    if prepared.val_dataset is not None:
+        val_loader = get_dataloader(prepared.val_dataset, actor.tokenizer, cfg.trainer.val_batch_size, shuffle=False,
+                                    drop_last=False, dp_rank=actor.layout.dp_rank, dp_size=actor.layout.dp)
     trainer = PPOTrainer(actor, reward_fn=reward, config=cfg)
-    return trainer.fit(loader, steps=cfg.trainer.total_steps)
+    return trainer.fit(loader, steps=cfg.trainer.total_steps, val_dataloader=val_loader)
 
 
 def _spawned_rank(cfg: TrainerConfig) -> dict:

@@ -72,12 +72,16 @@ def row_prompt(row: dict, prompt_key: str) -> str | list[dict[str, str]]:
         raise ValueError(f"no {prompt_key!r} (or 'messages') column; columns: {sorted(row)}")
     prompt = row[key]
     if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError(f"{key!r} is an empty string")
         return prompt
     if not isinstance(prompt, (list, tuple)) or not prompt:
         raise ValueError(f"{key!r} must be a non-empty list of chat messages or a string, got {prompt!r:.80}")
     for j, m in enumerate(prompt):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise ValueError(f"{key!r} message {j} must be a dict with string 'role' and 'content', got {m!r:.80}")
+    if not any(m["content"].strip() for m in prompt):
+        raise ValueError(f"{key!r} has no text: every message's 'content' is empty, got {prompt!r:.80}")
     return [{"role": m["role"], "content": m["content"]} for m in prompt]
 
 
@@ -87,7 +91,7 @@ def row_messages(row: dict, prompt_key: str) -> list[dict[str, str]]:
     Accepted shapes of `row[prompt_key]` (or, without that column, `row["messages"]`): a non-empty list of
     dicts with string "role" and "content" (other keys are dropped), or a plain string, which becomes one
     user message. ValueError (without file or row: callers add them) for a missing column, an empty or
-    non-list prompt, or a message without string role/content."""
+    non-list prompt, a message without string role/content, or a prompt with no text (blank contents)."""
     prompt = row_prompt(row, prompt_key)
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 

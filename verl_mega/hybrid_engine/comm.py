@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+from verl_mega.parallel.dist import all_gather_single as _single
 
 
 def all_gather_flat(out: torch.Tensor, chunk: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False):

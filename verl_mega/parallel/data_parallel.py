@@ -40,6 +40,9 @@ class DataParallelGrads:
     params: the stage's parameters (registration order). dp_group: the data-parallel group.
     shared_group / shared_params: the 2-rank (first, last stage) group and the parameters marked
     `shared_embedding` whose gradients are summed across it (tied embeddings with pp > 1).
+    A parameter feeds the newest DataParallelGrads built over it: building another (a second TrainEngine or
+    PPOTrainer on the same model, e.g. a re-run notebook cell) removes the earlier one's hook, whose
+    buffers then no longer receive gradients.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], dp_group, *, bucket_mb: float = DEFAULT_BUCKET_MB,
@@ -58,7 +61,11 @@ class DataParallelGrads:
             offset += p.numel()
         self.buckets = self._make_buckets(int(bucket_mb * 2**20 / 4))
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
+        for p in self.params:
+            previous = getattr(p, "_main_grad_hook", None)
+            if previous is not None:  # two hooks would move one grad twice (the second sees None)
+                previous.remove()
+            p._main_grad_hook = p.register_post_accumulate_grad_hook(self._on_grad)
         self.sync_enabled = False  # set for the last micro-batch's backward (see before_last_backward)
         self._next_launch = 0
 

@@ -28,6 +28,9 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 600.0
+# torch 2.13 renamed the single-tensor collectives; the old names warn (FutureWarning) on every call
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def default_timeout_s() -> float:

@@ -12,6 +12,7 @@ the same order (torch.distributed.new_group's contract).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -81,8 +82,12 @@ class Layout:
         init_distributed(timeout_s=timeout_s)
         world = dist.get_world_size()
         if dp is None:
-            if not isinstance(tp, int) or not isinstance(pp, int) or tp < 1 or pp < 1 or world % (tp * pp):
-                raise ValueError(f"world size {world} is not divisible by tp={tp} x pp={pp}")
+            if not isinstance(tp, int) or not isinstance(pp, int) or tp < 1 or pp < 1:
+                raise ValueError(f"tp and pp must be positive integers, got tp={tp!r}, pp={pp!r}")
+            if world % (tp * pp):
+                raise ValueError(f"world size {world} is not divisible by tp={tp} x pp={pp}: start a multiple of "
+                                 f"tp x pp processes, e.g. `torchrun --nproc-per-node {tp * pp} your_script.py`"
+                                 + (" (this process was not started by torchrun)" if "RANK" not in os.environ else ""))
             dp = world // (tp * pp)
         groups = layout_group_ranks(tp, pp, dp, range(world))
         me = dist.get_rank()

@@ -22,12 +22,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from verl_mega.parallel.dist import all_gather_single, reduce_scatter_single
+
 
 def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
     """[B, s, ...] shards -> [B, s * n, ...] (concatenated along dim 1 in rank order)."""
     xs = x.transpose(0, 1).contiguous()  # [s, B, ...]: sequence first (no copy when B = 1)
     out = xs.new_empty((group.size() * xs.shape[0], *xs.shape[1:]))
-    dist.all_gather_into_tensor(out, xs, group=group)
+    all_gather_single(out, xs, group=group)
     return out.transpose(0, 1)
 
 
@@ -40,7 +42,7 @@ def _reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
     """Sum over the group, then this rank's slice along dim 1 (dim 1 divisible by the group size)."""
     xs = x.transpose(0, 1).contiguous()  # [S, B, ...]
     out = xs.new_empty((xs.shape[0] // group.size(), *xs.shape[1:]))
-    dist.reduce_scatter_tensor(out, xs, group=group)
+    reduce_scatter_single(out, xs, group=group)
     return out.transpose(0, 1)
 
 

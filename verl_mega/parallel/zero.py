@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from verl_mega.parallel.dist import all_gather_single
 from verl_mega.parallel.offload import StreamedHostStep
 
 DEFAULT_OFFLOAD_BUCKET_NUMEL = 2**28  # elements per host-step bucket (1 GiB of fp32 gradients)
@@ -136,7 +137,7 @@ class ZeroOptimizer:
         """Give every dp rank the owners' current parameter values (in place on the flat buffer)."""
         if self.dp > 1:
             mine = self.buffer[self.dp_rank * self.region:(self.dp_rank + 1) * self.region]
-            dist.all_gather_into_tensor(self.buffer, mine, group=self.dp_group)
+            all_gather_single(self.buffer, mine, group=self.dp_group)
 
     def device_state(self) -> list[torch.Tensor]:
         """Training-only tensors this optimizer keeps on the device (separate fp32 masters, Adam moments),

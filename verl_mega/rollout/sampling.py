@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from verl_mega.parallel.dist import all_gather_single
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -68,7 +70,7 @@ def gather_vocab_logits(local_logits: torch.Tensor, tp_group: dist.ProcessGroup 
     elif local_logits.is_cuda:
         b, v = local_logits.shape
         stacked = torch.empty(tp, b, v, dtype=local_logits.dtype, device=local_logits.device)
-        dist.all_gather_into_tensor(stacked, local_logits, group=tp_group)
+        all_gather_single(stacked, local_logits, group=tp_group)
         full = stacked.permute(1, 0, 2).reshape(b, tp * v)  # [B, tp * V_local]
     else:  # gloo has no all_gather_into_tensor
         parts = [torch.empty_like(local_logits) for _ in range(tp)]

@@ -17,6 +17,7 @@ from typing import Any
 
 from verl_mega.tools.base import Tool
 from verl_mega.tools.python_tool import PythonTool, SandboxFusionTool
+from verl_mega.tools.sandbox import SandboxUnavailable
 
 TOOL_CLASSES: dict[str, type[Tool]] = {"python": PythonTool, "code_interpreter": SandboxFusionTool}
 
@@ -73,16 +74,18 @@ class ToolSet:
         return ToolCallResult(text, False, time.monotonic() - t0)
 
 
-def build_tools(specs: Sequence[dict[str, Any]], timeout_s: float | None = None) -> ToolSet:
-    """A ToolSet from config entries: each {"name": one of TOOL_CLASSES, **constructor arguments}."""
+def build_tools(specs: Sequence[dict[str, Any]], timeout_s: float | None = None, key: str = "tools") -> ToolSet:
+    """A ToolSet from config entries: each {"name": one of TOOL_CLASSES, **constructor arguments}.
+    ValueError naming `key[k]` (the config key of the list) for an unknown name, an unknown or bad argument, or
+    a local sandbox that cannot run here."""
     tools = []
     for k, spec in enumerate(specs):
         spec = dict(spec)
         name = spec.pop("name", None)
         if name not in TOOL_CLASSES:
-            raise ValueError(f"tools[{k}].name must be one of {sorted(TOOL_CLASSES)}, got {name!r}")
+            raise ValueError(f"{key}[{k}].name must be one of {sorted(TOOL_CLASSES)}, got {name!r}")
         try:
             tools.append(TOOL_CLASSES[name](**spec))
-        except TypeError as e:
-            raise ValueError(f"tools[{k}] ({name}): {e}") from None
+        except (TypeError, ValueError, SandboxUnavailable) as e:
+            raise ValueError(f"{key}[{k}] ({name}): {e}") from None
     return ToolSet(tools, timeout_s)

@@ -164,7 +164,7 @@ class PPOTrainer:
         """The rollout's ToolSet: `tools` (a ToolSet or a list of Tools) or config rollout.tools; None = single-turn."""
         r = self.config.rollout
         if tools is None:
-            return build_tools(r.tools, timeout_s=r.tool_timeout_s) if r.tools else None
+            return build_tools(r.tools, timeout_s=r.tool_timeout_s, key="rollout.tools") if r.tools else None
         if isinstance(tools, ToolSet):
             return tools
         if isinstance(tools, (list, tuple)) and all(isinstance(t, Tool) for t in tools):
