@@ -38,4 +38,6 @@ if (( dry_run )); then
   echo "NODE_RANK=$NODE_RANK VERL_MEGA_DIST_TIMEOUT=$VERL_MEGA_DIST_TIMEOUT ${cmd[*]}"
   exit 0
 fi
+# one line per node first (stderr): which node ran what, in the node's log even when its ranks print nothing
+echo "verl-mega: node $NODE_RANK of $NNODES, $NPROC_PER_NODE processes: ${cmd[*]}" >&2
 exec "${cmd[@]}"

@@ -236,8 +236,9 @@ def test_slurm_two_nodes_train(slurm, workdir, tmp_path):
     metrics = read_metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == [1, 2]
     assert metrics[0]["prompt_length/tokens"] == prompt_tokens_per_step(workdir, world=2)
-    for node in (0, 1):  # per-node logs of this job
-        assert os.path.getsize(workdir / "logs" / f"verl-mega-{job_id}" / f"node{node}.log") > 0
+    for node in (0, 1):  # per-node logs of this job, each starting with the node's launch line
+        with open(workdir / "logs" / f"verl-mega-{job_id}" / f"node{node}.log") as f:
+            assert f.readline().startswith(f"verl-mega: node {node} of 2, 1 processes: "), node
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
