@@ -80,6 +80,7 @@ def test_checks_fail_before_the_model_loads(weightless_dir, tmp_path, capsys, mo
     empty.write_text("")
     _fails(capsys, [cfg, f"data.train_path={empty}"], f"data.train_path={empty}: the file has no rows")
     _fails(capsys, [cfg, "trainer.reward=:score"], "trainer.reward=':score': give both the module")
+    _fails(capsys, [cfg, "trainer.reward=score.py:"], "trainer.reward='score.py:': give both the module")
     # a reward file that fails to import: its error and line, no traceback
     broken = tmp_path / "broken_import.py"
     broken.write_text("import math\nraise RuntimeError('no key')\n")
