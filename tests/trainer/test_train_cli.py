@@ -58,6 +58,24 @@ def _fails_with(capsys, argv: list[str], *fragments: str, status: int = 2) -> st
     return captured.err
 
 
+def test_reward_module_that_hangs_at_import_is_an_error_within_the_timeout(weightless_dir, tmp_path):
+    # its own process: the abandoned import thread spins until that process exits, not in the test runner
+    import subprocess
+    import sys
+
+    from tests.run_python import REPO
+
+    loop = tmp_path / "loop.py"
+    loop.write_text("while True:\n    pass\n\ndef score(response):\n    return 1.0\n")
+    cfg = _config(tmp_path, weightless_dir, _jsonl(tmp_path / "d.jsonl", _rows(4)))
+    # 60 s: the 1 s limit plus the interpreter's and the tokenizer's start (~5 s idle); a hang raises TimeoutExpired
+    proc = subprocess.run([sys.executable, "-m", "verl_mega", "train", cfg, *SMALL, f"trainer.reward={loop}:score",
+                           "trainer.reward_timeout_s=1"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"importing {loop} did not finish within 1 s (trainer.reward_timeout_s)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_checks_fail_before_the_model_loads(weightless_dir, tmp_path, capsys, monkeypatch):
     good = _jsonl(tmp_path / "good.jsonl", _rows(4))
     cfg = _config(tmp_path, weightless_dir, good)

@@ -9,7 +9,7 @@
      data.prompt_key; the error names the file and the row), and it gives at least one batch per
      data-parallel rank (trainer.rollout_batch_size); the same for data.val_path when validation is on;
   4. the tools (rollout.tools): known names, arguments their constructors take;
-  5. the reward: `trainer.reward` imports, and a "rule" reward has a checker for every data_source
+  5. the reward: `trainer.reward` imports (within trainer.reward_timeout_s), and a "rule" reward has a checker for every data_source
      in the data and a ground truth (reward_model.ground_truth) in every row;
   6. the weights: model.safetensors (or the index and every shard it names) exist under model.path.
 It returns the tokenized datasets and the reward callable, which training then uses as they are.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import threading
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -37,9 +38,10 @@ class Prepared:
     val_dataset: Any = None  # data.val_path's RLDataset when validation is on, else None
 
 
-def load_reward(spec: str) -> Callable | None:
+def load_reward(spec: str, import_timeout_s: float | None = None) -> Callable | None:
     """The reward callable named by `spec` ("rule", "module:function" or "file.py:function"); for a model
-    reward ("model:PATH", "judge:PATH") the directory is checked and None returned (it loads on the actor's layout)."""
+    reward ("model:PATH", "judge:PATH") the directory is checked and None returned (it loads on the actor's layout).
+    A module whose import runs past `import_timeout_s` seconds (None: no limit) is a ValueError naming it."""
     if spec == "rule":
         from verl_mega.rewards.base import RuleBasedReward
 
@@ -60,7 +62,11 @@ def load_reward(spec: str) -> Callable | None:
     if target.endswith(".py") and not os.path.isfile(target):
         raise ValueError(f"trainer.reward: file {target} does not exist")
     try:
-        module = _import_reward_module(target)
+        module = _import_reward_module(target, import_timeout_s)
+    except TimeoutError:
+        raise ValueError(f"trainer.reward={spec!r}: importing {target} did not finish within {import_timeout_s:g} s "
+                         f"(trainer.reward_timeout_s); a loop or a long computation at import? Raise "
+                         f"trainer.reward_timeout_s if it is only slow") from None
     except Exception as exc:  # the user's module failed to import: its error, where it was raised, no traceback
         raise ValueError(f"trainer.reward={spec!r}: cannot import {target}: {_where(exc)}{type(exc).__name__}: "
                          f"{exc}") from None
@@ -90,8 +96,32 @@ def check_reward_architecture(spec: str) -> None:
         raise ValueError(f"trainer.reward={spec!r}: {kind}: needs {wanted}, but {path} holds {architectures}{hint}")
 
 
-def _import_reward_module(target: str):
-    """The module of a reward spec: a file path ending in .py, or a dotted module name."""
+def _import_reward_module(target: str, timeout_s: float | None = None):
+    """The module of a reward spec: a file path ending in .py, or a dotted module name. The import runs in a
+    daemon thread, as sync reward calls do (rewards.base), and TimeoutError is raised after `timeout_s`
+    seconds; a hung import is abandoned there (Python cannot stop a thread), still running until the process
+    exits: `verl-mega train` exits with the error."""
+    if timeout_s is None:
+        return _import_now(target)
+    box: dict = {}
+
+    def work():
+        try:
+            box["module"] = _import_now(target)
+        except BaseException as exc:  # handed to the caller's thread below
+            box["error"] = exc
+
+    thread = threading.Thread(target=work, name="reward-import", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"importing {target} took more than {timeout_s} s")
+    if "error" in box:
+        raise box["error"]
+    return box["module"]
+
+
+def _import_now(target: str):
     if not target.endswith(".py"):
         return importlib.import_module(target)
     module_spec = importlib.util.spec_from_file_location("verl_mega_user_reward", target)
@@ -289,7 +319,7 @@ def preflight(cfg: TrainerConfig, world_size: int) -> Prepared:
         from verl_mega.tools import build_tools
 
         build_tools(cfg.rollout.tools, timeout_s=cfg.rollout.tool_timeout_s, key="rollout.tools")
-    reward_fn = load_reward(t.reward)
+    reward_fn = load_reward(t.reward, import_timeout_s=t.reward_timeout_s)
     check_reward(reward_fn, dataset, f"data.train_path={cfg.data.train_path}")
     if val_dataset is not None:
         check_reward(reward_fn, val_dataset, f"data.val_path={cfg.data.val_path}")

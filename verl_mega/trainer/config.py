@@ -105,7 +105,7 @@ class TrainerSection:
     resume: bool = True  # resume from the latest checkpoint in output_dir/checkpoints if there is one
     reward: str = "rule"  # "rule" (GSM8K/MATH), "module:fn" / "file.py:fn", "model:PATH" (reward model), "judge:PATH"
     reward_offload: bool = False  # model / judge rewards: keep their weights in CPU memory between reward calls
-    reward_timeout_s: float = 30.0  # per-response reward time limit (a timeout scores 0 and is counted)
+    reward_timeout_s: float = 30.0  # per-response reward time limit (a timeout scores 0 and is counted); also bounds importing a module:fn / file.py:fn reward
     reward_fail_threshold: float = 1.0  # a step is "failed" when this fraction of its reward calls failed or timed out
     reward_fail_steps: int = 3  # stop with an error after this many failed steps in a row (0 = never stop)
     progress_bar: bool = True  # tqdm bar with live reward / KL (rank 0)
