@@ -460,6 +460,9 @@ class Metrics(Stage):
             "response_length/max": float(lengths.max()),
             "response_length/clip_ratio": float((lengths >= ctx.config.rollout.max_new_tokens).float().mean()),
         })
+        if batch.n > 1:  # rows of a prompt are consecutive: [prompts, n]; equal scores give GRPO/RLOO advantages 0
+            groups = batch.scores.view(-1, batch.n)
+            m["reward/uniform_groups"] = float((groups == groups[:, :1]).all(-1).float().mean())
         mask = batch.train_mask  # log-prob and KL statistics over the model's own tokens
         if batch.old_logprobs is not None:
             # how far the training forward is from the sampler (numerics, or a stale inference model)
