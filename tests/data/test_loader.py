@@ -44,6 +44,21 @@ def test_resume_mid_epoch():
         PromptLoader(items(13), 2, seed=3).load_state_dict(state)
 
 
+def test_resume_after_an_epochs_last_batch_starts_the_next_epoch():
+    ref = PromptLoader(items(4), 2, seed=3)
+    full = idx(ref) + idx(ref)  # two epochs of 2 batches
+    run = PromptLoader(items(4), 2, seed=3)
+    for k, batch in enumerate(run):  # a trainer that stops (checkpoints) after the epoch's last batch
+        if k == 1:
+            break
+    state = run.state_dict()
+    assert state["epoch"] == 0 and state["index"] == 2
+    resumed = PromptLoader(items(4), 2, seed=3)
+    resumed.load_state_dict(state)
+    assert idx(resumed) == full[2:]  # epoch 1 (was nothing: the rest of the finished epoch 0)
+    assert idx(run) == full[2:]  # the same loader iterated again after the break
+
+
 def test_dp_sharding_partitions_global_batch():
     shards = [idx(PromptLoader(items(13), 2, seed=0, dp_rank=r, dp_size=3)) for r in range(3)]
     assert all(len(s) == 2 for s in shards)  # 13 // (2*3) steps on every rank

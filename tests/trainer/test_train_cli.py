@@ -171,9 +171,13 @@ def test_run_resume_finished_and_export(tiny_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"resuming from {run / 'checkpoints'} at step 1" in out and "steps 1 -> 2" in out
     assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [0, 1, 2]
+    # step 2 ended the epoch (4 prompts, 2 per step): the resumed run starts the next one (was 'yielded no batch')
+    assert train_cli.main([*args, "trainer.total_steps=3"]) == 0
+    assert f"resuming from {run / 'checkpoints'} at step 2" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [0, 1, 2, 3]
     # the same output_dir with another model: stopped before loading, not a shape error from the checkpoint reader
     wide = make_tiny_hf_model(str(tmp_path / "wide"), hidden_size=64, num_layers=2)
-    _fails_with(capsys, [*args, "trainer.total_steps=3", f"model.path={wide}"],
+    _fails_with(capsys, [*args, "trainer.total_steps=4", f"model.path={wide}"],
                 f"trainer.output_dir={run} holds a checkpoint", "hidden_size 32 there, 64 here", "trainer.resume=false")
 
 

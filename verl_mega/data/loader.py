@@ -82,6 +82,8 @@ class PromptLoader:
         return chunk[self.dp_rank * self.batch_size : (self.dp_rank + 1) * self.batch_size]
 
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        if self.index >= len(self):  # stopped (or saved) after an epoch's last batch: the next epoch starts
+            self.epoch, self.index = self.epoch + 1, 0
         order = self._order(self.epoch)
         while self.index < len(self):
             k = self.index
