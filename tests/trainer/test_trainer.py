@@ -83,6 +83,14 @@ def test_groups_with_equal_rewards_train_on_with_zero_advantages(tiny_dir, algor
         assert m["actor/grad_norm"] == 0.0  # no signal, no update (the std of a uniform group is 0, not NaN)
 
 
+def test_every_response_truncated_is_counted(tiny_dir):
+    trainer = PPOTrainer(get_actor_model(tiny_dir), reward_fn=lambda r: float(len(r)), rollout_batch_size=2,
+                         n_samples=2, max_new_tokens=1)  # one token: no response can stop before the limit
+    m = trainer.step([{"prompt": CHAT}, {"prompt": "2+2="}])
+    assert m["response_length/clip_ratio"] == 1.0 and m["response_length/max"] == 1.0
+    assert all(math.isfinite(v) for v in m.values())
+
+
 def test_pipeline_composition_and_custom_stage(tiny_dir):
     trainer = PPOTrainer(get_actor_model(tiny_dir), reward_fn=lambda r: 0.0, rollout_batch_size=1, n_samples=2,
                          max_new_tokens=4)
