@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from verl_mega.data import PromptLoader, get_dataloader, left_pad
+from verl_mega.data.loader import PADDING_KEY
 
 
 def items(n):
@@ -70,6 +71,9 @@ def test_dp_sharding_partitions_global_batch():
     # drop_last=False: the short last global batch (1 prompt) is padded so each rank gets one item
     tail = [idx(PromptLoader(items(13), 2, seed=0, drop_last=False, dp_rank=r, dp_size=3))[-1] for r in range(3)]
     assert [len(t) for t in tail] == [1, 1, 1]
+    last = [list(PromptLoader(items(13), 2, seed=0, drop_last=False, dp_rank=r, dp_size=3))[-1][0] for r in range(3)]
+    assert [PADDING_KEY in it for it in last] == [False, True, True]  # the repeats are marked, the prompt is not
+    assert all(PADDING_KEY not in it for b in PromptLoader(items(12), 2, drop_last=False, dp_size=3) for it in b)
 
 
 def test_bad_loader_args():

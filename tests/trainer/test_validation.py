@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from verl_mega.data.loader import PADDING_KEY
 from verl_mega.rollout import get_actor_model
 from verl_mega.testing.tiny_hf import make_tiny_hf_model
 from verl_mega.trainer import PPOTrainer, TrainerConfig
@@ -41,6 +42,10 @@ def test_validator_metrics_from_a_known_generate():
     assert "val/accuracy" not in m and m["val/reward_mean"] == 0.5
     with pytest.raises(ValueError, match="n_samples=2"):
         Validator(lambda ids: ["a"] * len(ids), _match, batches, n_samples=2)()
+    # a loader's padding copy (a one-row set on 2 dp ranks: rank 1 repeats it) is generated but not counted
+    one = _rows(1)
+    m = Validator(lambda ids: ["0"] * len(ids), _match, [one + [{**one[0], PADDING_KEY: True}]])()
+    assert m["val/num_prompts"] == 1 and m["val/reward_mean"] == 1.0
 
 
 def test_fit_validates_before_every_n_and_at_the_end(tiny_dir, tmp_path):

@@ -9,6 +9,9 @@ Batch k of an epoch on rank r is items perm[(k*dp_size + r)*batch_size : ... + b
 epoch's permutation, i.e. `batch_size` is the per-rank batch and one step consumes
 `batch_size * dp_size` prompts. The order is a pure function of (seed, epoch), so all ranks agree
 without communication and a resumed run continues with exactly the batches it would have seen.
+With drop_last=False a short last batch is padded with prompts from the epoch's start so every rank
+gets the same count; those repeats are copies carrying `PADDING_KEY: True` (validation leaves them
+out of its metrics).
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from typing import Any
 import torch
 
 from verl_mega.data.dataset import RLDataset
+
+
+PADDING_KEY = "is_padding"  # marks an item repeated to pad a short last batch (drop_last=False)
 
 
 class PromptLoader:
@@ -70,16 +76,18 @@ class PromptLoader:
         g = torch.Generator().manual_seed(self.seed + epoch)
         return torch.randperm(len(self.dataset), generator=g).tolist()
 
-    def _batch_indices(self, order: list[int], k: int) -> list[int]:
-        """This rank's dataset indices of batch k; a short last global batch is split evenly, wrapping
-        around to the epoch's start to pad it (as DistributedSampler does) so ranks stay in step."""
+    def _batch_indices(self, order: list[int], k: int) -> tuple[list[int], int]:
+        """(this rank's dataset indices of batch k, how many of them are not padding); a short last global
+        batch is split evenly, wrapping around to the epoch's start to pad it (as DistributedSampler does)
+        so ranks stay in step."""
         step = self.batch_size * self.dp_size
         chunk = order[k * step : (k + 1) * step]
         if len(chunk) < step:
-            per_rank = math.ceil(len(chunk) / self.dp_size)
+            real, per_rank = len(chunk), math.ceil(len(chunk) / self.dp_size)
             chunk = (chunk + order * math.ceil(step / len(order)))[: per_rank * self.dp_size]
-            return chunk[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
-        return chunk[self.dp_rank * self.batch_size : (self.dp_rank + 1) * self.batch_size]
+            start = self.dp_rank * per_rank
+            return chunk[start : start + per_rank], min(max(real - start, 0), per_rank)
+        return chunk[self.dp_rank * self.batch_size : (self.dp_rank + 1) * self.batch_size], self.batch_size
 
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
         if self.index >= len(self):  # stopped (or saved) after an epoch's last batch: the next epoch starts
@@ -88,7 +96,8 @@ class PromptLoader:
         while self.index < len(self):
             k = self.index
             self.index += 1  # advance first: a checkpoint taken after this batch resumes at the next
-            yield [self.dataset[i] for i in self._batch_indices(order, k)]
+            indices, real = self._batch_indices(order, k)
+            yield [self.dataset[i] if j < real else {**self.dataset[i], PADDING_KEY: True} for j, i in enumerate(indices)]
         self.epoch += 1
         self.index = 0
 
