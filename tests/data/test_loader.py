@@ -35,7 +35,7 @@ def test_resume_mid_epoch():
     it = iter(run)
     seen = [[x["index"] for x in next(it)] for _ in range(4)]
     state = run.state_dict()
-    assert state == {"epoch": 0, "index": 4, "seed": 3, "dataset_len": 12}
+    assert state == {"epoch": 0, "index": 4, "seed": 3, "dataset_len": 12, "batch_size": 2, "dp_size": 1}
     resumed = PromptLoader(items(12), 2, seed=3)
     resumed.load_state_dict(state)
     rest = idx(resumed)  # the rest of epoch 0
@@ -58,6 +58,25 @@ def test_resume_after_an_epochs_last_batch_starts_the_next_epoch():
     resumed.load_state_dict(state)
     assert idx(resumed) == full[2:]  # epoch 1 (was nothing: the rest of the finished epoch 0)
     assert idx(run) == full[2:]  # the same loader iterated again after the break
+
+
+def test_resume_with_another_batch_size_continues_at_the_same_prompt(caplog):
+    order = sum(idx(PromptLoader(items(12), 12, seed=3)), [])  # the epoch's order, independent of the batch size
+    run = PromptLoader(items(12), 4, seed=3)
+    next(iter(run))  # 4 prompts done
+    state = run.state_dict()
+    assert (state["batch_size"], state["dp_size"]) == (4, 1)
+    smaller = PromptLoader(items(12), 2, seed=3)
+    smaller.load_state_dict(state)
+    assert sum(idx(smaller), []) == order[4:]  # 4 = 2 batches of 2: exact (was order[2:], 2 prompts again)
+    split = [PromptLoader(items(12), 1, seed=3, dp_rank=r, dp_size=2) for r in range(2)]
+    for loader in split:
+        loader.load_state_dict(state)
+    assert sorted(sum(sum((idx(l) for l in split), []), [])) == sorted(order[4:])
+    larger = PromptLoader(items(12), 3, seed=3)
+    with caplog.at_level("WARNING"):
+        larger.load_state_dict(state)  # 4 is not a multiple of 3: the next boundary, 6, skipping 2
+    assert sum(idx(larger), []) == order[6:] and "2 prompts of this epoch skipped" in caplog.text
 
 
 def test_dp_sharding_partitions_global_batch():

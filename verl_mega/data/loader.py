@@ -17,6 +17,7 @@ out of its metrics).
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,6 +27,8 @@ import torch
 
 from verl_mega.data.dataset import RLDataset
 
+
+log = logging.getLogger(__name__)
 
 PADDING_KEY = "is_padding"  # marks an item repeated to pad a short last batch (drop_last=False)
 
@@ -102,19 +105,32 @@ class PromptLoader:
         self.index = 0
 
     def state_dict(self) -> dict[str, int]:
-        """Position to resume from: {"epoch", "index" (batches done in the epoch), "seed", "dataset_len"}."""
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "dataset_len": len(self.dataset)}
+        """Position to resume from: {"epoch", "index" (batches done in the epoch), "seed", "dataset_len",
+        "batch_size", "dp_size"}."""
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "dataset_len": len(self.dataset),
+                "batch_size": self.batch_size, "dp_size": self.dp_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume at a position saved by `state_dict` (same dataset and seed required)."""
+        """Resume at a position saved by `state_dict` (same dataset and seed required). A state saved with
+        another global batch (batch_size x dp_size) resumes at the same prompt of the epoch's order: the
+        epoch's order does not depend on the batch size, so that is exact when the prompts done divide
+        by the new global batch, else the next batch boundary (skipping fewer than one batch, logged)."""
         if state.get("dataset_len", len(self.dataset)) != len(self.dataset) or state.get("seed", self.seed) != self.seed:
             raise ValueError(
                 f"loader state is for a dataset of {state.get('dataset_len')} prompts with seed {state.get('seed')}, "
                 f"this loader has {len(self.dataset)} prompts with seed {self.seed}"
             )
-        if not 0 <= state["index"] <= len(self):
-            raise ValueError(f"loader state index {state['index']} outside [0, {len(self)}]")
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        step = self.batch_size * self.dp_size
+        saved_step = int(state.get("batch_size", self.batch_size)) * int(state.get("dp_size", self.dp_size))
+        done = int(state["index"]) * saved_step  # prompts of the epoch's order already used
+        if int(state["index"]) < 0 or done > saved_step * math.ceil(len(self.dataset) / saved_step):
+            raise ValueError(f"loader state index {state['index']} (of {saved_step} prompts each) is outside an "
+                             f"epoch of {len(self.dataset)} prompts")
+        index = min(-(-done // step), len(self))
+        if index * step != done and index < len(self):
+            log.warning("resuming with %d prompts per step instead of %d: %d prompts of this epoch skipped",
+                        step, saved_step, index * step - done)
+        self.epoch, self.index = int(state["epoch"]), index
 
 
 # PromptLoader's keyword options (shuffle, seed, ...): `get_dataloader` passes these to it, their defaults stay there
