@@ -97,6 +97,9 @@ def test_checks_fail_before_the_model_loads(weightless_dir, tmp_path, capsys, mo
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     _fails(capsys, [cfg, f"data.train_path={empty}"], f"data.train_path={empty}: the file has no rows")
+    # prompt + response beyond the model's positions (the tiny model has 256)
+    _fails(capsys, [cfg, "rollout.max_new_tokens=250"], f"data.train_path={good}: its longest prompt (",
+           "+ rollout.max_new_tokens=250 exceeds the max_position_embeddings=256", "lower rollout.max_new_tokens to <=")
     _fails(capsys, [cfg, "trainer.reward=:score"], "trainer.reward=':score': give both the module")
     _fails(capsys, [cfg, "trainer.reward=score.py:"], "trainer.reward='score.py:': give both the module")
     # a reward file that fails to import: its error and line, no traceback

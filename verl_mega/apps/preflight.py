@@ -7,7 +7,8 @@
      the shapes of the checkpoint in trainer.output_dir that the run would resume;
   3. the data: the file opens, every row parses and has the prompt column (data.train_path,
      data.prompt_key; the error names the file and the row), and it gives at least one batch per
-     data-parallel rank (trainer.rollout_batch_size); the same for data.val_path when validation is on;
+     data-parallel rank (trainer.rollout_batch_size), and its longest prompt plus rollout.max_new_tokens fits
+     the model's max_position_embeddings; the same for data.val_path when validation is on;
   4. the tools (rollout.tools): known names, arguments their constructors take;
   5. the reward: `trainer.reward` imports (within trainer.reward_timeout_s), and a "rule" reward has a checker for every data_source
      in the data and a ground truth (reward_model.ground_truth) in every row;
@@ -279,6 +280,23 @@ def check_batches(cfg: TrainerConfig, dataset_size: int, world_size: int) -> Non
                          f"rank(s) = {need}; lower trainer.rollout_batch_size")
 
 
+def check_lengths(cfg: TrainerConfig, dataset, where: str) -> None:
+    """ValueError when the dataset's longest prompt (tokens) plus the response limit (rollout.max_new_tokens;
+    with tools rollout.max_total_tokens, which defaults to it) exceeds model.path's max_position_embeddings."""
+    from verl_mega.models.config import ModelConfig
+
+    limit = ModelConfig.from_hf(cfg.model.path).max_position_embeddings
+    r = cfg.rollout
+    key, response = (("rollout.max_total_tokens", r.max_total_tokens) if r.tools and r.max_total_tokens
+                     else ("rollout.max_new_tokens", r.max_new_tokens))
+    longest = max(len(item["prompt_ids"]) for item in dataset.items)
+    if longest + response > limit:
+        raise ValueError(f"{where}: its longest prompt ({longest} tokens, data.max_prompt_length="
+                         f"{cfg.data.max_prompt_length}) + {key}={response} exceeds the max_position_embeddings="
+                         f"{limit} of model.path={cfg.model.path}; lower {key} to <= {max(limit - longest, 0)} or "
+                         f"data.max_prompt_length (longer prompts are dropped)")
+
+
 def check_reward(reward_fn: Callable, dataset, where: str) -> None:
     """A rule reward must have a checker for every data_source of the dataset and a ground truth for every
     row (ValueError naming the data sources, or the first row without `reward_model.ground_truth`)."""
@@ -309,12 +327,15 @@ def preflight(cfg: TrainerConfig, world_size: int) -> Prepared:
         raise ValueError(f"model.path={cfg.model.path} has no tokenizer (tokenizer.json / tokenizer.model)")
     dataset = load_dataset(cfg, tokenizer)
     check_batches(cfg, len(dataset), world_size)
+    check_lengths(cfg, dataset, f"data.train_path={cfg.data.train_path}")
     t = cfg.trainer
     if t.val_every and not cfg.data.val_path:
         raise ValueError(f"trainer.val_every={t.val_every} validates on data.val_path, which is not set: give the "
                          f"held-out prompts (data.val_path=FILE) or set trainer.val_every=0")
     val_dataset = (load_dataset(cfg, tokenizer, "val_path") if cfg.data.val_path and (t.val_every or t.val_before_train)
                    else None)
+    if val_dataset is not None:
+        check_lengths(cfg, val_dataset, f"data.val_path={cfg.data.val_path}")
     if cfg.rollout.tools:  # built (cheap: no sandbox runs, no connection) to check names and arguments
         from verl_mega.tools import build_tools
 
