@@ -184,6 +184,22 @@ def test_run_resume_finished_and_export(tiny_dir, tmp_path, capsys):
                 f"trainer.output_dir={run} holds a checkpoint", "hidden_size 32 there, 64 here", "trainer.resume=false")
 
 
+def test_ctrl_c_says_where_the_run_resumes(tiny_dir, tmp_path, capsys):
+    # the reward presses Ctrl-C (SIGINT to this process) at its 5th call: during step 2 (4 responses a step)
+    reward = tmp_path / "interrupting.py"
+    reward.write_text("import itertools, os, signal\ncalls = itertools.count(1)\n"
+                      "def score(response):\n    if next(calls) == 5:\n        os.kill(os.getpid(), signal.SIGINT)\n"
+                      "    return 0.0\n")
+    cfg = _config(tmp_path, tiny_dir, _jsonl(tmp_path / "train.jsonl", _rows(4)))
+    run = tmp_path / "run"
+    argv = [cfg, *SMALL, f"trainer.reward={reward}:score", "trainer.total_steps=5", "trainer.save_every=1",
+            "rollout.stream_rewards=false", f"trainer.output_dir={run}"]
+    assert train_cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted; rerun the same command to resume from the newest checkpoint, {run / 'checkpoints' / 'actor'}" \
+        in err and "Traceback" not in err
+
+
 def test_reward_failing_every_call_stops_the_run(tiny_dir, tmp_path, capsys):
     reward = tmp_path / "broken_reward.py"
     reward.write_text("def score(response):\n    raise KeyError('answer')\n")
