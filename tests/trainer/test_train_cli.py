@@ -178,6 +178,12 @@ def test_run_resume_finished_and_export(tiny_dir, tmp_path, capsys):
     assert train_cli.main([*args, "trainer.total_steps=3"]) == 0
     assert f"resuming from {run / 'checkpoints'} at step 2" in capsys.readouterr().out
     assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [0, 1, 2, 3]
+    # the same output_dir with other data or seed: the saved data position would mean other prompts
+    five = _jsonl(tmp_path / "five.jsonl", _rows(5))
+    _fails_with(capsys, [*args, "trainer.total_steps=4", f"data.train_path={five}"],
+                f"holds a checkpoint ({run / 'checkpoints' / 'actor' / 'step_3'}) of a run over 4 prompts with "
+                f"trainer.seed=0", f"data.train_path={five} gives 5 usable prompts with trainer.seed=0")
+    _fails_with(capsys, [*args, "trainer.total_steps=4", "trainer.seed=1"], "gives 4 usable prompts with trainer.seed=1")
     # the same output_dir with another model: stopped before loading, not a shape error from the checkpoint reader
     wide = make_tiny_hf_model(str(tmp_path / "wide"), hidden_size=64, num_layers=2)
     _fails_with(capsys, [*args, "trainer.total_steps=4", f"model.path={wide}"],

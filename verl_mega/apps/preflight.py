@@ -8,7 +8,8 @@
   3. the data: the file opens, every row parses and has the prompt column (data.train_path,
      data.prompt_key; the error names the file and the row), and it gives at least one batch per
      data-parallel rank (trainer.rollout_batch_size), and its longest prompt plus rollout.max_new_tokens fits
-     the model's max_position_embeddings; the same for data.val_path when validation is on;
+     the model's max_position_embeddings, and a checkpoint the run would resume saved its data position
+     for this many prompts and this trainer.seed; the same for data.val_path when validation is on;
   4. the tools (rollout.tools): known names, arguments their constructors take;
   5. the reward: `trainer.reward` imports (within trainer.reward_timeout_s), and a "rule" reward has a checker for every data_source
      in the data and a ground truth (reward_model.ground_truth) in every row;
@@ -270,6 +271,27 @@ def check_resume(cfg: TrainerConfig) -> None:
                          f"new trainer.output_dir, or trainer.resume=false to start over in it")
 
 
+def check_resume_data(cfg: TrainerConfig, dataset_size: int) -> None:
+    """ValueError when the checkpoint this run would resume saved its data position for another dataset size
+    (data.train_path's usable prompts) or trainer.seed (the shuffle order): the position would not mean the same
+    prompts."""
+    from verl_mega.trainer.checkpoint import find_checkpoint, read_data_state
+
+    actor_root = os.path.join(cfg.trainer.output_dir, "checkpoints", "actor")
+    if not cfg.trainer.resume or not os.path.isdir(actor_root):
+        return
+    path, _ = find_checkpoint(actor_root)
+    state = read_data_state(path) if path is not None else None
+    if not isinstance(state, dict) or "dataset_len" not in state:
+        return
+    if (state["dataset_len"], state.get("seed", cfg.trainer.seed)) != (dataset_size, cfg.trainer.seed):
+        raise ValueError(f"trainer.output_dir={cfg.trainer.output_dir} holds a checkpoint ({path}) of a run over "
+                         f"{state['dataset_len']} prompts with trainer.seed={state.get('seed')}, which this run "
+                         f"would resume, but data.train_path={cfg.data.train_path} gives {dataset_size} usable "
+                         f"prompts with trainer.seed={cfg.trainer.seed}: use the same data and seed to resume, or a "
+                         f"new trainer.output_dir (or trainer.resume=false) to start over")
+
+
 def check_batches(cfg: TrainerConfig, dataset_size: int, world_size: int) -> None:
     """ValueError if the dataset cannot give one batch to every data-parallel rank."""
     dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
@@ -327,6 +349,7 @@ def preflight(cfg: TrainerConfig, world_size: int) -> Prepared:
         raise ValueError(f"model.path={cfg.model.path} has no tokenizer (tokenizer.json / tokenizer.model)")
     dataset = load_dataset(cfg, tokenizer)
     check_batches(cfg, len(dataset), world_size)
+    check_resume_data(cfg, len(dataset))
     check_lengths(cfg, dataset, f"data.train_path={cfg.data.train_path}")
     t = cfg.trainer
     if t.val_every and not cfg.data.val_path:
