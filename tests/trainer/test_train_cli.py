@@ -160,6 +160,7 @@ def test_run_resume_finished_and_export(tiny_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[verl-mega] layout tp=1 pp=1 dp=1" in out and "dataset 4 prompts" in out and "algorithm grpo" in out
     assert f"checkpoints in {run / 'checkpoints'}; export one with: verl-mega export {run} HF_OUT_DIR" in out
+    assert "done: 1 step, last reward/mean" in out
     records = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r["step"] for r in records] == [0, 1] and math.isfinite(records[1]["actor/loss"])
     assert records[0]["val/num_prompts"] == records[1]["val/num_prompts"] == 3  # preflight's validation set

@@ -154,7 +154,7 @@ def done_line(cfg: TrainerConfig, history: list[dict]) -> str:
 
     out = os.path.abspath(cfg.trainer.output_dir)
     last = history[-1]
-    line = (f"done: {len(history)} steps, last reward/mean {last.get('reward/mean', float('nan')):.3g}; "
+    line = (f"done: {len(history)} step{'' if len(history) == 1 else 's'}, last reward/mean {last.get('reward/mean', float('nan')):.3g}; "
             f"metrics in {os.path.join(out, 'metrics.jsonl')}")
     ckpt = os.path.join(out, "checkpoints")
     if checkpointing.latest_checkpoint(ckpt):
