@@ -163,7 +163,8 @@ def check_config(cfg: TrainerConfig) -> None:
                         ("trainer.num_epochs", t.num_epochs), ("trainer.critic_epochs", 1 if t.critic_epochs is None else t.critic_epochs),
                         ("rollout.n_samples", r.n_samples),
                         ("rollout.max_new_tokens", r.max_new_tokens), ("parallel.tp", cfg.parallel.tp),
-                        ("parallel.pp", cfg.parallel.pp), ("trainer.log_every", t.log_every)):
+                        ("parallel.pp", cfg.parallel.pp), ("trainer.log_every", t.log_every),
+                        ("trainer.total_steps", t.total_steps)):  # 0 would end at once saying "already finished"
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if cfg.model.recompute_layers is not None and cfg.model.recompute_layers < 0:
@@ -189,7 +190,7 @@ def check_config(cfg: TrainerConfig) -> None:
         raise ValueError(f"algorithm.value_clip must be > 0 or null (unclipped), got {a.value_clip}")
     if cfg.model.value_head_std < 0:
         raise ValueError(f"model.value_head_std must be >= 0, got {cfg.model.value_head_std}")
-    for name, value, low in (("trainer.total_steps", t.total_steps, 0), ("trainer.save_every", t.save_every, 0),
+    for name, value, low in (("trainer.save_every", t.save_every, 0),
                              ("trainer.reward_fail_steps", t.reward_fail_steps, 0), ("trainer.val_every", t.val_every, 0), ("trainer.val_n_samples", t.val_n_samples, 1),
                              ("trainer.val_batch_size", t.val_batch_size, 1),
                              ("trainer.val_temperature", t.val_temperature, 0)):
