@@ -225,5 +225,5 @@ def test_tp2_without_torchrun_spawns_two_processes(tiny_dir, tmp_path, capsys):
     assert train_cli.main([cfg, *SMALL, "parallel.tp=2", "trainer.total_steps=1", "trainer.save_final=false",
                            f"trainer.output_dir={run}"]) == 0
     out = capsys.readouterr().out
-    assert "starting 2 processes (parallel.tp=2 x parallel.pp=1, dp=1)" in out and "done: 1 steps" in out
+    assert "starting 2 processes (parallel.tp=2 x parallel.pp=1, dp=1)" in out and "done: 1 step," in out
     assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1]
