@@ -73,6 +73,14 @@ def test_malformed_override_and_missing_value(tmp_path):
         load_config(Schema, tmp_path / "nope.yaml")
 
 
+def test_override_text_yaml_reads_as_a_mapping_stays_text_for_a_string_field():
+    # YAML reads "file.py:" as {"file.py": None}; a str field keeps the text typed (its own check judges it)
+    assert load_config(Schema, overrides=["name=file.py:"]).name == "file.py:"
+    assert load_config(Schema, overrides=["name=mod: fn"]).name == "mod: fn"
+    with pytest.raises(ValueError, match="'steps'"):  # a non-string field still rejects the mapping
+        load_config(Schema, overrides=["steps=a:"])
+
+
 def test_yaml_syntax_error_names_file_and_line(tmp_path):
     y = tmp_path / "broken.yaml"
     y.write_text("model:\n  path: [\n")

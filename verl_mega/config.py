@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, StringNode
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 T = TypeVar("T")
@@ -46,16 +46,34 @@ def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
         raise ValueError(f"{source}: cannot merge config at key '{getattr(e, 'full_key', '?')}': {e}") from None
 
 
-def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
-    """Dotlist overrides (`a.b=3`, values parsed as YAML) into a config; a malformed item is a ValueError."""
+def _parse_overrides(overrides: Sequence[str], schema: DictConfig) -> DictConfig:
+    """Dotlist overrides (`a.b=3`, values parsed as YAML) into a config; a malformed item is a ValueError.
+
+    A value that YAML reads as a mapping (text ending in ':' or holding ': ', e.g. `trainer.reward=file.py:`)
+    given to a string field of `schema` is kept as the text typed, so the field's own check can say what is
+    wrong with it (OmegaConf would reject it as "Cannot convert 'DictConfig' to string")."""
     for item in overrides:
         key = item.split("=", 1)[0]
         if "=" not in item or not key.strip():
             raise ValueError(f"config override {item!r} must look like key.path=value")
     try:
-        return OmegaConf.from_dotlist(list(overrides))
+        parsed = OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as e:
         raise ValueError(f"cannot parse config overrides {list(overrides)}: {e}") from None
+    for item in overrides:
+        key, text = item.split("=", 1)
+        if isinstance(OmegaConf.select(parsed, key), DictConfig) and _is_string_field(schema, key):
+            OmegaConf.update(parsed, key, text, merge=False)
+    return parsed
+
+
+def _is_string_field(schema: DictConfig, key: str) -> bool:
+    """Whether the dotted `key` is a `str` (or Optional[str]) field of the structured config `schema`."""
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(schema, parent_key) if parent_key else schema
+    if not isinstance(parent, DictConfig) or leaf not in parent:
+        return False
+    return isinstance(parent._get_node(leaf), StringNode)
 
 
 def merge_config(schema_cls: type, yaml_path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
@@ -76,7 +94,7 @@ def merge_config(schema_cls: type, yaml_path: str | Path | None = None, override
             raise ValueError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         cfg = _merge(cfg, loaded, str(path))
     if overrides:
-        cfg = _merge(cfg, _parse_overrides(overrides), "command-line override")
+        cfg = _merge(cfg, _parse_overrides(overrides, cfg), "command-line override")
     return cfg
 
 

@@ -106,6 +106,18 @@ def test_reinforce_plus_plus_baseline():
     assert close(adv, [[a, a], [-a, -a], [-a, -a], [a, a]]) and torch.equal(adv, ret)
 
 
+def test_groups_of_one_follow_verl():
+    # rollout.n_samples=1: GRPO / RLOO are refused by check_config; here the estimators' own conventions
+    rewards, mask = outcome([1.0, 0.0, 1.0, 0.0])
+    grpo, _ = get_advantage_estimator("grpo")(rewards, mask, group_size=1)
+    assert close(grpo, [[1, 1], [0, 0], [1, 1], [0, 0]])  # mean 0, std 1: the raw score
+    assert close(get_advantage_estimator("rloo")(rewards, mask, group_size=1)[0], [[0, 0]] * 4)
+    # REINFORCE++-baseline: baseline 0 for a group of one, then whitened over the batch (as REINFORCE++)
+    a = 0.5 / math.sqrt(2 / 7)
+    rpb, _ = get_advantage_estimator("reinforce_plus_plus_baseline")(rewards, mask, group_size=1)
+    assert close(rpb, [[a, a], [-a, -a], [a, a], [-a, -a]])
+
+
 def test_registry_and_shared_call():
     assert set(ADVANTAGE_ESTIMATORS) == {"gae", "grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"}
     with pytest.raises(ValueError, match=r"unknown advantage estimator 'ppo'.*grpo"):

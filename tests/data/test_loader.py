@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from verl_mega.data import PromptLoader, get_dataloader, left_pad
+from verl_mega.data.loader import PADDING_KEY
 
 
 def items(n):
@@ -34,7 +35,7 @@ def test_resume_mid_epoch():
     it = iter(run)
     seen = [[x["index"] for x in next(it)] for _ in range(4)]
     state = run.state_dict()
-    assert state == {"epoch": 0, "index": 4, "seed": 3, "dataset_len": 12}
+    assert state == {"epoch": 0, "index": 4, "seed": 3, "dataset_len": 12, "batch_size": 2, "dp_size": 1}
     resumed = PromptLoader(items(12), 2, seed=3)
     resumed.load_state_dict(state)
     rest = idx(resumed)  # the rest of epoch 0
@@ -42,6 +43,40 @@ def test_resume_mid_epoch():
     assert idx(resumed) == full[6:] and resumed.state_dict()["epoch"] == 2
     with pytest.raises(ValueError, match="13 prompts"):
         PromptLoader(items(13), 2, seed=3).load_state_dict(state)
+
+
+def test_resume_after_an_epochs_last_batch_starts_the_next_epoch():
+    ref = PromptLoader(items(4), 2, seed=3)
+    full = idx(ref) + idx(ref)  # two epochs of 2 batches
+    run = PromptLoader(items(4), 2, seed=3)
+    for k, batch in enumerate(run):  # a trainer that stops (checkpoints) after the epoch's last batch
+        if k == 1:
+            break
+    state = run.state_dict()
+    assert state["epoch"] == 0 and state["index"] == 2
+    resumed = PromptLoader(items(4), 2, seed=3)
+    resumed.load_state_dict(state)
+    assert idx(resumed) == full[2:]  # epoch 1 (was nothing: the rest of the finished epoch 0)
+    assert idx(run) == full[2:]  # the same loader iterated again after the break
+
+
+def test_resume_with_another_batch_size_continues_at_the_same_prompt(caplog):
+    order = sum(idx(PromptLoader(items(12), 12, seed=3)), [])  # the epoch's order, independent of the batch size
+    run = PromptLoader(items(12), 4, seed=3)
+    next(iter(run))  # 4 prompts done
+    state = run.state_dict()
+    assert (state["batch_size"], state["dp_size"]) == (4, 1)
+    smaller = PromptLoader(items(12), 2, seed=3)
+    smaller.load_state_dict(state)
+    assert sum(idx(smaller), []) == order[4:]  # 4 = 2 batches of 2: exact (was order[2:], 2 prompts again)
+    split = [PromptLoader(items(12), 1, seed=3, dp_rank=r, dp_size=2) for r in range(2)]
+    for loader in split:
+        loader.load_state_dict(state)
+    assert sorted(sum(sum((idx(l) for l in split), []), [])) == sorted(order[4:])
+    larger = PromptLoader(items(12), 3, seed=3)
+    with caplog.at_level("WARNING"):
+        larger.load_state_dict(state)  # 4 is not a multiple of 3: the next boundary, 6, skipping 2
+    assert sum(idx(larger), []) == order[6:] and "2 prompts of this epoch skipped" in caplog.text
 
 
 def test_dp_sharding_partitions_global_batch():
@@ -55,6 +90,9 @@ def test_dp_sharding_partitions_global_batch():
     # drop_last=False: the short last global batch (1 prompt) is padded so each rank gets one item
     tail = [idx(PromptLoader(items(13), 2, seed=0, drop_last=False, dp_rank=r, dp_size=3))[-1] for r in range(3)]
     assert [len(t) for t in tail] == [1, 1, 1]
+    last = [list(PromptLoader(items(13), 2, seed=0, drop_last=False, dp_rank=r, dp_size=3))[-1][0] for r in range(3)]
+    assert [PADDING_KEY in it for it in last] == [False, True, True]  # the repeats are marked, the prompt is not
+    assert all(PADDING_KEY not in it for b in PromptLoader(items(12), 2, drop_last=False, dp_size=3) for it in b)
 
 
 def test_bad_loader_args():

@@ -172,10 +172,10 @@ def test_trainer_step_with_tools_trains_only_model_tokens(hf_dir):
 
     torch.manual_seed(0)
     cfg = TrainerConfig()
-    cfg.rollout.max_turns = 3
+    cfg.rollout.max_turns, cfg.rollout.max_total_tokens = 3, 200
     actor = get_actor_model(hf_dir)
     trainer = PPOTrainer(actor, reward_fn=lambda r: float(r.strip().endswith("5.")), algorithm="reinforce_plus_plus",
-                         rollout_batch_size=2, n_samples=1, max_new_tokens=200, lr=1e-4, tools=[AddTool()], config=cfg)
+                         rollout_batch_size=2, n_samples=1, max_new_tokens=100, lr=1e-4, tools=[AddTool()], config=cfg)
     worker = trainer.worker
     engine = worker.engine(worker.weights.to_inference(), 400, 2)  # the engine the rollout will reuse
     worker.weights.to_train()
@@ -191,4 +191,6 @@ def test_trainer_step_with_tools_trains_only_model_tokens(hf_dir):
     tool_tokens = (b.response_mask - b.loss_mask).bool()
     assert (b.advantages[tool_tokens] == 0).all() and (b.advantages[b.loss_mask.bool()] != 0).all()
     assert (m["agent/turns"], m["agent/tool_calls"], m["agent/tool_errors"]) == (1.5, 0.5, 0.0)
+    # 113 tokens > max_new_tokens=100 but < max_total_tokens=200, the limit of a tool rollout: not clipped
+    assert m["response_length/clip_ratio"] == 0.0
     assert math.isfinite(m["actor/loss"])

@@ -110,6 +110,15 @@ def test_cli_input_errors(hf_dir, tmp_path, capsys):
     assert main(_args(hf_dir, str(bad), out, "--tp", "2")) == 2
     assert "--tp 2 needs a multiple of 2 processes, but 1 were started; launch with `torchrun --nproc-per-node 2" \
         in capsys.readouterr().err
+    good = str(tmp_path / "good.jsonl")  # prompt + --max-new-tokens beyond max_position_embeddings (256)
+    with open(good, "w") as f:
+        f.write(json.dumps({"prompt": "one two three"}) + "\n")
+    assert main(["generate", "--model", hf_dir, "--prompts", good, "--out", out, "--max-new-tokens", "256"]) == 2
+    assert "--max-new-tokens 256 leaves no room for a prompt within the model's max_position_embeddings=256" \
+        in capsys.readouterr().err
+    assert main(["generate", "--model", hf_dir, "--prompts", good, "--out", out, "--max-new-tokens", "254"]) == 2
+    err = capsys.readouterr().err
+    assert f"--max-new-tokens 254 with the longest prompt of {good}" in err and "max_position_embeddings=256" in err
     assert main(_args(hf_dir, str(bad), out, "--top-p", "2")) == 2
     assert "--top-p must be in (0, 1], got 2.0" in capsys.readouterr().err
     assert main(_args(hf_dir, str(bad), str(tmp_path))) == 2  # an output path that cannot be written: before loading

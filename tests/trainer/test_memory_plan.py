@@ -112,7 +112,7 @@ def tiny_dir(tmp_path_factory):
     return make_tiny_hf_model(str(tmp_path_factory.mktemp("tiny")), hidden_size=32, num_layers=2)
 
 
-def test_impossible_config_fails_before_the_engines_are_built(tiny_dir):
+def test_impossible_config_fails_before_the_engines_are_built(tiny_dir, capsys):
     cfg = TrainerConfig()
     cfg.offload.memory_gib = 1e-4  # 100 KiB: nothing fits
     cfg.algorithm.kl_coef = 0.1
@@ -123,6 +123,7 @@ def test_impossible_config_fails_before_the_engines_are_built(tiny_dir):
     for knob in ("offload.optimizer=true", "offload.reference=true", "trainer.micro_batch_size", "parallel.tp"):
         assert knob in msg
     assert "component" in msg and "update" in msg  # the table comes with the error
+    assert "memory plan per GPU" not in capsys.readouterr().out  # and only with it (not printed before it too)
 
 
 def test_offload_switches_reach_the_engines(tiny_dir):

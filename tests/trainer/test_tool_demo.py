@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.run_python import run_python
+from verl_mega.apps import demo
 from verl_mega.apps import demo_tool_task as task
 from verl_mega.trainer.batch import RLBatch
 
@@ -51,3 +52,9 @@ def test_tool_demo_quick(tmp_path):
     for key in ("accuracy_before", "accuracy_after", "tool_call_rate_before", "tool_call_rate_after"):
         assert 0.0 <= summary[key] <= 1.0
     assert "held-out accuracy" in proc.stdout
+    # metrics.jsonl like the other demos: `demo --plot` draws the tool run
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val/accuracy" in r] == [0, 2]
+    assert [r["reward/mean"] for r in records if "reward/mean" in r] == pytest.approx(summary["rewards"])
+    assert demo.main(["--plot", str(out), "--output-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "reward_curve.png").stat().st_size > 0

@@ -58,6 +58,24 @@ def _fails_with(capsys, argv: list[str], *fragments: str, status: int = 2) -> st
     return captured.err
 
 
+def test_reward_module_that_hangs_at_import_is_an_error_within_the_timeout(weightless_dir, tmp_path):
+    # its own process: the abandoned import thread spins until that process exits, not in the test runner
+    import subprocess
+    import sys
+
+    from tests.run_python import REPO
+
+    loop = tmp_path / "loop.py"
+    loop.write_text("while True:\n    pass\n\ndef score(response):\n    return 1.0\n")
+    cfg = _config(tmp_path, weightless_dir, _jsonl(tmp_path / "d.jsonl", _rows(4)))
+    # 60 s: the 1 s limit plus the interpreter's and the tokenizer's start (~5 s idle); a hang raises TimeoutExpired
+    proc = subprocess.run([sys.executable, "-m", "verl_mega", "train", cfg, *SMALL, f"trainer.reward={loop}:score",
+                           "trainer.reward_timeout_s=1"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"importing {loop} did not finish within 1 s (trainer.reward_timeout_s)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_checks_fail_before_the_model_loads(weightless_dir, tmp_path, capsys, monkeypatch):
     good = _jsonl(tmp_path / "good.jsonl", _rows(4))
     cfg = _config(tmp_path, weightless_dir, good)
@@ -79,7 +97,11 @@ def test_checks_fail_before_the_model_loads(weightless_dir, tmp_path, capsys, mo
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     _fails(capsys, [cfg, f"data.train_path={empty}"], f"data.train_path={empty}: the file has no rows")
+    # prompt + response beyond the model's positions (the tiny model has 256)
+    _fails(capsys, [cfg, "rollout.max_new_tokens=250"], f"data.train_path={good}: its longest prompt (",
+           "+ rollout.max_new_tokens=250 exceeds the max_position_embeddings=256", "lower rollout.max_new_tokens to <=")
     _fails(capsys, [cfg, "trainer.reward=:score"], "trainer.reward=':score': give both the module")
+    _fails(capsys, [cfg, "trainer.reward=score.py:"], "trainer.reward='score.py:': give both the module")
     # a reward file that fails to import: its error and line, no traceback
     broken = tmp_path / "broken_import.py"
     broken.write_text("import math\nraise RuntimeError('no key')\n")
@@ -138,6 +160,7 @@ def test_run_resume_finished_and_export(tiny_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[verl-mega] layout tp=1 pp=1 dp=1" in out and "dataset 4 prompts" in out and "algorithm grpo" in out
     assert f"checkpoints in {run / 'checkpoints'}; export one with: verl-mega export {run} HF_OUT_DIR" in out
+    assert "done: 1 step, last reward/mean" in out
     records = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r["step"] for r in records] == [0, 1] and math.isfinite(records[1]["actor/loss"])
     assert records[0]["val/num_prompts"] == records[1]["val/num_prompts"] == 3  # preflight's validation set
@@ -152,10 +175,36 @@ def test_run_resume_finished_and_export(tiny_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"resuming from {run / 'checkpoints'} at step 1" in out and "steps 1 -> 2" in out
     assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [0, 1, 2]
+    # step 2 ended the epoch (4 prompts, 2 per step): the resumed run starts the next one (was 'yielded no batch')
+    assert train_cli.main([*args, "trainer.total_steps=3"]) == 0
+    assert f"resuming from {run / 'checkpoints'} at step 2" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [0, 1, 2, 3]
+    # the same output_dir with other data or seed: the saved data position would mean other prompts
+    five = _jsonl(tmp_path / "five.jsonl", _rows(5))
+    _fails_with(capsys, [*args, "trainer.total_steps=4", f"data.train_path={five}"],
+                f"holds a checkpoint ({run / 'checkpoints' / 'actor' / 'step_3'}) of a run over 4 prompts with "
+                f"trainer.seed=0", f"data.train_path={five} gives 5 usable prompts with trainer.seed=0")
+    _fails_with(capsys, [*args, "trainer.total_steps=4", "trainer.seed=1"], "gives 4 usable prompts with trainer.seed=1")
     # the same output_dir with another model: stopped before loading, not a shape error from the checkpoint reader
     wide = make_tiny_hf_model(str(tmp_path / "wide"), hidden_size=64, num_layers=2)
-    _fails_with(capsys, [*args, "trainer.total_steps=3", f"model.path={wide}"],
+    _fails_with(capsys, [*args, "trainer.total_steps=4", f"model.path={wide}"],
                 f"trainer.output_dir={run} holds a checkpoint", "hidden_size 32 there, 64 here", "trainer.resume=false")
+
+
+def test_ctrl_c_says_where_the_run_resumes(tiny_dir, tmp_path, capsys):
+    # the reward presses Ctrl-C (SIGINT to this process) at its 5th call: during step 2 (4 responses a step)
+    reward = tmp_path / "interrupting.py"
+    reward.write_text("import itertools, os, signal\ncalls = itertools.count(1)\n"
+                      "def score(response):\n    if next(calls) == 5:\n        os.kill(os.getpid(), signal.SIGINT)\n"
+                      "    return 0.0\n")
+    cfg = _config(tmp_path, tiny_dir, _jsonl(tmp_path / "train.jsonl", _rows(4)))
+    run = tmp_path / "run"
+    argv = [cfg, *SMALL, f"trainer.reward={reward}:score", "trainer.total_steps=5", "trainer.save_every=1",
+            "rollout.stream_rewards=false", f"trainer.output_dir={run}"]
+    assert train_cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted; rerun the same command to resume from the newest checkpoint, {run / 'checkpoints' / 'actor'}" \
+        in err and "Traceback" not in err
 
 
 def test_reward_failing_every_call_stops_the_run(tiny_dir, tmp_path, capsys):
@@ -176,5 +225,5 @@ def test_tp2_without_torchrun_spawns_two_processes(tiny_dir, tmp_path, capsys):
     assert train_cli.main([cfg, *SMALL, "parallel.tp=2", "trainer.total_steps=1", "trainer.save_final=false",
                            f"trainer.output_dir={run}"]) == 0
     out = capsys.readouterr().out
-    assert "starting 2 processes (parallel.tp=2 x parallel.pp=1, dp=1)" in out and "done: 1 steps" in out
+    assert "starting 2 processes (parallel.tp=2 x parallel.pp=1, dp=1)" in out and "done: 1 step," in out
     assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1]

@@ -67,6 +67,28 @@ def test_step_counts_failing_and_hanging_rewards(tiny_dir):
     g = b.scores.view(-1, 8)
     expect = ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-6)).view(-1)
     torch.testing.assert_close(b.advantages, expect[:, None] * b.response_mask, atol=1e-5, rtol=1e-5)
+    assert m["reward/uniform_groups"] == (g == g[:, :1]).all(1).float().mean().item()
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_groups_with_equal_rewards_train_on_with_zero_advantages(tiny_dir, algorithm):
+    cfg = TrainerConfig()
+    cfg.algorithm.name = algorithm
+    trainer = PPOTrainer(get_actor_model(tiny_dir), reward_fn=lambda r: 1.0, rollout_batch_size=2, n_samples=2,
+                         max_new_tokens=4, config=cfg)
+    for _ in range(2):  # the run goes on
+        m = trainer.step([{"prompt": CHAT}, {"prompt": "2+2="}])
+        assert all(math.isfinite(v) for v in m.values()), {k: v for k, v in m.items() if not math.isfinite(v)}
+        assert m["reward/uniform_groups"] == 1.0 and m["advantage/max"] == m["advantage/min"] == 0.0
+        assert m["actor/grad_norm"] == 0.0  # no signal, no update (the std of a uniform group is 0, not NaN)
+
+
+def test_every_response_truncated_is_counted(tiny_dir):
+    trainer = PPOTrainer(get_actor_model(tiny_dir), reward_fn=lambda r: float(len(r)), rollout_batch_size=2,
+                         n_samples=2, max_new_tokens=1)  # one token: no response can stop before the limit
+    m = trainer.step([{"prompt": CHAT}, {"prompt": "2+2="}])
+    assert m["response_length/clip_ratio"] == 1.0 and m["response_length/max"] == 1.0
+    assert all(math.isfinite(v) for v in m.values())
 
 
 def test_pipeline_composition_and_custom_stage(tiny_dir):

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from verl_mega.data.loader import PADDING_KEY
 from verl_mega.rollout import get_actor_model
 from verl_mega.testing.tiny_hf import make_tiny_hf_model
 from verl_mega.trainer import PPOTrainer, TrainerConfig
@@ -41,6 +42,10 @@ def test_validator_metrics_from_a_known_generate():
     assert "val/accuracy" not in m and m["val/reward_mean"] == 0.5
     with pytest.raises(ValueError, match="n_samples=2"):
         Validator(lambda ids: ["a"] * len(ids), _match, batches, n_samples=2)()
+    # a loader's padding copy (a one-row set on 2 dp ranks: rank 1 repeats it) is generated but not counted
+    one = _rows(1)
+    m = Validator(lambda ids: ["0"] * len(ids), _match, [one + [{**one[0], PADDING_KEY: True}]])()
+    assert m["val/num_prompts"] == 1 and m["val/reward_mean"] == 1.0
 
 
 def test_fit_validates_before_every_n_and_at_the_end(tiny_dir, tmp_path):
@@ -101,7 +106,7 @@ def test_ppo_critic_zero_head_and_warmup_keep_the_actor_still(tiny_dir, tmp_path
     ("trainer.val_every", -1, "trainer.val_every"), ("trainer.val_n_samples", 0, "trainer.val_n_samples"),
     ("algorithm.critic_warmup", -2, "algorithm.critic_warmup"), ("algorithm.value_clip", 0.0, "algorithm.value_clip"),
     ("model.value_head_std", -0.1, "model.value_head_std"), ("critic_optim.schedule", "cos", "critic_optim"),
-    ("trainer.critic_epochs", 0, "trainer.critic_epochs"), ("trainer.total_steps", -1, "trainer.total_steps"),
+    ("trainer.critic_epochs", 0, "trainer.critic_epochs"), ("trainer.total_steps", 0, "trainer.total_steps must be >= 1"),
     ("trainer.save_every", -2, "trainer.save_every"), ("trainer.log_every", 0, "trainer.log_every"),
     ("trainer.reward_timeout_s", 0.0, "trainer.reward_timeout_s"), ("trainer.reward_fail_steps", -1, "reward_fail_steps")])
 def test_new_fields_reject_bad_values(field, value, match):

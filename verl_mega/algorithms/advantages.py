@@ -11,7 +11,8 @@ The arithmetic lives in `verl_mega/kernels/advantage.py` (fused Triton kernels w
 reference); these are thin wrappers with the estimator's formula and verl's conventions. Group
 sizes: with `group_size`, groups are contiguous (the n responses of a prompt sit together); with
 `group_index`, any ids. Kernel conventions for a group of one: GRPO mean 0 / std 1 (the raw score,
-as verl), RLOO 0.
+as verl), RLOO 0, REINFORCE++-baseline baseline 0 (the raw score, then whitened over the batch, as verl);
+`verl-mega train` refuses rollout.n_samples=1 for GRPO and RLOO (trainer.config.check_config).
 
 References: Schulman et al. 2016 (GAE); Shao et al. 2024 (GRPO, DeepSeekMath); Ahmadian et al. 2024
 (RLOO, "Back to Basics"); Hu 2025 (REINFORCE++); verl `trainer/ppo/core_algos.py`.

@@ -17,7 +17,8 @@ Steps (every rank runs them; rank 0 writes files and prints):
  3. GRPO with `PPOTrainer(tools=[SandboxFusionTool()])` (no URL: the local bubblewrap sandbox), reward =
     exact match of the final line with the product; the agent loop runs the calls during rollout;
  4. held-out greedy accuracy and tool-call rate (the agent loop at temperature 0) before and after RL
-    -> summary.json.
+    -> summary.json, and metrics.jsonl (every RL step's metrics, val/accuracy before and after RL; the
+    file `verl-mega demo --plot DIR` reads).
 """
 
 from __future__ import annotations
@@ -164,6 +165,7 @@ def run(args) -> dict:
     from verl_mega.rollout.actor import get_actor_model
     from verl_mega.tools import SandboxFusionTool, ToolSet
     from verl_mega.trainer.config import TrainerConfig
+    from verl_mega.trainer.metrics import MetricsLogger
     from verl_mega.trainer.ppo_trainer import PPOTrainer
 
     def say(*msg):
@@ -202,14 +204,23 @@ def run(args) -> dict:
     cfg.rollout.n_samples, cfg.rollout.max_new_tokens, cfg.rollout.max_turns = args.n_samples, max_total, 2
     cfg.data.max_prompt_length = 64
     trainer = PPOTrainer(actor, reward_fn=compute_score, tools=toolset, config=cfg)
+    # metrics.jsonl as the other demos write it (`verl-mega demo --plot` reads it): the held-out accuracy at
+    # step 0 and after the last step (val/accuracy), every RL step's training metrics between
+    if layout.rank == 0 and os.path.exists(os.path.join(out, "metrics.jsonl")):
+        os.remove(os.path.join(out, "metrics.jsonl"))
+    logger = MetricsLogger(out, enabled=layout.rank == 0)
+    logger.log(0, {"val/accuracy": before["accuracy"]})
     rng = random.Random(args.seed + 1)
     history = []
     for step in range(args.rl_steps):
         metrics = trainer.step([rng.choice(train_rows) for _ in range(args.rollout_batch)])
         history.append(metrics)
+        logger.log(trainer.global_step, metrics)
         say(f"[tool demo] GRPO step {step + 1}: reward {metrics['reward/mean']:.3f}, tool calls/sample "
             f"{metrics.get('agent/tool_calls', 0):.2f}, tool errors/sample {metrics.get('agent/tool_errors', 0):.2f}")
     after = evaluate(actor, toolset, heldout_rows, max_total)
+    logger.log(trainer.global_step, {"val/accuracy": after["accuracy"]})
+    logger.close()
     seconds = time.time() - start
     summary = {"accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
                "tool_call_rate_before": before["tool_call_rate"], "tool_call_rate_after": after["tool_call_rate"],

@@ -118,6 +118,30 @@ def check_layout(args, world_size: int) -> None:
                          f"launch with `torchrun --nproc-per-node {args.tp} -m verl_mega generate ... --tp {args.tp}`")
 
 
+def check_lengths(args, prompts: list) -> None:
+    """ValueError naming --max-new-tokens when the longest prompt (tokenized with --model's tokenizer; an image's
+    pad tokens not counted) plus --max-new-tokens exceeds the model's max_position_embeddings (config.json)."""
+    from verl_mega.models.config import ModelConfig
+    from verl_mega.models.tokenizer import load_tokenizer
+    from verl_mega.rollout.frontend import encode_prompts
+
+    limit = ModelConfig.from_hf(args.model).max_position_embeddings
+    where = f"the model's max_position_embeddings={limit} (--model {args.model})"
+    if args.max_new_tokens >= limit:  # no prompt (of >= 1 token) fits: no need to tokenize
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt within {where}; "
+                         f"use --max-new-tokens < {limit} minus the prompt length")
+    tokenizer = load_tokenizer(args.model)
+    if tokenizer is None:
+        return  # prompts read from a file need a tokenizer: generate() says it is missing
+    lengths = [len(ids) for ids in encode_prompts(tokenizer, prompts)]
+    longest = max(lengths)
+    if longest + args.max_new_tokens > limit:
+        fix = (f"use --max-new-tokens <= {limit - longest}" if longest < limit else
+               f"row {lengths.index(longest)} alone is {longest} tokens: shorten the prompts")
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} with the longest prompt of {args.prompts} "
+                         f"({longest} tokens) exceeds {where}; {fix}")
+
+
 def encode_images(actor, path: str, records: list[dict], prompts: list, prompt_key: str) -> tuple[list, list | None]:
     """(prompts, images) for `frontend.generate`: rows with a non-empty "images" column become token ids
     (their `prompt_key` messages templated, markers replaced, image pads expanded) with their (pixel_values,
@@ -174,6 +198,7 @@ def run(args) -> int:
     _check_args(args)
     check_layout(args, dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1)))
     records, prompts = read_prompts(args.prompts, args.prompt_key)  # every rank validates before any collective
+    check_lengths(args, prompts)
     dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
     actor = get_actor_model(args.model, torch_dtype=dtype, tensor_parallel_size=args.tp, pipeline_parallel_size=1)
     # every rank, before any collective

@@ -7,9 +7,11 @@
      the shapes of the checkpoint in trainer.output_dir that the run would resume;
   3. the data: the file opens, every row parses and has the prompt column (data.train_path,
      data.prompt_key; the error names the file and the row), and it gives at least one batch per
-     data-parallel rank (trainer.rollout_batch_size); the same for data.val_path when validation is on;
+     data-parallel rank (trainer.rollout_batch_size), and its longest prompt plus rollout.max_new_tokens fits
+     the model's max_position_embeddings, and a checkpoint the run would resume saved its data position
+     for this many prompts and this trainer.seed; the same for data.val_path when validation is on;
   4. the tools (rollout.tools): known names, arguments their constructors take;
-  5. the reward: `trainer.reward` imports, and a "rule" reward has a checker for every data_source
+  5. the reward: `trainer.reward` imports (within trainer.reward_timeout_s), and a "rule" reward has a checker for every data_source
      in the data and a ground truth (reward_model.ground_truth) in every row;
   6. the weights: model.safetensors (or the index and every shard it names) exist under model.path.
 It returns the tokenized datasets and the reward callable, which training then uses as they are.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import threading
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -37,9 +40,10 @@ class Prepared:
     val_dataset: Any = None  # data.val_path's RLDataset when validation is on, else None
 
 
-def load_reward(spec: str) -> Callable | None:
+def load_reward(spec: str, import_timeout_s: float | None = None) -> Callable | None:
     """The reward callable named by `spec` ("rule", "module:function" or "file.py:function"); for a model
-    reward ("model:PATH", "judge:PATH") the directory is checked and None returned (it loads on the actor's layout)."""
+    reward ("model:PATH", "judge:PATH") the directory is checked and None returned (it loads on the actor's layout).
+    A module whose import runs past `import_timeout_s` seconds (None: no limit) is a ValueError naming it."""
     if spec == "rule":
         from verl_mega.rewards.base import RuleBasedReward
 
@@ -60,7 +64,11 @@ def load_reward(spec: str) -> Callable | None:
     if target.endswith(".py") and not os.path.isfile(target):
         raise ValueError(f"trainer.reward: file {target} does not exist")
     try:
-        module = _import_reward_module(target)
+        module = _import_reward_module(target, import_timeout_s)
+    except TimeoutError:
+        raise ValueError(f"trainer.reward={spec!r}: importing {target} did not finish within {import_timeout_s:g} s "
+                         f"(trainer.reward_timeout_s); a loop or a long computation at import? Raise "
+                         f"trainer.reward_timeout_s if it is only slow") from None
     except Exception as exc:  # the user's module failed to import: its error, where it was raised, no traceback
         raise ValueError(f"trainer.reward={spec!r}: cannot import {target}: {_where(exc)}{type(exc).__name__}: "
                          f"{exc}") from None
@@ -90,8 +98,32 @@ def check_reward_architecture(spec: str) -> None:
         raise ValueError(f"trainer.reward={spec!r}: {kind}: needs {wanted}, but {path} holds {architectures}{hint}")
 
 
-def _import_reward_module(target: str):
-    """The module of a reward spec: a file path ending in .py, or a dotted module name."""
+def _import_reward_module(target: str, timeout_s: float | None = None):
+    """The module of a reward spec: a file path ending in .py, or a dotted module name. The import runs in a
+    daemon thread, as sync reward calls do (rewards.base), and TimeoutError is raised after `timeout_s`
+    seconds; a hung import is abandoned there (Python cannot stop a thread), still running until the process
+    exits: `verl-mega train` exits with the error."""
+    if timeout_s is None:
+        return _import_now(target)
+    box: dict = {}
+
+    def work():
+        try:
+            box["module"] = _import_now(target)
+        except BaseException as exc:  # handed to the caller's thread below
+            box["error"] = exc
+
+    thread = threading.Thread(target=work, name="reward-import", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"importing {target} took more than {timeout_s} s")
+    if "error" in box:
+        raise box["error"]
+    return box["module"]
+
+
+def _import_now(target: str):
     if not target.endswith(".py"):
         return importlib.import_module(target)
     module_spec = importlib.util.spec_from_file_location("verl_mega_user_reward", target)
@@ -239,6 +271,27 @@ def check_resume(cfg: TrainerConfig) -> None:
                          f"new trainer.output_dir, or trainer.resume=false to start over in it")
 
 
+def check_resume_data(cfg: TrainerConfig, dataset_size: int) -> None:
+    """ValueError when the checkpoint this run would resume saved its data position for another dataset size
+    (data.train_path's usable prompts) or trainer.seed (the shuffle order): the position would not mean the same
+    prompts."""
+    from verl_mega.trainer.checkpoint import find_checkpoint, read_data_state
+
+    actor_root = os.path.join(cfg.trainer.output_dir, "checkpoints", "actor")
+    if not cfg.trainer.resume or not os.path.isdir(actor_root):
+        return
+    path, _ = find_checkpoint(actor_root)
+    state = read_data_state(path) if path is not None else None
+    if not isinstance(state, dict) or "dataset_len" not in state:
+        return
+    if (state["dataset_len"], state.get("seed", cfg.trainer.seed)) != (dataset_size, cfg.trainer.seed):
+        raise ValueError(f"trainer.output_dir={cfg.trainer.output_dir} holds a checkpoint ({path}) of a run over "
+                         f"{state['dataset_len']} prompts with trainer.seed={state.get('seed')}, which this run "
+                         f"would resume, but data.train_path={cfg.data.train_path} gives {dataset_size} usable "
+                         f"prompts with trainer.seed={cfg.trainer.seed}: use the same data and seed to resume, or a "
+                         f"new trainer.output_dir (or trainer.resume=false) to start over")
+
+
 def check_batches(cfg: TrainerConfig, dataset_size: int, world_size: int) -> None:
     """ValueError if the dataset cannot give one batch to every data-parallel rank."""
     dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
@@ -247,6 +300,23 @@ def check_batches(cfg: TrainerConfig, dataset_size: int, world_size: int) -> Non
         raise ValueError(f"data.train_path={cfg.data.train_path} has {dataset_size} usable prompts, fewer than one step "
                          f"needs: trainer.rollout_batch_size={cfg.trainer.rollout_batch_size} x {dp} data-parallel "
                          f"rank(s) = {need}; lower trainer.rollout_batch_size")
+
+
+def check_lengths(cfg: TrainerConfig, dataset, where: str) -> None:
+    """ValueError when the dataset's longest prompt (tokens) plus the response limit (rollout.max_new_tokens;
+    with tools rollout.max_total_tokens, which defaults to it) exceeds model.path's max_position_embeddings."""
+    from verl_mega.models.config import ModelConfig
+
+    limit = ModelConfig.from_hf(cfg.model.path).max_position_embeddings
+    r = cfg.rollout
+    key, response = (("rollout.max_total_tokens", r.max_total_tokens) if r.tools and r.max_total_tokens
+                     else ("rollout.max_new_tokens", r.max_new_tokens))
+    longest = max(len(item["prompt_ids"]) for item in dataset.items)
+    if longest + response > limit:
+        raise ValueError(f"{where}: its longest prompt ({longest} tokens, data.max_prompt_length="
+                         f"{cfg.data.max_prompt_length}) + {key}={response} exceeds the max_position_embeddings="
+                         f"{limit} of model.path={cfg.model.path}; lower {key} to <= {max(limit - longest, 0)} or "
+                         f"data.max_prompt_length (longer prompts are dropped)")
 
 
 def check_reward(reward_fn: Callable, dataset, where: str) -> None:
@@ -279,17 +349,21 @@ def preflight(cfg: TrainerConfig, world_size: int) -> Prepared:
         raise ValueError(f"model.path={cfg.model.path} has no tokenizer (tokenizer.json / tokenizer.model)")
     dataset = load_dataset(cfg, tokenizer)
     check_batches(cfg, len(dataset), world_size)
+    check_resume_data(cfg, len(dataset))
+    check_lengths(cfg, dataset, f"data.train_path={cfg.data.train_path}")
     t = cfg.trainer
     if t.val_every and not cfg.data.val_path:
         raise ValueError(f"trainer.val_every={t.val_every} validates on data.val_path, which is not set: give the "
                          f"held-out prompts (data.val_path=FILE) or set trainer.val_every=0")
     val_dataset = (load_dataset(cfg, tokenizer, "val_path") if cfg.data.val_path and (t.val_every or t.val_before_train)
                    else None)
+    if val_dataset is not None:
+        check_lengths(cfg, val_dataset, f"data.val_path={cfg.data.val_path}")
     if cfg.rollout.tools:  # built (cheap: no sandbox runs, no connection) to check names and arguments
         from verl_mega.tools import build_tools
 
         build_tools(cfg.rollout.tools, timeout_s=cfg.rollout.tool_timeout_s, key="rollout.tools")
-    reward_fn = load_reward(t.reward)
+    reward_fn = load_reward(t.reward, import_timeout_s=t.reward_timeout_s)
     check_reward(reward_fn, dataset, f"data.train_path={cfg.data.train_path}")
     if val_dataset is not None:
         check_reward(reward_fn, val_dataset, f"data.val_path={cfg.data.val_path}")

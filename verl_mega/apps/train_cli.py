@@ -41,6 +41,7 @@ from verl_mega.trainer.config import TrainerConfig, check_config
 
 EXIT_BAD_INPUT = 2  # config, data, launch or model-directory error (nothing was trained)
 EXIT_REWARD_FAILED = 1  # the reward failed too often while training
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, the shell's convention)
 # Under torchrun every rank finds the same error; rank 0 prints it and exits at once, and torchrun then stops
 # the others. A rank != 0 waits this long before printing its own message (reached only when rank 0 did not
 # fail the same way) so that a failing launch shows one message, not one per rank.
@@ -153,7 +154,7 @@ def done_line(cfg: TrainerConfig, history: list[dict]) -> str:
 
     out = os.path.abspath(cfg.trainer.output_dir)
     last = history[-1]
-    line = (f"done: {len(history)} steps, last reward/mean {last.get('reward/mean', float('nan')):.3g}; "
+    line = (f"done: {len(history)} step{'' if len(history) == 1 else 's'}, last reward/mean {last.get('reward/mean', float('nan')):.3g}; "
             f"metrics in {os.path.join(out, 'metrics.jsonl')}")
     ckpt = os.path.join(out, "checkpoints")
     if checkpointing.latest_checkpoint(ckpt):
@@ -161,6 +162,18 @@ def done_line(cfg: TrainerConfig, history: list[dict]) -> str:
     else:
         line += "; no checkpoint saved (trainer.save_final=false, trainer.save_every=0)"
     return line
+
+
+def interrupted_line(cfg: TrainerConfig) -> str:
+    """What a Ctrl-C leaves: the checkpoint a rerun of the same command resumes from, or that there is none."""
+    from verl_mega.trainer.checkpoint import find_checkpoint
+
+    actor_root = os.path.join(os.path.abspath(cfg.trainer.output_dir), "checkpoints", "actor")
+    path = find_checkpoint(actor_root)[0] if os.path.isdir(actor_root) else None
+    if path is not None and cfg.trainer.resume:
+        return f"verl-mega train: interrupted; rerun the same command to resume from the newest checkpoint, {path}"
+    return (f"verl-mega train: interrupted with no checkpoint to resume from{'' if path is None else ' (trainer.resume=false)'}; "
+            f"a rerun starts at step 0 (trainer.save_every=N saves one every N steps)")
 
 
 def _report(exc: BaseException, status: int) -> int:
@@ -174,7 +187,7 @@ def _report(exc: BaseException, status: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `verl-mega train`; returns the exit status (0 ok, 1 reward failures, 2 bad input)."""
+    """Entry point of `verl-mega train`; returns the exit status (0 ok, 1 reward failures, 2 bad input, 130 Ctrl-C)."""
     from verl_mega.rewards.base import RewardFailureError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -190,18 +203,23 @@ def main(argv: list[str] | None = None) -> int:
         prepared = preflight(cfg, world)
     except ValueError as exc:
         return _report(exc, EXIT_BAD_INPUT)
-    if spawn:
-        history, error, status = _run_spawned(cfg, world)
-        if error is not None:
-            print(f"verl-mega train: error: {error}", file=sys.stderr)
-            return status
-    else:
-        try:
-            history = train(cfg, prepared)
-        except ValueError as exc:
-            return _report(exc, EXIT_BAD_INPUT)
-        except RewardFailureError as exc:
-            return _report(exc, EXIT_REWARD_FAILED)
+    try:
+        if spawn:
+            history, error, status = _run_spawned(cfg, world)
+            if error is not None:
+                print(f"verl-mega train: error: {error}", file=sys.stderr)
+                return status
+        else:
+            try:
+                history = train(cfg, prepared)
+            except ValueError as exc:
+                return _report(exc, EXIT_BAD_INPUT)
+            except RewardFailureError as exc:
+                return _report(exc, EXIT_REWARD_FAILED)
+    except KeyboardInterrupt:  # Ctrl-C: where the run can resume from, not a traceback
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(interrupted_line(cfg), file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     if history and int(os.environ.get("RANK", 0)) == 0:
         print(done_line(cfg, history), flush=True)
     return 0

@@ -9,11 +9,15 @@ Batch k of an epoch on rank r is items perm[(k*dp_size + r)*batch_size : ... + b
 epoch's permutation, i.e. `batch_size` is the per-rank batch and one step consumes
 `batch_size * dp_size` prompts. The order is a pure function of (seed, epoch), so all ranks agree
 without communication and a resumed run continues with exactly the batches it would have seen.
+With drop_last=False a short last batch is padded with prompts from the epoch's start so every rank
+gets the same count; those repeats are copies carrying `PADDING_KEY: True` (validation leaves them
+out of its metrics).
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,6 +26,11 @@ from typing import Any
 import torch
 
 from verl_mega.data.dataset import RLDataset
+
+
+log = logging.getLogger(__name__)
+
+PADDING_KEY = "is_padding"  # marks an item repeated to pad a short last batch (drop_last=False)
 
 
 class PromptLoader:
@@ -70,40 +79,58 @@ class PromptLoader:
         g = torch.Generator().manual_seed(self.seed + epoch)
         return torch.randperm(len(self.dataset), generator=g).tolist()
 
-    def _batch_indices(self, order: list[int], k: int) -> list[int]:
-        """This rank's dataset indices of batch k; a short last global batch is split evenly, wrapping
-        around to the epoch's start to pad it (as DistributedSampler does) so ranks stay in step."""
+    def _batch_indices(self, order: list[int], k: int) -> tuple[list[int], int]:
+        """(this rank's dataset indices of batch k, how many of them are not padding); a short last global
+        batch is split evenly, wrapping around to the epoch's start to pad it (as DistributedSampler does)
+        so ranks stay in step."""
         step = self.batch_size * self.dp_size
         chunk = order[k * step : (k + 1) * step]
         if len(chunk) < step:
-            per_rank = math.ceil(len(chunk) / self.dp_size)
+            real, per_rank = len(chunk), math.ceil(len(chunk) / self.dp_size)
             chunk = (chunk + order * math.ceil(step / len(order)))[: per_rank * self.dp_size]
-            return chunk[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
-        return chunk[self.dp_rank * self.batch_size : (self.dp_rank + 1) * self.batch_size]
+            start = self.dp_rank * per_rank
+            return chunk[start : start + per_rank], min(max(real - start, 0), per_rank)
+        return chunk[self.dp_rank * self.batch_size : (self.dp_rank + 1) * self.batch_size], self.batch_size
 
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        if self.index >= len(self):  # stopped (or saved) after an epoch's last batch: the next epoch starts
+            self.epoch, self.index = self.epoch + 1, 0
         order = self._order(self.epoch)
         while self.index < len(self):
             k = self.index
             self.index += 1  # advance first: a checkpoint taken after this batch resumes at the next
-            yield [self.dataset[i] for i in self._batch_indices(order, k)]
+            indices, real = self._batch_indices(order, k)
+            yield [self.dataset[i] if j < real else {**self.dataset[i], PADDING_KEY: True} for j, i in enumerate(indices)]
         self.epoch += 1
         self.index = 0
 
     def state_dict(self) -> dict[str, int]:
-        """Position to resume from: {"epoch", "index" (batches done in the epoch), "seed", "dataset_len"}."""
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "dataset_len": len(self.dataset)}
+        """Position to resume from: {"epoch", "index" (batches done in the epoch), "seed", "dataset_len",
+        "batch_size", "dp_size"}."""
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "dataset_len": len(self.dataset),
+                "batch_size": self.batch_size, "dp_size": self.dp_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume at a position saved by `state_dict` (same dataset and seed required)."""
+        """Resume at a position saved by `state_dict` (same dataset and seed required). A state saved with
+        another global batch (batch_size x dp_size) resumes at the same prompt of the epoch's order: the
+        epoch's order does not depend on the batch size, so that is exact when the prompts done divide
+        by the new global batch, else the next batch boundary (skipping fewer than one batch, logged)."""
         if state.get("dataset_len", len(self.dataset)) != len(self.dataset) or state.get("seed", self.seed) != self.seed:
             raise ValueError(
                 f"loader state is for a dataset of {state.get('dataset_len')} prompts with seed {state.get('seed')}, "
                 f"this loader has {len(self.dataset)} prompts with seed {self.seed}"
             )
-        if not 0 <= state["index"] <= len(self):
-            raise ValueError(f"loader state index {state['index']} outside [0, {len(self)}]")
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        step = self.batch_size * self.dp_size
+        saved_step = int(state.get("batch_size", self.batch_size)) * int(state.get("dp_size", self.dp_size))
+        done = int(state["index"]) * saved_step  # prompts of the epoch's order already used
+        if int(state["index"]) < 0 or done > saved_step * math.ceil(len(self.dataset) / saved_step):
+            raise ValueError(f"loader state index {state['index']} (of {saved_step} prompts each) is outside an "
+                             f"epoch of {len(self.dataset)} prompts")
+        index = min(-(-done // step), len(self))
+        if index * step != done and index < len(self):
+            log.warning("resuming with %d prompts per step instead of %d: %d prompts of this epoch skipped",
+                        step, saved_step, index * step - done)
+        self.epoch, self.index = int(state["epoch"]), index
 
 
 # PromptLoader's keyword options (shuffle, seed, ...): `get_dataloader` passes these to it, their defaults stay there

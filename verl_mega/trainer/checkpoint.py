@@ -287,6 +287,12 @@ def find_checkpoint(root_or_dir: str) -> tuple[str | None, list[str]]:
     return None, refused
 
 
+def read_data_state(path: str) -> dict | None:
+    """The caller's `data_state` saved in checkpoint directory `path` (e.g. the prompt loader's position), read
+    without loading any weights."""
+    return torch.load(os.path.join(path, CLIENT_STATE), weights_only=False)["data_state"]
+
+
 def load_checkpoint(engine, root_or_dir: str) -> dict | None:
     """Load the newest complete checkpoint into `engine` (collective). Returns None when there is
     none, else {"path", "step", "data_state", "extra", "marker", "refused"}."""

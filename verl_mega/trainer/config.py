@@ -105,7 +105,7 @@ class TrainerSection:
     resume: bool = True  # resume from the latest checkpoint in output_dir/checkpoints if there is one
     reward: str = "rule"  # "rule" (GSM8K/MATH), "module:fn" / "file.py:fn", "model:PATH" (reward model), "judge:PATH"
     reward_offload: bool = False  # model / judge rewards: keep their weights in CPU memory between reward calls
-    reward_timeout_s: float = 30.0  # per-response reward time limit (a timeout scores 0 and is counted)
+    reward_timeout_s: float = 30.0  # per-response reward time limit (a timeout scores 0 and is counted); also bounds importing a module:fn / file.py:fn reward
     reward_fail_threshold: float = 1.0  # a step is "failed" when this fraction of its reward calls failed or timed out
     reward_fail_steps: int = 3  # stop with an error after this many failed steps in a row (0 = never stop)
     progress_bar: bool = True  # tqdm bar with live reward / KL (rank 0)
@@ -163,7 +163,8 @@ def check_config(cfg: TrainerConfig) -> None:
                         ("trainer.num_epochs", t.num_epochs), ("trainer.critic_epochs", 1 if t.critic_epochs is None else t.critic_epochs),
                         ("rollout.n_samples", r.n_samples),
                         ("rollout.max_new_tokens", r.max_new_tokens), ("parallel.tp", cfg.parallel.tp),
-                        ("parallel.pp", cfg.parallel.pp), ("trainer.log_every", t.log_every)):
+                        ("parallel.pp", cfg.parallel.pp), ("trainer.log_every", t.log_every),
+                        ("trainer.total_steps", t.total_steps)):  # 0 would end at once saying "already finished"
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if cfg.model.recompute_layers is not None and cfg.model.recompute_layers < 0:
@@ -189,7 +190,7 @@ def check_config(cfg: TrainerConfig) -> None:
         raise ValueError(f"algorithm.value_clip must be > 0 or null (unclipped), got {a.value_clip}")
     if cfg.model.value_head_std < 0:
         raise ValueError(f"model.value_head_std must be >= 0, got {cfg.model.value_head_std}")
-    for name, value, low in (("trainer.total_steps", t.total_steps, 0), ("trainer.save_every", t.save_every, 0),
+    for name, value, low in (("trainer.save_every", t.save_every, 0),
                              ("trainer.reward_fail_steps", t.reward_fail_steps, 0), ("trainer.val_every", t.val_every, 0), ("trainer.val_n_samples", t.val_n_samples, 1),
                              ("trainer.val_batch_size", t.val_batch_size, 1),
                              ("trainer.val_temperature", t.val_temperature, 0)):

@@ -341,9 +341,9 @@ def usable_host_bytes(headroom: float = 0.1) -> int | None:
 def plan_for_config(cfg, model_config, layout, device, param_bytes: int) -> tuple[Offload, MemoryPlan]:
     """Plan a `TrainerConfig` run before its engines are built: the offload switches (the config's, or
     with `offload.auto` the planner's choice) and the plan. With `offload.plan`, when there is a
-    capacity to plan against (`offload.memory_gib`, or the CUDA device's memory) rank 0 prints the
-    table and a peak above it raises MemoryPlanError (so does offloaded state beyond the available
-    host memory); without one (CPU) the table is only logged."""
+    capacity to plan against (`offload.memory_gib`, or the CUDA device's memory) a peak above it raises
+    MemoryPlanError with the table in its message (so does offloaded state beyond the available host
+    memory), and a plan that fits has its table printed by rank 0; without one (CPU) the table is only logged."""
     t, r, o = cfg.trainer, cfg.rollout, cfg.offload
     seq = cfg.data.max_prompt_length + r.max_new_tokens
     rows_per_update = (t.mini_batch_size or t.rollout_batch_size) * r.n_samples
@@ -363,11 +363,11 @@ def plan_for_config(cfg, model_config, layout, device, param_bytes: int) -> tupl
     else:
         choice = Offload(optimizer=o.optimizer, reference=o.reference, grads=o.grads)
     plan = plan_memory(model_config, par, work, choice, param_bytes=param_bytes, reference=reference, critic=critic)
+    if o.plan and capacity is not None:
+        plan.check(capacity, host_capacity)  # a plan that does not fit: the table is in the error, printed once
     if o.plan and layout.rank == 0:
         if capacity is None:
             log.info("%s", plan.table())
         else:
             print(plan.table(capacity), flush=True)
-    if o.plan and capacity is not None:
-        plan.check(capacity, host_capacity)
     return choice, plan

@@ -169,6 +169,12 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------- stages
+def clip_ratio(response_mask: torch.Tensor, limit: int) -> float:
+    """Fraction of the responses (rows of response_mask [N, R]) that reached `limit` tokens (a response whose
+    stop token fell on the limit counts too, as in verl)."""
+    return float((response_mask.sum(-1) >= limit).float().mean())
+
+
 class Rollout(Stage):
     """Prompts -> n responses each, through the RolloutWorker (HybridEngine hand-over, one generation
     engine, split/gather over the inference replicas); every rank of a model-parallel group ends with
@@ -214,6 +220,7 @@ class Rollout(Stage):
         batch.set_rollout(out.responses, out.logprobs, self.pad_id)
         batch.response_texts = [self.decode(r) for r in out.responses]
         batch.timings.update(out.timings)
+        batch.metrics["response_length/clip_ratio"] = clip_ratio(batch.response_mask, cfg.max_new_tokens)
         return batch
 
     def _agent(self, batch: RLBatch, seed: int) -> RLBatch:
@@ -228,6 +235,7 @@ class Rollout(Stage):
                           loss_masks=[s.loss_mask for s in samples])
         batch.response_texts = [self.decode(s.response_ids) for s in samples]
         batch.metrics.update(agent_metrics(samples))
+        batch.metrics["response_length/clip_ratio"] = clip_ratio(batch.response_mask, limits.max_total_tokens)
         batch.timings.update(timings)
         if self.rewards is not None:
             self.rewards.start(batch.row_samples, self.decode)
@@ -458,8 +466,12 @@ class Metrics(Stage):
             "reward/std": float(batch.scores.std()) if batch.num_rows > 1 else 0.0,
             "response_length/mean": float(lengths.mean()),
             "response_length/max": float(lengths.max()),
-            "response_length/clip_ratio": float((lengths >= ctx.config.rollout.max_new_tokens).float().mean()),
         })
+        if "response_length/clip_ratio" not in m:  # a custom rollout stage: against rollout.max_new_tokens
+            m["response_length/clip_ratio"] = clip_ratio(batch.response_mask, ctx.config.rollout.max_new_tokens)
+        if batch.n > 1:  # rows of a prompt are consecutive: [prompts, n]; equal scores give GRPO/RLOO advantages 0
+            groups = batch.scores.view(-1, batch.n)
+            m["reward/uniform_groups"] = float((groups == groups[:, :1]).all(-1).float().mean())
         mask = batch.train_mask  # log-prob and KL statistics over the model's own tokens
         if batch.old_logprobs is not None:
             # how far the training forward is from the sampler (numerics, or a stale inference model)

@@ -11,10 +11,10 @@ function and the prompts, so it can be tested and reused without a trainer.
 
 Reference: verl's `RayPPOTrainer._validate` (val-core/<data_source>/reward/mean@n), reduced to one set of
 metrics over all data sources. Every data-parallel rank scores its share; sums are all-reduced over
-`dp_group`, so the metrics are those of the whole validation set on every rank. Simplifications: rewards
-are computed on every rank of a model-parallel group (the values only feed metrics); a `PromptLoader`
-pads a last batch that does not split evenly over dp ranks with prompts from the start (as
-DistributedSampler does), which then count twice (at most dp - 1 prompts).
+`dp_group`, so the metrics are those of the whole validation set on every rank. A `PromptLoader` pads a
+last batch that does not split evenly over dp ranks with prompts from the start (as DistributedSampler
+does) so ranks generate in step; those copies (`PADDING_KEY`) are generated but not counted.
+Simplification: rewards are computed on every rank of a model-parallel group (the values only feed metrics).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.distributed as dist
 
+from verl_mega.data.loader import PADDING_KEY
 from verl_mega.rewards.base import RewardFunction, compute_rewards
 from verl_mega.trainer.batch import sample_images
 
@@ -72,10 +73,14 @@ class Validator:
             if len(texts) != len(samples) * self.n_samples:
                 raise ValueError(f"generate returned {len(texts)} responses for {len(samples)} prompts x "
                                  f"n_samples={self.n_samples}")
-            rows = [s for s in samples for _ in range(self.n_samples)]
+            counted = [i for i, s in enumerate(samples) if not s.get(PADDING_KEY)]  # generated in step, not scored
+            rows = [samples[i] for i in counted for _ in range(self.n_samples)]
+            texts = [texts[i * self.n_samples + j] for i in counted for j in range(self.n_samples)]
+            if not rows:
+                continue
             res = compute_rewards(self.reward_fn, texts, rows, timeout_s=self.timeout_s)
             scores = res.scores.double()
-            sums += torch.tensor([len(samples), len(texts), float(scores.sum()), float((scores == 1).sum()),
+            sums += torch.tensor([len(counted), len(texts), float(scores.sum()), float((scores == 1).sum()),
                                   float(((scores != 0) & (scores != 1)).sum()), res.failures + res.timeouts],
                                  dtype=torch.float64)
             length += sum(len(t) for t in texts)
