@@ -246,6 +246,16 @@ def check_output_dir(cfg: TrainerConfig) -> None:
         raise ValueError(f"trainer.output_dir={cfg.trainer.output_dir}: {existing} is not writable")
 
 
+def _resumed_checkpoint(cfg: TrainerConfig) -> str | None:
+    """The actor checkpoint in trainer.output_dir that this run would resume (trainer.resume), or None."""
+    from verl_mega.trainer.checkpoint import find_checkpoint
+
+    actor_root = os.path.join(cfg.trainer.output_dir, "checkpoints", "actor")
+    if not cfg.trainer.resume or not os.path.isdir(actor_root):
+        return None
+    return find_checkpoint(actor_root)[0]
+
+
 _SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
 
 
@@ -253,12 +263,9 @@ def check_resume(cfg: TrainerConfig) -> None:
     """ValueError when trainer.output_dir holds a checkpoint that the run would resume (trainer.resume) but that
     was saved from a model of other shapes than model.path (its COMPLETE marker records the model config)."""
     from verl_mega.models.config import ModelConfig
-    from verl_mega.trainer.checkpoint import find_checkpoint, read_marker
+    from verl_mega.trainer.checkpoint import read_marker
 
-    actor_root = os.path.join(cfg.trainer.output_dir, "checkpoints", "actor")
-    if not cfg.trainer.resume or not os.path.isdir(actor_root):
-        return
-    path, _ = find_checkpoint(actor_root)
+    path = _resumed_checkpoint(cfg)
     recorded = read_marker(path).get("model_config") if path is not None else None
     if not recorded:
         return
@@ -275,12 +282,9 @@ def check_resume_data(cfg: TrainerConfig, dataset_size: int) -> None:
     """ValueError when the checkpoint this run would resume saved its data position for another dataset size
     (data.train_path's usable prompts) or trainer.seed (the shuffle order): the position would not mean the same
     prompts."""
-    from verl_mega.trainer.checkpoint import find_checkpoint, read_data_state
+    from verl_mega.trainer.checkpoint import read_data_state
 
-    actor_root = os.path.join(cfg.trainer.output_dir, "checkpoints", "actor")
-    if not cfg.trainer.resume or not os.path.isdir(actor_root):
-        return
-    path, _ = find_checkpoint(actor_root)
+    path = _resumed_checkpoint(cfg)
     state = read_data_state(path) if path is not None else None
     if not isinstance(state, dict) or "dataset_len" not in state:
         return
