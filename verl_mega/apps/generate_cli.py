@@ -95,9 +95,9 @@ def _check_args(args) -> None:
         raise ValueError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
     if os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a directory; give a file path, e.g. {os.path.join(args.out, 'out.jsonl')}")
-    parent = os.path.dirname(os.path.abspath(args.out))
-    while not os.path.exists(parent):  # the first existing directory above --out (the rest is created)
-        parent = os.path.dirname(parent)
+    from verl_mega.apps.preflight import first_existing_dir
+
+    parent = first_existing_dir(os.path.dirname(os.path.abspath(args.out)))  # the rest is created
     if not os.path.isdir(parent):
         raise ValueError(f"--out {args.out}: {parent} is a file, not a directory")
 

@@ -236,24 +236,32 @@ def check_weights(cfg: TrainerConfig) -> None:
 def check_output_dir(cfg: TrainerConfig) -> None:
     """ValueError naming trainer.output_dir when it (or the first existing directory above it) is a file or not
     writable; nothing is created here."""
-    out = os.path.abspath(cfg.trainer.output_dir)
-    existing = out
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
+    existing = first_existing_dir(cfg.trainer.output_dir)
     if not os.path.isdir(existing):
         raise ValueError(f"trainer.output_dir={cfg.trainer.output_dir}: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK):
         raise ValueError(f"trainer.output_dir={cfg.trainer.output_dir}: {existing} is not writable")
 
 
-def _resumed_checkpoint(cfg: TrainerConfig) -> str | None:
-    """The actor checkpoint in trainer.output_dir that this run would resume (trainer.resume), or None."""
+def newest_actor_checkpoint(cfg: TrainerConfig) -> str | None:
+    """The newest complete actor checkpoint under trainer.output_dir (what trainer.resume resumes), or None."""
     from verl_mega.trainer.checkpoint import find_checkpoint
 
-    actor_root = os.path.join(cfg.trainer.output_dir, "checkpoints", "actor")
-    if not cfg.trainer.resume or not os.path.isdir(actor_root):
-        return None
-    return find_checkpoint(actor_root)[0]
+    actor_root = os.path.join(os.path.abspath(cfg.trainer.output_dir), "checkpoints", "actor")
+    return find_checkpoint(actor_root)[0] if os.path.isdir(actor_root) else None
+
+
+def _resumed_checkpoint(cfg: TrainerConfig) -> str | None:
+    """The actor checkpoint this run would resume (trainer.resume), or None."""
+    return newest_actor_checkpoint(cfg) if cfg.trainer.resume else None
+
+
+def first_existing_dir(path: str) -> str:
+    """The first existing path at or above `path` (absolute): where a directory for `path` would be created."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return existing
 
 
 _SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")

@@ -35,7 +35,7 @@ import os
 import sys
 import time
 
-from verl_mega.apps.preflight import Prepared, preflight
+from verl_mega.apps.preflight import Prepared, newest_actor_checkpoint, preflight
 from verl_mega.config import load_config, merge_config
 from verl_mega.trainer.config import TrainerConfig, check_config
 
@@ -154,7 +154,8 @@ def done_line(cfg: TrainerConfig, history: list[dict]) -> str:
 
     out = os.path.abspath(cfg.trainer.output_dir)
     last = history[-1]
-    line = (f"done: {len(history)} step{'' if len(history) == 1 else 's'}, last reward/mean {last.get('reward/mean', float('nan')):.3g}; "
+    steps = f"{len(history)} step{'' if len(history) == 1 else 's'}"
+    line = (f"done: {steps}, last reward/mean {last.get('reward/mean', float('nan')):.3g}; "
             f"metrics in {os.path.join(out, 'metrics.jsonl')}")
     ckpt = os.path.join(out, "checkpoints")
     if checkpointing.latest_checkpoint(ckpt):
@@ -166,13 +167,11 @@ def done_line(cfg: TrainerConfig, history: list[dict]) -> str:
 
 def interrupted_line(cfg: TrainerConfig) -> str:
     """What a Ctrl-C leaves: the checkpoint a rerun of the same command resumes from, or that there is none."""
-    from verl_mega.trainer.checkpoint import find_checkpoint
-
-    actor_root = os.path.join(os.path.abspath(cfg.trainer.output_dir), "checkpoints", "actor")
-    path = find_checkpoint(actor_root)[0] if os.path.isdir(actor_root) else None
+    path = newest_actor_checkpoint(cfg)
     if path is not None and cfg.trainer.resume:
         return f"verl-mega train: interrupted; rerun the same command to resume from the newest checkpoint, {path}"
-    return (f"verl-mega train: interrupted with no checkpoint to resume from{'' if path is None else ' (trainer.resume=false)'}; "
+    why = "" if path is None else " (trainer.resume=false)"
+    return (f"verl-mega train: interrupted with no checkpoint to resume from{why}; "
             f"a rerun starts at step 0 (trainer.save_every=N saves one every N steps)")
 
 
