@@ -191,7 +191,8 @@ def check_config(cfg: TrainerConfig) -> None:
     if cfg.model.value_head_std < 0:
         raise ValueError(f"model.value_head_std must be >= 0, got {cfg.model.value_head_std}")
     for name, value, low in (("trainer.save_every", t.save_every, 0),
-                             ("trainer.reward_fail_steps", t.reward_fail_steps, 0), ("trainer.val_every", t.val_every, 0), ("trainer.val_n_samples", t.val_n_samples, 1),
+                             ("trainer.reward_fail_steps", t.reward_fail_steps, 0), ("trainer.val_every", t.val_every, 0),
+                             ("trainer.val_n_samples", t.val_n_samples, 1),
                              ("trainer.val_batch_size", t.val_batch_size, 1),
                              ("trainer.val_temperature", t.val_temperature, 0)):
         if value < low:
