@@ -108,7 +108,9 @@ def test_ppo_critic_zero_head_and_warmup_keep_the_actor_still(tiny_dir, tmp_path
     ("model.value_head_std", -0.1, "model.value_head_std"), ("critic_optim.schedule", "cos", "critic_optim"),
     ("trainer.critic_epochs", 0, "trainer.critic_epochs"), ("trainer.total_steps", 0, "trainer.total_steps must be >= 1"),
     ("trainer.save_every", -2, "trainer.save_every"), ("trainer.log_every", 0, "trainer.log_every"),
-    ("trainer.reward_timeout_s", 0.0, "trainer.reward_timeout_s"), ("trainer.reward_fail_steps", -1, "reward_fail_steps")])
+    ("trainer.reward_timeout_s", 0.0, "trainer.reward_timeout_s"), ("trainer.reward_fail_steps", -1, "reward_fail_steps"),
+    ("trainer.mini_batch_size", 3, "must be >= 1 and divide trainer.rollout_batch_size=8"),
+    ("trainer.mini_batch_size", 0, "trainer.mini_batch_size")])
 def test_new_fields_reject_bad_values(field, value, match):
     from verl_mega.trainer.config import check_config
 

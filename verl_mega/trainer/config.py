@@ -89,7 +89,7 @@ class AlgorithmSection:
 @dataclass
 class TrainerSection:
     rollout_batch_size: int = 8  # prompts per step (per data-parallel rank)
-    mini_batch_size: Optional[int] = None  # prompts per optimizer step; None = the whole rollout batch
+    mini_batch_size: Optional[int] = None  # prompts per optimizer step (must divide `rollout_batch_size`); None = the whole rollout batch
     micro_batch_size: int = 8  # sequences per forward/backward pass (when max_tokens_per_micro_batch is None)
     max_tokens_per_micro_batch: Optional[int] = None  # token budget of a forward/backward pass (sequences grouped by length); None = micro_batch_size sequences
     packing: bool = True  # pack each micro-batch's valid tokens into one row (varlen attention, no padding); False = padded rows
@@ -171,9 +171,10 @@ def check_config(cfg: TrainerConfig) -> None:
         raise ValueError(f"model.recompute_layers must be >= 0 or null, got {cfg.model.recompute_layers}")
     if t.max_tokens_per_micro_batch is not None and t.max_tokens_per_micro_batch < 1:
         raise ValueError(f"trainer.max_tokens_per_micro_batch must be >= 1 or null, got {t.max_tokens_per_micro_batch}")
-    if t.mini_batch_size is not None and not 1 <= t.mini_batch_size <= t.rollout_batch_size:
-        raise ValueError(f"trainer.mini_batch_size={t.mini_batch_size} must be in [1, rollout_batch_size="
-                         f"{t.rollout_batch_size}]")
+    if t.mini_batch_size is not None and (t.mini_batch_size < 1 or t.rollout_batch_size % t.mini_batch_size):
+        # a short last mini-batch would be one optimizer step on fewer samples, weighted like a full one
+        raise ValueError(f"trainer.mini_batch_size={t.mini_batch_size} must be >= 1 and divide "
+                         f"trainer.rollout_batch_size={t.rollout_batch_size}")
     if a.name in ("grpo", "rloo") and r.n_samples < 2:
         raise ValueError(f"algorithm.name={a.name!r} compares samples of a prompt: rollout.n_samples must be >= 2, "
                          f"got {r.n_samples}")
