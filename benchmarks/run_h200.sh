@@ -113,7 +113,7 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
     throughput) step throughput 200 python3 benchmarks/throughput.py --shapes 0.5b,1.5b --batches 8x8 --prompt-len 128 \
       --new-tokens 256 --kl off --out "$WORK/throughput" ;;
     trl_grpo) step trl_grpo 150 python3 benchmarks/trl_grpo.py --shape 0.5b --out "$WORK/trl" ;;
-    grpo_e2e_ab) step grpo_e2e_ab 180 python3 benchmarks/grpo_e2e.py --ab 0.5b --variants padded,packed --prompts 64 \
+    grpo_e2e_ab) step grpo_e2e_ab 240 python3 benchmarks/grpo_e2e.py --ab 0.5b --variants padded,packed --prompts 64 \
       --n 8 --prompt-len 128 --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 --out "$WORK/ab" ;;
     pre_offload) [[ -d .old ]] || { echo "pre_offload: .old/ not carried"; return; }
       step pre_offload 120 env PYTHONPATH="$PWD/.old:/tmp/site" python3 .old/benchmarks/grpo_e2e.py --shape 0.5b \
@@ -129,7 +129,7 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
     reward_models) step reward_models 200 python3 benchmarks/reward_models.py \
       --rewards rule,model,model_offload,judge,judge_offload --out "$WORK/rewards" ;;
     agent_rollout) mkdir -p "$WORK/agent"
-      step agent_rollout 120 python3 benchmarks/agent_rollout.py --out "$WORK/agent/agent_rollout.json" ;;
+      step agent_rollout 200 python3 benchmarks/agent_rollout.py --out "$WORK/agent/agent_rollout.json" ;;
   esac
 }
 

@@ -50,7 +50,7 @@ class RequestParams:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
 
 
-@dataclass
+@dataclass(eq=False)  # identity: `in` / `remove` on the running list compare pointers, not every field
 class Sequence:
     """One sample of a request; see the module docstring."""
 
@@ -179,12 +179,14 @@ class Scheduler:
 
     def reserve(self, steps: int) -> None:
         """Blocks for the next `steps` decode tokens of every running row; preempts the latest rows if short."""
+        preempted: set[int] = set()  # ids of the rows this loop evicted
         for seq in sorted(self.running, key=lambda s: s.order):
-            if seq not in self.running:
-                continue  # preempted by an earlier row of this loop
+            if id(seq) in preempted:
+                continue
             while not self._grow(seq, len(seq.tokens) - 1 + steps):
                 victim = max(self.running, key=lambda s: s.order)
                 self._preempt(victim)
+                preempted.add(id(victim))
                 if victim is seq:
                     break
 
