@@ -142,13 +142,6 @@ def build(args, tmp: str):
     return make_engine, tok
 
 
-def run_mode(args, make_engine, tok, serial: bool) -> dict:
-    """One rollout on a fresh engine (after a warm-up rollout on CUDA: graph capture); its measurements."""
-    if args.device == "cuda":
-        _rollout(args, make_engine(), tok, serial)
-    return _rollout(args, make_engine(), tok, serial)
-
-
 def _rollout(args, engine, tok, serial: bool) -> dict:
     cls = SerialAgentLoop if serial else AgentLoop
     loop = cls(engine, tok, ToolSet([SleepTool(args.tool_ms / 1000)]),
@@ -184,8 +177,10 @@ def main(argv=None) -> int:
                   "shape": "smoke" if args.smoke else "qwen2.5-0.5b", "prompts": args.prompts, "n": args.n,
                   "turns": args.turns, "tool_ms": args.tool_ms}
         make_engine, tok = build(args, tmp)
+        if args.device == "cuda":  # one warm-up rollout (kernel compiles, cuBLAS) for both modes; the serial
+            _rollout(args, make_engine(), tok, False)  # one would cost >= tool calls x tool time on its own
         for mode, serial in (("overlapped", False), ("serial", True)):
-            result[mode] = run_mode(args, make_engine, tok, serial)
+            result[mode] = _rollout(args, make_engine(), tok, serial)  # a fresh engine each
             print(json.dumps({mode: result[mode]}), flush=True)
         result["speedup"] = result["serial"]["wall_s"] / result["overlapped"]["wall_s"]
     print(json.dumps(result, indent=1))

@@ -106,7 +106,7 @@ PY
 
 run_step() {  # run_step NAME: the step's command (the list in the header)
   case $1 in
-    kernels_tests) step kernels_tests 120 python3 -m pytest -q -x tests/kernels ;;
+    kernels_tests) step kernels_tests 120 python3 -m pytest -q -rs -x tests/kernels ;;
     demo) step demo 120 python3 -m verl_mega demo --quick --nproc 1 --tp 1 --output-dir "$WORK/demo" ;;
     rollout_service) step rollout_service 150 python3 benchmarks/rollout_service.py --shapes qwen2.5-0.5b --no-hf \
       --grpo-shape '' --out-dir "$WORK/rollout" ;;
