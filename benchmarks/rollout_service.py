@@ -108,8 +108,31 @@ def run_new(args, model, prompts, lengths, tp_group, attention: str = "gather") 
     out = {"seconds": seconds, "first_call_seconds": warm, "tokens": got, "tokens_per_s": got / seconds,
            "prefill_only_seconds": prefill, "decode_seconds": seconds - prefill, "graphs": len(engine._graphs),
            "kv_pool_gib": engine.cache.memory_bytes() / 2**30, "preemptions": engine.scheduler.preemptions, **stats}
+    if args.profile:
+        out["profile"] = profile_call(call, os.path.join(args.out_dir, f"rollout_profile_{attention}.txt"))
     engine.release()
     return out
+
+
+def profile_call(call, path: str) -> dict:
+    """One more call under torch.profiler: where its wall time goes. Device busy fraction = summed device
+    kernel time / wall time (kernels do not overlap on one stream: 1 - fraction is the device idle share, e.g.
+    the host scheduling between decode windows); the top ops by device and by host self time go to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        wall = time_call(call)
+    events = prof.key_averages()
+    device_s = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6
+    tables = [events.table(sort_by=key, row_limit=25) for key in ("self_device_time_total", "self_cpu_time_total")
+              if torch.cuda.is_available() or key == "self_cpu_time_total"]
+    with open(path, "w") as f:
+        f.write("\n\n".join(tables))
+    top = sorted(events, key=lambda e: -getattr(e, "self_device_time_total", 0))[:10]
+    return {"wall_s": wall, "device_kernel_s": device_s, "device_busy_fraction": device_s / wall,
+            "top_device_ops": [(e.key[:80], round(getattr(e, "self_device_time_total", 0) / 1e6, 4)) for e in top],
+            "tables": path}
 
 
 def run_static(args, model, prompts, lengths, tp_group) -> dict:
@@ -287,6 +310,8 @@ def main(argv=None) -> int:
     p.add_argument("--reward-ms", type=float, default=50.0)
     p.add_argument("--grpo-shape", default="qwen2.5-0.5b", help="'' skips the GRPO step")
     p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument("--profile", action="store_true", help="one more new-engine call under torch.profiler: device "
+                   "busy fraction and top ops (rollout_profile_<attention>.txt in --out-dir)")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "outputs"))
     args = p.parse_args(argv)
     if args.smoke:

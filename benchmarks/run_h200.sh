@@ -6,7 +6,7 @@
 # Steps can also be named one by one, in the order to run them (e.g. after a fix, only the steps that failed):
 #   kernels_tests    pytest tests/kernels on CUDA (the compiled Triton kernels)
 #   demo             the main job on CUDA: verl_mega demo --quick --nproc 1 --tp 1 (issue 12)
-#   rollout_service  continuous batching vs the static engine at the Qwen2.5-0.5B shape (issue 13)
+#   rollout_service  continuous batching vs the static engine at the Qwen2.5-0.5B shape, + a torch.profiler call (issue 13)
 #   throughput       GRPO tokens/s/GPU, 0.5B + 1.5B, 8x8, prompt 128, 256 new tokens, KL off (issue 18)
 #   trl_grpo         the TRL peer on the 0.5B row (summary.md gets the tokens/s ratio; issue 18)
 #   grpo_e2e_ab      packed vs padded micro-batches at 0.5B, lengths 32..256 forced (issue 14)
@@ -82,7 +82,8 @@ if os.path.exists(tp) and os.path.exists(trl):  # throughput.py's peer_ratios ru
                   f" tokens/s/GPU ({r['tokens_per_s_per_gpu']:.0f} vs {peer['tokens_per_s_per_gpu']:.0f})"
                   for r in ours["results"] if (r["config"]["shape"], r["config"]["prompts"], r["config"]["n"],
                                                r["config"]["kl"]) == (a["shape"], a["prompts"], a["n"], False)]
-for name in ("throughput.md", "grpo_e2e_ab.md", "grpo_e2e.md", "reward_models.md"):
+for name in ("throughput.md", "grpo_e2e_ab.md", "grpo_e2e.md", "reward_models.md", "rollout_profile_gather.txt",
+             "rollout_profile_paged.txt"):
     for path in glob.glob(os.path.join(work, "**", name), recursive=True):
         md += ["", open(path).read()]
 open(os.path.join(out, "summary.md"), "w").write("\n".join(md) + "\n")
@@ -108,7 +109,7 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
   case $1 in
     kernels_tests) step kernels_tests 120 python3 -m pytest -q -rs -x tests/kernels ;;
     demo) step demo 120 python3 -m verl_mega demo --quick --nproc 1 --tp 1 --output-dir "$WORK/demo" ;;
-    rollout_service) step rollout_service 150 python3 benchmarks/rollout_service.py --shapes qwen2.5-0.5b --no-hf \
+    rollout_service) step rollout_service 240 python3 benchmarks/rollout_service.py --shapes qwen2.5-0.5b --no-hf --profile \
       --grpo-shape '' --out-dir "$WORK/rollout" ;;
     throughput) step throughput 200 python3 benchmarks/throughput.py --shapes 0.5b,1.5b --batches 8x8 --prompt-len 128 \
       --new-tokens 256 --kl off --out "$WORK/throughput" ;;
