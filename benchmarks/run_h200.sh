@@ -22,7 +22,7 @@
 # minus the wheel install and the copy-back); a step that would get under 30 s is skipped and says so.
 # Run from the repository root with `.whl/` carried (benchmarks/README.md, "Wheels for the GPU machine"):
 #   device tool: command "bash benchmarks/run_h200.sh core", carry [".whl"], kind nvidia-h200, timeout_s 600
-# Writes 4 files under $OUT, rewritten after every step (a time-out keeps what finished): summary.md (step
+# Writes 4 files under $OUT (5 with throughput.png), rewritten after every step (a time-out keeps what finished): summary.md (step
 # table + every markdown table + the TRL ratio), logs.txt (all logs), steps.json (rc and seconds per step),
 # results.json (every step's JSON report, keyed by its file name; the 7B run's as offload_7b.json).
 set -u
@@ -102,6 +102,8 @@ for folder, key in (("offload", "offload_7b.json"), ("pre_offload", "pre_offload
     if os.path.exists(os.path.join(work, folder, "grpo_e2e.json")):
         results[key] = json.load(open(os.path.join(work, folder, "grpo_e2e.json")))
 json.dump(results, open(os.path.join(out, "results.json"), "w"), indent=1)
+for png in glob.glob(os.path.join(work, "throughput", "throughput.png")):  # the scaling plot (issue 18)
+    shutil.copy(png, os.path.join(out, "throughput.png"))
 PY
 }
 

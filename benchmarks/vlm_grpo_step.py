@@ -33,6 +33,7 @@ Rank 0 writes OUT/vlm_grpo_step.json and prints a markdown table (OUT: --out, $O
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -190,6 +191,7 @@ def run(args) -> dict:
     cfg.rollout.engine.max_batch = per_dp * args.n
     cfg.algorithm.kl_coef = 1e-3 if args.kl else 0.0
     cfg.trainer.progress_bar = False
+    cfg.offload.auto = True  # the planner offloads only what must go (the 3B shape needs optimizer offload on 80 GB)
     trainer = PPOTrainer(actor, reward_fn=lambda r: float(len(r) % 2), algorithm="grpo", rollout_batch_size=per_dp,
                          n_samples=args.n, max_new_tokens=args.new_tokens, temperature=1.0, lr=1e-6,
                          micro_batch_size=args.micro_batch, mini_batch_size=per_dp, num_epochs=1, config=cfg)
@@ -216,7 +218,7 @@ def run(args) -> dict:
                           **{p: metrics.get(f"time/{p}", 0.0) for p in PHASES},
                           **{f"vision_{p}": timer.seconds.get(p, 0.0) for p in ("rollout", "logprob", "update")},
                           **{f"vision_calls_{p}": timer.calls.get(p, 0) for p in ("rollout", "logprob", "update")}})
-    return summarize(args, steps, layout, config)
+    return {**summarize(args, steps, layout, config), "offload": dataclasses.asdict(trainer.offload)}
 
 
 def summarize(args, steps: list[dict], layout: Layout, config: ModelConfig) -> dict:
