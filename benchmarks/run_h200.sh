@@ -10,6 +10,8 @@
 #   throughput       GRPO tokens/s/GPU, 0.5B + 1.5B, 8x8, prompt 128, 256 new tokens, KL off (issue 18)
 #   trl_grpo         the TRL peer on the 0.5B row (summary.md gets the tokens/s ratio; issue 18)
 #   grpo_e2e_ab      packed vs padded micro-batches at 0.5B, lengths 32..256 forced (issue 14)
+#   keep_cache       grpo_e2e_ab's packed 0.5B run with the KV cache and CUDA graphs kept between steps
+#                    (rollout.free_cache=false: no graph recapture per step), against grpo_e2e_ab's packed row
 #   pre_offload      grpo_e2e_ab's packed 0.5B run on the tree before offload landed (5416edb, carried as .old/:
 #                    `mkdir .old && git archive 5416edb | tar -x -C .old`): issue 15 item 4, same call
 #   offload_7b       the 7B run with optimizer + gradient offload (issue 15)
@@ -27,7 +29,7 @@
 # results.json (every step's JSON report, keyed by its file name; the 7B run's as offload_7b.json).
 set -u
 OUT=${OUT:?set OUT (the device tool does)}
-CORE="kernels_tests demo rollout_service throughput trl_grpo grpo_e2e_ab pre_offload offload_7b"
+CORE="kernels_tests demo rollout_service throughput trl_grpo grpo_e2e_ab keep_cache pre_offload offload_7b"
 MODELS="vlm_gpu_check vlm_grpo_step vlm_vision_share reward_models agent_rollout"
 PLAN=""
 for arg in "${@:-core}"; do
@@ -98,7 +100,8 @@ for name in ("rollout_service.json", "throughput.json", "trl_grpo.json", "grpo_e
              "vlm_grpo_step.json", "vlm_vision_share.json", "reward_models.json", "agent_rollout.json"):
     for path in glob.glob(os.path.join(work, "**", name), recursive=True):
         results[name] = json.load(open(path))
-for folder, key in (("offload", "offload_7b.json"), ("pre_offload", "pre_offload_0p5b.json")):
+for folder, key in (("offload", "offload_7b.json"), ("pre_offload", "pre_offload_0p5b.json"),
+                    ("keep_cache", "keep_cache_0p5b.json")):
     if os.path.exists(os.path.join(work, folder, "grpo_e2e.json")):
         results[key] = json.load(open(os.path.join(work, folder, "grpo_e2e.json")))
 json.dump(results, open(os.path.join(out, "results.json"), "w"), indent=1)
@@ -118,6 +121,9 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
     trl_grpo) step trl_grpo 150 python3 benchmarks/trl_grpo.py --shape 0.5b --out "$WORK/trl" ;;
     grpo_e2e_ab) step grpo_e2e_ab 240 python3 benchmarks/grpo_e2e.py --ab 0.5b --variants padded,packed --prompts 64 \
       --n 8 --prompt-len 128 --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 --out "$WORK/ab" ;;
+    keep_cache) step keep_cache 150 python3 benchmarks/grpo_e2e.py --shape 0.5b --prompts 64 --n 8 --prompt-len 128 \
+      --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 --packing on --keep-cache \
+      --out "$WORK/keep_cache" ;;
     pre_offload) [[ -d .old ]] || { echo "pre_offload: .old/ not carried"; return; }
       step pre_offload 120 env PYTHONPATH="$PWD/.old:/tmp/site" python3 .old/benchmarks/grpo_e2e.py --shape 0.5b \
       --prompts 64 --n 8 --prompt-len 128 --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 \
