@@ -7,6 +7,7 @@
 #   kernels_tests    pytest tests/kernels on CUDA (the compiled Triton kernels)
 #   demo             the main job on CUDA: verl_mega demo --quick --nproc 1 --tp 1 (issue 12)
 #   rollout_service  continuous batching vs the static engine at the Qwen2.5-0.5B shape, + a torch.profiler call (issue 13)
+#   reward_overlap   a 0.5B GRPO step with a 50 ms-per-response reward, streamed vs after generation (issue 13)
 #   throughput       GRPO tokens/s/GPU, 0.5B + 1.5B, 8x8, prompt 128, 256 new tokens, KL off (issue 18)
 #   trl_grpo         the TRL peer on the 0.5B row (summary.md gets the tokens/s ratio; issue 18)
 #   grpo_e2e_ab      packed vs padded micro-batches at 0.5B, lengths 32..256 forced (issue 14)
@@ -26,10 +27,11 @@
 #   device tool: command "bash benchmarks/run_h200.sh core", carry [".whl"], kind nvidia-h200, timeout_s 600
 # Writes 4 files under $OUT (5 with throughput.png), rewritten after every step (a time-out keeps what finished): summary.md (step
 # table + every markdown table + the TRL ratio), logs.txt (all logs), steps.json (rc and seconds per step),
-# results.json (every step's JSON report, keyed by its file name; the 7B run's as offload_7b.json).
+# results.json (every step's JSON report, keyed by its path under the work folder, e.g. rollout/rollout_service.json;
+# the grpo_e2e.py runs' as offload_7b.json, pre_offload_0p5b.json, keep_cache_0p5b.json).
 set -u
 OUT=${OUT:?set OUT (the device tool does)}
-CORE="kernels_tests demo rollout_service throughput trl_grpo grpo_e2e_ab keep_cache pre_offload offload_7b"
+CORE="kernels_tests demo rollout_service reward_overlap throughput trl_grpo grpo_e2e_ab keep_cache pre_offload offload_7b"
 MODELS="vlm_gpu_check vlm_grpo_step vlm_vision_share reward_models agent_rollout"
 PLAN=""
 for arg in "${@:-core}"; do
@@ -99,7 +101,7 @@ results = {}  # every step's JSON report in one file (the device tool brings bac
 for name in ("rollout_service.json", "throughput.json", "trl_grpo.json", "grpo_e2e_ab.json", "vlm_gpu_check.json",
              "vlm_grpo_step.json", "vlm_vision_share.json", "reward_models.json", "agent_rollout.json"):
     for path in glob.glob(os.path.join(work, "**", name), recursive=True):
-        results[name] = json.load(open(path))
+        results[os.path.relpath(path, work)] = json.load(open(path))  # e.g. "rollout/rollout_service.json"
 for folder, key in (("offload", "offload_7b.json"), ("pre_offload", "pre_offload_0p5b.json"),
                     ("keep_cache", "keep_cache_0p5b.json")):
     if os.path.exists(os.path.join(work, folder, "grpo_e2e.json")):
@@ -121,6 +123,8 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
     trl_grpo) step trl_grpo 150 python3 benchmarks/trl_grpo.py --shape 0.5b --out "$WORK/trl" ;;
     grpo_e2e_ab) step grpo_e2e_ab 240 python3 benchmarks/grpo_e2e.py --ab 0.5b --variants padded,packed --prompts 64 \
       --n 8 --prompt-len 128 --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 --out "$WORK/ab" ;;
+    reward_overlap) step reward_overlap 150 python3 benchmarks/rollout_service.py --shapes '' --no-hf \
+      --grpo-shape qwen2.5-0.5b --out-dir "$WORK/reward_overlap" ;;
     keep_cache) step keep_cache 150 python3 benchmarks/grpo_e2e.py --shape 0.5b --prompts 64 --n 8 --prompt-len 128 \
       --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 --packing on --keep-cache \
       --out "$WORK/keep_cache" ;;
