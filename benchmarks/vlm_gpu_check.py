@@ -45,8 +45,9 @@ from verl_mega.rollout.engine_config import EngineConfig  # noqa: E402
 from verl_mega.testing.tiny_vlm import TINY_VLM_DEFAULTS, make_tiny_qwen2_5_vl, tiny_vlm_batch  # noqa: E402
 from verl_mega.testing.vlm_prompts import image_prompts  # noqa: E402
 
-# per prompt: images (t, h, w) in patches; large enough that M-RoPE deltas (max(h, w) - h * w / 4 per image, in
-# merged tokens) reach -12 .. -18: a decode step with a zero delta then moves the tiny model's logits beyond 2B
+# per prompt: images (t, h, w) in patches; large enough that the prompts' M-RoPE deltas (per image of h x w patches
+# max(h, w) / 2 - h * w / 4, in merged tokens) are -16, -18, 0: a decode step that drops the delta then moves the
+# tiny model's logits beyond 2B (with the earlier 4x6 / 4x4 images, deltas -6 / -2: in 2 of 3 seeds)
 GRIDS = [[(1, 8, 8), (1, 4, 8)], [(1, 8, 12)], []]
 NEVER, MAX_NEW = 10_000, 12  # an "EOS" outside the vocabulary: rows run to MAX_NEW
 IMG, VS = TINY_VLM_DEFAULTS["image_token_id"], TINY_VLM_DEFAULTS["vision_start_token_id"]
@@ -67,6 +68,7 @@ TOLERANCE = 2  # x B
 
 
 def stage(path: str, device) -> torch.nn.Module:
+    """Our bf16 stage (tp = pp = 1) of the HF directory `path` on `device`, in eval mode."""
     model = build_stage(ModelConfig.from_hf(path), Layout.create(1, 1), params_dtype=torch.bfloat16, device=device,
                         init_seed=None)
     load_hf_weights(model, path)
@@ -75,6 +77,7 @@ def stage(path: str, device) -> torch.nn.Module:
 
 @torch.no_grad()
 def check_forward(path: str, hf, device) -> dict:
+    """Check 1: our forward with images vs transformers' `hf` on tiny_vlm_batch(); {"ok", "max_diff", "bound"}."""
     b = {k: v.to(device) for k, v in tiny_vlm_batch().items()}
     ids, mask, pv, grid = b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"]
     pos, _ = mrope_position_ids(ids, grid, mask, image_token_id=IMG, vision_start_token_id=VS, spatial_merge_size=2)
@@ -142,6 +145,8 @@ def first_divergence(ours: list[int], ref: list[int]) -> int | None:
 
 
 def engine_greedy(path: str, device, prompts, images, *, graphs: bool, attention: str, sync_debug: bool) -> dict:
+    """Our engine's greedy generation, 2 samples per prompt: {"responses", "logprobs" (of sample 0 per prompt),
+    "samples_agree", "error", "graphs_captured", "capture_fallback" (the capture-failure warnings)}."""
     config = EngineConfig(max_batch=8, max_seq_len=128, max_tokens=2048, block_size=4, kv_len_bucket=16,
                           cuda_graph=graphs, attention=attention)
     engine = GenerationEngine(stage(path, device), None, config, eos_token_ids=[NEVER], pad_token_id=0)
