@@ -217,4 +217,10 @@ def test_vlm_gpu_check_script_smoke(tmp_path):
                            "--out", str(tmp_path)], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "vlm_gpu_check.json").read_text())
-    assert report["ok"] and report["generate_gather"]["eager"]["equals_transformers"]
+    eager = report["generate_gather"]["eager"]
+    assert report["ok"] and eager["ok"] and eager["consistent"] and eager["samples_agree"]
+    # teacher-forced against transformers (margins in units of the tolerance 2B): the CPU seed has no near tie,
+    # so our tokens are HF's argmax (margin 0) and equal its greedy generate; log-probs within the tolerance
+    assert eager["worst_margin"] == 0.0 and 0.0 <= eager["worst_logprob_diff"] <= 1.0
+    assert eager["first_divergence_from_hf_greedy"] == [None] * len(report["hf_greedy"])
+    assert all(len(m) == len(r) for m, r in zip(eager["margins"], eager["responses"]))
