@@ -1,5 +1,6 @@
 """Memory planner: the estimate of a tiny CPU training run against its measured peak; early, explicit
-failure (with the knobs) for a run that cannot fit; `offload.auto`; the 7B shape's arithmetic.
+failure (with the knobs) for a run that cannot fit; `offload.auto`; the 7B shape's arithmetic; keeping the
+KV cache between rollouts (`rollout.free_cache` null) only where training fits beside it.
 
 How the CPU peak is measured: torch allocates CPU tensor storage through its own allocator
 (c10 `alloc_cpu`, posix_memalign), not through Python's allocator, so `tracemalloc` does not see
@@ -9,6 +10,7 @@ allocation and free, so their running sum over the run is the live tensor bytes 
 peak. The run starts inside the profiler (model built there), so the sum is absolute.
 """
 
+import dataclasses
 import itertools
 import tracemalloc
 
@@ -22,8 +24,8 @@ from verl_mega.parallel import Layout
 from verl_mega.testing.tiny_hf import make_tiny_hf_model
 from verl_mega.trainer import PPOTrainer, TrainerConfig
 from verl_mega.trainer.engine import TrainEngine
-from verl_mega.trainer.memory_plan import (GIB, MemoryPlanError, Offload, Parallelism, Workload, auto_offload,
-                                           plan_memory, stage_params)
+from verl_mega.trainer.memory_plan import (DEFAULT_HEADROOM, GIB, MemoryPlanError, Offload, Parallelism, Workload,
+                                           auto_offload, plan_memory, stage_params)
 from verl_mega.trainer.optim import OptimConfig
 
 MB, SEQ, RESP = 8, 96, 48  # micro-batch sequences, tokens per sequence, response tokens (log-prob rows)
@@ -160,3 +162,45 @@ def test_ppo_critic_offloads_with_the_actor(tiny_dir):
     metrics = trainer.step([{"prompt_ids": [5, 6, 7]}, {"prompt_ids": [8, 9]}])
     assert all(v == v for v in metrics.values())  # finite (no NaN) through rollout hand-over and CPU steps
     assert not trainer.critic_engine.training_state_offloaded
+
+
+def test_a_kept_kv_cache_is_planned_through_training():
+    work = Workload(micro_batch_size=2, seq_len=64, response_len=32, rollout_rows=4)
+    freed = plan_memory(TINY, Parallelism(), work, Offload(), param_bytes=4, reference=False)
+    kept = plan_memory(TINY, Parallelism(), dataclasses.replace(work, keep_kv_cache=True), Offload(), param_bytes=4,
+                       reference=False)
+    kv = freed.phases["rollout"]["kv_cache"]
+    assert kv > 0 and "kv_cache" not in freed.phases["update"] and not freed.keep_kv_cache
+    assert kept.keep_kv_cache and kept.phases["update"]["kv_cache"] == kept.phases["logprob"]["kv_cache"] == kv
+    assert kept.peak == freed.peak + kv  # the update phase is the peak of both
+
+
+def _plan(free_cache, memory_gib):
+    from verl_mega.trainer.memory_plan import plan_for_config
+
+    cfg = TrainerConfig()
+    cfg.model.path, cfg.rollout.free_cache, cfg.offload.memory_gib = "/m", free_cache, memory_gib
+    return plan_for_config(cfg, TINY, Layout.create(1, 1, 1), "cpu", 4)[1]
+
+
+def test_free_cache_auto_keeps_the_cache_only_where_training_fits_beside_it():
+    freed, kept = _plan(True, 100.0), _plan(False, 100.0)
+    assert not freed.keep_kv_cache and kept.keep_kv_cache and kept.peak > freed.peak
+    assert _plan(None, 100.0).keep_kv_cache  # plenty of memory: kept (no CUDA-graph recapture per rollout)
+    between = (freed.peak + kept.peak) / 2 / GIB / (1 - DEFAULT_HEADROOM)  # memory_gib whose usable bytes lie between
+    assert not _plan(None, between).keep_kv_cache  # training needs the cache's memory: freed after each rollout
+    assert not _plan(None, None).keep_kv_cache  # no capacity to plan against (CPU): freed, as before
+    assert _plan(False, None).keep_kv_cache  # the config's explicit choice stands
+
+
+def test_a_kept_cache_serves_the_next_rollout(tiny_dir):
+    cfg = TrainerConfig()
+    cfg.offload.memory_gib = 100.0
+    trainer = PPOTrainer(tiny_dir, config=cfg, rollout_batch_size=2, n_samples=2, max_new_tokens=4)
+    assert trainer.free_cache is False and trainer.worker.free_cache is False
+    samples = [{"prompt_ids": [5, 6, 7]}, {"prompt_ids": [8, 9]}]
+    trainer.step(samples)
+    engine = trainer.worker._engine
+    assert engine is not None and engine.cache.memory_bytes() > 0  # not released after the rollout
+    trainer.step(samples)
+    assert trainer.worker._engine is engine  # the same engine (and, on CUDA, its captured graphs) again

@@ -32,7 +32,8 @@ SDPA output and its reshaped copy: 5 b h'; the fp32 log-sum-exp), SwiGLU (gate, 
 
 Phases: rollout (weights + KV cache + training state unless handed over + reference),
 logprob (forward-only passes of actor and reference: one layer's forward activations at a time),
-update (weights + grads + optimizer + activations + log-prob chunk + reference if resident).
+update (weights + grads + optimizer + activations + log-prob chunk + reference if resident); logprob and update
+also hold the KV cache when it is kept between rollouts (`keep_kv_cache`).
 Simplifications: allocator fragmentation is not modelled (callers keep `headroom`); the critic is
 counted as a second actor when present.
 """
@@ -40,7 +41,7 @@ counted as a second actor when present.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from verl_mega.kernels.logprob import EXTRA_BYTES
 from verl_mega.models.parallelize import stage_layer_range
@@ -85,6 +86,7 @@ class Workload:
     recompute: str = "none"  # model.recompute: none | selective | full
     packed: bool = False  # trainer.packing: micro-batches hold valid tokens only (no [S, S] mask, no padding)
     tokens_per_microbatch: int | None = None  # trainer.max_tokens_per_micro_batch (packed); None: mb x seq_len
+    keep_kv_cache: bool = False  # the KV cache stays allocated through training (rollout.free_cache false)
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ class MemoryPlan:
     recompute_activations: int
     offload: Offload
     stage: int
+    keep_kv_cache: bool = False  # the KV cache (and the engine's CUDA graphs) stays allocated through training
 
     @property
     def peak(self) -> int:
@@ -293,7 +296,10 @@ def plan_memory(cfg, par: Parallelism, work: Workload, offload: Offload, *, para
         "update": {"weights": weights, "grads": grads, "optimizer": optimizer, "reference": ref,
                    "activations": activations + logprob_io, "logprob_chunk": chunk},
     }
-    return MemoryPlan(phases=phases, host=host, recompute_activations=recompute, offload=offload, stage=stage)
+    if work.keep_kv_cache:  # not freed after the rollout: training runs beside it
+        phases["logprob"]["kv_cache"] = phases["update"]["kv_cache"] = kv
+    return MemoryPlan(phases=phases, host=host, recompute_activations=recompute, offload=offload, stage=stage,
+                      keep_kv_cache=work.keep_kv_cache)
 
 
 def auto_offload(cfg, par: Parallelism, work: Workload, *, param_bytes: int, reference: bool, capacity: int,
@@ -343,7 +349,10 @@ def plan_for_config(cfg, model_config, layout, device, param_bytes: int) -> tupl
     with `offload.auto` the planner's choice) and the plan. With `offload.plan`, when there is a
     capacity to plan against (`offload.memory_gib`, or the CUDA device's memory) a peak above it raises
     MemoryPlanError with the table in its message (so does offloaded state beyond the available host
-    memory), and a plan that fits has its table printed by rank 0; without one (CPU) the table is only logged."""
+    memory), and a plan that fits has its table printed by rank 0; without one (CPU) the table is only logged.
+    `plan.keep_kv_cache` says whether the rollout's KV cache stays allocated through training: the config's
+    `rollout.free_cache` false, or with free_cache null (auto) when the plan with the cache kept fits the
+    capacity with the same offload switches (never without a capacity, e.g. on CPU)."""
     t, r, o = cfg.trainer, cfg.rollout, cfg.offload
     seq = cfg.data.max_prompt_length + r.max_new_tokens
     rows_per_update = (t.mini_batch_size or t.rollout_batch_size) * r.n_samples
@@ -352,7 +361,8 @@ def plan_for_config(cfg, model_config, layout, device, param_bytes: int) -> tupl
                     rollout_rows=min(t.rollout_batch_size * r.n_samples, r.engine.max_batch),
                     num_microbatches=-(-rows_per_update // t.micro_batch_size),
                     prefill_tokens=r.engine.prefill_tokens, kv_token_budget=r.engine.max_tokens,
-                    recompute=cfg.model.recompute, packed=t.packing, tokens_per_microbatch=packed_budget)
+                    recompute=cfg.model.recompute, packed=t.packing, tokens_per_microbatch=packed_budget,
+                    keep_kv_cache=r.free_cache is False)
     par = Parallelism(layout.tp, layout.pp, layout.dp, cfg.parallel.tp_g)
     reference, critic = cfg.algorithm.kl_coef > 0, cfg.algorithm.name in ("ppo", "gae")
     capacity = usable_device_bytes(device, o.memory_gib) if (o.plan or o.auto) else None
@@ -363,6 +373,11 @@ def plan_for_config(cfg, model_config, layout, device, param_bytes: int) -> tupl
     else:
         choice = Offload(optimizer=o.optimizer, reference=o.reference, grads=o.grads)
     plan = plan_memory(model_config, par, work, choice, param_bytes=param_bytes, reference=reference, critic=critic)
+    if r.free_cache is None and capacity is not None:  # auto: keep the cache (no CUDA-graph recapture per step)
+        kept = plan_memory(model_config, par, replace(work, keep_kv_cache=True), choice, param_bytes=param_bytes,
+                           reference=reference, critic=critic)  # only where that needs no further offload
+        if kept.fits(capacity, host_capacity):
+            plan = kept
     if o.plan and capacity is not None:
         plan.check(capacity, host_capacity)  # a plan that does not fit: the table is in the error, printed once
     if o.plan and layout.rank == 0:

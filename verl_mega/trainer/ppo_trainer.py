@@ -124,8 +124,9 @@ class PPOTrainer:
                                                          actor.dtype.itemsize)
         self.actor_engine = TrainEngine(actor.model, self.layout, self._optim(cfg.optim), param_dtype=actor.dtype,
                                         offload_optimizer=self.offload.optimizer)
+        self.free_cache = not self.memory_plan.keep_kv_cache  # the config's, or the planner's choice (auto)
         self.worker = actor.rollout_worker(tp_g=cfg.parallel.tp_g, engine_config=cfg.rollout.engine,
-                                           free_cache=cfg.rollout.free_cache)
+                                           free_cache=self.free_cache)
         self.reference = self._reference(reference) if cfg.algorithm.kl_coef > 0 else None
         self.critic_engine = self._critic(critic) if cfg.algorithm.name in ("ppo", "gae") else None
         apply_recompute(self.actor_engine.model, cfg.model.recompute, cfg.model.recompute_layers)
@@ -374,7 +375,7 @@ class PPOTrainer:
 
     def _validate(self, validator: Validator) -> dict[str, float]:
         metrics = validator()
-        if self.config.rollout.free_cache:
+        if self.free_cache:
             release_generation(self.actor)  # the validation engine's KV cache must not stay allocated during training
         self.val_history.append({"step": self.global_step, **metrics})
         if self.layout.rank == 0:
