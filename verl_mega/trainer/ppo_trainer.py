@@ -375,8 +375,8 @@ class PPOTrainer:
 
     def _validate(self, validator: Validator) -> dict[str, float]:
         metrics = validator()
-        if self.free_cache:
-            release_generation(self.actor)  # the validation engine's KV cache must not stay allocated during training
+        # always: validation batches may have grown the engine's KV cache beyond what the memory plan keeps
+        release_generation(self.actor)
         self.val_history.append({"step": self.global_step, **metrics})
         if self.layout.rank == 0:
             log.info("validation at step %d: %s", self.global_step,
