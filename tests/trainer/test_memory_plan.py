@@ -13,6 +13,7 @@ peak. The run starts inside the profiler (model built there), so the sum is abso
 import dataclasses
 import itertools
 import tracemalloc
+import types
 
 import pytest
 import torch
@@ -191,6 +192,17 @@ def test_free_cache_auto_keeps_the_cache_only_where_training_fits_beside_it():
     assert not _plan(None, between).keep_kv_cache  # training needs the cache's memory: freed after each rollout
     assert not _plan(None, None).keep_kv_cache  # no capacity to plan against (CPU): freed, as before
     assert _plan(False, None).keep_kv_cache  # the config's explicit choice stands
+
+
+def test_free_cache_auto_frees_where_generation_runs_on_regathered_weights():
+    from verl_mega.trainer.memory_plan import plan_for_config
+
+    cfg = TrainerConfig()
+    cfg.model.path, cfg.offload.memory_gib, cfg.parallel.tp = "/m", 100.0, 2
+    layout = types.SimpleNamespace(tp=2, pp=1, dp=1, rank=0)  # what the plan reads of a Layout (no process group)
+    assert plan_for_config(cfg, TINY, layout, "cpu", 4)[1].keep_kv_cache  # tp_g = tp: generation on the training weights
+    cfg.parallel.tp_g = 1  # regathered into a new inference model each rollout: its engine is rebuilt anyway
+    assert not plan_for_config(cfg, TINY, layout, "cpu", 4)[1].keep_kv_cache
 
 
 def test_a_kept_cache_serves_the_next_rollout(tiny_dir):

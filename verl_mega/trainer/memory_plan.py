@@ -351,8 +351,9 @@ def plan_for_config(cfg, model_config, layout, device, param_bytes: int) -> tupl
     MemoryPlanError with the table in its message (so does offloaded state beyond the available host
     memory), and a plan that fits has its table printed by rank 0; without one (CPU) the table is only logged.
     `plan.keep_kv_cache` says whether the rollout's KV cache stays allocated through training: the config's
-    `rollout.free_cache` false, or with free_cache null (auto) when the plan with the cache kept fits the
-    capacity with the same offload switches (never without a capacity, e.g. on CPU)."""
+    `rollout.free_cache` false, or with free_cache null (auto) when generation runs on the training weights
+    (tp_g = tp, pp = 1) and the plan with the cache kept fits the capacity with the same offload switches (never
+    without a capacity, e.g. on CPU)."""
     t, r, o = cfg.trainer, cfg.rollout, cfg.offload
     seq = cfg.data.max_prompt_length + r.max_new_tokens
     rows_per_update = (t.mini_batch_size or t.rollout_batch_size) * r.n_samples
@@ -373,7 +374,9 @@ def plan_for_config(cfg, model_config, layout, device, param_bytes: int) -> tupl
     else:
         choice = Offload(optimizer=o.optimizer, reference=o.reference, grads=o.grads)
     plan = plan_memory(model_config, par, work, choice, param_bytes=param_bytes, reference=reference, critic=critic)
-    if r.free_cache is None and capacity is not None:  # auto: keep the cache (no CUDA-graph recapture per step)
+    resharded = (par.tp_g or par.tp) != par.tp or par.pp > 1  # generation on regathered weights: new addresses
+    # each rollout, so the engine (and its graphs) is rebuilt anyway and keeping its cache would only hold memory
+    if r.free_cache is None and capacity is not None and not resharded:  # auto: keep (no graph recapture per step)
         kept = plan_memory(model_config, par, replace(work, keep_kv_cache=True), choice, param_bytes=param_bytes,
                            reference=reference, critic=critic)  # only where that needs no further offload
         if kept.fits(capacity, host_capacity):
