@@ -139,7 +139,7 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
     vlm_grpo_step) step vlm_grpo_step 200 python3 benchmarks/vlm_grpo_step.py --prompts 16 --n 8 --image 448 --steps 2 \
       --out "$WORK/vlm" ;;
     vlm_vision_share) step vlm_vision_share 100 python3 benchmarks/vlm_vision_share.py --out "$WORK/vlm_share" ;;
-    reward_models) step reward_models 200 python3 benchmarks/reward_models.py \
+    reward_models) step reward_models 320 python3 benchmarks/reward_models.py \
       --rewards rule,model,model_offload,judge,judge_offload --out "$WORK/rewards" ;;
     agent_rollout) mkdir -p "$WORK/agent"
       step agent_rollout 200 python3 benchmarks/agent_rollout.py --out "$WORK/agent/agent_rollout.json" ;;
