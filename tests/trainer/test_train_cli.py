@@ -119,6 +119,10 @@ def test_checks_fail_before_the_model_loads(weightless_dir, tmp_path, capsys, mo
     # a misspelt tool argument in rollout.tools
     _fails(capsys, [cfg, "rollout.tools=[{name: code_interpreter, sandbox_fusion_url: 'http://h:1', default_timout: 10}]"],
            "rollout.tools[0] (code_interpreter):", "'default_timout'")
+    # a sandbox server that is not up (nothing listens on port 9 here): one error line before the model loads
+    _fails(capsys, [cfg, "rollout.tools=[{name: code_interpreter, sandbox_fusion_url: 'http://127.0.0.1:9', "
+                         "client_options: {retries: 0}}]"],
+           "rollout.tools[0] (code_interpreter): sandbox unavailable: http://127.0.0.1:9/run_code", "verl-mega sandbox serve")
     # a parquet without the prompt column names the file, the row and data.prompt_key
     no_prompt = tmp_path / "no_prompt.parquet"
     pq.write_table(pa.Table.from_pylist([{"question": "1+1", "data_source": "gsm8k"}] * 4), no_prompt)

@@ -10,7 +10,8 @@
      data-parallel rank (trainer.rollout_batch_size), and its longest prompt plus rollout.max_new_tokens fits
      the model's max_position_embeddings, and a checkpoint the run would resume saved its data position
      for this many prompts and this trainer.seed; the same for data.val_path when validation is on;
-  4. the tools (rollout.tools): known names, arguments their constructors take;
+  4. the tools (rollout.tools): known names, arguments their constructors take, and each code tool's sandbox
+     (local, or the server at its sandbox_fusion_url) runs print(1);
   5. the reward: `trainer.reward` imports (within trainer.reward_timeout_s), and a "rule" reward has a checker for every data_source
      in the data and a ground truth (reward_model.ground_truth) in every row;
   6. the weights: model.safetensors (or the index and every shard it names) exist under model.path.
@@ -20,6 +21,7 @@ Only the tokenizer is loaded (seconds); the weights are not touched.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
 import os
@@ -371,10 +373,11 @@ def preflight(cfg: TrainerConfig, world_size: int) -> Prepared:
                    else None)
     if val_dataset is not None:
         check_lengths(cfg, val_dataset, f"data.val_path={cfg.data.val_path}")
-    if cfg.rollout.tools:  # built (cheap: no sandbox runs, no connection) to check names and arguments
+    if cfg.rollout.tools:  # built to check names and arguments, then one print(1) in each tool's sandbox
         from verl_mega.tools import build_tools
 
-        build_tools(cfg.rollout.tools, timeout_s=cfg.rollout.tool_timeout_s, key="rollout.tools")
+        tools = build_tools(cfg.rollout.tools, timeout_s=cfg.rollout.tool_timeout_s, key="rollout.tools")
+        asyncio.run(tools.check("rollout.tools"))
     reward_fn = load_reward(t.reward, import_timeout_s=t.reward_timeout_s)
     check_reward(reward_fn, dataset, f"data.train_path={cfg.data.train_path}")
     if val_dataset is not None:

@@ -330,6 +330,8 @@ class _ToolRunner:
         if self.loop is not None:
             for f in self.futures.values():
                 f.cancel()
+            # the tools' HTTP sessions belong to this loop: closed on it (an unclosed one warns at exit)
+            asyncio.run_coroutine_threadsafe(self.toolset.aclose(), self.loop).result(timeout=10)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=10)
             self.loop.close()

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from verl_mega.tools.base import Tool
+from verl_mega.tools.base import Tool, ToolError
 from verl_mega.tools.fusion_client import ClientOptions
 from verl_mega.tools.python_tool import PythonTool, SandboxFusionTool
 from verl_mega.tools.sandbox import SandboxUnavailable
@@ -69,11 +69,30 @@ class ToolSet:
             text = await asyncio.wait_for(tool.execute(**arguments), self.timeout_s)
         except (asyncio.TimeoutError, TimeoutError):
             return failed(f"{name!r} did not answer within {self.timeout_s:g} s")
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, ToolError) as e:
             return failed(str(e))
         except Exception as e:  # a tool bug must not end the rollout; the model sees what happened
             return failed(f"{name!r} raised {type(e).__name__}: {e}")
         return ToolCallResult(text, False, time.monotonic() - t0)
+
+    async def check(self, key: str = "tools") -> None:
+        """Every tool's `check()` (the code tools: `print(1)` in their sandbox); ValueError naming `key[k]` for
+        a tool that cannot serve calls (a sandbox server down, a wrong URL)."""
+        try:
+            for k, tool in enumerate(self.tools.values()):
+                try:
+                    await tool.check()
+                except ToolError as e:
+                    hint = ("; start it (verl-mega sandbox serve --port PORT) or fix sandbox_fusion_url"
+                            if getattr(tool, "sandbox_fusion_url", None) else "")
+                    raise ValueError(f"{key}[{k}] ({tool.name}): {e}{hint}") from None
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Release what the tools hold on the running event loop (call it before the loop closes)."""
+        for tool in self.tools.values():
+            await tool.aclose()
 
 
 def build_tools(specs: Sequence[dict[str, Any]], timeout_s: float | None = None, key: str = "tools") -> ToolSet:
