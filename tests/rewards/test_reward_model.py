@@ -157,7 +157,9 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     from verl_mega.model_rewards import RewardModel
 
     causal = make_tiny_hf_model(str(tmp_path / "causal"), "llama", vocab_size=130)
-    with pytest.raises(ValueError, match=r"tensor score\.weight .* not found"):
+    # was "tensor score.weight (for parameter value_head.weight) not found in ...", which does not say why
+    with pytest.raises(ValueError, match=r"reward model .*causal has no score head \(no score\.weight tensor in its "
+                                         r"weights\).*trainer\.reward=judge:"):
         RewardModel(causal)
     two = make_tiny_reward_model(str(tmp_path / "two"), "llama", seed=0)
     config = os.path.join(two, "config.json")

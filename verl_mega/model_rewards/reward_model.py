@@ -37,6 +37,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.distributed as dist
 
+from verl_mega.models.hf_io import weight_map
 from verl_mega.rollout.actor import HFActor, get_actor_model
 from verl_mega.parallel.dist import device as comm_device
 from verl_mega.rewards.base import RewardResult
@@ -136,6 +137,20 @@ def _num_labels(path: str) -> int:
     return len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 1))
 
 
+def _check_score_head(path: str) -> None:
+    """ValueError when the weights of `path` hold no score head (`score.weight`): a causal LM given as a reward
+    model (the loader would otherwise say a tensor is missing). A directory without weights passes (the loader
+    names what is missing)."""
+    try:
+        names = weight_map(path)
+    except FileNotFoundError:
+        return
+    if not any(name == "score.weight" or name.endswith(".score.weight") for name in names):
+        raise ValueError(f"reward model {path} has no score head (no score.weight tensor in its weights): a "
+                         f"reward model is a *ForSequenceClassification checkpoint with one label. A causal LM "
+                         f"can judge instead: LLMJudgerReward({path!r}) (trainer.reward=judge:{path})")
+
+
 class RewardModel(BatchedReward):
     """A sharded sequence-classification reward model scoring (prompt, response) batches.
 
@@ -161,6 +176,7 @@ class RewardModel(BatchedReward):
             if os.path.isfile(os.path.join(path, "config.json")) and _num_labels(path) != 1:
                 raise ValueError(f"reward model {path} has {_num_labels(path)} labels; a reward model has one "
                                  f"(a *ForSequenceClassification checkpoint with num_labels=1)")
+            _check_score_head(path)
             model = get_actor_model(path, torch_dtype=torch_dtype, tensor_parallel_size=tensor_parallel_size,
                                     pipeline_parallel_size=pipeline_parallel_size, layout=layout, score_head=True,
                                     device="cpu" if offload else None)
