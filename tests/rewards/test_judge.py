@@ -130,6 +130,13 @@ def test_prompt_template_and_arguments_are_checked():
         LLMJudgerReward("unused", prompt_template="{response} {answer}")
     with pytest.raises(ValueError, match="no {response} field"):
         LLMJudgerReward("unused", prompt_template="{prompt}")
+    # a literal JSON example in the template, an unclosed brace: the fix is named (the latter was a bare
+    # "expected '}' before end of string" from string.Formatter)
+    with pytest.raises(ValueError, match=r"""unknown fields \['"score"'\].* \(literal braces are written \{\{ and \}\}\)"""):
+        LLMJudgerReward("unused", prompt_template='{response} Reply as {"score": N}')
+    with pytest.raises(ValueError, match=r"prompt_template is not a format string \(expected '\}' before end of string\); "
+                                         r"literal braces are written"):
+        LLMJudgerReward("unused", prompt_template="{prompt} {response")
     with pytest.raises(ValueError, match="parse 'stars' is not one of"):
         LLMJudgerReward("unused", parse="stars")
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):

@@ -86,10 +86,15 @@ def _check_template(template) -> None:
         return
     if not isinstance(template, str):
         raise ValueError(f"prompt_template must be a format string or a callable, got {type(template).__name__}")
-    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    braces = "literal braces are written {{ and }}"
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:  # an unclosed or stray brace
+        raise ValueError(f"prompt_template is not a format string ({e}); {braces}") from None
     unknown = fields - set(TEMPLATE_FIELDS)
     if unknown:
-        raise ValueError(f"prompt_template has unknown fields {sorted(unknown)}; allowed: {list(TEMPLATE_FIELDS)}")
+        hint = "" if all(name.isidentifier() for name in unknown) else f" ({braces})"
+        raise ValueError(f"prompt_template has unknown fields {sorted(unknown)}; allowed: {list(TEMPLATE_FIELDS)}{hint}")
     if "response" not in fields:
         raise ValueError("prompt_template has no {response} field: the judge would not see the response")
 
