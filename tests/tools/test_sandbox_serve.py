@@ -168,3 +168,24 @@ def test_bad_flags_and_a_busy_port_are_one_error_line(capsys):
         assert sandbox_serve.main(["serve", "--host", "127.0.0.1", "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"cannot listen on --host 127.0.0.1 --port {port}" in err and "Traceback" not in err
+
+
+def test_a_url_that_is_not_a_sandbox_is_one_error_line():
+    """An HTTP server that refuses POST /run_code (here: Python's http.server, 501 and an HTML page) used to put
+    the whole page, newlines and all, into the error; the message is now one line naming the endpoint."""
+    import http.server
+    import threading
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        tools = ToolSet([tool_for(httpd.server_address[1], retries=0)])
+        with pytest.raises(ValueError) as info:
+            asyncio.run(tools.check("rollout.tools"))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    message = str(info.value)
+    assert message.startswith(f"rollout.tools[0] (code_interpreter): sandbox error: HTTP 501 from "
+                              f"http://127.0.0.1:{httpd.server_address[1]}/run_code: <!DOCTYPE HTML>")
+    assert "\n" not in message and len(message) < 600
