@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from verl_mega.apps import train_cli
-from verl_mega.testing.tiny_hf import make_tiny_hf_model
+from verl_mega.testing.tiny_hf import make_tiny_hf_model, tiny_hf_config
 
 SMALL = ["trainer.rollout_batch_size=2", "rollout.n_samples=2", "rollout.max_new_tokens=4", "trainer.progress_bar=false"]
 
@@ -123,6 +123,13 @@ def test_checks_fail_before_the_model_loads(weightless_dir, tmp_path, capsys, mo
     _fails(capsys, [cfg, "rollout.tools=[{name: code_interpreter, sandbox_fusion_url: 'http://127.0.0.1:9', "
                          "client_options: {retries: 0}}]"],
            "rollout.tools[0] (code_interpreter): sandbox unavailable: http://127.0.0.1:9/run_code", "verl-mega sandbox serve")
+    # a judge that cannot be split at the actor's tp: named before the spawn (it was "num_heads=3 is not divisible by
+    # tensor_parallel_size=2" from the spawned ranks, after the actor loaded, without saying which model)
+    judge = tmp_path / "judge3"
+    tiny_hf_config("llama", hidden_size=48, num_heads=3, num_kv_heads=3).save_pretrained(judge)
+    _fails(capsys, [cfg, f"trainer.reward=judge:{judge}", "parallel.tp=2"],
+           f"parallel.tp=2 does not fit the judge at trainer.reward=judge:{judge} (it runs at the actor's parallel.tp)",
+           "choose a tp dividing num_heads=3")
     # a parquet without the prompt column names the file, the row and data.prompt_key
     no_prompt = tmp_path / "no_prompt.parquet"
     pq.write_table(pa.Table.from_pylist([{"question": "1+1", "data_source": "gsm8k"}] * 4), no_prompt)

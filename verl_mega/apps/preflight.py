@@ -13,7 +13,8 @@
   4. the tools (rollout.tools): known names, arguments their constructors take, and each code tool's sandbox
      (local, or the server at its sandbox_fusion_url) runs print(1);
   5. the reward: `trainer.reward` imports (within trainer.reward_timeout_s), and a "rule" reward has a checker for every data_source
-     in the data and a ground truth (reward_model.ground_truth) in every row;
+     in the data and a ground truth (reward_model.ground_truth) in every row; a "model:PATH" / "judge:PATH" reward
+     holds a model of its kind that the actor's parallel.tp (and, a reward model, pp) can split;
   6. the weights: model.safetensors (or the index and every shard it names) exist under model.path.
 It returns the tokenized datasets and the reward callable, which training then uses as they are.
 Only the tokenizer is loaded (seconds); the weights are not touched.
@@ -163,28 +164,34 @@ def check_launch(cfg: TrainerConfig, world_size: int) -> None:
 
 def check_model(cfg: TrainerConfig) -> None:
     """ValueError if model.path is not a HF directory or its shapes cannot be split by parallel.tp / pp."""
-    from verl_mega.models.config import ModelConfig
     from verl_mega.models.hf_io import check_hf_dir
-    from verl_mega.models.parallelize import stage_layer_range
 
     try:
         path = check_hf_dir(cfg.model.path)
     except FileNotFoundError as exc:
         raise ValueError(f"model.path: {exc}") from None
+    check_fits(path, cfg.parallel.tp, cfg.parallel.pp, f"the model at model.path={path}", "model.path")
+
+
+def check_fits(path: str, tp: int, pp: int, what: str, key: str) -> None:
+    """ValueError if the HF model at `path` (`what`, under config `key`) cannot be split by tp / pp."""
+    from verl_mega.models.config import ModelConfig
+    from verl_mega.models.parallelize import stage_layer_range
+
     try:
         config = ModelConfig.from_hf(path)
     except (ValueError, KeyError, OSError) as exc:
-        raise ValueError(f"model.path={path}: cannot read its config.json: {exc}") from None
+        raise ValueError(f"{key}={path}: cannot read its config.json: {exc}") from None
     try:
-        config.check_tp(cfg.parallel.tp)
+        config.check_tp(tp)
     except ValueError as exc:
-        raise ValueError(f"parallel.tp={cfg.parallel.tp} does not fit the model at model.path={path}: {exc}; "
+        raise ValueError(f"parallel.tp={tp} does not fit {what}: {exc}; "
                          f"choose a tp dividing num_heads={config.num_heads} and num_kv_heads={config.num_kv_heads}"
                          ) from None
     try:
-        stage_layer_range(config.num_layers, cfg.parallel.pp, 0)
+        stage_layer_range(config.num_layers, pp, 0)
     except ValueError as exc:
-        raise ValueError(f"parallel.pp={cfg.parallel.pp} does not fit the model at model.path={path}: {exc}") from None
+        raise ValueError(f"parallel.pp={pp} does not fit {what}: {exc}") from None
 
 
 def load_dataset(cfg: TrainerConfig, tokenizer, key: str = "train_path"):
@@ -379,6 +386,11 @@ def preflight(cfg: TrainerConfig, world_size: int) -> Prepared:
         tools = build_tools(cfg.rollout.tools, timeout_s=cfg.rollout.tool_timeout_s, key="rollout.tools")
         asyncio.run(tools.check("rollout.tools"))
     reward_fn = load_reward(t.reward, import_timeout_s=t.reward_timeout_s)
+    if reward_fn is None:  # a model reward: sharded at the actor's tp (and, a reward model, its pp)
+        kind, _, path = t.reward.partition(":")
+        check_fits(path, cfg.parallel.tp, cfg.parallel.pp if kind == "model" else 1,
+                   f"the {'reward model' if kind == 'model' else 'judge'} at trainer.reward={t.reward} (it runs "
+                   f"at the actor's parallel.tp{' and pp' if kind == 'model' else ''})", "trainer.reward")
     check_reward(reward_fn, dataset, f"data.train_path={cfg.data.train_path}")
     if val_dataset is not None:
         check_reward(reward_fn, val_dataset, f"data.val_path={cfg.data.val_path}")
