@@ -238,3 +238,26 @@ def test_tp2_without_torchrun_spawns_two_processes(tiny_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "starting 2 processes (parallel.tp=2 x parallel.pp=1, dp=1)" in out and "done: 1 step," in out
     assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1]
+
+
+def test_model_reward_weights_are_checked_before_the_model_loads(tiny_dir, tmp_path, capsys):
+    """A reward model directory without weights, or whose weights have no score head (a causal LM whose
+    config.json names no architectures): one error line naming trainer.reward, before the actor loads (they were
+    a FileNotFoundError traceback, status 1, and 'tensor score.weight (for parameter value_head.weight) not
+    found', both after the actor had loaded)."""
+    import shutil
+
+    cfg = _config(tmp_path, tiny_dir, _jsonl(tmp_path / "d.jsonl", _rows(4)))
+    no_weights = tmp_path / "rm_no_weights"
+    shutil.copytree(tiny_dir, no_weights, ignore=shutil.ignore_patterns("*.safetensors*"))
+    _fails_with(capsys, [cfg, *SMALL, f"trainer.reward=judge:{no_weights}"],
+                f"trainer.reward=judge:{no_weights}: no weights in {no_weights}")
+    causal = tmp_path / "causal_no_arch"
+    shutil.copytree(tiny_dir, causal)
+    with open(causal / "config.json") as f:
+        hf = json.load(f)
+    del hf["architectures"]
+    with open(causal / "config.json", "w") as f:
+        json.dump(hf, f)
+    _fails_with(capsys, [cfg, *SMALL, f"trainer.reward=model:{causal}"],
+                f"trainer.reward=model:{causal}: reward model {causal} has no score head", f"trainer.reward=judge:{causal}")

@@ -15,7 +15,8 @@
   5. the reward: `trainer.reward` imports (within trainer.reward_timeout_s), and a "rule" reward has a checker for every data_source
      in the data and a ground truth (reward_model.ground_truth) in every row; a "model:PATH" / "judge:PATH" reward
      holds a model of its kind that the actor's parallel.tp (and, a reward model, pp) can split;
-  6. the weights: model.safetensors (or the index and every shard it names) exist under model.path.
+  6. the weights: model.safetensors (or the index and every shard it names) exist under model.path (and a model
+     reward's PATH; a reward model's include its score head).
 It returns the tokenized datasets and the reward callable, which training then uses as they are.
 Only the tokenizer is loaded (seconds); the weights are not touched.
 """
@@ -228,17 +229,33 @@ def load_dataset(cfg: TrainerConfig, tokenizer, key: str = "train_path"):
 
 
 def check_weights(cfg: TrainerConfig) -> None:
-    """ValueError naming model.path when its weights are missing: no model.safetensors / index, or a shard the
-    index names (reads the index or the safetensors header only, not a tensor)."""
+    """ValueError naming model.path (or trainer.reward, for a model reward) when weights are missing: no
+    model.safetensors / index, or a shard the index names, or a reward model's score head (reads the index or the
+    safetensors header only, not a tensor)."""
+    check_weight_files(cfg.model.path, "model.path")
+    kind, _, path = cfg.trainer.reward.partition(":")
+    if kind in ("model", "judge"):
+        check_weight_files(path, f"trainer.reward={cfg.trainer.reward}")
+    if kind == "model":
+        from verl_mega.model_rewards.reward_model import check_score_head
+
+        try:
+            check_score_head(path)
+        except ValueError as exc:
+            raise ValueError(f"trainer.reward={cfg.trainer.reward}: {exc}") from None
+
+
+def check_weight_files(path: str, key: str) -> None:
+    """ValueError naming `key` when the HF directory `path` has no weights or misses a shard its index names."""
     from verl_mega.models.hf_io import weight_map
 
     try:
-        files = sorted(set(weight_map(cfg.model.path).values()))
+        files = sorted(set(weight_map(path).values()))
     except FileNotFoundError as exc:
-        raise ValueError(f"model.path: {exc}") from None
+        raise ValueError(f"{key}: {exc}") from None
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
-        raise ValueError(f"model.path={cfg.model.path}: {len(missing)} of the {len(files)} weight shards its index "
+        raise ValueError(f"{key}={path}: {len(missing)} of the {len(files)} weight shards its index "
                          f"names are missing, e.g. {missing[0]}")
 
 

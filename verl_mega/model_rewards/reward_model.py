@@ -137,7 +137,7 @@ def _num_labels(path: str) -> int:
     return len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 1))
 
 
-def _check_score_head(path: str) -> None:
+def check_score_head(path: str) -> None:
     """ValueError when the weights of `path` hold no score head (`score.weight`): a causal LM given as a reward
     model (the loader would otherwise say a tensor is missing). A directory without weights passes (the loader
     names what is missing)."""
@@ -176,7 +176,7 @@ class RewardModel(BatchedReward):
             if os.path.isfile(os.path.join(path, "config.json")) and _num_labels(path) != 1:
                 raise ValueError(f"reward model {path} has {_num_labels(path)} labels; a reward model has one "
                                  f"(a *ForSequenceClassification checkpoint with num_labels=1)")
-            _check_score_head(path)
+            check_score_head(path)
             model = get_actor_model(path, torch_dtype=torch_dtype, tensor_parallel_size=tensor_parallel_size,
                                     pipeline_parallel_size=pipeline_parallel_size, layout=layout, score_head=True,
                                     device="cpu" if offload else None)
