@@ -143,3 +143,12 @@ def test_prompt_template_and_arguments_are_checked():
         LLMJudgerReward("unused", max_new_tokens=0)
     with pytest.raises(ValueError, match="needs the prompt text"):
         prompt_text({"prompt_ids": [1, 2]})
+
+
+def test_judge_without_a_tokenizer_fails_when_built(tmp_path):
+    """It used to fail at the first reward call (after a rollout) with "pass token-id lists as prompts"."""
+    from verl_mega.model_rewards import LLMJudgerReward
+
+    path = make_tiny_hf_model(str(tmp_path / "judge"), "llama", with_tokenizer=False)
+    with pytest.raises(ValueError, match=r"judge .*judge has no tokenizer \(tokenizer\.json / tokenizer\.model\)"):
+        LLMJudgerReward(path)

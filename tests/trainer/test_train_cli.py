@@ -241,10 +241,10 @@ def test_tp2_without_torchrun_spawns_two_processes(tiny_dir, tmp_path, capsys):
 
 
 def test_model_reward_weights_are_checked_before_the_model_loads(tiny_dir, tmp_path, capsys):
-    """A reward model directory without weights, or whose weights have no score head (a causal LM whose
-    config.json names no architectures): one error line naming trainer.reward, before the actor loads (they were
-    a FileNotFoundError traceback, status 1, and 'tensor score.weight (for parameter value_head.weight) not
-    found', both after the actor had loaded)."""
+    """A reward model directory without weights or tokenizer, or whose weights have no score head (a causal LM
+    whose config.json names no architectures): one error line naming trainer.reward, before the actor loads (they
+    were a FileNotFoundError traceback, status 1, "pass token-id lists as prompts" and 'tensor score.weight (for
+    parameter value_head.weight) not found', all after the actor had loaded)."""
     import shutil
 
     cfg = _config(tmp_path, tiny_dir, _jsonl(tmp_path / "d.jsonl", _rows(4)))
@@ -252,6 +252,10 @@ def test_model_reward_weights_are_checked_before_the_model_loads(tiny_dir, tmp_p
     shutil.copytree(tiny_dir, no_weights, ignore=shutil.ignore_patterns("*.safetensors*"))
     _fails_with(capsys, [cfg, *SMALL, f"trainer.reward=judge:{no_weights}"],
                 f"trainer.reward=judge:{no_weights}: no weights in {no_weights}")
+    no_tokenizer = tmp_path / "judge_no_tokenizer"  # was an error at the first reward call, after a rollout
+    shutil.copytree(tiny_dir, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    _fails_with(capsys, [cfg, *SMALL, f"trainer.reward=judge:{no_tokenizer}"],
+                f"trainer.reward=judge:{no_tokenizer}: {no_tokenizer} has no tokenizer (tokenizer.json / tokenizer.model)")
     causal = tmp_path / "causal_no_arch"
     shutil.copytree(tiny_dir, causal)
     with open(causal / "config.json") as f:

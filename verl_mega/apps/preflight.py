@@ -405,6 +405,10 @@ def preflight(cfg: TrainerConfig, world_size: int) -> Prepared:
     reward_fn = load_reward(t.reward, import_timeout_s=t.reward_timeout_s)
     if reward_fn is None:  # a model reward: sharded at the actor's tp (and, a reward model, its pp)
         kind, _, path = t.reward.partition(":")
+        if load_tokenizer(path) is None:
+            raise ValueError(f"trainer.reward={t.reward}: {path} has no tokenizer (tokenizer.json / tokenizer.model); "
+                             f"the {'reward model' if kind == 'model' else 'judge'} reads each prompt and response "
+                             f"as text with its own tokenizer")
         check_fits(path, cfg.parallel.tp, cfg.parallel.pp if kind == "model" else 1,
                    f"the {'reward model' if kind == 'model' else 'judge'} at trainer.reward={t.reward} (it runs "
                    f"at the actor's parallel.tp{' and pp' if kind == 'model' else ''})", "trainer.reward")

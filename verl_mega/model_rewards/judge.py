@@ -151,6 +151,9 @@ class LLMJudgerReward(BatchedReward):
             raise ValueError(f"the judge runs on one pipeline stage: its layout has pp={model.layout.pp}")
         if model.model.is_value_model:
             raise ValueError("the judge must be a causal LM (loaded without value_head / score_head)")
+        if model.tokenizer is None:  # found now, not at the first reward call after a rollout
+            raise ValueError(f"judge {model.path} has no tokenizer (tokenizer.json / tokenizer.model): it reads "
+                             f"each prompt and response as text")
         self.judge, self.layout = model, model.layout
         self.judge.model.requires_grad_(False).eval()
         self.prompt_template, self.max_new_tokens, self.max_batch = prompt_template, max_new_tokens, max_batch
