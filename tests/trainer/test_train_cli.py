@@ -265,3 +265,10 @@ def test_model_reward_weights_are_checked_before_the_model_loads(tiny_dir, tmp_p
         json.dump(hf, f)
     _fails_with(capsys, [cfg, *SMALL, f"trainer.reward=model:{causal}"],
                 f"trainer.reward=model:{causal}: reward model {causal} has no score head", f"trainer.reward=judge:{causal}")
+    two_labels = tmp_path / "rm_two_labels"  # was found only after the actor loaded
+    shutil.copytree(causal, two_labels)
+    hf["architectures"], hf["id2label"] = ["LlamaForSequenceClassification"], {"0": "A", "1": "B"}
+    with open(two_labels / "config.json", "w") as f:
+        json.dump(hf, f)
+    _fails_with(capsys, [cfg, *SMALL, f"trainer.reward=model:{two_labels}"],
+                f"trainer.reward=model:{two_labels}: reward model {two_labels} has 2 labels")

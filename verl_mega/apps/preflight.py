@@ -16,7 +16,7 @@
      in the data and a ground truth (reward_model.ground_truth) in every row; a "model:PATH" / "judge:PATH" reward
      holds a model of its kind that the actor's parallel.tp (and, a reward model, pp) can split;
   6. the weights: model.safetensors (or the index and every shard it names) exist under model.path (and a model
-     reward's PATH; a reward model's include its score head).
+     reward's PATH; a reward model has one label and a score head).
 It returns the tokenized datasets and the reward callable, which training then uses as they are.
 Only the tokenizer is loaded (seconds); the weights are not touched.
 """
@@ -237,10 +237,10 @@ def check_weights(cfg: TrainerConfig) -> None:
     if kind in ("model", "judge"):
         check_weight_files(path, f"trainer.reward={cfg.trainer.reward}")
     if kind == "model":
-        from verl_mega.model_rewards.reward_model import check_score_head
+        from verl_mega.model_rewards.reward_model import check_reward_checkpoint
 
         try:
-            check_score_head(path)
+            check_reward_checkpoint(path)
         except ValueError as exc:
             raise ValueError(f"trainer.reward={cfg.trainer.reward}: {exc}") from None
 

@@ -137,10 +137,13 @@ def _num_labels(path: str) -> int:
     return len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 1))
 
 
-def check_score_head(path: str) -> None:
-    """ValueError when the weights of `path` hold no score head (`score.weight`): a causal LM given as a reward
-    model (the loader would otherwise say a tensor is missing). A directory without weights passes (the loader
-    names what is missing)."""
+def check_reward_checkpoint(path: str) -> None:
+    """ValueError when the HF directory `path` is not a one-label reward model: its config.json gives several
+    labels, or its weights hold no score head (`score.weight`: a causal LM, which the loader would report as a
+    missing tensor). A directory without config.json or weights passes (the loader names what is missing)."""
+    if os.path.isfile(os.path.join(path, "config.json")) and _num_labels(path) != 1:
+        raise ValueError(f"reward model {path} has {_num_labels(path)} labels; a reward model has one "
+                         f"(a *ForSequenceClassification checkpoint with num_labels=1)")
     try:
         names = weight_map(path)
     except FileNotFoundError:
@@ -173,10 +176,7 @@ class RewardModel(BatchedReward):
             raise ValueError(f"max_tokens_per_batch must be >= 1, got {max_tokens_per_batch}")
         if not isinstance(model, HFActor):
             path = os.fspath(model)
-            if os.path.isfile(os.path.join(path, "config.json")) and _num_labels(path) != 1:
-                raise ValueError(f"reward model {path} has {_num_labels(path)} labels; a reward model has one "
-                                 f"(a *ForSequenceClassification checkpoint with num_labels=1)")
-            check_score_head(path)
+            check_reward_checkpoint(path)
             model = get_actor_model(path, torch_dtype=torch_dtype, tensor_parallel_size=tensor_parallel_size,
                                     pipeline_parallel_size=pipeline_parallel_size, layout=layout, score_head=True,
                                     device="cpu" if offload else None)
