@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from verl_mega.apps import train_cli
-from verl_mega.testing.tiny_hf import make_tiny_hf_model, tiny_hf_config
+from verl_mega.testing.tiny_hf import make_tiny_hf_model, make_tiny_tokenizer, tiny_hf_config
 
 SMALL = ["trainer.rollout_batch_size=2", "rollout.n_samples=2", "rollout.max_new_tokens=4", "trainer.progress_bar=false"]
 
@@ -119,6 +119,9 @@ def test_checks_fail_before_the_model_loads(weightless_dir, tmp_path, capsys, mo
     # a misspelt tool argument in rollout.tools
     _fails(capsys, [cfg, "rollout.tools=[{name: code_interpreter, sandbox_fusion_url: 'http://h:1', default_timout: 10}]"],
            "rollout.tools[0] (code_interpreter):", "'default_timout'")
+    # one turn with tools: the model's calls would never run (agent/tool_calls stayed 0 without a word)
+    _fails(capsys, [cfg, "rollout.tools=[{name: code_interpreter, sandbox_fusion_url: 'http://h:1'}]",
+                    "rollout.max_turns=1"], "rollout.max_turns=1 with rollout.tools", "set rollout.max_turns >= 2")
     # a sandbox server that is not up (nothing listens on port 9 here): one error line before the model loads
     _fails(capsys, [cfg, "rollout.tools=[{name: code_interpreter, sandbox_fusion_url: 'http://127.0.0.1:9', "
                          "client_options: {retries: 0}}]"],
@@ -127,6 +130,7 @@ def test_checks_fail_before_the_model_loads(weightless_dir, tmp_path, capsys, mo
     # tensor_parallel_size=2" from the spawned ranks, after the actor loaded, without saying which model)
     judge = tmp_path / "judge3"
     tiny_hf_config("llama", hidden_size=48, num_heads=3, num_kv_heads=3).save_pretrained(judge)
+    make_tiny_tokenizer(str(judge))
     _fails(capsys, [cfg, f"trainer.reward=judge:{judge}", "parallel.tp=2"],
            f"parallel.tp=2 does not fit the judge at trainer.reward=judge:{judge} (it runs at the actor's parallel.tp)",
            "choose a tp dividing num_heads=3")
