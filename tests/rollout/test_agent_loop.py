@@ -194,6 +194,15 @@ def test_trainer_step_with_tools_trains_only_model_tokens(hf_dir):
     # 113 tokens > max_new_tokens=100 but < max_total_tokens=200, the limit of a tool rollout: not clipped
     assert m["response_length/clip_ratio"] == 0.0
     assert math.isfinite(m["actor/loss"])
+    # held-out prompts go through the agent loop too: the call runs and the answer follows (validation used to be
+    # single-turn with tools set: the response stopped at the call and scored 0)
+    tok = actor.tokenizer
+    chat = [{"role": "user", "content": "What is 2+3?"}]
+    ids = tok.encode(tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+    scripted(worker.engine(worker.weights.to_inference(), 400, 2), tok, {"What is 2+3?": [CALL, "The answer is 5."]})
+    worker.weights.to_train()
+    val = trainer.make_validator([[{"prompt": chat, "prompt_ids": ids}]])()
+    assert val["val/reward_mean"] == 1.0 and val["val/response_chars"] == len(CALL + "\ntool\n5\nassistant\nThe answer is 5.")
 
 
 class BlockingTool(Tool):

@@ -58,6 +58,12 @@ class AgentLimits:
     max_total_tokens: int = 512
     tool_timeout_s: float | None = 30.0
 
+    @classmethod
+    def from_rollout_config(cls, rollout) -> "AgentLimits":
+        """From a `rollout` config section: max_turns, max_total_tokens (None: max_new_tokens), tool_timeout_s."""
+        return cls(max_turns=rollout.max_turns, max_total_tokens=rollout.max_total_tokens or rollout.max_new_tokens,
+                   tool_timeout_s=rollout.tool_timeout_s)
+
     def __post_init__(self) -> None:
         if not isinstance(self.max_turns, int) or self.max_turns < 1:
             raise ValueError(f"max_turns must be an integer >= 1, got {self.max_turns!r}")

@@ -226,8 +226,7 @@ class Rollout(Stage):
     def _agent(self, batch: RLBatch, seed: int) -> RLBatch:
         """Multi-turn samples with tool calls (the whole response, tool results included, is scored)."""
         cfg = self.config
-        limits = AgentLimits(max_turns=cfg.max_turns, max_total_tokens=cfg.max_total_tokens or cfg.max_new_tokens,
-                             tool_timeout_s=cfg.tool_timeout_s)
+        limits = AgentLimits.from_rollout_config(cfg)
         samples, timings = agent_rollout(self.worker, self.tokenizer, self.tools, limits, batch.prompt_ids, n=batch.n,
                                          seed=seed, sampling=SamplingParams(temperature=cfg.temperature,
                                                                             top_k=cfg.top_k, top_p=cfg.top_p))

@@ -107,3 +107,21 @@ def actor_generate_fn(actor, *, max_new_tokens: int, temperature: float = 0.0, n
         return [o["response"] for o in out]
 
     return generate
+
+
+def agent_generate_fn(worker, tokenizer, toolset, limits, *, temperature: float = 0.0, n: int = 1, top_k: int = 0,
+                      top_p: float = 1.0, seed: int = 0) -> GenerateFn:
+    """`generate(prompt_ids, images=None) -> texts` through the agent loop (`rollout/agent_loop.py`) on a
+    `RolloutWorker`: with tools the held-out responses are multi-turn as in training (tool calls run, their
+    results in the text the reward reads; special tokens skipped as the Rollout stage decodes). No images."""
+    from verl_mega.rollout.agent_loop import agent_rollout
+    from verl_mega.rollout.sampling import SamplingParams
+
+    def generate(prompt_ids: list[list[int]], images: list | None = None) -> list[str]:
+        if images is not None and any(i is not None for i in images):
+            raise ValueError("multi-turn tool validation with images is not supported; drop rollout.tools")
+        samples, _ = agent_rollout(worker, tokenizer, toolset, limits, prompt_ids, n=n, seed=seed,
+                                   sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))
+        return [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
+
+    return generate
