@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from verl_mega.data.loader import PADDING_KEY
-from verl_mega.rewards.base import RewardFunction, compute_rewards
+from verl_mega.rewards.base import RewardFunction
+from verl_mega.rewards.batched import score_rewards
 from verl_mega.trainer.batch import sample_images
 
 # generate(prompt token ids [B lists]) -> B * n decoded responses, prompt-major
@@ -78,7 +79,7 @@ class Validator:
             texts = [texts[i * self.n_samples + j] for i in counted for j in range(self.n_samples)]
             if not rows:
                 continue
-            res = compute_rewards(self.reward_fn, texts, rows, timeout_s=self.timeout_s)
+            res = score_rewards(self.reward_fn, texts, rows, timeout_s=self.timeout_s)  # batched or per response
             scores = res.scores.double()
             sums += torch.tensor([len(counted), len(texts), float(scores.sum()), float((scores == 1).sum()),
                                   float(((scores != 0) & (scores != 1)).sum()), res.failures + res.timeouts],
