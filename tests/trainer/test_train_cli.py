@@ -119,6 +119,18 @@ def test_checks_fail_before_the_model_loads(weightless_dir, tmp_path, capsys, mo
     # a misspelt tool argument in rollout.tools
     _fails(capsys, [cfg, "rollout.tools=[{name: code_interpreter, sandbox_fusion_url: 'http://h:1', default_timout: 10}]"],
            "rollout.tools[0] (code_interpreter):", "'default_timout'")
+    # tools with a tokenizer without a chat template: it failed at the first tool call, mid-run
+    import shutil
+
+    plain = tmp_path / "no_template"
+    shutil.copytree(weightless_dir, plain, ignore=shutil.ignore_patterns("chat_template.jinja"))
+    with open(plain / "tokenizer_config.json") as f:
+        tok_cfg = json.load(f)
+    tok_cfg.pop("chat_template", None)
+    with open(plain / "tokenizer_config.json", "w") as f:
+        json.dump(tok_cfg, f)
+    _fails(capsys, [cfg, f"model.path={plain}", "rollout.tools=[{name: code_interpreter}]"],
+           f"rollout.tools: the tokenizer of model.path={plain} has no chat template")
     # one turn with tools: the model's calls would never run (agent/tool_calls stayed 0 without a word)
     _fails(capsys, [cfg, "rollout.tools=[{name: code_interpreter, sandbox_fusion_url: 'http://h:1'}]",
                     "rollout.max_turns=1"], "rollout.max_turns=1 with rollout.tools", "set rollout.max_turns >= 2")

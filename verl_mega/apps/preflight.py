@@ -10,7 +10,8 @@
      data-parallel rank (trainer.rollout_batch_size), and its longest prompt plus rollout.max_new_tokens fits
      the model's max_position_embeddings, and a checkpoint the run would resume saved its data position
      for this many prompts and this trainer.seed; the same for data.val_path when validation is on;
-  4. the tools (rollout.tools): known names, arguments their constructors take, and each code tool's sandbox
+  4. the tools (rollout.tools): a chat template in the model's tokenizer, known names, arguments their
+     constructors take, and each code tool's sandbox
      (local, or the server at its sandbox_fusion_url) runs print(1);
   5. the reward: `trainer.reward` imports (within trainer.reward_timeout_s), and a "rule" reward has a checker for every data_source
      in the data and a ground truth (reward_model.ground_truth) in every row; a "model:PATH" / "judge:PATH" reward
@@ -399,6 +400,11 @@ def preflight(cfg: TrainerConfig, world_size: int) -> Prepared:
         check_lengths(cfg, val_dataset, f"data.val_path={cfg.data.val_path}")
     if cfg.rollout.tools:  # built to check names and arguments, then one print(1) in each tool's sandbox
         from verl_mega.tools import build_tools
+
+        if not getattr(tokenizer, "chat_template", None):  # found at the first tool call otherwise, mid-run
+            raise ValueError(f"rollout.tools: the tokenizer of model.path={cfg.model.path} has no chat template; the "
+                             f"agent loop appends tool results as `tool` messages through it. Use a chat model (or "
+                             f"add a template to its tokenizer_config.json), or drop rollout.tools")
 
         tools = build_tools(cfg.rollout.tools, timeout_s=cfg.rollout.tool_timeout_s, key="rollout.tools")
         asyncio.run(tools.check("rollout.tools"))

@@ -194,8 +194,9 @@ class Rollout(Stage):
                  tools=None):
         self.worker, self.config, self.seed, self.tokenizer = worker, config, seed, tokenizer
         self.pad_id, self.dp_rank, self.rewards, self.tools = pad_id, dp_rank, rewards, tools
-        if tools is not None and tokenizer is None:
-            raise ValueError("Rollout with tools needs a tokenizer with a chat template")
+        if tools is not None and not getattr(tokenizer, "chat_template", None):  # tool results are chat messages
+            raise ValueError("Rollout with tools needs a tokenizer with a chat template (tool results are appended "
+                             "as `tool` messages through it)")
 
     def decode(self, ids: list[int]) -> str:
         """A response's text (special tokens skipped)."""
