@@ -131,6 +131,10 @@ def test_checks_fail_before_the_model_loads(weightless_dir, tmp_path, capsys, mo
         json.dump(tok_cfg, f)
     _fails(capsys, [cfg, f"model.path={plain}", "rollout.tools=[{name: code_interpreter}]"],
            f"rollout.tools: the tokenizer of model.path={plain} has no chat template")
+    # each limit is named alone (was "rollout.max_turns / max_total_tokens must be >= 1 and rollout.tool_timeout_s
+    # > 0, got 0 / None / 30.0")
+    _fails(capsys, [cfg, "rollout.max_turns=0"], "rollout.max_turns must be >= 1, got 0")
+    _fails(capsys, [cfg, "rollout.tool_timeout_s=0"], "rollout.tool_timeout_s must be > 0, got 0.0")
     # one turn with tools: the model's calls would never run (agent/tool_calls stayed 0 without a word)
     _fails(capsys, [cfg, "rollout.tools=[{name: code_interpreter, sandbox_fusion_url: 'http://h:1'}]",
                     "rollout.max_turns=1"], "rollout.max_turns=1 with rollout.tools", "set rollout.max_turns >= 2")
