@@ -152,3 +152,18 @@ def test_judge_without_a_tokenizer_fails_when_built(tmp_path):
     path = make_tiny_hf_model(str(tmp_path / "judge"), "llama", with_tokenizer=False)
     with pytest.raises(ValueError, match=r"judge .*judge has no tokenizer \(tokenizer\.json / tokenizer\.model\)"):
         LLMJudgerReward(path)
+
+
+def test_prompt_past_the_judges_context_is_a_counted_failure(tmp_path):
+    """A judge prompt longer than the judge's max_position_embeddings (256 for the tiny model; the tokenizer is one
+    token per character) was generated anyway, reading positions the model never learned, and its verdict scored.
+    Now it is not generated: a counted failure naming the lengths; the short one is judged as before."""
+    from verl_mega.model_rewards import LLMJudgerReward
+
+    judge = LLMJudgerReward(make_tiny_hf_model(str(tmp_path / "judge"), "llama", seed=2), prompt_template="{response}",
+                            parse=lambda verdict: 0.5, max_new_tokens=8)
+    res = judge.score_batch([{"prompt": "q"}, {"prompt": "q"}], ["short", "x" * 300])
+    assert res.scores.tolist() == [0.5, 0.0] and res.failures == 1
+    assert res.extras[1] == {"verdict": None} and isinstance(res.extras[0]["verdict"], str)
+    assert "sample 1: judge prompt of " in res.errors[0] and "max_new_tokens=8 exceeds the judge's " \
+        "max_position_embeddings=256" in res.errors[0]

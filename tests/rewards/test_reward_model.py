@@ -242,3 +242,16 @@ def test_save_hf_round_trip_as_sequence_classification(tmp_path):
     assert type(back).__name__ == "LlamaForSequenceClassification" and back.config.num_labels == 1
     assert back.state_dict().keys() == ref.state_dict().keys()
     assert all(torch.equal(back.state_dict()[k], v) for k, v in ref.state_dict().items())  # a copy: exact
+
+
+def test_rows_past_the_context_are_counted_failures(tmp_path):
+    """A (prompt, response) longer than the reward model's max_position_embeddings (256) was scored anyway from
+    positions the model never learned; it now scores 0 as a counted failure, and the other rows are unchanged."""
+    from verl_mega.model_rewards import RewardModel
+
+    rm = RewardModel(make_tiny_reward_model(str(tmp_path / "rm"), "llama", seed=0))
+    samples = [{"prompt": "q"}] * 2
+    alone = rm.score_batch(samples[:1], ["short"])
+    res = rm.score_batch(samples, ["short", "x" * 300])
+    assert res.scores[0] == alone.scores[0] and res.scores[1] == 0.0 and res.failures == 1
+    assert res.errors[0].startswith("sample 1: ") and "exceed the reward model's max_position_embeddings=256" in res.errors[0]

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from verl_mega.models.hf_io import weight_map
 from verl_mega.rollout.actor import HFActor, get_actor_model
 from verl_mega.parallel.dist import device as comm_device
-from verl_mega.rewards.base import RewardResult
+from verl_mega.rewards.base import MAX_ERROR_MESSAGES, RewardResult
 from verl_mega.rewards.batched import BatchedReward
 
 DEFAULT_MAX_TOKENS_PER_BATCH = 8192  # padded tokens per reward-model forward
@@ -219,14 +219,20 @@ class RewardModel(BatchedReward):
         ids = [self.encode(s, r) for s, r in zip(samples, responses)]
         check_same_rows(ids, self.layout.mp_group if self.layout.tp * self.layout.pp > 1 else None,
                         "RewardModel.score_batch")
+        limit = self.actor.config.max_position_embeddings  # beyond it the model reads garbage positions
         scores = torch.zeros(len(ids), dtype=torch.float32)
+        fits = [i for i, x in enumerate(ids) if len(x) <= limit]
+        too_long = sorted(set(range(len(ids))) - set(fits))
         with on_device(self.offload, self.device):
-            for rows in token_budget_batches([len(x) for x in ids], self.max_tokens_per_batch):
+            for rows in token_budget_batches([len(ids[i]) for i in fits], self.max_tokens_per_batch):
+                rows = [fits[j] for j in rows]
                 input_ids, mask = left_pad([ids[i] for i in rows], self.pad_id)
                 scores[rows] = self.actor.scores(input_ids, mask).float().cpu()
         bad = ~torch.isfinite(scores)
-        errors = [f"sample {i}: reward model score is not finite" for i in bad.nonzero().flatten().tolist()[:5]]
-        return RewardResult(scores.masked_fill(bad, 0.0), failures=int(bad.sum()), errors=errors,
+        errors = ([f"sample {i}: {len(ids[i])} tokens exceed the reward model's max_position_embeddings={limit}"
+                   for i in too_long] + [f"sample {i}: reward model score is not finite"
+                                         for i in bad.nonzero().flatten().tolist()])[:MAX_ERROR_MESSAGES]
+        return RewardResult(scores.masked_fill(bad, 0.0), failures=int(bad.sum()) + len(too_long), errors=errors,
                             extras=[{} for _ in ids])
 
     def __repr__(self) -> str:
