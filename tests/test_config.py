@@ -108,3 +108,12 @@ def test_section_check_names_its_config_key():
     """A section's own __post_init__ check names its class; load_config says which key holds it."""
     with pytest.raises(ValueError, match=r"^config key 'critic_optim': Checked\.lr must be positive, got -1\.0$"):
         load_config(Nested, overrides=["critic_optim.lr=-1"])
+
+
+def test_mapping_given_to_a_list_field_is_a_value_error():
+    """rollout.tools={name: code_interpreter} (a mapping for a list) was a TypeError traceback from OmegaConf."""
+    from verl_mega.trainer.config import TrainerConfig
+
+    with pytest.raises(ValueError, match=r"command-line override: Cannot merge incompatible container types: a list field "
+                                         r"given a mapping or the reverse"):
+        load_config(TrainerConfig, None, ["rollout.tools={name: code_interpreter}"])

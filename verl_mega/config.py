@@ -44,6 +44,9 @@ def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
         raise ValueError(f"{source}: bad value for config key '{e.full_key}': {_first_line(e)}") from None
     except OmegaConfBaseException as e:
         raise ValueError(f"{source}: cannot merge config at key '{getattr(e, 'full_key', '?')}': {e}") from None
+    except TypeError as e:  # OmegaConf's "Cannot merge incompatible container types" names no key
+        raise ValueError(f"{source}: {e}: a list field given a mapping or the reverse (a list of tool entries is "
+                         f"written [{{name: code_interpreter}}])") from None
 
 
 def _parse_overrides(overrides: Sequence[str], schema: DictConfig) -> DictConfig:

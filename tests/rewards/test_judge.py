@@ -130,9 +130,40 @@ def test_prompt_template_and_arguments_are_checked():
         LLMJudgerReward("unused", prompt_template="{response} {answer}")
     with pytest.raises(ValueError, match="no {response} field"):
         LLMJudgerReward("unused", prompt_template="{prompt}")
+    # a literal JSON example in the template, an unclosed brace: the fix is named (the latter was a bare
+    # "expected '}' before end of string" from string.Formatter)
+    with pytest.raises(ValueError, match=r"""unknown fields \['"score"'\].* \(literal braces are written \{\{ and \}\}\)"""):
+        LLMJudgerReward("unused", prompt_template='{response} Reply as {"score": N}')
+    with pytest.raises(ValueError, match=r"prompt_template is not a format string \(expected '\}' before end of string\); "
+                                         r"literal braces are written"):
+        LLMJudgerReward("unused", prompt_template="{prompt} {response")
     with pytest.raises(ValueError, match="parse 'stars' is not one of"):
         LLMJudgerReward("unused", parse="stars")
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         LLMJudgerReward("unused", max_new_tokens=0)
     with pytest.raises(ValueError, match="needs the prompt text"):
         prompt_text({"prompt_ids": [1, 2]})
+
+
+def test_judge_without_a_tokenizer_fails_when_built(tmp_path):
+    """It used to fail at the first reward call (after a rollout) with "pass token-id lists as prompts"."""
+    from verl_mega.model_rewards import LLMJudgerReward
+
+    path = make_tiny_hf_model(str(tmp_path / "judge"), "llama", with_tokenizer=False)
+    with pytest.raises(ValueError, match=r"judge .*judge has no tokenizer \(tokenizer\.json / tokenizer\.model\)"):
+        LLMJudgerReward(path)
+
+
+def test_prompt_past_the_judges_context_is_a_counted_failure(tmp_path):
+    """A judge prompt longer than the judge's max_position_embeddings (256 for the tiny model; the tokenizer is one
+    token per character) was generated anyway, reading positions the model never learned, and its verdict scored.
+    Now it is not generated: a counted failure naming the lengths; the short one is judged as before."""
+    from verl_mega.model_rewards import LLMJudgerReward
+
+    judge = LLMJudgerReward(make_tiny_hf_model(str(tmp_path / "judge"), "llama", seed=2), prompt_template="{response}",
+                            parse=lambda verdict: 0.5, max_new_tokens=8)
+    res = judge.score_batch([{"prompt": "q"}, {"prompt": "q"}], ["short", "x" * 300])
+    assert res.scores.tolist() == [0.5, 0.0] and res.failures == 1
+    assert res.extras[1] == {"verdict": None} and isinstance(res.extras[0]["verdict"], str)
+    assert "sample 1: judge prompt of " in res.errors[0] and "max_new_tokens=8 exceeds the judge's " \
+        "max_position_embeddings=256" in res.errors[0]

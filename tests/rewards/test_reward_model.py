@@ -157,7 +157,9 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     from verl_mega.model_rewards import RewardModel
 
     causal = make_tiny_hf_model(str(tmp_path / "causal"), "llama", vocab_size=130)
-    with pytest.raises(ValueError, match=r"tensor score\.weight .* not found"):
+    # was "tensor score.weight (for parameter value_head.weight) not found in ...", which does not say why
+    with pytest.raises(ValueError, match=r"reward model .*causal has no score head \(no score\.weight tensor in its "
+                                         r"weights\).*trainer\.reward=judge:"):
         RewardModel(causal)
     two = make_tiny_reward_model(str(tmp_path / "two"), "llama", seed=0)
     config = os.path.join(two, "config.json")
@@ -240,3 +242,16 @@ def test_save_hf_round_trip_as_sequence_classification(tmp_path):
     assert type(back).__name__ == "LlamaForSequenceClassification" and back.config.num_labels == 1
     assert back.state_dict().keys() == ref.state_dict().keys()
     assert all(torch.equal(back.state_dict()[k], v) for k, v in ref.state_dict().items())  # a copy: exact
+
+
+def test_rows_past_the_context_are_counted_failures(tmp_path):
+    """A (prompt, response) longer than the reward model's max_position_embeddings (256) was scored anyway from
+    positions the model never learned; it now scores 0 as a counted failure, and the other rows are unchanged."""
+    from verl_mega.model_rewards import RewardModel
+
+    rm = RewardModel(make_tiny_reward_model(str(tmp_path / "rm"), "llama", seed=0))
+    samples = [{"prompt": "q"}] * 2
+    alone = rm.score_batch(samples[:1], ["short"])
+    res = rm.score_batch(samples, ["short", "x" * 300])
+    assert res.scores[0] == alone.scores[0] and res.scores[1] == 0.0 and res.failures == 1
+    assert res.errors[0].startswith("sample 1: ") and "exceed the reward model's max_position_embeddings=256" in res.errors[0]

@@ -194,3 +194,47 @@ def test_trainer_step_with_tools_trains_only_model_tokens(hf_dir):
     # 113 tokens > max_new_tokens=100 but < max_total_tokens=200, the limit of a tool rollout: not clipped
     assert m["response_length/clip_ratio"] == 0.0
     assert math.isfinite(m["actor/loss"])
+    # held-out prompts go through the agent loop too: the call runs and the answer follows (validation used to be
+    # single-turn with tools set: the response stopped at the call and scored 0)
+    tok = actor.tokenizer
+    chat = [{"role": "user", "content": "What is 2+3?"}]
+    ids = tok.encode(tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+    scripted(worker.engine(worker.weights.to_inference(), 400, 2), tok, {"What is 2+3?": [CALL, "The answer is 5."]})
+    worker.weights.to_train()
+    val = trainer.make_validator([[{"prompt": chat, "prompt_ids": ids}]])()
+    assert val["val/reward_mean"] == 1.0 and val["val/response_chars"] == len(CALL + "\ntool\n5\nassistant\nThe answer is 5.")
+
+
+class BlockingTool(Tool):
+    """A tool written wrongly: it blocks its event loop (time.sleep inside async execute), so no time limit
+    on that loop can cancel it."""
+    name, description, parameters = "block", "blocks", {"type": "object", "properties": {}}
+
+    async def execute(self) -> str:
+        import time
+
+        time.sleep(30)
+        return "late"
+
+
+def test_tool_that_blocks_its_event_loop_is_cut_at_the_time_limit(setup):
+    """It used to hold the sample (and, with no other sample decoding, the whole rollout) until it returned,
+    past rollout.tool_timeout_s and uncounted; a tool that never returned hung training."""
+    import time
+
+    from verl_mega.rollout.agent_loop import _ToolRunner
+
+    engine, tok = setup
+    call = '<tool_call>{"name": "block", "arguments": {}}</tool_call>'
+    scripted(engine, tok, {"hang": [call, "done"]})
+    limit_s = 0.5
+    loop = AgentLoop(engine, tok, ToolSet([BlockingTool()]), AgentLimits(max_turns=3, max_total_tokens=400,
+                                                                         tool_timeout_s=limit_s))
+    t0 = time.monotonic()
+    (s,) = loop.run([[{"role": "user", "content": "hang"}]])
+    # bound: the limit + the grace + decoding ~100 tokens of a tiny model (well under 10 s on a loaded machine),
+    # far below the tool's 30 s
+    assert time.monotonic() - t0 < limit_s + _ToolRunner.OVERDUE_GRACE_S + 10
+    text = tok.decode(s.response_ids, skip_special_tokens=False)
+    assert "[tool error: no answer within 0.5 s, and the tool could not be stopped: it blocks its event loop" in text
+    assert text.endswith("done<|im_end|>") and (s.turns, s.tool_calls, s.tool_errors) == (2, 1, 1)

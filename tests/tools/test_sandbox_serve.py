@@ -1,7 +1,8 @@
 """Acceptance item 3: SandboxFusionTool(url=...) against `verl-mega sandbox serve` on 127.0.0.1.
 
 64 concurrent calls, a server killed and restarted while calls are in flight (the client's retries
-recover every call), a run time-out, and an unreachable server (retries run out: the tool says so).
+recover every call), a run time-out, and an unreachable server (retries run out: a ToolError, counted as a tool
+error, and a pre-training error).
 """
 
 import asyncio
@@ -15,7 +16,7 @@ import urllib.request
 import pytest
 
 from tests.tools.helpers import assert_no_leftovers, make_sandbox
-from verl_mega.tools import ClientOptions, SandboxFusionTool
+from verl_mega.tools import ClientOptions, SandboxFusionTool, ToolError, ToolSet
 
 START_TIMEOUT_S = 60  # server start-up on a loaded 2-core machine (about 0.5 s idle)
 
@@ -121,8 +122,35 @@ def test_timeout_and_unreachable_server(server):
     t0 = time.monotonic()
     assert asyncio.run(call(tool, "print('going', flush=True)\nwhile True:\n    pass")) == "going\n[timed out after 1 s]"
     assert time.monotonic() - t0 < 1 + 3  # margin: start-up of bwrap + interpreter on a loaded machine
-    assert asyncio.run(call(dead, "print(1)")).startswith("[sandbox unavailable:")
+    with pytest.raises(ToolError, match=r"^sandbox unavailable: .*no answer after 3 attempts"):
+        asyncio.run(call(dead, "print(1)"))
     assert dead.runner.retried == 2
+
+
+def test_a_server_down_is_a_counted_tool_error_and_a_preflight_error(server):
+    """A dead server used to answer every call with "[sandbox unavailable: ...]" counted as a success
+    (agent/tool_errors 0) and `verl-mega train` started anyway: now the call is an error result, and the
+    pre-training check names the tool entry and the fix; a live server passes it."""
+    dead = ToolSet([tool_for(free_port(), retries=0)])
+    result = asyncio.run(dead.call("code_interpreter", {"code": "print(1)"}))
+    assert result.error and result.text.startswith("[tool error: sandbox unavailable: ")
+    with pytest.raises(ValueError, match=r"^rollout\.tools\[0\] \(code_interpreter\): sandbox unavailable: .*; start it "
+                                         r"\(verl-mega sandbox serve --port PORT\) or fix sandbox_fusion_url"):
+        asyncio.run(dead.check("rollout.tools"))
+    asyncio.run(ToolSet([tool_for(server["port"])]).check())
+
+
+def test_agent_tool_runner_closes_the_http_session_of_its_loop(server):
+    """Each rollout's tool loop used to leave its aiohttp session open ("Unclosed client session" at exit)."""
+    from verl_mega.rollout.agent_loop import _ToolRunner
+
+    tool = tool_for(server["port"])
+    runner = _ToolRunner(ToolSet([tool]), lead=True)
+    runner.submit((0, 0), [("code_interpreter", {"code": "print(2)"})], timeout_s=30)
+    assert [r.text for r in runner.ready(block=True)[0][1]] == ["2\n"]
+    assert len(tool.runner._per_loop) == 1  # the session of the runner's loop
+    runner.close()
+    assert len(tool.runner._per_loop) == 0
 
 
 def test_bad_flags_and_a_busy_port_are_one_error_line(capsys):
@@ -140,3 +168,24 @@ def test_bad_flags_and_a_busy_port_are_one_error_line(capsys):
         assert sandbox_serve.main(["serve", "--host", "127.0.0.1", "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"cannot listen on --host 127.0.0.1 --port {port}" in err and "Traceback" not in err
+
+
+def test_a_url_that_is_not_a_sandbox_is_one_error_line():
+    """An HTTP server that refuses POST /run_code (here: Python's http.server, 501 and an HTML page) used to put
+    the whole page, newlines and all, into the error; the message is now one line naming the endpoint."""
+    import http.server
+    import threading
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        tools = ToolSet([tool_for(httpd.server_address[1], retries=0)])
+        with pytest.raises(ValueError) as info:
+            asyncio.run(tools.check("rollout.tools"))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    message = str(info.value)
+    assert message.startswith(f"rollout.tools[0] (code_interpreter): sandbox error: HTTP 501 from "
+                              f"http://127.0.0.1:{httpd.server_address[1]}/run_code: <!DOCTYPE HTML>")
+    assert "\n" not in message and len(message) < 600

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from tests.tools.helpers import make_sandbox
-from verl_mega.tools import ExecutionResult, PythonTool, RunStatus, SandboxFusionTool, SandboxLimits, format_result
+from verl_mega.tools import ExecutionResult, PythonTool, RunStatus, SandboxFusionTool, SandboxLimits, ToolError, format_result
 
 # A tools-aware ChatML template in the style of Qwen2.5's: the tool schemas as JSON in the system turn.
 TOOLS_TEMPLATE = (
@@ -62,7 +62,8 @@ def test_sandbox_fusion_tool_without_url_runs_locally():
     tool = SandboxFusionTool(sandbox_fusion_url=None, default_timeout=5, memory_limit_mb=256)
     assert tool.schema()["function"]["name"] == "code_interpreter"
     assert asyncio.run(tool.execute(code="print(sum(range(10)))", language="python")) == "45\n"
-    assert asyncio.run(tool.execute(code="print(1)", language="cpp")).startswith("[sandbox error")
+    with pytest.raises(ToolError, match=r"^sandbox error: language 'cpp' is not supported"):  # counted as a tool error
+        asyncio.run(tool.execute(code="print(1)", language="cpp"))
     with pytest.raises(ValueError, match="http"):
         SandboxFusionTool(sandbox_fusion_url="localhost:8080")
 

@@ -58,7 +58,28 @@ def test_build_tools_from_config():
     assert isinstance(tools.tools["code_interpreter"], SandboxFusionTool)
     with pytest.raises(ValueError, match=r"tools\[0\].name must be one of"):
         build_tools([{"name": "shell"}])
-    with pytest.raises(ValueError, match=r"tools\[0\] \(python\): .*unexpected keyword argument 'url'"):
+    with pytest.raises(ValueError, match=r"tools\[0\] \(python\): unknown key\(s\) \['url'\]; it takes \['name', 'timeout_s'"):
         build_tools([{"name": "python", "url": "x"}])
     with pytest.raises(ValueError, match=r"rollout\.tools\[1\] \(code_interpreter\): sandbox_fusion_url must start"):
         build_tools([{"name": "python"}, {"name": "code_interpreter", "sandbox_fusion_url": "h:1"}], key="rollout.tools")
+
+
+def test_build_tools_names_the_entry_and_the_keys_a_tool_takes():
+    """What a YAML slip looks like (no space after a colon, a bare name, a typo'd key) is named, with the fix."""
+    with pytest.raises(ValueError, match=r"rollout\.tools\[0\] has no 'name' key \(keys: \['name:code_interpreter'\]\).*space"):
+        build_tools([{"name:code_interpreter": None}], key="rollout.tools")
+    with pytest.raises(ValueError, match=r"rollout\.tools\[0\] must be a mapping like \{name: code_interpreter\}, got 'code_"):
+        build_tools(["code_interpreter"], key="rollout.tools")
+    with pytest.raises(ValueError, match=r"rollout\.tools must be a list of tool entries"):
+        build_tools({"name": "code_interpreter"}, key="rollout.tools")
+    with pytest.raises(ValueError, match=r"\(code_interpreter\): unknown key\(s\) \['default_timeot'\]; it takes \['name', "
+                                         r"'sandbox_fusion_url', 'default_timeout', 'memory_limit_mb', 'client_options'"):
+        build_tools([{"name": "code_interpreter", "default_timeot": 10}])
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['runner'\]"):  # an object, not a config value
+        build_tools([{"name": "python", "runner": "bwrap"}])
+    # client_options from YAML is a mapping: it becomes ClientOptions (it used to reach the client as a dict and
+    # fail at the first call with an AttributeError)
+    tools = build_tools([{"name": "code_interpreter", "sandbox_fusion_url": "http://h:1", "client_options": {"retries": 1}}])
+    assert tools.tools["code_interpreter"].runner.options.retries == 1
+    with pytest.raises(ValueError, match=r"tools\[0\] \(code_interpreter\): .*unexpected keyword argument 'retry'"):
+        build_tools([{"name": "code_interpreter", "sandbox_fusion_url": "http://h:1", "client_options": {"retry": 1}}])

@@ -52,6 +52,10 @@ def test_tool_demo_quick(tmp_path):
     for key in ("accuracy_before", "accuracy_after", "tool_call_rate_before", "tool_call_rate_after"):
         assert 0.0 <= summary[key] <= 1.0
     assert "held-out accuracy" in proc.stdout
+    # its data and the command that runs the same RL with `verl-mega train` (examples/configs/tool_grpo.yaml)
+    assert len((out / "train.jsonl").read_text().splitlines()) == task.QUICK["train"]
+    assert f"verl-mega train examples/configs/tool_grpo.yaml model.path={out / 'model_sft'}" in proc.stdout
+    assert (out / "heldout.jsonl").exists()
     # metrics.jsonl like the other demos: `demo --plot` draws the tool run
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "val/accuracy" in r] == [0, 2]

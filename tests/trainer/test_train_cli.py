@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from verl_mega.apps import train_cli
-from verl_mega.testing.tiny_hf import make_tiny_hf_model
+from verl_mega.testing.tiny_hf import make_tiny_hf_model, make_tiny_tokenizer, tiny_hf_config
 
 SMALL = ["trainer.rollout_batch_size=2", "rollout.n_samples=2", "rollout.max_new_tokens=4", "trainer.progress_bar=false"]
 
@@ -119,6 +119,37 @@ def test_checks_fail_before_the_model_loads(weightless_dir, tmp_path, capsys, mo
     # a misspelt tool argument in rollout.tools
     _fails(capsys, [cfg, "rollout.tools=[{name: code_interpreter, sandbox_fusion_url: 'http://h:1', default_timout: 10}]"],
            "rollout.tools[0] (code_interpreter):", "'default_timout'")
+    # tools with a tokenizer without a chat template: it failed at the first tool call, mid-run
+    import shutil
+
+    plain = tmp_path / "no_template"
+    shutil.copytree(weightless_dir, plain, ignore=shutil.ignore_patterns("chat_template.jinja"))
+    with open(plain / "tokenizer_config.json") as f:
+        tok_cfg = json.load(f)
+    tok_cfg.pop("chat_template", None)
+    with open(plain / "tokenizer_config.json", "w") as f:
+        json.dump(tok_cfg, f)
+    _fails(capsys, [cfg, f"model.path={plain}", "rollout.tools=[{name: code_interpreter}]"],
+           f"rollout.tools: the tokenizer of model.path={plain} has no chat template")
+    # each limit is named alone (was "rollout.max_turns / max_total_tokens must be >= 1 and rollout.tool_timeout_s
+    # > 0, got 0 / None / 30.0")
+    _fails(capsys, [cfg, "rollout.max_turns=0"], "rollout.max_turns must be >= 1, got 0")
+    _fails(capsys, [cfg, "rollout.tool_timeout_s=0"], "rollout.tool_timeout_s must be > 0, got 0.0")
+    # one turn with tools: the model's calls would never run (agent/tool_calls stayed 0 without a word)
+    _fails(capsys, [cfg, "rollout.tools=[{name: code_interpreter, sandbox_fusion_url: 'http://h:1'}]",
+                    "rollout.max_turns=1"], "rollout.max_turns=1 with rollout.tools", "set rollout.max_turns >= 2")
+    # a sandbox server that is not up (nothing listens on port 9 here): one error line before the model loads
+    _fails(capsys, [cfg, "rollout.tools=[{name: code_interpreter, sandbox_fusion_url: 'http://127.0.0.1:9', "
+                         "client_options: {retries: 0}}]"],
+           "rollout.tools[0] (code_interpreter): sandbox unavailable: http://127.0.0.1:9/run_code", "verl-mega sandbox serve")
+    # a judge that cannot be split at the actor's tp: named before the spawn (it was "num_heads=3 is not divisible by
+    # tensor_parallel_size=2" from the spawned ranks, after the actor loaded, without saying which model)
+    judge = tmp_path / "judge3"
+    tiny_hf_config("llama", hidden_size=48, num_heads=3, num_kv_heads=3).save_pretrained(judge)
+    make_tiny_tokenizer(str(judge))
+    _fails(capsys, [cfg, f"trainer.reward=judge:{judge}", "parallel.tp=2"],
+           f"parallel.tp=2 does not fit the judge at trainer.reward=judge:{judge} (it runs at the actor's parallel.tp)",
+           "choose a tp dividing num_heads=3")
     # a parquet without the prompt column names the file, the row and data.prompt_key
     no_prompt = tmp_path / "no_prompt.parquet"
     pq.write_table(pa.Table.from_pylist([{"question": "1+1", "data_source": "gsm8k"}] * 4), no_prompt)
@@ -227,3 +258,37 @@ def test_tp2_without_torchrun_spawns_two_processes(tiny_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "starting 2 processes (parallel.tp=2 x parallel.pp=1, dp=1)" in out and "done: 1 step," in out
     assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1]
+
+
+def test_model_reward_weights_are_checked_before_the_model_loads(tiny_dir, tmp_path, capsys):
+    """A reward model directory without weights or tokenizer, or whose weights have no score head (a causal LM
+    whose config.json names no architectures): one error line naming trainer.reward, before the actor loads (they
+    were a FileNotFoundError traceback, status 1, "pass token-id lists as prompts" and 'tensor score.weight (for
+    parameter value_head.weight) not found', all after the actor had loaded)."""
+    import shutil
+
+    cfg = _config(tmp_path, tiny_dir, _jsonl(tmp_path / "d.jsonl", _rows(4)))
+    no_weights = tmp_path / "rm_no_weights"
+    shutil.copytree(tiny_dir, no_weights, ignore=shutil.ignore_patterns("*.safetensors*"))
+    _fails_with(capsys, [cfg, *SMALL, f"trainer.reward=judge:{no_weights}"],
+                f"trainer.reward=judge:{no_weights}: no weights in {no_weights}")
+    no_tokenizer = tmp_path / "judge_no_tokenizer"  # was an error at the first reward call, after a rollout
+    shutil.copytree(tiny_dir, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    _fails_with(capsys, [cfg, *SMALL, f"trainer.reward=judge:{no_tokenizer}"],
+                f"trainer.reward=judge:{no_tokenizer}: {no_tokenizer} has no tokenizer (tokenizer.json / tokenizer.model)")
+    causal = tmp_path / "causal_no_arch"
+    shutil.copytree(tiny_dir, causal)
+    with open(causal / "config.json") as f:
+        hf = json.load(f)
+    del hf["architectures"]
+    with open(causal / "config.json", "w") as f:
+        json.dump(hf, f)
+    _fails_with(capsys, [cfg, *SMALL, f"trainer.reward=model:{causal}"],
+                f"trainer.reward=model:{causal}: reward model {causal} has no score head", f"trainer.reward=judge:{causal}")
+    two_labels = tmp_path / "rm_two_labels"  # was found only after the actor loaded
+    shutil.copytree(causal, two_labels)
+    hf["architectures"], hf["id2label"] = ["LlamaForSequenceClassification"], {"0": "A", "1": "B"}
+    with open(two_labels / "config.json", "w") as f:
+        json.dump(hf, f)
+    _fails_with(capsys, [cfg, *SMALL, f"trainer.reward=model:{two_labels}"],
+                f"trainer.reward=model:{two_labels}: reward model {two_labels} has 2 labels")

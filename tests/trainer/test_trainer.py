@@ -14,6 +14,7 @@ from verl_mega.config import load_config
 from verl_mega.rollout.actor import get_actor_model
 from verl_mega.testing.tiny_hf import make_tiny_hf_model
 from verl_mega.trainer import PPOTrainer, Reward, RLBatch, Stage, TrainerConfig, default_pipeline
+from verl_mega.trainer.config import check_config
 from verl_mega.trainer.metrics import bar_postfix, format_metrics
 from verl_mega.apps import train_cli
 
@@ -123,9 +124,10 @@ def test_pipeline_composition_and_custom_stage(tiny_dir):
 
 
 def test_config_presets_and_errors(tmp_path):
-    for name in ("gsm8k_grpo", "gsm8k_ppo", "demo_grpo"):
+    for name in ("gsm8k_grpo", "gsm8k_ppo", "demo_grpo", "tool_grpo"):
         cfg = load_config(TrainerConfig, os.path.join(CONFIGS, f"{name}.yaml"), ["model.path=/m", "data.train_path=/d"])
         assert cfg.algorithm.name in ("grpo", "ppo")
+        check_config(cfg)
     y = tmp_path / "c.yaml"
     y.write_text("model:\n  path: /m\ndata:\n  train_path: /d\n")
     with pytest.raises(ValueError, match="trainer.rollout_batchsize"):

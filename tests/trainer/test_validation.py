@@ -48,6 +48,17 @@ def test_validator_metrics_from_a_known_generate():
     assert m["val/num_prompts"] == 1 and m["val/reward_mean"] == 1.0
 
 
+def test_validator_scores_a_batched_reward_with_its_samples():
+    """A BatchedReward (LLM judge, reward model, CombinedReward) scores the held-out batch with score_batch on its
+    samples. It was called per response without the sample: a judge failed on every held-out response ("needs the
+    prompt text": val/reward_failures = all, val/reward_mean 0) and a combination lost the ground truth."""
+    from verl_mega.rewards import CombinedReward
+
+    right = lambda ids: [str((p[1] - 5) % 3) for p in ids]  # noqa: E731
+    m = Validator(right, CombinedReward([_match], weights=[2.0]), [_rows(6)])()
+    assert m["val/reward_mean"] == 2.0 and m["val/reward_failures"] == 0 and "val/accuracy" not in m
+
+
 def test_fit_validates_before_every_n_and_at_the_end(tiny_dir, tmp_path):
     torch.manual_seed(0)
     actor = get_actor_model(tiny_dir)

@@ -18,7 +18,8 @@ Steps (every rank runs them; rank 0 writes files and prints):
     exact match of the final line with the product; the agent loop runs the calls during rollout;
  4. held-out greedy accuracy and tool-call rate (the agent loop at temperature 0) before and after RL
     -> summary.json, and metrics.jsonl (every RL step's metrics, val/accuracy before and after RL; the
-    file `verl-mega demo --plot DIR` reads).
+    file `verl-mega demo --plot DIR` reads); train.jsonl / heldout.jsonl for `verl-mega train
+    examples/configs/tool_grpo.yaml` (the same RL from the command line).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from verl_mega.apps.demo_task import right_pad_supervised
+from verl_mega.apps.demo_task import right_pad_supervised, write_jsonl
 
 DATA_SOURCE = "multiply_tool"
 TOOL_NAME = "code_interpreter"
@@ -181,6 +182,8 @@ def run(args) -> dict:
     train_rows, heldout_rows = make_rows(args.seed, args.train, args.heldout)
     if layout.rank == 0:
         make_model_dir(base_dir, args.hidden, args.layers, args.seed)
+        write_jsonl(train_rows, os.path.join(out, "train.jsonl"))  # for `verl-mega train` (examples/configs/tool_grpo.yaml)
+        write_jsonl(heldout_rows, os.path.join(out, "heldout.jsonl"))
     dist.barrier()
     say(f"[tool demo] {len(train_rows)} train / {len(heldout_rows)} held-out products, {layout}")
     actor = get_actor_model(base_dir, layout=layout)
@@ -233,4 +236,7 @@ def run(args) -> dict:
     say(f"[tool demo] held-out accuracy {before['accuracy']:.1%} -> {after['accuracy']:.1%} "
         f"({(after['accuracy'] - before['accuracy']) * 100:+.1f} points); tool-call rate "
         f"{before['tool_call_rate']:.1%} -> {after['tool_call_rate']:.1%}; {seconds:.0f} s in all")
+    say(f"[tool demo] the same RL from the command line: verl-mega train examples/configs/tool_grpo.yaml "
+        f"model.path={sft_dir} data.train_path={os.path.join(out, 'train.jsonl')} "
+        f"data.val_path={os.path.join(out, 'heldout.jsonl')}")
     return summary

@@ -10,16 +10,21 @@
      data-parallel rank (trainer.rollout_batch_size), and its longest prompt plus rollout.max_new_tokens fits
      the model's max_position_embeddings, and a checkpoint the run would resume saved its data position
      for this many prompts and this trainer.seed; the same for data.val_path when validation is on;
-  4. the tools (rollout.tools): known names, arguments their constructors take;
+  4. the tools (rollout.tools): a chat template in the model's tokenizer, known names, arguments their
+     constructors take, and each code tool's sandbox
+     (local, or the server at its sandbox_fusion_url) runs print(1);
   5. the reward: `trainer.reward` imports (within trainer.reward_timeout_s), and a "rule" reward has a checker for every data_source
-     in the data and a ground truth (reward_model.ground_truth) in every row;
-  6. the weights: model.safetensors (or the index and every shard it names) exist under model.path.
+     in the data and a ground truth (reward_model.ground_truth) in every row; a "model:PATH" / "judge:PATH" reward
+     holds a model of its kind that the actor's parallel.tp (and, a reward model, pp) can split;
+  6. the weights: model.safetensors (or the index and every shard it names) exist under model.path (and a model
+     reward's PATH; a reward model has one label and a score head).
 It returns the tokenized datasets and the reward callable, which training then uses as they are.
 Only the tokenizer is loaded (seconds); the weights are not touched.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
 import os
@@ -161,28 +166,34 @@ def check_launch(cfg: TrainerConfig, world_size: int) -> None:
 
 def check_model(cfg: TrainerConfig) -> None:
     """ValueError if model.path is not a HF directory or its shapes cannot be split by parallel.tp / pp."""
-    from verl_mega.models.config import ModelConfig
     from verl_mega.models.hf_io import check_hf_dir
-    from verl_mega.models.parallelize import stage_layer_range
 
     try:
         path = check_hf_dir(cfg.model.path)
     except FileNotFoundError as exc:
         raise ValueError(f"model.path: {exc}") from None
+    check_fits(path, cfg.parallel.tp, cfg.parallel.pp, f"the model at model.path={path}", "model.path")
+
+
+def check_fits(path: str, tp: int, pp: int, what: str, key: str) -> None:
+    """ValueError if the HF model at `path` (`what`, under config `key`) cannot be split by tp / pp."""
+    from verl_mega.models.config import ModelConfig
+    from verl_mega.models.parallelize import stage_layer_range
+
     try:
         config = ModelConfig.from_hf(path)
     except (ValueError, KeyError, OSError) as exc:
-        raise ValueError(f"model.path={path}: cannot read its config.json: {exc}") from None
+        raise ValueError(f"{key}={path}: cannot read its config.json: {exc}") from None
     try:
-        config.check_tp(cfg.parallel.tp)
+        config.check_tp(tp)
     except ValueError as exc:
-        raise ValueError(f"parallel.tp={cfg.parallel.tp} does not fit the model at model.path={path}: {exc}; "
+        raise ValueError(f"parallel.tp={tp} does not fit {what}: {exc}; "
                          f"choose a tp dividing num_heads={config.num_heads} and num_kv_heads={config.num_kv_heads}"
                          ) from None
     try:
-        stage_layer_range(config.num_layers, cfg.parallel.pp, 0)
+        stage_layer_range(config.num_layers, pp, 0)
     except ValueError as exc:
-        raise ValueError(f"parallel.pp={cfg.parallel.pp} does not fit the model at model.path={path}: {exc}") from None
+        raise ValueError(f"parallel.pp={pp} does not fit {what}: {exc}") from None
 
 
 def load_dataset(cfg: TrainerConfig, tokenizer, key: str = "train_path"):
@@ -219,17 +230,33 @@ def load_dataset(cfg: TrainerConfig, tokenizer, key: str = "train_path"):
 
 
 def check_weights(cfg: TrainerConfig) -> None:
-    """ValueError naming model.path when its weights are missing: no model.safetensors / index, or a shard the
-    index names (reads the index or the safetensors header only, not a tensor)."""
+    """ValueError naming model.path (or trainer.reward, for a model reward) when weights are missing: no
+    model.safetensors / index, or a shard the index names, or a reward model's score head (reads the index or the
+    safetensors header only, not a tensor)."""
+    check_weight_files(cfg.model.path, "model.path")
+    kind, _, path = cfg.trainer.reward.partition(":")
+    if kind in ("model", "judge"):
+        check_weight_files(path, f"trainer.reward={cfg.trainer.reward}")
+    if kind == "model":
+        from verl_mega.model_rewards.reward_model import check_reward_checkpoint
+
+        try:
+            check_reward_checkpoint(path)
+        except ValueError as exc:
+            raise ValueError(f"trainer.reward={cfg.trainer.reward}: {exc}") from None
+
+
+def check_weight_files(path: str, key: str) -> None:
+    """ValueError naming `key` when the HF directory `path` has no weights or misses a shard its index names."""
     from verl_mega.models.hf_io import weight_map
 
     try:
-        files = sorted(set(weight_map(cfg.model.path).values()))
+        files = sorted(set(weight_map(path).values()))
     except FileNotFoundError as exc:
-        raise ValueError(f"model.path: {exc}") from None
+        raise ValueError(f"{key}: {exc}") from None
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
-        raise ValueError(f"model.path={cfg.model.path}: {len(missing)} of the {len(files)} weight shards its index "
+        raise ValueError(f"{key}={path}: {len(missing)} of the {len(files)} weight shards its index "
                          f"names are missing, e.g. {missing[0]}")
 
 
@@ -371,11 +398,26 @@ def preflight(cfg: TrainerConfig, world_size: int) -> Prepared:
                    else None)
     if val_dataset is not None:
         check_lengths(cfg, val_dataset, f"data.val_path={cfg.data.val_path}")
-    if cfg.rollout.tools:  # built (cheap: no sandbox runs, no connection) to check names and arguments
+    if cfg.rollout.tools:  # built to check names and arguments, then one print(1) in each tool's sandbox
         from verl_mega.tools import build_tools
 
-        build_tools(cfg.rollout.tools, timeout_s=cfg.rollout.tool_timeout_s, key="rollout.tools")
+        if not getattr(tokenizer, "chat_template", None):  # found at the first tool call otherwise, mid-run
+            raise ValueError(f"rollout.tools: the tokenizer of model.path={cfg.model.path} has no chat template; the "
+                             f"agent loop appends tool results as `tool` messages through it. Use a chat model (or "
+                             f"add a template to its tokenizer_config.json), or drop rollout.tools")
+
+        tools = build_tools(cfg.rollout.tools, timeout_s=cfg.rollout.tool_timeout_s, key="rollout.tools")
+        asyncio.run(tools.check("rollout.tools"))
     reward_fn = load_reward(t.reward, import_timeout_s=t.reward_timeout_s)
+    if reward_fn is None:  # a model reward: sharded at the actor's tp (and, a reward model, its pp)
+        kind, _, path = t.reward.partition(":")
+        if load_tokenizer(path) is None:
+            raise ValueError(f"trainer.reward={t.reward}: {path} has no tokenizer (tokenizer.json / tokenizer.model); "
+                             f"the {'reward model' if kind == 'model' else 'judge'} reads each prompt and response "
+                             f"as text with its own tokenizer")
+        check_fits(path, cfg.parallel.tp, cfg.parallel.pp if kind == "model" else 1,
+                   f"the {'reward model' if kind == 'model' else 'judge'} at trainer.reward={t.reward} (it runs "
+                   f"at the actor's parallel.tp{' and pp' if kind == 'model' else ''})", "trainer.reward")
     check_reward(reward_fn, dataset, f"data.train_path={cfg.data.train_path}")
     if val_dataset is not None:
         check_reward(reward_fn, val_dataset, f"data.val_path={cfg.data.val_path}")

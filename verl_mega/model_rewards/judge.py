@@ -15,7 +15,8 @@ verdict text is parsed:
   - "yes/no": the first standalone word "yes" (1.0) or "no" (0.0), case-insensitive;
   - or any callable `parse(verdict) -> float | None`.
 An unparsable verdict (no match, out of range, None, or a parser exception) scores 0 and counts as a
-reward failure (`reward_failures` in the trainer's metrics); every verdict is kept in the result's
+reward failure, as does a judge prompt whose tokens plus `max_new_tokens` exceed the judge's
+`max_position_embeddings` (not generated: its verdict is None) (`reward_failures` in the trainer's metrics); every verdict is kept in the result's
 extras (`{"verdict": text}`).
 
 How: the judge is its own frozen model on its own inference layout (tp = `tensor_parallel_size`, one
@@ -42,7 +43,7 @@ from verl_mega.parallel.dist import device as comm_device
 from verl_mega.rewards.base import MAX_ERROR_MESSAGES, RewardFunction, RewardResult
 from verl_mega.rewards.batched import BatchedReward
 from verl_mega.model_rewards.reward_model import WeightOffload, check_same_rows, on_device, prompt_messages
-from verl_mega.rollout import generate, release
+from verl_mega.rollout import encode_prompts, generate, release
 
 DEFAULT_PROMPT_TEMPLATE = (
     "Judge the response to the question below.\n\n"
@@ -86,10 +87,15 @@ def _check_template(template) -> None:
         return
     if not isinstance(template, str):
         raise ValueError(f"prompt_template must be a format string or a callable, got {type(template).__name__}")
-    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    braces = "literal braces are written {{ and }}"
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:  # an unclosed or stray brace
+        raise ValueError(f"prompt_template is not a format string ({e}); {braces}") from None
     unknown = fields - set(TEMPLATE_FIELDS)
     if unknown:
-        raise ValueError(f"prompt_template has unknown fields {sorted(unknown)}; allowed: {list(TEMPLATE_FIELDS)}")
+        hint = "" if all(name.isidentifier() for name in unknown) else f" ({braces})"
+        raise ValueError(f"prompt_template has unknown fields {sorted(unknown)}; allowed: {list(TEMPLATE_FIELDS)}{hint}")
     if "response" not in fields:
         raise ValueError("prompt_template has no {response} field: the judge would not see the response")
 
@@ -146,6 +152,9 @@ class LLMJudgerReward(BatchedReward):
             raise ValueError(f"the judge runs on one pipeline stage: its layout has pp={model.layout.pp}")
         if model.model.is_value_model:
             raise ValueError("the judge must be a causal LM (loaded without value_head / score_head)")
+        if model.tokenizer is None:  # found now, not at the first reward call after a rollout
+            raise ValueError(f"judge {model.path} has no tokenizer (tokenizer.json / tokenizer.model): it reads "
+                             f"each prompt and response as text")
         self.judge, self.layout = model, model.layout
         self.judge.model.requires_grad_(False).eval()
         self.prompt_template, self.max_new_tokens, self.max_batch = prompt_template, max_new_tokens, max_batch
@@ -182,21 +191,28 @@ class LLMJudgerReward(BatchedReward):
             raise ValueError(f"got {len(responses)} responses but {len(samples)} samples")
         prompts = self.judge_prompts(samples, responses)
         check_same_rows(prompts, self.layout.tp_group if self.layout.tp > 1 else None, "LLMJudgerReward.score_batch")
-        verdicts: list[str] = []
-        if prompts:
+        ids = encode_prompts(self.judge.tokenizer, prompts)
+        limit = self.judge.config.max_position_embeddings  # beyond it the judge reads garbage positions
+        fits = [i for i, x in enumerate(ids) if len(x) + self.max_new_tokens <= limit]
+        verdicts: list[str | None] = [None] * len(ids)  # None: not judged (too long)
+        if fits:
             with on_device(self.offload, self.device):
-                outs = generate(self.judge, prompts, max_new_tokens=self.max_new_tokens, temperature=0.0,
-                                max_batch=self.max_batch)
+                outs = generate(self.judge, [ids[i] for i in fits], max_new_tokens=self.max_new_tokens,
+                                temperature=0.0, max_batch=self.max_batch)
                 if self.offload is not None:
                     release(self.judge)  # its KV cache (and CUDA graphs, which read the moved weights)
-            verdicts = [o["response"] for o in outs]
+            for i, o in zip(fits, outs):
+                verdicts[i] = o["response"]
         scores, errors, failures = torch.zeros(len(verdicts), dtype=torch.float32), [], 0
         for i, verdict in enumerate(verdicts):
-            value = self._score(verdict)
+            value = None if verdict is None else self._score(verdict)
             if value is None:
                 failures += 1
                 if len(errors) < MAX_ERROR_MESSAGES:
-                    errors.append(f"sample {i}: unparsable judge verdict {verdict!r:.80}")
+                    errors.append(f"sample {i}: judge prompt of {len(ids[i])} tokens + max_new_tokens="
+                                  f"{self.max_new_tokens} exceeds the judge's max_position_embeddings={limit} (a "
+                                  f"shorter prompt_template or response, or a judge with a longer context)"
+                                  if verdict is None else f"sample {i}: unparsable judge verdict {verdict!r:.80}")
             else:
                 scores[i] = value
         return RewardResult(scores, failures=failures, errors=errors, extras=[{"verdict": v} for v in verdicts])

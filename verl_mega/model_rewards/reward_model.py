@@ -37,9 +37,10 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.distributed as dist
 
+from verl_mega.models.hf_io import weight_map
 from verl_mega.rollout.actor import HFActor, get_actor_model
 from verl_mega.parallel.dist import device as comm_device
-from verl_mega.rewards.base import RewardResult
+from verl_mega.rewards.base import MAX_ERROR_MESSAGES, RewardResult
 from verl_mega.rewards.batched import BatchedReward
 
 DEFAULT_MAX_TOKENS_PER_BATCH = 8192  # padded tokens per reward-model forward
@@ -136,6 +137,23 @@ def _num_labels(path: str) -> int:
     return len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 1))
 
 
+def check_reward_checkpoint(path: str) -> None:
+    """ValueError when the HF directory `path` is not a one-label reward model: its config.json gives several
+    labels, or its weights hold no score head (`score.weight`: a causal LM, which the loader would report as a
+    missing tensor). A directory without config.json or weights passes (the loader names what is missing)."""
+    if os.path.isfile(os.path.join(path, "config.json")) and _num_labels(path) != 1:
+        raise ValueError(f"reward model {path} has {_num_labels(path)} labels; a reward model has one "
+                         f"(a *ForSequenceClassification checkpoint with num_labels=1)")
+    try:
+        names = weight_map(path)
+    except FileNotFoundError:
+        return
+    if not any(name == "score.weight" or name.endswith(".score.weight") for name in names):
+        raise ValueError(f"reward model {path} has no score head (no score.weight tensor in its weights): a "
+                         f"reward model is a *ForSequenceClassification checkpoint with one label. A causal LM "
+                         f"can judge instead: LLMJudgerReward({path!r}) (trainer.reward=judge:{path})")
+
+
 class RewardModel(BatchedReward):
     """A sharded sequence-classification reward model scoring (prompt, response) batches.
 
@@ -158,9 +176,7 @@ class RewardModel(BatchedReward):
             raise ValueError(f"max_tokens_per_batch must be >= 1, got {max_tokens_per_batch}")
         if not isinstance(model, HFActor):
             path = os.fspath(model)
-            if os.path.isfile(os.path.join(path, "config.json")) and _num_labels(path) != 1:
-                raise ValueError(f"reward model {path} has {_num_labels(path)} labels; a reward model has one "
-                                 f"(a *ForSequenceClassification checkpoint with num_labels=1)")
+            check_reward_checkpoint(path)
             model = get_actor_model(path, torch_dtype=torch_dtype, tensor_parallel_size=tensor_parallel_size,
                                     pipeline_parallel_size=pipeline_parallel_size, layout=layout, score_head=True,
                                     device="cpu" if offload else None)
@@ -203,14 +219,20 @@ class RewardModel(BatchedReward):
         ids = [self.encode(s, r) for s, r in zip(samples, responses)]
         check_same_rows(ids, self.layout.mp_group if self.layout.tp * self.layout.pp > 1 else None,
                         "RewardModel.score_batch")
+        limit = self.actor.config.max_position_embeddings  # beyond it the model reads garbage positions
         scores = torch.zeros(len(ids), dtype=torch.float32)
+        fits = [i for i, x in enumerate(ids) if len(x) <= limit]
+        too_long = sorted(set(range(len(ids))) - set(fits))
         with on_device(self.offload, self.device):
-            for rows in token_budget_batches([len(x) for x in ids], self.max_tokens_per_batch):
+            for rows in token_budget_batches([len(ids[i]) for i in fits], self.max_tokens_per_batch):
+                rows = [fits[j] for j in rows]
                 input_ids, mask = left_pad([ids[i] for i in rows], self.pad_id)
                 scores[rows] = self.actor.scores(input_ids, mask).float().cpu()
         bad = ~torch.isfinite(scores)
-        errors = [f"sample {i}: reward model score is not finite" for i in bad.nonzero().flatten().tolist()[:5]]
-        return RewardResult(scores.masked_fill(bad, 0.0), failures=int(bad.sum()), errors=errors,
+        errors = ([f"sample {i}: {len(ids[i])} tokens exceed the reward model's max_position_embeddings={limit}"
+                   for i in too_long] + [f"sample {i}: reward model score is not finite"
+                                         for i in bad.nonzero().flatten().tolist()])[:MAX_ERROR_MESSAGES]
+        return RewardResult(scores.masked_fill(bad, 0.0), failures=int(bad.sum()) + len(too_long), errors=errors,
                             extras=[{} for _ in ids])
 
     def __repr__(self) -> str:

@@ -37,6 +37,7 @@ import concurrent.futures
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,12 @@ class AgentLimits:
     max_turns: int = 4
     max_total_tokens: int = 512
     tool_timeout_s: float | None = 30.0
+
+    @classmethod
+    def from_rollout_config(cls, rollout) -> "AgentLimits":
+        """From a `rollout` config section: max_turns, max_total_tokens (None: max_new_tokens), tool_timeout_s."""
+        return cls(max_turns=rollout.max_turns, max_total_tokens=rollout.max_total_tokens or rollout.max_new_tokens,
+                   tool_timeout_s=rollout.tool_timeout_s)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_turns, int) or self.max_turns < 1:
@@ -292,11 +299,20 @@ class _Error:
 
 class _ToolRunner:
     """Runs each sample's tool calls on a background asyncio loop; `ready()` hands back finished samples.
-    On a non-lead rank it runs nothing (results come from the lead rank)."""
+    On a non-lead rank it runs nothing (results come from the lead rank).
+
+    A call past its time limit is cancelled on the loop; a tool that blocks the loop itself (`time.sleep` or
+    blocking I/O inside `async execute`) cannot be cancelled, so `ready()` also ends a sample's wait
+    `OVERDUE_GRACE_S` after its limit with an error result, and `close()` leaves that loop's thread behind
+    instead of waiting for it: the rollout goes on, the calls count as tool errors."""
+
+    OVERDUE_GRACE_S = 2.0  # beyond the time limit: a loop that is not blocked answers a timed-out call in ms
 
     def __init__(self, toolset, lead: bool):
         self.toolset, self.lead = toolset, lead
         self.futures: dict[tuple[int, int], concurrent.futures.Future] = {}
+        self.limits: dict[tuple[int, int], tuple[float, float, int]] = {}  # key -> (submitted at, time limit, calls)
+        self.blocked = False  # a tool blocked the loop past a deadline
         self.loop = asyncio.new_event_loop() if lead else None
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True) if lead else None
         if self.thread is not None:
@@ -319,20 +335,46 @@ class _ToolRunner:
             return list(await asyncio.gather(*(one(c) for c in calls)))
 
         self.futures[key] = asyncio.run_coroutine_threadsafe(all_calls(), self.loop)
+        if timeout_s is not None:
+            self.limits[key] = (time.monotonic(), timeout_s, len(calls))
 
     def ready(self, block: bool) -> list:
         if block and self.futures:
-            concurrent.futures.wait(self.futures.values(), return_when=concurrent.futures.FIRST_COMPLETED)
-        done = sorted(k for k, f in self.futures.items() if f.done())
-        return [(k, self.futures.pop(k).result()) for k in done]
+            deadlines = [self._deadline(k) for k in self.futures if k in self.limits]
+            wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            concurrent.futures.wait(self.futures.values(), timeout=wait_s, return_when=concurrent.futures.FIRST_COMPLETED)
+        now, out = time.monotonic(), []
+        for k in sorted(self.futures):
+            if self.futures[k].done():
+                out.append((k, self.futures.pop(k).result()))
+            elif k in self.limits and now >= self._deadline(k):
+                submitted, limit, calls = self.limits[k]
+                self.futures.pop(k).cancel()
+                self.blocked = True
+                message = (f"[tool error: no answer within {limit:g} s, and the tool could not be stopped: it blocks "
+                           f"its event loop (time.sleep or blocking I/O inside async execute?)]")
+                out.append((k, [_Error(message, seconds=now - submitted)] * calls))
+        for k, _ in out:
+            self.limits.pop(k, None)
+        return out
+
+    def _deadline(self, key) -> float:
+        submitted, limit, _ = self.limits[key]
+        return submitted + limit + self.OVERDUE_GRACE_S
 
     def close(self) -> None:
-        if self.loop is not None:
-            for f in self.futures.values():
-                f.cancel()
+        if self.loop is None:
+            return
+        for f in self.futures.values():
+            f.cancel()
+        if self.blocked:  # the loop's thread is stuck in a tool: left behind (a daemon), not waited for
             self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(timeout=10)
-            self.loop.close()
+            return
+        # the tools' HTTP sessions belong to this loop: closed on it (an unclosed one warns at exit)
+        asyncio.run_coroutine_threadsafe(self.toolset.aclose(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
 
 
 def agent_rollout(worker, tokenizer, toolset, limits: AgentLimits, prompt_ids: list[list[int]], *, n: int,

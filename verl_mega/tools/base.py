@@ -5,8 +5,10 @@ A tool has a `name`, a `description` and `parameters` (the JSON schema of its ar
 (`tokenizer.apply_chat_template(messages, tools=[t.schema() for t in tools])`). `execute(**arguments)`
 is async, so the agent loop can run tools while other sequences keep decoding, and returns the text
 that goes back to the model as a `tool` message. A tool reports failures of the call (bad code, a
-time-out) in that text, so the model can react; it raises only for a wrong call from Python
-(ValueError), which the agent loop turns into an error message too.
+time-out) in that text, so the model can react; it raises ValueError for a wrong call (bad arguments) and
+`ToolError` when the tool itself could not serve the call (its sandbox server unreachable): `ToolSet.call`
+turns both into an error message for the model, counted in `agent/tool_errors`. `aclose()` releases what the
+tool holds on the running event loop (an HTTP session).
 
 Reference: the OpenAI function-calling schema; verl's `BaseTool` (`get_openai_tool_schema`, `execute`).
 """
@@ -15,6 +17,10 @@ from __future__ import annotations
 
 import abc
 from typing import Any
+
+
+class ToolError(RuntimeError):
+    """The tool could not serve a call (not the program's fault: e.g. its sandbox server is unreachable)."""
 
 
 class Tool(abc.ABC):
@@ -34,3 +40,9 @@ class Tool(abc.ABC):
     @abc.abstractmethod
     async def execute(self, **arguments: Any) -> str:
         """Run the tool with the model's arguments; the text returned is the tool message."""
+
+    async def check(self) -> None:
+        """A trial before training (ToolError if the tool cannot serve calls here); nothing by default."""
+
+    async def aclose(self) -> None:
+        """Release what the tool holds on the running event loop (nothing by default)."""

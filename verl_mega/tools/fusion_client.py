@@ -23,6 +23,7 @@ from verl_mega.tools.fusion_api import parse_run_code_response, run_code_request
 from verl_mega.tools.sandbox import ExecutionResult, RunStatus
 
 _RETRY_HTTP = {429, 500, 502, 503, 504}
+MAX_BODY_CHARS = 300  # of a refusal's body in the error message
 
 
 class SandboxFusionError(RuntimeError):
@@ -87,8 +88,9 @@ class SandboxFusionClient:
                             last_error = f"HTTP {response.status}"
                             continue
                         if response.status != 200:  # a request the server refuses (422: a field it rejects)
-                            text = (await response.text())[:1000]
-                            return ExecutionResult(RunStatus.ERROR, None, "", "", 0.0, f"HTTP {response.status}: {text}")
+                            text = " ".join((await response.text()).split())  # one line (an HTML error page too)
+                            return ExecutionResult(RunStatus.ERROR, None, "", "", 0.0,
+                                                   f"HTTP {response.status} from {self.endpoint}: {text:.{MAX_BODY_CHARS}}")
                         return parse_run_code_response(await response.json())
                 except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as e:
                     last_error = f"{type(e).__name__}: {e}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from verl_mega.tools.base import Tool
+from verl_mega.tools.base import Tool, ToolError
 from verl_mega.tools.fusion_client import ClientOptions, SandboxFusionClient, SandboxFusionError
 from verl_mega.tools.sandbox import ExecutionResult, RunStatus, Sandbox, SandboxLimits
 
@@ -88,7 +88,8 @@ class PythonTool(Tool):
         return await self.runner.run_code(code, language, stdin, timeout_s=self.timeout_s, memory_limit_mb=self.memory_limit_mb)
 
     async def execute(self, code: str | None = None, language: str = "python", **unexpected: Any) -> str:
-        """Run `code`; returns its output (or the failure) as the tool message."""
+        """Run `code`; returns its output (or how the program failed) as the tool message. ToolError when the
+        sandbox did not run it (server unreachable, sandbox error), so the call counts as a tool error."""
         if code is None:
             raise ValueError(f"{self.name}: missing argument 'code'")
         if unexpected:
@@ -96,8 +97,22 @@ class PythonTool(Tool):
         try:
             result = await self.run(code, language)
         except SandboxFusionError as e:
-            return f"[sandbox unavailable: {e}]"
+            raise ToolError(f"sandbox unavailable: {e}") from None
+        if result.status == RunStatus.ERROR:
+            raise ToolError(f"sandbox error: {result.message}")
         return format_result(result, self.timeout_s, self.max_result_chars)
+
+    async def check(self) -> None:
+        """Run `print(1)` once: ToolError unless the sandbox (local or the server at the URL) answers `1`."""
+        text = await self.execute(code="print(1)")
+        if text != "1\n":
+            raise ToolError(f"the sandbox ran print(1) and answered {text!r:.200}")
+
+    async def aclose(self) -> None:
+        """Close the HTTP session of a SandboxFusion runner on the running loop (a local sandbox holds none)."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            await close()
 
 
 class SandboxFusionTool(PythonTool):

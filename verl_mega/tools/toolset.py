@@ -10,12 +10,14 @@ entries (`rollout.tools: [{name: code_interpreter, sandbox_fusion_url: ..., defa
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from verl_mega.tools.base import Tool
+from verl_mega.tools.base import Tool, ToolError
+from verl_mega.tools.fusion_client import ClientOptions
 from verl_mega.tools.python_tool import PythonTool, SandboxFusionTool
 from verl_mega.tools.sandbox import SandboxUnavailable
 
@@ -67,25 +69,64 @@ class ToolSet:
             text = await asyncio.wait_for(tool.execute(**arguments), self.timeout_s)
         except (asyncio.TimeoutError, TimeoutError):
             return failed(f"{name!r} did not answer within {self.timeout_s:g} s")
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, ToolError) as e:
             return failed(str(e))
         except Exception as e:  # a tool bug must not end the rollout; the model sees what happened
             return failed(f"{name!r} raised {type(e).__name__}: {e}")
         return ToolCallResult(text, False, time.monotonic() - t0)
 
+    async def check(self, key: str = "tools") -> None:
+        """Every tool's `check()` (the code tools: `print(1)` in their sandbox); ValueError naming `key[k]` for
+        a tool that cannot serve calls (a sandbox server down, a wrong URL)."""
+        try:
+            for k, tool in enumerate(self.tools.values()):
+                try:
+                    await tool.check()
+                except ToolError as e:
+                    hint = ("; start it (verl-mega sandbox serve --port PORT) or fix sandbox_fusion_url"
+                            if getattr(tool, "sandbox_fusion_url", None) else "")
+                    raise ValueError(f"{key}[{k}] ({tool.name}): {e}{hint}") from None
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Release what the tools hold on the running event loop (call it before the loop closes)."""
+        for tool in self.tools.values():
+            await tool.aclose()
+
 
 def build_tools(specs: Sequence[dict[str, Any]], timeout_s: float | None = None, key: str = "tools") -> ToolSet:
-    """A ToolSet from config entries: each {"name": one of TOOL_CLASSES, **constructor arguments}.
-    ValueError naming `key[k]` (the config key of the list) for an unknown name, an unknown or bad argument, or
-    a local sandbox that cannot run here."""
+    """A ToolSet from config entries: each {"name": one of TOOL_CLASSES, **constructor arguments} (a
+    `client_options` mapping becomes `ClientOptions`). ValueError naming `key[k]` (the config key of the list) for
+    an entry that is not a mapping, a missing or unknown name, an unknown key (with the keys the tool takes), a bad
+    value, or a local sandbox that cannot run here."""
+    if isinstance(specs, (str, Mapping)) or not isinstance(specs, Sequence):
+        raise ValueError(f"{key} must be a list of tool entries, e.g. [{{name: code_interpreter}}], got {specs!r:.80}")
     tools = []
     for k, spec in enumerate(specs):
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"{key}[{k}] must be a mapping like {{name: code_interpreter}}, got {spec!r:.80}")
         spec = dict(spec)
-        name = spec.pop("name", None)
+        if "name" not in spec:
+            raise ValueError(f"{key}[{k}] has no 'name' key (keys: {sorted(map(str, spec))}); write "
+                             f"{{name: code_interpreter}}: YAML needs a space after each colon")
+        name = spec.pop("name")
         if name not in TOOL_CLASSES:
             raise ValueError(f"{key}[{k}].name must be one of {sorted(TOOL_CLASSES)}, got {name!r}")
+        accepted = config_keys(TOOL_CLASSES[name])
+        unknown = sorted(set(spec) - set(accepted))
+        if unknown:
+            raise ValueError(f"{key}[{k}] ({name}): unknown key(s) {unknown}; it takes {['name', *accepted]}")
         try:
+            if isinstance(spec.get("client_options"), Mapping):
+                spec["client_options"] = ClientOptions(**spec["client_options"])
             tools.append(TOOL_CLASSES[name](**spec))
         except (TypeError, ValueError, SandboxUnavailable) as e:
             raise ValueError(f"{key}[{k}] ({name}): {e}") from None
     return ToolSet(tools, timeout_s)
+
+
+def config_keys(cls: type[Tool]) -> list[str]:
+    """The constructor arguments of a tool class that a config entry may set (a code runner object may not)."""
+    params = inspect.signature(cls.__init__).parameters
+    return [p for p in params if p not in ("self", "runner") and params[p].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]

@@ -178,9 +178,14 @@ def check_config(cfg: TrainerConfig) -> None:
     if a.name in ("grpo", "rloo") and r.n_samples < 2:
         raise ValueError(f"algorithm.name={a.name!r} compares samples of a prompt: rollout.n_samples must be >= 2, "
                          f"got {r.n_samples}")
-    if r.max_turns < 1 or (r.max_total_tokens is not None and r.max_total_tokens < 1) or r.tool_timeout_s <= 0:
-        raise ValueError(f"rollout.max_turns / max_total_tokens must be >= 1 and rollout.tool_timeout_s > 0, got "
-                         f"{r.max_turns} / {r.max_total_tokens} / {r.tool_timeout_s}")
+    for key, value, low in (("max_turns", r.max_turns, 1), ("max_total_tokens", r.max_total_tokens, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"rollout.{key} must be >= {low}, got {value}")
+    if r.tool_timeout_s <= 0:
+        raise ValueError(f"rollout.tool_timeout_s must be > 0, got {r.tool_timeout_s}")
+    if r.tools and r.max_turns < 2:  # the calls of a sample's last turn are not run
+        raise ValueError(f"rollout.max_turns={r.max_turns} with rollout.tools: a sample ends after its first turn, so "
+                         f"no tool call would ever run; set rollout.max_turns >= 2 (a call, then the answer)")
     if r.temperature <= 0:
         raise ValueError(f"rollout.temperature must be > 0 for RL sampling, got {r.temperature}")
     cfg.optim.check("optim")

@@ -37,6 +37,7 @@ from verl_mega.models.hf_io import check_hf_dir, weight_map
 from verl_mega.models.parallelize import apply_recompute, apply_sequence_parallel
 from verl_mega.rewards.base import RewardFailureGuard, RewardFunction, RuleBasedReward
 from verl_mega.rollout.actor import HFActor, get_actor_model
+from verl_mega.rollout.agent_loop import AgentLimits
 from verl_mega.rollout.frontend import encode_prompts, stop_ids
 from verl_mega.rollout.frontend import release as release_generation
 from verl_mega.tools import Tool, ToolSet, build_tools
@@ -50,7 +51,7 @@ from verl_mega.trainer.reward_runner import RewardRunner
 from verl_mega.trainer.optim import OptimConfig
 from verl_mega.trainer.roles import FrozenModel, build_critic, build_reference
 from verl_mega.trainer.stages import Advantage, LogProbs, Metrics, Pipeline, Reward, Rollout, Update, stage_name
-from verl_mega.trainer.validation import Validator, actor_generate_fn
+from verl_mega.trainer.validation import Validator, actor_generate_fn, agent_generate_fn
 from verl_mega.trainer.vision_data import image_processor_for
 
 log = logging.getLogger("verl_mega.trainer")
@@ -349,8 +350,13 @@ class PPOTrainer:
         """A `Validator` on this actor's rollout engine (trainer.val_temperature, val_n_samples; the rollout's
         max_new_tokens, top_k, top_p) and the run's reward, over `val_dataloader` (this rank's share)."""
         r, t = self.config.rollout, self.config.trainer
-        generate = actor_generate_fn(self.actor, max_new_tokens=r.max_new_tokens, temperature=t.val_temperature,
-                                     n=t.val_n_samples, top_k=r.top_k, top_p=r.top_p, seed=t.seed)
+        if self.tools is not None:  # held-out samples call the tools as training's do
+            generate = agent_generate_fn(self.worker, self.tokenizer, self.tools, AgentLimits.from_rollout_config(r),
+                                         temperature=t.val_temperature, n=t.val_n_samples, top_k=r.top_k,
+                                         top_p=r.top_p, seed=t.seed)
+        else:
+            generate = actor_generate_fn(self.actor, max_new_tokens=r.max_new_tokens, temperature=t.val_temperature,
+                                         n=t.val_n_samples, top_k=r.top_k, top_p=r.top_p, seed=t.seed)
         return Validator(generate, self.reward_fn, val_dataloader, n_samples=t.val_n_samples,
                          dp_group=self.layout.dp_group if self.layout.dp > 1 else None, timeout_s=t.reward_timeout_s)
 

@@ -194,8 +194,9 @@ class Rollout(Stage):
                  tools=None):
         self.worker, self.config, self.seed, self.tokenizer = worker, config, seed, tokenizer
         self.pad_id, self.dp_rank, self.rewards, self.tools = pad_id, dp_rank, rewards, tools
-        if tools is not None and tokenizer is None:
-            raise ValueError("Rollout with tools needs a tokenizer with a chat template")
+        if tools is not None and not getattr(tokenizer, "chat_template", None):  # tool results are chat messages
+            raise ValueError("Rollout with tools needs a tokenizer with a chat template (tool results are appended "
+                             "as `tool` messages through it)")
 
     def decode(self, ids: list[int]) -> str:
         """A response's text (special tokens skipped)."""
@@ -226,8 +227,7 @@ class Rollout(Stage):
     def _agent(self, batch: RLBatch, seed: int) -> RLBatch:
         """Multi-turn samples with tool calls (the whole response, tool results included, is scored)."""
         cfg = self.config
-        limits = AgentLimits(max_turns=cfg.max_turns, max_total_tokens=cfg.max_total_tokens or cfg.max_new_tokens,
-                             tool_timeout_s=cfg.tool_timeout_s)
+        limits = AgentLimits.from_rollout_config(cfg)
         samples, timings = agent_rollout(self.worker, self.tokenizer, self.tools, limits, batch.prompt_ids, n=batch.n,
                                          seed=seed, sampling=SamplingParams(temperature=cfg.temperature,
                                                                             top_k=cfg.top_k, top_p=cfg.top_p))

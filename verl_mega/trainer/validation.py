@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from verl_mega.data.loader import PADDING_KEY
-from verl_mega.rewards.base import RewardFunction, compute_rewards
+from verl_mega.rewards.base import RewardFunction
+from verl_mega.rewards.batched import score_rewards
 from verl_mega.trainer.batch import sample_images
 
 # generate(prompt token ids [B lists]) -> B * n decoded responses, prompt-major
@@ -78,7 +79,7 @@ class Validator:
             texts = [texts[i * self.n_samples + j] for i in counted for j in range(self.n_samples)]
             if not rows:
                 continue
-            res = compute_rewards(self.reward_fn, texts, rows, timeout_s=self.timeout_s)
+            res = score_rewards(self.reward_fn, texts, rows, timeout_s=self.timeout_s)  # batched or per response
             scores = res.scores.double()
             sums += torch.tensor([len(counted), len(texts), float(scores.sum()), float((scores == 1).sum()),
                                   float(((scores != 0) & (scores != 1)).sum()), res.failures + res.timeouts],
@@ -105,5 +106,23 @@ def actor_generate_fn(actor, *, max_new_tokens: int, temperature: float = 0.0, n
         out = actor.generate(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, n=n, top_k=top_k,
                              top_p=top_p, seed=seed, images=images)
         return [o["response"] for o in out]
+
+    return generate
+
+
+def agent_generate_fn(worker, tokenizer, toolset, limits, *, temperature: float = 0.0, n: int = 1, top_k: int = 0,
+                      top_p: float = 1.0, seed: int = 0) -> GenerateFn:
+    """`generate(prompt_ids, images=None) -> texts` through the agent loop (`rollout/agent_loop.py`) on a
+    `RolloutWorker`: with tools the held-out responses are multi-turn as in training (tool calls run, their
+    results in the text the reward reads; special tokens skipped as the Rollout stage decodes). No images."""
+    from verl_mega.rollout.agent_loop import agent_rollout
+    from verl_mega.rollout.sampling import SamplingParams
+
+    def generate(prompt_ids: list[list[int]], images: list | None = None) -> list[str]:
+        if images is not None and any(i is not None for i in images):
+            raise ValueError("multi-turn tool validation with images is not supported; drop rollout.tools")
+        samples, _ = agent_rollout(worker, tokenizer, toolset, limits, prompt_ids, n=n, seed=seed,
+                                   sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))
+        return [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
 
     return generate
