@@ -107,7 +107,7 @@ def test_rows_with_zero_one_two_images_and_loader(tmp_path, tok_and_ip):
 
 @pytest.mark.parametrize("suffix, images, content, message", [
     ("parquet", [{"path": "missing.png"}], "<image>", "missing.png does not exist"),
-    ("parquet", [{"bytes": b"not a png"}], "<image>", "9 image bytes could not be decoded"),
+    ("parquet", [{"bytes": b"not a png"}], "<image>", "9 image bytes could not be decoded as an image \\(not a format PIL reads\\)"),
     ("parquet", [{"bytes": png((56, 56))[:60]}], "<image>", "could not be decoded"),  # truncated file
     ("parquet", [{"bytes": png((402, 2))}], "<image>", "aspect ratio must be smaller than 200"),  # processor's
     ("parquet", [{"bytes": png((56, 56))}], "<image><image>", "2 <image> markers but the row has 1 images"),
@@ -128,6 +128,18 @@ def test_malformed_image_rows_name_file_and_row(tmp_path, tok_and_ip, suffix, im
         RLDataset(path, tok, image_processor=ip)
     ds = RLDataset(path, tok, image_processor=ip, skip_malformed=True)
     assert (len(ds), ds.skipped, ds[0]["image_grid_thw"].tolist()) == (1, 1, [[1, 4, 4]])
+
+
+def test_image_over_pils_pixel_limit_is_a_malformed_row(tmp_path, tok_and_ip, monkeypatch):
+    """PIL refuses images over 2 x Image.MAX_IMAGE_PIXELS (its decompression-bomb guard, 179M pixels by
+    default) with its own exception; the row is named like any other bad image. The limit is lowered here
+    so that a 56 x 56 image (3136 pixels > 2 x 1000) trips it without a huge file."""
+    tok, ip = tok_and_ip
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    path = write(tmp_path / "big.parquet", [row("<image>count", [{"bytes": png((56, 56))}])])
+    with pytest.raises(ValueError, match=r"big.parquet: row 0: image 0: .*too large to decode.*downscale"):
+        RLDataset(path, tok, image_processor=ip)
+    assert RLDataset(path, tok, image_processor=ip, skip_malformed=True).skipped == 1
 
 
 def test_images_without_image_processor_and_overlong_image_prompt(tmp_path, tok_and_ip):

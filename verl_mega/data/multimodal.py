@@ -56,7 +56,7 @@ def load_image(entry: Any, base_dir: Path | None = None) -> Any:
     entry: {"bytes": png/jpeg bytes} (a "path" beside it is ignored, as HF datasets' Image feature writes
     both), {"path": file}, a path string (a "file://" prefix is dropped) or a PIL image. Relative paths
     are taken from `base_dir`. ValueError (without the row's location) on a missing file, undecodable
-    bytes or a wrong type.
+    bytes, an image over PIL's decompression-bomb limit or a wrong type.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -79,7 +79,12 @@ def load_image(entry: Any, base_dir: Path | None = None) -> Any:
     try:
         with Image.open(source) as image:
             return image.convert("RGB")  # convert() loads all pixels: truncated data fails here, not later
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except UnidentifiedImageError:
+        raise ValueError(f"{what} could not be decoded as an image (not a format PIL reads)") from None
+    except Image.DecompressionBombError as e:  # PIL refuses > 2 x Image.MAX_IMAGE_PIXELS before decoding
+        raise ValueError(f"{what} is too large to decode ({e}); downscale it (the image processor resizes every "
+                         f"image to at most its max_pixels anyway)") from None
+    except (OSError, SyntaxError) as e:
         raise ValueError(f"{what} could not be decoded as an image ({e})") from None
 
 
