@@ -38,6 +38,9 @@ def test_generate_reads_each_rows_images(vlm_dir, tmp_path):
     assert main(_args(vlm_dir, data, out, "--temperature", "0", "--batch-size", "2")) == 0  # rows span batches
     lines = [json.loads(line) for line in open(out)]
     assert [line["extra_info"]["index"] for line in lines] == [r["extra_info"]["index"] for r in rows]  # order kept
+    # image bytes are summarised, not written as str(bytes) (a b'\\x89PNG...' string of ~4x the size)
+    assert [line["images"] for line in lines] == [[{"path": None, "num_bytes": len(r["images"][0]["bytes"])}]
+                                                  for r in rows]
 
     actor = get_actor_model(vlm_dir)
     dataset = RLDataset(data, actor.tokenizer, image_processor=load_image_processor(vlm_dir))

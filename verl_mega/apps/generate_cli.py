@@ -14,7 +14,7 @@ With a vision-language model (a Qwen2.5-VL directory with its processor files), 
 to the file) is read with the model's image processor; a bad image is an error naming the file and row.
 
 Output (one schema for every --n): one JSON line per input row, in input order: the row's columns
-plus
+(an image given as bytes written as {"path": ..., "num_bytes": N}: the pixels stay in the input file) plus
     "responses":    list of n response texts (special tokens skipped)
     "response_ids": list of n token-id lists (the stop token included)
 
@@ -186,8 +186,19 @@ def _generate_share(actor, prompts: list, images: list | None, args) -> list[lis
     return out
 
 
+def output_image(entry):
+    """An image entry as written to the output: {"bytes": b, ...} -> {"path": its path or None, "num_bytes": len(b)}
+    (json would write str(b): neither small nor decodable; the pixels stay in the input file); others as given."""
+    if isinstance(entry, dict) and isinstance(entry.get("bytes"), (bytes, bytearray)):
+        return {"path": entry.get("path"), "num_bytes": len(entry["bytes"])}
+    return entry
+
+
 def output_line(row: dict, samples: list[dict]) -> dict:
     """The output object of one input row and its n samples (the schema in the module docstring)."""
+    images = row.get("images")
+    if isinstance(images, (list, tuple)):
+        row = {**row, "images": [output_image(e) for e in images]}
     return {**row, "responses": [s["response"] for s in samples], "response_ids": [s["response_ids"] for s in samples]}
 
 
