@@ -70,7 +70,7 @@ def test_partial_and_corrupt_checkpoints_are_refused(hf_dir, tmp_path):
     assert load_checkpoint(fresh, str(tmp_path / "nothing_here")) is None
 
 
-def test_export_writes_transformers_loadable_dir(hf_dir, tmp_path):
+def test_export_writes_transformers_loadable_dir(hf_dir, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     layout = Layout.create(1, 1, 1)
     engine = build_engine(layout, hf_dir)
@@ -87,6 +87,16 @@ def test_export_writes_transformers_loadable_dir(hf_dir, tmp_path):
     assert AutoTokenizer.from_pretrained(str(tmp_path / "hf_out"))("ab")["input_ids"]
     assert json.load(open(tmp_path / "hf_out" / "config.json"))["num_hidden_layers"] == 2
     assert export_cli.main([str(tmp_path / "empty"), str(tmp_path / "x")]) == 2
+    # over another model's shards (e.g. a copy of a sharded checkpoint): refused, naming them; a loader that
+    # follows the index (vLLM) would otherwise serve the old weights
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "model.safetensors.index.json").write_text("{}")
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"")
+    assert export_cli.main([str(tmp_path / "ckpt"), str(stale)]) == 2
+    assert "already holds other weights (model-00001-of-00002.safetensors, model.safetensors.index.json" \
+        in capsys.readouterr().err
+    assert export_cli.main([str(tmp_path / "ckpt"), str(tmp_path / "hf_out")]) == 0  # its own earlier export: fine
 
 
 def test_export_accepts_run_checkpoints_actor_and_step_dirs(hf_dir, tmp_path, monkeypatch, capsys):

@@ -9,7 +9,8 @@ process at tp = pp = 1 (DCP reshards whatever layout the checkpoint was saved fr
 config and the source model directory recorded in the checkpoint's COMPLETE marker, builds the whole
 model, loads the fp32 master weights and writes config.json + model.safetensors + the tokenizer with
 `verl_mega.models.hf_io.save_hf`, and copies the source's generation_config.json and, for a vision-language
-model, its processor files (image processor config, chat template). Checkpoints store the
+model, its processor files (image processor config, chat template). An output directory already holding other
+weight files (a shard index, shards, .bin) is refused: loaders that follow an index would read those. Checkpoints store the
 source directory as an absolute path; a relative one (older checkpoints) is tried against the current
 directory and the run directory.
 """
@@ -61,7 +62,7 @@ def export(ckpt: str, out_dir: str, dtype: str = "float32") -> str:
     """Write the checkpoint `ckpt` names (see resolve_checkpoint) to `out_dir` as a HF directory (weights,
     config, tokenizer, generation_config.json); returns the checkpoint directory used."""
     from verl_mega.models.config import ModelConfig
-    from verl_mega.models.hf_io import save_hf
+    from verl_mega.models.hf_io import other_weight_files, save_hf
     from verl_mega.models.parallelize import build_stage
     from verl_mega.models.tokenizer import load_tokenizer
     from verl_mega.parallel import Layout
@@ -70,6 +71,11 @@ def export(ckpt: str, out_dir: str, dtype: str = "float32") -> str:
 
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"hf_out_dir {out_dir} is an existing file, not a directory")
+    stale = other_weight_files(out_dir)
+    if stale:  # loaders that follow an index (vLLM, ...) would read those, not the export's model.safetensors
+        raise ValueError(f"hf_out_dir {out_dir} already holds other weights ({', '.join(stale[:3])}"
+                         f"{', ...' if len(stale) > 3 else ''}; {len(stale)} files) that loaders following a shard "
+                         f"index would read instead of the export: pick an empty directory or delete them")
     path, refused = resolve_checkpoint(ckpt)
     for message in refused:
         print(message, file=sys.stderr)
