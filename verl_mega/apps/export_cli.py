@@ -10,9 +10,9 @@ config and the source model directory recorded in the checkpoint's COMPLETE mark
 model, loads the fp32 master weights and writes config.json + model.safetensors + the tokenizer with
 `verl_mega.models.hf_io.save_hf`, and copies the source's generation_config.json and, for a vision-language
 model, its processor files (image processor config, chat template). An output directory already holding other
-weight files (a shard index, shards, .bin) is refused: loaders that follow an index would read those. Checkpoints store the
-source directory as an absolute path; a relative one (older checkpoints) is tried against the current
-directory and the run directory.
+weight files (a shard index, shards, .bin) is refused: loaders that follow an index would read those.
+Checkpoints store the source directory as an absolute path; a relative one (older checkpoints) is tried
+against the current directory and the run directory.
 """
 
 from __future__ import annotations
