@@ -1,7 +1,7 @@
 """`verl-mega train` as a user meets it: checks that fail before the model loads (launch, model, data rows,
 rule data sources), one message and exit status 2; a reward failing on every call stops the run (status 1);
 banner, resume / already-finished messages, the done line's export command; tp=2 without torchrun spawns
-its own processes."""
+its own processes, and a SIGTERM to the command stops them with it."""
 
 import json
 import math
@@ -219,11 +219,60 @@ def test_reward_failing_every_call_stops_the_run(tiny_dir, tmp_path, capsys):
     assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1]  # stopped inside step 2
 
 
-def test_tp2_without_torchrun_spawns_two_processes(tiny_dir, tmp_path, capsys):
+def _state(pid: int) -> str | None:
+    """The /proc state letter of `pid` (Z: exited, not yet reaped), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def test_tp2_without_torchrun_spawns_two_processes_that_sigterm_stops(tiny_dir, tmp_path):
+    """`verl-mega train parallel.tp=2` without torchrun starts its two ranks and trains; `kill PID` (or `timeout`,
+    a scheduler) on the command stops the ranks too, and it says where a rerun resumes (status 143). Before, the
+    command died at once and its two ranks went on training as orphans, writing checkpoints. The reward (run in
+    the ranks) records its pid and, at a rank's 5th call (step 2: 2 prompts x 2 samples a step), sends the SIGTERM
+    to its parent, the command."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pids = tmp_path / "pids"
+    reward = tmp_path / "terminating.py"
+    reward.write_text(
+        "import itertools, os, signal\n"
+        "calls = itertools.count(1)\n"
+        "def score(response):\n"
+        f"    with open({str(pids)!r}, 'a') as f:\n"
+        "        f.write(f'{os.getpid()}\\n')\n"
+        "    if next(calls) == 5:\n"
+        "        try:  # one rank sends it (O_EXCL): a second SIGTERM would end the command at once\n"
+        f"            os.close(os.open({str(pids) + '.sent'!r}, os.O_CREAT | os.O_EXCL))\n"
+        "            os.kill(os.getppid(), signal.SIGTERM)\n"
+        "        except FileExistsError:\n"
+        "            pass\n"
+        "    return 0.0\n")
     cfg = _config(tmp_path, tiny_dir, _jsonl(tmp_path / "train.jsonl", _rows(4)))
-    run = tmp_path / "run"
-    assert train_cli.main([cfg, *SMALL, "parallel.tp=2", "trainer.total_steps=1", "trainer.save_final=false",
-                           f"trainer.output_dir={run}"]) == 0
-    out = capsys.readouterr().out
-    assert "starting 2 processes (parallel.tp=2 x parallel.pp=1, dp=1)" in out and "done: 1 step," in out
-    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1]
+    argv = [cfg, *SMALL, "parallel.tp=2", f"trainer.reward={reward}:score", "trainer.total_steps=10000",
+            "trainer.save_final=false", "rollout.stream_rewards=false", f"trainer.output_dir={tmp_path / 'run'}"]
+    proc = subprocess.run([sys.executable, "-m", "verl_mega", "train", *argv], capture_output=True, text=True,
+                          timeout=300)
+    ranks = {int(line) for line in pids.read_text().split()}
+    try:
+        deadline = time.monotonic() + 10  # SIGKILLed by the command before it exits; give /proc a moment
+        while any(_state(p) not in (None, "Z") for p in ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        alive = [p for p in ranks if _state(p) not in (None, "Z")]
+        assert not alive, f"ranks {alive} still running after the command exited with {proc.returncode}"
+    finally:
+        for p in ranks:
+            if _state(p) not in (None, "Z"):
+                os.kill(p, signal.SIGKILL)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert "starting 2 processes (parallel.tp=2 x parallel.pp=1, dp=1)" in proc.stdout
+    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1]
+    assert "verl-mega train: terminated (SIGTERM) with no checkpoint to resume from" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
