@@ -34,13 +34,18 @@ def _config(tmp_path, model: str, data: str) -> str:
     return str(y)
 
 
-def test_multimodal_parquet_trains_through_verl_mega_train(vlm_dir, tmp_path):
+def test_multimodal_parquet_trains_through_verl_mega_train(vlm_dir, tmp_path, capsys):
     rows, _ = task.make_vision_task(seed=1, num_train=4, num_heldout=1, sizes=(56,))
-    data = task.write_parquet(rows, str(tmp_path / "train.parquet"))
+    big, _ = task.make_vision_task(seed=1, num_train=1, num_heldout=1, sizes=(112,))  # 16 image tokens, not 4
+    data = task.write_parquet(rows + big, str(tmp_path / "train.parquet"))
     out = tmp_path / "run"
-    assert train_cli.main([_config(tmp_path, vlm_dir, data), *SMALL, f"trainer.output_dir={out}"]) == 0
+    # prompts are 46 tokens with a 56-pixel image, 58 with a 112-pixel one: the last row is dropped, and said so
+    assert train_cli.main([_config(tmp_path, vlm_dir, data), *SMALL, "data.max_prompt_length=50",
+                           f"trainer.output_dir={out}"]) == 0
     (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert math.isfinite(record["actor/loss"]) and record["prompt_length/tokens"] > 4 * 4  # image pads included
+    assert f"dataset 4 prompts from {data} (1 longer than data.max_prompt_length=50 tokens dropped)" \
+        in capsys.readouterr().out
 
 
 def test_malformed_image_row_stops_the_run_naming_file_and_row(vlm_dir, tmp_path, capsys):

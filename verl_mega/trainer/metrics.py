@@ -87,7 +87,8 @@ def format_metrics(metrics: dict[str, float], skip_prefixes: tuple[str, ...] = (
     return ", ".join(f"{k}: {v:.3g}" for k, v in sorted(metrics.items()) if not k.startswith(skip_prefixes))
 
 
-def run_banner(config, layout, dataset_size: int | None, steps: int, output_dir: str, start_step: int = 0) -> str:
+def run_banner(config, layout, dataset_size: int | None, steps: int, output_dir: str, start_step: int = 0,
+               dropped: int = 0) -> str:
     """The lines rank 0 prints when `fit` starts: model, layout, algorithm, data, steps, output.
 
     Args:
@@ -95,11 +96,14 @@ def run_banner(config, layout, dataset_size: int | None, steps: int, output_dir:
         layout: the actor's Layout (tp, pp, dp, world_size).
         dataset_size: prompts in the dataset (None when the dataloader does not say).
         steps: the step `fit` trains up to; start_step: the step it starts from (> 0 after a resume).
+        dropped: prompts the dataset dropped as longer than data.max_prompt_length (image tokens included).
     """
     c, t, r = config, config.trainer, config.rollout
     data = f"{dataset_size} prompts" if dataset_size is not None else "size unknown"
     if c.data.train_path not in (None, MISSING):
         data += f" from {c.data.train_path}"
+    if dropped:
+        data += f" ({dropped} longer than data.max_prompt_length={c.data.max_prompt_length} tokens dropped)"
     return "\n".join([
         f"[verl-mega] model {c.model.path} ({c.model.dtype})",
         f"[verl-mega] layout tp={layout.tp} pp={layout.pp} dp={layout.dp} (world {layout.world_size}), "

@@ -311,7 +311,7 @@ class PPOTrainer:
         if rank0:
             dataset = getattr(dataloader, "dataset", None)
             print(run_banner(self.config, self.layout, len(dataset) if dataset is not None else None, steps,
-                             output_dir, self.global_step), flush=True)
+                             output_dir, self.global_step, getattr(dataset, "filtered", 0)), flush=True)
         logger = MetricsLogger(output_dir, enabled=rank0, tensorboard=t.tensorboard)
         bar = progress_bar(steps, self.global_step, rank0 and t.progress_bar)
         history = []
