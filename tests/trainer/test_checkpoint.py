@@ -77,6 +77,8 @@ def test_export_writes_transformers_loadable_dir(hf_dir, tmp_path, capsys):
     train(engine, range(2), layout)
     save_checkpoint(engine, str(tmp_path / "ckpt"), 2, tokenizer_path=hf_dir)
     assert export_cli.main([str(tmp_path / "ckpt"), str(tmp_path / "hf_out")]) == 0
+    assert f"load it with transformers' AutoModelForCausalLM.from_pretrained({str(tmp_path / 'hf_out')!r})" \
+        in capsys.readouterr().out
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf_out"), dtype=torch.float32)
     ids = torch.randint(6, 120, (2, 9))
     pos = torch.arange(9).expand(2, 9)

@@ -114,8 +114,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"verl-mega export: {exc}", file=sys.stderr)
         return 2
-    print(f"exported {path} -> {args.hf_out_dir}")
+    print(f"exported {path} -> {args.hf_out_dir}; load it with transformers' "
+          f"{auto_class(args.hf_out_dir)}.from_pretrained({args.hf_out_dir!r})")
     return 0
+
+
+def auto_class(hf_dir: str) -> str:
+    """The transformers Auto class that loads the exported directory `hf_dir` (from its config.json's
+    architectures): a Qwen2.5-VL export is not an AutoModelForCausalLM (transformers refuses it)."""
+    import json
+
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        arch = (json.load(f).get("architectures") or [""])[0]
+    for suffix, auto in (("ForConditionalGeneration", "AutoModelForImageTextToText"),
+                         ("ForTokenClassification", "AutoModelForTokenClassification"),
+                         ("ForSequenceClassification", "AutoModelForSequenceClassification")):
+        if arch.endswith(suffix):
+            return auto
+    return "AutoModelForCausalLM"
 
 
 if __name__ == "__main__":
