@@ -114,11 +114,15 @@ def test_rows_with_zero_one_two_images_and_loader(tmp_path, tok_and_ip):
     ("parquet", [{"bytes": png((56, 56))}], "no marker", "0 <image> markers but the row has 1 images"),
     ("jsonl", [{"path": "a.png"}, 3], "<image><image>", "image 1: an image must be"),  # jsonl keeps bad types
     ("jsonl", "a.png", "<image>", "'images' must be a list"),
+    ("jsonl", None, "<image>", r"1 <image> markers but the row has no 'images' column \(columns: \['data_source', "
+                               r"'extra_info', 'prompt', 'reward_model'\]\)"),  # None: the column is left out
 ])
 def test_malformed_image_rows_name_file_and_row(tmp_path, tok_and_ip, suffix, images, content, message):
     tok, ip = tok_and_ip
     (tmp_path / "a.png").write_bytes(png((56, 56)))
     rows = [row("<image>ok", [{"path": "a.png"}]), row(content, images)]
+    if images is None:
+        del rows[1]["images"]
     path = tmp_path / f"bad.{suffix}"
     if suffix == "parquet":
         write(path, rows)

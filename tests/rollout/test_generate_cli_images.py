@@ -66,4 +66,13 @@ def test_generate_image_errors_name_file_and_row(vlm_dir, hf_dir, tmp_path, caps
     good = task.write_parquet(rows[:1], str(tmp_path / "good.parquet"))
     assert main(_args(hf_dir, good, out)) == 2  # a text model given images
     assert "good.parquet: row 0 has images but the model" in capsys.readouterr().err
+    # <image> markers without images (here: the images in an "image" column) are an error, as in training; they
+    # were generated from as literal text
+    for k, row in enumerate(rows):
+        row["image"] = row.pop("images")
+        row["prompt"][0]["content"] = row["prompt"][0]["content"] if k != 2 else "no marker here"
+    singular = task.write_parquet(rows, str(tmp_path / "singular.parquet"))
+    assert main(_args(vlm_dir, singular, out)) == 2
+    assert "singular.parquet: row 0: the prompt has 1 <image> markers but the row has no 'images' column " \
+           "(columns: ['data_source', 'extra_info', 'image', 'prompt', 'reward_model'])" in capsys.readouterr().err
     assert not os.path.exists(out)  # nothing written on error

@@ -145,25 +145,30 @@ def check_lengths(args, prompts: list) -> None:
 def encode_images(actor, path: str, records: list[dict], prompts: list, prompt_key: str) -> tuple[list, list | None]:
     """(prompts, images) for `frontend.generate`: rows with a non-empty "images" column become token ids
     (their `prompt_key` messages templated, markers replaced, image pads expanded) with their (pixel_values,
-    image_grid_thw); images is None when no row has any. ValueError naming the file and row for a bad image
-    or a text model given images."""
+    image_grid_thw); images is None when no row has any. ValueError naming the file and row for a bad image,
+    a text model given images, or (a vision-language model) `<image>` markers without as many images."""
     from pathlib import Path
 
     from verl_mega.data.dataset import row_messages
-    from verl_mega.data.multimodal import encode_vision_prompt
+    from verl_mega.data.multimodal import check_image_column, count_markers, encode_vision_prompt
     from verl_mega.trainer.vision_data import image_processor_for
 
     rows = [i for i, rec in enumerate(records) if rec.get("images") is not None and len(rec["images"])]
+    if rows and not actor.config.is_vlm:
+        raise ValueError(f"{path}: row {rows[0]} has images but the model at {actor.path} is a text model")
+    if actor.config.is_vlm:  # <image> markers without images are an error, as in training (not literal text)
+        with_images = set(rows)
+        rows = [i for i, rec in enumerate(records) if i in with_images or count_markers(row_messages(rec, prompt_key))]
     if not rows:
         return prompts, None
-    if not actor.config.is_vlm:
-        raise ValueError(f"{path}: row {rows[0]} has images but the model at {actor.path} is a text model")
     processor = image_processor_for(actor.path, actor.config)
     prompts, images = list(prompts), [None] * len(prompts)
     for i in rows:
         try:
-            enc = encode_vision_prompt(actor.tokenizer, processor, row_messages(records[i], prompt_key),
-                                       records[i]["images"], base_dir=Path(path).parent)
+            messages = row_messages(records[i], prompt_key)
+            check_image_column(records[i], "images", messages)
+            enc = encode_vision_prompt(actor.tokenizer, processor, messages, records[i].get("images"),
+                                       base_dir=Path(path).parent)
         except (OSError, ValueError) as exc:
             raise ValueError(f"{path}: row {i}: {exc}") from None
         prompts[i], images[i] = enc["prompt_ids"], (enc["pixel_values"], enc["image_grid_thw"])

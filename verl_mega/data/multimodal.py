@@ -104,10 +104,23 @@ def load_images(entries: Any, base_dir: Path | None = None) -> list[Any]:
     return images
 
 
+def count_markers(messages: Sequence[dict[str, str]]) -> int:
+    """Number of `<image>` markers in the messages' contents."""
+    return sum(m["content"].count(IMAGE_MARKER) for m in messages)
+
+
+def check_image_column(row: dict, image_key: str, messages: Sequence[dict[str, str]]) -> None:
+    """ValueError when the prompt has `<image>` markers but the row has no `image_key` column at all (e.g. the
+    images sit in an "image" column), naming the row's columns."""
+    if image_key not in row and count_markers(messages):
+        raise ValueError(f"the prompt has {count_markers(messages)} {IMAGE_MARKER} markers but the row has no "
+                         f"{image_key!r} column (columns: {sorted(row)})")
+
+
 def replace_image_markers(messages: Sequence[dict[str, str]], num_images: int) -> list[dict[str, str]]:
     """Messages with each `<image>` marker replaced by the vision placeholder; ValueError if the number of
     markers differs from the number of images."""
-    markers = sum(m["content"].count(IMAGE_MARKER) for m in messages)
+    markers = count_markers(messages)
     if markers != num_images:
         raise ValueError(f"the prompt has {markers} {IMAGE_MARKER} markers but the row has {num_images} images")
     return [{**m, "content": m["content"].replace(IMAGE_MARKER, IMAGE_PLACEHOLDER)} for m in messages]
