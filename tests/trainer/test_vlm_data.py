@@ -56,6 +56,14 @@ def test_malformed_image_row_stops_the_run_naming_file_and_row(vlm_dir, tmp_path
     err = capsys.readouterr().err
     assert "bad.parquet" in err and "row 2" in err, err
     assert "Traceback" not in err and err.count("error:") == 1
+    # images in an "image" column: the message lists the columns, and is not taken for a prompt-column problem
+    for row in rows:
+        row["image"] = row.pop("images")
+    data = task.write_parquet(rows, str(tmp_path / "singular.parquet"))
+    assert train_cli.main([_config(tmp_path, vlm_dir, data), *SMALL, f"trainer.output_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err
+    assert "singular.parquet: row 0: the prompt has 1 <image> markers but the row has no 'images' column" in err
+    assert "data.prompt_key" not in err, err
 
 
 def test_memory_plan_counts_the_vision_tower(vlm_dir):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import threading
 import traceback
 from dataclasses import dataclass
@@ -200,8 +201,9 @@ def load_dataset(cfg: TrainerConfig, tokenizer, key: str = "train_path"):
                             apply_chat_template=d.apply_chat_template,
                             **({} if processor is None else {"image_processor": processor}))
     except ValueError as exc:
+        about_prompt = re.search(rf"row \d+: (no )?{re.escape(repr(d.prompt_key))}", str(exc))  # not a column list
         hint = (f" (data.prompt_key={d.prompt_key!r} names the prompt column: set it to the column holding the "
-                f"chat messages)") if repr(d.prompt_key) in str(exc) else ""
+                f"chat messages)") if about_prompt else ""
         if processor is None and "pass image_processor=" in str(exc):  # the library's advice, in CLI terms
             exc = str(exc).split(": pass image_processor=")[0]
             hint = (f" but model.path={cfg.model.path} is a text model (no image processor); train a vision-language "
