@@ -128,6 +128,11 @@ def test_export_accepts_run_checkpoints_actor_and_step_dirs(hf_dir, tmp_path, mo
     assert "looked in" in capsys.readouterr().err
     assert export_cli.main([str(run), str(src / "config.json")]) == 2  # an output path that is a file: one line
     assert f"hf_out_dir {src / 'config.json'} is an existing file" in capsys.readouterr().err
+    # the source model directory itself (the base model, the resumed run's reference): refused, before any write
+    before = (src / "model.safetensors").read_bytes()
+    assert export_cli.main([str(run), str(src)]) == 2
+    assert f"hf_out_dir {src} is the run's source model directory (model.path)" in capsys.readouterr().err
+    assert (src / "model.safetensors").read_bytes() == before
 
 
 def test_bf16_engine_round_trips_fp32_masters(hf_dir, tmp_path):

@@ -10,7 +10,8 @@ config and the source model directory recorded in the checkpoint's COMPLETE mark
 model, loads the fp32 master weights and writes config.json + model.safetensors + the tokenizer with
 `verl_mega.models.hf_io.save_hf`, and copies the source's generation_config.json and, for a vision-language
 model, its processor files (image processor config, chat template). An output directory already holding other
-weight files (a shard index, shards, .bin) is refused: loaders that follow an index would read those.
+weight files (a shard index, shards, .bin) is refused: loaders that follow an index would read those; so
+is the source model directory itself.
 Checkpoints store the source directory as an absolute path; a relative one (older checkpoints) is tried
 against the current directory and the run directory.
 """
@@ -88,6 +89,10 @@ def export(ckpt: str, out_dir: str, dtype: str = "float32") -> str:
         raise ValueError(f"checkpoint {path} records its source model directory {recorded!r}, which does not "
                          f"exist (from {os.getcwd()}); the tokenizer and generation_config.json come from there: "
                          f"run export where the path resolves, or restore that directory")
+    if source is not None and os.path.realpath(out_dir) == os.path.realpath(source):
+        raise ValueError(f"hf_out_dir {out_dir} is the run's source model directory (model.path): exporting there "
+                         f"would overwrite the base model, which a resumed run reloads as its reference policy; "
+                         f"pick another directory")
     config = ModelConfig.from_hf(marker["model_config"])
     layout = Layout.create(1, 1, 1)
     model = build_stage(config, layout, value_head=bool(marker.get("value_head")), init_seed=None)
