@@ -191,20 +191,25 @@ def test_run_resume_finished_and_export(tiny_dir, tmp_path, capsys):
                 f"trainer.output_dir={run} holds a checkpoint", "hidden_size 32 there, 64 here", "trainer.resume=false")
 
 
-def test_ctrl_c_says_where_the_run_resumes(tiny_dir, tmp_path, capsys):
-    # the reward presses Ctrl-C (SIGINT to this process) at its 5th call: during step 2 (4 responses a step)
+def test_ctrl_c_says_where_the_run_resumes_and_the_rerun_logs_each_step_once(tiny_dir, tmp_path, capsys):
+    # the reward presses Ctrl-C (SIGINT to this process) at its 13th call: during step 4 (4 responses a step),
+    # after step 3 was logged and step 2 checkpointed (save_every=2)
     reward = tmp_path / "interrupting.py"
     reward.write_text("import itertools, os, signal\ncalls = itertools.count(1)\n"
-                      "def score(response):\n    if next(calls) == 5:\n        os.kill(os.getpid(), signal.SIGINT)\n"
+                      "def score(response):\n    if next(calls) == 13:\n        os.kill(os.getpid(), signal.SIGINT)\n"
                       "    return 0.0\n")
     cfg = _config(tmp_path, tiny_dir, _jsonl(tmp_path / "train.jsonl", _rows(4)))
     run = tmp_path / "run"
-    argv = [cfg, *SMALL, f"trainer.reward={reward}:score", "trainer.total_steps=5", "trainer.save_every=1",
+    argv = [cfg, *SMALL, f"trainer.reward={reward}:score", "trainer.total_steps=5", "trainer.save_every=2",
             "rollout.stream_rewards=false", f"trainer.output_dir={run}"]
     assert train_cli.main(argv) == 130
     err = capsys.readouterr().err
-    assert f"interrupted; rerun the same command to resume from the newest checkpoint, {run / 'checkpoints' / 'actor'}" \
-        in err and "Traceback" not in err
+    assert f"interrupted; rerun the same command to resume from the newest checkpoint, " \
+           f"{run / 'checkpoints' / 'actor' / 'step_2'}" in err and "Traceback" not in err
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2, 3]
+    # the rerun trains steps 3-5 again from step 2: step 3 is logged once, not twice
+    assert train_cli.main(argv) == 0
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2, 3, 4, 5]
 
 
 def test_reward_failing_every_call_stops_the_run(tiny_dir, tmp_path, capsys):

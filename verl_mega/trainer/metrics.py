@@ -1,8 +1,10 @@
 """Where step metrics go: a JSONL file, TensorBoard scalars, and a tqdm progress bar (rank 0 only).
 
 `metrics.jsonl` has one object per logged step: {"step": k, "time": unix seconds, **metrics}; it is
-appended to, so a resumed run continues the same file. TensorBoard uses
-`torch.utils.tensorboard.SummaryWriter` (event files in `output_dir/tensorboard`).
+appended to, so a resumed run continues the same file, after dropping the records past the step it resumes
+from (steps trained after the last checkpoint and trained again, which would appear twice). TensorBoard uses
+`torch.utils.tensorboard.SummaryWriter` (event files in `output_dir/tensorboard`; its `purge_step` does the
+same there).
 
 The metric names (one per quantity, verl's naming style: actor/, critic/, reward/, response_length/,
 time/, throughput/) are listed with their meaning in docs/metrics.md. `format_metrics` prints them
@@ -28,7 +30,10 @@ BAR_KEYS = (("reward", ("reward/mean",)), ("kl", ("actor/kl_ref", "actor/ppo_kl"
 class MetricsLogger:
     """Writes metrics on the rank given `enabled=True`; a no-op elsewhere."""
 
-    def __init__(self, output_dir: str | None, *, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, output_dir: str | None, *, enabled: bool = True, tensorboard: bool = True,
+                 resume_step: int = 0):
+        """resume_step: the checkpoint step a resumed run starts from (> 0): records of later steps, logged before
+        the run stopped and about to be logged again, are dropped from metrics.jsonl and TensorBoard."""
         self.enabled = enabled and output_dir is not None
         self.path = None
         self.writer = None
@@ -36,10 +41,13 @@ class MetricsLogger:
             return
         os.makedirs(output_dir, exist_ok=True)
         self.path = os.path.join(output_dir, "metrics.jsonl")
+        if resume_step > 0 and os.path.exists(self.path):
+            _drop_records_after(self.path, resume_step)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"),
+                                        purge_step=resume_step + 1 if resume_step > 0 else None)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Append one step's metrics (non-finite values are written as null in JSON)."""
@@ -58,6 +66,27 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def _drop_records_after(path: str, step: int) -> None:
+    """Rewrite the metrics.jsonl `path` without its records of steps > `step` (atomically: a temporary file,
+    then a rename); lines that are not such records are kept as they are."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+
+    def later(line: str) -> bool:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            return False
+        return isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step
+
+    kept = [line for line in lines if not later(line)]
+    if len(kept) == len(lines):
+        return
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -312,7 +312,7 @@ class PPOTrainer:
             dataset = getattr(dataloader, "dataset", None)
             print(run_banner(self.config, self.layout, len(dataset) if dataset is not None else None, steps,
                              output_dir, self.global_step, getattr(dataset, "filtered", 0)), flush=True)
-        logger = MetricsLogger(output_dir, enabled=rank0, tensorboard=t.tensorboard)
+        logger = MetricsLogger(output_dir, enabled=rank0, tensorboard=t.tensorboard, resume_step=self.global_step)
         bar = progress_bar(steps, self.global_step, rank0 and t.progress_bar)
         history = []
         try:
