@@ -64,6 +64,14 @@ def test_malformed_image_row_stops_the_run_naming_file_and_row(vlm_dir, tmp_path
     err = capsys.readouterr().err
     assert "singular.parquet: row 0: the prompt has 1 <image> markers but the row has no 'images' column" in err
     assert "data.prompt_key" not in err, err
+    # tools with images: refused before the model loads (it was refused by the rollout, after loading)
+    data = task.write_parquet(task.make_vision_task(seed=1, num_train=4, num_heldout=1, sizes=(56,))[0],
+                              str(tmp_path / "ok.parquet"))
+    assert train_cli.main([_config(tmp_path, vlm_dir, data), *SMALL, "rollout.tools=[{name: code_interpreter}]",
+                           f"trainer.output_dir={tmp_path / 'r'}"]) == 2
+    captured = capsys.readouterr()
+    assert f"data.train_path={data}: row 0 has images, and multi-turn tool rollouts with images are not supported" \
+        in captured.err and "[verl-mega] model" not in captured.out, captured
 
 
 def test_memory_plan_counts_the_vision_tower(vlm_dir):

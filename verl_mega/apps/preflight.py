@@ -10,7 +10,7 @@
      data-parallel rank (trainer.rollout_batch_size), and its longest prompt plus rollout.max_new_tokens fits
      the model's max_position_embeddings, and a checkpoint the run would resume saved its data position
      for this many prompts and this trainer.seed; the same for data.val_path when validation is on;
-  4. the tools (rollout.tools): known names, arguments their constructors take;
+  4. the tools (rollout.tools): known names, arguments their constructors take, no row with images;
   5. the reward: `trainer.reward` imports (within trainer.reward_timeout_s), and a "rule" reward has a checker for every data_source
      in the data and a ground truth (reward_model.ground_truth) in every row;
   6. the weights: model.safetensors (or the index and every shard it names) exist under model.path.
@@ -377,6 +377,13 @@ def preflight(cfg: TrainerConfig, world_size: int) -> Prepared:
         from verl_mega.tools import build_tools
 
         build_tools(cfg.rollout.tools, timeout_s=cfg.rollout.tool_timeout_s, key="rollout.tools")
+        for name, data in (("data.train_path", dataset), ("data.val_path", val_dataset)):
+            with_images = next((it["index"] for it in getattr(data, "items", ()) if len(it.get("image_grid_thw", ()))),
+                               None)
+            if with_images is not None:  # the rollout would refuse it, after the model loads
+                raise ValueError(f"{name}={getattr(cfg.data, name.split('.')[1])}: row {with_images} has images, and "
+                                 f"multi-turn tool rollouts with images are not supported; drop rollout.tools for a "
+                                 f"vision-language dataset")
     reward_fn = load_reward(t.reward, import_timeout_s=t.reward_timeout_s)
     check_reward(reward_fn, dataset, f"data.train_path={cfg.data.train_path}")
     if val_dataset is not None:
