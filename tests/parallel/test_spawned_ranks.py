@@ -52,3 +52,27 @@ def test_ranks_die_when_their_parent_is_killed(tmp_path):
         for p in ranks:
             if _state(p) not in (None, "Z"):
                 os.kill(p, signal.SIGKILL)
+
+
+def test_interrupted_parent_lets_its_ranks_unwind(tmp_path):
+    """Ctrl-C on the parent alone (or SIGTERM on `verl-mega train`, which it turns into one): the ranks get SIGINT and
+    unwind, releasing what they hold; they were SIGKILLed, and the resource tracker then warned of "leaked
+    semaphore objects" (each rank's tqdm lock; here a multiprocessing Lock)."""
+    rank = tmp_path / "rank.py"
+    rank.write_text("import multiprocessing, os, time\nlock = multiprocessing.Lock()\n"
+                    f"open(os.path.join({str(tmp_path)!r}, f'ready.{{os.getpid()}}'), 'w').close()\ntime.sleep(300)\n")
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import runpy\nfrom verl_mega.testing.multiprocess import run_distributed\n"
+         f"run_distributed(runpy.run_path, 2, {str(rank)!r}, timeout_s=600)\n"],
+        env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")},
+        stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len([f for f in os.listdir(tmp_path) if f.startswith("ready.")]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        parent.send_signal(signal.SIGINT)  # the parent only: the ranks hear of it from the parent
+        _, err = parent.communicate(timeout=60)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert "KeyboardInterrupt" in err and "leaked semaphore" not in err, err[-3000:]

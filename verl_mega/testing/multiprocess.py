@@ -60,6 +60,28 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn, args, env: 
     shutdown_distributed(barrier=True)  # destroyed before interpreter exit: see parallel/dist.py
 
 
+STOP_GRACE_S = 5.0  # a rank interrupted with SIGINT gets this long to unwind before SIGKILL
+
+
+def _stop(processes) -> None:
+    """End the ranks still running (the caller failed, timed out or was interrupted): SIGINT first, so that each
+    unwinds as on Ctrl-C (its own cleanup: no semaphores leaked to the resource tracker), SIGKILL after
+    STOP_GRACE_S for one that does not end (blocked in a collective, or ignoring SIGINT)."""
+    import time
+
+    alive = [p for p in processes if p.is_alive()]
+    for p in alive:
+        try:
+            os.kill(p.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + STOP_GRACE_S
+    for p in alive:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+
+
 def run_distributed(fn, world_size: int, *args, timeout_s: float = 300.0, env: dict | None = None) -> list:
     """Call `fn(*args)` on `world_size` spawned gloo ranks; return the list of results by rank."""
     env = {"VERL_MEGA_DIST_TIMEOUT": "120", **(env or {})}
@@ -82,9 +104,7 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 300.0, env: d
                         errors.append(f"--- rank {r} ---\n{rec['error']}")
             raise RuntimeError("distributed test failed:\n" + "\n".join(errors or [str(exc)])) from None
         finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
+            _stop(ctx.processes)
         results = []
         for r in range(world_size):
             rec = torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
