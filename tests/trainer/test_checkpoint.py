@@ -98,6 +98,7 @@ def test_export_writes_transformers_loadable_dir(hf_dir, tmp_path, capsys):
     assert export_cli.main([str(tmp_path / "ckpt"), str(stale)]) == 2
     assert "already holds other weights (model-00001-of-00002.safetensors, model.safetensors.index.json" \
         in capsys.readouterr().err
+    (tmp_path / "hf_out" / "training_args.bin").write_bytes(b"")  # not weights (a HF Trainer's output dir)
     assert export_cli.main([str(tmp_path / "ckpt"), str(tmp_path / "hf_out")]) == 0  # its own earlier export: fine
 
 

@@ -73,12 +73,14 @@ def weight_map(path: str) -> dict[str, str]:
 
 def other_weight_files(path: str | os.PathLike) -> list[str]:
     """Weight files in directory `path` other than the `model.safetensors` that `save_hf` writes (a shard
-    index, shards, PyTorch .bin files), sorted; [] for a missing directory."""
+    index, *.safetensors shards, pytorch_model*.bin), sorted; [] for a missing directory. Other files (e.g. a
+    trainer's training_args.bin) are not weights."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         return []
     return sorted(f for f in os.listdir(path) if f != SINGLE_FILE and (
-        f.endswith((".safetensors", ".bin")) or f in (INDEX_FILE, "pytorch_model.bin.index.json")))
+        f.endswith(".safetensors") or (f.startswith("pytorch_model") and f.endswith(".bin"))
+        or f in (INDEX_FILE, "pytorch_model.bin.index.json")))
 
 
 def _source_name(model: DecoderModel, name: str) -> str:
