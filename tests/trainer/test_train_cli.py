@@ -281,3 +281,15 @@ def test_tp2_without_torchrun_spawns_two_processes_that_sigterm_stops(tiny_dir, 
     assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1]
     assert "verl-mega train: terminated (SIGTERM) with no checkpoint to resume from" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_keep_last_sets_how_many_checkpoints_stay(tiny_dir, tmp_path):
+    # three were kept, always: a run saving every 100 steps for evaluation lost all but the newest three
+    import os
+
+    cfg = _config(tmp_path, tiny_dir, _jsonl(tmp_path / "train.jsonl", _rows(4)))
+    for keep, kept in ((0, ["step_1", "step_2", "step_3", "step_4"]), (2, ["step_3", "step_4"])):
+        run = tmp_path / f"run{keep}"
+        assert train_cli.main([cfg, *SMALL, "trainer.total_steps=4", "trainer.save_every=1", f"trainer.keep_last={keep}",
+                               "trainer.tensorboard=false", f"trainer.output_dir={run}"]) == 0
+        assert sorted(os.listdir(run / "checkpoints" / "actor")) == kept

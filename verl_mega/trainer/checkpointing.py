@@ -27,9 +27,10 @@ def latest_checkpoint(root: str) -> str | None:
     return root if path is not None else None
 
 
-def save(trainer, root: str, dataloader=None, keep_last: int = 3) -> str:
-    """Save the trainer at its current global step under `root` (collective); returns the actor step dir."""
-    step = trainer.global_step
+def save(trainer, root: str, dataloader=None) -> str:
+    """Save the trainer at its current global step under `root` (collective), keeping the newest
+    `trainer.keep_last` checkpoints of its config (0: all); returns the actor step dir."""
+    step, keep_last = trainer.global_step, trainer.config.trainer.keep_last
     extra = {"global_step": step, "kl_coef": trainer.kl_ctl.value if trainer.kl_ctl is not None else None}
     data_state = dataloader.state_dict() if hasattr(dataloader, "state_dict") else None
     path = save_checkpoint(trainer.actor_engine, os.path.join(root, "actor"), step, data_state=data_state,
