@@ -233,12 +233,12 @@ def _state(pid: int) -> str | None:
         return None
 
 
-def test_tp2_without_torchrun_spawns_two_processes_that_sigterm_stops(tiny_dir, tmp_path):
-    """`verl-mega train parallel.tp=2` without torchrun starts its two ranks and trains; `kill PID` (or `timeout`,
-    a scheduler) on the command stops the ranks too, and it says where a rerun resumes (status 143). Before, the
-    command died at once and its two ranks went on training as orphans, writing checkpoints. The reward (run in
-    the ranks) records its pid and, at a rank's 5th call (step 2: 2 prompts x 2 samples a step), sends the SIGTERM
-    to its parent, the command."""
+def test_tp2_without_torchrun_resumes_a_tp1_checkpoint_and_sigterm_stops_it(tiny_dir, tmp_path):
+    """`verl-mega train parallel.tp=2` without torchrun starts its two ranks, resumes the checkpoint of a tp=1 run
+    (saying that it reshards it) and trains; `kill PID` (or `timeout`, a scheduler) on the command stops the ranks
+    too, and it says where a rerun resumes (status 143). Before, the command died at once and its two ranks went
+    on training as orphans, writing checkpoints. The reward (run in the ranks) records its pid and, at a rank's 5th
+    call (step 3: 2 prompts x 2 samples a step, from step 1), sends the SIGTERM to its parent, the command."""
     import os
     import signal
     import subprocess
@@ -261,8 +261,11 @@ def test_tp2_without_torchrun_spawns_two_processes_that_sigterm_stops(tiny_dir, 
         "            pass\n"
         "    return 0.0\n")
     cfg = _config(tmp_path, tiny_dir, _jsonl(tmp_path / "train.jsonl", _rows(4)))
+    run = tmp_path / "run"
+    assert train_cli.main([cfg, *SMALL, "trainer.total_steps=1", "trainer.tensorboard=false",
+                           f"trainer.output_dir={run}"]) == 0  # tp=1, in this process: checkpoint step_1
     argv = [cfg, *SMALL, "parallel.tp=2", f"trainer.reward={reward}:score", "trainer.total_steps=10000",
-            "trainer.save_final=false", "rollout.stream_rewards=false", f"trainer.output_dir={tmp_path / 'run'}"]
+            "trainer.save_final=false", "rollout.stream_rewards=false", f"trainer.output_dir={run}"]
     proc = subprocess.run([sys.executable, "-m", "verl_mega", "train", *argv], capture_output=True, text=True,
                           timeout=300)
     ranks = {int(line) for line in pids.read_text().split()}
@@ -278,8 +281,11 @@ def test_tp2_without_torchrun_spawns_two_processes_that_sigterm_stops(tiny_dir, 
                 os.kill(p, signal.SIGKILL)
     assert proc.returncode == 143, proc.stderr[-2000:]
     assert "starting 2 processes (parallel.tp=2 x parallel.pp=1, dp=1)" in proc.stdout
-    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1]
-    assert "verl-mega train: terminated (SIGTERM) with no checkpoint to resume from" in proc.stderr
+    assert f"resuming from {run / 'checkpoints'} at step 1 (saved at tp=1 pp=1 dp=1, resharded to tp=2 pp=1 dp=1)" \
+        in proc.stdout, proc.stdout
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2]
+    assert f"verl-mega train: terminated (SIGTERM); rerun the same command to resume from the newest checkpoint, " \
+           f"{run / 'checkpoints' / 'actor' / 'step_1'}" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 

@@ -18,13 +18,20 @@ from __future__ import annotations
 
 import os
 
-from verl_mega.trainer.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from verl_mega.trainer.checkpoint import find_checkpoint, load_checkpoint, read_marker, save_checkpoint
 
 
 def latest_checkpoint(root: str) -> str | None:
     """`root` if it holds a complete actor checkpoint (newest step_N under root/actor), else None."""
     path, _ = find_checkpoint(os.path.join(root, "actor")) if os.path.isdir(os.path.join(root, "actor")) else (None, [])
     return root if path is not None else None
+
+
+def saved_layout(root: str) -> dict | None:
+    """{"tp", "pp", "dp"} of the newest complete actor checkpoint under `root` (from its COMPLETE marker), None if
+    there is none or it does not record one."""
+    path, _ = find_checkpoint(os.path.join(root, "actor")) if os.path.isdir(os.path.join(root, "actor")) else (None, [])
+    return read_marker(path).get("layout") if path is not None else None
 
 
 def save(trainer, root: str, dataloader=None) -> str:

@@ -300,9 +300,14 @@ class PPOTrainer:
         ckpt_root = os.path.join(output_dir, "checkpoints")
         rank0 = self.layout.rank == 0
         if (t.resume if resume is None else resume) and checkpointing.latest_checkpoint(ckpt_root):
+            saved = checkpointing.saved_layout(ckpt_root)
             self.load_checkpoint(ckpt_root, dataloader)
+            now = {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp}
+            moved = (f" (saved at {' '.join(f'{k}={v}' for k, v in saved.items())}, resharded to "
+                     f"{' '.join(f'{k}={v}' for k, v in now.items())})") if saved and saved != now else ""
             if rank0:
-                print(f"[verl-mega] resuming from {os.path.abspath(ckpt_root)} at step {self.global_step}", flush=True)
+                print(f"[verl-mega] resuming from {os.path.abspath(ckpt_root)} at step {self.global_step}{moved}",
+                      flush=True)
         if self.global_step >= steps:
             if rank0:
                 print(f"[verl-mega] run already finished at step {self.global_step} (trainer.total_steps={steps}); "
