@@ -107,18 +107,26 @@ def test_rows_with_zero_one_two_images_and_loader(tmp_path, tok_and_ip):
 
 @pytest.mark.parametrize("suffix, images, content, message", [
     ("parquet", [{"path": "missing.png"}], "<image>", "missing.png does not exist"),
-    ("parquet", [{"bytes": b"not a png"}], "<image>", "9 image bytes could not be decoded"),
+    ("parquet", [{"bytes": b"not a png"}], "<image>", "9 image bytes could not be decoded as an image \\(not a format PIL reads\\)"),
     ("parquet", [{"bytes": png((56, 56))[:60]}], "<image>", "could not be decoded"),  # truncated file
     ("parquet", [{"bytes": png((402, 2))}], "<image>", "aspect ratio must be smaller than 200"),  # processor's
     ("parquet", [{"bytes": png((56, 56))}], "<image><image>", "2 <image> markers but the row has 1 images"),
     ("parquet", [{"bytes": png((56, 56))}], "no marker", "0 <image> markers but the row has 1 images"),
     ("jsonl", [{"path": "a.png"}, 3], "<image><image>", "image 1: an image must be"),  # jsonl keeps bad types
     ("jsonl", "a.png", "<image>", "'images' must be a list"),
+    ("jsonl", ["https://example.com/a.png"], "<image>", "is a URL: images are not downloaded"),
+    ("jsonl", ["data:image/png;base64,!!"], "<image>", "image data URI data:image/png;base64,!!... is not valid base64"),
+    ("jsonl", ["x" * 10000], "<image>", r"x{20}\.\.\. cannot be looked up \(File name too long\); a base64 image "
+                                        "needs the 'data:image/png;base64,' prefix"),  # raw base64: cut in the message
+    ("jsonl", None, "<image>", r"1 <image> markers but the row has no 'images' column \(columns: \['data_source', "
+                               r"'extra_info', 'prompt', 'reward_model'\]\)"),  # None: the column is left out
 ])
 def test_malformed_image_rows_name_file_and_row(tmp_path, tok_and_ip, suffix, images, content, message):
     tok, ip = tok_and_ip
     (tmp_path / "a.png").write_bytes(png((56, 56)))
     rows = [row("<image>ok", [{"path": "a.png"}]), row(content, images)]
+    if images is None:
+        del rows[1]["images"]
     path = tmp_path / f"bad.{suffix}"
     if suffix == "parquet":
         write(path, rows)
@@ -128,6 +136,31 @@ def test_malformed_image_rows_name_file_and_row(tmp_path, tok_and_ip, suffix, im
         RLDataset(path, tok, image_processor=ip)
     ds = RLDataset(path, tok, image_processor=ip, skip_malformed=True)
     assert (len(ds), ds.skipped, ds[0]["image_grid_thw"].tolist()) == (1, 1, [[1, 4, 4]])
+
+
+def test_base64_data_uri_images(tmp_path, tok_and_ip):
+    """A "data:image/png;base64,..." entry (as qwen_vl_utils, verl's image reader, accepts) reads as its bytes."""
+    import base64
+
+    tok, ip = tok_and_ip
+    uri = "data:image/png;base64," + base64.b64encode(png((84, 112))).decode()
+    (tmp_path / "a.png").write_bytes(png((84, 112)))
+    rows = [row("<image>count", [uri]), row("<image>count", [{"path": uri}]), row("<image>count", [{"path": "a.png"}])]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    ds = RLDataset(tmp_path / "d.jsonl", tok, image_processor=ip)
+    assert torch.equal(ds[0]["pixel_values"], ds[2]["pixel_values"]) and torch.equal(ds[1]["pixel_values"], ds[2]["pixel_values"])
+
+
+def test_image_over_pils_pixel_limit_is_a_malformed_row(tmp_path, tok_and_ip, monkeypatch):
+    """PIL refuses images over 2 x Image.MAX_IMAGE_PIXELS (its decompression-bomb guard, 179M pixels by
+    default) with its own exception; the row is named like any other bad image. The limit is lowered here
+    so that a 56 x 56 image (3136 pixels > 2 x 1000) trips it without a huge file."""
+    tok, ip = tok_and_ip
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    path = write(tmp_path / "big.parquet", [row("<image>count", [{"bytes": png((56, 56))}])])
+    with pytest.raises(ValueError, match=r"big.parquet: row 0: image 0: .*too large to decode.*downscale"):
+        RLDataset(path, tok, image_processor=ip)
+    assert RLDataset(path, tok, image_processor=ip, skip_malformed=True).skipped == 1
 
 
 def test_images_without_image_processor_and_overlong_image_prompt(tmp_path, tok_and_ip):

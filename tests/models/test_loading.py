@@ -41,6 +41,23 @@ def test_missing_tensor_names_tensor_and_file(tmp_path, tiny_dir):
         get_actor_model(str(tmp_path))
 
 
+def test_single_file_wins_over_a_stale_shard_index_as_in_transformers(tmp_path, tiny_dir):
+    """A directory holding both model.safetensors and another model's index + shards (an export written over a
+    copy of a sharded checkpoint): transformers reads model.safetensors, and so must we (we read the index)."""
+    import json
+
+    from verl_mega.models.hf_io import weight_map
+
+    shutil.copytree(tiny_dir, tmp_path / "m", dirs_exist_ok=True)
+    tensors = load_file(os.path.join(tiny_dir, "model.safetensors"))
+    save_file({k: torch.zeros_like(v) for k, v in tensors.items()}, str(tmp_path / "m" / "model-00001-of-00001.safetensors"))
+    (tmp_path / "m" / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: "model-00001-of-00001.safetensors" for k in tensors}}))
+    assert set(weight_map(str(tmp_path / "m")).values()) == {str(tmp_path / "m" / "model.safetensors")}
+    os.remove(tmp_path / "m" / "model.safetensors")  # the index alone is still read
+    assert set(weight_map(str(tmp_path / "m")).values()) == {str(tmp_path / "m" / "model-00001-of-00001.safetensors")}
+
+
 def test_layout_that_does_not_fit_the_model(tiny_dir):
     with pytest.raises(ValueError, match="num_heads=4 is not divisible by tensor_parallel_size=3"):
         get_actor_model(tiny_dir, tensor_parallel_size=3)

@@ -1,9 +1,11 @@
-"""GSM8K and boxed-math checkers on hand-written cases (verl semantics)."""
+"""GSM8K, boxed-math and Geometry3K checkers on hand-written cases (verl semantics)."""
 
 import pytest
 
 from verl_mega.rewards import (
+    RuleBasedReward,
     extract_gsm8k_answer,
+    geo3k_compute_score,
     gsm8k_compute_score,
     is_equiv,
     last_boxed_only_string,
@@ -77,3 +79,14 @@ def test_math_score():
     assert math_compute_score(r"... $\boxed{0.75}$", r"The answer is \boxed{\frac34}") == 1.0
     assert math_compute_score(r"... $\boxed{5}$", "6") == 0.0
     assert math_compute_score("the answer is 5", "5") == 0.0  # not boxed
+
+
+def test_geo3k_score_and_rule_dispatch():
+    # verl's geo3k.compute_score: 0.9 * boxed accuracy + 0.1 * format (<think>...</think> then a boxed answer)
+    assert geo3k_compute_score(r"<think>angles sum to 180</think> so x = \boxed{30}", "30") == pytest.approx(1.0)
+    assert geo3k_compute_score(r"x = \boxed{30}", "30") == pytest.approx(0.9)  # right, no <think>
+    assert geo3k_compute_score(r"<think>hm</think> \boxed{31}", "30") == pytest.approx(0.1)  # formatted, wrong
+    assert geo3k_compute_score("<think>hm</think> 30", "30") == 0.0  # not boxed
+    # the data_source verl's geo3k preprocessing writes is known to trainer.reward=rule
+    RuleBasedReward().check_data_sources(["hiyouga/geometry3k"])
+    assert RuleBasedReward()("hiyouga/geometry3k", r"\boxed{2\sqrt{3}}", r"2\sqrt{3}") == pytest.approx(0.9)

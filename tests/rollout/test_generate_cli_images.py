@@ -38,6 +38,9 @@ def test_generate_reads_each_rows_images(vlm_dir, tmp_path):
     assert main(_args(vlm_dir, data, out, "--temperature", "0", "--batch-size", "2")) == 0  # rows span batches
     lines = [json.loads(line) for line in open(out)]
     assert [line["extra_info"]["index"] for line in lines] == [r["extra_info"]["index"] for r in rows]  # order kept
+    # image bytes are summarised, not written as str(bytes) (a b'\\x89PNG...' string of ~4x the size)
+    assert [line["images"] for line in lines] == [[{"path": None, "num_bytes": len(r["images"][0]["bytes"])}]
+                                                  for r in rows]
 
     actor = get_actor_model(vlm_dir)
     dataset = RLDataset(data, actor.tokenizer, image_processor=load_image_processor(vlm_dir))
@@ -63,4 +66,13 @@ def test_generate_image_errors_name_file_and_row(vlm_dir, hf_dir, tmp_path, caps
     good = task.write_parquet(rows[:1], str(tmp_path / "good.parquet"))
     assert main(_args(hf_dir, good, out)) == 2  # a text model given images
     assert "good.parquet: row 0 has images but the model" in capsys.readouterr().err
+    # <image> markers without images (here: the images in an "image" column) are an error, as in training; they
+    # were generated from as literal text
+    for k, row in enumerate(rows):
+        row["image"] = row.pop("images")
+        row["prompt"][0]["content"] = row["prompt"][0]["content"] if k != 2 else "no marker here"
+    singular = task.write_parquet(rows, str(tmp_path / "singular.parquet"))
+    assert main(_args(vlm_dir, singular, out)) == 2
+    assert "singular.parquet: row 0: the prompt has 1 <image> markers but the row has no 'images' column " \
+           "(columns: ['data_source', 'extra_info', 'image', 'prompt', 'reward_model'])" in capsys.readouterr().err
     assert not os.path.exists(out)  # nothing written on error

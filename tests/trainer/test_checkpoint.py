@@ -70,13 +70,15 @@ def test_partial_and_corrupt_checkpoints_are_refused(hf_dir, tmp_path):
     assert load_checkpoint(fresh, str(tmp_path / "nothing_here")) is None
 
 
-def test_export_writes_transformers_loadable_dir(hf_dir, tmp_path):
+def test_export_writes_transformers_loadable_dir(hf_dir, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     layout = Layout.create(1, 1, 1)
     engine = build_engine(layout, hf_dir)
     train(engine, range(2), layout)
     save_checkpoint(engine, str(tmp_path / "ckpt"), 2, tokenizer_path=hf_dir)
     assert export_cli.main([str(tmp_path / "ckpt"), str(tmp_path / "hf_out")]) == 0
+    assert f"load it with transformers' AutoModelForCausalLM.from_pretrained({str(tmp_path / 'hf_out')!r})" \
+        in capsys.readouterr().out
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf_out"), dtype=torch.float32)
     ids = torch.randint(6, 120, (2, 9))
     pos = torch.arange(9).expand(2, 9)
@@ -87,6 +89,17 @@ def test_export_writes_transformers_loadable_dir(hf_dir, tmp_path):
     assert AutoTokenizer.from_pretrained(str(tmp_path / "hf_out"))("ab")["input_ids"]
     assert json.load(open(tmp_path / "hf_out" / "config.json"))["num_hidden_layers"] == 2
     assert export_cli.main([str(tmp_path / "empty"), str(tmp_path / "x")]) == 2
+    # over another model's shards (e.g. a copy of a sharded checkpoint): refused, naming them; a loader that
+    # follows the index (vLLM) would otherwise serve the old weights
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "model.safetensors.index.json").write_text("{}")
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"")
+    assert export_cli.main([str(tmp_path / "ckpt"), str(stale)]) == 2
+    assert "already holds other weights (model-00001-of-00002.safetensors, model.safetensors.index.json" \
+        in capsys.readouterr().err
+    (tmp_path / "hf_out" / "training_args.bin").write_bytes(b"")  # not weights (a HF Trainer's output dir)
+    assert export_cli.main([str(tmp_path / "ckpt"), str(tmp_path / "hf_out")]) == 0  # its own earlier export: fine
 
 
 def test_export_accepts_run_checkpoints_actor_and_step_dirs(hf_dir, tmp_path, monkeypatch, capsys):
@@ -116,6 +129,11 @@ def test_export_accepts_run_checkpoints_actor_and_step_dirs(hf_dir, tmp_path, mo
     assert "looked in" in capsys.readouterr().err
     assert export_cli.main([str(run), str(src / "config.json")]) == 2  # an output path that is a file: one line
     assert f"hf_out_dir {src / 'config.json'} is an existing file" in capsys.readouterr().err
+    # the source model directory itself (the base model, the resumed run's reference): refused, before any write
+    before = (src / "model.safetensors").read_bytes()
+    assert export_cli.main([str(run), str(src)]) == 2
+    assert f"hf_out_dir {src} is the run's source model directory (model.path)" in capsys.readouterr().err
+    assert (src / "model.safetensors").read_bytes() == before
 
 
 def test_bf16_engine_round_trips_fp32_masters(hf_dir, tmp_path):

@@ -1,7 +1,7 @@
 """`verl-mega train` as a user meets it: checks that fail before the model loads (launch, model, data rows,
 rule data sources), one message and exit status 2; a reward failing on every call stops the run (status 1);
 banner, resume / already-finished messages, the done line's export command; tp=2 without torchrun spawns
-its own processes."""
+its own processes, and a SIGTERM to the command stops them with it."""
 
 import json
 import math
@@ -222,20 +222,25 @@ def test_run_resume_finished_and_export(tiny_dir, tmp_path, capsys):
                 f"trainer.output_dir={run} holds a checkpoint", "hidden_size 32 there, 64 here", "trainer.resume=false")
 
 
-def test_ctrl_c_says_where_the_run_resumes(tiny_dir, tmp_path, capsys):
-    # the reward presses Ctrl-C (SIGINT to this process) at its 5th call: during step 2 (4 responses a step)
+def test_ctrl_c_says_where_the_run_resumes_and_the_rerun_logs_each_step_once(tiny_dir, tmp_path, capsys):
+    # the reward presses Ctrl-C (SIGINT to this process) at its 13th call: during step 4 (4 responses a step),
+    # after step 3 was logged and step 2 checkpointed (save_every=2)
     reward = tmp_path / "interrupting.py"
     reward.write_text("import itertools, os, signal\ncalls = itertools.count(1)\n"
-                      "def score(response):\n    if next(calls) == 5:\n        os.kill(os.getpid(), signal.SIGINT)\n"
+                      "def score(response):\n    if next(calls) == 13:\n        os.kill(os.getpid(), signal.SIGINT)\n"
                       "    return 0.0\n")
     cfg = _config(tmp_path, tiny_dir, _jsonl(tmp_path / "train.jsonl", _rows(4)))
     run = tmp_path / "run"
-    argv = [cfg, *SMALL, f"trainer.reward={reward}:score", "trainer.total_steps=5", "trainer.save_every=1",
+    argv = [cfg, *SMALL, f"trainer.reward={reward}:score", "trainer.total_steps=5", "trainer.save_every=2",
             "rollout.stream_rewards=false", f"trainer.output_dir={run}"]
     assert train_cli.main(argv) == 130
     err = capsys.readouterr().err
-    assert f"interrupted; rerun the same command to resume from the newest checkpoint, {run / 'checkpoints' / 'actor'}" \
-        in err and "Traceback" not in err
+    assert f"interrupted; rerun the same command to resume from the newest checkpoint, " \
+           f"{run / 'checkpoints' / 'actor' / 'step_2'}" in err and "Traceback" not in err
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2, 3]
+    # the rerun trains steps 3-5 again from step 2: step 3 is logged once, not twice
+    assert train_cli.main(argv) == 0
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2, 3, 4, 5]
 
 
 def test_reward_failing_every_call_stops_the_run(tiny_dir, tmp_path, capsys):
@@ -250,14 +255,81 @@ def test_reward_failing_every_call_stops_the_run(tiny_dir, tmp_path, capsys):
     assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1]  # stopped inside step 2
 
 
-def test_tp2_without_torchrun_spawns_two_processes(tiny_dir, tmp_path, capsys):
+def _state(pid: int) -> str | None:
+    """The /proc state letter of `pid` (Z: exited, not yet reaped), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def test_tp2_without_torchrun_resumes_a_tp1_checkpoint_and_sigterm_stops_it(tiny_dir, tmp_path):
+    """`verl-mega train parallel.tp=2` without torchrun starts its two ranks, resumes the checkpoint of a tp=1 run
+    (saying that it reshards it) and trains; `kill PID` (or `timeout`, a scheduler) on the command stops the ranks
+    too, and it says where a rerun resumes (status 143). Before, the command died at once and its two ranks went
+    on training as orphans, writing checkpoints. The reward (run in the ranks) records its pid and, at a rank's 5th
+    call (step 3: 2 prompts x 2 samples a step, from step 1), sends the SIGTERM to its parent, the command."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pids = tmp_path / "pids"
+    reward = tmp_path / "terminating.py"
+    reward.write_text(
+        "import itertools, os, signal\n"
+        "calls = itertools.count(1)\n"
+        "def score(response):\n"
+        f"    with open({str(pids)!r}, 'a') as f:\n"
+        "        f.write(f'{os.getpid()}\\n')\n"
+        "    if next(calls) == 5:\n"
+        "        try:  # one rank sends it (O_EXCL): a second SIGTERM would end the command at once\n"
+        f"            os.close(os.open({str(pids) + '.sent'!r}, os.O_CREAT | os.O_EXCL))\n"
+        "            os.kill(os.getppid(), signal.SIGTERM)\n"
+        "        except FileExistsError:\n"
+        "            pass\n"
+        "    return 0.0\n")
     cfg = _config(tmp_path, tiny_dir, _jsonl(tmp_path / "train.jsonl", _rows(4)))
     run = tmp_path / "run"
-    assert train_cli.main([cfg, *SMALL, "parallel.tp=2", "trainer.total_steps=1", "trainer.save_final=false",
-                           f"trainer.output_dir={run}"]) == 0
-    out = capsys.readouterr().out
-    assert "starting 2 processes (parallel.tp=2 x parallel.pp=1, dp=1)" in out and "done: 1 step," in out
-    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1]
+    assert train_cli.main([cfg, *SMALL, "trainer.total_steps=1", "trainer.tensorboard=false",
+                           f"trainer.output_dir={run}"]) == 0  # tp=1, in this process: checkpoint step_1
+    argv = [cfg, *SMALL, "parallel.tp=2", f"trainer.reward={reward}:score", "trainer.total_steps=10000",
+            "trainer.save_final=false", "rollout.stream_rewards=false", f"trainer.output_dir={run}"]
+    proc = subprocess.run([sys.executable, "-m", "verl_mega", "train", *argv], capture_output=True, text=True,
+                          timeout=300)
+    ranks = {int(line) for line in pids.read_text().split()}
+    try:
+        deadline = time.monotonic() + 10  # SIGKILLed by the command before it exits; give /proc a moment
+        while any(_state(p) not in (None, "Z") for p in ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        alive = [p for p in ranks if _state(p) not in (None, "Z")]
+        assert not alive, f"ranks {alive} still running after the command exited with {proc.returncode}"
+    finally:
+        for p in ranks:
+            if _state(p) not in (None, "Z"):
+                os.kill(p, signal.SIGKILL)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert "starting 2 processes (parallel.tp=2 x parallel.pp=1, dp=1)" in proc.stdout
+    assert f"resuming from {run / 'checkpoints'} at step 1 (saved at tp=1 pp=1 dp=1, resharded to tp=2 pp=1 dp=1)" \
+        in proc.stdout, proc.stdout
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2]
+    assert f"verl-mega train: terminated (SIGTERM); rerun the same command to resume from the newest checkpoint, " \
+           f"{run / 'checkpoints' / 'actor' / 'step_1'}" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_keep_last_sets_how_many_checkpoints_stay(tiny_dir, tmp_path):
+    # three were kept, always: a run saving every 100 steps for evaluation lost all but the newest three
+    import os
+
+    cfg = _config(tmp_path, tiny_dir, _jsonl(tmp_path / "train.jsonl", _rows(4)))
+    for keep, kept in ((0, ["step_1", "step_2", "step_3", "step_4"]), (2, ["step_3", "step_4"])):
+        run = tmp_path / f"run{keep}"
+        assert train_cli.main([cfg, *SMALL, "trainer.total_steps=4", "trainer.save_every=1", f"trainer.keep_last={keep}",
+                               "trainer.tensorboard=false", f"trainer.output_dir={run}"]) == 0
+        assert sorted(os.listdir(run / "checkpoints" / "actor")) == kept
 
 
 def test_model_reward_weights_are_checked_before_the_model_loads(tiny_dir, tmp_path, capsys):

@@ -34,13 +34,18 @@ def _config(tmp_path, model: str, data: str) -> str:
     return str(y)
 
 
-def test_multimodal_parquet_trains_through_verl_mega_train(vlm_dir, tmp_path):
+def test_multimodal_parquet_trains_through_verl_mega_train(vlm_dir, tmp_path, capsys):
     rows, _ = task.make_vision_task(seed=1, num_train=4, num_heldout=1, sizes=(56,))
-    data = task.write_parquet(rows, str(tmp_path / "train.parquet"))
+    big, _ = task.make_vision_task(seed=1, num_train=1, num_heldout=1, sizes=(112,))  # 16 image tokens, not 4
+    data = task.write_parquet(rows + big, str(tmp_path / "train.parquet"))
     out = tmp_path / "run"
-    assert train_cli.main([_config(tmp_path, vlm_dir, data), *SMALL, f"trainer.output_dir={out}"]) == 0
+    # prompts are 46 tokens with a 56-pixel image, 58 with a 112-pixel one: the last row is dropped, and said so
+    assert train_cli.main([_config(tmp_path, vlm_dir, data), *SMALL, "data.max_prompt_length=50",
+                           f"trainer.output_dir={out}"]) == 0
     (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert math.isfinite(record["actor/loss"]) and record["prompt_length/tokens"] > 4 * 4  # image pads included
+    assert f"dataset 4 prompts from {data} (1 longer than data.max_prompt_length=50 tokens dropped)" \
+        in capsys.readouterr().out
 
 
 def test_malformed_image_row_stops_the_run_naming_file_and_row(vlm_dir, tmp_path, capsys):
@@ -51,6 +56,22 @@ def test_malformed_image_row_stops_the_run_naming_file_and_row(vlm_dir, tmp_path
     err = capsys.readouterr().err
     assert "bad.parquet" in err and "row 2" in err, err
     assert "Traceback" not in err and err.count("error:") == 1
+    # images in an "image" column: the message lists the columns, and is not taken for a prompt-column problem
+    for row in rows:
+        row["image"] = row.pop("images")
+    data = task.write_parquet(rows, str(tmp_path / "singular.parquet"))
+    assert train_cli.main([_config(tmp_path, vlm_dir, data), *SMALL, f"trainer.output_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err
+    assert "singular.parquet: row 0: the prompt has 1 <image> markers but the row has no 'images' column" in err
+    assert "data.prompt_key" not in err, err
+    # tools with images: refused before the model loads (it was refused by the rollout, after loading)
+    data = task.write_parquet(task.make_vision_task(seed=1, num_train=4, num_heldout=1, sizes=(56,))[0],
+                              str(tmp_path / "ok.parquet"))
+    assert train_cli.main([_config(tmp_path, vlm_dir, data), *SMALL, "rollout.tools=[{name: code_interpreter}]",
+                           f"trainer.output_dir={tmp_path / 'r'}"]) == 2
+    captured = capsys.readouterr()
+    assert f"data.train_path={data}: row 0 has images, and multi-turn tool rollouts with images are not supported" \
+        in captured.err and "[verl-mega] model" not in captured.out, captured
 
 
 def test_memory_plan_counts_the_vision_tower(vlm_dir):

@@ -172,13 +172,16 @@ def test_logprobs_tp2_equal_tp1_and_grpo_step_with_images(vlm_dir, tp2):
     assert same[0] == same[1]  # every metric but the wall clock agrees on both ranks
 
 
-def test_checkpoint_exports_to_transformers_with_the_vision_tower(tp2, tmp_path):
-    from transformers import Qwen2_5_VLForConditionalGeneration
+def test_checkpoint_exports_to_transformers_with_the_vision_tower(tp2, tmp_path, capsys):
+    from transformers import AutoModelForImageTextToText, Qwen2_5_VLForConditionalGeneration
 
     from verl_mega.apps import export_cli
 
     out = str(tmp_path / "hf")
     assert export_cli.main([tp2["root"], out]) == 0
+    # the closing line names the Auto class that loads it (AutoModelForCausalLM refuses a Qwen2.5-VL config)
+    assert f"load it with transformers' AutoModelForImageTextToText.from_pretrained({out!r})" in capsys.readouterr().out
+    assert isinstance(AutoModelForImageTextToText.from_pretrained(out), Qwen2_5_VLForConditionalGeneration)
     model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     # transformers 5 names in memory -> the checkpoint names our hf_name() uses

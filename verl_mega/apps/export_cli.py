@@ -9,9 +9,11 @@ process at tp = pp = 1 (DCP reshards whatever layout the checkpoint was saved fr
 config and the source model directory recorded in the checkpoint's COMPLETE marker, builds the whole
 model, loads the fp32 master weights and writes config.json + model.safetensors + the tokenizer with
 `verl_mega.models.hf_io.save_hf`, and copies the source's generation_config.json and, for a vision-language
-model, its processor files (image processor config, chat template). Checkpoints store the
-source directory as an absolute path; a relative one (older checkpoints) is tried against the current
-directory and the run directory.
+model, its processor files (image processor config, chat template). An output directory already holding other
+weight files (a shard index, shards, .bin) is refused: loaders that follow an index would read those; so
+is the source model directory itself.
+Checkpoints store the source directory as an absolute path; a relative one (older checkpoints) is tried
+against the current directory and the run directory.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def export(ckpt: str, out_dir: str, dtype: str = "float32") -> str:
     """Write the checkpoint `ckpt` names (see resolve_checkpoint) to `out_dir` as a HF directory (weights,
     config, tokenizer, generation_config.json); returns the checkpoint directory used."""
     from verl_mega.models.config import ModelConfig
-    from verl_mega.models.hf_io import save_hf
+    from verl_mega.models.hf_io import other_weight_files, save_hf
     from verl_mega.models.parallelize import build_stage
     from verl_mega.models.tokenizer import load_tokenizer
     from verl_mega.parallel import Layout
@@ -70,6 +72,11 @@ def export(ckpt: str, out_dir: str, dtype: str = "float32") -> str:
 
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"hf_out_dir {out_dir} is an existing file, not a directory")
+    stale = other_weight_files(out_dir)
+    if stale:  # loaders that follow an index (vLLM, ...) would read those, not the export's model.safetensors
+        raise ValueError(f"hf_out_dir {out_dir} already holds other weights ({', '.join(stale[:3])}"
+                         f"{', ...' if len(stale) > 3 else ''}; {len(stale)} files) that loaders following a shard "
+                         f"index would read instead of the export: pick an empty directory or delete them")
     path, refused = resolve_checkpoint(ckpt)
     for message in refused:
         print(message, file=sys.stderr)
@@ -82,6 +89,10 @@ def export(ckpt: str, out_dir: str, dtype: str = "float32") -> str:
         raise ValueError(f"checkpoint {path} records its source model directory {recorded!r}, which does not "
                          f"exist (from {os.getcwd()}); the tokenizer and generation_config.json come from there: "
                          f"run export where the path resolves, or restore that directory")
+    if source is not None and os.path.realpath(out_dir) == os.path.realpath(source):
+        raise ValueError(f"hf_out_dir {out_dir} is the run's source model directory (model.path): exporting there "
+                         f"would overwrite the base model, which a resumed run reloads as its reference policy; "
+                         f"pick another directory")
     config = ModelConfig.from_hf(marker["model_config"])
     layout = Layout.create(1, 1, 1)
     model = build_stage(config, layout, value_head=bool(marker.get("value_head")), init_seed=None)
@@ -108,8 +119,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"verl-mega export: {exc}", file=sys.stderr)
         return 2
-    print(f"exported {path} -> {args.hf_out_dir}")
+    print(f"exported {path} -> {args.hf_out_dir}; load it with transformers' "
+          f"{auto_class(args.hf_out_dir)}.from_pretrained({args.hf_out_dir!r})")
     return 0
+
+
+def auto_class(hf_dir: str) -> str:
+    """The transformers Auto class that loads the exported directory `hf_dir` (from its config.json's
+    architectures): a Qwen2.5-VL export is not an AutoModelForCausalLM (transformers refuses it)."""
+    import json
+
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        arch = (json.load(f).get("architectures") or [""])[0]
+    for suffix, auto in (("ForConditionalGeneration", "AutoModelForImageTextToText"),
+                         ("ForTokenClassification", "AutoModelForTokenClassification"),
+                         ("ForSequenceClassification", "AutoModelForSequenceClassification")):
+        if arch.endswith(suffix):
+            return auto
+    return "AutoModelForCausalLM"
 
 
 if __name__ == "__main__":

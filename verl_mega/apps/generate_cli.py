@@ -14,7 +14,7 @@ With a vision-language model (a Qwen2.5-VL directory with its processor files), 
 to the file) is read with the model's image processor; a bad image is an error naming the file and row.
 
 Output (one schema for every --n): one JSON line per input row, in input order: the row's columns
-plus
+(an image given as bytes written as {"path": ..., "num_bytes": N}: the pixels stay in the input file) plus
     "responses":    list of n response texts (special tokens skipped)
     "response_ids": list of n token-id lists (the stop token included)
 
@@ -145,25 +145,30 @@ def check_lengths(args, prompts: list) -> None:
 def encode_images(actor, path: str, records: list[dict], prompts: list, prompt_key: str) -> tuple[list, list | None]:
     """(prompts, images) for `frontend.generate`: rows with a non-empty "images" column become token ids
     (their `prompt_key` messages templated, markers replaced, image pads expanded) with their (pixel_values,
-    image_grid_thw); images is None when no row has any. ValueError naming the file and row for a bad image
-    or a text model given images."""
+    image_grid_thw); images is None when no row has any. ValueError naming the file and row for a bad image,
+    a text model given images, or (a vision-language model) `<image>` markers without as many images."""
     from pathlib import Path
 
     from verl_mega.data.dataset import row_messages
-    from verl_mega.data.multimodal import encode_vision_prompt
+    from verl_mega.data.multimodal import check_image_column, count_markers, encode_vision_prompt
     from verl_mega.trainer.vision_data import image_processor_for
 
     rows = [i for i, rec in enumerate(records) if rec.get("images") is not None and len(rec["images"])]
+    if rows and not actor.config.is_vlm:
+        raise ValueError(f"{path}: row {rows[0]} has images but the model at {actor.path} is a text model")
+    if actor.config.is_vlm:  # <image> markers without images are an error, as in training (not literal text)
+        with_images = set(rows)
+        rows = [i for i, rec in enumerate(records) if i in with_images or count_markers(row_messages(rec, prompt_key))]
     if not rows:
         return prompts, None
-    if not actor.config.is_vlm:
-        raise ValueError(f"{path}: row {rows[0]} has images but the model at {actor.path} is a text model")
     processor = image_processor_for(actor.path, actor.config)
     prompts, images = list(prompts), [None] * len(prompts)
     for i in rows:
         try:
-            enc = encode_vision_prompt(actor.tokenizer, processor, row_messages(records[i], prompt_key),
-                                       records[i]["images"], base_dir=Path(path).parent)
+            messages = row_messages(records[i], prompt_key)
+            check_image_column(records[i], "images", messages)
+            enc = encode_vision_prompt(actor.tokenizer, processor, messages, records[i].get("images"),
+                                       base_dir=Path(path).parent)
         except (OSError, ValueError) as exc:
             raise ValueError(f"{path}: row {i}: {exc}") from None
         prompts[i], images[i] = enc["prompt_ids"], (enc["pixel_values"], enc["image_grid_thw"])
@@ -186,8 +191,19 @@ def _generate_share(actor, prompts: list, images: list | None, args) -> list[lis
     return out
 
 
+def output_image(entry):
+    """An image entry as written to the output: {"bytes": b, ...} -> {"path": its path or None, "num_bytes": len(b)}
+    (json would write str(b): neither small nor decodable; the pixels stay in the input file); others as given."""
+    if isinstance(entry, dict) and isinstance(entry.get("bytes"), (bytes, bytearray)):
+        return {"path": entry.get("path"), "num_bytes": len(entry["bytes"])}
+    return entry
+
+
 def output_line(row: dict, samples: list[dict]) -> dict:
     """The output object of one input row and its n samples (the schema in the module docstring)."""
+    images = row.get("images")
+    if isinstance(images, (list, tuple)):
+        row = {**row, "images": [output_image(e) for e in images]}
     return {**row, "responses": [s["response"] for s in samples], "response_ids": [s["response_ids"] for s in samples]}
 
 

@@ -11,7 +11,7 @@
      the model's max_position_embeddings, and a checkpoint the run would resume saved its data position
      for this many prompts and this trainer.seed; the same for data.val_path when validation is on;
   4. the tools (rollout.tools): a chat template in the model's tokenizer, known names, arguments their
-     constructors take, and each code tool's sandbox
+     constructors take, no row with images, and each code tool's sandbox
      (local, or the server at its sandbox_fusion_url) runs print(1);
   5. the reward: `trainer.reward` imports (within trainer.reward_timeout_s), and a "rule" reward has a checker for every data_source
      in the data and a ground truth (reward_model.ground_truth) in every row; a "model:PATH" / "judge:PATH" reward
@@ -28,6 +28,7 @@ import asyncio
 import importlib
 import importlib.util
 import os
+import re
 import threading
 import traceback
 from dataclasses import dataclass
@@ -211,8 +212,9 @@ def load_dataset(cfg: TrainerConfig, tokenizer, key: str = "train_path"):
                             apply_chat_template=d.apply_chat_template,
                             **({} if processor is None else {"image_processor": processor}))
     except ValueError as exc:
+        about_prompt = re.search(rf"row \d+: (no )?{re.escape(repr(d.prompt_key))}", str(exc))  # not a column list
         hint = (f" (data.prompt_key={d.prompt_key!r} names the prompt column: set it to the column holding the "
-                f"chat messages)") if repr(d.prompt_key) in str(exc) else ""
+                f"chat messages)") if about_prompt else ""
         if processor is None and "pass image_processor=" in str(exc):  # the library's advice, in CLI terms
             exc = str(exc).split(": pass image_processor=")[0]
             hint = (f" but model.path={cfg.model.path} is a text model (no image processor); train a vision-language "
@@ -405,8 +407,14 @@ def preflight(cfg: TrainerConfig, world_size: int) -> Prepared:
             raise ValueError(f"rollout.tools: the tokenizer of model.path={cfg.model.path} has no chat template; the "
                              f"agent loop appends tool results as `tool` messages through it. Use a chat model (or "
                              f"add a template to its tokenizer_config.json), or drop rollout.tools")
-
         tools = build_tools(cfg.rollout.tools, timeout_s=cfg.rollout.tool_timeout_s, key="rollout.tools")
+        for name, data in (("data.train_path", dataset), ("data.val_path", val_dataset)):
+            with_images = next((it["index"] for it in getattr(data, "items", ()) if len(it.get("image_grid_thw", ()))),
+                               None)
+            if with_images is not None:  # the rollout would refuse it, after the model loads
+                raise ValueError(f"{name}={getattr(cfg.data, name.split('.')[1])}: row {with_images} has images, and "
+                                 f"multi-turn tool rollouts with images are not supported; drop rollout.tools for a "
+                                 f"vision-language dataset")
         asyncio.run(tools.check("rollout.tools"))
     reward_fn = load_reward(t.reward, import_timeout_s=t.reward_timeout_s)
     if reward_fn is None:  # a model reward: sharded at the actor's tp (and, a reward model, its pp)

@@ -18,7 +18,9 @@ Every rank loads its stage of the actor (`parallel.tp` x `parallel.pp`, dp = the
 reads its data-parallel share of `data.train_path`, and runs `PPOTrainer.fit` for
 `trainer.total_steps` steps, writing metrics.jsonl, TensorBoard scalars and checkpoints to
 `trainer.output_dir` (and resuming from the newest checkpoint there). A reward that fails on every
-call for `trainer.reward_fail_steps` steps in a row stops the run with status 1.
+call for `trainer.reward_fail_steps` steps in a row stops the run with status 1. Ctrl-C (SIGINT) and SIGTERM
+(`kill`, `timeout`, a scheduler's stop) end the run as one: spawned ranks are stopped with it, and the
+message names the checkpoint a rerun resumes from (status 130 / 143).
 
 Reward (`trainer.reward`): "rule" scores GSM8K / MATH rows by `data_source`; "pkg.module:fn" or
 "path/to/file.py:fn" imports a user function (`fn(response)` or verl's `compute_score(...)`);
@@ -30,9 +32,12 @@ keeps either in CPU memory between reward calls.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 from verl_mega.apps.preflight import Prepared, newest_actor_checkpoint, preflight
@@ -42,6 +47,32 @@ from verl_mega.trainer.config import TrainerConfig, check_config
 EXIT_BAD_INPUT = 2  # config, data, launch or model-directory error (nothing was trained)
 EXIT_REWARD_FAILED = 1  # the reward failed too often while training
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, the shell's convention)
+EXIT_TERMINATED = 143  # SIGTERM (128 + 15)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so that it unwinds as Ctrl-C does (spawned ranks killed)."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM raises `Terminated` in the main thread (once: the handler is restored first,
+    so a second SIGTERM acts as before). Without it the default action ends this process at once, and ranks it
+    spawned would go on training, orphaned. A no-op outside the main thread (signals cannot be set there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, previous)
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 # Under torchrun every rank finds the same error; rank 0 prints it and exits at once, and torchrun then stops
 # the others. A rank != 0 waits this long before printing its own message (reached only when rank 0 did not
 # fail the same way) so that a failing launch shows one message, not one per rank.
@@ -165,13 +196,14 @@ def done_line(cfg: TrainerConfig, history: list[dict]) -> str:
     return line
 
 
-def interrupted_line(cfg: TrainerConfig) -> str:
-    """What a Ctrl-C leaves: the checkpoint a rerun of the same command resumes from, or that there is none."""
+def interrupted_line(cfg: TrainerConfig, what: str = "interrupted") -> str:
+    """What a Ctrl-C (or SIGTERM: `what`) leaves: the checkpoint a rerun of the same command resumes from, or
+    that there is none."""
     path = newest_actor_checkpoint(cfg)
     if path is not None and cfg.trainer.resume:
-        return f"verl-mega train: interrupted; rerun the same command to resume from the newest checkpoint, {path}"
+        return f"verl-mega train: {what}; rerun the same command to resume from the newest checkpoint, {path}"
     why = "" if path is None else " (trainer.resume=false)"
-    return (f"verl-mega train: interrupted with no checkpoint to resume from{why}; "
+    return (f"verl-mega train: {what} with no checkpoint to resume from{why}; "
             f"a rerun starts at step 0 (trainer.save_every=N saves one every N steps)")
 
 
@@ -186,7 +218,8 @@ def _report(exc: BaseException, status: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `verl-mega train`; returns the exit status (0 ok, 1 reward failures, 2 bad input, 130 Ctrl-C)."""
+    """Entry point of `verl-mega train`; returns the exit status (0 ok, 1 reward failures, 2 bad input, 130 Ctrl-C,
+    143 SIGTERM)."""
     from verl_mega.rewards.base import RewardFailureError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -203,22 +236,24 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         return _report(exc, EXIT_BAD_INPUT)
     try:
-        if spawn:
-            history, error, status = _run_spawned(cfg, world)
-            if error is not None:
-                print(f"verl-mega train: error: {error}", file=sys.stderr)
-                return status
-        else:
-            try:
-                history = train(cfg, prepared)
-            except ValueError as exc:
-                return _report(exc, EXIT_BAD_INPUT)
-            except RewardFailureError as exc:
-                return _report(exc, EXIT_REWARD_FAILED)
-    except KeyboardInterrupt:  # Ctrl-C: where the run can resume from, not a traceback
+        with sigterm_as_interrupt():
+            if spawn:
+                history, error, status = _run_spawned(cfg, world)
+                if error is not None:
+                    print(f"verl-mega train: error: {error}", file=sys.stderr)
+                    return status
+            else:
+                try:
+                    history = train(cfg, prepared)
+                except ValueError as exc:
+                    return _report(exc, EXIT_BAD_INPUT)
+                except RewardFailureError as exc:
+                    return _report(exc, EXIT_REWARD_FAILED)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: where the run can resume from, not a traceback
         if int(os.environ.get("RANK", 0)) == 0:
-            print(interrupted_line(cfg), file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+            print(interrupted_line(cfg, "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"),
+                  file=sys.stderr, flush=True)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     if history and int(os.environ.get("RANK", 0)) == 0:
         print(done_line(cfg, history), flush=True)
     return 0

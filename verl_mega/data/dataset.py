@@ -225,6 +225,7 @@ class RLDataset:
         ValueError (without location) for a malformed image or a marker/image count mismatch."""
         if self.image_processor is None:
             return None
+        multimodal.check_image_column(row, self.image_key, messages)
         entries = row.get(self.image_key)
         images = multimodal.load_images(entries, path.parent)
         template_messages = multimodal.replace_image_markers(messages, len(images))

@@ -20,6 +20,8 @@ Simplifications: images only (no video); relative image paths are resolved again
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,26 +44,40 @@ def load_image_processor(path: str | Path) -> Any:
 
 
 def resolve_image_entry(entry: Any, base_dir: Path | None) -> Any:
-    """`entry` with a relative path made absolute against `base_dir` (as {"path": ...}); other entries as given."""
+    """`entry` with a relative path made absolute against `base_dir` (as {"path": ...}); other entries (data URIs
+    and URLs included) as given."""
     file = entry.get("path") if isinstance(entry, dict) and entry.get("bytes") is None else entry
-    if isinstance(file, str) and file and base_dir is not None:
+    if isinstance(file, str) and file and base_dir is not None and not file.startswith(("data:", "http://", "https://")):
         path = Path(file.removeprefix("file://"))
         return {"path": str(path if path.is_absolute() else base_dir / path)}
     return entry
+
+
+def _data_uri_as_bytes(entry: Any) -> Any:
+    """A "data:image/...;base64,..." string (or {"path": it} / {"image": it}) as {"bytes": decoded}, as
+    qwen_vl_utils' fetch_image (verl's image reader) accepts it; other entries as given. ValueError for bad base64."""
+    uri = entry.get("image", entry.get("path")) if isinstance(entry, dict) and entry.get("bytes") is None else entry
+    if not (isinstance(uri, str) and uri.startswith("data:image") and "base64," in uri):
+        return entry
+    try:
+        return {"bytes": base64.b64decode(uri.split("base64,", 1)[1], validate=True)}
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"image data URI {uri:.60}... is not valid base64 ({e})") from None
 
 
 def load_image(entry: Any, base_dir: Path | None = None) -> Any:
     """One image of a row as an RGB `PIL.Image`, decoded in full.
 
     entry: {"bytes": png/jpeg bytes} (a "path" beside it is ignored, as HF datasets' Image feature writes
-    both), {"path": file}, a path string (a "file://" prefix is dropped) or a PIL image. Relative paths
-    are taken from `base_dir`. ValueError (without the row's location) on a missing file, undecodable
-    bytes or a wrong type.
+    both), {"path": file}, a path string (a "file://" prefix is dropped), a "data:image/...;base64,..." URI
+    or a PIL image. Relative paths are taken from `base_dir`; URLs are refused (no downloads). ValueError (without the row's location) on a missing file, undecodable
+    bytes, an image over PIL's decompression-bomb limit or a wrong type.
     """
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(entry, Image.Image):
         return entry.convert("RGB")
+    entry = _data_uri_as_bytes(entry)
     entry = resolve_image_entry(entry, base_dir)
     if isinstance(entry, dict) and entry.get("bytes") is not None:
         data = entry["bytes"]
@@ -72,14 +88,26 @@ def load_image(entry: Any, base_dir: Path | None = None) -> Any:
         file = entry.get("path") if isinstance(entry, dict) else entry
         if not isinstance(file, str) or not file:
             raise ValueError(f"an image must be {{'bytes': ...}}, {{'path': ...}} or a path string, got {entry!r:.80}")
+        if file.startswith(("http://", "https://")):
+            raise ValueError(f"image {file:.120} is a URL: images are not downloaded; store the bytes or a local path")
         source = Path(file.removeprefix("file://"))
-        if not source.is_file():
-            raise ValueError(f"image file {source} does not exist")
+        try:
+            exists = source.is_file()
+        except OSError as e:  # e.g. a name too long: a raw base64 string given as a path
+            raise ValueError(f"image file {str(source):.120}... cannot be looked up ({e.strerror}); a base64 image "
+                             f"needs the 'data:image/png;base64,' prefix") from None
+        if not exists:
+            raise ValueError(f"image file {str(source):.300} does not exist")
         what = f"image file {source}"
     try:
         with Image.open(source) as image:
             return image.convert("RGB")  # convert() loads all pixels: truncated data fails here, not later
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except UnidentifiedImageError:
+        raise ValueError(f"{what} could not be decoded as an image (not a format PIL reads)") from None
+    except Image.DecompressionBombError as e:  # PIL refuses > 2 x Image.MAX_IMAGE_PIXELS before decoding
+        raise ValueError(f"{what} is too large to decode ({e}); downscale it (the image processor resizes every "
+                         f"image to at most its max_pixels anyway)") from None
+    except (OSError, SyntaxError) as e:
         raise ValueError(f"{what} could not be decoded as an image ({e})") from None
 
 
@@ -99,10 +127,23 @@ def load_images(entries: Any, base_dir: Path | None = None) -> list[Any]:
     return images
 
 
+def count_markers(messages: Sequence[dict[str, str]]) -> int:
+    """Number of `<image>` markers in the messages' contents."""
+    return sum(m["content"].count(IMAGE_MARKER) for m in messages)
+
+
+def check_image_column(row: dict, image_key: str, messages: Sequence[dict[str, str]]) -> None:
+    """ValueError when the prompt has `<image>` markers but the row has no `image_key` column at all (e.g. the
+    images sit in an "image" column), naming the row's columns."""
+    if image_key not in row and count_markers(messages):
+        raise ValueError(f"the prompt has {count_markers(messages)} {IMAGE_MARKER} markers but the row has no "
+                         f"{image_key!r} column (columns: {sorted(row)})")
+
+
 def replace_image_markers(messages: Sequence[dict[str, str]], num_images: int) -> list[dict[str, str]]:
     """Messages with each `<image>` marker replaced by the vision placeholder; ValueError if the number of
     markers differs from the number of images."""
-    markers = sum(m["content"].count(IMAGE_MARKER) for m in messages)
+    markers = count_markers(messages)
     if markers != num_images:
         raise ValueError(f"the prompt has {markers} {IMAGE_MARKER} markers but the row has {num_images} images")
     return [{**m, "content": m["content"].replace(IMAGE_MARKER, IMAGE_PLACEHOLDER)} for m in messages]

@@ -1,7 +1,7 @@
 """Hugging Face checkpoints in and out of a TP/PP-sharded model.
 
 Loading (`load_hf_weights`): every rank opens the safetensors file(s) of a local HF directory
-(`model.safetensors` or `model.safetensors.index.json` + shards) and reads only what it owns with
+(`model.safetensors`, else `model.safetensors.index.json` + shards, as transformers) and reads only what it owns with
 `safe_open(...).get_slice(name)[...]`: its stage's layers, its TP slice along each parameter's
 partition dim, vocabulary rows of its shard (rows past the true vocab are zero padding). Tied
 checkpoints (no `lm_head.weight`) fill the head from `model.embed_tokens.weight`. A value head is
@@ -54,19 +54,33 @@ def check_hf_dir(path: str | os.PathLike) -> str:
 
 
 def weight_map(path: str) -> dict[str, str]:
-    """{tensor name: safetensors file path} of a HF directory (single file or sharded with an index)."""
+    """{tensor name: safetensors file path} of a HF directory: `model.safetensors` when present, else the
+    shards of `model.safetensors.index.json` (transformers' `from_pretrained` order, so that both read the same
+    weights from a directory holding both)."""
     index = os.path.join(path, INDEX_FILE)
+    single = os.path.join(path, SINGLE_FILE)
+    if os.path.exists(single):
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}
     if os.path.exists(index):
         with open(index) as f:
             files = json.load(f)["weight_map"]
         return {name: os.path.join(path, file) for name, file in files.items()}
-    single = os.path.join(path, SINGLE_FILE)
-    if not os.path.exists(single):
-        other = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
-        hint = f" (found {other}: convert to safetensors)" if other else ""
-        raise FileNotFoundError(f"no weights in {path}: neither {single} nor {index} exists{hint}")
-    with safe_open(single, framework="pt") as f:
-        return {name: single for name in f.keys()}
+    other = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
+    hint = f" (found {other}: convert to safetensors)" if other else ""
+    raise FileNotFoundError(f"no weights in {path}: neither {single} nor {index} exists{hint}")
+
+
+def other_weight_files(path: str | os.PathLike) -> list[str]:
+    """Weight files in directory `path` other than the `model.safetensors` that `save_hf` writes (a shard
+    index, *.safetensors shards, pytorch_model*.bin), sorted; [] for a missing directory. Other files (e.g. a
+    trainer's training_args.bin) are not weights."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return []
+    return sorted(f for f in os.listdir(path) if f != SINGLE_FILE and (
+        f.endswith(".safetensors") or (f.startswith("pytorch_model") and f.endswith(".bin"))
+        or f in (INDEX_FILE, "pytorch_model.bin.index.json")))
 
 
 def _source_name(model: DecoderModel, name: str) -> str:

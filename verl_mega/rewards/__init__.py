@@ -1,4 +1,4 @@
-"""Rewards: rule checkers (GSM8K, boxed math), user reward functions with failure/timeout accounting, a code sandbox,
+"""Rewards: rule checkers (GSM8K, boxed math, Geometry3K), user reward functions with failure/timeout accounting, a code sandbox,
 the batched-reward protocol and combinations (weighted sum, rule first with a fallback). The model rewards
 (`RewardModel`, `LLMJudgerReward`) live in `verl_mega.model_rewards`, a layer above (they load models)."""
 
@@ -6,6 +6,7 @@ from verl_mega.rewards.base import RewardFunction, RewardResult, RuleBasedReward
 from verl_mega.rewards.batched import BatchedReward, CombinedReward, FallbackReward, is_collective, score_rewards
 from verl_mega.rewards.math import (
     extract_gsm8k_answer,
+    geo3k_compute_score,
     gsm8k_compute_score,
     is_equiv,
     last_boxed_only_string,
@@ -26,6 +27,7 @@ __all__ = [
     "RuleBasedReward",
     "compute_rewards",
     "extract_gsm8k_answer",
+    "geo3k_compute_score",
     "gsm8k_compute_score",
     "is_equiv",
     "last_boxed_only_string",

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from verl_mega.rewards.math import gsm8k_compute_score, math_compute_score
+from verl_mega.rewards.math import geo3k_compute_score, gsm8k_compute_score, math_compute_score
 
 _VERL_PARAMS = ("data_source", "solution_str", "ground_truth", "extra_info")
 MAX_ERROR_MESSAGES = 5
@@ -278,10 +278,12 @@ class RewardFailureGuard:
 
 GSM8K_SOURCES = ("openai/gsm8k", "gsm8k")
 MATH_SOURCES = ("math", "lighteval/MATH", "DigitalLearningGmbH/MATH-lighteval", "HuggingFaceH4/MATH-500")
+GEO3K_SOURCES = ("hiyouga/geometry3k",)  # verl's multimodal example (examples/data_preprocess/geo3k.py)
 
 
 class RuleBasedReward:
-    """verl-style `compute_score` dispatching on `data_source`: GSM8K exact match or boxed-math equivalence.
+    """verl-style `compute_score` dispatching on `data_source`: GSM8K exact match, boxed-math equivalence, or
+    Geometry3K's boxed equivalence with a format bonus.
 
     `scorers` adds or overrides entries: `{data_source: fn(solution_str, ground_truth) -> float}`.
     An unknown data_source raises ValueError naming it (a counted failure inside compute_rewards).
@@ -290,6 +292,7 @@ class RuleBasedReward:
     def __init__(self, scorers: dict[str, Callable[[str, Any], float]] | None = None):
         self.scorers: dict[str, Callable[[str, Any], float]] = {s: gsm8k_compute_score for s in GSM8K_SOURCES}
         self.scorers.update({s: math_compute_score for s in MATH_SOURCES})
+        self.scorers.update({s: geo3k_compute_score for s in GEO3K_SOURCES})
         self.scorers.update(scorers or {})
 
     def check_data_sources(self, sources: Iterable[str | None], where: str = "the dataset") -> None:

@@ -1,8 +1,9 @@
-"""Rule-based answer checkers for math: GSM8K (`#### <number>`) and boxed answers (MATH).
+"""Rule-based answer checkers for math: GSM8K (`#### <number>`), boxed answers (MATH) and Geometry3K.
 
-Reference: verl's `verl/utils/reward_score/gsm8k.py` (strict/flexible extraction, exact match) and
+Reference: verl's `verl/utils/reward_score/gsm8k.py` (strict/flexible extraction, exact match),
 `math.py` / `math_dapo.py` (Hendrycks' `last_boxed_only_string`, `remove_boxed`, `strip_string`;
-Minerva-style `normalize_final_answer`).
+Minerva-style `normalize_final_answer`) and `geo3k.py` (boxed accuracy plus a `<think>` format bonus; verl
+grades with mathruler's `grade_answer`, here with the boxed-math equivalence below).
 
 Simplifications: the normaliser is a light union of verl's two (LaTeX spacing, `\\left`/`\\right`,
 `\\text{}` units, `\\frac12`, `a/b`, `x = ` prefixes, thousands commas), plus a numeric comparison
@@ -159,3 +160,13 @@ def math_compute_score(solution_str: str, ground_truth: str) -> float:
     if truth_boxed is not None:
         truth = remove_boxed(truth_boxed)
     return 1.0 if is_equiv(remove_boxed(boxed), truth) else 0.0
+
+
+_GEO3K_FORMAT = re.compile(r"<think>.*</think>.*\\boxed\{.*\}.*", re.DOTALL)
+
+
+def geo3k_compute_score(solution_str: str, ground_truth: str, format_score: float = 0.1) -> float:
+    """verl's Geometry3K score: (1 - format_score) * boxed accuracy (`math_compute_score`) + format_score * [the
+    response is `<think>...</think>` then text holding `\\boxed{...}`]."""
+    formatted = 1.0 if _GEO3K_FORMAT.fullmatch(solution_str) else 0.0
+    return (1.0 - format_score) * math_compute_score(solution_str, ground_truth) + format_score * formatted

@@ -179,10 +179,11 @@ def apply_engine_state(engine, state: dict) -> None:
 # ---------------------------------------------------------------------------------------------- directories
 def save_checkpoint(engine, root: str, step: int, *, data_state: dict | None = None, tokenizer_path: str | None = None,
                     keep_last: int = 3, extra: dict | None = None) -> str:
-    """Save `engine` (+ the caller's `data_state`) as `root/step_<step>` atomically; returns the path.
-    Collective over all ranks; the file system must be shared."""
-    if keep_last < 1:
-        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    """Save `engine` (+ the caller's `data_state`) as `root/step_<step>` atomically, keeping the newest
+    `keep_last` complete checkpoints (0: all); returns the path. Collective over all ranks; the file system
+    must be shared."""
+    if keep_last < 0:
+        raise ValueError(f"keep_last must be >= 0 (0 = keep all), got {keep_last}")
     final = os.path.join(root, f"step_{step}")
     tmp = final + ".tmp"
     if dist.get_rank() == 0:
@@ -231,10 +232,10 @@ def _fsync_dir(path: str) -> None:
 
 
 def _prune(root: str, keep_last: int) -> None:
-    """Keep the newest `keep_last` complete checkpoints; drop leftovers of interrupted saves."""
+    """Keep the newest `keep_last` complete checkpoints (0: all); drop leftovers of interrupted saves."""
     steps = sorted((s, p) for s, p in _step_dirs(root))
     complete = [(s, p) for s, p in steps if os.path.exists(os.path.join(p, MARKER))]
-    for _, path in complete[:-keep_last]:
+    for _, path in complete[:-keep_last] if keep_last else []:
         shutil.rmtree(path, ignore_errors=True)
     for name in os.listdir(root):
         if re.match(r"^step_\d+\.tmp$", name):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-from verl_mega.trainer.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from verl_mega.trainer.checkpoint import find_checkpoint, load_checkpoint, read_marker, save_checkpoint
 
 
 def latest_checkpoint(root: str) -> str | None:
@@ -27,9 +27,17 @@ def latest_checkpoint(root: str) -> str | None:
     return root if path is not None else None
 
 
-def save(trainer, root: str, dataloader=None, keep_last: int = 3) -> str:
-    """Save the trainer at its current global step under `root` (collective); returns the actor step dir."""
-    step = trainer.global_step
+def saved_layout(root: str) -> dict | None:
+    """{"tp", "pp", "dp"} of the newest complete actor checkpoint under `root` (from its COMPLETE marker), None if
+    there is none or it does not record one."""
+    path, _ = find_checkpoint(os.path.join(root, "actor")) if os.path.isdir(os.path.join(root, "actor")) else (None, [])
+    return read_marker(path).get("layout") if path is not None else None
+
+
+def save(trainer, root: str, dataloader=None) -> str:
+    """Save the trainer at its current global step under `root` (collective), keeping the newest
+    `trainer.keep_last` checkpoints of its config (0: all); returns the actor step dir."""
+    step, keep_last = trainer.global_step, trainer.config.trainer.keep_last
     extra = {"global_step": step, "kl_coef": trainer.kl_ctl.value if trainer.kl_ctl is not None else None}
     data_state = dataloader.state_dict() if hasattr(dataloader, "state_dict") else None
     path = save_checkpoint(trainer.actor_engine, os.path.join(root, "actor"), step, data_state=data_state,

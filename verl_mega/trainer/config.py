@@ -102,6 +102,7 @@ class TrainerSection:
     tensorboard: bool = True  # also write TensorBoard scalars
     save_every: int = 0  # checkpoint every N steps (0 = only at the end, if save_final)
     save_final: bool = True  # checkpoint after the last step
+    keep_last: int = 3  # newest checkpoints kept in output_dir/checkpoints (older step_N deleted); 0 = keep all
     resume: bool = True  # resume from the latest checkpoint in output_dir/checkpoints if there is one
     reward: str = "rule"  # "rule" (GSM8K/MATH), "module:fn" / "file.py:fn", "model:PATH" (reward model), "judge:PATH"
     reward_offload: bool = False  # model / judge rewards: keep their weights in CPU memory between reward calls
@@ -196,7 +197,7 @@ def check_config(cfg: TrainerConfig) -> None:
         raise ValueError(f"algorithm.value_clip must be > 0 or null (unclipped), got {a.value_clip}")
     if cfg.model.value_head_std < 0:
         raise ValueError(f"model.value_head_std must be >= 0, got {cfg.model.value_head_std}")
-    for name, value, low in (("trainer.save_every", t.save_every, 0),
+    for name, value, low in (("trainer.save_every", t.save_every, 0), ("trainer.keep_last", t.keep_last, 0),
                              ("trainer.reward_fail_steps", t.reward_fail_steps, 0), ("trainer.val_every", t.val_every, 0),
                              ("trainer.val_n_samples", t.val_n_samples, 1),
                              ("trainer.val_batch_size", t.val_batch_size, 1),

@@ -1,8 +1,10 @@
 """Where step metrics go: a JSONL file, TensorBoard scalars, and a tqdm progress bar (rank 0 only).
 
 `metrics.jsonl` has one object per logged step: {"step": k, "time": unix seconds, **metrics}; it is
-appended to, so a resumed run continues the same file. TensorBoard uses
-`torch.utils.tensorboard.SummaryWriter` (event files in `output_dir/tensorboard`).
+appended to, so a resumed run continues the same file, after dropping the records past the step it resumes
+from (steps trained after the last checkpoint and trained again, which would appear twice). TensorBoard uses
+`torch.utils.tensorboard.SummaryWriter` (event files in `output_dir/tensorboard`; its `purge_step` does the
+same there).
 
 The metric names (one per quantity, verl's naming style: actor/, critic/, reward/, response_length/,
 time/, throughput/) are listed with their meaning in docs/metrics.md. `format_metrics` prints them
@@ -28,7 +30,10 @@ BAR_KEYS = (("reward", ("reward/mean",)), ("kl", ("actor/kl_ref", "actor/ppo_kl"
 class MetricsLogger:
     """Writes metrics on the rank given `enabled=True`; a no-op elsewhere."""
 
-    def __init__(self, output_dir: str | None, *, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, output_dir: str | None, *, enabled: bool = True, tensorboard: bool = True,
+                 resume_step: int = 0):
+        """resume_step: the checkpoint step a resumed run starts from (> 0): records of later steps, logged before
+        the run stopped and about to be logged again, are dropped from metrics.jsonl and TensorBoard."""
         self.enabled = enabled and output_dir is not None
         self.path = None
         self.writer = None
@@ -36,10 +41,13 @@ class MetricsLogger:
             return
         os.makedirs(output_dir, exist_ok=True)
         self.path = os.path.join(output_dir, "metrics.jsonl")
+        if resume_step > 0 and os.path.exists(self.path):
+            _drop_records_after(self.path, resume_step)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"),
+                                        purge_step=resume_step + 1 if resume_step > 0 else None)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Append one step's metrics (non-finite values are written as null in JSON)."""
@@ -58,6 +66,27 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def _drop_records_after(path: str, step: int) -> None:
+    """Rewrite the metrics.jsonl `path` without its records of steps > `step` (atomically: a temporary file,
+    then a rename); lines that are not such records are kept as they are."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+
+    def later(line: str) -> bool:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            return False
+        return isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step
+
+    kept = [line for line in lines if not later(line)]
+    if len(kept) == len(lines):
+        return
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -87,7 +116,8 @@ def format_metrics(metrics: dict[str, float], skip_prefixes: tuple[str, ...] = (
     return ", ".join(f"{k}: {v:.3g}" for k, v in sorted(metrics.items()) if not k.startswith(skip_prefixes))
 
 
-def run_banner(config, layout, dataset_size: int | None, steps: int, output_dir: str, start_step: int = 0) -> str:
+def run_banner(config, layout, dataset_size: int | None, steps: int, output_dir: str, start_step: int = 0,
+               dropped: int = 0) -> str:
     """The lines rank 0 prints when `fit` starts: model, layout, algorithm, data, steps, output.
 
     Args:
@@ -95,11 +125,14 @@ def run_banner(config, layout, dataset_size: int | None, steps: int, output_dir:
         layout: the actor's Layout (tp, pp, dp, world_size).
         dataset_size: prompts in the dataset (None when the dataloader does not say).
         steps: the step `fit` trains up to; start_step: the step it starts from (> 0 after a resume).
+        dropped: prompts the dataset dropped as longer than data.max_prompt_length (image tokens included).
     """
     c, t, r = config, config.trainer, config.rollout
     data = f"{dataset_size} prompts" if dataset_size is not None else "size unknown"
     if c.data.train_path not in (None, MISSING):
         data += f" from {c.data.train_path}"
+    if dropped:
+        data += f" ({dropped} longer than data.max_prompt_length={c.data.max_prompt_length} tokens dropped)"
     return "\n".join([
         f"[verl-mega] model {c.model.path} ({c.model.dtype})",
         f"[verl-mega] layout tp={layout.tp} pp={layout.pp} dp={layout.dp} (world {layout.world_size}), "

@@ -301,9 +301,14 @@ class PPOTrainer:
         ckpt_root = os.path.join(output_dir, "checkpoints")
         rank0 = self.layout.rank == 0
         if (t.resume if resume is None else resume) and checkpointing.latest_checkpoint(ckpt_root):
+            saved = checkpointing.saved_layout(ckpt_root)
             self.load_checkpoint(ckpt_root, dataloader)
+            now = {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp}
+            moved = (f" (saved at {' '.join(f'{k}={v}' for k, v in saved.items())}, resharded to "
+                     f"{' '.join(f'{k}={v}' for k, v in now.items())})") if saved and saved != now else ""
             if rank0:
-                print(f"[verl-mega] resuming from {os.path.abspath(ckpt_root)} at step {self.global_step}", flush=True)
+                print(f"[verl-mega] resuming from {os.path.abspath(ckpt_root)} at step {self.global_step}{moved}",
+                      flush=True)
         if self.global_step >= steps:
             if rank0:
                 print(f"[verl-mega] run already finished at step {self.global_step} (trainer.total_steps={steps}); "
@@ -312,8 +317,8 @@ class PPOTrainer:
         if rank0:
             dataset = getattr(dataloader, "dataset", None)
             print(run_banner(self.config, self.layout, len(dataset) if dataset is not None else None, steps,
-                             output_dir, self.global_step), flush=True)
-        logger = MetricsLogger(output_dir, enabled=rank0, tensorboard=t.tensorboard)
+                             output_dir, self.global_step, getattr(dataset, "filtered", 0)), flush=True)
+        logger = MetricsLogger(output_dir, enabled=rank0, tensorboard=t.tensorboard, resume_step=self.global_step)
         bar = progress_bar(steps, self.global_step, rank0 and t.progress_bar)
         history = []
         try:

@@ -1,0 +1,78 @@
+"""Ranks started by `verl_mega.testing.multiprocess.run_distributed` (as `verl-mega train` / `demo` start theirs
+without torchrun) die with the process that started them, even when it is SIGKILLed (the OOM killer, `kill -9`)
+from a script that started it in the background: no orphan rank goes on training. Before, torch's parent-death
+signal (SIGINT) was ignored there and the ranks ran on as orphans of init."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _state(pid: int) -> str | None:
+    """The /proc state letter of `pid` (Z: exited, not yet reaped), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def test_ranks_die_when_their_parent_is_killed(tmp_path):
+    rank = tmp_path / "rank.py"  # each rank: say its pid, then wait (as a rank in a long training run)
+    rank.write_text(f"import os, time\nopen(os.path.join({str(tmp_path)!r}, f'ready.{{os.getpid()}}'), 'w').close()\n"
+                    "time.sleep(300)\n")
+    parent = subprocess.Popen(
+        # SIGINT ignored, as in a command started with `&` from a script (torch's own parent-death signal for
+        # spawned processes is SIGINT, which such ranks then ignore)
+        [sys.executable, "-c", "import runpy, signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+         "from verl_mega.testing.multiprocess import run_distributed\n"
+         f"run_distributed(runpy.run_path, 2, {str(rank)!r}, timeout_s=600)\n"],
+        env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    ranks: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(ranks) < 2 and time.monotonic() < deadline and parent.poll() is None:
+            time.sleep(0.2)
+            ranks = [int(f.split(".")[1]) for f in os.listdir(tmp_path) if f.startswith("ready.")]
+        assert len(ranks) == 2, f"the ranks did not start (parent exit status {parent.poll()})"
+        parent.kill()  # SIGKILL: no handler, no finally in the parent runs
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while any(_state(p) not in (None, "Z") for p in ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        alive = [p for p in ranks if _state(p) not in (None, "Z")]
+        assert not alive, f"ranks {alive} outlived their SIGKILLed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for p in ranks:
+            if _state(p) not in (None, "Z"):
+                os.kill(p, signal.SIGKILL)
+
+
+def test_interrupted_parent_lets_its_ranks_unwind(tmp_path):
+    """Ctrl-C on the parent alone (or SIGTERM on `verl-mega train`, which it turns into one): the ranks get SIGINT and
+    unwind, releasing what they hold; they were SIGKILLed, and the resource tracker then warned of "leaked
+    semaphore objects" (each rank's tqdm lock; here a multiprocessing Lock)."""
+    rank = tmp_path / "rank.py"
+    rank.write_text("import multiprocessing, os, time\nlock = multiprocessing.Lock()\n"
+                    f"open(os.path.join({str(tmp_path)!r}, f'ready.{{os.getpid()}}'), 'w').close()\ntime.sleep(300)\n")
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import runpy\nfrom verl_mega.testing.multiprocess import run_distributed\n"
+         f"run_distributed(runpy.run_path, 2, {str(rank)!r}, timeout_s=600)\n"],
+        env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")},
+        stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len([f for f in os.listdir(tmp_path) if f.startswith("ready.")]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        parent.send_signal(signal.SIGINT)  # the parent only: the ranks hear of it from the parent
+        _, err = parent.communicate(timeout=60)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert "KeyboardInterrupt" in err and "leaked semaphore" not in err, err[-3000:]
