@@ -107,6 +107,22 @@ class RewardResult:
     extras: list[dict] = field(default_factory=list)  # per sample: the non-score keys of a dict result
 
 
+def extra_means(extras: Sequence[dict], prefix: str = "reward/extra/") -> dict[str, float]:
+    """Mean of each numeric extra key over the samples that report it (verl's reward_extra_info as metrics):
+    extras [N] dicts (`RewardResult.extras`) -> {prefix + key: mean}; non-numeric and NaN values are left out
+    (e.g. a combination's `score_0`, `score_1`, a rule's `acc`, a fallback's `fallback` flag)."""
+    sums: dict[str, list[float]] = {}
+    for extra in extras:
+        for key, value in extra.items():
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if isinstance(value, numbers.Real) and not math.isnan(float(value)):
+                total = sums.setdefault(key, [0.0, 0])
+                total[0] += float(value)
+                total[1] += 1
+    return {prefix + key: total / count for key, (total, count) in sums.items()}
+
+
 def _to_score(value: Any) -> tuple[float, dict]:
     """float(score) and the extra keys of a result; ValueError for a non-number or NaN."""
     extra: dict = {}

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from verl_mega.parallel.layout import layout_group_ranks
-from verl_mega.rewards.base import RewardFunction, compute_rewards
+from verl_mega.rewards.base import RewardFunction, RewardResult, compute_rewards
 from verl_mega.rewards.batched import as_batched, is_collective, score_rewards
 
 
@@ -68,15 +68,15 @@ class RewardRunner:
     def _score(self, text: str, sample: dict):
         return compute_rewards(self.reward_fn, [text], [sample], timeout_s=self.timeout_s, max_workers=1)
 
-    def collect(self, texts: list[str], samples: list[dict]) -> tuple[torch.Tensor, int, int, list[str]]:
-        """(scores [N] float32, failures, timeouts, first errors) of every row; collective over the
-        model-parallel group. Rows not yet submitted are scored now."""
+    def collect(self, texts: list[str], samples: list[dict]) -> RewardResult:
+        """Every row's RewardResult (scores [N] float32, failures, timeouts, the first 5 errors, extras [N]);
+        collective over the model-parallel group. Rows not yet submitted are scored now."""
         box: list = [None]
         if self.batched:
             if self.is_source or self.collective:
                 res = score_rewards(self.reward_fn, texts, samples, timeout_s=self.timeout_s)
                 if self.is_source:
-                    box = [(res.scores.float(), res.failures, res.timeouts, res.errors[:5])]
+                    box = [RewardResult(res.scores.float(), res.failures, res.timeouts, res.errors[:5], res.extras)]
         elif self.is_source:
             futures = dict(self._futures)
             for row, (text, sample) in enumerate(zip(texts, samples)):
@@ -84,8 +84,9 @@ class RewardRunner:
                     futures[row] = self._pool.submit(self._score, text, sample)
             results = [futures[row].result() for row in range(len(texts))]
             errors = [e for r in results for e in r.errors][:5]
-            box = [(torch.cat([r.scores for r in results]).float() if results else torch.zeros(0),
-                    sum(r.failures for r in results), sum(r.timeouts for r in results), errors)]
+            box = [RewardResult(torch.cat([r.scores for r in results]).float() if results else torch.zeros(0),
+                                sum(r.failures for r in results), sum(r.timeouts for r in results), errors,
+                                [e for r in results for e in r.extras])]
         self._futures, self._decode = {}, None
         if self.layout.tp * self.layout.pp > 1:
             dist.broadcast_object_list(box, src=self.source, group=self.layout.mp_group)

@@ -31,6 +31,7 @@ from verl_mega.algorithms.advantages import get_advantage_estimator, outcome_to_
 from verl_mega.algorithms.kl import apply_kl_penalty, kl_loss, kl_penalty
 from verl_mega.algorithms.losses import entropy_bonus, policy_loss, value_loss
 from verl_mega.kernels import fused_logprob_entropy
+from verl_mega.rewards.base import extra_means
 from verl_mega.rollout.agent_loop import AgentLimits, agent_metrics, agent_rollout
 from verl_mega.rollout.sampling import SamplingParams
 from verl_mega.trainer.batch import RLBatch
@@ -249,7 +250,8 @@ class Rollout(Stage):
 
 class Reward(Stage):
     """Collect every response's score from the `RewardRunner` (scored while generation ran, or now);
-    failures and timeouts score 0 and are counted."""
+    failures and timeouts score 0 and are counted; numeric extra keys of dict results (a combination's
+    per-part `score_k`, a rule's `acc`, ...) become `reward/extra/<key>` metrics (their means)."""
 
     name = "reward"
 
@@ -257,9 +259,10 @@ class Reward(Stage):
         self.rewards = rewards
 
     def __call__(self, batch: RLBatch, ctx=None) -> RLBatch:
-        scores, batch.reward_failures, batch.reward_timeouts, batch.reward_errors = self.rewards.collect(
-            batch.response_texts, batch.row_samples)
-        batch.scores = scores.float()
+        res = self.rewards.collect(batch.response_texts, batch.row_samples)
+        batch.scores, batch.reward_failures, batch.reward_timeouts = res.scores.float(), res.failures, res.timeouts
+        batch.reward_errors = res.errors
+        batch.metrics.update(extra_means(res.extras))
         return batch
 
     def __repr__(self) -> str:
