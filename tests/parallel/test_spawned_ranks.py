@@ -9,16 +9,9 @@ import subprocess
 import sys
 import time
 
+from tests.processes import kill_running, still_running
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _state(pid: int) -> str | None:
-    """The /proc state letter of `pid` (Z: exited, not yet reaped), None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return None
 
 
 def test_ranks_die_when_their_parent_is_killed(tmp_path):
@@ -41,17 +34,12 @@ def test_ranks_die_when_their_parent_is_killed(tmp_path):
         assert len(ranks) == 2, f"the ranks did not start (parent exit status {parent.poll()})"
         parent.kill()  # SIGKILL: no handler, no finally in the parent runs
         parent.wait(timeout=30)
-        deadline = time.monotonic() + 10
-        while any(_state(p) not in (None, "Z") for p in ranks) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        alive = [p for p in ranks if _state(p) not in (None, "Z")]
+        alive = still_running(ranks)
         assert not alive, f"ranks {alive} outlived their SIGKILLed parent"
     finally:
         if parent.poll() is None:
             parent.kill()
-        for p in ranks:
-            if _state(p) not in (None, "Z"):
-                os.kill(p, signal.SIGKILL)
+        kill_running(ranks)
 
 
 def test_interrupted_parent_lets_its_ranks_unwind(tmp_path):

@@ -255,26 +255,16 @@ def test_reward_failing_every_call_stops_the_run(tiny_dir, tmp_path, capsys):
     assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1]  # stopped inside step 2
 
 
-def _state(pid: int) -> str | None:
-    """The /proc state letter of `pid` (Z: exited, not yet reaped), None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return None
-
-
 def test_tp2_without_torchrun_resumes_a_tp1_checkpoint_and_sigterm_stops_it(tiny_dir, tmp_path):
     """`verl-mega train parallel.tp=2` without torchrun starts its two ranks, resumes the checkpoint of a tp=1 run
     (saying that it reshards it) and trains; `kill PID` (or `timeout`, a scheduler) on the command stops the ranks
     too, and it says where a rerun resumes (status 143). Before, the command died at once and its two ranks went
     on training as orphans, writing checkpoints. The reward (run in the ranks) records its pid and, at a rank's 5th
     call (step 3: 2 prompts x 2 samples a step, from step 1), sends the SIGTERM to its parent, the command."""
-    import os
-    import signal
     import subprocess
     import sys
-    import time
+
+    from tests.processes import kill_running, still_running
 
     pids = tmp_path / "pids"
     reward = tmp_path / "terminating.py"
@@ -301,15 +291,10 @@ def test_tp2_without_torchrun_resumes_a_tp1_checkpoint_and_sigterm_stops_it(tiny
                           timeout=300)
     ranks = {int(line) for line in pids.read_text().split()}
     try:
-        deadline = time.monotonic() + 10  # SIGKILLed by the command before it exits; give /proc a moment
-        while any(_state(p) not in (None, "Z") for p in ranks) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        alive = [p for p in ranks if _state(p) not in (None, "Z")]
+        alive = still_running(ranks)  # SIGKILLed by the command before it exits; give /proc a moment
         assert not alive, f"ranks {alive} still running after the command exited with {proc.returncode}"
     finally:
-        for p in ranks:
-            if _state(p) not in (None, "Z"):
-                os.kill(p, signal.SIGKILL)
+        kill_running(ranks)
     assert proc.returncode == 143, proc.stderr[-2000:]
     assert "starting 2 processes (parallel.tp=2 x parallel.pp=1, dp=1)" in proc.stdout
     assert f"resuming from {run / 'checkpoints'} at step 1 (saved at tp=1 pp=1 dp=1, resharded to tp=2 pp=1 dp=1)" \
