@@ -274,10 +274,9 @@ def check_output_dir(cfg: TrainerConfig) -> None:
 
 def newest_actor_checkpoint(cfg: TrainerConfig) -> str | None:
     """The newest complete actor checkpoint under trainer.output_dir (what trainer.resume resumes), or None."""
-    from verl_mega.trainer.checkpoint import find_checkpoint
+    from verl_mega.trainer import checkpointing
 
-    actor_root = os.path.join(os.path.abspath(cfg.trainer.output_dir), "checkpoints", "actor")
-    return find_checkpoint(actor_root)[0] if os.path.isdir(actor_root) else None
+    return checkpointing.newest_actor_checkpoint(os.path.join(os.path.abspath(cfg.trainer.output_dir), "checkpoints"))
 
 
 def _resumed_checkpoint(cfg: TrainerConfig) -> str | None:
@@ -360,6 +359,41 @@ def check_lengths(cfg: TrainerConfig, dataset, where: str) -> None:
                          f"data.max_prompt_length (longer prompts are dropped)")
 
 
+def check_tools(cfg: TrainerConfig, tokenizer, dataset, val_dataset) -> None:
+    """ValueError naming rollout.tools (or the data file and row) when the tools cannot run: no chat template in
+    the model's tokenizer, a bad entry (names, arguments), a row with images, or a sandbox that does not run
+    print(1) (local, or the server at its sandbox_fusion_url)."""
+    from verl_mega.tools import build_tools
+
+    if not getattr(tokenizer, "chat_template", None):  # found at the first tool call otherwise, mid-run
+        raise ValueError(f"rollout.tools: the tokenizer of model.path={cfg.model.path} has no chat template; the "
+                         f"agent loop appends tool results as `tool` messages through it. Use a chat model (or "
+                         f"add a template to its tokenizer_config.json), or drop rollout.tools")
+    tools = build_tools(cfg.rollout.tools, timeout_s=cfg.rollout.tool_timeout_s, key="rollout.tools")
+    for name, data in (("data.train_path", dataset), ("data.val_path", val_dataset)):
+        with_images = next((it["index"] for it in getattr(data, "items", ()) if len(it.get("image_grid_thw", ()))),
+                           None)
+        if with_images is not None:  # the rollout would refuse it, after the model loads
+            raise ValueError(f"{name}={getattr(cfg.data, name.split('.')[1])}: row {with_images} has images, and "
+                             f"multi-turn tool rollouts with images are not supported; drop rollout.tools for a "
+                             f"vision-language dataset")
+    asyncio.run(tools.check("rollout.tools"))
+
+
+def check_model_reward(cfg: TrainerConfig) -> None:
+    """ValueError naming trainer.reward when its "model:PATH" / "judge:PATH" has no tokenizer or cannot be split
+    at the actor's parallel.tp (a reward model also at its pp; a judge runs on one stage)."""
+    from verl_mega.models.tokenizer import load_tokenizer
+
+    kind, _, path = cfg.trainer.reward.partition(":")
+    what, pp = ("reward model", cfg.parallel.pp) if kind == "model" else ("judge", 1)
+    if load_tokenizer(path) is None:
+        raise ValueError(f"trainer.reward={cfg.trainer.reward}: {path} has no tokenizer (tokenizer.json / "
+                         f"tokenizer.model); the {what} reads each prompt and response as text with its own tokenizer")
+    check_fits(path, cfg.parallel.tp, pp, f"the {what} at trainer.reward={cfg.trainer.reward} (it runs at the "
+               f"actor's parallel.tp{' and pp' if kind == 'model' else ''})", "trainer.reward")
+
+
 def check_reward(reward_fn: Callable, dataset, where: str) -> None:
     """A rule reward must have a checker for every data_source of the dataset and a ground truth for every
     row (ValueError naming the data sources, or the first row without `reward_model.ground_truth`)."""
@@ -400,32 +434,11 @@ def preflight(cfg: TrainerConfig, world_size: int) -> Prepared:
                    else None)
     if val_dataset is not None:
         check_lengths(cfg, val_dataset, f"data.val_path={cfg.data.val_path}")
-    if cfg.rollout.tools:  # built to check names and arguments, then one print(1) in each tool's sandbox
-        from verl_mega.tools import build_tools
-
-        if not getattr(tokenizer, "chat_template", None):  # found at the first tool call otherwise, mid-run
-            raise ValueError(f"rollout.tools: the tokenizer of model.path={cfg.model.path} has no chat template; the "
-                             f"agent loop appends tool results as `tool` messages through it. Use a chat model (or "
-                             f"add a template to its tokenizer_config.json), or drop rollout.tools")
-        tools = build_tools(cfg.rollout.tools, timeout_s=cfg.rollout.tool_timeout_s, key="rollout.tools")
-        for name, data in (("data.train_path", dataset), ("data.val_path", val_dataset)):
-            with_images = next((it["index"] for it in getattr(data, "items", ()) if len(it.get("image_grid_thw", ()))),
-                               None)
-            if with_images is not None:  # the rollout would refuse it, after the model loads
-                raise ValueError(f"{name}={getattr(cfg.data, name.split('.')[1])}: row {with_images} has images, and "
-                                 f"multi-turn tool rollouts with images are not supported; drop rollout.tools for a "
-                                 f"vision-language dataset")
-        asyncio.run(tools.check("rollout.tools"))
+    if cfg.rollout.tools:
+        check_tools(cfg, tokenizer, dataset, val_dataset)
     reward_fn = load_reward(t.reward, import_timeout_s=t.reward_timeout_s)
-    if reward_fn is None:  # a model reward: sharded at the actor's tp (and, a reward model, its pp)
-        kind, _, path = t.reward.partition(":")
-        if load_tokenizer(path) is None:
-            raise ValueError(f"trainer.reward={t.reward}: {path} has no tokenizer (tokenizer.json / tokenizer.model); "
-                             f"the {'reward model' if kind == 'model' else 'judge'} reads each prompt and response "
-                             f"as text with its own tokenizer")
-        check_fits(path, cfg.parallel.tp, cfg.parallel.pp if kind == "model" else 1,
-                   f"the {'reward model' if kind == 'model' else 'judge'} at trainer.reward={t.reward} (it runs "
-                   f"at the actor's parallel.tp{' and pp' if kind == 'model' else ''})", "trainer.reward")
+    if reward_fn is None:
+        check_model_reward(cfg)
     check_reward(reward_fn, dataset, f"data.train_path={cfg.data.train_path}")
     if val_dataset is not None:
         check_reward(reward_fn, val_dataset, f"data.val_path={cfg.data.val_path}")

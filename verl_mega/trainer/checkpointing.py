@@ -21,16 +21,21 @@ import os
 from verl_mega.trainer.checkpoint import find_checkpoint, load_checkpoint, read_marker, save_checkpoint
 
 
+def newest_actor_checkpoint(root: str) -> str | None:
+    """The newest complete actor checkpoint (root/actor/step_N) under the checkpoints directory `root`, or None."""
+    actor_root = os.path.join(root, "actor")
+    return find_checkpoint(actor_root)[0] if os.path.isdir(actor_root) else None
+
+
 def latest_checkpoint(root: str) -> str | None:
     """`root` if it holds a complete actor checkpoint (newest step_N under root/actor), else None."""
-    path, _ = find_checkpoint(os.path.join(root, "actor")) if os.path.isdir(os.path.join(root, "actor")) else (None, [])
-    return root if path is not None else None
+    return root if newest_actor_checkpoint(root) is not None else None
 
 
 def saved_layout(root: str) -> dict | None:
     """{"tp", "pp", "dp"} of the newest complete actor checkpoint under `root` (from its COMPLETE marker), None if
     there is none or it does not record one."""
-    path, _ = find_checkpoint(os.path.join(root, "actor")) if os.path.isdir(os.path.join(root, "actor")) else (None, [])
+    path = newest_actor_checkpoint(root)
     return read_marker(path).get("layout") if path is not None else None
 
 
