@@ -156,3 +156,17 @@ def test_rule_reward_checks_data_sources():
     rule.check_data_sources(["openai/gsm8k", "math", "gsm8k"])
     with pytest.raises(ValueError, match=r"data_source 'arith', None.*known data sources: \[.*'openai/gsm8k'"):
         rule.check_data_sources(["gsm8k", "arith", None, "arith"], where="train.jsonl")
+
+
+def test_extra_means_and_the_fallback_share():
+    """Numeric extras average over the rows that report them (text left out); a FallbackReward marks every row, so
+    the mean of `fallback` is the share the model scored (here 1 of 3: the row whose data_source has no rule)."""
+    from verl_mega.rewards import FallbackReward, RuleBasedReward
+    from verl_mega.rewards.base import extra_means
+
+    assert extra_means([{"acc": 1.0, "note": "x"}, {"acc": 0.0}, {}]) == {"reward/extra/acc": 0.5}
+    samples = [{"data_source": "gsm8k", "ground_truth": "4"}, {"data_source": "gsm8k", "ground_truth": "5"},
+               {"data_source": "unknown", "ground_truth": "1"}]
+    res = FallbackReward(RuleBasedReward(), lambda response: 0.5).score_batch(samples, ["#### 4", "#### 4", "1"])
+    assert res.scores.tolist() == [1.0, 0.0, 0.5]
+    assert extra_means(res.extras) == {"reward/extra/fallback": 1 / 3}

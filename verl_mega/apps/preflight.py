@@ -13,9 +13,10 @@
   4. the tools (rollout.tools): a chat template in the model's tokenizer, known names, arguments their
      constructors take, no row with images, and each code tool's sandbox
      (local, or the server at its sandbox_fusion_url) runs print(1);
-  5. the reward: `trainer.reward` imports (within trainer.reward_timeout_s), and a "rule" reward has a checker for every data_source
-     in the data and a ground truth (reward_model.ground_truth) in every row; a "model:PATH" / "judge:PATH" reward
-     holds a model of its kind that the actor's parallel.tp (and, a reward model, pp) can split;
+  5. the reward: `trainer.reward` imports (within trainer.reward_timeout_s), and a "rule" reward has a checker for
+     every data_source in the data and a ground truth (reward_model.ground_truth) in every row; a "model:PATH" /
+     "judge:PATH" reward holds a model of its kind, with a tokenizer, that the actor's parallel.tp (and, a reward
+     model, pp) can split;
   6. the weights: model.safetensors (or the index and every shard it names) exist under model.path (and a model
      reward's PATH; a reward model has one label and a score head).
 It returns the tokenized datasets and the reward callable, which training then uses as they are.

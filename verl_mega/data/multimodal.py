@@ -70,8 +70,9 @@ def load_image(entry: Any, base_dir: Path | None = None) -> Any:
 
     entry: {"bytes": png/jpeg bytes} (a "path" beside it is ignored, as HF datasets' Image feature writes
     both), {"path": file}, a path string (a "file://" prefix is dropped), a "data:image/...;base64,..." URI
-    or a PIL image. Relative paths are taken from `base_dir`; URLs are refused (no downloads). ValueError (without the row's location) on a missing file, undecodable
-    bytes, an image over PIL's decompression-bomb limit or a wrong type.
+    or a PIL image. Relative paths are taken from `base_dir`; URLs are refused (no downloads). ValueError
+    (without the row's location) on a missing file, undecodable bytes, an image over PIL's decompression-bomb
+    limit or a wrong type.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -135,8 +136,9 @@ def count_markers(messages: Sequence[dict[str, str]]) -> int:
 def check_image_column(row: dict, image_key: str, messages: Sequence[dict[str, str]]) -> None:
     """ValueError when the prompt has `<image>` markers but the row has no `image_key` column at all (e.g. the
     images sit in an "image" column), naming the row's columns."""
-    if image_key not in row and count_markers(messages):
-        raise ValueError(f"the prompt has {count_markers(messages)} {IMAGE_MARKER} markers but the row has no "
+    markers = count_markers(messages) if image_key not in row else 0
+    if markers:
+        raise ValueError(f"the prompt has {markers} {IMAGE_MARKER} markers but the row has no "
                          f"{image_key!r} column (columns: {sorted(row)})")
 
 

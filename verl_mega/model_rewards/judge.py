@@ -15,9 +15,9 @@ verdict text is parsed:
   - "yes/no": the first standalone word "yes" (1.0) or "no" (0.0), case-insensitive;
   - or any callable `parse(verdict) -> float | None`.
 An unparsable verdict (no match, out of range, None, or a parser exception) scores 0 and counts as a
-reward failure, as does a judge prompt whose tokens plus `max_new_tokens` exceed the judge's
-`max_position_embeddings` (not generated: its verdict is None) (`reward_failures` in the trainer's metrics); every verdict is kept in the result's
-extras (`{"verdict": text}`).
+reward failure (`reward_failures` in the trainer's metrics), as does a judge prompt whose tokens plus
+`max_new_tokens` exceed the judge's `max_position_embeddings` (not generated: its verdict is None); every
+verdict is kept in the result's extras (`{"verdict": text}`).
 
 How: the judge is its own frozen model on its own inference layout (tp = `tensor_parallel_size`, one
 pipeline stage, dp = the rest of the world): no optimizer, no HybridEngine resharding. Collective

@@ -222,7 +222,7 @@ class RewardModel(BatchedReward):
         limit = self.actor.config.max_position_embeddings  # beyond it the model reads garbage positions
         scores = torch.zeros(len(ids), dtype=torch.float32)
         fits = [i for i, x in enumerate(ids) if len(x) <= limit]
-        too_long = sorted(set(range(len(ids))) - set(fits))
+        too_long = [i for i, x in enumerate(ids) if len(x) > limit]
         with on_device(self.offload, self.device):
             for rows in token_budget_batches([len(ids[i]) for i in fits], self.max_tokens_per_batch):
                 rows = [fits[j] for j in rows]

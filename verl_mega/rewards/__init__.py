@@ -1,6 +1,6 @@
-"""Rewards: rule checkers (GSM8K, boxed math, Geometry3K), user reward functions with failure/timeout accounting, a code sandbox,
-the batched-reward protocol and combinations (weighted sum, rule first with a fallback). The model rewards
-(`RewardModel`, `LLMJudgerReward`) live in `verl_mega.model_rewards`, a layer above (they load models)."""
+"""Rewards: rule checkers (GSM8K, boxed math, Geometry3K), user reward functions with failure/timeout accounting,
+a code sandbox, the batched-reward protocol and combinations (weighted sum, rule first with a fallback). The model
+rewards (`RewardModel`, `LLMJudgerReward`) live in `verl_mega.model_rewards`, a layer above (they load models)."""
 
 from verl_mega.rewards.base import RewardFunction, RewardResult, RuleBasedReward, compute_rewards
 from verl_mega.rewards.batched import BatchedReward, CombinedReward, FallbackReward, is_collective, score_rewards

@@ -110,7 +110,7 @@ class RewardResult:
 def extra_means(extras: Sequence[dict], prefix: str = "reward/extra/") -> dict[str, float]:
     """Mean of each numeric extra key over the samples that report it (verl's reward_extra_info as metrics):
     extras [N] dicts (`RewardResult.extras`) -> {prefix + key: mean}; non-numeric and NaN values are left out
-    (e.g. a combination's `score_0`, `score_1`, a rule's `acc`, a fallback's `fallback` flag)."""
+    (e.g. a combination's `score_0`, `score_1`, a rule's `acc`, the share of a fallback's rows the model scored)."""
     sums: dict[str, list[float]] = {}
     for extra in extras:
         for key, value in extra.items():

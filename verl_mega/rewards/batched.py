@@ -124,6 +124,8 @@ class FallbackReward(BatchedReward):
     def score_batch(self, samples, responses, *, timeout_s=None) -> RewardResult:
         res = score_rewards(self._marked_rule(), responses, samples, timeout_s)
         ok = [bool(e.pop(_RULE_OK, False)) for e in res.extras]
+        for extra, good in zip(res.extras, ok):
+            extra["fallback"] = not good  # every row says: the mean (reward/extra/fallback) is the model's share
         todo = [i for i, good in enumerate(ok) if not good]
         # a collective model is called by every rank even with nothing to score, so the ranks stay in step
         if todo or self.collective:

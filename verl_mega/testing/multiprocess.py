@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 import traceback
 
 import torch
@@ -67,8 +68,6 @@ def _stop(processes) -> None:
     """End the ranks still running (the caller failed, timed out or was interrupted): SIGINT first, so that each
     unwinds as on Ctrl-C (its own cleanup: no semaphores leaked to the resource tracker), SIGKILL after
     STOP_GRACE_S for one that does not end (blocked in a collective, or ignoring SIGINT)."""
-    import time
-
     alive = [p for p in processes if p.is_alive()]
     for p in alive:
         try:
@@ -88,7 +87,6 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 300.0, env: d
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(_worker, args=(world_size, free_port(), out_dir, fn, args, env, os.getpid()),
                                  nprocs=world_size, join=False, start_method="spawn")
-        import time
         deadline = time.monotonic() + timeout_s
         try:
             while not ctx.join(timeout=1.0):
