@@ -13,6 +13,7 @@
 #   grpo_e2e_ab      packed vs padded micro-batches at 0.5B, lengths 32..256 forced (issue 14)
 #   keep_cache       grpo_e2e_ab's packed 0.5B run with the KV cache and CUDA graphs kept between steps
 #                    (rollout.free_cache=false: no graph recapture per step), against grpo_e2e_ab's packed row
+#   packed           grpo_e2e_ab's packed 0.5B run alone (the current tree's side of pre_offload's comparison)
 #   pre_offload      grpo_e2e_ab's packed 0.5B run on the tree before offload landed (5416edb, carried as .old/:
 #                    `mkdir .old && git archive 5416edb | tar -x -C .old`): issue 15 item 4, same call
 #   offload_7b       the 7B run with optimizer + gradient offload (issue 15)
@@ -20,6 +21,7 @@
 #   vlm_grpo_step    one GRPO step at the Qwen2.5-VL-3B shape, 16 prompts x 8, one 448x448 image each (issue 17)
 #   vlm_vision_share the vision tower's share per phase (issue 17)
 #   reward_models    rule vs reward model vs LLM judge rewards inside a GRPO step, with/without offload (issue 19)
+#   reward_judge     reward_models' rule and judge runs only
 #   agent_rollout    multi-turn agent rollout, tool calls overlapping generation vs serial (issue 16)
 # Each step has its own `timeout`, capped by what is left of BUDGET seconds (default 560: the call's 600 s
 # minus the wheel install and the copy-back); a step that would get under 30 s is skipped and says so.
@@ -31,8 +33,8 @@
 # the grpo_e2e.py runs' as offload_7b.json, pre_offload_0p5b.json, keep_cache_0p5b.json).
 set -u
 OUT=${OUT:?set OUT (the device tool does)}
-CORE="kernels_tests demo rollout_service reward_overlap throughput trl_grpo grpo_e2e_ab keep_cache pre_offload offload_7b"
-MODELS="vlm_gpu_check vlm_grpo_step vlm_vision_share reward_models agent_rollout"
+CORE="kernels_tests demo rollout_service reward_overlap throughput trl_grpo grpo_e2e_ab keep_cache packed pre_offload offload_7b"
+MODELS="vlm_gpu_check vlm_grpo_step vlm_vision_share reward_models reward_judge agent_rollout"
 PLAN=""
 for arg in "${@:-core}"; do
   case $arg in
@@ -103,7 +105,7 @@ for name in ("rollout_service.json", "throughput.json", "trl_grpo.json", "grpo_e
     for path in glob.glob(os.path.join(work, "**", name), recursive=True):
         results[os.path.relpath(path, work)] = json.load(open(path))  # e.g. "rollout/rollout_service.json"
 for folder, key in (("offload", "offload_7b.json"), ("pre_offload", "pre_offload_0p5b.json"),
-                    ("keep_cache", "keep_cache_0p5b.json")):
+                    ("keep_cache", "keep_cache_0p5b.json"), ("packed", "packed_0p5b.json")):
     if os.path.exists(os.path.join(work, folder, "grpo_e2e.json")):
         results[key] = json.load(open(os.path.join(work, folder, "grpo_e2e.json")))
 json.dump(results, open(os.path.join(out, "results.json"), "w"), indent=1)
@@ -128,6 +130,8 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
     keep_cache) step keep_cache 150 python3 benchmarks/grpo_e2e.py --shape 0.5b --prompts 64 --n 8 --prompt-len 128 \
       --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 --packing on --keep-cache \
       --out "$WORK/keep_cache" ;;
+    packed) step packed 120 python3 benchmarks/grpo_e2e.py --shape 0.5b --prompts 64 --n 8 --prompt-len 128 \
+      --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 --packing on --out "$WORK/packed" ;;
     pre_offload) [[ -d .old ]] || { echo "pre_offload: .old/ not carried"; return; }
       step pre_offload 120 env PYTHONPATH="$PWD/.old:/tmp/site" python3 .old/benchmarks/grpo_e2e.py --shape 0.5b \
       --prompts 64 --n 8 --prompt-len 128 --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 \
@@ -141,6 +145,7 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
     vlm_vision_share) step vlm_vision_share 100 python3 benchmarks/vlm_vision_share.py --out "$WORK/vlm_share" ;;
     reward_models) step reward_models 320 python3 benchmarks/reward_models.py \
       --rewards rule,model,model_offload,judge,judge_offload --out "$WORK/rewards" ;;
+    reward_judge) step reward_judge 240 python3 benchmarks/reward_models.py --rewards rule,judge --steps 2 --out "$WORK/rewards" ;;
     agent_rollout) mkdir -p "$WORK/agent"
       step agent_rollout 200 python3 benchmarks/agent_rollout.py --out "$WORK/agent/agent_rollout.json" ;;
   esac
