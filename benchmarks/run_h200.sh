@@ -7,6 +7,8 @@
 #   kernels_tests    pytest tests/kernels on CUDA (the compiled Triton kernels)
 #   demo             the main job on CUDA: verl_mega demo --quick --nproc 1 --tp 1 (issue 12)
 #   rollout_service  continuous batching vs the static engine at the Qwen2.5-0.5B shape, + a torch.profiler call (issue 13)
+#   rollout_fast     rollout_service without the profiler call
+#   paged_tests      pytest tests/rollout/test_paged_attention.py on CUDA (the paged kernel, fp32 and bf16)
 #   reward_overlap   a 0.5B GRPO step with a 50 ms-per-response reward, streamed vs after generation (issue 13)
 #   throughput       GRPO tokens/s/GPU, 0.5B + 1.5B, 8x8, prompt 128, 256 new tokens, KL off (issue 18)
 #   trl_grpo         the TRL peer on the 0.5B row (summary.md gets the tokens/s ratio; issue 18)
@@ -21,8 +23,8 @@
 #   vlm_grpo_step    one GRPO step at the Qwen2.5-VL-3B shape, 16 prompts x 8, one 448x448 image each (issue 17)
 #   vlm_vision_share the vision tower's share per phase (issue 17)
 #   reward_models    rule vs reward model vs LLM judge rewards inside a GRPO step, with/without offload (issue 19)
-#   reward_judge     reward_models' rule and judge runs only
-#   agent_rollout    multi-turn agent rollout, tool calls overlapping generation vs serial (issue 16)
+#   reward_judge     reward_models' judge run only (2 steps after the warm-up)
+#   agent_rollout    multi-turn agent rollout (32 prompts x 8), tool calls overlapping generation vs serial (issue 16)
 # Each step has its own `timeout`, capped by what is left of BUDGET seconds (default 560: the call's 600 s
 # minus the wheel install and the copy-back); a step that would get under 30 s is skipped and says so.
 # Run from the repository root with `.whl/` carried (benchmarks/README.md, "Wheels for the GPU machine"):
@@ -33,7 +35,7 @@
 # the grpo_e2e.py runs' as offload_7b.json, pre_offload_0p5b.json, keep_cache_0p5b.json).
 set -u
 OUT=${OUT:?set OUT (the device tool does)}
-CORE="kernels_tests demo rollout_service reward_overlap throughput trl_grpo grpo_e2e_ab keep_cache packed pre_offload offload_7b"
+CORE="kernels_tests paged_tests demo rollout_service rollout_fast reward_overlap throughput trl_grpo grpo_e2e_ab keep_cache packed pre_offload offload_7b"
 MODELS="vlm_gpu_check vlm_grpo_step vlm_vision_share reward_models reward_judge agent_rollout"
 PLAN=""
 for arg in "${@:-core}"; do
@@ -120,6 +122,9 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
     demo) step demo 120 python3 -m verl_mega demo --quick --nproc 1 --tp 1 --output-dir "$WORK/demo" ;;
     rollout_service) step rollout_service 240 python3 benchmarks/rollout_service.py --shapes qwen2.5-0.5b --no-hf --profile \
       --grpo-shape '' --out-dir "$WORK/rollout" ;;
+    rollout_fast) step rollout_fast 200 python3 benchmarks/rollout_service.py --shapes qwen2.5-0.5b --no-hf \
+      --grpo-shape '' --out-dir "$WORK/rollout" ;;
+    paged_tests) step paged_tests 90 python3 -m pytest -q -x tests/rollout/test_paged_attention.py ;;
     throughput) step throughput 200 python3 benchmarks/throughput.py --shapes 0.5b,1.5b --batches 8x8 --prompt-len 128 \
       --new-tokens 256 --kl off --out "$WORK/throughput" ;;
     trl_grpo) step trl_grpo 150 python3 benchmarks/trl_grpo.py --shape 0.5b --out "$WORK/trl" ;;
@@ -145,9 +150,9 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
     vlm_vision_share) step vlm_vision_share 100 python3 benchmarks/vlm_vision_share.py --out "$WORK/vlm_share" ;;
     reward_models) step reward_models 320 python3 benchmarks/reward_models.py \
       --rewards rule,model,model_offload,judge,judge_offload --out "$WORK/rewards" ;;
-    reward_judge) step reward_judge 240 python3 benchmarks/reward_models.py --rewards rule,judge --steps 2 --out "$WORK/rewards" ;;
+    reward_judge) step reward_judge 240 python3 benchmarks/reward_models.py --rewards judge --steps 2 --out "$WORK/rewards" ;;
     agent_rollout) mkdir -p "$WORK/agent"
-      step agent_rollout 200 python3 benchmarks/agent_rollout.py --out "$WORK/agent/agent_rollout.json" ;;
+      step agent_rollout 200 python3 benchmarks/agent_rollout.py --prompts 32 --out "$WORK/agent/agent_rollout.json" ;;
   esac
 }
 

@@ -187,7 +187,8 @@ def run(args) -> dict:
     cfg.model.dtype = dtype_name
     side = args.image // config.vision.patch_size
     image_tokens = side * side // config.vision.spatial_merge_size**2
-    cfg.data.max_prompt_length = args.prompt_text + image_tokens + 8
+    # image_prompts: prompt k = (prompt_text + k) text tokens, vision start, the image's tokens, vision end, 2 text
+    cfg.data.max_prompt_length = args.prompt_text + (per_dp - 1) + image_tokens + 4
     cfg.rollout.engine.max_batch = per_dp * args.n
     cfg.algorithm.kl_coef = 1e-3 if args.kl else 0.0
     cfg.trainer.progress_bar = False

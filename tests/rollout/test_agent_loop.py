@@ -42,36 +42,34 @@ class WaitForDecodeTool(Tool):
 
 def scripted(engine, tokenizer, script: dict[str, list[str]]):
     """Make `engine` emit scripted turns: script[user message] = the text of each assistant turn; the
-    turn's tokens are its characters then EOS (the tiny tokenizer is one token per character). The
-    log-probs are the model's own log_softmax at the forced tokens."""
+    turn's tokens are its characters then EOS (the tiny tokenizer is one token per character), forced
+    through the engine's `force_tokens` (log-probs: the model's own at the forced tokens); past the
+    script, a turn is a lone EOS."""
     eos = tokenizer.eos_token_id
     turns = {}  # (request id, sample) -> turn index
     prompt_of = {}  # request id -> user message
     add_request, append = engine.add_request, engine.append
 
+    def force(rid, sample_index):
+        texts = script[prompt_of[rid]]
+        turn = turns.get((rid, sample_index), 0)
+        ids = tokenizer.encode(texts[turn], add_special_tokens=False) + [eos] if turn < len(texts) else [eos]
+        engine.force_tokens(rid, sample_index, ids)
+
     def add(ids, params=None, **kw):
         rid = add_request(ids, params, **kw)
         text = tokenizer.decode(ids, skip_special_tokens=False)
         prompt_of[rid] = next(u for u in script if u in text)
+        for j in range(params.n if params is not None else 1):
+            force(rid, j)
         return rid
 
     def resume(rid, ids, *, sample_index=0, max_new_tokens=None):
         turns[(rid, sample_index)] = turns.get((rid, sample_index), 0) + 1
         append(rid, ids, sample_index=sample_index, max_new_tokens=max_new_tokens)
+        force(rid, sample_index)
 
-    def sample(logits, rows, step):
-        out = []
-        for seq in rows:
-            turn = turns.get((seq.request_id, seq.sample_index), 0)
-            texts = script[prompt_of[seq.request_id]]
-            ids = tokenizer.encode(texts[turn], add_special_tokens=False) + [eos] if turn < len(texts) else [eos]
-            i = seq.num_generated + step
-            out.append(ids[i] if i < len(ids) else eos)
-        tokens = torch.tensor(out)
-        logprobs = torch.log_softmax(logits.float(), -1).gather(1, tokens[:, None])[:, 0]
-        return tokens, logprobs
-
-    engine.add_request, engine.append, engine._sample = add, resume, sample
+    engine.add_request, engine.append = add, resume
     return engine
 
 

@@ -4,8 +4,7 @@
 On CPU the kernel runs in the Triton interpreter, which must be switched on before triton is first
 imported: the checks run in a fresh subprocess with TRITON_INTERPRET=1 (with CUDA, in this process).
 
-Tolerance: 1e-5 (fp32): the kernel's online softmax and SDPA sum the same products in different
-orders; observed differences are ~5e-7 on outputs of magnitude ~1.
+Tolerances: `kernel_errors` (fp32 1e-5; bf16 on CUDA, derived there).
 """
 
 import json
@@ -21,21 +20,33 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
-def kernel_errors() -> list[float]:
-    """Max |kernel - reference| over head layouts (GQA 2:1, 7:1, MHA) and rows ending at block edges."""
-    from verl_mega.rollout.paged_attention import paged_decode_attention, paged_decode_attention_reference
+def kernel_errors() -> list[tuple[float, float]]:
+    """(max |kernel - reference|, tolerance) over head layouts (GQA 2:1, 7:1, MHA; head_dim 8 padded to 16), rows
+    ending at block and tile edges, contexts of one tile and of several (split over programs: `num_splits` gives
+    2 off CUDA); on CUDA also in bf16."""
+    from verl_mega.rollout.paged_attention import TILE, paged_decode_attention, paged_decode_attention_reference
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtypes = [torch.float32] + ([torch.bfloat16] if device == "cuda" else [])
     errors = []
-    for hq, hkv, d, block in [(4, 2, 16, 4), (14, 2, 64, 16), (3, 3, 8, 8)]:
-        gen = torch.Generator().manual_seed(hq * 100 + d)
-        rows, pool_blocks, nb = 5, 20, 4
-        k_pool, v_pool = (torch.randn(pool_blocks * block, hkv, d, generator=gen) for _ in range(2))
-        q = torch.randn(rows, hq, 1, d, generator=gen)[:, :, 0]  # non-contiguous, as the decoder passes it
-        tables = torch.randint(1, pool_blocks, (rows, nb), generator=gen)
-        positions = torch.tensor([0, block - 1, block, nb * block - 1, 2 * block + 1])  # block edges
-        got = paged_decode_attention(q, k_pool, v_pool, tables, positions, block)
-        ref = paged_decode_attention_reference(q, k_pool, v_pool, tables, positions, block)
-        errors.append(float((got - ref).abs().max()))
+    for dtype in dtypes:
+        for hq, hkv, d, block, nb in [(4, 2, 16, 4, 4), (14, 2, 64, 16, 10), (3, 3, 8, 8, 20)]:
+            gen = torch.Generator().manual_seed(hq * 100 + d)
+            pool_blocks = 2 * nb
+            k_pool, v_pool = (torch.randn(pool_blocks * block, hkv, d, generator=gen) for _ in range(2))
+            positions = torch.tensor([0, block - 1, block, nb * block - 1, 2 * block + 1, min(TILE, nb * block - 1)])
+            q = torch.randn(len(positions), hq, 1, d, generator=gen)  # [:, :, 0] below: non-contiguous, as in decode
+            tables = torch.randint(1, pool_blocks, (len(positions), nb), generator=gen)
+            args = [t.to(device) for t in (q, k_pool, v_pool)]
+            args = [t.to(dtype) for t in args] + [tables.to(device), positions.to(device)]
+            args[0] = args[0][:, :, 0]
+            got = paged_decode_attention(*args, block).float()
+            ref = paged_decode_attention_reference(*[t.float() if t.is_floating_point() else t for t in args], block)
+            # fp32: the online softmax and SDPA sum the same products in other orders (observed ~5e-7);
+            # bf16: the outputs (convex combinations of V) are stored in bf16 and the kernel feeds P to its
+            # second dot in bf16: each a relative 2^-8 of max |v|
+            tol = 1e-5 if dtype == torch.float32 else 2 * 2.0**-8 * float(v_pool.abs().max())
+            errors.append((float((got - ref).abs().max()), tol))
     return errors
 
 
@@ -61,5 +72,5 @@ def test_paged_kernel_matches_gather_path_and_transformers(hf_dir):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
         errors, tokens = json.loads(out.stdout.strip().splitlines()[-1])
-    assert max(errors) < 1e-5, errors
+    assert all(err < tol for err, tol in errors), errors
     assert tokens == ref

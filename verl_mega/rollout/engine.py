@@ -101,7 +101,7 @@ class GenerationEngine:
         if config.attention == "paged" and not use_triton(next(model.parameters())):
             raise ValueError("engine config attention='paged' runs a Triton kernel: it needs a CUDA model "
                              "(or TRITON_INTERPRET=1 on CPU); use attention='gather'")
-        self.sync_every = config.sync_every or (4 if self.device.type == "cuda" else 1)
+        self.sync_every = config.sync_every or (8 if self.device.type == "cuda" else 1)
         num_blocks = config.max_tokens // config.block_size + 1  # + the padding block 0
         # a block table covers the longest sequence plus the decode steps run past its end before a host check
         self.table_width = -(-(config.max_seq_len + self.sync_every) // config.block_size)
@@ -123,6 +123,10 @@ class GenerationEngine:
         self.is_vlm = bool(pads)
         self._deltas = torch.zeros(mb, dtype=torch.long, device=dev) if self.is_vlm else None
         self._banned, self._banned_set = torch.tensor(pads, dtype=torch.long, device=dev), frozenset(pads)
+        # a decode window's inputs, staged on the host and copied once (`_decode_window`)
+        cols = self.table_width + 3 + self.sync_every
+        self._staging = torch.zeros(mb, cols, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self._staged = torch.zeros(mb, cols, dtype=torch.long, device=dev)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._graph_pool = None
         self._graph_weights: tuple[int, ...] = ()
@@ -342,7 +346,9 @@ class GenerationEngine:
                 self.cache.copy_block(src, dst)
             rows += group
             row_logits += [lg] * len(group)
-        tokens, logprobs = self._sample(torch.stack(row_logits), rows, 0)
+        forced = self._forced_ids(rows, 1)
+        forced = None if forced is None else torch.from_numpy(forced[:, 0]).to(self.device)
+        tokens, logprobs = self._sample(torch.stack(row_logits), self._sampling_groups(rows), forced)
         for seq, tok, lp in zip(rows, tokens.tolist(), logprobs.tolist()):
             done = self.scheduler.accept(seq, tok, lp)
             if done is not None:
@@ -406,17 +412,26 @@ class GenerationEngine:
         longest = max(len(s.tokens) - 1 + k for s in rows)  # positions the window reaches
         bucket = max(self.block_size, self.config.kv_len_bucket // self.block_size * self.block_size)
         nb = min(self.table_width, -(-longest // bucket) * bucket // self.block_size)
-        tables = np.zeros((bb, self.table_width), dtype=np.int64)  # numpy: fast row fills from lists
-        state = np.zeros((3, bb), dtype=np.int64)  # [token fed, its position, M-RoPE delta] per row
+        # the window's inputs in one host-to-device copy (pinned on CUDA, so the host does not wait for it):
+        # per row [block table | token fed, its position, M-RoPE delta | forced ids of the k steps (-1: sample)]
+        tw = self.table_width
+        host = self._staging.numpy()[:bb]
+        host[:, :tw + 3] = 0  # padding rows: block 0, token 0, position 0
+        host[:, tw + 3:] = -1
         for r, s in enumerate(rows):
-            tables[r, :len(s.blocks)] = s.blocks
-            state[:, r] = s.tokens[-1], len(s.tokens) - 1, s.images.delta if s.images is not None else 0
-        self._tables[:bb].copy_(torch.from_numpy(tables))
-        state = torch.from_numpy(state).to(self.device)
-        self._tokens[:bb].copy_(state[0])
-        self._positions[:bb].copy_(state[1])
+            host[r, :len(s.blocks)] = s.blocks
+            host[r, tw:tw + 3] = s.tokens[-1], len(s.tokens) - 1, s.images.delta if s.images is not None else 0
+        forced = self._forced_ids(rows, k)
+        if forced is not None:
+            host[:b, tw + 3:] = forced
+        staged = self._staged[:bb]
+        staged.copy_(self._staging[:bb], non_blocking=True)
+        self._tables[:bb].copy_(staged[:, :tw])
+        self._tokens[:bb].copy_(staged[:, tw])
+        self._positions[:bb].copy_(staged[:, tw + 1])
         if self._deltas is not None:
-            self._deltas[:bb].copy_(state[2])
+            self._deltas[:bb].copy_(staged[:, tw + 2])
+        groups = self._sampling_groups(rows)
         out_tokens = torch.empty(b, k, dtype=torch.long, device=self.device)
         out_logprobs = torch.empty(b, k, dtype=torch.float32, device=self.device)
         context = sum(len(s.tokens) for s in rows)  # attended tokens of the window's first step
@@ -425,7 +440,7 @@ class GenerationEngine:
         self.stats["decode_context_tokens"] += k * context + b * k * (k - 1) // 2
         for t in range(k):
             logits = self._decode(bb, nb)
-            tok, lp = self._sample(logits[:b], rows, t)
+            tok, lp = self._sample(logits[:b], groups, None if forced is None else staged[:b, tw + 3 + t])
             out_tokens[:, t], out_logprobs[:, t] = tok, lp
             self._tokens[:b].copy_(tok)
             self._positions[:b] += 1
@@ -500,39 +515,45 @@ class GenerationEngine:
         return graph
 
     # ------------------------------------------------------------------ sampling
-    def _sample(self, logits: torch.Tensor, rows: list[Sequence], step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, logits: torch.Tensor, groups: dict[SamplingParams, list[int]], forced: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens [b], logprobs [b]) for logits [b, V], each row with its request's sampling params.
 
-        step: index of this token within the decode window (0 after a prefill): row r's token is its
-        response token number `rows[r].num_generated + step` (0-based). A VLM's image / video pad tokens are
-        masked out first (module docstring)."""
+        groups: `_sampling_groups(rows)`; forced: None or [b] int64 on the device (-1 = sample; `_forced_ids`).
+        A VLM's image / video pad tokens are masked out first (module docstring)."""
         if self.is_vlm:
             logits.index_fill_(1, self._banned, float("-inf"))
+        if len(groups) == 1:
+            return sample_tokens(logits, next(iter(groups)), self.generator, forced)
+        tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        logprobs = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        for params, idx in groups.items():
+            index = torch.tensor(idx, device=logits.device)
+            tokens[index], logprobs[index] = sample_tokens(logits[index], params, self.generator,
+                                                           None if forced is None else forced[index])
+        return tokens, logprobs
+
+    @staticmethod
+    def _sampling_groups(rows: list[Sequence]) -> dict[SamplingParams, list[int]]:
+        """Row indices per distinct sampling params (one `sample_tokens` call each)."""
         groups: dict[SamplingParams, list[int]] = {}
         for r, seq in enumerate(rows):
             groups.setdefault(seq.params.sampling, []).append(r)
-        if len(groups) == 1:
-            tokens, logprobs = sample_tokens(logits, next(iter(groups)), self.generator)
-        else:
-            tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-            logprobs = torch.empty(len(rows), dtype=torch.float32, device=logits.device)
-            for params, idx in groups.items():
-                index = torch.tensor(idx, device=logits.device)
-                tokens[index], logprobs[index] = sample_tokens(logits[index], params, self.generator)
-        return self._force(logits, rows, step, tokens, logprobs) if self._forced else (tokens, logprobs)
+        return groups
 
-    def _force(self, logits, rows, step, tokens, logprobs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows with a forced token (`eos_at`, `force_tokens`) at this token number (num_generated + step,
-        0-based) emit it, with its log-prob as `sample_tokens` reports it: log_softmax(logits / T), T = 1 for
-        greedy. Host-side lookups only (the positions are known on the host): no device sync."""
-        forced = [(r, f[s.num_generated + step]) for r, s in enumerate(rows)
-                  if s.num_generated + step in (f := self._forced.get((s.request_id, s.sample_index), {}))]
-        if not forced:
-            return tokens, logprobs
-        temps = torch.tensor([rows[r].params.sampling.temperature or 1.0 for r, _ in forced], device=logits.device)
-        index = torch.tensor([r for r, _ in forced], device=logits.device)
-        ids = torch.tensor([t for _, t in forced], device=logits.device)
-        tokens, logprobs = tokens.clone(), logprobs.clone()
-        tokens[index] = ids
-        logprobs[index] = torch.log_softmax(logits[index] / temps[:, None], dim=-1).gather(1, ids[:, None])[:, 0]
-        return tokens, logprobs
+    def _forced_ids(self, rows: list[Sequence], steps: int) -> np.ndarray | None:
+        """[len(rows), steps] int64: the token forced (`eos_at`, `force_tokens`) at each row's next `steps`
+        response tokens (numbers num_generated .. + steps - 1, 0-based), -1 where it samples; None when no
+        row has any. Host-side lookups only: the token numbers are known on the host."""
+        if not self._forced:
+            return None
+        ids = np.full((len(rows), steps), -1, dtype=np.int64)
+        hit = False
+        for r, seq in enumerate(rows):
+            script = self._forced.get((seq.request_id, seq.sample_index))
+            if script:
+                for t in range(steps):
+                    token = script.get(seq.num_generated + t)
+                    if token is not None:
+                        ids[r, t], hit = token, True
+        return ids if hit else None

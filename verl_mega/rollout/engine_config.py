@@ -23,7 +23,7 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV-cache block
     prefill_tokens: int = 8192  # most prompt tokens (rows x padded length) per prefill forward
     kv_len_bucket: int = 64  # decode attends over the gathered blocks rounded up to this many tokens
-    sync_every: Optional[int] = None  # decode steps per host check (finished rows, joins); None: 4 on CUDA, 1 on CPU
+    sync_every: Optional[int] = None  # decode steps per host check (finished rows, joins); None: 8 on CUDA, 1 on CPU
     cuda_graph: bool = True  # capture decode steps in CUDA graphs (CUDA models only; ignored on CPU)
     share_prefix: bool = True  # the n samples of a prompt prefill it once and read the same prompt blocks
     attention: str = "gather"  # decode attention: "gather" (blocks gathered for SDPA) | "paged" (Triton kernel)

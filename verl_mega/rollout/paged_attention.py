@@ -1,15 +1,23 @@
-"""Decode attention straight from the paged KV pool (one Triton program per (row, KV head)).
+"""Decode attention straight from the paged KV pool (flash-decoding over block tables, Triton).
 
 What: for one new query per row, q [B, Hq, D], attend over the row's first `positions[b] + 1` cached
-tokens, read block by block through its block table from the pools [slots, Hkv, D]; the Hq/Hkv query
-heads of a KV head share each loaded K/V block (GQA). Online softmax in fp32 (FlashAttention's
-running max / sum), output [B, Hq, D] in q's dtype. Reads every attended K/V byte once, where the
-gather path (`kv_cache.PagedKVCache.update` + SDPA, the reference here) reads it, writes a dense copy
-and reads that again.
+tokens, read through its block table from the pools [slots, Hkv, D]. One program per (row, KV head,
+context split): it walks its split's tokens in tiles of TILE tokens (TILE / block_size blocks, their
+slots looked up in the table), scores the Hq/Hkv query heads of its KV head against each loaded K tile
+with one `tl.dot` (GQA: every K/V byte is read once for the whole group) and keeps FlashAttention's
+running max / sum in fp32. A row's tiles past its length are never visited (the loop bound is the
+row's own length), so the work follows the actual lengths, not the longest row of the batch.
 
-Reference: vLLM's PagedAttention v1 decode kernel (one program per sequence and head, no split over
-the context); simplification: no split-K (flash-decoding), so few long rows use few SMs.
-The torch reference `paged_decode_attention_reference` is the gather + SDPA path.
+Splits (flash-decoding, Dao et al. 2023): when rows x KV heads alone would leave SMs idle (few rows,
+e.g. the tail of a rollout), the context is split over SPLITS programs per (row, head); each writes an
+unnormalised partial (acc, max, sum) and a second kernel merges them. With enough rows SPLITS = 1 and
+the first kernel writes the normalised output directly.
+
+Reads every attended K/V byte once, where the gather path (`kv_cache.PagedKVCache.update` + SDPA, the
+reference here) reads it, writes a dense copy padded to the batch's longest row and reads that again.
+
+Reference: vLLM's PagedAttention; FlashDecoding's split-K. The torch reference
+`paged_decode_attention_reference` is the gather + SDPA path.
 """
 
 from __future__ import annotations
@@ -18,6 +26,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+TILE = 64  # tokens per loaded K/V tile (a multiple of the block size; >= 16 for tl.dot)
+MIN_PROGRAMS_PER_SM = 2  # split the context until rows x heads x splits reaches this many programs per SM
 
 
 def paged_decode_attention_reference(q, k_pool, v_pool, tables, positions, block_size: int) -> torch.Tensor:
@@ -32,65 +43,122 @@ def paged_decode_attention_reference(q, k_pool, v_pool, tables, positions, block
     return out[:, :, 0]
 
 
-def _kernel():
+def _kernels():
     import triton  # lazy: TRITON_INTERPRET is read when the kernel is decorated
     import triton.language as tl
 
     @triton.jit
-    def paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, pos_ptr, out_ptr, sq_b, sq_h, s_slot, s_head,
-                            st_b, so_b, so_h, scale, NB: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr,
-                            D: tl.constexpr, BLOCK: tl.constexpr):
-        b, h = tl.program_id(0), tl.program_id(1)
-        r = tl.arange(0, REP_P)
-        d = tl.arange(0, D)
-        t = tl.arange(0, BLOCK)
+    def paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, pos_ptr, out_ptr, part_ptr, stat_ptr,
+                            sq_b, sq_h, s_slot, s_head, st_b, so_b, so_h, tiles_per_split, scale,
+                            SPLITS: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr,
+                            D_P: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr):
+        b, h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        r = tl.arange(0, REP_P)  # query heads of this KV head (padded to REP_P >= 16 for tl.dot)
+        d = tl.arange(0, D_P)  # head dim padded to D_P >= 16 (tl.dot); columns >= D masked
+        t = tl.arange(0, TILE)
         heads = h * REP + r
-        q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=(r < REP)[:, None], other=0.0)
-        q = q.to(tl.float32) * scale  # [REP_P, D]
-        length = tl.load(pos_ptr + b) + 1
+        keep = (r < REP)[:, None] & (d < D)[None, :]
+        q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=keep, other=0.0)
+        length = (tl.load(pos_ptr + b) + 1).to(tl.int32)
+        j = split * tiles_per_split
+        end = tl.minimum(j + tiles_per_split, (length + TILE - 1) // TILE)
         m = tl.full([REP_P], float("-inf"), tl.float32)
         l = tl.zeros([REP_P], tl.float32)
-        acc = tl.zeros([REP_P, D], tl.float32)
-        for j in range(0, NB):  # blocks past the row's length are fully masked (no K/V loads)
-            block = tl.load(table_ptr + b * st_b + j)
-            valid = j * BLOCK + t < length  # [BLOCK]
-            offs = (block * BLOCK + t)[:, None] * s_slot + h * s_head + d[None, :]  # [BLOCK, D]
-            k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [REP_P, BLOCK]
-            s = tl.where(valid[None, :], s, float("-inf"))
+        acc = tl.zeros([REP_P, D_P], tl.float32)
+        while j < end:  # runtime bound: a row's tiles past its length are never visited
+            tok = j * TILE + t  # [TILE] positions
+            valid = tok < length
+            block = tl.load(table_ptr + b * st_b + tok // BLOCK, mask=valid, other=0)
+            offs = (block * BLOCK + tok % BLOCK)[:, None] * s_slot + h * s_head + d[None, :]  # [TILE, D]
+            kv_mask = valid[:, None] & (d < D)[None, :]
+            k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))  # [REP_P, TILE] fp32
+            s = tl.where(valid[None, :], s * scale, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m - m_new)
-            v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)  # [REP_P, D]
+            acc = acc * alpha[:, None] + pv
             l = l * alpha + tl.sum(p, axis=1)
             m = m_new
-        out = acc / l[:, None]
-        tl.store(out_ptr + b * so_b + heads[:, None] * so_h + d[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=(r < REP)[:, None])
+            j += 1
+        if SPLITS == 1:
+            tl.store(out_ptr + b * so_b + heads[:, None] * so_h + d[None, :],
+                     (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=keep)
+        else:  # partials [B, Hq, SPLITS, D] and stats [B, Hq, SPLITS, 2] (max, sum); empty splits: -inf, 0
+            row = (b * (REP * tl.num_programs(1)) + heads) * SPLITS + split  # [REP_P]
+            tl.store(part_ptr + row[:, None] * D + d[None, :], acc, mask=keep)
+            tl.store(stat_ptr + row * 2, m, mask=r < REP)
+            tl.store(stat_ptr + row * 2 + 1, l, mask=r < REP)
 
-    return paged_decode_kernel
+    @triton.jit
+    def merge_splits_kernel(part_ptr, stat_ptr, out_ptr, so_b, so_h, HQ: tl.constexpr, SPLITS: tl.constexpr,
+                            SPLITS_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr):
+        b, head = tl.program_id(0), tl.program_id(1)
+        s = tl.arange(0, SPLITS_P)
+        d = tl.arange(0, D_P)
+        row = (b * HQ + head) * SPLITS + s  # [SPLITS_P]
+        m = tl.load(stat_ptr + row * 2, mask=s < SPLITS, other=float("-inf"))
+        l = tl.load(stat_ptr + row * 2 + 1, mask=s < SPLITS, other=0.0)
+        acc = tl.load(part_ptr + row[:, None] * D + d[None, :], mask=(s < SPLITS)[:, None] & (d < D)[None, :],
+                      other=0.0)
+        top = tl.max(m, axis=0)  # split 0 always holds position 0: finite
+        w = tl.where(s < SPLITS, tl.exp(m - top), 0.0)  # empty splits: exp(-inf) = 0
+        out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+        tl.store(out_ptr + b * so_b + head * so_h + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+
+    return paged_decode_kernel, merge_splits_kernel
 
 
-_KERNEL = []
+_KERNELS: list = []
+
+
+def num_splits(rows: int, kv_heads: int, max_tiles: int, device: torch.device) -> int:
+    """Context splits per (row, KV head): enough programs for MIN_PROGRAMS_PER_SM per SM, at most one per tile."""
+    if device.type != "cuda":
+        return 1 if max_tiles < 2 else 2  # the interpreter: exercise the split path cheaply
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = -(-MIN_PROGRAMS_PER_SM * sms // max(1, rows * kv_heads))
+    return max(1, min(want, max_tiles))
 
 
 def paged_decode_attention(q, k_pool, v_pool, tables, positions, block_size: int) -> torch.Tensor:
     """Triton paged decode attention (see the module docstring); same contract as the reference.
 
     q [B, Hq, D] (any strides with unit last stride), k_pool / v_pool [slots, Hkv, D] contiguous,
-    tables [B, nb] int64 block ids covering positions[b] + 1 tokens, positions [B] int64. D and
-    block_size must be powers of two.
+    tables [B, nb] int64 block ids covering positions[b] + 1 tokens, positions [B] int64; block_size must
+    divide TILE.
     """
     b, hq, d = q.shape
     hkv = k_pool.shape[1]
     rep = hq // hkv
-    if d & (d - 1) or block_size & (block_size - 1):
-        raise ValueError(f"paged attention needs power-of-two head_dim and block_size, got {d}, {block_size}")
-    if not _KERNEL:
-        _KERNEL.append(_kernel())
+    if TILE % block_size:
+        raise ValueError(f"paged attention needs a block_size dividing {TILE}, got {block_size}")
+    if not _KERNELS:
+        _KERNELS.extend(_kernels())
+    attend, merge = _KERNELS
+    max_tiles = -(-tables.shape[1] * block_size // TILE)
+    splits = num_splits(b, hkv, max_tiles, q.device)
+    tiles_per_split = -(-max_tiles // splits)
+    splits = -(-max_tiles // tiles_per_split)  # no split left without tiles for the longest row
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
-    _KERNEL[0][(b, hkv)](q, k_pool, v_pool, tables, positions, out, q.stride(0), q.stride(1), k_pool.stride(0),
-                         k_pool.stride(1), tables.stride(0), out.stride(0), out.stride(1), 1.0 / math.sqrt(d),
-                         NB=tables.shape[1], REP=rep, REP_P=max(1, 1 << (rep - 1).bit_length()), D=d, BLOCK=block_size)
+    part = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device) if splits > 1 else out
+    stat = torch.empty(b, hq, splits, 2, dtype=torch.float32, device=q.device) if splits > 1 else out
+    attend[(b, hkv, splits)](q, k_pool, v_pool, tables, positions, out, part, stat, q.stride(0), q.stride(1),
+                             k_pool.stride(0), k_pool.stride(1), tables.stride(0), out.stride(0), out.stride(1),
+                             tiles_per_split, 1.0 / math.sqrt(d), SPLITS=splits, REP=rep,
+                             REP_P=max(16, 1 << (rep - 1).bit_length()), D=d, D_P=max(16, 1 << (d - 1).bit_length()),
+                             BLOCK=block_size, TILE=TILE,
+                             IEEE=q.dtype == torch.float32)
+    if splits > 1:
+        merge[(b, hq)](part, stat, out, out.stride(0), out.stride(1), HQ=hq, SPLITS=splits,
+                       SPLITS_P=1 << (splits - 1).bit_length(), D=d,
+                       D_P=max(16, 1 << (d - 1).bit_length()))
     return out

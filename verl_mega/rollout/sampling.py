@@ -99,13 +99,15 @@ def truncate_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
     return logits
 
 
-def sample_tokens(logits: torch.Tensor, params: SamplingParams,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+                  forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row and return (tokens [B] int64, logprobs [B] float32).
 
     logits: [B, V] float32 over the true vocabulary (see `gather_vocab_logits`). Greedy takes the
     argmax; otherwise tokens are drawn from softmax(truncate(logits / T)) with `generator`.
     logprobs are log_softmax(logits / T) at the chosen tokens (untruncated, T = 1 for greedy).
+    forced: None or [B] int64 on logits' device: rows with an id >= 0 take that token instead (scripted
+    tokens, e.g. a forced EOS), with its log-prob as above; the random draws are made for every row.
     """
     if params.greedy:
         tokens = torch.argmax(logits, dim=-1)
@@ -119,5 +121,7 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams,
             probs = torch.softmax(truncate_logits(scaled, params.top_k, params.top_p), dim=-1)
         race = torch.empty_like(probs).exponential_(generator=generator)  # E ~ Exp(1)
         tokens = torch.argmax(probs.div_(race), dim=-1)
+    if forced is not None:
+        tokens = torch.where(forced >= 0, forced, tokens)
     chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1)  # [B]
     return tokens, chosen
