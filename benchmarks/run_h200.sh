@@ -24,7 +24,7 @@
 #   vlm_vision_share the vision tower's share per phase (issue 17)
 #   reward_models    rule vs reward model vs LLM judge rewards inside a GRPO step, with/without offload (issue 19)
 #   reward_judge     reward_models' judge run only (2 steps after the warm-up)
-#   agent_rollout    multi-turn agent rollout (32 prompts x 8), tool calls overlapping generation vs serial (issue 16)
+#   agent_rollout    multi-turn agent rollout (8 prompts x 8), tool calls overlapping generation vs serial (issue 16)
 # Each step has its own `timeout`, capped by what is left of BUDGET seconds (default 560: the call's 600 s
 # minus the wheel install and the copy-back); a step that would get under 30 s is skipped and says so.
 # Run from the repository root with `.whl/` carried (benchmarks/README.md, "Wheels for the GPU machine"):
@@ -92,8 +92,8 @@ if os.path.exists(tp) and os.path.exists(trl):  # throughput.py's peer_ratios ru
                                                r["config"]["kl"]) == (a["shape"], a["prompts"], a["n"], False)]
 for name in ("throughput.md", "grpo_e2e_ab.md", "grpo_e2e.md", "reward_models.md", "rollout_profile_gather.txt",
              "rollout_profile_paged.txt"):
-    for path in glob.glob(os.path.join(work, "**", name), recursive=True):
-        md += ["", open(path).read()]
+    for path in sorted(glob.glob(os.path.join(work, "**", name), recursive=True)):
+        md += ["", f"<!-- from {os.path.relpath(path, work)} -->", open(path).read()]  # which step wrote it
 open(os.path.join(out, "summary.md"), "w").write("\n".join(md) + "\n")
 with open(os.path.join(out, "logs.txt"), "w") as f:
     for s in steps:

@@ -1,8 +1,8 @@
 """The Triton paged decode-attention kernel against the gather + SDPA path, alone and inside the engine
 (greedy tokens equal transformers' with rows joining mid-way).
 
-On CPU the kernel runs in the Triton interpreter, which must be switched on before triton is first
-imported: the checks run in a fresh subprocess with TRITON_INTERPRET=1 (with CUDA, in this process).
+The Triton interpreter must be switched on before triton is first imported: the CPU checks run in a
+fresh subprocess with TRITON_INTERPRET=1; with CUDA, the compiled kernel is checked in this process too.
 
 Tolerances: `kernel_errors` (fp32 1e-5; bf16 on CUDA, derived there).
 """
@@ -20,13 +20,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
-def kernel_errors() -> list[tuple[float, float]]:
+def kernel_errors(device: str) -> list[tuple[float, float]]:
     """(max |kernel - reference|, tolerance) over head layouts (GQA 2:1, 7:1, MHA; head_dim 8 padded to 16), rows
     ending at block and tile edges, contexts of one tile and of several (split over programs: `num_splits` gives
-    2 off CUDA); on CUDA also in bf16."""
+    2 off CUDA); on CUDA also in bf16. device: "cuda" (compiled kernel) or "cpu" (the interpreter)."""
     from verl_mega.rollout.paged_attention import TILE, paged_decode_attention, paged_decode_attention_reference
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     dtypes = [torch.float32] + ([torch.bfloat16] if device == "cuda" else [])
     errors = []
     for dtype in dtypes:
@@ -63,14 +62,14 @@ def test_paged_kernel_matches_gather_path_and_transformers(hf_dir):
     ids = tokenize(hf_dir, TEXT_PROMPTS)
     eos = hf_greedy(hf_dir, ids, NEVER, 8)[0][3]
     ref = hf_greedy(hf_dir, ids, eos, 8)
+    # the CPU model in the interpreter (always), and the compiled kernel on CUDA tensors where there is CUDA
+    code = ("import json, sys; sys.path.insert(0, %r); import test_paged_attention as t; "
+            "print(json.dumps([t.kernel_errors('cpu'), t.engine_tokens(%r, %r, %d)]))" % (HERE, hf_dir, ids, eos))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([ROOT, HERE])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    errors, tokens = json.loads(out.stdout.strip().splitlines()[-1])
     if torch.cuda.is_available():
-        errors, tokens = kernel_errors(), engine_tokens(hf_dir, ids, eos)
-    else:
-        code = ("import json, sys; sys.path.insert(0, %r); import test_paged_attention as t; "
-                "print(json.dumps([t.kernel_errors(), t.engine_tokens(%r, %r, %d)]))" % (HERE, hf_dir, ids, eos))
-        env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([ROOT, HERE])}
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-        assert out.returncode == 0, out.stderr[-3000:]
-        errors, tokens = json.loads(out.stdout.strip().splitlines()[-1])
+        errors += kernel_errors("cuda")
     assert all(err < tol for err, tol in errors), errors
     assert tokens == ref

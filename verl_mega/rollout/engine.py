@@ -48,7 +48,10 @@ Reference: vLLM (Kwon et al., SOSP 2023: PagedAttention, continuous batching, pr
 recompute preemption); gpt-fast's static-shape graphed decode.
 
 Simplifications: prefill and decode run as separate forwards (no chunked prefill mixed into decode
-steps); attention gathers the blocks into a dense view for SDPA instead of a fused paged kernel;
+steps); decode attention either gathers the blocks into a dense view for SDPA (`attention="gather"`, the
+default: every device) or reads them in place with the Triton flash-decoding kernel (`"paged"`,
+`paged_attention.py`: 2.2x the gather path's tokens/s on an H100 at the 0.5B shape, benchmarks/results/
+h100_2026-12-05b); sampling runs eager after each graphed step;
 one sampling generator per engine (seeded by `seed()` / `generate(seed=)`), so a row's random draws
 depend on the batch it runs in (same inputs + same seed + same config = same tokens).
 """

@@ -26,7 +26,9 @@ class EngineConfig:
     sync_every: Optional[int] = None  # decode steps per host check (finished rows, joins); None: 8 on CUDA, 1 on CPU
     cuda_graph: bool = True  # capture decode steps in CUDA graphs (CUDA models only; ignored on CPU)
     share_prefix: bool = True  # the n samples of a prompt prefill it once and read the same prompt blocks
-    attention: str = "gather"  # decode attention: "gather" (blocks gathered for SDPA) | "paged" (Triton kernel)
+    # decode attention: "gather" (blocks gathered for SDPA; every device) | "paged" (the Triton flash-decoding
+    # kernel on the blocks in place: CUDA, 2.2x the gather path at the 0.5B shape on an H100)
+    attention: str = "gather"
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_tokens", "max_seq_len", "block_size", "prefill_tokens", "kv_len_bucket"):
