@@ -353,7 +353,7 @@ class GenerationEngine:
         forced = None if forced is None else torch.from_numpy(forced[:, 0]).to(self.device)
         tokens, logprobs = self._sample(torch.stack(row_logits), self._sampling_groups(rows), forced)
         for seq, tok, lp in zip(rows, tokens.tolist(), logprobs.tolist()):
-            done = self.scheduler.accept(seq, tok, lp)
+            done = self.scheduler.accept(seq, [tok], [lp])
             if done is not None:
                 finished.append(done)
         return finished
@@ -449,11 +449,9 @@ class GenerationEngine:
             self._positions[:b] += 1
         finished = []
         for seq, toks, lps in zip(rows, out_tokens.tolist(), out_logprobs.tolist()):  # the host sync
-            for tok, lp in zip(toks, lps):
-                done = sched.accept(seq, tok, lp)
-                if done is not None:
-                    finished.append(done)
-                    break
+            done = sched.accept(seq, toks, lps)
+            if done is not None:
+                finished.append(done)
             if not seq.finished:
                 seq.num_cached = len(seq.tokens) - 1
         return finished
@@ -555,8 +553,9 @@ class GenerationEngine:
         for r, seq in enumerate(rows):
             script = self._forced.get((seq.request_id, seq.sample_index))
             if script:
-                for t in range(steps):
-                    token = script.get(seq.num_generated + t)
-                    if token is not None:
-                        ids[r, t], hit = token, True
+                first = seq.num_generated
+                numbers = script if len(script) < steps else range(first, first + steps)  # the shorter walk
+                for number in numbers:
+                    if first <= number < first + steps and number in script:
+                        ids[r, number - first], hit = script[number], True
         return ids if hit else None

@@ -198,11 +198,19 @@ class Scheduler:
         self.waiting.appendleft([seq])
 
     # ------------------------------------------------------------------ what came out
-    def accept(self, seq: Sequence, token: int, logprob: float) -> Finished | None:
-        """Record a sampled token; returns the finished turn if it ends the sequence's response."""
-        seq.tokens.append(int(token))
-        seq.logprobs.append(float(logprob))
-        if int(token) in seq.params.stop_token_ids or seq.num_generated >= seq.params.max_new_tokens:
+    def accept(self, seq: Sequence, tokens: list[int], logprobs: list[float]) -> Finished | None:
+        """Record a row's sampled tokens (one decode window's, in order) up to the first that ends its response
+        (a stop token, or max_new_tokens reached); returns the finished turn if one did (the later tokens were
+        decoded past the end and are dropped)."""
+        stops, room = seq.params.stop_token_ids, seq.params.max_new_tokens - seq.num_generated
+        cut = min(len(tokens), room)
+        for i in range(cut):
+            if tokens[i] in stops:
+                cut = i + 1
+                break
+        seq.tokens += tokens[:cut]
+        seq.logprobs += logprobs[:cut]
+        if cut < len(tokens) or cut == room or (cut and tokens[cut - 1] in stops):
             return self._finish(seq)
         return None
 
