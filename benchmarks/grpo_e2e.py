@@ -114,6 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--offload-auto", action="store_true", help="offload.auto: the memory planner picks the switches")
     p.add_argument("--memory-gib", type=float, default=None,
                    help="device memory the planner checks against (default: CUDA's; needed for a check on CPU)")
+    p.add_argument("--attention", choices=("gather", "paged"), default="gather",
+                   help="decode attention of the rollout engine (rollout.engine.attention)")
     p.add_argument("--keep-cache", action="store_true",
                    help="keep the KV cache and CUDA graphs between rollouts (default: freed for training, recaptured)")
     p.add_argument("--steps", type=int, default=4)
@@ -237,6 +239,7 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
     cfg.model.recompute = recompute or args.recompute
     cfg.data.max_prompt_length = args.prompt_len
     cfg.rollout.engine.max_batch = per_dp * args.n
+    cfg.rollout.engine.attention = args.attention
     cfg.algorithm.kl_coef = 0.001  # > 0: a reference model (as in GRPO recipes)
     cfg.trainer.progress_bar = False
     cfg.trainer.packing = (args.packing == "on") if packing is None else packing

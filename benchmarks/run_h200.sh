@@ -25,6 +25,8 @@
 #   reward_models    rule vs reward model vs LLM judge rewards inside a GRPO step, with/without offload (issue 19)
 #   reward_judge     reward_models' judge run only (2 steps after the warm-up)
 #   agent_rollout    multi-turn agent rollout (8 prompts x 8), tool calls overlapping generation vs serial (issue 16)
+# Environment: BUDGET (seconds, below), ATTENTION (gather | paged: the engine's decode attention in throughput and
+# grpo_e2e_ab), ROLLOUT_SHAPES (comma-separated, default qwen2.5-0.5b).
 # Each step has its own `timeout`, capped by what is left of BUDGET seconds (default 560: the call's 600 s
 # minus the wheel install and the copy-back); a step that would get under 30 s is skipped and says so.
 # Run from the repository root with `.whl/` carried (benchmarks/README.md, "Wheels for the GPU machine"):
@@ -46,6 +48,8 @@ for arg in "${@:-core}"; do
   esac
 done
 BUDGET=${BUDGET:-560}
+ATTENTION=${ATTENTION:-gather}  # the rollout engine's decode attention in throughput / grpo_e2e_ab (gather | paged)
+ROLLOUT_SHAPES=${ROLLOUT_SHAPES:-qwen2.5-0.5b}  # rollout_service / rollout_fast shapes (issue 13: add qwen2.5-7b)
 START=$(date +%s)
 WORK=$(mktemp -d /tmp/h200.XXXX)  # scripts write here; the chosen files are copied to $OUT after every step
 
@@ -120,16 +124,17 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
   case $1 in
     kernels_tests) step kernels_tests 120 python3 -m pytest -q -rs -x tests/kernels ;;
     demo) step demo 120 python3 -m verl_mega demo --quick --nproc 1 --tp 1 --output-dir "$WORK/demo" ;;
-    rollout_service) step rollout_service 240 python3 benchmarks/rollout_service.py --shapes qwen2.5-0.5b --no-hf --profile \
+    rollout_service) step rollout_service 240 python3 benchmarks/rollout_service.py --shapes "$ROLLOUT_SHAPES" --no-hf --profile \
       --grpo-shape '' --out-dir "$WORK/rollout" ;;
-    rollout_fast) step rollout_fast 200 python3 benchmarks/rollout_service.py --shapes qwen2.5-0.5b --no-hf \
+    rollout_fast) step rollout_fast 300 python3 benchmarks/rollout_service.py --shapes "$ROLLOUT_SHAPES" --no-hf \
       --grpo-shape '' --out-dir "$WORK/rollout" ;;
     paged_tests) step paged_tests 90 python3 -m pytest -q -x tests/rollout/test_paged_attention.py ;;
     throughput) step throughput 200 python3 benchmarks/throughput.py --shapes 0.5b,1.5b --batches 8x8 --prompt-len 128 \
-      --new-tokens 256 --kl off --out "$WORK/throughput" ;;
+      --new-tokens 256 --kl off --attention "$ATTENTION" --out "$WORK/throughput" ;;
     trl_grpo) step trl_grpo 150 python3 benchmarks/trl_grpo.py --shape 0.5b --out "$WORK/trl" ;;
     grpo_e2e_ab) step grpo_e2e_ab 240 python3 benchmarks/grpo_e2e.py --ab 0.5b --variants padded,packed --prompts 64 \
-      --n 8 --prompt-len 128 --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 --out "$WORK/ab" ;;
+      --n 8 --prompt-len 128 --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 \
+      --attention "$ATTENTION" --out "$WORK/ab" ;;
     reward_overlap) step reward_overlap 150 python3 benchmarks/rollout_service.py --shapes '' --no-hf \
       --grpo-shape qwen2.5-0.5b --out-dir "$WORK/reward_overlap" ;;
     keep_cache) step keep_cache 150 python3 benchmarks/grpo_e2e.py --shape 0.5b --prompts 64 --n 8 --prompt-len 128 \
