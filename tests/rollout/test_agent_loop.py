@@ -236,3 +236,19 @@ def test_tool_that_blocks_its_event_loop_is_cut_at_the_time_limit(setup):
     text = tok.decode(s.response_ids, skip_special_tokens=False)
     assert "[tool error: no answer within 0.5 s, and the tool could not be stopped: it blocks its event loop" in text
     assert text.endswith("done<|im_end|>") and (s.turns, s.tool_calls, s.tool_errors) == (2, 1, 1)
+
+
+def test_a_dead_sandbox_server_ends_the_rollout_with_tools_down(setup):
+    """The sandbox server dies mid-run: once `max_unavailable` calls in a row were not run, AgentLoop.run
+    raises ToolsDown (the step ends with that message) instead of going on with every call an error."""
+    from tests.tools.test_toolset import dead_sandbox_tool
+    from verl_mega.tools import ToolsDown
+
+    engine, tok = setup
+    call = '<tool_call>{"name": "code_interpreter", "arguments": {"code": "print(1)"}}</tool_call>'
+    scripted(engine, tok, {"run it": [call, "done"]})
+    loop = AgentLoop(engine, tok, ToolSet([dead_sandbox_tool()], max_unavailable=3),
+                     AgentLimits(max_turns=4, max_total_tokens=400))
+    with pytest.raises(ToolsDown, match=r"^tool 'code_interpreter': 3 calls in a row were not run"):
+        loop.run([[{"role": "user", "content": "run it"}]], n=3)  # the 3 samples' first calls
+    assert not engine.has_unfinished()

@@ -1,11 +1,13 @@
-"""ToolSet: dispatch by name, every failure an error message for the model, the per-call time limit; build_tools."""
+"""ToolSet: dispatch by name, every failure an error message for the model, the per-call time limit, the stop
+when the backend is gone; build_tools."""
 
 import asyncio
+import socket
 
 import pytest
 
 from tests.tools.helpers import make_sandbox
-from verl_mega.tools import PythonTool, SandboxFusionTool, Tool, ToolSet, build_tools
+from verl_mega.tools import ClientOptions, PythonTool, SandboxFusionTool, Tool, ToolSet, ToolsDown, build_tools
 
 
 class Adder(Tool):
@@ -83,3 +85,35 @@ def test_build_tools_names_the_entry_and_the_keys_a_tool_takes():
     assert tools.tools["code_interpreter"].runner.options.retries == 1
     with pytest.raises(ValueError, match=r"tools\[0\] \(code_interpreter\): .*unexpected keyword argument 'retry'"):
         build_tools([{"name": "code_interpreter", "sandbox_fusion_url": "http://h:1", "client_options": {"retry": 1}}])
+
+
+def dead_sandbox_tool() -> SandboxFusionTool:
+    """A code tool pointed at a 127.0.0.1 port nobody listens on, no retries: every call is ToolUnavailable."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return SandboxFusionTool(f"http://127.0.0.1:{port}", client_options=ClientOptions(retries=0))
+
+
+def test_a_dead_backend_stops_the_calls_after_max_unavailable_in_a_row():
+    """A sandbox server that dies mid-run used to answer every later call with an error message for the
+    whole run; now max_unavailable calls in a row it did not run raise ToolsDown (a call it ran resets the count)."""
+    tools = ToolSet([dead_sandbox_tool(), Adder()], max_unavailable=2)
+
+    async def calls():
+        try:
+            first = await tools.call("code_interpreter", {"code": "print(1)"})
+            ok = await tools.call("add", {"a": 1, "b": 2})
+            again = await tools.call("code_interpreter", {"code": "print(1)"})
+            with pytest.raises(ToolsDown, match=r"^tool 'code_interpreter': 2 calls in a row were not run "
+                                                r"\(sandbox unavailable: .*restart the sandbox server"):
+                await tools.call("code_interpreter", {"code": "print(1)"})
+            return first, ok, again
+        finally:
+            await tools.aclose()
+
+    first, ok, again = asyncio.run(calls())
+    assert first.error and first.text.startswith("[tool error: sandbox unavailable: ")
+    assert (ok.text, ok.error, again.error) == ("3", False, True)
+    with pytest.raises(ValueError, match="max_unavailable must be an integer >= 1"):
+        ToolSet([Adder()], max_unavailable=0)

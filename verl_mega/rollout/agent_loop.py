@@ -45,6 +45,7 @@ import torch.distributed as dist
 
 from verl_mega.rollout.scheduler import RequestParams
 from verl_mega.rollout.sampling import SamplingParams
+from verl_mega.tools.base import ToolsDown
 
 TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)(</tool_call>|$)", re.DOTALL)
 TOOL_CALL_END = "</tool_call>"
@@ -212,6 +213,9 @@ class AgentLoop:
         runner = _ToolRunner(self.toolset, lead=self._is_lead())
         try:
             self._loop(chats, runner)
+        except BaseException:
+            self.engine.release()  # an interrupted rollout (ToolsDown, Ctrl-C) leaves no queued or running rows
+            raise
         finally:
             runner.close()
             for rid in {r for r, _ in rows}:
@@ -263,12 +267,18 @@ class AgentLoop:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def _collect(self, runner, block: bool) -> list[tuple[tuple[int, int], list]]:
-        """Tool results ready now (waiting for one if `block`), the same list on every rank of the group."""
-        ready = runner.ready(block) if self._is_lead() else None
+        """Tool results ready now (waiting for one if `block`), the same list on every rank of the group;
+        `ToolsDown` (the tools' backend is gone) is raised on every rank of the group."""
+        try:
+            ready = runner.ready(block) if self._is_lead() else None
+        except ToolsDown as e:
+            ready = e
         if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
             box = [ready]
             dist.broadcast_object_list(box, src=dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
             ready = box[0]
+        if isinstance(ready, ToolsDown):
+            raise ready
         return ready
 
     def _resume(self, chat: _Chat, key, results: list) -> None:

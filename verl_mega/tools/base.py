@@ -6,8 +6,9 @@ A tool has a `name`, a `description` and `parameters` (the JSON schema of its ar
 is async, so the agent loop can run tools while other sequences keep decoding, and returns the text
 that goes back to the model as a `tool` message. A tool reports failures of the call (bad code, a
 time-out) in that text, so the model can react; it raises ValueError for a wrong call (bad arguments) and
-`ToolError` when the tool itself could not serve the call (its sandbox server unreachable): `ToolSet.call`
-turns both into an error message for the model, counted in `agent/tool_errors`. `aclose()` releases what the
+`ToolError` when the tool itself could not serve the call (`ToolUnavailable`: its sandbox server unreachable):
+`ToolSet.call` turns both into an error message for the model, counted in `agent/tool_errors`, and raises
+`ToolsDown` once the backend failed many calls in a row. `aclose()` releases what the
 tool holds on the running event loop (an HTTP session).
 
 Reference: the OpenAI function-calling schema; verl's `BaseTool` (`get_openai_tool_schema`, `execute`).
@@ -21,6 +22,17 @@ from typing import Any
 
 class ToolError(RuntimeError):
     """The tool could not serve a call (not the program's fault: e.g. its sandbox server is unreachable)."""
+
+
+class ToolUnavailable(ToolError):
+    """The tool's backend did not run the call at all (its sandbox server unreachable after the client's
+    retries); `ToolSet` stops the rollout after `max_unavailable` of these in a row."""
+
+
+class ToolsDown(RuntimeError):
+    """Raised by `ToolSet.call` (and out of the agent loop, on every rank of the model-parallel group) when
+    the tools' backend failed `max_unavailable` calls in a row: a dead sandbox server ends the step with this
+    message instead of feeding the model error messages for the rest of the run."""
 
 
 class Tool(abc.ABC):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from verl_mega.tools.base import Tool, ToolError
+from verl_mega.tools.base import Tool, ToolError, ToolUnavailable
 from verl_mega.tools.fusion_client import ClientOptions, SandboxFusionClient, SandboxFusionError
 from verl_mega.tools.sandbox import ExecutionResult, RunStatus, Sandbox, SandboxLimits
 
@@ -97,7 +97,7 @@ class PythonTool(Tool):
         try:
             result = await self.run(code, language)
         except SandboxFusionError as e:
-            raise ToolError(f"sandbox unavailable: {e}") from None
+            raise ToolUnavailable(f"sandbox unavailable: {e}") from None
         if result.status == RunStatus.ERROR:
             raise ToolError(f"sandbox error: {result.message}")
         return format_result(result, self.timeout_s, self.max_result_chars)

@@ -3,7 +3,9 @@
 The agent loop parses a tool call from the model's text and hands `name` and `arguments` here. Whatever
 goes wrong (an unknown tool, arguments that are not an object, a wrong argument, a tool that raises
 or runs past `timeout_s`) comes back as a `ToolCallResult` with `error=True` and a message for the
-model, so a bad call costs one turn, never the rollout. `build_tools` makes a `ToolSet` from config
+model, so a bad call costs one turn, never the rollout. The one exception: when the tools' backend is
+gone (`max_unavailable` calls in a row raised `ToolUnavailable`, e.g. the sandbox server died mid-run),
+`call` raises `ToolsDown`, which ends the step with that message. `build_tools` makes a `ToolSet` from config
 entries (`rollout.tools: [{name: code_interpreter, sandbox_fusion_url: ..., default_timeout: 30}]`).
 """
 
@@ -16,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from verl_mega.tools.base import Tool, ToolError
+from verl_mega.tools.base import Tool, ToolError, ToolsDown, ToolUnavailable
 from verl_mega.tools.fusion_client import ClientOptions
 from verl_mega.tools.python_tool import PythonTool, SandboxFusionTool
 from verl_mega.tools.sandbox import SandboxUnavailable
@@ -41,20 +43,24 @@ class ToolSet:
         timeout_s: wall-clock limit of one call (None: the tool's own limits only).
     """
 
-    def __init__(self, tools: Sequence[Tool], timeout_s: float | None = None):
+    def __init__(self, tools: Sequence[Tool], timeout_s: float | None = None, max_unavailable: int = 16):
         self.tools = {tool.name: tool for tool in tools}
         if len(self.tools) != len(tools):
             raise ValueError(f"tools must have distinct names, got {[tool.name for tool in tools]}")
         if timeout_s is not None and timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0 or None, got {timeout_s}")
-        self.timeout_s = timeout_s
+        if not isinstance(max_unavailable, int) or max_unavailable < 1:
+            raise ValueError(f"max_unavailable must be an integer >= 1, got {max_unavailable!r}")
+        self.timeout_s, self.max_unavailable = timeout_s, max_unavailable
+        self.unavailable_in_a_row = 0  # calls whose backend did not run them, since the last one it ran
 
     def schemas(self) -> list[dict[str, Any]]:
         """The `tools=` argument of `tokenizer.apply_chat_template`."""
         return [tool.schema() for tool in self.tools.values()]
 
     async def call(self, name: str, arguments: Any) -> ToolCallResult:
-        """Run tool `name` with `arguments` (a dict); failures become an error message, never an exception."""
+        """Run tool `name` with `arguments` (a dict); failures become an error message, never an exception,
+        except `ToolsDown` after `max_unavailable` calls in a row the backend did not run."""
         t0 = time.monotonic()
 
         def failed(message: str) -> ToolCallResult:
@@ -67,12 +73,20 @@ class ToolSet:
             return failed(f"arguments of {name!r} must be a JSON object, got {type(arguments).__name__}")
         try:
             text = await asyncio.wait_for(tool.execute(**arguments), self.timeout_s)
+        except ToolUnavailable as e:
+            self.unavailable_in_a_row += 1
+            if self.unavailable_in_a_row >= self.max_unavailable:
+                raise ToolsDown(f"tool {name!r}: {self.unavailable_in_a_row} calls in a row were not run ({e}); "
+                                f"stopping instead of answering every call with an error: restart the "
+                                f"sandbox server or fix the tool's sandbox_fusion_url") from None
+            return failed(str(e))
         except (asyncio.TimeoutError, TimeoutError):
             return failed(f"{name!r} did not answer within {self.timeout_s:g} s")
         except (ValueError, TypeError, ToolError) as e:
             return failed(str(e))
         except Exception as e:  # a tool bug must not end the rollout; the model sees what happened
             return failed(f"{name!r} raised {type(e).__name__}: {e}")
+        self.unavailable_in_a_row = 0
         return ToolCallResult(text, False, time.monotonic() - t0)
 
     async def check(self, key: str = "tools") -> None:
