@@ -208,6 +208,7 @@ def test_config_reward_specs(tmp_path):
     from verl_mega.config import load_config
     from verl_mega.rollout import get_actor_model
     from verl_mega.model_rewards import LLMJudgerReward, RewardModel
+    from verl_mega.model_rewards.judge import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT_TEMPLATE
     from verl_mega.trainer import TrainerConfig
 
     actor = get_actor_model(make_tiny_hf_model(str(tmp_path / "actor"), "llama", vocab_size=130))
@@ -215,9 +216,19 @@ def test_config_reward_specs(tmp_path):
     cfg = load_config(TrainerConfig, None, [f"model.path={actor.path}", "data.train_path=unused.jsonl",
                                             f"trainer.reward=model:{rm_dir}", "trainer.reward_offload=true"])
     assert load_reward(cfg.trainer.reward) is None  # preflight checks the directory; it loads with the actor
-    rm = load_model_reward(cfg.trainer.reward, actor, offload=cfg.trainer.reward_offload)
+    rm = load_model_reward(cfg.trainer, actor)
     assert isinstance(rm, RewardModel) and rm.offload is not None and rm.layout is actor.layout
-    assert isinstance(load_model_reward(f"judge:{actor.path}", actor), LLMJudgerReward)
+    judge_cfg = load_config(TrainerConfig, None, [f"model.path={actor.path}", "data.train_path=unused.jsonl",
+                                                  f"trainer.reward=judge:{actor.path}", "trainer.judge_parse=yes/no",
+                                                  "trainer.judge_template='Is this right? {response}'",
+                                                  "trainer.judge_max_new_tokens=4"])
+    judge = load_model_reward(judge_cfg.trainer, actor)  # the judge_* keys reach the judge
+    assert isinstance(judge, LLMJudgerReward)
+    assert (judge.prompt_template, judge.max_new_tokens) == ("Is this right? {response}", 4)
+    assert judge.parse("Yes.") == 1.0 and judge.parse("no") == 0.0
+    default = load_model_reward(load_config(TrainerConfig, None, [f"model.path={actor.path}", "data.train_path=x.jsonl",
+                                                                  f"trainer.reward=judge:{actor.path}"]).trainer, actor)
+    assert (default.prompt_template, default.max_new_tokens) == (DEFAULT_PROMPT_TEMPLATE, DEFAULT_MAX_NEW_TOKENS)
     with pytest.raises(ValueError, match="not a Hugging Face model directory"):
         load_reward("model:")
     with pytest.raises(ValueError, match="not a Hugging Face model directory"):

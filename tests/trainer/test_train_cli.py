@@ -349,3 +349,11 @@ def test_model_reward_weights_are_checked_before_the_model_loads(tiny_dir, tmp_p
         json.dump(hf, f)
     _fails_with(capsys, [cfg, *SMALL, f"trainer.reward=model:{two_labels}"],
                 f"trainer.reward=model:{two_labels}: reward model {two_labels} has 2 labels")
+    # the judge's options (trainer.judge_*): checked before the model loads, each naming its key
+    _fails_with(capsys, [cfg, *SMALL, "trainer.judge_parse=yes/no"],
+                "trainer.judge_parse is set but trainer.reward='rule' is not an LLM judge (trainer.reward=judge:PATH)")
+    judge = f"trainer.reward=judge:{tiny_dir}"
+    _fails_with(capsys, [cfg, *SMALL, judge, "trainer.judge_parse=1-5"], "trainer.judge_parse='1-5' is not one of")
+    _fails_with(capsys, [cfg, *SMALL, judge, "trainer.judge_template='Rate: {answer}'"],
+                "trainer.judge_template: prompt_template has unknown fields ['answer']")
+    _fails_with(capsys, [cfg, *SMALL, judge, "trainer.judge_max_new_tokens=0"], "trainer.judge_max_new_tokens must be >= 1")

@@ -393,6 +393,17 @@ def check_model_reward(cfg: TrainerConfig) -> None:
                          f"tokenizer.model); the {what} reads each prompt and response as text with its own tokenizer")
     check_fits(path, cfg.parallel.tp, pp, f"the {what} at trainer.reward={cfg.trainer.reward} (it runs at the "
                f"actor's parallel.tp{' and pp' if kind == 'model' else ''})", "trainer.reward")
+    if kind == "judge":
+        from verl_mega.model_rewards.judge import PARSERS, check_template
+
+        t = cfg.trainer
+        if t.judge_parse is not None and t.judge_parse not in PARSERS:
+            raise ValueError(f"trainer.judge_parse={t.judge_parse!r} is not one of {sorted(PARSERS)}")
+        if t.judge_template is not None:
+            try:
+                check_template(t.judge_template)
+            except ValueError as e:
+                raise ValueError(f"trainer.judge_template: {e}") from None
 
 
 def check_reward(reward_fn: Callable, dataset, where: str) -> None:

@@ -98,15 +98,23 @@ def _split_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def load_model_reward(spec: str, actor, offload: bool = False):
-    """The model reward named by `spec` ("model:PATH": a HF *ForSequenceClassification reward model on the
-    actor's layout and dtype; "judge:PATH": an `LLMJudgerReward` at the actor's tp). Collective."""
+def judge_options(t) -> dict:
+    """`LLMJudgerReward` keywords from the trainer section's judge_* keys that are set (the rest: its defaults)."""
+    keys = (("prompt_template", t.judge_template), ("parse", t.judge_parse), ("max_new_tokens", t.judge_max_new_tokens))
+    return {key: value for key, value in keys if value is not None}
+
+
+def load_model_reward(t, actor):
+    """The model reward named by the trainer section `t` (`t.reward`: "model:PATH": a HF
+    *ForSequenceClassification reward model on the actor's layout and dtype; "judge:PATH": an `LLMJudgerReward`
+    at the actor's tp with `judge_options(t)`; `t.reward_offload`). Collective."""
     from verl_mega.model_rewards import LLMJudgerReward, RewardModel
 
-    kind, _, path = spec.partition(":")
+    kind, _, path = t.reward.partition(":")
     if kind == "model":
-        return RewardModel(path, torch_dtype=actor.dtype, layout=actor.layout, offload=offload)
-    return LLMJudgerReward(path, torch_dtype=actor.dtype, tensor_parallel_size=actor.layout.tp, offload=offload)
+        return RewardModel(path, torch_dtype=actor.dtype, layout=actor.layout, offload=t.reward_offload)
+    return LLMJudgerReward(path, torch_dtype=actor.dtype, tensor_parallel_size=actor.layout.tp,
+                           offload=t.reward_offload, **judge_options(t))
 
 
 def parse_config(argv: list[str]) -> TrainerConfig:
@@ -140,7 +148,7 @@ def train(cfg: TrainerConfig, prepared: Prepared | None = None) -> list[dict]:
                             seed=cfg.trainer.seed, dp_rank=actor.layout.dp_rank, dp_size=actor.layout.dp)
     reward = prepared.reward_fn
     if reward is None:  # a model reward: loaded now, on the actor's layout
-        reward = load_model_reward(cfg.trainer.reward, actor, offload=cfg.trainer.reward_offload)
+        reward = load_model_reward(cfg.trainer, actor)
     val_loader = None
     if prepared.val_dataset is not None:
         val_loader = get_dataloader(prepared.val_dataset, actor.tokenizer, cfg.trainer.val_batch_size, shuffle=False,

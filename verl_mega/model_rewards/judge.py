@@ -82,7 +82,8 @@ PARSERS: dict[str, Callable[[str], float | None]] = {
     "0-10": partial(parse_score, max_score=10.0), "0-1": partial(parse_score, max_score=1.0), "yes/no": parse_yes_no}
 
 
-def _check_template(template) -> None:
+def check_template(template) -> None:
+    """ValueError unless `template` is a callable or a format string with {response} and only the allowed fields."""
     if callable(template):
         return
     if not isinstance(template, str):
@@ -136,7 +137,7 @@ class LLMJudgerReward(BatchedReward):
                  parse: str | Callable[[str], float | None] = "0-10", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, *,
                  torch_dtype=torch.float32, tensor_parallel_size: int = 1, layout=None, use_chat_template: bool = True,
                  offload: bool = False, max_batch: int | None = None):
-        _check_template(prompt_template)
+        check_template(prompt_template)
         if isinstance(parse, str) and parse not in PARSERS:
             raise ValueError(f"parse {parse!r} is not one of {sorted(PARSERS)} (or pass a callable)")
         if not callable(parse) and not isinstance(parse, str):

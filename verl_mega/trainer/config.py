@@ -106,6 +106,9 @@ class TrainerSection:
     resume: bool = True  # resume from the latest checkpoint in output_dir/checkpoints if there is one
     reward: str = "rule"  # "rule" (GSM8K/MATH), "module:fn" / "file.py:fn", "model:PATH" (reward model), "judge:PATH"
     reward_offload: bool = False  # model / judge rewards: keep their weights in CPU memory between reward calls
+    judge_template: Optional[str] = None  # judge:PATH rewards: the judge's prompt, a format string with {response} and optionally {prompt}, {ground_truth}; null = LLMJudgerReward's default
+    judge_parse: Optional[str] = None  # judge:PATH rewards: how a verdict becomes a score ("0-10", "0-1" or "yes/no"); null = LLMJudgerReward's default
+    judge_max_new_tokens: Optional[int] = None  # judge:PATH rewards: verdict length limit in tokens; null = LLMJudgerReward's default
     reward_timeout_s: float = 30.0  # per-response reward time limit (a timeout scores 0 and is counted); also bounds importing a module:fn / file.py:fn reward
     reward_fail_threshold: float = 1.0  # a step is "failed" when this fraction of its reward calls failed or timed out
     reward_fail_steps: int = 3  # stop with an error after this many failed steps in a row (0 = never stop)
@@ -206,6 +209,12 @@ def check_config(cfg: TrainerConfig) -> None:
             raise ValueError(f"{name} must be >= {low}, got {value}")
     if t.reward_timeout_s <= 0:
         raise ValueError(f"trainer.reward_timeout_s must be > 0, got {t.reward_timeout_s}")
+    judge_set = [k for k in ("judge_template", "judge_parse", "judge_max_new_tokens") if getattr(t, k) is not None]
+    if judge_set and not t.reward.startswith("judge:"):
+        raise ValueError(f"trainer.{judge_set[0]} is set but trainer.reward={t.reward!r} is not an LLM judge "
+                         f"(trainer.reward=judge:PATH)")
+    if t.judge_max_new_tokens is not None and t.judge_max_new_tokens < 1:
+        raise ValueError(f"trainer.judge_max_new_tokens must be >= 1 or null, got {t.judge_max_new_tokens}")
     if a.kl_coef < 0:
         raise ValueError(f"algorithm.kl_coef must be >= 0, got {a.kl_coef}")
     if cfg.offload.memory_gib is not None and cfg.offload.memory_gib <= 0:
