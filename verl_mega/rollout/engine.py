@@ -475,12 +475,17 @@ class GenerationEngine:
         rope = positions if self._deltas is None else positions + self._deltas[:bb]  # [bb] (VLM: + M-RoPE delta)
         hidden = self.model(self._tokens[:bb, None], rope[:, None], attn_mask=attn, kv_cache=self.cache,
                             return_hidden=True)  # [bb, 1, H]
-        self._logits[:bb].copy_(self._head_logits(hidden[:, -1]))
+        self._head_logits(hidden[:, -1], out=self._logits[:bb])
 
-    def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM head on final-normed hidden states [b, H] only -> full-vocab logits [b, V] float32."""
+    def _head_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """LM head on final-normed hidden states [b, H] only -> full-vocab logits [b, V] float32 (written into
+        `out` [b, V] if given: on one rank, one cast-copy of the head's output, no float32 intermediate)."""
         local = torch.matmul(hidden, self.model.output_weight().t())  # [b, V_pad / tp]; as megatron's column linear
-        return gather_vocab_logits(local, self.tp_group, self.true_vocab_size)
+        if out is None:
+            return gather_vocab_logits(local, self.tp_group, self.true_vocab_size)
+        if self.tp_group is None or dist.get_world_size(self.tp_group) == 1:
+            return out.copy_(local[:, :self.true_vocab_size])
+        return out.copy_(gather_vocab_logits(local, self.tp_group, self.true_vocab_size))
 
     def _decode(self, bb: int, nb: int) -> torch.Tensor:
         """Run a decode step (graph replay when enabled) and return the logits buffer [max_batch, V]."""
