@@ -11,7 +11,8 @@ every response ends with EOS at a length drawn uniformly from [--min-len, --max-
 hook (`forced_lengths.py`: same work as a model that stops there: the row is freed after it, its slot
 taken by a waiting request).
 - new engine: all requests added at once (`max_batch` rows in flight, `--max-batch`, default all), with
-  the gather + SDPA decode attention ("new") and the Triton paged-attention kernel ("new_paged");
+  the gather + SDPA decode attention ("new"), the Triton paged-attention kernel ("new_paged") and that kernel with
+  the one-pass Triton sampler ("new_paged_fused", `rollout/fused_sampling.py`);
 - static engine: one batch of prompts x n rows with max_new_tokens = the longest drawn length and
   EOS ignored: how it runs this workload (a finished row keeps its slot and is decoded until the
   whole batch ends; its extra tokens are not counted);
@@ -79,12 +80,13 @@ def workload(args, vocab: int) -> tuple[list[list[int]], list[int]]:
     return prompts, draw_lengths(args.prompts * args.n, (args.min_len, args.max_len), args.seed + 1)
 
 
-def run_new(args, model, prompts, lengths, tp_group, attention: str = "gather") -> dict:
+def run_new(args, model, prompts, lengths, tp_group, attention: str = "gather", sampler: str = "torch") -> dict:
     """Continuous batching: tokens/s, the decode time (call - prefill-only call) and the engine counters."""
     rows = len(prompts) * args.n
     config = EngineConfig(max_batch=args.max_batch or rows, max_seq_len=args.prompt_len + args.max_len + 64,
                           max_tokens=args.max_tokens or rows * (args.prompt_len + args.max_len + 64),
-                          block_size=args.block_size, kv_len_bucket=args.kv_len_bucket, attention=attention)
+                          block_size=args.block_size, kv_len_bucket=args.kv_len_bucket, attention=attention,
+                          sampler=sampler)
     engine = GenerationEngine(model, tp_group, config, eos_token_ids=[EOS], pad_token_id=0)
     sampling = SamplingParams(temperature=1.0)
 
@@ -109,7 +111,7 @@ def run_new(args, model, prompts, lengths, tp_group, attention: str = "gather") 
            "prefill_only_seconds": prefill, "decode_seconds": seconds - prefill, "graphs": len(engine._graphs),
            "kv_pool_gib": engine.cache.memory_bytes() / 2**30, "preemptions": engine.scheduler.preemptions, **stats}
     if args.profile:
-        out["profile"] = profile_call(call, os.path.join(args.out_dir, f"rollout_profile_{attention}.txt"))
+        out["profile"] = profile_call(call, os.path.join(args.out_dir, f"rollout_profile_{attention}_{sampler}.txt"))
     engine.release()
     return out
 
@@ -220,13 +222,17 @@ def run_shape(args, shape, device, dtype, layout) -> dict:
     prompts, lengths = workload(args, SHAPES[shape]["vocab_size"])
     out = {"rows": len(lengths), "mean_length": sum(lengths) / len(lengths), "max_length": max(lengths)}
     out["new"] = run_new(args, model, prompts, lengths, layout.tp_group)
-    try:  # the Triton paged-attention decode (EngineConfig.attention="paged"); guarded: new on GPU
-        out["new_paged"] = run_new(args, model, prompts, lengths, layout.tp_group, attention="paged")
-    except Exception as exc:  # noqa: BLE001 - report and keep the other figures
-        out["new_paged"] = {"error": repr(exc)[:2000]}
+    # the Triton paged-attention decode (EngineConfig.attention="paged"), then with the one-pass sampler too
+    # (sampler="fused"); guarded: a failure is reported and the other figures kept
+    variants = (("new_paged", {"attention": "paged"}), ("new_paged_fused", {"attention": "paged", "sampler": "fused"}))
+    for name, kw in variants:
+        try:
+            out[name] = run_new(args, model, prompts, lengths, layout.tp_group, **kw)
+        except Exception as exc:  # noqa: BLE001 - report and keep the other figures
+            out[name] = {"error": repr(exc)[:2000]}
     out["static"] = run_static(args, model, prompts, lengths, layout.tp_group)
     bw = copy_bandwidth(device)
-    for name in ("new", "new_paged"):
+    for name in ("new", "new_paged", "new_paged_fused"):
         if "tokens_per_s" not in out[name]:
             continue
         out[f"ratio_{name}_over_static"] = out[name]["tokens_per_s"] / out["static"]["tokens_per_s"]
@@ -237,7 +243,7 @@ def run_shape(args, shape, device, dtype, layout) -> dict:
     torch.cuda.empty_cache() if device.type == "cuda" else None
     if not args.no_hf:
         out["hf"] = run_hf(args, shape, device, dtype)
-        for name in ("new", "new_paged"):
+        for name in ("new", "new_paged", "new_paged_fused"):
             if "tokens_per_s" in out[name]:
                 out[f"ratio_{name}_over_hf"] = out[name]["tokens_per_s"] / out["hf"]["tokens_per_s"]
     return out
@@ -311,7 +317,7 @@ def main(argv=None) -> int:
     p.add_argument("--grpo-shape", default="qwen2.5-0.5b", help="'' skips the GRPO step")
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--profile", action="store_true", help="one more new-engine call under torch.profiler: device "
-                   "busy fraction and top ops (rollout_profile_<attention>.txt in --out-dir)")
+                   "busy fraction and top ops (rollout_profile_<attention>_<sampler>.txt in --out-dir)")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "outputs"))
     args = p.parse_args(argv)
     if args.smoke:

@@ -94,8 +94,7 @@ if os.path.exists(tp) and os.path.exists(trl):  # throughput.py's peer_ratios ru
                   f" tokens/s/GPU ({r['tokens_per_s_per_gpu']:.0f} vs {peer['tokens_per_s_per_gpu']:.0f})"
                   for r in ours["results"] if (r["config"]["shape"], r["config"]["prompts"], r["config"]["n"],
                                                r["config"]["kl"]) == (a["shape"], a["prompts"], a["n"], False)]
-for name in ("throughput.md", "grpo_e2e_ab.md", "grpo_e2e.md", "reward_models.md", "rollout_profile_gather.txt",
-             "rollout_profile_paged.txt"):
+for name in ("throughput.md", "grpo_e2e_ab.md", "grpo_e2e.md", "reward_models.md", "rollout_profile_*.txt"):
     for path in sorted(glob.glob(os.path.join(work, "**", name), recursive=True)):
         md += ["", f"<!-- from {os.path.relpath(path, work)} -->", open(path).read()]  # which step wrote it
 open(os.path.join(out, "summary.md"), "w").write("\n".join(md) + "\n")

@@ -53,6 +53,7 @@ def test_rollout_service_smoke(tmp_path):
     assert tiny["new"]["tokens"] == round(tiny["mean_length"] * tiny["rows"])
     assert finite(tiny["ratio_new_over_static"]) and finite(tiny["new"]["bound_spec"]["fraction_of_bound"])
     assert "tokens_per_s" in tiny["new_paged"], tiny["new_paged"]  # the Triton kernel in the interpreter
+    assert "tokens_per_s" in tiny["new_paged_fused"], tiny["new_paged_fused"]  # + the one-pass sampler
     grpo = report["grpo_step"]
     assert finite(grpo["hidden_fraction"])
     for mode in ("after_generation", "streaming"):

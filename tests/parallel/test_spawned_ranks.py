@@ -53,7 +53,10 @@ def test_interrupted_parent_lets_its_ranks_unwind(tmp_path):
         [sys.executable, "-c", "import runpy\nfrom verl_mega.testing.multiprocess import run_distributed\n"
          f"run_distributed(runpy.run_path, 2, {str(rank)!r}, timeout_s=600)\n"],
         env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")},
-        stderr=subprocess.PIPE, text=True)
+        stderr=subprocess.PIPE, text=True,
+        # as a terminal's Ctrl-C finds it: a test run started in the background by a script (`&`) would pass
+        # SIGINT on ignored, and a parent ignoring it never hears the interrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while len([f for f in os.listdir(tmp_path) if f.startswith("ready.")]) < 2 and time.monotonic() < deadline:

@@ -51,7 +51,8 @@ Simplifications: prefill and decode run as separate forwards (no chunked prefill
 steps); decode attention either gathers the blocks into a dense view for SDPA (`attention="gather"`, the
 default: every device) or reads them in place with the Triton flash-decoding kernel (`"paged"`,
 `paged_attention.py`: 2.2x the gather path's tokens/s on an H100 at the 0.5B shape, benchmarks/results/
-h100_2026-12-05b); sampling runs eager after each graphed step;
+h100_2026-12-05b); sampling runs eager after each graphed step (`sampler="fused"`: one Triton pass over the
+logits, `fused_sampling.py`, not yet measured on a GPU);
 one sampling generator per engine (seeded by `seed()` / `generate(seed=)`), so a row's random draws
 depend on the batch it runs in (same inputs + same seed + same config = same tokens).
 """
@@ -101,9 +102,15 @@ class GenerationEngine:
         self.pad_token_id = int(pad_token_id)
         self.true_vocab_size = int(model.true_vocab_size)
         self.use_cuda_graph = config.cuda_graph and self.device.type == "cuda"
-        if config.attention == "paged" and not use_triton(next(model.parameters())):
-            raise ValueError("engine config attention='paged' runs a Triton kernel: it needs a CUDA model "
-                             "(or TRITON_INTERPRET=1 on CPU); use attention='gather'")
+        for key, value, other in (("attention", "paged", "gather"), ("sampler", "fused", "torch")):
+            if getattr(config, key) == value and not use_triton(next(model.parameters())):
+                raise ValueError(f"engine config {key}={value!r} runs a Triton kernel: it needs a CUDA model "
+                                 f"(or TRITON_INTERPRET=1 on CPU); use {key}={other!r}")
+        self._sample_tokens = sample_tokens
+        if config.sampler == "fused":
+            from verl_mega.rollout.fused_sampling import sample_tokens_fused  # lazy: Triton imported on use
+
+            self._sample_tokens = sample_tokens_fused
         self.sync_every = config.sync_every or (8 if self.device.type == "cuda" else 1)
         num_blocks = config.max_tokens // config.block_size + 1  # + the padding block 0
         # a block table covers the longest sequence plus the decode steps run past its end before a host check
@@ -530,13 +537,13 @@ class GenerationEngine:
         if self.is_vlm:
             logits.index_fill_(1, self._banned, float("-inf"))
         if len(groups) == 1:
-            return sample_tokens(logits, next(iter(groups)), self.generator, forced)
+            return self._sample_tokens(logits, next(iter(groups)), self.generator, forced)
         tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
         logprobs = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         for params, idx in groups.items():
             index = torch.tensor(idx, device=logits.device)
-            tokens[index], logprobs[index] = sample_tokens(logits[index], params, self.generator,
-                                                           None if forced is None else forced[index])
+            tokens[index], logprobs[index] = self._sample_tokens(logits[index], params, self.generator,
+                                                                 None if forced is None else forced[index])
         return tokens, logprobs
 
     @staticmethod

@@ -11,6 +11,7 @@ from typing import Optional
 
 
 ATTENTION = ("gather", "paged")
+SAMPLERS = ("torch", "fused")
 
 
 @dataclass
@@ -29,6 +30,9 @@ class EngineConfig:
     # decode attention: "gather" (blocks gathered for SDPA; every device) | "paged" (the Triton flash-decoding
     # kernel on the blocks in place: CUDA, 2.2x the gather path at the 0.5B shape on an H100)
     attention: str = "gather"
+    # token sampling: "torch" (every device) | "fused" (one Triton pass over the logits for greedy / temperature
+    # sampling, top-k / top-p on the torch path: CUDA; rollout/fused_sampling.py)
+    sampler: str = "torch"
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_tokens", "max_seq_len", "block_size", "prefill_tokens", "kv_len_bucket"):
@@ -38,6 +42,8 @@ class EngineConfig:
             raise ValueError(f"engine config sync_every must be >= 1 or None, got {self.sync_every!r}")
         if self.attention not in ATTENTION:
             raise ValueError(f"engine config attention must be one of {ATTENTION}, got {self.attention!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"engine config sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.max_tokens < self.block_size:
             raise ValueError(f"engine config max_tokens={self.max_tokens} is smaller than one block "
                              f"(block_size={self.block_size})")
