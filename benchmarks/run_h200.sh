@@ -18,7 +18,8 @@
 #   packed           grpo_e2e_ab's packed 0.5B run alone (the current tree's side of pre_offload's comparison)
 #   pre_offload      grpo_e2e_ab's packed 0.5B run on the tree before offload landed (5416edb, carried as .old/:
 #                    `mkdir .old && git archive 5416edb | tar -x -C .old`): issue 15 item 4, same call
-#   offload_7b       the 7B run with optimizer + gradient offload (issue 15)
+#   offload_7b       the 7B run with optimizer + gradient offload and full recompute (issue 15; without recompute it
+#                    plans 95.7 GiB: an H200 only)
 #   vlm_gpu_check    the VLM in bf16 vs transformers, CUDA-graph greedy, no host sync in decode (issue 17)
 #   vlm_grpo_step    one GRPO step at the Qwen2.5-VL-3B shape, 16 prompts x 8, one 448x448 image each (issue 17)
 #   vlm_vision_share the vision tower's share per phase (issue 17)
@@ -145,7 +146,7 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
       step pre_offload 120 env PYTHONPATH="$PWD/.old:/tmp/site" python3 .old/benchmarks/grpo_e2e.py --shape 0.5b \
       --prompts 64 --n 8 --prompt-len 128 --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 \
       --packing on --out "$WORK/pre_offload" ;;
-    offload_7b) step offload_7b 600 python3 benchmarks/grpo_e2e.py --shape 7b --offload-optimizer --offload-grads \
+    offload_7b) step offload_7b 600 python3 benchmarks/grpo_e2e.py --shape 7b --offload-optimizer --offload-grads --recompute full \
       --prompts 16 --n 8 --prompt-len 512 --response-len 32:1024 --max-new-tokens 1024 --micro-batch 4 --steps 3 \
       --out "$WORK/offload" ;;
     vlm_gpu_check) step vlm_gpu_check 90 python3 benchmarks/vlm_gpu_check.py --out "$WORK/vlm_check" ;;
@@ -156,7 +157,7 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
       --rewards rule,model,model_offload,judge,judge_offload --out "$WORK/rewards" ;;
     reward_judge) step reward_judge 240 python3 benchmarks/reward_models.py --rewards judge --steps 2 --out "$WORK/rewards" ;;
     agent_rollout) mkdir -p "$WORK/agent"
-      step agent_rollout 200 python3 benchmarks/agent_rollout.py --prompts 32 --out "$WORK/agent/agent_rollout.json" ;;
+      step agent_rollout 200 python3 benchmarks/agent_rollout.py --prompts 8 --out "$WORK/agent/agent_rollout.json" ;;
   esac
 }
 
