@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The owed GPU figures on one H200 (or H100), one device call (at most 10 minutes) per invocation:
 #   bash benchmarks/run_h200.sh [PLAN_OR_STEP ...]      (default: core)
-# Plans: "core" = kernels_tests demo rollout_service throughput trl_grpo grpo_e2e_ab offload_7b;
-# "models" = vlm_gpu_check vlm_grpo_step vlm_vision_share reward_models agent_rollout; "all" = core then models.
+# Plans: "core" and "models" = the CORE and MODELS lists below (far more than one call's 10 minutes: name steps);
+# "all" = core then models.
 # Steps can also be named one by one, in the order to run them (e.g. after a fix, only the steps that failed):
 #   kernels_tests    pytest tests/kernels on CUDA (the compiled Triton kernels)
 #   demo             the main job on CUDA: verl_mega demo --quick --nproc 1 --tp 1 (issue 12)
