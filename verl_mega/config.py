@@ -180,6 +180,16 @@ def _default_text(f: dataclasses.Field) -> str:
     return OmegaConf.to_yaml({"v": value}).strip()[3:] if value is not None else "null"
 
 
+def _sections(cls: type, prefix: str) -> list[tuple[str, type]]:
+    """(dotted key, dataclass) of every nested section of `cls`, depth first (rollout, rollout.engine, ...)."""
+    out = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.type):
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            out += [(key, f.type), *_sections(f.type, key)]
+    return out
+
+
 def config_reference(schema_cls: type, title: str, intro: str = "") -> str:
     """Markdown reference of a nested config dataclass: one table per section (key, type, default, doc).
 
@@ -187,7 +197,7 @@ def config_reference(schema_cls: type, title: str, intro: str = "") -> str:
     is complete by construction. `docs/config.md` is this function's output for `TrainerConfig`."""
     lines = [f"# {title}", "", *([intro, ""] if intro else [])]
     top = [f for f in dataclasses.fields(schema_cls) if not dataclasses.is_dataclass(f.type)]
-    sections = [(f.name, f.type) for f in dataclasses.fields(schema_cls) if dataclasses.is_dataclass(f.type)]
+    sections = _sections(schema_cls, "")
     if top:
         sections.insert(0, ("", schema_cls))
     for prefix, cls in sections:

@@ -27,12 +27,8 @@ class EngineConfig:
     sync_every: Optional[int] = None  # decode steps per host check (finished rows, joins); None: 8 on CUDA, 1 on CPU
     cuda_graph: bool = True  # capture decode steps in CUDA graphs (CUDA models only; ignored on CPU)
     share_prefix: bool = True  # the n samples of a prompt prefill it once and read the same prompt blocks
-    # decode attention: "gather" (blocks gathered for SDPA; every device) | "paged" (the Triton flash-decoding
-    # kernel on the blocks in place: CUDA, 2.2x the gather path at the 0.5B shape on an H100)
-    attention: str = "gather"
-    # token sampling: "torch" (every device) | "fused" (one Triton pass over the logits for greedy / temperature
-    # sampling, top-k / top-p on the torch path: CUDA; rollout/fused_sampling.py)
-    sampler: str = "torch"
+    attention: str = "gather"  # decode attention: "gather" (blocks copied for SDPA; every device) | "paged" (Triton flash-decoding on the blocks in place; CUDA: 2.2x the gather path at the 0.5B shape on an H100)
+    sampler: str = "torch"  # token sampling: "torch" (every device) | "fused" (one Triton pass over the logits for greedy / temperature sampling; top-k / top-p stay on torch; CUDA)
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_tokens", "max_seq_len", "block_size", "prefill_tokens", "kv_len_bucket"):
