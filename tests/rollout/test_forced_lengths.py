@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from rollout_refs import NEVER, TEXT_PROMPTS, build_engine, hf_greedy, teacher_forced_logprobs, tokenize
+from verl_mega.rollout.scheduler import RequestParams
 
 MAX_NEW = 10
 
@@ -99,3 +100,14 @@ def test_force_tokens_scripts_one_turn(hf_dir, case):
     for bad in ([], [-1]):
         with pytest.raises(ValueError, match="token_ids"):
             engine.force_tokens(rid, 0, bad)
+
+
+def test_release_drops_the_scripts_of_unfinished_requests(hf_dir, case):
+    """A rollout interrupted mid-way (e.g. ToolsDown) releases the engine; its requests' forced tokens used to stay
+    behind and apply to the next requests, whose ids restart at 0 with the new scheduler."""
+    engine, _ = build_engine(hf_dir, 1, case["eos"], max_batch=3, sync_every=4)
+    engine.add_request(case["ids"][0], RequestParams(max_new_tokens=MAX_NEW), eos_at=[9])
+    engine.step()  # prefill + a window: the row runs on, its EOS still ahead
+    engine.release()
+    out = engine.generate(case["ids"][:1], max_new_tokens=MAX_NEW, temperature=0.0)
+    assert out.responses() == case["no_stop"][:1]

@@ -1,6 +1,7 @@
 """The one-pass Triton sampler (`rollout/fused_sampling.py`) against `sampling.sample_tokens`: greedy tokens and
 log-probs equal, forced tokens honoured, sampled tokens drawn from softmax(x / T) (a chi-square test on 4,000
-draws), the same generator state giving the same tokens, and the engine's greedy output unchanged with it.
+draws), the same generator state giving the same tokens, and the engine's greedy output and forced lengths
+unchanged with it.
 
 On CPU the kernel runs in the Triton interpreter, switched on before triton is first imported: the checks run
 in a fresh subprocess with TRITON_INTERPRET=1 (with CUDA, in this process on CUDA tensors).
@@ -33,7 +34,8 @@ def sampler_checks(device: str) -> dict:
     logits[0, :BLOCK] = float("-inf")  # a first block of -inf only (masked tokens)
     logits[1, 11] = 40.0
     logits = logits.to(device)
-    forced = torch.tensor([-1, 7, -1, -1, 2, -1], device=device)
+    # a column of a wider tensor, as the engine passes it (row r's id is not at offset r)
+    forced = torch.tensor([[-1, 5], [7, 5], [-1, 5], [-1, 5], [2, 5], [-1, 5]], device=device)[:, 0]
     out = {}
     greedy = SamplingParams(temperature=0.0)
     tok, lp = sample_tokens_fused(logits, greedy, forced=forced)
@@ -58,11 +60,17 @@ def sampler_checks(device: str) -> dict:
     return out
 
 
-def engine_greedy(hf_dir: str, ids: list[list[int]]) -> list[list[int]]:
-    """Greedy responses of the engine with the fused sampler (rows joining mid-way: max_batch 2 for 4 prompts)."""
-    engine, model = build_engine(hf_dir, 1, NEVER, max_batch=2, sampler="fused")
+def engine_greedy(hf_dir: str, ids: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """Greedy responses of the engine with the fused sampler (rows joining mid-way: max_batch 2 for 4 prompts),
+    and the response lengths of a sampled call with forced EOS positions inside 4-step decode windows."""
+    engine, model = build_engine(hf_dir, 1, NEVER, max_batch=2, sampler="fused", sync_every=4)
     model.fused_inference = False  # only the sampler in the interpreter
-    return engine.generate(ids, max_new_tokens=6, temperature=0.0).responses()
+    greedy = engine.generate(ids, max_new_tokens=6, temperature=0.0).responses()
+    engine, model = build_engine(hf_dir, 1, 3, max_batch=2, sampler="fused", sync_every=4)  # EOS: a real id
+    model.fused_inference = False
+    forced = engine.generate(ids, max_new_tokens=12, temperature=1.0, eos_at=[3, 6, 9, 12],
+                             ignore_eos=True).responses()  # only the forced EOS ends a row
+    return greedy, [len(r) for r in forced]
 
 
 def test_fused_sampler_matches_sample_tokens(hf_dir):
@@ -74,7 +82,7 @@ def test_fused_sampler_matches_sample_tokens(hf_dir):
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([ROOT, HERE])}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    checks, tokens = json.loads(out.stdout.strip().splitlines()[-1])
+    checks, (tokens, forced_lengths) = json.loads(out.stdout.strip().splitlines()[-1])
     runs = [checks] + ([sampler_checks("cuda")] if torch.cuda.is_available() else [])
     for c in runs:
         assert c["greedy_equal"] and c["forced_kept"] and c["masked_never_drawn"] and c["same_seed_same_tokens"], c
@@ -82,3 +90,4 @@ def test_fused_sampler_matches_sample_tokens(hf_dir):
         assert c["greedy_logprob_error"] < 1e-5 and c["sampled_logprob_error"] < 1e-5, c
         assert c["chi2"] < CHI2_4DOF_1E4, c
     assert tokens == reference
+    assert forced_lengths == [3, 6, 9, 12]  # forced ids read per row from the staged window (were misread)

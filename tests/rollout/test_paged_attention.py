@@ -73,3 +73,19 @@ def test_paged_kernel_matches_gather_path_and_transformers(hf_dir):
         errors += kernel_errors("cuda")
     assert all(err < tol for err, tol in errors), errors
     assert tokens == ref
+
+
+def test_paged_kernel_rejects_what_it_cannot_read():
+    """Checked before any Triton work: int32 tables (slot offsets would overflow), GQA groups that do not divide."""
+    import pytest
+
+    from verl_mega.rollout.paged_attention import paged_decode_attention
+
+    q, pool = torch.zeros(2, 4, 16), torch.zeros(64, 2, 16)
+    positions = torch.tensor([3, 5])
+    with pytest.raises(ValueError, match="int64 block tables"):
+        paged_decode_attention(q, pool, pool, torch.ones(2, 2, dtype=torch.int32), positions, 16)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        paged_decode_attention(torch.zeros(2, 3, 16), pool, pool, torch.ones(2, 2, dtype=torch.long), positions, 16)
+    with pytest.raises(ValueError, match="block_size dividing"):
+        paged_decode_attention(q, pool, pool, torch.ones(2, 2, dtype=torch.long), positions, 48)

@@ -108,12 +108,13 @@ def test_a_dead_backend_stops_the_calls_after_max_unavailable_in_a_row():
             with pytest.raises(ToolsDown, match=r"^tool 'code_interpreter': 2 calls in a row were not run "
                                                 r"\(sandbox unavailable: .*restart the sandbox server"):
                 await tools.call("code_interpreter", {"code": "print(1)"})
-            return first, ok, again
+            after = await tools.call("code_interpreter", {"code": "print(1)"})  # the count starts afresh
+            return first, ok, again, after
         finally:
             await tools.aclose()
 
-    first, ok, again = asyncio.run(calls())
+    first, ok, again, after = asyncio.run(calls())
     assert first.error and first.text.startswith("[tool error: sandbox unavailable: ")
-    assert (ok.text, ok.error, again.error) == ("3", False, True)
+    assert (ok.text, ok.error, again.error, after.error) == ("3", False, True, True)
     with pytest.raises(ValueError, match="max_unavailable must be an integer >= 1"):
         ToolSet([Adder()], max_unavailable=0)

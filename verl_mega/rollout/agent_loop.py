@@ -38,6 +38,7 @@ import json
 import re
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -380,8 +381,12 @@ class _ToolRunner:
         if self.blocked:  # the loop's thread is stuck in a tool: left behind (a daemon), not waited for
             self.loop.call_soon_threadsafe(self.loop.stop)
             return
-        # the tools' HTTP sessions belong to this loop: closed on it (an unclosed one warns at exit)
-        asyncio.run_coroutine_threadsafe(self.toolset.aclose(), self.loop).result(timeout=10)
+        # the tools' HTTP sessions belong to this loop: closed on it (an unclosed one warns at exit); a close that
+        # fails or stalls is reported, not raised: it would hide the error that ended the rollout (e.g. ToolsDown)
+        try:
+            asyncio.run_coroutine_threadsafe(self.toolset.aclose(), self.loop).result(timeout=10)
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"closing the tools' sessions failed: {type(e).__name__}: {e}")
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
         self.loop.close()

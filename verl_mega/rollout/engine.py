@@ -296,6 +296,7 @@ class GenerationEngine:
         self.cache.release()
         self._graphs.clear()
         self._graph_pool = None
+        self._forced.clear()  # scripts of dropped requests (request ids restart with the new scheduler)
         cfg = self.config
         self.scheduler = Scheduler(max_batch=cfg.max_batch, num_blocks=self.cache.num_blocks,
                                    block_size=cfg.block_size, share_prefix=cfg.share_prefix)

@@ -86,6 +86,8 @@ def sample_tokens_fused(logits: torch.Tensor, params: SamplingParams, generator:
     b, v = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
+    if forced is not None:
+        forced = forced.contiguous()  # the kernel reads forced[row] at offset row (the engine passes a column view)
     tokens = torch.empty(b, dtype=torch.long, device=logits.device)
     logprobs = torch.empty(b, dtype=torch.float32, device=logits.device)
     seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=logits.device)

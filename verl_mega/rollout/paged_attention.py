@@ -22,6 +22,7 @@ Reference: vLLM's PagedAttention; FlashDecoding's split-K. The torch reference
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 TILE = 64  # tokens per loaded K/V tile (a multiple of the block size; >= 16 for tl.dot)
 MIN_PROGRAMS_PER_SM = 2  # split the context until rows x heads x splits reaches this many programs per SM
+MAX_SPLITS = 64  # the merge kernel holds [splits, head_dim] float32 per program: more would spill registers
 
 
 def paged_decode_attention_reference(q, k_pool, v_pool, tables, positions, block_size: int) -> torch.Tensor:
@@ -120,13 +122,19 @@ def _kernels():
 _KERNELS: list = []
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def num_splits(rows: int, kv_heads: int, max_tiles: int, device: torch.device) -> int:
-    """Context splits per (row, KV head): enough programs for MIN_PROGRAMS_PER_SM per SM, at most one per tile."""
+    """Context splits per (row, KV head): enough programs for MIN_PROGRAMS_PER_SM per SM, at most one per tile
+    and MAX_SPLITS."""
     if device.type != "cuda":
         return 1 if max_tiles < 2 else 2  # the interpreter: exercise the split path cheaply
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     want = -(-MIN_PROGRAMS_PER_SM * sms // max(1, rows * kv_heads))
-    return max(1, min(want, max_tiles))
+    return max(1, min(want, max_tiles, MAX_SPLITS))
 
 
 def paged_decode_attention(q, k_pool, v_pool, tables, positions, block_size: int) -> torch.Tensor:
@@ -141,6 +149,11 @@ def paged_decode_attention(q, k_pool, v_pool, tables, positions, block_size: int
     rep = hq // hkv
     if TILE % block_size:
         raise ValueError(f"paged attention needs a block_size dividing {TILE}, got {block_size}")
+    if hq % hkv or q.stride(-1) != 1 or not (k_pool.is_contiguous() and v_pool.is_contiguous()):
+        raise ValueError(f"paged attention needs query heads a multiple of KV heads (got {hq}, {hkv}), q with unit "
+                         f"last stride and contiguous pools")
+    if tables.dtype != torch.int64:  # slot offsets are computed from the table entries: int32 would overflow
+        raise ValueError(f"paged attention needs int64 block tables, got {tables.dtype}")
     if not _KERNELS:
         _KERNELS.extend(_kernels())
     attend, merge = _KERNELS

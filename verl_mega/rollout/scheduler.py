@@ -203,7 +203,7 @@ class Scheduler:
         (a stop token, or max_new_tokens reached); returns the finished turn if one did (the later tokens were
         decoded past the end and are dropped)."""
         stops, room = seq.params.stop_token_ids, seq.params.max_new_tokens - seq.num_generated
-        cut = min(len(tokens), room)
+        cut = max(0, min(len(tokens), room))
         for i in range(cut):
             if tokens[i] in stops:
                 cut = i + 1

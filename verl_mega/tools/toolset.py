@@ -52,7 +52,8 @@ class ToolSet:
         if not isinstance(max_unavailable, int) or max_unavailable < 1:
             raise ValueError(f"max_unavailable must be an integer >= 1, got {max_unavailable!r}")
         self.timeout_s, self.max_unavailable = timeout_s, max_unavailable
-        self.unavailable_in_a_row = 0  # calls whose backend did not run them, since the last one it ran
+        self.unavailable_in_a_row = 0  # calls the backend did not run since the last one it ran (other failures
+        # in between, a bad argument or a time-out, say nothing about the backend and leave the count)
 
     def schemas(self) -> list[dict[str, Any]]:
         """The `tools=` argument of `tokenizer.apply_chat_template`."""
@@ -76,7 +77,8 @@ class ToolSet:
         except ToolUnavailable as e:
             self.unavailable_in_a_row += 1
             if self.unavailable_in_a_row >= self.max_unavailable:
-                raise ToolsDown(f"tool {name!r}: {self.unavailable_in_a_row} calls in a row were not run ({e}); "
+                count, self.unavailable_in_a_row = self.unavailable_in_a_row, 0  # a reused ToolSet starts afresh
+                raise ToolsDown(f"tool {name!r}: {count} calls in a row were not run ({e}); "
                                 f"stopping instead of answering every call with an error: restart the "
                                 f"sandbox server or fix the tool's sandbox_fusion_url") from None
             return failed(str(e))
