@@ -13,6 +13,8 @@
 #   throughput       GRPO tokens/s/GPU, 0.5B + 1.5B, 8x8, prompt 128, 256 new tokens, KL off (issue 18)
 #   trl_grpo         the TRL peer on the 0.5B row (summary.md gets the tokens/s ratio; issue 18)
 #   grpo_e2e_ab      packed vs padded micro-batches at 0.5B, lengths 32..256 forced (issue 14)
+#   grpo_e2e_ab_full issue 14's A/B as filed: 0.5B and 1.5B, lengths 32..1024, padded / packed / packed + full
+#                    recompute (peak memory with and without recompute); a whole call
 #   keep_cache       grpo_e2e_ab's packed 0.5B run with the KV cache and CUDA graphs kept between steps
 #                    (rollout.free_cache=false: no graph recapture per step), against grpo_e2e_ab's packed row
 #   packed           grpo_e2e_ab's packed 0.5B run alone (the current tree's side of pre_offload's comparison)
@@ -38,7 +40,7 @@
 # the grpo_e2e.py runs' as offload_7b.json, pre_offload_0p5b.json, keep_cache_0p5b.json).
 set -u
 OUT=${OUT:?set OUT (the device tool does)}
-CORE="kernels_tests paged_tests demo rollout_service rollout_fast reward_overlap throughput trl_grpo grpo_e2e_ab keep_cache packed pre_offload offload_7b"
+CORE="kernels_tests paged_tests demo rollout_service rollout_fast reward_overlap throughput trl_grpo grpo_e2e_ab grpo_e2e_ab_full keep_cache packed pre_offload offload_7b"
 MODELS="vlm_gpu_check vlm_grpo_step vlm_vision_share reward_models reward_judge agent_rollout"
 PLAN=""
 for arg in "${@:-core}"; do
@@ -135,6 +137,9 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
     grpo_e2e_ab) step grpo_e2e_ab 240 python3 benchmarks/grpo_e2e.py --ab 0.5b --variants padded,packed --prompts 64 \
       --n 8 --prompt-len 128 --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 \
       --attention "$ATTENTION" --out "$WORK/ab" ;;
+    grpo_e2e_ab_full) step grpo_e2e_ab_full 560 python3 benchmarks/grpo_e2e.py --ab 0.5b,1.5b \
+      --variants padded,packed,packed+full --prompts 64 --n 8 --prompt-len 128 --response-len 32:1024 \
+      --max-new-tokens 1024 --max-tokens 16384 --steps 2 --attention "$ATTENTION" --out "$WORK/ab_full" ;;
     reward_overlap) step reward_overlap 150 python3 benchmarks/rollout_service.py --shapes '' --no-hf \
       --grpo-shape qwen2.5-0.5b --out-dir "$WORK/reward_overlap" ;;
     keep_cache) step keep_cache 150 python3 benchmarks/grpo_e2e.py --shape 0.5b --prompts 64 --n 8 --prompt-len 128 \
