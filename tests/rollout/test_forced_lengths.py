@@ -53,6 +53,9 @@ def test_bad_eos_at_raises(hf_dir, case):
         with pytest.raises(ValueError, match="eos_at"):
             engine.generate(case["ids"], max_new_tokens=MAX_NEW, eos_at=bad)
         assert not engine.has_unfinished()  # nothing was queued
+    outside, _ = build_engine(hf_dir, 1, NEVER)  # an EOS id outside the vocabulary: nothing to force
+    with pytest.raises(ValueError, match=r"eos_at forces the engine's first eos_token_id, which must be a token"):
+        outside.generate(case["ids"], max_new_tokens=MAX_NEW, eos_at=[1, 2, 3, 4])
 
 
 def test_worker_passes_eos_at_per_row(hf_dir, case):
@@ -97,7 +100,7 @@ def test_force_tokens_scripts_one_turn(hf_dir, case):
     engine.append(rid, [9], sample_index=0, max_new_tokens=4)
     assert _run(engine)[(rid, 0)][0] == hf_greedy(hf_dir, [prompt + [5, 6, 7, 8, 9, eos, 9]], eos, 4)[0]
     engine.release_request(rid)
-    for bad in ([], [-1]):
+    for bad in ([], [-1], [5, 130]):  # 130: past the tiny vocabulary (it was an out-of-range read at the next step)
         with pytest.raises(ValueError, match="token_ids"):
             engine.force_tokens(rid, 0, bad)
 

@@ -198,10 +198,11 @@ class GenerationEngine:
         are `token_ids`, each with its log-prob under the model's logits (as for `eos_at`); a stop token among
         them ends the turn as a sampled one would, and tokens after the list are sampled. Call it after
         `add_request` or `append` and before the `step` that starts the turn; it holds for that turn only.
-        ValueError for an empty list or a negative or image-pad token id."""
+        ValueError for an empty list, an id outside the vocabulary or an image-pad token id."""
         ids = [int(t) for t in token_ids]
-        if not ids or min(ids) < 0 or self._banned_set & set(ids):
-            raise ValueError(f"token_ids must be a non-empty list of token ids >= 0 (no image pads), got {ids[:8]}")
+        if not ids or min(ids) < 0 or max(ids) >= self.true_vocab_size or self._banned_set & set(ids):
+            raise ValueError(f"token_ids must be a non-empty list of token ids in [0, {self.true_vocab_size}) "
+                             f"(no image pads), got {ids[:8]}")
         self._forced.setdefault((request_id, sample_index), {}).update(enumerate(ids))
 
     def release_request(self, request_id: int) -> None:
@@ -316,8 +317,9 @@ class GenerationEngine:
 
     def _check_eos_at(self, eos_at, n: int) -> list[int]:
         """eos_at as n ints >= 1 (ValueError naming eos_at otherwise)."""
-        if not self.eos_token_ids:
-            raise ValueError("eos_at needs an engine with eos_token_ids (the token it forces)")
+        if not self.eos_token_ids or not 0 <= self.eos_token_ids[0] < self.true_vocab_size:
+            raise ValueError(f"eos_at forces the engine's first eos_token_id, which must be a token of the "
+                             f"vocabulary [0, {self.true_vocab_size}); the engine has {list(self.eos_token_ids)}")
         eos_at = [int(x) for x in eos_at]
         if len(eos_at) != n or min(eos_at) < 1:
             raise ValueError(f"eos_at must hold {n} lengths >= 1 (one per row), got {eos_at[:8]}")
