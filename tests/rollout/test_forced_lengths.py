@@ -114,3 +114,17 @@ def test_release_drops_the_scripts_of_unfinished_requests(hf_dir, case):
     engine.release()
     out = engine.generate(case["ids"][:1], max_new_tokens=MAX_NEW, temperature=0.0)
     assert out.responses() == case["no_stop"][:1]
+
+
+def test_rows_with_other_sampling_params_share_a_window(hf_dir, case):
+    """One greedy and one temperature-1 request decode in the same windows (one sample_tokens call per params):
+    the greedy row is transformers' greedy, the sampled row ends at its forced length."""
+    from verl_mega.rollout.sampling import SamplingParams
+
+    engine, _ = build_engine(hf_dir, 1, case["eos"], max_batch=4, sync_every=4)
+    greedy = engine.add_request(case["ids"][0], RequestParams(SamplingParams(temperature=0.0), MAX_NEW))
+    warm = engine.add_request(case["ids"][1], RequestParams(SamplingParams(temperature=1.0), MAX_NEW),
+                              ignore_eos=True, eos_at=[6])
+    out = _run(engine)
+    assert out[(greedy, 0)][0] == case["no_stop"][0]
+    assert len(out[(warm, 0)][0]) == 6 and out[(warm, 0)][0][-1] == case["eos"]

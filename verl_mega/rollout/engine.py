@@ -531,8 +531,8 @@ class GenerationEngine:
         return graph
 
     # ------------------------------------------------------------------ sampling
-    def _sample(self, logits: torch.Tensor, groups: dict[SamplingParams, list[int]], forced: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, logits: torch.Tensor, groups: dict[SamplingParams, torch.Tensor | None],
+                forced: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens [b], logprobs [b]) for logits [b, V], each row with its request's sampling params.
 
         groups: `_sampling_groups(rows)`; forced: None or [b] int64 on the device (-1 = sample; `_forced_ids`).
@@ -543,19 +543,20 @@ class GenerationEngine:
             return self._sample_tokens(logits, next(iter(groups)), self.generator, forced)
         tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
         logprobs = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        for params, idx in groups.items():
-            index = torch.tensor(idx, device=logits.device)
+        for params, index in groups.items():
             tokens[index], logprobs[index] = self._sample_tokens(logits[index], params, self.generator,
                                                                  None if forced is None else forced[index])
         return tokens, logprobs
 
-    @staticmethod
-    def _sampling_groups(rows: list[Sequence]) -> dict[SamplingParams, list[int]]:
-        """Row indices per distinct sampling params (one `sample_tokens` call each)."""
+    def _sampling_groups(self, rows: list[Sequence]) -> dict[SamplingParams, torch.Tensor | None]:
+        """Row indices [k] on the device per distinct sampling params (one `sample_tokens` call each), built
+        once per decode window; {params: None} when every row shares one."""
         groups: dict[SamplingParams, list[int]] = {}
         for r, seq in enumerate(rows):
             groups.setdefault(seq.params.sampling, []).append(r)
-        return groups
+        if len(groups) == 1:
+            return dict.fromkeys(groups)
+        return {params: torch.tensor(idx, device=self.device) for params, idx in groups.items()}
 
     def _forced_ids(self, rows: list[Sequence], steps: int) -> np.ndarray | None:
         """[len(rows), steps] int64: the token forced (`eos_at`, `force_tokens`) at each row's next `steps`

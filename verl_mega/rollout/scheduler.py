@@ -202,15 +202,11 @@ class Scheduler:
         """Record a row's sampled tokens (one decode window's, in order) up to the first that ends its response
         (a stop token, or max_new_tokens reached); returns the finished turn if one did (the later tokens were
         decoded past the end and are dropped)."""
-        stops, room = seq.params.stop_token_ids, seq.params.max_new_tokens - seq.num_generated
-        cut = max(0, min(len(tokens), room))
-        for i in range(cut):
-            if tokens[i] in stops:
-                cut = i + 1
-                break
+        stops, room = seq.params.stop_token_ids, max(0, seq.params.max_new_tokens - seq.num_generated)
+        cut = next((i + 1 for i, token in enumerate(tokens[:room]) if token in stops), min(len(tokens), room))
         seq.tokens += tokens[:cut]
         seq.logprobs += logprobs[:cut]
-        if cut < len(tokens) or cut == room or (cut and tokens[cut - 1] in stops):
+        if cut == room or (cut > 0 and tokens[cut - 1] in stops):
             return self._finish(seq)
         return None
 
