@@ -25,8 +25,8 @@ matrix once (all parameters except the input embedding table, of which it reads 
 K/V of every attended token:  t_bound = sum over steps of (W + C_step * kv_bytes) / BW, with
 W = weight bytes, C_step = tokens attended in that step summed over its rows (engine counter
 `decode_context_tokens`), kv_bytes = layers * 2 * kv_heads * head_dim * dtype bytes, and BW both
-the H200 spec (4.8 TB/s) and the device-to-device copy bandwidth measured here (2 * bytes / time of
-a 4 GiB copy). Fraction = t_bound / t_decode with t_decode = (new engine call) - (a prefill-only
+the card's spec (H200 HBM3e 4.8 TB/s, H100 SXM HBM3 3.35 TB/s) and the device-to-device copy
+bandwidth measured here (2 * bytes / time of a 4 GiB copy). Fraction = t_bound / t_decode with t_decode = (new engine call) - (a prefill-only
 call of the same requests, max_new_tokens=1).
 
 GRPO step (0.5B shape, or tiny with --smoke): PPOTrainer on the saved random model, reward = sleep
@@ -70,7 +70,6 @@ from benchmarks.static_engine import StaticGenerationEngine  # noqa: E402
 from verl_mega.rollout.worker import RolloutWorker  # noqa: E402
 
 EOS = 1  # hf_config's eos_token_id
-H200_BW = 4.8e12  # bytes/s, HBM3e spec
 
 
 def workload(args, vocab: int) -> tuple[list[list[int]], list[int]]:
@@ -174,6 +173,12 @@ def copy_bandwidth(device) -> float | None:
     return 2 * 2**32 / seconds
 
 
+def spec_bandwidth(device) -> float:
+    """The card's nominal memory bandwidth in bytes/s (H200 HBM3e 4.8 TB/s, else H100 SXM HBM3 3.35 TB/s)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return 4.8e12 if "H200" in name else 3.35e12
+
+
 def bandwidth_bound(shape, model, new: dict, bw: float) -> dict:
     """The decode-step bound of the module docstring, as a fraction of the measured decode time."""
     cfg = SHAPES[shape]
@@ -236,7 +241,7 @@ def run_shape(args, shape, device, dtype, layout) -> dict:
         if "tokens_per_s" not in out[name]:
             continue
         out[f"ratio_{name}_over_static"] = out[name]["tokens_per_s"] / out["static"]["tokens_per_s"]
-        out[name]["bound_spec"] = bandwidth_bound(shape, model, out[name], H200_BW)
+        out[name]["bound_spec"] = bandwidth_bound(shape, model, out[name], spec_bandwidth(device))
         if bw is not None:
             out[name]["bound_measured_copy"] = bandwidth_bound(shape, model, out[name], bw)
     del model
