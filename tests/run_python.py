@@ -10,13 +10,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTPUT_TAIL = 3000  # characters of stdout and of stderr shown when the program fails
 
 
+def child_env(*paths: str, **variables: str) -> dict[str, str]:
+    """This process's environment for a child Python: PYTHONPATH = the checkout, then `paths`, then the inherited
+    PYTHONPATH (kept: on the GPU machine it holds the carried wheels), one thread per process, plus `variables`."""
+    pythonpath = os.pathsep.join(p for p in (REPO, *paths, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath, **variables}
+
+
 def run_python(args: list[str], *, timeout: float) -> subprocess.CompletedProcess:
     """`python ARGS` (e.g. ["-m", "verl_mega", "demo", ...] or [script, ...]) from the repository root, waited for
     at most `timeout` seconds; asserts it exits 0 (message: the tails of its stdout and stderr) and returns the
     finished process, its stdout and stderr as text."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, (f"python {' '.join(args)} exited {proc.returncode}\n--- stdout\n"
                                   f"{proc.stdout[-OUTPUT_TAIL:]}\n--- stderr\n{proc.stderr[-OUTPUT_TAIL:]}")
     return proc

@@ -6,11 +6,13 @@ import os
 import subprocess
 import sys
 
+from tests.run_python import child_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_vision_share_benchmark_smoke(tmp_path):
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    env = child_env()
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "vlm_vision_share.py"), "--smoke",
                            "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]

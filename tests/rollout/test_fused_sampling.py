@@ -14,10 +14,10 @@ import sys
 
 import torch
 
+from tests.run_python import child_env
 from rollout_refs import NEVER, TEXT_PROMPTS, build_engine, tokenize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
 
 # chi-square with 4 degrees of freedom (5 tokens): P(statistic > 23.5) = 1e-4 for a correct sampler
 CHI2_4DOF_1E4 = 23.5
@@ -79,7 +79,7 @@ def test_fused_sampler_matches_sample_tokens(hf_dir):
     reference = engine.generate(ids, max_new_tokens=6, temperature=0.0).responses()
     code = ("import json, sys; sys.path.insert(0, %r); import test_fused_sampling as t; "
             "print(json.dumps([t.sampler_checks('cpu'), t.engine_greedy(%r, %r)]))" % (HERE, hf_dir, ids))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([ROOT, HERE])}
+    env = child_env(HERE, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     checks, (tokens, forced_lengths) = json.loads(out.stdout.strip().splitlines()[-1])

@@ -14,10 +14,10 @@ import sys
 
 import torch
 
+from tests.run_python import child_env
 from rollout_refs import NEVER, TEXT_PROMPTS, hf_greedy, tokenize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
 def kernel_errors(device: str) -> list[tuple[float, float]]:
@@ -65,7 +65,7 @@ def test_paged_kernel_matches_gather_path_and_transformers(hf_dir):
     # the CPU model in the interpreter (always), and the compiled kernel on CUDA tensors where there is CUDA
     code = ("import json, sys; sys.path.insert(0, %r); import test_paged_attention as t; "
             "print(json.dumps([t.kernel_errors('cpu'), t.engine_tokens(%r, %r, %d)]))" % (HERE, hf_dir, ids, eos))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([ROOT, HERE])}
+    env = child_env(HERE, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     errors, tokens = json.loads(out.stdout.strip().splitlines()[-1])

@@ -212,7 +212,9 @@ def test_vlm_gpu_check_script_smoke(tmp_path):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    from tests.run_python import child_env
+
+    env = child_env()
     proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "vlm_gpu_check.py"), "--smoke",
                            "--out", str(tmp_path)], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
