@@ -11,8 +11,9 @@ every response ends with EOS at a length drawn uniformly from [--min-len, --max-
 hook (`forced_lengths.py`: same work as a model that stops there: the row is freed after it, its slot
 taken by a waiting request).
 - new engine: all requests added at once (`max_batch` rows in flight, `--max-batch`, default all), with
-  the gather + SDPA decode attention ("new"), the Triton paged-attention kernel ("new_paged") and that kernel with
-  the one-pass Triton sampler ("new_paged_fused", `rollout/fused_sampling.py`);
+  the gather + SDPA decode attention ("new"), the Triton paged-attention kernel ("new_paged"), that kernel with
+  the one-pass Triton sampler ("new_paged_fused", `rollout/fused_sampling.py`), and that with 16 decode steps
+  per host check instead of 8 ("new_paged_fused_sync16"); `--variants` picks some;
 - static engine: one batch of prompts x n rows with max_new_tokens = the longest drawn length and
   EOS ignored: how it runs this workload (a finished row keeps its slot and is decoded until the
   whole batch ends; its extra tokens are not counted);
@@ -72,6 +73,12 @@ from verl_mega.rollout.worker import RolloutWorker  # noqa: E402
 EOS = 1  # hf_config's eos_token_id
 
 
+# the new engine's variants (EngineConfig fields): decode attention, sampler, decode steps per host check
+VARIANTS = {"new": {"attention": "gather"}, "new_paged": {"attention": "paged"},
+            "new_paged_fused": {"attention": "paged", "sampler": "fused"},
+            "new_paged_fused_sync16": {"attention": "paged", "sampler": "fused", "sync_every": 16}}
+
+
 def workload(args, vocab: int) -> tuple[list[list[int]], list[int]]:
     """(prompts, per-row response lengths), seeded."""
     gen = torch.Generator().manual_seed(args.seed)
@@ -79,13 +86,13 @@ def workload(args, vocab: int) -> tuple[list[list[int]], list[int]]:
     return prompts, draw_lengths(args.prompts * args.n, (args.min_len, args.max_len), args.seed + 1)
 
 
-def run_new(args, model, prompts, lengths, tp_group, attention: str = "gather", sampler: str = "torch") -> dict:
-    """Continuous batching: tokens/s, the decode time (call - prefill-only call) and the engine counters."""
+def run_new(args, model, prompts, lengths, tp_group, name: str = "new", **engine: str | int) -> dict:
+    """Continuous batching: tokens/s, the decode time (call - prefill-only call) and the engine counters.
+    engine: EngineConfig fields of the variant (attention, sampler, sync_every)."""
     rows = len(prompts) * args.n
     config = EngineConfig(max_batch=args.max_batch or rows, max_seq_len=args.prompt_len + args.max_len + 64,
                           max_tokens=args.max_tokens or rows * (args.prompt_len + args.max_len + 64),
-                          block_size=args.block_size, kv_len_bucket=args.kv_len_bucket, attention=attention,
-                          sampler=sampler)
+                          block_size=args.block_size, kv_len_bucket=args.kv_len_bucket, **engine)
     engine = GenerationEngine(model, tp_group, config, eos_token_ids=[EOS], pad_token_id=0)
     sampling = SamplingParams(temperature=1.0)
 
@@ -108,11 +115,16 @@ def run_new(args, model, prompts, lengths, tp_group, attention: str = "gather", 
     prefill = time_call(lambda: call(1))
     out = {"seconds": seconds, "first_call_seconds": warm, "tokens": got, "tokens_per_s": got / seconds,
            "prefill_only_seconds": prefill, "decode_seconds": seconds - prefill, "graphs": len(engine._graphs),
-           "kv_pool_gib": engine.cache.memory_bytes() / 2**30, "preemptions": engine.scheduler.preemptions, **stats}
+           "kv_pool_gib": engine.cache.memory_bytes() / 2**30, "preemptions": engine.scheduler.preemptions,
+           "sync_every": engine.sync_every, **engine_fields(config), **stats}
     if args.profile:
-        out["profile"] = profile_call(call, os.path.join(args.out_dir, f"rollout_profile_{attention}_{sampler}.txt"))
+        out["profile"] = profile_call(call, os.path.join(args.out_dir, f"rollout_profile_{name}.txt"))
     engine.release()
     return out
+
+
+def engine_fields(config) -> dict:
+    return {"attention": config.attention, "sampler": config.sampler}
 
 
 def profile_call(call, path: str) -> dict:
@@ -226,18 +238,15 @@ def run_shape(args, shape, device, dtype, layout) -> dict:
     model.fused_inference = device.type == "cuda"  # CPU smoke: plain torch ops (the interpreter runs only the paged kernel)
     prompts, lengths = workload(args, SHAPES[shape]["vocab_size"])
     out = {"rows": len(lengths), "mean_length": sum(lengths) / len(lengths), "max_length": max(lengths)}
-    out["new"] = run_new(args, model, prompts, lengths, layout.tp_group)
-    # the Triton paged-attention decode (EngineConfig.attention="paged"), then with the one-pass sampler too
-    # (sampler="fused"); guarded: a failure is reported and the other figures kept
-    variants = (("new_paged", {"attention": "paged"}), ("new_paged_fused", {"attention": "paged", "sampler": "fused"}))
-    for name, kw in variants:
+    # guarded: a variant's failure is reported and the other figures kept
+    for name in args.variants.split(","):
         try:
-            out[name] = run_new(args, model, prompts, lengths, layout.tp_group, **kw)
+            out[name] = run_new(args, model, prompts, lengths, layout.tp_group, name, **VARIANTS[name])
         except Exception as exc:  # noqa: BLE001 - report and keep the other figures
             out[name] = {"error": repr(exc)[:2000]}
     out["static"] = run_static(args, model, prompts, lengths, layout.tp_group)
     bw = copy_bandwidth(device)
-    for name in ("new", "new_paged", "new_paged_fused"):
+    for name in args.variants.split(","):
         if "tokens_per_s" not in out[name]:
             continue
         out[f"ratio_{name}_over_static"] = out[name]["tokens_per_s"] / out["static"]["tokens_per_s"]
@@ -248,7 +257,7 @@ def run_shape(args, shape, device, dtype, layout) -> dict:
     torch.cuda.empty_cache() if device.type == "cuda" else None
     if not args.no_hf:
         out["hf"] = run_hf(args, shape, device, dtype)
-        for name in ("new", "new_paged", "new_paged_fused"):
+        for name in args.variants.split(","):
             if "tokens_per_s" in out[name]:
                 out[f"ratio_{name}_over_hf"] = out[name]["tokens_per_s"] / out["hf"]["tokens_per_s"]
     return out
@@ -311,6 +320,7 @@ def main(argv=None) -> int:
     p.add_argument("--min-len", type=int, default=32)
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"new-engine variants, of {sorted(VARIANTS)}")
     p.add_argument("--max-batch", type=int, default=0, help="new engine rows in flight (0 = all rows)")
     p.add_argument("--max-tokens", type=int, default=0, help="new engine KV budget in tokens (0 = rows x longest)")
     p.add_argument("--block-size", type=int, default=16)
@@ -322,9 +332,12 @@ def main(argv=None) -> int:
     p.add_argument("--grpo-shape", default="qwen2.5-0.5b", help="'' skips the GRPO step")
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--profile", action="store_true", help="one more new-engine call under torch.profiler: device "
-                   "busy fraction and top ops (rollout_profile_<attention>_<sampler>.txt in --out-dir)")
+                   "busy fraction and top ops (rollout_profile_<variant>.txt in --out-dir)")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "outputs"))
     args = p.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        p.error(f"--variants: unknown {sorted(unknown)}; known: {sorted(VARIANTS)}")
     if args.smoke:
         args.shapes, args.grpo_shape = "tiny", "tiny"
         args.prompts, args.n, args.prompt_len, args.min_len, args.max_len = 4, 2, 8, 2, 12

@@ -51,6 +51,16 @@ def sampler_checks(device: str) -> dict:
     out["masked_never_drawn"] = tok[0].item() >= BLOCK
     g.manual_seed(5)
     out["same_seed_same_tokens"] = sample_tokens_fused(logits, warm, g, forced)[0].tolist() == tok.tolist()
+    # the vocabulary cut into 2 and 4 parts of 1024-entry blocks (the last part past the vocabulary, empty):
+    # the same draws (Philox counters do not depend on the cut) and log-probs to float32 rounding
+    out["split_same_tokens"], out["split_logprob_error"] = True, 0.0
+    for params, seed in ((greedy, None), (warm, 5)):
+        whole = sample_tokens_fused(logits, params, g.manual_seed(seed) if seed else None, forced, splits=1)
+        for splits in (2, 4):
+            cut = sample_tokens_fused(logits, params, g.manual_seed(seed) if seed else None, forced, block=1024,
+                                      splits=splits)
+            out["split_same_tokens"] &= cut[0].tolist() == whole[0].tolist()
+            out["split_logprob_error"] = max(out["split_logprob_error"], float((cut[1] - whole[1]).abs().max()))
     # distribution: 1,000 rows of the same 5 logits at T = 0.7 (the interpreter runs about 10 ms a row)
     small = torch.tensor([1.0, 0.0, -0.5, 2.0, 0.3], device=device).repeat(1000, 1)
     draws = sample_tokens_fused(small, warm, torch.Generator(device=device).manual_seed(1))[0]
@@ -86,8 +96,10 @@ def test_fused_sampler_matches_sample_tokens(hf_dir):
     runs = [checks] + ([sampler_checks("cuda")] if torch.cuda.is_available() else [])
     for c in runs:
         assert c["greedy_equal"] and c["forced_kept"] and c["masked_never_drawn"] and c["same_seed_same_tokens"], c
+        assert c["split_same_tokens"], c
         # both log-sum-exps of the same float32 logits, summed in other orders: a few float32 ulps of |lse| ~ 10
         assert c["greedy_logprob_error"] < 1e-5 and c["sampled_logprob_error"] < 1e-5, c
+        assert c["split_logprob_error"] < 1e-5, c
         assert c["chi2"] < CHI2_4DOF_1E4, c
     assert tokens == reference
     assert forced_lengths == [3, 6, 9, 12]  # forced ids read per row from the staged window (were misread)

@@ -1,12 +1,14 @@
 """One pass over the logits per decode step: next token and its log-prob (Triton).
 
 What: for logits [B, V] float32, the same draw as `sampling.sample_tokens` for greedy and for plain
-temperature sampling (top_k = 0, top_p = 1): one program per row walks the vocabulary in blocks of
+temperature sampling (top_k = 0, top_p = 1): each row's vocabulary is cut into `splits` contiguous
+parts (enough programs to fill the GPU when few rows are left); a program walks its part in blocks of
 BLOCK, keeps the running max / sum of exp(x / T) (log-sum-exp, FlashAttention's online softmax) and the
 running argmax of x / T + G, G = -log(-log U) a Gumbel draw from Philox uniforms U (`tl.rand`): the
 Gumbel-max trick, the log form of the torch path's exponential race argmax(p / E), E = -log U, so an
-exact draw from softmax(x / T). Greedy takes argmax(x) with T = 1. The log-prob of the chosen (or
-forced) token is x_t / T - logsumexp(x / T), as `sample_tokens` reports it. The torch path makes about
+exact draw from softmax(x / T). Greedy takes argmax(x) with T = 1. A second kernel merges a row's
+parts (log-sum-exp merge; the largest key, the lowest index on ties, as torch.argmax). The log-prob of
+the chosen (or forced) token is x_t / T - logsumexp(x / T), as `sample_tokens` reports it. The torch path makes about
 ten passes over [B, V] float32 (log-softmax, exp, the exponential draws, the division, argmax); this
 reads the logits once and writes two numbers per row.
 
@@ -19,30 +21,35 @@ top-k / top-p truncation is not fused: those calls take `sample_tokens`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from verl_mega.rollout.sampling import SamplingParams, sample_tokens
 
 BLOCK = 2048  # vocabulary entries per loop iteration
+PROGRAMS_PER_SM = 4  # vocabulary splits are chosen so that rows x splits >= this many programs per SM
 
 
-def _kernel():
+def _kernels():
     import triton  # lazy: TRITON_INTERPRET is read when the kernel is decorated
     import triton.language as tl
 
     @triton.jit
-    def fused_sample_kernel(logits_ptr, stride, seed_ptr, forced_ptr, token_ptr, logprob_ptr, inv_temp,
-                            V: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr, GREEDY: tl.constexpr,
-                            HAS_FORCED: tl.constexpr):
-        row = tl.program_id(0)
+    def sample_partial_kernel(logits_ptr, stride, seed_ptr, m_ptr, l_ptr, best_ptr, idx_ptr, inv_temp,
+                              V: tl.constexpr, SPLITS: tl.constexpr, NB_PER: tl.constexpr, BLOCK: tl.constexpr,
+                              GREEDY: tl.constexpr):
+        """Program (row, split): max m and sum l of exp(x / T - m), and the best key (x / T + Gumbel, or x / T
+        greedy) with its index, over the split's NB_PER blocks of the row's vocabulary."""
+        row, split = tl.program_id(0), tl.program_id(1)
         base = logits_ptr + row.to(tl.int64) * stride
         seed = tl.load(seed_ptr)
         m = tl.full([], float("-inf"), tl.float32)  # running max of x / T
         l = tl.zeros([], tl.float32)  # running sum of exp(x / T - m)
         best = tl.full([], float("-inf"), tl.float32)
         best_idx = tl.zeros([], tl.int32)
-        for j in range(NB):
-            offs = j * BLOCK + tl.arange(0, BLOCK)
+        for j in range(NB_PER):
+            offs = (split * NB_PER + j) * BLOCK + tl.arange(0, BLOCK)
             valid = offs < V
             x = tl.load(base + offs, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
             m_new = tl.maximum(m, tl.max(x, axis=0))
@@ -57,41 +64,87 @@ def _kernel():
                 key = x - tl.log(-tl.log(tl.maximum(u, 1e-12)))  # + Gumbel(0, 1)
             key = tl.where(valid, key, float("-inf"))
             block_best = tl.max(key, axis=0)
-            better = block_best > best
-            best_idx = tl.where(better, j * BLOCK + tl.argmax(key, axis=0), best_idx)
+            better = block_best > best  # strictly: the first of equal keys wins, as torch.argmax
+            best_idx = tl.where(better, (split * NB_PER + j) * BLOCK + tl.argmax(key, axis=0), best_idx)
             best = tl.where(better, block_best, best)
-        token = best_idx.to(tl.int64)
+        out = row * SPLITS + split
+        tl.store(m_ptr + out, m)
+        tl.store(l_ptr + out, l)
+        tl.store(best_ptr + out, best)
+        tl.store(idx_ptr + out, best_idx)
+
+    @triton.jit
+    def sample_merge_kernel(logits_ptr, stride, m_ptr, l_ptr, best_ptr, idx_ptr, forced_ptr, token_ptr, logprob_ptr,
+                            inv_temp, SPLITS: tl.constexpr, HAS_FORCED: tl.constexpr):
+        """Program row: the splits' partials merged (log-sum-exp; the best key, the lowest split on ties), the
+        forced token applied, and the chosen token's log-prob x_t / T - logsumexp(x / T)."""
+        row = tl.program_id(0)
+        s = row * SPLITS + tl.arange(0, SPLITS)
+        m = tl.load(m_ptr + s)
+        m_all = tl.max(m, axis=0)
+        shift = tl.where(m_all > float("-inf"), m_all, 0.0)
+        l_all = tl.sum(tl.load(l_ptr + s) * tl.exp(m - shift), axis=0)
+        token = tl.load(idx_ptr + row * SPLITS + tl.argmax(tl.load(best_ptr + s), axis=0)).to(tl.int64)
         if HAS_FORCED:
             forced = tl.load(forced_ptr + row)
             token = tl.where(forced >= 0, forced, token)
-        x_token = tl.load(base + token).to(tl.float32) * inv_temp
+        x_token = tl.load(logits_ptr + row.to(tl.int64) * stride + token).to(tl.float32) * inv_temp
         tl.store(token_ptr + row, token)
-        tl.store(logprob_ptr + row, x_token - (m + tl.log(l)))
+        tl.store(logprob_ptr + row, x_token - (m_all + tl.log(l_all)))
 
-    return fused_sample_kernel
+    return sample_partial_kernel, sample_merge_kernel
 
 
-_KERNEL: list = []
+_KERNELS: list = []
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()).multi_processor_count
+
+
+def vocab_splits(rows: int, blocks: int, device: torch.device) -> int:
+    """Splits of each row's vocabulary (a power of two <= blocks): enough for rows x splits to fill the SMs
+    PROGRAMS_PER_SM deep (a decode batch's tail of a few rows would leave most SMs idle); 1 off CUDA."""
+    if device.type != "cuda":
+        return 1
+    want = -(-PROGRAMS_PER_SM * _sm_count(device.index) // rows)
+    splits = 1
+    while splits * 2 <= min(want, blocks):
+        splits *= 2
+    return splits
 
 
 def sample_tokens_fused(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-                        forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        forced: torch.Tensor | None = None, *, block: int = BLOCK,
+                        splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`sample_tokens`' contract (tokens [B] int64, logprobs [B] float32; `forced` [B] int64, -1 = sample) in
     one Triton pass for greedy and plain temperature sampling; top-k / top-p go to `sample_tokens`.
-    logits: [B, V] float32 with unit last stride, on CUDA (or on CPU under TRITON_INTERPRET=1)."""
+    logits: [B, V] (any float dtype, unit last stride), on CUDA (or on CPU under TRITON_INTERPRET=1).
+    block: vocabulary entries per loop iteration; splits: programs per row (a power of two; None:
+    `vocab_splits`). Neither changes the draws: element (row, v) always uses Philox counter row * V + v."""
     if params.top_k or params.top_p < 1.0:
         return sample_tokens(logits, params, generator, forced)
-    if not _KERNEL:
-        _KERNEL.append(_kernel())
+    if not _KERNELS:
+        _KERNELS.extend(_kernels())
+    partial, merge = _KERNELS
     b, v = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     if forced is not None:
         forced = forced.contiguous()  # the kernel reads forced[row] at offset row (the engine passes a column view)
+    blocks = -(-v // block)
+    splits = splits or vocab_splits(b, blocks, logits.device)
+    if splits & (splits - 1) or splits > blocks:
+        raise ValueError(f"sample_tokens_fused: splits must be a power of two <= {blocks} blocks, got {splits}")
+    stats = torch.empty(4, b, splits, dtype=torch.float32, device=logits.device)  # m, l, best key, best index
+    index = stats[3].view(torch.int32)
     tokens = torch.empty(b, dtype=torch.long, device=logits.device)
     logprobs = torch.empty(b, dtype=torch.float32, device=logits.device)
     seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=logits.device)
-    _KERNEL[0][(b,)](logits, logits.stride(0), seed, tokens if forced is None else forced, tokens, logprobs,
-                     1.0 if params.greedy else 1.0 / params.temperature, V=v, NB=-(-v // BLOCK), BLOCK=BLOCK,
-                     GREEDY=params.greedy, HAS_FORCED=forced is not None)
+    inv_temp = 1.0 if params.greedy else 1.0 / params.temperature
+    partial[(b, splits)](logits, logits.stride(0), seed, stats[0], stats[1], stats[2], index, inv_temp, V=v,
+                         SPLITS=splits, NB_PER=-(-blocks // splits), BLOCK=block, GREEDY=params.greedy)
+    merge[(b,)](logits, logits.stride(0), stats[0], stats[1], stats[2], index, tokens if forced is None else forced,
+                tokens, logprobs, inv_temp, SPLITS=splits, HAS_FORCED=forced is not None)
     return tokens, logprobs
