@@ -114,7 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--offload-auto", action="store_true", help="offload.auto: the memory planner picks the switches")
     p.add_argument("--memory-gib", type=float, default=None,
                    help="device memory the planner checks against (default: CUDA's; needed for a check on CPU)")
-    p.add_argument("--attention", choices=("gather", "paged"), default="gather",
+    p.add_argument("--attention", choices=("auto", "gather", "paged"), default="auto",
                    help="decode attention of the rollout engine (rollout.engine.attention)")
     p.add_argument("--keep-cache", action="store_true",
                    help="keep the KV cache and CUDA graphs between rollouts (default: freed for training, recaptured)")

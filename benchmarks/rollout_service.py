@@ -12,8 +12,9 @@ hook (`forced_lengths.py`: same work as a model that stops there: the row is fre
 taken by a waiting request).
 - new engine: all requests added at once (`max_batch` rows in flight, `--max-batch`, default all), with
   the gather + SDPA decode attention ("new"), the Triton paged-attention kernel ("new_paged"), that kernel with
-  the one-pass Triton sampler ("new_paged_fused", `rollout/fused_sampling.py`), and that with 16 decode steps
-  per host check instead of 8 ("new_paged_fused_sync16"); `--variants` picks some;
+  the one-pass Triton sampler ("new_paged_fused", `rollout/fused_sampling.py`: the CUDA defaults), that without
+  overlapped decode windows ("new_paged_fused_no_overlap": each window read before the next is launched) and
+  with 16 decode steps per host check instead of 8 ("new_paged_fused_sync16"); `--variants` picks some;
 - static engine: one batch of prompts x n rows with max_new_tokens = the longest drawn length and
   EOS ignored: how it runs this workload (a finished row keeps its slot and is decoded until the
   whole batch ends; its extra tokens are not counted);
@@ -74,8 +75,10 @@ EOS = 1  # hf_config's eos_token_id
 
 
 # the new engine's variants (EngineConfig fields): decode attention, sampler, decode steps per host check
-VARIANTS = {"new": {"attention": "gather"}, "new_paged": {"attention": "paged"},
+VARIANTS = {"new": {"attention": "gather", "sampler": "torch"},
+            "new_paged": {"attention": "paged", "sampler": "torch"},
             "new_paged_fused": {"attention": "paged", "sampler": "fused"},
+            "new_paged_fused_no_overlap": {"attention": "paged", "sampler": "fused", "overlap": False},
             "new_paged_fused_sync16": {"attention": "paged", "sampler": "fused", "sync_every": 16}}
 
 
@@ -116,15 +119,15 @@ def run_new(args, model, prompts, lengths, tp_group, name: str = "new", **engine
     out = {"seconds": seconds, "first_call_seconds": warm, "tokens": got, "tokens_per_s": got / seconds,
            "prefill_only_seconds": prefill, "decode_seconds": seconds - prefill, "graphs": len(engine._graphs),
            "kv_pool_gib": engine.cache.memory_bytes() / 2**30, "preemptions": engine.scheduler.preemptions,
-           "sync_every": engine.sync_every, **engine_fields(config), **stats}
+           "sync_every": engine.sync_every, **engine_fields(engine), **stats}
     if args.profile:
         out["profile"] = profile_call(call, os.path.join(args.out_dir, f"rollout_profile_{name}.txt"))
     engine.release()
     return out
 
 
-def engine_fields(config) -> dict:
-    return {"attention": config.attention, "sampler": config.sampler}
+def engine_fields(engine) -> dict:
+    return {"attention": engine.attention, "sampler": engine.sampler, "overlap": engine.overlap}
 
 
 def profile_call(call, path: str) -> dict:

@@ -8,7 +8,8 @@
 #   demo             the main job on CUDA: verl_mega demo --quick --nproc 1 --tp 1 (issue 12)
 #   rollout_service  continuous batching vs the static engine at the Qwen2.5-0.5B shape, + a torch.profiler call (issue 13)
 #   rollout_fast     rollout_service without the profiler call
-#   paged_tests      pytest tests/rollout/test_paged_attention.py on CUDA (the paged kernel, fp32 and bf16)
+#   paged_tests      pytest test_paged_attention.py + test_fused_sampling.py on CUDA (the paged kernel in fp32 and bf16,
+#                    the one-pass sampler)
 #   reward_overlap   a 0.5B GRPO step with a 50 ms-per-response reward, streamed vs after generation (issue 13)
 #   throughput       GRPO tokens/s/GPU, 0.5B + 1.5B, 8x8, prompt 128, 256 new tokens, KL off (issue 18)
 #   trl_grpo         the TRL peer on the 0.5B row (summary.md gets the tokens/s ratio; issue 18)
@@ -28,8 +29,9 @@
 #   reward_models    rule vs reward model vs LLM judge rewards inside a GRPO step, with/without offload (issue 19)
 #   reward_judge     reward_models' judge run only (2 steps after the warm-up)
 #   agent_rollout    multi-turn agent rollout (8 prompts x 8), tool calls overlapping generation vs serial (issue 16)
-# Environment: BUDGET (seconds, below), ATTENTION (gather | paged: the engine's decode attention in throughput and
-# grpo_e2e_ab), ROLLOUT_SHAPES (comma-separated, default qwen2.5-0.5b).
+# Environment: BUDGET (seconds, below), ATTENTION (auto | gather | paged: the engine's decode attention in throughput
+# and grpo_e2e_ab; auto = paged on CUDA), ROLLOUT_SHAPES (comma-separated, default qwen2.5-0.5b), ROLLOUT_VARIANTS
+# (rollout_service / rollout_fast: the new engine's variants, default all of rollout_service.py's VARIANTS).
 # Each step has its own `timeout`, capped by what is left of BUDGET seconds (default 560: the call's 600 s
 # minus the wheel install and the copy-back); a step that would get under 30 s is skipped and says so.
 # Run from the repository root with `.whl/` carried (benchmarks/README.md, "Wheels for the GPU machine"):
@@ -51,7 +53,8 @@ for arg in "${@:-core}"; do
   esac
 done
 BUDGET=${BUDGET:-560}
-ATTENTION=${ATTENTION:-gather}  # the rollout engine's decode attention in throughput / grpo_e2e_ab (gather | paged)
+ATTENTION=${ATTENTION:-auto}  # the rollout engine's decode attention in throughput / grpo_e2e_ab (auto | gather | paged)
+ROLLOUT_VARIANTS=${ROLLOUT_VARIANTS:-}  # rollout_service.py --variants ("" = all)
 ROLLOUT_SHAPES=${ROLLOUT_SHAPES:-qwen2.5-0.5b}  # rollout_service / rollout_fast shapes (issue 13: add qwen2.5-7b)
 START=$(date +%s)
 WORK=$(mktemp -d /tmp/h200.XXXX)  # scripts write here; the chosen files are copied to $OUT after every step
@@ -127,10 +130,11 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
     kernels_tests) step kernels_tests 120 python3 -m pytest -q -rs -x tests/kernels ;;
     demo) step demo 120 python3 -m verl_mega demo --quick --nproc 1 --tp 1 --output-dir "$WORK/demo" ;;
     rollout_service) step rollout_service 240 python3 benchmarks/rollout_service.py --shapes "$ROLLOUT_SHAPES" --no-hf --profile \
-      --grpo-shape '' --out-dir "$WORK/rollout" ;;
+      --grpo-shape '' ${ROLLOUT_VARIANTS:+--variants "$ROLLOUT_VARIANTS"} --out-dir "$WORK/rollout" ;;
     rollout_fast) step rollout_fast 300 python3 benchmarks/rollout_service.py --shapes "$ROLLOUT_SHAPES" --no-hf \
-      --grpo-shape '' --out-dir "$WORK/rollout" ;;
-    paged_tests) step paged_tests 90 python3 -m pytest -q -x tests/rollout/test_paged_attention.py ;;
+      --grpo-shape '' ${ROLLOUT_VARIANTS:+--variants "$ROLLOUT_VARIANTS"} --out-dir "$WORK/rollout" ;;
+    paged_tests) step paged_tests 120 python3 -m pytest -q tests/rollout/test_paged_attention.py \
+      tests/rollout/test_fused_sampling.py ;;
     throughput) step throughput 200 python3 benchmarks/throughput.py --shapes 0.5b,1.5b --batches 8x8 --prompt-len 128 \
       --new-tokens 256 --kl off --attention "$ATTENTION" --out "$WORK/throughput" ;;
     trl_grpo) step trl_grpo 150 python3 benchmarks/trl_grpo.py --shape 0.5b --out "$WORK/trl" ;;

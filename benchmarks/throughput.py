@@ -113,7 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="0.5b", help=f"comma-separated model shapes: {', '.join(SHAPES)}")
     p.add_argument("--batches", default="8x8", help="comma-separated PROMPTSxSAMPLES per step, e.g. 8x8,64x8")
-    p.add_argument("--attention", choices=("gather", "paged"), default="gather",
+    p.add_argument("--attention", choices=("auto", "gather", "paged"), default="auto",
                    help="decode attention of the rollout engine (rollout.engine.attention)")
     p.add_argument("--kl", default="off", help="KL to a reference: off, on or off,on")
     p.add_argument("--layouts", default="1x1", help="comma-separated TPxPP layouts (dp = GPUs / (tp*pp))")

@@ -10,8 +10,8 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 
-ATTENTION = ("gather", "paged")
-SAMPLERS = ("torch", "fused")
+ATTENTION = ("auto", "gather", "paged")
+SAMPLERS = ("auto", "torch", "fused")
 
 
 @dataclass
@@ -25,10 +25,11 @@ class EngineConfig:
     prefill_tokens: int = 8192  # most prompt tokens (rows x padded length) per prefill forward
     kv_len_bucket: int = 64  # decode attends over the gathered blocks rounded up to this many tokens
     sync_every: Optional[int] = None  # decode steps per host check (finished rows, joins); None: 8 on CUDA, 1 on CPU
+    overlap: Optional[bool] = None  # launch the next decode window before reading the last one (the device never waits for the host's bookkeeping; rows that finished run one window more, discarded); None: on for CUDA, off on CPU
     cuda_graph: bool = True  # capture decode steps in CUDA graphs (CUDA models only; ignored on CPU)
     share_prefix: bool = True  # the n samples of a prompt prefill it once and read the same prompt blocks
-    attention: str = "gather"  # decode attention: "gather" (blocks copied for SDPA; every device) | "paged" (Triton flash-decoding on the blocks in place; CUDA: 2.2x the gather path at the 0.5B shape on an H100)
-    sampler: str = "torch"  # token sampling: "torch" (every device) | "fused" (one Triton pass over the logits for greedy / temperature sampling; top-k / top-p stay on torch; CUDA)
+    attention: str = "auto"  # decode attention: "gather" (blocks copied for SDPA; every device) | "paged" (Triton flash-decoding on the blocks in place; CUDA) | "auto" (paged on CUDA, gather elsewhere)
+    sampler: str = "auto"  # token sampling: "torch" (every device) | "fused" (one Triton pass over the logits for greedy / temperature sampling; top-k / top-p stay on torch; CUDA) | "auto" (fused on CUDA, torch elsewhere)
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_tokens", "max_seq_len", "block_size", "prefill_tokens", "kv_len_bucket"):
