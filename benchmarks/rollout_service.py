@@ -12,8 +12,7 @@ hook (`forced_lengths.py`: same work as a model that stops there: the row is fre
 taken by a waiting request).
 - new engine: all requests added at once (`max_batch` rows in flight, `--max-batch`, default all), with
   the gather + SDPA decode attention ("new"), the Triton paged-attention kernel ("new_paged"), that kernel with
-  the one-pass Triton sampler ("new_paged_fused", `rollout/fused_sampling.py`: the CUDA defaults), that without
-  overlapped decode windows ("new_paged_fused_no_overlap": each window read before the next is launched) and
+  the one-pass Triton sampler ("new_paged_fused", `rollout/fused_sampling.py`: the CUDA defaults), and that
   with 16 decode steps per host check instead of 8 ("new_paged_fused_sync16"); `--variants` picks some;
 - static engine: one batch of prompts x n rows with max_new_tokens = the longest drawn length and
   EOS ignored: how it runs this workload (a finished row keeps its slot and is decoded until the
@@ -78,7 +77,6 @@ EOS = 1  # hf_config's eos_token_id
 VARIANTS = {"new": {"attention": "gather", "sampler": "torch"},
             "new_paged": {"attention": "paged", "sampler": "torch"},
             "new_paged_fused": {"attention": "paged", "sampler": "fused"},
-            "new_paged_fused_no_overlap": {"attention": "paged", "sampler": "fused", "overlap": False},
             "new_paged_fused_sync16": {"attention": "paged", "sampler": "fused", "sync_every": 16}}
 
 
@@ -127,7 +125,7 @@ def run_new(args, model, prompts, lengths, tp_group, name: str = "new", **engine
 
 
 def engine_fields(engine) -> dict:
-    return {"attention": engine.attention, "sampler": engine.sampler, "overlap": engine.overlap}
+    return {"attention": engine.attention, "sampler": engine.sampler}
 
 
 def profile_call(call, path: str) -> dict:

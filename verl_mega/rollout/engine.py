@@ -22,11 +22,7 @@ Decode step shapes: rows rounded up to a bucket (1, 2, 4, 8, then multiples of 1
 length rounded up to `kv_len_bucket` tokens; on CUDA each (row bucket, length bucket) pair is captured
 once in a `torch.cuda.CUDAGraph` and replayed (the graph reads the block tables, positions and tokens
 from static buffers and derives the write/read slots and the mask on the device). Sampling and the
-host bookkeeping stay eager; the host reads the sampled tokens once per `sync_every` steps. With
-`overlap` (the CUDA default) the next window is launched before the last one is read (its rows' fed
-tokens taken on the device from the last window's output), so the device does not idle while the host
-records tokens and stages the next window; rows that finished in the window read run one window
-more, those tokens dropped (`step`).
+host bookkeeping stay eager; the host reads the sampled tokens once per `sync_every` steps.
 
 Every rank of `tp_group` must make the same calls: the sampled tokens are identical on all of them
 (`sampling.py`), so their schedules are too.
@@ -53,10 +49,11 @@ recompute preemption); gpt-fast's static-shape graphed decode.
 
 Simplifications: prefill and decode run as separate forwards (no chunked prefill mixed into decode
 steps); decode attention either reads the blocks in place with the Triton flash-decoding kernel
-(`attention="paged"`, `paged_attention.py`, the CUDA default: 2.3x the gather path's tokens/s on an H100 at
+(`attention="paged"`, `paged_attention.py`, the CUDA default: 2.2x the gather path's tokens/s on an H100 at
 the 0.5B shape, benchmarks/results/) or gathers them into a dense view for SDPA (`"gather"`: every device,
 the CPU default); sampling runs eager after each graphed step (`sampler="fused"`, the CUDA default: one
-Triton pass over the logits, `fused_sampling.py`; `"torch"` elsewhere);
+Triton pass over the logits, `fused_sampling.py`, 1.12x the torch sampler's tokens/s there; `"torch"`
+elsewhere);
 one sampling generator per engine (seeded by `seed()` / `generate(seed=)`), so a row's random draws
 depend on the batch it runs in (same inputs + same seed + same config = same tokens).
 """
@@ -64,7 +61,6 @@ depend on the batch it runs in (same inputs + same seed + same config = same tok
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -78,17 +74,6 @@ from verl_mega.rollout.kv_cache import PagedKVCache
 from verl_mega.rollout.output import GenerationOutput, assemble_output
 from verl_mega.rollout.sampling import SamplingParams, gather_vocab_logits, sample_tokens
 from verl_mega.rollout.scheduler import Finished, RequestParams, Scheduler, Sequence
-
-
-@dataclass
-class _Window:
-    """A launched decode window: its rows in batch order, the tokens and log-probs it samples ([rows, k] on the
-    device, read by `_read_window`), and the rows (ids) that finished before it was read (outputs dropped)."""
-
-    rows: list[Sequence]
-    tokens: torch.Tensor
-    logprobs: torch.Tensor
-    stale: set[int] = field(default_factory=set)
 
 
 def batch_bucket(batch: int, max_batch: int) -> int:
@@ -131,15 +116,12 @@ class GenerationEngine:
 
             self._sample_tokens = sample_tokens_fused
         self.sync_every = config.sync_every or (8 if self.device.type == "cuda" else 1)
-        self.overlap = config.overlap if config.overlap is not None else self.device.type == "cuda"
         num_blocks = config.max_tokens // config.block_size + 1  # + the padding block 0
         # a block table covers the longest sequence plus the decode steps run past its end before a host check
-        # (two windows with overlap: the next window is launched before the last one is read)
-        past_end = self.sync_every * (2 if self.overlap else 1)
-        self.table_width = -(-(config.max_seq_len + past_end) // config.block_size)
+        self.table_width = -(-(config.max_seq_len + self.sync_every) // config.block_size)
         if num_blocks - 1 < self.table_width:
             raise ValueError(f"engine max_tokens={config.max_tokens} cannot hold one sequence of max_seq_len="
-                             f"{config.max_seq_len} (+{past_end} decode steps); raise max_tokens")
+                             f"{config.max_seq_len} (+{self.sync_every} decode steps); raise max_tokens")
         self.cache = PagedKVCache(model.config.num_layers, num_blocks, config.block_size, self.device)
         self.scheduler = Scheduler(max_batch=config.max_batch, num_blocks=num_blocks, block_size=config.block_size,
                                    share_prefix=config.share_prefix)
@@ -155,20 +137,16 @@ class GenerationEngine:
         self.is_vlm = bool(pads)
         self._deltas = torch.zeros(mb, dtype=torch.long, device=dev) if self.is_vlm else None
         self._banned, self._banned_set = torch.tensor(pads, dtype=torch.long, device=dev), frozenset(pads)
-        # a decode window's inputs, staged on the host and copied once (`_launch_window`); two host buffers, used
-        # in turn: a window's copy may still be queued on the device when the next window is staged
+        # a decode window's inputs, staged on the host and copied once (`_decode_window`)
         cols = self.table_width + 3 + self.sync_every
-        self._staging = [torch.zeros(mb, cols, dtype=torch.long, pin_memory=dev.type == "cuda") for _ in range(2)]
+        self._staging = torch.zeros(mb, cols, dtype=torch.long, pin_memory=dev.type == "cuda")
         self._staged = torch.zeros(mb, cols, dtype=torch.long, device=dev)
-        self._launches = 0
-        self._inflight: _Window | None = None  # the launched, not yet read decode window (overlap)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._graph_pool = None
         self._graph_weights: tuple[int, ...] = ()
         # work done (for throughput / bandwidth accounting): decode steps, rows x steps, attended
         # context tokens summed over rows and steps, prefilled tokens
-        self.stats = {"decode_steps": 0, "decode_rows": 0, "decode_context_tokens": 0, "prefill_tokens": 0,
-                      "windows_ahead": 0}  # (decode windows launched before the one in flight was read)
+        self.stats = {"decode_steps": 0, "decode_rows": 0, "decode_context_tokens": 0, "prefill_tokens": 0}
         # (request id, sample) -> {response token number in the current turn (0-based): forced token id}
         self._forced: dict[tuple[int, int], dict[int, int]] = {}
 
@@ -236,8 +214,8 @@ class GenerationEngine:
         self.scheduler.release(request_id)
 
     def has_unfinished(self) -> bool:
-        """Whether requests are waiting or running (or a decode window is still to be read)."""
-        return self.scheduler.has_work or self._inflight is not None
+        """Whether requests are waiting or running."""
+        return self.scheduler.has_work
 
     def seed(self, seed: int) -> None:
         """Re-seed the sampling generator."""
@@ -245,35 +223,17 @@ class GenerationEngine:
 
     @torch.no_grad()
     def step(self) -> list[Finished]:
-        """Admit + prefill waiting requests, run `sync_every` decode steps; return the sequences that finished.
-
-        With `overlap` (CUDA default) a decode window is read by the next call, after that call has launched the
-        window after it over the same rows (when nothing waits to be admitted and the pool gives every row
-        blocks for both windows without preempting): the device runs the next window while the host reads
-        the last one and does its bookkeeping. A row that finished in the window read runs in the launched one
-        too; those tokens are dropped (and its freed blocks are reused only by work queued after them)."""
+        """Admit + prefill waiting requests, run `sync_every` decode steps; return the sequences that finished."""
         self._check_weights()
         sched = self.scheduler
         finished: list[Finished] = []
-        if self._inflight is not None:
-            window, self._inflight = self._inflight, None
-            if not sched.waiting:
-                self._inflight = self._launch_ahead(window)
-            finished += self._read_window(window)
-        if self._inflight is None and sched.has_work:
-            admitted = sched.admit()
-            if not admitted and not sched.running:
-                raise RuntimeError("no request fits into the KV cache; raise max_tokens")
-            if admitted:
-                finished += self._prefill(admitted)
-            if sched.running:
-                sched.reserve(self.sync_every)
-                if sched.running:  # (reserve may preempt rows)
-                    window = self._launch_window(list(sched.running))
-                    if self.overlap:
-                        self._inflight = window
-                    else:
-                        finished += self._read_window(window)
+        admitted = sched.admit()
+        if not admitted and not sched.running:
+            raise RuntimeError("no request fits into the KV cache; raise max_tokens")
+        if admitted:
+            finished += self._prefill(admitted)
+        if sched.running:
+            finished += self._decode_window()
         for done in finished:  # a paused sequence resumed by `append` is not forced again
             self._forced.pop((done.request_id, done.sample_index), None)
         return finished
@@ -339,7 +299,6 @@ class GenerationEngine:
     def release(self) -> None:
         """Free the KV cache and the CUDA graphs (rebuilt on the next use); drops queued and paused requests."""
         self.cache.release()
-        self._inflight = None
         self._graphs.clear()
         self._graph_pool = None
         self._forced.clear()  # scripts of dropped requests (request ids restart with the new scheduler)
@@ -458,46 +417,41 @@ class GenerationEngine:
         return rope, ({"image_embeds": embeds} if len(embeds) else {})
 
     # ------------------------------------------------------------------ decode
-    def _launch_window(self, rows: list[Sequence], ahead: int = 0, fed: torch.Tensor | None = None,
-                       source: list[int] | None = None) -> _Window:
-        """Queue `sync_every` decode steps over `rows` (blocks already reserved) on the device; nothing waits.
-
-        ahead: tokens each row has beyond what the host has recorded (0; or k when launched before the window in
-        flight is read: then row r's fed token is fed[source[r]], that window's last token, on the device)."""
-        k = self.sync_every
+    def _decode_window(self) -> list[Finished]:
+        """`sync_every` decode steps over the running rows; one host read of the sampled tokens."""
+        sched, k = self.scheduler, self.sync_every
+        sched.reserve(k)
+        rows = list(sched.running)
+        if not rows:
+            return []
         b = len(rows)
         bb = batch_bucket(b, self.max_batch) if self.use_cuda_graph else b
-        longest = max(len(s.tokens) - 1 + ahead + k for s in rows)  # positions the window reaches
+        longest = max(len(s.tokens) - 1 + k for s in rows)  # positions the window reaches
         bucket = max(self.block_size, self.config.kv_len_bucket // self.block_size * self.block_size)
         nb = min(self.table_width, -(-longest // bucket) * bucket // self.block_size)
         # the window's inputs in one host-to-device copy (pinned on CUDA, so the host does not wait for it):
-        # per row [block table | token fed (or its source row), its position, M-RoPE delta | forced ids (-1: sample)]
+        # per row [block table | token fed, its position, M-RoPE delta | forced ids of the k steps (-1: sample)]
         tw = self.table_width
-        staging = self._staging[self._launches % 2][:bb]
-        self._launches += 1
-        host = staging.numpy()
+        host = self._staging.numpy()[:bb]
         host[:, :tw + 3] = 0  # padding rows: block 0, token 0, position 0
         host[:, tw + 3:] = -1
         for r, s in enumerate(rows):
             host[r, :len(s.blocks)] = s.blocks
-            host[r, tw:tw + 3] = (s.tokens[-1] if fed is None else source[r], len(s.tokens) - 1 + ahead,
-                                  s.images.delta if s.images is not None else 0)
-        forced = self._forced_ids(rows, k, ahead)
+            host[r, tw:tw + 3] = s.tokens[-1], len(s.tokens) - 1, s.images.delta if s.images is not None else 0
+        forced = self._forced_ids(rows, k)
         if forced is not None:
             host[:b, tw + 3:] = forced
         staged = self._staged[:bb]
-        staged.copy_(staging, non_blocking=True)
+        staged.copy_(self._staging[:bb], non_blocking=True)
         self._tables[:bb].copy_(staged[:, :tw])
         self._tokens[:bb].copy_(staged[:, tw])
-        if fed is not None:
-            self._tokens[:b].copy_(fed.index_select(0, staged[:b, tw]))
         self._positions[:bb].copy_(staged[:, tw + 1])
         if self._deltas is not None:
             self._deltas[:bb].copy_(staged[:, tw + 2])
         groups = self._sampling_groups(rows)
         out_tokens = torch.empty(b, k, dtype=torch.long, device=self.device)
         out_logprobs = torch.empty(b, k, dtype=torch.float32, device=self.device)
-        context = sum(len(s.tokens) + ahead for s in rows)  # attended tokens of the window's first step
+        context = sum(len(s.tokens) for s in rows)  # attended tokens of the window's first step
         self.stats["decode_steps"] += k
         self.stats["decode_rows"] += b * k
         self.stats["decode_context_tokens"] += k * context + b * k * (k - 1) // 2
@@ -507,36 +461,13 @@ class GenerationEngine:
             out_tokens[:, t], out_logprobs[:, t] = tok, lp
             self._tokens[:b].copy_(tok)
             self._positions[:b] += 1
-        return _Window(rows, out_tokens, out_logprobs)
-
-    def _launch_ahead(self, window: _Window) -> _Window | None:
-        """The window after `window`, over its rows still running, launched before `window` is read (each row k
-        tokens further than the host knows); None when no row is left or the pool cannot give every row blocks
-        for both windows without preempting (no row is evicted while a window is in flight)."""
-        keep = [r for r, seq in enumerate(window.rows) if id(seq) not in window.stale]
-        rows = [window.rows[r] for r in keep]
-        k = self.sync_every
-        if not rows or not self.scheduler.reserve_ahead(rows, 2 * k):
-            return None
-        self.stats["windows_ahead"] += 1
-        return self._launch_window(rows, ahead=k, fed=window.tokens[:, -1], source=keep)
-
-    def _read_window(self, window: _Window) -> list[Finished]:
-        """Read a window's tokens (the host sync) and record them; a row that finishes here is marked stale in
-        the window in flight after it (dropped there, unread if it holds nothing else)."""
-        finished, after = [], self._inflight
-        for seq, toks, lps in zip(window.rows, window.tokens.tolist(), window.logprobs.tolist()):
-            if id(seq) in window.stale:
-                continue  # finished before this window was read: these tokens were decoded past its end
-            done = self.scheduler.accept(seq, toks, lps)
-            if done is None:
+        finished = []
+        for seq, toks, lps in zip(rows, out_tokens.tolist(), out_logprobs.tolist()):  # the host sync
+            done = sched.accept(seq, toks, lps)
+            if done is not None:
+                finished.append(done)
+            if not seq.finished:
                 seq.num_cached = len(seq.tokens) - 1
-                continue
-            finished.append(done)
-            if after is not None:
-                after.stale.add(id(seq))
-        if after is not None and len(after.stale) == len(after.rows):
-            self._inflight = None
         return finished
 
     def _decode_forward(self, bb: int, nb: int) -> None:
@@ -631,10 +562,10 @@ class GenerationEngine:
             return dict.fromkeys(groups)
         return {params: torch.tensor(idx, device=self.device) for params, idx in groups.items()}
 
-    def _forced_ids(self, rows: list[Sequence], steps: int, ahead: int = 0) -> np.ndarray | None:
+    def _forced_ids(self, rows: list[Sequence], steps: int) -> np.ndarray | None:
         """[len(rows), steps] int64: the token forced (`eos_at`, `force_tokens`) at each row's next `steps`
-        response tokens after `ahead` unrecorded ones (numbers num_generated + ahead .. + steps - 1, 0-based),
-        -1 where it samples; None when no row has any. Host-side lookups only: the numbers are known there."""
+        response tokens (numbers num_generated .. + steps - 1, 0-based), -1 where it samples; None when no
+        row has any. Host-side lookups only: the token numbers are known on the host."""
         if not self._forced:
             return None
         ids = np.full((len(rows), steps), -1, dtype=np.int64)
@@ -642,7 +573,7 @@ class GenerationEngine:
         for r, seq in enumerate(rows):
             script = self._forced.get((seq.request_id, seq.sample_index))
             if script:
-                first = seq.num_generated + ahead
+                first = seq.num_generated
                 numbers = script if len(script) < steps else range(first, first + steps)  # the shorter walk
                 for number in numbers:
                     if first <= number < first + steps and number in script:

@@ -25,7 +25,6 @@ class EngineConfig:
     prefill_tokens: int = 8192  # most prompt tokens (rows x padded length) per prefill forward
     kv_len_bucket: int = 64  # decode attends over the gathered blocks rounded up to this many tokens
     sync_every: Optional[int] = None  # decode steps per host check (finished rows, joins); None: 8 on CUDA, 1 on CPU
-    overlap: Optional[bool] = None  # launch the next decode window before reading the last one (the device never waits for the host's bookkeeping; rows that finished run one window more, discarded); None: on for CUDA, off on CPU
     cuda_graph: bool = True  # capture decode steps in CUDA graphs (CUDA models only; ignored on CPU)
     share_prefix: bool = True  # the n samples of a prompt prefill it once and read the same prompt blocks
     attention: str = "auto"  # decode attention: "gather" (blocks copied for SDPA; every device) | "paged" (Triton flash-decoding on the blocks in place; CUDA) | "auto" (paged on CUDA, gather elsewhere)

@@ -190,11 +190,6 @@ class Scheduler:
                 if victim is seq:
                     break
 
-    def reserve_ahead(self, rows: list[Sequence], tokens: int) -> bool:
-        """Blocks for positions up to len(tokens) - 1 + `tokens` of each of `rows` (a window launched before the
-        one in flight is read), never preempting; False when the pool is short (blocks given so far are kept)."""
-        return all(self._grow(seq, len(seq.tokens) - 1 + tokens) for seq in rows)
-
     def _preempt(self, seq: Sequence) -> None:
         self.preemptions += 1
         self.running.remove(seq)
