@@ -19,7 +19,11 @@ taken by a waiting request).
   whole batch ends; its extra tokens are not counted);
 - transformers: `generate` at batch `--hf-batch` (64) for `--hf-new-tokens` tokens (EOS ignored).
 Tokens/s counts the drawn lengths (useful tokens) over the wall time of one call (prefill included),
-after a warm-up call with the same workload (captures the CUDA graphs).
+after a warm-up call with the same workload (captures the CUDA graphs). `row_step_ceiling` = rows x
+longest length / sum of lengths: the new/static ratio if a row-step (one row through one decode step)
+cost both engines the same (all rows fit at once here, so the new engine's only saving is the rows it
+stops decoding; about 1.97 for uniform [32, 1024]). Beyond it only a cheaper row-step helps (attention
+over live context only; larger batches when rows wait).
 
 Bandwidth bound of a decode step (7B, reported for both shapes): a step must read every weight
 matrix once (all parameters except the input embedding table, of which it reads b rows) and the
@@ -27,8 +31,8 @@ K/V of every attended token:  t_bound = sum over steps of (W + C_step * kv_bytes
 W = weight bytes, C_step = tokens attended in that step summed over its rows (engine counter
 `decode_context_tokens`), kv_bytes = layers * 2 * kv_heads * head_dim * dtype bytes, and BW both
 the card's spec (H200 HBM3e 4.8 TB/s, H100 SXM HBM3 3.35 TB/s) and the device-to-device copy
-bandwidth measured here (2 * bytes / time of a 4 GiB copy). Fraction = t_bound / t_decode with t_decode = (new engine call) - (a prefill-only
-call of the same requests, max_new_tokens=1).
+bandwidth measured here (2 * bytes / time of a 4 GiB copy). Fraction = t_bound / t_decode with
+t_decode = (new engine call) - (a prefill-only call of the same requests, max_new_tokens=1).
 
 GRPO step (0.5B shape, or tiny with --smoke): PPOTrainer on the saved random model, reward = sleep
 `--reward-ms` (50) per response; one step with streaming rewards and one with rewards after
@@ -89,7 +93,7 @@ def workload(args, vocab: int) -> tuple[list[list[int]], list[int]]:
 
 def run_new(args, model, prompts, lengths, tp_group, name: str = "new", **engine: str | int) -> dict:
     """Continuous batching: tokens/s, the decode time (call - prefill-only call) and the engine counters.
-    engine: EngineConfig fields of the variant (attention, sampler, sync_every)."""
+    name: the profile's file name part; engine: EngineConfig fields of the variant (attention, sampler, sync_every)."""
     rows = len(prompts) * args.n
     config = EngineConfig(max_batch=args.max_batch or rows, max_seq_len=args.prompt_len + args.max_len + 64,
                           max_tokens=args.max_tokens or rows * (args.prompt_len + args.max_len + 64),
@@ -242,9 +246,12 @@ def run_shape(args, shape, device, dtype, layout) -> dict:
     # guarded: a variant's failure is reported and the other figures kept
     for name in args.variants.split(","):
         try:
-            out[name] = run_new(args, model, prompts, lengths, layout.tp_group, name, **VARIANTS[name])
+            out[name] = run_new(args, model, prompts, lengths, layout.tp_group, f"{shape}_{name}", **VARIANTS[name])
         except Exception as exc:  # noqa: BLE001 - report and keep the other figures
             out[name] = {"error": repr(exc)[:2000]}
+    # the ratio the new engine would reach if a row-step (one row through one decode step) cost what it costs the
+    # static engine: the static engine decodes every row to the longest length, the new one each row to its own
+    out["row_step_ceiling"] = len(lengths) * max(lengths) / sum(lengths)
     out["static"] = run_static(args, model, prompts, lengths, layout.tp_group)
     bw = copy_bandwidth(device)
     for name in args.variants.split(","):
@@ -334,7 +341,7 @@ def main(argv=None) -> int:
     p.add_argument("--grpo-shape", default="qwen2.5-0.5b", help="'' skips the GRPO step")
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--profile", action="store_true", help="one more new-engine call under torch.profiler: device "
-                   "busy fraction and top ops (rollout_profile_<variant>.txt in --out-dir)")
+                   "busy fraction and top ops (rollout_profile_<shape>_<variant>.txt in --out-dir)")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "outputs"))
     args = p.parse_args(argv)
     unknown = set(args.variants.split(",")) - set(VARIANTS)
