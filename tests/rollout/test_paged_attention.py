@@ -1,5 +1,6 @@
 """The Triton paged decode-attention kernel against the gather + SDPA path, alone and inside the engine
-(greedy tokens equal transformers' with rows joining mid-way).
+(greedy tokens equal transformers' with rows joining mid-way), also at tp 2 with the one-pass sampler (the
+engine's CUDA defaults: both ranks draw the same tokens, log-probs equal a teacher-forced forward).
 
 The Triton interpreter must be switched on before triton is first imported: the CPU checks run in a
 fresh subprocess with TRITON_INTERPRET=1; with CUDA, the compiled kernel is checked in this process too.
@@ -16,6 +17,7 @@ import torch
 
 from tests.run_python import child_env
 from rollout_refs import NEVER, TEXT_PROMPTS, hf_greedy, tokenize
+from verl_mega.testing.multiprocess import run_distributed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -89,3 +91,27 @@ def test_paged_kernel_rejects_what_it_cannot_read():
         paged_decode_attention(torch.zeros(2, 3, 16), pool, pool, torch.ones(2, 2, dtype=torch.long), positions, 16)
     with pytest.raises(ValueError, match="block_size dividing"):
         paged_decode_attention(q, pool, pool, torch.ones(2, 2, dtype=torch.long), positions, 48)
+
+
+def _tp2_worker(hf_dir: str, ids: list[list[int]], eos: int) -> dict:
+    """One of 2 gloo ranks, kernels in the interpreter: the engine at tp 2 with the paged kernel and the one-pass
+    sampler, 2 rows for 4 requests, 3 decode steps per host check."""
+    from rollout_refs import build_engine, teacher_forced_logprobs
+
+    engine, model = build_engine(hf_dir, 2, eos, max_batch=2, sync_every=3, attention="paged", sampler="fused")
+    model.fused_inference = False
+    greedy = engine.generate(ids, max_new_tokens=8, temperature=0.0).responses()
+    sampled = engine.generate(ids, max_new_tokens=8, temperature=1.0, n=2, seed=3)
+    lp_err = (sampled.response_logprobs - teacher_forced_logprobs(model, sampled, 1.0)).abs().max().item()
+    return {"greedy": greedy, "sampled": sampled.responses(), "lp_err": lp_err}
+
+
+def test_tp2_paged_kernel_and_fused_sampler(hf_dir):
+    ids = tokenize(hf_dir, TEXT_PROMPTS)
+    eos = hf_greedy(hf_dir, ids, NEVER, 8)[0][3]
+    ref = hf_greedy(hf_dir, ids, eos, 8)
+    results = run_distributed(_tp2_worker, 2, hf_dir, ids, eos, env={"TRITON_INTERPRET": "1"}, timeout_s=600)
+    for r in results:
+        assert r["greedy"] == ref
+        assert r["lp_err"] < 1e-5  # fp32, test_continuous_batching.py's derivation
+    assert results[0]["sampled"] == results[1]["sampled"]
