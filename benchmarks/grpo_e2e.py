@@ -116,6 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="device memory the planner checks against (default: CUDA's; needed for a check on CPU)")
     p.add_argument("--attention", choices=("auto", "gather", "paged"), default="auto",
                    help="decode attention of the rollout engine (rollout.engine.attention)")
+    p.add_argument("--sampler", choices=("auto", "torch", "fused"), default="auto",
+                   help="token sampler of the rollout engine (rollout.engine.sampler)")
     p.add_argument("--keep-cache", action="store_true",
                    help="keep the KV cache and CUDA graphs between rollouts (default: freed for training, recaptured)")
     p.add_argument("--steps", type=int, default=4)
@@ -240,6 +242,7 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
     cfg.data.max_prompt_length = args.prompt_len
     cfg.rollout.engine.max_batch = per_dp * args.n
     cfg.rollout.engine.attention = args.attention
+    cfg.rollout.engine.sampler = args.sampler
     cfg.algorithm.kl_coef = 0.001  # > 0: a reference model (as in GRPO recipes)
     cfg.trainer.progress_bar = False
     cfg.trainer.packing = (args.packing == "on") if packing is None else packing

@@ -22,7 +22,7 @@ Tokens/s counts the drawn lengths (useful tokens) over the wall time of one call
 after a warm-up call with the same workload (captures the CUDA graphs). `row_step_ceiling` = rows x
 longest length / sum of lengths: the new/static ratio if a row-step (one row through one decode step)
 cost both engines the same (all rows fit at once here, so the new engine's only saving is the rows it
-stops decoding; about 1.97 for uniform [32, 1024]). Beyond it only a cheaper row-step helps (attention
+stops decoding; 1.97 for the seeded draw from [32, 1024]). Beyond it only a cheaper row-step helps (attention
 over live context only; larger batches when rows wait).
 
 Bandwidth bound of a decode step (7B, reported for both shapes): a step must read every weight
@@ -106,8 +106,8 @@ def run_new(args, model, prompts, lengths, tp_group, name: str = "new", **engine
     def call(max_new: int | None = None):
         engine.seed(0)
         for i, p in enumerate(prompts):
-            engine.add_request(p, RequestParams(sampling, max_new or args.max_len, args.n),
-                               eos_at=lengths[i * args.n:(i + 1) * args.n])
+            engine.add_request(p, RequestParams(sampling, max_new or args.max_len, args.n), ignore_eos=True,
+                               eos_at=lengths[i * args.n:(i + 1) * args.n])  # only the forced EOS ends a row
         got = 0
         while engine.has_unfinished():
             got += sum(len(d.token_ids) for d in engine.step())
@@ -190,10 +190,13 @@ def copy_bandwidth(device) -> float | None:
     return 2 * 2**32 / seconds
 
 
-def spec_bandwidth(device) -> float:
-    """The card's nominal memory bandwidth in bytes/s (H200 HBM3e 4.8 TB/s, else H100 SXM HBM3 3.35 TB/s)."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return 4.8e12 if "H200" in name else 3.35e12
+def spec_bandwidth(device) -> float | None:
+    """The card's nominal memory bandwidth in bytes/s: H200 (HBM3e) 4.8 TB/s, H100 SXM (HBM3) 3.35 TB/s; None for
+    other cards (CPU included: the smoke run reports the H100's figure, its fraction means nothing)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if "H200" in name:
+        return 4.8e12
+    return 3.35e12 if ("H100" in name and "HBM3" in name) or name == "cpu" else None
 
 
 def bandwidth_bound(shape, model, new: dict, bw: float) -> dict:
@@ -258,7 +261,8 @@ def run_shape(args, shape, device, dtype, layout) -> dict:
         if "tokens_per_s" not in out[name]:
             continue
         out[f"ratio_{name}_over_static"] = out[name]["tokens_per_s"] / out["static"]["tokens_per_s"]
-        out[name]["bound_spec"] = bandwidth_bound(shape, model, out[name], spec_bandwidth(device))
+        if spec_bandwidth(device) is not None:
+            out[name]["bound_spec"] = bandwidth_bound(shape, model, out[name], spec_bandwidth(device))
         if bw is not None:
             out[name]["bound_measured_copy"] = bandwidth_bound(shape, model, out[name], bw)
     del model

@@ -32,7 +32,7 @@
 # Environment: BUDGET (seconds, below), ATTENTION (auto | gather | paged: the engine's decode attention in throughput
 # and grpo_e2e_ab; auto = paged on CUDA), ROLLOUT_SHAPES (comma-separated, default qwen2.5-0.5b), ROLLOUT_VARIANTS
 # (rollout_service / rollout_fast: the new engine's variants, default all of rollout_service.py's VARIANTS), ROLLOUT_HF
-# (rollout_fast: set it, e.g. to --hf, to time transformers' generate as well).
+# (rollout_fast: any non-empty value, e.g. 1, times transformers' generate as well).
 # Each step has its own `timeout`, capped by what is left of BUDGET seconds (default 560: the call's 600 s
 # minus the wheel install and the copy-back); a step that would get under 30 s is skipped and says so.
 # Run from the repository root with `.whl/` carried (benchmarks/README.md, "Wheels for the GPU machine"):
@@ -56,7 +56,8 @@ done
 BUDGET=${BUDGET:-560}
 ATTENTION=${ATTENTION:-auto}  # the rollout engine's decode attention in throughput / grpo_e2e_ab (auto | gather | paged)
 ROLLOUT_VARIANTS=${ROLLOUT_VARIANTS:-}  # rollout_service.py --variants ("" = all)
-ROLLOUT_HF=${ROLLOUT_HF:-}  # rollout_fast: set to any non-empty value (e.g. "--hf") to time transformers' generate too
+ROLLOUT_HF=${ROLLOUT_HF:-}  # rollout_fast: any non-empty value times transformers' generate too
+HF_FLAG=--no-hf; [[ -n $ROLLOUT_HF ]] && HF_FLAG=--hf
 ROLLOUT_SHAPES=${ROLLOUT_SHAPES:-qwen2.5-0.5b}  # rollout_service / rollout_fast shapes (issue 13: add qwen2.5-7b)
 START=$(date +%s)
 WORK=$(mktemp -d /tmp/h200.XXXX)  # scripts write here; the chosen files are copied to $OUT after every step
@@ -133,7 +134,7 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
     demo) step demo 120 python3 -m verl_mega demo --quick --nproc 1 --tp 1 --output-dir "$WORK/demo" ;;
     rollout_service) step rollout_service 300 python3 benchmarks/rollout_service.py --shapes "$ROLLOUT_SHAPES" --no-hf --profile \
       --grpo-shape '' ${ROLLOUT_VARIANTS:+--variants "$ROLLOUT_VARIANTS"} --out-dir "$WORK/rollout" ;;
-    rollout_fast) step rollout_fast 300 python3 benchmarks/rollout_service.py --shapes "$ROLLOUT_SHAPES" ${ROLLOUT_HF:---no-hf} \
+    rollout_fast) step rollout_fast 300 python3 benchmarks/rollout_service.py --shapes "$ROLLOUT_SHAPES" "$HF_FLAG" \
       --grpo-shape '' ${ROLLOUT_VARIANTS:+--variants "$ROLLOUT_VARIANTS"} --out-dir "$WORK/rollout" ;;
     paged_tests) step paged_tests 120 python3 -m pytest -q tests/rollout/test_paged_attention.py \
       tests/rollout/test_fused_sampling.py ;;

@@ -115,6 +115,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batches", default="8x8", help="comma-separated PROMPTSxSAMPLES per step, e.g. 8x8,64x8")
     p.add_argument("--attention", choices=("auto", "gather", "paged"), default="auto",
                    help="decode attention of the rollout engine (rollout.engine.attention)")
+    p.add_argument("--sampler", choices=("auto", "torch", "fused"), default="auto",
+                   help="token sampler of the rollout engine (rollout.engine.sampler)")
     p.add_argument("--kl", default="off", help="KL to a reference: off, on or off,on")
     p.add_argument("--layouts", default="1x1", help="comma-separated TPxPP layouts (dp = GPUs / (tp*pp))")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (random ids)")
@@ -223,6 +225,7 @@ def run_config(args, bc: BenchConfig, peak: float | None) -> dict:
     cfg.data.max_prompt_length = args.prompt_len
     cfg.rollout.engine.max_batch = per_dp * bc.n
     cfg.rollout.engine.attention = args.attention
+    cfg.rollout.engine.sampler = args.sampler
     cfg.algorithm.kl_coef = 1e-3 if bc.kl else 0.0
     cfg.trainer.progress_bar = False
     trainer = PPOTrainer(actor, reward_fn=even_token_reward, algorithm="grpo", rollout_batch_size=per_dp,

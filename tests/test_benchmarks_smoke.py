@@ -14,11 +14,13 @@ import sys
 
 import pytest
 
+from tests.run_python import child_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_benchmark(script: str, *args: str, out_dir) -> None:
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "OUT": str(out_dir)}
+    env = child_env(OUT=str(out_dir))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--smoke", *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

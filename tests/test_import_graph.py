@@ -14,6 +14,8 @@ import subprocess
 import sys
 from collections import Counter
 
+from tests.run_python import child_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # rank: a package may import packages of lower or equal rank only (equal only itself, see allowed())
@@ -97,7 +99,7 @@ def test_no_package_imports_a_higher_layer():
 def test_models_import_nothing_above_them_at_run_time():
     code = ("import sys, verl_mega.models; print(sorted({m.split('.')[1] for m in sys.modules "
             "if m.startswith('verl_mega.') and m.count('.') >= 1}))")
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    env = child_env()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True)
     loaded = set(ast.literal_eval(out.stdout.strip().splitlines()[-1]))
     assert "models" in loaded

@@ -33,6 +33,7 @@ def sampler_checks(device: str) -> dict:
     logits = torch.randn(6, vocab, generator=gen) * 3
     logits[0, :BLOCK] = float("-inf")  # a first block of -inf only (masked tokens)
     logits[1, 11] = 40.0
+    logits[2, 5] = logits[2, 3 * 1024 + 7] = 50.0  # a tie across vocabulary parts: the lower index, as torch.argmax
     logits = logits.to(device)
     # a column of a wider tensor, as the engine passes it (row r's id is not at offset r)
     forced = torch.tensor([[-1, 5], [7, 5], [-1, 5], [-1, 5], [2, 5], [-1, 5]], device=device)[:, 0]
@@ -60,6 +61,7 @@ def sampler_checks(device: str) -> dict:
             cut = sample_tokens_fused(logits, params, g.manual_seed(seed) if seed else None, forced, block=1024,
                                       splits=splits)
             out["split_same_tokens"] &= cut[0].tolist() == whole[0].tolist()
+            out["split_same_tokens"] &= params is not greedy or cut[0][2].item() == 5
             out["split_logprob_error"] = max(out["split_logprob_error"], float((cut[1] - whole[1]).abs().max()))
     # distribution: 1,000 rows of the same 5 logits at T = 0.7 (the interpreter runs about 10 ms a row)
     small = torch.tensor([1.0, 0.0, -0.5, 2.0, 0.3], device=device).repeat(1000, 1)

@@ -72,6 +72,7 @@ from verl_mega.rollout.engine_config import EngineConfig
 from verl_mega.rollout.images import PromptImages, encode_pending, image_token_ids
 from verl_mega.rollout.kv_cache import PagedKVCache
 from verl_mega.rollout.output import GenerationOutput, assemble_output
+from verl_mega.rollout.paged_attention import TILE
 from verl_mega.rollout.sampling import SamplingParams, gather_vocab_logits, sample_tokens
 from verl_mega.rollout.scheduler import Finished, RequestParams, Scheduler, Sequence
 
@@ -103,13 +104,19 @@ class GenerationEngine:
         self.pad_token_id = int(pad_token_id)
         self.true_vocab_size = int(model.true_vocab_size)
         self.use_cuda_graph = config.cuda_graph and self.device.type == "cuda"
-        on_cuda = self.device.type == "cuda"  # "auto": the Triton kernels on CUDA, torch ops elsewhere
-        self.attention = config.attention if config.attention != "auto" else ("paged" if on_cuda else "gather")
-        self.sampler = config.sampler if config.sampler != "auto" else ("fused" if on_cuda else "torch")
+        # "auto": the Triton kernels on CUDA where Triton imports (the paged kernel also needs a block size dividing
+        # its 64-token tile), torch ops elsewhere
+        triton_here = self.device.type == "cuda" and use_triton(next(model.parameters()))
+        paged_fits = triton_here and TILE % config.block_size == 0
+        self.attention = config.attention if config.attention != "auto" else ("paged" if paged_fits else "gather")
+        self.sampler = config.sampler if config.sampler != "auto" else ("fused" if triton_here else "torch")
         for key, value, other in (("attention", "paged", "gather"), ("sampler", "fused", "torch")):
             if getattr(self, key) == value and not use_triton(next(model.parameters())):
                 raise ValueError(f"engine config {key}={value!r} runs a Triton kernel: it needs a CUDA model "
                                  f"(or TRITON_INTERPRET=1 on CPU); use {key}={other!r}")
+        if self.attention == "paged" and TILE % config.block_size:
+            raise ValueError(f"engine config attention='paged' needs a block_size dividing {TILE}, got "
+                             f"{config.block_size}; use attention='gather' or another block_size")
         self._sample_tokens = sample_tokens
         if self.sampler == "fused":
             from verl_mega.rollout.fused_sampling import sample_tokens_fused  # lazy: Triton imported on use
