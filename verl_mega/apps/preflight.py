@@ -35,7 +35,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from verl_mega.trainer.config import TrainerConfig
+from verl_mega.trainer.config import TrainerConfig, model_reward
 
 
 @dataclass
@@ -55,8 +55,8 @@ def load_reward(spec: str, import_timeout_s: float | None = None) -> Callable | 
         from verl_mega.rewards.base import RuleBasedReward
 
         return RuleBasedReward()
-    kind, _, path = spec.partition(":")
-    if kind in ("model", "judge"):
+    if (named := model_reward(spec)) is not None:
+        path = named[1]
         if not path or not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"trainer.reward={spec!r}: {path or '(empty)'} is not a Hugging Face model directory "
                              f"(no config.json)")
@@ -94,7 +94,7 @@ def check_reward_architecture(spec: str) -> None:
     kind (a causal LM given as a reward model, or the reverse); a config without `architectures` passes."""
     import json
 
-    kind, _, path = spec.partition(":")
+    kind, path = model_reward(spec)
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         architectures = json.load(f).get("architectures") or []
     suffix, wanted = _REWARD_ARCHITECTURES[kind]
@@ -237,8 +237,8 @@ def check_weights(cfg: TrainerConfig) -> None:
     model.safetensors / index, or a shard the index names, or a reward model's score head (reads the index or the
     safetensors header only, not a tensor)."""
     check_weight_files(cfg.model.path, "model.path")
-    kind, _, path = cfg.trainer.reward.partition(":")
-    if kind in ("model", "judge"):
+    kind, path = model_reward(cfg.trainer.reward) or ("", "")
+    if kind:
         check_weight_files(path, f"trainer.reward={cfg.trainer.reward}")
     if kind == "model":
         from verl_mega.model_rewards.reward_model import check_reward_checkpoint
@@ -386,7 +386,7 @@ def check_model_reward(cfg: TrainerConfig) -> None:
     at the actor's parallel.tp (a reward model also at its pp; a judge runs on one stage)."""
     from verl_mega.models.tokenizer import load_tokenizer
 
-    kind, _, path = cfg.trainer.reward.partition(":")
+    kind, path = model_reward(cfg.trainer.reward)
     what, pp = ("reward model", cfg.parallel.pp) if kind == "model" else ("judge", 1)
     if load_tokenizer(path) is None:
         raise ValueError(f"trainer.reward={cfg.trainer.reward}: {path} has no tokenizer (tokenizer.json / "

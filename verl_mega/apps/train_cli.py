@@ -42,7 +42,7 @@ import time
 
 from verl_mega.apps.preflight import Prepared, newest_actor_checkpoint, preflight
 from verl_mega.config import load_config, merge_config
-from verl_mega.trainer.config import TrainerConfig, check_config
+from verl_mega.trainer.config import TrainerConfig, check_config, model_reward
 
 EXIT_BAD_INPUT = 2  # config, data, launch or model-directory error (nothing was trained)
 EXIT_REWARD_FAILED = 1  # the reward failed too often while training
@@ -110,7 +110,7 @@ def load_model_reward(t, actor):
     at the actor's tp with `judge_options(t)`; `t.reward_offload`). Collective."""
     from verl_mega.model_rewards import LLMJudgerReward, RewardModel
 
-    kind, _, path = t.reward.partition(":")
+    kind, path = model_reward(t.reward)
     if kind == "model":
         return RewardModel(path, torch_dtype=actor.dtype, layout=actor.layout, offload=t.reward_offload)
     return LLMJudgerReward(path, torch_dtype=actor.dtype, tensor_parallel_size=actor.layout.tp,

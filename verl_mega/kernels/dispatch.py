@@ -54,3 +54,13 @@ def resolve_impl(impl: str, tensor: torch.Tensor) -> str:
             f"the tensor is on {tensor.device} (Triton needs CUDA, or TRITON_INTERPRET=1 for CPU tensors)"
         raise ValueError(f"impl='triton' cannot run: {why}")
     return impl
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (a device without an index: the current one); for sizing grids."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())

@@ -106,12 +106,13 @@ class GenerationEngine:
         self.use_cuda_graph = config.cuda_graph and self.device.type == "cuda"
         # "auto": the Triton kernels on CUDA where Triton imports (the paged kernel also needs a block size dividing
         # its 64-token tile), torch ops elsewhere
-        triton_here = self.device.type == "cuda" and use_triton(next(model.parameters()))
+        triton_runs = use_triton(next(model.parameters()))  # (on CPU only under TRITON_INTERPRET=1)
+        triton_here = self.device.type == "cuda" and triton_runs
         paged_fits = triton_here and TILE % config.block_size == 0
         self.attention = config.attention if config.attention != "auto" else ("paged" if paged_fits else "gather")
         self.sampler = config.sampler if config.sampler != "auto" else ("fused" if triton_here else "torch")
         for key, value, other in (("attention", "paged", "gather"), ("sampler", "fused", "torch")):
-            if getattr(self, key) == value and not use_triton(next(model.parameters())):
+            if getattr(self, key) == value and not triton_runs:
                 raise ValueError(f"engine config {key}={value!r} runs a Triton kernel: it needs a CUDA model "
                                  f"(or TRITON_INTERPRET=1 on CPU); use {key}={other!r}")
         if self.attention == "paged" and TILE % config.block_size:

@@ -25,12 +25,14 @@ import functools
 
 import torch
 
+from verl_mega.kernels.dispatch import sm_count
 from verl_mega.rollout.sampling import SamplingParams, sample_tokens
 
 BLOCK = 2048  # vocabulary entries per loop iteration
 PROGRAMS_PER_SM = 4  # vocabulary splits are chosen so that rows x splits >= this many programs per SM
 
 
+@functools.cache
 def _kernels():
     import triton  # lazy: TRITON_INTERPRET is read when the kernel is decorated
     import triton.language as tl
@@ -95,20 +97,12 @@ def _kernels():
     return sample_partial_kernel, sample_merge_kernel
 
 
-_KERNELS: list = []
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int | None) -> int:
-    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()).multi_processor_count
-
-
 def vocab_splits(rows: int, blocks: int, device: torch.device) -> int:
     """Splits of each row's vocabulary (a power of two <= blocks): enough for rows x splits to fill the SMs
     PROGRAMS_PER_SM deep (a decode batch's tail of a few rows would leave most SMs idle); 1 off CUDA."""
     if device.type != "cuda":
         return 1
-    want = -(-PROGRAMS_PER_SM * _sm_count(device.index) // rows)
+    want = -(-PROGRAMS_PER_SM * sm_count(device) // rows)
     splits = 1
     while splits * 2 <= min(want, blocks):
         splits *= 2
@@ -125,9 +119,7 @@ def sample_tokens_fused(logits: torch.Tensor, params: SamplingParams, generator:
     `vocab_splits`). Neither changes the draws: element (row, v) always uses Philox counter row * V + v."""
     if params.top_k or params.top_p < 1.0:
         return sample_tokens(logits, params, generator, forced)
-    if not _KERNELS:
-        _KERNELS.extend(_kernels())
-    partial, merge = _KERNELS
+    partial, merge = _kernels()
     b, v = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()

@@ -28,6 +28,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from verl_mega.kernels.dispatch import sm_count
+
 TILE = 64  # tokens per loaded K/V tile (a multiple of the block size; >= 16 for tl.dot)
 MIN_PROGRAMS_PER_SM = 2  # split the context until rows x heads x splits reaches this many programs per SM
 MAX_SPLITS = 64  # the merge kernel holds [splits, head_dim] float32 per program: more would spill registers
@@ -45,6 +47,7 @@ def paged_decode_attention_reference(q, k_pool, v_pool, tables, positions, block
     return out[:, :, 0]
 
 
+@functools.cache
 def _kernels():
     import triton  # lazy: TRITON_INTERPRET is read when the kernel is decorated
     import triton.language as tl
@@ -119,21 +122,12 @@ def _kernels():
     return paged_decode_kernel, merge_splits_kernel
 
 
-_KERNELS: list = []
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def num_splits(rows: int, kv_heads: int, max_tiles: int, device: torch.device) -> int:
     """Context splits per (row, KV head): enough programs for MIN_PROGRAMS_PER_SM per SM, at most one per tile
     and MAX_SPLITS."""
     if device.type != "cuda":
         return 1 if max_tiles < 2 else 2  # the interpreter: exercise the split path cheaply
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    want = -(-MIN_PROGRAMS_PER_SM * sms // max(1, rows * kv_heads))
+    want = -(-MIN_PROGRAMS_PER_SM * sm_count(device) // max(1, rows * kv_heads))
     return max(1, min(want, max_tiles, MAX_SPLITS))
 
 
@@ -154,9 +148,7 @@ def paged_decode_attention(q, k_pool, v_pool, tables, positions, block_size: int
                          f"last stride and contiguous pools")
     if tables.dtype != torch.int64:  # slot offsets are computed from the table entries: int32 would overflow
         raise ValueError(f"paged attention needs int64 block tables, got {tables.dtype}")
-    if not _KERNELS:
-        _KERNELS.extend(_kernels())
-    attend, merge = _KERNELS
+    attend, merge = _kernels()
     max_tiles = -(-tables.shape[1] * block_size // TILE)
     splits = num_splits(b, hkv, max_tiles, q.device)
     tiles_per_split = -(-max_tiles // splits)

@@ -153,6 +153,16 @@ class TrainerConfig:
     offload: OffloadConfig = field(default_factory=OffloadConfig)
 
 
+MODEL_REWARDS = ("model", "judge")  # trainer.reward "model:PATH" (reward model) / "judge:PATH" (LLM judge)
+
+
+def model_reward(reward: str) -> tuple[str, str] | None:
+    """(kind, PATH) of a trainer.reward naming a model ("model:PATH" or "judge:PATH"; PATH may be empty: the
+    caller names the error), None for any other reward."""
+    kind, _, path = reward.partition(":")
+    return (kind, path) if kind in MODEL_REWARDS else None
+
+
 def check_config(cfg: TrainerConfig) -> None:
     """ValueError naming the field for values the schema's types cannot rule out."""
     a, t, r = cfg.algorithm, cfg.trainer, cfg.rollout
@@ -210,7 +220,8 @@ def check_config(cfg: TrainerConfig) -> None:
     if t.reward_timeout_s <= 0:
         raise ValueError(f"trainer.reward_timeout_s must be > 0, got {t.reward_timeout_s}")
     judge_set = [k for k in ("judge_template", "judge_parse", "judge_max_new_tokens") if getattr(t, k) is not None]
-    if judge_set and not t.reward.startswith("judge:"):
+    named = model_reward(t.reward)
+    if judge_set and (named is None or named[0] != "judge"):
         raise ValueError(f"trainer.{judge_set[0]} is set but trainer.reward={t.reward!r} is not an LLM judge "
                          f"(trainer.reward=judge:PATH)")
     if t.judge_max_new_tokens is not None and t.judge_max_new_tokens < 1:
