@@ -52,6 +52,7 @@ import torch.distributed as dist  # noqa: E402
 from benchmarks.forced_lengths import force_lengths, parse_length_range  # noqa: E402
 from verl_mega.models import ModelConfig, build_stage  # noqa: E402
 from verl_mega.rollout.actor import HFActor
+from verl_mega.rollout.engine_config import ATTENTION, SAMPLERS
 from verl_mega.parallel import Layout
 from verl_mega.parallel.dist import device as comm_device
 from verl_mega.parallel.dist import init_distributed
@@ -114,9 +115,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--offload-auto", action="store_true", help="offload.auto: the memory planner picks the switches")
     p.add_argument("--memory-gib", type=float, default=None,
                    help="device memory the planner checks against (default: CUDA's; needed for a check on CPU)")
-    p.add_argument("--attention", choices=("auto", "gather", "paged"), default="auto",
+    p.add_argument("--attention", choices=ATTENTION, default="auto",
                    help="decode attention of the rollout engine (rollout.engine.attention)")
-    p.add_argument("--sampler", choices=("auto", "torch", "fused"), default="auto",
+    p.add_argument("--sampler", choices=SAMPLERS, default="auto",
                    help="token sampler of the rollout engine (rollout.engine.sampler)")
     p.add_argument("--keep-cache", action="store_true",
                    help="keep the KV cache and CUDA graphs between rollouts (default: freed for training, recaptured)")

@@ -121,15 +121,11 @@ def run_new(args, model, prompts, lengths, tp_group, name: str = "new", **engine
     out = {"seconds": seconds, "first_call_seconds": warm, "tokens": got, "tokens_per_s": got / seconds,
            "prefill_only_seconds": prefill, "decode_seconds": seconds - prefill, "graphs": len(engine._graphs),
            "kv_pool_gib": engine.cache.memory_bytes() / 2**30, "preemptions": engine.scheduler.preemptions,
-           "sync_every": engine.sync_every, **engine_fields(engine), **stats}
+           "sync_every": engine.sync_every, "attention": engine.attention, "sampler": engine.sampler, **stats}
     if args.profile:
         out["profile"] = profile_call(call, os.path.join(args.out_dir, f"rollout_profile_{name}.txt"))
     engine.release()
     return out
-
-
-def engine_fields(engine) -> dict:
-    return {"attention": engine.attention, "sampler": engine.sampler}
 
 
 def profile_call(call, path: str) -> dict:
@@ -256,15 +252,14 @@ def run_shape(args, shape, device, dtype, layout) -> dict:
     # static engine: the static engine decodes every row to the longest length, the new one each row to its own
     out["row_step_ceiling"] = len(lengths) * max(lengths) / sum(lengths)
     out["static"] = run_static(args, model, prompts, lengths, layout.tp_group)
-    bw = copy_bandwidth(device)
+    bandwidths = {"bound_spec": spec_bandwidth(device), "bound_measured_copy": copy_bandwidth(device)}
     for name in args.variants.split(","):
         if "tokens_per_s" not in out[name]:
             continue
         out[f"ratio_{name}_over_static"] = out[name]["tokens_per_s"] / out["static"]["tokens_per_s"]
-        if spec_bandwidth(device) is not None:
-            out[name]["bound_spec"] = bandwidth_bound(shape, model, out[name], spec_bandwidth(device))
-        if bw is not None:
-            out[name]["bound_measured_copy"] = bandwidth_bound(shape, model, out[name], bw)
+        for key, bw in bandwidths.items():
+            if bw is not None:
+                out[name][key] = bandwidth_bound(shape, model, out[name], bw)
     del model
     torch.cuda.empty_cache() if device.type == "cuda" else None
     if not args.no_hf:

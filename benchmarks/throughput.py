@@ -58,6 +58,7 @@ import torch.distributed as dist  # noqa: E402
 
 from verl_mega.models import ModelConfig, build_stage  # noqa: E402
 from verl_mega.rollout.actor import HFActor  # noqa: E402
+from verl_mega.rollout.engine_config import ATTENTION, SAMPLERS  # noqa: E402
 from verl_mega.parallel import Layout
 from verl_mega.parallel.dist import device as comm_device
 from verl_mega.parallel.dist import init_distributed
@@ -113,9 +114,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="0.5b", help=f"comma-separated model shapes: {', '.join(SHAPES)}")
     p.add_argument("--batches", default="8x8", help="comma-separated PROMPTSxSAMPLES per step, e.g. 8x8,64x8")
-    p.add_argument("--attention", choices=("auto", "gather", "paged"), default="auto",
+    p.add_argument("--attention", choices=ATTENTION, default="auto",
                    help="decode attention of the rollout engine (rollout.engine.attention)")
-    p.add_argument("--sampler", choices=("auto", "torch", "fused"), default="auto",
+    p.add_argument("--sampler", choices=SAMPLERS, default="auto",
                    help="token sampler of the rollout engine (rollout.engine.sampler)")
     p.add_argument("--kl", default="off", help="KL to a reference: off, on or off,on")
     p.add_argument("--layouts", default="1x1", help="comma-separated TPxPP layouts (dp = GPUs / (tp*pp))")

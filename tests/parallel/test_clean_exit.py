@@ -5,18 +5,19 @@ is idempotent; `verl-mega` without a command is a usage error (exit 2), `--help`
 
 import os
 import subprocess
-import sys
 
 import torch.distributed as dist
 
 from verl_mega.apps.cli import main
 from verl_mega.parallel.dist import init_distributed, shutdown_distributed
 
+from tests.run_python import child_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_generate_tp2_under_torchrun_exits_zero(tmp_path):
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = child_env()
     proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "exit_check.sh"), "3", str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -10,6 +10,7 @@ import sys
 import time
 
 from tests.processes import kill_running, still_running
+from tests.run_python import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -24,7 +25,7 @@ def test_ranks_die_when_their_parent_is_killed(tmp_path):
         [sys.executable, "-c", "import runpy, signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
          "from verl_mega.testing.multiprocess import run_distributed\n"
          f"run_distributed(runpy.run_path, 2, {str(rank)!r}, timeout_s=600)\n"],
-        env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")})
+        env=child_env())
     ranks: list[int] = []
     try:
         deadline = time.monotonic() + 120
@@ -52,7 +53,7 @@ def test_interrupted_parent_lets_its_ranks_unwind(tmp_path):
     parent = subprocess.Popen(
         [sys.executable, "-c", "import runpy\nfrom verl_mega.testing.multiprocess import run_distributed\n"
          f"run_distributed(runpy.run_path, 2, {str(rank)!r}, timeout_s=600)\n"],
-        env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")},
+        env=child_env(),
         stderr=subprocess.PIPE, text=True,
         # as a terminal's Ctrl-C finds it: a test run started in the background by a script (`&`) would pass
         # SIGINT on ignored, and a parent ignoring it never hears the interrupt

@@ -8,19 +8,18 @@ import subprocess
 import sys
 import time
 
-import verl_mega
 from _engine_cases import build_engine, make_hf_dir, train
 from verl_mega.parallel import Layout
 from verl_mega.testing.multiprocess import free_port
+
+from tests.run_python import child_env
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kill_resume_script.py")
 TIMEOUT_S = 20
 
 
 def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(verl_mega.__file__)))
-    env = {**os.environ, "VERL_MEGA_DIST_TIMEOUT": str(TIMEOUT_S), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    env = child_env(VERL_MEGA_DIST_TIMEOUT=str(TIMEOUT_S))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), SCRIPT, *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

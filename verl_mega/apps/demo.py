@@ -162,7 +162,6 @@ def _say(*msg) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """The demo on this rank (see module docstring); returns the summary dict."""
-    from verl_mega.data import get_dataloader
     from verl_mega.rollout.actor import get_actor_model
     from verl_mega.parallel.layout import Layout
     from verl_mega.apps import demo_task as task
