@@ -12,8 +12,6 @@ import time
 from tests.processes import kill_running, still_running
 from tests.run_python import child_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def test_ranks_die_when_their_parent_is_killed(tmp_path):
     rank = tmp_path / "rank.py"  # each rank: say its pid, then wait (as a rank in a long training run)
