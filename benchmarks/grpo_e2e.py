@@ -312,9 +312,9 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
     return result
 
 
-def profile_step(trainer, samples, out_dir: str, top: int = 40) -> dict:
+def profile_step(trainer, samples, out_dir: str, name: str = "grpo_e2e_profile.txt", top: int = 40) -> dict:
     """One trainer step under torch.profiler; writes the ops/kernels with the most GPU time and the
-    most host (self) time, with call counts, to out_dir/grpo_e2e_profile.txt (rank 0)."""
+    most host (self) time, with call counts, to out_dir/name (rank 0)."""
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                     if torch.cuda.is_available() else [])
     with torch.profiler.profile(activities=acts) as prof:
@@ -323,7 +323,10 @@ def profile_step(trainer, samples, out_dir: str, top: int = 40) -> dict:
             torch.cuda.synchronize()
     if dist.get_rank() == 0:
         avg = prof.key_averages()
-        lines = ["# GPU time by op / kernel (ms, calls; ops include their kernels)"]
+        lines = ["# stages: host wall ms (the stage's range) and GPU ms of the kernels it launched"]
+        lines += [f"{e.cpu_time_total / 1e3:9.1f}  {e.device_time_total / 1e3:9.1f}  {e.key}"
+                  for e in avg if e.key.startswith("stage/")]
+        lines += ["", "# GPU time by op / kernel (ms, calls; ops include their kernels)"]
         lines += [f"{e.device_time_total / 1e3:9.1f}  {e.count:7d}x  {e.key[:120]}"
                   for e in sorted(avg, key=lambda e: -e.device_time_total)[:top]]
         lines += ["", "# host self time (ms, calls)"]
@@ -332,7 +335,7 @@ def profile_step(trainer, samples, out_dir: str, top: int = 40) -> dict:
         lines += ["", "# step metrics (under the profiler)", json.dumps({k: v for k, v in metrics.items()
                                                                         if k.startswith(("time/", "throughput/"))})]
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "grpo_e2e_profile.txt"), "w") as f:
+        with open(os.path.join(out_dir, name), "w") as f:
             f.write("\n".join(lines) + "\n")
     return metrics
 

@@ -13,6 +13,8 @@
 #   reward_overlap   a 0.5B GRPO step with a 50 ms-per-response reward, streamed vs after generation (issue 13)
 #   throughput       GRPO tokens/s/GPU, 0.5B + 1.5B, 8x8, prompt 128, 256 new tokens, KL off (issue 18)
 #   trl_grpo         the TRL peer on the 0.5B row (summary.md gets the tokens/s ratio; issue 18)
+#   profile_8x8      where throughput's 0.5B 8x8 step goes: one profiled step (per stage, per kernel), and the
+#                    rollout engine alone on its 64 rows x 256 tokens under the profiler (issue 18)
 #   grpo_e2e_ab      packed vs padded micro-batches at 0.5B, lengths 32..256 forced (issue 14)
 #   grpo_e2e_ab_full issue 14's A/B as filed: 0.5B and 1.5B, lengths 32..1024, padded / packed / packed + full
 #                    recompute (peak memory with and without recompute); a whole call
@@ -43,7 +45,7 @@
 # the grpo_e2e.py runs' as offload_7b.json, pre_offload_0p5b.json, keep_cache_0p5b.json).
 set -u
 OUT=${OUT:?set OUT (the device tool does)}
-CORE="kernels_tests paged_tests demo rollout_service rollout_fast reward_overlap throughput trl_grpo grpo_e2e_ab grpo_e2e_ab_full keep_cache packed pre_offload offload_7b"
+CORE="kernels_tests paged_tests demo rollout_service rollout_fast reward_overlap throughput trl_grpo profile_8x8 grpo_e2e_ab grpo_e2e_ab_full keep_cache packed pre_offload offload_7b"
 MODELS="vlm_gpu_check vlm_grpo_step vlm_vision_share reward_models reward_judge agent_rollout"
 PLAN=""
 for arg in "${@:-core}"; do
@@ -103,7 +105,8 @@ if os.path.exists(tp) and os.path.exists(trl):  # throughput.py's peer_ratios ru
                   f" tokens/s/GPU ({r['tokens_per_s_per_gpu']:.0f} vs {peer['tokens_per_s_per_gpu']:.0f})"
                   for r in ours["results"] if (r["config"]["shape"], r["config"]["prompts"], r["config"]["n"],
                                                r["config"]["kl"]) == (a["shape"], a["prompts"], a["n"], False)]
-for name in ("throughput.md", "grpo_e2e_ab.md", "grpo_e2e.md", "reward_models.md", "rollout_profile_*.txt"):
+for name in ("throughput.md", "grpo_e2e_ab.md", "grpo_e2e.md", "reward_models.md", "rollout_profile_*.txt",
+             "profile_*.txt"):
     for path in sorted(glob.glob(os.path.join(work, "**", name), recursive=True)):
         md += ["", f"<!-- from {os.path.relpath(path, work)} -->", open(path).read()]  # which step wrote it
 open(os.path.join(out, "summary.md"), "w").write("\n".join(md) + "\n")
@@ -140,6 +143,11 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
       tests/rollout/test_fused_sampling.py ;;
     throughput) step throughput 200 python3 benchmarks/throughput.py --shapes 0.5b,1.5b --batches 8x8 --prompt-len 128 \
       --new-tokens 256 --kl off --attention "$ATTENTION" --out "$WORK/throughput" ;;
+    profile_8x8) step profile_step 150 python3 benchmarks/throughput.py --shapes 0.5b --batches 8x8 --prompt-len 128 \
+      --new-tokens 256 --kl off --steps 3 --profile --out "$WORK/profile"
+      step profile_rollout 120 python3 benchmarks/rollout_service.py --shapes qwen2.5-0.5b --prompts 8 --n 8 \
+      --min-len 256 --max-len 256 --no-hf --profile --grpo-shape '' --variants new_paged_fused \
+      --out-dir "$WORK/profile_rollout" ;;
     trl_grpo) step trl_grpo 150 python3 benchmarks/trl_grpo.py --shape 0.5b --out "$WORK/trl" ;;
     grpo_e2e_ab) step grpo_e2e_ab 240 python3 benchmarks/grpo_e2e.py --ab 0.5b --variants padded,packed --prompts 64 \
       --n 8 --prompt-len 128 --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 \

@@ -64,6 +64,7 @@ from verl_mega.parallel.dist import device as comm_device
 from verl_mega.parallel.dist import init_distributed
 
 from benchmarks.forced_lengths import force_lengths, parse_length_range  # noqa: E402
+from benchmarks.grpo_e2e import profile_step  # noqa: E402
 from verl_mega.trainer import PPOTrainer, TrainerConfig
 
 QWEN2 = dict(vocab_size=151936, rope_theta=1_000_000.0, max_position_embeddings=32768, tie_word_embeddings=True,
@@ -132,6 +133,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peer", default=None, metavar="JSON",
                    help="trl_grpo.py's result: added to the table and plot, with verl_mega / TRL tokens/s ratios")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="one more (unmeasured) step per configuration under torch.profiler: GPU and host time by "
+                        "op / kernel to OUT/profile_<shape>_<prompts>x<n>.txt")
     p.add_argument("--smoke", action="store_true", help="CPU check: tiny shape, 2x2 batch, short lengths, 2 steps")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="output directory (default $OUT or .)")
     args = p.parse_args(argv)
@@ -245,6 +249,10 @@ def run_config(args, bc: BenchConfig, peak: float | None) -> dict:
         wall = time.perf_counter() - start
         if step >= args.warmup:
             steps.append(step_record(trainer, metrics, wall, shape, bc, layout))
+    if args.profile:  # an extra step, so the profiler's overhead stays out of the measured ones
+        samples = [{"prompt_ids": torch.randint(3, shape["vocab_size"], (args.prompt_len,), generator=gen).tolist()}
+                   for _ in range(per_dp)]
+        profile_step(trainer, samples, args.out, f"profile_{bc.shape}_{bc.prompts}x{bc.n}.txt")
     result = summarize(steps, bc, layout, peak)
     result["peak_memory_gib"] = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
                                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # KiB -> GiB

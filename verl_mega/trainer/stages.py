@@ -83,7 +83,8 @@ class Pipeline(Stage):
     def __call__(self, batch: RLBatch, ctx) -> RLBatch:
         for s in self.stages:
             start = time.perf_counter()
-            out = s(batch, ctx)
+            with torch.profiler.record_function(f"stage/{stage_name(s)}"):  # a profiler's per-stage range
+                out = s(batch, ctx)
             if not isinstance(out, RLBatch):
                 raise ValueError(f"stage {stage_name(s)!r} returned {type(out).__name__}; a stage must return the RLBatch")
             batch = out
