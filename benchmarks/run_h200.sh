@@ -31,7 +31,8 @@
 #   reward_models    rule vs reward model vs LLM judge rewards inside a GRPO step, with/without offload (issue 19)
 #   reward_judge     reward_models' judge run only (2 steps after the warm-up)
 #   agent_rollout    multi-turn agent rollout (8 prompts x 8), tool calls overlapping generation vs serial (issue 16)
-# Environment: BUDGET (seconds, below), ATTENTION (auto | gather | paged: the engine's decode attention in throughput
+# Environment: BUDGET (seconds, below), MICRO_BATCH / TRL_MICRO_BATCH (throughput / trl_grpo sequences per forward-
+# backward, default 16 each; throughput also takes auto), ATTENTION (auto | gather | paged: the engine's decode attention in throughput
 # and grpo_e2e_ab; auto = paged on CUDA), ROLLOUT_SHAPES (comma-separated, default qwen2.5-0.5b), ROLLOUT_VARIANTS
 # (rollout_service / rollout_fast: the new engine's variants, default all of rollout_service.py's VARIANTS), ROLLOUT_HF
 # (rollout_fast: any non-empty value, e.g. 1, times transformers' generate as well).
@@ -60,6 +61,8 @@ ATTENTION=${ATTENTION:-auto}  # the rollout engine's decode attention in through
 ROLLOUT_VARIANTS=${ROLLOUT_VARIANTS:-}  # rollout_service.py --variants ("" = all)
 ROLLOUT_HF=${ROLLOUT_HF:-}  # rollout_fast: any non-empty value times transformers' generate too
 HF_FLAG=--no-hf; [[ -n $ROLLOUT_HF ]] && HF_FLAG=--hf
+MICRO_BATCH=${MICRO_BATCH:-16}  # throughput.py --micro-batch (a sequence count or auto)
+TRL_MICRO_BATCH=${TRL_MICRO_BATCH:-16}  # trl_grpo.py --micro-batch (per_device_train_batch_size)
 ROLLOUT_SHAPES=${ROLLOUT_SHAPES:-qwen2.5-0.5b}  # rollout_service / rollout_fast shapes (issue 13: add qwen2.5-7b)
 START=$(date +%s)
 WORK=$(mktemp -d /tmp/h200.XXXX)  # scripts write here; the chosen files are copied to $OUT after every step
@@ -102,7 +105,8 @@ if os.path.exists(tp) and os.path.exists(trl):  # throughput.py's peer_ratios ru
     ours, peer = json.load(open(tp)), json.load(open(trl))
     a = peer["args"]
     md += [""] + [f"- {r['name']} / {peer['framework']}: **{r['tokens_per_s_per_gpu'] / peer['tokens_per_s_per_gpu']:.2f}x**"
-                  f" tokens/s/GPU ({r['tokens_per_s_per_gpu']:.0f} vs {peer['tokens_per_s_per_gpu']:.0f})"
+                  f" tokens/s/GPU ({r['tokens_per_s_per_gpu']:.0f} vs {peer['tokens_per_s_per_gpu']:.0f}; micro-batch"
+                  f" {r.get('micro_batch', '?')} vs {a['micro_batch']})"
                   for r in ours["results"] if (r["config"]["shape"], r["config"]["prompts"], r["config"]["n"],
                                                r["config"]["kl"]) == (a["shape"], a["prompts"], a["n"], False)]
 for name in ("throughput.md", "grpo_e2e_ab.md", "grpo_e2e.md", "reward_models.md", "rollout_profile_*.txt",
@@ -142,13 +146,14 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
     paged_tests) step paged_tests 120 python3 -m pytest -q tests/rollout/test_paged_attention.py \
       tests/rollout/test_fused_sampling.py ;;
     throughput) step throughput 200 python3 benchmarks/throughput.py --shapes 0.5b,1.5b --batches 8x8 --prompt-len 128 \
-      --new-tokens 256 --kl off --attention "$ATTENTION" --out "$WORK/throughput" ;;
+      --new-tokens 256 --kl off --attention "$ATTENTION" --micro-batch "$MICRO_BATCH" --out "$WORK/throughput" ;;
     profile_8x8) step profile_step 150 python3 benchmarks/throughput.py --shapes 0.5b --batches 8x8 --prompt-len 128 \
       --new-tokens 256 --kl off --steps 3 --profile --out "$WORK/profile"
       step profile_rollout 120 python3 benchmarks/rollout_service.py --shapes qwen2.5-0.5b --prompts 8 --n 8 \
       --min-len 256 --max-len 256 --no-hf --profile --grpo-shape '' --variants new_paged_fused \
       --out-dir "$WORK/profile_rollout" ;;
-    trl_grpo) step trl_grpo 150 python3 benchmarks/trl_grpo.py --shape 0.5b --out "$WORK/trl" ;;
+    trl_grpo) step trl_grpo 150 python3 benchmarks/trl_grpo.py --shape 0.5b --micro-batch "$TRL_MICRO_BATCH" \
+      --out "$WORK/trl" ;;
     grpo_e2e_ab) step grpo_e2e_ab 240 python3 benchmarks/grpo_e2e.py --ab 0.5b --variants padded,packed --prompts 64 \
       --n 8 --prompt-len 128 --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 \
       --attention "$ATTENTION" --out "$WORK/ab" ;;

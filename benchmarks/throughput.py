@@ -66,6 +66,7 @@ from verl_mega.parallel.dist import init_distributed
 from benchmarks.forced_lengths import force_lengths, parse_length_range  # noqa: E402
 from benchmarks.grpo_e2e import profile_step  # noqa: E402
 from verl_mega.trainer import PPOTrainer, TrainerConfig
+from verl_mega.trainer.memory_plan import Offload, Parallelism, Workload, plan_memory, usable_device_bytes
 
 QWEN2 = dict(vocab_size=151936, rope_theta=1_000_000.0, max_position_embeddings=32768, tie_word_embeddings=True,
              attention_bias=True, model_type="qwen2")
@@ -125,7 +126,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=256, help="max new tokens per response")
     p.add_argument("--response-len", default=None, metavar="LO:HI",
                    help="end each response with EOS at a seeded length uniform in [LO, HI] (default: run to --new-tokens)")
-    p.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward")
+    p.add_argument("--micro-batch", default="16",
+                   help="sequences per forward/backward, or 'auto': per configuration the largest of rows, rows / 2, "
+                        "... whose update the trainer's memory planner fits on this GPU (plain sequence counts on CPU)")
     p.add_argument("--steps", type=int, default=4, help="RL steps per configuration, warm-up included")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured first steps")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s per GPU for MFU "
@@ -142,12 +145,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.smoke:
         args.shapes, args.batches, args.prompt_len, args.new_tokens = "smoke", "2x2", 16, 8
         args.response_len = args.response_len or "2:8"
-        args.micro_batch, args.steps, args.warmup = 4, 2, 1
+        args.micro_batch, args.steps, args.warmup = "4", 2, 1
     for name in args.shapes.split(","):
         if name not in SHAPES:
             raise ValueError(f"--shapes: unknown shape {name!r}; choose from {', '.join(SHAPES)}")
     if not set(args.kl.split(",")) <= {"on", "off"}:
         raise ValueError(f"--kl {args.kl!r}: use on, off or off,on")
+    if args.micro_batch != "auto" and not (args.micro_batch.isdigit() and int(args.micro_batch) > 0):
+        raise ValueError(f"--micro-batch {args.micro_batch!r}: a positive integer or 'auto'")
     if not 0 <= args.warmup < args.steps:
         raise ValueError(f"--warmup {args.warmup} must be in [0, --steps={args.steps})")
     args.response_range = parse_length_range(args.response_len, args.new_tokens)
@@ -202,6 +207,26 @@ def peak_flops(args, device_name: str) -> float | None:
 
 
 # ----------------------------------------------------------------------------------------------- running
+def micro_batch(args, shape: dict, bc: BenchConfig, layout: Layout) -> int:
+    """--micro-batch, or for 'auto' the largest rows / 2^k (rows = this dp rank's sequences per step) whose
+    planned peak (packed micro-batches, no offload: `memory_plan.plan_memory`) fits this GPU's usable memory;
+    without a capacity (CPU) all rows."""
+    rows = bc.prompts // layout.dp * bc.n
+    if args.micro_batch != "auto":
+        return int(args.micro_batch)
+    capacity = usable_device_bytes(comm_device())
+    mb = rows
+    while mb > 1 and capacity is not None:
+        work = Workload(micro_batch_size=mb, seq_len=args.prompt_len + args.new_tokens, response_len=args.new_tokens,
+                        rollout_rows=rows, num_microbatches=-(-rows // mb), packed=True)
+        plan = plan_memory(ModelConfig(**shape), Parallelism(bc.tp, bc.pp, layout.dp), work, Offload(),
+                           param_bytes=4 if not torch.cuda.is_available() else 2, reference=bc.kl)
+        if plan.fits(capacity):
+            break
+        mb = -(-mb // 2)
+    return mb
+
+
 def build_actor(shape: dict, layout: Layout, dtype: torch.dtype, seed: int) -> HFActor:
     """A random-weight actor stage built directly on this rank's device (no HF directory)."""
     config = ModelConfig(**shape, hf_extra={"eos_token_id": EOS_ID})
@@ -233,9 +258,10 @@ def run_config(args, bc: BenchConfig, peak: float | None) -> dict:
     cfg.rollout.engine.sampler = args.sampler
     cfg.algorithm.kl_coef = 1e-3 if bc.kl else 0.0
     cfg.trainer.progress_bar = False
+    mb = micro_batch(args, shape, bc, layout)
     trainer = PPOTrainer(actor, reward_fn=even_token_reward, algorithm="grpo", rollout_batch_size=per_dp,
                          n_samples=bc.n, max_new_tokens=args.new_tokens, temperature=1.0, lr=1e-6,
-                         micro_batch_size=args.micro_batch, mini_batch_size=per_dp, num_epochs=1, config=cfg)
+                         micro_batch_size=mb, mini_batch_size=per_dp, num_epochs=1, config=cfg)
     force_lengths(trainer, args.response_range, eos_token_id=EOS_ID)
     gen = torch.Generator().manual_seed(args.seed * 1000 + layout.dp_rank)
     steps = []
@@ -254,6 +280,7 @@ def run_config(args, bc: BenchConfig, peak: float | None) -> dict:
                    for _ in range(per_dp)]
         profile_step(trainer, samples, args.out, f"profile_{bc.shape}_{bc.prompts}x{bc.n}.txt")
     result = summarize(steps, bc, layout, peak)
+    result["micro_batch"] = mb
     result["peak_memory_gib"] = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
                                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # KiB -> GiB
     del trainer, actor
@@ -316,11 +343,11 @@ def markdown(report: dict) -> str:
              f"every sequence; MFU on model FLOPs (6 x params x tokens + attention for the update, 2 x for "
              f"forward-only passes) against " + (f"{report['peak_tflops']} TFLOP/s per GPU." if report["peak_tflops"]
                                                else "an unknown peak (pass --peak-tflops)."), "",
-             "| configuration | GPUs | step s | tokens/s/GPU | MFU | generate s | reshard s | logprob s | reward s "
-             "| update s | mean resp. len | peak mem GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| configuration | GPUs | micro-batch | step s | tokens/s/GPU | MFU | generate s | reshard s | logprob s "
+             "| reward s | update s | mean resp. len | peak mem GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        cells = [r["name"], str(r["gpus"]), f"{r['step_s']:.3f}", f"{r['tokens_per_s_per_gpu']:.0f}", mfu,
+        cells = [r["name"], str(r["gpus"]), str(r["micro_batch"]), f"{r['step_s']:.3f}", f"{r['tokens_per_s_per_gpu']:.0f}", mfu,
                  *[f"{r['phase_s'][p]:.3f}" for p in PHASES], f"{r['mean_response_len']:.0f}",
                  f"{r['peak_memory_gib']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -329,7 +356,7 @@ def markdown(report: dict) -> str:
         pa = peer["args"]
         mem = f"{peer['peak_memory_gib']:.1f}" if peer["peak_memory_gib"] is not None else "-"
         lines.append(f"| {peer['framework']} {pa['shape']} {pa['prompts']}x{pa['n']} beta=0 | {peer['gpus']} | "
-                     f"{peer['step_s']:.3f} | {peer['tokens_per_s_per_gpu']:.0f} | - | - | - | - | - | - | "
+                     f"{pa['micro_batch']} | {peer['step_s']:.3f} | {peer['tokens_per_s_per_gpu']:.0f} | - | - | - | - | - | - | "
                      f"{peer['mean_response_len']:.0f} | {mem} |")
         lines += [""] + [f"- {q['name']} / {q['peer']}: **{q['ratio']:.1f}x** tokens/s/GPU"
                          for q in report["peer_ratios"]]
