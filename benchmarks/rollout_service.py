@@ -33,6 +33,8 @@ W = weight bytes, C_step = tokens attended in that step summed over its rows (en
 the card's spec (H200 HBM3e 4.8 TB/s, H100 SXM HBM3 3.35 TB/s) and the device-to-device copy
 bandwidth measured here (2 * bytes / time of a 4 GiB copy). Fraction = t_bound / t_decode with
 t_decode = (new engine call) - (a prefill-only call of the same requests, max_new_tokens=1).
+`roofline_spec` (all rows in flight): per step the longer of that memory time and the compute time at the
+card's dense bf16 peak (989 TFLOP/s), see `roofline_bound`: large decode batches of a 7B model are compute-bound.
 
 GRPO step (0.5B shape, or tiny with --smoke): PPOTrainer on the saved random model, reward = sleep
 `--reward-ms` (50) per response; one step with streaming rewards and one with rewards after
@@ -209,6 +211,44 @@ def bandwidth_bound(shape, model, new: dict, bw: float) -> dict:
             "bound_seconds": t_bound, "fraction_of_bound": t_bound / max(new["decode_seconds"], 1e-9)}
 
 
+def peak_flops(device) -> float | None:
+    """The card's dense bf16 tensor-core peak in FLOP/s: H100 / H200 SXM 989e12; None for other cards (CPU: the
+    H100's figure, as `spec_bandwidth`, so the smoke run exercises the roofline; its fraction means nothing)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return 989e12 if "H100" in name or "H200" in name or name == "cpu" else None
+
+
+def roofline_bound(shape, model, new: dict, lengths: list[int], args, bw: float, peak: float) -> dict:
+    """A tighter bound than `bandwidth_bound` where decode batches are large: per decode step the longer of its
+    memory time (weights + attended K/V at `bw`) and its compute time (2 x matmul params x rows + attention
+    4 x layers x q heads x head_dim x attended tokens, at the dense bf16 `peak`), summed over steps. The rows of
+    each step are re-derived from the forced lengths (all rows admitted at once, a row decoding until the host
+    check after its last token, as the engine does), so it holds for runs with every row in flight
+    (`--max-batch` 0) only; `rows_match` says whether the re-derived row-steps equal the engine's counter."""
+    cfg = SHAPES[shape]
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    itemsize = next(model.parameters()).element_size()
+    kv_bytes = cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * head_dim * itemsize
+    embed = 0 if cfg["tie_word_embeddings"] else model.embed_tokens.weight.numel() * itemsize
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) - embed  # ~ matmul params x itemsize
+    attn_flops = 4 * cfg["num_hidden_layers"] * cfg["num_attention_heads"] * head_dim  # per attended token
+    k = new["sync_every"]
+    steps = [-(-(n - 1) // k) * k for n in lengths]  # decode steps of each row (its first token comes from prefill)
+    total, row_steps, compute_bound_steps = 0.0, 0, 0
+    for t in range(max(steps)):
+        live = [i for i, s in enumerate(steps) if s > t]
+        context = len(live) * (args.prompt_len + 1 + t)  # tokens attended, the fed token included
+        memory = (weights + context * kv_bytes) / bw
+        compute = (2 * weights / itemsize * len(live) + attn_flops * context) / peak
+        total += max(memory, compute)
+        row_steps += len(live)
+        compute_bound_steps += compute > memory
+    return {"peak_flops": peak, "bandwidth_bytes_per_s": bw, "bound_seconds": total,
+            "fraction_of_bound": total / max(new["decode_seconds"], 1e-9),
+            "compute_bound_steps": compute_bound_steps, "steps": max(steps),
+            "rows_match": row_steps == new["decode_rows"], "row_steps": row_steps}
+
+
 def parity_check(device) -> dict:
     """Tiny fp32 model on `device`: the new engine's greedy tokens (CUDA graphs, 4 rows for 8 prompts of
     mixed lengths, host check every 4 steps) == transformers' greedy generate, exactly."""
@@ -260,6 +300,10 @@ def run_shape(args, shape, device, dtype, layout) -> dict:
         for key, bw in bandwidths.items():
             if bw is not None:
                 out[name][key] = bandwidth_bound(shape, model, out[name], bw)
+        peak = peak_flops(device)
+        if peak and bandwidths["bound_spec"] and not args.max_batch:
+            out[name]["roofline_spec"] = roofline_bound(shape, model, out[name], lengths, args,
+                                                        bandwidths["bound_spec"], peak)
     del model
     torch.cuda.empty_cache() if device.type == "cuda" else None
     if not args.no_hf:

@@ -54,6 +54,8 @@ def test_rollout_service_smoke(tmp_path):
     assert tiny["new"]["tokens"] == tiny["static"]["tokens"]  # = the sum of the forced lengths
     assert tiny["new"]["tokens"] == round(tiny["mean_length"] * tiny["rows"])
     assert finite(tiny["ratio_new_over_static"]) and finite(tiny["new"]["bound_spec"]["fraction_of_bound"])
+    roofline = tiny["new"]["roofline_spec"]  # its per-step rows re-derived from the lengths = the engine's counter
+    assert roofline["rows_match"] and roofline["bound_seconds"] >= tiny["new"]["bound_spec"]["bound_seconds"]
     assert "tokens_per_s" in tiny["new_paged"], tiny["new_paged"]  # the Triton kernel in the interpreter
     assert "tokens_per_s" in tiny["new_paged_fused"], tiny["new_paged_fused"]  # + the one-pass sampler
     assert tiny["new_paged_fused_sync16"]["sync_every"] == 16, tiny["new_paged_fused_sync16"]
