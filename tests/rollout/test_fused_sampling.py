@@ -52,32 +52,22 @@ def sampler_checks(device: str) -> dict:
     out["masked_never_drawn"] = tok[0].item() >= BLOCK
     g.manual_seed(5)
     out["same_seed_same_tokens"] = sample_tokens_fused(logits, warm, g, forced)[0].tolist() == tok.tolist()
-    # the vocabulary (5 blocks of 1024) cut into 2 and 4 parts (the last part past the vocabulary, empty): the
-    # same draws (Philox counters do not depend on the cut) and log-probs to float32 rounding
+    # the vocabulary cut into 2 and 4 parts of 1024-entry blocks (the last part past the vocabulary, empty):
+    # the same draws (Philox counters do not depend on the cut) and log-probs to float32 rounding
     out["split_same_tokens"], out["split_logprob_error"] = True, 0.0
     for params, seed in ((greedy, None), (warm, 5)):
-        whole = sample_tokens_fused(logits, params, g.manual_seed(seed) if seed else None, forced, block=1024,
-                                    splits=1)
+        whole = sample_tokens_fused(logits, params, g.manual_seed(seed) if seed else None, forced, splits=1)
         for splits in (2, 4):
             cut = sample_tokens_fused(logits, params, g.manual_seed(seed) if seed else None, forced, block=1024,
                                       splits=splits)
             out["split_same_tokens"] &= cut[0].tolist() == whole[0].tolist()
             out["split_same_tokens"] &= params is not greedy or cut[0][2].item() == 5
             out["split_logprob_error"] = max(out["split_logprob_error"], float((cut[1] - whole[1]).abs().max()))
-    # bf16 logits (the engine passes the head's output as it is): read and widened in the kernel, the same draws
-    # and log-probs as the float32 copy of the same values (the widening is exact)
-    half = logits.bfloat16()
-    got, ref = (sample_tokens_fused(t, warm, g.manual_seed(9), forced) for t in (half, half.float()))
-    out["bf16_same"] = got[0].tolist() == ref[0].tolist() and torch.equal(got[1], ref[1])
-    # distribution: 1,000 rows of the same 5 finite logits at T = 0.7 (the rest -inf), placed in the four quarters of
-    # a 64-entry block (each quarter takes another of Philox's four outputs) and in the next block
-    where = torch.tensor([0, 17, 34, 51, 100])
-    values = torch.tensor([1.0, 0.0, -0.5, 2.0, 0.3])
-    small = torch.full((1000, 128), float("-inf"))
-    small[:, where] = values
-    draws = sample_tokens_fused(small.to(device), warm, torch.Generator(device=device).manual_seed(1), block=64)[0]
-    counts = torch.stack([(draws.cpu() == i).sum() for i in where]).double()
-    probs = torch.softmax(values.double() / 0.7, dim=0)
+    # distribution: 1,000 rows of the same 5 logits at T = 0.7 (the interpreter runs about 10 ms a row)
+    small = torch.tensor([1.0, 0.0, -0.5, 2.0, 0.3], device=device).repeat(1000, 1)
+    draws = sample_tokens_fused(small, warm, torch.Generator(device=device).manual_seed(1))[0]
+    counts = torch.bincount(draws.cpu(), minlength=5).double()
+    probs = torch.softmax(small[0].cpu().double() / 0.7, dim=0)
     out["chi2"] = float(((counts - 1000 * probs) ** 2 / (1000 * probs)).sum())
     return out
 
@@ -95,51 +85,23 @@ def engine_greedy(hf_dir: str, ids: list[list[int]]) -> tuple[list[list[int]], l
     return greedy, [len(r) for r in forced]
 
 
-def engine_bf16(hf_dir: str, ids: list[list[int]]) -> tuple[bool, float]:
-    """A bfloat16 copy of the model, greedy: the fused sampler (the head's matmul writes the bf16 logits buffer
-    itself) against the torch sampler (a float32 copy of the same logits): (tokens equal, max log-prob diff)."""
-    import tempfile
-
-    from verl_mega.rollout.engine import GenerationEngine
-    from verl_mega.rollout.engine_config import EngineConfig
-    from verl_mega.testing.tiny_hf import make_tiny_hf_model
-
-    # a vocabulary of 256 (no padding of the head): the head writes the logits buffer directly
-    _, model = build_engine(make_tiny_hf_model(tempfile.mkdtemp(), arch="qwen2", vocab_size=256, seed=3), 1, NEVER)
-    assert model.output_weight().shape[0] == model.true_vocab_size == 256
-    model = model.to(torch.bfloat16)
-    model.fused_inference = False
-    runs = []
-    for sampler in ("fused", "torch"):
-        config = EngineConfig(max_batch=2, max_seq_len=64, max_tokens=1024, block_size=4, kv_len_bucket=16,
-                              sync_every=4, sampler=sampler)
-        engine = GenerationEngine(model, None, config, eos_token_ids=[NEVER], pad_token_id=0)
-        assert engine._logits.dtype == (torch.bfloat16 if sampler == "fused" else torch.float32)
-        runs.append(engine.generate(ids, max_new_tokens=6, temperature=0.0))
-    fused, plain = runs
-    return fused.responses() == plain.responses(), float((fused.response_logprobs - plain.response_logprobs).abs().max())
-
-
 def test_fused_sampler_matches_sample_tokens(hf_dir):
     ids = tokenize(hf_dir, TEXT_PROMPTS)
     engine, _ = build_engine(hf_dir, 1, NEVER, max_batch=2)
     reference = engine.generate(ids, max_new_tokens=6, temperature=0.0).responses()
     code = ("import json, sys; sys.path.insert(0, %r); import test_fused_sampling as t; "
-            "print(json.dumps([t.sampler_checks('cpu'), t.engine_greedy(%r, %r), t.engine_bf16(%r, %r)]))"
-            % (HERE, hf_dir, ids, hf_dir, ids))
+            "print(json.dumps([t.sampler_checks('cpu'), t.engine_greedy(%r, %r)]))" % (HERE, hf_dir, ids))
     env = child_env(HERE, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    checks, (tokens, forced_lengths), (bf16_equal, bf16_logprob_error) = json.loads(out.stdout.strip().splitlines()[-1])
+    checks, (tokens, forced_lengths) = json.loads(out.stdout.strip().splitlines()[-1])
     runs = [checks] + ([sampler_checks("cuda")] if torch.cuda.is_available() else [])
     for c in runs:
         assert c["greedy_equal"] and c["forced_kept"] and c["masked_never_drawn"] and c["same_seed_same_tokens"], c
-        assert c["split_same_tokens"] and c["bf16_same"], c
+        assert c["split_same_tokens"], c
         # both log-sum-exps of the same float32 logits, summed in other orders: a few float32 ulps of |lse| ~ 10
         assert c["greedy_logprob_error"] < 1e-5 and c["sampled_logprob_error"] < 1e-5, c
         assert c["split_logprob_error"] < 1e-5, c
         assert c["chi2"] < CHI2_4DOF_1E4, c
     assert tokens == reference
     assert forced_lengths == [3, 6, 9, 12]  # forced ids read per row from the staged window (were misread)
-    # the same bf16 logits, widened exactly either way; the log-sum-exps differ by float32 summation order
-    assert bf16_equal and bf16_logprob_error < 1e-5, (bf16_equal, bf16_logprob_error)

@@ -51,17 +51,13 @@ def kernel_errors(device: str) -> list[tuple[float, float]]:
     return errors
 
 
-def engine_tokens(hf_dir: str, ids: list[list[int]], eos: int) -> list[list[list[int]]]:
-    """Greedy responses of the engine with the paged kernel, 2 rows for 4 requests: with the decoder's torch ops,
-    then with its fused ops (the RoPE kernel writing the new keys / values into the paged pools itself)."""
+def engine_tokens(hf_dir: str, ids: list[list[int]], eos: int) -> list[list[int]]:
+    """Greedy responses of the engine with the paged kernel, 2 rows for 4 requests."""
     from rollout_refs import build_engine
 
-    out = []
-    for fused in (False, True):
-        engine, model = build_engine(hf_dir, 1, eos, max_batch=2, attention="paged")
-        model.fused_inference = fused
-        out.append(engine.generate(ids, max_new_tokens=8, temperature=0.0).responses())
-    return out
+    engine, model = build_engine(hf_dir, 1, eos, max_batch=2, attention="paged")
+    model.fused_inference = False  # only the paged kernel in the interpreter, not the fused decoder ops
+    return engine.generate(ids, max_new_tokens=8, temperature=0.0).responses()
 
 
 def test_paged_kernel_matches_gather_path_and_transformers(hf_dir):
@@ -78,7 +74,7 @@ def test_paged_kernel_matches_gather_path_and_transformers(hf_dir):
     if torch.cuda.is_available():
         errors += kernel_errors("cuda")
     assert all(err < tol for err, tol in errors), errors
-    assert tokens == [ref, ref]
+    assert tokens == ref
 
 
 def test_paged_kernel_rejects_what_it_cannot_read():

@@ -253,9 +253,7 @@ class DecoderModel(nn.Module):
             Optionally `attend(layer_idx, q, k, v) -> [B, S, heads/tp * head_dim] | None`: a cache that
             computes the attention itself (stores k, v; q [B, heads/tp, S, head_dim]); None = use update + SDPA.
             Under no_grad with Triton available (CUDA) a cache forward takes the fused_ops path
-            (set `fused_inference = False` to keep the plain torch ops); there a cache with
-            `write_target(layer_idx, kv_heads, head_dim, dtype) -> (k_pool, v_pool, slots)` has the new keys and
-            values written by the RoPE kernel, and `attend` / `update` get `written=True`.
+            (set `fused_inference = False` to keep the plain torch ops).
         Sequence parallel (`sequence_parallel`, tp > 1, no kv_cache): S is padded to S' (a multiple of tp)
         and a non-last stage returns / a later stage receives this rank's shard [B, S'/tp, H].
         Returns: non-last stage: hidden [B, S, H]. Last stage: this rank's vocab shard of the logits
@@ -285,22 +283,11 @@ class DecoderModel(nn.Module):
                 mask = attention_bias(mask, hidden.dtype)
         fused = (self.fused_inference and kv_cache is not None and not torch.is_grad_enabled()
                  and fused_ops.available(hidden))
-        if fused:  # each residual add done by the next RMSNorm's kernel (DecoderLayer.forward_fused)
-            residual = None
-            for layer in self.layers:
-                hidden, residual = layer.forward_fused(hidden, residual, cos, sin, mask, kv_cache)
-            if not self.has_head:
-                return hidden if residual is None else hidden + residual
-            if residual is None:
-                hidden = self.norm(hidden, fused=True)
-            else:  # the final norm adds the last layer's MLP output
-                hidden = fused_ops.rms_norm(hidden, self.norm.weight, self.norm.eps, residual=residual)[0]
-        else:
-            for layer in self.layers:
-                hidden = layer(hidden, cos, sin, mask, kv_cache, sp_group=sp_group)
-            if not self.has_head:
-                return hidden
-            hidden = self.norm(hidden, sp_group=sp_group)
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, mask, kv_cache, fused=fused, sp_group=sp_group)
+        if not self.has_head:
+            return hidden
+        hidden = self.norm(hidden, fused=fused, sp_group=sp_group)
         if sp_group is not None:  # what follows (head, log-prob kernel) gives every rank the full gradient
             hidden = sp.gather_from_sequence(hidden, sp_group, grad_replicated=True)[:, :seq]
         if self.value_head is not None:

@@ -94,14 +94,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 def rope_qkv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               q_bias: torch.Tensor | None = None, k_bias: torch.Tensor | None = None,
-              v_bias: torch.Tensor | None = None, *, cache: tuple | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              v_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """In place on contiguous projections q [B, S, Hq*D], k and v [B, S, Hk*D]: add the biases (all
-    three or none), rotate q and k by cos/sin [B, S, D]. Returns views [B, S, heads, D].
-
-    cache: None, or (k_pool, v_pool, slots): the same kernel also writes the rotated keys and the values into
-    the pools [slots_total, Hk, D] (contiguous) at slots [B * S] int64 (row-major tokens), as
-    `k_pool.index_copy_(0, slots, k)` would."""
+    three or none), rotate q and k by cos/sin [B, S, D]. Returns views [B, S, heads, D]."""
     b, s, d = cos.shape
     assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous() and q.shape[:2] == (b, s)
     hq, hk = q.shape[-1] // d, k.shape[-1] // d
@@ -109,13 +104,8 @@ def rope_qkv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tens
     assert (k_bias is not None) == has_bias and (v_bias is not None) == has_bias, "biases: all of q/k/v or none"
     cos, sin = cos.contiguous(), sin.contiguous()
     bq, bk, bv = (q_bias, k_bias, v_bias) if has_bias else (q, k, v)  # unused pointers when no bias
-    k_pool, v_pool, slots = cache if cache is not None else (k, v, k)  # unused pointers without a cache
-    if cache is not None:
-        assert k_pool.is_contiguous() and v_pool.is_contiguous() and k_pool.shape[1:] == (hk, d)
-        assert slots.dtype == torch.int64 and slots.numel() == b * s
-    grid = (b * s, hq + hk + (hk if has_bias or cache is not None else 0))
-    _kernels().rope_qkv_kernel[grid](q, k, v, bq, bk, bv, cos, sin, k_pool, v_pool, slots, hq, hk, d,
-                                     HAS_BIAS=has_bias, WRITE_CACHE=cache is not None,
+    grid = (b * s, hq + hk + (hk if has_bias else 0))
+    _kernels().rope_qkv_kernel[grid](q, k, v, bq, bk, bv, cos, sin, hq, hk, d, HAS_BIAS=has_bias,
                                      BLOCK_D=max(16, 1 << (d - 1).bit_length()), num_warps=1)
     return q.view(b, s, hq, d), k.view(b, s, hk, d), v.view(b, s, hk, d)  # [batch, seq, heads, head_dim]
 

@@ -38,8 +38,7 @@ def rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, n_cols, eps,
 
 @triton.jit
 def _rope_row(ptr, bias_ptr, cos, sin, sign, cols, rot, m, HAS_BIAS: tl.constexpr):
-    """In place: x (+ bias) -> x * cos + rotate_half(x) * sin over one head row; each product rounded.
-    Returns the row (for a copy into the KV cache)."""
+    """In place: x (+ bias) -> x * cos + rotate_half(x) * sin over one head row; each product rounded."""
     x = tl.load(ptr + cols, mask=m, other=0.0)
     xr = tl.load(ptr + rot, mask=m, other=0.0)
     dtype = x.dtype
@@ -48,18 +47,15 @@ def _rope_row(ptr, bias_ptr, cos, sin, sign, cols, rot, m, HAS_BIAS: tl.constexp
         xr = (xr.to(tl.float32) + tl.load(bias_ptr + rot, mask=m, other=0.0).to(tl.float32)).to(dtype)
     a = (x.to(tl.float32) * cos).to(dtype).to(tl.float32)
     b = (sign * xr.to(tl.float32) * sin).to(dtype).to(tl.float32)
-    y = (a + b).to(dtype)
-    tl.store(ptr + cols, y, mask=m)
-    return y
+    tl.store(ptr + cols, (a + b).to(dtype), mask=m)
 
 
 @triton.jit
-def rope_qkv_kernel(q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, HQ, HK, D,
-                    HAS_BIAS: tl.constexpr, WRITE_CACHE: tl.constexpr, BLOCK_D: tl.constexpr):
+def rope_qkv_kernel(q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, cos_ptr, sin_ptr, HQ, HK, D,
+                    HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (token t, head h): h < HQ a query head, then HK key heads (RoPE, bias first when
-    HAS_BIAS), then HK value heads (bias; launched when HAS_BIAS or WRITE_CACHE). q/k/v rows are
-    [T, H * D] contiguous, cos/sin [T, D]. WRITE_CACHE: key / value head rows also go to the cache pools
-    kc / vc [slots, HK, D] (contiguous) at slot slot_ptr[t]."""
+    HAS_BIAS), then HK value heads (bias only; launched only when HAS_BIAS). q/k/v rows are
+    [T, H * D] contiguous, cos/sin [T, D]."""
     tok = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
@@ -67,28 +63,19 @@ def rope_qkv_kernel(q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, cos_ptr, sin_pt
     half = D // 2
     rot = tl.where(cols < half, cols + half, cols - half)
     sign = tl.where(cols < half, -1.0, 1.0)
+    cos = tl.load(cos_ptr + tok * D + cols, mask=m, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + tok * D + cols, mask=m, other=0.0).to(tl.float32)
     if h < HQ:
-        cos = tl.load(cos_ptr + tok * D + cols, mask=m, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + tok * D + cols, mask=m, other=0.0).to(tl.float32)
         _rope_row(q_ptr + tok * HQ * D + h * D, bq_ptr + h * D, cos, sin, sign, cols, rot, m, HAS_BIAS)
     elif h < HQ + HK:
         hk = h - HQ
-        cos = tl.load(cos_ptr + tok * D + cols, mask=m, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + tok * D + cols, mask=m, other=0.0).to(tl.float32)
-        y = _rope_row(k_ptr + tok * HK * D + hk * D, bk_ptr + hk * D, cos, sin, sign, cols, rot, m, HAS_BIAS)
-        if WRITE_CACHE:
-            slot = tl.load(slot_ptr + tok)
-            tl.store(kc_ptr + (slot * HK + hk) * D + cols, y.to(kc_ptr.dtype.element_ty), mask=m)
+        _rope_row(k_ptr + tok * HK * D + hk * D, bk_ptr + hk * D, cos, sin, sign, cols, rot, m, HAS_BIAS)
     else:
         hv = h - HQ - HK
         ptr = v_ptr + tok * HK * D + hv * D
         v = tl.load(ptr + cols, mask=m, other=0.0)
-        if HAS_BIAS:
-            v = (v.to(tl.float32) + tl.load(bv_ptr + hv * D + cols, mask=m, other=0.0).to(tl.float32)).to(v.dtype)
-            tl.store(ptr + cols, v, mask=m)
-        if WRITE_CACHE:
-            slot = tl.load(slot_ptr + tok)
-            tl.store(vc_ptr + (slot * HK + hv) * D + cols, v.to(vc_ptr.dtype.element_ty), mask=m)
+        vb = v.to(tl.float32) + tl.load(bv_ptr + hv * D + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(ptr + cols, vb.to(v.dtype), mask=m)
 
 
 @triton.jit

@@ -122,10 +122,9 @@ class Attention(nn.Module):
             y = norm(y)
         return y.transpose(1, 2)  # [batch, heads, seq, head_dim]
 
-    def _qkv_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: tuple | None):
+    def _qkv_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q, k, v [B, heads, S, D] via fused_ops: projections without the separate bias add, then one
-        bias + RoPE kernel (the column-parallel forward is a plain local matmul: no gather_output), which also
-        writes k and v into a KV cache's pools when `cache` = its `write_target`."""
+        bias + RoPE kernel (the column-parallel forward is a plain local matmul: no gather_output)."""
         b, s, _ = x.shape
         # [batch, seq, heads*head_dim] each
         q, k, v = (F.linear(x, p.weight) for p in (self.q_proj, self.k_proj, self.v_proj))
@@ -136,7 +135,7 @@ class Attention(nn.Module):
                 biases = (None, None, None)
             q = self.q_norm(q.view(b, s, self.num_heads, self.head_dim), fused=True).view(b, s, -1)
             k = self.k_norm(k.view(b, s, self.num_kv_heads, self.head_dim), fused=True).view(b, s, -1)
-        q, k, v = fused_ops.rope_qkv_(q, k, v, cos, sin, *biases, cache=cache)  # [batch, seq, heads, head_dim]
+        q, k, v = fused_ops.rope_qkv_(q, k, v, cos, sin, *biases)  # [batch, seq, heads, head_dim]
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, heads, seq, head_dim]
 
     def forward(self, x, cos, sin, mask, kv_cache=None, fused: bool = False, local: bool = False) -> torch.Tensor:
@@ -145,22 +144,17 @@ class Attention(nn.Module):
         attention confined to each sequence). fused: take the fused_ops path (no autograd). local: plain
         local matmuls without megatron's TP communication, the output being this rank's partial sum
         (sequence parallelism does the gather / reduce-scatter around the block)."""
-        written = fused and hasattr(kv_cache, "write_target")  # the RoPE kernel writes the new k, v into the cache
         if fused:
-            target = None
-            if written:
-                target = kv_cache.write_target(self.layer_idx, self.num_kv_heads, self.head_dim, x.dtype)
-            q, k, v = self._qkv_fused(x, cos, sin, target)
+            q, k, v = self._qkv_fused(x, cos, sin)
         else:
             q = apply_rope(self._heads(self.q_proj, x, self.num_heads, self.q_norm, local), cos, sin)
             k = apply_rope(self._heads(self.k_proj, x, self.num_kv_heads, self.k_norm, local), cos, sin)
             v = self._heads(self.v_proj, x, self.num_kv_heads, None, local)
         if kv_cache is not None:
-            extra = {"written": True} if written else {}
-            out = kv_cache.attend(self.layer_idx, q, k, v, **extra) if hasattr(kv_cache, "attend") else None
+            out = kv_cache.attend(self.layer_idx, q, k, v) if hasattr(kv_cache, "attend") else None
             if out is not None:  # the cache computed the attention itself (e.g. a paged-attention kernel)
                 return self.o_proj(out)[0]
-            k, v = kv_cache.update(self.layer_idx, k, v, **extra)  # [batch, kv_heads, seq_kv, head_dim]
+            k, v = kv_cache.update(self.layer_idx, k, v)  # [batch, kv_heads, seq_kv, head_dim]
         if isinstance(mask, PackedSeqs):
             core = lambda q, k, v: varlen_attend(q, k, v, mask, self.varlen_kernel)  # noqa: E731
         else:
@@ -245,25 +239,17 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config, mp, tp_group)
         self.recompute_full = False  # keep only the layer input; recompute the layer in backward (apply_recompute)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, sp_group=None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, kv_cache=None, fused: bool = False, sp_group=None) -> torch.Tensor:
         """sp_group: sequence parallel over this TP group (x [B, S/tp, H] a sequence shard; see _forward_sp)."""
-        step = self._forward if sp_group is None else functools.partial(self._forward_sp, sp_group=sp_group)
-        if self.recompute_full and kv_cache is None and torch.is_grad_enabled():
-            return checkpoint(step, x, cos, sin, mask, use_reentrant=False)
-        return step(x, cos, sin, mask, kv_cache)
-
-    def forward_fused(self, x, residual, cos, sin, mask, kv_cache=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused_ops layer (KV-cache forwards without autograd) with each residual add done by the next
-        RMSNorm's kernel: the layer's input stream is residual + x (x alone when residual is None: the first
-        layer). Returns (the MLP's output, the stream before it) [B, S, H] each: their sum is `forward`'s output."""
-        norm, post = self.input_layernorm, self.post_attention_layernorm
-        if residual is None:
-            h, residual = fused_ops.rms_norm(x, norm.weight, norm.eps), x
-        else:  # residual <- residual + x, h = norm(residual): one kernel
-            h, residual = fused_ops.rms_norm(x, norm.weight, norm.eps, residual=residual)
-        attn = self.self_attn(h, cos, sin, mask, kv_cache, fused=True)
-        h, residual = fused_ops.rms_norm(attn, post.weight, post.eps, residual=residual)
-        return self.mlp(h, fused=True), residual
+        if not fused:
+            step = self._forward if sp_group is None else functools.partial(self._forward_sp, sp_group=sp_group)
+            if self.recompute_full and kv_cache is None and torch.is_grad_enabled():
+                return checkpoint(step, x, cos, sin, mask, use_reentrant=False)
+            return step(x, cos, sin, mask, kv_cache)
+        attn = self.self_attn(self.input_layernorm(x, fused=True), cos, sin, mask, kv_cache, fused=True)
+        post = self.post_attention_layernorm
+        h, x = fused_ops.rms_norm(attn, post.weight, post.eps, residual=x)  # x <- x + attn, h = norm(x): one kernel
+        return x + self.mlp(h, fused=True)
 
     def _forward(self, x, cos, sin, mask, kv_cache=None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)

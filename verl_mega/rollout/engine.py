@@ -139,10 +139,7 @@ class GenerationEngine:
         self._tokens = torch.zeros(mb, dtype=torch.long, device=dev)  # [B] token fed at this step
         self._positions = torch.zeros(mb, dtype=torch.long, device=dev)  # [B] its position (= its cache slot index)
         self._tables = torch.zeros(mb, self.table_width, dtype=torch.long, device=dev)  # [B, blocks] block ids
-        # the decode step's logits: float32 for the torch sampler; the head's own dtype for the fused one (it widens
-        # on load, exactly), so the head writes them itself, without a float32 copy of [B, V] per step
-        head_dtype = model.output_weight().dtype if self.sampler == "fused" else torch.float32
-        self._logits = torch.zeros(mb, self.true_vocab_size, dtype=head_dtype, device=dev)
+        self._logits = torch.zeros(mb, self.true_vocab_size, dtype=torch.float32, device=dev)
         # VLM: M-RoPE delta of each row's prompt (decode rope position = position + delta); None for text models
         pads = image_token_ids(model.config)  # the placeholder ids never sampled (module docstring)
         self.is_vlm = bool(pads)
@@ -504,13 +501,8 @@ class GenerationEngine:
 
     def _head_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """LM head on final-normed hidden states [b, H] only -> full-vocab logits [b, V] float32 (written into
-        `out` [b, V] if given, in its dtype: on one rank the head's matmul writes it directly when the dtypes and
-        the vocabulary match, else one cast-copy of the head's output)."""
-        weight = self.model.output_weight()  # [V_pad / tp, H]
-        single = self.tp_group is None or dist.get_world_size(self.tp_group) == 1
-        if out is not None and single and out.dtype == weight.dtype and weight.shape[0] == self.true_vocab_size:
-            return torch.matmul(hidden, weight.t(), out=out)
-        local = torch.matmul(hidden, weight.t())  # [b, V_pad / tp]; as megatron's column linear
+        `out` [b, V] if given: on one rank, one cast-copy of the head's output, no float32 intermediate)."""
+        local = torch.matmul(hidden, self.model.output_weight().t())  # [b, V_pad / tp]; as megatron's column linear
         if out is None:
             return gather_vocab_logits(local, self.tp_group, self.true_vocab_size)
         if self.tp_group is None or dist.get_world_size(self.tp_group) == 1:

@@ -13,10 +13,8 @@ ten passes over [B, V] float32 (log-softmax, exp, the exponential draws, the div
 reads the logits once and writes two numbers per row.
 
 Randomness: a 31-bit seed per call is drawn on the device from the engine's `torch.Generator` (no host
-sync, graph-safe); one Philox call gives four uniforms, for the four quarters of a vocabulary block at the
-same lane (counter = (row * blocks + block) * BLOCK / 4 + lane): Philox is most of the kernel's arithmetic,
-so a quarter of the calls. Same generator state, same logits, same BLOCK -> same tokens, for any split; the
-stream differs from the torch path's.
+sync, graph-safe), and element (row, v) uses Philox counter row * V + v: same generator state, same
+logits -> same tokens; the stream differs from the torch path's.
 
 top-k / top-p truncation is not fused: those calls take `sample_tokens`.
 """
@@ -41,52 +39,36 @@ def _kernels():
 
     @triton.jit
     def sample_partial_kernel(logits_ptr, stride, seed_ptr, m_ptr, l_ptr, best_ptr, idx_ptr, inv_temp,
-                              V: tl.constexpr, NBLOCKS: tl.constexpr, SPLITS: tl.constexpr, NB_PER: tl.constexpr,
-                              BLOCK: tl.constexpr, GREEDY: tl.constexpr):
+                              V: tl.constexpr, SPLITS: tl.constexpr, NB_PER: tl.constexpr, BLOCK: tl.constexpr,
+                              GREEDY: tl.constexpr):
         """Program (row, split): max m and sum l of exp(x / T - m), and the best key (x / T + Gumbel, or x / T
-        greedy) with its index, over the split's NB_PER blocks of the row's vocabulary. A block is four quarters
-        that share one Philox call (`tl.rand4x`: four uniforms per counter, counter = (row * NBLOCKS + block) *
-        BLOCK / 4 + lane), walked in vocabulary order."""
-        QUARTER: tl.constexpr = BLOCK // 4
+        greedy) with its index, over the split's NB_PER blocks of the row's vocabulary."""
         row, split = tl.program_id(0), tl.program_id(1)
         base = logits_ptr + row.to(tl.int64) * stride
         seed = tl.load(seed_ptr)
-        lanes = tl.arange(0, QUARTER)
         m = tl.full([], float("-inf"), tl.float32)  # running max of x / T
         l = tl.zeros([], tl.float32)  # running sum of exp(x / T - m)
         best = tl.full([], float("-inf"), tl.float32)
         best_idx = tl.zeros([], tl.int32)
         for j in range(NB_PER):
-            block = split * NB_PER + j
-            if not GREEDY:
-                u0, u1, u2, u3 = tl.rand4x(seed, (row * NBLOCKS + block) * QUARTER + lanes)  # uniforms in [0, 1)
-            for q in tl.static_range(4):
-                start = block * BLOCK + q * QUARTER
-                offs = start + lanes
-                valid = offs < V
-                x = tl.load(base + offs, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
-                m_new = tl.maximum(m, tl.max(x, axis=0))
-                finite = m_new > float("-inf")  # a quarter (and all before it) of -inf only: nothing to add yet
-                shift = tl.where(finite, m_new, 0.0)
-                l = l * tl.where(finite, tl.exp(m - shift), 0.0) + tl.sum(tl.exp(x - shift), axis=0)
-                m = m_new
-                if GREEDY:
-                    key = x
-                else:
-                    if q == 0:
-                        u = u0
-                    elif q == 1:
-                        u = u1
-                    elif q == 2:
-                        u = u2
-                    else:
-                        u = u3
-                    key = x - tl.log(-tl.log(tl.maximum(u, 1e-12)))  # + Gumbel(0, 1)
-                key = tl.where(valid, key, float("-inf"))
-                part_best = tl.max(key, axis=0)
-                better = part_best > best  # strictly: the first of equal keys wins, as torch.argmax
-                best_idx = tl.where(better, start + tl.argmax(key, axis=0), best_idx)
-                best = tl.where(better, part_best, best)
+            offs = (split * NB_PER + j) * BLOCK + tl.arange(0, BLOCK)
+            valid = offs < V
+            x = tl.load(base + offs, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            finite = m_new > float("-inf")  # a block (and all before it) of -inf only: nothing to add yet
+            shift = tl.where(finite, m_new, 0.0)
+            l = l * tl.where(finite, tl.exp(m - shift), 0.0) + tl.sum(tl.exp(x - shift), axis=0)
+            m = m_new
+            if GREEDY:
+                key = x
+            else:
+                u = tl.rand(seed, row * V + offs)  # uniform in [0, 1)
+                key = x - tl.log(-tl.log(tl.maximum(u, 1e-12)))  # + Gumbel(0, 1)
+            key = tl.where(valid, key, float("-inf"))
+            block_best = tl.max(key, axis=0)
+            better = block_best > best  # strictly: the first of equal keys wins, as torch.argmax
+            best_idx = tl.where(better, (split * NB_PER + j) * BLOCK + tl.argmax(key, axis=0), best_idx)
+            best = tl.where(better, block_best, best)
         out = row * SPLITS + split
         tl.store(m_ptr + out, m)
         tl.store(l_ptr + out, l)
@@ -133,19 +115,16 @@ def sample_tokens_fused(logits: torch.Tensor, params: SamplingParams, generator:
     """`sample_tokens`' contract (tokens [B] int64, logprobs [B] float32; `forced` [B] int64, -1 = sample) in
     one Triton pass for greedy and plain temperature sampling; top-k / top-p go to `sample_tokens`.
     logits: [B, V] (any float dtype, unit last stride), on CUDA (or on CPU under TRITON_INTERPRET=1).
-    block: vocabulary entries per loop iteration (a power of two >= 64; it decides which Philox counter and
-    output each element uses); splits: programs per row (a power of two; None: `vocab_splits`; the draws do not
-    depend on it)."""
+    block: vocabulary entries per loop iteration; splits: programs per row (a power of two; None:
+    `vocab_splits`). Neither changes the draws: element (row, v) always uses Philox counter row * V + v."""
     if params.top_k or params.top_p < 1.0:
-        return sample_tokens(logits.float(), params, generator, forced)  # (float32, as sample_tokens expects)
+        return sample_tokens(logits, params, generator, forced)
     partial, merge = _kernels()
     b, v = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     if forced is not None:
         forced = forced.contiguous()  # the kernel reads forced[row] at offset row (the engine passes a column view)
-    if block < 64 or block & (block - 1):
-        raise ValueError(f"sample_tokens_fused: block must be a power of two >= 64 (four quarters), got {block}")
     blocks = -(-v // block)
     splits = splits or vocab_splits(b, blocks, logits.device)
     if splits & (splits - 1) or splits > blocks:
@@ -157,8 +136,7 @@ def sample_tokens_fused(logits: torch.Tensor, params: SamplingParams, generator:
     seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=logits.device)
     inv_temp = 1.0 if params.greedy else 1.0 / params.temperature
     partial[(b, splits)](logits, logits.stride(0), seed, stats[0], stats[1], stats[2], index, inv_temp, V=v,
-                         NBLOCKS=blocks, SPLITS=splits, NB_PER=-(-blocks // splits), BLOCK=block,
-                         GREEDY=params.greedy)
+                         SPLITS=splits, NB_PER=-(-blocks // splits), BLOCK=block, GREEDY=params.greedy)
     merge[(b,)](logits, logits.stride(0), stats[0], stats[1], stats[2], index, tokens if forced is None else forced,
                 tokens, logprobs, inv_temp, SPLITS=splits, HAS_FORCED=forced is not None)
     return tokens, logprobs

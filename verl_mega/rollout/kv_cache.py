@@ -84,51 +84,37 @@ class PagedKVCache:
         (the new token's position; it attends over positions 0 .. positions[b])."""
         self.write_slots, self.read_slots, self.tables, self.positions = write_slots, read_slots, tables, positions
 
-    def write_target(self, layer_idx: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(k_pool, v_pool, write_slots) of layer `layer_idx` for a caller that writes this forward's new keys
-        and values itself (the decoder's fused RoPE kernel); it then passes `written=True` to `attend` / `update`."""
-        self._allocate(layer_idx, num_kv_heads, head_dim, dtype)
-        return self.keys[layer_idx], self.values[layer_idx], self.write_slots
-
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               written: bool = False) -> torch.Tensor | None:
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
         """The decoder's attention hook: with a paged decode view (`set_view(..., tables, positions)`), write
-        k, v [B, Hkv, 1, D] (unless `written`: see `write_target`) and return the attention output
-        [B, 1, Hq * D] of q [B, Hq, 1, D] computed by the Triton kernel on the blocks (`paged_attention.py`);
-        otherwise None (the decoder then calls `update` and SDPA)."""
+        k, v [B, Hkv, 1, D] and return the attention output [B, 1, Hq * D] of q [B, Hq, 1, D] computed
+        by the Triton kernel on the blocks (`paged_attention.py`); otherwise None (the decoder then calls
+        `update` and SDPA)."""
         if self.tables is None:
             return None
         from verl_mega.rollout.paged_attention import paged_decode_attention  # lazy: Triton imported on use
 
-        if not written:
-            self._write(layer_idx, k, v)
+        self._write(layer_idx, k, v)
         b, hq, _, d = q.shape
         out = paged_decode_attention(q[:, :, 0], self.keys[layer_idx], self.values[layer_idx], self.tables,
                                      self.positions, self.block_size)  # [B, Hq, D]
         return out.reshape(b, 1, hq * d)
 
-    def _allocate(self, layer_idx: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
-        if self.keys[layer_idx] is None:
-            shape = (self.num_blocks * self.block_size, num_kv_heads, head_dim)  # [slots, Hkv, D]
-            # zeros, not empty: masked slots are still multiplied by 0 probabilities; NaN garbage would poison them
-            self.keys[layer_idx] = torch.zeros(shape, dtype=dtype, device=self.device)
-            self.values[layer_idx] = torch.zeros(shape, dtype=dtype, device=self.device)
-
     def _write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
         b, hkv, s, d = k.shape
-        self._allocate(layer_idx, hkv, d, k.dtype)
+        if self.keys[layer_idx] is None:
+            shape = (self.num_blocks * self.block_size, hkv, d)  # [slots, Hkv, D]
+            # zeros, not empty: masked slots are still multiplied by 0 probabilities; NaN garbage would poison them
+            self.keys[layer_idx] = torch.zeros(shape, dtype=k.dtype, device=self.device)
+            self.values[layer_idx] = torch.zeros(shape, dtype=k.dtype, device=self.device)
         k_pool, v_pool = self.keys[layer_idx], self.values[layer_idx]
         assert self.write_slots.shape[0] == b * s, (tuple(k.shape), tuple(self.write_slots.shape))
         k_pool.index_copy_(0, self.write_slots, k.transpose(1, 2).reshape(b * s, hkv, d).to(k_pool.dtype))
         v_pool.index_copy_(0, self.write_slots, v.transpose(1, 2).reshape(b * s, hkv, d).to(v_pool.dtype))
 
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
-               written: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, Hkv, S_new, D] (after RoPE) at the write slots (unless `written`: see `write_target`);
-        return the gathered (k_all, v_all) [B, Hkv, kv_len, D] of the read slots (including the ones just written)."""
-        if not written:
-            self._write(layer_idx, k, v)
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, Hkv, S_new, D] (after RoPE) at the write slots; return the gathered
+        (k_all, v_all) [B, Hkv, kv_len, D] of the read slots (including the ones just written)."""
+        self._write(layer_idx, k, v)
         k_pool, v_pool = self.keys[layer_idx], self.values[layer_idx]
         # [B, kv_len, Hkv, D] -> [B, Hkv, kv_len, D]
         return k_pool[self.read_slots].transpose(1, 2), v_pool[self.read_slots].transpose(1, 2)
