@@ -4,8 +4,10 @@ Run (2 GPUs, NCCL, bf16):   torchrun --nproc_per_node 2 benchmarks/reshard.py
 CPU check (gloo, tiny):     torchrun --nproc_per_node 2 benchmarks/reshard.py --device cpu --tiny
 
 For each model shape (1.5B-like: hidden 1536, 28 layers, 12/2 heads, inter 8960, vocab 151936, tied;
-7B-like: hidden 3584, 28 layers, 28/4 heads, inter 18944, vocab 152064) and each transition over the
-W ranks (tp=W -> tp_g=1, and pp=W -> pp_g=1 i.e. tp=1 -> tp_g=1), with random weights drawn directly on
+7B-like: hidden 3584, 28 layers, 28/4 heads, inter 18944, vocab 152064; 8B = Llama-3.1-8B: hidden 4096, 32 layers,
+32/8 heads, inter 14336, vocab 128256) and each transition over the W ranks (tp=W -> tp_g=1, and pp=W -> pp_g=1
+i.e. tp=1 -> tp_g=1; `--tps 2,4,8` / `--pps 2` instead: those sizes, dp = W / size; a tp that does not divide a
+shape's heads, e.g. 4 for the 1.5B's 2 KV heads, is listed as skipped), with random weights drawn directly on
 the device (no HF directory), it times (median of --reps after --warmup, slowest rank per rep):
 - `hybrid`: HybridEngine.to_inference() with its defaults (`--bucket-mb`): for tp -> tp_g < tp the
   direct path (per-tensor all-gathers straight into the inference weights, one grouped NCCL launch per
@@ -40,19 +42,22 @@ from verl_mega.models.parallelize import build_stage
 from verl_mega.parallel.dist import init_distributed
 from verl_mega.parallel.layout import Layout
 
+QWEN2 = dict(attention_bias=True, model_type="qwen2")
 SHAPES = {
-    "1.5B": dict(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2, intermediate_size=8960,
+    "1.5B": dict(QWEN2, hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2, intermediate_size=8960,
                  vocab_size=151936, tie_word_embeddings=True),
-    "7B": dict(hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4, intermediate_size=18944,
+    "7B": dict(QWEN2, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4, intermediate_size=18944,
                vocab_size=152064, tie_word_embeddings=False),
+    # Llama-3.1-8B: 8 KV heads, so the one shape here that splits over tp = 8
+    "8B": dict(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate_size=14336,
+               vocab_size=128256, tie_word_embeddings=False, attention_bias=False, model_type="llama"),
 }
-TINY = {"tiny": dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=128,
+TINY = {"tiny": dict(QWEN2, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=128,
                      vocab_size=1000, tie_word_embeddings=False)}
 
 
 def model_config(shape: dict) -> ModelConfig:
-    return ModelConfig(head_dim=shape["hidden_size"] // shape["num_heads"], attention_bias=True,
-                       model_type="qwen2", **shape)
+    return ModelConfig(head_dim=shape["hidden_size"] // shape["num_heads"], **shape)
 
 
 def sync(device: torch.device) -> None:
@@ -78,9 +83,9 @@ def slowest(seconds: float, device: torch.device) -> float:
 
 def random_stage(config: ModelConfig, layout: Layout, dtype: torch.dtype, device: torch.device):
     """This rank's training stage with N(0, 0.02) weights drawn on the device (replicated tensors equal
-    over the TP ranks of a stage, as in a real model)."""
+    over the TP ranks of a stage, every tensor equal over the dp replicas, as in a real model)."""
     stage = build_stage(config, layout, params_dtype=dtype, device=device, init_seed=None)
-    sharded = torch.Generator(device=device).manual_seed(1234 + dist.get_rank())
+    sharded = torch.Generator(device=device).manual_seed(1234 + 1000 * layout.pp_rank + layout.tp_rank)
     replicated = torch.Generator(device=device).manual_seed(4321 + layout.pp_rank)
     with torch.no_grad():
         for p in stage.parameters():
@@ -183,6 +188,19 @@ def run_case(name: str, shape: dict, tp: int, pp: int, args, dtype: torch.dtype,
             "ratio_naive_over_allgather": naive["seconds"] / plain["seconds"]}
 
 
+def sizes(text: str | None, world: int, flag: str) -> list[int]:
+    """--tps / --pps: [world] by default, [] for '0', else the listed sizes (each must divide the world size)."""
+    if text is None:
+        return [world]
+    values = [int(v) for v in text.split(",")]
+    if values == [0]:
+        return []
+    bad = [v for v in values if v < 1 or world % v]
+    if bad:
+        raise ValueError(f"{flag} {text}: {bad} do not divide the {world} ranks")
+    return values
+
+
 def markdown(report: dict) -> str:
     mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
     mem = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
@@ -193,6 +211,9 @@ def markdown(report: dict) -> str:
              "| recv MiB (analytic) | redundant MiB hybrid / naive | peak GiB hybrid / 1-bucket / all-gather / naive |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
+        if "skipped" in r:
+            lines.append(f"| {r['model']} | {r['transition']} | skipped: {r['skipped']} |" + " |" * 9)
+            continue
         h, s, a, n, p = r["hybrid"], r["hybrid_single_allgather"], r["allgather"], r["naive"], r["packed"]
         lines.append(
             f"| {r['model']} | {r['transition']} | {'direct' if h['direct'] else 'packed'} "
@@ -212,9 +233,13 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                         help="default bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU check)")
-    parser.add_argument("--models", default=None, help="comma-separated subset of 1.5B,7B")
+    parser.add_argument("--models", default=None, help="comma-separated subset of 1.5B,7B,8B")
     parser.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_MB,
                         help="HybridEngine bucket size per rank (MiB); the 1-bucket column is always measured too")
+    parser.add_argument("--tps", default=None, help="comma-separated training tp sizes to regather to tp_g = 1 "
+                                                    "(dp = ranks / tp; default: all ranks; 0 = none)")
+    parser.add_argument("--pps", default=None, help="comma-separated training pp sizes to regather to one stage "
+                                                    "(default: all ranks; 0 = none)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
@@ -225,9 +250,15 @@ def main() -> None:
     world = dist.get_world_size()
     shapes = TINY if args.tiny else {k: SHAPES[k] for k in (args.models.split(",") if args.models else SHAPES)}
     results = []
+    cases = [(tp, 1) for tp in sizes(args.tps, world, "--tps")] + [(1, pp) for pp in sizes(args.pps, world, "--pps")]
     for name, shape in shapes.items():
-        for tp, pp in ((world, 1), (1, world)):
-            results.append(run_case(name, shape, tp, pp, args, dtype, device))
+        for tp, pp in cases:
+            try:  # a shape whose heads do not split over tp (e.g. 2 KV heads at tp 4) is reported, not run
+                model_config(shape).check_tp(tp)
+            except ValueError as exc:
+                results.append({"model": name, "transition": f"tp={tp},pp={pp} -> tp_g=1,pp_g=1", "skipped": str(exc)})
+            else:
+                results.append(run_case(name, shape, tp, pp, args, dtype, device))
             if dist.get_rank() == 0:
                 print(json.dumps(results[-1]), flush=True)
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

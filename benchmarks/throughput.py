@@ -75,6 +75,11 @@ SHAPES = {
                  head_dim=64),  # Qwen2.5-0.5B
     "1.5b": dict(QWEN2, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12, num_kv_heads=2,
                  head_dim=128),  # Qwen2.5-1.5B
+    "7b": dict(QWEN2, vocab_size=152064, tie_word_embeddings=False, hidden_size=3584, intermediate_size=18944,
+               num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128),  # Qwen2.5-7B
+    "8b": dict(vocab_size=128256, rope_theta=500_000.0, max_position_embeddings=131072, tie_word_embeddings=False,
+               attention_bias=False, model_type="llama", hidden_size=4096, intermediate_size=14336, num_layers=32,
+               num_heads=32, num_kv_heads=8, head_dim=128),  # Llama-3.1-8B (NeMo-RL's GRPO figure; no rope scaling)
     "smoke": dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=16, max_position_embeddings=512, tie_word_embeddings=True, attention_bias=True,
                   model_type="qwen2"),

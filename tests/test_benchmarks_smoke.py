@@ -19,9 +19,12 @@ from tests.run_python import child_env
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_benchmark(script: str, *args: str, out_dir) -> None:
+def run_benchmark(script: str, *args: str, out_dir, nproc: int = 0) -> None:
+    """`--smoke` run of benchmarks/<script> as a subprocess; nproc > 0: under torchrun with that many gloo ranks."""
     env = child_env(OUT=str(out_dir))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--smoke", *args], cwd=ROOT,
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+                                 if nproc else [])
+    proc = subprocess.run([*launch, os.path.join(ROOT, "benchmarks", script), "--smoke", *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
@@ -63,3 +66,55 @@ def test_rollout_service_smoke(tmp_path):
     assert finite(grpo["hidden_fraction"])
     for mode in ("after_generation", "streaming"):
         assert finite(grpo[mode]["time/reward"]) and finite(grpo[mode]["step_seconds"])
+
+
+@pytest.mark.timeout(300)
+def test_layout_parity_smoke(tmp_path):
+    """Issue 20's first-step loss check on 2 gloo ranks: every layout's loss within the stated tolerance of the
+    world-size-1 reference, in fp32 and bf16 (the bf16 tolerance derived from the reference's bf16 - fp32 gap)."""
+    run_benchmark("layout_parity.py", "--dtypes", "bfloat16,float32", "--out", str(tmp_path / "ref"), out_dir=tmp_path)
+    run_benchmark("layout_parity.py", "--dtypes", "bfloat16,float32", "--layouts", "1x1,2x1,1x2", "--reference",
+                  str(tmp_path / "ref" / "layout_parity.json"), "--out", str(tmp_path), out_dir=tmp_path, nproc=2)
+    report = json.loads((tmp_path / "layout_parity.json").read_text())
+    assert [r["layout"] for r in report["results"]] == ["1x1x2"] * 2 + ["2x1x1"] * 2 + ["1x2x1"] * 2
+    assert all(r["verdict"] == "pass" and finite(r["loss"]) for r in report["results"]), report["results"]
+    tol = report["judgement"]["tolerance_bf16"]
+    assert 0 < tol < 0.01 * report["judgement"]["reference_losses"]["bfloat16"]
+
+
+@pytest.mark.timeout(300)
+def test_scaling_smoke(tmp_path):
+    """benchmarks/scaling.py over throughput.py reports at 1 and 2 (gloo) ranks: one row per GPU count, the
+    1-rank run the baseline; reports of different devices are refused."""
+    run_benchmark("throughput.py", "--out", str(tmp_path / "1"), out_dir=tmp_path)
+    run_benchmark("throughput.py", "--out", str(tmp_path / "2"), out_dir=tmp_path, nproc=2)
+    reports = [str(tmp_path / n / "throughput.json") for n in ("1", "2")]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "scaling.py"), *reports, "--out",
+                           str(tmp_path)], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "scaling.json").read_text())["rows"]
+    assert [(r["gpus"], r["baseline_gpus"]) for r in rows] == [(1, 1), (2, 1)]
+    assert rows[0]["efficiency"] == 1.0 and finite(rows[1]["efficiency"]) and rows[1]["efficiency"] > 0
+    assert (tmp_path / "scaling.png").exists()
+    other = json.loads(open(reports[1]).read())
+    other["device"] = "another card"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "scaling.py"), reports[0],
+                           str(tmp_path / "other.json"), "--out", str(tmp_path)], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "scale one machine kind at a time" in proc.stderr
+
+
+@pytest.mark.timeout(300)
+def test_reshard_benchmark_layouts(tmp_path):
+    """benchmarks/reshard.py on 4 gloo ranks with dp > 1 (tp 2 = 2 replicas): the regathered weights are checked
+    against every training shard inside the script; a tp that does not divide the KV heads is listed as skipped."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+           os.path.join(ROOT, "benchmarks", "reshard.py"), "--device", "cpu", "--tiny", "--tps", "2,4", "--pps", "2",
+           "--reps", "1", "--warmup", "0"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(OUT=str(tmp_path)), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    results = json.loads((tmp_path / "reshard.json").read_text())["results"]
+    assert [r["transition"].split(" ")[0] for r in results] == ["tp=2,pp=1", "tp=4,pp=1", "tp=1,pp=2"]
+    assert results[0]["verified"] and results[2]["verified"] and "num_kv_heads" in results[1]["skipped"]
+    assert all(finite(r["ratio_hybrid_over_allgather"]) for r in (results[0], results[2]))
