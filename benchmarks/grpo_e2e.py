@@ -72,7 +72,7 @@ QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, n
 SHAPES = {"0.5b": QWEN25_05B, "1.5b": QWEN25_15B, "7b": QWEN25_7B}
 # A/B variants (--ab): trainer.packing, model.recompute
 VARIANTS = {"padded": (False, "none"), "packed": (True, "none"), "packed+selective": (True, "selective"),
-            "packed+full": (True, "full")}
+            "packed+full": (True, "full"), "packed+compile": (True, "none", True)}  # (packing, recompute[, compile])
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0}  # dense bf16 tensor-core peak (SXM), for MFU
 TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
             head_dim=16, max_position_embeddings=512, tie_word_embeddings=True, attention_bias=True, model_type="qwen2")
@@ -100,6 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="trainer.max_tokens_per_micro_batch of the packed runs (default: --micro-batch sequences)")
     p.add_argument("--packing", choices=("on", "off"), default="on", help="trainer.packing (single-variant runs)")
     p.add_argument("--recompute", choices=("none", "selective", "full"), default="none")
+    p.add_argument("--compile", action="store_true", help="model.compile: torch.compile'd layers in the training passes")
     p.add_argument("--varlen-kernel", choices=("auto", "varlen", "flex", "loop"), default="auto",
                    help="packed attention kernel (verl_mega/models/varlen_attention.py); pick with varlen_attention.py")
     p.add_argument("--shape", choices=tuple(SHAPES), default="0.5b", help="model shape (ignored with --tiny)")
@@ -228,7 +229,7 @@ def update_flops(config: ModelConfig, model, step: dict) -> float:
 
 
 def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool | None = None,
-               recompute: str | None = None) -> dict:
+               recompute: str | None = None, compile_layers: bool = False) -> dict:
     """Build actor + trainer for one layout, run the steps, return mean phase timings and throughput."""
     layout = Layout.create(tp, pp)
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -240,6 +241,7 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
     cfg = TrainerConfig()
     cfg.model.dtype = "float32" if args.tiny else "bfloat16"
     cfg.model.recompute = recompute or args.recompute
+    cfg.model.compile = compile_layers or args.compile
     cfg.data.max_prompt_length = args.prompt_len
     cfg.rollout.engine.max_batch = per_dp * args.n
     cfg.rollout.engine.attention = args.attention
@@ -372,8 +374,9 @@ def run_ab(args, world: int, device_name: str) -> None:
     for shape_name in args.ab.split(","):
         shape = TINY if shape_name == "tiny" or args.tiny else SHAPES[shape_name]
         for variant in args.variants.split(","):
-            packing, recompute = VARIANTS[variant]
-            r = run_layout(args, 1, 1, shape=shape, packing=packing, recompute=recompute)
+            packing, recompute, *compiled = VARIANTS[variant]
+            r = run_layout(args, 1, 1, shape=shape, packing=packing, recompute=recompute,
+                           compile_layers=bool(compiled and compiled[0]))
             r.update(shape=shape_name, variant=variant)
             results.append(r)
             if dist.get_rank() == 0:

@@ -16,7 +16,8 @@
 #   trl_grpo         the TRL peer on the 0.5B row (summary.md gets the tokens/s ratio; issue 18)
 #   profile_8x8      where throughput's 0.5B 8x8 step goes: one profiled step (per stage, per kernel), and the
 #                    rollout engine alone on its 64 rows x 256 tokens under the profiler (issue 18)
-#   grpo_e2e_ab      packed vs padded micro-batches at 0.5B, lengths 32..256 forced (issue 14)
+#   grpo_e2e_ab      packed vs padded micro-batches (and packed with model.compile) at 0.5B, lengths 32..256 forced
+#                    (issue 14)
 #   grpo_e2e_ab_full issue 14's A/B as filed: 0.5B and 1.5B, lengths 32..1024, padded / packed / packed + full
 #                    recompute (peak memory with and without recompute); a whole call
 #   keep_cache       grpo_e2e_ab's packed 0.5B run with the KV cache and CUDA graphs kept between steps
@@ -33,7 +34,7 @@
 #   reward_judge     reward_models' judge run only (2 steps after the warm-up)
 #   agent_rollout    multi-turn agent rollout (8 prompts x 8), tool calls overlapping generation vs serial (issue 16)
 # Environment: BUDGET (seconds, below), MICRO_BATCH / TRL_MICRO_BATCH (throughput / trl_grpo sequences per forward-
-# backward, default 16 each; throughput also takes auto), ATTENTION (auto | gather | paged: the engine's decode attention in throughput
+# backward, default 16 each; throughput also takes auto), COMPILE (throughput: off | on | off,on), ATTENTION (auto | gather | paged: the engine's decode attention in throughput
 # and grpo_e2e_ab; auto = paged on CUDA), ROLLOUT_SHAPES (comma-separated, default qwen2.5-0.5b), ROLLOUT_VARIANTS
 # (rollout_service / rollout_fast: the new engine's variants, default all of rollout_service.py's VARIANTS), ROLLOUT_HF
 # (rollout_fast: any non-empty value, e.g. 1, times transformers' generate as well).
@@ -64,6 +65,7 @@ ROLLOUT_HF=${ROLLOUT_HF:-}  # rollout_fast: any non-empty value times transforme
 HF_FLAG=--no-hf; [[ -n $ROLLOUT_HF ]] && HF_FLAG=--hf
 MICRO_BATCH=${MICRO_BATCH:-16}  # throughput.py --micro-batch (a sequence count or auto)
 TRL_MICRO_BATCH=${TRL_MICRO_BATCH:-16}  # trl_grpo.py --micro-batch (per_device_train_batch_size)
+COMPILE=${COMPILE:-off}  # throughput.py --compile: off, on or off,on (model.compile, torch.compile'd training layers)
 ROLLOUT_SHAPES=${ROLLOUT_SHAPES:-qwen2.5-0.5b}  # rollout_service / rollout_fast shapes (issue 13: add qwen2.5-7b)
 START=$(date +%s)
 WORK=$(mktemp -d /tmp/h200.XXXX)  # scripts write here; the chosen files are copied to $OUT after every step
@@ -146,8 +148,9 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
       --grpo-shape '' ${ROLLOUT_VARIANTS:+--variants "$ROLLOUT_VARIANTS"} --out-dir "$WORK/rollout" ;;
     paged_tests) step paged_tests 120 python3 -m pytest -q tests/rollout/test_paged_attention.py \
       tests/rollout/test_fused_sampling.py tests/models/test_fused_ops.py ;;
-    throughput) step throughput 200 python3 benchmarks/throughput.py --shapes 0.5b,1.5b --batches 8x8 --prompt-len 128 \
-      --new-tokens 256 --kl off --attention "$ATTENTION" --micro-batch "$MICRO_BATCH" --out "$WORK/throughput" ;;
+    throughput) step throughput 300 python3 benchmarks/throughput.py --shapes 0.5b,1.5b --batches 8x8 --prompt-len 128 \
+      --new-tokens 256 --kl off --attention "$ATTENTION" --micro-batch "$MICRO_BATCH" --compile "$COMPILE" \
+      --out "$WORK/throughput" ;;
     profile_8x8) step profile_step 150 python3 benchmarks/throughput.py --shapes 0.5b --batches 8x8 --prompt-len 128 \
       --new-tokens 256 --kl off --steps 3 --profile --out "$WORK/profile"
       step profile_rollout 120 python3 benchmarks/rollout_service.py --shapes qwen2.5-0.5b --prompts 8 --n 8 \
@@ -155,7 +158,7 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
       --out-dir "$WORK/profile_rollout" ;;
     trl_grpo) step trl_grpo 150 python3 benchmarks/trl_grpo.py --shape 0.5b --micro-batch "$TRL_MICRO_BATCH" \
       --out "$WORK/trl" ;;
-    grpo_e2e_ab) step grpo_e2e_ab 240 python3 benchmarks/grpo_e2e.py --ab 0.5b --variants padded,packed --prompts 64 \
+    grpo_e2e_ab) step grpo_e2e_ab 240 python3 benchmarks/grpo_e2e.py --ab 0.5b --variants padded,packed,packed+compile --prompts 64 \
       --n 8 --prompt-len 128 --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 \
       --attention "$ATTENTION" --out "$WORK/ab" ;;
     grpo_e2e_ab_full) step grpo_e2e_ab_full 560 python3 benchmarks/grpo_e2e.py --ab 0.5b,1.5b \

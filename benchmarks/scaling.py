@@ -4,7 +4,7 @@
         --out runs/$n; done
     python benchmarks/scaling.py runs/*/throughput.json --out $OUT
 
-Runs are grouped by configuration (shape, prompts x n, KL, tp x pp): the same global batch at every GPU count
+Runs are grouped by configuration (shape, prompts x n, KL, tp x pp, compile): the same global batch at every GPU count
 (throughput.py splits the prompts over dp). Within a group the baseline is the run with the fewest GPUs, and the
 strong-scaling efficiency at N GPUs = (tokens/s/GPU at N) / (tokens/s/GPU at the baseline) = (T_base x N_base) /
 (T_N x N) for step times T. Reports of different devices are refused (a scaling table compares one machine kind).
@@ -37,7 +37,7 @@ def scaling(rows: list[dict]) -> list[dict]:
     groups = defaultdict(dict)
     for r in rows:
         c = r["config"]
-        key = (c["shape"], c["prompts"], c["n"], c["kl"], c["tp"], c["pp"])
+        key = (c["shape"], c["prompts"], c["n"], c["kl"], c["tp"], c["pp"], c.get("compile", False))
         if r["gpus"] in groups[key]:
             raise ValueError(f"two runs of {r['name']} on {r['gpus']} GPUs: pass one report per GPU count")
         groups[key][r["gpus"]] = r

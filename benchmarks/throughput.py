@@ -6,7 +6,7 @@ phase, peak memory; JSON + PNG plot + a markdown table.
     torchrun --nproc-per-node 2 benchmarks/throughput.py --layouts 1x1,2x1,1x2      # N GPUs: every TPxPP layout
     python benchmarks/throughput.py --smoke                                          # CPU check, tiny shape
 
-Every configuration (shape x batch x KL x layout) builds a random-weight actor directly on the device (bf16 on
+Every configuration (shape x batch x KL x layout x compile) builds a random-weight actor directly on the device (bf16 on
 CUDA; `--smoke`: a tiny fp32 model on CPU), a `PPOTrainer` (GRPO; with KL: a frozen reference and kl_coef 1e-3)
 and runs `--steps` RL steps on random prompt ids; the first `--warmup` steps (CUDA-graph capture, kernel
 compilation) are not measured. Random weights make any task reward meaningless, so the reward is a cheap
@@ -99,10 +99,12 @@ class BenchConfig:
     kl: bool  # KL to a frozen reference (kl_coef 1e-3) or none (TRL's default beta=0)
     tp: int
     pp: int
+    compile: bool = False  # model.compile: torch.compile'd decoder layers in the training-side passes
 
     @property
     def name(self) -> str:
-        return f"{self.shape} {self.prompts}x{self.n} kl={'on' if self.kl else 'off'} tp{self.tp}pp{self.pp}"
+        return (f"{self.shape} {self.prompts}x{self.n} kl={'on' if self.kl else 'off'} tp{self.tp}pp{self.pp}"
+                + (" compiled" if self.compile else ""))
 
 
 # ----------------------------------------------------------------------------------------------- arguments
@@ -126,6 +128,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sampler", choices=SAMPLERS, default="auto",
                    help="token sampler of the rollout engine (rollout.engine.sampler)")
     p.add_argument("--kl", default="off", help="KL to a reference: off, on or off,on")
+    p.add_argument("--compile", default="off", help="model.compile (torch.compile'd layers in the training passes; "
+                                                    "its compile time falls in the warm-up step): off, on or off,on")
     p.add_argument("--layouts", default="1x1", help="comma-separated TPxPP layouts (dp = GPUs / (tp*pp))")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (random ids)")
     p.add_argument("--new-tokens", type=int, default=256, help="max new tokens per response")
@@ -154,8 +158,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in args.shapes.split(","):
         if name not in SHAPES:
             raise ValueError(f"--shapes: unknown shape {name!r}; choose from {', '.join(SHAPES)}")
-    if not set(args.kl.split(",")) <= {"on", "off"}:
-        raise ValueError(f"--kl {args.kl!r}: use on, off or off,on")
+    for flag in ("kl", "compile"):
+        if not set(getattr(args, flag).split(",")) <= {"on", "off"}:
+            raise ValueError(f"--{flag} {getattr(args, flag)!r}: use on, off or off,on")
     if args.micro_batch != "auto" and not (args.micro_batch.isdigit() and int(args.micro_batch) > 0):
         raise ValueError(f"--micro-batch {args.micro_batch!r}: a positive integer or 'auto'")
     if not 0 <= args.warmup < args.steps:
@@ -165,10 +170,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def configs(args) -> list[BenchConfig]:
-    """Every shape x batch x KL x layout combination, in that nesting order."""
-    return [BenchConfig(shape, prompts, n, kl == "on", tp, pp) for shape, (prompts, n), kl, (tp, pp) in
+    """Every shape x batch x KL x layout x compile combination, in that nesting order."""
+    return [BenchConfig(shape, prompts, n, kl == "on", tp, pp, comp == "on")
+            for shape, (prompts, n), kl, (tp, pp), comp in
             itertools.product(args.shapes.split(","), parse_pairs(args.batches, "--batches", "x"),
-                              args.kl.split(","), parse_pairs(args.layouts, "--layouts", "x"))]
+                              args.kl.split(","), parse_pairs(args.layouts, "--layouts", "x"), args.compile.split(","))]
 
 
 # ----------------------------------------------------------------------------------------------- workload
@@ -267,6 +273,7 @@ def run_config(args, bc: BenchConfig, peak: float | None) -> dict:
     cfg.rollout.engine.attention = args.attention
     cfg.rollout.engine.sampler = args.sampler
     cfg.algorithm.kl_coef = 1e-3 if bc.kl else 0.0
+    cfg.model.compile = bc.compile
     cfg.trainer.progress_bar = False
     mb = micro_batch(args, shape, bc, layout)
     trainer = PPOTrainer(actor, reward_fn=even_token_reward, algorithm="grpo", rollout_batch_size=per_dp,
@@ -275,7 +282,10 @@ def run_config(args, bc: BenchConfig, peak: float | None) -> dict:
     force_lengths(trainer, args.response_range, eos_token_id=EOS_ID)
     gen = torch.Generator().manual_seed(args.seed * 1000 + layout.dp_rank)
     steps = []
-    for step in range(args.steps):
+    # compiled layers: one more warm-up step, since torch.compile recompiles once when a length first changes
+    # (automatic dynamic shapes), and as many measured steps as the others
+    warmup = args.warmup + bc.compile
+    for step in range(args.steps + bc.compile):
         samples = [{"prompt_ids": torch.randint(3, shape["vocab_size"], (args.prompt_len,), generator=gen).tolist()}
                    for _ in range(per_dp)]
         sync()
@@ -283,7 +293,7 @@ def run_config(args, bc: BenchConfig, peak: float | None) -> dict:
         metrics = trainer.step(samples)
         sync()
         wall = time.perf_counter() - start
-        if step >= args.warmup:
+        if step >= warmup:
             steps.append(step_record(trainer, metrics, wall, shape, bc, layout))
     if args.profile:  # an extra step, so the profiler's overhead stays out of the measured ones
         samples = [{"prompt_ids": torch.randint(3, shape["vocab_size"], (args.prompt_len,), generator=gen).tolist()}

@@ -238,11 +238,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, mp.params_dtype, device)
         self.mlp = MLP(config, mp, tp_group)
         self.recompute_full = False  # keep only the layer input; recompute the layer in backward (apply_recompute)
+        self.compiled = None  # torch.compile'd `_forward` for forwards without a KV cache (parallelize.apply_compile)
 
     def forward(self, x, cos, sin, mask, kv_cache=None, fused: bool = False, sp_group=None) -> torch.Tensor:
         """sp_group: sequence parallel over this TP group (x [B, S/tp, H] a sequence shard; see _forward_sp)."""
         if not fused:
-            step = self._forward if sp_group is None else functools.partial(self._forward_sp, sp_group=sp_group)
+            if sp_group is not None:
+                step = functools.partial(self._forward_sp, sp_group=sp_group)
+            else:
+                step = self.compiled if self.compiled is not None and kv_cache is None else self._forward
             if self.recompute_full and kv_cache is None and torch.is_grad_enabled():
                 return checkpoint(step, x, cos, sin, mask, use_reentrant=False)
             return step(x, cos, sin, mask, kv_cache)

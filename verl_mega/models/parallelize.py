@@ -66,6 +66,20 @@ def apply_recompute(model: DecoderModel, mode: str, num_layers: int | None = Non
         layer.self_attn.recompute_core = layer.mlp.recompute_act = mode == "selective"
 
 
+def apply_compile(model: DecoderModel, enabled: bool) -> None:
+    """torch.compile (inductor, dynamic shapes) of each layer's forward where no KV cache is involved: the
+    training, log-prob, reference and critic passes, whose backward is compiled with it. Inductor fuses the
+    norms, RoPE, SwiGLU and residual adds (forward and backward) into a few kernels, the matmuls stay library
+    calls; generation keeps its own path (fused ops, CUDA graphs). The layers share their compiled graphs (same
+    code, weights as inputs): one per kind of pass (with / without autograd, packed / padded, recompute mode),
+    compiled at its first call (seconds to a minute), once more when a sequence length first changes (torch's
+    automatic dynamic shapes: the lengths become symbolic, the head sizes stay fixed). At tp > 1 megatron's
+    asynchronous all-reduce in the linear layers' backward breaks the graph there (same numbers, fewer fusions).
+    Not with sequence parallelism (its layers run their collectives eagerly)."""
+    for layer in model.layers:
+        layer.compiled = torch.compile(layer._forward) if enabled else None
+
+
 def apply_sequence_parallel(model: DecoderModel, enabled: bool) -> None:
     """Megatron sequence parallelism on this stage when tp > 1 (norms and residuals on 1/tp of the sequence,
     all-gather / reduce-scatter around each TP block: see parallel/sequence_parallel.py). Same numbers;

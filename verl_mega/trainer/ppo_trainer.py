@@ -34,7 +34,7 @@ import torch.distributed as dist
 from verl_mega.algorithms.kl import AdaptiveKLController, FixedKLController
 from verl_mega.data import get_dataloader
 from verl_mega.models.hf_io import check_hf_dir, weight_map
-from verl_mega.models.parallelize import apply_recompute, apply_sequence_parallel
+from verl_mega.models.parallelize import apply_compile, apply_recompute, apply_sequence_parallel
 from verl_mega.rewards.base import RewardFailureGuard, RewardFunction, RuleBasedReward
 from verl_mega.rollout.actor import HFActor, get_actor_model
 from verl_mega.rollout.agent_loop import AgentLimits
@@ -137,6 +137,7 @@ class PPOTrainer:
         for engine in (self.actor_engine, self.reference, self.critic_engine):
             if engine is not None:
                 apply_sequence_parallel(engine.model, cfg.parallel.sequence_parallel)
+                apply_compile(engine.model, cfg.model.compile)
         self.reward_fn = RewardFunction(reward_fn if reward_fn is not None else RuleBasedReward())
         self.reward_guard = RewardFailureGuard(cfg.trainer.reward_fail_threshold, cfg.trainer.reward_fail_steps)
         self.rewards = RewardRunner(self.reward_fn, self.layout, timeout_s=cfg.trainer.reward_timeout_s,
