@@ -1,9 +1,10 @@
 """`model.compile`: torch.compile'd decoder layers on the training-side passes (parallelize.apply_compile).
 
 A compiled layer gives the eager layer's outputs and gradients (packed and padded attention, fp32: inductor
-reassociates sums, observed <= 3e-7 of each tensor's largest entry; tolerance 1e-5 of it); the compiled function is used only for forwards without a
-KV cache (generation stays eager); a GRPO trainer with `model.compile` reproduces the eager trainer's metrics
-over two steps (same tolerance, relative to each metric's size).
+reassociates sums, observed <= 3e-7 of each tensor's largest entry; tolerance 1e-5 of it); the compiled function
+is used only for forwards without a KV cache (generation stays eager); it is refused with sequence parallelism; a
+GRPO trainer with `model.compile` reproduces the eager trainer's metrics over two steps (same tolerance, relative
+to each metric's size).
 """
 
 import pytest
@@ -68,6 +69,14 @@ def test_compiled_layers_match_eager_forward_and_backward():
             _assert_close(g, ref_grads[name], name)
     apply_compile(model, False)
     assert all(layer.compiled is None for layer in model.layers)
+
+
+def test_refused_with_sequence_parallel():
+    model = _model()
+    model.sequence_parallel = True  # what apply_sequence_parallel sets at tp > 1
+    with pytest.raises(ValueError, match="sequence_parallel"):
+        apply_compile(model, True)
+    apply_compile(model, False)  # turning it off is always fine
 
 
 def test_compiled_function_only_without_kv_cache():

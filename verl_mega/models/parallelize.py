@@ -75,7 +75,11 @@ def apply_compile(model: DecoderModel, enabled: bool) -> None:
     compiled at its first call (seconds to a minute), once more when a sequence length first changes (torch's
     automatic dynamic shapes: the lengths become symbolic, the head sizes stay fixed). At tp > 1 megatron's
     asynchronous all-reduce in the linear layers' backward breaks the graph there (same numbers, fewer fusions).
-    Not with sequence parallelism (its layers run their collectives eagerly)."""
+    Not with sequence parallelism (ValueError: its layers run their collectives eagerly, so nothing would be
+    compiled); call it after `apply_sequence_parallel`."""
+    if enabled and model.sequence_parallel:
+        raise ValueError("model.compile does not apply to sequence-parallel layers (parallel.sequence_parallel at "
+                         "tp > 1): turn one of them off")
     for layer in model.layers:
         layer.compiled = torch.compile(layer._forward) if enabled else None
 
