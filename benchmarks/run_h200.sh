@@ -34,8 +34,8 @@
 #   reward_judge     reward_models' judge run only (2 steps after the warm-up)
 #   agent_rollout    multi-turn agent rollout (8 prompts x 8), tool calls overlapping generation vs serial (issue 16)
 # Environment: BUDGET (seconds, below), MICRO_BATCH / TRL_MICRO_BATCH (throughput / trl_grpo sequences per forward-
-# backward, default 16 each; throughput also takes auto), COMPILE (throughput: off | on | off,on), ATTENTION (auto | gather | paged: the engine's decode attention in throughput
-# and grpo_e2e_ab; auto = paged on CUDA), ROLLOUT_SHAPES (comma-separated, default qwen2.5-0.5b), ROLLOUT_VARIANTS
+# backward, default 16 each; throughput also takes auto), COMPILE (throughput: off | on | off,on), ATTENTION (auto |
+# gather | paged: the engine's decode attention in throughput and grpo_e2e_ab; auto = paged on CUDA), ROLLOUT_SHAPES (comma-separated, default qwen2.5-0.5b), ROLLOUT_VARIANTS
 # (rollout_service / rollout_fast: the new engine's variants, default all of rollout_service.py's VARIANTS), ROLLOUT_HF
 # (rollout_fast: any non-empty value, e.g. 1, times transformers' generate as well).
 # Each step has its own `timeout`, capped by what is left of BUDGET seconds (default 560: the call's 600 s
