@@ -67,31 +67,7 @@ MICRO_BATCH=${MICRO_BATCH:-16}  # throughput.py --micro-batch (a sequence count 
 TRL_MICRO_BATCH=${TRL_MICRO_BATCH:-16}  # trl_grpo.py --micro-batch (per_device_train_batch_size)
 COMPILE=${COMPILE:-off}  # throughput.py --compile: off, on or off,on (model.compile, torch.compile'd training layers)
 ROLLOUT_SHAPES=${ROLLOUT_SHAPES:-qwen2.5-0.5b}  # rollout_service / rollout_fast shapes (issue 13: add qwen2.5-7b)
-START=$(date +%s)
-WORK=$(mktemp -d /tmp/h200.XXXX)  # scripts write here; the chosen files are copied to $OUT after every step
-
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false || { echo "wheel install failed"; exit 1; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$WORK/gpu.txt" 2>&1
-
-STEPS="$WORK/steps.tsv"
-: > "$STEPS"
-
-step() {  # step NAME CAP_SECONDS COMMAND...: run with timeout min(CAP, left - 10), log to $WORK/NAME.log
-  local name=$1 cap=$2; shift 2
-  local left=$(( BUDGET - ($(date +%s) - START) - 10 ))
-  local limit=$(( cap < left ? cap : left ))
-  if (( limit < 30 )); then
-    printf '%s\tskipped\t0\t(%s s left)\n' "$name" "$left" >> "$STEPS"; echo "== $name skipped ($left s left)"; return
-  fi
-  echo "== $name (timeout $limit s): $*"
-  local t0=$(date +%s)
-  timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
-  local rc=$?
-  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$*" >> "$STEPS"
-  echo "   rc=$rc after $(( $(date +%s) - t0 )) s"; tail -n 3 "$WORK/$name.log"
-  collect
-}
+source benchmarks/device_steps.sh  # wheels, WORK, step()
 
 collect() {  # combine what exists into the <= 8 files under $OUT
   python3 - "$WORK" "$OUT" "$BUDGET" "$PLAN" <<'PY'

@@ -23,35 +23,14 @@ SHAPE=${SHAPE:-1.5b}
 SHAPES=${SHAPES:-0.5b,1.5b}
 BATCH=${BATCH:-64x8}
 SHAPES_7B=${SHAPES_7B:-7b}
-START=$(date +%s)
-WORK=$(mktemp -d /tmp/multi.XXXX)
 [[ $# -gt 0 ]] || { echo "name the steps: smoke_tp parity reshard scaling layouts_7b"; exit 2; }
 
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false || { echo "wheel install failed"; exit 1; }
+source benchmarks/device_steps.sh  # wheels, WORK, step()
 # NVLink multicast off (see the device tool's KINDS.md); collective waits time out instead of hanging
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 VERL_MEGA_DIST_TIMEOUT=300
 N=$(nvidia-smi -L | wc -l)
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$WORK/gpu.txt" 2>&1
 POWERS=""; for n in 1 2 4 8 16; do (( n <= N )) && POWERS="$POWERS $n"; done  # GPU counts of the scaling step
 TR="torchrun --standalone --max-restarts 0 --nproc-per-node"  # word-split on purpose: $TR N script ...
-: > "$WORK/steps.tsv"
-
-step() {  # step NAME CAP_SECONDS COMMAND...: timeout min(CAP, what is left of BUDGET - 10), log to $WORK/NAME.log
-  local name=$1 cap=$2; shift 2
-  local left=$(( BUDGET - ($(date +%s) - START) - 10 ))
-  local limit=$(( cap < left ? cap : left ))
-  if (( limit < 30 )); then
-    printf '%s\tskipped\t0\t(%s s left)\n' "$name" "$left" >> "$WORK/steps.tsv"; return
-  fi
-  echo "== $name (timeout $limit s): $*"
-  local t0=$(date +%s)
-  timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
-  local rc=$?
-  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$*" >> "$WORK/steps.tsv"
-  echo "   rc=$rc after $(( $(date +%s) - t0 )) s"; tail -n 3 "$WORK/$name.log"
-  collect
-}
 
 collect() {  # the <= 8 files under $OUT
   python3 - "$WORK" "$OUT" <<'PY'
