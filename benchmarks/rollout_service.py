@@ -74,6 +74,7 @@ from verl_mega.rollout.engine_config import EngineConfig  # noqa: E402
 from verl_mega.rollout.sampling import SamplingParams  # noqa: E402
 from verl_mega.rollout.scheduler import RequestParams  # noqa: E402
 from benchmarks.static_engine import StaticGenerationEngine  # noqa: E402
+from benchmarks.throughput import PEAK_TFLOPS  # noqa: E402
 from verl_mega.rollout.worker import RolloutWorker  # noqa: E402
 
 EOS = 1  # hf_config's eos_token_id
@@ -197,14 +198,20 @@ def spec_bandwidth(device) -> float | None:
     return 3.35e12 if ("H100" in name and "HBM3" in name) or name == "cpu" else None
 
 
-def bandwidth_bound(shape, model, new: dict, bw: float) -> dict:
-    """The decode-step bound of the module docstring, as a fraction of the measured decode time."""
+def decode_bytes(shape, model) -> tuple[int, int]:
+    """(weight bytes a decode step reads: every parameter but the untied input embedding table, of which it reads
+    b rows, bytes of K/V per attended token) of the module docstring's bound."""
     cfg = SHAPES[shape]
     head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
     itemsize = next(model.parameters()).element_size()
     kv_bytes = cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * head_dim * itemsize
     embed = 0 if cfg["tie_word_embeddings"] else model.embed_tokens.weight.numel() * itemsize
-    weights = sum(p.numel() * p.element_size() for p in model.parameters()) - embed
+    return sum(p.numel() * p.element_size() for p in model.parameters()) - embed, kv_bytes
+
+
+def bandwidth_bound(shape, model, new: dict, bw: float) -> dict:
+    """The decode-step bound of the module docstring, as a fraction of the measured decode time."""
+    weights, kv_bytes = decode_bytes(shape, model)
     total = new["decode_steps"] * weights + new["decode_context_tokens"] * kv_bytes
     t_bound = total / bw
     return {"bandwidth_bytes_per_s": bw, "weight_bytes": weights, "kv_bytes_per_token": kv_bytes,
@@ -212,10 +219,10 @@ def bandwidth_bound(shape, model, new: dict, bw: float) -> dict:
 
 
 def peak_flops(device) -> float | None:
-    """The card's dense bf16 tensor-core peak in FLOP/s: H100 / H200 SXM 989e12; None for other cards (CPU: the
-    H100's figure, as `spec_bandwidth`, so the smoke run exercises the roofline; its fraction means nothing)."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return 989e12 if "H100" in name or "H200" in name or name == "cpu" else None
+    """The card's dense bf16 tensor-core peak in FLOP/s (throughput.py's PEAK_TFLOPS by device name); on CPU the
+    H100's figure, as `spec_bandwidth`, so the smoke run exercises the roofline (its fraction means nothing)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "H100"
+    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS.items() if key in name), None)
 
 
 def roofline_bound(shape, model, new: dict, lengths: list[int], args, bw: float, peak: float) -> dict:
@@ -226,22 +233,19 @@ def roofline_bound(shape, model, new: dict, lengths: list[int], args, bw: float,
     check after its last token, as the engine does), so it holds for runs with every row in flight
     (`--max-batch` 0) only; `rows_match` says whether the re-derived row-steps equal the engine's counter."""
     cfg = SHAPES[shape]
-    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
-    itemsize = next(model.parameters()).element_size()
-    kv_bytes = cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * head_dim * itemsize
-    embed = 0 if cfg["tie_word_embeddings"] else model.embed_tokens.weight.numel() * itemsize
-    weights = sum(p.numel() * p.element_size() for p in model.parameters()) - embed  # ~ matmul params x itemsize
-    attn_flops = 4 * cfg["num_hidden_layers"] * cfg["num_attention_heads"] * head_dim  # per attended token
+    weights, kv_bytes = decode_bytes(shape, model)
+    matmul_params = weights / next(model.parameters()).element_size()
+    attn_flops = 4 * cfg["num_hidden_layers"] * cfg["hidden_size"]  # per attended token (q heads x head_dim = hidden)
     k = new["sync_every"]
     steps = [-(-(n - 1) // k) * k for n in lengths]  # decode steps of each row (its first token comes from prefill)
     total, row_steps, compute_bound_steps = 0.0, 0, 0
     for t in range(max(steps)):
-        live = [i for i, s in enumerate(steps) if s > t]
-        context = len(live) * (args.prompt_len + 1 + t)  # tokens attended, the fed token included
+        live = sum(s > t for s in steps)
+        context = live * (args.prompt_len + 1 + t)  # tokens attended, the fed token included
         memory = (weights + context * kv_bytes) / bw
-        compute = (2 * weights / itemsize * len(live) + attn_flops * context) / peak
+        compute = (2 * matmul_params * live + attn_flops * context) / peak
         total += max(memory, compute)
-        row_steps += len(live)
+        row_steps += live
         compute_bound_steps += compute > memory
     return {"peak_flops": peak, "bandwidth_bytes_per_s": bw, "bound_seconds": total,
             "fraction_of_bound": total / max(new["decode_seconds"], 1e-9),
