@@ -70,9 +70,10 @@ QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, n
                  num_kv_heads=4, head_dim=128, rope_theta=1_000_000.0, max_position_embeddings=32768,
                  tie_word_embeddings=False, attention_bias=True, model_type="qwen2")
 SHAPES = {"0.5b": QWEN25_05B, "1.5b": QWEN25_15B, "7b": QWEN25_7B}
-# A/B variants (--ab): trainer.packing, model.recompute
-VARIANTS = {"padded": (False, "none"), "packed": (True, "none"), "packed+selective": (True, "selective"),
-            "packed+full": (True, "full"), "packed+compile": (True, "none", True)}  # (packing, recompute[, compile])
+# A/B variants (--ab): (trainer.packing, model.recompute, model.compile)
+VARIANTS = {"padded": (False, "none", False), "packed": (True, "none", False),
+            "packed+selective": (True, "selective", False), "packed+full": (True, "full", False),
+            "packed+compile": (True, "none", True)}
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0}  # dense bf16 tensor-core peak (SXM), for MFU
 TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
             head_dim=16, max_position_embeddings=512, tie_word_embeddings=True, attention_bias=True, model_type="qwen2")
@@ -325,8 +326,11 @@ def profile_step(trainer, samples, out_dir: str, name: str = "grpo_e2e_profile.t
             torch.cuda.synchronize()
     if dist.get_rank() == 0:
         avg = prof.key_averages()
-        lines = ["# stages: host wall ms (the stage's range) and GPU ms of the kernels it launched"]
+        lines = ["# stages (ms): the host range's wall time and the GPU time of the kernels it launched (CUDA-graph "
+                 "replays not attributed); the GPU-side span of the same range (its first to last kernel)"]
         lines += [f"{e.cpu_time_total / 1e3:9.1f}  {e.device_time_total / 1e3:9.1f}  {e.key}"
+                  if e.device_type == torch.autograd.DeviceType.CPU else
+                  f"{'':9}  {e.device_time_total / 1e3:9.1f}  {e.key} (GPU span)"
                   for e in avg if e.key.startswith("stage/")]
         lines += ["", "# GPU time by op / kernel (ms, calls; ops include their kernels)"]
         lines += [f"{e.device_time_total / 1e3:9.1f}  {e.count:7d}x  {e.key[:120]}"
@@ -374,9 +378,9 @@ def run_ab(args, world: int, device_name: str) -> None:
     for shape_name in args.ab.split(","):
         shape = TINY if shape_name == "tiny" or args.tiny else SHAPES[shape_name]
         for variant in args.variants.split(","):
-            packing, recompute, *compiled = VARIANTS[variant]
+            packing, recompute, compile_layers = VARIANTS[variant]
             r = run_layout(args, 1, 1, shape=shape, packing=packing, recompute=recompute,
-                           compile_layers=bool(compiled and compiled[0]))
+                           compile_layers=compile_layers)
             r.update(shape=shape_name, variant=variant)
             results.append(r)
             if dist.get_rank() == 0:

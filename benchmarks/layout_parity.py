@@ -98,8 +98,8 @@ def all_layouts(shape: dict, world: int) -> list[tuple[int, int]]:
 def first_step(args, tp: int, pp: int, dtype: torch.dtype) -> dict:
     """(loss, grad norm) of one step of layout tp x pp x (world / (tp pp)) in `dtype`."""
     layout = Layout.create(tp, pp)
-    if args.batch % layout.dp or (args.batch // layout.dp) % max(1, args.micro_batches // layout.dp):
-        raise ValueError(f"--batch {args.batch} does not split into dp={layout.dp} x micro-batches")
+    if args.batch % layout.dp:  # (causal_lm_microbatches names an uneven micro-batch split)
+        raise ValueError(f"--batch {args.batch} does not split over dp={layout.dp}")
     model = build_stage(ModelConfig(**SHAPES[args.shape]), layout, params_dtype=dtype, device=comm_device(),
                         init_seed=args.seed)
     engine = TrainEngine(model, layout, OptimConfig(lr=1e-5, clip_grad=1.0), param_dtype=dtype,

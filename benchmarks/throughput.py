@@ -236,7 +236,7 @@ def micro_batch(args, shape: dict, bc: BenchConfig, layout: Layout) -> int:
         work = Workload(micro_batch_size=mb, seq_len=args.prompt_len + args.new_tokens, response_len=args.new_tokens,
                         rollout_rows=rows, num_microbatches=-(-rows // mb), packed=True)
         plan = plan_memory(ModelConfig(**shape), Parallelism(bc.tp, bc.pp, layout.dp), work, Offload(),
-                           param_bytes=4 if not torch.cuda.is_available() else 2, reference=bc.kl)
+                           param_bytes=2, reference=bc.kl)  # (a capacity means CUDA: bf16 weights)
         if plan.peak * PLAN_MARGIN <= capacity:
             break
         mb = -(-mb // 2)
