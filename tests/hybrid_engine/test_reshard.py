@@ -9,6 +9,7 @@ Tolerances: weights must be bit-identical (resharding only moves bytes); logits 
 All checks of one world size run in one spawn (imports cost ~10 s per spawn).
 """
 
+import time
 import weakref
 
 import pytest
@@ -65,6 +66,19 @@ def _reference(config: ModelConfig, single_group) -> DecoderModel:
                         has_head=True, init_seed=SEED)
 
 
+def _released(refs: list, wait_s: float = 10.0) -> bool:
+    """True once every weakly referenced storage is freed. Gloo's worker thread drops its reference to a
+    finished collective (and so to its tensors) only after `work.wait()` has returned (ProcessGroupGloo::runLoop
+    resets `workInProgress_` after `execute`), so the last bucket's storage may outlive `to_train()` by a
+    thread switch: poll briefly; never call gc, which would hide a reference cycle."""
+    deadline = time.monotonic() + wait_s
+    while any(ref() is not None for ref in refs):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def _check_engine(engine, stage, layout, ref, ids, pos, ref_logits, tol) -> dict:
     model = engine.to_inference()
     assert model.tp == engine.inference_layout.tp_g and model.layer_range == (0, stage.config.num_layers)
@@ -82,7 +96,7 @@ def _check_engine(engine, stage, layout, ref, ids, pos, ref_logits, tol) -> dict
                 if p.untyped_storage().data_ptr() not in train_storages]  # buffers / flat generation shard
     engine.to_train()  # no gc.collect(): the memory must be freed by reference counting alone
     assert all(p.numel() == 0 for p in model.parameters()), "inference weights not released"
-    assert all(ref() is None for ref in gathered), "gathered memory still referenced after to_train()"
+    assert _released(gathered), "gathered memory still referenced after to_train()"
     after = _pipeline_logits(stage, layout, ids, pos)
     return {"err": err, "stats": stats, "train_logits_after": after}
 
