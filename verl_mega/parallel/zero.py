@@ -127,10 +127,10 @@ class ZeroOptimizer:
         else:
             self.attach_grads()
             self.optimizer.step()
-            for master, p in zip(self.masters, self.owned):
+            for master in self.masters:
                 master.grad = None
-                if not self.aliased:
-                    p.data.copy_(master)
+            if not self.aliased and self.owned:  # one grouped launch, not one copy per parameter
+                torch._foreach_copy_([self._view_of(p) for p in self.owned], self.masters)
         self.all_gather_params()
 
     def all_gather_params(self) -> None:
