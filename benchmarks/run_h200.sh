@@ -34,7 +34,8 @@
 #   reward_judge     reward_models' judge run only (2 steps after the warm-up)
 #   agent_rollout    multi-turn agent rollout (8 prompts x 8), tool calls overlapping generation vs serial (issue 16)
 # Environment: BUDGET (seconds, below), MICRO_BATCH / TRL_MICRO_BATCH (throughput / trl_grpo sequences per forward-
-# backward, default 16 each; throughput also takes auto), COMPILE (throughput: off | on | off,on), ATTENTION (auto |
+# backward; throughput default auto, TRL default 64, its pick at 0.5B on 80 GB), COMPILE (throughput: off | on | off,on,
+# default off,on), ATTENTION (auto |
 # gather | paged: the engine's decode attention in throughput and grpo_e2e_ab; auto = paged on CUDA), ROLLOUT_SHAPES (comma-separated, default qwen2.5-0.5b), ROLLOUT_VARIANTS
 # (rollout_service / rollout_fast: the new engine's variants, default all of rollout_service.py's VARIANTS), ROLLOUT_HF
 # (rollout_fast: any non-empty value, e.g. 1, times transformers' generate as well).
@@ -63,9 +64,9 @@ ATTENTION=${ATTENTION:-auto}  # the rollout engine's decode attention in through
 ROLLOUT_VARIANTS=${ROLLOUT_VARIANTS:-}  # rollout_service.py --variants ("" = all)
 ROLLOUT_HF=${ROLLOUT_HF:-}  # rollout_fast: any non-empty value times transformers' generate too
 HF_FLAG=--no-hf; [[ -n $ROLLOUT_HF ]] && HF_FLAG=--hf
-MICRO_BATCH=${MICRO_BATCH:-16}  # throughput.py --micro-batch (a sequence count or auto)
-TRL_MICRO_BATCH=${TRL_MICRO_BATCH:-16}  # trl_grpo.py --micro-batch (per_device_train_batch_size)
-COMPILE=${COMPILE:-off}  # throughput.py --compile: off, on or off,on (model.compile, torch.compile'd training layers)
+MICRO_BATCH=${MICRO_BATCH:-auto}  # throughput.py --micro-batch (a sequence count or auto: the memory plan's largest)
+TRL_MICRO_BATCH=${TRL_MICRO_BATCH:-64}  # trl_grpo.py --micro-batch (per_device_train_batch_size; 64 = auto's 0.5B pick)
+COMPILE=${COMPILE:-off,on}  # throughput.py --compile: off, on or off,on (model.compile, torch.compile'd training layers)
 ROLLOUT_SHAPES=${ROLLOUT_SHAPES:-qwen2.5-0.5b}  # rollout_service / rollout_fast shapes (issue 13: add qwen2.5-7b)
 source benchmarks/device_steps.sh  # wheels, WORK, step()
 

@@ -135,7 +135,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=256, help="max new tokens per response")
     p.add_argument("--response-len", default=None, metavar="LO:HI",
                    help="end each response with EOS at a seeded length uniform in [LO, HI] (default: run to --new-tokens)")
-    p.add_argument("--micro-batch", default="16",
+    p.add_argument("--micro-batch", default="auto",
                    help="sequences per forward/backward, or 'auto': per configuration the largest of rows, rows / 2, "
                         "... whose update the trainer's memory planner fits on this GPU (plain sequence counts on CPU)")
     p.add_argument("--steps", type=int, default=4, help="RL steps per configuration, warm-up included")

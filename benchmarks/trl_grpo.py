@@ -56,7 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=8, help="completions per prompt (TRL num_generations)")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256, help="max_completion_length")
-    p.add_argument("--micro-batch", type=int, default=16, help="completions per forward/backward (per_device_train_batch_size)")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="completions per forward/backward (per_device_train_batch_size; default: all PROMPTS x N of a step, "
+                        "what throughput.py's --micro-batch auto picks at 0.5B on an 80 GB card)")
     p.add_argument("--gradient-checkpointing", choices=("on", "off"), default="on", help="TRL's default: on")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps, warm-up included")
     p.add_argument("--warmup", type=int, default=1)
@@ -68,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.shape, args.prompts, args.n, args.prompt_len, args.new_tokens = "smoke", 2, 2, 16, 8
         args.micro_batch, args.steps, args.warmup = 2, 3, 1
     rows = args.prompts * args.n
+    args.micro_batch = args.micro_batch or rows
     if rows % args.micro_batch:
         raise ValueError(f"--micro-batch {args.micro_batch} must divide prompts x n = {rows}")
     if not 0 <= args.warmup < args.steps:
