@@ -3,6 +3,10 @@ torch references; the decoder's fused KV-cache forward against its torch path (t
 tp 2 on 2 gloo ranks, there also the capture-safe embedding against megatron's); GQA query folding
 against the K/V-expand reference, forward and backward.
 
+On a CUDA machine the kernel and decoder tests run the compiled kernels on the GPU (without TRITON_INTERPRET a
+Triton kernel cannot read CPU tensors); elsewhere the interpreter on CPU. The tp 2 test always runs on gloo ranks
+in the interpreter.
+
 Tolerances: fp32 1e-5 (the norm's mean is summed in another order); bf16 a few bf16 ulps (the
 interpreter rounds to bf16 by truncation, the GPU to nearest).
 """
@@ -18,6 +22,7 @@ from verl_mega.testing.multiprocess import run_distributed
 from verl_mega.testing.list_cache import ListCache
 
 BF16_TOL = dict(rtol=2 ** -6, atol=2 ** -4)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the kernel and decoder tests put their tensors
 
 
 @pytest.fixture
@@ -35,7 +40,7 @@ def _close(out, ref, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernels_match_references(interpret, dtype):
     gen = torch.Generator().manual_seed(0)
-    rnd = lambda *shape: torch.randn(*shape, generator=gen).to(dtype)  # noqa: E731
+    rnd = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE, dtype)  # noqa: E731
     x, res, w = rnd(3, 5, 40), rnd(3, 5, 40), 1 + 0.1 * rnd(40)  # width 40: a masked block of 64
     assert fused_ops.available(x)
     _close(fused_ops.rms_norm(x, w, 1e-6), fused_ops.rms_norm_reference(x, w, 1e-6), dtype)
@@ -46,7 +51,7 @@ def test_kernels_match_references(interpret, dtype):
     b, s, hq, hk = 2, 3, 4, 2
     for d in (16, 12):  # 12: head_dim not a power of two
         q, k, v = rnd(b, s, hq * d), rnd(b, s, hk * d), rnd(b, s, hk * d)
-        angles = torch.randn(b, s, d // 2, generator=gen) * 3
+        angles = torch.randn(b, s, d // 2, generator=gen).to(DEVICE) * 3
         cos, sin = torch.cat([angles, angles], -1).cos().to(dtype), torch.cat([angles, angles], -1).sin().to(dtype)
         for biases in ((rnd(hq * d), rnd(hk * d), rnd(hk * d)), (None, None, None)):
             out = fused_ops.rope_qkv_(q.clone(), k.clone(), v.clone(), cos, sin, *biases)
@@ -98,7 +103,7 @@ def tiny_config(name: str) -> ModelConfig:
 def prefill_and_decode(model, steps: int = 2) -> torch.Tensor:
     """Logits of a left-padded prefill and `steps` single-token decode steps with a ListCache: [B, P+steps, V]."""
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, 131, (2, 5 + steps), generator=gen)
+    ids = torch.randint(1, 131, (2, 5 + steps), generator=gen).to(model.output_weight().device)
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
     cache, out = ListCache(), []
@@ -122,7 +127,7 @@ def fused_vs_torch(model) -> tuple[torch.Tensor, torch.Tensor]:
 def test_fused_decoder_forward_matches_torch_path(interpret, name, monkeypatch):
     layout = Layout.create(1, 1)
     model = DecoderModel(tiny_config(name), layout.tp_group, layer_range=(0, 2), has_embedding=True,
-                         has_head=True, init_seed=1).eval()
+                         has_head=True, init_seed=1).eval().to(DEVICE)
     calls = []
     rope = fused_ops.rope_qkv_
     monkeypatch.setattr(fused_ops, "rope_qkv_", lambda *a, **kw: calls.append(1) or rope(*a, **kw))
@@ -130,7 +135,7 @@ def test_fused_decoder_forward_matches_torch_path(interpret, name, monkeypatch):
     torch.testing.assert_close(fused, plain, rtol=0, atol=1e-5)
     assert len(calls) == 2 * 3  # 2 layers x (prefill + 2 decode steps), only while fused_inference
     # the fused path is taken only for cache forwards without autograd
-    ids = torch.randint(1, 131, (1, 4))
+    ids = torch.randint(1, 131, (1, 4), device=DEVICE)
     pos = position_ids_from_mask(torch.ones_like(ids))
     with torch.no_grad():
         model(ids, pos)
