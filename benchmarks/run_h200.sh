@@ -123,8 +123,8 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
       --grpo-shape '' ${ROLLOUT_VARIANTS:+--variants "$ROLLOUT_VARIANTS"} --out-dir "$WORK/rollout" ;;
     rollout_fast) step rollout_fast 300 python3 benchmarks/rollout_service.py --shapes "$ROLLOUT_SHAPES" "$HF_FLAG" \
       --grpo-shape '' ${ROLLOUT_VARIANTS:+--variants "$ROLLOUT_VARIANTS"} --out-dir "$WORK/rollout" ;;
-    paged_tests) step paged_tests 120 python3 -m pytest -q tests/rollout/test_paged_attention.py \
-      tests/rollout/test_fused_sampling.py tests/models/test_fused_ops.py ;;
+    paged_tests) step paged_tests 300 python3 -m pytest -q -rf --tb=short tests/models/test_fused_ops.py \
+      tests/rollout/test_fused_sampling.py tests/rollout/test_paged_attention.py ;;
     throughput) step throughput 300 python3 benchmarks/throughput.py --shapes 0.5b,1.5b --batches 8x8 --prompt-len 128 \
       --new-tokens 256 --kl off --attention "$ATTENTION" --micro-batch "$MICRO_BATCH" --compile "$COMPILE" \
       --out "$WORK/throughput" ;;
