@@ -218,8 +218,9 @@ def peak_flops(args, device_name: str) -> float | None:
 
 
 # ----------------------------------------------------------------------------------------------- running
-# The memory planner under-counted this benchmark's peak: 0.5B, 8 x 8, micro-batch 16 planned 17.2 GiB, measured
-# 20.7 GiB (max allocated, 1 x H100, 2026-12-05, results/h100_2026-12-05d): 'auto' keeps that ratio plus a little
+# The memory planner under-counts this benchmark's peak (max allocated, 1 x H100, 0.5B, 8 x 8): micro-batch 16
+# planned 17.2 GiB, measured 20.7 (results/h100_2026-12-05d); micro-batch 64 planned 42.8, measured 45.7
+# (results/h100_2026-12-05e). 'auto' keeps the larger ratio plus a little
 PLAN_MARGIN = 1.25
 
 
