@@ -24,7 +24,8 @@ random-token score (fraction of even token ids in the response), which still var
 and so exercises the full GRPO loss. Prompts are random token ids.
 
 Each layout "TPxPP" (dp = world / (tp*pp)) builds the actor (+ a frozen reference: kl_coef > 0, as in
-GRPO recipes) and runs `--steps` PPOTrainer steps; the first `--warmup` are not measured. Reported per
+GRPO recipes) and runs `--steps` PPOTrainer steps; the first `--warmup` are not measured (with model.compile one
+more warm-up step runs first: the recompile when a length first changes). Reported per
 layout: mean seconds per phase — generate (rollout engine), reshard (HybridEngine to/from the
 inference layout, tp_g = --tp-g or tp), logprob (old + reference log-probs), update (PPO mini-batches,
 optimizer) — plus step time, tokens (prompt + response) per second per GPU and generated tokens per
@@ -73,7 +74,7 @@ SHAPES = {"0.5b": QWEN25_05B, "1.5b": QWEN25_15B, "7b": QWEN25_7B}
 # A/B variants (--ab): (trainer.packing, model.recompute, model.compile)
 VARIANTS = {"padded": (False, "none", False), "packed": (True, "none", False),
             "packed+selective": (True, "selective", False), "packed+full": (True, "full", False),
-            "packed+compile": (True, "none", True)}
+            "packed+compile": (True, "none", True), "packed+compile+full": (True, "full", True)}
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0}  # dense bf16 tensor-core peak (SXM), for MFU
 TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
             head_dim=16, max_position_embeddings=512, tie_word_embeddings=True, attention_bias=True, model_type="qwen2")
@@ -276,14 +277,17 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
     gen = torch.Generator().manual_seed(1000 + layout.dp_rank)
     vocab = actor.config.vocab_size
     history = []
-    for step in range(args.steps):
+    # compiled layers: one more warm-up step (inductor recompiles once when a length first changes, torch's automatic
+    # dynamic shapes), then as many measured steps as the others (as throughput.py)
+    extra = int(cfg.model.compile)
+    for step in range(args.steps + extra):
         samples = [{"prompt_ids": torch.randint(3, vocab, (args.prompt_len,), generator=gen).tolist()}
                    for _ in range(per_dp)]
         if step + 1 == args.profile_step:
             metrics = profile_step(trainer, samples, args.out)
         else:
             metrics = trainer.step(samples)
-        if step >= args.warmup:
+        if step >= args.warmup + extra:
             metrics["update_flops"] = update_flops(actor.config, actor.model, record[-1])
             history.append(metrics)
     result = {"layout": {"tp": tp, "pp": pp, "dp": layout.dp, "tp_g": trainer.worker.tp_g},

@@ -18,8 +18,8 @@
 #                    rollout engine alone on its 64 rows x 256 tokens under the profiler (issue 18)
 #   grpo_e2e_ab      packed vs padded micro-batches (and packed with model.compile) at 0.5B, lengths 32..256 forced
 #                    (issue 14)
-#   grpo_e2e_ab_full issue 14's A/B as filed: 0.5B and 1.5B, lengths 32..1024, padded / packed / packed + full
-#                    recompute (peak memory with and without recompute); a whole call
+#   grpo_e2e_ab_full issue 14's A/B as filed: 0.5B and 1.5B, lengths 32..1024, padded / packed + model.compile /
+#                    the same + full recompute (peak memory with and without recompute); a whole call
 #   keep_cache       grpo_e2e_ab's packed 0.5B run with the KV cache and CUDA graphs kept between steps
 #                    (rollout.free_cache=false: no graph recapture per step), against grpo_e2e_ab's packed row
 #   packed           grpo_e2e_ab's packed 0.5B run alone (the current tree's side of pre_offload's comparison)
@@ -139,7 +139,7 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
       --n 8 --prompt-len 128 --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 \
       --attention "$ATTENTION" --out "$WORK/ab" ;;
     grpo_e2e_ab_full) step grpo_e2e_ab_full 560 python3 benchmarks/grpo_e2e.py --ab 0.5b,1.5b \
-      --variants padded,packed,packed+full --prompts 64 --n 8 --prompt-len 128 --response-len 32:1024 \
+      --variants padded,packed+compile,packed+compile+full --prompts 64 --n 8 --prompt-len 128 --response-len 32:1024 \
       --max-new-tokens 1024 --max-tokens 16384 --steps 2 --attention "$ATTENTION" --out "$WORK/ab_full" ;;
     reward_overlap) step reward_overlap 150 python3 benchmarks/rollout_service.py --shapes '' --no-hf \
       --grpo-shape qwen2.5-0.5b --out-dir "$WORK/reward_overlap" ;;

@@ -2,7 +2,8 @@
 
 A compiled layer gives the eager layer's outputs and gradients (packed and padded attention, fp32: inductor
 reassociates sums, observed <= 3e-7 of each tensor's largest entry; tolerance 1e-5 of it); the compiled function
-is used only for forwards without a KV cache (generation stays eager); it is refused with sequence parallelism; a
+is used only for forwards without a KV cache (generation stays eager); with full or selective recompute it gives the
+eager numbers too; it is refused with sequence parallelism; a
 GRPO trainer with `model.compile` reproduces the eager trainer's metrics over two steps (same tolerance, relative
 to each metric's size).
 """
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from verl_mega.models import DecoderModel, ModelConfig
-from verl_mega.models.parallelize import apply_compile
+from verl_mega.models.parallelize import apply_compile, apply_recompute
 from verl_mega.models.varlen_attention import PackedSeqs
 from verl_mega.parallel import Layout
 from verl_mega.testing.list_cache import ListCache
@@ -69,6 +70,24 @@ def test_compiled_layers_match_eager_forward_and_backward():
             _assert_close(g, ref_grads[name], name)
     apply_compile(model, False)
     assert all(layer.compiled is None for layer in model.layers)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_compiled_layers_with_recompute_match_eager(mode):
+    """model.compile together with activation recompute (the memory-saving configuration of the long-sequence
+    runs): packed forward and backward equal the eager, non-recomputed layers."""
+    model = _model()
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 256, (1, 23), generator=gen)
+    kw = {"cu_seqlens": torch.tensor([0, 7, 23], dtype=torch.int32)}
+    pos = torch.cat([torch.arange(7), torch.arange(16)])[None]
+    ref_out, ref_grads = _fwd_bwd(model, ids, pos, **kw)
+    apply_recompute(model, mode)
+    apply_compile(model, True)
+    out, grads = _fwd_bwd(model, ids, pos, **kw)
+    _assert_close(out, ref_out, "hidden states")
+    for name, g in grads.items():
+        _assert_close(g, ref_grads[name], name)
 
 
 def test_refused_with_sequence_parallel():
