@@ -51,6 +51,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from benchmarks.forced_lengths import force_lengths, parse_length_range  # noqa: E402
+from benchmarks.gpu_specs import PEAK_TFLOPS, peak_tflops  # noqa: E402
 from verl_mega.models import ModelConfig, build_stage  # noqa: E402
 from verl_mega.rollout.actor import HFActor
 from verl_mega.rollout.engine_config import ATTENTION, SAMPLERS
@@ -75,7 +76,6 @@ SHAPES = {"0.5b": QWEN25_05B, "1.5b": QWEN25_15B, "7b": QWEN25_7B}
 VARIANTS = {"padded": (False, "none", False), "packed": (True, "none", False),
             "packed+selective": (True, "selective", False), "packed+full": (True, "full", False),
             "packed+compile": (True, "none", True), "packed+compile+full": (True, "full", True)}
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0}  # dense bf16 tensor-core peak (SXM), for MFU
 TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
             head_dim=16, max_position_embeddings=512, tie_word_embeddings=True, attention_bias=True, model_type="qwen2")
 PHASES = ("generate", "reshard", "logprob", "update")
@@ -301,8 +301,7 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
     if history:  # per GPU: this rank's model shard runs 1 / (tp * pp) of its replica's FLOPs
         tflops = statistics.mean(m["update_flops"] / m["time/update"] for m in history) / 1e12 / (tp * pp)
         result["update_tflops_per_gpu"] = tflops
-        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if torch.cuda.is_available()
-                     and k in torch.cuda.get_device_name()), None)
+        peak = peak_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
         result["update_mfu"] = tflops / peak if peak else None
     hybrid = getattr(trainer.worker.weights, "hybrid", None)  # None: pp = 1, tp_g = tp (weights used in place)
     stats = hybrid.last_stats if hybrid is not None else None
@@ -409,7 +408,7 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
              f"{args.micro_batch} sequences. Mean of {args.steps - args.warmup} steps after {args.warmup} warm-up.",
              "Update FLOPs = 6 x (params except LM head) x tokens + 6 x (LM head) x response tokens + "
              "12 x layers x heads x head_dim x sum(len^2) / 2 (recompute not counted); MFU against "
-             f"{PEAK_BF16_TFLOPS} dense bf16 TFLOP/s.", "",
+             f"{PEAK_TFLOPS} dense bf16 TFLOP/s.", "",
              "| shape | variant | tokens/s/GPU | vs padded | logprob s | update s | update TFLOP/s | update MFU "
              "| update peak GiB | run peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     base = {}

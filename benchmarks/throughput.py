@@ -64,6 +64,7 @@ from verl_mega.parallel.dist import device as comm_device
 from verl_mega.parallel.dist import init_distributed
 
 from benchmarks.forced_lengths import force_lengths, parse_length_range  # noqa: E402
+from benchmarks.gpu_specs import PEAK_TFLOPS, peak_tflops  # noqa: E402
 from benchmarks.grpo_e2e import profile_step  # noqa: E402
 from verl_mega.trainer import PPOTrainer, TrainerConfig
 from verl_mega.trainer.memory_plan import Offload, Parallelism, Workload, plan_memory, usable_device_bytes
@@ -84,7 +85,6 @@ SHAPES = {
                   head_dim=16, max_position_embeddings=512, tie_word_embeddings=True, attention_bias=True,
                   model_type="qwen2"),
 }
-PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "B200": 2250.0}  # dense bf16, SXM
 PHASES = ("generate", "reshard", "logprob", "reward", "update")
 EOS_ID = 2
 
@@ -211,10 +211,8 @@ def peak_flops(args, device_name: str) -> float | None:
     """Peak dense bf16 FLOP/s of one GPU: --peak-tflops, else by device name, else None (no MFU)."""
     if args.peak_tflops is not None:
         return args.peak_tflops * 1e12
-    for key, tflops in PEAK_TFLOPS.items():
-        if key in device_name:
-            return tflops * 1e12
-    return None
+    tflops = peak_tflops(device_name)
+    return tflops * 1e12 if tflops else None
 
 
 # ----------------------------------------------------------------------------------------------- running
@@ -282,13 +280,17 @@ def run_config(args, bc: BenchConfig, peak: float | None) -> dict:
                          micro_batch_size=mb, mini_batch_size=per_dp, num_epochs=1, config=cfg)
     force_lengths(trainer, args.response_range, eos_token_id=EOS_ID)
     gen = torch.Generator().manual_seed(args.seed * 1000 + layout.dp_rank)
+
+    def draw_prompts() -> list[dict]:  # this dp rank's prompts of one step: random ids
+        return [{"prompt_ids": torch.randint(3, shape["vocab_size"], (args.prompt_len,), generator=gen).tolist()}
+                for _ in range(per_dp)]
+
     steps = []
     # compiled layers: one more warm-up step, since torch.compile recompiles once when a length first changes
     # (automatic dynamic shapes), and as many measured steps as the others
     warmup = args.warmup + bc.compile
     for step in range(args.steps + bc.compile):
-        samples = [{"prompt_ids": torch.randint(3, shape["vocab_size"], (args.prompt_len,), generator=gen).tolist()}
-                   for _ in range(per_dp)]
+        samples = draw_prompts()
         sync()
         start = time.perf_counter()
         metrics = trainer.step(samples)
@@ -297,9 +299,7 @@ def run_config(args, bc: BenchConfig, peak: float | None) -> dict:
         if step >= warmup:
             steps.append(step_record(trainer, metrics, wall, shape, bc, layout))
     if args.profile:  # an extra step, so the profiler's overhead stays out of the measured ones
-        samples = [{"prompt_ids": torch.randint(3, shape["vocab_size"], (args.prompt_len,), generator=gen).tolist()}
-                   for _ in range(per_dp)]
-        profile_step(trainer, samples, args.out, f"profile_{bc.shape}_{bc.prompts}x{bc.n}.txt")
+        profile_step(trainer, draw_prompts(), args.out, f"profile_{bc.shape}_{bc.prompts}x{bc.n}.txt")
     result = summarize(steps, bc, layout, peak)
     result["micro_batch"] = mb
     result["peak_memory_gib"] = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()

@@ -130,7 +130,7 @@ class ZeroOptimizer:
             for master in self.masters:
                 master.grad = None
             if not self.aliased and self.owned:  # one grouped launch, not one copy per parameter
-                torch._foreach_copy_([self._view_of(p) for p in self.owned], self.masters)
+                torch._foreach_copy_([p.data for p in self.owned], self.masters)
         self.all_gather_params()
 
     def all_gather_params(self) -> None:

@@ -1,0 +1,9 @@
+"""Datasheet figures of the GPUs the benchmarks run on, in one place (throughput.py, grpo_e2e.py, rollout_service.py)."""
+
+# dense bf16 tensor-core peak in TFLOP/s (SXM parts), by a substring of torch.cuda.get_device_name()
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "B200": 2250.0}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """Dense bf16 peak TFLOP/s of the card named `device_name`, or None for a card not in PEAK_TFLOPS."""
+    return next((tflops for key, tflops in PEAK_TFLOPS.items() if key in device_name), None)
