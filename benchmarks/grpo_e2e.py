@@ -51,7 +51,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from benchmarks.forced_lengths import force_lengths, parse_length_range  # noqa: E402
-from benchmarks.gpu_specs import PEAK_TFLOPS, peak_tflops  # noqa: E402
+from benchmarks.gpu_specs import peak_tflops  # noqa: E402
 from verl_mega.models import ModelConfig, build_stage  # noqa: E402
 from verl_mega.rollout.actor import HFActor
 from verl_mega.rollout.engine_config import ATTENTION, SAMPLERS
@@ -408,7 +408,7 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
              f"{args.micro_batch} sequences. Mean of {args.steps - args.warmup} steps after {args.warmup} warm-up.",
              "Update FLOPs = 6 x (params except LM head) x tokens + 6 x (LM head) x response tokens + "
              "12 x layers x heads x head_dim x sum(len^2) / 2 (recompute not counted); MFU against "
-             f"{PEAK_TFLOPS} dense bf16 TFLOP/s.", "",
+             f"{peak_tflops(device_name) or '(no figure for this card)'} dense bf16 TFLOP/s.", "",
              "| shape | variant | tokens/s/GPU | vs padded | logprob s | update s | update TFLOP/s | update MFU "
              "| update peak GiB | run peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     base = {}
