@@ -69,6 +69,13 @@ TRL_MICRO_BATCH=${TRL_MICRO_BATCH:-64}  # trl_grpo.py --micro-batch (per_device_
 COMPILE=${COMPILE:-off,on}  # throughput.py --compile: off, on or off,on (model.compile, torch.compile'd training layers)
 ROLLOUT_SHAPES=${ROLLOUT_SHAPES:-qwen2.5-0.5b}  # rollout_service / rollout_fast shapes (issue 13: add qwen2.5-7b)
 source benchmarks/device_steps.sh  # wheels, WORK, step()
+# grpo_e2e_ab_full's tokens per packed micro-batch (padded: that / 1024 sequences). auto: 16384 on a card of >= 100 GiB
+# (H200), else 8192: the memory plan puts 1.5B's padded update at 82 GiB and the packed one at 76 GiB with 16384
+AB_MAX_TOKENS=${AB_MAX_TOKENS:-auto}
+if [[ $AB_MAX_TOKENS == auto ]]; then
+  MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1)
+  AB_MAX_TOKENS=8192; [[ ${MIB:-0} =~ ^[0-9]+$ ]] && (( MIB >= 102400 )) && AB_MAX_TOKENS=16384
+fi
 
 collect() {  # combine what exists into the <= 8 files under $OUT
   python3 - "$WORK" "$OUT" "$BUDGET" "$PLAN" <<'PY'
@@ -140,7 +147,8 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
       --attention "$ATTENTION" --out "$WORK/ab" ;;
     grpo_e2e_ab_full) step grpo_e2e_ab_full 560 python3 benchmarks/grpo_e2e.py --ab 0.5b,1.5b \
       --variants padded,packed+compile,packed+compile+full --prompts 64 --n 8 --prompt-len 128 --response-len 32:1024 \
-      --max-new-tokens 1024 --max-tokens 16384 --steps 2 --attention "$ATTENTION" --out "$WORK/ab_full" ;;
+      --max-new-tokens 1024 --max-tokens "$AB_MAX_TOKENS" --micro-batch $(( AB_MAX_TOKENS / 1024 )) --steps 2 \
+      --attention "$ATTENTION" --out "$WORK/ab_full" ;;
     reward_overlap) step reward_overlap 150 python3 benchmarks/rollout_service.py --shapes '' --no-hf \
       --grpo-shape qwen2.5-0.5b --out-dir "$WORK/reward_overlap" ;;
     keep_cache) step keep_cache 150 python3 benchmarks/grpo_e2e.py --shape 0.5b --prompts 64 --n 8 --prompt-len 128 \
