@@ -73,6 +73,7 @@ source benchmarks/device_steps.sh  # wheels, WORK, step()
 # (H200), else 8192: the memory plan puts 1.5B's padded update at 82 GiB and the packed one at 76 GiB with 16384
 AB_MAX_TOKENS=${AB_MAX_TOKENS:-auto}
 AB_SHAPES=${AB_SHAPES:-0.5b,1.5b}  # grpo_e2e_ab_full's shapes in run order (each variant's JSON line is in the log)
+AB_VARIANTS=${AB_VARIANTS:-padded,packed+compile,packed+compile+full}  # grpo_e2e_ab_full's variants in run order
 if [[ $AB_MAX_TOKENS == auto ]]; then
   MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1)
   AB_MAX_TOKENS=8192; [[ ${MIB:-0} =~ ^[0-9]+$ ]] && (( MIB >= 102400 )) && AB_MAX_TOKENS=16384
@@ -147,7 +148,7 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
       --n 8 --prompt-len 128 --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 \
       --attention "$ATTENTION" --out "$WORK/ab" ;;
     grpo_e2e_ab_full) step grpo_e2e_ab_full 560 python3 benchmarks/grpo_e2e.py --ab "$AB_SHAPES" \
-      --variants padded,packed+compile,packed+compile+full --prompts 64 --n 8 --prompt-len 128 --response-len 32:1024 \
+      --variants "$AB_VARIANTS" --prompts 64 --n 8 --prompt-len 128 --response-len 32:1024 \
       --max-new-tokens 1024 --max-tokens "$AB_MAX_TOKENS" --micro-batch $(( AB_MAX_TOKENS / 1024 )) --steps 2 \
       --attention "$ATTENTION" --out "$WORK/ab_full" ;;
     reward_overlap) step reward_overlap 150 python3 benchmarks/rollout_service.py --shapes '' --no-hf \
