@@ -16,8 +16,8 @@ of --steps steps (CUDA-synchronised, max over ranks).
 
 MFU = model FLOP/s / (GPUs used x peak). Model FLOPs per token = 6 N (N = parameter count, tied
 embedding counted once) + 6 L S d_attn (causal attention score and value matmuls, forward +
-backward, S = sequence length, d_attn = heads x head_dim). Peak: dense bf16 of an H100 SXM,
-989 TFLOP/s (also used for H200, which has the same tensor cores); the GPU name is recorded.
+backward, S = sequence length, d_attn = heads x head_dim). Peak: the card's dense bf16 figure from
+`gpu_specs.PEAK_TFLOPS` (no MFU for a card not listed there); the GPU name is recorded.
 Output (rank 0): $OUT/train_throughput.json and .md (or --out).
 """
 
@@ -27,11 +27,14 @@ import argparse
 import gc
 import json
 import os
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: benchmarks.*
+from benchmarks.gpu_specs import peak_tflops  # noqa: E402
 from verl_mega.models.config import ModelConfig
 from verl_mega.models.parallelize import build_stage
 from verl_mega.parallel import Layout
@@ -39,7 +42,6 @@ from verl_mega.parallel.dist import init_distributed, new_group
 from verl_mega.trainer.engine import TrainEngine, causal_lm_microbatches, next_token_loss
 from verl_mega.trainer.optim import OptimConfig
 
-PEAK_BF16_FLOPS = 989e12  # H100 SXM dense bf16
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
                   num_kv_heads=2, head_dim=64, rope_theta=1000000.0, tie_word_embeddings=True,
                   attention_bias=True, model_type="qwen2", max_position_embeddings=32768)
@@ -127,8 +129,9 @@ def run_layout(name: str, args, config: ModelConfig, device: torch.device) -> di
               "micro_batches_per_rank": len(mbs), "step_s": step_s, "tokens_per_s": tokens_s,
               "tokens_per_s_per_gpu": tokens_s / gpus, "loss_first": losses[0], "loss_last": losses[-1],
               "grad_norm_last": stats["grad_norm"], "max_mem_gib_rank0": mem}
-    if device.type == "cuda":
-        record["mfu"] = flops_per_token(config, args.seq) * tokens_s / (gpus * PEAK_BF16_FLOPS)
+    peak = peak_tflops(torch.cuda.get_device_name()) if device.type == "cuda" else None
+    if peak:
+        record["mfu"] = flops_per_token(config, args.seq) * tokens_s / (gpus * peak * 1e12)
     del engine, model, mbs
     gc.collect()
     if device.type == "cuda":
@@ -193,7 +196,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         meta = {"model": "tiny qwen2" if args.tiny else "Qwen2.5-0.5B shape (random weights)",
                 "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                "peak_tflops": PEAK_BF16_FLOPS / 1e12 if args.device == "cuda" else None,
+                "peak_tflops": peak_tflops(torch.cuda.get_device_name()) if args.device == "cuda" else None,
                 "flops_formula": "6*N + 6*L*S*heads*head_dim per token", "params": param_count(config),
                 "global_batch": args.global_batch, "seq": args.seq, "micro_batch": args.micro_batch,
                 "loss": args.loss, "torch": torch.__version__, "steps": args.steps, "warmup": args.warmup}
