@@ -1,6 +1,7 @@
 """Advantage estimators vs verl-style loop references and hand-computed cases (exact up to fp32 rounding).
 
 Runs the torch path and the Triton path (interpreter on CPU, compiled on CUDA). Tolerance 1e-5.
+A RuntimeWarning is an error here: the interpreter's numpy warns on a 0 / 0 the kernel computes and then discards.
 """
 
 import numpy as np
@@ -25,6 +26,7 @@ IMPL_DEVICES = [("torch", "cpu"), ("triton", "cuda"), ("torch", "cuda")] if CUDA
     [("torch", "cpu"), ("triton", "cpu")]
 DEVICE = {"torch": "cpu", "triton": "cuda" if CUDA else "cpu"}  # where each impl runs in the hand cases
 TOL = dict(atol=1e-5, rtol=1e-5)
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
 
 def _ragged(b, t, seed=0):

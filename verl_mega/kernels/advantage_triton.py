@@ -112,7 +112,8 @@ def _group_kernel(x_ptr, out_ptr, G, eps, S: tl.constexpr, S_POW2: tl.constexpr,
         centred = tl.where(here, c - (total / S)[:, None], 0.0)
         if MODE == GRPO:
             std = tl.sqrt(tl.sum(centred * centred, axis=1) / (S - 1))[:, None]
-            out = tl.where(std > 0.0, centred / (std + eps), 0.0)  # std 0: every centred score is 0
+            # std 0: every centred score is 0 (divided by 1, not 0 + eps, which may be 0: no 0 / 0 computed)
+            out = centred / tl.where(std > 0.0, std + eps, 1.0)
         else:  # GRPO_NO_STD, CENTER
             out = centred
     tl.store(out_ptr + offs, out, mask=here)
