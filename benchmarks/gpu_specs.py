@@ -7,3 +7,9 @@ PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "B200
 def peak_tflops(device_name: str) -> float | None:
     """Dense bf16 peak TFLOP/s of the card named `device_name`, or None for a card not in PEAK_TFLOPS."""
     return next((tflops for key, tflops in PEAK_TFLOPS.items() if key in device_name), None)
+
+
+def peak_flops(device_name: str) -> float | None:
+    """`peak_tflops` in FLOP/s."""
+    tflops = peak_tflops(device_name)
+    return tflops * 1e12 if tflops else None

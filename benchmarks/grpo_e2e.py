@@ -405,7 +405,8 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
              f"{args.prompts} prompts x {args.n}, prompt {args.prompt_len} tokens, response lengths "
              f"{args.response_len or 'as generated'} (max_new_tokens {args.max_new_tokens}); packed micro-batches: "
              f"{args.max_tokens or args.micro_batch} {'tokens' if args.max_tokens else 'sequences'}, padded: "
-             f"{args.micro_batch} sequences. Mean of {args.steps - args.warmup} steps after {args.warmup} warm-up.",
+             f"{args.micro_batch} sequences. Mean of {args.steps - args.warmup} steps after {args.warmup} warm-up "
+             "(compiled variants: one more warm-up step).",
              "Update FLOPs = 6 x (params except LM head) x tokens + 6 x (LM head) x response tokens + "
              "12 x layers x heads x head_dim x sum(len^2) / 2 (recompute not counted); MFU against "
              f"{peak_tflops(device_name) or '(no figure for this card)'} dense bf16 TFLOP/s.", "",

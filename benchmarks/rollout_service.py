@@ -74,7 +74,7 @@ from verl_mega.rollout.engine_config import EngineConfig  # noqa: E402
 from verl_mega.rollout.sampling import SamplingParams  # noqa: E402
 from verl_mega.rollout.scheduler import RequestParams  # noqa: E402
 from benchmarks.static_engine import StaticGenerationEngine  # noqa: E402
-from benchmarks.gpu_specs import peak_tflops  # noqa: E402
+from benchmarks import gpu_specs  # noqa: E402
 from verl_mega.rollout.worker import RolloutWorker  # noqa: E402
 
 EOS = 1  # hf_config's eos_token_id
@@ -219,11 +219,10 @@ def bandwidth_bound(shape, model, new: dict, bw: float) -> dict:
 
 
 def peak_flops(device) -> float | None:
-    """The card's dense bf16 tensor-core peak in FLOP/s (`gpu_specs.peak_tflops`); on CPU the
+    """The card's dense bf16 tensor-core peak in FLOP/s (`gpu_specs.peak_flops`); on CPU the
     H100's figure, as `spec_bandwidth`, so the smoke run exercises the roofline (its fraction means nothing)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "H100"
-    tflops = peak_tflops(name)
-    return tflops * 1e12 if tflops else None
+    return gpu_specs.peak_flops(name)
 
 
 def roofline_bound(shape, model, new: dict, lengths: list[int], args, bw: float, peak: float) -> dict:

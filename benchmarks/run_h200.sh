@@ -78,6 +78,8 @@ if [[ $AB_MAX_TOKENS == auto ]]; then
   MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1)
   AB_MAX_TOKENS=8192; [[ ${MIB:-0} =~ ^[0-9]+$ ]] && (( MIB >= 102400 )) && AB_MAX_TOKENS=16384
 fi
+[[ $AB_MAX_TOKENS =~ ^[0-9]+$ ]] && (( AB_MAX_TOKENS >= 1024 )) \
+  || { echo "AB_MAX_TOKENS=$AB_MAX_TOKENS: need auto or a token count >= 1024 (one padded sequence per 1024 tokens)"; exit 2; }
 
 collect() {  # combine what exists into the <= 8 files under $OUT
   python3 - "$WORK" "$OUT" "$BUDGET" "$PLAN" <<'PY'

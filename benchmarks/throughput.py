@@ -64,7 +64,7 @@ from verl_mega.parallel.dist import device as comm_device
 from verl_mega.parallel.dist import init_distributed
 
 from benchmarks.forced_lengths import force_lengths, parse_length_range  # noqa: E402
-from benchmarks.gpu_specs import PEAK_TFLOPS, peak_tflops  # noqa: E402
+from benchmarks import gpu_specs  # noqa: E402
 from benchmarks.grpo_e2e import profile_step  # noqa: E402
 from verl_mega.trainer import PPOTrainer, TrainerConfig
 from verl_mega.trainer.memory_plan import Offload, Parallelism, Workload, plan_memory, usable_device_bytes
@@ -141,7 +141,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4, help="RL steps per configuration, warm-up included")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured first steps")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s per GPU for MFU "
-                   f"(default by device name: {PEAK_TFLOPS})")
+                   f"(default by device name: {gpu_specs.PEAK_TFLOPS})")
     p.add_argument("--peer", default=None, metavar="JSON",
                    help="trl_grpo.py's result: added to the table and plot, with verl_mega / TRL tokens/s ratios")
     p.add_argument("--seed", type=int, default=0)
@@ -211,8 +211,7 @@ def peak_flops(args, device_name: str) -> float | None:
     """Peak dense bf16 FLOP/s of one GPU: --peak-tflops, else by device name, else None (no MFU)."""
     if args.peak_tflops is not None:
         return args.peak_tflops * 1e12
-    tflops = peak_tflops(device_name)
-    return tflops * 1e12 if tflops else None
+    return gpu_specs.peak_flops(device_name)
 
 
 # ----------------------------------------------------------------------------------------------- running

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: benchmarks.*
-from benchmarks.gpu_specs import peak_tflops  # noqa: E402
+from benchmarks.gpu_specs import peak_flops  # noqa: E402
 from verl_mega.models.config import ModelConfig
 from verl_mega.models.parallelize import build_stage
 from verl_mega.parallel import Layout
@@ -92,8 +92,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_layout(name: str, args, config: ModelConfig, device: torch.device) -> dict | None:
-    """Build, warm up and time one layout; returns its record on global rank 0 (None elsewhere)."""
+def run_layout(name: str, args, config: ModelConfig, device: torch.device, peak: float | None) -> dict | None:
+    """Build, warm up and time one layout; returns its record on global rank 0 (None elsewhere), with an MFU
+    against `peak` (FLOP/s per GPU) when there is one."""
     layout = single_rank_layout() if name == "single" else Layout.create(*LAYOUTS[name])
     if layout is None:
         return None
@@ -129,9 +130,8 @@ def run_layout(name: str, args, config: ModelConfig, device: torch.device) -> di
               "micro_batches_per_rank": len(mbs), "step_s": step_s, "tokens_per_s": tokens_s,
               "tokens_per_s_per_gpu": tokens_s / gpus, "loss_first": losses[0], "loss_last": losses[-1],
               "grad_norm_last": stats["grad_norm"], "max_mem_gib_rank0": mem}
-    peak = peak_tflops(torch.cuda.get_device_name()) if device.type == "cuda" else None
     if peak:
-        record["mfu"] = flops_per_token(config, args.seq) * tokens_s / (gpus * peak * 1e12)
+        record["mfu"] = flops_per_token(config, args.seq) * tokens_s / (gpus * peak)
     del engine, model, mbs
     gc.collect()
     if device.type == "cuda":
@@ -186,9 +186,10 @@ def main() -> None:
         raise SystemExit(f"layouts {names}: need names from {list(LAYOUTS)} and 2 ranks for tp2/pp2/dp2 "
                          f"(world size is {dist.get_world_size()})")
     config = ModelConfig(**(TINY if args.tiny else QWEN25_05B))
+    peak = peak_flops(torch.cuda.get_device_name()) if args.device == "cuda" else None  # FLOP/s; None: no MFU
     results = []
     for name in names:
-        record = run_layout(name, args, config, device)
+        record = run_layout(name, args, config, device, peak)
         dist.barrier()
         if record is not None:
             results.append(record)
@@ -196,7 +197,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         meta = {"model": "tiny qwen2" if args.tiny else "Qwen2.5-0.5B shape (random weights)",
                 "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                "peak_tflops": peak_tflops(torch.cuda.get_device_name()) if args.device == "cuda" else None,
+                "peak_tflops": peak / 1e12 if peak else None,
                 "flops_formula": "6*N + 6*L*S*heads*head_dim per token", "params": param_count(config),
                 "global_batch": args.global_batch, "seq": args.seq, "micro_batch": args.micro_batch,
                 "loss": args.loss, "torch": torch.__version__, "steps": args.steps, "warmup": args.warmup}
