@@ -102,7 +102,8 @@ def test_compiled_function_only_without_kv_cache():
     model = _model().eval()
     calls = []
     for layer in model.layers:
-        layer.compiled = lambda *a, _layer=layer: calls.append(1) or _layer._forward(*a)
+        layer.compiled = (lambda *a, _layer=layer: calls.append(1) or _layer._pre_attention(*a),
+                          layer._post_attention)
     ids = torch.randint(1, 256, (2, 5))
     pos = torch.arange(5)[None].expand(2, 5)
     with torch.no_grad():
@@ -110,6 +111,26 @@ def test_compiled_function_only_without_kv_cache():
         assert calls == []
         model(ids, pos, torch.ones_like(ids))  # log-prob-style forward: the compiled function
     assert len(calls) == 2
+
+
+def test_packed_sequence_count_does_not_recompile():
+    """Packed micro-batches differ in their number of sequences and tokens: after the first change of token count
+    (automatic dynamic shapes) nothing more is compiled. The compiled graphs get tensors only; a packing object
+    inside a compiled frame made dynamo (torch 2.11) guard on its sequence count and recompile until its limit."""
+    from torch._dynamo.utils import counters
+
+    model = _model()
+    apply_compile(model, True)
+    gen = torch.Generator().manual_seed(2)
+    graphs = []
+    for n in range(2, 9):
+        lengths = torch.randint(3, 20, (n,), generator=gen)
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).int()
+        ids = torch.randint(1, 256, (1, int(cu[-1])), generator=gen)
+        pos = torch.cat([torch.arange(int(n_)) for n_ in lengths])[None]
+        _fwd_bwd(model, ids, pos, cu_seqlens=cu)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] > 0 and graphs[-1] == graphs[1], f"graphs compiled after each micro-batch: {graphs}"
 
 
 def _grpo_metrics(compile_: bool) -> list[tuple[float, ...]]:

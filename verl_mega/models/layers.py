@@ -144,24 +144,30 @@ class Attention(nn.Module):
         attention confined to each sequence). fused: take the fused_ops path (no autograd). local: plain
         local matmuls without megatron's TP communication, the output being this rank's partial sum
         (sequence parallelism does the gather / reduce-scatter around the block)."""
-        if fused:
-            q, k, v = self._qkv_fused(x, cos, sin)
-        else:
-            q = apply_rope(self._heads(self.q_proj, x, self.num_heads, self.q_norm, local), cos, sin)
-            k = apply_rope(self._heads(self.k_proj, x, self.num_kv_heads, self.k_norm, local), cos, sin)
-            v = self._heads(self.v_proj, x, self.num_kv_heads, None, local)
+        q, k, v = self._qkv_fused(x, cos, sin) if fused else self.qkv(x, cos, sin, local)
         if kv_cache is not None:
             out = kv_cache.attend(self.layer_idx, q, k, v) if hasattr(kv_cache, "attend") else None
             if out is not None:  # the cache computed the attention itself (e.g. a paged-attention kernel)
                 return self.o_proj(out)[0]
             k, v = kv_cache.update(self.layer_idx, k, v)  # [batch, kv_heads, seq_kv, head_dim]
+        return _linear(self.o_proj, self.core(q, k, v, mask), local)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, local: bool = False):
+        """x [B, S, H] -> q [B, heads, S, D], k / v [B, kv_heads, S, D] (projections, qk-norm, RoPE on q and k)."""
+        q = apply_rope(self._heads(self.q_proj, x, self.num_heads, self.q_norm, local), cos, sin)
+        k = apply_rope(self._heads(self.k_proj, x, self.num_kv_heads, self.k_norm, local), cos, sin)
+        return q, k, self._heads(self.v_proj, x, self.num_kv_heads, None, local)
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+        """The attention core (no projections): q [B, heads, S, D], k / v [B, kv_heads, S_kv, D], `mask` as
+        in `forward` -> [B, S, heads * D]; recomputed in backward under selective recompute."""
         if isinstance(mask, PackedSeqs):
-            core = lambda q, k, v: varlen_attend(q, k, v, mask, self.varlen_kernel)  # noqa: E731
+            core = functools.partial(varlen_attend, seqs=mask, kernel=self.varlen_kernel)
         else:
-            core = lambda q, k, v: attend(q, k, v, mask)  # noqa: E731
+            core = functools.partial(attend, mask=mask)
         if self.recompute_core and torch.is_grad_enabled():  # keep q, k, v; recompute the core in backward
-            return _linear(self.o_proj, checkpoint(core, q, k, v, use_reentrant=False), local)
-        return _linear(self.o_proj, core(q, k, v), local)
+            return checkpoint(core, q, k, v, use_reentrant=False)
+        return core(q, k, v)
 
 
 FOLD_MAX_QUERIES = 16  # fold query heads into the query axis only for this many positions or fewer
@@ -238,7 +244,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, mp.params_dtype, device)
         self.mlp = MLP(config, mp, tp_group)
         self.recompute_full = False  # keep only the layer input; recompute the layer in backward (apply_recompute)
-        self.compiled = None  # torch.compile'd `_forward` for forwards without a KV cache (parallelize.apply_compile)
+        self.compiled = None  # torch.compile'd (_pre_attention, _post_attention) (parallelize.apply_compile)
 
     def forward(self, x, cos, sin, mask, kv_cache=None, fused: bool = False, sp_group=None) -> torch.Tensor:
         """sp_group: sequence parallel over this TP group (x [B, S/tp, H] a sequence shard; see _forward_sp)."""
@@ -246,7 +252,7 @@ class DecoderLayer(nn.Module):
             if sp_group is not None:
                 step = functools.partial(self._forward_sp, sp_group=sp_group)
             else:
-                step = self.compiled if self.compiled is not None and kv_cache is None else self._forward
+                step = self._forward_compiled if self.compiled is not None and kv_cache is None else self._forward
             if self.recompute_full and kv_cache is None and torch.is_grad_enabled():
                 return checkpoint(step, x, cos, sin, mask, use_reentrant=False)
             return step(x, cos, sin, mask, kv_cache)
@@ -257,6 +263,23 @@ class DecoderLayer(nn.Module):
 
     def _forward(self, x, cos, sin, mask, kv_cache=None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _forward_compiled(self, x, cos, sin, mask, kv_cache=None) -> torch.Tensor:
+        """`_forward` with the parts before and after the attention core compiled and the core run eagerly:
+        the compiled graphs see only tensors, never the mask object (a `PackedSeqs` in a compiled frame
+        made dynamo guard on its sequence count and recompile for every new count of sequences per row)."""
+        pre_attention, post_attention = self.compiled
+        q, k, v = pre_attention(x, cos, sin)
+        return post_attention(x, self.self_attn.core(q, k, v, mask))
+
+    def _pre_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Input norm, q/k/v projections, RoPE: x [B, S, H] -> q, k, v [B, heads, S, D]."""
+        return self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+
+    def _post_attention(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Output projection, residual, post-attention norm, MLP, residual: x [B, S, H], attn [B, S, heads*D]."""
+        x = x + self.self_attn.o_proj(attn)[0]
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def _forward_sp(self, x, cos, sin, mask, kv_cache=None, *, sp_group) -> torch.Tensor:

@@ -68,12 +68,15 @@ def apply_recompute(model: DecoderModel, mode: str, num_layers: int | None = Non
 
 def apply_compile(model: DecoderModel, enabled: bool) -> None:
     """torch.compile (inductor, dynamic shapes) of each layer's forward where no KV cache is involved: the
-    training, log-prob, reference and critic passes, whose backward is compiled with it. Inductor fuses the
-    norms, RoPE, SwiGLU and residual adds (forward and backward) into a few kernels, the matmuls stay library
-    calls; generation keeps its own path (fused ops, CUDA graphs). The layers share their compiled graphs (same
-    code, weights as inputs): one per kind of pass (with / without autograd, packed / padded, recompute mode),
-    compiled at its first call (seconds to a minute), once more when a sequence length first changes (torch's
-    automatic dynamic shapes: the lengths become symbolic, the head sizes stay fixed). At tp > 1 megatron's
+    training, log-prob, reference and critic passes, whose backward is compiled with it. Two graphs per layer:
+    before the attention core (norm, q/k/v projections, RoPE) and after it (output projection, residuals, norm,
+    MLP); the core itself (SDPA or the packed-sequence kernel) runs eagerly between them, so the graphs see
+    tensors only and a packed micro-batch's sequence count never reaches a guard. Inductor fuses the norms,
+    RoPE, SwiGLU and residual adds (forward and backward) into a few kernels, the matmuls stay library calls;
+    generation keeps its own path (fused ops, CUDA graphs). The layers share their compiled graphs (same code,
+    weights as inputs): one per kind of pass (with / without autograd, recompute mode), compiled at its first
+    call (seconds to a minute), once more when the token count first changes (torch's automatic dynamic shapes:
+    the lengths become symbolic, the head sizes stay fixed). At tp > 1 megatron's
     asynchronous all-reduce in the linear layers' backward breaks the graph there (same numbers, fewer fusions).
     Not with sequence parallelism (ValueError: its layers run their collectives eagerly, so nothing would be
     compiled); call it after `apply_sequence_parallel`."""
@@ -81,7 +84,7 @@ def apply_compile(model: DecoderModel, enabled: bool) -> None:
         raise ValueError("model.compile does not apply to sequence-parallel layers (parallel.sequence_parallel at "
                          "tp > 1): turn one of them off")
     for layer in model.layers:
-        layer.compiled = torch.compile(layer._forward) if enabled else None
+        layer.compiled = (torch.compile(layer._pre_attention), torch.compile(layer._post_attention)) if enabled else None
 
 
 def apply_sequence_parallel(model: DecoderModel, enabled: bool) -> None:

@@ -53,8 +53,6 @@ class PackedSeqs:
         return cls(cu_seqlens.to(torch.int32), max(lengths, default=0), lengths)
 
 
-@torch.compiler.disable  # a compiled layer (model.compile) calls it eagerly: the kernel choice and the per-sequence
-# lengths stay out of its graph, which then depends on the packed length only (no recompile per length mix)
 def varlen_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: PackedSeqs,
                   kernel: str = "auto", causal: bool = True) -> torch.Tensor:
     """Document-causal attention: q [1, Hq, T, D], k/v [1, Hkv, T, D] (Hq a multiple of Hkv) -> [1, T, Hq*D].
