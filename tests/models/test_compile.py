@@ -114,9 +114,10 @@ def test_compiled_function_only_without_kv_cache():
 
 
 def test_packed_sequence_count_does_not_recompile():
-    """Packed micro-batches differ in their number of sequences and tokens: after the first change of token count
-    (automatic dynamic shapes) nothing more is compiled. The compiled graphs get tensors only; a packing object
-    inside a compiled frame made dynamo (torch 2.11) guard on its sequence count and recompile until its limit."""
+    """Packed micro-batches differ in their number of sequences and tokens: after the first one nothing more is
+    compiled (sizes are symbolic from the start). The compiled graphs get tensors only; a packing object inside a
+    compiled frame made dynamo (torch 2.11) guard on its sequence count and recompile until its limit of 8, and
+    static-then-dynamic graph pairs for two model shapes and two grad modes reached the same limit."""
     from torch._dynamo.utils import counters
 
     model = _model()
@@ -130,7 +131,7 @@ def test_packed_sequence_count_does_not_recompile():
         pos = torch.cat([torch.arange(int(n_)) for n_ in lengths])[None]
         _fwd_bwd(model, ids, pos, cu_seqlens=cu)
         graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs[1] > 0 and graphs[-1] == graphs[1], f"graphs compiled after each micro-batch: {graphs}"
+    assert graphs[0] > 0 and graphs[-1] == graphs[0], f"graphs compiled after each micro-batch: {graphs}"
 
 
 def _grpo_metrics(compile_: bool) -> list[tuple[float, ...]]:

@@ -268,10 +268,19 @@ class DecoderLayer(nn.Module):
     def _forward_compiled(self, x, cos, sin, mask, kv_cache=None) -> torch.Tensor:
         """`_forward` with the parts before and after the attention core compiled and the core run eagerly:
         the compiled graphs see only tensors, never the mask object (a `PackedSeqs` in a compiled frame
-        made dynamo guard on its sequence count and recompile for every new count of sequences per row)."""
+        made dynamo guard on its sequence count and recompile for every new count of sequences per row).
+        Batch and sequence sizes are marked dynamic up front, so each compiled part holds one graph per model
+        shape and grad mode: dynamo's limit of 8 per code object (shared by all layers and every model in the
+        process: actor, reference, critic) is not reached by static-then-dynamic pairs."""
         pre_attention, post_attention = self.compiled
+        for t in (x, cos, sin):  # batch and sequence sizes symbolic from the first call: no static graph first
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+            torch._dynamo.maybe_mark_dynamic(t, 1)
         q, k, v = pre_attention(x, cos, sin)
-        return post_attention(x, self.self_attn.core(q, k, v, mask))
+        attn = self.self_attn.core(q, k, v, mask)
+        torch._dynamo.maybe_mark_dynamic(attn, 0)
+        torch._dynamo.maybe_mark_dynamic(attn, 1)
+        return post_attention(x, attn)
 
     def _pre_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Input norm, q/k/v projections, RoPE: x [B, S, H] -> q, k, v [B, heads, S, D]."""

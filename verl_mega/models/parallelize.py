@@ -75,8 +75,7 @@ def apply_compile(model: DecoderModel, enabled: bool) -> None:
     RoPE, SwiGLU and residual adds (forward and backward) into a few kernels, the matmuls stay library calls;
     generation keeps its own path (fused ops, CUDA graphs). The layers share their compiled graphs (same code,
     weights as inputs): one per kind of pass (with / without autograd, recompute mode), compiled at its first
-    call (seconds to a minute), once more when the token count first changes (torch's automatic dynamic shapes:
-    the lengths become symbolic, the head sizes stay fixed). At tp > 1 megatron's
+    call (seconds to a minute) with batch and sequence sizes symbolic from the start (the head sizes stay fixed). At tp > 1 megatron's
     asynchronous all-reduce in the linear layers' backward breaks the graph there (same numbers, fewer fusions).
     Not with sequence parallelism (ValueError: its layers run their collectives eagerly, so nothing would be
     compiled); call it after `apply_sequence_parallel`."""
