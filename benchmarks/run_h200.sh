@@ -20,6 +20,9 @@
 #                    (issue 14)
 #   grpo_e2e_ab_full issue 14's A/B as filed: 0.5B and 1.5B, lengths 32..1024, padded / packed + model.compile /
 #                    the same + full recompute (peak memory with and without recompute); a whole call
+#   profile_update   where the packed + compiled update's time goes at issue 14's workload (64 x 8, lengths 32..1024,
+#                    PROFILE_SHAPE, default 1.5b): one profiled step after two warm-ups, per stage and per kernel
+#                    (grpo_e2e_profile.txt in summary.md; issue 14's 40% update MFU)
 #   keep_cache       grpo_e2e_ab's packed 0.5B run with the KV cache and CUDA graphs kept between steps
 #                    (rollout.free_cache=false: no graph recapture per step), against grpo_e2e_ab's packed row
 #   packed           grpo_e2e_ab's packed 0.5B run alone (the current tree's side of pre_offload's comparison)
@@ -49,7 +52,7 @@
 # the grpo_e2e.py runs' as offload_7b.json, pre_offload_0p5b.json, keep_cache_0p5b.json).
 set -u
 OUT=${OUT:?set OUT (the device tool does)}
-CORE="kernels_tests paged_tests demo rollout_service rollout_fast reward_overlap throughput trl_grpo profile_8x8 grpo_e2e_ab grpo_e2e_ab_full keep_cache packed pre_offload offload_7b"
+CORE="kernels_tests paged_tests demo rollout_service rollout_fast reward_overlap throughput trl_grpo profile_8x8 grpo_e2e_ab grpo_e2e_ab_full profile_update keep_cache packed pre_offload offload_7b"
 MODELS="vlm_gpu_check vlm_grpo_step vlm_vision_share reward_models reward_judge agent_rollout"
 PLAN=""
 for arg in "${@:-core}"; do
@@ -74,6 +77,7 @@ source benchmarks/device_steps.sh  # wheels, WORK, step()
 AB_MAX_TOKENS=${AB_MAX_TOKENS:-auto}
 AB_SHAPES=${AB_SHAPES:-0.5b,1.5b}  # grpo_e2e_ab_full's shapes in run order (each variant's JSON line is in the log)
 AB_VARIANTS=${AB_VARIANTS:-padded,packed+compile,packed+compile+full}  # grpo_e2e_ab_full's variants in run order
+PROFILE_SHAPE=${PROFILE_SHAPE:-1.5b}  # profile_update's model shape
 if [[ $AB_MAX_TOKENS == auto ]]; then
   MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1)
   AB_MAX_TOKENS=8192; [[ ${MIB:-0} =~ ^[0-9]+$ ]] && (( MIB >= 102400 )) && AB_MAX_TOKENS=16384
@@ -101,7 +105,7 @@ if os.path.exists(tp) and os.path.exists(trl):  # throughput.py's peer_ratios ru
                   for r in ours["results"] if (r["config"]["shape"], r["config"]["prompts"], r["config"]["n"],
                                                r["config"]["kl"]) == (a["shape"], a["prompts"], a["n"], False)]
 for name in ("throughput.md", "grpo_e2e_ab.md", "grpo_e2e.md", "reward_models.md", "rollout_profile_*.txt",
-             "profile_*.txt"):
+             "profile_*.txt", "grpo_e2e_profile.txt"):
     for path in sorted(glob.glob(os.path.join(work, "**", name), recursive=True)):
         md += ["", f"<!-- from {os.path.relpath(path, work)} -->", open(path).read()]  # which step wrote it
 open(os.path.join(out, "summary.md"), "w").write("\n".join(md) + "\n")
@@ -117,7 +121,8 @@ for name in ("rollout_service.json", "throughput.json", "trl_grpo.json", "grpo_e
     for path in glob.glob(os.path.join(work, "**", name), recursive=True):
         results[os.path.relpath(path, work)] = json.load(open(path))  # e.g. "rollout/rollout_service.json"
 for folder, key in (("offload", "offload_7b.json"), ("pre_offload", "pre_offload_0p5b.json"),
-                    ("keep_cache", "keep_cache_0p5b.json"), ("packed", "packed_0p5b.json")):
+                    ("keep_cache", "keep_cache_0p5b.json"), ("packed", "packed_0p5b.json"),
+                    ("profile_update", "profile_update.json")):
     if os.path.exists(os.path.join(work, folder, "grpo_e2e.json")):
         results[key] = json.load(open(os.path.join(work, folder, "grpo_e2e.json")))
 json.dump(results, open(os.path.join(out, "results.json"), "w"), indent=1)
@@ -153,6 +158,10 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
       --variants "$AB_VARIANTS" --prompts 64 --n 8 --prompt-len 128 --response-len 32:1024 \
       --max-new-tokens 1024 --max-tokens "$AB_MAX_TOKENS" --micro-batch $(( AB_MAX_TOKENS / 1024 )) --steps 2 \
       --attention "$ATTENTION" --out "$WORK/ab_full" ;;
+    profile_update) step profile_update 300 python3 benchmarks/grpo_e2e.py --shape "$PROFILE_SHAPE" --compile \
+      --packing on --prompts 64 --n 8 --prompt-len 128 --response-len 32:1024 --max-new-tokens 1024 \
+      --max-tokens "$AB_MAX_TOKENS" --steps 3 --warmup 2 --profile-step 3 --attention "$ATTENTION" \
+      --out "$WORK/profile_update" ;;
     reward_overlap) step reward_overlap 150 python3 benchmarks/rollout_service.py --shapes '' --no-hf \
       --grpo-shape qwen2.5-0.5b --out-dir "$WORK/reward_overlap" ;;
     keep_cache) step keep_cache 150 python3 benchmarks/grpo_e2e.py --shape 0.5b --prompts 64 --n 8 --prompt-len 128 \
