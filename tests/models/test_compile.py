@@ -114,24 +114,33 @@ def test_compiled_function_only_without_kv_cache():
 
 
 def test_packed_sequence_count_does_not_recompile():
-    """Packed micro-batches differ in their number of sequences and tokens: after the first one nothing more is
-    compiled (sizes are symbolic from the start). The compiled graphs get tensors only; a packing object inside a
-    compiled frame made dynamo (torch 2.11) guard on its sequence count and recompile until its limit of 8, and
-    static-then-dynamic graph pairs for two model shapes and two grad modes reached the same limit."""
+    """Packed micro-batches differ in their number of sequences and tokens: for each model shape and grad mode
+    (the A/B benchmark compiles two shapes in one process; log-probs run without autograd) only the first micro-batch
+    compiles. The compiled graphs get tensors only; a packing object inside a compiled frame made dynamo (torch
+    2.11) guard on its sequence count and recompile until its limit of 8 entries per code object (shared by every
+    layer of every model), and static-then-dynamic graph pairs for two shapes and two grad modes ran out of it too."""
     from torch._dynamo.utils import counters
 
-    model = _model()
-    apply_compile(model, True)
     gen = torch.Generator().manual_seed(2)
-    graphs = []
-    for n in range(2, 9):
-        lengths = torch.randint(3, 20, (n,), generator=gen)
-        cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).int()
-        ids = torch.randint(1, 256, (1, int(cu[-1])), generator=gen)
-        pos = torch.cat([torch.arange(int(n_)) for n_ in lengths])[None]
-        _fwd_bwd(model, ids, pos, cu_seqlens=cu)
-        graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs[0] > 0 and graphs[-1] == graphs[0], f"graphs compiled after each micro-batch: {graphs}"
+    for hidden in (64, 96):
+        model = DecoderModel(ModelConfig(**{**CONFIG, "hidden_size": hidden}), Layout.create(1, 1).tp_group,
+                             layer_range=(0, 2), has_embedding=True, has_head=True, init_seed=0)
+        apply_compile(model, True)
+        for grad in (False, True):
+            graphs = []
+            for n in range(2, 7):
+                lengths = torch.randint(3, 20, (n,), generator=gen)
+                cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).int()
+                ids = torch.randint(1, 256, (1, int(cu[-1])), generator=gen)
+                pos = torch.cat([torch.arange(int(n_)) for n_ in lengths])[None]
+                if grad:
+                    _fwd_bwd(model, ids, pos, cu_seqlens=cu)
+                else:
+                    with torch.no_grad():
+                        model(ids, pos, cu_seqlens=cu, return_hidden=True)
+                graphs.append(counters["stats"]["unique_graphs"])
+            assert graphs[-1] == graphs[0], f"hidden {hidden}, grad {grad}: graphs after each micro-batch {graphs}"
+    assert counters["stats"]["unique_graphs"] > 0  # the layers were compiled
 
 
 def _grpo_metrics(compile_: bool) -> list[tuple[float, ...]]:
