@@ -25,7 +25,7 @@ and so exercises the full GRPO loss. Prompts are random token ids.
 
 Each layout "TPxPP" (dp = world / (tp*pp)) builds the actor (+ a frozen reference: kl_coef > 0, as in
 GRPO recipes) and runs `--steps` PPOTrainer steps; the first `--warmup` are not measured (with model.compile one
-more warm-up step runs first: the recompile when a length first changes). Reported per
+more warm-up step runs first: a graph first met after step 1, e.g. a micro-batch of one sequence, compiles there). Reported per
 layout: mean seconds per phase — generate (rollout engine), reshard (HybridEngine to/from the
 inference layout, tp_g = --tp-g or tp), logprob (old + reference log-probs), update (PPO mini-batches,
 optimizer) — plus step time, tokens (prompt + response) per second per GPU and generated tokens per
@@ -277,8 +277,8 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
     gen = torch.Generator().manual_seed(1000 + layout.dp_rank)
     vocab = actor.config.vocab_size
     history = []
-    # compiled layers: one more warm-up step (inductor recompiles once when a length first changes, torch's automatic
-    # dynamic shapes), then as many measured steps as the others (as throughput.py)
+    # compiled layers: one more warm-up step (a graph first met after step 1, e.g. a micro-batch of one sequence,
+    # compiles there), then as many measured steps as the others (as throughput.py)
     extra = int(cfg.model.compile)
     for step in range(args.steps + extra):
         samples = [{"prompt_ids": torch.randint(3, vocab, (args.prompt_len,), generator=gen).tolist()}

@@ -285,8 +285,8 @@ def run_config(args, bc: BenchConfig, peak: float | None) -> dict:
                 for _ in range(per_dp)]
 
     steps = []
-    # compiled layers: one more warm-up step, since torch.compile recompiles once when a length first changes
-    # (automatic dynamic shapes), and as many measured steps as the others
+    # compiled layers: one more warm-up step (a graph first met after step 1, e.g. a micro-batch of one sequence,
+    # compiles there), and as many measured steps as the others
     warmup = args.warmup + bc.compile
     for step in range(args.steps + bc.compile):
         samples = draw_prompts()
