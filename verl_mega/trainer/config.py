@@ -36,7 +36,7 @@ class ModelSection:
     recompute: str = "none"  # actor activation recompute: none | selective (attention core + MLP activation) | full (whole layers)
     recompute_layers: Optional[int] = None  # full recompute: only the first K layers of each pipeline stage; None = all
     critic_recompute: Optional[str] = None  # critic activation recompute (same choices); None = as the actor
-    compile: bool = False  # torch.compile each decoder layer of the training-side passes (update, log-probs, reference, critic): fused norms / RoPE / SwiGLU; generation stays eager + CUDA graphs
+    compile: bool = False  # torch.compile each decoder layer's parts before and after the attention core in the training-side passes (update, log-probs, reference, critic): fused norms / RoPE / SwiGLU; the attention core and generation stay eager (generation: CUDA graphs)
 
 
 @dataclass
