@@ -225,6 +225,15 @@ def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def _batch_and_seq_dynamic(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors, their dims 0 and 1 (batch, sequence) marked symbolic for torch.compile from the first call
+    (no static graph first, then a dynamic one)."""
+    for t in tensors:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+        torch._dynamo.maybe_mark_dynamic(t, 1)
+    return tensors
+
+
 def _linear(layer: nn.Module, x: torch.Tensor, local: bool) -> torch.Tensor:
     """A megatron TP linear's forward, or with `local` just x @ W_shard^T (+ its bias shard): no TP
     communication (a row-parallel output is then this rank's partial sum)."""
@@ -273,14 +282,8 @@ class DecoderLayer(nn.Module):
         shape and grad mode: dynamo's limit of 8 per code object (shared by all layers and every model in the
         process: actor, reference, critic) is not reached by static-then-dynamic pairs."""
         pre_attention, post_attention = self.compiled
-        for t in (x, cos, sin):  # batch and sequence sizes symbolic from the first call: no static graph first
-            torch._dynamo.maybe_mark_dynamic(t, 0)
-            torch._dynamo.maybe_mark_dynamic(t, 1)
-        q, k, v = pre_attention(x, cos, sin)
-        attn = self.self_attn.core(q, k, v, mask)
-        torch._dynamo.maybe_mark_dynamic(attn, 0)
-        torch._dynamo.maybe_mark_dynamic(attn, 1)
-        return post_attention(x, attn)
+        q, k, v = pre_attention(*_batch_and_seq_dynamic(x, cos, sin))
+        return post_attention(*_batch_and_seq_dynamic(x, self.self_attn.core(q, k, v, mask)))
 
     def _pre_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Input norm, q/k/v projections, RoPE: x [B, S, H] -> q, k, v [B, heads, S, D]."""

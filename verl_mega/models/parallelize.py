@@ -75,15 +75,17 @@ def apply_compile(model: DecoderModel, enabled: bool) -> None:
     RoPE, SwiGLU and residual adds (forward and backward) into a few kernels, the matmuls stay library calls;
     generation keeps its own path (fused ops, CUDA graphs). The layers share their compiled graphs (same code,
     weights as inputs): one per kind of pass (with / without autograd, recompute mode), compiled at its first
-    call (seconds to a minute) with batch and sequence sizes symbolic from the start (the head sizes stay fixed). At tp > 1 megatron's
-    asynchronous all-reduce in the linear layers' backward breaks the graph there (same numbers, fewer fusions).
+    call (seconds to a minute) with batch and sequence sizes symbolic from the start (the head sizes stay
+    fixed). At tp > 1 megatron's asynchronous all-reduce in the linear layers' backward breaks the graph there
+    (same numbers, fewer fusions).
     Not with sequence parallelism (ValueError: its layers run their collectives eagerly, so nothing would be
     compiled); call it after `apply_sequence_parallel`."""
     if enabled and model.sequence_parallel:
         raise ValueError("model.compile does not apply to sequence-parallel layers (parallel.sequence_parallel at "
                          "tp > 1): turn one of them off")
     for layer in model.layers:
-        layer.compiled = (torch.compile(layer._pre_attention), torch.compile(layer._post_attention)) if enabled else None
+        layer.compiled = (torch.compile(layer._pre_attention), torch.compile(layer._post_attention)) if enabled \
+            else None
 
 
 def apply_sequence_parallel(model: DecoderModel, enabled: bool) -> None:
