@@ -52,6 +52,7 @@ import torch.distributed as dist  # noqa: E402
 
 from benchmarks.forced_lengths import force_lengths, parse_length_range  # noqa: E402
 from benchmarks.gpu_specs import peak_tflops  # noqa: E402
+from benchmarks.profile_gaps import from_profiler, stage_report  # noqa: E402
 from verl_mega.models import ModelConfig, build_stage  # noqa: E402
 from verl_mega.rollout.actor import HFActor
 from verl_mega.rollout.engine_config import ATTENTION, SAMPLERS
@@ -283,11 +284,9 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
     for step in range(args.steps + extra):
         samples = [{"prompt_ids": torch.randint(3, vocab, (args.prompt_len,), generator=gen).tolist()}
                    for _ in range(per_dp)]
-        if step + 1 == args.profile_step:
-            metrics = profile_step(trainer, samples, args.out)
-        else:
-            metrics = trainer.step(samples)
-        if step >= args.warmup + extra:
+        profiled = step + 1 == args.profile_step
+        metrics = profile_step(trainer, samples, args.out) if profiled else trainer.step(samples)
+        if step >= args.warmup + extra and not profiled:  # a profiled step is slower: kept out of the means
             metrics["update_flops"] = update_flops(actor.config, actor.model, record[-1])
             history.append(metrics)
     result = {"layout": {"tp": tp, "pp": pp, "dp": layout.dp, "tp_g": trainer.worker.tp_g},
@@ -320,7 +319,8 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
 
 def profile_step(trainer, samples, out_dir: str, name: str = "grpo_e2e_profile.txt", top: int = 40) -> dict:
     """One trainer step under torch.profiler; writes the ops/kernels with the most GPU time and the
-    most host (self) time, with call counts, to out_dir/name (rank 0)."""
+    most host (self) time, with call counts, and each stage's GPU idle time by cause (profile_gaps.py),
+    to out_dir/name (rank 0)."""
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                     if torch.cuda.is_available() else [])
     with torch.profiler.profile(activities=acts) as prof:
@@ -341,6 +341,7 @@ def profile_step(trainer, samples, out_dir: str, name: str = "grpo_e2e_profile.t
         lines += ["", "# host self time (ms, calls)"]
         lines += [f"{e.self_cpu_time_total / 1e3:9.1f}  {e.count:7d}x  {e.key[:120]}"
                   for e in sorted(avg, key=lambda e: -e.self_cpu_time_total)[:top // 2]]
+        lines += [""] + stage_report(from_profiler(prof))
         lines += ["", "# step metrics (under the profiler)", json.dumps({k: v for k, v in metrics.items()
                                                                         if k.startswith(("time/", "throughput/"))})]
         os.makedirs(out_dir, exist_ok=True)

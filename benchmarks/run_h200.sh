@@ -21,8 +21,9 @@
 #   grpo_e2e_ab_full issue 14's A/B as filed: 0.5B and 1.5B, lengths 32..1024, padded / packed + model.compile /
 #                    the same + full recompute (peak memory with and without recompute); a whole call
 #   profile_update   where the packed + compiled update's time goes at issue 14's workload (64 x 8, lengths 32..1024,
-#                    PROFILE_SHAPE, default 1.5b): one profiled step after two warm-ups, per stage and per kernel
-#                    (grpo_e2e_profile.txt in summary.md; issue 14's 40% update MFU)
+#                    PROFILE_SHAPE, default 1.5b): one measured step after two warm-ups (the compiled run's extra
+#                    one included), then one profiled step: per stage and per kernel, and each stage's GPU idle
+#                    time by cause (benchmarks/profile_gaps.py; grpo_e2e_profile.txt in summary.md; issue 14)
 #   keep_cache       grpo_e2e_ab's packed 0.5B run with the KV cache and CUDA graphs kept between steps
 #                    (rollout.free_cache=false: no graph recapture per step), against grpo_e2e_ab's packed row
 #   packed           grpo_e2e_ab's packed 0.5B run alone (the current tree's side of pre_offload's comparison)
@@ -158,9 +159,9 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
       --variants "$AB_VARIANTS" --prompts 64 --n 8 --prompt-len 128 --response-len 32:1024 \
       --max-new-tokens 1024 --max-tokens "$AB_MAX_TOKENS" --micro-batch $(( AB_MAX_TOKENS / 1024 )) --steps 2 \
       --attention "$ATTENTION" --out "$WORK/ab_full" ;;
-    profile_update) step profile_update 300 python3 benchmarks/grpo_e2e.py --shape "$PROFILE_SHAPE" --compile \
+    profile_update) step profile_update 450 python3 benchmarks/grpo_e2e.py --shape "$PROFILE_SHAPE" --compile \
       --packing on --prompts 64 --n 8 --prompt-len 128 --response-len 32:1024 --max-new-tokens 1024 \
-      --max-tokens "$AB_MAX_TOKENS" --steps 3 --warmup 2 --profile-step 3 --attention "$ATTENTION" \
+      --max-tokens "$AB_MAX_TOKENS" --steps 3 --warmup 1 --profile-step 4 --attention "$ATTENTION" \
       --out "$WORK/profile_update" ;;
     reward_overlap) step reward_overlap 150 python3 benchmarks/rollout_service.py --shapes '' --no-hf \
       --grpo-shape qwen2.5-0.5b --out-dir "$WORK/reward_overlap" ;;
