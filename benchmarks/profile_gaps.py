@@ -13,8 +13,11 @@ Pure Python over the records, so tests/test_profile_gaps.py checks it on hand-ma
 from __future__ import annotations
 
 import bisect
+import re
 from collections import defaultdict
 from dataclasses import dataclass
+
+import torch
 
 DEVICE_KINDS = ("kernel", "gpu_memcpy", "gpu_memset")
 HOST_KINDS = ("cpu_op", "user_annotation")
@@ -37,9 +40,32 @@ class Event:
 
 def from_profiler(prof) -> list[Event]:
     """The kineto events of a finished `torch.profiler.profile` as `Event`s."""
-    return [Event(e.name(), e.activity_type(), e.start_ns(), e.start_ns() + e.duration_ns(), e.correlation_id(),
-                  e.linked_correlation_id(), e.start_thread_id())
-            for e in prof.profiler.kineto_results.events()]
+    out = []
+    for e in prof.profiler.kineto_results.events():
+        start, length = ((e.start_ns(), e.duration_ns()) if hasattr(e, "start_ns")
+                         else (e.start_us() * 1000, e.duration_us() * 1000))
+        out.append(Event(e.name(), kind_of(e), start, start + length, e.correlation_id(), e.linked_correlation_id(),
+                         e.start_thread_id()))
+    return out
+
+
+_RUNTIME_CALL = re.compile(r"^cu(da)?[A-Z]")  # cudaLaunchKernel, cudaMemcpyAsync, cuLaunchKernelEx, ...
+
+
+def kind_of(e) -> str:
+    """A kineto event's activity type. torch >= 2.13 reports it (`activity_type()`); before that it is
+    told from the device type, the user-annotation flag (where there is one) and the name."""
+    if hasattr(e, "activity_type"):
+        return e.activity_type()
+    annotation = e.is_user_annotation() if hasattr(e, "is_user_annotation") else False
+    if e.device_type() != torch.autograd.DeviceType.CPU:
+        if annotation:
+            return "gpu_user_annotation"
+        name = e.name()
+        return "gpu_memcpy" if name.startswith("Memcpy") else "gpu_memset" if name.startswith("Memset") else "kernel"
+    if annotation or e.name().startswith("stage/"):
+        return "user_annotation"
+    return "cuda_runtime" if _RUNTIME_CALL.match(e.name()) else "cpu_op"
 
 
 class _HostOps:

@@ -1,7 +1,7 @@
 """benchmarks/profile_gaps.py: GPU busy/idle accounting on hand-made profiler events, and on a real CPU profile."""
 import torch
 
-from benchmarks.profile_gaps import Event, from_profiler, stage_report
+from benchmarks.profile_gaps import Event, from_profiler, kind_of, stage_report
 
 US = 1000  # ns
 
@@ -43,3 +43,25 @@ def test_real_cpu_profile_reads_events():
     stage = next(e for e in events if e.name == "stage/update")
     assert stage.kind == "user_annotation" and stage.end > stage.start
     assert stage_report(events)[1:] == []  # no device activity on CPU: no stage line, nothing invented
+
+
+class _OldKinetoEvent:
+    """A torch < 2.13 kineto event: no activity_type(), no is_user_annotation() (as on the GPU machine's 2.11)."""
+
+    def __init__(self, name, device):
+        self._name, self._device = name, device
+
+    def name(self):
+        return self._name
+
+    def device_type(self):
+        return self._device
+
+
+def test_kind_without_activity_type():
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    cases = {("stage/update", cpu): "user_annotation", ("aten::mm", cpu): "cpu_op",
+             ("cudaMemcpyAsync", cpu): "cuda_runtime", ("cuLaunchKernelEx", cpu): "cuda_runtime",
+             ("CompiledFunctionBackward", cpu): "cpu_op", ("Memcpy DtoH (Device -> Pageable)", cuda): "gpu_memcpy",
+             ("Memset (Device)", cuda): "gpu_memset", ("nvjet_sm90_tst_256x128", cuda): "kernel"}
+    assert {key: kind_of(_OldKinetoEvent(*key)) for key in cases} == cases
