@@ -207,6 +207,28 @@ def test_tp2_compiled_triton_matches_unsharded_reference():
             assert max(err[:2]) < 2e-2 and max(err[2:]) < 2e-2, (case, err)
 
 
+def _compiled_variants(kernel) -> int:
+    """How many binaries Triton has compiled for `kernel` (its per-device kernel caches)."""
+    caches = getattr(kernel, "device_caches", None)
+    assert caches is not None, "triton's JITFunction has no device_caches: update this probe for this triton"
+    return sum(len(cache[0]) for cache in caches.values())
+
+
+@pytest.mark.skipif(not CUDA, reason="counts compiled binaries: the interpreter (CPU) compiles nothing")
+def test_tile_count_does_not_recompile_the_rows_kernel():
+    # The kept first chunk's width follows the row count, and with it the tile counts the rows kernel merges:
+    # one compile per width (about 90 ms each on an H100) stalled packed updates for seconds. Widths 3..11 x 256
+    # give tile counts that are neither 1 nor multiples of 16 (Triton's integer specialisations) whether a tile
+    # is 128 or 256 columns wide: every call after the first must reuse its binaries.
+    from verl_mega.kernels import logprob_triton
+    hidden, weight, labels, g_lp, g_ent = _inputs(300, 64, 8192, torch.bfloat16, "cuda", 8192, seed=5)
+    counts = []
+    for cols in (3 * 256, 5 * 256, 7 * 256, 9 * 256, 11 * 256):
+        _run(fused_logprob_entropy, hidden, weight, labels, g_lp, g_ent, impl="triton", chunk_size=cols)
+        counts.append(_compiled_variants(logprob_triton._rows_kernel))
+    assert counts[0] > 0 and counts == [counts[0]] * len(counts), counts
+
+
 @pytest.mark.parametrize("impl,device", FP32_IMPL_DEVICES)
 def test_labels_on_chunk_and_tile_edges(impl, device):
     # Labels on the first and last column of each 64-wide backward chunk and forward tile, and on the
