@@ -298,6 +298,8 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
                                                  "throughput/gen_tokens_per_s_per_gpu", "response_length/mean",
                                                  "update_flops"]:
         result[key] = statistics.mean(m.get(key, 0.0) for m in history) if history else None
+    # each measured step's phase times: a later step faster than the first shows one-time compiles still in it
+    result["per_step"] = [{p: m.get(f"time/{p}") for p in ("generate", "logprob", "update")} for m in history]
     if history:  # per GPU: this rank's model shard runs 1 / (tp * pp) of its replica's FLOPs
         tflops = statistics.mean(m["update_flops"] / m["time/update"] for m in history) / 1e12 / (tp * pp)
         result["update_tflops_per_gpu"] = tflops

@@ -78,6 +78,7 @@ source benchmarks/device_steps.sh  # wheels, WORK, step()
 AB_MAX_TOKENS=${AB_MAX_TOKENS:-auto}
 AB_SHAPES=${AB_SHAPES:-0.5b,1.5b}  # grpo_e2e_ab_full's shapes in run order (each variant's JSON line is in the log)
 AB_VARIANTS=${AB_VARIANTS:-padded,packed+compile,packed+compile+full}  # grpo_e2e_ab_full's variants in run order
+AB_STEPS=${AB_STEPS:-2}  # grpo_e2e_ab_full's --steps: 1 warm-up (2 compiled) + AB_STEPS - 1 measured, each in per_step
 PROFILE_SHAPE=${PROFILE_SHAPE:-1.5b}  # profile_update's model shape
 if [[ $AB_MAX_TOKENS == auto ]]; then
   MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1)
@@ -157,7 +158,7 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
       --attention "$ATTENTION" --out "$WORK/ab" ;;
     grpo_e2e_ab_full) step grpo_e2e_ab_full 560 python3 benchmarks/grpo_e2e.py --ab "$AB_SHAPES" \
       --variants "$AB_VARIANTS" --prompts 64 --n 8 --prompt-len 128 --response-len 32:1024 \
-      --max-new-tokens 1024 --max-tokens "$AB_MAX_TOKENS" --micro-batch $(( AB_MAX_TOKENS / 1024 )) --steps 2 \
+      --max-new-tokens 1024 --max-tokens "$AB_MAX_TOKENS" --micro-batch $(( AB_MAX_TOKENS / 1024 )) --steps "$AB_STEPS" \
       --attention "$ATTENTION" --out "$WORK/ab_full" ;;
     profile_update) step profile_update 450 python3 benchmarks/grpo_e2e.py --shape "$PROFILE_SHAPE" --compile \
       --packing on --prompts 64 --n 8 --prompt-len 128 --response-len 32:1024 --max-new-tokens 1024 \
