@@ -1,7 +1,9 @@
 """Single-process units of the training engine's parallel parts: ZeRO partition, LR schedule,
 fp32 grad buffers and buckets, vocab-parallel log-probs at tp=1, which ranks count for the grad norm."""
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -74,6 +76,20 @@ def test_a_second_grad_buffer_over_the_same_params_takes_them_over():
     for r, p in zip(ref, model.parameters()):
         assert p.grad is None and torch.equal(p.main_grad, r)  # one add of the same fp32 grad: exact
     assert first.buffer.abs().sum() == 0
+
+
+def test_deleted_model_and_grad_buffer_are_freed():
+    """The hook does not keep its DataParallelGrads alive: a deleted model (a re-built trainer, the next run of a
+    benchmark process) frees its parameters and its fp32 gradient buffer."""
+    layout = Layout.create(1, 1, 1)
+    model = nn.Linear(4, 3)
+    grads = DataParallelGrads(list(model.parameters()), layout.dp_group)
+    model(torch.randn(2, 4)).sum().backward()
+    assert model.weight.grad is None and grads.buffer.abs().sum() > 0  # the hook ran
+    param, buffer = weakref.ref(model.weight), weakref.ref(grads.buffer)
+    del model, grads
+    gc.collect()
+    assert param() is None and buffer() is None
 
 
 def test_single_tensor_all_gather_does_not_warn():

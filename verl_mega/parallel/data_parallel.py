@@ -21,6 +21,8 @@ shards the optimizer; gloo has no reduce-scatter); no gradient compression.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
 
@@ -32,6 +34,20 @@ class _Bucket:
         self.index, self.params, self.flat = index, params, flat
         self.pending = len(params)
         self.work = None
+
+
+def _hook_of(grads: "DataParallelGrads"):
+    """The post-accumulate hook of `grads`, which it holds weakly. autograd keeps a parameter's hooks in C++,
+    out of sight of Python's garbage collector: a bound method there (param -> hook -> grads -> param) made a
+    cycle gc cannot break, so every deleted trainer kept its parameters and fp32 gradient buffer on the GPU
+    (8.6 GiB per 1.5B actor in one benchmark process)."""
+    ref = weakref.ref(grads)
+
+    def on_grad(param: torch.nn.Parameter) -> None:
+        owner = ref()
+        if owner is not None:
+            owner._on_grad(param)
+    return on_grad
 
 
 class DataParallelGrads:
@@ -65,7 +81,7 @@ class DataParallelGrads:
             previous = getattr(p, "_main_grad_hook", None)
             if previous is not None:  # two hooks would move one grad twice (the second sees None)
                 previous.remove()
-            p._main_grad_hook = p.register_post_accumulate_grad_hook(self._on_grad)
+            p._main_grad_hook = p.register_post_accumulate_grad_hook(_hook_of(self))
         self.sync_enabled = False  # set for the last micro-batch's backward (see before_last_backward)
         self._next_launch = 0
 
