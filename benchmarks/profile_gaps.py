@@ -5,7 +5,8 @@ module reads the profiler's raw (kineto) events into plain `Event` records and, 
 host range (the trainer's stages are `record_function` ranges):
 - busy: the union of the kernel, memcpy and memset intervals inside the range, against its span;
 - idle: the gaps between them, each charged to the host op that launched the activity ending the gap (the
-  GPU was waiting for that launch), e.g. `aten::_to_copy < Update.forward_backward`;
+  GPU was waiting for that launch), e.g. `aten::_to_copy < Update.forward_backward`, or for a kernel no op
+  launched (a CUDA-graph replay's) to the CUDA call behind it, e.g. `cudaGraphLaunch in (no host op)`;
 - host waits: the time the host spent in blocking CUDA calls (synchronize, pageable copies), by the op
   that made the call: each one drains the GPU's queue, so the GPU idles until the host queues work again.
 Pure Python over the records, so tests/test_profile_gaps.py checks it on hand-made events.
@@ -113,6 +114,18 @@ class _HostOps:
         return " < ".join([chain[0].name[:60]] + [n[:60] for n in outer[:2]])
 
 
+def _launch_label(act: Event, host: _HostOps, runtime: dict[int, Event]) -> str:
+    """Who launched device activity `act`: its host op chain; else (e.g. a kernel of a CUDA-graph replay, which
+    no op launches) the CUDA call with its correlation id, in the ops around that call."""
+    launcher = host.by_id.get(act.linked)
+    if launcher is not None:
+        return host.label(launcher)
+    call = runtime.get(act.corr)
+    if call is not None:
+        return f"{call.name} in {host.label(None, call.thread, call.start)}"
+    return f"(unattributed) {act.name[:50]}"
+
+
 def stage_report(events: list[Event], min_gap_us: float = 5.0, top: int = 10, min_stage_ms: float = 1.0) -> list[str]:
     """Text lines: for each `stage/` host range, its GPU span, busy and idle time, the idle time by the op
     that launched the activity after each gap (gaps >= min_gap_us), and the host's blocking CUDA calls."""
@@ -120,6 +133,7 @@ def stage_report(events: list[Event], min_gap_us: float = 5.0, top: int = 10, mi
     device = sorted((e for e in events if e.kind in DEVICE_KINDS), key=lambda e: e.start)
     starts = [e.start for e in device]
     calls = [e for e in events if e.kind == "cuda_runtime" and e.name in BLOCKING_CALLS]
+    runtime = {e.corr: e for e in events if e.kind in ("cuda_runtime", "cuda_driver")}
     lines = ["# GPU busy and idle inside each stage (ms): busy = union of kernels and copies within the stage's GPU "
              "span; idle gaps are charged to the host op that launched the activity ending the gap; host waits = "
              "blocking CUDA calls (each drains the GPU queue) by the op that made them"]
@@ -136,8 +150,7 @@ def stage_report(events: list[Event], min_gap_us: float = 5.0, top: int = 10, mi
         busy, idle, reach = 0, defaultdict(lambda: [0, 0]), acts[0].start
         for e in acts:
             if e.start > reach and (e.start - reach) >= min_gap_us * 1e3:
-                launcher = host.by_id.get(e.linked)
-                key = host.label(launcher) if launcher is not None else f"(unattributed) before {e.name[:50]}"
+                key = _launch_label(e, host, runtime)
                 idle[key][0] += e.start - reach
                 idle[key][1] += 1
             busy += max(0, e.end - max(e.start, reach))

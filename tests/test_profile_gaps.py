@@ -18,16 +18,19 @@ def _events():
         Event("k1b", "kernel", 20 * US, 25 * US, corr=81, linked=5),  # overlaps k1 (another stream): not counted twice
         Event("k2", "kernel", 45 * US, 60 * US, corr=82, linked=6),
         Event("k3", "kernel", 60 * US + 1000, 61 * US + 1000, corr=83, linked=5),  # 1 us gap: below min_gap_us
+        Event("cudaGraphLaunch", "cuda_runtime", 62 * US, 63 * US, corr=84, thread=1),  # no op around it but Update.run
+        Event("g1", "kernel", 70 * US, 72 * US, corr=84),  # a graph replay's kernel: no linked op
     ]
 
 
 def test_busy_idle_and_attribution():
     lines = stage_report(_events(), min_gap_us=5, min_stage_ms=0)
     head = next(line for line in lines if line.startswith("stage/update"))
-    # span 11..62 us = 0.051 ms; busy 19 + 15 + 1 = 35 us; idle 16 us, 15 of them in the one gap >= 5 us
-    assert "span 0.1" in head and "busy 0.0 (68.6%)" in head, head
-    idle = [line for line in lines if line.strip().startswith("idle ")]
-    assert len(idle) == 1 and "1x  before aten::_to_copy < PackedSeqs < Update.run" in idle[0], idle
+    # span 11..72 us; busy 19 + 15 + 1 + 2 = 37 us (60.7%); idle 24 us: gaps of 15 and 8 us (>= 5 us) and 1 us
+    assert "span 0.1" in head and "busy 0.0 (60.7%)" in head, head
+    idle = [line.strip() for line in lines if line.strip().startswith("idle ")]
+    assert len(idle) == 2 and idle[0].endswith("1x  before aten::_to_copy < PackedSeqs < Update.run"), idle
+    assert idle[1].endswith("1x  before cudaGraphLaunch in Update.run"), idle
     waits = [line for line in lines if line.strip().startswith("host wait")]
     assert len(waits) == 1 and "cudaMemcpyAsync in aten::_to_copy < PackedSeqs < Update.run" in waits[0], waits
 
