@@ -39,7 +39,20 @@ def test_pack_microbatch_hand_case():
     assert p["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
     assert p["cu_seqlens"].tolist() == [0, 3, 8] and p["cu_seqlens"].dtype == torch.int32
     assert p["response_index"].tolist() == [1, 5, 6]  # positions predicting tokens 7, 2, 3
+    assert p["response_slot"].tolist() == [0, 2, 3]  # the same tokens' places in the flattened [2, 2] responses
     assert "attention_mask" not in p and p["responses"] is mb["responses"]
+
+
+def test_packed_boundaries_stay_on_the_host():
+    # The model reads the sequence lengths on the host: micro-batches moved to a device keep cu_seqlens behind
+    # (no device round trip per forward), and PackedSeqs puts the offsets where the model runs.
+    from verl_mega.models.varlen_attention import PackedSeqs
+    (mb,) = _rl_batch().microbatches(6, device=torch.device("meta"), packed=True)
+    assert mb["input_ids"].device.type == "meta" and mb["response_slot"].device.type == "meta"
+    assert mb["cu_seqlens"].device.type == "cpu"
+    seqs = PackedSeqs.from_cu_seqlens(mb["cu_seqlens"], "meta")
+    assert seqs.cu_seqlens.device.type == "meta" and seqs.cu_seqlens.dtype == torch.int32
+    assert list(seqs.lengths) == mb["cu_seqlens"].diff().tolist() and seqs.max_seqlen == max(seqs.lengths)
 
 
 def _rl_batch(seed=0, rows=6, prompt=5, resp=7, vocab=120) -> RLBatch:

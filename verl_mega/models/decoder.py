@@ -276,7 +276,7 @@ class DecoderModel(nn.Module):
             if attention_mask is not None or attn_mask is not None or kv_cache is not None or hidden.shape[0] != 1:
                 raise ValueError("cu_seqlens (packed sequences) needs inputs of batch 1 and no attention_mask, "
                                  "attn_mask or kv_cache")
-            mask = PackedSeqs.from_cu_seqlens(cu_seqlens)
+            mask = PackedSeqs.from_cu_seqlens(cu_seqlens, hidden.device)
         else:
             mask = build_attention_mask(attention_mask, attn_mask, position_ids.shape[-1], kv_cache is not None)
             if mask is not None:

@@ -48,9 +48,17 @@ class PackedSeqs:
     cache: dict = field(default_factory=dict, compare=False, repr=False)  # per-forward data (flex block mask)
 
     @classmethod
-    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor) -> "PackedSeqs":
-        lengths = tuple((cu_seqlens[1:] - cu_seqlens[:-1]).tolist())  # one host sync per forward
-        return cls(cu_seqlens.to(torch.int32), max(lengths, default=0), lengths)
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, device: torch.device | str | None = None) -> "PackedSeqs":
+        """From offsets cu_seqlens [N + 1] (any integer dtype), with the tensor on `device` (default: where it is).
+
+        The lengths are read on the host: keep cu_seqlens there (the trainer's packed micro-batches do) and
+        nothing waits for the GPU; a GPU tensor costs one sync. A host tensor goes to a CUDA `device` through
+        pinned memory, without blocking."""
+        lengths = tuple((cu_seqlens[1:] - cu_seqlens[:-1]).tolist())
+        cu = cu_seqlens.to(torch.int32)
+        if device is not None and cu.device != torch.device(device):
+            cu = (cu.pin_memory() if torch.device(device).type == "cuda" else cu).to(device, non_blocking=True)
+        return cls(cu, max(lengths, default=0), lengths)
 
 
 def varlen_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: PackedSeqs,

@@ -41,8 +41,6 @@ vision blocks run in the parameters' dtype with RoPE in fp32, as transformers do
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -165,7 +163,7 @@ class VisionTower(nn.Module):
         restore = torch.argsort(window_index).to(device)  # window order -> processor order
         window_index = window_index.to(device)
         cu_images = torch.tensor([0] + [h * w for t, h, w in grids for _ in range(t)]).cumsum(0)
-        windows, images = (_packed_on(cu, device) for cu in (cu_windows, cu_images))
+        windows, images = (PackedSeqs.from_cu_seqlens(cu, device) for cu in (cu_windows, cu_images))
 
         def to_windows(x: torch.Tensor) -> torch.Tensor:  # [N, ...] -> window-contiguous order, m*m units kept
             return x.view(-1, m2, *x.shape[1:])[window_index].view(x.shape)
@@ -186,12 +184,6 @@ class VisionTower(nn.Module):
         freqs = freqs.flatten(1)  # [N, head_dim/2]: row frequencies then column frequencies
         emb = torch.cat((freqs, freqs), dim=-1)  # [N, head_dim]
         return emb.cos(), emb.sin()
-
-
-def _packed_on(cu_seqlens: torch.Tensor, device) -> PackedSeqs:
-    """PackedSeqs of host cu_seqlens [S + 1] with its tensor on `device` (lengths read on the host: no sync)."""
-    seqs = PackedSeqs.from_cu_seqlens(cu_seqlens)
-    return dataclasses.replace(seqs, cu_seqlens=seqs.cu_seqlens.to(device))
 
 
 def image_token_counts(image_grid_thw: torch.Tensor, spatial_merge_size: int) -> list[int]:

@@ -57,6 +57,7 @@ from verl_mega.parallel.offload import StorageStash
 from verl_mega.parallel.p2p import PipeComm
 from verl_mega.parallel.zero import DEFAULT_OFFLOAD_BUCKET_NUMEL, ZeroOptimizer
 from verl_mega.trainer.optim import OptimConfig, make_adamw, make_scheduler
+from verl_mega.trainer.packing import HOST_KEYS
 
 
 def default_forward_step(model, microbatch: dict, input_tensor: torch.Tensor | None) -> torch.Tensor:
@@ -263,9 +264,6 @@ class TrainEngine:
                                        device=self.device)
             result = box[0]
         return result
-
-
-HOST_KEYS = ("image_grid_thw",)  # read on the host only (the vision tower's index building): no device round trip
 
 
 def _to_device(microbatches: list[dict], device: torch.device) -> list[dict]:

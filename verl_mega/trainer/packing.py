@@ -27,6 +27,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+# micro-batch keys the model reads on the host (packed boundaries, the vision tower's grids): they stay there, so
+# reading them needs no device round trip
+HOST_KEYS = ("cu_seqlens", "image_grid_thw")
+
 
 def pack_microbatch(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A padded micro-batch -> the same micro-batch packed into one row.
@@ -37,7 +41,9 @@ def pack_microbatch(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     sequence start), except 3-axis M-RoPE position_ids [3, b, S] (counted over the valid tokens already),
     which keep their valid positions -> [3, 1, T]. Added: cu_seqlens [b + 1] int32; with `responses` [b, R]
     (the last R columns), response_index [n] long: the packed position whose hidden state predicts each
-    valid response token (row-major over response_mask). attention_mask is dropped; other tensors are kept as they are.
+    valid response token (row-major over response_mask), and response_slot [n] long: that token's place in the
+    flattened [b * R] (indices found here, on the host, so the passes index without a sync). attention_mask is
+    dropped; other tensors are kept as they are.
     """
     mask = mb["attention_mask"].bool()  # [b, S]
     lengths = mask.sum(-1)
@@ -56,13 +62,17 @@ def pack_microbatch(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         r = mb["responses"].shape[1]
         resp_mask = mb["response_mask"].bool()  # [b, R]
         out["response_index"] = (packed_pos[:, -r:] - 1)[resp_mask]  # [n] predicted by the previous position
+        out["response_slot"] = resp_mask.reshape(-1).nonzero().squeeze(1)  # [n] row-major places in [b * R]
     return out
 
 
 def unpack_responses(flat: torch.Tensor, mb: dict[str, torch.Tensor]) -> torch.Tensor:
-    """flat [n] per valid response token (order of `response_index`) -> [b, R], 0 at padding (differentiable)."""
-    mask = mb["response_mask"].to(flat.device).bool()
-    return torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
+    """flat [n] per valid response token (order of `response_index`) -> [b, R], 0 at padding (differentiable).
+
+    A scatter to `response_slot`, not a masked_scatter: a boolean mask makes the GPU count its ones before
+    anything can be queued after it (a host sync), in the forward and again in the backward."""
+    b, r = mb["response_mask"].shape
+    return flat.new_zeros(b * r).scatter(0, mb["response_slot"].to(flat.device), flat).view(b, r)
 
 
 def token_budget_groups(lengths: list[int], max_tokens: int) -> tuple[list[list[int]], int]:

@@ -118,7 +118,7 @@ def response_logprobs(hidden: torch.Tensor, mb: dict, model, tp_group, temperatu
     b, r = resp.shape
     if "response_index" in mb:
         h = hidden[0, mb["response_index"].to(hidden.device)]  # [n, hidden]
-        labels = resp[mb["response_mask"].to(hidden.device).bool()]  # [n]
+        labels = resp.reshape(-1)[mb["response_slot"].to(hidden.device)]  # [n]
     else:
         h, labels = hidden[:, -r - 1:-1].reshape(b * r, -1), resp.reshape(-1)  # [batch*R, hidden]
     lp, ent = fused_logprob_entropy(h, model.output_weight(), labels, tp_group=tp_group,
