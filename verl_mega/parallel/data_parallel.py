@@ -58,7 +58,8 @@ class DataParallelGrads:
     `shared_embedding` whose gradients are summed across it (tied embeddings with pp > 1).
     A parameter feeds the newest DataParallelGrads built over it: building another (a second TrainEngine or
     PPOTrainer on the same model, e.g. a re-run notebook cell) removes the earlier one's hook, whose
-    buffers then no longer receive gradients.
+    buffers then no longer receive gradients. The hooks hold this object weakly (`_hook_of`): its owner (the
+    engine) keeps it alive, and once the owner is gone the parameters and the buffer can be freed.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], dp_group, *, bucket_mb: float = DEFAULT_BUCKET_MB,
