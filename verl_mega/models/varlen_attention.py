@@ -56,8 +56,10 @@ class PackedSeqs:
         pinned memory, without blocking."""
         lengths = tuple((cu_seqlens[1:] - cu_seqlens[:-1]).tolist())
         cu = cu_seqlens.to(torch.int32)
-        if device is not None and cu.device != torch.device(device):
-            cu = (cu.pin_memory() if torch.device(device).type == "cuda" else cu).to(device, non_blocking=True)
+        if device is not None:
+            if cu.device.type == "cpu" and torch.device(device).type == "cuda":
+                cu = cu.pin_memory()
+            cu = cu.to(device, non_blocking=True)  # a no-op where it already is
         return cls(cu, max(lengths, default=0), lengths)
 
 

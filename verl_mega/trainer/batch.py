@@ -32,7 +32,8 @@ import torch.distributed as dist
 
 from verl_mega.data.loader import left_pad
 from verl_mega.models.mrope import mrope_position_ids
-from verl_mega.trainer.packing import HOST_KEYS, balance_over_dp, pack_microbatch, redeal_images, token_budget_groups
+from verl_mega.trainer.packing import (balance_over_dp, microbatch_to, pack_microbatch, redeal_images,
+                                       token_budget_groups)
 
 # tensors a micro-batch needs for a forward pass (the rest are added by name)
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "position_ids", "responses", "response_mask")
@@ -263,7 +264,7 @@ class RLBatch:
             if packed:
                 mb = pack_microbatch(mb)
             mb.update(vision)  # after packing: image tensors are not sequence tensors
-            out.append({k: v if k in HOST_KEYS else v.to(device) for k, v in mb.items()} if device is not None else mb)
+            out.append(microbatch_to(mb, device) if device is not None else mb)
         return out
 
     def tensor_fields(self) -> dict[str, torch.Tensor]:

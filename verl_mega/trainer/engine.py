@@ -57,7 +57,7 @@ from verl_mega.parallel.offload import StorageStash
 from verl_mega.parallel.p2p import PipeComm
 from verl_mega.parallel.zero import DEFAULT_OFFLOAD_BUCKET_NUMEL, ZeroOptimizer
 from verl_mega.trainer.optim import OptimConfig, make_adamw, make_scheduler
-from verl_mega.trainer.packing import HOST_KEYS
+from verl_mega.trainer.packing import microbatch_to
 
 
 def default_forward_step(model, microbatch: dict, input_tensor: torch.Tensor | None) -> torch.Tensor:
@@ -267,9 +267,8 @@ class TrainEngine:
 
 
 def _to_device(microbatches: list[dict], device: torch.device) -> list[dict]:
-    """The micro-batches with every tensor on `device` (the model's) except HOST_KEYS; other values as they are."""
-    return [{k: v.to(device) if isinstance(v, torch.Tensor) and k not in HOST_KEYS else v for k, v in mb.items()}
-            for mb in microbatches]
+    """The micro-batches on `device` (the model's), host keys left where they are (packing.microbatch_to)."""
+    return [microbatch_to(mb, device) for mb in microbatches]
 
 
 def _embedding_group(layout: Layout):

@@ -32,6 +32,11 @@ import torch.nn.functional as F
 HOST_KEYS = ("cu_seqlens", "image_grid_thw")
 
 
+def microbatch_to(mb: dict, device: torch.device) -> dict:
+    """The micro-batch with every tensor on `device` except HOST_KEYS; other values as they are."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) and k not in HOST_KEYS else v for k, v in mb.items()}
+
+
 def pack_microbatch(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A padded micro-batch -> the same micro-batch packed into one row.
 
