@@ -8,9 +8,10 @@
 #   demo             the main job on CUDA: verl_mega demo --quick --nproc 1 --tp 1 (issue 12)
 #   rollout_service  continuous batching vs the static engine at the Qwen2.5-0.5B shape, + a torch.profiler call (issue 13)
 #   rollout_fast     rollout_service without the profiler call
-#   paged_tests      pytest test_paged_attention.py + test_fused_sampling.py + test_fused_ops.py on CUDA (the paged
-#                    kernel in fp32 and bf16, the one-pass sampler, the decoder's fused ops and the RoPE kernel's
-#                    KV-cache write)
+#   paged_tests      pytest test_paged_attention.py + test_fused_sampling.py + test_fused_ops.py +
+#                    test_decode_windows.py on CUDA (the paged kernel in fp32 and bf16, the one-pass sampler, the
+#                    decoder's fused ops and the RoPE kernel's KV-cache write, a decode window as one CUDA graph), and
+#                    test_trainer.py's deleted-trainer test (the freed models, CUDA graphs included)
 #   reward_overlap   a 0.5B GRPO step with a 50 ms-per-response reward, streamed vs after generation (issue 13)
 #   throughput       GRPO tokens/s/GPU, 0.5B + 1.5B, 8x8, prompt 128, 256 new tokens, KL off (issue 18)
 #   trl_grpo         the TRL peer on the 0.5B row (summary.md gets the tokens/s ratio; issue 18)
@@ -142,7 +143,8 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
     rollout_fast) step rollout_fast 300 python3 benchmarks/rollout_service.py --shapes "$ROLLOUT_SHAPES" "$HF_FLAG" \
       --grpo-shape '' ${ROLLOUT_VARIANTS:+--variants "$ROLLOUT_VARIANTS"} --out-dir "$WORK/rollout" ;;
     paged_tests) step paged_tests 300 python3 -m pytest -q -rf --tb=short tests/models/test_fused_ops.py \
-      tests/rollout/test_fused_sampling.py tests/rollout/test_paged_attention.py ;;
+      tests/rollout/test_fused_sampling.py tests/rollout/test_paged_attention.py tests/rollout/test_decode_windows.py \
+      tests/trainer/test_trainer.py::test_a_deleted_trainer_frees_its_models ;;
     throughput) step throughput 300 python3 benchmarks/throughput.py --shapes 0.5b,1.5b --batches 8x8 --prompt-len 128 \
       --new-tokens 256 --kl off --attention "$ATTENTION" --micro-batch "$MICRO_BATCH" --compile "$COMPILE" \
       --out "$WORK/throughput" ;;

@@ -48,8 +48,8 @@ def hf_greedy(path, prompt_ids, eos_token_id, max_new_tokens) -> list[list[int]]
     return responses
 
 
-def build_engine(path, tp, eos_token_id, max_batch=8, **kw):
-    """Our one-stage model loaded from the HF directory, TP over a fresh layout, and its engine
+def build_engine(path, tp, eos_token_id, max_batch=8, device="cpu", **kw):
+    """Our one-stage model loaded from the HF directory, TP over a fresh layout, on `device`, and its engine
     (continuous batching, paged cache of 4-token blocks; `kw` overrides EngineConfig fields)."""
     from verl_mega.models.config import ModelConfig
     from verl_mega.models.hf_io import load_hf_weights
@@ -61,7 +61,7 @@ def build_engine(path, tp, eos_token_id, max_batch=8, **kw):
     layout = Layout.create(tp=tp, pp=1)
     model = build_stage(ModelConfig.from_hf(path), layout, init_seed=None)
     load_hf_weights(model, path)
-    model.eval()
+    model.to(device).eval()
     config = EngineConfig(**{"max_batch": max_batch, "max_seq_len": 64, "max_tokens": 1024, "block_size": 4,
                              "kv_len_bucket": 16, **kw})
     engine = GenerationEngine(model, layout.tp_group, config, eos_token_ids=[eos_token_id], pad_token_id=0)

@@ -162,17 +162,19 @@ def test_config_presets_and_errors(tmp_path):
 
 def test_a_deleted_trainer_frees_its_models(tiny_dir):
     """Nothing outlives a trainer (a sweep or a benchmark builds several in one process): once it and its actor are
-    deleted, the actor's, the reference's and the critic's parameters are freed (gc, no hidden strong reference)."""
+    deleted, the actor's, the reference's and the critic's parameters are freed (gc, no hidden strong reference).
+    On CPU, and with CUDA also on the GPU (the rollout engine's CUDA graphs and their memory pool)."""
     import gc
     import weakref
-    cfg = TrainerConfig()
-    cfg.algorithm.name, cfg.algorithm.kl_coef = "ppo", 0.01  # a critic and a reference model too
-    actor = get_actor_model(tiny_dir)
-    trainer = PPOTrainer(actor, reward_fn=lambda r: float(len(r) % 2), rollout_batch_size=2, n_samples=2,
-                         max_new_tokens=4, config=cfg)
-    trainer.step([{"prompt": CHAT}, {"prompt": "2+2="}])
-    models = {"actor": actor.model, "reference": trainer.reference.model, "critic": trainer.critic_engine.model}
-    refs = {name: weakref.ref(next(m.parameters())) for name, m in models.items()}
-    del actor, trainer, models
-    gc.collect()
-    assert {name: r() is None for name, r in refs.items()} == {name: True for name in refs}
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        cfg = TrainerConfig()
+        cfg.algorithm.name, cfg.algorithm.kl_coef = "ppo", 0.01  # a critic and a reference model too
+        actor = get_actor_model(tiny_dir, device=device)
+        trainer = PPOTrainer(actor, reward_fn=lambda r: float(len(r) % 2), rollout_batch_size=2, n_samples=2,
+                             max_new_tokens=4, config=cfg)
+        trainer.step([{"prompt": CHAT}, {"prompt": "2+2="}])
+        models = {"actor": actor.model, "reference": trainer.reference.model, "critic": trainer.critic_engine.model}
+        refs = {name: weakref.ref(next(m.parameters())) for name, m in models.items()}
+        del actor, trainer, models
+        gc.collect()
+        assert {name: r() is None for name, r in refs.items()} == {name: True for name in refs}, device

@@ -18,11 +18,15 @@ A `step()` admits waiting requests (FIFO, within `max_batch` rows and the KV-cac
 that finished: sequences join the batch as others leave, so decode steps do not run on dead rows
 and the cache holds only actual lengths (`kv_cache.PagedKVCache`).
 
-Decode step shapes: rows rounded up to a bucket (1, 2, 4, 8, then multiples of 16) and the attended
-length rounded up to `kv_len_bucket` tokens; on CUDA each (row bucket, length bucket) pair is captured
-once in a `torch.cuda.CUDAGraph` and replayed (the graph reads the block tables, positions and tokens
-from static buffers and derives the write/read slots and the mask on the device). Sampling and the
-host bookkeeping stay eager; the host reads the sampled tokens once per `sync_every` steps.
+Decode step shapes: rows rounded up to a bucket (1, 2, 4, 8, then multiples of 16); the gather attention
+path also rounds the attended length up to `kv_len_bucket` tokens (the paged kernel follows each row's
+own length, so its steps take the whole block table). On CUDA the steps are replayed from
+`torch.cuda.CUDAGraph`s that read the block tables, positions and tokens from static buffers and derive
+the write/read slots and the mask on the device. Where every running row samples alike with the fused
+sampler (greedy or plain temperature, the RL case), a whole window of `sync_every` steps, their sampling
+included, is one graph (`cuda_graph_window`): the host launches once per window, the seeds of the
+window's draws are drawn beforehand into a static buffer. Otherwise each step is a graph and sampling
+runs eager after it. The host reads the sampled tokens once per window.
 
 Every rank of `tp_group` must make the same calls: the sampled tokens are identical on all of them
 (`sampling.py`), so their schedules are too.
@@ -51,8 +55,8 @@ Simplifications: prefill and decode run as separate forwards (no chunked prefill
 steps); decode attention either reads the blocks in place with the Triton flash-decoding kernel
 (`attention="paged"`, `paged_attention.py`, the CUDA default: 2.2x the gather path's tokens/s on an H100 at
 the 0.5B shape, benchmarks/results/) or gathers them into a dense view for SDPA (`"gather"`: every device,
-the CPU default); sampling runs eager after each graphed step (`sampler="fused"`, the CUDA default: one
-Triton pass over the logits, `fused_sampling.py`, 1.12x the torch sampler's tokens/s there; `"torch"`
+the CPU default); sampling by one Triton pass over the logits (`sampler="fused"`, the CUDA default:
+`fused_sampling.py`, 1.12x the torch sampler's tokens/s there; `"torch"`
 elsewhere);
 one sampling generator per engine (seeded by `seed()` / `generate(seed=)`), so a row's random draws
 depend on the batch it runs in (same inputs + same seed + same config = same tokens).
@@ -149,7 +153,10 @@ class GenerationEngine:
         cols = self.table_width + 3 + self.sync_every
         self._staging = torch.zeros(mb, cols, dtype=torch.long, pin_memory=dev.type == "cuda")
         self._staged = torch.zeros(mb, cols, dtype=torch.long, device=dev)
-        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._seeds = torch.zeros(self.sync_every, dtype=torch.long, device=dev)  # a window's sampling seeds
+        self._out_tokens = torch.zeros(mb, self.sync_every, dtype=torch.long, device=dev)  # a window's samples
+        self._out_logprobs = torch.zeros(mb, self.sync_every, dtype=torch.float32, device=dev)
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._graph_pool = None
         self._graph_weights: tuple[int, ...] = ()
         # work done (for throughput / bandwidth accounting): decode steps, rows x steps, attended
@@ -434,9 +441,12 @@ class GenerationEngine:
             return []
         b = len(rows)
         bb = batch_bucket(b, self.max_batch) if self.use_cuda_graph else b
-        longest = max(len(s.tokens) - 1 + k for s in rows)  # positions the window reaches
-        bucket = max(self.block_size, self.config.kv_len_bucket // self.block_size * self.block_size)
-        nb = min(self.table_width, -(-longest // bucket) * bucket // self.block_size)
+        if self.attention == "paged":  # the kernel visits each row's own length: one graph per row bucket
+            nb = self.table_width
+        else:  # the gather path reads nb blocks per row: round the window's reach up to kv_len_bucket tokens
+            longest = max(len(s.tokens) - 1 + k for s in rows)  # positions the window reaches
+            bucket = max(self.block_size, self.config.kv_len_bucket // self.block_size * self.block_size)
+            nb = min(self.table_width, -(-longest // bucket) * bucket // self.block_size)
         # the window's inputs in one host-to-device copy (pinned on CUDA, so the host does not wait for it):
         # per row [block table | token fed, its position, M-RoPE delta | forced ids of the k steps (-1: sample)]
         tw = self.table_width
@@ -449,34 +459,83 @@ class GenerationEngine:
         forced = self._forced_ids(rows, k)
         if forced is not None:
             host[:b, tw + 3:] = forced
-        staged = self._staged[:bb]
-        staged.copy_(self._staging[:bb], non_blocking=True)
-        self._tables[:bb].copy_(staged[:, :tw])
-        self._tokens[:bb].copy_(staged[:, tw])
-        self._positions[:bb].copy_(staged[:, tw + 1])
-        if self._deltas is not None:
-            self._deltas[:bb].copy_(staged[:, tw + 2])
+        self._staged[:bb].copy_(self._staging[:bb], non_blocking=True)
         groups = self._sampling_groups(rows)
-        out_tokens = torch.empty(b, k, dtype=torch.long, device=self.device)
-        out_logprobs = torch.empty(b, k, dtype=torch.float32, device=self.device)
+        params = self._plain_fused(groups)
+        if params is not None:  # the window's sampling seeds, drawn at once (both paths below draw the same)
+            torch.randint(0, 2**31 - 1, (k,), generator=self.generator, device=self.device, out=self._seeds[:k])
         context = sum(len(s.tokens) for s in rows)  # attended tokens of the window's first step
         self.stats["decode_steps"] += k
         self.stats["decode_rows"] += b * k
         self.stats["decode_context_tokens"] += k * context + b * k * (k - 1) // 2
-        for t in range(k):
-            logits = self._decode(bb, nb)
-            tok, lp = self._sample(logits[:b], groups, None if forced is None else staged[:b, tw + 3 + t])
-            out_tokens[:, t], out_logprobs[:, t] = tok, lp
-            self._tokens[:b].copy_(tok)
-            self._positions[:b] += 1
+        if params is not None and self.config.cuda_graph_window:
+            self._run_window(bb, nb, params, forced is not None)
+        else:
+            self._load_window_inputs(bb)
+            for t in range(k):
+                logits = self._decode(bb, nb)
+                tok, lp = self._sample(logits[:b], groups, None if forced is None else self._staged[:b, tw + 3 + t],
+                                       None if params is None else self._seeds[t:t + 1])
+                self._out_tokens[:b, t], self._out_logprobs[:b, t] = tok, lp
+                self._tokens[:b].copy_(tok)
+                self._positions[:b] += 1
         finished = []
-        for seq, toks, lps in zip(rows, out_tokens.tolist(), out_logprobs.tolist()):  # the host sync
+        tokens, logprobs = self._out_tokens[:b, :k].tolist(), self._out_logprobs[:b, :k].tolist()  # the host sync
+        for seq, toks, lps in zip(rows, tokens, logprobs):
             done = sched.accept(seq, toks, lps)
             if done is not None:
                 finished.append(done)
             if not seq.finished:
                 seq.num_cached = len(seq.tokens) - 1
         return finished
+
+    def _plain_fused(self, groups: dict[SamplingParams, torch.Tensor | None]) -> SamplingParams | None:
+        """The rows' one sampling params when the fused sampler draws them with a seed per step (greedy or plain
+        temperature, every row alike): such a window can run as one CUDA graph; None otherwise."""
+        if self.sampler != "fused" or len(groups) != 1:
+            return None
+        params = next(iter(groups))
+        return None if params.top_k or params.top_p < 1.0 else params
+
+    def _load_window_inputs(self, bb: int) -> None:
+        """Static decode inputs of rows [0, bb) from the staged window (`_decode_window`'s layout)."""
+        staged, tw = self._staged[:bb], self.table_width
+        self._tables[:bb].copy_(staged[:, :tw])
+        self._tokens[:bb].copy_(staged[:, tw])
+        self._positions[:bb].copy_(staged[:, tw + 1])
+        if self._deltas is not None:
+            self._deltas[:bb].copy_(staged[:, tw + 2])
+
+    def _window_forward(self, bb: int, nb: int, steps: int, params: SamplingParams, forced: bool) -> None:
+        """`steps` decode steps with their sampling over rows [0, bb), from the staged window inputs and the
+        window's seeds to the static outputs (`_out_tokens` / `_out_logprobs` [max_batch, sync_every]); the
+        whole window of `_run_window`'s graph. Graph-safe, and a rerun changes nothing a later run reads (it
+        starts from the staged inputs; each step rewrites the cache slot it reads), so warm-ups are harmless.
+        Padding rows sample too (their tokens are never read)."""
+        tw = self.table_width
+        self._load_window_inputs(bb)
+        for t in range(steps):
+            self._decode_forward(bb, nb)
+            tok, lp = self._sample(self._logits[:bb], {params: None}, self._staged[:bb, tw + 3 + t] if forced else None,
+                                   self._seeds[t:t + 1])
+            self._out_tokens[:bb, t], self._out_logprobs[:bb, t] = tok, lp
+            self._tokens[:bb].copy_(tok)
+            self._positions[:bb] += 1
+
+    def _run_window(self, bb: int, nb: int, params: SamplingParams, forced: bool) -> None:
+        """`_window_forward` over the whole window: one CUDA-graph replay (captured per row bucket, table width,
+        sampling params and forced or not) where graphs are on, eager otherwise."""
+        k = self.sync_every
+        if self.use_cuda_graph:
+            key = ("window", bb, nb, params, forced)
+            graph = self._graphs.get(key)
+            if graph is None:
+                graph = self._capture(key, lambda: self._window_forward(bb, nb, k, params, forced),
+                                      warmup=lambda: self._window_forward(bb, nb, 1, params, forced))
+            if graph is not None:
+                graph.replay()
+                return
+        self._window_forward(bb, nb, k, params, forced)
 
     def _decode_forward(self, bb: int, nb: int) -> None:
         """One decode step over rows [0, bb) attending over nb blocks, reading/writing only static buffers
@@ -514,43 +573,49 @@ class GenerationEngine:
         if self.use_cuda_graph:
             graph = self._graphs.get((bb, nb))
             if graph is None:
-                graph = self._capture(bb, nb)
+                graph = self._capture((bb, nb), lambda: self._decode_forward(bb, nb))
             if graph is not None:
                 graph.replay()
                 return self._logits
         self._decode_forward(bb, nb)
         return self._logits
 
-    def _capture(self, bb: int, nb: int) -> torch.cuda.CUDAGraph | None:
-        """Capture `_decode_forward(bb, nb)` in a CUDA graph; on failure warn and go eager."""
+    def _capture(self, key: tuple, run: Callable[[], None], warmup: Callable[[], None] | None = None
+                 ) -> torch.cuda.CUDAGraph | None:
+        """Capture `run()` (graph-safe: static buffers only) in a CUDA graph stored under `key`, after two
+        `warmup()` runs (default `run`; cuBLAS handles, kernel compiles, lazy allocations); on failure warn and
+        go eager."""
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up: cuBLAS handles, lazy allocations (idempotent)
-                    self._decode_forward(bb, nb)
+                for _ in range(2):
+                    (warmup or run)()
             torch.cuda.current_stream().wait_stream(side)
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._graph_pool):
-                self._decode_forward(bb, nb)
+                run()
         except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager decode
             warnings.warn(f"CUDA graph capture of the decode step failed ({exc!r}); decoding eagerly")
             self.use_cuda_graph = False
             return None
-        self._graphs[(bb, nb)] = graph
+        self._graphs[key] = graph
         return graph
 
     # ------------------------------------------------------------------ sampling
     def _sample(self, logits: torch.Tensor, groups: dict[SamplingParams, torch.Tensor | None],
-                forced: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                forced: torch.Tensor | None, seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens [b], logprobs [b]) for logits [b, V], each row with its request's sampling params.
 
-        groups: `_sampling_groups(rows)`; forced: None or [b] int64 on the device (-1 = sample; `_forced_ids`).
+        groups: `_sampling_groups(rows)`; forced: None or [b] int64 on the device (-1 = sample; `_forced_ids`);
+        seed: None (drawn from the engine's generator) or the fused sampler's [1] seed (`_plain_fused` windows).
         A VLM's image / video pad tokens are masked out first (module docstring)."""
         if self.is_vlm:
             logits.index_fill_(1, self._banned, float("-inf"))
+        if seed is not None:
+            return self._sample_tokens(logits, next(iter(groups)), None, forced, seed=seed)
         if len(groups) == 1:
             return self._sample_tokens(logits, next(iter(groups)), self.generator, forced)
         tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)

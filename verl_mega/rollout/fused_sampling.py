@@ -12,9 +12,9 @@ the chosen (or forced) token is x_t / T - logsumexp(x / T), as `sample_tokens` r
 ten passes over [B, V] float32 (log-softmax, exp, the exponential draws, the division, argmax); this
 reads the logits once and writes two numbers per row.
 
-Randomness: a 31-bit seed per call is drawn on the device from the engine's `torch.Generator` (no host
-sync, graph-safe), and element (row, v) uses Philox counter row * V + v: same generator state, same
-logits -> same tokens; the stream differs from the torch path's.
+Randomness: a 31-bit seed per call, drawn on the device from the engine's `torch.Generator` (no host
+sync) or passed in as a device tensor, and element (row, v) uses Philox counter row * V + v: same seed,
+same logits -> same tokens; the stream differs from the torch path's.
 
 top-k / top-p truncation is not fused: those calls take `sample_tokens`.
 """
@@ -110,11 +110,13 @@ def vocab_splits(rows: int, blocks: int, device: torch.device) -> int:
 
 
 def sample_tokens_fused(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-                        forced: torch.Tensor | None = None, *, block: int = BLOCK,
-                        splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        forced: torch.Tensor | None = None, *, seed: torch.Tensor | None = None,
+                        block: int = BLOCK, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`sample_tokens`' contract (tokens [B] int64, logprobs [B] float32; `forced` [B] int64, -1 = sample) in
     one Triton pass for greedy and plain temperature sampling; top-k / top-p go to `sample_tokens`.
     logits: [B, V] (any float dtype, unit last stride), on CUDA (or on CPU under TRITON_INTERPRET=1).
+    seed: None (a seed is drawn from `generator`) or a [1] int64 device tensor in [0, 2^31) (the engine draws a
+    decode window's seeds at once, so that a CUDA graph of the window reads them from a static buffer).
     block: vocabulary entries per loop iteration; splits: programs per row (a power of two; None:
     `vocab_splits`). Neither changes the draws: element (row, v) always uses Philox counter row * V + v."""
     if params.top_k or params.top_p < 1.0:
@@ -133,7 +135,8 @@ def sample_tokens_fused(logits: torch.Tensor, params: SamplingParams, generator:
     index = stats[3].view(torch.int32)
     tokens = torch.empty(b, dtype=torch.long, device=logits.device)
     logprobs = torch.empty(b, dtype=torch.float32, device=logits.device)
-    seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=logits.device)
+    if seed is None:
+        seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=logits.device)
     inv_temp = 1.0 if params.greedy else 1.0 / params.temperature
     partial[(b, splits)](logits, logits.stride(0), seed, stats[0], stats[1], stats[2], index, inv_temp, V=v,
                          SPLITS=splits, NB_PER=-(-blocks // splits), BLOCK=block, GREEDY=params.greedy)

@@ -9,8 +9,10 @@ running max / sum in fp32. A row's tiles past its length are never visited (the 
 row's own length), so the work follows the actual lengths, not the longest row of the batch.
 
 Splits (flash-decoding, Dao et al. 2023): when rows x KV heads alone would leave SMs idle (few rows,
-e.g. the tail of a rollout), the context is split over SPLITS programs per (row, head); each writes an
-unnormalised partial (acc, max, sum) and a second kernel merges them. With enough rows SPLITS = 1 and
+e.g. the tail of a rollout), each row's context is split over SPLITS programs per (row, head), each taking
+an equal share of that row's own tiles (so a table wider than the rows' lengths, e.g. one sized for the
+longest possible sequence so that a CUDA graph serves every length, costs only empty programs); each writes
+an unnormalised partial (acc, max, sum) and a second kernel merges them. With enough rows SPLITS = 1 and
 the first kernel writes the normalised output directly.
 
 Reads every attended K/V byte once, where the gather path (`kv_cache.PagedKVCache.update` + SDPA, the
@@ -54,7 +56,7 @@ def _kernels():
 
     @triton.jit
     def paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, pos_ptr, out_ptr, part_ptr, stat_ptr,
-                            sq_b, sq_h, s_slot, s_head, st_b, so_b, so_h, tiles_per_split, scale,
+                            sq_b, sq_h, s_slot, s_head, st_b, so_b, so_h, scale,
                             SPLITS: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr,
                             D_P: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr):
         b, h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -65,8 +67,10 @@ def _kernels():
         keep = (r < REP)[:, None] & (d < D)[None, :]
         q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=keep, other=0.0)
         length = (tl.load(pos_ptr + b) + 1).to(tl.int32)
-        j = split * tiles_per_split
-        end = tl.minimum(j + tiles_per_split, (length + TILE - 1) // TILE)
+        row_tiles = (length + TILE - 1) // TILE
+        per_split = (row_tiles + SPLITS - 1) // SPLITS  # each row's own tiles shared evenly over the splits
+        j = split * per_split
+        end = tl.minimum(j + per_split, row_tiles)
         m = tl.full([REP_P], float("-inf"), tl.float32)
         l = tl.zeros([REP_P], tl.float32)
         acc = tl.zeros([REP_P, D_P], tl.float32)
@@ -151,14 +155,12 @@ def paged_decode_attention(q, k_pool, v_pool, tables, positions, block_size: int
     attend, merge = _kernels()
     max_tiles = -(-tables.shape[1] * block_size // TILE)
     splits = num_splits(b, hkv, max_tiles, q.device)
-    tiles_per_split = -(-max_tiles // splits)
-    splits = -(-max_tiles // tiles_per_split)  # no split left without tiles for the longest row
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     part = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device) if splits > 1 else out
     stat = torch.empty(b, hq, splits, 2, dtype=torch.float32, device=q.device) if splits > 1 else out
     attend[(b, hkv, splits)](q, k_pool, v_pool, tables, positions, out, part, stat, q.stride(0), q.stride(1),
                              k_pool.stride(0), k_pool.stride(1), tables.stride(0), out.stride(0), out.stride(1),
-                             tiles_per_split, 1.0 / math.sqrt(d), SPLITS=splits, REP=rep,
+                             1.0 / math.sqrt(d), SPLITS=splits, REP=rep,
                              REP_P=max(16, 1 << (rep - 1).bit_length()), D=d, D_P=max(16, 1 << (d - 1).bit_length()),
                              BLOCK=block_size, TILE=TILE,
                              IEEE=q.dtype == torch.float32)
