@@ -51,17 +51,26 @@ def _from_slurm() -> None:
 
 
 def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> None:
-    """Initialise the default process group if it is not yet (idempotent)."""
+    """Initialise the default process group if it is not yet (idempotent).
+
+    backend: "nccl" | "gloo"; None: $VERL_MEGA_DIST_BACKEND, else nccl where CUDA is available (one GPU per local
+    rank: ValueError when a LOCAL_RANK has none) and gloo elsewhere."""
     if dist.is_initialized():
         return
     _from_slurm()
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = backend or os.environ.get("VERL_MEGA_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"process-group backend must be nccl or gloo (VERL_MEGA_DIST_BACKEND), got {backend!r}")
     if not torch.cuda.is_available():  # CUDA_DEVICE_MAX_CONNECTIONS only orders CUDA kernels: moot here
         warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            local_rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+            if local_rank >= gpus:
+                raise ValueError(f"LOCAL_RANK={local_rank} but this machine has {gpus} CUDA device(s): nccl needs one "
+                                 f"GPU per rank; start at most {gpus} ranks per node, or run on CPU with "
+                                 f"VERL_MEGA_DIST_BACKEND=gloo")
+            torch.cuda.set_device(local_rank)
         dist.init_process_group(backend, timeout=_timeout(timeout_s))
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=_timeout(timeout_s))

@@ -64,6 +64,7 @@ depend on the batch it runs in (same inputs + same seed + same config = same tok
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Callable
 
@@ -158,6 +159,7 @@ class GenerationEngine:
         self._out_logprobs = torch.zeros(mb, self.sync_every, dtype=torch.float32, device=dev)
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._graph_pool = None
+        self._capture_stream: torch.cuda.Stream | None = None
         self._graph_weights: tuple[int, ...] = ()
         # work done (for throughput / bandwidth accounting): decode steps, rows x steps, attended
         # context tokens summed over rows and steps, prefilled tokens
@@ -582,21 +584,28 @@ class GenerationEngine:
 
     def _capture(self, key: tuple, run: Callable[[], None], warmup: Callable[[], None] | None = None
                  ) -> torch.cuda.CUDAGraph | None:
-        """Capture `run()` (graph-safe: static buffers only) in a CUDA graph stored under `key`, after two
-        `warmup()` runs (default `run`; cuBLAS handles, kernel compiles, lazy allocations); on failure warn and
-        go eager."""
+        """Capture `run()` (graph-safe: static buffers only) in a CUDA graph stored under `key`, after one
+        `warmup()` run (default `run`: cuBLAS workspace, kernel compiles, lazy allocations) on the same side
+        stream; on failure warn and go eager. Not `torch.cuda.graph`: it empties the allocator's caches (device
+        and pinned host) before every capture, and a rollout captures a graph per row bucket."""
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    (warmup or run)()
-            torch.cuda.current_stream().wait_stream(side)
+            if self._capture_stream is None:
+                self._capture_stream = torch.cuda.Stream(self.device)
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
-                run()
+            side, graph = self._capture_stream, torch.cuda.CUDAGraph()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                (warmup or run)()
+                graph.capture_begin(pool=self._graph_pool)
+                try:
+                    run()
+                except BaseException:
+                    with contextlib.suppress(Exception):  # end the broken capture; report run()'s error
+                        graph.capture_end()
+                    raise
+                graph.capture_end()
+            torch.cuda.current_stream().wait_stream(side)
         except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager decode
             warnings.warn(f"CUDA graph capture of the decode step failed ({exc!r}); decoding eagerly")
             self.use_cuda_graph = False

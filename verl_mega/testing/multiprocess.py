@@ -82,8 +82,9 @@ def _stop(processes) -> None:
 
 
 def run_distributed(fn, world_size: int, *args, timeout_s: float = 300.0, env: dict | None = None) -> list:
-    """Call `fn(*args)` on `world_size` spawned gloo ranks; return the list of results by rank."""
-    env = {"VERL_MEGA_DIST_TIMEOUT": "120", **(env or {})}
+    """Call `fn(*args)` on `world_size` spawned gloo ranks (also on a CUDA machine: the ranks outnumber its GPUs);
+    return the list of results by rank."""
+    env = {"VERL_MEGA_DIST_TIMEOUT": "120", "VERL_MEGA_DIST_BACKEND": "gloo", **(env or {})}
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(_worker, args=(world_size, free_port(), out_dir, fn, args, env, os.getpid()),
                                  nprocs=world_size, join=False, start_method="spawn")
