@@ -12,10 +12,10 @@ hook (`forced_lengths.py`: same work as a model that stops there: the row is fre
 taken by a waiting request).
 - new engine: all requests added at once (`max_batch` rows in flight, `--max-batch`, default all), with
   the gather + SDPA decode attention ("new"), the Triton paged-attention kernel ("new_paged"), that kernel with
-  the one-pass Triton sampler ("new_paged_fused", `rollout/fused_sampling.py`: the CUDA defaults, a decode
-  window of 8 steps and their sampling replayed as one CUDA graph), that with 16 decode steps per host check
-  instead of 8 ("new_paged_fused_sync16"), and that with a graph per step and sampling eager
-  ("new_paged_fused_step_graphs", `cuda_graph_window=False`); `--variants` picks some;
+  the one-pass Triton sampler ("new_paged_fused", `rollout/fused_sampling.py`: the CUDA defaults), that
+  with 16 decode steps per host check instead of 8 ("new_paged_fused_sync16"), and that with each window
+  of 8 steps and their sampling replayed as one CUDA graph ("new_paged_fused_window",
+  `cuda_graph_window=True`); `--variants` picks some;
 - static engine: one batch of prompts x n rows with max_new_tokens = the longest drawn length and
   EOS ignored: how it runs this workload (a finished row keeps its slot and is decoded until the
   whole batch ends; its extra tokens are not counted);
@@ -87,7 +87,7 @@ VARIANTS = {"new": {"attention": "gather", "sampler": "torch"},
             "new_paged": {"attention": "paged", "sampler": "torch"},
             "new_paged_fused": {"attention": "paged", "sampler": "fused"},
             "new_paged_fused_sync16": {"attention": "paged", "sampler": "fused", "sync_every": 16},
-            "new_paged_fused_step_graphs": {"attention": "paged", "sampler": "fused", "cuda_graph_window": False}}
+            "new_paged_fused_window": {"attention": "paged", "sampler": "fused", "cuda_graph_window": True}}
 
 
 def workload(args, vocab: int) -> tuple[list[list[int]], list[int]]:

@@ -62,7 +62,7 @@ def test_rollout_service_smoke(tmp_path):
     assert "tokens_per_s" in tiny["new_paged"], tiny["new_paged"]  # the Triton kernel in the interpreter
     assert "tokens_per_s" in tiny["new_paged_fused"], tiny["new_paged_fused"]  # + the one-pass sampler
     assert tiny["new_paged_fused_sync16"]["sync_every"] == 16, tiny["new_paged_fused_sync16"]
-    assert "tokens_per_s" in tiny["new_paged_fused_step_graphs"], tiny["new_paged_fused_step_graphs"]  # per-step path
+    assert "tokens_per_s" in tiny["new_paged_fused_window"], tiny["new_paged_fused_window"]  # window graphs
     grpo = report["grpo_step"]
     assert finite(grpo["hidden_fraction"])
     for mode in ("after_generation", "streaming"):

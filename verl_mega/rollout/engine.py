@@ -22,11 +22,12 @@ Decode step shapes: rows rounded up to a bucket (1, 2, 4, 8, then multiples of 1
 path also rounds the attended length up to `kv_len_bucket` tokens (the paged kernel follows each row's
 own length, so its steps take the whole block table). On CUDA the steps are replayed from
 `torch.cuda.CUDAGraph`s that read the block tables, positions and tokens from static buffers and derive
-the write/read slots and the mask on the device. Where every running row samples alike with the fused
-sampler (greedy or plain temperature, the RL case), a whole window of `sync_every` steps, their sampling
-included, is one graph (`cuda_graph_window`): the host launches once per window, the seeds of the
-window's draws are drawn beforehand into a static buffer. Otherwise each step is a graph and sampling
-runs eager after it. The host reads the sampled tokens once per window.
+the write/read slots and the mask on the device; each step is a graph and sampling runs eager after it.
+Where every running row samples alike with the fused sampler (greedy or plain temperature, the RL case),
+`cuda_graph_window` (off by default) makes a whole window of `sync_every` steps, their sampling
+included, one graph: the host launches once per window, the seeds of the window's draws are drawn
+beforehand into a static buffer (both paths draw them so, and give the same tokens). The host reads the
+sampled tokens once per window.
 
 Every rank of `tp_group` must make the same calls: the sampled tokens are identical on all of them
 (`sampling.py`), so their schedules are too.
@@ -64,7 +65,6 @@ depend on the batch it runs in (same inputs + same seed + same config = same tok
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from typing import Callable
 
@@ -159,7 +159,6 @@ class GenerationEngine:
         self._out_logprobs = torch.zeros(mb, self.sync_every, dtype=torch.float32, device=dev)
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._graph_pool = None
-        self._capture_stream: torch.cuda.Stream | None = None
         self._graph_weights: tuple[int, ...] = ()
         # work done (for throughput / bandwidth accounting): decode steps, rows x steps, attended
         # context tokens summed over rows and steps, prefilled tokens
@@ -584,28 +583,21 @@ class GenerationEngine:
 
     def _capture(self, key: tuple, run: Callable[[], None], warmup: Callable[[], None] | None = None
                  ) -> torch.cuda.CUDAGraph | None:
-        """Capture `run()` (graph-safe: static buffers only) in a CUDA graph stored under `key`, after one
-        `warmup()` run (default `run`: cuBLAS workspace, kernel compiles, lazy allocations) on the same side
-        stream; on failure warn and go eager. Not `torch.cuda.graph`: it empties the allocator's caches (device
-        and pinned host) before every capture, and a rollout captures a graph per row bucket."""
+        """Capture `run()` (graph-safe: static buffers only) in a CUDA graph stored under `key`, after two
+        `warmup()` runs (default `run`; cuBLAS handles, kernel compiles, lazy allocations); on failure warn and
+        go eager."""
         try:
-            if self._capture_stream is None:
-                self._capture_stream = torch.cuda.Stream(self.device)
-            if self._graph_pool is None:
-                self._graph_pool = torch.cuda.graph_pool_handle()
-            side, graph = self._capture_stream, torch.cuda.CUDAGraph()
+            side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                (warmup or run)()
-                graph.capture_begin(pool=self._graph_pool)
-                try:
-                    run()
-                except BaseException:
-                    with contextlib.suppress(Exception):  # end the broken capture; report run()'s error
-                        graph.capture_end()
-                    raise
-                graph.capture_end()
+                for _ in range(2):
+                    (warmup or run)()
             torch.cuda.current_stream().wait_stream(side)
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                run()
         except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager decode
             warnings.warn(f"CUDA graph capture of the decode step failed ({exc!r}); decoding eagerly")
             self.use_cuda_graph = False
