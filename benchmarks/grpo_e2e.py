@@ -123,6 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="decode attention of the rollout engine (rollout.engine.attention)")
     p.add_argument("--sampler", choices=SAMPLERS, default="auto",
                    help="token sampler of the rollout engine (rollout.engine.sampler)")
+    p.add_argument("--graph-window", choices=("on", "off"), default="off",
+                   help="rollout.engine.cuda_graph_window: a decode window (8 steps + sampling) as one CUDA graph")
     p.add_argument("--keep-cache", action="store_true",
                    help="keep the KV cache and CUDA graphs between rollouts (default: freed for training, recaptured)")
     p.add_argument("--steps", type=int, default=4)
@@ -249,6 +251,7 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
     cfg.rollout.engine.max_batch = per_dp * args.n
     cfg.rollout.engine.attention = args.attention
     cfg.rollout.engine.sampler = args.sampler
+    cfg.rollout.engine.cuda_graph_window = args.graph_window == "on"
     cfg.algorithm.kl_coef = 0.001  # > 0: a reference model (as in GRPO recipes)
     cfg.trainer.progress_bar = False
     cfg.trainer.packing = (args.packing == "on") if packing is None else packing
