@@ -1,5 +1,6 @@
-"""The two benchmarks the GPU runs use (`benchmarks/run_h200.sh`), run end to end on CPU in their `--smoke`
-mode as subprocesses (as a user runs them): they finish, write their JSON, and its figures are finite.
+"""The benchmarks the GPU runs use (`benchmarks/run_h200.sh`), run end to end on CPU in their `--smoke`
+mode as subprocesses (as a user runs them): they finish, write their JSON, and its figures are finite; and the
+CPU-only engine_host.py on a small workload.
 
 Also checks the forced response lengths reach the engine: the continuous-batching engine's generated
 tokens equal the sum of the drawn lengths (every row stopped at its forced EOS), and throughput.py's
@@ -69,6 +70,20 @@ def test_rollout_service_smoke(tmp_path):
     assert finite(grpo["hidden_fraction"])
     for mode in ("after_generation", "streaming"):
         assert finite(grpo[mode]["time/reward"]) and finite(grpo[mode]["step_seconds"])
+
+
+@pytest.mark.timeout(300)
+def test_engine_host_runs(tmp_path):
+    """benchmarks/engine_host.py (CPU only, no --smoke mode: a small workload instead): every row's forced length
+    decoded, host time per window reported."""
+    out = tmp_path / "engine_host.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "engine_host.py"), "--prompts", "4", "--n",
+                           "2", "--max-len", "40", "--repeats", "1", "--out", str(out)], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["tokens"] == run["forced_tokens"], run  # each row decoded to its forced EOS, no further
+    assert finite(run["host_ms_per_window"]) and run["host_ms_per_window"] > 0, run
 
 
 @pytest.mark.timeout(300)
