@@ -471,15 +471,9 @@ class GenerationEngine:
         self.stats["decode_context_tokens"] += k * context + b * k * (k - 1) // 2
         if params is not None and self.config.cuda_graph_window:
             self._run_window(bb, nb, params, forced is not None)
-        else:
+        else:  # a graph (or an eager forward) per step, sampling eager
             self._load_window_inputs(bb)
-            for t in range(k):
-                logits = self._decode(bb, nb)
-                tok, lp = self._sample(logits[:b], groups, None if forced is None else self._staged[:b, tw + 3 + t],
-                                       None if params is None else self._seeds[t:t + 1])
-                self._out_tokens[:b, t], self._out_logprobs[:b, t] = tok, lp
-                self._tokens[:b].copy_(tok)
-                self._positions[:b] += 1
+            self._decode_steps(b, k, lambda: self._decode(bb, nb), groups, forced is not None, params is not None)
         finished = []
         tokens, logprobs = self._out_tokens[:b, :k].tolist(), self._out_logprobs[:b, :k].tolist()  # the host sync
         for seq, toks, lps in zip(rows, tokens, logprobs):
@@ -513,15 +507,22 @@ class GenerationEngine:
         whole window of `_run_window`'s graph. Graph-safe, and a rerun changes nothing a later run reads (it
         starts from the staged inputs; each step rewrites the cache slot it reads), so warm-ups are harmless.
         Padding rows sample too (their tokens are never read)."""
-        tw = self.table_width
         self._load_window_inputs(bb)
+        self._decode_steps(bb, steps, lambda: self._decode_forward(bb, nb), {params: None}, forced, True)
+
+    def _decode_steps(self, rows: int, steps: int, forward: Callable[[], object],
+                      groups: dict[SamplingParams, torch.Tensor | None], forced: bool, seeded: bool) -> None:
+        """`steps` times: `forward()` (a decode step from the static inputs into the logits buffer), sample rows
+        [0, rows) (the staged forced ids if `forced`, the window's seeds if `seeded`), write the tokens and
+        log-probs to the static outputs' column and feed the tokens to the next step."""
+        tw = self.table_width
         for t in range(steps):
-            self._decode_forward(bb, nb)
-            tok, lp = self._sample(self._logits[:bb], {params: None}, self._staged[:bb, tw + 3 + t] if forced else None,
-                                   self._seeds[t:t + 1])
-            self._out_tokens[:bb, t], self._out_logprobs[:bb, t] = tok, lp
-            self._tokens[:bb].copy_(tok)
-            self._positions[:bb] += 1
+            forward()
+            tok, lp = self._sample(self._logits[:rows], groups, self._staged[:rows, tw + 3 + t] if forced else None,
+                                   self._seeds[t:t + 1] if seeded else None)
+            self._out_tokens[:rows, t], self._out_logprobs[:rows, t] = tok, lp
+            self._tokens[:rows].copy_(tok)
+            self._positions[:rows] += 1
 
     def _run_window(self, bb: int, nb: int, params: SamplingParams, forced: bool) -> None:
         """`_window_forward` over the whole window: one CUDA-graph replay (captured per row bucket, table width,
