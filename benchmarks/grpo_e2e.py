@@ -29,8 +29,10 @@ more warm-up step runs first: a graph first met after step 1, e.g. a micro-batch
 layout: mean seconds per phase — generate (rollout engine), reshard (HybridEngine to/from the
 inference layout, tp_g = --tp-g or tp), logprob (old + reference log-probs), update (PPO mini-batches,
 optimizer) — plus step time, tokens (prompt + response) per second per GPU and generated tokens per
-second per GPU. By default the KV cache and CUDA graphs are freed after every rollout (memory goes
-back to training) and recaptured in the next; `--keep-cache` keeps them. Rank 0 writes $OUT/grpo_e2e.json and $OUT/grpo_e2e.md (or --out DIR).
+second per GPU, and the seconds of generation spent capturing CUDA graphs. By default the KV cache is freed
+after every rollout (memory goes back to training) and the paged decode's CUDA graphs stay (they read the
+cache through its address table); `--keep-cache` keeps the cache too, `--recapture` frees the graphs with it
+(the engine before graphs survived a release: every rollout captures its graphs again). Rank 0 writes $OUT/grpo_e2e.json and $OUT/grpo_e2e.md (or --out DIR).
 """
 
 from __future__ import annotations
@@ -126,7 +128,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--graph-window", choices=("on", "off"), default="off",
                    help="rollout.engine.cuda_graph_window: a decode window (8 steps + sampling) as one CUDA graph")
     p.add_argument("--keep-cache", action="store_true",
-                   help="keep the KV cache and CUDA graphs between rollouts (default: freed for training, recaptured)")
+                   help="keep the KV cache between rollouts (default: freed for training; the CUDA graphs stay)")
+    p.add_argument("--recapture", action="store_true",
+                   help="free the CUDA graphs with the KV cache after every rollout (captured again in the next)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--profile-step", type=int, default=0,
                    help="profile this step (1-based; 0: none): GPU and host time by op/kernel to $OUT/grpo_e2e_profile.txt")
@@ -207,6 +211,16 @@ def record_lengths_stage(record: list):
     return record_lengths
 
 
+def _free_graphs(worker):
+    """A stage for after the rollout (`--recapture`): free the engine's KV cache and CUDA graphs."""
+
+    def free_graphs(batch, ctx):
+        worker.release()
+        return batch
+
+    return free_graphs
+
+
 def _reset_peak(batch, ctx):
     """Stage before the update: peak-memory counter from here (the update's own peak, not the rollout's KV cache)."""
     if torch.cuda.is_available():
@@ -273,7 +287,8 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
     record: list[dict] = []
     stages = trainer.pipeline.stages
     at = trainer.pipeline.names().index("rollout") + 1
-    stages = stages[:at] + [record_lengths_stage(record)] + stages[at:]
+    stages = stages[:at] + [record_lengths_stage(record)] + ([_free_graphs(trainer.worker)] if args.recapture else []) \
+        + stages[at:]
     at = [getattr(s, "name", None) for s in stages].index("update")
     update_peaks: list[float] = []
     trainer.pipeline = Pipeline(stages[:at] + [_reset_peak] + [stages[at]] + [_record_peak(update_peaks)]
@@ -297,12 +312,13 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
               "prompts_per_step": per_dp * layout.dp, "responses_per_step": per_dp * layout.dp * args.n,
               "packing": cfg.trainer.packing, "recompute": cfg.model.recompute,
               "max_tokens_per_micro_batch": cfg.trainer.max_tokens_per_micro_batch}
-    for key in [f"time/{p}" for p in PHASES] + ["time/step", "throughput/tokens_per_s_per_gpu",
+    for key in [f"time/{p}" for p in PHASES] + ["time/graph_capture", "time/step", "throughput/tokens_per_s_per_gpu",
                                                  "throughput/gen_tokens_per_s_per_gpu", "response_length/mean",
                                                  "update_flops"]:
         result[key] = statistics.mean(m.get(key, 0.0) for m in history) if history else None
     # each measured step's phase times: a later step faster than the first shows one-time compiles still in it
-    result["per_step"] = [{p: m.get(f"time/{p}") for p in ("generate", "logprob", "update")} for m in history]
+    result["per_step"] = [{p: m.get(f"time/{p}") for p in ("generate", "graph_capture", "logprob", "update")}
+                          for m in history]
     if history:  # per GPU: this rank's model shard runs 1 / (tp * pp) of its replica's FLOPs
         tflops = statistics.mean(m["update_flops"] / m["time/update"] for m in history) / 1e12 / (tp * pp)
         result["update_tflops_per_gpu"] = tflops

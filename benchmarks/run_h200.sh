@@ -27,9 +27,10 @@
 #                    time by cause (benchmarks/profile_gaps.py; grpo_e2e_profile.txt in summary.md; issue 14)
 #   keep_cache       grpo_e2e_ab's packed 0.5B run with the KV cache and CUDA graphs kept between steps
 #                    (rollout.free_cache=false: no graph recapture per step), against grpo_e2e_ab's packed row
-#   keep_cache_window issue 14's packed + compiled 1.5B step with the KV cache and CUDA graphs kept between steps
-#                    (--keep-cache: no recapture per step), decode windows as per-step graphs, then as one graph each
-#                    (--graph-window off / on)
+#   graph_reuse      issue 14's packed + compiled 1.5B step four ways: the KV cache freed after each rollout with the
+#                    CUDA graphs kept (the default), freed with it and recaptured every rollout (--recapture: main
+#                    before session 17), the cache kept too (--keep-cache), and the default with decode windows
+#                    as one graph each (--graph-window on)
 #   packed           grpo_e2e_ab's packed 0.5B run alone (the current tree's side of pre_offload's comparison)
 #   pre_offload      grpo_e2e_ab's packed 0.5B run on the tree before offload landed (5416edb, carried as .old/:
 #                    `mkdir .old && git archive 5416edb | tar -x -C .old`): issue 15 item 4, same call
@@ -57,7 +58,7 @@
 # the grpo_e2e.py runs' as offload_7b.json, pre_offload_0p5b.json, keep_cache_0p5b.json).
 set -u
 OUT=${OUT:?set OUT (the device tool does)}
-CORE="kernels_tests paged_tests demo rollout_service rollout_fast reward_overlap throughput trl_grpo profile_8x8 grpo_e2e_ab grpo_e2e_ab_full profile_update keep_cache keep_cache_window packed pre_offload offload_7b"
+CORE="kernels_tests paged_tests demo rollout_service rollout_fast reward_overlap throughput trl_grpo profile_8x8 grpo_e2e_ab grpo_e2e_ab_full profile_update keep_cache graph_reuse packed pre_offload offload_7b"
 MODELS="vlm_gpu_check vlm_grpo_step vlm_vision_share reward_models reward_judge agent_rollout"
 PLAN=""
 for arg in "${@:-core}"; do
@@ -128,8 +129,10 @@ for name in ("rollout_service.json", "throughput.json", "trl_grpo.json", "grpo_e
         results[os.path.relpath(path, work)] = json.load(open(path))  # e.g. "rollout/rollout_service.json"
 for folder, key in (("offload", "offload_7b.json"), ("pre_offload", "pre_offload_0p5b.json"),
                     ("keep_cache", "keep_cache_0p5b.json"), ("packed", "packed_0p5b.json"),
-                    ("keep_cache_window_off", "keep_cache_window_off.json"),
-                    ("keep_cache_window_on", "keep_cache_window_on.json"),
+                    ("graph_reuse_kept", "graph_reuse_kept.json"),
+                    ("graph_reuse_recapture", "graph_reuse_recapture.json"),
+                    ("graph_reuse_keep_cache", "graph_reuse_keep_cache.json"),
+                    ("graph_reuse_window", "graph_reuse_window.json"),
                     ("profile_update", "profile_update.json")):
     if os.path.exists(os.path.join(work, folder, "grpo_e2e.json")):
         results[key] = json.load(open(os.path.join(work, folder, "grpo_e2e.json")))
@@ -176,9 +179,12 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
     keep_cache) step keep_cache 150 python3 benchmarks/grpo_e2e.py --shape 0.5b --prompts 64 --n 8 --prompt-len 128 \
       --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 --packing on --keep-cache \
       --out "$WORK/keep_cache" ;;
-    keep_cache_window) for w in off on; do step keep_cache_window_$w 200 python3 benchmarks/grpo_e2e.py --shape 1.5b \
-      --compile --packing on --prompts 64 --n 8 --prompt-len 128 --response-len 32:1024 --max-new-tokens 1024 \
-      --max-tokens "$AB_MAX_TOKENS" --steps 3 --keep-cache --graph-window $w --out "$WORK/keep_cache_window_$w"; done ;;
+    graph_reuse) for mode in kept recapture keep_cache window; do
+        case $mode in kept) flags="" ;; recapture) flags="--recapture" ;; keep_cache) flags="--keep-cache" ;;
+          window) flags="--graph-window on" ;; esac
+        step graph_reuse_$mode 200 python3 benchmarks/grpo_e2e.py --shape 1.5b --compile --packing on --prompts 64 \
+          --n 8 --prompt-len 128 --response-len 32:1024 --max-new-tokens 1024 --max-tokens "$AB_MAX_TOKENS" --steps 3 \
+          $flags --out "$WORK/graph_reuse_$mode"; done ;;
     packed) step packed 120 python3 benchmarks/grpo_e2e.py --shape 0.5b --prompts 64 --n 8 --prompt-len 128 \
       --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 --packing on --out "$WORK/packed" ;;
     pre_offload) [[ -d .old ]] || { echo "pre_offload: .old/ not carried"; return; }

@@ -77,6 +77,55 @@ def test_paged_kernel_matches_gather_path_and_transformers(hf_dir):
     assert tokens == ref
 
 
+def release_runs(hf_dir: str, ids: list[list[int]], device: str) -> list:
+    """Two rollouts of one paged engine with `release()` (the KV cache freed, as between GRPO steps) after each:
+    per rollout (sampled tokens, their log-probs, CUDA graphs captured). The first rollout's pools
+    are kept alive and filled with NaN, so the second one's pools sit elsewhere and a stale read would show."""
+    from rollout_refs import build_engine
+
+    engine, model = build_engine(hf_dir, 1, 3, max_batch=3, device=device, attention="paged", sampler="fused",
+                                 sync_every=4)
+    model.fused_inference = False  # only the paged kernels and the sampler in the interpreter
+    runs, old_pools = [], []
+    for _ in range(2):
+        captures = engine.stats["graph_captures"]
+        sampled = engine.generate(ids, max_new_tokens=6, temperature=1.0, n=2, seed=7)
+        runs.append((sampled.responses(), sampled.response_logprobs.tolist(), engine.stats["graph_captures"] - captures))
+        old_pools += engine.cache.keys + engine.cache.values
+        engine.release()
+        for pool in old_pools:
+            pool.fill_(float("nan"))
+    return runs
+
+
+def check_release(runs: list, graphs: bool) -> None:
+    first, second = runs
+    assert first[:2] == second[:2]  # the same tokens and log-probs from the new pools
+    assert (first[2] > 0) == graphs and second[2] == 0  # no graph captured again after the release
+
+
+def test_decode_graphs_survive_a_cache_release(hf_dir):
+    """The paged kernels reach the pools through the cache's address table: after `release()` the next rollout
+    allocates new pools and gives the same outputs, and on CUDA replays the graphs of the first rollout (the
+    gather path, whose graphs read the pools themselves, drops its graphs)."""
+    ids = tokenize(hf_dir, TEXT_PROMPTS)
+    code = ("import json, sys; sys.path.insert(0, %r); import test_paged_attention as t; "
+            "print(json.dumps(t.release_runs(%r, %r, 'cpu')))" % (HERE, hf_dir, ids))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=child_env(HERE, TRITON_INTERPRET="1"), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    check_release(json.loads(out.stdout.strip().splitlines()[-1]), graphs=False)
+    if torch.cuda.is_available():
+        from rollout_refs import build_engine
+
+        check_release(release_runs(hf_dir, ids, "cuda"), graphs=True)
+        engine, _ = build_engine(hf_dir, 1, 3, device="cuda", attention="gather")
+        engine.generate(ids, max_new_tokens=4, temperature=0.0)
+        assert engine._graphs
+        engine.release()
+        assert not engine._graphs
+
+
 def test_paged_kernel_rejects_what_it_cannot_read():
     """Checked before any Triton work: int32 tables (slot offsets would overflow), GQA groups that do not divide."""
     import pytest

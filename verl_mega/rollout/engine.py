@@ -23,6 +23,9 @@ path also rounds the attended length up to `kv_len_bucket` tokens (the paged ker
 own length, so its steps take the whole block table). On CUDA the steps are replayed from
 `torch.cuda.CUDAGraph`s that read the block tables, positions and tokens from static buffers and derive
 the write/read slots and the mask on the device; each step is a graph and sampling runs eager after it.
+With the paged kernel the graphs reach the KV pools through the cache's address table, so `release()`
+(the KV cache freed for training between rollouts) keeps them: a rollout captures only the shapes
+no earlier rollout ran.
 Where every running row samples alike with the fused sampler (greedy or plain temperature, the RL case),
 `cuda_graph_window` (off by default) makes a whole window of `sync_every` steps, their sampling
 included, one graph: the host launches once per window, the seeds of the window's draws are drawn
@@ -65,6 +68,7 @@ depend on the batch it runs in (same inputs + same seed + same config = same tok
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Callable
 
@@ -161,8 +165,10 @@ class GenerationEngine:
         self._graph_pool = None
         self._graph_weights: tuple[int, ...] = ()
         # work done (for throughput / bandwidth accounting): decode steps, rows x steps, attended
-        # context tokens summed over rows and steps, prefilled tokens
-        self.stats = {"decode_steps": 0, "decode_rows": 0, "decode_context_tokens": 0, "prefill_tokens": 0}
+        # context tokens summed over rows and steps, prefilled tokens; CUDA graphs captured and the seconds
+        # their captures took (warm-up runs included)
+        self.stats = {"decode_steps": 0, "decode_rows": 0, "decode_context_tokens": 0, "prefill_tokens": 0,
+                      "graph_captures": 0, "capture_seconds": 0.0}
         # (request id, sample) -> {response token number in the current turn (0-based): forced token id}
         self._forced: dict[tuple[int, int], dict[int, int]] = {}
 
@@ -312,11 +318,15 @@ class GenerationEngine:
         rows = [[int(t) for t in p] for p in prompt_ids for _ in range(n)]
         return assemble_output(rows, list(zip(tokens, logprobs)), self.pad_token_id)
 
-    def release(self) -> None:
-        """Free the KV cache and the CUDA graphs (rebuilt on the next use); drops queued and paused requests."""
+    def release(self, graphs: bool = False) -> None:
+        """Free the KV cache (re-allocated by the next prefill); drops queued and paused requests. The CUDA
+        graphs stay where decode reads the cache through its address table (`attention="paged"`: the graphs
+        hold the table, not the pools), unless `graphs`; the gather path's graphs read the pools and are
+        always freed. Freed graphs are captured again on the next use."""
         self.cache.release()
-        self._graphs.clear()
-        self._graph_pool = None
+        if graphs or self.attention != "paged":
+            self._graphs.clear()
+            self._graph_pool = None
         self._forced.clear()  # scripts of dropped requests (request ids restart with the new scheduler)
         cfg = self.config
         self.scheduler = Scheduler(max_batch=cfg.max_batch, num_blocks=self.cache.num_blocks,
@@ -587,6 +597,7 @@ class GenerationEngine:
         """Capture `run()` (graph-safe: static buffers only) in a CUDA graph stored under `key`, after two
         `warmup()` runs (default `run`; cuBLAS handles, kernel compiles, lazy allocations); on failure warn and
         go eager."""
+        start = time.perf_counter()
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -604,6 +615,8 @@ class GenerationEngine:
             self.use_cuda_graph = False
             return None
         self._graphs[key] = graph
+        self.stats["graph_captures"] += 1
+        self.stats["capture_seconds"] += time.perf_counter() - start  # torch.cuda.graph syncs on exit
         return graph
 
     # ------------------------------------------------------------------ sampling

@@ -61,7 +61,9 @@ class PagedKVCache:
     `set_view(write_slots, read_slots)` before a forward: write_slots [B * S_new] int64 (the slot of
     every new token, row-major; padding tokens -> slot 0), read_slots [B, kv_len] int64 (the slots
     each row attends over, in position order). Pools are allocated lazily at the first `update`
-    with the keys' head count, head size and dtype.
+    with the keys' head count, head size and dtype; `addresses` [layers, 2] int64 on the device holds their
+    data pointers (K, V) and outlives them: the paged decode kernels read the pools through it, so CUDA
+    graphs of paged decode steps survive `release` (`paged_attention.py`, "Pools by address").
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, device: torch.device | str):
@@ -76,6 +78,7 @@ class PagedKVCache:
         self.read_slots: torch.Tensor | None = None
         self.tables: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
+        self.addresses = torch.zeros(num_layers, 2, dtype=torch.int64, device=self.device)
 
     def set_view(self, write_slots: torch.Tensor, read_slots: torch.Tensor | None,
                  tables: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> None:
@@ -91,12 +94,15 @@ class PagedKVCache:
         `update` and SDPA)."""
         if self.tables is None:
             return None
-        from verl_mega.rollout.paged_attention import paged_decode_attention  # lazy: Triton imported on use
+        from verl_mega.rollout.paged_attention import paged_decode_attention, paged_write  # lazy: Triton on use
 
-        self._write(layer_idx, k, v)
+        if self.keys[layer_idx] is None:
+            raise RuntimeError("a paged decode step needs the KV pools: prefill allocates them")
+        k_pool, v_pool = self.keys[layer_idx], self.values[layer_idx]
+        paged_write(k[:, :, 0], v[:, :, 0], self.write_slots, k_pool, v_pool, self.addresses, layer_idx)
         b, hq, _, d = q.shape
-        out = paged_decode_attention(q[:, :, 0], self.keys[layer_idx], self.values[layer_idx], self.tables,
-                                     self.positions, self.block_size)  # [B, Hq, D]
+        out = paged_decode_attention(q[:, :, 0], k_pool, v_pool, self.tables, self.positions, self.block_size,
+                                     self.addresses, layer_idx)  # [B, Hq, D]
         return out.reshape(b, 1, hq * d)
 
     def _write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -106,6 +112,8 @@ class PagedKVCache:
             # zeros, not empty: masked slots are still multiplied by 0 probabilities; NaN garbage would poison them
             self.keys[layer_idx] = torch.zeros(shape, dtype=k.dtype, device=self.device)
             self.values[layer_idx] = torch.zeros(shape, dtype=k.dtype, device=self.device)
+            self.addresses[layer_idx] = torch.tensor([self.keys[layer_idx].data_ptr(),
+                                                      self.values[layer_idx].data_ptr()], dtype=torch.int64)
         k_pool, v_pool = self.keys[layer_idx], self.values[layer_idx]
         assert self.write_slots.shape[0] == b * s, (tuple(k.shape), tuple(self.write_slots.shape))
         k_pool.index_copy_(0, self.write_slots, k.transpose(1, 2).reshape(b * s, hkv, d).to(k_pool.dtype))
@@ -132,6 +140,7 @@ class PagedKVCache:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
 
     def release(self) -> None:
-        """Drop the pools (e.g. before the HybridEngine switches back to training)."""
+        """Drop the pools (e.g. before the HybridEngine switches back to training); `addresses` stays (rewritten
+        when the pools are allocated again)."""
         self.keys = [None] * self.num_layers
         self.values = [None] * self.num_layers

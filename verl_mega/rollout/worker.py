@@ -38,7 +38,7 @@ class RolloutResult:
 
     responses: list[list[int]]  # generated token ids per row (the stop token included)
     logprobs: list[list[float]]  # sampler log-probs per generated token
-    timings: dict[str, float] = field(default_factory=dict)  # "reshard" and "generate" seconds
+    timings: dict[str, float] = field(default_factory=dict)  # "reshard", "generate" and (within it) "graph_capture" s
 
 
 @dataclass
@@ -88,7 +88,8 @@ class RolloutWorker:
     eos_token_ids / pad_token_id: the model's stop tokens and pad id (`frontend.stop_ids`).
     tp_g: the generation tensor-parallel size the weights are handed over at (for the owner's bookkeeping).
     engine_config: sizes and switches of the generation engine (`EngineConfig`).
-    free_cache: release the KV cache (and CUDA graphs) after each call, leaving the memory to training.
+    free_cache: release the KV cache after each call, leaving the memory to training (the engine keeps the CUDA
+    graphs that read the cache through its address table: `GenerationEngine.release`).
     """
 
     def __init__(self, weights, *, eos_token_ids, pad_token_id: int, tp_g: int | None = None,
@@ -132,10 +133,13 @@ class RolloutWorker:
         if eos_at is not None and len(eos_at) != len(prompt_ids) * n:
             raise ValueError(f"eos_at has {len(eos_at)} lengths for {len(prompt_ids)} prompts x n={n} rows")
 
+        capture_s = []
+
         def run(model, first: int, mine: list[list[int]]) -> list:
             seq_len, rows = max(map(len, mine)) + max_new_tokens, len(mine) * n
             one_off = engine_config is not None and engine_config != self.engine_config
             engine = self._build(model, engine_config, seq_len, rows) if one_off else self.engine(model, seq_len, rows)
+            captured = engine.stats["capture_seconds"]
             callback = None
             if on_finish is not None:
                 def callback(row, ids, lps, offset=first * n):
@@ -147,11 +151,13 @@ class RolloutWorker:
                 ignore_eos=ignore_eos, on_finish=callback,
                 eos_at=None if eos_at is None else eos_at[first * n:(first + len(mine)) * n],
                 images=None if images is None else images[first:first + len(mine)])
+            capture_s.append(engine.stats["capture_seconds"] - captured)
             if self.free_cache or one_off:
                 engine.release()
             return list(zip(responses, logprobs))
 
         rows, timings = self.run_on_replicas(prompt_ids, run)
+        timings["graph_capture"] = sum(capture_s)  # inside "generate"
         return RolloutResult(responses=[r for r, _ in rows], logprobs=[lp for _, lp in rows], timings=timings)
 
     def run_on_replicas(self, prompt_ids: list[list[int]], run: Callable[[torch.nn.Module, int, list[list[int]]], list]
@@ -214,4 +220,4 @@ class RolloutWorker:
     def release(self) -> None:
         """Free the engine's KV cache and CUDA graphs (rebuilt on the next call)."""
         if self._engine is not None:
-            self._engine.release()
+            self._engine.release(graphs=True)

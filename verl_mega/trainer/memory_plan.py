@@ -33,7 +33,8 @@ SDPA output and its reshaped copy: 5 b h'; the fp32 log-sum-exp), SwiGLU (gate, 
 Phases: rollout (weights + KV cache + training state unless handed over + reference),
 logprob (forward-only passes of actor and reference: one layer's forward activations at a time),
 update (weights + grads + optimizer + activations + log-prob chunk + reference if resident); logprob and update
-also hold the KV cache when it is kept between rollouts (`keep_kv_cache`).
+also hold the generation engine's buffers (its [rows, V] fp32 logits and its decode CUDA graphs' memory,
+kept between rollouts) and the KV cache when it is kept between rollouts (`keep_kv_cache`).
 Simplifications: allocator fragmentation is not modelled (callers keep `headroom`); the critic is
 counted as a second actor when present.
 """
@@ -288,13 +289,16 @@ def plan_memory(cfg, par: Parallelism, work: Workload, offload: Offload, *, para
     train_state = {"grads": 0 if handed else grads, "optimizer": 0 if handed else optimizer}
     fwd = tokens * forward_bytes_per_token_layer(cfg, tp, b) + mask + tokens * cfg.hidden_size * b * 2
 
+    # held by the generation engine between rollouts: its [rows, V] fp32 logits buffer and the private memory of
+    # its decode CUDA graphs (kept across rollouts: a decode step's head output [rows, V] and one layer's transients)
+    engine = (4 + b) * rows * cfg.padded_vocab_size(tp_g) // tp_g + rows * forward_bytes_per_token_layer(cfg, tp_g, b)
     phases = {
         "rollout": {"weights": weights + inference_extra, **train_state, "reference": ref, "kv_cache": kv,
                     "activations": rollout_act},
         "logprob": {"weights": weights, "grads": grads, "optimizer": optimizer, "reference": ref,
-                    "activations": fwd, "logprob_chunk": chunk},
+                    "activations": fwd, "logprob_chunk": chunk, "engine": engine},
         "update": {"weights": weights, "grads": grads, "optimizer": optimizer, "reference": ref,
-                   "activations": activations + logprob_io, "logprob_chunk": chunk},
+                   "activations": activations + logprob_io, "logprob_chunk": chunk, "engine": engine},
     }
     if work.keep_kv_cache:  # not freed after the rollout: training runs beside it
         phases["logprob"]["kv_cache"] = phases["update"]["kv_cache"] = kv

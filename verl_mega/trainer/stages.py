@@ -512,7 +512,7 @@ def _timing_metrics(batch: RLBatch, ctx) -> dict[str, float]:
     """Per-phase seconds and generated tokens per second per GPU (rank) of this step."""
     t = batch.timings
     out = {f"time/{k}": float(v) for k, v in t.items()}
-    total = sum(v for k, v in t.items() if k not in ("generate", "reshard"))  # those two are inside "rollout"
+    total = sum(v for k, v in t.items() if k not in ("generate", "reshard", "graph_capture"))  # inside "rollout"
     out["time/step"] = total
     world = ctx.layout.world_size
     generated = batch.metrics["response_length/tokens"]
