@@ -1,6 +1,6 @@
 """Memory planner: the estimate of a tiny CPU training run against its measured peak; early, explicit
 failure (with the knobs) for a run that cannot fit; `offload.auto`; the 7B shape's arithmetic; keeping the
-KV cache between rollouts (`rollout.free_cache` null) only where training fits beside it.
+KV cache between rollouts (`rollout.free_cache` null) only for the gather decode path, where training fits beside it.
 
 How the CPU peak is measured: torch allocates CPU tensor storage through its own allocator
 (c10 `alloc_cpu`, posix_memalign), not through Python's allocator, so `tracemalloc` does not see
@@ -176,15 +176,16 @@ def test_a_kept_kv_cache_is_planned_through_training():
     assert kept.peak == freed.peak + kv  # the update phase is the peak of both
 
 
-def _plan(free_cache, memory_gib):
+def _plan(free_cache, memory_gib, attention="auto", device="cpu"):
     from verl_mega.trainer.memory_plan import plan_for_config
 
     cfg = TrainerConfig()
     cfg.model.path, cfg.rollout.free_cache, cfg.offload.memory_gib = "/m", free_cache, memory_gib
-    return plan_for_config(cfg, TINY, Layout.create(1, 1, 1), "cpu", 4)[1]
+    cfg.rollout.engine.attention = attention
+    return plan_for_config(cfg, TINY, Layout.create(1, 1, 1), device, 4)[1]
 
 
-def test_free_cache_auto_keeps_the_cache_only_where_training_fits_beside_it():
+def test_free_cache_auto_keeps_the_cache_only_for_gather_graphs_where_training_fits_beside_it():
     freed, kept = _plan(True, 100.0), _plan(False, 100.0)
     assert not freed.keep_kv_cache and kept.keep_kv_cache and kept.peak > freed.peak
     assert _plan(None, 100.0).keep_kv_cache  # plenty of memory: kept (no CUDA-graph recapture per rollout)
@@ -192,6 +193,9 @@ def test_free_cache_auto_keeps_the_cache_only_where_training_fits_beside_it():
     assert not _plan(None, between).keep_kv_cache  # training needs the cache's memory: freed after each rollout
     assert not _plan(None, None).keep_kv_cache  # no capacity to plan against (CPU): freed, as before
     assert _plan(False, None).keep_kv_cache  # the config's explicit choice stands
+    # the paged kernels' graphs survive a freed cache: auto frees it (CUDA's default attention, or paged asked for)
+    assert not _plan(None, 100.0, device="cuda").keep_kv_cache and not _plan(None, 100.0, "paged").keep_kv_cache
+    assert _plan(None, 100.0, "gather", "cuda").keep_kv_cache and _plan(False, 100.0, "paged").keep_kv_cache
 
 
 def test_free_cache_auto_frees_where_generation_runs_on_regathered_weights():

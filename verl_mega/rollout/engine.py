@@ -117,8 +117,7 @@ class GenerationEngine:
         # its 64-token tile), torch ops elsewhere
         triton_runs = use_triton(next(model.parameters()))  # (on CPU only under TRITON_INTERPRET=1)
         triton_here = self.device.type == "cuda" and triton_runs
-        paged_fits = triton_here and TILE % config.block_size == 0
-        self.attention = config.attention if config.attention != "auto" else ("paged" if paged_fits else "gather")
+        self.attention = config.decode_attention(triton_here)
         self.sampler = config.sampler if config.sampler != "auto" else ("fused" if triton_here else "torch")
         for key, value, other in (("attention", "paged", "gather"), ("sampler", "fused", "torch")):
             if getattr(self, key) == value and not triton_runs:

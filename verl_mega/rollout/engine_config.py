@@ -11,6 +11,7 @@ from typing import Optional
 
 
 ATTENTION = ("auto", "gather", "paged")
+PAGED_TILE = 64  # tokens per K/V tile of the paged decode kernel (`paged_attention.py`); block_size must divide it
 SAMPLERS = ("auto", "torch", "fused")
 
 
@@ -26,7 +27,7 @@ class EngineConfig:
     kv_len_bucket: int = 64  # attention="gather": decode attends over the gathered blocks rounded up to this many tokens (the paged kernel reads each row's own length)
     sync_every: Optional[int] = None  # decode steps per host check (finished rows, joins); None: 8 on CUDA, 1 on CPU
     cuda_graph: bool = True  # capture decode steps in CUDA graphs (CUDA models only; ignored on CPU)
-    cuda_graph_window: bool = False  # where the fused sampler draws every row alike (greedy / temperature): a whole decode window (sync_every steps and their sampling) as one CUDA graph, one launch per window (+2% decode tokens/s at 0.5B on an H100, but each capture costs about 5x a step graph's: a loss where graphs are recaptured per rollout, as in a GRPO step that frees its KV cache); False: a graph per step, sampling eager
+    cuda_graph_window: bool = False  # where the fused sampler draws every row alike (greedy / temperature): a whole decode window (sync_every steps and their sampling) as one CUDA graph, one launch per window (+2% decode tokens/s at 0.5B on an H100 in the rollout benchmark, none in a 1.5B GRPO step; a window capture costs about 5x a step graph's); False: a graph per step, sampling eager
     share_prefix: bool = True  # the n samples of a prompt prefill it once and read the same prompt blocks
     attention: str = "auto"  # decode attention: "gather" (blocks copied for SDPA; every device) | "paged" (Triton flash-decoding on the blocks in place; CUDA) | "auto" (paged on CUDA, gather elsewhere)
     sampler: str = "auto"  # token sampling: "torch" (every device) | "fused" (one Triton pass over the logits for greedy / temperature sampling; top-k / top-p stay on torch; CUDA) | "auto" (fused on CUDA, torch elsewhere)
@@ -44,6 +45,13 @@ class EngineConfig:
         if self.max_tokens < self.block_size:
             raise ValueError(f"engine config max_tokens={self.max_tokens} is smaller than one block "
                              f"(block_size={self.block_size})")
+
+    def decode_attention(self, triton_on_cuda: bool) -> str:
+        """The decode attention this config runs: `attention`, or for "auto" "paged" where Triton runs on CUDA
+        and block_size divides the paged kernel's tile, "gather" elsewhere."""
+        if self.attention != "auto":
+            return self.attention
+        return "paged" if triton_on_cuda and PAGED_TILE % self.block_size == 0 else "gather"
 
     def resized(self, *, max_seq_len: int) -> "EngineConfig":
         """A copy whose max_seq_len covers `max_seq_len` (rounded up to a multiple of 64)."""

@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from verl_mega.kernels.dispatch import sm_count
+from verl_mega.rollout.engine_config import PAGED_TILE
 
-TILE = 64  # tokens per loaded K/V tile (a multiple of the block size; >= 16 for tl.dot)
+TILE = PAGED_TILE  # tokens per loaded K/V tile (a multiple of the block size; >= 16 for tl.dot)
 MIN_PROGRAMS_PER_SM = 2  # split the context until rows x heads x splits reaches this many programs per SM
 MAX_SPLITS = 64  # the merge kernel holds [splits, head_dim] float32 per program: more would spill registers
 

@@ -57,7 +57,7 @@ class RolloutSection:
     top_k: int = 0  # top-k sampling (0 = off)
     top_p: float = 1.0  # nucleus sampling (1 = off)
     engine: EngineConfig = field(default_factory=EngineConfig)  # generation engine sizes (rollout.engine.max_batch, ...)
-    free_cache: Optional[bool] = None  # free the KV cache after each rollout, leaving the memory to training (the paged decode's CUDA graphs stay); null: only when the memory plan needs it (kept on CUDA when training fits beside it)
+    free_cache: Optional[bool] = None  # free the KV cache after each rollout, leaving the memory to training (the paged decode's CUDA graphs stay); null: freed, except with the gather decode attention (whose graphs a freed cache would invalidate) where the memory plan shows training fits beside it
     stream_rewards: bool = True  # score each response as soon as it finishes (reward time overlaps generation)
     reward_workers: int = 32  # concurrent reward calls (threads)
     tools: List[Any] = field(default_factory=list)  # multi-turn tool use: verl_mega.tools.build_tools specs ([{name: code_interpreter}]); empty = single-turn

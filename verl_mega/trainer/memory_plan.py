@@ -356,8 +356,9 @@ def plan_for_config(cfg, model_config, layout, device, param_bytes: int) -> tupl
     memory), and a plan that fits has its table printed by rank 0; without one (CPU) the table is only logged.
     `plan.keep_kv_cache` says whether the rollout's KV cache stays allocated through training: the config's
     `rollout.free_cache` false, or with free_cache null (auto) when generation runs on the training weights
-    (tp_g = tp, pp = 1) and the plan with the cache kept fits the capacity with the same offload switches (never
-    without a capacity, e.g. on CPU)."""
+    (tp_g = tp, pp = 1) with the gather decode attention (whose CUDA graphs a freed cache would invalidate) and
+    the plan with the cache kept fits the capacity with the same offload switches (never without a capacity,
+    e.g. on CPU)."""
     t, r, o = cfg.trainer, cfg.rollout, cfg.offload
     seq = cfg.data.max_prompt_length + r.max_new_tokens
     rows_per_update = (t.mini_batch_size or t.rollout_batch_size) * r.n_samples
@@ -379,8 +380,11 @@ def plan_for_config(cfg, model_config, layout, device, param_bytes: int) -> tupl
         choice = Offload(optimizer=o.optimizer, reference=o.reference, grads=o.grads)
     plan = plan_memory(model_config, par, work, choice, param_bytes=param_bytes, reference=reference, critic=critic)
     resharded = (par.tp_g or par.tp) != par.tp or par.pp > 1  # generation on regathered weights: new addresses
-    # each rollout, so the engine (and its graphs) is rebuilt anyway and keeping its cache would only hold memory
-    if r.free_cache is None and capacity is not None and not resharded:  # auto: keep (no graph recapture per step)
+    # each rollout, so the engine (and its graphs) is rebuilt anyway and keeping its cache would only hold memory;
+    # the paged kernels' CUDA graphs survive a freed cache (engine.release), so keeping it there gains nothing
+    # either (a 1.5B GRPO step on an H100: 17.33 s kept, 17.48 s freed; results/h100_2026-12-06c)
+    attention = r.engine.decode_attention(str(device).startswith("cuda"))
+    if r.free_cache is None and capacity is not None and not resharded and attention == "gather":  # auto: keep
         kept = plan_memory(model_config, par, replace(work, keep_kv_cache=True), choice, param_bytes=param_bytes,
                            reference=reference, critic=critic)  # only where that needs no further offload
         if kept.fits(capacity, host_capacity):
