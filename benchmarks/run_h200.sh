@@ -25,8 +25,6 @@
 #                    PROFILE_SHAPE, default 1.5b): one measured step after two warm-ups (the compiled run's extra
 #                    one included), then one profiled step: per stage and per kernel, and each stage's GPU idle
 #                    time by cause (benchmarks/profile_gaps.py; grpo_e2e_profile.txt in summary.md; issue 14)
-#   keep_cache       grpo_e2e_ab's packed 0.5B run with the KV cache and CUDA graphs kept between steps
-#                    (rollout.free_cache=false: no graph recapture per step), against grpo_e2e_ab's packed row
 #   graph_reuse      issue 14's packed + compiled 1.5B step four ways: the KV cache freed after each rollout with the
 #                    CUDA graphs kept (the default), freed with it and recaptured every rollout (--recapture: main
 #                    before session 17), the cache kept too (--keep-cache), and the default with decode windows
@@ -55,10 +53,10 @@
 # Writes 4 files under $OUT (5 with throughput.png), rewritten after every step (a time-out keeps what finished): summary.md (step
 # table + every markdown table + the TRL ratio), logs.txt (all logs), steps.json (rc and seconds per step),
 # results.json (every step's JSON report, keyed by its path under the work folder, e.g. rollout/rollout_service.json;
-# the grpo_e2e.py runs' as offload_7b.json, pre_offload_0p5b.json, keep_cache_0p5b.json).
+# the grpo_e2e.py runs' as offload_7b.json, pre_offload_0p5b.json, graph_reuse_*.json).
 set -u
 OUT=${OUT:?set OUT (the device tool does)}
-CORE="kernels_tests paged_tests demo rollout_service rollout_fast reward_overlap throughput trl_grpo profile_8x8 grpo_e2e_ab grpo_e2e_ab_full profile_update keep_cache graph_reuse packed pre_offload offload_7b"
+CORE="kernels_tests paged_tests demo rollout_service rollout_fast reward_overlap throughput trl_grpo profile_8x8 grpo_e2e_ab grpo_e2e_ab_full profile_update graph_reuse packed pre_offload offload_7b"
 MODELS="vlm_gpu_check vlm_grpo_step vlm_vision_share reward_models reward_judge agent_rollout"
 PLAN=""
 for arg in "${@:-core}"; do
@@ -128,7 +126,7 @@ for name in ("rollout_service.json", "throughput.json", "trl_grpo.json", "grpo_e
     for path in glob.glob(os.path.join(work, "**", name), recursive=True):
         results[os.path.relpath(path, work)] = json.load(open(path))  # e.g. "rollout/rollout_service.json"
 for folder, key in (("offload", "offload_7b.json"), ("pre_offload", "pre_offload_0p5b.json"),
-                    ("keep_cache", "keep_cache_0p5b.json"), ("packed", "packed_0p5b.json"),
+                    ("packed", "packed_0p5b.json"),
                     ("graph_reuse_kept", "graph_reuse_kept.json"),
                     ("graph_reuse_recapture", "graph_reuse_recapture.json"),
                     ("graph_reuse_keep_cache", "graph_reuse_keep_cache.json"),
@@ -176,9 +174,6 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
       --out "$WORK/profile_update" ;;
     reward_overlap) step reward_overlap 150 python3 benchmarks/rollout_service.py --shapes '' --no-hf \
       --grpo-shape qwen2.5-0.5b --out-dir "$WORK/reward_overlap" ;;
-    keep_cache) step keep_cache 150 python3 benchmarks/grpo_e2e.py --shape 0.5b --prompts 64 --n 8 --prompt-len 128 \
-      --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 --packing on --keep-cache \
-      --out "$WORK/keep_cache" ;;
     graph_reuse) for mode in kept recapture keep_cache window; do
         case $mode in kept) flags="" ;; recapture) flags="--recapture" ;; keep_cache) flags="--keep-cache" ;;
           window) flags="--graph-window on" ;; esac

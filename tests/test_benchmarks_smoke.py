@@ -136,3 +136,16 @@ def test_reshard_benchmark_layouts(tmp_path):
     assert [r["transition"].split(" ")[0] for r in results] == ["tp=2,pp=1", "tp=4,pp=1", "tp=1,pp=2"]
     assert results[0]["verified"] and results[2]["verified"] and "num_kv_heads" in results[1]["skipped"]
     assert all(finite(r["ratio_hybrid_over_allgather"]) for r in (results[0], results[2]))
+
+
+@pytest.mark.timeout(300)
+def test_grpo_e2e_smoke(tmp_path):
+    # packed micro-batches, forced lengths and --recapture (the engine's graphs freed after every rollout: the
+    # baseline of run_h200.sh graph_reuse; on CPU there are no graphs, so nothing is captured)
+    run_benchmark("grpo_e2e.py", "--device", "cpu", "--packing", "on", "--response-len", "2:8", "--max-tokens", "64",
+                  "--recapture", "--out", str(tmp_path), out_dir=tmp_path)
+    (result,) = json.loads((tmp_path / "grpo_e2e.json").read_text())["results"]
+    for key in ("time/generate", "time/logprob", "time/update", "time/step", "throughput/tokens_per_s_per_gpu"):
+        assert finite(result[key]) and result[key] > 0, (key, result[key])
+    assert result["time/graph_capture"] == 0 and result["packing"] is True
+    assert 2 <= result["response_length/mean"] <= 8
