@@ -153,7 +153,7 @@ class RolloutWorker:
                 images=None if images is None else images[first:first + len(mine)])
             capture_s.append(engine.stats["capture_seconds"] - captured)
             if self.free_cache or one_off:
-                engine.release()
+                engine.release(graphs=one_off)
             return list(zip(responses, logprobs))
 
         rows, timings = self.run_on_replicas(prompt_ids, run)
@@ -198,7 +198,7 @@ class RolloutWorker:
         if (engine is None or self._engine_key != key or engine.max_seq_len < seq_len
                 or engine.config.max_tokens < self._kv_tokens(self.engine_config, seq_len, rows)):
             if engine is not None:
-                engine.release()
+                engine.release(graphs=True)  # replaced: its graphs' memory goes now, not when it is collected
                 seq_len = max(seq_len, engine.max_seq_len)
                 rows = max(rows, engine.config.max_tokens // seq_len)
             self._engine = self._build(model, self.engine_config, seq_len, rows)
