@@ -77,11 +77,10 @@ import torch
 import torch.distributed as dist
 
 from verl_mega.kernels.dispatch import use_triton
-from verl_mega.rollout.engine_config import EngineConfig
+from verl_mega.rollout.engine_config import PAGED_TILE, EngineConfig
 from verl_mega.rollout.images import PromptImages, encode_pending, image_token_ids
 from verl_mega.rollout.kv_cache import PagedKVCache
 from verl_mega.rollout.output import GenerationOutput, assemble_output
-from verl_mega.rollout.paged_attention import TILE
 from verl_mega.rollout.sampling import SamplingParams, gather_vocab_logits, sample_tokens
 from verl_mega.rollout.scheduler import Finished, RequestParams, Scheduler, Sequence
 
@@ -123,8 +122,8 @@ class GenerationEngine:
             if getattr(self, key) == value and not triton_runs:
                 raise ValueError(f"engine config {key}={value!r} runs a Triton kernel: it needs a CUDA model "
                                  f"(or TRITON_INTERPRET=1 on CPU); use {key}={other!r}")
-        if self.attention == "paged" and TILE % config.block_size:
-            raise ValueError(f"engine config attention='paged' needs a block_size dividing {TILE}, got "
+        if self.attention == "paged" and PAGED_TILE % config.block_size:
+            raise ValueError(f"engine config attention='paged' needs a block_size dividing {PAGED_TILE}, got "
                              f"{config.block_size}; use attention='gather' or another block_size")
         self._sample_tokens = sample_tokens
         if self.sampler == "fused":
