@@ -62,7 +62,7 @@ from verl_mega.parallel import Layout
 from verl_mega.parallel.dist import device as comm_device
 from verl_mega.parallel.dist import init_distributed
 from verl_mega.trainer import PPOTrainer, TrainerConfig
-from verl_mega.trainer.memory_plan import GIB
+from verl_mega.trainer.memory_plan import GIB, plan_for_config, usable_device_bytes
 from verl_mega.trainer.stages import Pipeline
 
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
@@ -85,6 +85,26 @@ PHASES = ("generate", "reshard", "logprob", "update")
 EOS_ID = 2
 
 
+BUDGETS = (32768, 16384, 8192, 4096)  # --max-tokens auto's candidates, largest first
+# --max-tokens auto keeps each plan within this share of the usable memory: the planner underestimated the padded
+# 0.5B update by 17% (22.8 GiB planned, 27.4 measured on an H100, results/h100_2026-12-06c) and the packed one
+# over-estimates it by 10% (21.4 planned, 19.4 measured)
+PLAN_MARGIN = 0.8
+
+
+def token_budget(text: str) -> int | str:
+    """--max-tokens: a positive token count or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive token count or 'auto', got {text!r}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -101,8 +121,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="LO:HI: each response ends with EOS at a length drawn uniformly from [LO, HI] (seeded per "
                         "step and dp rank), forced during generation (forced_lengths.py), so generation and the "
                         "training passes see a realistic length spread; default: as generated")
-    p.add_argument("--max-tokens", type=int, default=None,
-                   help="trainer.max_tokens_per_micro_batch of the packed runs (default: --micro-batch sequences)")
+    p.add_argument("--max-tokens", type=token_budget, default=None,
+                   help="trainer.max_tokens_per_micro_batch of the packed runs (default: --micro-batch sequences); "
+                        "auto: per shape the largest of " + "/".join(map(str, BUDGETS)) + " whose memory plans fit "
+                        "this device, for the packed runs and for padded ones of budget // --max-new-tokens "
+                        "sequences (which the padded runs then use instead of --micro-batch)")
     p.add_argument("--packing", choices=("on", "off"), default="on", help="trainer.packing (single-variant runs)")
     p.add_argument("--recompute", choices=("none", "selective", "full"), default="none")
     p.add_argument("--compile", action="store_true", help="model.compile: torch.compile'd layers in the training passes")
@@ -247,39 +270,92 @@ def update_flops(config: ModelConfig, model, step: dict) -> float:
     return 6 * body * step["tokens"] + 6 * embed * step["response_tokens"] + attention
 
 
-def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool | None = None,
-               recompute: str | None = None, compile_layers: bool = False) -> dict:
-    """Build actor + trainer for one layout, run the steps, return mean phase timings and throughput."""
-    layout = Layout.create(tp, pp)
-    dtype = torch.float32 if args.tiny else torch.bfloat16
-    shape = shape or (TINY if args.tiny else SHAPES[args.shape])
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    actor = build_actor(shape, layout, dtype)
-    per_dp = max(1, args.prompts // layout.dp)
+def trainer_config(args, per_dp: int, packing: bool, recompute: str, compile_layers: bool,
+                   max_tokens: int | None, micro_batch: int) -> TrainerConfig:
+    """The run's whole TrainerConfig (GRPO with a reference model): what the trainer is built from and what
+    `--max-tokens auto` plans with. max_tokens: the packed runs' token budget; micro_batch: sequences per
+    padded forward/backward."""
     cfg = TrainerConfig()
     cfg.model.dtype = "float32" if args.tiny else "bfloat16"
-    cfg.model.recompute = recompute or args.recompute
-    cfg.model.compile = compile_layers or args.compile
+    cfg.model.recompute, cfg.model.compile = recompute, compile_layers
     cfg.data.max_prompt_length = args.prompt_len
-    cfg.rollout.engine.max_batch = per_dp * args.n
-    cfg.rollout.engine.attention = args.attention
-    cfg.rollout.engine.sampler = args.sampler
-    cfg.rollout.engine.cuda_graph_window = args.graph_window == "on"
+    cfg.algorithm.name = "grpo"
     cfg.algorithm.kl_coef = 0.001  # > 0: a reference model (as in GRPO recipes)
-    cfg.trainer.progress_bar = False
-    cfg.trainer.packing = (args.packing == "on") if packing is None else packing
-    cfg.trainer.max_tokens_per_micro_batch = args.max_tokens if cfg.trainer.packing else None
+    r = cfg.rollout
+    r.n_samples, r.max_new_tokens, r.temperature = args.n, args.max_new_tokens, 1.0
+    r.engine.max_batch = per_dp * args.n
+    r.engine.attention, r.engine.sampler = args.attention, args.sampler
+    r.engine.cuda_graph_window = args.graph_window == "on"
+    r.free_cache = not args.keep_cache
+    t = cfg.trainer
+    t.rollout_batch_size, t.num_epochs, t.progress_bar = per_dp, 1, False
+    t.micro_batch_size, t.mini_batch_size = micro_batch, max(1, per_dp // args.mini_batches)
+    t.packing = packing
+    t.max_tokens_per_micro_batch = max_tokens if packing else None
+    cfg.optim.lr = 1e-6
     cfg.parallel.tp_g = args.tp_g
-    cfg.rollout.free_cache = not args.keep_cache
     o = cfg.offload
     o.optimizer, o.reference, o.grads, o.auto = (args.offload_optimizer, args.offload_reference, args.offload_grads,
                                                  args.offload_auto)
     o.memory_gib = args.memory_gib
-    trainer = PPOTrainer(actor, reward_fn=even_token_reward, algorithm="grpo", rollout_batch_size=per_dp,
-                         n_samples=args.n, max_new_tokens=args.max_new_tokens, temperature=1.0, lr=1e-6,
-                         micro_batch_size=args.micro_batch, mini_batch_size=max(1, per_dp // args.mini_batches),
-                         num_epochs=1, config=cfg)
+    return cfg
+
+
+def auto_token_budget(args, shape: dict, variants: list[tuple[bool, str, bool]], layout: Layout) -> int:
+    """`--max-tokens auto`: the largest of BUDGETS for which the trainer's memory plan (`plan_for_config`) of every
+    variant (packing, recompute, compile) fits PLAN_MARGIN of this device's usable memory, packed with that many tokens per micro-batch and padded
+    with budget // max_new_tokens sequences; the smallest where none fits or nothing is known of the device (CPU
+    without --memory-gib). Tiny CPU runs: 40 tokens."""
+    if args.tiny:
+        return 40
+    device = comm_device()
+    capacity = usable_device_bytes(device, args.memory_gib)
+    if capacity is None:
+        return BUDGETS[-1]
+    config = ModelConfig(**shape, hf_extra={"eos_token_id": EOS_ID})
+    per_dp = max(1, args.prompts // layout.dp)
+    for budget in BUDGETS:
+        plans = []
+        for packing, recompute, compile_layers in variants:
+            cfg = trainer_config(args, per_dp, packing, recompute, compile_layers, budget,
+                                 padded_micro_batch(args, budget))
+            cfg.offload.plan = False  # plan only: no table printed, no error raised
+            plans.append(plan_for_config(cfg, config, layout, device, param_bytes=2)[1])
+        if all(plan.fits(int(capacity * PLAN_MARGIN)) for plan in plans):
+            return budget
+    return BUDGETS[-1]
+
+
+def padded_micro_batch(args, budget: int | None) -> int:
+    """Sequences per padded micro-batch: budget // max_new_tokens with `--max-tokens auto` (the packed runs'
+    token budget in sequences of the longest response), else --micro-batch."""
+    return max(1, budget // args.max_new_tokens) if args.max_tokens == "auto" else args.micro_batch
+
+
+def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool | None = None,
+               recompute: str | None = None, compile_layers: bool = False, max_tokens: int | None = None,
+               warmup_compiled: bool | None = None) -> dict:
+    """Build actor + trainer for one layout, run the steps, return mean phase timings and throughput.
+
+    max_tokens: the packed token budget (default --max-tokens; 'auto' is resolved here for this run alone);
+    warmup_compiled: run the compiled runs' extra warm-up step (default: when this run compiles). An A/B gives every
+    variant the same warm-up steps, so that their measured steps draw the same prompts and response lengths."""
+    layout = Layout.create(tp, pp)
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    shape = shape or (TINY if args.tiny else SHAPES[args.shape])
+    packing = (args.packing == "on") if packing is None else packing
+    recompute, compile_layers = recompute or args.recompute, compile_layers or args.compile
+    if max_tokens is None:
+        max_tokens = args.max_tokens
+        if max_tokens == "auto":
+            max_tokens = auto_token_budget(args, shape, [(packing, recompute, compile_layers)], layout)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    actor = build_actor(shape, layout, dtype)
+    per_dp = max(1, args.prompts // layout.dp)
+    cfg = trainer_config(args, per_dp, packing, recompute, compile_layers, max_tokens,
+                         padded_micro_batch(args, max_tokens))
+    trainer = PPOTrainer(actor, reward_fn=even_token_reward, config=cfg)
     for model in (actor.model, trainer.reference.model if trainer.reference is not None else None):
         for layer in (model.layers if model is not None else ()):
             layer.self_attn.varlen_kernel = args.varlen_kernel
@@ -298,7 +374,7 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
     history, profiled_steps = [], []
     # compiled layers: one more warm-up step (a graph first met after step 1, e.g. a micro-batch of one sequence,
     # compiles there), then as many measured steps as the others (as throughput.py)
-    extra = int(cfg.model.compile)
+    extra = int(cfg.model.compile if warmup_compiled is None else warmup_compiled)
     for step in range(args.steps + extra):
         samples = [{"prompt_ids": torch.randint(3, vocab, (args.prompt_len,), generator=gen).tolist()}
                    for _ in range(per_dp)]
@@ -311,7 +387,8 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
     result = {"layout": {"tp": tp, "pp": pp, "dp": layout.dp, "tp_g": trainer.worker.tp_g},
               "prompts_per_step": per_dp * layout.dp, "responses_per_step": per_dp * layout.dp * args.n,
               "packing": cfg.trainer.packing, "recompute": cfg.model.recompute,
-              "max_tokens_per_micro_batch": cfg.trainer.max_tokens_per_micro_batch}
+              "max_tokens_per_micro_batch": cfg.trainer.max_tokens_per_micro_batch,
+              "micro_batch_size": cfg.trainer.micro_batch_size, "warmup_steps": args.warmup + extra}
     for key in [f"time/{p}" for p in PHASES] + ["time/graph_capture", "time/step", "throughput/tokens_per_s_per_gpu",
                                                  "throughput/gen_tokens_per_s_per_gpu", "response_length/mean",
                                                  "update_flops"]:
@@ -404,12 +481,17 @@ def markdown(results: list[dict], args, world: int, device: str) -> str:
 def run_ab(args, world: int, device_name: str) -> None:
     """Every variant of VARIANTS for every shape of --ab, one after the other in this process (tp = pp = 1)."""
     results = []
+    variants = args.variants.split(",")
+    compiled = any(VARIANTS[v][2] for v in variants) or args.compile  # every variant warms up alike (run_layout)
     for shape_name in args.ab.split(","):
         shape = TINY if shape_name == "tiny" or args.tiny else SHAPES[shape_name]
-        for variant in args.variants.split(","):
+        budget = args.max_tokens
+        if budget == "auto":  # one budget per shape that every variant's plan fits
+            budget = auto_token_budget(args, shape, [VARIANTS[v] for v in variants], Layout.create(1, 1))
+        for variant in variants:
             packing, recompute, compile_layers = VARIANTS[variant]
             r = run_layout(args, 1, 1, shape=shape, packing=packing, recompute=recompute,
-                           compile_layers=compile_layers)
+                           compile_layers=compile_layers, max_tokens=budget, warmup_compiled=compiled)
             r.update(shape=shape_name, variant=variant)
             results.append(r)
             if dist.get_rank() == 0:
@@ -427,12 +509,19 @@ def run_ab(args, world: int, device_name: str) -> None:
 
 
 def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
+    per_shape = {}  # shape -> (packed token budget or None, padded sequences per micro-batch)
+    for r in results:
+        packed = per_shape.get(r["shape"], (None, None))[0] or r["max_tokens_per_micro_batch"]
+        padded = r["micro_batch_size"] if not r["packing"] else per_shape.get(r["shape"], (None, None))[1]
+        per_shape[r["shape"]] = (packed, padded)
+    budgets = "; ".join(f"{shape}: packed {packed or '-'} tokens, padded {padded or '-'} sequences"
+                        + (" (--max-tokens auto)" if args.max_tokens == "auto" else "")
+                        for shape, (packed, padded) in per_shape.items())
     lines = [f"# GRPO step, packed vs padded ({world} x {device_name})", "",
              f"{args.prompts} prompts x {args.n}, prompt {args.prompt_len} tokens, response lengths "
              f"{args.response_len or 'as generated'} (max_new_tokens {args.max_new_tokens}); packed micro-batches: "
-             f"{args.max_tokens or args.micro_batch} {'tokens' if args.max_tokens else 'sequences'}, padded: "
-             f"{args.micro_batch} sequences. Mean of {args.steps - args.warmup} steps after {args.warmup} warm-up "
-             "(compiled variants: one more warm-up step).",
+             + budgets + f". Mean of {args.steps - args.warmup} steps after {results[0]['warmup_steps']} warm-up "
+             "(every variant alike: their measured steps see the same prompts and response lengths).",
              "Update FLOPs = 6 x (params except LM head) x tokens + 6 x (LM head) x response tokens + "
              "12 x layers x heads x head_dim x sum(len^2) / 2 (recompute not counted); MFU against "
              f"{peak_tflops(device_name) or '(no figure for this card)'} dense bf16 TFLOP/s.", "",

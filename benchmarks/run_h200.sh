@@ -76,19 +76,21 @@ TRL_MICRO_BATCH=${TRL_MICRO_BATCH:-64}  # trl_grpo.py --micro-batch (per_device_
 COMPILE=${COMPILE:-off,on}  # throughput.py --compile: off, on or off,on (model.compile, torch.compile'd training layers)
 ROLLOUT_SHAPES=${ROLLOUT_SHAPES:-qwen2.5-0.5b}  # rollout_service / rollout_fast shapes (issue 13: add qwen2.5-7b)
 source benchmarks/device_steps.sh  # wheels, WORK, step()
-# grpo_e2e_ab_full's tokens per packed micro-batch (padded: that / 1024 sequences). auto: 16384 on a card of >= 100 GiB
-# (H200), else 8192: the memory plan puts 1.5B's padded update at 82 GiB and the packed one at 76 GiB with 16384
+# grpo_e2e_ab_full / profile_update's tokens per packed micro-batch (padded: that / 1024 sequences). auto: grpo_e2e.py
+# --max-tokens auto, per shape the largest of 32768/16384/8192/4096 whose memory plans fit 80% of the card (on an
+# H100: 16384 at 0.5B, 8192 at 1.5B; on an H200: 32768 and 16384)
 AB_MAX_TOKENS=${AB_MAX_TOKENS:-auto}
 AB_SHAPES=${AB_SHAPES:-0.5b,1.5b}  # grpo_e2e_ab_full's shapes in run order (each variant's JSON line is in the log)
 AB_VARIANTS=${AB_VARIANTS:-padded,packed+compile,packed+compile+full}  # grpo_e2e_ab_full's variants in run order
-AB_STEPS=${AB_STEPS:-2}  # grpo_e2e_ab_full's --steps: 1 warm-up (2 compiled) + AB_STEPS - 1 measured, each in per_step
+AB_STEPS=${AB_STEPS:-2}  # grpo_e2e_ab_full's --steps: 1 warm-up (+1 if a variant compiles, for all) + AB_STEPS - 1 measured
 PROFILE_SHAPE=${PROFILE_SHAPE:-1.5b}  # profile_update's model shape
 if [[ $AB_MAX_TOKENS == auto ]]; then
-  MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1)
-  AB_MAX_TOKENS=8192; [[ ${MIB:-0} =~ ^[0-9]+$ ]] && (( MIB >= 102400 )) && AB_MAX_TOKENS=16384
+  AB_BUDGET=(--max-tokens auto)
+elif [[ $AB_MAX_TOKENS =~ ^[0-9]+$ ]] && (( AB_MAX_TOKENS >= 1024 )); then
+  AB_BUDGET=(--max-tokens "$AB_MAX_TOKENS" --micro-batch $(( AB_MAX_TOKENS / 1024 )))
+else
+  echo "AB_MAX_TOKENS=$AB_MAX_TOKENS: need auto or a token count >= 1024 (one padded sequence per 1024 tokens)"; exit 2
 fi
-[[ $AB_MAX_TOKENS =~ ^[0-9]+$ ]] && (( AB_MAX_TOKENS >= 1024 )) \
-  || { echo "AB_MAX_TOKENS=$AB_MAX_TOKENS: need auto or a token count >= 1024 (one padded sequence per 1024 tokens)"; exit 2; }
 
 collect() {  # combine what exists into the <= 8 files under $OUT
   python3 - "$WORK" "$OUT" "$BUDGET" "$PLAN" <<'PY'
@@ -166,11 +168,11 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
       --attention "$ATTENTION" --out "$WORK/ab" ;;
     grpo_e2e_ab_full) step grpo_e2e_ab_full 560 python3 benchmarks/grpo_e2e.py --ab "$AB_SHAPES" \
       --variants "$AB_VARIANTS" --prompts 64 --n 8 --prompt-len 128 --response-len 32:1024 \
-      --max-new-tokens 1024 --max-tokens "$AB_MAX_TOKENS" --micro-batch $(( AB_MAX_TOKENS / 1024 )) --steps "$AB_STEPS" \
+      --max-new-tokens 1024 "${AB_BUDGET[@]}" --steps "$AB_STEPS" \
       --attention "$ATTENTION" --out "$WORK/ab_full" ;;
     profile_update) step profile_update 450 python3 benchmarks/grpo_e2e.py --shape "$PROFILE_SHAPE" --compile \
       --packing on --prompts 64 --n 8 --prompt-len 128 --response-len 32:1024 --max-new-tokens 1024 \
-      --max-tokens "$AB_MAX_TOKENS" --steps 3 --warmup 1 --profile-step 4 --attention "$ATTENTION" \
+      "${AB_BUDGET[@]}" --steps 3 --warmup 1 --profile-step 4 --attention "$ATTENTION" \
       --out "$WORK/profile_update" ;;
     reward_overlap) step reward_overlap 150 python3 benchmarks/rollout_service.py --shapes '' --no-hf \
       --grpo-shape qwen2.5-0.5b --out-dir "$WORK/reward_overlap" ;;
@@ -178,7 +180,7 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
         case $mode in kept) flags="" ;; recapture) flags="--recapture" ;; keep_cache) flags="--keep-cache" ;;
           window) flags="--graph-window on" ;; esac
         step graph_reuse_$mode 200 python3 benchmarks/grpo_e2e.py --shape 1.5b --compile --packing on --prompts 64 \
-          --n 8 --prompt-len 128 --response-len 32:1024 --max-new-tokens 1024 --max-tokens "$AB_MAX_TOKENS" --steps 3 \
+          --n 8 --prompt-len 128 --response-len 32:1024 --max-new-tokens 1024 "${AB_BUDGET[@]}" --steps 3 \
           $flags --out "$WORK/graph_reuse_$mode"; done ;;
     packed) step packed 120 python3 benchmarks/grpo_e2e.py --shape 0.5b --prompts 64 --n 8 --prompt-len 128 \
       --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 --packing on --out "$WORK/packed" ;;

@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -149,3 +150,33 @@ def test_grpo_e2e_smoke(tmp_path):
         assert finite(result[key]) and result[key] > 0, (key, result[key])
     assert result["time/graph_capture"] == 0 and result["packing"] is True
     assert 2 <= result["response_length/mean"] <= 8
+
+
+@pytest.mark.timeout(600)
+def test_grpo_e2e_ab_variants_measure_the_same_steps(tmp_path):
+    # a compiled variant runs one more warm-up step; every variant of an A/B does too, so that their measured steps
+    # draw the same prompts and forced response lengths (per-step seeds): equal lengths, equal update FLOPs
+    run_benchmark("grpo_e2e.py", "--device", "cpu", "--smoke", "--ab", "tiny", "--variants", "padded,packed+compile",
+                  "--response-len", "2:8", "--max-tokens", "40", "--out", str(tmp_path), out_dir=tmp_path)
+    padded, packed = json.loads((tmp_path / "grpo_e2e_ab.json").read_text())["results"]
+    assert padded["warmup_steps"] == packed["warmup_steps"] == 2
+    assert padded["response_length/mean"] == packed["response_length/mean"]
+    assert padded["update_flops"] == packed["update_flops"]
+
+
+def test_grpo_e2e_auto_token_budget():
+    # --max-tokens auto: the largest budget whose memory plans (packed, and padded at budget // max_new_tokens
+    # sequences) fit PLAN_MARGIN of the device; more memory never gives a smaller budget
+    from benchmarks import grpo_e2e
+
+    args = grpo_e2e.parse_args(["--device", "cpu", "--max-tokens", "auto", "--max-new-tokens", "1024",
+                                "--prompt-len", "128", "--prompts", "64", "--n", "8"])
+    variants = [grpo_e2e.VARIANTS["padded"], grpo_e2e.VARIANTS["packed+compile"]]
+    layout = types.SimpleNamespace(tp=1, pp=1, dp=1, rank=0)
+    picks = []
+    for gib in (20, 80, 140, 400):
+        args.memory_gib = gib
+        picks.append(grpo_e2e.auto_token_budget(args, grpo_e2e.SHAPES["0.5b"], variants, layout))
+    assert picks == sorted(picks) and set(picks) <= set(grpo_e2e.BUDGETS), picks
+    assert picks[0] < picks[-1] == grpo_e2e.BUDGETS[0], picks
+    assert grpo_e2e.padded_micro_batch(args, 16384) == 16
