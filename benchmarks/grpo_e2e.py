@@ -86,9 +86,10 @@ EOS_ID = 2
 
 
 BUDGETS = (32768, 16384, 8192, 4096)  # --max-tokens auto's candidates, largest first
-# --max-tokens auto keeps each plan within this share of the usable memory: the planner underestimated the padded
-# 0.5B update by 17% (22.8 GiB planned, 27.4 measured on an H100, results/h100_2026-12-06c) and the packed one
-# over-estimates it by 10% (21.4 planned, 19.4 measured)
+# --max-tokens auto keeps each plan within this share of the usable memory. Measured on an H100 (results/
+# h100_2026-12-06d): the plans are -7.7% (1.5B padded) to +19% (0.5B packed) off the peaks of runs that start a
+# process, and 17% under for a 0.5B padded run that followed a packed one in its process (h100_2026-12-06c: the
+# earlier run's leftovers and the plan's own error not separated)
 PLAN_MARGIN = 0.8
 
 
