@@ -27,7 +27,8 @@ Each layout "TPxPP" (dp = world / (tp*pp)) builds the actor (+ a frozen referenc
 GRPO recipes) and runs `--steps` PPOTrainer steps; the first `--warmup` are not measured (with model.compile one
 more warm-up step runs first: a graph first met after step 1, e.g. a micro-batch of one sequence, compiles there). Reported per
 layout: mean seconds per phase — generate (rollout engine), reshard (HybridEngine to/from the
-inference layout, tp_g = --tp-g or tp), logprob (old + reference log-probs), update (PPO mini-batches,
+inference layout, tp_g = --tp-g or tp), logprob (reference log-probs, and the old ones where the update does
+not take its own: trainer.old_logprobs, --old-logprobs / the +oldpass variants), update (PPO mini-batches,
 optimizer) — plus step time, tokens (prompt + response) per second per GPU and generated tokens per
 second per GPU, and the seconds of generation spent capturing CUDA graphs. By default the KV cache is freed
 after every rollout (memory goes back to training) and the paged decode's CUDA graphs stay (they read the
@@ -62,6 +63,7 @@ from verl_mega.parallel import Layout
 from verl_mega.parallel.dist import device as comm_device
 from verl_mega.parallel.dist import init_distributed
 from verl_mega.trainer import PPOTrainer, TrainerConfig
+from verl_mega.trainer.config import update_takes_own_logprobs
 from verl_mega.trainer.memory_plan import GIB, plan_for_config, usable_device_bytes
 from verl_mega.trainer.stages import Pipeline
 
@@ -75,10 +77,13 @@ QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, n
                  num_kv_heads=4, head_dim=128, rope_theta=1_000_000.0, max_position_embeddings=32768,
                  tie_word_embeddings=False, attention_bias=True, model_type="qwen2")
 SHAPES = {"0.5b": QWEN25_05B, "1.5b": QWEN25_15B, "7b": QWEN25_7B}
-# A/B variants (--ab): (trainer.packing, model.recompute, model.compile)
-VARIANTS = {"padded": (False, "none", False), "packed": (True, "none", False),
-            "packed+selective": (True, "selective", False), "packed+full": (True, "full", False),
-            "packed+compile": (True, "none", True), "packed+compile+full": (True, "full", True)}
+# A/B variants (--ab): (trainer.packing, model.recompute, model.compile, trainer.old_logprobs); "+oldpass": the
+# separate old-log-prob pass before the update (trainer.old_logprobs: recompute; the default before session 18)
+VARIANTS = {"padded": (False, "none", False, "auto"), "packed": (True, "none", False, "auto"),
+            "packed+selective": (True, "selective", False, "auto"), "packed+full": (True, "full", False, "auto"),
+            "packed+compile": (True, "none", True, "auto"), "packed+compile+full": (True, "full", True, "auto"),
+            "padded+oldpass": (False, "none", False, "recompute"),
+            "packed+compile+oldpass": (True, "none", True, "recompute")}
 TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
             head_dim=16, max_position_embeddings=512, tie_word_embeddings=True, attention_bias=True, model_type="qwen2")
 PHASES = ("generate", "reshard", "logprob", "update")
@@ -130,6 +135,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--packing", choices=("on", "off"), default="on", help="trainer.packing (single-variant runs)")
     p.add_argument("--recompute", choices=("none", "selective", "full"), default="none")
     p.add_argument("--compile", action="store_true", help="model.compile: torch.compile'd layers in the training passes")
+    p.add_argument("--old-logprobs", choices=("auto", "recompute"), default="auto",
+                   help="trainer.old_logprobs (single-variant runs): auto = an on-policy update takes its own forward's "
+                        "log-probs as the old ones; recompute = a separate pass before the update")
     p.add_argument("--varlen-kernel", choices=("auto", "varlen", "flex", "loop"), default="auto",
                    help="packed attention kernel (verl_mega/models/varlen_attention.py); pick with varlen_attention.py")
     p.add_argument("--shape", choices=tuple(SHAPES), default="0.5b", help="model shape (ignored with --tiny)")
@@ -271,7 +279,7 @@ def update_flops(config: ModelConfig, model, step: dict) -> float:
     return 6 * body * step["tokens"] + 6 * embed * step["response_tokens"] + attention
 
 
-def trainer_config(args, per_dp: int, packing: bool, recompute: str, compile_layers: bool,
+def trainer_config(args, per_dp: int, packing: bool, recompute: str, compile_layers: bool, old_logprobs: str,
                    max_tokens: int | None, micro_batch: int) -> TrainerConfig:
     """The run's whole TrainerConfig (GRPO with a reference model): what the trainer is built from and what
     `--max-tokens auto` plans with. max_tokens: the packed runs' token budget; micro_batch: sequences per
@@ -291,7 +299,7 @@ def trainer_config(args, per_dp: int, packing: bool, recompute: str, compile_lay
     t = cfg.trainer
     t.rollout_batch_size, t.num_epochs, t.progress_bar = per_dp, 1, False
     t.micro_batch_size, t.mini_batch_size = micro_batch, max(1, per_dp // args.mini_batches)
-    t.packing = packing
+    t.packing, t.old_logprobs = packing, old_logprobs
     t.max_tokens_per_micro_batch = max_tokens if packing else None
     cfg.optim.lr = 1e-6
     cfg.parallel.tp_g = args.tp_g
@@ -302,9 +310,9 @@ def trainer_config(args, per_dp: int, packing: bool, recompute: str, compile_lay
     return cfg
 
 
-def auto_token_budget(args, shape: dict, variants: list[tuple[bool, str, bool]], layout: Layout) -> int:
+def auto_token_budget(args, shape: dict, variants: list[tuple[bool, str, bool, str]], layout: Layout) -> int:
     """`--max-tokens auto`: the largest of BUDGETS for which the trainer's memory plan (`plan_for_config`) of every
-    variant (packing, recompute, compile) fits PLAN_MARGIN of this device's usable memory, packed with that many tokens per micro-batch and padded
+    variant (packing, recompute, compile, old log-probs) fits PLAN_MARGIN of this device's usable memory, packed with that many tokens per micro-batch and padded
     with budget // max_new_tokens sequences; the smallest where none fits or nothing is known of the device (CPU
     without --memory-gib). Tiny CPU runs: 40 tokens."""
     if args.tiny:
@@ -317,8 +325,8 @@ def auto_token_budget(args, shape: dict, variants: list[tuple[bool, str, bool]],
     per_dp = max(1, args.prompts // layout.dp)
     for budget in BUDGETS:
         plans = []
-        for packing, recompute, compile_layers in variants:
-            cfg = trainer_config(args, per_dp, packing, recompute, compile_layers, budget,
+        for packing, recompute, compile_layers, old_logprobs in variants:
+            cfg = trainer_config(args, per_dp, packing, recompute, compile_layers, old_logprobs, budget,
                                  padded_micro_batch(args, budget))
             cfg.offload.plan = False  # plan only: no table printed, no error raised
             plans.append(plan_for_config(cfg, config, layout, device, param_bytes=2)[1])
@@ -334,8 +342,8 @@ def padded_micro_batch(args, budget: int | None) -> int:
 
 
 def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool | None = None,
-               recompute: str | None = None, compile_layers: bool = False, max_tokens: int | None = None,
-               warmup_compiled: bool | None = None) -> dict:
+               recompute: str | None = None, compile_layers: bool = False, old_logprobs: str | None = None,
+               max_tokens: int | None = None, warmup_compiled: bool | None = None) -> dict:
     """Build actor + trainer for one layout, run the steps, return mean phase timings and throughput.
 
     max_tokens: the packed token budget (default --max-tokens; 'auto' is resolved here for this run alone);
@@ -346,15 +354,16 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
     shape = shape or (TINY if args.tiny else SHAPES[args.shape])
     packing = (args.packing == "on") if packing is None else packing
     recompute, compile_layers = recompute or args.recompute, compile_layers or args.compile
+    old_logprobs = old_logprobs or args.old_logprobs
     if max_tokens is None:
         max_tokens = args.max_tokens
         if max_tokens == "auto":
-            max_tokens = auto_token_budget(args, shape, [(packing, recompute, compile_layers)], layout)
+            max_tokens = auto_token_budget(args, shape, [(packing, recompute, compile_layers, old_logprobs)], layout)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     actor = build_actor(shape, layout, dtype)
     per_dp = max(1, args.prompts // layout.dp)
-    cfg = trainer_config(args, per_dp, packing, recompute, compile_layers, max_tokens,
+    cfg = trainer_config(args, per_dp, packing, recompute, compile_layers, old_logprobs, max_tokens,
                          padded_micro_batch(args, max_tokens))
     trainer = PPOTrainer(actor, reward_fn=even_token_reward, config=cfg)
     for model in (actor.model, trainer.reference.model if trainer.reference is not None else None):
@@ -388,6 +397,7 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
     result = {"layout": {"tp": tp, "pp": pp, "dp": layout.dp, "tp_g": trainer.worker.tp_g},
               "prompts_per_step": per_dp * layout.dp, "responses_per_step": per_dp * layout.dp * args.n,
               "packing": cfg.trainer.packing, "recompute": cfg.model.recompute,
+              "old_logprobs_pass": not update_takes_own_logprobs(cfg),
               "max_tokens_per_micro_batch": cfg.trainer.max_tokens_per_micro_batch,
               "micro_batch_size": cfg.trainer.micro_batch_size, "warmup_steps": args.warmup + extra}
     for key in [f"time/{p}" for p in PHASES] + ["time/graph_capture", "time/step", "throughput/tokens_per_s_per_gpu",
@@ -414,6 +424,9 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+        # what this run left allocated: counted in the peak of the next run in the process (an A/B's later runs
+        # measured up to 7.7 GiB above the same run started first, results/h100_2026-12-06d)
+        result["left_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
     return result
 
 
@@ -490,9 +503,10 @@ def run_ab(args, world: int, device_name: str) -> None:
         if budget == "auto":  # one budget per shape that every variant's plan fits
             budget = auto_token_budget(args, shape, [VARIANTS[v] for v in variants], Layout.create(1, 1))
         for variant in variants:
-            packing, recompute, compile_layers = VARIANTS[variant]
+            packing, recompute, compile_layers, old_logprobs = VARIANTS[variant]
             r = run_layout(args, 1, 1, shape=shape, packing=packing, recompute=recompute,
-                           compile_layers=compile_layers, max_tokens=budget, warmup_compiled=compiled)
+                           compile_layers=compile_layers, old_logprobs=old_logprobs, max_tokens=budget,
+                           warmup_compiled=compiled)
             r.update(shape=shape_name, variant=variant)
             results.append(r)
             if dist.get_rank() == 0:
@@ -526,7 +540,7 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
              "Update FLOPs = 6 x (params except LM head) x tokens + 6 x (LM head) x response tokens + "
              "12 x layers x heads x head_dim x sum(len^2) / 2 (recompute not counted); MFU against "
              f"{peak_tflops(device_name) or '(no figure for this card)'} dense bf16 TFLOP/s.", "",
-             "| shape | variant | tokens/s/GPU | vs padded | logprob s | update s | update TFLOP/s | update MFU "
+             "| shape | variant | tokens/s/GPU | vs the shape's first variant | logprob s | update s | update TFLOP/s | update MFU "
              "| update peak GiB | run peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     base = {}
     for r in results:

@@ -20,7 +20,7 @@ its slot in the continuous-batching engine). Without the flag responses run to
 
 Reported per configuration (mean over measured steps, global batch): tokens/s/GPU = (prompt + response
 tokens of every sequence) / step wall time / GPUs; seconds per phase from the trainer's timers (generate,
-reshard, logprob = old + reference log-probs, reward, update); peak memory (CUDA max allocated, or the
+reshard, logprob = reference log-probs, and old ones where the update does not take its own, reward, update); peak memory (CUDA max allocated, or the
 process's max RSS on CPU). MFU = model FLOPs / (step time x GPUs x peak dense bf16 FLOP/s of the GPU, from
 `--peak-tflops` or the table below), with model FLOPs counted on valid tokens only (padding excluded):
     forward over a sequence of S tokens = 2 * P * S + 2 * L * (heads * head_dim) * S^2    (causal attention:
@@ -67,6 +67,7 @@ from benchmarks.forced_lengths import force_lengths, parse_length_range  # noqa:
 from benchmarks import gpu_specs  # noqa: E402
 from benchmarks.grpo_e2e import profile_step  # noqa: E402
 from verl_mega.trainer import PPOTrainer, TrainerConfig
+from verl_mega.trainer.config import update_takes_own_logprobs
 from verl_mega.trainer.memory_plan import Offload, Parallelism, Workload, plan_memory, usable_device_bytes
 
 QWEN2 = dict(vocab_size=151936, rope_theta=1_000_000.0, max_position_embeddings=32768, tie_word_embeddings=True,
@@ -201,10 +202,11 @@ def forward_flops(shape: dict, seq_lens: torch.Tensor) -> float:
     return float(2 * matmul_params(shape) * s.sum() + attn)
 
 
-def step_flops(shape: dict, seq_lens: torch.Tensor, kl: bool) -> dict[str, float]:
-    """FLOPs of one GRPO step per phase: generate 1 forward, logprob 1 (+1 with KL), update 3."""
+def step_flops(shape: dict, seq_lens: torch.Tensor, kl: bool, old_pass: bool = True) -> dict[str, float]:
+    """FLOPs of one GRPO step per phase: generate 1 forward, logprob 1 with the separate old-log-prob pass (+1 with
+    KL; `trainer.old_logprobs`), update 3."""
     fwd = forward_flops(shape, seq_lens)
-    return {"generate": fwd, "logprob": fwd * (2 if kl else 1), "update": 3 * fwd}
+    return {"generate": fwd, "logprob": fwd * (int(old_pass) + int(kl)), "update": 3 * fwd}
 
 
 def peak_flops(args, device_name: str) -> float | None:
@@ -313,7 +315,7 @@ def run_config(args, bc: BenchConfig, peak: float | None) -> dict:
 def step_record(trainer, metrics: dict, wall: float, shape: dict, bc: BenchConfig, layout: Layout) -> dict:
     """This step's global tokens, FLOPs (summed over dp ranks) and timings."""
     seq_lens = trainer.last_batch.attention_mask.sum(-1)  # [rows] valid prompt + response tokens
-    flops = step_flops(shape, seq_lens, bc.kl)
+    flops = step_flops(shape, seq_lens, bc.kl, old_pass=not update_takes_own_logprobs(trainer.config))
     local = torch.tensor([sum(flops.values())], dtype=torch.float64, device=comm_device())
     if layout.world_size > 1:  # model-parallel ranks hold the same rows: sum over the world / (tp * pp)
         dist.all_reduce(local)

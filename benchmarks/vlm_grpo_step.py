@@ -17,8 +17,9 @@ Random weights never sample EOS, so every response ends at a length drawn unifor
 
 Reported (mean over the measured steps; the first --warmup steps are not measured):
   tokens/s per GPU = (prompt + response tokens of every sequence) / step wall time / GPUs;
-  seconds per phase from the trainer's timers: rollout (= reshard + generate), logprob (old; + reference
-  with --kl), update (forward + backward + optimizer step);
+  seconds per phase from the trainer's timers: rollout (= reshard + generate), logprob (old with
+  --old-logprobs recompute; + reference with --kl; empty otherwise: the update takes its own old log-probs),
+  update (forward + backward + optimizer step);
   the vision tower's seconds inside each phase, measured with hooks on the tower (forward: pre/post hooks;
   backward: from the gradient arriving at the tower's output to the patch embedding's weight gradient),
   each synchronised with the device, so the figures include no overlap with other work; in rollout the
@@ -91,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, help="sequences per training micro-batch (default 8)")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--kl", action="store_true", help="add a reference model (kl_coef 1e-3): one more log-prob pass")
+    p.add_argument("--old-logprobs", choices=("auto", "recompute"), default="auto",
+                   help="trainer.old_logprobs: auto (the default) = the on-policy update takes its own, so without "
+                        "--kl the log-prob phase is empty; recompute = a separate old-log-prob pass")
     p.add_argument("--steps", type=int, help="steps run (default 3)")
     p.add_argument("--warmup", type=int, help="first steps not measured (default 1)")
     p.add_argument("--seed", type=int, default=0)
@@ -191,6 +195,7 @@ def run(args) -> dict:
     cfg.data.max_prompt_length = args.prompt_text + (per_dp - 1) + image_tokens + 4
     cfg.rollout.engine.max_batch = per_dp * args.n
     cfg.algorithm.kl_coef = 1e-3 if args.kl else 0.0
+    cfg.trainer.old_logprobs = args.old_logprobs
     cfg.trainer.progress_bar = False
     cfg.offload.auto = True  # the planner offloads only what must go (the 3B shape needs optimizer offload on 80 GB)
     trainer = PPOTrainer(actor, reward_fn=lambda r: float(len(r) % 2), algorithm="grpo", rollout_batch_size=per_dp,

@@ -56,6 +56,7 @@ def _trainer(path: str, tp: int, pp: int = 1):
     cfg = TrainerConfig()
     cfg.algorithm.kl_coef = 0.05  # a reference model: its log-prob pass takes the images too
     cfg.trainer.progress_bar, cfg.trainer.save_final = False, False
+    cfg.trainer.old_logprobs = "recompute"  # _logprobs reads the LogProbs stage's old log-probs
     actor = get_actor_model(path, tensor_parallel_size=tp, pipeline_parallel_size=pp)
     return PPOTrainer(actor, reward_fn=_reward, algorithm="grpo",
                       rollout_batch_size=3, n_samples=N_SAMPLES, max_new_tokens=4, lr=1e-2, micro_batch_size=3,

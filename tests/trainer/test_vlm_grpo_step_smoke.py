@@ -16,8 +16,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_vlm_grpo_step_smoke(tmp_path):
     env = child_env()
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "vlm_grpo_step.py"), "--smoke", "--out",
-                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    # the separate old-log-prob pass: the tower's calls in the log-prob phase are counted too (by default an on-policy
+    # update takes its own old log-probs, and without a reference the phase is empty)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "vlm_grpo_step.py"), "--smoke",
+                           "--old-logprobs", "recompute", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "vlm_grpo_step.json").read_text())
     assert report["tokens_per_s_per_gpu"] > 0 and math.isfinite(report["step_s"])

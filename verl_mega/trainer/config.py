@@ -24,6 +24,7 @@ from verl_mega.trainer.optim import CriticOptimConfig, OptimConfig
 
 ALGORITHMS = ("ppo", "gae", "grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
 DTYPES = ("float32", "bfloat16")
+OLD_LOGPROBS = ("auto", "recompute")  # trainer.old_logprobs
 
 
 @dataclass
@@ -96,6 +97,7 @@ class TrainerSection:
     packing: bool = True  # pack each micro-batch's valid tokens into one row (varlen attention, no padding); False = padded rows
     num_epochs: int = 1  # PPO epochs: passes over each rollout batch
     critic_epochs: Optional[int] = None  # critic passes over each rollout batch (None = num_epochs; verl's critic.ppo_epochs)
+    old_logprobs: str = "auto"  # auto: an on-policy update (one epoch over one mini-batch, no KL in the reward, no critic warm-up) takes its own forward's log-probs, detached, as the old ones (ratio exactly 1), saving a forward pass over the batch; recompute: always a separate old-log-prob pass before the update
     total_steps: int = 100  # RL steps of `verl-mega train`
     seed: int = 0  # seeds sampling, shuffling and mini-batch order
     output_dir: str = "outputs/run"  # metrics.jsonl, tensorboard/, checkpoints/
@@ -164,6 +166,18 @@ def model_reward(reward: str) -> tuple[str, str] | None:
     return (kind, path) if kind in MODEL_REWARDS else None
 
 
+def update_takes_own_logprobs(cfg: TrainerConfig) -> bool:
+    """Whether the update takes the old log-probs from its own forward (`trainer.old_logprobs: auto` on an
+    on-policy update) instead of a separate pass before it. On-policy: one epoch over one mini-batch, so the
+    update's forward runs on the weights the rollout sampled from, exactly what the separate pass would
+    compute; no KL in the reward (the Advantage stage needs the old log-probs before the update); no critic
+    warm-up (whose steps do not update the actor)."""
+    t, a = cfg.trainer, cfg.algorithm
+    one_mini_batch = t.mini_batch_size is None or t.mini_batch_size >= t.rollout_batch_size
+    return (t.old_logprobs == "auto" and t.num_epochs == 1 and one_mini_batch
+            and not (a.kl_coef > 0 and a.kl_in_reward) and a.critic_warmup == 0)
+
+
 def check_config(cfg: TrainerConfig) -> None:
     """ValueError naming the field for values the schema's types cannot rule out."""
     a, t, r = cfg.algorithm, cfg.trainer, cfg.rollout
@@ -227,6 +241,8 @@ def check_config(cfg: TrainerConfig) -> None:
                          f"(trainer.reward=judge:PATH)")
     if t.judge_max_new_tokens is not None and t.judge_max_new_tokens < 1:
         raise ValueError(f"trainer.judge_max_new_tokens must be >= 1 or null, got {t.judge_max_new_tokens}")
+    if t.old_logprobs not in OLD_LOGPROBS:
+        raise ValueError(f"trainer.old_logprobs {t.old_logprobs!r} is not one of {OLD_LOGPROBS}")
     if a.kl_coef < 0:
         raise ValueError(f"algorithm.kl_coef must be >= 0, got {a.kl_coef}")
     if cfg.offload.memory_gib is not None and cfg.offload.memory_gib <= 0:

@@ -43,7 +43,7 @@ from verl_mega.rollout.frontend import release as release_generation
 from verl_mega.tools import Tool, ToolSet, build_tools
 from verl_mega.trainer import checkpointing
 from verl_mega.trainer.batch import ImageTokens, RLBatch, sample_images
-from verl_mega.trainer.config import TrainerConfig, check_config
+from verl_mega.trainer.config import TrainerConfig, check_config, update_takes_own_logprobs
 from verl_mega.trainer.engine import TrainEngine
 from verl_mega.trainer.memory_plan import plan_for_config
 from verl_mega.trainer.metrics import MetricsLogger, bar_postfix, progress_bar, run_banner
@@ -73,8 +73,8 @@ def default_pipeline(trainer: "PPOTrainer") -> Pipeline:
                       pad_id=trainer.pad_id, dp_rank=trainer.layout.dp_rank,
                       rewards=trainer.rewards if cfg.rollout.stream_rewards else None, tools=trainer.tools)
     logprobs = LogProbs(trainer.actor_engine, trainer.reference, trainer.critic_engine, trainer.layout,
-                        temperature=cfg.rollout.temperature, trainer_cfg=cfg.trainer,
-                        device=trainer.device)
+                        temperature=cfg.rollout.temperature, trainer_cfg=cfg.trainer, device=trainer.device,
+                        old=not update_takes_own_logprobs(cfg))
     return rollout >> Reward(trainer.rewards) >> logprobs >> Advantage() >> Update() >> Metrics()
 
 

@@ -15,6 +15,11 @@ Every rank runs every stage (SPMD). Rewards are computed on the first rank of ea
 group and broadcast inside it (`reward_runner.py`). Metrics are per data-parallel rank until
 `Metrics` averages them over dp.
 
+An on-policy update (one epoch over one mini-batch: `config.update_takes_own_logprobs`) takes the old log-probs
+from its own forward, which runs on the weights the rollout sampled from: `LogProbs(..., old=False)` skips that
+forward pass over the batch, and the policy loss's ratio is exactly 1 (`trainer.old_logprobs: recompute` keeps the
+separate pass).
+
 Reference: HybridFlow's (verl's) PPO dataflow — generate, reward, old/ref log-probs + values,
 advantages, actor/critic update.
 """
@@ -166,8 +171,13 @@ def rows_in_order(outs: list[dict], mbs: list[dict], key: str, dp_group=None, wi
     return values[torch.argsort(rows)]
 
 
+def _token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over the tokens where mask [N, R] is set, a 0-dim tensor where x is (no host sync)."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    return float((x * mask).sum() / mask.sum().clamp(min=1))
+    return float(_token_mean(x, mask))
 
 
 # ----------------------------------------------------------------------------- stages
@@ -271,24 +281,30 @@ class Reward(Stage):
 
 
 class LogProbs(Stage):
-    """Old actor log-probs, reference log-probs (if a reference exists) and critic values (if a critic exists).
+    """Old actor log-probs (unless the update takes its own), reference log-probs (if a reference exists) and
+    critic values (if a critic exists).
 
     actor: the actor's TrainEngine; reference: a FrozenModel or None; critic: the critic's TrainEngine
     or None; layout: the training Layout; temperature: the rollout temperature (log-probs of the
-    sampled distribution); micro_batch_size: sequences per forward; device: where micro-batches go.
+    sampled distribution); trainer_cfg: the trainer section (micro-batching); device: where micro-batches go;
+    old: compute the old log-probs (False where `config.update_takes_own_logprobs`: `batch.old_logprobs` stays None
+    and the Update stage takes them from its own forward).
     """
 
     name = "logprob"
 
-    def __init__(self, actor, reference, critic, layout, *, temperature: float, trainer_cfg, device):
+    def __init__(self, actor, reference, critic, layout, *, temperature: float, trainer_cfg, device, old: bool = True):
         self.actor, self.reference, self.critic, self.layout = actor, reference, critic, layout
-        self.temperature, self.trainer_cfg, self.device = temperature, trainer_cfg, device
+        self.temperature, self.trainer_cfg, self.device, self.old = temperature, trainer_cfg, device, old
 
     def __call__(self, batch: RLBatch, ctx=None) -> RLBatch:
+        if not (self.old or self.reference is not None or self.critic is not None):
+            return batch
         mbs = training_microbatches(batch, self.trainer_cfg, self.layout, self.device)
         back = {"dp_group": _balance_group(self.trainer_cfg, self.layout), "width": batch.responses.shape[1]}
         tp_group = self.layout.tp_group
-        batch.old_logprobs = self._logprobs(self.actor, mbs, tp_group, self.temperature, back)
+        if self.old:
+            batch.old_logprobs = self._logprobs(self.actor, mbs, tp_group, self.temperature, back)
         if self.reference is not None:
             batch.ref_logprobs = self._logprobs(self.reference, mbs, tp_group, self.temperature, back)
         if self.critic is not None:
@@ -297,7 +313,7 @@ class LogProbs(Stage):
         return batch
 
     def __repr__(self) -> str:
-        return "LogProbs(actor, reference, critic)"
+        return f"LogProbs({'actor, ' if self.old else ''}reference, critic)"
 
     @staticmethod
     def _logprobs(engine, mbs, tp_group, temperature: float, back: dict) -> torch.Tensor:
@@ -370,7 +386,16 @@ class Update(Stage):
     def __call__(self, batch: RLBatch, ctx) -> RLBatch:
         t = ctx.config.trainer
         rows_per_update = (t.mini_batch_size or batch.num_prompts) * batch.n
-        keys = ["old_logprobs", "advantages"] + (["ref_logprobs"] if self._kl_loss(ctx) else [])
+        own = batch.old_logprobs is None  # the old log-probs come from the update's own forward (LogProbs, old=False)
+        if own and (t.num_epochs > 1 or rows_per_update < batch.num_rows):
+            raise ValueError("the batch has no old log-probs, and this update is not on-policy (trainer.num_epochs="
+                             f"{t.num_epochs}, {batch.num_rows // rows_per_update} mini-batches): its later passes "
+                             "need the rollout policy's log-probs; build the LogProbs stage with old=True "
+                             "(trainer.old_logprobs: recompute)")
+        if own:  # the sampler's and the reference's log-probs for the diagnostics (rollout/logprob_diff, kl_ref)
+            keys = ["advantages"] + [k for k in ("rollout_logprobs", "ref_logprobs") if getattr(batch, k) is not None]
+        else:
+            keys = ["old_logprobs", "advantages"] + (["ref_logprobs"] if self._kl_loss(ctx) else [])
         if ctx.critic_engine is not None:
             keys += ["values", "returns"]
         gen = torch.Generator().manual_seed(t.seed * 1_000_003 + batch.step)  # same order on every rank of a replica
@@ -389,7 +414,10 @@ class Update(Stage):
                     actor_stats.append(self._actor_update(mbs, ctx))
                 if epoch < critic_epochs:
                     critic_stats.append(self._critic_update(mbs, ctx))
-        batch.metrics.update(_mean_dicts(actor_stats, prefix="actor/"))
+        actor_metrics = _mean_dicts(actor_stats, prefix="actor/")
+        if "actor/rollout_logprob_diff" in actor_metrics:  # own old log-probs: the Metrics stage's name
+            actor_metrics["rollout/logprob_diff"] = actor_metrics.pop("actor/rollout_logprob_diff")
+        batch.metrics.update(actor_metrics)
         batch.metrics.update(_mean_dicts(critic_stats, prefix="critic/"))
         return batch
 
@@ -415,11 +443,19 @@ class Update(Stage):
         def loss_fn(hidden, mb):
             mask = mb["loss_mask"]
             lp, ent = response_logprobs(hidden, mb, model, tp_group, temp, True)
-            loss, stats = policy_loss(lp, mb["old_logprobs"], mb["advantages"], mask, clip_low=a.clip_ratio_low,
+            own = "old_logprobs" not in mb  # on-policy: this forward runs on the rollout's weights (Update.__call__)
+            old = lp.detach() if own else mb["old_logprobs"]
+            loss, stats = policy_loss(lp, old, mb["advantages"], mask, clip_low=a.clip_ratio_low,
                                       clip_high=a.clip_ratio_high, dual_clip=a.dual_clip, agg=a.loss_agg,
                                       denominator=1.0)
             metrics = {"pg_clipfrac": stats["clipfrac"], "ppo_kl": stats["approx_kl"],
                        "dual_clipfrac": stats["dual_clipfrac"], "entropy": entropy_bonus(ent.detach(), mask)}
+            if own:  # the diagnostics the Metrics stage reads from a separate pass (here: means over micro-batches)
+                metrics["old_logprob_mean"] = _token_mean(old, mask)
+                if "rollout_logprobs" in mb:
+                    metrics["rollout_logprob_diff"] = _token_mean((old - mb["rollout_logprobs"]).abs(), mask)
+                if "ref_logprobs" in mb:
+                    metrics["kl_ref"] = _token_mean(kl_penalty(old, mb["ref_logprobs"], "low_var_kl"), mask)
             if a.entropy_coef:
                 loss = loss - a.entropy_coef * entropy_bonus(ent, mask, a.loss_agg, denominator=1.0)
             if use_kl:
@@ -439,7 +475,7 @@ class Update(Stage):
             v = response_values(values, mb)
             loss, clipfrac = value_loss(v, mb["values"], mb["returns"], mb["loss_mask"], clip=a.value_clip,
                                         agg=a.loss_agg, denominator=1.0)
-            return loss, {"vf_clipfrac": clipfrac, "values": _masked_mean(v.detach(), mb["loss_mask"])}
+            return loss, {"vf_clipfrac": clipfrac, "values": _token_mean(v.detach(), mb["loss_mask"])}
 
         stats = engine.forward_backward(mbs, loss_fn, **self._normaliser(engine, mbs, a.loss_agg))
         stats.update(engine.optimizer_step())
@@ -481,7 +517,7 @@ class Metrics(Stage):
             # how far the training forward is from the sampler (numerics, or a stale inference model)
             m["rollout/logprob_diff"] = _masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(), mask)
             m["actor/old_logprob_mean"] = _masked_mean(batch.old_logprobs, mask)
-        if batch.ref_logprobs is not None:
+        if batch.ref_logprobs is not None and batch.old_logprobs is not None:  # else from the update (own log-probs)
             m["actor/kl_ref"] = _masked_mean(kl_penalty(batch.old_logprobs, batch.ref_logprobs, "low_var_kl"), mask)
         if ctx.kl_ctl is not None:
             m["actor/kl_coef"] = float(ctx.kl_ctl.value)
