@@ -312,9 +312,9 @@ def trainer_config(args, per_dp: int, packing: bool, recompute: str, compile_lay
 
 def auto_token_budget(args, shape: dict, variants: list[tuple[bool, str, bool, str]], layout: Layout) -> int:
     """`--max-tokens auto`: the largest of BUDGETS for which the trainer's memory plan (`plan_for_config`) of every
-    variant (packing, recompute, compile, old log-probs) fits PLAN_MARGIN of this device's usable memory, packed with that many tokens per micro-batch and padded
-    with budget // max_new_tokens sequences; the smallest where none fits or nothing is known of the device (CPU
-    without --memory-gib). Tiny CPU runs: 40 tokens."""
+    variant (packing, recompute, compile, old log-probs) fits PLAN_MARGIN of this device's usable memory, packed
+    with that many tokens per micro-batch and padded with budget // max_new_tokens sequences; the smallest where
+    none fits or nothing is known of the device (CPU without --memory-gib). Tiny CPU runs: 40 tokens."""
     if args.tiny:
         return 40
     device = comm_device()
@@ -534,7 +534,7 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
                         for shape, (packed, padded) in per_shape.items())
     lines = [f"# GRPO step, packed vs padded ({world} x {device_name})", "",
              f"{args.prompts} prompts x {args.n}, prompt {args.prompt_len} tokens, response lengths "
-             f"{args.response_len or 'as generated'} (max_new_tokens {args.max_new_tokens}); packed micro-batches: "
+             f"{args.response_len or 'as generated'} (max_new_tokens {args.max_new_tokens}); micro-batches: "
              + budgets + f". Mean of {args.steps - args.warmup} steps after {results[0]['warmup_steps']} warm-up "
              "(every variant alike: their measured steps see the same prompts and response lengths).",
              "Update FLOPs = 6 x (params except LM head) x tokens + 6 x (LM head) x response tokens + "

@@ -20,8 +20,8 @@ its slot in the continuous-batching engine). Without the flag responses run to
 
 Reported per configuration (mean over measured steps, global batch): tokens/s/GPU = (prompt + response
 tokens of every sequence) / step wall time / GPUs; seconds per phase from the trainer's timers (generate,
-reshard, logprob = reference log-probs, and old ones where the update does not take its own, reward, update); peak memory (CUDA max allocated, or the
-process's max RSS on CPU). MFU = model FLOPs / (step time x GPUs x peak dense bf16 FLOP/s of the GPU, from
+reshard, logprob = reference log-probs, and old ones where the update does not take its own, reward, update);
+peak memory (CUDA max allocated, or the process's max RSS on CPU). MFU = model FLOPs / (step time x GPUs x peak dense bf16 FLOP/s of the GPU, from
 `--peak-tflops` or the table below), with model FLOPs counted on valid tokens only (padding excluded):
     forward over a sequence of S tokens = 2 * P * S + 2 * L * (heads * head_dim) * S^2    (causal attention:
         QK^T and AV, 2 * head_dim FLOPs each per query-key pair, S^2 / 2 pairs per layer)
