@@ -91,10 +91,11 @@ EOS_ID = 2
 
 
 BUDGETS = (32768, 16384, 8192, 4096)  # --max-tokens auto's candidates, largest first
-# --max-tokens auto keeps each plan within this share of the usable memory. Measured on an H100 (results/
-# h100_2026-12-06d): the plans are -7.7% (1.5B padded) to +19% (0.5B packed) off the peaks of runs that start a
-# process, and 17% under for a 0.5B padded run that followed a packed one in its process (h100_2026-12-06c: the
-# earlier run's leftovers and the plan's own error not separated)
+# The benchmarks' automatic sizes (--max-tokens auto here, throughput.py --micro-batch auto) keep each memory plan
+# within this share of the usable memory. Plan errors against the measured peak (max allocated) on H100s: -7.7%
+# (1.5B padded) to +19% (0.5B packed) for runs that start a process (results/h100_2026-12-06d); -17% for a 0.5B
+# padded run that followed a packed one in its process (h100_2026-12-06c: the earlier run's leftovers and the
+# plan's own error not separated); throughput.py's 0.5B 8 x 8 runs -17% and -6% (h100_2026-12-05d, -05e)
 PLAN_MARGIN = 0.8
 
 
@@ -524,14 +525,13 @@ def run_ab(args, world: int, device_name: str) -> None:
 
 
 def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
-    per_shape = {}  # shape -> (packed token budget or None, padded sequences per micro-batch)
-    for r in results:
-        packed = per_shape.get(r["shape"], (None, None))[0] or r["max_tokens_per_micro_batch"]
-        padded = r["micro_batch_size"] if not r["packing"] else per_shape.get(r["shape"], (None, None))[1]
-        per_shape[r["shape"]] = (packed, padded)
-    budgets = "; ".join(f"{shape}: packed {packed or '-'} tokens, padded {padded or '-'} sequences"
-                        + (" (--max-tokens auto)" if args.max_tokens == "auto" else "")
-                        for shape, (packed, padded) in per_shape.items())
+    def first(shape: str, key: str, packed: bool):  # the shape's packed / padded runs' micro-batch size
+        return next((r[key] for r in results if r["shape"] == shape and r["packing"] == packed), "-")
+
+    budgets = "; ".join(f"{shape}: packed {first(shape, 'max_tokens_per_micro_batch', True)} tokens, padded "
+                        f"{first(shape, 'micro_batch_size', False)} sequences"
+                        for shape in dict.fromkeys(r["shape"] for r in results))
+    budgets += " (--max-tokens auto)" if args.max_tokens == "auto" else ""
     lines = [f"# GRPO step, packed vs padded ({world} x {device_name})", "",
              f"{args.prompts} prompts x {args.n}, prompt {args.prompt_len} tokens, response lengths "
              f"{args.response_len or 'as generated'} (max_new_tokens {args.max_new_tokens}); micro-batches: "

@@ -65,7 +65,7 @@ from verl_mega.parallel.dist import init_distributed
 
 from benchmarks.forced_lengths import force_lengths, parse_length_range  # noqa: E402
 from benchmarks import gpu_specs  # noqa: E402
-from benchmarks.grpo_e2e import profile_step  # noqa: E402
+from benchmarks.grpo_e2e import PLAN_MARGIN, profile_step  # noqa: E402
 from verl_mega.trainer import PPOTrainer, TrainerConfig
 from verl_mega.trainer.config import update_takes_own_logprobs
 from verl_mega.trainer.memory_plan import Offload, Parallelism, Workload, plan_memory, usable_device_bytes
@@ -217,16 +217,12 @@ def peak_flops(args, device_name: str) -> float | None:
 
 
 # ----------------------------------------------------------------------------------------------- running
-# The memory planner under-counts this benchmark's peak (max allocated, 1 x H100, 0.5B, 8 x 8): micro-batch 16
-# planned 17.2 GiB, measured 20.7 (results/h100_2026-12-05d); micro-batch 64 planned 42.8, measured 45.7
-# (results/h100_2026-12-05e). 'auto' keeps the larger ratio plus a little
-PLAN_MARGIN = 1.25
 
 
 def micro_batch(args, shape: dict, bc: BenchConfig, layout: Layout) -> int:
     """--micro-batch, or for 'auto' the largest rows / 2^k (rows = this dp rank's sequences per step) whose
-    planned peak (packed micro-batches, no offload: `memory_plan.plan_memory`) times PLAN_MARGIN fits this GPU's
-    usable memory; without a capacity (CPU) all rows."""
+    planned peak (packed micro-batches, no offload: `memory_plan.plan_memory`) fits PLAN_MARGIN (grpo_e2e.py) of
+    this GPU's usable memory; without a capacity (CPU) all rows."""
     rows = bc.prompts // layout.dp * bc.n
     if args.micro_batch != "auto":
         return int(args.micro_batch)
@@ -237,7 +233,7 @@ def micro_batch(args, shape: dict, bc: BenchConfig, layout: Layout) -> int:
                         rollout_rows=rows, num_microbatches=-(-rows // mb), packed=True)
         plan = plan_memory(ModelConfig(**shape), Parallelism(bc.tp, bc.pp, layout.dp), work, Offload(),
                            param_bytes=2, reference=bc.kl)  # (a capacity means CUDA: bf16 weights)
-        if plan.peak * PLAN_MARGIN <= capacity:
+        if plan.peak <= capacity * PLAN_MARGIN:
             break
         mb = -(-mb // 2)
     return mb

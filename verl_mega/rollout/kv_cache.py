@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from verl_mega.rollout.paged_attention import paged_decode_attention, paged_write, pool_addresses  # Triton loads on use
+
 
 class BlockAllocator:
     """Free list + reference counts of the blocks 1 .. num_blocks-1 (block 0 is the padding block)."""
@@ -94,8 +96,6 @@ class PagedKVCache:
         `update` and SDPA)."""
         if self.tables is None:
             return None
-        from verl_mega.rollout.paged_attention import paged_decode_attention, paged_write  # lazy: Triton on use
-
         if self.keys[layer_idx] is None:
             raise RuntimeError("a paged decode step needs the KV pools: prefill allocates them")
         k_pool, v_pool = self.keys[layer_idx], self.values[layer_idx]
@@ -112,8 +112,7 @@ class PagedKVCache:
             # zeros, not empty: masked slots are still multiplied by 0 probabilities; NaN garbage would poison them
             self.keys[layer_idx] = torch.zeros(shape, dtype=k.dtype, device=self.device)
             self.values[layer_idx] = torch.zeros(shape, dtype=k.dtype, device=self.device)
-            self.addresses[layer_idx] = torch.tensor([self.keys[layer_idx].data_ptr(),
-                                                      self.values[layer_idx].data_ptr()], dtype=torch.int64)
+            self.addresses[layer_idx] = pool_addresses(self.keys[layer_idx], self.values[layer_idx])[0]
         k_pool, v_pool = self.keys[layer_idx], self.values[layer_idx]
         assert self.write_slots.shape[0] == b * s, (tuple(k.shape), tuple(self.write_slots.shape))
         k_pool.index_copy_(0, self.write_slots, k.transpose(1, 2).reshape(b * s, hkv, d).to(k_pool.dtype))
