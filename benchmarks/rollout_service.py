@@ -129,7 +129,18 @@ def run_new(args, model, prompts, lengths, tp_group, name: str = "new", **engine
            "kv_pool_gib": engine.cache.memory_bytes() / 2**30, "preemptions": engine.scheduler.preemptions,
            "sync_every": engine.sync_every, "attention": engine.attention, "sampler": engine.sampler, **stats}
     if args.profile:
-        out["profile"] = profile_call(call, os.path.join(args.out_dir, f"rollout_profile_{name}.txt"))
+        out["profile"] = profile = profile_call(call, os.path.join(args.out_dir, f"rollout_profile_{name}.txt"))
+        weights, kv_bytes = decode_bytes(args.shape_name, model)
+        kinds = profile["device_s_by_kind"]
+        if kinds.get("gemm"):  # decode + prefill matmuls (prefill: 2-3% of the rows here)
+            rows_total = stats["decode_rows"] + stats["prefill_tokens"]
+            profile["gemm_tflops"] = 2 * weights / 2 * rows_total / kinds["gemm"] / 1e12  # bf16: params = bytes / 2
+        if kinds.get("attention"):
+            profile["attention_bytes_per_s"] = stats["decode_context_tokens"] * kv_bytes / kinds["attention"]
+    if args.step_curve:
+        out["step_curve"] = step_curve(engine, args.shape_name, model, [int(r) for r in args.step_curve.split(",")],
+                                       args.curve_context, spec_bandwidth(model_device(model)),
+                                       peak_flops(model_device(model)))
     engine.release()
     return out
 
@@ -150,9 +161,79 @@ def profile_call(call, path: str) -> dict:
     with open(path, "w") as f:
         f.write("\n\n".join(tables))
     top = sorted(events, key=lambda e: -getattr(e, "self_device_time_total", 0))[:10]
+    by_kind: dict[str, float] = {}
+    for e in events:
+        if not e.key.startswith(("aten::", "cuda", "Memcpy", "Memset")) or e.key.startswith(("Memcpy", "Memset")):
+            kind = kernel_kind(e.key)
+            by_kind[kind] = by_kind.get(kind, 0.0) + getattr(e, "self_device_time_total", 0) / 1e6
     return {"wall_s": wall, "device_kernel_s": device_s, "device_busy_fraction": device_s / wall,
+            "device_s_by_kind": {k: round(v, 4) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]) if v},
             "top_device_ops": [(e.key[:80], round(getattr(e, "self_device_time_total", 0) / 1e6, 4)) for e in top],
             "tables": path}
+
+
+KERNEL_KINDS = (  # (kind, name fragments), first match wins: where a decode rollout's device time goes
+    ("attention", ("paged_decode", "merge_splits", "flash", "fmha", "attention")),
+    ("kv_write", ("paged_write", "index_put", "scatter")),
+    ("sampling", ("sample_", "argmax", "multinomial", "softmax", "exponential")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm80_", "cublas")),
+    ("norm", ("rms_norm",)),
+    ("rope", ("rope",)),
+    ("silu_mul", ("silu",)),
+    ("copy", ("copy", "memcpy", "memset", "cat")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a device kernel by its name (`KERNEL_KINDS`); "elementwise" / "other" for the rest."""
+    low = name.lower()
+    for kind, parts in KERNEL_KINDS:
+        if any(part in low for part in parts):
+            return kind
+    return "elementwise" if ("elementwise" in low or "vectorized" in low or "reduce" in low) else "other"
+
+
+def step_curve(engine, shape: str, model, rows_list: list[int], context: int, bw: float | None,
+               peak: float | None, repeats: int = 20) -> list[dict]:
+    """Milliseconds per decode step (the CUDA-graph replay, and replay + the fused sampling of the engine's
+    window loop) at `rows_list` rows, every row attending over `context` tokens of its own blocks (fixed
+    contents: timing only), against the step's memory bound (weights + rows x context x kv bytes at `bw`)
+    and compute bound (2 x matmul params x rows at `peak`)."""
+    weights, kv_bytes = decode_bytes(shape, model)
+    params = weights / next(model.parameters()).element_size()
+    per_row = -(-(context + 1) // engine.block_size)
+    out = []
+    for rows in rows_list:
+        if rows > engine.max_batch or rows * per_row >= engine.cache.num_blocks:
+            continue
+        blocks = 1 + torch.arange(rows * per_row, device=engine.device).view(rows, per_row)
+        engine._tables[:rows].zero_()
+        engine._tables[:rows, :per_row] = blocks
+        engine._positions[:rows] = context
+        engine._tokens[:rows] = 2
+        nb = engine.table_width
+
+        def replay():
+            engine._decode(rows, nb)
+            engine._positions[:rows] = context  # the step graph reads positions; keep them fixed
+
+        def with_sampling():
+            engine._decode_steps(rows, 1, lambda: engine._decode(rows, nb), {SamplingParams(temperature=1.0): None},
+                                 False, False)
+            engine._positions[:rows] = context
+
+        replay()  # captures the graph
+        row = {"rows": rows, "context": context,
+               "replay_ms": 1e3 * time_call(lambda: [replay() for _ in range(repeats)]) / repeats,
+               "step_ms": 1e3 * time_call(lambda: [with_sampling() for _ in range(repeats)]) / repeats}
+        if bw:
+            row["memory_bound_ms"] = 1e3 * (weights + rows * (context + 1) * kv_bytes) / bw
+        if peak:
+            row["compute_bound_ms"] = 1e3 * 2 * params * rows / peak
+        if bw and peak:
+            row["fraction_of_roofline"] = max(row["memory_bound_ms"], row["compute_bound_ms"]) / row["step_ms"]
+        out.append(row)
+    return out
 
 
 def run_static(args, model, prompts, lengths, tp_group) -> dict:
@@ -233,14 +314,16 @@ def roofline_bound(shape, model, new: dict, lengths: list[int], args, bw: float,
     memory time (weights + attended K/V at `bw`) and its compute time (2 x matmul params x rows + attention
     4 x layers x q heads x head_dim x attended tokens, at the dense bf16 `peak`), summed over steps. The rows of
     each step are re-derived from the forced lengths (all rows admitted at once, a row decoding until the host
-    check after its last token, as the engine does), so it holds for runs with every row in flight
+    check after its last token and one look-ahead window more, as the engine does), so it holds for runs with every row in flight
     (`--max-batch` 0) only; `rows_match` says whether the re-derived row-steps equal the engine's counter."""
     cfg = SHAPES[shape]
     weights, kv_bytes = decode_bytes(shape, model)
     matmul_params = weights / next(model.parameters()).element_size()
     attn_flops = 4 * cfg["num_hidden_layers"] * cfg["hidden_size"]  # per attended token (q heads x head_dim = hidden)
     k = new["sync_every"]
-    steps = [-(-(n - 1) // k) * k for n in lengths]  # decode steps of each row (its first token comes from prefill)
+    # decode steps of each row: its first token comes from prefill, the rest in windows of k, and the window launched
+    # before the host reads that it ended (the engine's look-ahead) decodes it once more
+    steps = [-(-(n - 1) // k) * k + k for n in lengths]
     total, row_steps, compute_bound_steps = 0.0, 0, 0
     for t in range(max(steps)):
         live = sum(s > t for s in steps)
@@ -283,7 +366,63 @@ def parity_check(device) -> dict:
             "graphs": len(engine._graphs), "preemptions": engine.scheduler.preemptions}
 
 
+ATTENTION_CONFIGS = ((False, 4, 1), (True, 4, 1), (True, 4, 2), (True, 4, 3), (True, 4, 4), (True, 8, 2),
+                     (True, 8, 3), (True, 2, 2))  # (pipelined `for` loop, num_warps, num_stages); the first: `while`
+
+
+def attention_sweep(shape: str, device, dtype, rows_list=(512, 256, 32), lengths=(160, 1152), repeats: int = 20
+                    ) -> list[dict]:
+    """The paged decode-attention kernel alone at `shape`'s heads, one layer: bytes of K/V read per second for each
+    launch configuration of `ATTENTION_CONFIGS`, at each row count, rows' lengths uniform in `lengths` (seeded),
+    blocks scattered over the pool as a long rollout leaves them. The first configuration is the kernel before
+    the pipelined loop."""
+    from verl_mega.rollout import paged_attention as pa
+
+    cfg = SHAPES[shape]
+    hq, hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d, bs = cfg["hidden_size"] // hq, 16
+    gen = torch.Generator().manual_seed(0)
+    saved = (pa.PIPELINE, pa.NUM_WARPS, pa.NUM_STAGES)
+    out = []
+    try:
+        for rows in rows_list:
+            pos = torch.randint(lengths[0], lengths[1], (rows,), generator=gen)
+            nb = -(-lengths[1] // bs) + 1
+            slots = rows * nb * bs + bs
+            tables = (1 + torch.randperm(rows * nb, generator=gen)).view(rows, nb)
+            k_pool = torch.randn(slots, hkv, d, generator=gen).to(device, dtype)
+            v_pool = torch.randn(slots, hkv, d, generator=gen).to(device, dtype)
+            q = torch.randn(rows, hq, d, generator=gen).to(device, dtype)
+            tables, pos = tables.to(device), pos.to(device)
+            kv_bytes = int((pos + 1).sum()) * hkv * d * 2 * k_pool.element_size()
+            ref = None
+            for pipelined, warps, stages in ATTENTION_CONFIGS:
+                pa.PIPELINE, pa.NUM_WARPS, pa.NUM_STAGES = pipelined, warps, stages
+                try:
+                    got = pa.paged_decode_attention(q, k_pool, v_pool, tables, pos, bs)  # compiles
+                    ref = got if ref is None else ref
+                    seconds = time_call(lambda: [pa.paged_decode_attention(q, k_pool, v_pool, tables, pos, bs)
+                                                 for _ in range(repeats)]) / repeats
+                    out.append({"rows": rows, "pipelined": pipelined, "num_warps": warps, "num_stages": stages,
+                                "us": seconds * 1e6, "bytes_per_s": kv_bytes / seconds,
+                                "max_abs_diff_vs_first": float((got.float() - ref.float()).abs().max())})
+                except Exception as exc:  # noqa: BLE001 - a configuration that does not compile is reported
+                    out.append({"rows": rows, "pipelined": pipelined, "num_warps": warps, "num_stages": stages,
+                                "error": repr(exc)[:300]})
+            del k_pool, v_pool
+    finally:
+        pa.PIPELINE, pa.NUM_WARPS, pa.NUM_STAGES = saved
+    return out
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def run_shape(args, shape, device, dtype, layout) -> dict:
+    args.shape_name = shape
+    if args.attention_sweep:
+        return {"attention_sweep": attention_sweep(shape, device, dtype)}
     torch.manual_seed(0)
     model = build_ours_random(shape, layout, device, dtype)
     model.fused_inference = device.type == "cuda"  # CPU smoke: plain torch ops (the interpreter runs only the paged kernel)
@@ -298,12 +437,14 @@ def run_shape(args, shape, device, dtype, layout) -> dict:
     # the ratio the new engine would reach if a row-step (one row through one decode step) cost what it costs the
     # static engine: the static engine decodes every row to the longest length, the new one each row to its own
     out["row_step_ceiling"] = len(lengths) * max(lengths) / sum(lengths)
-    out["static"] = run_static(args, model, prompts, lengths, layout.tp_group)
+    if not args.no_static:
+        out["static"] = run_static(args, model, prompts, lengths, layout.tp_group)
     bandwidths = {"bound_spec": spec_bandwidth(device), "bound_measured_copy": copy_bandwidth(device)}
     for name in args.variants.split(","):
         if "tokens_per_s" not in out[name]:
             continue
-        out[f"ratio_{name}_over_static"] = out[name]["tokens_per_s"] / out["static"]["tokens_per_s"]
+        if "static" in out:
+            out[f"ratio_{name}_over_static"] = out[name]["tokens_per_s"] / out["static"]["tokens_per_s"]
         for key, bw in bandwidths.items():
             if bw is not None:
                 out[name][key] = bandwidth_bound(shape, model, out[name], bw)
@@ -392,6 +533,12 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--profile", action="store_true", help="one more new-engine call under torch.profiler: device "
                    "busy fraction and top ops (rollout_profile_<shape>_<variant>.txt in --out-dir)")
+    p.add_argument("--no-static", action="store_true", help="skip the static engine (and the ratios and bounds)")
+    p.add_argument("--step-curve", default="", help="rows, e.g. 512,256,64,16: ms per decode step of each "
+                   "new-engine variant at that many rows, each attending --curve-context tokens, against its bounds")
+    p.add_argument("--curve-context", type=int, default=640)
+    p.add_argument("--attention-sweep", action="store_true", help="only the paged attention kernel per launch "
+                   "configuration at each shape's heads (ATTENTION_CONFIGS; CUDA)")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "outputs"))
     args = p.parse_args(argv)
     unknown = set(args.variants.split(",")) - set(VARIANTS)

@@ -1,7 +1,7 @@
 """The one-pass Triton sampler (`rollout/fused_sampling.py`) against `sampling.sample_tokens`: greedy tokens and
-log-probs equal, forced tokens honoured, sampled tokens drawn from softmax(x / T) (a chi-square test on 4,000
-draws), the same generator state giving the same tokens, and the engine's greedy output and forced lengths
-unchanged with it.
+log-probs equal, forced tokens honoured, sampled tokens drawn from softmax(x / T) (a chi-square test on 1,000
+draws), the same generator state giving the same tokens, bf16 logits read as their float32 values, and the
+engine's greedy output and forced lengths unchanged with it.
 
 On CPU the kernel runs in the Triton interpreter, switched on before triton is first imported: the checks run
 in a fresh subprocess with TRITON_INTERPRET=1 (with CUDA, in this process on CUDA tensors).
@@ -52,8 +52,14 @@ def sampler_checks(device: str) -> dict:
     out["masked_never_drawn"] = tok[0].item() >= BLOCK
     g.manual_seed(5)
     out["same_seed_same_tokens"] = sample_tokens_fused(logits, warm, g, forced)[0].tolist() == tok.tolist()
+    # the engine passes the LM head's bf16 output as it is: the same tokens and log-probs as its float32 copy
+    low = logits.bfloat16()
+    in_bf16 = sample_tokens_fused(low, warm, g.manual_seed(5), forced)
+    in_fp32 = sample_tokens_fused(low.float(), warm, g.manual_seed(5), forced)
+    out["bf16_as_float32"] = torch.equal(in_bf16[0], in_fp32[0]) and torch.equal(in_bf16[1], in_fp32[1])
     # the vocabulary cut into 2 and 4 parts of 1024-entry blocks (the last part past the vocabulary, empty):
-    # the same draws (Philox counters do not depend on the cut) and log-probs to float32 rounding
+    # the same draws (one uniform per row, whatever the cut; only the float32 summation order changes) and
+    # log-probs to float32 rounding
     out["split_same_tokens"], out["split_logprob_error"] = True, 0.0
     for params, seed in ((greedy, None), (warm, 5)):
         whole = sample_tokens_fused(logits, params, g.manual_seed(seed) if seed else None, forced, splits=1)
@@ -74,14 +80,16 @@ def sampler_checks(device: str) -> dict:
 
 def engine_greedy(hf_dir: str, ids: list[list[int]]) -> tuple[list[list[int]], list[int]]:
     """Greedy responses of the engine with the fused sampler (rows joining mid-way: max_batch 2 for 4 prompts),
-    and the response lengths of a sampled call with forced EOS positions inside 4-step decode windows."""
+    and the response lengths of a call with forced EOS positions inside 4-step decode windows."""
     engine, model = build_engine(hf_dir, 1, NEVER, max_batch=2, sampler="fused", sync_every=4)
     model.fused_inference = False  # only the sampler in the interpreter
     greedy = engine.generate(ids, max_new_tokens=6, temperature=0.0).responses()
     engine, model = build_engine(hf_dir, 1, 3, max_batch=2, sampler="fused", sync_every=4)  # EOS: a real id
     model.fused_inference = False
-    forced = engine.generate(ids, max_new_tokens=12, temperature=1.0, eos_at=[3, 6, 9, 12],
-                             ignore_eos=True).responses()  # only the forced EOS ends a row
+    # greedy: these prompts' greedy responses hold no token 3 in 12 tokens, so only the forced EOS ends a row,
+    # whatever the sampler's random stream (a sampled call can draw the real EOS id earlier)
+    forced = engine.generate(ids, max_new_tokens=12, temperature=0.0, eos_at=[3, 6, 9, 12],
+                             ignore_eos=True).responses()
     return greedy, [len(r) for r in forced]
 
 
@@ -98,6 +106,7 @@ def test_fused_sampler_matches_sample_tokens(hf_dir):
     runs = [checks] + ([sampler_checks("cuda")] if torch.cuda.is_available() else [])
     for c in runs:
         assert c["greedy_equal"] and c["forced_kept"] and c["masked_never_drawn"] and c["same_seed_same_tokens"], c
+        assert c["bf16_as_float32"], c
         assert c["split_same_tokens"], c
         # both log-sum-exps of the same float32 logits, summed in other orders: a few float32 ulps of |lse| ~ 10
         assert c["greedy_logprob_error"] < 1e-5 and c["sampled_logprob_error"] < 1e-5, c

@@ -191,7 +191,9 @@ def test_vlm_decode_step_reads_only_static_buffers_without_host_syncs(vlm_dir, m
     monkeypatch.setattr(engine, "_decode_forward", guarded_decode)
     engine.generate(prompts, max_new_tokens=3, temperature=0.0, images=images)
     decode = [(i, p, kw) for i, p, kw in calls if i.shape[1] == 1]
-    assert len(decode) == 2 and engine._deltas is deltas_buffer  # 2 decode steps after the prefill; buffer kept
+    # 2 decode steps after the prefill, + the look-ahead window launched before the host reads that the rows ended;
+    # the buffer kept
+    assert len(decode) == 2 + engine.sync_every and engine._deltas is deltas_buffer
     # each prompt's delta from its M-RoPE positions (text: 0; an image of h x w merged tokens: max(h, w) - h * w)
     want = torch.tensor([0 if img is None else int(mrope_position_ids(
         torch.tensor([ids]), img[1], image_token_id=IMG, vision_start_token_id=VS, spatial_merge_size=2)[1][0])

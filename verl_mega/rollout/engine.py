@@ -14,9 +14,10 @@ What: `GenerationEngine(model, tp_group, EngineConfig(...))` serves requests on 
 
 A `step()` admits waiting requests (FIFO, within `max_batch` rows and the KV-cache token budget
 `max_tokens`), prefills them (a prompt's n samples prefill it once and share its blocks,
-`scheduler.py`), then runs `sync_every` decode steps over all running rows and reports the rows
-that finished: sequences join the batch as others leave, so decode steps do not run on dead rows
-and the cache holds only actual lengths (`kv_cache.PagedKVCache`).
+`scheduler.py`), then launches `sync_every` decode steps over all running rows and reports the rows
+that finished in the window before (see "look-ahead window" below): sequences join the batch as others
+leave, so decode steps do not run on dead rows and the cache holds only actual lengths
+(`kv_cache.PagedKVCache`).
 
 Decode step shapes: rows rounded up to a bucket (1, 2, 4, 8, then multiples of 16); the gather attention
 path also rounds the attended length up to `kv_len_bucket` tokens (the paged kernel follows each row's
@@ -31,6 +32,14 @@ Where every running row samples alike with the fused sampler (greedy or plain te
 included, one graph: the host launches once per window, the seeds of the window's draws are drawn
 beforehand into a static buffer (both paths draw them so, and give the same tokens). The host reads the
 sampled tokens once per window.
+
+Look-ahead window: a `step()` launches the next decode window before it reads the one launched by the
+previous `step()` (a pinned host copy and a CUDA event per window), so the host's bookkeeping (accepting
+tokens, freeing and admitting rows, staging the next inputs) runs while the device decodes. A row continues
+from the window in flight on the device (its fed token is what that window's last step sampled; the host
+counts the window's `pending` tokens in its position and block reservation). The price: a row that ends in
+one window is decoded through the next as well (its tokens there are dropped; `Sequence.epoch` tells a
+window's rows that have left the batch since its launch), about sync_every row-steps per response.
 
 Every rank of `tp_group` must make the same calls: the sampled tokens are identical on all of them
 (`sampling.py`), so their schedules are too.
@@ -70,6 +79,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -83,6 +93,16 @@ from verl_mega.rollout.kv_cache import PagedKVCache
 from verl_mega.rollout.output import GenerationOutput, assemble_output
 from verl_mega.rollout.sampling import SamplingParams, gather_vocab_logits, sample_tokens
 from verl_mega.rollout.scheduler import Finished, RequestParams, Scheduler, Sequence
+
+
+@dataclass
+class _Window:
+    """A launched decode window: its rows with their `Sequence.epoch` at launch, the host buffers its tokens and
+    log-probs are copied to, and the event after that copy (None off CUDA, where the copy is synchronous)."""
+
+    rows: list[tuple[Sequence, int]]
+    parity: int
+    done: "torch.cuda.Event | None"
 
 
 def batch_bucket(batch: int, max_batch: int) -> int:
@@ -132,8 +152,9 @@ class GenerationEngine:
             self._sample_tokens = sample_tokens_fused
         self.sync_every = config.sync_every or (8 if self.device.type == "cuda" else 1)
         num_blocks = config.max_tokens // config.block_size + 1  # + the padding block 0
-        # a block table covers the longest sequence plus the decode steps run past its end before a host check
-        self.table_width = -(-(config.max_seq_len + self.sync_every) // config.block_size)
+        # a block table covers the longest sequence plus the decode steps run past its end before the host sees
+        # it end: the rest of its window and the whole look-ahead window launched before that window is read
+        self.table_width = -(-(config.max_seq_len + 2 * self.sync_every) // config.block_size)
         if num_blocks - 1 < self.table_width:
             raise ValueError(f"engine max_tokens={config.max_tokens} cannot hold one sequence of max_seq_len="
                              f"{config.max_seq_len} (+{self.sync_every} decode steps); raise max_tokens")
@@ -146,19 +167,35 @@ class GenerationEngine:
         self._tokens = torch.zeros(mb, dtype=torch.long, device=dev)  # [B] token fed at this step
         self._positions = torch.zeros(mb, dtype=torch.long, device=dev)  # [B] its position (= its cache slot index)
         self._tables = torch.zeros(mb, self.table_width, dtype=torch.long, device=dev)  # [B, blocks] block ids
-        self._logits = torch.zeros(mb, self.true_vocab_size, dtype=torch.float32, device=dev)
+        # the decode step's logits [B, V]: with the fused sampler on one rank, a view of the LM head's own output
+        # [B, V_pad] in the weights' dtype (`_head_out`; the sampler reads it in place and computes in float32, so
+        # tokens and log-probs equal those of a float32 copy); float32 otherwise
+        self._head_out = None
+        if self.sampler == "fused" and (tp_group is None or dist.get_world_size(tp_group) == 1):
+            head = model.output_weight()
+            self._head_out = torch.zeros(mb, head.shape[0], dtype=head.dtype, device=dev)
+            self._logits = self._head_out[:, :self.true_vocab_size]
+        else:
+            self._logits = torch.zeros(mb, self.true_vocab_size, dtype=torch.float32, device=dev)
         # VLM: M-RoPE delta of each row's prompt (decode rope position = position + delta); None for text models
         pads = image_token_ids(model.config)  # the placeholder ids never sampled (module docstring)
         self.is_vlm = bool(pads)
         self._deltas = torch.zeros(mb, dtype=torch.long, device=dev) if self.is_vlm else None
         self._banned, self._banned_set = torch.tensor(pads, dtype=torch.long, device=dev), frozenset(pads)
-        # a decode window's inputs, staged on the host and copied once (`_decode_window`)
-        cols = self.table_width + 3 + self.sync_every
-        self._staging = torch.zeros(mb, cols, dtype=torch.long, pin_memory=dev.type == "cuda")
+        # a decode window's inputs, staged on the host and copied once (`_launch_window`); two host buffers, as the
+        # next window is staged while the last one's copy may still be queued
+        cols = self.table_width + 4 + self.sync_every
+        pin = dev.type == "cuda"
+        self._staging = [torch.zeros(mb, cols, dtype=torch.long, pin_memory=pin) for _ in range(2)]
         self._staged = torch.zeros(mb, cols, dtype=torch.long, device=dev)
         self._seeds = torch.zeros(self.sync_every, dtype=torch.long, device=dev)  # a window's sampling seeds
         self._out_tokens = torch.zeros(mb, self.sync_every, dtype=torch.long, device=dev)  # a window's samples
         self._out_logprobs = torch.zeros(mb, self.sync_every, dtype=torch.float32, device=dev)
+        # their host copies, one pair per window in flight (`_read_window`)
+        self._host_out = [(torch.zeros(mb, self.sync_every, dtype=torch.long, pin_memory=pin),
+                           torch.zeros(mb, self.sync_every, dtype=torch.float32, pin_memory=pin)) for _ in range(2)]
+        self._inflight: _Window | None = None  # the window launched and not yet read
+        self._parity = 0
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._graph_pool = None
         self._graph_weights: tuple[int, ...] = ()
@@ -322,6 +359,7 @@ class GenerationEngine:
         hold the table, not the pools), unless `graphs`; the gather path's graphs read the pools and are
         always freed. Freed graphs are captured again on the next use."""
         self.cache.release()
+        self._inflight = None  # (its rows are dropped with the scheduler)
         if graphs or self.attention != "paged":
             self._graphs.clear()
             self._graph_pool = None
@@ -442,38 +480,58 @@ class GenerationEngine:
 
     # ------------------------------------------------------------------ decode
     def _decode_window(self) -> list[Finished]:
-        """`sync_every` decode steps over the running rows; one host read of the sampled tokens."""
+        """Launch a window of `sync_every` decode steps over the running rows, then read the window the previous
+        call launched (its one host sync) and return the rows it finished: the host's bookkeeping of one window
+        runs while the device decodes the next (module docstring, "look-ahead window")."""
         sched, k = self.scheduler, self.sync_every
-        sched.reserve(k)
-        rows = list(sched.running)
-        if not rows:
-            return []
+        prev, self._inflight = self._inflight, None
+        if sched.running:
+            sched.reserve(k)  # after each row's pending tokens; may preempt rows (their pending window goes stale)
+            if sched.running:
+                self._inflight = self._launch_window(list(sched.running), prev)
+        finished = self._read_window(prev) if prev is not None else []
+        if not sched.running:  # every row of the window in flight has left the batch: nothing of it is read
+            self._inflight = None
+        return finished
+
+    def _launch_window(self, rows: list[Sequence], prev: "_Window | None") -> "_Window":
+        """Stage, launch and queue the host copy of one decode window over `rows`; no host sync. A row of `prev`
+        (the window in flight) continues from where that window leaves it: its fed token is the one that
+        window's last step sampled, still on the device, and its position counts that window's `pending` tokens."""
+        k, tw = self.sync_every, self.table_width
         b = len(rows)
         bb = batch_bucket(b, self.max_batch) if self.use_cuda_graph else b
         if self.attention == "paged":  # the kernel visits each row's own length: one graph per row bucket
             nb = self.table_width
         else:  # the gather path reads nb blocks per row: round the window's reach up to kv_len_bucket tokens
-            longest = max(len(s.tokens) - 1 + k for s in rows)  # positions the window reaches
+            longest = max(len(s.tokens) - 1 + s.pending + k for s in rows)  # positions the window reaches
             bucket = max(self.block_size, self.config.kv_len_bucket // self.block_size * self.block_size)
             nb = min(self.table_width, -(-longest // bucket) * bucket // self.block_size)
+        source = {} if prev is None else {id(s): r for r, (s, epoch) in enumerate(prev.rows) if s.epoch == epoch}
         # the window's inputs in one host-to-device copy (pinned on CUDA, so the host does not wait for it):
-        # per row [block table | token fed, its position, M-RoPE delta | forced ids of the k steps (-1: sample)]
-        tw = self.table_width
-        host = self._staging.numpy()[:bb]
+        # per row [block table | token fed, its position, M-RoPE delta, row in the window in flight (-1: none) |
+        # forced ids of the k steps (-1: sample)]
+        self._parity ^= 1
+        staging = self._staging[self._parity]
+        host = staging.numpy()[:bb]
         host[:, :tw + 3] = 0  # padding rows: block 0, token 0, position 0
         host[:, tw + 3:] = -1
         for r, s in enumerate(rows):
             host[r, :len(s.blocks)] = s.blocks
-            host[r, tw:tw + 3] = s.tokens[-1], len(s.tokens) - 1, s.images.delta if s.images is not None else 0
+            host[r, tw:tw + 4] = (s.tokens[-1], len(s.tokens) - 1 + s.pending,
+                                  s.images.delta if s.images is not None else 0, source.get(id(s), -1))
         forced = self._forced_ids(rows, k)
         if forced is not None:
-            host[:b, tw + 3:] = forced
-        self._staged[:bb].copy_(self._staging[:bb], non_blocking=True)
+            host[:b, tw + 4:] = forced
+        self._staged[:bb].copy_(staging[:bb], non_blocking=True)
+        if source:  # continuing rows feed what their last step sampled (`_decode_steps` leaves it in _tokens)
+            src = self._staged[:bb, tw + 3]
+            self._staged[:bb, tw] = torch.where(src >= 0, self._tokens[src.clamp(min=0)], self._staged[:bb, tw])
         groups = self._sampling_groups(rows)
         params = self._plain_fused(groups)
         if params is not None:  # the window's sampling seeds, drawn at once (both paths below draw the same)
             torch.randint(0, 2**31 - 1, (k,), generator=self.generator, device=self.device, out=self._seeds[:k])
-        context = sum(len(s.tokens) for s in rows)  # attended tokens of the window's first step
+        context = sum(len(s.tokens) + s.pending for s in rows)  # attended tokens of the window's first step
         self.stats["decode_steps"] += k
         self.stats["decode_rows"] += b * k
         self.stats["decode_context_tokens"] += k * context + b * k * (k - 1) // 2
@@ -482,13 +540,33 @@ class GenerationEngine:
         else:  # a graph (or an eager forward) per step, sampling eager
             self._load_window_inputs(bb)
             self._decode_steps(b, k, lambda: self._decode(bb, nb), groups, forced is not None, params is not None)
+        tokens, logprobs = self._host_out[self._parity]
+        tokens[:b].copy_(self._out_tokens[:b], non_blocking=True)
+        logprobs[:b].copy_(self._out_logprobs[:b], non_blocking=True)
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        for s in rows:
+            s.pending += k
+        return _Window([(s, s.epoch) for s in rows], self._parity, done)
+
+    def _read_window(self, window: "_Window") -> list[Finished]:
+        """Wait for a launched window's host copy and give each row still in the same stay in the batch its
+        tokens (`Scheduler.accept`); returns the rows that finished."""
+        if window.done is not None:
+            window.done.synchronize()
+        k, b = self.sync_every, len(window.rows)
+        tokens, logprobs = (t[:b].tolist() for t in self._host_out[window.parity])
         finished = []
-        tokens, logprobs = self._out_tokens[:b, :k].tolist(), self._out_logprobs[:b, :k].tolist()  # the host sync
-        for seq, toks, lps in zip(rows, tokens, logprobs):
-            done = sched.accept(seq, toks, lps)
+        for (seq, epoch), toks, lps in zip(window.rows, tokens, logprobs):
+            if seq.epoch != epoch:  # finished (or preempted) since the launch: the window ran past its end
+                continue
+            seq.pending -= k
+            done = self.scheduler.accept(seq, toks, lps)
             if done is not None:
                 finished.append(done)
-            if not seq.finished:
+            else:
                 seq.num_cached = len(seq.tokens) - 1
         return finished
 
@@ -501,7 +579,7 @@ class GenerationEngine:
         return None if params.top_k or params.top_p < 1.0 else params
 
     def _load_window_inputs(self, bb: int) -> None:
-        """Static decode inputs of rows [0, bb) from the staged window (`_decode_window`'s layout)."""
+        """Static decode inputs of rows [0, bb) from the staged window (`_launch_window`'s layout)."""
         staged, tw = self._staged[:bb], self.table_width
         self._tables[:bb].copy_(staged[:, :tw])
         self._tokens[:bb].copy_(staged[:, tw])
@@ -526,7 +604,7 @@ class GenerationEngine:
         tw = self.table_width
         for t in range(steps):
             forward()
-            tok, lp = self._sample(self._logits[:rows], groups, self._staged[:rows, tw + 3 + t] if forced else None,
+            tok, lp = self._sample(self._logits[:rows], groups, self._staged[:rows, tw + 4 + t] if forced else None,
                                    self._seeds[t:t + 1] if seeded else None)
             self._out_tokens[:rows, t], self._out_logprobs[:rows, t] = tok, lp
             self._tokens[:rows].copy_(tok)
@@ -566,7 +644,10 @@ class GenerationEngine:
         rope = positions if self._deltas is None else positions + self._deltas[:bb]  # [bb] (VLM: + M-RoPE delta)
         hidden = self.model(self._tokens[:bb, None], rope[:, None], attn_mask=attn, kv_cache=self.cache,
                             return_hidden=True)  # [bb, 1, H]
-        self._head_logits(hidden[:, -1], out=self._logits[:bb])
+        if self._head_out is not None:  # the head writes the logits the fused sampler reads (no float32 copy)
+            torch.matmul(hidden[:, -1], self.model.output_weight().t(), out=self._head_out[:bb])
+        else:
+            self._head_logits(hidden[:, -1], out=self._logits[:bb])
 
     def _head_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """LM head on final-normed hidden states [b, H] only -> full-vocab logits [b, V] float32 (written into
@@ -579,7 +660,7 @@ class GenerationEngine:
         return out.copy_(gather_vocab_logits(local, self.tp_group, self.true_vocab_size))
 
     def _decode(self, bb: int, nb: int) -> torch.Tensor:
-        """Run a decode step (graph replay when enabled) and return the logits buffer [max_batch, V]."""
+        """Run a decode step (graph replay when enabled) and return the logits buffer [max_batch, V] (`_logits`)."""
         if self.use_cuda_graph:
             graph = self._graphs.get((bb, nb))
             if graph is None:
@@ -659,7 +740,7 @@ class GenerationEngine:
         for r, seq in enumerate(rows):
             script = self._forced.get((seq.request_id, seq.sample_index))
             if script:
-                first = seq.num_generated
+                first = seq.num_generated + seq.pending  # the window in flight decodes the pending ones
                 numbers = script if len(script) < steps else range(first, first + steps)  # the shorter walk
                 for number in numbers:
                     if first <= number < first + steps and number in script:

@@ -1,22 +1,27 @@
 """One pass over the logits per decode step: next token and its log-prob (Triton).
 
-What: for logits [B, V] float32, the same draw as `sampling.sample_tokens` for greedy and for plain
-temperature sampling (top_k = 0, top_p = 1): each row's vocabulary is cut into `splits` contiguous
-parts (enough programs to fill the GPU when few rows are left); a program walks its part in blocks of
-BLOCK, keeps the running max / sum of exp(x / T) (log-sum-exp, FlashAttention's online softmax) and the
-running argmax of x / T + G, G = -log(-log U) a Gumbel draw from Philox uniforms U (`tl.rand`): the
-Gumbel-max trick, the log form of the torch path's exponential race argmax(p / E), E = -log U, so an
-exact draw from softmax(x / T). Greedy takes argmax(x) with T = 1. A second kernel merges a row's
-parts (log-sum-exp merge; the largest key, the lowest index on ties, as torch.argmax). The log-prob of
-the chosen (or forced) token is x_t / T - logsumexp(x / T), as `sample_tokens` reports it. The torch path makes about
-ten passes over [B, V] float32 (log-softmax, exp, the exponential draws, the division, argmax); this
-reads the logits once and writes two numbers per row.
+What: for logits [B, V] (float32 or the LM head's bf16 / fp16, computed in float32), the same distribution as
+`sampling.sample_tokens` for greedy and for plain temperature sampling (top_k = 0, top_p = 1): each row's
+vocabulary is cut into `splits` contiguous parts (enough programs to fill the GPU when few rows are left); a
+program walks its part in blocks of BLOCK and keeps the running max / sum of exp(x / T) (log-sum-exp,
+FlashAttention's online softmax), and for greedy the running argmax of x. A second kernel, one program per
+row, merges the parts (log-sum-exp merge) and picks the token:
+  - greedy: the best of the parts' argmaxes (the lowest index on ties, as torch.argmax);
+  - sampled: the inverse CDF at one uniform draw u per row: the part where the cumulative mass of
+    exp(x / T - max) first exceeds u x its total, then the first token of that part where it does (that part
+    re-read block by block until the token is found; on average half of one part). An exact draw from
+    softmax(x / T), with one random number per row instead of one per vocabulary entry (the Gumbel-max
+    form this replaces drew a Philox number and took two logarithms per entry).
+The log-prob of the chosen (or forced) token is x_t / T - logsumexp(x / T), as `sample_tokens` reports it. The
+torch path makes about ten passes over [B, V] float32 (log-softmax, exp, the exponential draws, the division,
+argmax); this reads the logits once (plus part of one part per sampled row) and writes two numbers per row.
 
 Randomness: a 31-bit seed per call, drawn on the device from the engine's `torch.Generator` (no host
-sync) or passed in as a device tensor, and element (row, v) uses Philox counter row * V + v: same seed,
-same logits -> same tokens; the stream differs from the torch path's.
+sync) or passed in as a device tensor; row r's uniform is Philox counter r under it: same seed, same logits
+-> same tokens; the stream differs from the torch path's. The parts' cut does not change u, only the float32
+summation order of the masses compared against it.
 
-top-k / top-p truncation is not fused: those calls take `sample_tokens`.
+top-k / top-p truncation is not fused: those calls take `sample_tokens` (on the logits cast to float32).
 """
 
 from __future__ import annotations
@@ -38,14 +43,13 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def sample_partial_kernel(logits_ptr, stride, seed_ptr, m_ptr, l_ptr, best_ptr, idx_ptr, inv_temp,
+    def sample_partial_kernel(logits_ptr, stride, m_ptr, l_ptr, best_ptr, idx_ptr, inv_temp,
                               V: tl.constexpr, SPLITS: tl.constexpr, NB_PER: tl.constexpr, BLOCK: tl.constexpr,
                               GREEDY: tl.constexpr):
-        """Program (row, split): max m and sum l of exp(x / T - m), and the best key (x / T + Gumbel, or x / T
-        greedy) with its index, over the split's NB_PER blocks of the row's vocabulary."""
+        """Program (row, split): max m and sum l of exp(x / T - m) over the split's NB_PER blocks of the row's
+        vocabulary; greedy: also the largest x and its index."""
         row, split = tl.program_id(0), tl.program_id(1)
         base = logits_ptr + row.to(tl.int64) * stride
-        seed = tl.load(seed_ptr)
         m = tl.full([], float("-inf"), tl.float32)  # running max of x / T
         l = tl.zeros([], tl.float32)  # running sum of exp(x / T - m)
         best = tl.full([], float("-inf"), tl.float32)
@@ -60,15 +64,10 @@ def _kernels():
             l = l * tl.where(finite, tl.exp(m - shift), 0.0) + tl.sum(tl.exp(x - shift), axis=0)
             m = m_new
             if GREEDY:
-                key = x
-            else:
-                u = tl.rand(seed, row * V + offs)  # uniform in [0, 1)
-                key = x - tl.log(-tl.log(tl.maximum(u, 1e-12)))  # + Gumbel(0, 1)
-            key = tl.where(valid, key, float("-inf"))
-            block_best = tl.max(key, axis=0)
-            better = block_best > best  # strictly: the first of equal keys wins, as torch.argmax
-            best_idx = tl.where(better, (split * NB_PER + j) * BLOCK + tl.argmax(key, axis=0), best_idx)
-            best = tl.where(better, block_best, best)
+                block_best = tl.max(x, axis=0)
+                better = block_best > best  # strictly: the first of equal values wins, as torch.argmax
+                best_idx = tl.where(better, (split * NB_PER + j) * BLOCK + tl.argmax(x, axis=0), best_idx)
+                best = tl.where(better, block_best, best)
         out = row * SPLITS + split
         tl.store(m_ptr + out, m)
         tl.store(l_ptr + out, l)
@@ -76,17 +75,46 @@ def _kernels():
         tl.store(idx_ptr + out, best_idx)
 
     @triton.jit
-    def sample_merge_kernel(logits_ptr, stride, m_ptr, l_ptr, best_ptr, idx_ptr, forced_ptr, token_ptr, logprob_ptr,
-                            inv_temp, SPLITS: tl.constexpr, HAS_FORCED: tl.constexpr):
-        """Program row: the splits' partials merged (log-sum-exp; the best key, the lowest split on ties), the
-        forced token applied, and the chosen token's log-prob x_t / T - logsumexp(x / T)."""
+    def sample_merge_kernel(logits_ptr, stride, seed_ptr, m_ptr, l_ptr, best_ptr, idx_ptr, forced_ptr, token_ptr,
+                            logprob_ptr, inv_temp, V: tl.constexpr, SPLITS: tl.constexpr, NB_PER: tl.constexpr,
+                            BLOCK: tl.constexpr, GREEDY: tl.constexpr, HAS_FORCED: tl.constexpr):
+        """Program row: the splits' partials merged (log-sum-exp); the token: greedy, the best of the splits (the
+        lowest split on ties); sampled, the inverse CDF at one uniform u: the split where the cumulative mass
+        passes u x total, then the first token of that split where it does; the forced token applied; the
+        chosen token's log-prob x_t / T - logsumexp(x / T)."""
         row = tl.program_id(0)
-        s = row * SPLITS + tl.arange(0, SPLITS)
-        m = tl.load(m_ptr + s)
+        s = tl.arange(0, SPLITS)
+        m = tl.load(m_ptr + row * SPLITS + s)
         m_all = tl.max(m, axis=0)
         shift = tl.where(m_all > float("-inf"), m_all, 0.0)
-        l_all = tl.sum(tl.load(l_ptr + s) * tl.exp(m - shift), axis=0)
-        token = tl.load(idx_ptr + row * SPLITS + tl.argmax(tl.load(best_ptr + s), axis=0)).to(tl.int64)
+        mass = tl.load(l_ptr + row * SPLITS + s) * tl.exp(m - shift)  # [SPLITS] sum of exp(x / T - shift)
+        l_all = tl.sum(mass, axis=0)
+        if GREEDY:
+            token = tl.load(idx_ptr + row * SPLITS + tl.argmax(tl.load(best_ptr + row * SPLITS + s), axis=0))
+            token = token.to(tl.int64)
+        else:
+            u = tl.rand(tl.load(seed_ptr), row)  # uniform in [0, 1)
+            cum = tl.cumsum(mass, axis=0)
+            target = u * tl.max(cum, axis=0)  # the cumulative mass to pass
+            part = tl.minimum(tl.sum((cum <= target).to(tl.int32), axis=0), SPLITS - 1)  # first split passing it
+            rest = target - tl.sum(tl.where(s < part, mass, 0.0), axis=0)  # what is left to pass inside it
+            base = logits_ptr + row.to(tl.int64) * stride
+            token = tl.full([], -1, tl.int64)
+            last = tl.full([], -1, tl.int64)  # the split's last token of nonzero mass (float rounding fallback)
+            run = tl.zeros([], tl.float32)
+            j = 0
+            while (j < NB_PER) & (token < 0):  # the split's blocks in order until one passes the target
+                offs = (part * NB_PER + j) * BLOCK + tl.arange(0, BLOCK)
+                valid = offs < V
+                x = tl.load(base + offs, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
+                e = tl.exp(x - shift)
+                passed = (run + tl.cumsum(e, axis=0) > rest) & (e > 0)
+                first = tl.min(tl.where(passed, offs, V), axis=0)
+                token = tl.where(first < V, first.to(tl.int64), token)
+                last = tl.maximum(last, tl.max(tl.where(e > 0, offs, -1), axis=0).to(tl.int64))
+                run += tl.sum(e, axis=0)
+                j += 1
+            token = tl.maximum(tl.where(token < 0, last, token), 0)  # (0: a row of -inf only, as torch.argmax)
         if HAS_FORCED:
             forced = tl.load(forced_ptr + row)
             token = tl.where(forced >= 0, forced, token)
@@ -120,7 +148,7 @@ def sample_tokens_fused(logits: torch.Tensor, params: SamplingParams, generator:
     block: vocabulary entries per loop iteration; splits: programs per row (a power of two; None:
     `vocab_splits`). Neither changes the draws: element (row, v) always uses Philox counter row * V + v."""
     if params.top_k or params.top_p < 1.0:
-        return sample_tokens(logits, params, generator, forced)
+        return sample_tokens(logits.float(), params, generator, forced)
     partial, merge = _kernels()
     b, v = logits.shape
     if logits.stride(1) != 1:
@@ -138,8 +166,10 @@ def sample_tokens_fused(logits: torch.Tensor, params: SamplingParams, generator:
     if seed is None:
         seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=logits.device)
     inv_temp = 1.0 if params.greedy else 1.0 / params.temperature
-    partial[(b, splits)](logits, logits.stride(0), seed, stats[0], stats[1], stats[2], index, inv_temp, V=v,
-                         SPLITS=splits, NB_PER=-(-blocks // splits), BLOCK=block, GREEDY=params.greedy)
-    merge[(b,)](logits, logits.stride(0), stats[0], stats[1], stats[2], index, tokens if forced is None else forced,
-                tokens, logprobs, inv_temp, SPLITS=splits, HAS_FORCED=forced is not None)
+    nb_per = -(-blocks // splits)
+    partial[(b, splits)](logits, logits.stride(0), stats[0], stats[1], stats[2], index, inv_temp, V=v,
+                         SPLITS=splits, NB_PER=nb_per, BLOCK=block, GREEDY=params.greedy)
+    merge[(b,)](logits, logits.stride(0), seed, stats[0], stats[1], stats[2], index,
+                tokens if forced is None else forced, tokens, logprobs, inv_temp, V=v, SPLITS=splits, NB_PER=nb_per,
+                BLOCK=block, GREEDY=params.greedy, HAS_FORCED=forced is not None)
     return tokens, logprobs

@@ -30,7 +30,6 @@ Reference: vLLM's PagedAttention; FlashDecoding's split-K. The torch reference
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -42,6 +41,9 @@ from verl_mega.rollout.engine_config import PAGED_TILE
 TILE = PAGED_TILE  # tokens per loaded K/V tile (a multiple of the block size; >= 16 for tl.dot)
 MIN_PROGRAMS_PER_SM = 2  # split the context until rows x heads x splits reaches this many programs per SM
 MAX_SPLITS = 64  # the merge kernel holds [splits, head_dim] float32 per program: more would spill registers
+NUM_WARPS = 4  # the attention kernel's launch (benchmarks/rollout_service.py --attention-sweep measures others)
+NUM_STAGES = 2  # K/V tiles in flight per program (software pipelining of the tile loop)
+PIPELINE = True  # on CUDA the tile loop is a software-pipelined `for` loop (False: a `while` loop, as in the interpreter)
 
 
 def paged_decode_attention_reference(q, k_pool, v_pool, tables, positions, block_size: int) -> torch.Tensor:
@@ -56,99 +58,10 @@ def paged_decode_attention_reference(q, k_pool, v_pool, tables, positions, block
     return out[:, :, 0]
 
 
-@functools.cache
 def _kernels():
-    import triton  # lazy: TRITON_INTERPRET is read when the kernel is decorated
-    import triton.language as tl
+    from verl_mega.rollout import paged_attention_triton as kernels  # lazy: Triton loads on use
 
-    @triton.jit
-    def paged_write_kernel(k_ptr, v_ptr, slot_ptr, pools_ptr, layer, sk_b, sk_h, sv_b, sv_h, s_slot,
-                           HKV: tl.constexpr, HKV_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr):
-        """Row b's new K and V [Hkv, D] (strides sk_*, sv_*; unit last stride) into pool slot slot_ptr[b]."""
-        b = tl.program_id(0)
-        # the pools' base pointers from the address table (module docstring); allocations are 16-byte aligned
-        k_pool = tl.multiple_of(tl.load(pools_ptr + layer * 2).to(k_ptr.dtype), 16)
-        v_pool = tl.multiple_of(tl.load(pools_ptr + layer * 2 + 1).to(k_ptr.dtype), 16)
-        h = tl.arange(0, HKV_P)[:, None]
-        d = tl.arange(0, D_P)[None, :]
-        mask = (h < HKV) & (d < D)
-        slot = tl.load(slot_ptr + b)
-        dst = slot * s_slot + h * D + d
-        tl.store(k_pool + dst, tl.load(k_ptr + b * sk_b + h * sk_h + d, mask=mask), mask=mask)
-        tl.store(v_pool + dst, tl.load(v_ptr + b * sv_b + h * sv_h + d, mask=mask), mask=mask)
-
-    @triton.jit
-    def paged_decode_kernel(q_ptr, pools_ptr, layer, table_ptr, pos_ptr, out_ptr, part_ptr, stat_ptr,
-                            sq_b, sq_h, s_slot, s_head, st_b, so_b, so_h, scale,
-                            SPLITS: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr,
-                            D_P: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr):
-        b, h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        k_ptr = tl.multiple_of(tl.load(pools_ptr + layer * 2).to(q_ptr.dtype), 16)  # the pools (module docstring)
-        v_ptr = tl.multiple_of(tl.load(pools_ptr + layer * 2 + 1).to(q_ptr.dtype), 16)
-        r = tl.arange(0, REP_P)  # query heads of this KV head (padded to REP_P >= 16 for tl.dot)
-        d = tl.arange(0, D_P)  # head dim padded to D_P >= 16 (tl.dot); columns >= D masked
-        t = tl.arange(0, TILE)
-        heads = h * REP + r
-        keep = (r < REP)[:, None] & (d < D)[None, :]
-        q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=keep, other=0.0)
-        length = (tl.load(pos_ptr + b) + 1).to(tl.int32)
-        row_tiles = (length + TILE - 1) // TILE
-        per_split = (row_tiles + SPLITS - 1) // SPLITS  # each row's own tiles shared evenly over the splits
-        j = split * per_split
-        end = tl.minimum(j + per_split, row_tiles)
-        m = tl.full([REP_P], float("-inf"), tl.float32)
-        l = tl.zeros([REP_P], tl.float32)
-        acc = tl.zeros([REP_P, D_P], tl.float32)
-        while j < end:  # runtime bound: a row's tiles past its length are never visited
-            tok = j * TILE + t  # [TILE] positions
-            valid = tok < length
-            block = tl.load(table_ptr + b * st_b + tok // BLOCK, mask=valid, other=0)
-            offs = (block * BLOCK + tok % BLOCK)[:, None] * s_slot + h * s_head + d[None, :]  # [TILE, D]
-            kv_mask = valid[:, None] & (d < D)[None, :]
-            k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))  # [REP_P, TILE] fp32
-            s = tl.where(valid[None, :], s * scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m - m_new)
-            v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)  # [REP_P, D]
-            acc = acc * alpha[:, None] + pv
-            l = l * alpha + tl.sum(p, axis=1)
-            m = m_new
-            j += 1
-        if SPLITS == 1:
-            tl.store(out_ptr + b * so_b + heads[:, None] * so_h + d[None, :],
-                     (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=keep)
-        else:  # partials [B, Hq, SPLITS, D] and stats [B, Hq, SPLITS, 2] (max, sum); empty splits: -inf, 0
-            row = (b * (REP * tl.num_programs(1)) + heads) * SPLITS + split  # [REP_P]
-            tl.store(part_ptr + row[:, None] * D + d[None, :], acc, mask=keep)
-            tl.store(stat_ptr + row * 2, m, mask=r < REP)
-            tl.store(stat_ptr + row * 2 + 1, l, mask=r < REP)
-
-    @triton.jit
-    def merge_splits_kernel(part_ptr, stat_ptr, out_ptr, so_b, so_h, HQ: tl.constexpr, SPLITS: tl.constexpr,
-                            SPLITS_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr):
-        b, head = tl.program_id(0), tl.program_id(1)
-        s = tl.arange(0, SPLITS_P)
-        d = tl.arange(0, D_P)
-        row = (b * HQ + head) * SPLITS + s  # [SPLITS_P]
-        m = tl.load(stat_ptr + row * 2, mask=s < SPLITS, other=float("-inf"))
-        l = tl.load(stat_ptr + row * 2 + 1, mask=s < SPLITS, other=0.0)
-        acc = tl.load(part_ptr + row[:, None] * D + d[None, :], mask=(s < SPLITS)[:, None] & (d < D)[None, :],
-                      other=0.0)
-        top = tl.max(m, axis=0)  # split 0 always holds position 0: finite
-        w = tl.where(s < SPLITS, tl.exp(m - top), 0.0)  # empty splits: exp(-inf) = 0
-        out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
-        tl.store(out_ptr + b * so_b + head * so_h + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
-
-    return paged_decode_kernel, merge_splits_kernel, paged_write_kernel
+    return kernels.paged_decode_kernel, kernels.merge_splits_kernel, kernels.paged_write_kernel
 
 
 def num_splits(rows: int, kv_heads: int, max_tiles: int, device: torch.device) -> int:
@@ -221,8 +134,8 @@ def paged_decode_attention(q, k_pool, v_pool, tables, positions, block_size: int
                              k_pool.stride(0), k_pool.stride(1), tables.stride(0), out.stride(0), out.stride(1),
                              1.0 / math.sqrt(d), SPLITS=splits, REP=rep,
                              REP_P=max(16, 1 << (rep - 1).bit_length()), D=d, D_P=max(16, 1 << (d - 1).bit_length()),
-                             BLOCK=block_size, TILE=TILE,
-                             IEEE=q.dtype == torch.float32)
+                             BLOCK=block_size, TILE=TILE, IEEE=q.dtype == torch.float32,
+                             PIPELINED=PIPELINE and q.device.type == "cuda", num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if splits > 1:
         merge[(b, hq)](part, stat, out, out.stride(0), out.stride(1), HQ=hq, SPLITS=splits,
                        SPLITS_P=1 << (splits - 1).bit_length(), D=d,

@@ -12,9 +12,10 @@ Scheduling (vLLM-style, simplified):
   - a fresh request with n > 1 is one prefill row (its "leader"); after the prefill its n - 1
     followers share the leader's full prompt blocks and get a copy of the last partial block
     (`fork`), so the prompt is prefilled once and its blocks are read by all n samples;
-  - before a decode window every running row gets the blocks its next `steps` tokens need; when
-    the pool runs dry the most recently admitted row is preempted (blocks freed, tokens kept, back
-    to the front of the queue: recomputed by a later prefill);
+  - before a decode window every running row gets the blocks its next `steps` tokens need, after the
+    `pending` tokens a window still in flight decodes for it (the engine reads a window's tokens after
+    launching the next one); when the pool runs dry the most recently admitted row is preempted (blocks
+    freed, tokens kept, back to the front of the queue: recomputed by a later prefill);
   - a finished sequence frees its blocks, unless its request keeps the cache (`keep_cache`): then it
     is paused until `append` adds tokens and re-queues it.
 """
@@ -65,6 +66,8 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     finished: bool = False
     images: object = None  # the request's `images.PromptImages` (shared by its samples), None for text
+    pending: int = 0  # tokens being decoded by a window in flight, not yet accepted (the engine's look-ahead)
+    epoch: int = 0  # bumped when the row leaves the batch (finished, preempted): a window launched before is stale for it
 
     @property
     def num_generated(self) -> int:
@@ -183,7 +186,7 @@ class Scheduler:
         for seq in sorted(self.running, key=lambda s: s.order):
             if id(seq) in preempted:
                 continue
-            while not self._grow(seq, len(seq.tokens) - 1 + steps):
+            while not self._grow(seq, len(seq.tokens) - 1 + seq.pending + steps):
                 victim = max(self.running, key=lambda s: s.order)
                 self._preempt(victim)
                 preempted.add(id(victim))
@@ -194,7 +197,7 @@ class Scheduler:
         self.preemptions += 1
         self.running.remove(seq)
         self.blocks.free(seq.blocks)
-        seq.blocks, seq.num_cached = [], 0
+        seq.blocks, seq.num_cached, seq.pending, seq.epoch = [], 0, 0, seq.epoch + 1
         self.waiting.appendleft([seq])
 
     # ------------------------------------------------------------------ what came out
@@ -211,7 +214,7 @@ class Scheduler:
         return None
 
     def _finish(self, seq: Sequence) -> Finished:
-        seq.finished = True
+        seq.finished, seq.pending, seq.epoch = True, 0, seq.epoch + 1
         self.running.remove(seq)
         seq.num_cached = len(seq.tokens) - 1  # the last token is fed only if the sequence resumes
         if seq.params.keep_cache:
