@@ -13,9 +13,10 @@ taken by a waiting request).
 - new engine: all requests added at once (`max_batch` rows in flight, `--max-batch`, default all), with
   the gather + SDPA decode attention ("new"), the Triton paged-attention kernel ("new_paged"), that kernel with
   the one-pass Triton sampler ("new_paged_fused", `rollout/fused_sampling.py`: the CUDA defaults), that
-  with 16 decode steps per host check instead of 8 ("new_paged_fused_sync16"), and that with each window
-  of 8 steps and their sampling replayed as one CUDA graph ("new_paged_fused_window",
-  `cuda_graph_window=True`); `--variants` picks some;
+  with 16 decode steps per host check instead of 8 ("new_paged_fused_sync16"), that with each window
+  read right after its launch ("new_paged_fused_no_lookahead", `look_ahead=False`: the host's bookkeeping
+  no longer overlaps decoding), and that with each window of 8 steps and their sampling replayed as one CUDA
+  graph ("new_paged_fused_window", `cuda_graph_window=True`); `--variants` picks some;
 - static engine: one batch of prompts x n rows with max_new_tokens = the longest drawn length and
   EOS ignored: how it runs this workload (a finished row keeps its slot and is decoded until the
   whole batch ends; its extra tokens are not counted);
@@ -87,6 +88,7 @@ VARIANTS = {"new": {"attention": "gather", "sampler": "torch"},
             "new_paged": {"attention": "paged", "sampler": "torch"},
             "new_paged_fused": {"attention": "paged", "sampler": "fused"},
             "new_paged_fused_sync16": {"attention": "paged", "sampler": "fused", "sync_every": 16},
+            "new_paged_fused_no_lookahead": {"attention": "paged", "sampler": "fused", "look_ahead": False},
             "new_paged_fused_window": {"attention": "paged", "sampler": "fused", "cuda_graph_window": True}}
 
 
@@ -127,7 +129,8 @@ def run_new(args, model, prompts, lengths, tp_group, name: str = "new", **engine
     out = {"seconds": seconds, "first_call_seconds": warm, "tokens": got, "tokens_per_s": got / seconds,
            "prefill_only_seconds": prefill, "decode_seconds": seconds - prefill, "graphs": len(engine._graphs),
            "kv_pool_gib": engine.cache.memory_bytes() / 2**30, "preemptions": engine.scheduler.preemptions,
-           "sync_every": engine.sync_every, "attention": engine.attention, "sampler": engine.sampler, **stats}
+           "sync_every": engine.sync_every, "look_ahead": config.look_ahead, "attention": engine.attention,
+           "sampler": engine.sampler, **stats}
     if args.profile:
         out["profile"] = profile = profile_call(call, os.path.join(args.out_dir, f"rollout_profile_{name}.txt"))
         weights, kv_bytes = decode_bytes(args.shape_name, model)
@@ -315,8 +318,8 @@ def roofline_bound(shape, model, new: dict, lengths: list[int], args, bw: float,
     memory time (weights + attended K/V at `bw`) and its compute time (2 x matmul params x rows + attention
     4 x layers x q heads x head_dim x attended tokens, at the dense bf16 `peak`), summed over steps. The rows of
     each step are re-derived from the forced lengths (all rows admitted at once, a row decoding until the host
-    check after its last token and one look-ahead window more, as the engine does), so it holds for runs with every row in flight
-    (`--max-batch` 0) only; `rows_match` says whether the re-derived row-steps equal the engine's counter."""
+    check after its last token, and one look-ahead window more where that is on, as the engine does), so it holds
+    for runs with every row in flight (`--max-batch` 0) only; `rows_match` says whether the re-derived row-steps equal the engine's counter."""
     cfg = SHAPES[shape]
     weights, kv_bytes = decode_bytes(shape, model)
     matmul_params = weights / next(model.parameters()).element_size()
@@ -324,7 +327,8 @@ def roofline_bound(shape, model, new: dict, lengths: list[int], args, bw: float,
     k = new["sync_every"]
     # decode steps of each row: its first token comes from prefill, the rest in windows of k, and the window launched
     # before the host reads that it ended (the engine's look-ahead) decodes it once more
-    steps = [-(-(n - 1) // k) * k + k for n in lengths]
+    ahead = k if new["look_ahead"] else 0
+    steps = [-(-(n - 1) // k) * k + ahead for n in lengths]
     total, row_steps, compute_bound_steps = 0.0, 0, 0
     for t in range(max(steps)):
         live = sum(s > t for s in steps)

@@ -1,5 +1,6 @@
 """The continuous-batching engine's request API on a tiny HF model (tp 1; tp 2 in test_generate_cli.py):
-sequences join mid-way under a row budget and still give transformers' greedy tokens; prefix-shared
+sequences join mid-way under a row budget and still give transformers' greedy tokens (with and without the
+look-ahead window); prefix-shared
 n-sample prefill gives the log-probs of separate prefill; pause -> append -> resume equals generating
 from the concatenated prompt; a KV pool too small for all rows preempts and recomputes, same tokens.
 
@@ -30,8 +31,11 @@ def case(hf_dir):
     return {"ids": ids, "eos": eos, "ref": ref, "no_stop": no_stop}
 
 
-def test_requests_join_mid_way_and_match_transformers(hf_dir, case):
-    engine, _ = build_engine(hf_dir, 1, case["eos"], max_batch=2)
+@pytest.mark.parametrize("look_ahead,sync_every", [(True, 1), (True, 3), (False, 3)])
+def test_requests_join_mid_way_and_match_transformers(hf_dir, case, look_ahead, sync_every):
+    """Also with the look-ahead window (rows continuing from the window in flight feed the token it sampled last,
+    on the device; a row that ended is decoded one window more and its tokens there dropped) and without it."""
+    engine, _ = build_engine(hf_dir, 1, case["eos"], max_batch=2, look_ahead=look_ahead, sync_every=sync_every)
     rids = [engine.add_request(p, RequestParams(GREEDY, MAX_NEW)) for p in case["ids"]]
     got, running_sets = {}, []
     while engine.has_unfinished():

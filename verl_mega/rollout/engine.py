@@ -40,6 +40,7 @@ from the window in flight on the device (its fed token is what that window's las
 counts the window's `pending` tokens in its position and block reservation). The price: a row that ends in
 one window is decoded through the next as well (its tokens there are dropped; `Sequence.epoch` tells a
 window's rows that have left the batch since its launch), about sync_every row-steps per response.
+`EngineConfig.look_ahead=False` reads each window right after launching it.
 
 Every rank of `tp_group` must make the same calls: the sampled tokens are identical on all of them
 (`sampling.py`), so their schedules are too.
@@ -490,6 +491,9 @@ class GenerationEngine:
             if sched.running:
                 self._inflight = self._launch_window(list(sched.running), prev)
         finished = self._read_window(prev) if prev is not None else []
+        if not self.config.look_ahead and self._inflight is not None:  # read it now: no overlap, no extra window
+            finished += self._read_window(self._inflight)
+            self._inflight = None
         if not sched.running:  # every row of the window in flight has left the batch: nothing of it is read
             self._inflight = None
         return finished
