@@ -319,7 +319,8 @@ def roofline_bound(shape, model, new: dict, lengths: list[int], args, bw: float,
     4 x layers x q heads x head_dim x attended tokens, at the dense bf16 `peak`), summed over steps. The rows of
     each step are re-derived from the forced lengths (all rows admitted at once, a row decoding until the host
     check after its last token, and one look-ahead window more where that is on, as the engine does), so it holds
-    for runs with every row in flight (`--max-batch` 0) only; `rows_match` says whether the re-derived row-steps equal the engine's counter."""
+    for runs with every row in flight (`--max-batch` 0) only; `rows_match` says whether the re-derived row-steps
+    equal the engine's counter."""
     cfg = SHAPES[shape]
     weights, kv_bytes = decode_bytes(shape, model)
     matmul_params = weights / next(model.parameters()).element_size()

@@ -158,7 +158,7 @@ class GenerationEngine:
         self.table_width = -(-(config.max_seq_len + 2 * self.sync_every) // config.block_size)
         if num_blocks - 1 < self.table_width:
             raise ValueError(f"engine max_tokens={config.max_tokens} cannot hold one sequence of max_seq_len="
-                             f"{config.max_seq_len} (+{self.sync_every} decode steps); raise max_tokens")
+                             f"{config.max_seq_len} (+{2 * self.sync_every} decode steps); raise max_tokens")
         self.cache = PagedKVCache(model.config.num_layers, num_blocks, config.block_size, self.device)
         self.scheduler = Scheduler(max_batch=config.max_batch, num_blocks=num_blocks, block_size=config.block_size,
                                    share_prefix=config.share_prefix)
@@ -556,8 +556,8 @@ class GenerationEngine:
         return _Window([(s, s.epoch) for s in rows], self._parity, done)
 
     def _read_window(self, window: "_Window") -> list[Finished]:
-        """Wait for a launched window's host copy and give each row still in the same stay in the batch its
-        tokens (`Scheduler.accept`); returns the rows that finished."""
+        """Wait for a launched window's host copy and give its tokens to each of its rows that has not left the
+        batch since the launch (`Scheduler.accept`); returns the rows that finished."""
         if window.done is not None:
             window.done.synchronize()
         k, b = self.sync_every, len(window.rows)

@@ -6,7 +6,9 @@ context split): it walks its split's tokens in tiles of TILE tokens (TILE / bloc
 slots looked up in the table), scores the Hq/Hkv query heads of its KV head against each loaded K tile
 with one `tl.dot` (GQA: every K/V byte is read once for the whole group) and keeps FlashAttention's
 running max / sum in fp32. A row's tiles past its length are never visited (the loop bound is the
-row's own length), so the work follows the actual lengths, not the longest row of the batch.
+row's own length), so the work follows the actual lengths, not the longest row of the batch. On CUDA
+the tile loop is software-pipelined (NUM_STAGES tiles' block ids and K/V loads in flight); the
+kernels themselves live in `paged_attention_triton.py`, imported on first use.
 
 Splits (flash-decoding, Dao et al. 2023): when rows x KV heads alone would leave SMs idle (few rows,
 e.g. the tail of a rollout), each row's context is split over SPLITS programs per (row, head), each taking
@@ -43,7 +45,7 @@ MIN_PROGRAMS_PER_SM = 2  # split the context until rows x heads x splits reaches
 MAX_SPLITS = 64  # the merge kernel holds [splits, head_dim] float32 per program: more would spill registers
 NUM_WARPS = 4  # the attention kernel's launch (benchmarks/rollout_service.py --attention-sweep measures others)
 NUM_STAGES = 2  # K/V tiles in flight per program (software pipelining of the tile loop)
-PIPELINE = True  # on CUDA the tile loop is a software-pipelined `for` loop (False: a `while` loop, as in the interpreter)
+PIPELINE = True  # on CUDA the tile loop is a software-pipelined `for` loop (False: `while`, as in the interpreter)
 
 
 def paged_decode_attention_reference(q, k_pool, v_pool, tables, positions, block_size: int) -> torch.Tensor:

@@ -67,7 +67,7 @@ class Sequence:
     finished: bool = False
     images: object = None  # the request's `images.PromptImages` (shared by its samples), None for text
     pending: int = 0  # tokens being decoded by a window in flight, not yet accepted (the engine's look-ahead)
-    epoch: int = 0  # bumped when the row leaves the batch (finished, preempted): a window launched before is stale for it
+    epoch: int = 0  # bumped when the row leaves the batch (finished, preempted): windows launched before are stale
 
     @property
     def num_generated(self) -> int:
