@@ -99,9 +99,10 @@ def workload(args, vocab: int) -> tuple[list[list[int]], list[int]]:
     return prompts, draw_lengths(args.prompts * args.n, (args.min_len, args.max_len), args.seed + 1)
 
 
-def run_new(args, model, prompts, lengths, tp_group, name: str = "new", **engine: str | int | bool) -> dict:
-    """Continuous batching: tokens/s, the decode time (call - prefill-only call) and the engine counters.
-    name: the profile's file name part; engine: EngineConfig fields of the variant (attention, sampler, ...)."""
+def run_new(args, shape: str, model, prompts, lengths, tp_group, name: str = "new", **engine: str | int | bool
+            ) -> dict:
+    """Continuous batching at `shape`: tokens/s, the decode time (call - prefill-only call) and the engine counters.
+    name: the variant (the profile's file name part); engine: its EngineConfig fields (attention, sampler, ...)."""
     rows = len(prompts) * args.n
     config = EngineConfig(max_batch=args.max_batch or rows, max_seq_len=args.prompt_len + args.max_len + 64,
                           max_tokens=args.max_tokens or rows * (args.prompt_len + args.max_len + 64),
@@ -133,7 +134,7 @@ def run_new(args, model, prompts, lengths, tp_group, name: str = "new", **engine
            "sampler": engine.sampler, **stats}
     if args.profile:
         out["profile"] = profile = profile_call(call, os.path.join(args.out_dir, f"rollout_profile_{name}.txt"))
-        weights, kv_bytes = decode_bytes(args.shape_name, model)
+        weights, kv_bytes = decode_bytes(shape, model)
         kinds = profile["device_s_by_kind"]
         if kinds.get("gemm"):  # decode + prefill matmuls (prefill: 2-3% of the rows here)
             params = weights / next(model.parameters()).element_size()
@@ -142,9 +143,8 @@ def run_new(args, model, prompts, lengths, tp_group, name: str = "new", **engine
         if kinds.get("attention"):
             profile["attention_bytes_per_s"] = stats["decode_context_tokens"] * kv_bytes / kinds["attention"]
     if args.step_curve:
-        out["step_curve"] = step_curve(engine, args.shape_name, model, [int(r) for r in args.step_curve.split(",")],
-                                       args.curve_context, spec_bandwidth(model_device(model)),
-                                       peak_flops(model_device(model)))
+        out["step_curve"] = step_curve(engine, shape, model, [int(r) for r in args.step_curve.split(",")],
+                                       args.curve_context, spec_bandwidth(engine.device), peak_flops(engine.device))
     engine.release()
     return out
 
@@ -424,12 +424,7 @@ def attention_sweep(shape: str, device, dtype, rows_list=(512, 256, 32), lengths
     return out
 
 
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def run_shape(args, shape, device, dtype, layout) -> dict:
-    args.shape_name = shape
     if args.attention_sweep:
         return {"attention_sweep": attention_sweep(shape, device, dtype)}
     torch.manual_seed(0)
@@ -440,7 +435,8 @@ def run_shape(args, shape, device, dtype, layout) -> dict:
     # guarded: a variant's failure is reported and the other figures kept
     for name in args.variants.split(","):
         try:
-            out[name] = run_new(args, model, prompts, lengths, layout.tp_group, f"{shape}_{name}", **VARIANTS[name])
+            out[name] = run_new(args, shape, model, prompts, lengths, layout.tp_group, f"{shape}_{name}",
+                                **VARIANTS[name])
         except Exception as exc:  # noqa: BLE001 - report and keep the other figures
             out[name] = {"error": repr(exc)[:2000]}
     # the ratio the new engine would reach if a row-step (one row through one decode step) cost what it costs the

@@ -1,8 +1,8 @@
 """The continuous-batching engine's request API on a tiny HF model (tp 1; tp 2 in test_generate_cli.py):
 sequences join mid-way under a row budget and still give transformers' greedy tokens (with and without the
-look-ahead window); prefix-shared
-n-sample prefill gives the log-probs of separate prefill; pause -> append -> resume equals generating
-from the concatenated prompt; a KV pool too small for all rows preempts and recomputes, same tokens.
+look-ahead window); prefix-shared n-sample prefill gives the log-probs of separate prefill; pause -> append ->
+resume equals generating from the concatenated prompt; a KV pool too small for all rows preempts and recomputes,
+same tokens.
 
 Tolerances: tokens exact. Log-probs 1e-5 (fp32): shared and separate prefill run the same ops on the
 same values except for the batch a prompt row sits in and the copy of its partial block (exact), so
