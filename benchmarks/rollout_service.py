@@ -15,7 +15,9 @@ taken by a waiting request).
   the one-pass Triton sampler ("new_paged_fused", `rollout/fused_sampling.py`: the CUDA defaults), that
   with 16 decode steps per host check instead of 8 ("new_paged_fused_sync16"), that with each window
   read right after its launch ("new_paged_fused_no_lookahead", `look_ahead=False`: the host's bookkeeping
-  no longer overlaps decoding), and that with each window of 8 steps and their sampling replayed as one CUDA
+  no longer overlaps decoding), that with the q/k/v and gate/up weights each on its own storage
+  ("new_paged_fused_unstacked": separate GEMMs instead of one per stacked group, `DecoderLayer.stack_projections`),
+  and that with each window of 8 steps and their sampling replayed as one CUDA
   graph ("new_paged_fused_window", `cuda_graph_window=True`); `--variants` picks some;
 - static engine: one batch of prompts x n rows with max_new_tokens = the longest drawn length and
   EOS ignored: how it runs this workload (a finished row keeps its slot and is decoded until the
@@ -50,6 +52,7 @@ Writes $OUT/rollout_service.json (or --out-dir) and prints it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -89,6 +92,7 @@ VARIANTS = {"new": {"attention": "gather", "sampler": "torch"},
             "new_paged_fused": {"attention": "paged", "sampler": "fused"},
             "new_paged_fused_sync16": {"attention": "paged", "sampler": "fused", "sync_every": 16},
             "new_paged_fused_no_lookahead": {"attention": "paged", "sampler": "fused", "look_ahead": False},
+            "new_paged_fused_unstacked": {"attention": "paged", "sampler": "fused", "stacked": False},
             "new_paged_fused_window": {"attention": "paged", "sampler": "fused", "cuda_graph_window": True}}
 
 
@@ -424,6 +428,24 @@ def attention_sweep(shape: str, device, dtype, rows_list=(512, 256, 32), lengths
     return out
 
 
+@contextlib.contextmanager
+def separate_projections(model, separate: bool):
+    """With `separate`: each q/k/v and gate/up weight on its own storage inside the block (the decode path then
+    runs separate GEMMs), stacked again after it; otherwise nothing changes."""
+    params = [p for layer in model.layers for p in (layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
+                                                    layer.self_attn.v_proj.weight, layer.mlp.gate_proj.weight,
+                                                    layer.mlp.up_proj.weight)]
+    if separate:
+        for p in params:
+            p.data = p.data.clone()
+    try:
+        yield
+    finally:
+        if separate:
+            for layer in model.layers:
+                layer.stack_projections()
+
+
 def run_shape(args, shape, device, dtype, layout) -> dict:
     if args.attention_sweep:
         return {"attention_sweep": attention_sweep(shape, device, dtype)}
@@ -434,9 +456,11 @@ def run_shape(args, shape, device, dtype, layout) -> dict:
     out = {"rows": len(lengths), "mean_length": sum(lengths) / len(lengths), "max_length": max(lengths)}
     # guarded: a variant's failure is reported and the other figures kept
     for name in args.variants.split(","):
+        engine = dict(VARIANTS[name])
         try:
-            out[name] = run_new(args, shape, model, prompts, lengths, layout.tp_group, f"{shape}_{name}",
-                                **VARIANTS[name])
+            with separate_projections(model, not engine.pop("stacked", True)):
+                out[name] = run_new(args, shape, model, prompts, lengths, layout.tp_group, f"{shape}_{name}",
+                                    **engine)
         except Exception as exc:  # noqa: BLE001 - report and keep the other figures
             out[name] = {"error": repr(exc)[:2000]}
     # the ratio the new engine would reach if a row-step (one row through one decode step) cost what it costs the

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from verl_mega.models import DecoderModel, ModelConfig, fused_ops, position_ids_from_mask
-from verl_mega.models.layers import attend
+from verl_mega.models.layers import attend, stacked_rows
 from verl_mega.parallel import Layout
+from verl_mega.parallel.zero import ZeroOptimizer
 from verl_mega.testing.multiprocess import run_distributed
 from verl_mega.testing.list_cache import ListCache
 
@@ -59,8 +60,19 @@ def test_kernels_match_references(interpret, dtype):
             for o, r in zip(out, ref):
                 assert o.shape == r.shape
                 _close(o, r, dtype)
+        # column slices of one stacked projection [B, S, (Hq + 2 Hk) * D]: rows with a stride
+        for biases in ((rnd(hq * d), rnd(hk * d), rnd(hk * d)), (None, None, None)):
+            qkv = rnd(b, s, (hq + 2 * hk) * d)
+            q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+            ref = fused_ops.rope_qkv_reference(q, k, v, cos, sin, *biases)
+            out = fused_ops.rope_qkv_(q, k, v, cos, sin, *biases)
+            for o, r in zip(out, ref):
+                _close(o, r, dtype)
     gate, up = rnd(3, 5, 70), rnd(3, 5, 70)
     _close(fused_ops.silu_mul(gate.clone(), up), fused_ops.silu_mul_reference(gate, up), dtype)
+    gate_up = rnd(3, 5, 140)  # the two halves of one stacked gate/up projection
+    ref = fused_ops.silu_mul_reference(*gate_up.chunk(2, dim=-1))
+    _close(fused_ops.silu_mul(*gate_up.chunk(2, dim=-1)), ref, dtype)
 
 
 def test_gqa_query_folding_matches_expanded_kv():
@@ -141,6 +153,45 @@ def test_fused_decoder_forward_matches_torch_path(interpret, name, monkeypatch):
         model(ids, pos)
     model(ids, pos, torch.ones_like(ids), kv_cache=ListCache())
     assert len(calls) == 6
+
+
+def test_stacked_projections_run_as_one_gemm_and_match_separate_ones(interpret):
+    """A built layer's q/k/v and gate/up weights are consecutive rows of one buffer each, so the fused decode path
+    runs one GEMM for each; ZeRO's flat buffer keeps them stacked; once a parameter's data is moved on its own,
+    the path falls back to separate GEMMs, with the same logits."""
+    model = DecoderModel(tiny_config("qwen2"), Layout.create(1, 1).tp_group, layer_range=(0, 2), has_embedding=True,
+                         has_head=True, init_seed=1, device=DEVICE).eval()
+    groups = [[layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight]
+              for layer in model.layers] + [[layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]
+                                            for layer in model.layers]
+    for params in groups:
+        whole = stacked_rows(params)
+        assert whole is not None and whole.shape[0] == sum(p.shape[0] for p in params)
+        torch.testing.assert_close(whole, torch.cat(params), rtol=0, atol=0)
+    gemm_widths = []
+    linear = F.linear
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(F, "linear", lambda x, w, *a: gemm_widths.append(w.shape[0]) or linear(x, w, *a))
+        stacked = prefill_and_decode(model)
+    config = model.config
+    q_rows, kv_rows = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    assert gemm_widths.count(q_rows + 2 * kv_rows) == 2 * 3 and gemm_widths.count(2 * config.intermediate_size) == 6
+    layout = Layout.create(1, 1)
+    zero = ZeroOptimizer(list(model.parameters()), layout.dp_group, torch.optim.AdamW)  # re-points every parameter
+    for params in groups:  # into its flat buffer, the stacked ones still in order (Qwen2: biases between q, k, v)
+        assert stacked_rows(params) is not None
+        assert params[0].untyped_storage().data_ptr() == zero.buffer.untyped_storage().data_ptr()
+    torch.testing.assert_close(prefill_and_decode(model), stacked, rtol=0, atol=0)
+    with torch.no_grad():
+        for params in groups:
+            for p in params:
+                p.data = p.data.clone()  # each on its own storage
+    assert all(stacked_rows(params) is None for params in groups)
+    separate = prefill_and_decode(model)
+    torch.testing.assert_close(stacked, separate, rtol=0, atol=1e-5)
+    assert stacked_rows([torch.zeros(2, 3), torch.zeros(2, 3)]) is None  # two storages
+    buffer = torch.zeros(4, 3)
+    assert stacked_rows([buffer[2:], buffer[:2]]) is None  # one storage, out of order
 
 
 def _tp2_rank():

@@ -134,6 +134,8 @@ class DecoderModel(nn.Module):
             (self.embed_tokens.weight if has_embedding else self.lm_head.weight).shared_embedding = True
         if not on_cpu:
             self.to(device)  # CPU-built replicated params (norms, value head) follow the CUDA ones
+        for layer in self.layers:  # q/k/v and gate/up in one buffer each: one GEMM each when generating
+            layer.stack_projections()
         if init_seed is not None:
             self.init_weights(init_seed)
         elif self.value_head is not None:

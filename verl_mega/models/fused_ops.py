@@ -9,6 +9,7 @@ These three ops replace them with one launch each:
 - `rope_qkv_(q, k, v, cos, sin, biases)`: in place on the q/k/v projections [B, S, heads*head_dim]:
   bias add, rotate-half RoPE on q and k, bias on v;
 - `silu_mul(gate, up)`: silu(gate) * up.
+The last two take column slices of one stacked projection (rows with a stride) as well as contiguous tensors.
 Each rounds to the activation dtype where the torch code does, so the fused and torch paths agree
 exactly up to the fp32 summation order inside the norm (and the exp inside silu).
 
@@ -95,27 +96,51 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 def rope_qkv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               q_bias: torch.Tensor | None = None, k_bias: torch.Tensor | None = None,
               v_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """In place on contiguous projections q [B, S, Hq*D], k and v [B, S, Hk*D]: add the biases (all
-    three or none), rotate q and k by cos/sin [B, S, D]. Returns views [B, S, heads, D]."""
+    """In place on the projections q [B, S, Hq*D], k and v [B, S, Hk*D] (token rows with any stride, unit
+    column stride: e.g. column slices of one stacked q/k/v projection): add the biases (all three or none),
+    rotate q and k by cos/sin [B, S, D]. Returns views [B, S, heads, D]."""
     b, s, d = cos.shape
-    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous() and q.shape[:2] == (b, s)
+    strides = [_row_stride(t) for t in (q, k, v)]
+    assert q.shape[:2] == (b, s) and None not in strides, "q/k/v: [B, S, H*D] token rows with unit column stride"
     hq, hk = q.shape[-1] // d, k.shape[-1] // d
     has_bias = q_bias is not None
     assert (k_bias is not None) == has_bias and (v_bias is not None) == has_bias, "biases: all of q/k/v or none"
     cos, sin = cos.contiguous(), sin.contiguous()
     bq, bk, bv = (q_bias, k_bias, v_bias) if has_bias else (q, k, v)  # unused pointers when no bias
     grid = (b * s, hq + hk + (hk if has_bias else 0))
-    _kernels().rope_qkv_kernel[grid](q, k, v, bq, bk, bv, cos, sin, hq, hk, d, HAS_BIAS=has_bias,
-                                     BLOCK_D=max(16, 1 << (d - 1).bit_length()), num_warps=1)
+    _kernels().rope_qkv_kernel[grid](q, k, v, bq, bk, bv, cos, sin, hq, hk, d, *strides,
+                                     HAS_BIAS=has_bias, BLOCK_D=max(16, 1 << (d - 1).bit_length()), num_warps=1)
     return q.view(b, s, hq, d), k.view(b, s, hk, d), v.view(b, s, hk, d)  # [batch, seq, heads, head_dim]
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for same-shape gate/up, one kernel. Overwrites gate (when contiguous) and returns it."""
-    gate, up = gate.contiguous(), up.contiguous()
+    """silu(gate) * up for same-shape gate/up [..., I] (rows with any stride, unit column stride: e.g. the
+    two halves of one stacked gate/up projection), one kernel. Overwrites gate and returns it."""
+    if _row_stride(gate) is None or _row_stride(up) is None:
+        gate, up = gate.contiguous(), up.contiguous()
+    cols = gate.shape[-1]
+    g2, u2 = gate.view(-1, cols), up.view(-1, cols)  # [rows, I]
     n, block = gate.numel(), 1024
-    _kernels().silu_mul_kernel[(_cdiv(n, block),)](gate, up, gate, n, BLOCK=block, num_warps=4)
+    _kernels().silu_mul_kernel[(_cdiv(n, block),)](g2, u2, g2, n, cols, g2.stride(0), u2.stride(0), g2.stride(0),
+                                                   BLOCK=block, num_warps=4)
     return gate
+
+
+def _row_stride(t: torch.Tensor) -> int | None:
+    """The row stride of t [..., C] read as rows [numel / C, C] (a contiguous tensor, or a column slice of one);
+    None if its leading dims do not make one row stride or its columns are not unit-strided."""
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        return None
+    row = expected = None
+    for size, stride in zip(reversed(t.shape[:-1]), reversed(t.stride()[:-1])):
+        if size == 1:
+            continue
+        if expected is None:
+            row = expected = stride
+        elif stride != expected:
+            return None
+        expected *= size
+    return t.shape[-1] if row is None else row
 
 
 def _cdiv(a: int, b: int) -> int:

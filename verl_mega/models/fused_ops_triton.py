@@ -51,11 +51,11 @@ def _rope_row(ptr, bias_ptr, cos, sin, sign, cols, rot, m, HAS_BIAS: tl.constexp
 
 
 @triton.jit
-def rope_qkv_kernel(q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, cos_ptr, sin_ptr, HQ, HK, D,
+def rope_qkv_kernel(q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, cos_ptr, sin_ptr, HQ, HK, D, SQ, SK, SV,
                     HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (token t, head h): h < HQ a query head, then HK key heads (RoPE, bias first when
     HAS_BIAS), then HK value heads (bias only; launched only when HAS_BIAS). q/k/v rows are
-    [T, H * D] contiguous, cos/sin [T, D]."""
+    [T, H * D] with row strides SQ / SK / SV (unit column stride), cos/sin [T, D] contiguous."""
     tok = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
@@ -66,25 +66,27 @@ def rope_qkv_kernel(q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, cos_ptr, sin_pt
     cos = tl.load(cos_ptr + tok * D + cols, mask=m, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + tok * D + cols, mask=m, other=0.0).to(tl.float32)
     if h < HQ:
-        _rope_row(q_ptr + tok * HQ * D + h * D, bq_ptr + h * D, cos, sin, sign, cols, rot, m, HAS_BIAS)
+        _rope_row(q_ptr + tok * SQ + h * D, bq_ptr + h * D, cos, sin, sign, cols, rot, m, HAS_BIAS)
     elif h < HQ + HK:
         hk = h - HQ
-        _rope_row(k_ptr + tok * HK * D + hk * D, bk_ptr + hk * D, cos, sin, sign, cols, rot, m, HAS_BIAS)
+        _rope_row(k_ptr + tok * SK + hk * D, bk_ptr + hk * D, cos, sin, sign, cols, rot, m, HAS_BIAS)
     else:
         hv = h - HQ - HK
-        ptr = v_ptr + tok * HK * D + hv * D
+        ptr = v_ptr + tok * SV + hv * D
         v = tl.load(ptr + cols, mask=m, other=0.0)
         vb = v.to(tl.float32) + tl.load(bv_ptr + hv * D + cols, mask=m, other=0.0).to(tl.float32)
         tl.store(ptr + cols, vb.to(v.dtype), mask=m)
 
 
 @triton.jit
-def silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    """out = cast(silu(g)) * u over a flat range (silu rounded first, as torch's two ops)."""
+def silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, COLS, SG, SU, SO, BLOCK: tl.constexpr):
+    """out = cast(silu(g)) * u over n elements of [n / COLS, COLS] tensors with row strides SG / SU / SO
+    (unit column stride; silu rounded first, as torch's two ops)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    g = tl.load(g_ptr + offs, mask=m, other=0.0)
-    u = tl.load(u_ptr + offs, mask=m, other=0.0)
+    row, col = offs // COLS, offs % COLS
+    g = tl.load(g_ptr + row * SG + col, mask=m, other=0.0)
+    u = tl.load(u_ptr + row * SU + col, mask=m, other=0.0)
     gf = g.to(tl.float32)
     a = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
-    tl.store(out_ptr + offs, (a * u.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(out_ptr + row * SO + col, (a * u.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=m)

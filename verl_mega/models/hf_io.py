@@ -211,6 +211,14 @@ def save_hf(model_stage: DecoderModel, layout: Layout, out_dir: str | os.PathLik
     dist.barrier()
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """t itself if it is contiguous and owns its whole storage, else a copy (safetensors refuses tensors that share
+    storage, e.g. the q/k/v weights stacked in one buffer)."""
+    if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone()
+
+
 def _write_dir(tensors: dict[str, torch.Tensor], out_dir: str, config: ModelConfig, model: DecoderModel, tokenizer) -> None:
     os.makedirs(out_dir, exist_ok=True)
     hf = config.to_hf_dict()
@@ -222,7 +230,7 @@ def _write_dir(tensors: dict[str, torch.Tensor], out_dir: str, config: ModelConf
         hf["id2label"], hf["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf, f, indent=2, sort_keys=True)
-    save_file({k: v.cpu().contiguous() for k, v in sorted(tensors.items())}, os.path.join(out_dir, SINGLE_FILE),
+    save_file({k: _own_storage(v.cpu()) for k, v in sorted(tensors.items())}, os.path.join(out_dir, SINGLE_FILE),
               metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)

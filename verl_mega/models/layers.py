@@ -18,7 +18,10 @@ captured in a CUDA graph).
 Deliberate choices:
 - q/k/v and gate/up are separate parameters (no fused QKV): a TP shard of each is one contiguous
   slice of the HF tensor, so shards of different TP sizes relate by plain concatenation along the
-  partition dim (HybridEngine resharding, HF loading).
+  partition dim (HybridEngine resharding, HF loading). Their data is stacked in one buffer each when
+  the layer is built (`stack_projections`), so the generation path runs one GEMM for q/k/v and one for
+  gate/up (as vLLM's QKVParallelLinear / MergedColumnParallelLinear) with no copy of the weights; where
+  something later moves a parameter's data on its own, `stacked_rows` sees it and runs separate GEMMs.
 - Megatron's weight initialisation is never used (it needs megatron's global state/CUDA RNG tracker
   on GPU): the layers are built zero-initialised and `DecoderModel.init_weights` draws the weights.
 - Packed sequences (a `PackedSeqs` mask): attention goes through `varlen_attention.py` and no FLOP is
@@ -127,7 +130,12 @@ class Attention(nn.Module):
         bias + RoPE kernel (the column-parallel forward is a plain local matmul: no gather_output)."""
         b, s, _ = x.shape
         # [batch, seq, heads*head_dim] each
-        q, k, v = (F.linear(x, p.weight) for p in (self.q_proj, self.k_proj, self.v_proj))
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        weight = stacked_rows([p.weight for p in projections])  # [(Hq + 2 Hk) * D, H] or None
+        if weight is None:
+            q, k, v = (F.linear(x, p.weight) for p in projections)
+        else:  # one GEMM; q, k, v are column slices of its output
+            q, k, v = F.linear(x, weight).split([p.weight.shape[0] for p in projections], dim=-1)
         biases = (self.q_proj.bias, self.k_proj.bias, self.v_proj.bias)
         if self.q_norm is not None:  # Qwen3: per-head norm between the bias and RoPE
             if biases[0] is not None:
@@ -212,9 +220,13 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, fused: bool = False, local: bool = False) -> torch.Tensor:
         """local: as in Attention.forward (plain matmuls, partial-sum output)."""
-        if fused:  # column-parallel forward = local matmul; one kernel for silu * up
-            act = fused_ops.silu_mul(F.linear(x, self.gate_proj.weight), F.linear(x, self.up_proj.weight))
-            return self.down_proj(act)[0]
+        if fused:  # column-parallel forward = local matmul (one GEMM when stacked); one kernel for silu * up
+            weight = stacked_rows([self.gate_proj.weight, self.up_proj.weight])  # [2 I, H] or None
+            if weight is None:
+                gate, up = F.linear(x, self.gate_proj.weight), F.linear(x, self.up_proj.weight)
+            else:
+                gate, up = F.linear(x, weight).chunk(2, dim=-1)
+            return self.down_proj(fused_ops.silu_mul(gate, up))[0]
         gate, up = _linear(self.gate_proj, x, local), _linear(self.up_proj, x, local)
         if self.recompute_act and torch.is_grad_enabled():  # keep gate/up; recompute silu(gate) * up in backward
             return _linear(self.down_proj, checkpoint(_swiglu, gate, up, use_reentrant=False), local)
@@ -242,6 +254,34 @@ def _linear(layer: nn.Module, x: torch.Tensor, local: bool) -> torch.Tensor:
     return layer(x)[0]
 
 
+def stack_rows_(params: list[torch.Tensor]) -> None:
+    """Move the data of `params` (same dtype, device and trailing dims) into one new buffer, in order, each
+    parameter a view of its rows, so `stacked_rows` can run them as one GEMM. Values are unchanged. Call it
+    only where the parameters are built: whatever re-points a parameter's data later (a flat optimizer buffer,
+    resharding, offload) keeps the parameters correct and `stacked_rows` falls back to separate GEMMs."""
+    with torch.no_grad():
+        buffer = torch.cat([p.data for p in params], dim=0)  # [sum of rows, ...]
+    start = 0
+    for p in params:
+        p.data = buffer[start:start + p.shape[0]]
+        start += p.shape[0]
+
+
+def stacked_rows(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensors as one [sum of rows, ...] tensor without a copy (no autograd) if they are consecutive
+    contiguous rows of one storage (as `stack_rows_` leaves them, or a flat buffer that holds them in order);
+    otherwise None. Checked on every call: it follows wherever the parameters' data lives now."""
+    first = tensors[0]
+    end = first.data_ptr()
+    for t in tensors:
+        if (t.data_ptr() != end or not t.is_contiguous() or t.dtype != first.dtype or t.shape[1:] != first.shape[1:]
+                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
+            return None
+        end += t.numel() * t.element_size()
+    rows = sum(t.shape[0] for t in tensors)
+    return first.detach().as_strided((rows, *first.shape[1:]), first.stride())
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm transformer block; `layer_idx` is the global layer index (the key of the KV cache)."""
 
@@ -254,6 +294,13 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config, mp, tp_group)
         self.recompute_full = False  # keep only the layer input; recompute the layer in backward (apply_recompute)
         self.compiled = None  # torch.compile'd (_pre_attention, _post_attention) (parallelize.apply_compile)
+
+    def stack_projections(self) -> None:
+        """Put the q/k/v weights and the gate/up weights in one buffer each (`stack_rows_`), so the generation
+        path runs one GEMM for q/k/v and one for gate/up. The model calls it when built."""
+        attn = self.self_attn
+        stack_rows_([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        stack_rows_([self.mlp.gate_proj.weight, self.mlp.up_proj.weight])
 
     def forward(self, x, cos, sin, mask, kv_cache=None, fused: bool = False, sp_group=None) -> torch.Tensor:
         """sp_group: sequence parallel over this TP group (x [B, S/tp, H] a sequence shard; see _forward_sp)."""

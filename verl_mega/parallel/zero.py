@@ -47,6 +47,18 @@ def partition_params(numels: list[int], dp: int) -> list[int]:
     return owners
 
 
+def _storage_order(params: list[torch.Tensor]) -> list[int]:
+    """Indices of `params` in registration order, except that parameters sharing one storage (e.g. the q/k/v
+    weights stacked by `DecoderLayer.stack_projections`) follow each other in storage order at the first one's
+    place, so the flat buffer keeps them stacked (the generation path then still runs one GEMM for them)."""
+    first: dict[int, int] = {}
+    keys = []
+    for i, p in enumerate(params):
+        group = first.setdefault(p.untyped_storage().data_ptr(), i)
+        keys.append((group, p.storage_offset(), i))
+    return [i for *_, i in sorted(keys)]
+
+
 class ZeroOptimizer:
     """AdamW over fp32 master weights of the parameters this dp rank owns, plus the dp param all-gather.
 
@@ -90,7 +102,8 @@ class ZeroOptimizer:
         self.buffer = torch.zeros(self.region * self.dp, dtype=dtype, device=device)
         self._offset = {}
         fill = [r * self.region for r in range(self.dp)]
-        for p, o in zip(self.params, self.owners):
+        for i in _storage_order(self.params):  # parameters stacked in one storage stay consecutive, in its order
+            p, o = self.params[i], self.owners[i]
             start = fill[o]
             self.buffer[start:start + p.numel()].copy_(p.data.reshape(-1))
             p.data = self.buffer[start:start + p.numel()].view_as(p)
