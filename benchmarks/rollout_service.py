@@ -7,7 +7,9 @@ GRPO step with a slow reward, streaming vs after generation.
 
 Workload (per shape): `--prompts` (64) random prompts of `--prompt-len` (128) tokens x `--n` (8) samples;
 every response ends with EOS at a length drawn uniformly from [--min-len, --max-len] = [32, 1024]
-(seeded). Random weights never choose EOS themselves, so the EOS is forced through the engine's `eos_at`
+(seeded). Random weights almost never choose EOS themselves (about once per vocabulary-size tokens, which ends
+that row early: the new engine's token count can fall a few hundred short of the drawn total; tokens/s counts the
+tokens generated), so the EOS is forced through the engine's `eos_at`
 hook (`forced_lengths.py`: same work as a model that stops there: the row is freed after it, its slot
 taken by a waiting request).
 - new engine: all requests added at once (`max_batch` rows in flight, `--max-batch`, default all), with
