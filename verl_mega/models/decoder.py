@@ -9,7 +9,8 @@ decided in `parallelize.py`.
 
 Speed (generation): a KV-cache forward under no_grad on CUDA takes the layers' fused path (`fused_ops.py`,
 see `layers.py`; `fused_inference = False` keeps the plain torch ops); the boolean mask is turned into an
-additive bias once per forward, not once per layer.
+additive bias once per forward, not once per layer; each layer's last residual add runs inside the next norm's
+kernel (`DecoderLayer.forward_fused`).
 
 Deliberate choices:
 - Megatron's weight initialisation is never used (it needs megatron's global state/CUDA RNG tracker
@@ -285,11 +286,19 @@ class DecoderModel(nn.Module):
                 mask = attention_bias(mask, hidden.dtype)
         fused = (self.fused_inference and kv_cache is not None and not torch.is_grad_enabled()
                  and fused_ops.available(hidden))
-        for layer in self.layers:
-            hidden = layer(hidden, cos, sin, mask, kv_cache, fused=fused, sp_group=sp_group)
-        if not self.has_head:
-            return hidden
-        hidden = self.norm(hidden, fused=fused, sp_group=sp_group)
+        if fused:  # generation: each layer's last residual add runs inside the next norm's kernel
+            delta = None
+            for layer in self.layers:
+                hidden, delta = layer.forward_fused(hidden, delta, cos, sin, mask, kv_cache)
+            if not self.has_head:
+                return hidden if delta is None else hidden + delta
+            hidden = self.norm.fused_add(hidden, delta)[0]
+        else:
+            for layer in self.layers:
+                hidden = layer(hidden, cos, sin, mask, kv_cache, sp_group=sp_group)
+            if not self.has_head:
+                return hidden
+            hidden = self.norm(hidden, sp_group=sp_group)
         if sp_group is not None:  # what follows (head, log-prob kernel) gives every rank the full gradient
             hidden = sp.gather_from_sequence(hidden, sp_group, grad_replicated=True)[:, :seq]
         if self.value_head is not None:

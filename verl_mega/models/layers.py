@@ -312,10 +312,17 @@ class DecoderLayer(nn.Module):
             if self.recompute_full and kv_cache is None and torch.is_grad_enabled():
                 return checkpoint(step, x, cos, sin, mask, use_reentrant=False)
             return step(x, cos, sin, mask, kv_cache)
-        attn = self.self_attn(self.input_layernorm(x, fused=True), cos, sin, mask, kv_cache, fused=True)
-        post = self.post_attention_layernorm
-        h, x = fused_ops.rms_norm(attn, post.weight, post.eps, residual=x)  # x <- x + attn, h = norm(x): one kernel
-        return x + self.mlp(h, fused=True)
+        x, delta = self.forward_fused(x, None, cos, sin, mask, kv_cache)
+        return x + delta
+
+    def forward_fused(self, x, delta, cos, sin, mask, kv_cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The generation path (fused_ops kernels, no autograd) with the residual adds inside the norms' kernels:
+        the layer's input is x + delta (delta None: x), x / delta [B, S, H]; returns (x', delta') whose sum is
+        the layer's output (the next layer's input norm, or the final norm, adds them)."""
+        h, x = self.input_layernorm.fused_add(x, delta)  # x <- x + delta, h = norm(x): one kernel
+        attn = self.self_attn(h, cos, sin, mask, kv_cache, fused=True)
+        h, x = self.post_attention_layernorm.fused_add(x, attn)
+        return x, self.mlp(h, fused=True)
 
     def _forward(self, x, cos, sin, mask, kv_cache=None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)

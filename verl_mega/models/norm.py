@@ -28,3 +28,10 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         weight = self.weight if sp_group is None else sp.all_reduce_grad(self.weight, sp_group)
         return weight * x32.to(x.dtype)
+
+    def fused_add(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One fused_ops kernel, no autograd: (norm(x + delta), x + delta) for x, delta [..., dim] (the sum rounded
+        to their dtype, as torch's add); delta None: (norm(x), x)."""
+        if delta is None:
+            return fused_ops.rms_norm(x, self.weight, self.eps), x
+        return fused_ops.rms_norm(delta, self.weight, self.eps, residual=x)
