@@ -110,7 +110,7 @@ def rope_qkv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tens
     pow2 = lambda n: 1 << max(0, n - 1).bit_length()  # noqa: E731
     block_d = max(16, pow2(d))
     _kernels().rope_qkv_kernel[(b * s,)](q, k, v, bq, bk, bv, cos, sin, hq, hk, d, *strides, HAS_BIAS=has_bias,
-                                         BLOCK_D=block_d, BLOCK_HQ=pow2(hq), BLOCK_HK=pow2(hk),
+                                         BLOCK_D=block_d, BLOCK_HQ=max(2, pow2(hq)), BLOCK_HK=max(2, pow2(hk)),
                                          num_warps=4 if pow2(hq) * block_d >= 2048 else 1)
     return q.view(b, s, hq, d), k.view(b, s, hk, d), v.view(b, s, hk, d)  # [batch, seq, heads, head_dim]
 
