@@ -302,18 +302,16 @@ class DecoderLayer(nn.Module):
         stack_rows_([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
         stack_rows_([self.mlp.gate_proj.weight, self.mlp.up_proj.weight])
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, fused: bool = False, sp_group=None) -> torch.Tensor:
-        """sp_group: sequence parallel over this TP group (x [B, S/tp, H] a sequence shard; see _forward_sp)."""
-        if not fused:
-            if sp_group is not None:
-                step = functools.partial(self._forward_sp, sp_group=sp_group)
-            else:
-                step = self._forward_compiled if self.compiled is not None and kv_cache is None else self._forward
-            if self.recompute_full and kv_cache is None and torch.is_grad_enabled():
-                return checkpoint(step, x, cos, sin, mask, use_reentrant=False)
-            return step(x, cos, sin, mask, kv_cache)
-        x, delta = self.forward_fused(x, None, cos, sin, mask, kv_cache)
-        return x + delta
+    def forward(self, x, cos, sin, mask, kv_cache=None, sp_group=None) -> torch.Tensor:
+        """sp_group: sequence parallel over this TP group (x [B, S/tp, H] a sequence shard; see _forward_sp).
+        The generation path (fused_ops kernels) is `forward_fused`."""
+        if sp_group is not None:
+            step = functools.partial(self._forward_sp, sp_group=sp_group)
+        else:
+            step = self._forward_compiled if self.compiled is not None and kv_cache is None else self._forward
+        if self.recompute_full and kv_cache is None and torch.is_grad_enabled():
+            return checkpoint(step, x, cos, sin, mask, use_reentrant=False)
+        return step(x, cos, sin, mask, kv_cache)
 
     def forward_fused(self, x, delta, cos, sin, mask, kv_cache) -> tuple[torch.Tensor, torch.Tensor]:
         """The generation path (fused_ops kernels, no autograd) with the residual adds inside the norms' kernels:
