@@ -155,6 +155,32 @@ def test_fused_decoder_forward_matches_torch_path(interpret, name, monkeypatch):
     assert len(calls) == 6
 
 
+def test_fused_forward_of_two_pipeline_stages_matches_torch_path(interpret):
+    """A stage without the head returns its layers' deferred residual sum (x + delta) on the fused path: two
+    stages chained give the one-stage fused logits, and both paths agree."""
+    layout = Layout.create(1, 1)
+    build = dict(init_seed=1, device=DEVICE)
+    whole = DecoderModel(tiny_config("qwen2"), layout.tp_group, layer_range=(0, 2), has_embedding=True,
+                         has_head=True, **build).eval()
+    first = DecoderModel(tiny_config("qwen2"), layout.tp_group, layer_range=(0, 1), has_embedding=True,
+                         has_head=False, **build).eval()
+    last = DecoderModel(tiny_config("qwen2"), layout.tp_group, layer_range=(1, 2), has_embedding=False,
+                        has_head=True, **build).eval()
+    ids = torch.randint(1, 131, (2, 6), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    mask = torch.ones_like(ids)
+    pos = position_ids_from_mask(mask)
+    for fused in (True, False):
+        for m in (whole, first, last):
+            m.fused_inference = fused
+        with torch.no_grad():
+            ref = whole(ids, pos, mask, kv_cache=ListCache())
+            split = last(first(ids, pos, mask, kv_cache=ListCache()), pos, mask, kv_cache=ListCache())
+        torch.testing.assert_close(split, ref, rtol=0, atol=1e-5)
+        if fused:
+            fused_logits = ref
+    torch.testing.assert_close(fused_logits, ref, rtol=0, atol=1e-5)
+
+
 def test_stacked_projections_run_as_one_gemm_and_match_separate_ones(interpret):
     """A built layer's q/k/v and gate/up weights are consecutive rows of one buffer each, so the fused decode path
     runs one GEMM for each; ZeRO's flat buffer keeps them stacked; once a parameter's data is moved on its own,
