@@ -434,12 +434,10 @@ def attention_sweep(shape: str, device, dtype, rows_list=(512, 256, 32), lengths
 def separate_projections(model, separate: bool):
     """With `separate`: each q/k/v and gate/up weight on its own storage inside the block (the decode path then
     runs separate GEMMs), stacked again after it; otherwise nothing changes."""
-    params = [p for layer in model.layers for p in (layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
-                                                    layer.self_attn.v_proj.weight, layer.mlp.gate_proj.weight,
-                                                    layer.mlp.up_proj.weight)]
     if separate:
-        for p in params:
-            p.data = p.data.clone()
+        for group in (group for layer in model.layers for group in layer.projection_groups()):
+            for p in group:
+                p.data = p.data.clone()
     try:
         yield
     finally:
@@ -564,7 +562,7 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--profile", action="store_true", help="one more new-engine call under torch.profiler: device "
                    "busy fraction and top ops (rollout_profile_<shape>_<variant>.txt in --out-dir)")
-    p.add_argument("--no-static", action="store_true", help="skip the static engine (and the ratios and bounds)")
+    p.add_argument("--no-static", action="store_true", help="skip the static engine (and the ratios to it)")
     p.add_argument("--step-curve", default="", help="rows, e.g. 512,256,64,16: ms per decode step of each "
                    "new-engine variant at that many rows, each attending --curve-context tokens, against its bounds")
     p.add_argument("--curve-context", type=int, default=640)

@@ -187,9 +187,7 @@ def test_stacked_projections_run_as_one_gemm_and_match_separate_ones(interpret):
     the path falls back to separate GEMMs, with the same logits."""
     model = DecoderModel(tiny_config("qwen2"), Layout.create(1, 1).tp_group, layer_range=(0, 2), has_embedding=True,
                          has_head=True, init_seed=1, device=DEVICE).eval()
-    groups = [[layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight]
-              for layer in model.layers] + [[layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]
-                                            for layer in model.layers]
+    groups = [group for layer in model.layers for group in layer.projection_groups()]  # [q, k, v], [gate, up]
     for params in groups:
         whole = stacked_rows(params)
         assert whole is not None and whole.shape[0] == sum(p.shape[0] for p in params)

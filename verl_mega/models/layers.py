@@ -295,12 +295,17 @@ class DecoderLayer(nn.Module):
         self.recompute_full = False  # keep only the layer input; recompute the layer in backward (apply_recompute)
         self.compiled = None  # torch.compile'd (_pre_attention, _post_attention) (parallelize.apply_compile)
 
+    def projection_groups(self) -> list[list[torch.Tensor]]:
+        """The weights the generation path runs as one GEMM when stacked: [q, k, v] and [gate, up]."""
+        attn, mlp = self.self_attn, self.mlp
+        return [[attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight],
+                [mlp.gate_proj.weight, mlp.up_proj.weight]]
+
     def stack_projections(self) -> None:
-        """Put the q/k/v weights and the gate/up weights in one buffer each (`stack_rows_`), so the generation
-        path runs one GEMM for q/k/v and one for gate/up. The model calls it when built."""
-        attn = self.self_attn
-        stack_rows_([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-        stack_rows_([self.mlp.gate_proj.weight, self.mlp.up_proj.weight])
+        """Put each of `projection_groups` in one buffer (`stack_rows_`), so the generation path runs one GEMM for
+        q/k/v and one for gate/up. The model calls it when built."""
+        for group in self.projection_groups():
+            stack_rows_(group)
 
     def forward(self, x, cos, sin, mask, kv_cache=None, sp_group=None) -> torch.Tensor:
         """sp_group: sequence parallel over this TP group (x [B, S/tp, H] a sequence shard; see _forward_sp).

@@ -147,7 +147,8 @@ def sample_tokens_fused(logits: torch.Tensor, params: SamplingParams, generator:
     seed: None (a seed is drawn from `generator`) or a [1] int64 device tensor in [0, 2^31) (the engine draws a
     decode window's seeds at once, so that a CUDA graph of the window reads them from a static buffer).
     block: vocabulary entries per loop iteration; splits: programs per row (a power of two; None:
-    `vocab_splits`). Neither changes the draws: element (row, v) always uses Philox counter row * V + v."""
+    `vocab_splits`). Neither changes the draw: row r's uniform is always Philox counter r (only the float32
+    summation order of the masses compared against it)."""
     if params.top_k or params.top_p < 1.0:
         return sample_tokens(logits.float(), params, generator, forced)
     partial, merge = _kernels()

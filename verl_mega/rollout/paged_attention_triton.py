@@ -94,6 +94,7 @@ def paged_decode_kernel(q_ptr, pools_ptr, layer, table_ptr, pos_ptr, out_ptr, pa
         tl.store(stat_ptr + row * 2, m, mask=r < REP)
         tl.store(stat_ptr + row * 2 + 1, l, mask=r < REP)
 
+
 @triton.jit
 def merge_splits_kernel(part_ptr, stat_ptr, out_ptr, so_b, so_h, HQ: tl.constexpr, SPLITS: tl.constexpr,
                         SPLITS_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr):
