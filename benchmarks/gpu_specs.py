@@ -13,3 +13,13 @@ def peak_flops(device_name: str) -> float | None:
     """`peak_tflops` in FLOP/s."""
     tflops = peak_tflops(device_name)
     return tflops * 1e12 if tflops else None
+
+
+# nominal memory bandwidth in bytes/s (SXM parts): H200 HBM3e 4.8 TB/s, H100 SXM HBM3 3.35 TB/s
+SPEC_BANDWIDTH = {"H200": 4.8e12, "H100 80GB HBM3": 3.35e12}
+
+
+def spec_bandwidth(device_name: str) -> float | None:
+    """Nominal memory bandwidth in bytes/s of the card named `device_name`, or None for a card not in
+    SPEC_BANDWIDTH."""
+    return next((bw for key, bw in SPEC_BANDWIDTH.items() if key in device_name), None)

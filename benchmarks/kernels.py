@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import gpu_specs  # noqa: E402
 from verl_mega.kernels import advantage as adv  # noqa: E402
 from verl_mega.kernels import fused_logprob_entropy, reference_logprob_entropy  # noqa: E402
 from verl_mega.kernels import logprob as logprob_mod  # noqa: E402
@@ -230,8 +231,7 @@ def device_bandwidth() -> tuple[float, str]:
     if clock_khz and bus_bits:
         return 2 * clock_khz * 1e3 * bus_bits / 8, "device properties (2 x memory clock x bus width)"
     name = props.name
-    nominal = 4.8e12 if "H200" in name else 3.35e12  # H200 HBM3e 4.8 TB/s, H100 SXM HBM3 3.35 TB/s
-    return nominal, f"nominal for {name}"
+    return gpu_specs.spec_bandwidth(name) or 3.35e12, f"nominal for {name}"
 
 
 def copy_bandwidth() -> float:

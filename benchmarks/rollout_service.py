@@ -95,6 +95,8 @@ VARIANTS = {"new": {"attention": "gather", "sampler": "torch"},
             "new_paged_fused_sync16": {"attention": "paged", "sampler": "fused", "sync_every": 16},
             "new_paged_fused_no_lookahead": {"attention": "paged", "sampler": "fused", "look_ahead": False},
             "new_paged_fused_unstacked": {"attention": "paged", "sampler": "fused", "stacked": False},
+            "new_paged_fused_step8": {"attention": "paged", "sampler": "fused", "graph_batch_step": 8},
+            "new_paged_fused_cublaslt": {"attention": "paged", "sampler": "fused", "blas": "cublaslt"},
             "new_paged_fused_window": {"attention": "paged", "sampler": "fused", "cuda_graph_window": True}}
 
 
@@ -287,10 +289,8 @@ def copy_bandwidth(device) -> float | None:
 def spec_bandwidth(device) -> float | None:
     """The card's nominal memory bandwidth in bytes/s: H200 (HBM3e) 4.8 TB/s, H100 SXM (HBM3) 3.35 TB/s; None for
     other cards (CPU included: the smoke run reports the H100's figure, its fraction means nothing)."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    if "H200" in name:
-        return 4.8e12
-    return 3.35e12 if ("H100" in name and "HBM3" in name) or name == "cpu" else None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "H100 80GB HBM3"
+    return gpu_specs.spec_bandwidth(name)
 
 
 def decode_bytes(shape, model) -> tuple[int, int]:
@@ -446,6 +446,19 @@ def separate_projections(model, separate: bool):
                 layer.stack_projections()
 
 
+@contextlib.contextmanager
+def blas_library(name: str | None):
+    """torch's preferred BLAS library set to `name` ("cublas" | "cublaslt") inside the block (None: unchanged);
+    the engine's graphs captured inside it keep that library's GEMM kernels."""
+    saved = torch.backends.cuda.preferred_blas_library()
+    if name is not None:
+        torch.backends.cuda.preferred_blas_library(name)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(saved)
+
+
 def run_shape(args, shape, device, dtype, layout) -> dict:
     if args.attention_sweep:
         return {"attention_sweep": attention_sweep(shape, device, dtype)}
@@ -458,7 +471,7 @@ def run_shape(args, shape, device, dtype, layout) -> dict:
     for name in args.variants.split(","):
         engine = dict(VARIANTS[name])
         try:
-            with separate_projections(model, not engine.pop("stacked", True)):
+            with separate_projections(model, not engine.pop("stacked", True)), blas_library(engine.pop("blas", None)):
                 out[name] = run_new(args, shape, model, prompts, lengths, layout.tp_group, f"{shape}_{name}",
                                     **engine)
         except Exception as exc:  # noqa: BLE001 - report and keep the other figures

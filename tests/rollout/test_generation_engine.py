@@ -80,3 +80,16 @@ def test_bad_inputs_raise(hf_dir):
                     ([[1] * 60], dict(max_new_tokens=10)), ([[1, 500]], {}), ([[1, 2]], dict(top_p=0.0))]:
         with pytest.raises(ValueError):
             engine.generate(bad, **{"max_new_tokens": 4, **kw})
+
+
+def test_decode_row_buckets():
+    """Live rows run as 1, 2, 4, 8, then multiples of graph_batch_step, capped at max_batch; a bad step is an error
+    naming the field."""
+    from verl_mega.rollout.engine import batch_bucket
+    from verl_mega.rollout.engine_config import EngineConfig
+
+    assert [batch_bucket(b, 512) for b in (1, 2, 3, 5, 8, 9, 17, 250, 512)] == [1, 2, 4, 8, 8, 16, 32, 256, 512]
+    assert [batch_bucket(b, 512, 8) for b in (9, 17, 250, 511)] == [16, 24, 256, 512]
+    assert batch_bucket(250, 252, 8) == 252
+    with pytest.raises(ValueError, match="graph_batch_step"):
+        EngineConfig(graph_batch_step=0)

@@ -37,45 +37,46 @@ def rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, n_cols, eps,
 
 
 @triton.jit
-def _rope_row(ptr, bias_ptr, cos, sin, sign, cols, rot, m, HAS_BIAS: tl.constexpr):
-    """In place: x (+ bias) -> x * cos + rotate_half(x) * sin over one head row; each product rounded."""
-    x = tl.load(ptr + cols, mask=m, other=0.0)
-    xr = tl.load(ptr + rot, mask=m, other=0.0)
+def _rope_heads(ptr, bias_ptr, cos, sin, sign, n_heads, D, cols, rot, ROTATE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                BLOCK_H: tl.constexpr):
+    """In place on one token's n_heads rows of D elements at ptr: x (+ bias), then with ROTATE
+    x * cos + rotate_half(x) * sin (cos, sin, sign, cols, rot [BLOCK_D]); each product rounded."""
+    heads = tl.arange(0, BLOCK_H)
+    m = (heads[:, None] < n_heads) & (cols[None, :] < D)  # [BLOCK_H, BLOCK_D]
+    at = heads[:, None] * D + cols[None, :]
+    x = tl.load(ptr + at, mask=m, other=0.0)
     dtype = x.dtype
     if HAS_BIAS:
-        x = (x.to(tl.float32) + tl.load(bias_ptr + cols, mask=m, other=0.0).to(tl.float32)).to(dtype)
-        xr = (xr.to(tl.float32) + tl.load(bias_ptr + rot, mask=m, other=0.0).to(tl.float32)).to(dtype)
-    a = (x.to(tl.float32) * cos).to(dtype).to(tl.float32)
-    b = (sign * xr.to(tl.float32) * sin).to(dtype).to(tl.float32)
-    tl.store(ptr + cols, (a + b).to(dtype), mask=m)
+        x = (x.to(tl.float32) + tl.load(bias_ptr + at, mask=m, other=0.0).to(tl.float32)).to(dtype)
+    if ROTATE:
+        at_rot = heads[:, None] * D + rot[None, :]
+        xr = tl.load(ptr + at_rot, mask=m, other=0.0)
+        if HAS_BIAS:
+            xr = (xr.to(tl.float32) + tl.load(bias_ptr + at_rot, mask=m, other=0.0).to(tl.float32)).to(dtype)
+        a = (x.to(tl.float32) * cos[None, :]).to(dtype).to(tl.float32)
+        b = (sign[None, :] * xr.to(tl.float32) * sin[None, :]).to(dtype).to(tl.float32)
+        x = (a + b).to(dtype)
+    tl.store(ptr + at, x, mask=m)
 
 
 @triton.jit
 def rope_qkv_kernel(q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, cos_ptr, sin_ptr, HQ, HK, D, SQ, SK, SV,
-                    HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (token t, head h): h < HQ a query head, then HK key heads (RoPE, bias first when
-    HAS_BIAS), then HK value heads (bias only; launched only when HAS_BIAS). q/k/v rows are
-    [T, H * D] with row strides SQ / SK / SV (unit column stride), cos/sin [T, D] contiguous."""
+                    HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr):
+    """Program t: token t's HQ query heads and HK key heads (bias first when HAS_BIAS, then RoPE) and, with
+    HAS_BIAS, its HK value heads (bias only). q/k/v rows are [T, H * D] with row strides SQ / SK / SV (unit
+    column stride), cos/sin [T, D] contiguous. One program per token, not per head: a decode step's few
+    hundred tokens x ~36 heads of 128 elements made thousands of one-warp programs (launch-bound)."""
     tok = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
-    m = cols < D
     half = D // 2
     rot = tl.where(cols < half, cols + half, cols - half)
     sign = tl.where(cols < half, -1.0, 1.0)
-    cos = tl.load(cos_ptr + tok * D + cols, mask=m, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + tok * D + cols, mask=m, other=0.0).to(tl.float32)
-    if h < HQ:
-        _rope_row(q_ptr + tok * SQ + h * D, bq_ptr + h * D, cos, sin, sign, cols, rot, m, HAS_BIAS)
-    elif h < HQ + HK:
-        hk = h - HQ
-        _rope_row(k_ptr + tok * SK + hk * D, bk_ptr + hk * D, cos, sin, sign, cols, rot, m, HAS_BIAS)
-    else:
-        hv = h - HQ - HK
-        ptr = v_ptr + tok * SV + hv * D
-        v = tl.load(ptr + cols, mask=m, other=0.0)
-        vb = v.to(tl.float32) + tl.load(bv_ptr + hv * D + cols, mask=m, other=0.0).to(tl.float32)
-        tl.store(ptr + cols, vb.to(v.dtype), mask=m)
+    cos = tl.load(cos_ptr + tok * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + tok * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+    _rope_heads(q_ptr + tok * SQ, bq_ptr, cos, sin, sign, HQ, D, cols, rot, True, HAS_BIAS, BLOCK_HQ)
+    _rope_heads(k_ptr + tok * SK, bk_ptr, cos, sin, sign, HK, D, cols, rot, True, HAS_BIAS, BLOCK_HK)
+    if HAS_BIAS:
+        _rope_heads(v_ptr + tok * SV, bv_ptr, cos, sin, sign, HK, D, cols, rot, False, True, BLOCK_HK)
 
 
 @triton.jit

@@ -19,8 +19,8 @@ that finished in the window before (see "look-ahead window" below): sequences jo
 leave, so decode steps do not run on dead rows and the cache holds only actual lengths
 (`kv_cache.PagedKVCache`).
 
-Decode step shapes: rows rounded up to a bucket (1, 2, 4, 8, then multiples of 16); the gather attention
-path also rounds the attended length up to `kv_len_bucket` tokens (the paged kernel follows each row's
+Decode step shapes: rows rounded up to a bucket (1, 2, 4, 8, then multiples of `graph_batch_step`); the gather
+attention path also rounds the attended length up to `kv_len_bucket` tokens (the paged kernel follows each row's
 own length, so its steps take the whole block table). On CUDA the steps are replayed from
 `torch.cuda.CUDAGraph`s that read the block tables, positions and tokens from static buffers and derive
 the write/read slots and the mask on the device; each step is a graph and sampling runs eager after it.
@@ -106,9 +106,9 @@ class _Window:
     done: "torch.cuda.Event | None"
 
 
-def batch_bucket(batch: int, max_batch: int) -> int:
-    """Rows a decode step runs for `batch` live rows: 1, 2, 4, 8, then multiples of 16 (<= max_batch)."""
-    bucket = 1 << (batch - 1).bit_length() if batch <= 8 else -(-batch // 16) * 16
+def batch_bucket(batch: int, max_batch: int, step: int = 16) -> int:
+    """Rows a decode step runs for `batch` live rows: 1, 2, 4, 8, then multiples of `step` (<= max_batch)."""
+    bucket = 1 << (batch - 1).bit_length() if batch <= 8 else -(-batch // step) * step
     return min(bucket, max_batch)
 
 
@@ -504,7 +504,7 @@ class GenerationEngine:
         window's last step sampled, still on the device, and its position counts that window's `pending` tokens."""
         k, tw = self.sync_every, self.table_width
         b = len(rows)
-        bb = batch_bucket(b, self.max_batch) if self.use_cuda_graph else b
+        bb = batch_bucket(b, self.max_batch, self.config.graph_batch_step) if self.use_cuda_graph else b
         if self.attention == "paged":  # the kernel visits each row's own length: one graph per row bucket
             nb = self.table_width
         else:  # the gather path reads nb blocks per row: round the window's reach up to kv_len_bucket tokens

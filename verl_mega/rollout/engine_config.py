@@ -27,6 +27,7 @@ class EngineConfig:
     kv_len_bucket: int = 64  # attention="gather": decode attends over the gathered blocks rounded up to this many tokens (the paged kernel reads each row's own length)
     sync_every: Optional[int] = None  # decode steps per host check (finished rows, joins); None: 8 on CUDA, 1 on CPU
     cuda_graph: bool = True  # capture decode steps in CUDA graphs (CUDA models only; ignored on CPU)
+    graph_batch_step: int = 16  # with cuda_graph: a decode step runs its live rows rounded up to 1, 2, 4, 8, then a multiple of this (one graph per bucket; smaller = fewer dead rows, more graphs)
     look_ahead: bool = True  # launch the next decode window before reading the last one (host bookkeeping overlaps decoding; a finished row is decoded one window more); False: read each window right after launching it
     cuda_graph_window: bool = False  # where the fused sampler draws every row alike (greedy / temperature): a whole decode window (sync_every steps and their sampling) as one CUDA graph, one launch per window (+2% decode tokens/s at 0.5B on an H100 in the rollout benchmark, none in a 1.5B GRPO step; a window capture costs about 5x a step graph's); False: a graph per step, sampling eager
     share_prefix: bool = True  # the n samples of a prompt prefill it once and read the same prompt blocks
@@ -34,7 +35,8 @@ class EngineConfig:
     sampler: str = "auto"  # token sampling: "torch" (every device) | "fused" (one Triton pass over the logits for greedy / temperature sampling; top-k / top-p stay on torch; CUDA) | "auto" (fused on CUDA, torch elsewhere)
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_tokens", "max_seq_len", "block_size", "prefill_tokens", "kv_len_bucket"):
+        for name in ("max_batch", "max_tokens", "max_seq_len", "block_size", "prefill_tokens", "kv_len_bucket",
+                     "graph_batch_step"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"engine config {name} must be an integer >= 1, got {getattr(self, name)!r}")
         if self.sync_every is not None and self.sync_every < 1:
