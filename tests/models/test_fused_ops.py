@@ -49,7 +49,7 @@ def test_kernels_match_references(interpret, dtype):
     ref_normed, ref_summed = fused_ops.rms_norm_reference(x, w, 1e-6, residual=res)
     _close(normed, ref_normed, dtype)
     _close(summed, ref_summed, dtype)
-    b, s, hq, hk = 2, 3, 4, 2
+    b, s, hq, hk = 2, 3, 6, 2  # 6 query heads: a masked block of 8
     for d in (16, 12):  # 12: head_dim not a power of two
         q, k, v = rnd(b, s, hq * d), rnd(b, s, hk * d), rnd(b, s, hk * d)
         angles = torch.randn(b, s, d // 2, generator=gen).to(DEVICE) * 3
