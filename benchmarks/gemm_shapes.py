@@ -6,7 +6,8 @@ times those GEMMs at the row counts a rollout runs (the engine's CUDA-graph buck
 CUDA graph of REPEAT calls as the engine replays them, and reports per row count: microseconds per decode
 step's GEMMs, TFLOP/s, and the fraction of the GEMM roofline (per GEMM the longer of its weight + activation
 bytes at the card's bandwidth and its FLOPs at the dense bf16 peak). Use: which library (and which bucket
-granularity) the decode graphs should be captured with.
+granularity) the decode graphs should be captured with. With --train-shape it also times a training
+micro-batch's GEMMs (forward, dgrad, wgrad) per library.
 
     python3 benchmarks/gemm_shapes.py --shape qwen2.5-7b [--rows 8,16,...] [--out gemm.json]
 """
@@ -38,21 +39,24 @@ def decode_gemms(shape: dict) -> dict[str, tuple[int, int, int]]:
             "down": (h, i, layers), "lm_head": (shape["vocab_size"], h, 1)}
 
 
-def time_gemm(rows: int, n: int, k: int, reps: int) -> float:
-    """Seconds per `F.linear([rows, k], [n, k])` in bf16, replayed from a captured graph of REPEAT calls."""
+def time_gemm(rows: int, n: int, k: int, reps: int, kind: str = "forward") -> float:
+    """Seconds per bf16 GEMM of a linear layer with weight [n, k] on `rows` tokens, replayed from a captured graph
+    of REPEAT calls. kind: "forward" F.linear(x [rows, k]) | "dgrad" dy [rows, n] @ w | "wgrad" dy^T @ x."""
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
-    out = F.linear(x, w)  # warm-up outside capture: the library picks and loads its kernel here
+    dy = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
+    gemm = {"forward": lambda: F.linear(x, w), "dgrad": lambda: dy @ w, "wgrad": lambda: dy.t() @ x}[kind]
+    out = gemm()  # warm-up outside capture: the library picks and loads its kernel here
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(2):
-            out = F.linear(x, w)
+            out = gemm()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(REPEAT):
-            out = F.linear(x, w)
+            out = gemm()
     graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -65,11 +69,31 @@ def time_gemm(rows: int, n: int, k: int, reps: int) -> float:
     return start.elapsed_time(end) / 1e3 / (reps * REPEAT)
 
 
+def train_gemms(shape: str, tokens: int, reps: int, peak: float | None) -> dict:
+    """A training micro-batch's GEMMs at `shape` (every layer's forward, dgrad and wgrad; the LM head's on every
+    token, an upper bound) per library: seconds and TFLOP/s."""
+    gemms = decode_gemms(SHAPES[shape])
+    flops = 3 * sum(2 * tokens * n * k * calls for n, k, calls in gemms.values())
+    out = {"shape": shape, "tokens": tokens}
+    for lib in LIBRARIES:
+        torch.backends.cuda.preferred_blas_library(lib)
+        per = {f"{g}.{kind}": time_gemm(tokens, n, k, reps, kind) for g, (n, k, _) in gemms.items()
+               for kind in ("forward", "dgrad", "wgrad")}
+        total = sum(t * gemms[name.split(".")[0]][2] for name, t in per.items())
+        out[lib] = {"seconds": total, "tflops": flops / total / 1e12,
+                    "mfu": flops / total / peak if peak else None, "per_gemm_us": {g: t * 1e6 for g, t in per.items()}}
+        print(f"{shape} training micro-batch of {tokens} tokens, {lib}: {total * 1e3:.1f} ms of GEMMs, "
+              f"{out[lib]['tflops']:.0f} TFLOP/s", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="qwen2.5-7b", choices=[s for s in SHAPES if s != "tiny"])
     p.add_argument("--rows", default="8,16,32,64,96,128,192,256,264,272,320,384,448,512")
     p.add_argument("--reps", type=int, default=10, help="graph replays per timing")
+    p.add_argument("--train-shape", default="qwen2.5-1.5b", help="also time this shape's training GEMMs ('' = skip)")
+    p.add_argument("--train-tokens", type=int, default=8192, help="tokens per training micro-batch")
     p.add_argument("--out", default=None, help="write the JSON report here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -100,6 +124,8 @@ def main(argv=None) -> int:
                              + (f", {entry[lib]['of_roofline']:.0%} of roofline)" if roofline else ")")
                              for lib in LIBRARIES)
             print(f"{args.shape} rows {rows:4d}: {line}", flush=True)
+        if args.train_shape:
+            report["train"] = train_gemms(args.train_shape, args.train_tokens, args.reps, peak)
     finally:
         torch.backends.cuda.preferred_blas_library(saved)
     print(json.dumps(report, indent=1))
