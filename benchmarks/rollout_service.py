@@ -188,7 +188,7 @@ KERNEL_KINDS = (  # (kind, name fragments), first match wins: where a decode rol
     ("attention", ("paged_decode", "merge_splits", "flash", "fmha", "attention")),
     ("kv_write", ("paged_write", "index_put", "scatter")),
     ("sampling", ("sample_", "argmax", "multinomial", "softmax", "exponential")),
-    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm80_", "cublas")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm80_", "cublas", "splitk")),  # splitK: its reduction
     ("norm", ("rms_norm",)),
     ("rope", ("rope",)),
     ("silu_mul", ("silu",)),
