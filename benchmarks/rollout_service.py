@@ -287,8 +287,8 @@ def copy_bandwidth(device) -> float | None:
 
 
 def spec_bandwidth(device) -> float | None:
-    """The card's nominal memory bandwidth in bytes/s: H200 (HBM3e) 4.8 TB/s, H100 SXM (HBM3) 3.35 TB/s; None for
-    other cards (CPU included: the smoke run reports the H100's figure, its fraction means nothing)."""
+    """The card's nominal memory bandwidth in bytes/s (`gpu_specs.spec_bandwidth`); None for a card not listed
+    there. On CPU the H100's figure, so the smoke run exercises the bound (its fraction means nothing)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "H100 80GB HBM3"
     return gpu_specs.spec_bandwidth(name)
 
