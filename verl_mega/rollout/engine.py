@@ -106,8 +106,9 @@ class _Window:
     done: "torch.cuda.Event | None"
 
 
-def batch_bucket(batch: int, max_batch: int, step: int = 16) -> int:
-    """Rows a decode step runs for `batch` live rows: 1, 2, 4, 8, then multiples of `step` (<= max_batch)."""
+def batch_bucket(batch: int, max_batch: int, step: int = EngineConfig.graph_batch_step) -> int:
+    """Rows a decode step runs for `batch` live rows: 1, 2, 4, 8, then multiples of `step` (<= max_batch; default:
+    EngineConfig's graph_batch_step)."""
     bucket = 1 << (batch - 1).bit_length() if batch <= 8 else -(-batch // step) * step
     return min(bucket, max_batch)
 
