@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.generation import SHAPES  # noqa: E402
-from benchmarks.gpu_specs import peak_flops, spec_bandwidth  # noqa: E402
+from benchmarks.gpu_specs import blas_library, peak_flops, spec_bandwidth  # noqa: E402
 
 REPEAT = 20  # GEMM calls per captured graph
 LIBRARIES = ("cublas", "cublaslt")
@@ -76,9 +76,9 @@ def train_gemms(shape: str, tokens: int, reps: int, peak: float | None) -> dict:
     flops = 3 * sum(2 * tokens * n * k * calls for n, k, calls in gemms.values())
     out = {"shape": shape, "tokens": tokens}
     for lib in LIBRARIES:
-        torch.backends.cuda.preferred_blas_library(lib)
-        per = {f"{g}.{kind}": time_gemm(tokens, n, k, reps, kind) for g, (n, k, _) in gemms.items()
-               for kind in ("forward", "dgrad", "wgrad")}
+        with blas_library(lib):
+            per = {f"{g}.{kind}": time_gemm(tokens, n, k, reps, kind) for g, (n, k, _) in gemms.items()
+                   for kind in ("forward", "dgrad", "wgrad")}
         total = sum(t * gemms[name.split(".")[0]][2] for name, t in per.items())
         out[lib] = {"seconds": total, "tflops": flops / total / 1e12,
                     "mfu": flops / total / peak if peak else None, "per_gemm_us": {g: t * 1e6 for g, t in per.items()}}
@@ -103,31 +103,27 @@ def main(argv=None) -> int:
     peak = peak_flops(name)
     gemms = decode_gemms(SHAPES[args.shape])
     report = {"device": name, "shape": args.shape, "torch": torch.__version__, "rows": {}}
-    saved = torch.backends.cuda.preferred_blas_library()
-    try:
-        for rows in [int(r) for r in args.rows.split(",")]:
-            entry = report["rows"][rows] = {}
-            flops = sum(2 * rows * n * k * calls for n, k, calls in gemms.values())
-            roofline = None
-            if bandwidth and peak:
-                roofline = sum(calls * max(2 * (n * k + rows * (n + k)) / bandwidth, 2 * rows * n * k / peak)
-                               for n, k, calls in gemms.values())
-            for lib in LIBRARIES:
-                torch.backends.cuda.preferred_blas_library(lib)
+    for rows in [int(r) for r in args.rows.split(",")]:
+        entry = report["rows"][rows] = {}
+        flops = sum(2 * rows * n * k * calls for n, k, calls in gemms.values())
+        roofline = None
+        if bandwidth and peak:
+            roofline = sum(calls * max(2 * (n * k + rows * (n + k)) / bandwidth, 2 * rows * n * k / peak)
+                           for n, k, calls in gemms.values())
+        for lib in LIBRARIES:
+            with blas_library(lib):
                 per = {g: time_gemm(rows, n, k, args.reps) for g, (n, k, _) in gemms.items()}
-                step = sum(per[g] * gemms[g][2] for g in gemms)
-                entry[lib] = {"step_us": step * 1e6, "tflops": flops / step / 1e12,
-                              "of_roofline": roofline / step if roofline else None,
-                              "per_gemm_us": {g: t * 1e6 for g, t in per.items()}}
-            entry["roofline_us"] = roofline * 1e6 if roofline else None
-            line = "  ".join(f"{lib} {entry[lib]['step_us']:8.0f} us ({entry[lib]['tflops']:5.0f} TFLOP/s"
-                             + (f", {entry[lib]['of_roofline']:.0%} of roofline)" if roofline else ")")
-                             for lib in LIBRARIES)
-            print(f"{args.shape} rows {rows:4d}: {line}", flush=True)
-        if args.train_shape:
-            report["train"] = train_gemms(args.train_shape, args.train_tokens, args.reps, peak)
-    finally:
-        torch.backends.cuda.preferred_blas_library(saved)
+            step = sum(per[g] * gemms[g][2] for g in gemms)
+            entry[lib] = {"step_us": step * 1e6, "tflops": flops / step / 1e12,
+                          "of_roofline": roofline / step if roofline else None,
+                          "per_gemm_us": {g: t * 1e6 for g, t in per.items()}}
+        entry["roofline_us"] = roofline * 1e6 if roofline else None
+        line = "  ".join(f"{lib} {entry[lib]['step_us']:8.0f} us ({entry[lib]['tflops']:5.0f} TFLOP/s"
+                         + (f", {entry[lib]['of_roofline']:.0%} of roofline)" if roofline else ")")
+                         for lib in LIBRARIES)
+        print(f"{args.shape} rows {rows:4d}: {line}", flush=True)
+    if args.train_shape:
+        report["train"] = train_gemms(args.train_shape, args.train_tokens, args.reps, peak)
     print(json.dumps(report, indent=1))
     if args.out:
         with open(args.out, "w") as f:

@@ -1,4 +1,7 @@
-"""Datasheet figures of the GPUs the benchmarks run on, in one place (throughput.py, grpo_e2e.py, rollout_service.py)."""
+"""Datasheet figures of the GPUs the benchmarks run on, in one place (throughput.py, grpo_e2e.py, rollout_service.py,
+gemm_shapes.py), and the BLAS library switch the GEMM comparisons share."""
+
+import contextlib
 
 # dense bf16 tensor-core peak in TFLOP/s (SXM parts), by a substring of torch.cuda.get_device_name()
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "B200": 2250.0}
@@ -23,3 +26,18 @@ def spec_bandwidth(device_name: str) -> float | None:
     """Nominal memory bandwidth in bytes/s of the card named `device_name`, or None for a card not in
     SPEC_BANDWIDTH."""
     return next((bw for key, bw in SPEC_BANDWIDTH.items() if key in device_name), None)
+
+
+@contextlib.contextmanager
+def blas_library(name: str | None):
+    """torch's preferred BLAS library set to `name` ("cublas" | "cublaslt") inside the block (None: unchanged), the
+    previous one restored after it; CUDA graphs captured inside it keep that library's GEMM kernels."""
+    import torch
+
+    saved = torch.backends.cuda.preferred_blas_library()
+    if name is not None:
+        torch.backends.cuda.preferred_blas_library(name)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(saved)

@@ -446,19 +446,6 @@ def separate_projections(model, separate: bool):
                 layer.stack_projections()
 
 
-@contextlib.contextmanager
-def blas_library(name: str | None):
-    """torch's preferred BLAS library set to `name` ("cublas" | "cublaslt") inside the block (None: unchanged);
-    the engine's graphs captured inside it keep that library's GEMM kernels."""
-    saved = torch.backends.cuda.preferred_blas_library()
-    if name is not None:
-        torch.backends.cuda.preferred_blas_library(name)
-    try:
-        yield
-    finally:
-        torch.backends.cuda.preferred_blas_library(saved)
-
-
 def run_shape(args, shape, device, dtype, layout) -> dict:
     if args.attention_sweep:
         return {"attention_sweep": attention_sweep(shape, device, dtype)}
@@ -471,7 +458,7 @@ def run_shape(args, shape, device, dtype, layout) -> dict:
     for name in args.variants.split(","):
         engine = dict(VARIANTS[name])
         try:
-            with separate_projections(model, not engine.pop("stacked", True)), blas_library(engine.pop("blas", None)):
+            with separate_projections(model, not engine.pop("stacked", True)), gpu_specs.blas_library(engine.pop("blas", None)):
                 out[name] = run_new(args, shape, model, prompts, lengths, layout.tp_group, f"{shape}_{name}",
                                     **engine)
         except Exception as exc:  # noqa: BLE001 - report and keep the other figures
