@@ -97,6 +97,8 @@ VARIANTS = {"new": {"attention": "gather", "sampler": "torch"},
             "new_paged_fused_unstacked": {"attention": "paged", "sampler": "fused", "stacked": False},
             "new_paged_fused_step8": {"attention": "paged", "sampler": "fused", "graph_batch_step": 8},
             "new_paged_fused_cublaslt": {"attention": "paged", "sampler": "fused", "blas": "cublaslt"},
+            "new_paged_fused_step8_cublaslt": {"attention": "paged", "sampler": "fused", "graph_batch_step": 8,
+                                               "blas": "cublaslt"},
             "new_paged_fused_window": {"attention": "paged", "sampler": "fused", "cuda_graph_window": True}}
 
 
