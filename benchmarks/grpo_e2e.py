@@ -91,6 +91,7 @@ EOS_ID = 2
 
 
 BUDGETS = (32768, 16384, 8192, 4096)  # --max-tokens auto's candidates, largest first
+LOGPROB_BUDGETS = (65536, 32768, 16384, 8192, 4096)  # --logprob-max-tokens auto's candidates, largest first
 # The benchmarks' automatic sizes (--max-tokens auto here, throughput.py --micro-batch auto) keep each memory plan
 # within this share of the usable memory. Plan errors against the measured peak (max allocated) on H100s: -7.7%
 # (1.5B padded) to +19% (0.5B packed) for runs that start a process (results/h100_2026-12-06d); -17% for a 0.5B
@@ -133,6 +134,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "auto: per shape the largest of " + "/".join(map(str, BUDGETS)) + " whose memory plans fit "
                         "this device, for the packed runs and for padded ones of budget // --max-new-tokens "
                         "sequences (which the padded runs then use instead of --micro-batch)")
+    p.add_argument("--logprob-max-tokens", type=token_budget, default=None,
+                   help="trainer.logprob_max_tokens_per_micro_batch of the packed runs, and the padded runs' "
+                        "trainer.logprob_micro_batch_size of that many tokens // --max-new-tokens sequences: the "
+                        "forward-only passes' own size (default: the training size); auto: per shape the largest of "
+                        + "/".join(map(str, LOGPROB_BUDGETS)) + " (not below the training budget) whose memory plans "
+                        "fit this device")
     p.add_argument("--packing", choices=("on", "off"), default="on", help="trainer.packing (single-variant runs)")
     p.add_argument("--recompute", choices=("none", "selective", "full"), default="none")
     p.add_argument("--compile", action="store_true", help="model.compile: torch.compile'd layers in the training passes")
@@ -181,6 +188,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.response_len = "2:8"
         if args.max_tokens:
             args.max_tokens = 40
+        if args.logprob_max_tokens:
+            args.logprob_max_tokens = 80
     return args
 
 
@@ -281,10 +290,11 @@ def update_flops(config: ModelConfig, model, step: dict) -> float:
 
 
 def trainer_config(args, per_dp: int, packing: bool, recompute: str, compile_layers: bool, old_logprobs: str,
-                   max_tokens: int | None, micro_batch: int) -> TrainerConfig:
+                   max_tokens: int | None, micro_batch: int, logprob_tokens: int | None = None) -> TrainerConfig:
     """The run's whole TrainerConfig (GRPO with a reference model): what the trainer is built from and what
     `--max-tokens auto` plans with. max_tokens: the packed runs' token budget; micro_batch: sequences per
-    padded forward/backward."""
+    padded forward/backward; logprob_tokens: the forward-only passes' token budget (packed), or as sequences of
+    --max-new-tokens (padded); None: the training sizes."""
     cfg = TrainerConfig()
     cfg.model.dtype = "float32" if args.tiny else "bfloat16"
     cfg.model.recompute, cfg.model.compile = recompute, compile_layers
@@ -302,6 +312,9 @@ def trainer_config(args, per_dp: int, packing: bool, recompute: str, compile_lay
     t.micro_batch_size, t.mini_batch_size = micro_batch, max(1, per_dp // args.mini_batches)
     t.packing, t.old_logprobs = packing, old_logprobs
     t.max_tokens_per_micro_batch = max_tokens if packing else None
+    if logprob_tokens is not None:
+        t.logprob_max_tokens_per_micro_batch = logprob_tokens if packing else None
+        t.logprob_micro_batch_size = None if packing else max(1, logprob_tokens // args.max_new_tokens)
     cfg.optim.lr = 1e-6
     cfg.parallel.tp_g = args.tp_g
     o = cfg.offload
@@ -318,22 +331,41 @@ def auto_token_budget(args, shape: dict, variants: list[tuple[bool, str, bool, s
     none fits or nothing is known of the device (CPU without --memory-gib). Tiny CPU runs: 40 tokens."""
     if args.tiny:
         return 40
+    fits = _plans_fit(args, shape, variants, layout)
+    return next((budget for budget in BUDGETS if fits(budget, None)), BUDGETS[-1])
+
+
+def auto_logprob_budget(args, shape: dict, variants: list[tuple[bool, str, bool, str]], layout: Layout,
+                        budget: int) -> int:
+    """`--logprob-max-tokens auto`: the largest of LOGPROB_BUDGETS, not below the training `budget`, for which every
+    variant's memory plan fits (as auto_token_budget) with the forward-only passes at that size; `budget` where
+    none larger fits. Tiny CPU runs: 80 tokens."""
+    if args.tiny:
+        return 80
+    fits = _plans_fit(args, shape, variants, layout)
+    return next((size for size in LOGPROB_BUDGETS if size >= budget and fits(budget, size)), budget)
+
+
+def _plans_fit(args, shape: dict, variants: list[tuple[bool, str, bool, str]], layout: Layout):
+    """fits(budget, logprob_tokens): whether every variant's memory plan fits PLAN_MARGIN of this device's usable
+    memory at those sizes (False when nothing is known of the device: CPU without --memory-gib)."""
     device = comm_device()
     capacity = usable_device_bytes(device, args.memory_gib)
-    if capacity is None:
-        return BUDGETS[-1]
     config = ModelConfig(**shape, hf_extra={"eos_token_id": EOS_ID})
     per_dp = max(1, args.prompts // layout.dp)
-    for budget in BUDGETS:
-        plans = []
+
+    def fits(budget: int, logprob_tokens: int | None) -> bool:
+        if capacity is None:
+            return False
         for packing, recompute, compile_layers, old_logprobs in variants:
             cfg = trainer_config(args, per_dp, packing, recompute, compile_layers, old_logprobs, budget,
-                                 padded_micro_batch(args, budget))
+                                 padded_micro_batch(args, budget), logprob_tokens)
             cfg.offload.plan = False  # plan only: no table printed, no error raised
-            plans.append(plan_for_config(cfg, config, layout, device, param_bytes=2)[1])
-        if all(plan.fits(int(capacity * PLAN_MARGIN)) for plan in plans):
-            return budget
-    return BUDGETS[-1]
+            if not plan_for_config(cfg, config, layout, device, param_bytes=2)[1].fits(int(capacity * PLAN_MARGIN)):
+                return False
+        return True
+
+    return fits
 
 
 def padded_micro_batch(args, budget: int | None) -> int:
@@ -344,10 +376,12 @@ def padded_micro_batch(args, budget: int | None) -> int:
 
 def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool | None = None,
                recompute: str | None = None, compile_layers: bool = False, old_logprobs: str | None = None,
-               max_tokens: int | None = None, warmup_compiled: bool | None = None) -> dict:
+               max_tokens: int | None = None, warmup_compiled: bool | None = None,
+               logprob_tokens: int | None = None) -> dict:
     """Build actor + trainer for one layout, run the steps, return mean phase timings and throughput.
 
     max_tokens: the packed token budget (default --max-tokens; 'auto' is resolved here for this run alone);
+    logprob_tokens: the forward-only passes' (default --logprob-max-tokens; 'auto' resolved as max_tokens);
     warmup_compiled: run the compiled runs' extra warm-up step (default: when this run compiles). An A/B gives every
     variant the same warm-up steps, so that their measured steps draw the same prompts and response lengths."""
     layout = Layout.create(tp, pp)
@@ -360,12 +394,17 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
         max_tokens = args.max_tokens
         if max_tokens == "auto":
             max_tokens = auto_token_budget(args, shape, [(packing, recompute, compile_layers, old_logprobs)], layout)
+    if logprob_tokens is None:
+        logprob_tokens = args.logprob_max_tokens
+        if logprob_tokens == "auto":
+            logprob_tokens = auto_logprob_budget(args, shape, [(packing, recompute, compile_layers, old_logprobs)],
+                                                 layout, max_tokens or BUDGETS[-1])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     actor = build_actor(shape, layout, dtype)
     per_dp = max(1, args.prompts // layout.dp)
     cfg = trainer_config(args, per_dp, packing, recompute, compile_layers, old_logprobs, max_tokens,
-                         padded_micro_batch(args, max_tokens))
+                         padded_micro_batch(args, max_tokens), logprob_tokens)
     trainer = PPOTrainer(actor, reward_fn=even_token_reward, config=cfg)
     for model in (actor.model, trainer.reference.model if trainer.reference is not None else None):
         for layer in (model.layers if model is not None else ()):
@@ -400,7 +439,9 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
               "packing": cfg.trainer.packing, "recompute": cfg.model.recompute,
               "old_logprobs_pass": not update_takes_own_logprobs(cfg),
               "max_tokens_per_micro_batch": cfg.trainer.max_tokens_per_micro_batch,
-              "micro_batch_size": cfg.trainer.micro_batch_size, "warmup_steps": args.warmup + extra}
+              "micro_batch_size": cfg.trainer.micro_batch_size, "warmup_steps": args.warmup + extra,
+              "logprob_max_tokens_per_micro_batch": cfg.trainer.logprob_max_tokens_per_micro_batch,
+              "logprob_micro_batch_size": cfg.trainer.logprob_micro_batch_size}
     for key in [f"time/{p}" for p in PHASES] + ["time/graph_capture", "time/step", "throughput/tokens_per_s_per_gpu",
                                                  "throughput/gen_tokens_per_s_per_gpu", "response_length/mean",
                                                  "update_flops"]:
@@ -503,11 +544,15 @@ def run_ab(args, world: int, device_name: str) -> None:
         budget = args.max_tokens
         if budget == "auto":  # one budget per shape that every variant's plan fits
             budget = auto_token_budget(args, shape, [VARIANTS[v] for v in variants], Layout.create(1, 1))
+        logprob_budget = args.logprob_max_tokens
+        if logprob_budget == "auto":
+            logprob_budget = auto_logprob_budget(args, shape, [VARIANTS[v] for v in variants], Layout.create(1, 1),
+                                                 budget if isinstance(budget, int) else BUDGETS[-1])
         for variant in variants:
             packing, recompute, compile_layers, old_logprobs = VARIANTS[variant]
             r = run_layout(args, 1, 1, shape=shape, packing=packing, recompute=recompute,
                            compile_layers=compile_layers, old_logprobs=old_logprobs, max_tokens=budget,
-                           warmup_compiled=compiled)
+                           warmup_compiled=compiled, logprob_tokens=logprob_budget)
             r.update(shape=shape_name, variant=variant)
             results.append(r)
             if dist.get_rank() == 0:
@@ -532,6 +577,12 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
                         f"{first(shape, 'micro_batch_size', False)} sequences"
                         for shape in dict.fromkeys(r["shape"] for r in results))
     budgets += " (--max-tokens auto)" if args.max_tokens == "auto" else ""
+    if args.logprob_max_tokens is not None:
+        budgets += "; forward-only passes: " + "; ".join(
+            f"{shape}: packed {first(shape, 'logprob_max_tokens_per_micro_batch', True)} tokens, padded "
+            f"{first(shape, 'logprob_micro_batch_size', False)} sequences"
+            for shape in dict.fromkeys(r["shape"] for r in results))
+        budgets += f" (--logprob-max-tokens {args.logprob_max_tokens})"
     lines = [f"# GRPO step, packed vs padded ({world} x {device_name})", "",
              f"{args.prompts} prompts x {args.n}, prompt {args.prompt_len} tokens, response lengths "
              f"{args.response_len or 'as generated'} (max_new_tokens {args.max_new_tokens}); micro-batches: "

@@ -157,9 +157,12 @@ def test_grpo_e2e_ab_variants_measure_the_same_steps(tmp_path):
     # a compiled variant runs one more warm-up step; every variant of an A/B does too, so that their measured steps
     # draw the same prompts and forced response lengths (per-step seeds): equal lengths, equal update FLOPs
     run_benchmark("grpo_e2e.py", "--device", "cpu", "--smoke", "--ab", "tiny", "--variants", "padded,packed+compile",
-                  "--response-len", "2:8", "--max-tokens", "40", "--out", str(tmp_path), out_dir=tmp_path)
+                  "--response-len", "2:8", "--max-tokens", "40", "--logprob-max-tokens", "80", "--out", str(tmp_path),
+                  out_dir=tmp_path)
     padded, packed = json.loads((tmp_path / "grpo_e2e_ab.json").read_text())["results"]
     assert padded["warmup_steps"] == packed["warmup_steps"] == 2
+    # the forward-only passes at their own size: 80 tokens packed, 80 // max_new_tokens (8) sequences padded
+    assert packed["logprob_max_tokens_per_micro_batch"] == 80 and padded["logprob_micro_batch_size"] == 10
     assert padded["response_length/mean"] == packed["response_length/mean"]
     assert padded["update_flops"] == packed["update_flops"]
 
@@ -180,3 +183,10 @@ def test_grpo_e2e_auto_token_budget():
     assert picks == sorted(picks) and set(picks) <= set(grpo_e2e.BUDGETS), picks
     assert picks[0] < picks[-1] == grpo_e2e.BUDGETS[0], picks
     assert grpo_e2e.padded_micro_batch(args, 16384) == 16
+    # --logprob-max-tokens auto: never below the training budget, and as large as the plans allow
+    sizes = []
+    for gib, budget in zip((20, 80, 140, 400), picks):
+        args.memory_gib = gib
+        sizes.append(grpo_e2e.auto_logprob_budget(args, grpo_e2e.SHAPES["0.5b"], variants, layout, budget))
+    assert all(size >= budget for size, budget in zip(sizes, picks)) and sizes == sorted(sizes), (sizes, picks)
+    assert sizes[-1] == grpo_e2e.LOGPROB_BUDGETS[0], sizes

@@ -220,3 +220,15 @@ def test_a_kept_cache_serves_the_next_rollout(tiny_dir):
     assert engine is not None and engine.cache.memory_bytes() > 0  # not released after the rollout
     trainer.step(samples)
     assert trainer.worker._engine is engine  # the same engine (and, on CUDA, its captured graphs) again
+
+
+def test_forward_only_budget_sizes_the_logprob_phase_only():
+    """A larger trainer.logprob_max_tokens_per_micro_batch (forward-only passes, nothing kept for backward)
+    grows the log-prob phase's activations in proportion and leaves the update phase as it was."""
+    work = Workload(micro_batch_size=2, seq_len=64, response_len=32, rollout_rows=4, packed=True,
+                    tokens_per_microbatch=128)
+    same = plan_memory(TINY, Parallelism(), work, Offload(), param_bytes=4, reference=True)
+    larger = plan_memory(TINY, Parallelism(), dataclasses.replace(work, logprob_tokens_per_microbatch=512), Offload(),
+                         param_bytes=4, reference=True)
+    assert larger.phases["update"] == same.phases["update"]
+    assert larger.phases["logprob"]["activations"] == 4 * same.phases["logprob"]["activations"]

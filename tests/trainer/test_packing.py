@@ -105,6 +105,32 @@ def test_token_budget_microbatches_keep_row_order():
     assert sum(len(mb["rows"]) for mb in small) == 10
 
 
+def test_forward_only_passes_take_their_own_micro_batch_sizes():
+    """trainer.logprob_micro_batch_size / logprob_max_tokens_per_micro_batch size the forward-only passes
+    (old and reference log-probs, critic values); unset, those passes use the training sizes."""
+    from verl_mega.trainer.config import TrainerConfig, check_config
+    from verl_mega.trainer.stages import micro_batch_sizes, training_microbatches
+
+    cfg = TrainerConfig()
+    t = cfg.trainer
+    t.micro_batch_size, t.max_tokens_per_micro_batch = 2, 40
+    assert micro_batch_sizes(t, forward_only=True) == micro_batch_sizes(t) == (2, 40)
+    t.logprob_micro_batch_size, t.logprob_max_tokens_per_micro_batch = 6, 120
+    assert micro_batch_sizes(t) == (2, 40) and micro_batch_sizes(t, forward_only=True) == (6, 120)
+    batch = _rl_batch(seed=3, rows=10)
+    layout = Layout.create(1, 1, 1)
+    train = training_microbatches(batch, t, layout, None)
+    forward = training_microbatches(batch, t, layout, None, forward_only=True)
+    assert all(int(mb["cu_seqlens"][-1]) <= 40 for mb in train if len(mb["rows"]) > 1)
+    assert all(int(mb["cu_seqlens"][-1]) <= 120 for mb in forward) and len(forward) < len(train)
+    t.packing, t.max_tokens_per_micro_batch, t.logprob_max_tokens_per_micro_batch = False, None, None  # row counts
+    assert [len(mb["rows"]) for mb in training_microbatches(batch, t, layout, None)] == [2] * 5
+    assert [len(mb["rows"]) for mb in training_microbatches(batch, t, layout, None, forward_only=True)] == [6, 4]
+    t.logprob_max_tokens_per_micro_batch = 0
+    with pytest.raises(ValueError, match="trainer.logprob_max_tokens_per_micro_batch must be >= 1"):
+        check_config(cfg)
+
+
 def test_token_budget_groups_and_partition():
     gen = torch.Generator().manual_seed(0)
     lengths = torch.randint(32, 1024, (200,), generator=gen).tolist() + [3000]
@@ -242,7 +268,9 @@ def _trainer_suite(hf_dir):
     budget = {"trainer.packing": True, "trainer.max_tokens_per_micro_batch": 24}
     out = {}
     for sizes, variants in (((2, 1, 1), {"padded": padded, "sp": {**budget, "parallel.sequence_parallel": True}}),
-                            ((1, 1, 2), {"padded": padded, "balanced": budget}),
+                            ((1, 1, 2), {"padded": padded, "balanced": budget,
+                                         "forward_budget": {**budget, "trainer.logprob_max_tokens_per_micro_batch": 64,
+                                                            "trainer.old_logprobs": "recompute"}}),
                             ((1, 2, 1), {"padded": padded, "budget": budget})):
         for name, settings in variants.items():
             out[(sizes, name)] = _ppo_step(hf_dir, Layout.create(*sizes), **settings)
@@ -250,15 +278,17 @@ def _trainer_suite(hf_dir):
 
 
 def test_trainer_step_packed_budget_sp_equals_padded(tmp_path):
-    """PPO steps (actor, critic, reference) at tp=2 with sequence parallel, dp=2 with rows re-dealt over dp,
-    pp=2 with a token budget: the same losses as padded micro-batches (1e-5 relative: fp32, reduction order)."""
+    """PPO steps (actor, critic, reference) at tp=2 with sequence parallel, dp=2 with rows re-dealt over dp
+    (also with the forward-only passes at their own, larger token budget), pp=2 with a token budget: the same
+    losses as padded micro-batches (1e-5 relative: fp32, reduction order)."""
     from verl_mega.testing.tiny_hf import make_tiny_hf_model
 
     hf = make_tiny_hf_model(str(tmp_path / "tiny"), hidden_size=32, num_layers=2)
     ranks = run_distributed(_trainer_suite, 2, hf, timeout_s=400)
     keys = ("actor/loss", "actor/grad_norm", "critic/loss", "critic/grad_norm", "actor/kl_ref", "rollout/logprob_diff")
     for r in ranks:
-        for sizes, other in (((2, 1, 1), "sp"), ((1, 1, 2), "balanced"), ((1, 2, 1), "budget")):
+        for sizes, other in (((2, 1, 1), "sp"), ((1, 1, 2), "balanced"), ((1, 1, 2), "forward_budget"),
+                             ((1, 2, 1), "budget")):
             want, got = r[(sizes, "padded")], r[(sizes, other)]
             for key in keys:
                 assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (sizes, other, key)

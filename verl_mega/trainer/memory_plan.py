@@ -87,6 +87,8 @@ class Workload:
     recompute: str = "none"  # model.recompute: none | selective | full
     packed: bool = False  # trainer.packing: micro-batches hold valid tokens only (no [S, S] mask, no padding)
     tokens_per_microbatch: int | None = None  # trainer.max_tokens_per_micro_batch (packed); None: mb x seq_len
+    logprob_micro_batch_size: int | None = None  # sequences per forward-only pass; None: micro_batch_size
+    logprob_tokens_per_microbatch: int | None = None  # token budget of a forward-only pass (packed); None: as training
     keep_kv_cache: bool = False  # the KV cache stays allocated through training (rollout.free_cache false)
 
 
@@ -270,7 +272,11 @@ def plan_memory(cfg, par: Parallelism, work: Workload, offload: Offload, *, para
     activations = recompute if work.recompute == "full" else in_flight * act_mb + tokens * per_layer  # + workspace
     n_resp = work.micro_batch_size * work.response_len
     v_local = cfg.padded_vocab_size(tp) // tp
-    chunk = min(EXTRA_BYTES, n_resp * v_local * 4 + n_resp * cfg.hidden_size * 4) if stage == par.pp - 1 else 0
+
+    def logprob_chunk(n: int) -> int:  # the fused log-prob kernel's chunk of n response rows
+        return min(EXTRA_BYTES, n * v_local * 4 + n * cfg.hidden_size * 4) if stage == par.pp - 1 else 0
+
+    chunk = logprob_chunk(n_resp)
     logprob_io = n_resp * cfg.hidden_size * (b + 4) if stage == par.pp - 1 else 0  # hidden slice + its fp32 grad
 
     tp_g = par.tp_g or tp
@@ -287,7 +293,11 @@ def plan_memory(cfg, par: Parallelism, work: Workload, offload: Offload, *, para
                    + 4 * rows * cfg.padded_vocab_size(tp_g))  # the [rows, V] fp32 logits + sampling copies
     handed = offload.grads
     train_state = {"grads": 0 if handed else grads, "optimizer": 0 if handed else optimizer}
-    fwd = tokens * forward_bytes_per_token_layer(cfg, tp, b) + mask + tokens * cfg.hidden_size * b * 2
+    fwd_mb = work.logprob_micro_batch_size or work.micro_batch_size  # the forward-only passes' micro-batch
+    fwd_tokens = (work.logprob_tokens_per_microbatch if work.packed else None) or work.tokens_per_microbatch \
+        or fwd_mb * work.seq_len
+    fwd_mask = 0 if work.packed else fwd_mb * work.seq_len ** 2 * b
+    fwd = fwd_tokens * forward_bytes_per_token_layer(cfg, tp, b) + fwd_mask + fwd_tokens * cfg.hidden_size * b * 2
 
     # held by the generation engine between rollouts: its [rows, V] fp32 logits buffer and the private memory of
     # its decode CUDA graphs (kept across rollouts: a decode step's head output [rows, V] and one layer's transients)
@@ -296,7 +306,7 @@ def plan_memory(cfg, par: Parallelism, work: Workload, offload: Offload, *, para
         "rollout": {"weights": weights + inference_extra, **train_state, "reference": ref, "kv_cache": kv,
                     "activations": rollout_act},
         "logprob": {"weights": weights, "grads": grads, "optimizer": optimizer, "reference": ref,
-                    "activations": fwd, "logprob_chunk": chunk, "engine": engine},
+                    "activations": fwd, "logprob_chunk": logprob_chunk(fwd_mb * work.response_len), "engine": engine},
         "update": {"weights": weights, "grads": grads, "optimizer": optimizer, "reference": ref,
                    "activations": activations + logprob_io, "logprob_chunk": chunk, "engine": engine},
     }
@@ -368,6 +378,8 @@ def plan_for_config(cfg, model_config, layout, device, param_bytes: int) -> tupl
                     num_microbatches=-(-rows_per_update // t.micro_batch_size),
                     prefill_tokens=r.engine.prefill_tokens, kv_token_budget=r.engine.max_tokens,
                     recompute=cfg.model.recompute, packed=t.packing, tokens_per_microbatch=packed_budget,
+                    logprob_micro_batch_size=t.logprob_micro_batch_size,
+                    logprob_tokens_per_microbatch=t.logprob_max_tokens_per_micro_batch if t.packing else None,
                     keep_kv_cache=r.free_cache is False)
     par = Parallelism(layout.tp, layout.pp, layout.dp, cfg.parallel.tp_g)
     reference, critic = cfg.algorithm.kl_coef > 0, cfg.algorithm.name in ("ppo", "gae")

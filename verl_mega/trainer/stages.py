@@ -144,18 +144,31 @@ def response_values(values: torch.Tensor, mb: dict) -> torch.Tensor:
 
 
 def training_microbatches(batch: RLBatch, trainer_cfg, layout, device, rows: torch.Tensor | None = None,
-                          keys: tuple[str, ...] = ()):
+                          keys: tuple[str, ...] = (), forward_only: bool = False):
     """Micro-batches of `rows` as the trainer config section asks: packed or padded, by token budget or row
-    count; packed with a token budget and dp > 1, rows are re-dealt over dp for equal token counts."""
+    count (`forward_only`: the forward-only passes' sizes, `micro_batch_sizes`); packed with a token budget and
+    dp > 1, rows are re-dealt over dp for equal token counts."""
     t = trainer_cfg
-    return batch.microbatches(t.micro_batch_size, rows, keys, device=device, packed=t.packing,
-                              max_tokens=t.max_tokens_per_micro_batch, dp_group=_balance_group(t, layout))
+    size, max_tokens = micro_batch_sizes(t, forward_only)
+    return batch.microbatches(size, rows, keys, device=device, packed=t.packing, max_tokens=max_tokens,
+                              dp_group=_balance_group(t, layout, forward_only))
 
 
-def _balance_group(trainer_cfg, layout):
+def micro_batch_sizes(trainer_cfg, forward_only: bool = False) -> tuple[int, int | None]:
+    """(sequences, token budget or None) per micro-batch of a training pass, or with `forward_only` of a
+    forward-only pass (trainer.logprob_micro_batch_size / logprob_max_tokens_per_micro_batch, each defaulting to
+    the training value)."""
+    t = trainer_cfg
+    size, max_tokens = t.micro_batch_size, t.max_tokens_per_micro_batch
+    if forward_only:
+        size = t.logprob_micro_batch_size or size
+        max_tokens = t.logprob_max_tokens_per_micro_batch or max_tokens
+    return size, max_tokens
+
+
+def _balance_group(trainer_cfg, layout, forward_only: bool = False):
     """The dp group rows are re-dealt over (packed, token budget, dp > 1), else None."""
-    t = trainer_cfg
-    balanced = t.packing and t.max_tokens_per_micro_batch is not None and layout.dp > 1
+    balanced = trainer_cfg.packing and micro_batch_sizes(trainer_cfg, forward_only)[1] is not None and layout.dp > 1
     return layout.dp_group if balanced else None
 
 
@@ -300,8 +313,9 @@ class LogProbs(Stage):
     def __call__(self, batch: RLBatch, ctx=None) -> RLBatch:
         if not (self.old or self.reference is not None or self.critic is not None):
             return batch
-        mbs = training_microbatches(batch, self.trainer_cfg, self.layout, self.device)
-        back = {"dp_group": _balance_group(self.trainer_cfg, self.layout), "width": batch.responses.shape[1]}
+        mbs = training_microbatches(batch, self.trainer_cfg, self.layout, self.device, forward_only=True)
+        back = {"dp_group": _balance_group(self.trainer_cfg, self.layout, forward_only=True),
+                "width": batch.responses.shape[1]}
         tp_group = self.layout.tp_group
         if self.old:
             batch.old_logprobs = self._logprobs(self.actor, mbs, tp_group, self.temperature, back)
