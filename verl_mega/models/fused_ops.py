@@ -107,9 +107,12 @@ def rope_qkv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tens
     assert (k_bias is not None) == has_bias and (v_bias is not None) == has_bias, "biases: all of q/k/v or none"
     cos, sin = cos.contiguous(), sin.contiguous()
     bq, bk, bv = (q_bias, k_bias, v_bias) if has_bias else (q, k, v)  # unused pointers when no bias
-    grid = (b * s, hq + hk + (hk if has_bias else 0))
-    _kernels().rope_qkv_kernel[grid](q, k, v, bq, bk, bv, cos, sin, hq, hk, d, *strides,
-                                     HAS_BIAS=has_bias, BLOCK_D=max(16, 1 << (d - 1).bit_length()), num_warps=1)
+    assert d % 2 == 0, f"RoPE needs an even head_dim, got {d}"
+    pow2 = lambda n: 1 << max(0, n - 1).bit_length()  # noqa: E731
+    block_half = max(16, pow2(d // 2))
+    _kernels().rope_qkv_kernel[(b * s,)](q, k, v, bq, bk, bv, cos, sin, hq, hk, d, *strides, HAS_BIAS=has_bias,
+                                         BLOCK_HALF=block_half, BLOCK_HQ=max(2, pow2(hq)), BLOCK_HK=max(2, pow2(hk)),
+                                         num_warps=4 if pow2(hq) * block_half >= 1024 else 1)
     return q.view(b, s, hq, d), k.view(b, s, hk, d), v.view(b, s, hk, d)  # [batch, seq, heads, head_dim]
 
 

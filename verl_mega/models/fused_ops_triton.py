@@ -37,45 +37,54 @@ def rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, n_cols, eps,
 
 
 @triton.jit
-def _rope_row(ptr, bias_ptr, cos, sin, sign, cols, rot, m, HAS_BIAS: tl.constexpr):
-    """In place: x (+ bias) -> x * cos + rotate_half(x) * sin over one head row; each product rounded."""
-    x = tl.load(ptr + cols, mask=m, other=0.0)
-    xr = tl.load(ptr + rot, mask=m, other=0.0)
-    dtype = x.dtype
+def _rope_heads(ptr, bias_ptr, cos1, sin1, cos2, sin2, n_heads, D, ROTATE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """In place on one token's n_heads rows of D elements at ptr, as two halves x1 | x2: x (+ bias), then with
+    ROTATE x * cos + rotate_half(x) * sin, i.e. x1 * cos1 - x2 * sin1 | x2 * cos2 + x1 * sin2 (cos/sin halves
+    [BLOCK_HALF]); each product rounded. Each element is loaded and stored by the same thread (no element is
+    read after another thread may have written it)."""
+    heads = tl.arange(0, BLOCK_H)
+    half = D // 2
+    cols = tl.arange(0, BLOCK_HALF)
+    m = (heads[:, None] < n_heads) & (cols[None, :] < half)  # [BLOCK_H, BLOCK_HALF]
+    at = heads[:, None] * D + cols[None, :]
+    x1 = tl.load(ptr + at, mask=m, other=0.0)
+    x2 = tl.load(ptr + at + half, mask=m, other=0.0)
+    dtype = x1.dtype
     if HAS_BIAS:
-        x = (x.to(tl.float32) + tl.load(bias_ptr + cols, mask=m, other=0.0).to(tl.float32)).to(dtype)
-        xr = (xr.to(tl.float32) + tl.load(bias_ptr + rot, mask=m, other=0.0).to(tl.float32)).to(dtype)
-    a = (x.to(tl.float32) * cos).to(dtype).to(tl.float32)
-    b = (sign * xr.to(tl.float32) * sin).to(dtype).to(tl.float32)
-    tl.store(ptr + cols, (a + b).to(dtype), mask=m)
+        x1 = (x1.to(tl.float32) + tl.load(bias_ptr + at, mask=m, other=0.0).to(tl.float32)).to(dtype)
+        x2 = (x2.to(tl.float32) + tl.load(bias_ptr + at + half, mask=m, other=0.0).to(tl.float32)).to(dtype)
+    if ROTATE:
+        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        a1 = (f1 * cos1[None, :]).to(dtype).to(tl.float32)
+        b1 = (-f2 * sin1[None, :]).to(dtype).to(tl.float32)
+        a2 = (f2 * cos2[None, :]).to(dtype).to(tl.float32)
+        b2 = (f1 * sin2[None, :]).to(dtype).to(tl.float32)
+        x1, x2 = (a1 + b1).to(dtype), (a2 + b2).to(dtype)
+    tl.store(ptr + at, x1, mask=m)
+    tl.store(ptr + at + half, x2, mask=m)
 
 
 @triton.jit
 def rope_qkv_kernel(q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, cos_ptr, sin_ptr, HQ, HK, D, SQ, SK, SV,
-                    HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (token t, head h): h < HQ a query head, then HK key heads (RoPE, bias first when
-    HAS_BIAS), then HK value heads (bias only; launched only when HAS_BIAS). q/k/v rows are
-    [T, H * D] with row strides SQ / SK / SV (unit column stride), cos/sin [T, D] contiguous."""
+                    HAS_BIAS: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                    BLOCK_HK: tl.constexpr):
+    """Program t: token t's HQ query heads and HK key heads (bias first when HAS_BIAS, then RoPE) and, with
+    HAS_BIAS, its HK value heads (bias only). q/k/v rows are [T, H * D] with row strides SQ / SK / SV (unit
+    column stride), cos/sin [T, D] contiguous, D even. One program per token, not per head: a decode step's few
+    hundred tokens x ~36 heads of 128 elements made thousands of one-warp programs (launch-bound)."""
     tok = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    cols = tl.arange(0, BLOCK_D)
-    m = cols < D
     half = D // 2
-    rot = tl.where(cols < half, cols + half, cols - half)
-    sign = tl.where(cols < half, -1.0, 1.0)
-    cos = tl.load(cos_ptr + tok * D + cols, mask=m, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + tok * D + cols, mask=m, other=0.0).to(tl.float32)
-    if h < HQ:
-        _rope_row(q_ptr + tok * SQ + h * D, bq_ptr + h * D, cos, sin, sign, cols, rot, m, HAS_BIAS)
-    elif h < HQ + HK:
-        hk = h - HQ
-        _rope_row(k_ptr + tok * SK + hk * D, bk_ptr + hk * D, cos, sin, sign, cols, rot, m, HAS_BIAS)
-    else:
-        hv = h - HQ - HK
-        ptr = v_ptr + tok * SV + hv * D
-        v = tl.load(ptr + cols, mask=m, other=0.0)
-        vb = v.to(tl.float32) + tl.load(bv_ptr + hv * D + cols, mask=m, other=0.0).to(tl.float32)
-        tl.store(ptr + cols, vb.to(v.dtype), mask=m)
+    cols = tl.arange(0, BLOCK_HALF)
+    m = cols < half
+    cos1 = tl.load(cos_ptr + tok * D + cols, mask=m, other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_ptr + tok * D + cols, mask=m, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_ptr + tok * D + half + cols, mask=m, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_ptr + tok * D + half + cols, mask=m, other=0.0).to(tl.float32)
+    _rope_heads(q_ptr + tok * SQ, bq_ptr, cos1, sin1, cos2, sin2, HQ, D, True, HAS_BIAS, BLOCK_HQ, BLOCK_HALF)
+    _rope_heads(k_ptr + tok * SK, bk_ptr, cos1, sin1, cos2, sin2, HK, D, True, HAS_BIAS, BLOCK_HK, BLOCK_HALF)
+    if HAS_BIAS:
+        _rope_heads(v_ptr + tok * SV, bv_ptr, cos1, sin1, cos2, sin2, HK, D, False, True, BLOCK_HK, BLOCK_HALF)
 
 
 @triton.jit
