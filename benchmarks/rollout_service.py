@@ -462,7 +462,8 @@ def run_shape(args, shape, device, dtype, layout) -> dict:
     for name in args.variants.split(","):
         engine = dict(VARIANTS[name])
         try:
-            with separate_projections(model, not engine.pop("stacked", True)), gpu_specs.blas_library(engine.pop("blas", None)):
+            with (separate_projections(model, not engine.pop("stacked", True)),
+                  gpu_specs.blas_library(engine.pop("blas", None))):
                 out[name] = run_new(args, shape, model, prompts, lengths, layout.tp_group, f"{shape}_{name}",
                                     **engine)
         except Exception as exc:  # noqa: BLE001 - report and keep the other figures

@@ -294,8 +294,7 @@ def plan_memory(cfg, par: Parallelism, work: Workload, offload: Offload, *, para
     handed = offload.grads
     train_state = {"grads": 0 if handed else grads, "optimizer": 0 if handed else optimizer}
     fwd_mb = work.logprob_micro_batch_size or work.micro_batch_size  # the forward-only passes' micro-batch
-    fwd_tokens = (work.logprob_tokens_per_microbatch if work.packed else None) or work.tokens_per_microbatch \
-        or fwd_mb * work.seq_len
+    fwd_tokens = work.logprob_tokens_per_microbatch or work.tokens_per_microbatch or fwd_mb * work.seq_len
     fwd_mask = 0 if work.packed else fwd_mb * work.seq_len ** 2 * b
     fwd = fwd_tokens * forward_bytes_per_token_layer(cfg, tp, b) + fwd_mask + fwd_tokens * cfg.hidden_size * b * 2
 
