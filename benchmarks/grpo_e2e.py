@@ -64,7 +64,7 @@ from verl_mega.parallel.dist import device as comm_device
 from verl_mega.parallel.dist import init_distributed
 from verl_mega.trainer import PPOTrainer, TrainerConfig
 from verl_mega.trainer.config import update_takes_own_logprobs
-from verl_mega.trainer.memory_plan import GIB, plan_for_config, usable_device_bytes
+from verl_mega.trainer.memory_plan import AUTO_BUDGET_MARGIN, GIB, plan_for_config, usable_device_bytes
 from verl_mega.trainer.stages import Pipeline
 
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
@@ -93,11 +93,8 @@ EOS_ID = 2
 BUDGETS = (32768, 16384, 8192, 4096)  # --max-tokens auto's candidates, largest first
 LOGPROB_BUDGETS = (65536, 32768, 16384, 8192, 4096)  # --logprob-max-tokens auto's candidates, largest first
 # The benchmarks' automatic sizes (--max-tokens auto here, throughput.py --micro-batch auto) keep each memory plan
-# within this share of the usable memory. Plan errors against the measured peak (max allocated) on H100s: -7.7%
-# (1.5B padded) to +19% (0.5B packed) for runs that start a process (results/h100_2026-12-06d); -17% for a 0.5B
-# padded run that followed a packed one in its process (h100_2026-12-06c: the earlier run's leftovers and the
-# plan's own error not separated); throughput.py's 0.5B 8 x 8 runs -17% and -6% (h100_2026-12-05d, -05e)
-PLAN_MARGIN = 0.8
+# within the trainer's own share for `auto` token budgets (memory_plan.AUTO_BUDGET_MARGIN, where its evidence is)
+PLAN_MARGIN = AUTO_BUDGET_MARGIN
 
 
 def token_budget(text: str) -> int | str:

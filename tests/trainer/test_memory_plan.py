@@ -232,3 +232,109 @@ def test_forward_only_budget_sizes_the_logprob_phase_only():
                          param_bytes=4, reference=True)
     assert larger.phases["update"] == same.phases["update"]
     assert larger.phases["logprob"]["activations"] == 4 * same.phases["logprob"]["activations"]
+
+
+QWEN25_05B = ModelConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+                         num_kv_heads=2, head_dim=64, tie_word_embeddings=True, attention_bias=True, model_type="qwen2")
+
+
+def _budget_config(memory_gib=None, train="auto", forward="auto") -> TrainerConfig:
+    cfg = TrainerConfig()
+    cfg.model.path, cfg.offload.memory_gib = "/m", memory_gib
+    cfg.trainer.rollout_batch_size, cfg.rollout.n_samples, cfg.rollout.max_new_tokens = 64, 8, 1024
+    cfg.trainer.max_tokens_per_micro_batch, cfg.trainer.logprob_max_tokens_per_micro_batch = train, forward
+    return cfg
+
+
+def _peak_gib(train: int, forward: int | None) -> float:
+    """The 0.5B plan's peak in GiB at these budgets (what `auto` compares against the capacity)."""
+    from verl_mega.trainer.memory_plan import plan_for_config
+
+    cfg = _budget_config(None, train, forward)
+    return plan_for_config(cfg, QWEN25_05B, Layout.create(1, 1, 1), "cpu", 2)[1].peak / GIB
+
+
+def _memory_gib_for(peak_gib: float) -> float:
+    """The offload.memory_gib whose auto share (AUTO_BUDGET_MARGIN of the usable bytes) is exactly `peak_gib`."""
+    from verl_mega.trainer.memory_plan import AUTO_BUDGET_MARGIN
+
+    return peak_gib / AUTO_BUDGET_MARGIN / (1 - DEFAULT_HEADROOM)
+
+
+def test_auto_token_budgets_take_the_largest_that_fits():
+    """`auto` picks the largest candidate whose plan fits the auto share of the memory: with the memory between the
+    plans at 8192 and 16384 tokens it picks 8192 for training, and the forward-only budget then takes the largest
+    size, not below 8192, whose plan fits beside it."""
+    from verl_mega.trainer.memory_plan import AUTO_TOKEN_BUDGETS, auto_token_budgets
+
+    layout = Layout.create(1, 1, 1)
+    peaks = {size: _peak_gib(size, None) for size in (8192, 16384)}
+    assert peaks[8192] < peaks[16384]
+    memory = _memory_gib_for((peaks[8192] + peaks[16384]) / 2)
+    train, forward = auto_token_budgets(_budget_config(memory), QWEN25_05B, layout, "cpu", 2)
+    assert train == 8192
+    fitting = [s for s in AUTO_TOKEN_BUDGETS if s >= 8192 and _peak_gib(8192, s) <= (peaks[8192] + peaks[16384]) / 2]
+    assert forward == max(fitting) and forward > train  # the forward-only passes keep no activations: larger
+    # an explicit value stays as given; a plan that fits nowhere gets the smallest candidate not below a sequence
+    assert auto_token_budgets(_budget_config(memory, forward=4096), QWEN25_05B, layout, "cpu", 2) == (8192, 4096)
+    assert auto_token_budgets(_budget_config(1e-3), QWEN25_05B, layout, "cpu", 2) == (2048, 2048)  # 128 + 1024 tokens
+
+
+def test_auto_token_budgets_without_a_capacity_are_the_sequence_counts_in_tokens():
+    """CPU without offload.memory_gib: nothing to plan against, so auto = micro_batch_size (logprob_micro_batch_size)
+    whole sequences of max_prompt_length + max_new_tokens tokens."""
+    from verl_mega.trainer.memory_plan import auto_token_budgets
+
+    cfg = _budget_config()
+    cfg.trainer.micro_batch_size, cfg.trainer.logprob_micro_batch_size = 4, 16
+    seq = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+    assert auto_token_budgets(cfg, QWEN25_05B, Layout.create(1, 1, 1), "cpu", 2) == (4 * seq, 16 * seq)
+
+
+def test_auto_token_budgets_errors_name_the_key():
+    from verl_mega.trainer.config import check_config
+
+    cfg = _budget_config()
+    cfg.trainer.packing = False
+    with pytest.raises(ValueError, match=r"trainer.max_tokens_per_micro_batch=auto needs trainer.packing=true"):
+        check_config(cfg)
+    cfg = _budget_config(forward="big")
+    with pytest.raises(ValueError, match=r"trainer.logprob_max_tokens_per_micro_batch must be a token count, auto"):
+        check_config(cfg)
+
+
+def test_trainer_resolves_auto_budgets_before_it_plans(tiny_dir):
+    """The trainer's config holds the resolved token counts (what the stages and the plan read) and a step runs."""
+    cfg = TrainerConfig()
+    cfg.trainer.max_tokens_per_micro_batch = cfg.trainer.logprob_max_tokens_per_micro_batch = "auto"
+    cfg.offload.memory_gib = 1.0
+    trainer = PPOTrainer(tiny_dir, reward_fn=lambda r: float(len(r) % 3), config=cfg, rollout_batch_size=2,
+                         n_samples=2, max_new_tokens=8, algorithm="grpo")
+    t = trainer.config.trainer
+    assert t.max_tokens_per_micro_batch == t.logprob_max_tokens_per_micro_batch == 65536  # a tiny model fits them all
+    metrics = trainer.step([{"prompt": "1+1="}, {"prompt": "2+3="}])
+    assert metrics["batch/oversized_sequences"] == 0 and metrics["actor/grad_norm"] > 0
+
+
+def _ranks_take_the_smallest_budget(memory_by_rank):
+    import torch.distributed as dist
+
+    from verl_mega.parallel.dist import init_distributed
+    from verl_mega.trainer.memory_plan import auto_token_budgets
+
+    init_distributed()
+    cfg = _budget_config(memory_by_rank[dist.get_rank()])
+    return auto_token_budgets(cfg, QWEN25_05B, Layout.create(1, 1, 2), "cpu", 2)
+
+
+def test_auto_token_budgets_agree_over_ranks():
+    """Ranks that see different free memory still cut the same micro-batches: each takes the world's smallest."""
+    from verl_mega.testing.multiprocess import run_distributed
+    from verl_mega.trainer.memory_plan import auto_token_budgets
+
+    memory = [_memory_gib_for((_peak_gib(8192, None) + _peak_gib(16384, None)) / 2), 100.0]
+    dp2 = types.SimpleNamespace(tp=1, pp=1, dp=2, rank=0)  # the ranks' layout, for each one's own pick here
+    own = [auto_token_budgets(_budget_config(m), QWEN25_05B, dp2, "cpu", 2) for m in memory]
+    assert own[0][0] < own[1][0]  # alone, they would cut different micro-batches
+    results = run_distributed(_ranks_take_the_smallest_budget, 2, memory)
+    assert results[0] == results[1] == tuple(map(min, zip(*own)))

@@ -14,7 +14,7 @@ Simplification: no Hydra-style config groups; the reward is a rule (`"rule"`, by
 """
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Union
 
 from omegaconf import MISSING
 
@@ -93,9 +93,9 @@ class TrainerSection:
     rollout_batch_size: int = 8  # prompts per step (per data-parallel rank)
     mini_batch_size: Optional[int] = None  # prompts per optimizer step (must divide `rollout_batch_size`); None = the whole rollout batch
     micro_batch_size: int = 8  # sequences per forward/backward pass (when max_tokens_per_micro_batch is None)
-    max_tokens_per_micro_batch: Optional[int] = None  # token budget of a forward/backward pass (sequences grouped by length); None = micro_batch_size sequences
+    max_tokens_per_micro_batch: Optional[Union[int, str]] = None  # token budget of a forward/backward pass (sequences grouped by length); None = micro_batch_size sequences; "auto" (packing): the largest power of two (1024..65536, not below one whole sequence) whose memory plan fits 80% of the GPU, picked when the trainer is built
     logprob_micro_batch_size: Optional[int] = None  # sequences per forward-only pass (old and reference log-probs, critic values; no activations kept, so it can be larger); None = micro_batch_size (verl's log_prob_micro_batch_size_per_gpu)
-    logprob_max_tokens_per_micro_batch: Optional[int] = None  # token budget of a forward-only pass; None = max_tokens_per_micro_batch (verl's log_prob_max_token_len_per_gpu)
+    logprob_max_tokens_per_micro_batch: Optional[Union[int, str]] = None  # token budget of a forward-only pass; None = max_tokens_per_micro_batch (verl's log_prob_max_token_len_per_gpu); "auto" (packing): as max_tokens_per_micro_batch's, not below it
     packing: bool = True  # pack each micro-batch's valid tokens into one row (varlen attention, no padding); False = padded rows
     num_epochs: int = 1  # PPO epochs: passes over each rollout batch
     critic_epochs: Optional[int] = None  # critic passes over each rollout batch (None = num_epochs; verl's critic.ppo_epochs)
@@ -200,9 +200,16 @@ def check_config(cfg: TrainerConfig) -> None:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if cfg.model.recompute_layers is not None and cfg.model.recompute_layers < 0:
         raise ValueError(f"model.recompute_layers must be >= 0 or null, got {cfg.model.recompute_layers}")
+    for key in ("max_tokens_per_micro_batch", "logprob_max_tokens_per_micro_batch"):
+        value = getattr(t, key)
+        if value == "auto" and not t.packing:  # a padded micro-batch's memory follows its longest row, not a budget
+            raise ValueError(f"trainer.{key}=auto needs trainer.packing=true")
+        if isinstance(value, str) and value != "auto":
+            raise ValueError(f"trainer.{key} must be a token count, auto or null, got {value!r}")
     for key in ("max_tokens_per_micro_batch", "logprob_micro_batch_size", "logprob_max_tokens_per_micro_batch"):
-        if getattr(t, key) is not None and getattr(t, key) < 1:
-            raise ValueError(f"trainer.{key} must be >= 1 or null, got {getattr(t, key)}")
+        value = getattr(t, key)
+        if value is not None and value != "auto" and value < 1:
+            raise ValueError(f"trainer.{key} must be >= 1 or null, got {value}")
     if t.mini_batch_size is not None and (t.mini_batch_size < 1 or t.rollout_batch_size % t.mini_batch_size):
         # a short last mini-batch would be one optimizer step on fewer samples, weighted like a full one
         raise ValueError(f"trainer.mini_batch_size={t.mini_batch_size} must be >= 1 and divide "

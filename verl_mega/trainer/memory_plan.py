@@ -52,6 +52,11 @@ log = logging.getLogger(__name__)
 GIB = 2**30
 KV_SLOT_MULTIPLE = 64  # the rollout rounds cache lengths up to this many slots
 DEFAULT_HEADROOM = 0.08  # fraction of the device kept free for fragmentation, CUDA context, NCCL buffers
+AUTO_TOKEN_BUDGETS = (65536, 32768, 16384, 8192, 4096, 2048, 1024)  # "auto" token budgets' candidates, largest first
+# "auto" token budgets keep the plan within this share of the usable memory: plan errors against the measured peak
+# (max allocated) on H100s ran from -17% to +19% (benchmarks/results/h100_2026-12-06c, -06d; throughput.py's
+# 0.5B runs in -05d, -05e)
+AUTO_BUDGET_MARGIN = 0.8
 
 
 def _fmt(nbytes: float) -> str:
@@ -408,3 +413,49 @@ def plan_for_config(cfg, model_config, layout, device, param_bytes: int) -> tupl
         else:
             print(plan.table(capacity), flush=True)
     return choice, plan
+
+
+def auto_token_budgets(cfg, model_config, layout, device, param_bytes: int) -> tuple[int | None, int | None]:
+    """`trainer.max_tokens_per_micro_batch` and `trainer.logprob_max_tokens_per_micro_batch` with "auto" resolved
+    (other values returned as they are). The training budget: the largest of AUTO_TOKEN_BUDGETS, not below one
+    whole sequence (max_prompt_length + max_new_tokens), whose memory plan fits AUTO_BUDGET_MARGIN of the usable
+    device memory (`usable_device_bytes`) with the offload switches the config names (offload.auto never has to
+    offload more for it); the forward-only budget: the largest, not below the training budget, that fits with it.
+    None fits: the smallest candidate, so that the plan check names the knobs. No capacity known (CPU without
+    offload.memory_gib): micro_batch_size (logprob_micro_batch_size) whole sequences. With torch.distributed
+    initialised every rank takes the world's smallest (ranks of one pipeline must cut the same micro-batches)."""
+    import torch
+    import torch.distributed as dist
+
+    t = cfg.trainer
+    train, forward = t.max_tokens_per_micro_batch, t.logprob_max_tokens_per_micro_batch
+    if "auto" not in (train, forward):
+        return train, forward
+    seq = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+    capacity = usable_device_bytes(device, cfg.offload.memory_gib)
+
+    def fits(budget: int, forward_budget: int | None) -> bool:
+        trial = replace(cfg, trainer=replace(t, max_tokens_per_micro_batch=budget,
+                                             logprob_max_tokens_per_micro_batch=forward_budget),
+                        offload=replace(cfg.offload, plan=False, auto=False))
+        return plan_for_config(trial, model_config, layout, device, param_bytes)[1].fits(
+            int(capacity * AUTO_BUDGET_MARGIN))
+
+    def largest(low: int, fits_at, fallback: int) -> int:
+        if capacity is None:
+            return fallback
+        sizes = [size for size in AUTO_TOKEN_BUDGETS if size >= low] or [low]
+        return next((size for size in sizes if fits_at(size)), sizes[-1])
+
+    if train == "auto":
+        train = largest(seq, lambda size: fits(size, None if forward == "auto" else forward), t.micro_batch_size * seq)
+    if forward == "auto":
+        forward = largest(max(seq, train or seq), lambda size: fits(train, size),
+                          (t.logprob_micro_batch_size or t.micro_batch_size) * seq)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        sizes = torch.tensor([-1 if v is None else v for v in (train, forward)], dtype=torch.long, device=device)
+        dist.all_reduce(sizes, op=dist.ReduceOp.MIN)  # None stays None: every rank has the same config
+        train, forward = (None if v < 0 else v for v in sizes.tolist())
+    log.info("token budgets per micro-batch (auto): training %d, forward-only %d (capacity %s)", train, forward,
+             "unknown" if capacity is None else _fmt(capacity))
+    return train, forward

@@ -45,7 +45,7 @@ from verl_mega.trainer import checkpointing
 from verl_mega.trainer.batch import ImageTokens, RLBatch, sample_images
 from verl_mega.trainer.config import TrainerConfig, check_config, update_takes_own_logprobs
 from verl_mega.trainer.engine import TrainEngine
-from verl_mega.trainer.memory_plan import plan_for_config
+from verl_mega.trainer.memory_plan import auto_token_budgets, plan_for_config
 from verl_mega.trainer.metrics import MetricsLogger, bar_postfix, progress_bar, run_banner
 from verl_mega.trainer.reward_runner import RewardRunner
 from verl_mega.trainer.optim import OptimConfig
@@ -120,7 +120,11 @@ class PPOTrainer:
         self.device = actor.device
         self.tokenizer = actor.tokenizer
         self.eos_ids, self.pad_id = stop_ids(actor)
-        # before the training state is allocated: print the plan, fail early if it cannot fit, pick offload (auto)
+        # before the training state is allocated: token budgets (auto), then print the plan, fail early if it cannot
+        # fit, pick offload (auto)
+        t = cfg.trainer
+        t.max_tokens_per_micro_batch, t.logprob_max_tokens_per_micro_batch = auto_token_budgets(
+            cfg, actor.config, self.layout, self.device, actor.dtype.itemsize)
         self.offload, self.memory_plan = plan_for_config(cfg, actor.config, self.layout, self.device,
                                                          actor.dtype.itemsize)
         self.actor_engine = TrainEngine(actor.model, self.layout, self._optim(cfg.optim), param_dtype=actor.dtype,
