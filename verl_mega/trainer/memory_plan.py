@@ -456,6 +456,6 @@ def auto_token_budgets(cfg, model_config, layout, device, param_bytes: int) -> t
         sizes = torch.tensor([-1 if v is None else v for v in (train, forward)], dtype=torch.long, device=device)
         dist.all_reduce(sizes, op=dist.ReduceOp.MIN)  # None stays None: every rank has the same config
         train, forward = (None if v < 0 else v for v in sizes.tolist())
-    log.info("token budgets per micro-batch (auto): training %d, forward-only %d (capacity %s)", train, forward,
+    log.info("token budgets per micro-batch (auto): training %s, forward-only %s (capacity %s)", train, forward,
              "unknown" if capacity is None else _fmt(capacity))
     return train, forward
