@@ -163,13 +163,6 @@ class ZeroOptimizer:
             out += [state[k] for k in ("exp_avg", "exp_avg_sq") if k in state]
         return out
 
-    @torch.no_grad()
-    def reload_masters(self) -> None:
-        """Re-read fp32 masters from the (possibly just loaded) model parameters (bf16 case)."""
-        if not self.aliased:
-            for master, p in zip(self.masters, self.owned):
-                master.copy_(p.data)
-
     # ------------------------------------------------------------------ per-parameter state (checkpoints)
 
     def master_of(self, p: torch.nn.Parameter) -> torch.Tensor:

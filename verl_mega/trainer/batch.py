@@ -24,7 +24,7 @@ built the same way.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -266,7 +266,3 @@ class RLBatch:
             mb.update(vision)  # after packing: image tensors are not sequence tensors
             out.append(microbatch_to(mb, device) if device is not None else mb)
         return out
-
-    def tensor_fields(self) -> dict[str, torch.Tensor]:
-        """All tensor-valued fields that are set (for inspection and tests)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
