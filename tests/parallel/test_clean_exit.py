@@ -18,10 +18,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_generate_tp2_under_torchrun_exits_zero(tmp_path):
     env = child_env()
-    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "exit_check.sh"), "3", str(tmp_path)],
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "exit_check.sh"), "2", str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "0 of 3 runs failed" in proc.stdout
+    assert "0 of 2 runs failed" in proc.stdout
     log = (tmp_path / "run.log").read_text()
     assert "CUDA_DEVICE_MAX_CONNECTIONS" not in log, log  # moot without CUDA: silenced on CPU
 
