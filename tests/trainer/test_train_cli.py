@@ -187,9 +187,12 @@ def test_run_resume_finished_and_export(tiny_dir, tmp_path, capsys):
     run = tmp_path / "run"
     args = [cfg, *SMALL, f"trainer.output_dir={run}"]
     val = _jsonl(tmp_path / "val.jsonl", _rows(3))
-    assert train_cli.main([*args, "trainer.total_steps=1", f"data.val_path={val}"]) == 0
+    assert train_cli.main([*args, "trainer.total_steps=1", f"data.val_path={val}",
+                           "trainer.logprob_max_tokens_per_micro_batch=auto"]) == 0
     out = capsys.readouterr().out
     assert "[verl-mega] layout tp=1 pp=1 dp=1" in out and "dataset 4 prompts" in out and "algorithm grpo" in out
+    # auto on CPU (no capacity to plan against): micro_batch_size (8) sequences of 512 + 4 tokens
+    assert "[verl-mega] micro-batches 8 sequences (update), 4128 tokens (forward-only), packed" in out
     assert f"checkpoints in {run / 'checkpoints'}; export one with: verl-mega export {run} HF_OUT_DIR" in out
     assert "done: 1 step, last reward/mean" in out
     records = [json.loads(line) for line in open(run / "metrics.jsonl")]

@@ -180,6 +180,18 @@ def update_takes_own_logprobs(cfg: TrainerConfig) -> bool:
             and not (a.kl_coef > 0 and a.kl_in_reward) and a.critic_warmup == 0)
 
 
+def micro_batch_sizes(trainer_cfg, forward_only: bool = False) -> tuple[int, int | None]:
+    """(sequences, token budget or None) per micro-batch of a training pass, or with `forward_only` of a
+    forward-only pass (trainer.logprob_micro_batch_size / logprob_max_tokens_per_micro_batch, each defaulting to
+    the training value)."""
+    t = trainer_cfg
+    size, max_tokens = t.micro_batch_size, t.max_tokens_per_micro_batch
+    if forward_only:
+        size = t.logprob_micro_batch_size or size
+        max_tokens = t.logprob_max_tokens_per_micro_batch or max_tokens
+    return size, max_tokens
+
+
 def check_config(cfg: TrainerConfig) -> None:
     """ValueError naming the field for values the schema's types cannot rule out."""
     a, t, r = cfg.algorithm, cfg.trainer, cfg.rollout

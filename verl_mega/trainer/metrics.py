@@ -22,6 +22,8 @@ import time
 from omegaconf import MISSING
 from tqdm.auto import tqdm
 
+from verl_mega.trainer.config import micro_batch_sizes
+
 # metrics shown live on the progress bar: (label, keys tried in order)
 BAR_KEYS = (("reward", ("reward/mean",)), ("kl", ("actor/kl_ref", "actor/ppo_kl")), ("ent", ("actor/entropy",)),
             ("len", ("response_length/mean",)))
@@ -140,5 +142,16 @@ def run_banner(config, layout, dataset_size: int | None, steps: int, output_dir:
         f"[verl-mega] algorithm {c.algorithm.name}, kl_coef {c.algorithm.kl_coef:g}, lr {c.optim.lr:g}, "
         f"{t.rollout_batch_size} prompts x {r.n_samples} samples per step per dp rank",
         f"[verl-mega] dataset {data}",
+        f"[verl-mega] micro-batches {_micro_batch_text(t)}",
         f"[verl-mega] steps {start_step} -> {steps}, output {os.path.abspath(output_dir)}",
     ])
+
+
+def _micro_batch_text(trainer_cfg) -> str:
+    """What one forward/backward and one forward-only pass hold, e.g. '8192 tokens (update), 32768 tokens
+    (forward-only), packed'."""
+    def size(forward_only: bool) -> str:
+        sequences, tokens = micro_batch_sizes(trainer_cfg, forward_only)
+        return f"{tokens} tokens" if tokens is not None else f"{sequences} sequences"
+
+    return f"{size(False)} (update), {size(True)} (forward-only), {'packed' if trainer_cfg.packing else 'padded'}"

@@ -40,6 +40,7 @@ from verl_mega.rewards.base import extra_means
 from verl_mega.rollout.agent_loop import AgentLimits, agent_metrics, agent_rollout
 from verl_mega.rollout.sampling import SamplingParams
 from verl_mega.trainer.batch import RLBatch
+from verl_mega.trainer.config import micro_batch_sizes
 from verl_mega.trainer.packing import gather_to_owners, unpack_responses
 
 StageFn = Callable[[RLBatch, object], RLBatch]
@@ -152,18 +153,6 @@ def training_microbatches(batch: RLBatch, trainer_cfg, layout, device, rows: tor
     size, max_tokens = micro_batch_sizes(t, forward_only)
     return batch.microbatches(size, rows, keys, device=device, packed=t.packing, max_tokens=max_tokens,
                               dp_group=_balance_group(t, layout, forward_only))
-
-
-def micro_batch_sizes(trainer_cfg, forward_only: bool = False) -> tuple[int, int | None]:
-    """(sequences, token budget or None) per micro-batch of a training pass, or with `forward_only` of a
-    forward-only pass (trainer.logprob_micro_batch_size / logprob_max_tokens_per_micro_batch, each defaulting to
-    the training value)."""
-    t = trainer_cfg
-    size, max_tokens = t.micro_batch_size, t.max_tokens_per_micro_batch
-    if forward_only:
-        size = t.logprob_micro_batch_size or size
-        max_tokens = t.logprob_max_tokens_per_micro_batch or max_tokens
-    return size, max_tokens
 
 
 def _balance_group(trainer_cfg, layout, forward_only: bool = False):
