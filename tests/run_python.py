@@ -21,7 +21,26 @@ def run_python(args: list[str], *, timeout: float) -> subprocess.CompletedProces
     """`python ARGS` (e.g. ["-m", "verl_mega", "demo", ...] or [script, ...]) from the repository root, waited for
     at most `timeout` seconds; asserts it exits 0 (message: the tails of its stdout and stderr) and returns the
     finished process, its stdout and stderr as text."""
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    return finish_python(start_python(args), timeout=timeout)
+
+
+def start_python(args: list[str]) -> subprocess.Popen:
+    """`run_python` without the wait: the started process (stdout and stderr piped, as text), to `finish_python`
+    later; several can run at once."""
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish_python(proc: subprocess.Popen, *, timeout: float) -> subprocess.CompletedProcess:
+    """Wait for a `start_python` process at most `timeout` seconds (then kill it and raise TimeoutExpired); assert
+    it exited 0 (message: the tails of its stdout and stderr); return it finished, as `run_python` does."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    args = proc.args[1:]
     assert proc.returncode == 0, (f"python {' '.join(args)} exited {proc.returncode}\n--- stdout\n"
-                                  f"{proc.stdout[-OUTPUT_TAIL:]}\n--- stderr\n{proc.stderr[-OUTPUT_TAIL:]}")
-    return proc
+                                  f"{stdout[-OUTPUT_TAIL:]}\n--- stderr\n{stderr[-OUTPUT_TAIL:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
