@@ -64,7 +64,7 @@ from verl_mega.parallel.dist import device as comm_device
 from verl_mega.parallel.dist import init_distributed
 from verl_mega.trainer import PPOTrainer, TrainerConfig
 from verl_mega.trainer.config import update_takes_own_logprobs
-from verl_mega.trainer.memory_plan import AUTO_BUDGET_MARGIN, GIB, plan_for_config, usable_device_bytes
+from verl_mega.trainer.memory_plan import AUTO_BUDGET_MARGIN, GIB, plan_fits_margin, usable_device_bytes
 from verl_mega.trainer.stages import Pipeline
 
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
@@ -345,7 +345,7 @@ def auto_logprob_budget(args, shape: dict, variants: list[tuple[bool, str, bool,
 
 def _plans_fit(args, shape: dict, variants: list[tuple[bool, str, bool, str]], layout: Layout):
     """fits(budget, logprob_tokens): whether every variant's memory plan fits PLAN_MARGIN of this device's usable
-    memory at those sizes (False when nothing is known of the device: CPU without --memory-gib)."""
+    memory at those sizes (`memory_plan.plan_fits_margin`) (False when nothing is known of the device: CPU without --memory-gib)."""
     device = comm_device()
     capacity = usable_device_bytes(device, args.memory_gib)
     config = ModelConfig(**shape, hf_extra={"eos_token_id": EOS_ID})
@@ -357,8 +357,7 @@ def _plans_fit(args, shape: dict, variants: list[tuple[bool, str, bool, str]], l
         for packing, recompute, compile_layers, old_logprobs in variants:
             cfg = trainer_config(args, per_dp, packing, recompute, compile_layers, old_logprobs, budget,
                                  padded_micro_batch(args, budget), logprob_tokens)
-            cfg.offload.plan = False  # plan only: no table printed, no error raised
-            if not plan_for_config(cfg, config, layout, device, param_bytes=2)[1].fits(int(capacity * PLAN_MARGIN)):
+            if not plan_fits_margin(cfg, config, layout, device, 2, capacity):
                 return False
         return True
 

@@ -415,6 +415,14 @@ def plan_for_config(cfg, model_config, layout, device, param_bytes: int) -> tupl
     return choice, plan
 
 
+def plan_fits_margin(cfg, model_config, layout, device, param_bytes: int, capacity: int) -> bool:
+    """Whether `cfg`'s memory plan, with the offload switches it names (no auto choice, nothing printed or raised),
+    fits AUTO_BUDGET_MARGIN of `capacity` bytes: the test behind every automatic size (`auto_token_budgets`, the
+    benchmarks' `auto`)."""
+    quiet = replace(cfg, offload=replace(cfg.offload, plan=False, auto=False))
+    return plan_for_config(quiet, model_config, layout, device, param_bytes)[1].fits(int(capacity * AUTO_BUDGET_MARGIN))
+
+
 def auto_token_budgets(cfg, model_config, layout, device, param_bytes: int) -> tuple[int | None, int | None]:
     """`trainer.max_tokens_per_micro_batch` and `trainer.logprob_max_tokens_per_micro_batch` with "auto" resolved
     (other values returned as they are). The training budget: the largest of AUTO_TOKEN_BUDGETS, not below one
@@ -436,10 +444,8 @@ def auto_token_budgets(cfg, model_config, layout, device, param_bytes: int) -> t
 
     def fits(budget: int, forward_budget: int | None) -> bool:
         trial = replace(cfg, trainer=replace(t, max_tokens_per_micro_batch=budget,
-                                             logprob_max_tokens_per_micro_batch=forward_budget),
-                        offload=replace(cfg.offload, plan=False, auto=False))
-        return plan_for_config(trial, model_config, layout, device, param_bytes)[1].fits(
-            int(capacity * AUTO_BUDGET_MARGIN))
+                                             logprob_max_tokens_per_micro_batch=forward_budget))
+        return plan_fits_margin(trial, model_config, layout, device, param_bytes, capacity)
 
     def largest(low: int, fits_at, fallback: int) -> int:
         if capacity is None:
