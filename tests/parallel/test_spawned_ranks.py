@@ -1,7 +1,8 @@
 """Ranks started by `verl_mega.testing.multiprocess.run_distributed` (as `verl-mega train` / `demo` start theirs
 without torchrun) die with the process that started them, even when it is SIGKILLed (the OOM killer, `kill -9`)
 from a script that started it in the background: no orphan rank goes on training. Before, torch's parent-death
-signal (SIGINT) was ignored there and the ranks ran on as orphans of init."""
+signal (SIGINT) was ignored there and the ranks ran on as orphans of init. On CPU the ranks are children of a fork
+server, which must exit with the caller for them to get that signal."""
 
 import os
 import signal
@@ -9,8 +10,11 @@ import subprocess
 import sys
 import time
 
+import torch
+
 from tests.processes import kill_running, still_running
 from tests.run_python import child_env
+from verl_mega.testing.multiprocess import run_distributed, start_method
 
 
 def test_ranks_die_when_their_parent_is_killed(tmp_path):
@@ -66,3 +70,20 @@ def test_interrupted_parent_lets_its_ranks_unwind(tmp_path):
         if parent.poll() is None:
             parent.kill()
     assert "KeyboardInterrupt" in err and "leaked semaphore" not in err, err[-3000:]
+
+
+def _environment_probe() -> tuple:
+    return os.environ.get("VERL_MEGA_TEST_SET"), os.environ.get("VERL_MEGA_TEST_UNSET"), os.environ["RANK"]
+
+
+def test_ranks_see_the_callers_environment_at_the_call(monkeypatch):
+    """On CPU the ranks are forks of a fork server started at the first call, with that moment's environment;
+    each rank still gets the caller's environment as it is at its own call, variables removed since included."""
+    if not torch.cuda.is_available():
+        assert start_method({}) == "forkserver" and start_method({"TRITON_INTERPRET": "1"}) == "spawn"
+    monkeypatch.setenv("VERL_MEGA_TEST_UNSET", "at the first call")
+    first = run_distributed(_environment_probe, 2)
+    assert first == [(None, "at the first call", "0"), (None, "at the first call", "1")], first
+    monkeypatch.delenv("VERL_MEGA_TEST_UNSET")
+    monkeypatch.setenv("VERL_MEGA_TEST_SET", "later")
+    assert run_distributed(_environment_probe, 2) == [("later", None, "0"), ("later", None, "1")]

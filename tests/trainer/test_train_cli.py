@@ -263,7 +263,8 @@ def test_tp2_without_torchrun_resumes_a_tp1_checkpoint_and_sigterm_stops_it(tiny
     (saying that it reshards it) and trains; `kill PID` (or `timeout`, a scheduler) on the command stops the ranks
     too, and it says where a rerun resumes (status 143). Before, the command died at once and its two ranks went
     on training as orphans, writing checkpoints. The reward (run in the ranks) records its pid and, at a rank's 5th
-    call (step 3: 2 prompts x 2 samples a step, from step 1), sends the SIGTERM to its parent, the command."""
+    call (step 3: 2 prompts x 2 samples a step, from step 1), sends the SIGTERM to the command (its pid in a file:
+    a rank's parent is the fork server on CPU)."""
     import subprocess
     import sys
 
@@ -280,7 +281,7 @@ def test_tp2_without_torchrun_resumes_a_tp1_checkpoint_and_sigterm_stops_it(tiny
         "    if next(calls) == 5:\n"
         "        try:  # one rank sends it (O_EXCL): a second SIGTERM would end the command at once\n"
         f"            os.close(os.open({str(pids) + '.sent'!r}, os.O_CREAT | os.O_EXCL))\n"
-        "            os.kill(os.getppid(), signal.SIGTERM)\n"
+        f"            os.kill(int(open({str(pids) + '.command'!r}).read()), signal.SIGTERM)\n"
         "        except FileExistsError:\n"
         "            pass\n"
         "    return 0.0\n")
@@ -290,22 +291,27 @@ def test_tp2_without_torchrun_resumes_a_tp1_checkpoint_and_sigterm_stops_it(tiny
                            f"trainer.output_dir={run}"]) == 0  # tp=1, in this process: checkpoint step_1
     argv = [cfg, *SMALL, "parallel.tp=2", f"trainer.reward={reward}:score", "trainer.total_steps=10000",
             "trainer.save_final=false", "rollout.stream_rewards=false", f"trainer.output_dir={run}"]
-    proc = subprocess.run([sys.executable, "-m", "verl_mega", "train", *argv], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.Popen([sys.executable, "-m", "verl_mega", "train", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    (tmp_path / "pids.command").write_text(str(proc.pid))
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
     ranks = {int(line) for line in pids.read_text().split()}
     try:
         alive = still_running(ranks)  # SIGKILLed by the command before it exits; give /proc a moment
         assert not alive, f"ranks {alive} still running after the command exited with {proc.returncode}"
     finally:
         kill_running(ranks)
-    assert proc.returncode == 143, proc.stderr[-2000:]
-    assert "starting 2 processes (parallel.tp=2 x parallel.pp=1, dp=1)" in proc.stdout
+    assert proc.returncode == 143, err[-2000:]
+    assert "starting 2 processes (parallel.tp=2 x parallel.pp=1, dp=1)" in out
     assert f"resuming from {run / 'checkpoints'} at step 1 (saved at tp=1 pp=1 dp=1, resharded to tp=2 pp=1 dp=1)" \
-        in proc.stdout, proc.stdout
+        in out, out
     assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2]
     assert f"verl-mega train: terminated (SIGTERM); rerun the same command to resume from the newest checkpoint, " \
-           f"{run / 'checkpoints' / 'actor' / 'step_1'}" in proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+           f"{run / 'checkpoints' / 'actor' / 'step_1'}" in err
+    assert "Traceback" not in err, err[-2000:]
 
 
 def test_keep_last_sets_how_many_checkpoints_stay(tiny_dir, tmp_path):

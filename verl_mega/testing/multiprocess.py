@@ -7,6 +7,13 @@ rank fails the call with that rank's traceback; a rank that does not finish with
 fails it too (no silent hangs). The ranks die with the calling process however it ends (SIGKILL included):
 Linux's parent-death signal, so that `verl-mega train` / `demo`, which spawn their ranks here, leave no
 orphan training on.
+
+Start method: without CUDA the ranks are forks of a fork server (multiprocessing's forkserver) that imported
+torch, megatron-core and the trainer once (FORKSERVER_PRELOAD): a spawned rank spends ~5 s of CPU importing
+them, so a test suite of many small multi-rank runs on 2 cores pays that once, not on every call. They are
+spawned with CUDA (a fork of a process that touched the driver cannot use CUDA) and under TRITON_INTERPRET
+(Triton fixes interpreter mode when a kernel is decorated, at import, and the server imported ours without
+it). Either way a rank sees the caller's environment as it was at the call (plus `env`).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import sys
 import tempfile
 import time
 import traceback
+from multiprocessing import forkserver
 
 import torch
 import torch.multiprocessing as mp
@@ -33,21 +41,38 @@ def free_port() -> int:
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def die_with_parent(parent_pid: int) -> None:
+def die_with_parent(caller_pid: int) -> None:
     """Have the kernel SIGKILL this process when its parent exits (Linux; a no-op elsewhere); exits now if the
-    parent (`parent_pid`) is already gone. torch's spawn sets SIGINT as that signal, which a rank ignores when
-    its command was started in the background by a script (`&` sets SIGINT to ignored, and children inherit it)."""
+    caller (`caller_pid`) is already gone. The parent is the caller (spawn) or the fork server, which exits when
+    the caller does. torch's spawn sets SIGINT as that signal, which a rank ignores when its command was started
+    in the background by a script (`&` sets SIGINT to ignored, and children inherit it)."""
     if not sys.platform.startswith("linux"):
         return
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+    try:
+        os.kill(caller_pid, 0)
+    except ProcessLookupError:  # the caller died before prctl took effect
         os._exit(1)
 
 
-def _worker(rank: int, world_size: int, port: int, out_dir: str, fn, args, env: dict, parent_pid: int) -> None:
-    die_with_parent(parent_pid)
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **env})
+def release_fork_server() -> None:
+    """Close this process's copy of the fork server's keep-alive pipe, if it is one of the server's children. The
+    server exits when every holder of that pipe has closed it: the caller and each child it forked (passed so
+    that a child could start processes through the server too). A rank holding it keeps the server alive after
+    the caller dies, and so the parent-death signal that should end the rank never comes."""
+    server = forkserver._forkserver
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        os.close(fd)
+        server._forkserver_alive_fd = None
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str, fn, args, env: dict, caller_pid: int) -> None:
+    release_fork_server()
+    die_with_parent(caller_pid)
+    os.environ.clear()  # the caller's environment at the call (a fork server's children inherit the server's)
+    os.environ.update({**env, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
     from verl_mega.parallel.dist import shutdown_distributed
 
@@ -81,13 +106,25 @@ def _stop(processes) -> None:
             p.kill()
 
 
+FORKSERVER_PRELOAD = ["torch", "megatron.core.tensor_parallel", "verl_mega.trainer.ppo_trainer"]
+
+
+def start_method(env: dict) -> str:
+    """How ranks with environment `env` are started here: "forkserver", or "spawn" with CUDA or TRITON_INTERPRET
+    (module docstring)."""
+    if torch.cuda.is_available() or env.get("TRITON_INTERPRET"):
+        return "spawn"
+    mp.set_forkserver_preload(FORKSERVER_PRELOAD)  # read when the server starts (the first call)
+    return "forkserver"
+
+
 def run_distributed(fn, world_size: int, *args, timeout_s: float = 300.0, env: dict | None = None) -> list:
-    """Call `fn(*args)` on `world_size` spawned gloo ranks (also on a CUDA machine: the ranks outnumber its GPUs);
-    return the list of results by rank."""
-    env = {"VERL_MEGA_DIST_TIMEOUT": "120", "VERL_MEGA_DIST_BACKEND": "gloo", **(env or {})}
+    """Call `fn(*args)` on `world_size` gloo ranks (also on a CUDA machine: the ranks outnumber its GPUs), each
+    with this process's environment plus `env`; return the list of results by rank."""
+    env = {**os.environ, "VERL_MEGA_DIST_TIMEOUT": "120", "VERL_MEGA_DIST_BACKEND": "gloo", **(env or {})}
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(_worker, args=(world_size, free_port(), out_dir, fn, args, env, os.getpid()),
-                                 nprocs=world_size, join=False, start_method="spawn")
+                                 nprocs=world_size, join=False, start_method=start_method(env))
         deadline = time.monotonic() + timeout_s
         try:
             while not ctx.join(timeout=1.0):
