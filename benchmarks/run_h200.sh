@@ -29,6 +29,9 @@
 #                    CUDA graphs kept (the default), freed with it and recaptured every rollout (--recapture: main
 #                    before session 17), the cache kept too (--keep-cache), and the default with decode windows
 #                    as one graph each (--graph-window on)
+#   trainer_auto     the trainer's own `auto` token budgets (packed, throughput.py --micro-batch tokens-auto) at issue
+#                    14's workload with KL on (so a forward-only reference pass), 1.5B then 0.5B, compiled layers:
+#                    the budgets it picks and its planned peak against the measured one
 #   packed           grpo_e2e_ab's packed 0.5B run alone (the current tree's side of pre_offload's comparison)
 #   pre_offload      grpo_e2e_ab's packed 0.5B run on the tree before offload landed (5416edb, carried as .old/:
 #                    `mkdir .old && git archive 5416edb | tar -x -C .old`): issue 15 item 4, same call
@@ -57,7 +60,7 @@
 # the grpo_e2e.py runs' as offload_7b.json, pre_offload_0p5b.json, graph_reuse_*.json).
 set -u
 OUT=${OUT:?set OUT (the device tool does)}
-CORE="kernels_tests paged_tests demo rollout_service rollout_fast reward_overlap throughput trl_grpo profile_8x8 grpo_e2e_ab grpo_e2e_ab_full profile_update graph_reuse packed pre_offload offload_7b"
+CORE="kernels_tests paged_tests demo rollout_service rollout_fast reward_overlap throughput trl_grpo profile_8x8 grpo_e2e_ab grpo_e2e_ab_full profile_update graph_reuse trainer_auto packed pre_offload offload_7b"
 MODELS="vlm_gpu_check vlm_grpo_step vlm_vision_share reward_models reward_judge agent_rollout"
 PLAN=""
 for arg in "${@:-core}"; do
@@ -158,6 +161,9 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
     throughput) step throughput 300 python3 benchmarks/throughput.py --shapes 0.5b,1.5b --batches 8x8 --prompt-len 128 \
       --new-tokens 256 --kl off --attention "$ATTENTION" --micro-batch "$MICRO_BATCH" --compile "$COMPILE" \
       --out "$WORK/throughput" ;;
+    trainer_auto) step trainer_auto 400 python3 benchmarks/throughput.py --shapes 1.5b,0.5b --batches 64x8 \
+      --prompt-len 128 --new-tokens 1024 --response-len 32:1024 --kl on --micro-batch tokens-auto --compile on \
+      --steps 3 --warmup 1 --attention "$ATTENTION" --out "$WORK/trainer_auto" ;;
     profile_8x8) step profile_step 150 python3 benchmarks/throughput.py --shapes 0.5b --batches 8x8 --prompt-len 128 \
       --new-tokens 256 --kl off --steps 3 --profile --out "$WORK/profile"
       step profile_rollout 120 python3 benchmarks/rollout_service.py --shapes qwen2.5-0.5b --prompts 8 --n 8 \

@@ -138,7 +138,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="end each response with EOS at a seeded length uniform in [LO, HI] (default: run to --new-tokens)")
     p.add_argument("--micro-batch", default="auto",
                    help="sequences per forward/backward, or 'auto': per configuration the largest of rows, rows / 2, "
-                        "... whose update the trainer's memory planner fits on this GPU (plain sequence counts on CPU)")
+                        "... whose update the trainer's memory planner fits on this GPU (plain sequence counts on CPU); "
+                        "or 'tokens-auto': packed micro-batches, both token budgets picked by the trainer "
+                        "(trainer.max_tokens_per_micro_batch / logprob_max_tokens_per_micro_batch = auto)")
     p.add_argument("--steps", type=int, default=4, help="RL steps per configuration, warm-up included")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured first steps")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s per GPU for MFU "
@@ -155,15 +157,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.smoke:
         args.shapes, args.batches, args.prompt_len, args.new_tokens = "smoke", "2x2", 16, 8
         args.response_len = args.response_len or "2:8"
-        args.micro_batch, args.steps, args.warmup = "4", 2, 1
+        args.steps, args.warmup = 2, 1
+        args.micro_batch = args.micro_batch if args.micro_batch == TOKENS_AUTO else "4"
     for name in args.shapes.split(","):
         if name not in SHAPES:
             raise ValueError(f"--shapes: unknown shape {name!r}; choose from {', '.join(SHAPES)}")
     for flag in ("kl", "compile"):
         if not set(getattr(args, flag).split(",")) <= {"on", "off"}:
             raise ValueError(f"--{flag} {getattr(args, flag)!r}: use on, off or off,on")
-    if args.micro_batch != "auto" and not (args.micro_batch.isdigit() and int(args.micro_batch) > 0):
-        raise ValueError(f"--micro-batch {args.micro_batch!r}: a positive integer or 'auto'")
+    if args.micro_batch not in ("auto", TOKENS_AUTO) and not (args.micro_batch.isdigit() and int(args.micro_batch) > 0):
+        raise ValueError(f"--micro-batch {args.micro_batch!r}: a positive integer, 'auto' or '{TOKENS_AUTO}'")
     if not 0 <= args.warmup < args.steps:
         raise ValueError(f"--warmup {args.warmup} must be in [0, --steps={args.steps})")
     args.response_range = parse_length_range(args.response_len, args.new_tokens)
@@ -219,11 +222,16 @@ def peak_flops(args, device_name: str) -> float | None:
 # ----------------------------------------------------------------------------------------------- running
 
 
+TOKENS_AUTO = "tokens-auto"  # --micro-batch: packed, the trainer's `auto` token budgets
+
+
 def micro_batch(args, shape: dict, bc: BenchConfig, layout: Layout) -> int:
     """--micro-batch, or for 'auto' the largest rows / 2^k (rows = this dp rank's sequences per step) whose
     planned peak (packed micro-batches, no offload: `memory_plan.plan_memory`) fits PLAN_MARGIN (grpo_e2e.py) of
     this GPU's usable memory; without a capacity (CPU) all rows."""
     rows = bc.prompts // layout.dp * bc.n
+    if args.micro_batch == TOKENS_AUTO:  # the sequence count is only the trainer's fallback without a capacity (CPU)
+        return rows
     if args.micro_batch != "auto":
         return int(args.micro_batch)
     capacity = usable_device_bytes(comm_device())
@@ -271,6 +279,9 @@ def run_config(args, bc: BenchConfig, peak: float | None) -> dict:
     cfg.algorithm.kl_coef = 1e-3 if bc.kl else 0.0
     cfg.model.compile = bc.compile
     cfg.trainer.progress_bar = False
+    if args.micro_batch == TOKENS_AUTO:
+        cfg.trainer.packing = True
+        cfg.trainer.max_tokens_per_micro_batch = cfg.trainer.logprob_max_tokens_per_micro_batch = "auto"
     mb = micro_batch(args, shape, bc, layout)
     trainer = PPOTrainer(actor, reward_fn=even_token_reward, algorithm="grpo", rollout_batch_size=per_dp,
                          n_samples=bc.n, max_new_tokens=args.new_tokens, temperature=1.0, lr=1e-6,
@@ -298,9 +309,12 @@ def run_config(args, bc: BenchConfig, peak: float | None) -> dict:
     if args.profile:  # an extra step, so the profiler's overhead stays out of the measured ones
         profile_step(trainer, draw_prompts(), args.out, f"profile_{bc.shape}_{bc.prompts}x{bc.n}.txt")
     result = summarize(steps, bc, layout, peak)
-    result["micro_batch"] = mb
+    t = trainer.config.trainer
+    result["micro_batch"] = (f"{t.max_tokens_per_micro_batch} / {t.logprob_max_tokens_per_micro_batch} tokens"
+                             if args.micro_batch == TOKENS_AUTO else mb)  # the trainer's picks: update / forward-only
     result["peak_memory_gib"] = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
                                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # KiB -> GiB
+    result["plan_peak_gib"] = trainer.memory_plan.peak / 2**30  # the trainer's plan for this configuration (CUDA)
     del trainer, actor
     gc.collect()
     if torch.cuda.is_available():
@@ -362,12 +376,12 @@ def markdown(report: dict) -> str:
              f"forward-only passes) against " + (f"{report['peak_tflops']} TFLOP/s per GPU." if report["peak_tflops"]
                                                else "an unknown peak (pass --peak-tflops)."), "",
              "| configuration | GPUs | micro-batch | step s | tokens/s/GPU | MFU | generate s | reshard s | logprob s "
-             "| reward s | update s | mean resp. len | peak mem GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| reward s | update s | mean resp. len | peak mem GiB (plan) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         cells = [r["name"], str(r["gpus"]), str(r["micro_batch"]), f"{r['step_s']:.3f}", f"{r['tokens_per_s_per_gpu']:.0f}", mfu,
                  *[f"{r['phase_s'][p]:.3f}" for p in PHASES], f"{r['mean_response_len']:.0f}",
-                 f"{r['peak_memory_gib']:.1f}"]
+                 f"{r['peak_memory_gib']:.1f} ({r['plan_peak_gib']:.1f})"]
         lines.append("| " + " | ".join(cells) + " |")
     peer = report.get("peer")
     if peer:

@@ -37,9 +37,12 @@ def finite(x) -> bool:
 
 @pytest.mark.timeout(300)
 def test_throughput_smoke(tmp_path):
-    run_benchmark("throughput.py", "--out", str(tmp_path), out_dir=tmp_path)
+    # packed micro-batches with the trainer's `auto` token budgets (the sequence-count path: test_scaling_smoke)
+    run_benchmark("throughput.py", "--micro-batch", "tokens-auto", "--out", str(tmp_path), out_dir=tmp_path)
     report = json.loads((tmp_path / "throughput.json").read_text())
     (result,) = report["results"]
+    # no device capacity on CPU: the trainer's fallback, micro_batch_size (4 rows) whole sequences of 16 + 8 tokens
+    assert result["micro_batch"] == "96 / 96 tokens" and finite(result["plan_peak_gib"]), result
     for key in ("step_s", "tokens_per_step", "tokens_per_s_per_gpu", "gen_tokens_per_s_per_gpu",
                 "model_tflops_per_step", "peak_memory_gib"):
         assert finite(result[key]) and result[key] > 0, (key, result[key])
