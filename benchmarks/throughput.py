@@ -314,7 +314,7 @@ def run_config(args, bc: BenchConfig, peak: float | None) -> dict:
                              if args.micro_batch == TOKENS_AUTO else mb)  # the trainer's picks: update / forward-only
     result["peak_memory_gib"] = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
                                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # KiB -> GiB
-    result["plan_peak_gib"] = trainer.memory_plan.peak / 2**30  # the trainer's plan for this configuration (CUDA)
+    result["plan_peak_gib"] = trainer.memory_plan.peak / 2**30  # the trainer's planned peak per GPU
     del trainer, actor
     gc.collect()
     if torch.cuda.is_available():
