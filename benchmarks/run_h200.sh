@@ -30,7 +30,8 @@
 #                    before session 17), the cache kept too (--keep-cache), and the default with decode windows
 #                    as one graph each (--graph-window on)
 #   trainer_auto     the trainer's own `auto` token budgets (packed, throughput.py --micro-batch tokens-auto) at issue
-#                    14's workload with KL on (so a forward-only reference pass), 1.5B then 0.5B, compiled layers:
+#                    14's workload with KL on (so a forward-only reference pass), TRAINER_AUTO_SHAPES (default 1.5B
+#                    then 0.5B), compiled layers:
 #                    the budgets it picks and its planned peak against the measured one
 #   packed           grpo_e2e_ab's packed 0.5B run alone (the current tree's side of pre_offload's comparison)
 #   pre_offload      grpo_e2e_ab's packed 0.5B run on the tree before offload landed (5416edb, carried as .old/:
@@ -78,6 +79,7 @@ HF_FLAG=--no-hf; [[ -n $ROLLOUT_HF ]] && HF_FLAG=--hf
 MICRO_BATCH=${MICRO_BATCH:-auto}  # throughput.py --micro-batch (a sequence count or auto: the memory plan's largest)
 TRL_MICRO_BATCH=${TRL_MICRO_BATCH:-64}  # trl_grpo.py --micro-batch (per_device_train_batch_size; 64 = auto's 0.5B pick)
 COMPILE=${COMPILE:-off,on}  # throughput.py --compile: off, on or off,on (model.compile, torch.compile'd training layers)
+TRAINER_AUTO_SHAPES=${TRAINER_AUTO_SHAPES:-1.5b,0.5b}  # trainer_auto's shapes in run order
 ROLLOUT_SHAPES=${ROLLOUT_SHAPES:-qwen2.5-0.5b}  # rollout_service / rollout_fast shapes (issue 13: add qwen2.5-7b)
 source benchmarks/device_steps.sh  # wheels, WORK, step()
 # grpo_e2e_ab_full / profile_update's tokens per packed micro-batch (padded: that / 1024 sequences). auto: grpo_e2e.py
@@ -161,7 +163,7 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
     throughput) step throughput 300 python3 benchmarks/throughput.py --shapes 0.5b,1.5b --batches 8x8 --prompt-len 128 \
       --new-tokens 256 --kl off --attention "$ATTENTION" --micro-batch "$MICRO_BATCH" --compile "$COMPILE" \
       --out "$WORK/throughput" ;;
-    trainer_auto) step trainer_auto 400 python3 benchmarks/throughput.py --shapes 1.5b,0.5b --batches 64x8 \
+    trainer_auto) step trainer_auto 400 python3 benchmarks/throughput.py --shapes "$TRAINER_AUTO_SHAPES" --batches 64x8 \
       --prompt-len 128 --new-tokens 1024 --response-len 32:1024 --kl on --micro-batch tokens-auto --compile on \
       --steps 3 --warmup 1 --attention "$ATTENTION" --out "$WORK/trainer_auto" ;;
     profile_8x8) step profile_step 150 python3 benchmarks/throughput.py --shapes 0.5b --batches 8x8 --prompt-len 128 \
