@@ -443,7 +443,7 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
                                                  "update_flops"]:
         result[key] = statistics.mean(m.get(key, 0.0) for m in history) if history else None
     # each measured step's phase times: a later step faster than the first shows one-time compiles still in it
-    result["per_step"] = [{p: m.get(f"time/{p}") for p in ("generate", "graph_capture", "logprob", "update")}
+    result["per_step"] = [{p: m.get(f"time/{p}") for p in ("generate", "graph_capture", "logprob", "update", "step")}
                           for m in history]
     if history:  # per GPU: this rank's model shard runs 1 / (tp * pp) of its replica's FLOPs
         tflops = statistics.mean(m["update_flops"] / m["time/update"] for m in history) / 1e12 / (tp * pp)
@@ -587,17 +587,21 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
              "Update FLOPs = 6 x (params except LM head) x tokens + 6 x (LM head) x response tokens + "
              "12 x layers x heads x head_dim x sum(len^2) / 2 (recompute not counted); MFU against "
              f"{peak_tflops(device_name) or '(no figure for this card)'} dense bf16 TFLOP/s.", "",
-             "| shape | variant | tokens/s/GPU | vs the shape's first variant | logprob s | update s | update TFLOP/s | update MFU "
-             "| update peak GiB | run peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
-    base = {}
+             "| shape | variant | tokens/s/GPU | vs the shape's first variant | per step (min-max) | logprob s | update s "
+             "| update TFLOP/s | update MFU | update peak GiB | run peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    base, base_steps = {}, {}
     for r in results:
         tps = r["throughput/tokens_per_s_per_gpu"]
         base.setdefault(r["shape"], tps)
+        # the same step's wall time, first variant over this one (their steps see the same prompts and lengths)
+        steps = [s["step"] for s in r["per_step"]]
+        ratios = [b / s for b, s in zip(base_steps.setdefault(r["shape"], steps), steps)]
         mfu = f"{100 * r['update_mfu']:.1f}%" if r.get("update_mfu") else "-"
         mem = " | ".join(f"{r[k]:.1f}" if r[k] is not None else "-" for k in ("update_peak_memory_gib", "max_memory_gib"))
         lines.append(f"| {r['shape']} | {r['variant']} | {tps:.0f} | {tps / base[r['shape']]:.2f}x | "
-                     f"{r['time/logprob']:.3f} | {r['time/update']:.3f} | {r['update_tflops_per_gpu']:.1f} | {mfu} | "
-                     f"{mem} |")
+                     f"{min(ratios):.2f}-{max(ratios):.2f}x | {r['time/logprob']:.3f} | {r['time/update']:.3f} | "
+                     f"{r['update_tflops_per_gpu']:.1f} | {mfu} | {mem} |")
     return "\n".join(lines) + "\n"
 
 

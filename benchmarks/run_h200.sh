@@ -89,7 +89,7 @@ AB_MAX_TOKENS=${AB_MAX_TOKENS:-auto}
 AB_SHAPES=${AB_SHAPES:-0.5b,1.5b}  # grpo_e2e_ab_full's shapes in run order (each variant's JSON line is in the log)
 AB_VARIANTS=${AB_VARIANTS:-padded,packed+compile,packed+compile+full}  # grpo_e2e_ab_full's variants in run order
 AB_LOGPROB_TOKENS=${AB_LOGPROB_TOKENS:-}  # grpo_e2e's --logprob-max-tokens (auto or a count; empty: the training size)
-AB_STEPS=${AB_STEPS:-2}  # grpo_e2e_ab_full's --steps: 1 warm-up (+1 if a variant compiles, for all) + AB_STEPS - 1 measured
+AB_STEPS=${AB_STEPS:-4}  # grpo_e2e_ab_full's --steps: 1 warm-up (+1 if a variant compiles, for all) + AB_STEPS - 1 measured (3 measured: padded 1.5B steps took 25.0-31.1 s)
 PROFILE_SHAPE=${PROFILE_SHAPE:-1.5b}  # profile_update's model shape
 if [[ $AB_MAX_TOKENS == auto ]]; then
   AB_BUDGET=(--max-tokens auto)

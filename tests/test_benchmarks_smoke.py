@@ -168,6 +168,11 @@ def test_grpo_e2e_ab_variants_measure_the_same_steps(tmp_path):
     assert packed["logprob_max_tokens_per_micro_batch"] == 80 and padded["logprob_micro_batch_size"] == 10
     assert padded["response_length/mean"] == packed["response_length/mean"]
     assert padded["update_flops"] == packed["update_flops"]
+    # per measured step: its wall time, and in the table the spread of the packed / padded ratio over the steps
+    assert len(packed["per_step"]) == len(padded["per_step"]) and all(finite(s["step"]) for s in packed["per_step"])
+    ratios = [a["step"] / b["step"] for a, b in zip(padded["per_step"], packed["per_step"])]
+    row = next(line for line in (tmp_path / "grpo_e2e_ab.md").read_text().splitlines() if "packed+compile" in line)
+    assert f"| {min(ratios):.2f}-{max(ratios):.2f}x |" in row, row
 
 
 def test_grpo_e2e_auto_token_budget():
