@@ -64,7 +64,7 @@ from verl_mega.parallel.dist import device as comm_device
 from verl_mega.parallel.dist import init_distributed
 from verl_mega.trainer import PPOTrainer, TrainerConfig
 from verl_mega.trainer.config import update_takes_own_logprobs
-from verl_mega.trainer.memory_plan import AUTO_BUDGET_MARGIN, GIB, plan_fits_margin, usable_device_bytes
+from verl_mega.trainer.memory_plan import GIB, plan_fits_margin, usable_device_bytes
 from verl_mega.trainer.stages import Pipeline
 
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
@@ -92,9 +92,6 @@ EOS_ID = 2
 
 BUDGETS = (32768, 16384, 8192, 4096)  # --max-tokens auto's candidates, largest first
 LOGPROB_BUDGETS = (65536, 32768, 16384, 8192, 4096)  # --logprob-max-tokens auto's candidates, largest first
-# The benchmarks' automatic sizes (--max-tokens auto here, throughput.py --micro-batch auto) keep each memory plan
-# within the trainer's own share for `auto` token budgets (memory_plan.AUTO_BUDGET_MARGIN, where its evidence is)
-PLAN_MARGIN = AUTO_BUDGET_MARGIN
 
 
 def token_budget(text: str) -> int | str:
@@ -323,7 +320,8 @@ def trainer_config(args, per_dp: int, packing: bool, recompute: str, compile_lay
 
 def auto_token_budget(args, shape: dict, variants: list[tuple[bool, str, bool, str]], layout: Layout) -> int:
     """`--max-tokens auto`: the largest of BUDGETS for which the trainer's memory plan (`plan_for_config`) of every
-    variant (packing, recompute, compile, old log-probs) fits PLAN_MARGIN of this device's usable memory, packed
+    variant (packing, recompute, compile, old log-probs) fits the trainer's share for `auto` budgets
+    (`memory_plan.plan_fits_margin`) of this device's usable memory, packed
     with that many tokens per micro-batch and padded with budget // max_new_tokens sequences; the smallest where
     none fits or nothing is known of the device (CPU without --memory-gib). Tiny CPU runs: 40 tokens."""
     if args.tiny:
@@ -344,8 +342,8 @@ def auto_logprob_budget(args, shape: dict, variants: list[tuple[bool, str, bool,
 
 
 def _plans_fit(args, shape: dict, variants: list[tuple[bool, str, bool, str]], layout: Layout):
-    """fits(budget, logprob_tokens): whether every variant's memory plan fits PLAN_MARGIN of this device's usable
-    memory at those sizes (`memory_plan.plan_fits_margin`) (False when nothing is known of the device: CPU without --memory-gib)."""
+    """fits(budget, logprob_tokens): whether every variant's memory plan fits at those sizes
+    (`memory_plan.plan_fits_margin`); False when nothing is known of the device (CPU without --memory-gib)."""
     device = comm_device()
     capacity = usable_device_bytes(device, args.memory_gib)
     config = ModelConfig(**shape, hf_extra={"eos_token_id": EOS_ID})

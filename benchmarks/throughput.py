@@ -65,10 +65,11 @@ from verl_mega.parallel.dist import init_distributed
 
 from benchmarks.forced_lengths import force_lengths, parse_length_range  # noqa: E402
 from benchmarks import gpu_specs  # noqa: E402
-from benchmarks.grpo_e2e import PLAN_MARGIN, profile_step  # noqa: E402
+from benchmarks.grpo_e2e import profile_step  # noqa: E402
 from verl_mega.trainer import PPOTrainer, TrainerConfig
 from verl_mega.trainer.config import update_takes_own_logprobs
-from verl_mega.trainer.memory_plan import Offload, Parallelism, Workload, plan_memory, usable_device_bytes
+from verl_mega.trainer.memory_plan import (AUTO_BUDGET_MARGIN, Offload, Parallelism, Workload, plan_memory,
+                                           usable_device_bytes)
 
 QWEN2 = dict(vocab_size=151936, rope_theta=1_000_000.0, max_position_embeddings=32768, tie_word_embeddings=True,
              attention_bias=True, model_type="qwen2")
@@ -227,8 +228,8 @@ TOKENS_AUTO = "tokens-auto"  # --micro-batch: packed, the trainer's `auto` token
 
 def micro_batch(args, shape: dict, bc: BenchConfig, layout: Layout) -> int:
     """--micro-batch, or for 'auto' the largest rows / 2^k (rows = this dp rank's sequences per step) whose
-    planned peak (packed micro-batches, no offload: `memory_plan.plan_memory`) fits PLAN_MARGIN (grpo_e2e.py) of
-    this GPU's usable memory; without a capacity (CPU) all rows."""
+    planned peak (packed micro-batches, no offload: `memory_plan.plan_memory`) fits AUTO_BUDGET_MARGIN (the
+    trainer's share for `auto` budgets) of this GPU's usable memory; without a capacity (CPU) all rows."""
     rows = bc.prompts // layout.dp * bc.n
     if args.micro_batch == TOKENS_AUTO:  # the sequence count is only the trainer's fallback without a capacity (CPU)
         return rows
@@ -241,7 +242,7 @@ def micro_batch(args, shape: dict, bc: BenchConfig, layout: Layout) -> int:
                         rollout_rows=rows, num_microbatches=-(-rows // mb), packed=True)
         plan = plan_memory(ModelConfig(**shape), Parallelism(bc.tp, bc.pp, layout.dp), work, Offload(),
                            param_bytes=2, reference=bc.kl)  # (a capacity means CUDA: bf16 weights)
-        if plan.peak <= capacity * PLAN_MARGIN:
+        if plan.peak <= capacity * AUTO_BUDGET_MARGIN:
             break
         mb = -(-mb // 2)
     return mb

@@ -177,7 +177,7 @@ def test_grpo_e2e_ab_variants_measure_the_same_steps(tmp_path):
 
 def test_grpo_e2e_auto_token_budget():
     # --max-tokens auto: the largest budget whose memory plans (packed, and padded at budget // max_new_tokens
-    # sequences) fit PLAN_MARGIN of the device; more memory never gives a smaller budget
+    # sequences) fit the trainer's share for `auto` budgets of the device; more memory never gives a smaller budget
     from benchmarks import grpo_e2e
 
     args = grpo_e2e.parse_args(["--device", "cpu", "--max-tokens", "auto", "--max-new-tokens", "1024",

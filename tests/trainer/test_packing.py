@@ -108,8 +108,7 @@ def test_token_budget_microbatches_keep_row_order():
 def test_forward_only_passes_take_their_own_micro_batch_sizes():
     """trainer.logprob_micro_batch_size / logprob_max_tokens_per_micro_batch size the forward-only passes
     (old and reference log-probs, critic values); unset, those passes use the training sizes."""
-    from verl_mega.trainer.config import TrainerConfig, check_config
-    from verl_mega.trainer.config import micro_batch_sizes
+    from verl_mega.trainer.config import TrainerConfig, check_config, micro_batch_sizes
     from verl_mega.trainer.stages import training_microbatches
 
     cfg = TrainerConfig()

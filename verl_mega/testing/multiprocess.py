@@ -112,19 +112,19 @@ FORKSERVER_PRELOAD = ["torch", "megatron.core.tensor_parallel", "verl_mega.train
 def start_method(env: dict) -> str:
     """How ranks with environment `env` are started here: "forkserver", or "spawn" with CUDA or TRITON_INTERPRET
     (module docstring)."""
-    if torch.cuda.is_available() or env.get("TRITON_INTERPRET"):
-        return "spawn"
-    mp.set_forkserver_preload(FORKSERVER_PRELOAD)  # read when the server starts (the first call)
-    return "forkserver"
+    return "spawn" if torch.cuda.is_available() or env.get("TRITON_INTERPRET") else "forkserver"
 
 
 def run_distributed(fn, world_size: int, *args, timeout_s: float = 300.0, env: dict | None = None) -> list:
     """Call `fn(*args)` on `world_size` gloo ranks (also on a CUDA machine: the ranks outnumber its GPUs), each
     with this process's environment plus `env`; return the list of results by rank."""
     env = {**os.environ, "VERL_MEGA_DIST_TIMEOUT": "120", "VERL_MEGA_DIST_BACKEND": "gloo", **(env or {})}
+    method = start_method(env)
+    if method == "forkserver":
+        mp.set_forkserver_preload(FORKSERVER_PRELOAD)  # read when the server starts (the first call)
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(_worker, args=(world_size, free_port(), out_dir, fn, args, env, os.getpid()),
-                                 nprocs=world_size, join=False, start_method=start_method(env))
+                                 nprocs=world_size, join=False, start_method=method)
         deadline = time.monotonic() + timeout_s
         try:
             while not ctx.join(timeout=1.0):
