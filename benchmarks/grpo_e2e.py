@@ -134,6 +134,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "forward-only passes' own size (default: the training size); auto: per shape the largest of "
                         + "/".join(map(str, LOGPROB_BUDGETS)) + " (not below the training budget) whose memory plans "
                         "fit this device")
+    p.add_argument("--ab-budget", choices=("shared", "own"), default="shared",
+                   help="--ab with auto budgets: shared = one budget per shape that every variant's plan fits (like "
+                        "for like), own = each variant the largest its own plan fits (what `auto` gives a user of "
+                        "that path)")
     p.add_argument("--packing", choices=("on", "off"), default="on", help="trainer.packing (single-variant runs)")
     p.add_argument("--recompute", choices=("none", "selective", "full"), default="none")
     p.add_argument("--compile", action="store_true", help="model.compile: torch.compile'd layers in the training passes")
@@ -528,6 +532,20 @@ def markdown(results: list[dict], args, world: int, device: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ab_budgets(args, shape: dict, variants: list[str], variant: str) -> tuple:
+    """One A/B run's (--max-tokens, --logprob-max-tokens), `auto` resolved (tp = pp = 1): the largest that every
+    variant's plan fits (--ab-budget shared) or `variant`'s alone (own)."""
+    planned = [VARIANTS[v] for v in (variants if args.ab_budget == "shared" else [variant])]
+    budget = args.max_tokens
+    if budget == "auto":
+        budget = auto_token_budget(args, shape, planned, Layout.create(1, 1))
+    logprob_budget = args.logprob_max_tokens
+    if logprob_budget == "auto":
+        logprob_budget = auto_logprob_budget(args, shape, planned, Layout.create(1, 1),
+                                             budget if isinstance(budget, int) else BUDGETS[-1])
+    return budget, logprob_budget
+
+
 def run_ab(args, world: int, device_name: str) -> None:
     """Every variant of VARIANTS for every shape of --ab, one after the other in this process (tp = pp = 1)."""
     results = []
@@ -535,15 +553,9 @@ def run_ab(args, world: int, device_name: str) -> None:
     compiled = any(VARIANTS[v][2] for v in variants) or args.compile  # every variant warms up alike (run_layout)
     for shape_name in args.ab.split(","):
         shape = TINY if shape_name == "tiny" or args.tiny else SHAPES[shape_name]
-        budget = args.max_tokens
-        if budget == "auto":  # one budget per shape that every variant's plan fits
-            budget = auto_token_budget(args, shape, [VARIANTS[v] for v in variants], Layout.create(1, 1))
-        logprob_budget = args.logprob_max_tokens
-        if logprob_budget == "auto":
-            logprob_budget = auto_logprob_budget(args, shape, [VARIANTS[v] for v in variants], Layout.create(1, 1),
-                                                 budget if isinstance(budget, int) else BUDGETS[-1])
         for variant in variants:
             packing, recompute, compile_layers, old_logprobs = VARIANTS[variant]
+            budget, logprob_budget = ab_budgets(args, shape, variants, variant)
             r = run_layout(args, 1, 1, shape=shape, packing=packing, recompute=recompute,
                            compile_layers=compile_layers, old_logprobs=old_logprobs, max_tokens=budget,
                            warmup_compiled=compiled, logprob_tokens=logprob_budget)
@@ -570,7 +582,8 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
     budgets = "; ".join(f"{shape}: packed {first(shape, 'max_tokens_per_micro_batch', True)} tokens, padded "
                         f"{first(shape, 'micro_batch_size', False)} sequences"
                         for shape in dict.fromkeys(r["shape"] for r in results))
-    budgets += " (--max-tokens auto)" if args.max_tokens == "auto" else ""
+    budgets += " (--max-tokens auto" + (", each variant its own)" if args.ab_budget == "own" else ")") \
+        if args.max_tokens == "auto" else ""
     if args.logprob_max_tokens is not None:
         budgets += "; forward-only passes: " + "; ".join(
             f"{shape}: packed {first(shape, 'logprob_max_tokens_per_micro_batch', True)} tokens, padded "
@@ -585,9 +598,9 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
              "Update FLOPs = 6 x (params except LM head) x tokens + 6 x (LM head) x response tokens + "
              "12 x layers x heads x head_dim x sum(len^2) / 2 (recompute not counted); MFU against "
              f"{peak_tflops(device_name) or '(no figure for this card)'} dense bf16 TFLOP/s.", "",
-             "| shape | variant | tokens/s/GPU | vs the shape's first variant | per step (min-max) | logprob s | update s "
-             "| update TFLOP/s | update MFU | update peak GiB | run peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | variant | micro-batch | tokens/s/GPU | vs the shape's first variant | per step (min-max) | "
+             "logprob s | update s | update TFLOP/s | update MFU | update peak GiB | run peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base, base_steps = {}, {}
     for r in results:
         tps = r["throughput/tokens_per_s_per_gpu"]
@@ -597,7 +610,9 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
         ratios = [b / s for b, s in zip(base_steps.setdefault(r["shape"], steps), steps)]
         mfu = f"{100 * r['update_mfu']:.1f}%" if r.get("update_mfu") else "-"
         mem = " | ".join(f"{r[k]:.1f}" if r[k] is not None else "-" for k in ("update_peak_memory_gib", "max_memory_gib"))
-        lines.append(f"| {r['shape']} | {r['variant']} | {tps:.0f} | {tps / base[r['shape']]:.2f}x | "
+        size = (f"{r['max_tokens_per_micro_batch']} tokens" if r["packing"]
+                else f"{r['micro_batch_size']} sequences")
+        lines.append(f"| {r['shape']} | {r['variant']} | {size} | {tps:.0f} | {tps / base[r['shape']]:.2f}x | "
                      f"{min(ratios):.2f}-{max(ratios):.2f}x | {r['time/logprob']:.3f} | {r['time/update']:.3f} | "
                      f"{r['update_tflops_per_gpu']:.1f} | {mfu} | {mem} |")
     return "\n".join(lines) + "\n"

@@ -50,7 +50,7 @@
 # gather | paged: the engine's decode attention in throughput and grpo_e2e_ab; auto = paged on CUDA), ROLLOUT_SHAPES (comma-separated, default qwen2.5-0.5b), ROLLOUT_VARIANTS
 # (rollout_service / rollout_fast: the new engine's variants, default all of rollout_service.py's VARIANTS), ROLLOUT_HF
 # (rollout_fast: any non-empty value, e.g. 1, times transformers' generate as well), AB_SHAPES / AB_VARIANTS / AB_STEPS /
-# AB_MAX_TOKENS / AB_LOGPROB_TOKENS (grpo_e2e_ab_full, below).
+# AB_MAX_TOKENS / AB_LOGPROB_TOKENS / AB_OWN (grpo_e2e_ab_full, below).
 # Each step has its own `timeout`, capped by what is left of BUDGET seconds (default 560: the call's 600 s
 # minus the wheel install and the copy-back); a step that would get under 30 s is skipped and says so.
 # Run from the repository root with `.whl/` carried (benchmarks/README.md, "Wheels for the GPU machine"):
@@ -89,6 +89,7 @@ AB_MAX_TOKENS=${AB_MAX_TOKENS:-auto}
 AB_SHAPES=${AB_SHAPES:-0.5b,1.5b}  # grpo_e2e_ab_full's shapes in run order (each variant's JSON line is in the log)
 AB_VARIANTS=${AB_VARIANTS:-padded,packed+compile,packed+compile+full}  # grpo_e2e_ab_full's variants in run order
 AB_LOGPROB_TOKENS=${AB_LOGPROB_TOKENS:-}  # grpo_e2e's --logprob-max-tokens (auto or a count; empty: the training size)
+AB_OWN=${AB_OWN:-}  # grpo_e2e_ab_full: any non-empty value gives each variant its own auto budget (--ab-budget own)
 AB_STEPS=${AB_STEPS:-4}  # grpo_e2e_ab_full's --steps: 1 warm-up (+1 if a variant compiles, for all) + AB_STEPS - 1 measured (3 measured: padded 1.5B steps took 25.0-31.1 s)
 PROFILE_SHAPE=${PROFILE_SHAPE:-1.5b}  # profile_update's model shape
 if [[ $AB_MAX_TOKENS == auto ]]; then
@@ -179,7 +180,7 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
     grpo_e2e_ab_full) step grpo_e2e_ab_full 560 python3 benchmarks/grpo_e2e.py --ab "$AB_SHAPES" \
       --variants "$AB_VARIANTS" --prompts 64 --n 8 --prompt-len 128 --response-len 32:1024 \
       --max-new-tokens 1024 "${AB_BUDGET[@]}" ${AB_LOGPROB_TOKENS:+--logprob-max-tokens "$AB_LOGPROB_TOKENS"} \
-      --steps "$AB_STEPS" --attention "$ATTENTION" --out "$WORK/ab_full" ;;
+      ${AB_OWN:+--ab-budget own} --steps "$AB_STEPS" --attention "$ATTENTION" --out "$WORK/ab_full" ;;
     profile_update) step profile_update 450 python3 benchmarks/grpo_e2e.py --shape "$PROFILE_SHAPE" --compile \
       --packing on --prompts 64 --n 8 --prompt-len 128 --response-len 32:1024 --max-new-tokens 1024 \
       "${AB_BUDGET[@]}" --steps 3 --warmup 1 --profile-step 4 --attention "$ATTENTION" \

@@ -198,3 +198,9 @@ def test_grpo_e2e_auto_token_budget():
         sizes.append(grpo_e2e.auto_logprob_budget(args, grpo_e2e.SHAPES["0.5b"], variants, layout, budget))
     assert all(size >= budget for size, budget in zip(sizes, picks)) and sizes == sorted(sizes), (sizes, picks)
     assert sizes[-1] == grpo_e2e.LOGPROB_BUDGETS[0], sizes
+    # an A/B's budgets: shared = what every variant's plan fits (the padded one limits it), own = each its largest
+    args.memory_gib, names = 80, ["padded", "packed+compile"]
+    shared = [grpo_e2e.ab_budgets(args, grpo_e2e.SHAPES["0.5b"], names, name)[0] for name in names]
+    args.ab_budget = "own"
+    own = [grpo_e2e.ab_budgets(args, grpo_e2e.SHAPES["0.5b"], names, name)[0] for name in names]
+    assert shared == [picks[1]] * 2 and own[0] == picks[1] < own[1], (shared, own)
