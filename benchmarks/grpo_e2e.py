@@ -366,6 +366,11 @@ def _plans_fit(args, shape: dict, variants: list[tuple[bool, str, bool, str]], l
     return fits
 
 
+def alloc_retries() -> int:
+    """The CUDA caching allocator's retries so far in this process (0 without CUDA)."""
+    return torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0
+
+
 def padded_micro_batch(args, budget: int | None) -> int:
     """Sequences per padded micro-batch: budget // max_new_tokens with `--max-tokens auto` (the packed runs'
     token budget in sequences of the longest response), else --micro-batch."""
@@ -397,6 +402,7 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
         if logprob_tokens == "auto":
             logprob_tokens = auto_logprob_budget(args, shape, [(packing, recompute, compile_layers, old_logprobs)],
                                                  layout, max_tokens or BUDGETS[-1])
+    retries_before = alloc_retries()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     actor = build_actor(shape, layout, dtype)
@@ -457,6 +463,10 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
     result["reshard_bytes_moved_per_rank"] = stats.bytes_moved if stats is not None else 0
     result["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     result["update_peak_memory_gib"] = max(update_peaks) if update_peaks and torch.cuda.is_available() else None
+    # the caching allocator's retries (free every cached block, synchronize, allocate again): a run close to the
+    # card's memory pays them in wall time, which shows as step-to-step spread
+    result["cuda_alloc_retries"] = alloc_retries() - retries_before if torch.cuda.is_available() else None
+    result["max_memory_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
     result.update(memory_report(trainer))
     if result["max_memory_gib"]:
         result["plan_error"] = (result["plan_peak_gib"] - result["max_memory_gib"]) / result["max_memory_gib"]
@@ -599,8 +609,8 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
              "12 x layers x heads x head_dim x sum(len^2) / 2 (recompute not counted); MFU against "
              f"{peak_tflops(device_name) or '(no figure for this card)'} dense bf16 TFLOP/s.", "",
              "| shape | variant | micro-batch | tokens/s/GPU | vs the shape's first variant | per step (min-max) | "
-             "logprob s | update s | update TFLOP/s | update MFU | update peak GiB | run peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "logprob s | update s | update TFLOP/s | update MFU | update peak GiB | run peak GiB | allocator retries |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base, base_steps = {}, {}
     for r in results:
         tps = r["throughput/tokens_per_s_per_gpu"]
@@ -614,7 +624,7 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
                 else f"{r['micro_batch_size']} sequences")
         lines.append(f"| {r['shape']} | {r['variant']} | {size} | {tps:.0f} | {tps / base[r['shape']]:.2f}x | "
                      f"{min(ratios):.2f}-{max(ratios):.2f}x | {r['time/logprob']:.3f} | {r['time/update']:.3f} | "
-                     f"{r['update_tflops_per_gpu']:.1f} | {mfu} | {mem} |")
+                     f"{r['update_tflops_per_gpu']:.1f} | {mfu} | {mem} | {'-' if r.get('cuda_alloc_retries') is None else r['cuda_alloc_retries']} |")
     return "\n".join(lines) + "\n"
 
 
