@@ -16,7 +16,8 @@ TP layers produce complete gradients for replicated parameters when sequence par
 
 Reference: PyTorch DDP's Reducer (Li et al., VLDB 2020) and Megatron-core's DistributedDataParallel
 (`param_and_grad_buffer.py`). Simplifications: all-reduce rather than reduce-scatter (ZeRO-1 only
-shards the optimizer; gloo has no reduce-scatter); no gradient compression.
+shards the optimizer state; a reduce-scatter of the gradients, which gloo also has since torch 2.13, would be
+ZeRO-2); no gradient compression.
 """
 
 from __future__ import annotations
