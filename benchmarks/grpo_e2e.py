@@ -402,8 +402,11 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
         if logprob_tokens == "auto":
             logprob_tokens = auto_logprob_budget(args, shape, [(packing, recompute, compile_layers, old_logprobs)],
                                                  layout, max_tokens or BUDGETS[-1])
-    retries_before = alloc_retries()
+    retries_before, start_allocated = alloc_retries(), None
     if torch.cuda.is_available():
+        gc.collect()
+        # what earlier runs of this process left allocated (after they returned): part of this run's peak
+        start_allocated = torch.cuda.memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
     actor = build_actor(shape, layout, dtype)
     per_dp = max(1, args.prompts // layout.dp)
@@ -470,13 +473,11 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
     result.update(memory_report(trainer))
     if result["max_memory_gib"]:
         result["plan_error"] = (result["plan_peak_gib"] - result["max_memory_gib"]) / result["max_memory_gib"]
+    result["start_allocated_gib"] = start_allocated
     del trainer, actor
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-        # what this run left allocated: counted in the peak of the next run in the process (an A/B's later runs
-        # measured up to 7.7 GiB above the same run started first, results/h100_2026-12-06d)
-        result["left_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
     return result
 
 
@@ -620,6 +621,8 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
         ratios = [b / s for b, s in zip(base_steps.setdefault(r["shape"], steps), steps)]
         mfu = f"{100 * r['update_mfu']:.1f}%" if r.get("update_mfu") else "-"
         mem = " | ".join(f"{r[k]:.1f}" if r[k] is not None else "-" for k in ("update_peak_memory_gib", "max_memory_gib"))
+        if r.get("start_allocated_gib"):  # earlier runs' leftovers, inside both peaks
+            mem += f" (at start {r['start_allocated_gib']:.1f})"
         size = (f"{r['max_tokens_per_micro_batch']} tokens" if r["packing"]
                 else f"{r['micro_batch_size']} sequences")
         lines.append(f"| {r['shape']} | {r['variant']} | {size} | {tps:.0f} | {tps / base[r['shape']]:.2f}x | "
