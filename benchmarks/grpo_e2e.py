@@ -45,6 +45,7 @@ import os
 import resource
 import statistics
 import sys
+import time
 
 # this directory holds kernels.py, which would shadow the `kernels` package transformers probes for
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
@@ -261,6 +262,30 @@ def _free_graphs(worker):
     return free_graphs
 
 
+class GCPauses:
+    """Python's garbage-collector pauses while in use (`with GCPauses() as pauses:`): seconds and count of the
+    collections of each generation (gc.callbacks). A full (generation-2) collection walks every object of the
+    process (torch, inductor's compiled graphs: about 0.3-0.4 s on the 2-core CPU machine for a tiny compiled
+    run); in a measured step it shows as step-time spread."""
+
+    def __init__(self):
+        self.seconds, self.count, self._start = [0.0, 0.0, 0.0], [0, 0, 0], None
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.seconds[info["generation"]] += time.perf_counter() - self._start
+            self.count[info["generation"]] += 1
+
+    def __enter__(self):
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self._callback)
+
+
 def _reset_peak(batch, ctx):
     """Stage before the update: peak-memory counter from here (the update's own peak, not the rollout's KV cache)."""
     if torch.cuda.is_available():
@@ -436,7 +461,9 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
         samples = [{"prompt_ids": torch.randint(3, vocab, (args.prompt_len,), generator=gen).tolist()}
                    for _ in range(per_dp)]
         profiled = step + 1 == args.profile_step
-        metrics = profile_step(trainer, samples, args.out) if profiled else trainer.step(samples)
+        with GCPauses() as pauses:
+            metrics = profile_step(trainer, samples, args.out) if profiled else trainer.step(samples)
+        metrics["time/gc"], metrics["gc/full_collections"] = sum(pauses.seconds), pauses.count[2]
         if step >= args.warmup + extra:
             metrics["update_flops"] = update_flops(actor.config, actor.model, record[-1])
             (profiled_steps if profiled else history).append(metrics)
@@ -449,12 +476,13 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
               "micro_batch_size": cfg.trainer.micro_batch_size, "warmup_steps": args.warmup + extra,
               "logprob_max_tokens_per_micro_batch": cfg.trainer.logprob_max_tokens_per_micro_batch,
               "logprob_micro_batch_size": cfg.trainer.logprob_micro_batch_size}
-    for key in [f"time/{p}" for p in PHASES] + ["time/graph_capture", "time/step", "throughput/tokens_per_s_per_gpu",
+    for key in [f"time/{p}" for p in PHASES] + ["time/graph_capture", "time/gc", "time/step", "throughput/tokens_per_s_per_gpu",
                                                  "throughput/gen_tokens_per_s_per_gpu", "response_length/mean",
                                                  "update_flops"]:
         result[key] = statistics.mean(m.get(key, 0.0) for m in history) if history else None
     # each measured step's phase times: a later step faster than the first shows one-time compiles still in it
-    result["per_step"] = [{p: m.get(f"time/{p}") for p in ("generate", "graph_capture", "logprob", "update", "step")}
+    result["per_step"] = [{**{p: m.get(f"time/{p}") for p in ("generate", "graph_capture", "logprob", "update", "step",
+                                                              "gc")}, "gc_full_collections": m["gc/full_collections"]}
                           for m in history]
     if history:  # per GPU: this rank's model shard runs 1 / (tp * pp) of its replica's FLOPs
         tflops = statistics.mean(m["update_flops"] / m["time/update"] for m in history) / 1e12 / (tp * pp)
@@ -610,8 +638,9 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
              "12 x layers x heads x head_dim x sum(len^2) / 2 (recompute not counted); MFU against "
              f"{peak_tflops(device_name) or '(no figure for this card)'} dense bf16 TFLOP/s.", "",
              "| shape | variant | micro-batch | tokens/s/GPU | vs the shape's first variant | per step (min-max) | "
-             "logprob s | update s | update TFLOP/s | update MFU | update peak GiB | run peak GiB | allocator retries |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "logprob s | update s | update TFLOP/s | update MFU | update peak GiB | run peak GiB | allocator retries | "
+             "GC pause s (full collections) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base, base_steps = {}, {}
     for r in results:
         tps = r["throughput/tokens_per_s_per_gpu"]
@@ -627,7 +656,8 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
                 else f"{r['micro_batch_size']} sequences")
         lines.append(f"| {r['shape']} | {r['variant']} | {size} | {tps:.0f} | {tps / base[r['shape']]:.2f}x | "
                      f"{min(ratios):.2f}-{max(ratios):.2f}x | {r['time/logprob']:.3f} | {r['time/update']:.3f} | "
-                     f"{r['update_tflops_per_gpu']:.1f} | {mfu} | {mem} | {'-' if r.get('cuda_alloc_retries') is None else r['cuda_alloc_retries']} |")
+                     f"{r['update_tflops_per_gpu']:.1f} | {mfu} | {mem} | {'-' if r.get('cuda_alloc_retries') is None else r['cuda_alloc_retries']} | "
+                     f"{r['time/gc']:.3f} ({sum(s['gc_full_collections'] for s in r['per_step'])}) |")
     return "\n".join(lines) + "\n"
 
 
