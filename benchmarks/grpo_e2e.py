@@ -476,7 +476,8 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
               "micro_batch_size": cfg.trainer.micro_batch_size, "warmup_steps": args.warmup + extra,
               "logprob_max_tokens_per_micro_batch": cfg.trainer.logprob_max_tokens_per_micro_batch,
               "logprob_micro_batch_size": cfg.trainer.logprob_micro_batch_size}
-    for key in [f"time/{p}" for p in PHASES] + ["time/graph_capture", "time/gc", "time/step", "throughput/tokens_per_s_per_gpu",
+    for key in [f"time/{p}" for p in PHASES] + ["time/graph_capture", "time/gc", "time/step",
+                                                 "throughput/tokens_per_s_per_gpu",
                                                  "throughput/gen_tokens_per_s_per_gpu", "response_length/mean",
                                                  "update_flops"]:
         result[key] = statistics.mean(m.get(key, 0.0) for m in history) if history else None
@@ -638,8 +639,8 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
              "12 x layers x heads x head_dim x sum(len^2) / 2 (recompute not counted); MFU against "
              f"{peak_tflops(device_name) or '(no figure for this card)'} dense bf16 TFLOP/s.", "",
              "| shape | variant | micro-batch | tokens/s/GPU | vs the shape's first variant | per step (min-max) | "
-             "logprob s | update s | update TFLOP/s | update MFU | update peak GiB | run peak GiB | allocator retries | "
-             "GC pause s (full collections) |",
+             "logprob s | update s | update TFLOP/s | update MFU | update peak GiB | run peak GiB | "
+             "allocator retries | GC pause s (full collections) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base, base_steps = {}, {}
     for r in results:
@@ -654,10 +655,12 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
             mem += f" (at start {r['start_allocated_gib']:.1f})"
         size = (f"{r['max_tokens_per_micro_batch']} tokens" if r["packing"]
                 else f"{r['micro_batch_size']} sequences")
+        retries = "-" if r.get("cuda_alloc_retries") is None else r["cuda_alloc_retries"]
+        full_collections = sum(s["gc_full_collections"] for s in r["per_step"])
         lines.append(f"| {r['shape']} | {r['variant']} | {size} | {tps:.0f} | {tps / base[r['shape']]:.2f}x | "
                      f"{min(ratios):.2f}-{max(ratios):.2f}x | {r['time/logprob']:.3f} | {r['time/update']:.3f} | "
-                     f"{r['update_tflops_per_gpu']:.1f} | {mfu} | {mem} | {'-' if r.get('cuda_alloc_retries') is None else r['cuda_alloc_retries']} | "
-                     f"{r['time/gc']:.3f} ({sum(s['gc_full_collections'] for s in r['per_step'])}) |")
+                     f"{r['update_tflops_per_gpu']:.1f} | {mfu} | {mem} | {retries} | {r['time/gc']:.3f} "
+                     f"({full_collections}) |")
     return "\n".join(lines) + "\n"
 
 
