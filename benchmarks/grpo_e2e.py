@@ -616,19 +616,10 @@ def run_ab(args, world: int, device_name: str) -> None:
 
 
 def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
-    def first(shape: str, key: str, packed: bool):  # the shape's packed / padded runs' micro-batch size
-        return next((r[key] for r in results if r["shape"] == shape and r["packing"] == packed), "-")
-
-    budgets = "; ".join(f"{shape}: packed {first(shape, 'max_tokens_per_micro_batch', True)} tokens, padded "
-                        f"{first(shape, 'micro_batch_size', False)} sequences"
-                        for shape in dict.fromkeys(r["shape"] for r in results))
+    budgets = "per row, update / forward-only passes"
     budgets += " (--max-tokens auto" + (", each variant its own)" if args.ab_budget == "own" else ")") \
         if args.max_tokens == "auto" else ""
     if args.logprob_max_tokens is not None:
-        budgets += "; forward-only passes: " + "; ".join(
-            f"{shape}: packed {first(shape, 'logprob_max_tokens_per_micro_batch', True)} tokens, padded "
-            f"{first(shape, 'logprob_micro_batch_size', False)} sequences"
-            for shape in dict.fromkeys(r["shape"] for r in results))
         budgets += f" (--logprob-max-tokens {args.logprob_max_tokens})"
     lines = [f"# GRPO step, packed vs padded ({world} x {device_name})", "",
              f"{args.prompts} prompts x {args.n}, prompt {args.prompt_len} tokens, response lengths "
@@ -653,8 +644,9 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
         mem = " | ".join(f"{r[k]:.1f}" if r[k] is not None else "-" for k in ("update_peak_memory_gib", "max_memory_gib"))
         if r.get("start_allocated_gib"):  # earlier runs' leftovers, inside both peaks
             mem += f" (at start {r['start_allocated_gib']:.1f})"
-        size = (f"{r['max_tokens_per_micro_batch']} tokens" if r["packing"]
-                else f"{r['micro_batch_size']} sequences")
+        train, forward = (("max_tokens_per_micro_batch", "logprob_max_tokens_per_micro_batch") if r["packing"]
+                          else ("micro_batch_size", "logprob_micro_batch_size"))  # forward unset: the update's size
+        size = f"{r[train]} / {r[forward] or r[train]} " + ("tokens" if r["packing"] else "sequences")
         retries = "-" if r.get("cuda_alloc_retries") is None else r["cuda_alloc_retries"]
         full_collections = sum(s["gc_full_collections"] for s in r["per_step"])
         lines.append(f"| {r['shape']} | {r['variant']} | {size} | {tps:.0f} | {tps / base[r['shape']]:.2f}x | "
