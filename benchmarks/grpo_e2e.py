@@ -55,6 +55,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from benchmarks.forced_lengths import force_lengths, parse_length_range  # noqa: E402
+from benchmarks.gpu_clocks import GPUClocks  # noqa: E402
 from benchmarks.gpu_specs import peak_tflops  # noqa: E402
 from benchmarks.profile_gaps import from_profiler, stage_report  # noqa: E402
 from verl_mega.models import ModelConfig, build_stage  # noqa: E402
@@ -461,9 +462,10 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
         samples = [{"prompt_ids": torch.randint(3, vocab, (args.prompt_len,), generator=gen).tolist()}
                    for _ in range(per_dp)]
         profiled = step + 1 == args.profile_step
-        with GCPauses() as pauses:
+        with GCPauses() as pauses, GPUClocks(torch.cuda.current_device() if args.device == "cuda" else 0) as clocks:
             metrics = profile_step(trainer, samples, args.out) if profiled else trainer.step(samples)
         metrics["time/gc"], metrics["gc/full_collections"] = sum(pauses.seconds), pauses.count[2]
+        metrics["gpu_clocks"] = clocks.summary() if args.device == "cuda" else None
         if step >= args.warmup + extra:
             metrics["update_flops"] = update_flops(actor.config, actor.model, record[-1])
             (profiled_steps if profiled else history).append(metrics)
@@ -482,8 +484,12 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
                                                  "update_flops"]:
         result[key] = statistics.mean(m.get(key, 0.0) for m in history) if history else None
     # each measured step's phase times: a later step faster than the first shows one-time compiles still in it
+    # with the update's TFLOP/s and the GPU's clocks during the step (a slower step at the same TFLOP count and a
+    # lower SM clock is the card's doing, not the program's)
     result["per_step"] = [{**{p: m.get(f"time/{p}") for p in ("generate", "graph_capture", "logprob", "update", "step",
-                                                              "gc")}, "gc_full_collections": m["gc/full_collections"]}
+                                                              "gc")}, "gc_full_collections": m["gc/full_collections"],
+                           "update_tflops": m["update_flops"] / m["time/update"] / 1e12 / (tp * pp),
+                           "gpu_clocks": m["gpu_clocks"]}
                           for m in history]
     if history:  # per GPU: this rank's model shard runs 1 / (tp * pp) of its replica's FLOPs
         tflops = statistics.mean(m["update_flops"] / m["time/update"] for m in history) / 1e12 / (tp * pp)
@@ -631,8 +637,8 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
              f"{peak_tflops(device_name) or '(no figure for this card)'} dense bf16 TFLOP/s.", "",
              "| shape | variant | micro-batch | tokens/s/GPU | vs the shape's first variant | per step (min-max) | "
              "logprob s | update s | update TFLOP/s | update MFU | update peak GiB | run peak GiB | "
-             "allocator retries | GC pause s (full collections) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "allocator retries | GC pause s (full collections) | SM MHz per step (slowdown) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base, base_steps = {}, {}
     for r in results:
         tps = r["throughput/tokens_per_s_per_gpu"]
@@ -649,10 +655,14 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
         size = f"{r[train]} / {r[forward] or r[train]} " + ("tokens" if r["packing"] else "sequences")
         retries = "-" if r.get("cuda_alloc_retries") is None else r["cuda_alloc_retries"]
         full_collections = sum(s["gc_full_collections"] for s in r["per_step"])
+        clocks = [s.get("gpu_clocks") for s in r["per_step"]]
+        sm = "/".join(f"{c['sm_mhz_mean']:.0f}" if c else "-" for c in clocks) or "-"
+        slowdown = sorted({name for c in clocks if c for name in c["slowdown"]})
+        sm += f" ({', '.join(slowdown) or 'none'})" if any(clocks) else ""
         lines.append(f"| {r['shape']} | {r['variant']} | {size} | {tps:.0f} | {tps / base[r['shape']]:.2f}x | "
                      f"{min(ratios):.2f}-{max(ratios):.2f}x | {r['time/logprob']:.3f} | {r['time/update']:.3f} | "
                      f"{r['update_tflops_per_gpu']:.1f} | {mfu} | {mem} | {retries} | {r['time/gc']:.3f} "
-                     f"({full_collections}) |")
+                     f"({full_collections}) | {sm} |")
     return "\n".join(lines) + "\n"
 
 

@@ -173,6 +173,9 @@ def test_grpo_e2e_ab_variants_measure_the_same_steps(tmp_path):
     # and the garbage collector's pauses in it (a full collection is step-time spread that is not the GPU)
     assert all(finite(s["gc"]) and 0 <= s["gc"] < s["step"] and s["gc_full_collections"] >= 0
                for s in packed["per_step"] + padded["per_step"])
+    # each step's update TFLOP/s (equal FLOPs, so it orders the steps as their update times do); no GPU clocks on CPU
+    assert all(finite(s["update_tflops"]) and s["update_tflops"] > 0 and s["gpu_clocks"] is None
+               for s in packed["per_step"] + padded["per_step"])
     ratios = [a["step"] / b["step"] for a, b in zip(padded["per_step"], packed["per_step"])]
     row = next(line for line in (tmp_path / "grpo_e2e_ab.md").read_text().splitlines() if "packed+compile" in line)
     assert f"| {min(ratios):.2f}-{max(ratios):.2f}x |" in row, row
