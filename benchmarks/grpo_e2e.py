@@ -45,6 +45,7 @@ import os
 import resource
 import statistics
 import sys
+import threading
 import time
 
 # this directory holds kernels.py, which would shadow the `kernels` package transformers probes for
@@ -287,6 +288,32 @@ class GCPauses:
         gc.callbacks.remove(self._callback)
 
 
+class HostUse:
+    """The host's side of a block (`with HostUse() as host:`): wall seconds, the calling thread's CPU seconds, the
+    process's CPU seconds (every thread), its involuntary context switches (the OS took a CPU away: contention), the
+    threads alive at the end, and a host-speed probe timed before the block (a fixed pure-Python loop; slower =
+    a slower or busier host). A host-bound phase (the 0.5B update: the host launches kernels more slowly than the GPU
+    runs them) stretches with each of these; a GPU-bound one does not."""
+
+    PROBE_ITERATIONS = 1_000_000
+
+    def __enter__(self):
+        start = time.perf_counter()
+        sum(i * i for i in range(self.PROBE_ITERATIONS))
+        self.probe_s = time.perf_counter() - start
+        self._start = (time.perf_counter(), time.thread_time(), time.process_time(),
+                       resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw)
+        return self
+
+    def __exit__(self, *exc):
+        end = (time.perf_counter(), time.thread_time(), time.process_time(),
+               resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw)
+        wall, thread_cpu, process_cpu, switches = (b - a for a, b in zip(self._start, end))
+        self.summary = {"wall_s": wall, "thread_cpu_s": thread_cpu, "process_cpu_s": process_cpu,
+                        "involuntary_switches": switches, "threads": threading.active_count(),
+                        "probe_s": self.probe_s}
+
+
 def _reset_peak(batch, ctx):
     """Stage before the update: peak-memory counter from here (the update's own peak, not the rollout's KV cache)."""
     if torch.cuda.is_available():
@@ -462,8 +489,10 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
         samples = [{"prompt_ids": torch.randint(3, vocab, (args.prompt_len,), generator=gen).tolist()}
                    for _ in range(per_dp)]
         profiled = step + 1 == args.profile_step
-        with GCPauses() as pauses, GPUClocks(torch.cuda.current_device() if args.device == "cuda" else 0) as clocks:
+        with GCPauses() as pauses, GPUClocks(torch.cuda.current_device() if args.device == "cuda" else 0) as clocks, \
+                HostUse() as host:
             metrics = profile_step(trainer, samples, args.out) if profiled else trainer.step(samples)
+        metrics["host"] = host.summary
         metrics["time/gc"], metrics["gc/full_collections"] = sum(pauses.seconds), pauses.count[2]
         metrics["gpu_clocks"] = clocks.summary() if args.device == "cuda" else None
         if step >= args.warmup + extra:
@@ -489,7 +518,7 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
     result["per_step"] = [{**{p: m.get(f"time/{p}") for p in ("generate", "graph_capture", "logprob", "update", "step",
                                                               "gc")}, "gc_full_collections": m["gc/full_collections"],
                            "update_tflops": m["update_flops"] / m["time/update"] / 1e12 / (tp * pp),
-                           "gpu_clocks": m["gpu_clocks"]}
+                           "gpu_clocks": m["gpu_clocks"], "host": m["host"]}
                           for m in history]
     if history:  # per GPU: this rank's model shard runs 1 / (tp * pp) of its replica's FLOPs
         tflops = statistics.mean(m["update_flops"] / m["time/update"] for m in history) / 1e12 / (tp * pp)

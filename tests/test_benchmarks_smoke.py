@@ -176,6 +176,10 @@ def test_grpo_e2e_ab_variants_measure_the_same_steps(tmp_path):
     # each step's update TFLOP/s (equal FLOPs, so it orders the steps as their update times do); no GPU clocks on CPU
     assert all(finite(s["update_tflops"]) and s["update_tflops"] > 0 and s["gpu_clocks"] is None
                for s in packed["per_step"] + padded["per_step"])
+    # and the host's side: the main thread's CPU time within the step's wall time, a host-speed probe
+    assert all(0 < s["host"]["thread_cpu_s"] <= s["host"]["wall_s"] * 1.01 and s["host"]["probe_s"] > 0
+               and s["host"]["involuntary_switches"] >= 0 and s["host"]["threads"] >= 1
+               for s in packed["per_step"] + padded["per_step"])
     ratios = [a["step"] / b["step"] for a, b in zip(padded["per_step"], packed["per_step"])]
     row = next(line for line in (tmp_path / "grpo_e2e_ab.md").read_text().splitlines() if "packed+compile" in line)
     assert f"| {min(ratios):.2f}-{max(ratios):.2f}x |" in row, row
