@@ -73,6 +73,19 @@ def test_stage_outputs_and_output_weight(model):
     assert model.vocab_start_index == 0 and model.true_vocab_size == 131
 
 
+@pytest.mark.parametrize("width", [10, 16, 1150])
+def test_attention_bias_is_an_aligned_view_with_the_masks_values(width):
+    """SDPA's memory-efficient CUDA kernel copies a bias whose strides (but the last) are not multiples of 8 on every
+    call; the decoder's bias is a view of rows rounded up to 16 elements, with the same values as a plain one."""
+    from verl_mega.models.masks import BIAS_ROW_ALIGNMENT, attention_bias
+    mask = build_attention_mask(torch.randint(0, 2, (3, width)), None, width, False)  # [3, 1, width, width]
+    bias = attention_bias(mask, torch.bfloat16)
+    assert bias.shape == mask.shape and bias.dtype == torch.bfloat16 and bias.stride(-1) == 1
+    assert all(stride % BIAS_ROW_ALIGNMENT == 0 for stride in bias.stride()[:-1]), bias.stride()
+    plain = torch.full(mask.shape, float("-inf"), dtype=torch.bfloat16).masked_fill_(mask, 0.0)
+    assert torch.equal(bias, plain)
+
+
 def test_position_ids_from_mask():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]

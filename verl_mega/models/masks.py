@@ -40,8 +40,18 @@ def build_attention_mask(attention_mask: torch.Tensor | None, attn_mask: torch.T
     return mask | ~mask.any(dim=-1, keepdim=True)
 
 
-def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Bool mask (True = attend) -> additive mask of `dtype` (0 / -inf), what SDPA adds to the scores.
+BIAS_ROW_ALIGNMENT = 16  # elements; SDPA's memory-efficient CUDA kernel wants every stride but the last % 8 == 0
 
-    SDPA converts a bool mask itself, but per call; the decoder converts once per forward."""
-    return torch.full(mask.shape, float("-inf"), dtype=dtype, device=mask.device).masked_fill_(mask, 0.0)
+
+def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool mask [B, 1, S_q, S_kv] (True = attend) -> additive mask of `dtype` (0 / -inf), what SDPA adds to the
+    scores, same shape.
+
+    SDPA converts a bool mask itself, but per call; the decoder converts once per forward. The result is a view
+    of a buffer whose rows are BIAS_ROW_ALIGNMENT-aligned (S_kv rounded up): for a bias whose strides are not
+    multiples of 8, PyTorch's memory-efficient attention pads a copy of it on every call (`preprocess_mask` /
+    `pad_bias` in aten/src/ATen/native/transformers/cuda/attention.cu): once per layer and forward pass. The
+    padded training passes' width P + R is whatever the longest response makes it."""
+    width = -(-mask.shape[-1] // BIAS_ROW_ALIGNMENT) * BIAS_ROW_ALIGNMENT
+    bias = torch.full((*mask.shape[:-1], width), float("-inf"), dtype=dtype, device=mask.device)
+    return bias[..., :mask.shape[-1]].masked_fill_(mask, 0.0)
