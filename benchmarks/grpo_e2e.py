@@ -314,6 +314,13 @@ class HostUse:
                         "probe_s": self.probe_s}
 
 
+def dynamo_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far (dynamo's `unique_graphs` counter): a measured step
+    that adds some paid for a (re)compile, e.g. a shape or a grad mode first met there."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
 def _reset_peak(batch, ctx):
     """Stage before the update: peak-memory counter from here (the update's own peak, not the rollout's KV cache)."""
     if torch.cuda.is_available():
@@ -489,10 +496,11 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
         samples = [{"prompt_ids": torch.randint(3, vocab, (args.prompt_len,), generator=gen).tolist()}
                    for _ in range(per_dp)]
         profiled = step + 1 == args.profile_step
+        graphs = dynamo_graphs()
         with GCPauses() as pauses, GPUClocks(torch.cuda.current_device() if args.device == "cuda" else 0) as clocks, \
                 HostUse() as host:
             metrics = profile_step(trainer, samples, args.out) if profiled else trainer.step(samples)
-        metrics["host"] = host.summary
+        metrics["host"], metrics["compiled_graphs"] = host.summary, dynamo_graphs() - graphs
         metrics["time/gc"], metrics["gc/full_collections"] = sum(pauses.seconds), pauses.count[2]
         metrics["gpu_clocks"] = clocks.summary() if args.device == "cuda" else None
         if step >= args.warmup + extra:
@@ -518,7 +526,7 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
     result["per_step"] = [{**{p: m.get(f"time/{p}") for p in ("generate", "graph_capture", "logprob", "update", "step",
                                                               "gc")}, "gc_full_collections": m["gc/full_collections"],
                            "update_tflops": m["update_flops"] / m["time/update"] / 1e12 / (tp * pp),
-                           "gpu_clocks": m["gpu_clocks"], "host": m["host"]}
+                           "gpu_clocks": m["gpu_clocks"], "host": m["host"], "compiled_graphs": m["compiled_graphs"]}
                           for m in history]
     if history:  # per GPU: this rank's model shard runs 1 / (tp * pp) of its replica's FLOPs
         tflops = statistics.mean(m["update_flops"] / m["time/update"] for m in history) / 1e12 / (tp * pp)
@@ -666,8 +674,9 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
              f"{peak_tflops(device_name) or '(no figure for this card)'} dense bf16 TFLOP/s.", "",
              "| shape | variant | micro-batch | tokens/s/GPU | vs the shape's first variant | per step (min-max) | "
              "logprob s | update s | update TFLOP/s | update MFU | update peak GiB | run peak GiB | "
-             "allocator retries | GC pause s (full collections) | SM MHz per step (slowdown) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "allocator retries | GC pause s (full collections) | graphs compiled per step | SM MHz per step "
+             "(slowdown) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base, base_steps = {}, {}
     for r in results:
         tps = r["throughput/tokens_per_s_per_gpu"]
@@ -691,7 +700,7 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
         lines.append(f"| {r['shape']} | {r['variant']} | {size} | {tps:.0f} | {tps / base[r['shape']]:.2f}x | "
                      f"{min(ratios):.2f}-{max(ratios):.2f}x | {r['time/logprob']:.3f} | {r['time/update']:.3f} | "
                      f"{r['update_tflops_per_gpu']:.1f} | {mfu} | {mem} | {retries} | {r['time/gc']:.3f} "
-                     f"({full_collections}) | {sm} |")
+                     f"({full_collections}) | {'/'.join(str(s['compiled_graphs']) for s in r['per_step'])} | {sm} |")
     return "\n".join(lines) + "\n"
 
 

@@ -19,6 +19,9 @@
 #                    rollout engine alone on its 64 rows x 256 tokens under the profiler (issue 18)
 #   grpo_e2e_ab      packed vs padded micro-batches (and packed with model.compile) at 0.5B, lengths 32..256 forced
 #                    (issue 14)
+#   padded_width     a padded micro-batch's forward + backward at widths 1148..1168 (0.5B shape, 16 rows), the attention
+#                    bias aligned (the decoder's) and plain: does the width's alignment set the padded step's time
+#                    (results/h100_2026-12-07d)? (issue 14)
 #   grpo_e2e_ab_full issue 14's A/B as filed: 0.5B and 1.5B, lengths 32..1024, padded / packed + model.compile /
 #                    the same + full recompute (peak memory with and without recompute); a whole call
 #   profile_update   where the packed + compiled update's time goes at issue 14's workload (64 x 8, lengths 32..1024,
@@ -61,7 +64,7 @@
 # the grpo_e2e.py runs' as offload_7b.json, pre_offload_0p5b.json, graph_reuse_*.json).
 set -u
 OUT=${OUT:?set OUT (the device tool does)}
-CORE="kernels_tests paged_tests demo rollout_service rollout_fast reward_overlap throughput trl_grpo profile_8x8 grpo_e2e_ab grpo_e2e_ab_full profile_update graph_reuse trainer_auto packed pre_offload offload_7b"
+CORE="kernels_tests paged_tests demo rollout_service rollout_fast reward_overlap throughput trl_grpo profile_8x8 grpo_e2e_ab padded_width grpo_e2e_ab_full profile_update graph_reuse trainer_auto packed pre_offload offload_7b"
 MODELS="vlm_gpu_check vlm_grpo_step vlm_vision_share reward_models reward_judge agent_rollout"
 PLAN=""
 for arg in "${@:-core}"; do
@@ -119,7 +122,7 @@ if os.path.exists(tp) and os.path.exists(trl):  # throughput.py's peer_ratios ru
                   f" {r.get('micro_batch', '?')} vs {a['micro_batch']})"
                   for r in ours["results"] if (r["config"]["shape"], r["config"]["prompts"], r["config"]["n"],
                                                r["config"]["kl"]) == (a["shape"], a["prompts"], a["n"], False)]
-for name in ("throughput.md", "grpo_e2e_ab.md", "grpo_e2e.md", "reward_models.md", "rollout_profile_*.txt",
+for name in ("throughput.md", "grpo_e2e_ab.md", "padded_width.md", "grpo_e2e.md", "reward_models.md", "rollout_profile_*.txt",
              "profile_*.txt", "grpo_e2e_profile.txt"):
     for path in sorted(glob.glob(os.path.join(work, "**", name), recursive=True)):
         md += ["", f"<!-- from {os.path.relpath(path, work)} -->", open(path).read()]  # which step wrote it
@@ -131,7 +134,7 @@ with open(os.path.join(out, "logs.txt"), "w") as f:
             text = open(log, errors="replace").read()
             f.write(f"\n===== {s[0]} (rc {s[1]}, {s[2]} s)\n" + (text[-40000:] if len(text) > 40000 else text))
 results = {}  # every step's JSON report in one file (the device tool brings back at most 8 files)
-for name in ("rollout_service.json", "throughput.json", "trl_grpo.json", "grpo_e2e_ab.json", "vlm_gpu_check.json",
+for name in ("rollout_service.json", "throughput.json", "trl_grpo.json", "grpo_e2e_ab.json", "padded_width.json", "vlm_gpu_check.json",
              "vlm_grpo_step.json", "vlm_vision_share.json", "reward_models.json", "agent_rollout.json"):
     for path in glob.glob(os.path.join(work, "**", name), recursive=True):
         results[os.path.relpath(path, work)] = json.load(open(path))  # e.g. "rollout/rollout_service.json"
@@ -177,6 +180,7 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
     grpo_e2e_ab) step grpo_e2e_ab 240 python3 benchmarks/grpo_e2e.py --ab 0.5b --variants padded,packed,packed+compile --prompts 64 \
       --n 8 --prompt-len 128 --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 \
       --attention "$ATTENTION" --out "$WORK/ab" ;;
+    padded_width) step padded_width 240 python3 benchmarks/padded_width.py --out "$WORK/padded_width" ;;
     grpo_e2e_ab_full) step grpo_e2e_ab_full 560 python3 benchmarks/grpo_e2e.py --ab "$AB_SHAPES" \
       --variants "$AB_VARIANTS" --prompts 64 --n 8 --prompt-len 128 --response-len 32:1024 \
       --max-new-tokens 1024 "${AB_BUDGET[@]}" ${AB_LOGPROB_TOKENS:+--logprob-max-tokens "$AB_LOGPROB_TOKENS"} \

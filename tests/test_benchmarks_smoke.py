@@ -180,6 +180,8 @@ def test_grpo_e2e_ab_variants_measure_the_same_steps(tmp_path):
     assert all(0 < s["host"]["thread_cpu_s"] <= s["host"]["wall_s"] * 1.01 and s["host"]["probe_s"] > 0
                and s["host"]["involuntary_switches"] >= 0 and s["host"]["threads"] >= 1
                for s in packed["per_step"] + padded["per_step"])
+    # and the graphs torch.compile compiled in each measured step (none once warm: the extra warm-up step's purpose)
+    assert [s["compiled_graphs"] for s in packed["per_step"] + padded["per_step"]] == [0] * (2 * len(packed["per_step"]))
     ratios = [a["step"] / b["step"] for a, b in zip(padded["per_step"], packed["per_step"])]
     row = next(line for line in (tmp_path / "grpo_e2e_ab.md").read_text().splitlines() if "packed+compile" in line)
     assert f"| {min(ratios):.2f}-{max(ratios):.2f}x |" in row, row
@@ -214,3 +216,15 @@ def test_grpo_e2e_auto_token_budget():
     args.ab_budget = "own"
     own = [grpo_e2e.ab_budgets(args, grpo_e2e.SHAPES["0.5b"], names, name)[0] for name in names]
     assert shared == [picks[1]] * 2 and own[0] == picks[1] < own[1], (shared, own)
+
+
+@pytest.mark.timeout(300)
+def test_padded_width_smoke(tmp_path):
+    # forward + backward of a padded micro-batch per width and attention-bias build (the decoder's aligned one and a
+    # plain one, swapped in for the run and put back): a time for each, and the table
+    run_benchmark("padded_width.py", "--out", str(tmp_path), out_dir=tmp_path)
+    report = json.loads((tmp_path / "padded_width.json").read_text())
+    assert [(r["width"], r["bias"]) for r in report["results"]] == [(37, "aligned"), (37, "plain"), (40, "aligned"),
+                                                                    (40, "plain")]
+    assert all(finite(r["ms"]) and r["ms"] > 0 for r in report["results"])
+    assert (tmp_path / "padded_width.md").read_text().count("| 37 | 5 |") == 2
