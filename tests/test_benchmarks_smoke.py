@@ -220,11 +220,14 @@ def test_grpo_e2e_auto_token_budget():
 
 @pytest.mark.timeout(300)
 def test_padded_width_smoke(tmp_path):
-    # forward + backward of a padded micro-batch per width and attention-bias build (the decoder's aligned one and a
-    # plain one, swapped in for the run and put back): a time for each, and the table
+    # forward + backward of a padded micro-batch per width, SDPA backend and attention-bias build (the decoder's
+    # aligned one and a plain one, swapped in for the run and put back): a time for each, or the error of a backend
+    # that cannot run the call (the memory-efficient kernel has no CPU implementation), and the table
     run_benchmark("padded_width.py", "--out", str(tmp_path), out_dir=tmp_path)
     report = json.loads((tmp_path / "padded_width.json").read_text())
-    assert [(r["width"], r["bias"]) for r in report["results"]] == [(37, "aligned"), (37, "plain"), (40, "aligned"),
-                                                                    (40, "plain")]
-    assert all(finite(r["ms"]) and r["ms"] > 0 for r in report["results"])
-    assert (tmp_path / "padded_width.md").read_text().count("| 37 | 5 |") == 2
+    assert [(r["width"], r["backend"], r["bias"]) for r in report["results"]] == [
+        (w, backend, bias) for w in (37, 40) for backend in ("default", "efficient") for bias in ("aligned", "plain")]
+    for r in report["results"]:
+        assert (finite(r["ms"]) and r["ms"] > 0 and r["error"] is None) if r["backend"] == "default" else \
+            (r["ms"] is None and "backend" in r["error"]), r  # --smoke runs on the CPU
+    assert (tmp_path / "padded_width.md").read_text().count("| 37 | 5 |") == 4
