@@ -243,12 +243,14 @@ def memory_report(trainer) -> dict:
 
 
 def record_lengths_stage(record: list):
-    """A stage for after the rollout: record the step's sequence lengths into `record` (for the FLOP count)."""
+    """A stage for after the rollout: record the step's sequence lengths into `record` (for the FLOP count), and
+    the padded width P + R every padded micro-batch has (its alignment sets the padded passes' speed:
+    results/h100_2026-12-07d)."""
 
     def record_lengths(batch, ctx):
         lengths = batch.attention_mask.sum(-1).double()
         record.append({"tokens": float(lengths.sum()), "response_tokens": float(batch.response_mask.sum()),
-                       "sum_len_sq": float((lengths ** 2).sum())})
+                       "sum_len_sq": float((lengths ** 2).sum()), "width": batch.input_ids.shape[1]})
         return batch
 
     return record_lengths
@@ -505,6 +507,7 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
         metrics["gpu_clocks"] = clocks.summary() if args.device == "cuda" else None
         if step >= args.warmup + extra:
             metrics["update_flops"] = update_flops(actor.config, actor.model, record[-1])
+            metrics["batch_width"] = record[-1]["width"]
             (profiled_steps if profiled else history).append(metrics)
     history = history or profiled_steps  # a profiled step is slower: in the means only when it is the only one
     result = {"layout": {"tp": tp, "pp": pp, "dp": layout.dp, "tp_g": trainer.worker.tp_g},
@@ -526,6 +529,7 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
     result["per_step"] = [{**{p: m.get(f"time/{p}") for p in ("generate", "graph_capture", "logprob", "update", "step",
                                                               "gc")}, "gc_full_collections": m["gc/full_collections"],
                            "update_tflops": m["update_flops"] / m["time/update"] / 1e12 / (tp * pp),
+                           "batch_width": m["batch_width"],
                            "gpu_clocks": m["gpu_clocks"], "host": m["host"], "compiled_graphs": m["compiled_graphs"]}
                           for m in history]
     if history:  # per GPU: this rank's model shard runs 1 / (tp * pp) of its replica's FLOPs
@@ -701,6 +705,10 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
                      f"{min(ratios):.2f}-{max(ratios):.2f}x | {r['time/logprob']:.3f} | {r['time/update']:.3f} | "
                      f"{r['update_tflops_per_gpu']:.1f} | {mfu} | {mem} | {retries} | {r['time/gc']:.3f} "
                      f"({full_collections}) | {'/'.join(str(s['compiled_graphs']) for s in r['per_step'])} | {sm} |")
+    # the measured steps' padded width (prompt + longest response; the same steps for every variant of a shape)
+    widths = {r["shape"]: "/".join(str(s["batch_width"]) for s in r["per_step"]) for r in results}
+    lines += ["", "Padded width per measured step (prompt + longest response): "
+              + "; ".join(f"{shape} {w}" for shape, w in widths.items()) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -180,6 +180,10 @@ def test_grpo_e2e_ab_variants_measure_the_same_steps(tmp_path):
     assert all(0 < s["host"]["thread_cpu_s"] <= s["host"]["wall_s"] * 1.01 and s["host"]["probe_s"] > 0
                and s["host"]["involuntary_switches"] >= 0 and s["host"]["threads"] >= 1
                for s in packed["per_step"] + padded["per_step"])
+    # the padded width of each measured step, the same for both variants (the same steps), and in the table
+    widths = [s["batch_width"] for s in padded["per_step"]]
+    assert widths == [s["batch_width"] for s in packed["per_step"]] and all(w > 0 for w in widths)
+    assert f"tiny {'/'.join(map(str, widths))}." in (tmp_path / "grpo_e2e_ab.md").read_text()
     # and the graphs torch.compile compiled in each measured step (none once warm: the extra warm-up step's purpose)
     assert [s["compiled_graphs"] for s in packed["per_step"] + padded["per_step"]] == [0] * (2 * len(packed["per_step"]))
     ratios = [a["step"] / b["step"] for a, b in zip(padded["per_step"], packed["per_step"])]
