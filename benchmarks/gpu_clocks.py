@@ -8,6 +8,7 @@ slower program. Nothing is sampled where `nvidia-smi` is missing (CPU runs): `su
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -48,17 +49,25 @@ def summarise(samples: list[tuple[float, float, float, float, int]]) -> dict | N
             "slowdown": [name for bit, name in REASONS.items() if mask & bit], "slowdown_share": slowed / len(samples)}
 
 
-class GPUClocks:
-    """Samples FIELDS every `interval_ms` for the GPU `index` while in use; `summary()` after the block."""
+def smi_id(device: int) -> str:
+    """nvidia-smi's `--id` for torch's CUDA device number `device`: under CUDA_VISIBLE_DEVICES (e.g. "2,3" or GPU
+    UUIDs) its entry for that device, else the number itself."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return visible[device] if device < len(visible) else str(device)
 
-    def __init__(self, index: int = 0, interval_ms: int = 100):
-        self.index, self.interval_ms, self._proc, self._text = index, interval_ms, None, ""
+
+class GPUClocks:
+    """Samples FIELDS every `interval_ms` for torch's CUDA device `device` while in use; `summary()` after the
+    block."""
+
+    def __init__(self, device: int = 0, interval_ms: int = 100):
+        self.smi_id, self.interval_ms, self._proc, self._text = smi_id(device), interval_ms, None, ""
 
     def __enter__(self):
         exe = shutil.which("nvidia-smi")
         if exe is not None:
             self._proc = subprocess.Popen(
-                [exe, f"--id={self.index}", f"--query-gpu={','.join(FIELDS)}", "--format=csv,noheader,nounits",
+                [exe, f"--id={self.smi_id}", f"--query-gpu={','.join(FIELDS)}", "--format=csv,noheader,nounits",
                  f"--loop-ms={self.interval_ms}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         return self
 

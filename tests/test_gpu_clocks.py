@@ -1,6 +1,6 @@
 """benchmarks/gpu_clocks.py: nvidia-smi's samples -> the per-step clock summary in grpo_e2e.py's A/B table."""
 
-from benchmarks.gpu_clocks import GPUClocks, parse_samples, summarise
+from benchmarks.gpu_clocks import GPUClocks, parse_samples, smi_id, summarise
 
 # three samples as `nvidia-smi --query-gpu=<FIELDS> --format=csv,noheader,nounits` prints them, with a line that
 # does not parse (a field the driver cannot read) and a partial last line (the sampler stopped mid-write)
@@ -32,3 +32,12 @@ def test_no_samples_without_nvidia_smi(monkeypatch):
     with GPUClocks() as clocks:
         pass
     assert clocks.summary() is None
+
+
+def test_smi_id_follows_cuda_visible_devices(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert smi_id(1) == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 3")
+    assert (smi_id(0), smi_id(1)) == ("2", "3")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f3a")
+    assert smi_id(0) == "GPU-8f3a"
