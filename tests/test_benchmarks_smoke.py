@@ -234,4 +234,5 @@ def test_padded_width_smoke(tmp_path):
     for r in report["results"]:
         assert (finite(r["ms"]) and r["ms"] > 0 and r["error"] is None) if r["backend"] == "default" else \
             (r["ms"] is None and "backend" in r["error"]), r  # --smoke runs on the CPU
+        assert r["bias_builds"] >= 1, r  # the decoder built its bias with the function swapped in
     assert (tmp_path / "padded_width.md").read_text().count("| 37 | 5 |") == 4
