@@ -20,8 +20,8 @@
 #   grpo_e2e_ab      packed vs padded micro-batches (and packed with model.compile) at 0.5B, lengths 32..256 forced
 #                    (issue 14)
 #   padded_width     a padded micro-batch's forward + backward at widths 1148..1168 (0.5B shape, 16 rows), the attention
-#                    bias aligned (the decoder's) and plain: does the width's alignment set the padded step's time
-#                    (results/h100_2026-12-07d)? (issue 14)
+#                    bias aligned (the decoder's) and plain, under SDPA's choice and the efficient / cuDNN backends
+#                    forced: does the width's alignment set the padded step's time (results/h100_2026-12-07d)? (issue 14)
 #   grpo_e2e_ab_full issue 14's A/B as filed: 0.5B and 1.5B, lengths 32..1024, padded / packed + model.compile /
 #                    the same + full recompute (peak memory with and without recompute); a whole call
 #   profile_update   where the packed + compiled update's time goes at issue 14's workload (64 x 8, lengths 32..1024,
