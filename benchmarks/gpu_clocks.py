@@ -3,7 +3,7 @@ process (`with GPUClocks() as clocks: ...; clocks.summary()`).
 
 A step that runs the same kernels on the same shapes can still take longer when the card lowers its SM clock
 (power cap, temperature, a hardware slowdown). Sampling the clock during each measured step tells that apart from a
-slower program. Nothing is sampled where `nvidia-smi` is missing (CPU runs): `summary()` is then None.
+slower program. Nothing is sampled on CPU runs or where `nvidia-smi` is missing: `summary()` is then None.
 """
 
 from __future__ import annotations
@@ -58,14 +58,15 @@ def smi_id(device: int) -> str:
 
 class GPUClocks:
     """Samples FIELDS every `interval_ms` for torch's CUDA device `device` while in use; `summary()` after the
-    block."""
+    block. device None (a CPU run): nothing is sampled."""
 
-    def __init__(self, device: int = 0, interval_ms: int = 100):
-        self.smi_id, self.interval_ms, self._proc, self._text = smi_id(device), interval_ms, None, ""
+    def __init__(self, device: int | None, interval_ms: int = 100):
+        self.smi_id = None if device is None else smi_id(device)
+        self.interval_ms, self._proc, self._text = interval_ms, None, ""
 
     def __enter__(self):
         exe = shutil.which("nvidia-smi")
-        if exe is not None:
+        if exe is not None and self.smi_id is not None:
             self._proc = subprocess.Popen(
                 [exe, f"--id={self.smi_id}", f"--query-gpu={','.join(FIELDS)}", "--format=csv,noheader,nounits",
                  f"--loop-ms={self.interval_ms}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

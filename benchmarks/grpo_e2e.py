@@ -498,13 +498,12 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
         samples = [{"prompt_ids": torch.randint(3, vocab, (args.prompt_len,), generator=gen).tolist()}
                    for _ in range(per_dp)]
         profiled = step + 1 == args.profile_step
-        graphs = dynamo_graphs()
-        with GCPauses() as pauses, GPUClocks(torch.cuda.current_device() if args.device == "cuda" else 0) as clocks, \
-                HostUse() as host:
+        graphs, gpu = dynamo_graphs(), torch.cuda.current_device() if args.device == "cuda" else None
+        with GCPauses() as pauses, GPUClocks(gpu) as clocks, HostUse() as host:
             metrics = profile_step(trainer, samples, args.out) if profiled else trainer.step(samples)
         metrics["host"], metrics["compiled_graphs"] = host.summary, dynamo_graphs() - graphs
         metrics["time/gc"], metrics["gc/full_collections"] = sum(pauses.seconds), pauses.count[2]
-        metrics["gpu_clocks"] = clocks.summary() if args.device == "cuda" else None
+        metrics["gpu_clocks"] = clocks.summary()
         if step >= args.warmup + extra:
             metrics["update_flops"] = update_flops(actor.config, actor.model, record[-1])
             metrics["batch_width"] = record[-1]["width"]

@@ -131,8 +131,9 @@ def main(argv=None) -> None:
                  and r["backend"] == backends[0] and r["ms"]), next(r["ms"] for r in results if r["ms"]))
     device_name = torch.cuda.get_device_name() if on_cuda else "cpu"
     lines = [f"# padded micro-batch forward + backward by width ({'tiny' if args.smoke else args.shape}, {rows} rows, "
-             f"prompt {prompt_len}, {device_name})", "", "| width | width % 8 | SDPA backend | bias | ms | vs the aligned "
-             f"bias at the first width % 128 == 0, {backends[0]} backend (else the first row) |",
+             f"prompt {prompt_len}, {device_name})", "",
+             "| width | width % 8 | SDPA backend | bias | ms | vs the aligned bias at the first width % 128 == 0, "
+             f"{backends[0]} backend (else the first row) |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['width']} | {r['width'] % 8} | {r['backend']} | {r['bias']} | "
               + (f"{r['ms']:.2f} | {r['ms'] / base:.3f} |" if r["ms"] else f"- | {r['error']} |") for r in results]

@@ -29,8 +29,15 @@ def test_summarise_gives_mean_min_clock_and_the_slowdown_reasons_seen():
 
 def test_no_samples_without_nvidia_smi(monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: None)
-    with GPUClocks() as clocks:
+    with GPUClocks(0) as clocks:
         pass
+    assert clocks.summary() is None
+
+
+def test_no_sampler_for_a_cpu_run(monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/nvidia-smi")  # even where nvidia-smi exists
+    with GPUClocks(None) as clocks:
+        assert clocks._proc is None
     assert clocks.summary() is None
 
 

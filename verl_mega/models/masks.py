@@ -43,6 +43,11 @@ def build_attention_mask(attention_mask: torch.Tensor | None, attn_mask: torch.T
 BIAS_ROW_ALIGNMENT = 16  # elements; SDPA's memory-efficient CUDA kernel wants every stride but the last % 8 == 0
 
 
+def bias_row(kv_len: int) -> int:
+    """Elements per row of `attention_bias`'s buffer for kv_len keys: kv_len rounded up to BIAS_ROW_ALIGNMENT."""
+    return -(-kv_len // BIAS_ROW_ALIGNMENT) * BIAS_ROW_ALIGNMENT
+
+
 def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Bool mask [B, 1, S_q, S_kv] (True = attend) -> additive mask of `dtype` (0 / -inf), what SDPA adds to the
     scores, same shape.
@@ -52,6 +57,5 @@ def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     multiples of 8, PyTorch's memory-efficient attention pads a copy of it on every call (`preprocess_mask` /
     `pad_bias` in aten/src/ATen/native/transformers/cuda/attention.cu): once per layer and forward pass. The
     padded training passes' width P + R is whatever the longest response makes it."""
-    width = -(-mask.shape[-1] // BIAS_ROW_ALIGNMENT) * BIAS_ROW_ALIGNMENT
-    bias = torch.full((*mask.shape[:-1], width), float("-inf"), dtype=dtype, device=mask.device)
+    bias = torch.full((*mask.shape[:-1], bias_row(mask.shape[-1])), float("-inf"), dtype=dtype, device=mask.device)
     return bias[..., :mask.shape[-1]].masked_fill_(mask, 0.0)

@@ -28,7 +28,7 @@ Saved activations per token per layer of our decoder (b = param bytes, h = hidde
 head_dim / tp, I' = intermediate / tp, read off `models/layers.py`'s autograd graph): two RMSNorms
 (fp32 input copy 4h and normed output b*h each), attention (rotated q, K/V expanded to the query heads,
 SDPA output and its reshaped copy: 5 b h'; the fp32 log-sum-exp), SwiGLU (gate, silu, up, product:
-4 b I'). The additive attention mask [mb, 1, S, S] (its rows padded to BIAS_ROW_ALIGNMENT) is kept once per
+4 b I'). The additive attention mask [mb, 1, S, S] (its rows padded: `masks.bias_row`) is kept once per
 micro-batch.
 
 Phases: rollout (weights + KV cache + training state unless handed over + reference),
@@ -46,7 +46,7 @@ import logging
 from dataclasses import dataclass, replace
 
 from verl_mega.kernels.logprob import EXTRA_BYTES
-from verl_mega.models.masks import BIAS_ROW_ALIGNMENT
+from verl_mega.models.masks import bias_row
 from verl_mega.models.parallelize import stage_layer_range
 from verl_mega.parallel.zero import DEFAULT_OFFLOAD_BUCKET_NUMEL
 
@@ -272,8 +272,7 @@ def plan_memory(cfg, par: Parallelism, work: Workload, offload: Offload, *, para
     per_layer = activation_bytes_per_token_layer(cfg, tp, b)
     if work.recompute == "selective":  # the attention core and silu(gate) * up are recomputed, not kept
         per_layer -= b * (4 * cfg.num_heads * cfg.head_dim // tp + 3 * cfg.intermediate_size // tp)
-    bias_row = -(-work.seq_len // BIAS_ROW_ALIGNMENT) * BIAS_ROW_ALIGNMENT  # masks.attention_bias's row
-    mask = 0 if work.packed else work.micro_batch_size * work.seq_len * bias_row * b
+    mask = 0 if work.packed else work.micro_batch_size * work.seq_len * bias_row(work.seq_len) * b
     ends = tokens * (b * cfg.hidden_size + (4 + b) * cfg.hidden_size * (stage == par.pp - 1))  # embedding / final norm
     act_mb = tokens * per_layer * n_layers + mask + ends
     recompute = in_flight * (tokens * b * cfg.hidden_size * n_layers + mask + ends) + tokens * per_layer
@@ -303,7 +302,7 @@ def plan_memory(cfg, par: Parallelism, work: Workload, offload: Offload, *, para
     train_state = {"grads": 0 if handed else grads, "optimizer": 0 if handed else optimizer}
     fwd_mb = work.logprob_micro_batch_size or work.micro_batch_size  # the forward-only passes' micro-batch
     fwd_tokens = work.logprob_tokens_per_microbatch or work.tokens_per_microbatch or fwd_mb * work.seq_len
-    fwd_mask = 0 if work.packed else fwd_mb * work.seq_len * bias_row * b
+    fwd_mask = 0 if work.packed else fwd_mb * work.seq_len * bias_row(work.seq_len) * b
     fwd = fwd_tokens * forward_bytes_per_token_layer(cfg, tp, b) + fwd_mask + fwd_tokens * cfg.hidden_size * b * 2
 
     # held by the generation engine between rollouts: its [rows, V] fp32 logits buffer and the private memory of
