@@ -87,6 +87,15 @@ VARIANTS = {"padded": (False, "none", False, "auto"), "packed": (True, "none", F
             "packed+compile": (True, "none", True, "auto"), "packed+compile+full": (True, "full", True, "auto"),
             "padded+oldpass": (False, "none", False, "recompute"),
             "packed+compile+oldpass": (True, "none", True, "recompute")}
+
+
+def variant_spec(name: str) -> tuple[tuple[bool, str, bool, str], int]:
+    """An A/B variant's VARIANTS entry and trainer.pad_to_multiple_of: a name may end in "@N" (e.g. padded@128:
+    the padded variant with each batch's width P + R padded to a multiple of N)."""
+    base, _, multiple = name.partition("@")
+    if base not in VARIANTS or (multiple and not multiple.isdigit()):
+        raise ValueError(f"--variants: unknown {name!r}; choose from {', '.join(VARIANTS)} (each may end in @N)")
+    return VARIANTS[base], int(multiple or 1)
 TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
             head_dim=16, max_position_embeddings=512, tie_word_embeddings=True, attention_bias=True, model_type="qwen2")
 PHASES = ("generate", "reshard", "logprob", "update")
@@ -178,9 +187,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="output directory (default $OUT or .)")
     args = p.parse_args(argv)
-    unknown = set(args.variants.split(",")) - set(VARIANTS)
-    if unknown:
-        raise ValueError(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    for name in args.variants.split(","):
+        variant_spec(name)  # ValueError naming an unknown one
     if args.tiny or args.smoke:
         args.tiny = True
         args.prompts, args.n, args.prompt_len, args.max_new_tokens = min(args.prompts, 4), min(args.n, 2), 16, 8
@@ -442,11 +450,12 @@ def padded_micro_batch(args, budget: int | None) -> int:
 def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool | None = None,
                recompute: str | None = None, compile_layers: bool = False, old_logprobs: str | None = None,
                max_tokens: int | None = None, warmup_compiled: bool | None = None,
-               logprob_tokens: int | None = None) -> dict:
+               logprob_tokens: int | None = None, pad_to_multiple_of: int = 1) -> dict:
     """Build actor + trainer for one layout, run the steps, return mean phase timings and throughput.
 
     max_tokens: the packed token budget (default --max-tokens; 'auto' is resolved here for this run alone);
     logprob_tokens: the forward-only passes' (default --logprob-max-tokens; 'auto' resolved as max_tokens);
+    pad_to_multiple_of: trainer.pad_to_multiple_of (padded runs: each batch's width rounded up to a multiple);
     warmup_compiled: run the compiled runs' extra warm-up step (default: when this run compiles). An A/B gives every
     variant the same warm-up steps, so that their measured steps draw the same prompts and response lengths."""
     layout = Layout.create(tp, pp)
@@ -474,6 +483,7 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
     per_dp = max(1, args.prompts // layout.dp)
     cfg = trainer_config(args, per_dp, packing, recompute, compile_layers, old_logprobs, max_tokens,
                          padded_micro_batch(args, max_tokens), logprob_tokens)
+    cfg.trainer.pad_to_multiple_of = pad_to_multiple_of
     trainer = PPOTrainer(actor, reward_fn=even_token_reward, config=cfg)
     for model in (actor.model, trainer.reference.model if trainer.reference is not None else None):
         for layer in (model.layers if model is not None else ()):
@@ -512,6 +522,7 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
     result = {"layout": {"tp": tp, "pp": pp, "dp": layout.dp, "tp_g": trainer.worker.tp_g},
               "prompts_per_step": per_dp * layout.dp, "responses_per_step": per_dp * layout.dp * args.n,
               "packing": cfg.trainer.packing, "recompute": cfg.model.recompute,
+              "pad_to_multiple_of": cfg.trainer.pad_to_multiple_of,
               "old_logprobs_pass": not update_takes_own_logprobs(cfg),
               "max_tokens_per_micro_batch": cfg.trainer.max_tokens_per_micro_batch,
               "micro_batch_size": cfg.trainer.micro_batch_size, "warmup_steps": args.warmup + extra,
@@ -621,7 +632,7 @@ def markdown(results: list[dict], args, world: int, device: str) -> str:
 def ab_budgets(args, shape: dict, variants: list[str], variant: str) -> tuple:
     """One A/B run's (--max-tokens, --logprob-max-tokens), `auto` resolved (tp = pp = 1): the largest that every
     variant's plan fits (--ab-budget shared) or `variant`'s alone (own)."""
-    planned = [VARIANTS[v] for v in (variants if args.ab_budget == "shared" else [variant])]
+    planned = [variant_spec(v)[0] for v in (variants if args.ab_budget == "shared" else [variant])]
     budget = args.max_tokens
     if budget == "auto":
         budget = auto_token_budget(args, shape, planned, Layout.create(1, 1))
@@ -636,15 +647,15 @@ def run_ab(args, world: int, device_name: str) -> None:
     """Every variant of VARIANTS for every shape of --ab, one after the other in this process (tp = pp = 1)."""
     results = []
     variants = args.variants.split(",")
-    compiled = any(VARIANTS[v][2] for v in variants) or args.compile  # every variant warms up alike (run_layout)
+    compiled = any(variant_spec(v)[0][2] for v in variants) or args.compile  # every variant warms up alike (run_layout)
     for shape_name in args.ab.split(","):
         shape = TINY if shape_name == "tiny" or args.tiny else SHAPES[shape_name]
         for variant in variants:
-            packing, recompute, compile_layers, old_logprobs = VARIANTS[variant]
+            (packing, recompute, compile_layers, old_logprobs), multiple = variant_spec(variant)
             budget, logprob_budget = ab_budgets(args, shape, variants, variant)
             r = run_layout(args, 1, 1, shape=shape, packing=packing, recompute=recompute,
                            compile_layers=compile_layers, old_logprobs=old_logprobs, max_tokens=budget,
-                           warmup_compiled=compiled, logprob_tokens=logprob_budget)
+                           warmup_compiled=compiled, logprob_tokens=logprob_budget, pad_to_multiple_of=multiple)
             r.update(shape=shape_name, variant=variant)
             results.append(r)
             if dist.get_rank() == 0:
@@ -705,7 +716,9 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
                      f"{r['update_tflops_per_gpu']:.1f} | {mfu} | {mem} | {retries} | {r['time/gc']:.3f} "
                      f"({full_collections}) | {'/'.join(str(s['compiled_graphs']) for s in r['per_step'])} | {sm} |")
     # the measured steps' padded width (prompt + longest response; the same steps for every variant of a shape)
-    widths = {r["shape"]: "/".join(str(s["batch_width"]) for s in r["per_step"]) for r in results}
+    # (variants with trainer.pad_to_multiple_of > 1: their own widths, after the shape's name)
+    widths = {r["shape"] + (f" @{r['pad_to_multiple_of']}" if r.get("pad_to_multiple_of", 1) > 1 else ""):
+              "/".join(str(s["batch_width"]) for s in r["per_step"]) for r in results}
     lines += ["", "Padded width per measured step (prompt + longest response): "
               + "; ".join(f"{shape} {w}" for shape, w in widths.items()) + "."]
     return "\n".join(lines) + "\n"

@@ -159,10 +159,16 @@ def test_grpo_e2e_smoke(tmp_path):
 def test_grpo_e2e_ab_variants_measure_the_same_steps(tmp_path):
     # a compiled variant runs one more warm-up step; every variant of an A/B does too, so that their measured steps
     # draw the same prompts and forced response lengths (per-step seeds): equal lengths, equal update FLOPs
-    run_benchmark("grpo_e2e.py", "--device", "cpu", "--smoke", "--ab", "tiny", "--variants", "padded,packed+compile",
-                  "--response-len", "2:8", "--max-tokens", "40", "--logprob-max-tokens", "80", "--out", str(tmp_path),
-                  out_dir=tmp_path)
-    padded, packed = json.loads((tmp_path / "grpo_e2e_ab.json").read_text())["results"]
+    run_benchmark("grpo_e2e.py", "--device", "cpu", "--smoke", "--ab", "tiny", "--variants",
+                  "padded,padded@16,packed+compile", "--response-len", "2:8", "--max-tokens", "40",
+                  "--logprob-max-tokens", "80", "--out", str(tmp_path), out_dir=tmp_path)
+    padded, aligned, packed = json.loads((tmp_path / "grpo_e2e_ab.json").read_text())["results"]
+    # padded@16: the same steps with each batch's width padded to a multiple of 16 (trainer.pad_to_multiple_of)
+    assert aligned["pad_to_multiple_of"] == 16 and padded["pad_to_multiple_of"] == 1
+    assert all(s["batch_width"] % 16 == 0 for s in aligned["per_step"])
+    assert aligned["update_flops"] == padded["update_flops"]
+    assert f"; tiny @16 {'/'.join(str(s['batch_width']) for s in aligned['per_step'])}." in \
+        (tmp_path / "grpo_e2e_ab.md").read_text()
     assert padded["warmup_steps"] == packed["warmup_steps"] == 2
     # the forward-only passes at their own size: 80 tokens packed, 80 // max_new_tokens (8) sequences padded
     assert packed["logprob_max_tokens_per_micro_batch"] == 80 and padded["logprob_micro_batch_size"] == 10
@@ -183,7 +189,7 @@ def test_grpo_e2e_ab_variants_measure_the_same_steps(tmp_path):
     # the padded width of each measured step, the same for both variants (the same steps), and in the table
     widths = [s["batch_width"] for s in padded["per_step"]]
     assert widths == [s["batch_width"] for s in packed["per_step"]] and all(w > 0 for w in widths)
-    assert f"tiny {'/'.join(map(str, widths))}." in (tmp_path / "grpo_e2e_ab.md").read_text()
+    assert f": tiny {'/'.join(map(str, widths))};" in (tmp_path / "grpo_e2e_ab.md").read_text()
     # and the graphs torch.compile compiled in each measured step (none once warm: the extra warm-up step's purpose)
     assert [s["compiled_graphs"] for s in packed["per_step"] + padded["per_step"]] == [0] * (2 * len(packed["per_step"]))
     ratios = [a["step"] / b["step"] for a, b in zip(padded["per_step"], packed["per_step"])]

@@ -55,14 +55,14 @@ def test_packed_boundaries_stay_on_the_host():
     assert list(seqs.lengths) == mb["cu_seqlens"].diff().tolist() and seqs.max_seqlen == max(seqs.lengths)
 
 
-def _rl_batch(seed=0, rows=6, prompt=5, resp=7, vocab=120) -> RLBatch:
+def _rl_batch(seed=0, rows=6, prompt=5, resp=7, vocab=120, width_multiple=1) -> RLBatch:
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(3, vocab, (int(torch.randint(1, prompt + 1, (1,), generator=gen)),), generator=gen).tolist()
                for _ in range(rows // 2)]
     batch = RLBatch(samples=[{}] * len(prompts), prompt_ids=prompts, n=2)
     responses = [torch.randint(3, vocab, (int(torch.randint(0, resp + 1, (1,), generator=gen)),),
                                generator=gen).tolist() for _ in range(rows)]
-    batch.set_rollout(responses, [[0.0] * len(r) for r in responses], pad_id=0)
+    batch.set_rollout(responses, [[0.0] * len(r) for r in responses], pad_id=0, width_multiple=width_multiple)
     return batch
 
 
@@ -88,6 +88,23 @@ def test_decoder_packed_equals_padded(hf_dir):
         assert torch.allclose(a * mask, b, atol=TOL, rtol=0) and (b[mask == 0] == 0).all()
     v_pad, v_pack = want[..., 0], got[..., 0]  # stand-ins shaped like a value model's output: [b, S] / [1, T]
     assert torch.allclose(response_values(v_pad, padded) * mask, response_values(v_pack, packed), atol=TOL, rtol=0)
+
+
+def test_padded_width_multiple_adds_only_padding(hf_dir):
+    # trainer.pad_to_multiple_of widens the batch (P + R a multiple of it) with padding columns: the valid
+    # tokens' response log-probs are those of the plain batch (fp32, 1e-5: only masked keys are added).
+    model = build_stage(ModelConfig.from_hf(hf_dir), Layout.create(1, 1, 1), init_seed=1)
+    plain, wide = _rl_batch(), _rl_batch(width_multiple=16)
+    assert wide.input_ids.shape[1] % 16 == 0 and plain.input_ids.shape[1] % 16 != 0
+    r = plain.responses.shape[1]
+    assert torch.equal(wide.response_mask[:, :r], plain.response_mask) and wide.response_mask[:, r:].sum() == 0
+    assert torch.equal(wide.responses[:, :r], plain.responses)
+    out = []
+    for batch in (plain, wide):
+        (mb,) = batch.microbatches(6)
+        hidden = model(mb["input_ids"], mb["position_ids"], mb["attention_mask"], return_hidden=True)
+        out.append(response_logprobs(hidden, mb, model, None, 1.0, False)[0])
+    assert torch.allclose(out[1][:, :r] * plain.response_mask, out[0] * plain.response_mask, atol=TOL, rtol=0)
 
 
 def test_token_budget_microbatches_keep_row_order():

@@ -189,14 +189,16 @@ class RLBatch:
         return self.loss_mask if self.loss_mask is not None else self.response_mask
 
     def set_rollout(self, responses: list[list[int]], logprobs: list[list[float]], pad_id: int,
-                    loss_masks: list[list[int]] | None = None) -> None:
+                    loss_masks: list[list[int]] | None = None, width_multiple: int = 1) -> None:
         """Fill the sequence tensors from N response token lists (and their sampler log-probs; optional
-        per-token loss masks, 1 = model token, same lengths as the responses)."""
+        per-token loss masks, 1 = model token, same lengths as the responses). `width_multiple`: the response
+        width R is padded so that the sequence width P + R is a multiple of it (trainer.pad_to_multiple_of)."""
         if len(responses) != self.num_rows:
             raise ValueError(f"got {len(responses)} responses for {self.num_prompts} prompts x n={self.n}")
         prompts = [p for p in self.prompt_ids for _ in range(self.n)]
         prompt_ids, prompt_mask = left_pad(prompts, pad_id)  # [N, P]
         r_len = max(1, max(len(r) for r in responses))
+        r_len = -(-(prompt_ids.shape[1] + r_len) // width_multiple) * width_multiple - prompt_ids.shape[1]
         resp = torch.full((len(responses), r_len), pad_id, dtype=torch.long)
         resp_mask = torch.zeros(len(responses), r_len)
         lps = torch.zeros(len(responses), r_len)

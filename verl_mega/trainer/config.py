@@ -97,6 +97,7 @@ class TrainerSection:
     logprob_micro_batch_size: Optional[int] = None  # sequences per forward-only pass (old and reference log-probs, critic values; no activations kept, so it can be larger); None = micro_batch_size (verl's log_prob_micro_batch_size_per_gpu)
     logprob_max_tokens_per_micro_batch: Optional[Union[int, str]] = None  # token budget of a forward-only pass; None = max_tokens_per_micro_batch (verl's log_prob_max_token_len_per_gpu); "auto" (packing): as max_tokens_per_micro_batch's, not below it
     packing: bool = True  # pack each micro-batch's valid tokens into one row (varlen attention, no padding); False = padded rows
+    pad_to_multiple_of: int = 1  # packing off: pad each batch's sequence width (prompt + longest response) up to a multiple of this
     num_epochs: int = 1  # PPO epochs: passes over each rollout batch
     critic_epochs: Optional[int] = None  # critic passes over each rollout batch (None = num_epochs; verl's critic.ppo_epochs)
     old_logprobs: str = "auto"  # auto: an on-policy update (one epoch over one mini-batch, no KL in the reward, no critic warm-up) takes its own forward's log-probs, detached, as the old ones (ratio exactly 1), saving a forward pass over the batch; recompute: always a separate old-log-prob pass before the update
@@ -207,7 +208,7 @@ def check_config(cfg: TrainerConfig) -> None:
                         ("rollout.n_samples", r.n_samples),
                         ("rollout.max_new_tokens", r.max_new_tokens), ("parallel.tp", cfg.parallel.tp),
                         ("parallel.pp", cfg.parallel.pp), ("trainer.log_every", t.log_every),
-                        ("trainer.total_steps", t.total_steps)):  # 0 would end at once saying "already finished"
+                        ("trainer.total_steps", t.total_steps), ("trainer.pad_to_multiple_of", t.pad_to_multiple_of)):  # 0 would end at once saying "already finished"
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if cfg.model.recompute_layers is not None and cfg.model.recompute_layers < 0:

@@ -71,7 +71,8 @@ def default_pipeline(trainer: "PPOTrainer") -> Pipeline:
     cfg = trainer.config
     rollout = Rollout(trainer.worker, cfg.rollout, seed=cfg.trainer.seed, tokenizer=trainer.tokenizer,
                       pad_id=trainer.pad_id, dp_rank=trainer.layout.dp_rank,
-                      rewards=trainer.rewards if cfg.rollout.stream_rewards else None, tools=trainer.tools)
+                      rewards=trainer.rewards if cfg.rollout.stream_rewards else None, tools=trainer.tools,
+                      width_multiple=1 if cfg.trainer.packing else cfg.trainer.pad_to_multiple_of)
     logprobs = LogProbs(trainer.actor_engine, trainer.reference, trainer.critic_engine, trainer.layout,
                         temperature=cfg.rollout.temperature, trainer_cfg=cfg.trainer, device=trainer.device,
                         old=not update_takes_own_logprobs(cfg))

@@ -199,15 +199,17 @@ class Rollout(Stage):
     padding; dp_rank: this rank's data-parallel index (seeds differ per replica); rewards: a
     `RewardRunner` to stream responses to, or None; tools: a `verl_mega.tools.ToolSet` (or None):
     multi-turn samples through the agent loop (`rollout/agent_loop.py`, limits from the config section),
-    with a loss mask over the model's own tokens and `agent/...` metrics.
+    with a loss mask over the model's own tokens and `agent/...` metrics; width_multiple: the batch's
+    sequence width is padded to a multiple of it (`RLBatch.set_rollout`).
     """
 
     name = "rollout"
 
     def __init__(self, worker, config, *, seed: int, tokenizer, pad_id: int, dp_rank: int = 0, rewards=None,
-                 tools=None):
+                 tools=None, width_multiple: int = 1):
         self.worker, self.config, self.seed, self.tokenizer = worker, config, seed, tokenizer
         self.pad_id, self.dp_rank, self.rewards, self.tools = pad_id, dp_rank, rewards, tools
+        self.width_multiple = width_multiple
         if tools is not None and not getattr(tokenizer, "chat_template", None):  # tool results are chat messages
             raise ValueError("Rollout with tools needs a tokenizer with a chat template (tool results are appended "
                              "as `tool` messages through it)")
@@ -232,7 +234,7 @@ class Rollout(Stage):
         out = self.worker.generate(batch.prompt_ids, max_new_tokens=cfg.max_new_tokens, n=batch.n, seed=seed,
                                    sampling=SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p),
                                    on_finish=on_finish, images=batch.prompt_images())
-        batch.set_rollout(out.responses, out.logprobs, self.pad_id)
+        batch.set_rollout(out.responses, out.logprobs, self.pad_id, width_multiple=self.width_multiple)
         batch.response_texts = [self.decode(r) for r in out.responses]
         batch.timings.update(out.timings)
         batch.metrics["response_length/clip_ratio"] = clip_ratio(batch.response_mask, cfg.max_new_tokens)
@@ -246,7 +248,7 @@ class Rollout(Stage):
                                          seed=seed, sampling=SamplingParams(temperature=cfg.temperature,
                                                                             top_k=cfg.top_k, top_p=cfg.top_p))
         batch.set_rollout([s.response_ids for s in samples], [s.logprobs for s in samples], self.pad_id,
-                          loss_masks=[s.loss_mask for s in samples])
+                          loss_masks=[s.loss_mask for s in samples], width_multiple=self.width_multiple)
         batch.response_texts = [self.decode(s.response_ids) for s in samples]
         batch.metrics.update(agent_metrics(samples))
         batch.metrics["response_length/clip_ratio"] = clip_ratio(batch.response_mask, limits.max_total_tokens)
