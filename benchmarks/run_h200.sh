@@ -90,7 +90,7 @@ source benchmarks/device_steps.sh  # wheels, WORK, step()
 # 80% of the card (padded + packed on an H100: 16384 at 0.5B, 8192 at 1.5B; on an H200: 32768 and 16384)
 AB_MAX_TOKENS=${AB_MAX_TOKENS:-auto}
 AB_SHAPES=${AB_SHAPES:-0.5b,1.5b}  # grpo_e2e_ab_full's shapes in run order (each variant's JSON line is in the log)
-AB_VARIANTS=${AB_VARIANTS:-padded,packed+compile,packed+compile+full}  # grpo_e2e_ab_full's variants in run order
+AB_VARIANTS=${AB_VARIANTS:-padded,packed+compile,packed+compile+full}  # grpo_e2e_ab_full's variants in run order (a name may end in @N, e.g. padded@128: trainer.pad_to_multiple_of=N)
 AB_LOGPROB_TOKENS=${AB_LOGPROB_TOKENS:-}  # grpo_e2e's --logprob-max-tokens (auto or a count; empty: the training size)
 AB_OWN=${AB_OWN:-}  # grpo_e2e_ab_full: any non-empty value gives each variant its own auto budget (--ab-budget own)
 AB_STEPS=${AB_STEPS:-4}  # grpo_e2e_ab_full's --steps: 1 warm-up (+1 if a variant compiles, for all) + AB_STEPS - 1 measured (3 measured: padded 1.5B steps took 25.0-31.1 s)
