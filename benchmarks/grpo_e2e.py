@@ -87,6 +87,14 @@ VARIANTS = {"padded": (False, "none", False, "auto"), "packed": (True, "none", F
             "packed+compile": (True, "none", True, "auto"), "packed+compile+full": (True, "full", True, "auto"),
             "padded+oldpass": (False, "none", False, "recompute"),
             "packed+compile+oldpass": (True, "none", True, "recompute")}
+TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+            head_dim=16, max_position_embeddings=512, tie_word_embeddings=True, attention_bias=True, model_type="qwen2")
+PHASES = ("generate", "reshard", "logprob", "update")
+EOS_ID = 2
+
+
+BUDGETS = (32768, 16384, 8192, 4096)  # --max-tokens auto's candidates, largest first
+LOGPROB_BUDGETS = (65536, 32768, 16384, 8192, 4096)  # --logprob-max-tokens auto's candidates, largest first
 
 
 def variant_spec(name: str) -> tuple[tuple[bool, str, bool, str], int]:
@@ -96,14 +104,6 @@ def variant_spec(name: str) -> tuple[tuple[bool, str, bool, str], int]:
     if base not in VARIANTS or (multiple and not multiple.isdigit()):
         raise ValueError(f"--variants: unknown {name!r}; choose from {', '.join(VARIANTS)} (each may end in @N)")
     return VARIANTS[base], int(multiple or 1)
-TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-            head_dim=16, max_position_embeddings=512, tie_word_embeddings=True, attention_bias=True, model_type="qwen2")
-PHASES = ("generate", "reshard", "logprob", "update")
-EOS_ID = 2
-
-
-BUDGETS = (32768, 16384, 8192, 4096)  # --max-tokens auto's candidates, largest first
-LOGPROB_BUDGETS = (65536, 32768, 16384, 8192, 4096)  # --logprob-max-tokens auto's candidates, largest first
 
 
 def token_budget(text: str) -> int | str:

@@ -234,6 +234,21 @@ def test_forward_only_budget_sizes_the_logprob_phase_only():
     assert larger.phases["logprob"]["activations"] == 4 * same.phases["logprob"]["activations"]
 
 
+def test_padded_plan_takes_the_rounded_width():
+    """With packing off, the plan sizes the padded micro-batches at the width RLBatch.set_rollout makes: prompt +
+    max_new_tokens rounded up to trainer.pad_to_multiple_of (the widest batch); packed plans ignore it."""
+    from verl_mega.trainer.memory_plan import plan_for_config
+
+    def update_activations(packing: bool, multiple: int) -> float:
+        cfg = TrainerConfig()
+        cfg.trainer.packing, cfg.trainer.pad_to_multiple_of = packing, multiple
+        cfg.data.max_prompt_length, cfg.rollout.max_new_tokens = 30, 33  # width 63 -> 64 at multiple 16
+        return plan_for_config(cfg, TINY, Layout.create(1, 1, 1), "cpu", 4)[1].phases["update"]["activations"]
+
+    assert update_activations(False, 16) > update_activations(False, 1)
+    assert update_activations(True, 16) == update_activations(True, 1)
+
+
 QWEN25_05B = ModelConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
                          num_kv_heads=2, head_dim=64, tie_word_embeddings=True, attention_bias=True, model_type="qwen2")
 

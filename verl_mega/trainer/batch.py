@@ -66,6 +66,12 @@ class ImageTokens:
         return positions
 
 
+def padded_response_width(prompt_len: int, response_len: int, multiple: int = 1) -> int:
+    """The response width R >= response_len of a batch whose prompts are prompt_len wide, so that the sequence
+    width prompt_len + R is a multiple of `multiple` (trainer.pad_to_multiple_of; 1: response_len)."""
+    return -(-(prompt_len + response_len) // multiple) * multiple - prompt_len
+
+
 def sample_images(samples: list[dict]) -> tuple[list | None, list | None]:
     """(pixel_values, image_grid_thw), one entry per sample (None where it has no image), of dataset items
     carrying "pixel_values" [N_patches, D] and "image_grid_thw" [N_images, 3] (data/multimodal.py; N_images
@@ -197,8 +203,7 @@ class RLBatch:
             raise ValueError(f"got {len(responses)} responses for {self.num_prompts} prompts x n={self.n}")
         prompts = [p for p in self.prompt_ids for _ in range(self.n)]
         prompt_ids, prompt_mask = left_pad(prompts, pad_id)  # [N, P]
-        r_len = max(1, max(len(r) for r in responses))
-        r_len = -(-(prompt_ids.shape[1] + r_len) // width_multiple) * width_multiple - prompt_ids.shape[1]
+        r_len = padded_response_width(prompt_ids.shape[1], max(1, max(len(r) for r in responses)), width_multiple)
         resp = torch.full((len(responses), r_len), pad_id, dtype=torch.long)
         resp_mask = torch.zeros(len(responses), r_len)
         lps = torch.zeros(len(responses), r_len)

@@ -208,7 +208,8 @@ def check_config(cfg: TrainerConfig) -> None:
                         ("rollout.n_samples", r.n_samples),
                         ("rollout.max_new_tokens", r.max_new_tokens), ("parallel.tp", cfg.parallel.tp),
                         ("parallel.pp", cfg.parallel.pp), ("trainer.log_every", t.log_every),
-                        ("trainer.total_steps", t.total_steps), ("trainer.pad_to_multiple_of", t.pad_to_multiple_of)):  # 0 would end at once saying "already finished"
+                        ("trainer.pad_to_multiple_of", t.pad_to_multiple_of),
+                        ("trainer.total_steps", t.total_steps)):  # 0 would end at once saying "already finished"
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if cfg.model.recompute_layers is not None and cfg.model.recompute_layers < 0:

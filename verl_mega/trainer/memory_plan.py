@@ -49,6 +49,7 @@ from verl_mega.kernels.logprob import EXTRA_BYTES
 from verl_mega.models.masks import bias_row
 from verl_mega.models.parallelize import stage_layer_range
 from verl_mega.parallel.zero import DEFAULT_OFFLOAD_BUCKET_NUMEL
+from verl_mega.trainer.batch import padded_response_width
 
 log = logging.getLogger(__name__)
 GIB = 2**30
@@ -376,10 +377,13 @@ def plan_for_config(cfg, model_config, layout, device, param_bytes: int) -> tupl
     the plan with the cache kept fits the capacity with the same offload switches (never without a capacity,
     e.g. on CPU)."""
     t, r, o = cfg.trainer, cfg.rollout, cfg.offload
-    seq = cfg.data.max_prompt_length + r.max_new_tokens
+    # padded rows: the widest batch, its width rounded as RLBatch.set_rollout rounds it
+    response_len = r.max_new_tokens if t.packing else padded_response_width(cfg.data.max_prompt_length,
+                                                                            r.max_new_tokens, t.pad_to_multiple_of)
+    seq = cfg.data.max_prompt_length + response_len
     rows_per_update = (t.mini_batch_size or t.rollout_batch_size) * r.n_samples
     packed_budget = t.max_tokens_per_micro_batch if t.packing else None
-    work = Workload(micro_batch_size=t.micro_batch_size, seq_len=seq, response_len=r.max_new_tokens,
+    work = Workload(micro_batch_size=t.micro_batch_size, seq_len=seq, response_len=response_len,
                     rollout_rows=min(t.rollout_batch_size * r.n_samples, r.engine.max_batch),
                     num_microbatches=-(-rows_per_update // t.micro_batch_size),
                     prefill_tokens=r.engine.prefill_tokens, kv_token_budget=r.engine.max_tokens,
