@@ -67,7 +67,7 @@ from verl_mega.parallel.dist import device as comm_device
 from verl_mega.parallel.dist import init_distributed
 from verl_mega.trainer import PPOTrainer, TrainerConfig
 from verl_mega.trainer.config import update_takes_own_logprobs
-from verl_mega.trainer.memory_plan import GIB, plan_fits_margin, usable_device_bytes
+from verl_mega.trainer.memory_plan import AUTO_TOKEN_BUDGETS, GIB, plan_fits_margin, usable_device_bytes
 from verl_mega.trainer.stages import Pipeline
 
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
@@ -93,8 +93,11 @@ PHASES = ("generate", "reshard", "logprob", "update")
 EOS_ID = 2
 
 
-BUDGETS = (32768, 16384, 8192, 4096)  # --max-tokens auto's candidates, largest first
-LOGPROB_BUDGETS = (65536, 32768, 16384, 8192, 4096)  # --logprob-max-tokens auto's candidates, largest first
+def budget_candidates(args) -> list[int]:
+    """`auto` budgets' candidates, largest first: the trainer's (memory_plan.AUTO_TOKEN_BUDGETS) not below one whole
+    sequence (--prompt-len + --max-new-tokens), as `trainer.max_tokens_per_micro_batch: auto` takes them."""
+    seq = args.prompt_len + args.max_new_tokens
+    return [size for size in AUTO_TOKEN_BUDGETS if size >= seq] or [seq]
 
 
 def variant_spec(name: str) -> tuple[tuple[bool, str, bool, str], int]:
@@ -137,15 +140,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "training passes see a realistic length spread; default: as generated")
     p.add_argument("--max-tokens", type=token_budget, default=None,
                    help="trainer.max_tokens_per_micro_batch of the packed runs (default: --micro-batch sequences); "
-                        "auto: per shape the largest of " + "/".join(map(str, BUDGETS)) + " whose memory plans fit "
+                        "auto: per shape the largest of the trainer's auto candidates ("
+                        + "/".join(map(str, AUTO_TOKEN_BUDGETS)) + ", not below one whole sequence) whose memory "
+                        "plans fit "
                         "this device, for the packed runs and for padded ones of budget // --max-new-tokens "
                         "sequences (which the padded runs then use instead of --micro-batch)")
     p.add_argument("--logprob-max-tokens", type=token_budget, default=None,
                    help="trainer.logprob_max_tokens_per_micro_batch of the packed runs, and the padded runs' "
                         "trainer.logprob_micro_batch_size of that many tokens // --max-new-tokens sequences: the "
                         "forward-only passes' own size (default: the training size); auto: per shape the largest of "
-                        + "/".join(map(str, LOGPROB_BUDGETS)) + " (not below the training budget) whose memory plans "
-                        "fit this device")
+                        "the same candidates, not below the training budget, whose memory plans fit this device")
     p.add_argument("--ab-budget", choices=("shared", "own"), default="shared",
                    help="--ab with auto budgets: shared = one budget per shape that every variant's plan fits (like "
                         "for like), own = each variant the largest its own plan fits (what `auto` gives a user of "
@@ -393,7 +397,7 @@ def trainer_config(args, per_dp: int, packing: bool, recompute: str, compile_lay
 
 
 def auto_token_budget(args, shape: dict, variants: list[tuple[bool, str, bool, str]], layout: Layout) -> int:
-    """`--max-tokens auto`: the largest of BUDGETS for which the trainer's memory plan (`plan_for_config`) of every
+    """`--max-tokens auto`: the largest of `budget_candidates` for which the trainer's memory plan (`plan_for_config`) of every
     variant (packing, recompute, compile, old log-probs) fits the trainer's share for `auto` budgets
     (`memory_plan.plan_fits_margin`) of this device's usable memory, packed
     with that many tokens per micro-batch and padded with budget // max_new_tokens sequences; the smallest where
@@ -401,18 +405,19 @@ def auto_token_budget(args, shape: dict, variants: list[tuple[bool, str, bool, s
     if args.tiny:
         return 40
     fits = _plans_fit(args, shape, variants, layout)
-    return next((budget for budget in BUDGETS if fits(budget, None)), BUDGETS[-1])
+    candidates = budget_candidates(args)
+    return next((budget for budget in candidates if fits(budget, None)), candidates[-1])
 
 
 def auto_logprob_budget(args, shape: dict, variants: list[tuple[bool, str, bool, str]], layout: Layout,
                         budget: int) -> int:
-    """`--logprob-max-tokens auto`: the largest of LOGPROB_BUDGETS, not below the training `budget`, for which every
-    variant's memory plan fits (as auto_token_budget) with the forward-only passes at that size; `budget` where
+    """`--logprob-max-tokens auto`: the largest of `budget_candidates`, not below the training `budget`, for which
+    every variant's memory plan fits (as auto_token_budget) with the forward-only passes at that size; `budget` where
     none larger fits. Tiny CPU runs: 80 tokens."""
     if args.tiny:
         return 80
     fits = _plans_fit(args, shape, variants, layout)
-    return next((size for size in LOGPROB_BUDGETS if size >= budget and fits(budget, size)), budget)
+    return next((size for size in budget_candidates(args) if size >= budget and fits(budget, size)), budget)
 
 
 def _plans_fit(args, shape: dict, variants: list[tuple[bool, str, bool, str]], layout: Layout):
@@ -472,7 +477,7 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
         logprob_tokens = args.logprob_max_tokens
         if logprob_tokens == "auto":
             logprob_tokens = auto_logprob_budget(args, shape, [(packing, recompute, compile_layers, old_logprobs)],
-                                                 layout, max_tokens or BUDGETS[-1])
+                                                 layout, max_tokens or budget_candidates(args)[-1])
     retries_before, start_allocated = alloc_retries(), None
     if torch.cuda.is_available():
         gc.collect()
@@ -639,7 +644,7 @@ def ab_budgets(args, shape: dict, variants: list[str], variant: str) -> tuple:
     logprob_budget = args.logprob_max_tokens
     if logprob_budget == "auto":
         logprob_budget = auto_logprob_budget(args, shape, planned, Layout.create(1, 1),
-                                             budget if isinstance(budget, int) else BUDGETS[-1])
+                                             budget if isinstance(budget, int) else budget_candidates(args)[-1])
     return budget, logprob_budget
 
 

@@ -201,6 +201,7 @@ def test_grpo_e2e_auto_token_budget():
     # --max-tokens auto: the largest budget whose memory plans (packed, and padded at budget // max_new_tokens
     # sequences) fit the trainer's share for `auto` budgets of the device; more memory never gives a smaller budget
     from benchmarks import grpo_e2e
+    from verl_mega.trainer.memory_plan import AUTO_TOKEN_BUDGETS
 
     args = grpo_e2e.parse_args(["--device", "cpu", "--max-tokens", "auto", "--max-new-tokens", "1024",
                                 "--prompt-len", "128", "--prompts", "64", "--n", "8"])
@@ -210,8 +211,10 @@ def test_grpo_e2e_auto_token_budget():
     for gib in (20, 80, 140, 400):
         args.memory_gib = gib
         picks.append(grpo_e2e.auto_token_budget(args, grpo_e2e.SHAPES["0.5b"], variants, layout))
-    assert picks == sorted(picks) and set(picks) <= set(grpo_e2e.BUDGETS), picks
-    assert picks[0] < picks[-1] == grpo_e2e.BUDGETS[0], picks
+    candidates = grpo_e2e.budget_candidates(args)  # the trainer's auto candidates, not below one whole sequence
+    assert candidates == [s for s in AUTO_TOKEN_BUDGETS if s >= 128 + 1024], candidates
+    assert picks == sorted(picks) and set(picks) <= set(candidates), picks
+    assert picks[0] < picks[-1] == candidates[0], picks
     assert grpo_e2e.padded_micro_batch(args, 16384) == 16
     # --logprob-max-tokens auto: never below the training budget, and as large as the plans allow
     sizes = []
@@ -219,7 +222,7 @@ def test_grpo_e2e_auto_token_budget():
         args.memory_gib = gib
         sizes.append(grpo_e2e.auto_logprob_budget(args, grpo_e2e.SHAPES["0.5b"], variants, layout, budget))
     assert all(size >= budget for size, budget in zip(sizes, picks)) and sizes == sorted(sizes), (sizes, picks)
-    assert sizes[-1] == grpo_e2e.LOGPROB_BUDGETS[0], sizes
+    assert sizes[-1] == candidates[0], sizes
     # an A/B's budgets: shared = what every variant's plan fits (the padded one limits it), own = each its largest
     args.memory_gib, names = 80, ["padded", "packed+compile"]
     shared = [grpo_e2e.ab_budgets(args, grpo_e2e.SHAPES["0.5b"], names, name)[0] for name in names]
