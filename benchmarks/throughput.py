@@ -239,7 +239,7 @@ def micro_batch(args, shape: dict, bc: BenchConfig, layout: Layout) -> int:
     mb = rows
     while mb > 1 and capacity is not None:
         work = Workload(micro_batch_size=mb, seq_len=args.prompt_len + args.new_tokens, response_len=args.new_tokens,
-                        rollout_rows=rows, num_microbatches=-(-rows // mb), packed=True)
+                        rollout_rows=rows, num_microbatches=-(-rows // mb), packed=True, compiled=bc.compile)
         plan = plan_memory(ModelConfig(**shape), Parallelism(bc.tp, bc.pp, layout.dp), work, Offload(),
                            param_bytes=2, reference=bc.kl)  # (a capacity means CUDA: bf16 weights)
         if plan.peak <= capacity * AUTO_BUDGET_MARGIN:

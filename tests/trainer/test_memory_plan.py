@@ -353,3 +353,59 @@ def test_auto_token_budgets_agree_over_ranks():
     assert own[0][0] < own[1][0]  # alone, they would cut different micro-batches
     results = run_distributed(_ranks_take_the_smallest_budget, 2, memory)
     assert results[0] == results[1] == tuple(map(min, zip(*own)))
+
+
+LAYER_SHAPE = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_layers=1, num_heads=4,
+                          num_kv_heads=2, head_dim=32, max_position_embeddings=256, tie_word_embeddings=True,
+                          attention_bias=True, model_type="qwen2")  # q width 128 != hidden 64 != kv width 64
+
+
+def saved_bytes_per_token(layer, x, cos, sin, mask, skip: set[int]) -> int:
+    """Bytes of the distinct storages autograd saves in one forward of `layer` (each counted once; storages in
+    `skip` left out), over x's tokens [B, S]. The backward runs, so compiled layers save what they save when trained."""
+    saved = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x, cos, sin, mask)
+    out.float().sum().backward()
+    return sum(saved.values()) // x.shape[:-1].numel()
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("recompute", ["none", "selective"])
+def test_activation_model_counts_what_autograd_saves(compiled, recompute):
+    """The plan's bytes per token and layer are what autograd keeps for a bf16 layer (padded micro-batch, the mask
+    left out: the plan counts it once per micro-batch), less, without recompute, the attention output's reshaped
+    copy, which only the CUDA kernels' output layout needs (module docstring)."""
+    from verl_mega.models import DecoderModel
+    from verl_mega.models.masks import attention_bias, build_attention_mask
+    from verl_mega.models.parallelize import apply_compile, apply_recompute
+    from verl_mega.trainer.memory_plan import activation_bytes_per_token_layer
+
+    torch._dynamo.reset()
+    cfg, seq = LAYER_SHAPE, 24
+    model = DecoderModel(cfg, Layout.create(1, 1).tp_group, layer_range=(0, 1), has_embedding=True, has_head=True,
+                         init_seed=0).to(torch.bfloat16)
+    apply_recompute(model, recompute)
+    apply_compile(model, compiled)
+    attention_mask = torch.ones(2, seq, dtype=torch.long)
+    attention_mask[1, :5] = 0  # a left-padded row
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    mask = attention_bias(build_attention_mask(attention_mask, None, seq, False), torch.bfloat16)
+    cos, sin = model.rotary(positions, torch.bfloat16)
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), cos, sin, mask]}
+    x = torch.randn(2, seq, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    for _ in range(2):  # the first call compiles
+        measured = saved_bytes_per_token(model.layers[0], x, cos, sin, mask, skip)
+    reshaped_copy = 2 * cfg.num_heads * cfg.head_dim if recompute == "none" else 0
+    try:
+        assert measured == activation_bytes_per_token_layer(cfg, 1, 2, recompute, compiled) - reshaped_copy
+    finally:
+        torch._dynamo.reset()

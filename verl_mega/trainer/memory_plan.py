@@ -16,20 +16,29 @@ Components (bytes on one GPU, for the pipeline stage that needs the most):
 - activations: what autograd saves for one micro-batch of `micro_batch_size` x `seq_len` tokens
   (padded; with packing the token budget and no mask), times the micro-batches in flight on the stage
   under 1F1B (pp - stage), plus one layer's worth of backward workspace; with `model.recompute`
-  "selective" the attention core and silu(gate) * up are not kept, with "full" only each layer's
-  input is (the table also reports the full-recompute figure).
+  "selective" the attention core's output and silu(gate) are recomputed, with "full" only each layer's
+  input is kept (the table also reports the full-recompute figure); `model.compile` changes what the
+  norms and the MLP keep.
 - logprob_chunk: the fused log-prob kernel's extra buffer, min(EXTRA_BYTES, [N, V_local] fp32 + [N, H] fp32)
   for N response tokens of a micro-batch.
 - kv_cache: 2 x layers x min(rows x round_up(seq_len, 64), rollout.engine.max_tokens) x kv_heads/tp_g
   x head_dim x param bytes; plus
   prefill activations of one layer for `prefill_tokens` tokens and the [rows, V] fp32 logits buffers.
 
-Saved activations per token per layer of our decoder (b = param bytes, h = hidden, h' = q heads x
-head_dim / tp, I' = intermediate / tp, read off `models/layers.py`'s autograd graph): two RMSNorms
-(fp32 input copy 4h and normed output b*h each), attention (rotated q, K/V expanded to the query heads,
-SDPA output and its reshaped copy: 5 b h'; the fp32 log-sum-exp), SwiGLU (gate, silu, up, product:
-4 b I'). The additive attention mask [mb, 1, S, S] (its rows padded: `masks.bias_row`) is kept once per
-micro-batch.
+Saved activations per token per layer of our decoder (`activation_bytes_per_token_layer`; b = param bytes,
+h = hidden, h' = q heads x head_dim / tp, h_kv' = kv heads x head_dim / tp, I' = intermediate / tp), as
+autograd's saved-tensor hooks count them (tests/trainer/test_memory_plan.py counts them on CPU for every mode):
+- two RMSNorms: eager, each keeps its fp32 input copy, the rsqrt, the normalised bf16 tensor and its
+  weighted output (4h + 4 + 2bh); compiled (`model.compile`), inductor keeps the input, the rsqrt and the
+  output (2bh + 4);
+- attention: rotated q, K/V expanded to the query heads, the kernel's output and its reshaped copy (the
+  o_proj input; 5 b h') and the fp32 log-sum-exp. CPU kernels return the output in the layout the reshape
+  wants, so there the copy is absent; on CUDA, with it counted, the plans of six measured runs (AUTO_BUDGET_MARGIN)
+  lie 0.2-4.2% above their peaks. "selective": q, k, v (the recomputed core's inputs, K/V not
+  expanded) and the o_proj input: 2 b h' + 2 b h_kv';
+- SwiGLU: gate, silu, up and their product, 4 b I'; compiled, silu is recomputed (3 b I'); "selective"
+  recomputes silu (3 b I', compiled 2 b I').
+The additive attention mask [mb, 1, S, S] (its rows padded: `masks.bias_row`) is kept once per micro-batch.
 
 Phases: rollout (weights + KV cache + training state unless handed over + reference),
 logprob (forward-only passes of actor and reference: one layer's forward activations at a time),
@@ -58,7 +67,9 @@ DEFAULT_HEADROOM = 0.08  # fraction of the device kept free for fragmentation, C
 AUTO_TOKEN_BUDGETS = (65536, 32768, 16384, 8192, 4096, 2048, 1024)  # "auto" token budgets' candidates, largest first
 # "auto" token budgets keep the plan within this share of the usable memory: plan errors against the measured peak
 # (max allocated) on H100s ran from -17% to +19% (benchmarks/results/h100_2026-12-06c, -06d; throughput.py's
-# 0.5B runs in -05d, -05e)
+# 0.5B runs in -05d, -05e). The activation model counted since (module docstring) puts the six update peaks of
+# -05b, -07c and -07e (0.5B / 1.5B, padded, packed, compiled) within +0.2% to +4.2%; the margin stays, as the
+# other phases' plans were not re-measured.
 AUTO_BUDGET_MARGIN = 0.8
 
 
@@ -93,6 +104,7 @@ class Workload:
     prefill_tokens: int = 16384  # rollout prefill slice (rollout.engine.prefill_tokens)
     kv_token_budget: int | None = None  # the paged KV cache's token cap (rollout.engine.max_tokens); None: no cap
     recompute: str = "none"  # model.recompute: none | selective | full
+    compiled: bool = False  # model.compile: the norms and the MLP keep less (activation_bytes_per_token_layer)
     packed: bool = False  # trainer.packing: micro-batches hold valid tokens only (no [S, S] mask, no padding)
     tokens_per_microbatch: int | None = None  # trainer.max_tokens_per_micro_batch (packed); None: mb x seq_len
     logprob_micro_batch_size: int | None = None  # sequences per forward-only pass; None: micro_batch_size
@@ -226,12 +238,18 @@ def stage_params(cfg, tp: int, pp: int, stage: int, value_head: bool = False) ->
     return (end - start) * layer_params(cfg, tp), rest
 
 
-def activation_bytes_per_token_layer(cfg, tp: int, b: int) -> int:
-    """Bytes autograd keeps per token and layer (see module docstring)."""
+def activation_bytes_per_token_layer(cfg, tp: int, b: int, recompute: str = "none", compiled: bool = False) -> int:
+    """Bytes autograd keeps per token and layer with `recompute` "none" or "selective" and eager or compiled
+    layers (module docstring; "full" keeps only the layer input, see plan_memory)."""
     h = cfg.hidden_size
     hq = cfg.num_heads * cfg.head_dim // tp
+    hkv = cfg.num_kv_heads * cfg.head_dim // tp
     inter = cfg.intermediate_size // tp
-    return 2 * (4 * h + b * h) + 5 * b * hq + 4 * (cfg.num_heads // tp) + 4 * b * inter
+    selective = recompute == "selective"
+    norms = 2 * ((2 * b * h + 4) if compiled else (4 * h + 4 + 2 * b * h))
+    attention = (2 * b * hq + 2 * b * hkv) if selective else (5 * b * hq + 4 * (cfg.num_heads // tp))
+    mlp = (4 - int(compiled) - int(selective)) * b * inter
+    return norms + attention + mlp
 
 
 def forward_bytes_per_token_layer(cfg, tp: int, b: int) -> int:
@@ -270,9 +288,8 @@ def plan_memory(cfg, par: Parallelism, work: Workload, offload: Offload, *, para
 
     tokens = work.tokens_per_microbatch or work.micro_batch_size * work.seq_len
     in_flight = min(par.pp - stage, work.num_microbatches)
-    per_layer = activation_bytes_per_token_layer(cfg, tp, b)
-    if work.recompute == "selective":  # the attention core and silu(gate) * up are recomputed, not kept
-        per_layer -= b * (4 * cfg.num_heads * cfg.head_dim // tp + 3 * cfg.intermediate_size // tp)
+    per_layer = activation_bytes_per_token_layer(cfg, tp, b, "selective" if work.recompute == "selective" else "none",
+                                                 work.compiled)
     mask = 0 if work.packed else work.micro_batch_size * work.seq_len * bias_row(work.seq_len) * b
     ends = tokens * (b * cfg.hidden_size + (4 + b) * cfg.hidden_size * (stage == par.pp - 1))  # embedding / final norm
     act_mb = tokens * per_layer * n_layers + mask + ends
@@ -387,7 +404,8 @@ def plan_for_config(cfg, model_config, layout, device, param_bytes: int) -> tupl
                     rollout_rows=min(t.rollout_batch_size * r.n_samples, r.engine.max_batch),
                     num_microbatches=-(-rows_per_update // t.micro_batch_size),
                     prefill_tokens=r.engine.prefill_tokens, kv_token_budget=r.engine.max_tokens,
-                    recompute=cfg.model.recompute, packed=t.packing, tokens_per_microbatch=packed_budget,
+                    recompute=cfg.model.recompute, compiled=cfg.model.compile, packed=t.packing,
+                    tokens_per_microbatch=packed_budget,
                     logprob_micro_batch_size=t.logprob_micro_batch_size,
                     logprob_tokens_per_microbatch=t.logprob_max_tokens_per_micro_batch if t.packing else None,
                     keep_kv_cache=r.free_cache is False)
