@@ -290,10 +290,11 @@ def plan_memory(cfg, par: Parallelism, work: Workload, offload: Offload, *, para
     in_flight = min(par.pp - stage, work.num_microbatches)
     per_layer = activation_bytes_per_token_layer(cfg, tp, b, "selective" if work.recompute == "selective" else "none",
                                                  work.compiled)
+    whole_layer = activation_bytes_per_token_layer(cfg, tp, b, "none", work.compiled)  # what full recompute rebuilds
     mask = 0 if work.packed else work.micro_batch_size * work.seq_len * bias_row(work.seq_len) * b
     ends = tokens * (b * cfg.hidden_size + (4 + b) * cfg.hidden_size * (stage == par.pp - 1))  # embedding / final norm
     act_mb = tokens * per_layer * n_layers + mask + ends
-    recompute = in_flight * (tokens * b * cfg.hidden_size * n_layers + mask + ends) + tokens * per_layer
+    recompute = in_flight * (tokens * b * cfg.hidden_size * n_layers + mask + ends) + tokens * whole_layer
     activations = recompute if work.recompute == "full" else in_flight * act_mb + tokens * per_layer  # + workspace
     n_resp = work.micro_batch_size * work.response_len
     v_local = cfg.padded_vocab_size(tp) // tp
