@@ -397,9 +397,9 @@ def trainer_config(args, per_dp: int, packing: bool, recompute: str, compile_lay
 
 
 def auto_token_budget(args, shape: dict, variants: list[tuple[bool, str, bool, str]], layout: Layout) -> int:
-    """`--max-tokens auto`: the largest of `budget_candidates` for which the trainer's memory plan (`plan_for_config`) of every
-    variant (packing, recompute, compile, old log-probs) fits the trainer's share for `auto` budgets
-    (`memory_plan.plan_fits_margin`) of this device's usable memory, packed
+    """`--max-tokens auto`: the largest of `budget_candidates` for which the trainer's memory plan
+    (`plan_for_config`) of every variant (packing, recompute, compile, old log-probs) fits the trainer's share for
+    `auto` budgets (`memory_plan.plan_fits_margin`) of this device's usable memory, packed
     with that many tokens per micro-batch and padded with budget // max_new_tokens sequences; the smallest where
     none fits or nothing is known of the device (CPU without --memory-gib). Tiny CPU runs: 40 tokens."""
     if args.tiny:
