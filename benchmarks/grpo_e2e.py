@@ -693,9 +693,9 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
              f"{peak_tflops(device_name) or '(no figure for this card)'} dense bf16 TFLOP/s.", "",
              "| shape | variant | micro-batch | tokens/s/GPU | vs the shape's first variant | per step (min-max) | "
              "logprob s | update s | update TFLOP/s | update MFU | update peak GiB | run peak GiB | "
-             "allocator retries | GC pause s (full collections) | graphs compiled per step | SM MHz per step "
-             "(slowdown) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "planned peak GiB (vs run peak) | allocator retries | GC pause s (full collections) | "
+             "graphs compiled per step | SM MHz per step (slowdown) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base, base_steps = {}, {}
     for r in results:
         tps = r["throughput/tokens_per_s_per_gpu"]
@@ -707,6 +707,8 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
         mem = " | ".join(f"{r[k]:.1f}" if r[k] is not None else "-" for k in ("update_peak_memory_gib", "max_memory_gib"))
         if r.get("start_allocated_gib"):  # earlier runs' leftovers, inside both peaks
             mem += f" (at start {r['start_allocated_gib']:.1f})"
+        mem += f" | {r['plan_peak_gib']:.1f}" + (f" ({100 * r['plan_error']:+.1f}%)" if r.get("plan_error") is not None
+                                                 else "")
         train, forward = (("max_tokens_per_micro_batch", "logprob_max_tokens_per_micro_batch") if r["packing"]
                           else ("micro_batch_size", "logprob_micro_batch_size"))  # forward unset: the update's size
         size = f"{r[train]} / {r[forward] or r[train]} " + ("tokens" if r["packing"] else "sequences")

@@ -195,6 +195,8 @@ def test_grpo_e2e_ab_variants_measure_the_same_steps(tmp_path):
     ratios = [a["step"] / b["step"] for a, b in zip(padded["per_step"], packed["per_step"])]
     row = next(line for line in (tmp_path / "grpo_e2e_ab.md").read_text().splitlines() if "packed+compile" in line)
     assert f"| {min(ratios):.2f}-{max(ratios):.2f}x |" in row, row
+    # the memory plan's peak beside the measured ones (on CUDA with its error against the run's peak; CPU has none)
+    assert f" | {packed['plan_peak_gib']:.1f} | " in row and packed["plan_peak_gib"] > 0, row
 
 
 def test_grpo_e2e_auto_token_budget():
