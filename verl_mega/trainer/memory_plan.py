@@ -33,8 +33,8 @@ autograd's saved-tensor hooks count them (tests/trainer/test_memory_plan.py coun
   output (2bh + 4);
 - attention: rotated q, K/V expanded to the query heads, the kernel's output and its reshaped copy (the
   o_proj input; 5 b h') and the fp32 log-sum-exp. CPU kernels return the output in the layout the reshape
-  wants, so there the copy is absent; on CUDA, with it counted, the plans of six measured runs (AUTO_BUDGET_MARGIN)
-  lie 0.2-4.2% above their peaks. "selective": q, k, v (the recomputed core's inputs, K/V not
+  wants, so there the copy is absent; on CUDA, with it counted, the plans of seven H100 runs lie within -0.9% to
+  +4.1% of their measured peaks (benchmarks/results/h100_2026-12-07f: padded, packed, compiled, recompute). "selective": q, k, v (the recomputed core's inputs, K/V not
   expanded) and the o_proj input: 2 b h' + 2 b h_kv';
 - SwiGLU: gate, silu, up and their product, 4 b I'; compiled, silu is recomputed (3 b I'); "selective"
   recomputes silu (3 b I', compiled 2 b I').
@@ -67,9 +67,9 @@ DEFAULT_HEADROOM = 0.08  # fraction of the device kept free for fragmentation, C
 AUTO_TOKEN_BUDGETS = (65536, 32768, 16384, 8192, 4096, 2048, 1024)  # "auto" token budgets' candidates, largest first
 # "auto" token budgets keep the plan within this share of the usable memory: plan errors against the measured peak
 # (max allocated) on H100s ran from -17% to +19% (benchmarks/results/h100_2026-12-06c, -06d; throughput.py's
-# 0.5B runs in -05d, -05e). The activation model counted since (module docstring) puts the six update peaks of
-# -05b, -07c and -07e (0.5B / 1.5B, padded, packed, compiled) within +0.2% to +4.2%; the margin stays, as the
-# other phases' plans were not re-measured.
+# 0.5B runs in -05d, -05e). The activation model counted since (module docstring) put seven update peaks
+# (h100_2026-12-07f: 0.5B / 1.5B, padded, packed, compiled, recompute) within -0.9% to +4.1%; the margin stays,
+# as the other phases' plans were not re-measured.
 AUTO_BUDGET_MARGIN = 0.8
 
 
