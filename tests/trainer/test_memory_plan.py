@@ -362,7 +362,7 @@ LAYER_SHAPE = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=96, 
 
 def saved_bytes_per_token(layer, x, cos, sin, mask, skip: set[int]) -> int:
     """Bytes of the distinct storages autograd saves in one forward of `layer` (each counted once; storages in
-    `skip` left out), over x's tokens [B, S]. The backward runs, so compiled layers save what they save when trained."""
+    `skip` left out), over x's tokens [B, S]. The backward runs too: compiled layers save what they save in training."""
     saved = {}
 
     def pack(t):

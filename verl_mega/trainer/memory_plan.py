@@ -33,9 +33,9 @@ autograd's saved-tensor hooks count them (tests/trainer/test_memory_plan.py coun
   output (2bh + 4);
 - attention: rotated q, K/V expanded to the query heads, the kernel's output and its reshaped copy (the
   o_proj input; 5 b h') and the fp32 log-sum-exp. CPU kernels return the output in the layout the reshape
-  wants, so there the copy is absent; on CUDA, with it counted, the plans of seven H100 runs lie within -0.9% to
-  +4.1% of their measured peaks (benchmarks/results/h100_2026-12-07f: padded, packed, compiled, recompute). "selective": q, k, v (the recomputed core's inputs, K/V not
-  expanded) and the o_proj input: 2 b h' + 2 b h_kv';
+  wants, so there the copy is absent; on CUDA, with it counted, the plans of seven H100 runs lie within -0.9%
+  to +4.1% of their measured peaks (benchmarks/results/h100_2026-12-07f: padded, packed, compiled, recompute).
+  "selective": q, k, v (the recomputed core's inputs, K/V not expanded) and the o_proj input: 2 b h' + 2 b h_kv';
 - SwiGLU: gate, silu, up and their product, 4 b I'; compiled, silu is recomputed (3 b I'); "selective"
   recomputes silu (3 b I', compiled 2 b I').
 The additive attention mask [mb, 1, S, S] (its rows padded: `masks.bias_row`) is kept once per micro-batch.
