@@ -249,6 +249,38 @@ def test_padded_plan_takes_the_rounded_width():
     assert update_activations(True, 16) == update_activations(True, 1)
 
 
+def test_partial_full_recompute_and_the_critics_own_mode_are_planned():
+    """model.recompute=full on the first K layers (model.recompute_layers) keeps the other layers' activations: K = 0
+    plans as no recompute, K >= layers as full, each layer one equal step between; a PPO critic with its own
+    model.critic_recompute plans the larger of the two updates; the config's keys reach the plan."""
+    from verl_mega.trainer.memory_plan import plan_for_config
+
+    four_layers = dataclasses.replace(TINY, num_layers=4)
+
+    def update_activations(critic: bool = False, **work) -> int:
+        w = Workload(micro_batch_size=2, seq_len=64, response_len=32, rollout_rows=4, **work)
+        plan = plan_memory(four_layers, Parallelism(), w, Offload(), param_bytes=2, reference=False, critic=critic)
+        return plan.phases["update"]["activations"]
+
+    none, full = update_activations(recompute="none"), update_activations(recompute="full")
+    partial = [update_activations(recompute="full", recompute_layers=k) for k in range(5)]
+    assert partial[0] == none > full == partial[4] == update_activations(recompute="full", recompute_layers=9)
+    assert len({partial[k] - partial[k + 1] for k in range(4)}) == 1
+    assert update_activations(critic=True, recompute="full", critic_recompute="none") == none
+    assert update_activations(critic=True, recompute="none", critic_recompute="full") == none
+    assert update_activations(critic=True, recompute="full") == full
+
+    def from_config(**model) -> int:
+        cfg = TrainerConfig()
+        cfg.algorithm.name = "ppo"
+        for key, value in model.items():
+            setattr(cfg.model, key, value)
+        return plan_for_config(cfg, four_layers, Layout.create(1, 1, 1), "cpu", 4)[1].phases["update"]["activations"]
+
+    assert from_config(recompute="full", recompute_layers=2) > from_config(recompute="full")
+    assert from_config(recompute="full", critic_recompute="none") == from_config(recompute="none")
+
+
 QWEN25_05B = ModelConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
                          num_kv_heads=2, head_dim=64, tie_word_embeddings=True, attention_bias=True, model_type="qwen2")
 

@@ -17,8 +17,8 @@ Components (bytes on one GPU, for the pipeline stage that needs the most):
   (padded; with packing the token budget and no mask), times the micro-batches in flight on the stage
   under 1F1B (pp - stage), plus one layer's worth of backward workspace; with `model.recompute`
   "selective" the attention core's output and silu(gate) are recomputed, with "full" only each layer's
-  input is kept (the table also reports the full-recompute figure); `model.compile` changes what the
-  norms and the MLP keep.
+  input is kept (on the first `model.recompute_layers` layers of the stage; the table also reports the figure
+  with every layer recomputed); `model.compile` changes what the norms and the MLP keep.
 - logprob_chunk: the fused log-prob kernel's extra buffer, min(EXTRA_BYTES, [N, V_local] fp32 + [N, H] fp32)
   for N response tokens of a micro-batch.
 - kv_cache: 2 x layers x min(rows x round_up(seq_len, 64), rollout.engine.max_tokens) x kv_heads/tp_g
@@ -46,7 +46,8 @@ update (weights + grads + optimizer + activations + log-prob chunk + reference i
 also hold the generation engine's buffers (its [rows, V] fp32 logits and its decode CUDA graphs' memory,
 kept between rollouts) and the KV cache when it is kept between rollouts (`keep_kv_cache`).
 Simplifications: allocator fragmentation is not modelled (callers keep `headroom`); the critic is
-counted as a second actor when present.
+counted as a second actor when present (its update's activations in its own recompute mode, the larger of the two
+updates' taken).
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ class Workload:
     prefill_tokens: int = 16384  # rollout prefill slice (rollout.engine.prefill_tokens)
     kv_token_budget: int | None = None  # the paged KV cache's token cap (rollout.engine.max_tokens); None: no cap
     recompute: str = "none"  # model.recompute: none | selective | full
+    recompute_layers: int | None = None  # model.recompute_layers: "full" on the first K layers of a stage; None: all
+    critic_recompute: str | None = None  # model.critic_recompute; None: as `recompute`
     compiled: bool = False  # model.compile: the norms and the MLP keep less (activation_bytes_per_token_layer)
     packed: bool = False  # trainer.packing: micro-batches hold valid tokens only (no [S, S] mask, no padding)
     tokens_per_microbatch: int | None = None  # trainer.max_tokens_per_micro_batch (packed); None: mb x seq_len
@@ -288,14 +291,24 @@ def plan_memory(cfg, par: Parallelism, work: Workload, offload: Offload, *, para
 
     tokens = work.tokens_per_microbatch or work.micro_batch_size * work.seq_len
     in_flight = min(par.pp - stage, work.num_microbatches)
-    per_layer = activation_bytes_per_token_layer(cfg, tp, b, "selective" if work.recompute == "selective" else "none",
-                                                 work.compiled)
-    whole_layer = activation_bytes_per_token_layer(cfg, tp, b, "none", work.compiled)  # what full recompute rebuilds
+    whole_layer = activation_bytes_per_token_layer(cfg, tp, b, "none", work.compiled)
     mask = 0 if work.packed else work.micro_batch_size * work.seq_len * bias_row(work.seq_len) * b
     ends = tokens * (b * cfg.hidden_size + (4 + b) * cfg.hidden_size * (stage == par.pp - 1))  # embedding / final norm
-    act_mb = tokens * per_layer * n_layers + mask + ends
-    recompute = in_flight * (tokens * b * cfg.hidden_size * n_layers + mask + ends) + tokens * whole_layer
-    activations = recompute if work.recompute == "full" else in_flight * act_mb + tokens * per_layer  # + workspace
+
+    def activations_of(mode: str, full_layers: int | None) -> int:
+        """What autograd keeps on this stage in `mode`, for the micro-batches in flight, plus one layer's backward
+        workspace; "full" recomputes the first `full_layers` layers of the stage (None: all of them)."""
+        if mode == "full":
+            full = n_layers if full_layers is None else min(full_layers, n_layers)
+            kept = tokens * (full * b * cfg.hidden_size + (n_layers - full) * whole_layer)
+            return in_flight * (kept + mask + ends) + tokens * whole_layer
+        per_layer = activation_bytes_per_token_layer(cfg, tp, b, mode, work.compiled)
+        return in_flight * (tokens * per_layer * n_layers + mask + ends) + tokens * per_layer
+
+    recompute = activations_of("full", None)  # the table's what-if: every layer recomputed
+    activations = activations_of(work.recompute, work.recompute_layers)
+    if critic:  # its update runs after the actor's, with its own recompute mode
+        activations = max(activations, activations_of(work.critic_recompute or work.recompute, work.recompute_layers))
     n_resp = work.micro_batch_size * work.response_len
     v_local = cfg.padded_vocab_size(tp) // tp
 
@@ -405,7 +418,8 @@ def plan_for_config(cfg, model_config, layout, device, param_bytes: int) -> tupl
                     rollout_rows=min(t.rollout_batch_size * r.n_samples, r.engine.max_batch),
                     num_microbatches=-(-rows_per_update // t.micro_batch_size),
                     prefill_tokens=r.engine.prefill_tokens, kv_token_budget=r.engine.max_tokens,
-                    recompute=cfg.model.recompute, compiled=cfg.model.compile, packed=t.packing,
+                    recompute=cfg.model.recompute, recompute_layers=cfg.model.recompute_layers,
+                    critic_recompute=cfg.model.critic_recompute, compiled=cfg.model.compile, packed=t.packing,
                     tokens_per_microbatch=packed_budget,
                     logprob_micro_batch_size=t.logprob_micro_batch_size,
                     logprob_tokens_per_microbatch=t.logprob_max_tokens_per_micro_batch if t.packing else None,
