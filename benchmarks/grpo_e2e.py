@@ -85,6 +85,7 @@ SHAPES = {"0.5b": QWEN25_05B, "1.5b": QWEN25_15B, "7b": QWEN25_7B}
 VARIANTS = {"padded": (False, "none", False, "auto"), "packed": (True, "none", False, "auto"),
             "packed+selective": (True, "selective", False, "auto"), "packed+full": (True, "full", False, "auto"),
             "packed+compile": (True, "none", True, "auto"), "packed+compile+full": (True, "full", True, "auto"),
+            "packed+compile+selective": (True, "selective", True, "auto"),
             "padded+oldpass": (False, "none", False, "recompute"),
             "packed+compile+oldpass": (True, "none", True, "recompute")}
 TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
