@@ -414,8 +414,8 @@ def saved_bytes_per_token(layer, x, cos, sin, mask, skip: set[int]) -> int:
 @pytest.mark.parametrize("recompute", ["none", "selective"])
 def test_activation_model_counts_what_autograd_saves(compiled, recompute):
     """The plan's bytes per token and layer are what autograd keeps for a bf16 layer (padded micro-batch, the mask
-    left out: the plan counts it once per micro-batch), less, without recompute, the attention output's reshaped
-    copy, which only the CUDA kernels' output layout needs (module docstring)."""
+    left out: the plan counts it once per micro-batch), less the attention output's reshaped copy, which only CUDA
+    runs keep (module docstring)."""
     from verl_mega.models import DecoderModel
     from verl_mega.models.masks import attention_bias, build_attention_mask
     from verl_mega.models.parallelize import apply_compile, apply_recompute
@@ -436,7 +436,7 @@ def test_activation_model_counts_what_autograd_saves(compiled, recompute):
     x = torch.randn(2, seq, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
     for _ in range(2):  # the first call compiles
         measured = saved_bytes_per_token(model.layers[0], x, cos, sin, mask, skip)
-    reshaped_copy = 2 * cfg.num_heads * cfg.head_dim if recompute == "none" else 0
+    reshaped_copy = 2 * cfg.num_heads * cfg.head_dim
     try:
         assert measured == activation_bytes_per_token_layer(cfg, 1, 2, recompute, compiled) - reshaped_copy
     finally:
