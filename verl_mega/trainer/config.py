@@ -34,7 +34,7 @@ class ModelSection:
     reference_path: Optional[str] = None  # reference policy HF directory (KL); None: a frozen copy of the actor
     dtype: str = "float32"  # parameter dtype: float32 | bfloat16 (masters and Adam states stay fp32)
     value_head_std: float = 0.0  # std of the critic's new value head (0 = zeros: V starts at 0, no noise in early advantages)
-    recompute: str = "none"  # actor activation recompute: none | selective (attention core + MLP activation) | full (whole layers)
+    recompute: str = "none"  # actor activation recompute: none | selective (attention core + MLP activation; keeps ~80% of a layer's activations eager, ~70% compiled) | full (whole layers; keeps only each layer's input)
     recompute_layers: Optional[int] = None  # full recompute: only the first K layers of each pipeline stage; None = all
     critic_recompute: Optional[str] = None  # critic activation recompute (same choices); None = as the actor
     compile: bool = False  # torch.compile each decoder layer's parts before and after the attention core in the training-side passes (update, log-probs, reference, critic): fused norms / RoPE / SwiGLU; the attention core and generation stay eager (generation: CUDA graphs)
