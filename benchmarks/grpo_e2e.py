@@ -143,8 +143,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="trainer.max_tokens_per_micro_batch of the packed runs (default: --micro-batch sequences); "
                         "auto: per shape the largest of the trainer's auto candidates ("
                         + "/".join(map(str, AUTO_TOKEN_BUDGETS)) + ", not below one whole sequence) whose memory "
-                        "plans fit "
-                        "this device, for the packed runs and for padded ones of budget // --max-new-tokens "
+                        "plans fit this device, for the packed runs and for padded ones of budget // --max-new-tokens "
                         "sequences (which the padded runs then use instead of --micro-batch)")
     p.add_argument("--logprob-max-tokens", type=token_budget, default=None,
                    help="trainer.logprob_max_tokens_per_micro_batch of the packed runs, and the padded runs' "

@@ -86,8 +86,9 @@ TRAINER_AUTO_SHAPES=${TRAINER_AUTO_SHAPES:-1.5b,0.5b}  # trainer_auto's shapes i
 ROLLOUT_SHAPES=${ROLLOUT_SHAPES:-qwen2.5-0.5b}  # rollout_service / rollout_fast shapes (issue 13: add qwen2.5-7b)
 source benchmarks/device_steps.sh  # wheels, WORK, step()
 # grpo_e2e_ab_full / profile_update's tokens per packed micro-batch (padded: that / 1024 sequences). auto: grpo_e2e.py
-# --max-tokens auto, per shape the largest of 32768/16384/8192/4096 whose memory plans (of the variants that run) fit
-# 80% of the card (padded + packed on an H100: 16384 at 0.5B, 8192 at 1.5B; on an H200: 32768 and 16384)
+# --max-tokens auto, per shape the largest of the trainer's auto candidates (memory_plan.AUTO_TOKEN_BUDGETS, not below
+# one sequence) whose memory plans (of the variants that run) fit 80% of the card (on an H100, each variant alone,
+# AB_OWN=1: padded 16384 at 0.5B and 4096 at 1.5B, packed + compile 32768 and 8192; results/h100_2026-12-07f)
 AB_MAX_TOKENS=${AB_MAX_TOKENS:-auto}
 AB_SHAPES=${AB_SHAPES:-0.5b,1.5b}  # grpo_e2e_ab_full's shapes in run order (each variant's JSON line is in the log)
 AB_VARIANTS=${AB_VARIANTS:-padded,packed+compile,packed+compile+full}  # grpo_e2e_ab_full's variants in run order (a name may end in @N, e.g. padded@128: trainer.pad_to_multiple_of=N)

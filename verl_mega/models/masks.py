@@ -56,8 +56,9 @@ def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     of a buffer whose rows are BIAS_ROW_ALIGNMENT-aligned (S_kv rounded up): for a bias whose strides are not
     multiples of 8, PyTorch's memory-efficient attention pads a copy of it on every call (`preprocess_mask` /
     `pad_bias` in aten/src/ATen/native/transformers/cuda/attention.cu): once per layer and forward pass. The
-    padded training passes' width P + R is whatever the longest response makes it. Measured on an H100
-    (benchmarks/results/h100_2026-12-07e): padded GRPO steps of width 1150-1151 went from 15-35% to 2-6% slower
-    than those of width 1152 with this buffer; one micro-batch alone shows 4.9% at the odd width 1151."""
+    padded training passes' width P + R is whatever the longest response makes it. One padded micro-batch on an
+    H100 runs 4.9% slower at the odd width 1151 with a plain bias, and not slower with this one
+    (benchmarks/results/h100_2026-12-07e); whole GRPO steps of width 1150-1151, 11-35% slower than those of width
+    1152 before, were 2-6% slower in one call after and up to 25% in the next (-07f), so there is more to it."""
     bias = torch.full((*mask.shape[:-1], bias_row(mask.shape[-1])), float("-inf"), dtype=dtype, device=mask.device)
     return bias[..., :mask.shape[-1]].masked_fill_(mask, 0.0)
