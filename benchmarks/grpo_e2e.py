@@ -328,6 +328,32 @@ class HostUse:
                         "probe_s": self.probe_s}
 
 
+class TritonCompiles:
+    """Triton kernels compiled while in use (`with TritonCompiles() as compiles:`; `compiles.names`, one entry per
+    binary), through Triton's post-compile hook (the hook found there is called too). A measured step that compiles
+    pays the compile (0.1-0.9 s of host time each), e.g. for an argument specialisation first met there. Records
+    nothing on a CPU run (the interpreter compiles nothing) or where triton is missing."""
+
+    def __enter__(self):
+        self.names, self._knobs = [], None
+        try:
+            from triton import knobs
+        except ImportError:
+            return self
+        self._knobs, self._previous = knobs.runtime, knobs.runtime.jit_post_compile_hook
+
+        def hook(*, fn, **kwargs):
+            self.names.append(fn.name)
+            return self._previous(fn=fn, **kwargs) if self._previous else None
+
+        self._knobs.jit_post_compile_hook = hook
+        return self
+
+    def __exit__(self, *exc):
+        if self._knobs is not None:
+            self._knobs.jit_post_compile_hook = self._previous
+
+
 def dynamo_graphs() -> int:
     """Graphs torch.compile has compiled in this process so far (dynamo's `unique_graphs` counter): a measured step
     that adds some paid for a (re)compile, e.g. a shape or a grad mode first met there."""
@@ -514,9 +540,10 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
                    for _ in range(per_dp)]
         profiled = step + 1 == args.profile_step
         graphs, gpu = dynamo_graphs(), torch.cuda.current_device() if args.device == "cuda" else None
-        with GCPauses() as pauses, GPUClocks(gpu) as clocks, HostUse() as host:
+        with GCPauses() as pauses, GPUClocks(gpu) as clocks, HostUse() as host, TritonCompiles() as compiles:
             metrics = profile_step(trainer, samples, args.out) if profiled else trainer.step(samples)
         metrics["host"], metrics["compiled_graphs"] = host.summary, dynamo_graphs() - graphs
+        metrics["triton_compiles"] = compiles.names
         metrics["time/gc"], metrics["gc/full_collections"] = sum(pauses.seconds), pauses.count[2]
         metrics["gpu_clocks"] = clocks.summary()
         if step >= args.warmup + extra:
@@ -545,7 +572,8 @@ def run_layout(args, tp: int, pp: int, shape: dict | None = None, packing: bool 
                                                               "gc")}, "gc_full_collections": m["gc/full_collections"],
                            "update_tflops": m["update_flops"] / m["time/update"] / 1e12 / (tp * pp),
                            "batch_width": m["batch_width"],
-                           "gpu_clocks": m["gpu_clocks"], "host": m["host"], "compiled_graphs": m["compiled_graphs"]}
+                           "gpu_clocks": m["gpu_clocks"], "host": m["host"], "compiled_graphs": m["compiled_graphs"],
+                           "triton_compiles": m["triton_compiles"]}
                           for m in history]
     if history:  # per GPU: this rank's model shard runs 1 / (tp * pp) of its replica's FLOPs
         tflops = statistics.mean(m["update_flops"] / m["time/update"] for m in history) / 1e12 / (tp * pp)
@@ -694,8 +722,8 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
              "| shape | variant | micro-batch | tokens/s/GPU | vs the shape's first variant | per step (min-max) | "
              "logprob s | update s | update TFLOP/s | update MFU | update peak GiB | run peak GiB | "
              "planned peak GiB (vs run peak) | allocator retries | GC pause s (full collections) | "
-             "graphs compiled per step | SM MHz per step (slowdown) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "graphs compiled per step | Triton kernels compiled per step | SM MHz per step (slowdown) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base, base_steps = {}, {}
     for r in results:
         tps = r["throughput/tokens_per_s_per_gpu"]
@@ -721,7 +749,8 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
         lines.append(f"| {r['shape']} | {r['variant']} | {size} | {tps:.0f} | {tps / base[r['shape']]:.2f}x | "
                      f"{min(ratios):.2f}-{max(ratios):.2f}x | {r['time/logprob']:.3f} | {r['time/update']:.3f} | "
                      f"{r['update_tflops_per_gpu']:.1f} | {mfu} | {mem} | {retries} | {r['time/gc']:.3f} "
-                     f"({full_collections}) | {'/'.join(str(s['compiled_graphs']) for s in r['per_step'])} | {sm} |")
+                     f"({full_collections}) | {'/'.join(str(s['compiled_graphs']) for s in r['per_step'])} | "
+                     f"{'/'.join(str(len(s['triton_compiles'])) for s in r['per_step'])} | {sm} |")
     # the measured steps' padded width (prompt + longest response; the same steps for every variant of a shape)
     # (variants with trainer.pad_to_multiple_of > 1: their own widths, after the shape's name)
     widths = {r["shape"] + (f" @{r['pad_to_multiple_of']}" if r.get("pad_to_multiple_of", 1) > 1 else ""):

@@ -37,6 +37,7 @@ than -inf, so that statistics combine without inf - inf = NaN guards.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import NamedTuple
 
@@ -46,6 +47,26 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from verl_mega.kernels.dispatch import interpret_mode
+
+# Triton compiles a kernel once per specialisation of its arguments: an integer divisible by 16 or
+# equal to 1, a pointer 16-byte aligned or not. The row count N, a launch's column count V, the tile
+# count T and a chunk's label offset change with every micro-batch, and so does the alignment of the
+# per-row vectors (rows of [k, N] buffers): specialised, they made a new binary (a compile of
+# 0.1-0.9 s, host time in the middle of a step) whenever a micro-batch first met another residue
+# (H100, results/h100_2026-12-07g). They are not specialised; the large operands (TMA descriptors,
+# the kept logits' and gradient buffers, whose rows are padded to 16 elements) keep their alignment
+# hints. tests/kernels/test_kernel_specialization.py checks that sizes add no variants.
+SIZE_ARGS = ("N", "V", "T", "lab_offset")
+ROW_VECTOR_ARGS = ("m_ptr", "s_ptr", "u_ptr", "lab_ptr", "init_ptr", "out_ptr", "zt_ptr", "lse_ptr", "ez_ptr",
+                   "glp_ptr", "gent_ptr", "tmax_ptr")
+
+
+def _size_stable_jit(fn):
+    """triton.jit for a launched kernel, without specialising on SIZE_ARGS and ROW_VECTOR_ARGS' alignment."""
+    names = inspect.signature(fn).parameters
+    return triton.jit(fn, do_not_specialize=[a for a in SIZE_ARGS if a in names],
+                      do_not_specialize_on_alignment=[a for a in ROW_VECTOR_ARGS if a in names])
+
 
 NEG = tl.constexpr(-1.0e30)  # "minus infinity" for masked logits: finite, so NEG - NEG = 0, not NaN
 LN2 = tl.constexpr(math.log(2.0))
@@ -169,7 +190,7 @@ def _bwd_epilogue(acc, pid_m, pid_n, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr,
         g_desc.store([pid_m * BLOCK_M, col0 + HALF], _grad_part(a1, lse2, nc, nd, scale2, HAS_ENT).to(g_desc.dtype))
 
 
-@triton.jit
+@_size_stable_jit
 def _label_grad_kernel(g_ptr, ld_g, lab_ptr, lab_offset, zt_ptr, lse_ptr, ez_ptr, glp_ptr, gent_ptr, N, V, inv_temp,
                        HAS_ENT: tl.constexpr, BLOCK: tl.constexpr):
     """The label column of each row of a gradient chunk g [N, V] (row stride ld_g), written in place.
@@ -190,7 +211,7 @@ def _label_grad_kernel(g_ptr, ld_g, lab_ptr, lab_offset, zt_ptr, lse_ptr, ez_ptr
     tl.store(g_ptr + rows.to(tl.int64) * ld_g + lab, g.to(g_ptr.dtype.element_ty), mask=here)
 
 
-@triton.jit
+@_size_stable_jit
 def _kept_grad_kernel(d_ptr, g_ptr, ld, tmax_ptr, lab_ptr, lab_offset, lse_ptr, ez_ptr, glp_ptr, gent_ptr, N, V,
                       inv_temp, HAS_ENT: tl.constexpr, FWD_BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_C: tl.constexpr):
@@ -228,7 +249,7 @@ def _fwd_tile(a_desc, b_desc, d_desc, tile, m_ptr, s_ptr, u_ptr, N, V, H: tl.con
     _fwd_epilogue(acc, pid_m, pid_n, m_ptr, s_ptr, u_ptr, d_desc, N, V, scale2, BLOCK_M, BLOCK_N, MASK, STORE, SPLIT)
 
 
-@triton.jit
+@_size_stable_jit
 def _fwd_kernel(a_desc, b_desc, d_desc, m_ptr, s_ptr, u_ptr, N, V, H: tl.constexpr, scale2, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr,
                 UPCAST: tl.constexpr, MASK: tl.constexpr, STORE: tl.constexpr, SPLIT: tl.constexpr):
@@ -254,7 +275,7 @@ def _bwd_tile(a_desc, b_desc, g_desc, tile, lse_ptr, ez_ptr, glp_ptr, gent_ptr, 
                   BLOCK_N, SPLIT)
 
 
-@triton.jit
+@_size_stable_jit
 def _bwd_kernel(a_desc, b_desc, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr, N, V, H: tl.constexpr, inv_temp,
                 HAS_ENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 GROUP_M: tl.constexpr, SPLIT: tl.constexpr, PERSISTENT: tl.constexpr, UPCAST: tl.constexpr):
@@ -270,7 +291,7 @@ def _bwd_kernel(a_desc, b_desc, g_desc, lse_ptr, ez_ptr, glp_ptr, gent_ptr, N, V
                   HAS_ENT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT, UPCAST)
 
 
-@triton.jit
+@_size_stable_jit
 def _rows_kernel(m_ptr, s_ptr, u_ptr, h_ptr, w_ptr, lab_ptr, lab_offset, init_ptr, out_ptr, N, V, H: tl.constexpr,
                  stride_h, stride_w, inv_temp, T, BLOCK: tl.constexpr, T_BLOCK: tl.constexpr,
                  BLOCK_H: tl.constexpr, INIT: tl.constexpr):

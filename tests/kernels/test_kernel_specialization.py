@@ -1,0 +1,105 @@
+"""Triton compiles a kernel once per specialisation of its arguments (an integer divisible by 16 or equal to
+1, a pointer 16-byte aligned or not), so an argument that follows the micro-batch's size makes new binaries
+in the middle of training whenever a size first meets another residue (a stall of 0.1-0.9 s each on an
+H100). These tests record the key Triton computes for every launch (`native_specialize_impl`, the function
+its launcher calls, with each kernel's do_not_specialize settings) over many sizes: the keys may differ only
+in constexpr meta-parameters, which take a few values whatever the sizes.
+"""
+
+import collections
+import inspect
+
+import pytest
+import torch
+
+from verl_mega.kernels import fused_logprob_entropy
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+from triton.backends.compiler import BaseBackend  # noqa: E402
+from triton.runtime.jit import native_specialize_impl  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+
+
+def _settings(kernel, name: str) -> set:
+    """A kernel's do_not_specialize / do_not_specialize_on_alignment names (compiled or interpreted)."""
+    value = getattr(kernel, name, None) if not hasattr(kernel, "kwargs") else kernel.kwargs.get(name)
+    return set(value or ())
+
+
+class SpecializationRecorder:
+    """Pre-run hooks on every launched kernel of `module`: keys[kernel name] = {(constexpr part, specialised
+    part)} of the launches seen. Hooks stay installed (Triton has no remove); `active` switches recording."""
+
+    def __init__(self, module):
+        self.keys, self.active = collections.defaultdict(set), False
+        for name, kernel in vars(module).items():
+            if hasattr(kernel, "add_pre_run_hook") and hasattr(kernel, "fn") and name.endswith("_kernel"):
+                kernel.add_pre_run_hook(self._hook(name, kernel))
+
+    def _hook(self, name, kernel):
+        params = list(inspect.signature(kernel.fn).parameters.values())
+        dns, dns_align = _settings(kernel, "do_not_specialize"), _settings(kernel, "do_not_specialize_on_alignment")
+
+        def hook(*args, **kwargs):
+            if not self.active:
+                return
+            bound = {**dict(zip((p.name for p in params), args)), **kwargs}
+            const, spec = [], []
+            for p in params:
+                value = bound.get(p.name, p.default)
+                if p.annotation in (tl.constexpr, "tl.constexpr"):
+                    const.append((p.name, value))
+                else:
+                    spec.append((p.name, *native_specialize_impl(BaseBackend, value, False, p.name not in dns,
+                                                                 p.name not in dns_align)))
+            self.keys[name].add((tuple(const), tuple(spec)))
+        return hook
+
+    def size_variants(self) -> dict[str, list]:
+        """Per kernel, the constexpr settings launched with more than one specialisation (should be none)."""
+        out = {}
+        for name, keys in self.keys.items():
+            by_const = collections.defaultdict(set)
+            for const, spec in keys:
+                by_const[const].add(spec)
+            bad = [sorted(specs) for specs in by_const.values() if len(specs) > 1]
+            if bad:
+                out[name] = bad
+        return out
+
+
+_RECORDERS = {}
+
+
+def _recorder(module) -> SpecializationRecorder:
+    if module.__name__ not in _RECORDERS:  # one set of hooks per kernel module for the whole session
+        _RECORDERS[module.__name__] = SpecializationRecorder(module)
+    return _RECORDERS[module.__name__]
+
+
+def test_row_counts_and_chunks_add_no_logprob_kernel_variants():
+    # Row counts of every residue class that matters (1, divisible by 16, by 4, by 2, odd), with the default
+    # chunking (whose width, label offsets and kept-logit width follow the row count) and a fixed one, with and
+    # without gradients: one binary per constexpr setting.
+    from verl_mega.kernels import logprob_triton
+    device, dtype = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
+    rec = _recorder(logprob_triton)
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(300, 64, generator=g) * 0.3).to(dtype).to(device)
+    rec.active = True
+    try:
+        for n in (1, 16, 17, 30, 36, 48, 51, 64, 70, 97):
+            hidden = torch.randn(n, 64, generator=g).to(dtype).to(device)
+            labels = torch.randint(0, 300, (n,), generator=g).to(device)
+            for chunk_size in (None, 128):
+                h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+                lp, ent = fused_logprob_entropy(h, w, labels, impl="triton", chunk_size=chunk_size)
+                (lp.sum() + ent.sum()).backward()
+            with torch.no_grad():
+                fused_logprob_entropy(hidden, weight, labels, impl="triton")
+    finally:
+        rec.active = False
+    assert {"_fwd_kernel", "_rows_kernel", "_bwd_kernel", "_label_grad_kernel", "_kept_grad_kernel"} <= set(rec.keys)
+    assert rec.size_variants() == {}, rec.size_variants()
