@@ -103,3 +103,24 @@ def test_row_counts_and_chunks_add_no_logprob_kernel_variants():
         rec.active = False
     assert {"_fwd_kernel", "_rows_kernel", "_bwd_kernel", "_label_grad_kernel", "_kept_grad_kernel"} <= set(rec.keys)
     assert rec.size_variants() == {}, rec.size_variants()
+
+
+def test_batch_and_length_add_no_advantage_kernel_variants():
+    # Batch rows and padded response widths change from step to step: GAE, discounted returns and the group
+    # kernels get one binary per tile setting (a power of two per length bucket), whatever B, T and G are.
+    from verl_mega.kernels import advantage_triton
+    device = "cuda" if CUDA else "cpu"
+    rec = _recorder(advantage_triton)
+    g = torch.Generator().manual_seed(0)
+    rec.active = True
+    try:
+        for b, t in ((8, 33), (16, 48), (17, 40), (32, 64), (12, 50), (1, 64)):
+            rewards, values = (torch.randn(b, t, generator=g).to(device) for _ in range(2))
+            mask = (torch.rand(b, t, generator=g) > 0.2).float().to(device)
+            advantage_triton.gae(rewards, values, mask, 0.99, 0.95)
+            advantage_triton.discounted_returns(rewards, mask, 0.99)
+            advantage_triton.group_normalise(rewards[:, 0].contiguous().repeat(4), 4, advantage_triton.GRPO, 1e-6)
+    finally:
+        rec.active = False
+    assert {"_gae_kernel", "_returns_kernel", "_group_kernel"} <= set(rec.keys)
+    assert rec.size_variants() == {}, rec.size_variants()

@@ -13,7 +13,9 @@
   r - (the group's first score), so a group of equal scores gets exactly 0.
 
 Loop trip counts are compile-time constants (`NUM_CHUNKS`): the Triton interpreter used by the CPU
-tests cannot loop over runtime bounds, and response lengths are padded to a fixed size anyway.
+tests cannot loop over runtime bounds, and response lengths are padded to a fixed size anyway. The sizes
+B, T and G change from step to step and are not specialised on (Triton would compile a binary per residue
+mod 16 met: see `logprob_triton.py`); the tile sizes take a power of two per length bucket.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def _scan_with_carry(a, b, carry, is_first):
     return x, tl.sum(tl.where(is_first, x, 0.0), axis=1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "T"])
 def _gae_kernel(r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, B, T, gamma, lam,
                 NUM_CHUNKS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -67,7 +69,7 @@ def _gae_kernel(r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, B, T, gamma, lam,
         tl.store(ret_ptr + offs, adv + v, mask=here)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "T"])
 def _returns_kernel(r_ptr, m_ptr, out_ptr, B, T, gamma,
                     NUM_CHUNKS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -86,7 +88,7 @@ def _returns_kernel(r_ptr, m_ptr, out_ptr, B, T, gamma,
         tl.store(out_ptr + offs, ret, mask=here)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["G"])
 def _group_kernel(x_ptr, out_ptr, G, eps, S: tl.constexpr, S_POW2: tl.constexpr, BLOCK_G: tl.constexpr,
                   MODE: tl.constexpr):
     groups = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
