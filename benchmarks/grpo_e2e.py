@@ -681,11 +681,15 @@ def run_ab(args, world: int, device_name: str) -> None:
     results = []
     variants = args.variants.split(",")
     compiled = any(variant_spec(v)[0][2] for v in variants) or args.compile  # every variant warms up alike (run_layout)
-    for shape_name in args.ab.split(","):
-        shape = TINY if shape_name == "tiny" or args.tiny else SHAPES[shape_name]
+    shapes = {name: TINY if name == "tiny" or args.tiny else SHAPES[name] for name in args.ab.split(",")}
+    # every run's budgets planned before the first run: the device's free memory, which the plans read, is lower
+    # after a run (kernels loaded, library workspaces), so a later variant would plan against less than an earlier
+    # one (session 29: the packed run's forward-only budget fell from 65,536 to 8,192 tokens in a "shared" A/B)
+    budgets = {(name, v): ab_budgets(args, shape, variants, v) for name, shape in shapes.items() for v in variants}
+    for shape_name, shape in shapes.items():
         for variant in variants:
             (packing, recompute, compile_layers, old_logprobs), multiple = variant_spec(variant)
-            budget, logprob_budget = ab_budgets(args, shape, variants, variant)
+            budget, logprob_budget = budgets[shape_name, variant]
             r = run_layout(args, 1, 1, shape=shape, packing=packing, recompute=recompute,
                            compile_layers=compile_layers, old_logprobs=old_logprobs, max_tokens=budget,
                            warmup_compiled=compiled, logprob_tokens=logprob_budget, pad_to_multiple_of=multiple)
