@@ -640,8 +640,8 @@ def markdown(results: list[dict], args, world: int, device: str) -> str:
     shape = "tiny" if args.tiny else f"Qwen2.5-{args.shape.upper()} shape, bf16"
     lines = [f"# GRPO end-to-end step ({shape}, {world} x {device})", "",
              f"{args.prompts} prompts x {args.n} responses per step, prompt {args.prompt_len} tokens, "
-             f"up to {args.max_new_tokens} new tokens; mean of {args.steps - args.warmup} steps after "
-             f"{args.warmup} warm-up.", "",
+             f"up to {args.max_new_tokens} new tokens; mean of {len(results[0]['per_step'])} measured steps after "
+             f"{results[0]['warmup_steps']} warm-up.", "",
              "| layout (tp x pp x dp, tp_g) | generate s | reshard s | logprob s | update s | step s "
              "| tokens/s/GPU | gen tokens/s/GPU |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -718,7 +718,7 @@ def ab_markdown(results: list[dict], args, world: int, device_name: str) -> str:
     lines = [f"# GRPO step, packed vs padded ({world} x {device_name})", "",
              f"{args.prompts} prompts x {args.n}, prompt {args.prompt_len} tokens, response lengths "
              f"{args.response_len or 'as generated'} (max_new_tokens {args.max_new_tokens}); micro-batches: "
-             + budgets + f". Mean of {args.steps - args.warmup} steps after {results[0]['warmup_steps']} warm-up "
+             + budgets + f". Mean of {len(results[0]['per_step'])} steps after {results[0]['warmup_steps']} warm-up "
              "(every variant alike: their measured steps see the same prompts and response lengths).",
              "Update FLOPs = 6 x (params except LM head) x tokens + 6 x (LM head) x response tokens + "
              "12 x layers x heads x head_dim x sum(len^2) / 2 (recompute not counted); MFU against "
