@@ -9,15 +9,12 @@ in constexpr meta-parameters, which take a few values whatever the sizes.
 import collections
 import inspect
 
-import pytest
 import torch
+import triton.language as tl  # a pinned test dependency (setup.py's "test" extra): missing, the tests fail loudly
+from triton.backends.compiler import BaseBackend
+from triton.runtime.jit import native_specialize_impl
 
 from verl_mega.kernels import fused_logprob_entropy
-
-triton = pytest.importorskip("triton")
-tl = pytest.importorskip("triton.language")
-from triton.backends.compiler import BaseBackend  # noqa: E402
-from triton.runtime.jit import native_specialize_impl  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
