@@ -160,7 +160,7 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
     demo) step demo 120 python3 -m verl_mega demo --quick --nproc 1 --tp 1 --output-dir "$WORK/demo" ;;
     rollout_service) step rollout_service 300 python3 benchmarks/rollout_service.py --shapes "$ROLLOUT_SHAPES" --no-hf --profile \
       --grpo-shape '' ${ROLLOUT_VARIANTS:+--variants "$ROLLOUT_VARIANTS"} --out-dir "$WORK/rollout" ;;
-    rollout_fast) step rollout_fast 300 python3 benchmarks/rollout_service.py --shapes "$ROLLOUT_SHAPES" "$HF_FLAG" \
+    rollout_fast) step rollout_fast 540 python3 benchmarks/rollout_service.py --shapes "$ROLLOUT_SHAPES" "$HF_FLAG" \
       --grpo-shape '' ${ROLLOUT_VARIANTS:+--variants "$ROLLOUT_VARIANTS"} --out-dir "$WORK/rollout" ;;
     paged_tests) step paged_tests 300 python3 -m pytest -q -rf --tb=short tests/models/test_fused_ops.py \
       tests/rollout/test_fused_sampling.py tests/rollout/test_paged_attention.py tests/rollout/test_decode_windows.py \
