@@ -41,6 +41,8 @@
 #                    `mkdir .old && git archive 5416edb | tar -x -C .old`): issue 15 item 4, same call
 #   offload_7b       the 7B run with optimizer + gradient offload and full recompute (issue 15; without recompute it
 #                    plans 95.7 GiB: an H200 only)
+#   sampler_sizes    the one-pass sampler over decode batch sizes (compiles met, us per call) against a baseline copy of
+#                    fused_sampling.py carried as .old/fused_sampling.py (`git show REV:verl_mega/rollout/fused_sampling.py`)
 #   vlm_gpu_check    the VLM in bf16 vs transformers, CUDA-graph greedy, no host sync in decode (issue 17)
 #   vlm_grpo_step    one GRPO step at the Qwen2.5-VL-3B shape, 16 prompts x 8, one 448x448 image each (issue 17)
 #   vlm_vision_share the vision tower's share per phase (issue 17)
@@ -64,7 +66,7 @@
 # the grpo_e2e.py runs' as offload_7b.json, pre_offload_0p5b.json, graph_reuse_*.json).
 set -u
 OUT=${OUT:?set OUT (the device tool does)}
-CORE="kernels_tests paged_tests demo rollout_service rollout_fast reward_overlap throughput trl_grpo profile_8x8 grpo_e2e_ab padded_width grpo_e2e_ab_full profile_update graph_reuse trainer_auto packed pre_offload offload_7b"
+CORE="kernels_tests paged_tests demo rollout_service rollout_fast reward_overlap throughput trl_grpo profile_8x8 grpo_e2e_ab padded_width grpo_e2e_ab_full profile_update graph_reuse trainer_auto packed pre_offload offload_7b sampler_sizes"
 MODELS="vlm_gpu_check vlm_grpo_step vlm_vision_share reward_models reward_judge agent_rollout"
 PLAN=""
 for arg in "${@:-core}"; do
@@ -123,7 +125,7 @@ if os.path.exists(tp) and os.path.exists(trl):  # throughput.py's peer_ratios ru
                   f" {r.get('micro_batch', '?')} vs {a['micro_batch']})"
                   for r in ours["results"] if (r["config"]["shape"], r["config"]["prompts"], r["config"]["n"],
                                                r["config"]["kl"]) == (a["shape"], a["prompts"], a["n"], False)]
-for name in ("throughput.md", "grpo_e2e_ab.md", "padded_width.md", "grpo_e2e.md", "reward_models.md", "rollout_profile_*.txt",
+for name in ("throughput.md", "grpo_e2e_ab.md", "sampler_sizes.md", "padded_width.md", "grpo_e2e.md", "reward_models.md", "rollout_profile_*.txt",
              "profile_*.txt", "grpo_e2e_profile.txt"):
     for path in sorted(glob.glob(os.path.join(work, "**", name), recursive=True)):
         md += ["", f"<!-- from {os.path.relpath(path, work)} -->", open(path).read()]  # which step wrote it
@@ -200,6 +202,8 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
           $flags --out "$WORK/graph_reuse_$mode"; done ;;
     packed) step packed 120 python3 benchmarks/grpo_e2e.py --shape 0.5b --prompts 64 --n 8 --prompt-len 128 \
       --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 --packing on --out "$WORK/packed" ;;
+    sampler_sizes) [[ -f .old/fused_sampling.py ]] || { echo "sampler_sizes: .old/fused_sampling.py not carried"; return; }
+      step sampler_sizes 120 python3 benchmarks/sampler_sizes.py --baseline .old/fused_sampling.py --out-dir "$WORK/sampler" ;;
     pre_offload) [[ -d .old ]] || { echo "pre_offload: .old/ not carried"; return; }
       step pre_offload 120 env PYTHONPATH="$PWD/.old:/tmp/site" python3 .old/benchmarks/grpo_e2e.py --shape 0.5b \
       --prompts 64 --n 8 --prompt-len 128 --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 \

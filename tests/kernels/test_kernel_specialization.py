@@ -26,14 +26,13 @@ def _settings(kernel, name: str) -> set:
 
 
 class SpecializationRecorder:
-    """Pre-run hooks on every launched kernel of `module`: keys[kernel name] = {(constexpr part, specialised
+    """Pre-run hooks on each of `kernels` ({name: Triton kernel}): keys[kernel name] = {(constexpr part, specialised
     part)} of the launches seen. Hooks stay installed (Triton has no remove); `active` switches recording."""
 
-    def __init__(self, module):
+    def __init__(self, kernels: dict):
         self.keys, self.active = collections.defaultdict(set), False
-        for name, kernel in vars(module).items():
-            if hasattr(kernel, "add_pre_run_hook") and hasattr(kernel, "fn") and name.endswith("_kernel"):
-                kernel.add_pre_run_hook(self._hook(name, kernel))
+        for name, kernel in kernels.items():
+            kernel.add_pre_run_hook(self._hook(name, kernel))
 
     def _hook(self, name, kernel):
         params = list(inspect.signature(kernel.fn).parameters.values())
@@ -71,9 +70,14 @@ _RECORDERS = {}
 
 
 def _recorder(module) -> SpecializationRecorder:
-    if module.__name__ not in _RECORDERS:  # one set of hooks per kernel module for the whole session
-        _RECORDERS[module.__name__] = SpecializationRecorder(module)
-    return _RECORDERS[module.__name__]
+    """The recorder of every launched kernel (a `*_kernel` name) of `module` (or of a dict of kernels)."""
+    kernels = module if isinstance(module, dict) else vars(module)
+    kernels = {name: k for name, k in kernels.items()
+               if hasattr(k, "add_pre_run_hook") and hasattr(k, "fn") and name.endswith("_kernel")}
+    key = tuple(sorted((name, id(k)) for name, k in kernels.items()))
+    if key not in _RECORDERS:  # one set of hooks per kernel set for the whole session
+        _RECORDERS[key] = SpecializationRecorder(kernels)
+    return _RECORDERS[key]
 
 
 def test_row_counts_and_chunks_add_no_logprob_kernel_variants():
@@ -120,4 +124,31 @@ def test_batch_and_length_add_no_advantage_kernel_variants():
     finally:
         rec.active = False
     assert {"_gae_kernel", "_returns_kernel", "_group_kernel"} <= set(rec.keys)
+    assert rec.size_variants() == {}, rec.size_variants()
+
+
+def test_decode_batch_sizes_add_no_sampler_kernel_variants():
+    # The rollout engine samples every decode step's rows: their count changes as sequences finish and join, the
+    # vocabulary splits follow it (`vocab_splits`, 1 off CUDA, so passed here), the forced ids are a column of a
+    # wider tensor and the seed a slice of a window's seed buffer: one binary per (greedy, forced) setting.
+    from verl_mega.rollout import fused_sampling
+    from verl_mega.rollout.sampling import SamplingParams
+    device = "cuda" if CUDA else "cpu"
+    partial, merge = fused_sampling._kernels()
+    rec = _recorder({"sample_partial_kernel": partial, "sample_merge_kernel": merge})
+    g = torch.Generator().manual_seed(0)
+    block, vocab = 256, 5 * 256 - 9  # five blocks, so up to 4 splits
+    seeds = torch.randint(0, 2**31 - 1, (8,), generator=g).to(device)
+    rec.active = True
+    try:
+        for i, (rows, splits) in enumerate(((1, 4), (3, 4), (16, 2), (17, 2), (30, 1), (33, 1), (5, 2), (48, 1))):
+            logits = torch.randn(rows, vocab, generator=g).to(device)
+            forced = torch.full((rows, 3), -1, dtype=torch.long).to(device)[:, i % 3]
+            for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.7)):
+                fused_sampling.sample_tokens_fused(logits, params, forced=forced, seed=seeds[i:i + 1], block=block,
+                                                   splits=splits)
+                fused_sampling.sample_tokens_fused(logits, params, seed=seeds[i:i + 1], block=block, splits=splits)
+    finally:
+        rec.active = False
+    assert set(rec.keys) == {"sample_partial_kernel", "sample_merge_kernel"}
     assert rec.size_variants() == {}, rec.size_variants()

@@ -28,6 +28,7 @@ top-k / top-p truncation is not fused: those calls take `sample_tokens` (on the 
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 
@@ -43,11 +44,18 @@ def _kernels():
     import triton  # lazy: TRITON_INTERPRET is read when the kernel is decorated
     import triton.language as tl
 
-    @triton.jit
-    def sample_partial_kernel(logits_ptr, stride, m_ptr, l_ptr, best_ptr, idx_ptr, inv_temp,
-                              V: tl.constexpr, SPLITS: tl.constexpr, NB_PER: tl.constexpr, BLOCK: tl.constexpr,
-                              GREEDY: tl.constexpr):
-        """Program (row, split): max m and sum l of exp(x / T - m) over the split's NB_PER blocks of the row's
+    def size_stable_jit(fn):
+        """triton.jit without specialising on the batch-following arguments: the split count and blocks per
+        split (from the row count), the row stride, and the alignment of the per-row vectors (views at offsets
+        that follow the row count), so that a decode batch of a new size reuses the compiled binary."""
+        names = inspect.signature(fn).parameters
+        return triton.jit(fn, do_not_specialize=[a for a in ("stride", "splits", "nb_per") if a in names],
+                          do_not_specialize_on_alignment=[a for a in names if a.endswith("_ptr") and a != "logits_ptr"])
+
+    @size_stable_jit
+    def sample_partial_kernel(logits_ptr, stride, m_ptr, l_ptr, best_ptr, idx_ptr, inv_temp, splits, nb_per,
+                              V: tl.constexpr, BLOCK: tl.constexpr, GREEDY: tl.constexpr):
+        """Program (row, split): max m and sum l of exp(x / T - m) over the split's nb_per blocks of the row's
         vocabulary; greedy: also the largest x and its index."""
         row, split = tl.program_id(0), tl.program_id(1)
         base = logits_ptr + row.to(tl.int64) * stride
@@ -55,8 +63,9 @@ def _kernels():
         l = tl.zeros([], tl.float32)  # running sum of exp(x / T - m)
         best = tl.full([], float("-inf"), tl.float32)
         best_idx = tl.zeros([], tl.int32)
-        for j in range(NB_PER):
-            offs = (split * NB_PER + j) * BLOCK + tl.arange(0, BLOCK)
+        j = 0
+        while j < nb_per:  # (a runtime bound: `while`, which the interpreter runs too, unlike `range(nb_per)`)
+            offs = (split * nb_per + j) * BLOCK + tl.arange(0, BLOCK)
             valid = offs < V
             x = tl.load(base + offs, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
             m_new = tl.maximum(m, tl.max(x, axis=0))
@@ -67,45 +76,48 @@ def _kernels():
             if GREEDY:
                 block_best = tl.max(x, axis=0)
                 better = block_best > best  # strictly: the first of equal values wins, as torch.argmax
-                best_idx = tl.where(better, (split * NB_PER + j) * BLOCK + tl.argmax(x, axis=0), best_idx)
+                best_idx = tl.where(better, (split * nb_per + j) * BLOCK + tl.argmax(x, axis=0), best_idx)
                 best = tl.where(better, block_best, best)
-        out = row * SPLITS + split
+            j += 1
+        out = row * splits + split
         tl.store(m_ptr + out, m)
         tl.store(l_ptr + out, l)
         tl.store(best_ptr + out, best)
         tl.store(idx_ptr + out, best_idx)
 
-    @triton.jit
+    @size_stable_jit
     def sample_merge_kernel(logits_ptr, stride, seed_ptr, m_ptr, l_ptr, best_ptr, idx_ptr, forced_ptr, token_ptr,
-                            logprob_ptr, inv_temp, V: tl.constexpr, SPLITS: tl.constexpr, NB_PER: tl.constexpr,
+                            logprob_ptr, inv_temp, splits, nb_per, V: tl.constexpr, MAX_SPLITS: tl.constexpr,
                             BLOCK: tl.constexpr, GREEDY: tl.constexpr, HAS_FORCED: tl.constexpr):
         """Program row: the splits' partials merged (log-sum-exp); the token: greedy, the best of the splits (the
         lowest split on ties); sampled, the inverse CDF at one uniform u: the split where the cumulative mass
         passes u x total, then the first token of that split where it does; the forced token applied; the
-        chosen token's log-prob x_t / T - logsumexp(x / T)."""
+        chosen token's log-prob x_t / T - logsumexp(x / T). MAX_SPLITS: a power of two >= splits."""
         row = tl.program_id(0)
-        s = tl.arange(0, SPLITS)
-        m = tl.load(m_ptr + row * SPLITS + s)
+        s = tl.arange(0, MAX_SPLITS)
+        here = s < splits
+        m = tl.load(m_ptr + row * splits + s, mask=here, other=float("-inf"))
         m_all = tl.max(m, axis=0)
         shift = tl.where(m_all > float("-inf"), m_all, 0.0)
-        mass = tl.load(l_ptr + row * SPLITS + s) * tl.exp(m - shift)  # [SPLITS] sum of exp(x / T - shift)
+        # [MAX_SPLITS] sum of exp(x / T - shift) per split (0 past `splits`)
+        mass = tl.load(l_ptr + row * splits + s, mask=here, other=0.0) * tl.exp(m - shift)
         l_all = tl.sum(mass, axis=0)
         if GREEDY:
-            token = tl.load(idx_ptr + row * SPLITS + tl.argmax(tl.load(best_ptr + row * SPLITS + s), axis=0))
-            token = token.to(tl.int64)
+            best = tl.load(best_ptr + row * splits + s, mask=here, other=float("-inf"))
+            token = tl.load(idx_ptr + row * splits + tl.argmax(best, axis=0)).to(tl.int64)
         else:
             u = tl.rand(tl.load(seed_ptr), row)  # uniform in [0, 1)
             cum = tl.cumsum(mass, axis=0)
             target = u * tl.max(cum, axis=0)  # the cumulative mass to pass
-            part = tl.minimum(tl.sum((cum <= target).to(tl.int32), axis=0), SPLITS - 1)  # first split passing it
+            part = tl.minimum(tl.sum((here & (cum <= target)).to(tl.int32), axis=0), splits - 1)  # first passing
             rest = target - tl.sum(tl.where(s < part, mass, 0.0), axis=0)  # what is left to pass inside it
             base = logits_ptr + row.to(tl.int64) * stride
             token = tl.full([], -1, tl.int64)
             last = tl.full([], -1, tl.int64)  # the split's last token of nonzero mass (float rounding fallback)
             run = tl.zeros([], tl.float32)
             j = 0
-            while (j < NB_PER) & (token < 0):  # the split's blocks in order until one passes the target
-                offs = (part * NB_PER + j) * BLOCK + tl.arange(0, BLOCK)
+            while (j < nb_per) & (token < 0):  # the split's blocks in order until one passes the target
+                offs = (part * nb_per + j) * BLOCK + tl.arange(0, BLOCK)
                 valid = offs < V
                 x = tl.load(base + offs, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
                 e = tl.exp(x - shift)
@@ -169,9 +181,10 @@ def sample_tokens_fused(logits: torch.Tensor, params: SamplingParams, generator:
         seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=logits.device)
     inv_temp = 1.0 if params.greedy else 1.0 / params.temperature
     nb_per = -(-blocks // splits)
-    partial[(b, splits)](logits, logits.stride(0), stats[0], stats[1], stats[2], index, inv_temp, V=v,
-                         SPLITS=splits, NB_PER=nb_per, BLOCK=block, GREEDY=params.greedy)
+    partial[(b, splits)](logits, logits.stride(0), stats[0], stats[1], stats[2], index, inv_temp, splits, nb_per,
+                         V=v, BLOCK=block, GREEDY=params.greedy)
     merge[(b,)](logits, logits.stride(0), seed, stats[0], stats[1], stats[2], index,
-                tokens if forced is None else forced, tokens, logprobs, inv_temp, V=v, SPLITS=splits, NB_PER=nb_per,
-                BLOCK=block, GREEDY=params.greedy, HAS_FORCED=forced is not None)
+                tokens if forced is None else forced, tokens, logprobs, inv_temp, splits, nb_per, V=v,
+                MAX_SPLITS=1 << (blocks - 1).bit_length(), BLOCK=block, GREEDY=params.greedy,
+                HAS_FORCED=forced is not None)
     return tokens, logprobs
