@@ -203,7 +203,8 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
     packed) step packed 120 python3 benchmarks/grpo_e2e.py --shape 0.5b --prompts 64 --n 8 --prompt-len 128 \
       --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 --packing on --out "$WORK/packed" ;;
     sampler_sizes) [[ -f .old/fused_sampling.py ]] || { echo "sampler_sizes: .old/fused_sampling.py not carried"; return; }
-      step sampler_sizes 120 python3 benchmarks/sampler_sizes.py --baseline .old/fused_sampling.py --out-dir "$WORK/sampler" ;;
+      step sampler_sizes 120 python3 benchmarks/sampler_sizes.py --baseline .old/fused_sampling.py --programs-per-sm 2,4,8,16 \
+      --out-dir "$WORK/sampler" ;;
     pre_offload) [[ -d .old ]] || { echo "pre_offload: .old/ not carried"; return; }
       step pre_offload 120 env PYTHONPATH="$PWD/.old:/tmp/site" python3 .old/benchmarks/grpo_e2e.py --shape 0.5b \
       --prompts 64 --n 8 --prompt-len 128 --response-len 32:256 --max-new-tokens 256 --max-tokens 16384 --steps 3 \

@@ -135,19 +135,19 @@ def test_decode_batch_sizes_add_no_sampler_kernel_variants():
     from verl_mega.rollout.sampling import SamplingParams
     device = "cuda" if CUDA else "cpu"
     partial, merge = fused_sampling._kernels()
+    greedy = SamplingParams(temperature=0.0)
     rec = _recorder({"sample_partial_kernel": partial, "sample_merge_kernel": merge})
     g = torch.Generator().manual_seed(0)
-    block, vocab = 256, 5 * 256 - 9  # five blocks, so up to 4 splits
+    block, vocab = 64, 5 * 64 - 9  # five blocks, so up to 4 splits (small: the interpreter runs every row)
     seeds = torch.randint(0, 2**31 - 1, (8,), generator=g).to(device)
     rec.active = True
     try:
-        for i, (rows, splits) in enumerate(((1, 4), (3, 4), (16, 2), (17, 2), (30, 1), (33, 1), (5, 2), (48, 1))):
+        for i, (rows, splits) in enumerate(((1, 4), (3, 4), (16, 2), (17, 2), (6, 1), (9, 1), (5, 2), (32, 1))):
             logits = torch.randn(rows, vocab, generator=g).to(device)
             forced = torch.full((rows, 3), -1, dtype=torch.long).to(device)[:, i % 3]
-            for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.7)):
-                fused_sampling.sample_tokens_fused(logits, params, forced=forced, seed=seeds[i:i + 1], block=block,
-                                                   splits=splits)
-                fused_sampling.sample_tokens_fused(logits, params, seed=seeds[i:i + 1], block=block, splits=splits)
+            for params, with_forced in ((greedy, True), (SamplingParams(temperature=0.7), False)):
+                fused_sampling.sample_tokens_fused(logits, params, forced=forced if with_forced else None,
+                                                   seed=seeds[i:i + 1], block=block, splits=splits)
     finally:
         rec.active = False
     assert set(rec.keys) == {"sample_partial_kernel", "sample_merge_kernel"}
