@@ -15,7 +15,7 @@
 Loop trip counts are compile-time constants (`NUM_CHUNKS`): the Triton interpreter used by the CPU
 tests cannot loop over runtime bounds, and response lengths are padded to a fixed size anyway. The sizes
 B, T and G change from step to step and are not specialised on (Triton would compile a binary per residue
-mod 16 met: see `logprob_triton.py`); the tile sizes take a power of two per length bucket.
+mod 16 met: see `dispatch.size_stable_jit`); the tile sizes take a power of two per length bucket.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ when a Triton path is taken).
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 
 import torch
@@ -23,6 +24,24 @@ IMPLS = ("auto", "triton", "torch")
 def interpret_mode() -> bool:
     """True when `TRITON_INTERPRET=1`: Triton kernels run in the CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def size_stable_jit(sizes: tuple[str, ...] = (), unaligned: tuple[str, ...] = ()):
+    """A decorator: `triton.jit` without specialising on the integer arguments named in `sizes` or on the
+    alignment of the pointer arguments named in `unaligned` (names a kernel lacks are ignored).
+
+    Triton compiles a kernel once per specialisation of its arguments (an integer divisible by 16 or equal
+    to 1, a pointer 16-byte aligned or not); an argument that follows the batch (a row count, a chunk's
+    offset, a view into a buffer sized by the batch) makes a new binary (0.1-0.9 s of host time) whenever a
+    step first meets another residue. tests/kernels/test_kernel_specialization.py checks each kernel.
+    triton is imported here, at decoration time (when TRITON_INTERPRET is read)."""
+    import triton
+
+    def decorate(fn):
+        names = inspect.signature(fn).parameters
+        return triton.jit(fn, do_not_specialize=[a for a in sizes if a in names],
+                          do_not_specialize_on_alignment=[a for a in unaligned if a in names])
+    return decorate
 
 
 @functools.lru_cache(maxsize=1)

@@ -37,7 +37,6 @@ than -inf, so that statistics combine without inf - inf = NaN guards.
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from typing import NamedTuple
 
@@ -46,26 +45,17 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from verl_mega.kernels.dispatch import interpret_mode
+from verl_mega.kernels.dispatch import interpret_mode, size_stable_jit
 
-# Triton compiles a kernel once per specialisation of its arguments: an integer divisible by 16 or
-# equal to 1, a pointer 16-byte aligned or not. The row count N, a launch's column count V, the tile
-# count T and a chunk's label offset change with every micro-batch, and so does the alignment of the
-# per-row vectors (rows of [k, N] buffers): specialised, they made a new binary (a compile of
-# 0.1-0.9 s, host time in the middle of a step) whenever a micro-batch first met another residue
-# (H100, results/h100_2026-12-07g). They are not specialised; the large operands (TMA descriptors,
-# the kept logits' and gradient buffers, whose rows are padded to 16 elements) keep their alignment
-# hints. tests/kernels/test_kernel_specialization.py checks that sizes add no variants.
-SIZE_ARGS = ("N", "V", "T", "lab_offset")
-ROW_VECTOR_ARGS = ("m_ptr", "s_ptr", "u_ptr", "lab_ptr", "init_ptr", "out_ptr", "zt_ptr", "lse_ptr", "ez_ptr",
-                   "glp_ptr", "gent_ptr", "tmax_ptr")
-
-
-def _size_stable_jit(fn):
-    """triton.jit for a launched kernel, without specialising on SIZE_ARGS and ROW_VECTOR_ARGS' alignment."""
-    names = inspect.signature(fn).parameters
-    return triton.jit(fn, do_not_specialize=[a for a in SIZE_ARGS if a in names],
-                      do_not_specialize_on_alignment=[a for a in ROW_VECTOR_ARGS if a in names])
+# The row count N, a launch's column count V, the tile count T and a chunk's label offset change with
+# every micro-batch, and so does the alignment of the per-row vectors (rows of [k, N] buffers):
+# specialised, they made a new binary whenever a micro-batch first met another residue mod 16
+# (H100, results/h100_2026-12-07g). The large operands (TMA descriptors, the kept logits' and gradient
+# buffers, whose rows are padded to 16 elements) keep their alignment hints.
+_size_stable_jit = size_stable_jit(
+    sizes=("N", "V", "T", "lab_offset"),
+    unaligned=("m_ptr", "s_ptr", "u_ptr", "lab_ptr", "init_ptr", "out_ptr", "zt_ptr", "lse_ptr", "ez_ptr", "glp_ptr",
+               "gent_ptr", "tmax_ptr"))
 
 
 NEG = tl.constexpr(-1.0e30)  # "minus infinity" for masked logits: finite, so NEG - NEG = 0, not NaN

@@ -28,11 +28,10 @@ top-k / top-p truncation is not fused: those calls take `sample_tokens` (on the 
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 
-from verl_mega.kernels.dispatch import sm_count
+from verl_mega.kernels.dispatch import size_stable_jit, sm_count
 from verl_mega.rollout.sampling import SamplingParams, sample_tokens
 
 BLOCK = 2048  # vocabulary entries per loop iteration
@@ -41,21 +40,19 @@ PROGRAMS_PER_SM = 4  # vocabulary splits are chosen so that rows x splits >= thi
 
 @functools.cache
 def _kernels():
-    import triton  # lazy: TRITON_INTERPRET is read when the kernel is decorated
-    import triton.language as tl
+    import triton.language as tl  # lazy: TRITON_INTERPRET is read when the kernel is decorated
 
-    def size_stable_jit(fn):
-        """triton.jit without specialising on the batch-following arguments: the split count and blocks per
-        split (from the row count) and the alignment of the per-row vectors (views at offsets that follow the
-        row count or the window step), so that a decode batch of a new size reuses the compiled binary (13
-        binaries over a 512..16-row decode, 2 now: benchmarks/sampler_sizes.py). The row stride (the model's
-        padded vocabulary) stays specialised: its divisibility lets the logits loads vectorise (unspecialised,
-        calls at 64-512 rows took 7-21% longer on an H100, launch included)."""
-        names = inspect.signature(fn).parameters
-        return triton.jit(fn, do_not_specialize=[a for a in ("splits", "nb_per") if a in names],
-                          do_not_specialize_on_alignment=[a for a in names if a.endswith("_ptr") and a != "logits_ptr"])
+    # not specialised on the batch-following arguments: the split count and blocks per split (from the row
+    # count) and the alignment of the per-row vectors (views at offsets that follow the row count or the window
+    # step), so that a decode batch of a new size reuses the compiled binary (13 binaries over a 512..16-row
+    # decode, 2 now: benchmarks/sampler_sizes.py). The row stride (the model's padded vocabulary) stays
+    # specialised: its divisibility lets the logits loads vectorise (unspecialised, calls at 64-512 rows took
+    # 7-21% longer on an H100, launch included).
+    batch_stable_jit = size_stable_jit(sizes=("splits", "nb_per"),
+                                       unaligned=("seed_ptr", "m_ptr", "l_ptr", "best_ptr", "idx_ptr", "forced_ptr",
+                                                  "token_ptr", "logprob_ptr"))
 
-    @size_stable_jit
+    @batch_stable_jit
     def sample_partial_kernel(logits_ptr, stride, m_ptr, l_ptr, best_ptr, idx_ptr, inv_temp, splits, nb_per,
                               V: tl.constexpr, BLOCK: tl.constexpr, GREEDY: tl.constexpr):
         """Program (row, split): max m and sum l of exp(x / T - m) over the split's nb_per blocks of the row's
@@ -88,7 +85,7 @@ def _kernels():
         tl.store(best_ptr + out, best)
         tl.store(idx_ptr + out, best_idx)
 
-    @size_stable_jit
+    @batch_stable_jit
     def sample_merge_kernel(logits_ptr, stride, seed_ptr, m_ptr, l_ptr, best_ptr, idx_ptr, forced_ptr, token_ptr,
                             logprob_ptr, inv_temp, splits, nb_per, V: tl.constexpr, MAX_SPLITS: tl.constexpr,
                             BLOCK: tl.constexpr, GREEDY: tl.constexpr, HAS_FORCED: tl.constexpr):
