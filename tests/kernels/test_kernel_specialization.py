@@ -69,10 +69,9 @@ class SpecializationRecorder:
 _RECORDERS = {}
 
 
-def _recorder(module) -> SpecializationRecorder:
-    """The recorder of every launched kernel (a `*_kernel` name) of `module` (or of a dict of kernels)."""
-    kernels = module if isinstance(module, dict) else vars(module)
-    kernels = {name: k for name, k in kernels.items()
+def _recorder(namespace: dict) -> SpecializationRecorder:
+    """The recorder of every launched kernel (a `*_kernel` name) in `namespace` (a module's `vars`, or a dict)."""
+    kernels = {name: k for name, k in namespace.items()
                if hasattr(k, "add_pre_run_hook") and hasattr(k, "fn") and name.endswith("_kernel")}
     key = tuple(sorted((name, id(k)) for name, k in kernels.items()))
     if key not in _RECORDERS:  # one set of hooks per kernel set for the whole session
@@ -86,7 +85,7 @@ def test_row_counts_and_chunks_add_no_logprob_kernel_variants():
     # without gradients: one binary per constexpr setting.
     from verl_mega.kernels import logprob_triton
     device, dtype = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
-    rec = _recorder(logprob_triton)
+    rec = _recorder(vars(logprob_triton))
     g = torch.Generator().manual_seed(0)
     weight = (torch.randn(300, 64, generator=g) * 0.3).to(dtype).to(device)
     rec.active = True
@@ -111,7 +110,7 @@ def test_batch_and_length_add_no_advantage_kernel_variants():
     # kernels get one binary per tile setting (a power of two per length bucket), whatever B, T and G are.
     from verl_mega.kernels import advantage_triton
     device = "cuda" if CUDA else "cpu"
-    rec = _recorder(advantage_triton)
+    rec = _recorder(vars(advantage_triton))
     g = torch.Generator().manual_seed(0)
     rec.active = True
     try:
