@@ -58,6 +58,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -383,23 +384,62 @@ def parity_check(device) -> dict:
             "graphs": len(engine._graphs), "preemptions": engine.scheduler.preemptions}
 
 
-ATTENTION_CONFIGS = ((False, 4, 1), (True, 4, 1), (True, 4, 2), (True, 4, 3), (True, 4, 4), (True, 8, 2),
-                     (True, 8, 3), (True, 2, 2))  # (pipelined `for` loop, num_warps, num_stages); the first: `while`
+ATTENTION_CONFIGS = ((False, 4, 1, 2), (True, 4, 1, 2), (True, 4, 2, 2), (True, 4, 3, 2), (True, 4, 4, 2),
+                     (True, 8, 2, 2), (True, 8, 3, 2), (True, 2, 2, 2), (True, 4, 2, 4), (True, 4, 2, 8),
+                     (True, 4, 2, 16))  # (pipelined `for` loop, num_warps, num_stages, MIN_PROGRAMS_PER_SM); the
+# first: `while`; the last three split the context deeper (more programs per SM at few rows)
 
 
-def attention_sweep(shape: str, device, dtype, rows_list=(512, 256, 32), lengths=(160, 1152), repeats: int = 20
+def attention_sweep_table(shape: str, device: str, sweep: list[dict]) -> str:
+    """`attention_sweep`'s entries as a markdown table: a launch configuration per line, a row count per column,
+    microseconds per call and K/V read in GB/s."""
+    keys = ("pipelined", "num_warps", "num_stages", "min_programs_per_sm")
+    configs = list(dict.fromkeys(tuple(e[k] for k in keys) for e in sweep))
+    rows = sorted({e["rows"] for e in sweep}, reverse=True)
+    cell = {(tuple(e[k] for k in keys), e["rows"]): e for e in sweep}
+    lines = [f"\n## Paged decode attention, {shape} heads, one layer ({device}): us per call (K/V read GB/s)\n",
+             "| pipelined, warps, stages, programs per SM | " + " | ".join(f"{r} rows" for r in rows) + " |",
+             "|---|" + "---|" * len(rows)]
+    for c in configs:
+        got = [cell[c, r] for r in rows]
+        lines.append(f"| {', '.join(str(v) for v in c)} | " + " | ".join(
+            f"{e['us']:.1f} ({e['bytes_per_s'] / 1e9:.0f})" if "us" in e else "error" for e in got) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def graph_seconds(fn, calls: int, replays: int = 5) -> float:
+    """Device seconds per call of fn: `calls` calls captured in one CUDA graph (as decode runs them, without the
+    host's launch cost), the median of `replays` replays."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000 / calls)
+    return statistics.median(times)
+
+
+def attention_sweep(shape: str, device, dtype, rows_list=(512, 256, 128, 64, 32, 16), lengths=(160, 1152),
+                    repeats: int = 20
                     ) -> list[dict]:
     """The paged decode-attention kernel alone at `shape`'s heads, one layer: bytes of K/V read per second for each
     launch configuration of `ATTENTION_CONFIGS`, at each row count, rows' lengths uniform in `lengths` (seeded),
-    blocks scattered over the pool as a long rollout leaves them. The first configuration is the kernel before
-    the pipelined loop."""
+    blocks scattered over the pool as a long rollout leaves them, `repeats` calls in one CUDA graph. The first
+    configuration is the kernel before the pipelined loop."""
     from verl_mega.rollout import paged_attention as pa
 
     cfg = SHAPES[shape]
     hq, hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     d, bs = cfg["hidden_size"] // hq, 16
     gen = torch.Generator().manual_seed(0)
-    saved = (pa.PIPELINE, pa.NUM_WARPS, pa.NUM_STAGES)
+    saved = (pa.PIPELINE, pa.NUM_WARPS, pa.NUM_STAGES, pa.MIN_PROGRAMS_PER_SM)
     out = []
     try:
         for rows in rows_list:
@@ -414,23 +454,22 @@ def attention_sweep(shape: str, device, dtype, rows_list=(512, 256, 32), lengths
             addresses = pa.pool_addresses(k_pool, v_pool)  # once: built per call it is a host-to-device copy
             kv_bytes = int((pos + 1).sum()) * hkv * d * 2 * k_pool.element_size()
             ref = None
-            for pipelined, warps, stages in ATTENTION_CONFIGS:
-                pa.PIPELINE, pa.NUM_WARPS, pa.NUM_STAGES = pipelined, warps, stages
+            for pipelined, warps, stages, depth in ATTENTION_CONFIGS:
+                pa.PIPELINE, pa.NUM_WARPS, pa.NUM_STAGES, pa.MIN_PROGRAMS_PER_SM = pipelined, warps, stages, depth
+                launch = {"rows": rows, "pipelined": pipelined, "num_warps": warps, "num_stages": stages,
+                          "min_programs_per_sm": depth}
                 try:
                     got = pa.paged_decode_attention(q, k_pool, v_pool, tables, pos, bs, addresses)  # compiles
                     ref = got if ref is None else ref
-                    seconds = time_call(lambda: [pa.paged_decode_attention(q, k_pool, v_pool, tables, pos, bs,
-                                                                           addresses)
-                                                 for _ in range(repeats)]) / repeats
-                    out.append({"rows": rows, "pipelined": pipelined, "num_warps": warps, "num_stages": stages,
-                                "us": seconds * 1e6, "bytes_per_s": kv_bytes / seconds,
+                    seconds = graph_seconds(lambda: pa.paged_decode_attention(q, k_pool, v_pool, tables, pos, bs,
+                                                                              addresses), repeats)
+                    out.append({**launch, "us": seconds * 1e6, "bytes_per_s": kv_bytes / seconds,
                                 "max_abs_diff_vs_first": float((got.float() - ref.float()).abs().max())})
                 except Exception as exc:  # noqa: BLE001 - a configuration that does not compile is reported
-                    out.append({"rows": rows, "pipelined": pipelined, "num_warps": warps, "num_stages": stages,
-                                "error": repr(exc)[:300]})
+                    out.append({**launch, "error": repr(exc)[:300]})
             del k_pool, v_pool
     finally:
-        pa.PIPELINE, pa.NUM_WARPS, pa.NUM_STAGES = saved
+        pa.PIPELINE, pa.NUM_WARPS, pa.NUM_STAGES, pa.MIN_PROGRAMS_PER_SM = saved
     return out
 
 
@@ -600,6 +639,9 @@ def main(argv=None) -> int:
     record("greedy_parity_tiny_fp32", parity_check(device))
     for shape in [s for s in args.shapes.split(",") if s]:
         record(shape, run_shape(args, shape, device, dtype, layout))
+        if args.attention_sweep:
+            with open(os.path.join(args.out_dir, "attention_sweep.md"), "a") as f:
+                f.write(attention_sweep_table(shape, result["device"], result[shape]["attention_sweep"]))
     if args.grpo_shape:
         record("grpo_step", run_grpo(args, args.grpo_shape, device, dtype))
     return 0

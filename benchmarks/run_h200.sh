@@ -8,6 +8,8 @@
 #   demo             the main job on CUDA: verl_mega demo --quick --nproc 1 --tp 1 (issue 12)
 #   rollout_service  continuous batching vs the static engine at the Qwen2.5-0.5B shape, + a torch.profiler call (issue 13)
 #   rollout_fast     rollout_service without the profiler call
+#   attention_sweep  the paged decode-attention kernel alone per launch setting (warps, stages, context splits) at
+#                    ROLLOUT_SHAPES' heads, 16-512 rows (rollout_service.py --attention-sweep)
 #   paged_tests      pytest test_paged_attention.py + test_fused_sampling.py + test_fused_ops.py +
 #                    test_decode_windows.py on CUDA (the paged kernel in fp32 and bf16, the one-pass sampler, the
 #                    decoder's fused ops and the RoPE kernel's KV-cache write, a decode window as one CUDA graph), and
@@ -66,7 +68,7 @@
 # the grpo_e2e.py runs' as offload_7b.json, pre_offload_0p5b.json, graph_reuse_*.json).
 set -u
 OUT=${OUT:?set OUT (the device tool does)}
-CORE="kernels_tests paged_tests demo rollout_service rollout_fast reward_overlap throughput trl_grpo profile_8x8 grpo_e2e_ab padded_width grpo_e2e_ab_full profile_update graph_reuse trainer_auto packed pre_offload offload_7b sampler_sizes"
+CORE="kernels_tests paged_tests demo rollout_service rollout_fast attention_sweep reward_overlap throughput trl_grpo profile_8x8 grpo_e2e_ab padded_width grpo_e2e_ab_full profile_update graph_reuse trainer_auto packed pre_offload offload_7b sampler_sizes"
 MODELS="vlm_gpu_check vlm_grpo_step vlm_vision_share reward_models reward_judge agent_rollout"
 PLAN=""
 for arg in "${@:-core}"; do
@@ -125,7 +127,7 @@ if os.path.exists(tp) and os.path.exists(trl):  # throughput.py's peer_ratios ru
                   f" {r.get('micro_batch', '?')} vs {a['micro_batch']})"
                   for r in ours["results"] if (r["config"]["shape"], r["config"]["prompts"], r["config"]["n"],
                                                r["config"]["kl"]) == (a["shape"], a["prompts"], a["n"], False)]
-for name in ("throughput.md", "grpo_e2e_ab.md", "sampler_sizes.md", "padded_width.md", "grpo_e2e.md", "reward_models.md", "rollout_profile_*.txt",
+for name in ("throughput.md", "grpo_e2e_ab.md", "sampler_sizes.md", "attention_sweep.md", "padded_width.md", "grpo_e2e.md", "reward_models.md", "rollout_profile_*.txt",
              "profile_*.txt", "grpo_e2e_profile.txt"):
     for path in sorted(glob.glob(os.path.join(work, "**", name), recursive=True)):
         md += ["", f"<!-- from {os.path.relpath(path, work)} -->", open(path).read()]  # which step wrote it
@@ -162,6 +164,8 @@ run_step() {  # run_step NAME: the step's command (the list in the header)
     demo) step demo 120 python3 -m verl_mega demo --quick --nproc 1 --tp 1 --output-dir "$WORK/demo" ;;
     rollout_service) step rollout_service 300 python3 benchmarks/rollout_service.py --shapes "$ROLLOUT_SHAPES" --no-hf --profile \
       --grpo-shape '' ${ROLLOUT_VARIANTS:+--variants "$ROLLOUT_VARIANTS"} --out-dir "$WORK/rollout" ;;
+    attention_sweep) step attention_sweep 200 python3 benchmarks/rollout_service.py --attention-sweep \
+      --shapes "$ROLLOUT_SHAPES" --no-hf --no-static --grpo-shape '' --out-dir "$WORK/attention" ;;
     rollout_fast) step rollout_fast 540 python3 benchmarks/rollout_service.py --shapes "$ROLLOUT_SHAPES" "$HF_FLAG" \
       --grpo-shape '' ${ROLLOUT_VARIANTS:+--variants "$ROLLOUT_VARIANTS"} --out-dir "$WORK/rollout" ;;
     paged_tests) step paged_tests 300 python3 -m pytest -q -rf --tb=short tests/models/test_fused_ops.py \

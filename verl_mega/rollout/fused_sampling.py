@@ -35,7 +35,10 @@ from verl_mega.kernels.dispatch import size_stable_jit, sm_count
 from verl_mega.rollout.sampling import SamplingParams, sample_tokens
 
 BLOCK = 2048  # vocabulary entries per loop iteration
-PROGRAMS_PER_SM = 4  # vocabulary splits are chosen so that rows x splits >= this many programs per SM
+# Vocabulary splits are chosen so that rows x splits >= this many programs per SM. 32: on an H100 (sampler_sizes.py
+# --programs-per-sm, benchmarks/results/h100_2026-12-07i) calls at 128-512 rows took 25 / 42 / 76 us against 47 /
+# 103 / 125 us at 4 (logits read at 1.5-2.0 TB/s against 0.8-1.2); neither 16 nor 64 was faster at every row count.
+PROGRAMS_PER_SM = 32
 
 
 @functools.cache
