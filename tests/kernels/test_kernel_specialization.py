@@ -105,6 +105,42 @@ def test_row_counts_and_chunks_add_no_logprob_kernel_variants():
     assert rec.size_variants() == {}, rec.size_variants()
 
 
+def test_warm_up_compiles_every_logprob_variant_a_run_meets(monkeypatch):
+    # Packed micro-batches have any token count, and the kernels' launch choices (tile sizes, masked launches, the
+    # kept first chunk, entropy gradients) follow it: the trainer runs `warm_up_logprob_kernels` on its LM head
+    # before the first step, and every key launched after it, at any count, must be one the warm-up launched.
+    from verl_mega.kernels import logprob_triton
+    from verl_mega.kernels import warm_up_logprob_kernels
+    if CUDA:  # the real thresholds; a vocabulary whose kept first chunk at 4096 tokens is not all of it
+        device, dtype, vocab, counts = "cuda", torch.bfloat16, 151936, (1, 100, 1000, 1025, 2000, 4095, 5000, 9000)
+    else:  # the interpreter (fixed tiles): the same regimes at counts it runs quickly
+        monkeypatch.setattr(logprob_triton, "SMALL_MAX_ROWS", 32)
+        monkeypatch.setattr(logprob_triton, "UNMASKED_MIN_ROWS", 64)
+        device, dtype, vocab, counts = "cpu", torch.float32, 300, (1, 5, 17, 31, 33, 50, 63, 90)
+    rec = _recorder(vars(logprob_triton))
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(vocab, 64, generator=g) * 0.3).to(dtype).to(device)
+    rec.keys.clear()
+    rec.active = True
+    try:
+        assert warm_up_logprob_kernels(weight, impl="triton") == 9
+        warmed = {name: set(keys) for name, keys in rec.keys.items()}
+        for n in counts:
+            hidden = torch.randn(n, 64, generator=g).to(dtype).to(device)
+            labels = torch.randint(0, vocab, (n,), generator=g).to(device)
+            with torch.no_grad():
+                fused_logprob_entropy(hidden, weight, labels, impl="triton", compute_entropy=False)
+            for with_entropy in (False, True):
+                h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+                lp, ent = fused_logprob_entropy(h, w, labels, impl="triton")
+                (lp.sum() + ent.sum() if with_entropy else lp.sum()).backward()
+    finally:
+        rec.active = False
+    assert {"_fwd_kernel", "_rows_kernel", "_kept_grad_kernel"} <= set(warmed)
+    unwarmed = {name: new for name, keys in rec.keys.items() if (new := keys - warmed.get(name, set()))}
+    assert unwarmed == {}, unwarmed
+
+
 def test_batch_and_length_add_no_advantage_kernel_variants():
     # Batch rows and padded response widths change from step to step: GAE, discounted returns and the group
     # kernels get one binary per tile setting (a power of two per length bucket), whatever B, T and G are.

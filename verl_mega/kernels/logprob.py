@@ -91,6 +91,33 @@ def fused_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     return logprob.view(lead), (entropy.view(lead) if compute_entropy else None)
 
 
+def warm_up_logprob_kernels(weight: torch.Tensor, *, impl: str = "auto") -> int:
+    """Compile, before a run's first step, every Triton variant the fused log-prob can meet with this LM-head shard
+    (weight [V_local, H], read only: its gradient is not touched): one call at a token count in each regime of the
+    kernels' launch choices (`logprob_triton.warm_token_counts`), forward-only without entropy (the log-prob
+    passes) and with gradients of the log-probs alone and of log-probs + entropies (the update, with and without an
+    entropy bonus). Otherwise the first short micro-batch of a kind compiles one inside a step (`_fwd_kernel`,
+    0.6 s of a measured step in benchmarks/results/h100_2026-12-07i). Returns the calls made: 0 where the Triton
+    path does not apply (CPU without the interpreter, fp32 on CUDA, rows not 16-byte aligned)."""
+    probe = weight.new_zeros(1, weight.shape[1])
+    one = torch.zeros(1, dtype=torch.long, device=weight.device)
+    if _make_spec(probe, weight, one, None, 0, weight.shape[0], 1.0, True, None, impl).path != "triton":
+        return 0
+    from verl_mega.kernels import logprob_triton
+
+    w, calls = weight.detach(), 0
+    for n in logprob_triton.warm_token_counts():
+        hidden, labels = weight.new_zeros(n, weight.shape[1]), torch.zeros(n, dtype=torch.long, device=weight.device)
+        with torch.no_grad():
+            fused_logprob_entropy(hidden, w, labels, compute_entropy=False, impl=impl)
+        for with_entropy in (False, True):
+            h = hidden.clone().requires_grad_()
+            lp, ent = fused_logprob_entropy(h, w, labels, impl=impl)
+            (lp.sum() + ent.sum() if with_entropy else lp.sum()).backward()
+        calls += 3
+    return calls
+
+
 class _LabelRangeCheck:
     """labels in [0, vocab), checked without stalling the GPU queue.
 

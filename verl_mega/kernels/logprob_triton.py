@@ -362,6 +362,13 @@ INTERP_SPLIT = 2  # backward epilogue halves under the interpreter (tests also r
 _INTERP_TILE = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}  # interpreter
 
 
+def warm_token_counts() -> tuple[int, ...]:
+    """A token count in each regime of the launch choices (`gpu_config`'s tiles, `_stats`' masked launches): small
+    tiles with one masked launch, large tiles with one masked launch, large tiles with an unmasked launch and a
+    masked one (see `logprob.warm_up_logprob_kernels`)."""
+    return SMALL_MAX_ROWS, (SMALL_MAX_ROWS + UNMASKED_MIN_ROWS) // 2, UNMASKED_MIN_ROWS
+
+
 def gpu_config(n_rows: int, forward: bool) -> tuple[dict, dict]:
     """(kernel meta-parameters, launch options) of the GPU kernels for `n_rows` tokens.
 

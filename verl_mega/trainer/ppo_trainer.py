@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from verl_mega.algorithms.kl import AdaptiveKLController, FixedKLController
 from verl_mega.data import get_dataloader
+from verl_mega.kernels import warm_up_logprob_kernels
 from verl_mega.models.hf_io import check_hf_dir, weight_map
 from verl_mega.models.parallelize import apply_compile, apply_recompute, apply_sequence_parallel
 from verl_mega.rewards.base import RewardFailureGuard, RewardFunction, RuleBasedReward
@@ -143,6 +144,8 @@ class PPOTrainer:
             if engine is not None:
                 apply_sequence_parallel(engine.model, cfg.parallel.sequence_parallel)
                 apply_compile(engine.model, cfg.model.compile)
+        if self.actor_engine.model.has_head:  # the log-prob kernels' variants compile now, not inside a step
+            warm_up_logprob_kernels(self.actor_engine.model.output_weight())
         self.reward_fn = RewardFunction(reward_fn if reward_fn is not None else RuleBasedReward())
         self.reward_guard = RewardFailureGuard(cfg.trainer.reward_fail_threshold, cfg.trainer.reward_fail_steps)
         self.rewards = RewardRunner(self.reward_fn, self.layout, timeout_s=cfg.trainer.reward_timeout_s,
