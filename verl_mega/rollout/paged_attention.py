@@ -41,7 +41,9 @@ from verl_mega.kernels.dispatch import sm_count
 from verl_mega.rollout.engine_config import PAGED_TILE
 
 TILE = PAGED_TILE  # tokens per loaded K/V tile (a multiple of the block size; >= 16 for tl.dot)
-MIN_PROGRAMS_PER_SM = 2  # split the context until rows x heads x splits reaches this many programs per SM
+# Split the context until rows x heads x splits reaches this many programs per SM. 4 was faster at 16-32 rows and
+# slower at 64-128 rows of the 7B shape on an H100 (rollout_service.py --attention-sweep, results/h100_2026-12-07i).
+MIN_PROGRAMS_PER_SM = 2
 MAX_SPLITS = 64  # the merge kernel holds [splits, head_dim] float32 per program: more would spill registers
 NUM_WARPS = 4  # the attention kernel's launch (benchmarks/rollout_service.py --attention-sweep measures others)
 NUM_STAGES = 2  # K/V tiles in flight per program (software pipelining of the tile loop)
