@@ -40,6 +40,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -122,6 +123,24 @@ def time_call(fn, repeats: int = 1) -> float:
         best = min(best, time.perf_counter() - t0)
     return best
 
+
+def graph_seconds(fn, calls: int, replays: int = 5) -> float:
+    """Device seconds per call of fn: `calls` calls captured in one CUDA graph (as decode runs them, without the
+    host's launch cost), the median of `replays` replays."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000 / calls)
+    return statistics.median(times)
 
 # ---------------------------------------------------------------------------------------------- models
 def hf_config(shape: str):

@@ -58,7 +58,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -74,8 +73,9 @@ sys.path.insert(0, os.path.dirname(_HERE))
 _spec = importlib.util.spec_from_file_location("bench_generation", os.path.join(_HERE, "generation.py"))
 _generation = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_generation)
-SHAPES, build_hf, build_ours_random, time_call = (_generation.SHAPES, _generation.build_hf,
-                                                  _generation.build_ours_random, _generation.time_call)
+SHAPES, build_hf, build_ours_random, time_call, graph_seconds = (
+    _generation.SHAPES, _generation.build_hf, _generation.build_ours_random, _generation.time_call,
+    _generation.graph_seconds)
 
 from benchmarks.forced_lengths import ForcedLengthWorker, draw_lengths  # noqa: E402
 from verl_mega.rollout.engine import GenerationEngine  # noqa: E402
@@ -405,25 +405,6 @@ def attention_sweep_table(shape: str, device: str, sweep: list[dict]) -> str:
         lines.append(f"| {', '.join(str(v) for v in c)} | " + " | ".join(
             f"{e['us']:.1f} ({e['bytes_per_s'] / 1e9:.0f})" if "us" in e else "error" for e in got) + " |")
     return "\n".join(lines) + "\n"
-
-
-def graph_seconds(fn, calls: int, replays: int = 5) -> float:
-    """Device seconds per call of fn: `calls` calls captured in one CUDA graph (as decode runs them, without the
-    host's launch cost), the median of `replays` replays."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000 / calls)
-    return statistics.median(times)
 
 
 def attention_sweep(shape: str, device, dtype, rows_list=(512, 256, 128, 64, 32, 16), lengths=(160, 1152),

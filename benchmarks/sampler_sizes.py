@@ -20,13 +20,13 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.generation import graph_seconds  # noqa: E402
 from benchmarks.grpo_e2e import TritonCompiles  # noqa: E402
 from verl_mega.rollout import fused_sampling  # noqa: E402
 from verl_mega.rollout.sampling import SamplingParams  # noqa: E402
@@ -80,20 +80,8 @@ def per_call_us(module, args, device) -> dict[int, float]:
         for _ in range(3):
             module.sample_tokens_fused(logits, params, forced=forced, seed=seed)
         torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(GRAPH_CALLS):
-                module.sample_tokens_fused(logits, params, forced=forced, seed=seed)
-        graph.replay()
-        times = []
-        for _ in range(args.reps):
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            graph.replay()
-            e1.record()
-            e1.synchronize()
-            times.append(e0.elapsed_time(e1) * 1000 / GRAPH_CALLS)
-        out[b] = statistics.median(times)
+        out[b] = 1e6 * graph_seconds(lambda: module.sample_tokens_fused(logits, params, forced=forced, seed=seed),
+                                     GRAPH_CALLS, args.reps)
     return out
 
 
