@@ -109,8 +109,7 @@ def test_warm_up_compiles_every_logprob_variant_a_run_meets(monkeypatch):
     # Packed micro-batches have any token count, and the kernels' launch choices (tile sizes, masked launches, the
     # kept first chunk, entropy gradients) follow it: the trainer runs `warm_up_logprob_kernels` on its LM head
     # before the first step, and every key launched after it, at any count, must be one the warm-up launched.
-    from verl_mega.kernels import logprob_triton
-    from verl_mega.kernels import warm_up_logprob_kernels
+    from verl_mega.kernels import logprob_triton, warm_up_logprob_kernels
     if CUDA:  # the real thresholds; a vocabulary whose kept first chunk at 4096 tokens is not all of it
         device, dtype, vocab, counts = "cuda", torch.bfloat16, 151936, (1, 100, 1000, 1025, 2000, 4095, 5000, 9000)
     else:  # the interpreter (fixed tiles): the same regimes at counts it runs quickly
