@@ -142,6 +142,7 @@ def graph_seconds(fn, calls: int, replays: int = 5) -> float:
         times.append(start.elapsed_time(end) / 1000 / calls)
     return statistics.median(times)
 
+
 # ---------------------------------------------------------------------------------------------- models
 def hf_config(shape: str):
     from transformers import Qwen2Config

@@ -93,12 +93,18 @@ def fused_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 
 def warm_up_logprob_kernels(weight: torch.Tensor, *, impl: str = "auto") -> int:
     """Compile, before a run's first step, every Triton variant the fused log-prob can meet with this LM-head shard
-    (weight [V_local, H], read only: its gradient is not touched): one call at a token count in each regime of the
-    kernels' launch choices (`logprob_triton.warm_token_counts`), forward-only without entropy (the log-prob
-    passes) and with gradients of the log-probs alone and of log-probs + entropies (the update, with and without an
-    entropy bonus). Otherwise the first short micro-batch of a kind compiles one inside a step (`_fwd_kernel`,
-    0.6 s of a measured step in benchmarks/results/h100_2026-12-07i). Returns the calls made: 0 where the Triton
-    path does not apply (CPU without the interpreter, fp32 on CUDA, rows not 16-byte aligned)."""
+    (weight [V_local, H], read only: its gradient is not touched); otherwise the first short micro-batch of a kind
+    compiles one inside a step (`_fwd_kernel`, 0.6 s of a measured step in benchmarks/results/h100_2026-12-07i).
+    Returns the calls made (`launch_each_regime`): 0 off CUDA (the CPU interpreter compiles nothing, and its calls
+    are slow) and where the Triton path does not apply (fp32, rows not 16-byte aligned)."""
+    return launch_each_regime(weight, impl=impl) if weight.is_cuda else 0
+
+
+def launch_each_regime(weight: torch.Tensor, *, impl: str = "auto") -> int:
+    """The fused log-prob on `weight` at one token count in each regime of the Triton kernels' launch choices
+    (`logprob_triton.warm_token_counts`): forward-only without entropy (the log-prob passes) and with gradients of
+    the log-probs alone and of log-probs + entropies (the update, with and without an entropy bonus), on zeros.
+    Returns the calls made: 0 where the Triton path does not apply."""
     probe = weight.new_zeros(1, weight.shape[1])
     one = torch.zeros(1, dtype=torch.long, device=weight.device)
     if _make_spec(probe, weight, one, None, 0, weight.shape[0], 1.0, True, None, impl).path != "triton":

@@ -144,8 +144,8 @@ class PPOTrainer:
             if engine is not None:
                 apply_sequence_parallel(engine.model, cfg.parallel.sequence_parallel)
                 apply_compile(engine.model, cfg.model.compile)
-        if self.actor_engine.model.has_head and self.device.type == "cuda":  # (the CPU interpreter compiles nothing)
-            warm_up_logprob_kernels(self.actor_engine.model.output_weight())  # variants compile now, not in a step
+        if self.actor_engine.model.has_head:  # the log-prob kernels' variants compile now, not inside a step
+            warm_up_logprob_kernels(self.actor_engine.model.output_weight())
         self.reward_fn = RewardFunction(reward_fn if reward_fn is not None else RuleBasedReward())
         self.reward_guard = RewardFailureGuard(cfg.trainer.reward_fail_threshold, cfg.trainer.reward_fail_steps)
         self.rewards = RewardRunner(self.reward_fn, self.layout, timeout_s=cfg.trainer.reward_timeout_s,
