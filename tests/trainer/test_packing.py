@@ -107,6 +107,28 @@ def test_padded_width_multiple_adds_only_padding(hf_dir):
     assert torch.allclose(out[1][:, :r] * plain.response_mask, out[0] * plain.response_mask, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_logprob_stage_checks_token_ids_on_the_host(hf_dir, packing):
+    # The stages check every id against the vocabulary once, on the host, naming the batch row; their log-prob
+    # calls then skip the kernel's own check (on CUDA a wait for each micro-batch's forward). A valid batch goes
+    # through, and the host check is what rejects a bad one, padded or packed.
+    from verl_mega.trainer.config import TrainerConfig
+    from verl_mega.trainer.stages import LogProbs
+    layout = Layout.create(1, 1, 1)
+    engine = build_engine(layout, hf_dir)
+    t = TrainerConfig().trainer
+    t.packing = packing
+    stage = LogProbs(engine, None, None, layout, temperature=1.0, trainer_cfg=t, device=torch.device("cpu"))
+    vocab = engine.model.true_vocab_size
+    good = _rl_batch(vocab=vocab)
+    assert stage(good).old_logprobs.shape == good.responses.shape
+    bad = _rl_batch(vocab=vocab)
+    col = bad.input_ids.shape[1] - bad.responses.shape[1]  # row 3's first response token
+    bad.input_ids[3, col] = bad.responses[3, 0] = vocab
+    with pytest.raises(ValueError, match=rf"batch row 3 holds token ids outside the model's vocabulary \[0, {vocab}\)"):
+        stage(bad)
+
+
 def test_token_budget_microbatches_keep_row_order():
     batch = _rl_batch(seed=3, rows=10)
     lengths = batch.attention_mask.sum(-1)

@@ -67,7 +67,7 @@ class _Spec:
 def fused_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, tp_group=None,
                           vocab_start: int | None = None, true_vocab_size: int | None = None,
                           temperature: float = 1.0, compute_entropy: bool = True, chunk_size: int | None = None,
-                          impl: str = "auto"):
+                          impl: str = "auto", check_labels: bool = True):
     """Log-prob of `labels` and entropy under softmax(hidden @ weight.T / temperature), vocab-parallel.
 
     hidden [..., H] (replicated over tp_group; its gradient is summed over the group),
@@ -78,16 +78,20 @@ def fused_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     `_chunk`; rounded up to a multiple of 16 on the Triton path, which also needs H * itemsize to be
     a multiple of 16 bytes, else "auto" takes the torch path). With autograd on, the Triton path
     keeps the first chunk's logits from the forward to the backward (that buffer, ~0.45 GiB at most
-    by default). Returns (logprob [...] fp32, entropy [...] fp32 or None); differentiable w.r.t.
-    hidden and weight.
+    by default). check_labels: ValueError for a label outside [0, true_vocab_size); on CUDA the host then waits
+    for the GPU to reach this call (whatever was queued before it, e.g. the model's forward, drains first): pass
+    False where the ids were checked already (the trainer checks its batches' ids on the host,
+    `RLBatch.microbatches(vocab=...)`). Returns (logprob [...] fp32, entropy [...] fp32 or None); differentiable
+    w.r.t. hidden and weight.
     """
     spec = _make_spec(hidden, weight, labels, tp_group, vocab_start, true_vocab_size, temperature,
                       compute_entropy, chunk_size, impl)
-    check = _LabelRangeCheck(labels, spec.vocab)
+    check = _LabelRangeCheck(labels, spec.vocab) if check_labels else None
     lead = hidden.shape[:-1]
     logprob, entropy = _FusedLogProbEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
                                                   labels.reshape(-1), spec)
-    check.raise_if_bad()
+    if check is not None:
+        check.raise_if_bad()
     return logprob.view(lead), (entropy.view(lead) if compute_entropy else None)
 
 

@@ -72,6 +72,16 @@ def padded_response_width(prompt_len: int, response_len: int, multiple: int = 1)
     return -(-(prompt_len + response_len) // multiple) * multiple - prompt_len
 
 
+def check_token_ids(input_ids: torch.Tensor, rows: torch.Tensor, vocab: int) -> None:
+    """ValueError naming the first batch row whose ids (input_ids [b, S], row b being batch row rows[b]) leave
+    [0, vocab)."""
+    bad = (input_ids < 0) | (input_ids >= vocab)  # [b, S]
+    if bad.any():
+        i = int(bad.any(-1).nonzero()[0, 0])
+        raise ValueError(f"batch row {int(rows[i])} holds token ids outside the model's vocabulary [0, {vocab}): "
+                         f"{input_ids[i][bad[i]][:5].tolist()}")
+
+
 def sample_images(samples: list[dict]) -> tuple[list | None, list | None]:
     """(pixel_values, image_grid_thw), one entry per sample (None where it has no image), of dataset items
     carrying "pixel_values" [N_patches, D] and "image_grid_thw" [N_images, 3] (data/multimodal.py; N_images
@@ -225,7 +235,7 @@ class RLBatch:
 
     def microbatches(self, size: int, rows: torch.Tensor | None = None, keys: tuple[str, ...] = (),
                      device: torch.device | None = None, *, packed: bool = False, max_tokens: int | None = None,
-                     dp_group=None) -> list[dict[str, torch.Tensor]]:
+                     dp_group=None, vocab: int | None = None) -> list[dict[str, torch.Tensor]]:
         """Dicts of the sequence tensors (+ `keys`) for `rows` (default all), each with "rows" [b] (their
         indices in the batch, to put per-row outputs back in order).
 
@@ -235,7 +245,9 @@ class RLBatch:
         micro-batch (packing.pack_microbatch) instead of padded rows. `dp_group` (collective): first re-deal
         the rows of all its ranks for equal token counts (packing.balance_over_dp; with their prompts' images,
         packing.redeal_images); "rows" then holds global row ids (packing.gather_to_owners brings per-row
-        results back).
+        results back). `vocab`: every id of the rows (prompt, response, padding) must lie in [0, vocab), checked
+        here on the host so that the GPU passes need not check their labels (`fused_logprob_entropy(check_labels=
+        False)`, which would wait for each micro-batch's forward).
         """
         if self.input_ids is None:
             raise ValueError("microbatches(): the batch has no sequences yet (run the Rollout stage first)")
@@ -245,6 +257,8 @@ class RLBatch:
             raise ValueError(f"microbatches(): batch fields {missing} are not set by any earlier stage")
         tensors = {k: getattr(self, k)[rows] for k in SEQUENCE_KEYS + tuple(keys)}
         tensors["loss_mask"] = self.train_mask[rows]  # [rows, R] the tokens the loss uses
+        if vocab is not None:
+            check_token_ids(tensors["input_ids"], rows, vocab)
         prompts, images = self.own_images(rows) if self.is_vlm else (None, None)
         if dp_group is not None and dist.get_world_size(dp_group) > 1:
             tensors, rows = balance_over_dp(tensors, self.input_ids.shape[1] - self.responses.shape[1], dp_group)

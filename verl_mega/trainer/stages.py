@@ -112,13 +112,14 @@ class Pipeline(Stage):
 
 # ----------------------------------------------------------------------------- helpers
 def response_logprobs(hidden: torch.Tensor, mb: dict, model, tp_group, temperature: float,
-                      compute_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      compute_entropy: bool, check_labels: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) [b, R] of the response tokens from the last stage's final hidden [b, S, H].
 
     Response token t sits at column P + t and is predicted at column P + t - 1 (see batch.py); the
     fused vocab-parallel kernel never materialises the [b, R, V] logits. A packed micro-batch (hidden
     [1, T, H], see packing.py) runs the kernel on the valid response tokens only and unpacks to [b, R]
-    (0 at padding).
+    (0 at padding). `check_labels=False`: the ids were checked on the host (`training_microbatches`), and the
+    kernel need not wait for the forward to check them (see `fused_logprob_entropy`).
     """
     resp = mb["responses"].to(hidden.device)
     b, r = resp.shape
@@ -129,7 +130,8 @@ def response_logprobs(hidden: torch.Tensor, mb: dict, model, tp_group, temperatu
         h, labels = hidden[:, -r - 1:-1].reshape(b * r, -1), resp.reshape(-1)  # [batch*R, hidden]
     lp, ent = fused_logprob_entropy(h, model.output_weight(), labels, tp_group=tp_group,
                                     vocab_start=model.vocab_start_index, true_vocab_size=model.true_vocab_size,
-                                    temperature=temperature, compute_entropy=compute_entropy)
+                                    temperature=temperature, compute_entropy=compute_entropy,
+                                    check_labels=check_labels)
     if "response_index" in mb:
         return unpack_responses(lp.float(), mb), (unpack_responses(ent.float(), mb) if compute_entropy else None)
     return lp.float().view(b, r), (ent.float().view(b, r) if compute_entropy else None)
@@ -145,14 +147,15 @@ def response_values(values: torch.Tensor, mb: dict) -> torch.Tensor:
 
 
 def training_microbatches(batch: RLBatch, trainer_cfg, layout, device, rows: torch.Tensor | None = None,
-                          keys: tuple[str, ...] = (), forward_only: bool = False):
+                          keys: tuple[str, ...] = (), forward_only: bool = False, *, vocab: int | None = None):
     """Micro-batches of `rows` as the trainer config section asks: packed or padded, by token budget or row
     count (`forward_only`: the forward-only passes' sizes, `micro_batch_sizes`); packed with a token budget and
-    dp > 1, rows are re-dealt over dp for equal token counts."""
+    dp > 1, rows are re-dealt over dp for equal token counts. `vocab`: the models' vocabulary size, every id is
+    checked against it on the host (the stages' log-prob calls then skip their own check)."""
     t = trainer_cfg
     size, max_tokens = micro_batch_sizes(t, forward_only)
     return batch.microbatches(size, rows, keys, device=device, packed=t.packing, max_tokens=max_tokens,
-                              dp_group=_balance_group(t, layout, forward_only))
+                              dp_group=_balance_group(t, layout, forward_only), vocab=vocab)
 
 
 def _balance_group(trainer_cfg, layout, forward_only: bool = False):
@@ -304,7 +307,8 @@ class LogProbs(Stage):
     def __call__(self, batch: RLBatch, ctx=None) -> RLBatch:
         if not (self.old or self.reference is not None or self.critic is not None):
             return batch
-        mbs = training_microbatches(batch, self.trainer_cfg, self.layout, self.device, forward_only=True)
+        mbs = training_microbatches(batch, self.trainer_cfg, self.layout, self.device, forward_only=True,
+                                    vocab=self.actor.model.true_vocab_size)
         back = {"dp_group": _balance_group(self.trainer_cfg, self.layout, forward_only=True),
                 "width": batch.responses.shape[1]}
         tp_group = self.layout.tp_group
@@ -325,7 +329,7 @@ class LogProbs(Stage):
         model = engine.model
 
         def output_fn(hidden, mb):
-            return {"logprobs": response_logprobs(hidden, mb, model, tp_group, temperature, False)[0]}
+            return {"logprobs": response_logprobs(hidden, mb, model, tp_group, temperature, False, check_labels=False)[0]}
 
         return rows_in_order(engine.forward_only(mbs, output_fn), mbs, "logprobs", **back)
 
@@ -414,7 +418,7 @@ class Update(Stage):
             order = torch.randperm(batch.num_rows, generator=gen)
             for start in range(0, batch.num_rows, rows_per_update):
                 mbs = training_microbatches(batch, t, ctx.layout, ctx.device, order[start:start + rows_per_update],
-                                            tuple(keys))
+                                            tuple(keys), vocab=ctx.actor_engine.model.true_vocab_size)
                 if epoch < actor_epochs:
                     actor_stats.append(self._actor_update(mbs, ctx))
                 if epoch < critic_epochs:
@@ -447,7 +451,7 @@ class Update(Stage):
 
         def loss_fn(hidden, mb):
             mask = mb["loss_mask"]
-            lp, ent = response_logprobs(hidden, mb, model, tp_group, temp, True)
+            lp, ent = response_logprobs(hidden, mb, model, tp_group, temp, True, check_labels=False)
             own = "old_logprobs" not in mb  # on-policy: this forward runs on the rollout's weights (Update.__call__)
             old = lp.detach() if own else mb["old_logprobs"]
             loss, stats = policy_loss(lp, old, mb["advantages"], mask, clip_low=a.clip_ratio_low,
