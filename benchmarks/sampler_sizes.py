@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.generation import graph_seconds  # noqa: E402
-from benchmarks.grpo_e2e import TritonCompiles  # noqa: E402
+from benchmarks.step_probes import TritonCompiles  # noqa: E402
 from verl_mega.rollout import fused_sampling  # noqa: E402
 from verl_mega.rollout.sampling import SamplingParams  # noqa: E402
 
