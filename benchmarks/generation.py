@@ -169,14 +169,18 @@ def build_ours_random(shape: str, layout, device: torch.device, dtype: torch.dty
 
     model = build_stage(ModelConfig.from_hf(hf_config(shape).to_dict()), layout, params_dtype=dtype,
                         device=device, init_seed=None)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
+    fill_random_(model, torch.Generator(device=device).manual_seed(0))
     return model.eval()
+
+
+@torch.no_grad()
+def fill_random_(model: torch.nn.Module, gen: torch.Generator) -> None:
+    """Benchmark weights in place, drawn where they live: norm weights 1, every other tensor N(0, 0.02)."""
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
 
 
 def make_engine(run: Run, model, rows: int, seq: int, fused: bool = True, **kw):

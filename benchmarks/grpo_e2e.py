@@ -54,6 +54,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from benchmarks.forced_lengths import force_lengths, parse_length_range  # noqa: E402
+from benchmarks.generation import fill_random_  # noqa: E402
 from benchmarks.gpu_clocks import GPUClocks  # noqa: E402
 from benchmarks.gpu_specs import peak_tflops  # noqa: E402
 from benchmarks.profile_gaps import from_profiler, stage_report  # noqa: E402
@@ -219,13 +220,7 @@ def build_actor(shape: dict, layout: Layout, dtype: torch.dtype) -> HFActor:
     on_cuda = device.type == "cuda"
     model = build_stage(config, layout, params_dtype=dtype, device=device, init_seed=None if on_cuda else 0)
     if on_cuda:
-        gen = torch.Generator(device).manual_seed(layout.tp_rank * 1000 + layout.pp_rank)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                else:
-                    p.normal_(0.0, 0.02, generator=gen)
+        fill_random_(model, torch.Generator(device).manual_seed(layout.tp_rank * 1000 + layout.pp_rank))
     return HFActor(model, layout, config, tokenizer=None, path=None)
 
 
