@@ -162,6 +162,16 @@ def test_config_presets_and_errors(tmp_path):
         train_cli.parse_config([str(y), "rollout.n_samples=1"])
 
 
+def test_a_reference_with_another_vocabulary_is_refused(tiny_dir, tmp_path):
+    # The stages check the batch's ids against the actor's vocabulary once, on the host: a reference (or critic)
+    # with another vocabulary would read ids it does not have, so the trainer refuses it where it is built.
+    other = make_tiny_hf_model(str(tmp_path / "other"), vocab_size=96, hidden_size=32, num_layers=2,
+                               with_tokenizer=False)
+    with pytest.raises(ValueError, match="the reference has a vocabulary of 96 tokens and the actor 128"):
+        PPOTrainer(get_actor_model(tiny_dir), reward_fn=lambda r: 1.0, reference=other, kl_coef=0.1,
+                   rollout_batch_size=2, n_samples=2, max_new_tokens=4)
+
+
 def test_a_deleted_trainer_frees_its_models(tiny_dir):
     """Nothing outlives a trainer (a sweep or a benchmark builds several in one process): once it and its actor are
     deleted, the actor's, the reference's and the critic's parameters are freed (gc, no hidden strong reference).

@@ -140,6 +140,10 @@ class PPOTrainer:
         if self.critic_engine is not None:
             apply_recompute(self.critic_engine.model, cfg.model.critic_recompute or cfg.model.recompute,
                             cfg.model.recompute_layers)
+        for role, engine in (("reference", self.reference), ("critic", self.critic_engine)):
+            if engine is not None and engine.model.true_vocab_size != actor.model.true_vocab_size:
+                raise ValueError(f"the {role} has a vocabulary of {engine.model.true_vocab_size} tokens and the actor "
+                                 f"{actor.model.true_vocab_size}: they read the same token ids (one tokenizer)")
         for engine in (self.actor_engine, self.reference, self.critic_engine):
             if engine is not None:
                 apply_sequence_parallel(engine.model, cfg.parallel.sequence_parallel)

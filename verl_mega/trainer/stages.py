@@ -329,7 +329,8 @@ class LogProbs(Stage):
         model = engine.model
 
         def output_fn(hidden, mb):
-            return {"logprobs": response_logprobs(hidden, mb, model, tp_group, temperature, False, check_labels=False)[0]}
+            lp, _ = response_logprobs(hidden, mb, model, tp_group, temperature, False, check_labels=False)
+            return {"logprobs": lp}
 
         return rows_in_order(engine.forward_only(mbs, output_fn), mbs, "logprobs", **back)
 
