@@ -10,8 +10,13 @@ model whose layers stream from the host gives the resident model's outputs exact
 Tolerance 1e-6: both runs do the same fp32 arithmetic on the same gradients (the copies to the host
 are exact; norm and clipping run on the same device gradients); only the AdamW implementation
 differs (fused CPU kernel vs torch's for-loop), which may round m / (sqrt(v) + eps) differently in
-the last bit: |delta w| <= 3 steps x lr (1e-2) x a few ulp (1e-7) ~ 1e-8, far below 1e-6.
+the last bit: |delta w| <= 3 steps x lr (1e-2) x a few ulp (1e-7) ~ 1e-8, far below 1e-6. The first step's
+gradient norm is therefore equal; later steps' are computed at weights that may differ by that last bit, and may
+differ by a few fp32 ulps (one, 2.9013004 vs 2.9013002, on an AVX2-only CPU): `same_norms` allows 1e-6 relative
+(about 8 ulps).
 """
+
+import math
 
 import torch
 from torch import nn
@@ -97,10 +102,16 @@ def _offload_vs_device(dtype=torch.float32):
             "owned": len(offloaded.zero.owned), "total": len(offloaded.zero.params)}
 
 
+def same_norms(device: list[float], offloaded: list[float]) -> bool:
+    """The per-step gradient norms agree: the first exactly (the same gradients), later ones to 1e-6 relative (the
+    weights they are computed at may differ in the last bit, see the module docstring)."""
+    return device[0] == offloaded[0] and all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(device, offloaded))
+
+
 def test_offloaded_optimizer_equals_on_device_single_rank():
     res = _offload_vs_device()
     assert min(res["norms"][0]) > 0.05  # clipping was active every step
-    assert res["norms"][0] == res["norms"][1]  # the norm is computed from the same device gradients
+    assert same_norms(*res["norms"])  # the norm is computed from the device gradients either way
     assert max_diff(res["device"], res["offload"]) < 1e-6
 
 
@@ -122,7 +133,7 @@ def test_offloaded_optimizer_equals_on_device_zero1_dp2():
     assert [r["owned"] for r in ranks] != [r["total"] for r in ranks]  # ZeRO-1: each rank owns a shard
     assert sum(r["owned"] for r in ranks) == ranks[0]["total"]
     for r in ranks:
-        assert min(r["norms"][0]) > 0.05 and r["norms"][0] == r["norms"][1]
+        assert min(r["norms"][0]) > 0.05 and same_norms(*r["norms"])
         assert max_diff(r["device"], r["offload"]) < 1e-6
     weights = [{k: v for k, v in r["offload"].items() if k.startswith("w/")} for r in ranks]
     assert max_diff(*weights) == 0.0  # the dp all-gather gives every rank the same model
