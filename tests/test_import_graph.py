@@ -4,8 +4,8 @@ kernels, config}, except that rewards may use tools (the code reward runs on the
 Every import statement of every module counts, at module or function level (a function-level import
 that runs back up is still a loop), read from the AST without importing.
 
-`python tests/test_import_graph.py [ROOT]` prints the package graph (edges with counts) of the
-verl_mega tree under ROOT (default: this checkout).
+`PYTHONPATH=. python tests/test_import_graph.py [ROOT]` (from the repository root) prints the package graph
+(edges with counts) of the verl_mega tree under ROOT (default: this checkout).
 """
 
 import ast
